@@ -1,0 +1,46 @@
+# traboule: the two commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test lint bench peers clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Start the engine in the foreground on loopback (MLLP 2575, MWL 11112 AE TRABOULE, HTTP 8080)
+run: $(STAMP)
+	$(VENV)/bin/traboule run
+
+## Install what the tests need (Python deps; dcmtk and rabbitmq-server via apt when root) and run them
+test: $(STAMP) peers
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+## Debian packages of the real peers used by the tests (installed only when missing and running as root)
+peers:
+	@missing=""; \
+	command -v findscu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (tests needing them will be skipped; run as root to install)"; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP) peers
+	$(PY) bench/mllp_ingest.py
+	$(PY) bench/mwl_find.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

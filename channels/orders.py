@@ -1,0 +1,203 @@
+"""Channel ``hl7-orders``: RIS HL7 v2 orders and ADT over MLLP → journal → canonical events on the bus.
+
+Per message: decode (MSH-18) → tokenize → map (``hl7_inbound.yaml``) → journal the raw bytes with the events
+it produced (one transaction) → ACK. AA only once the journal write is on disk; AR for what cannot be read or is
+not ours (MSH, message type, charset); AE for what the mapping finds wrong (missing mandatory field, unknown code).
+Every message, accepted or not, is in the journal.
+
+Topics published: ``order.<action>`` (new, change, cancel, status) and ``patient.<action>`` (update, merge).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from adapters.mllp import MLLPListener
+from traboule import hl7, metrics
+from traboule.config import resolve
+from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.journal import JournalEntry, OutboxEvent
+from traboule.model import Envelope, ImagingOrder, content_key
+
+log = structlog.get_logger("traboule.channels.orders")
+
+
+class OrdersChannel:
+    """HL7 v2 orders in, canonical ImagingOrder / PatientUpdate events out."""
+
+    kind = "hl7-orders"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.mapping = HL7InboundMapping(resolve(runtime.config, config.get("mapping", "mappings/hl7_inbound.yaml")))
+        source = config.get("source") or {}
+        self.listener = MLLPListener(
+            self.handle,
+            host=source.get("host", "127.0.0.1"),
+            port=int(source.get("port", 2575)),
+            max_message_size=int(source.get("max_message_size", 16 * 1024 * 1024)),
+            idle_timeout=float(source.get("idle_timeout", 300)),
+            on_oversize=self.handle_oversize,
+            name=self.name,
+        )
+        self._log = log.bind(channel=self.name)
+        self._counter = 0
+        self._prefix = uuid.uuid4().hex[:8]
+
+    async def start(self) -> None:
+        await self.listener.start()
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": f"mllp://{self.listener.host}:{self.listener.port}",
+            "mapping": str(self.mapping.path),
+            "accepts": sorted(self.mapping.accept),
+            "destinations": ["bus:order.*", "bus:patient.*"],
+        }
+
+    # -- message handling ------------------------------------------------------------------------------------
+
+    def _next_control_id(self) -> str:
+        self._counter += 1
+        return f"{self._prefix}{self._counter}"
+
+    async def handle(self, data: bytes, peer: str) -> bytes:
+        """One MLLP message (or FHS/BHS batch) in, the ACK bytes out."""
+        started = time.perf_counter()
+        try:
+            decoded = hl7.decode(data)
+        except hl7.HL7Error as exc:
+            reply = await self._reject(data, peer, exc, codec="latin-1")
+            metrics.ack_seconds.labels(self.name).observe(time.perf_counter() - started)
+            return reply
+        if hl7.is_batch(decoded.text):
+            replies = [await self._one(m.encode(decoded.codec), hl7.Decoded(m, decoded.codec, decoded.declared,
+                                                                            decoded.warnings), peer)
+                       for m in hl7.split_batch(decoded.text)]
+            reply = _batch_ack(replies, decoded.codec)
+        else:
+            reply = await self._one(data, decoded, peer)
+        metrics.ack_seconds.labels(self.name).observe(time.perf_counter() - started)
+        return reply
+
+    async def _one(self, data: bytes, decoded: hl7.Decoded, peer: str) -> bytes:
+        now = datetime.now().strftime("%Y%m%d%H%M%S")
+        entry = JournalEntry(channel=self.name, raw=data, status="accepted", peer=peer,
+                             warnings="\n".join(decoded.warnings))
+        msg: hl7.Message | None = None
+        events: list[OutboxEvent] = []
+        error: hl7.AckError | None = None
+        code = "AA"
+        try:
+            msg = hl7.parse(decoded.text)
+            entry.control_id = msg.control_id
+            entry.message_type = msg.message_type
+            entry.idempotency_key = _idempotency_key(msg)
+            entry.correlation_id = msg.control_id or entry.idempotency_key
+            payloads = self.mapping.map(msg)
+            for i, payload in enumerate(payloads):
+                if isinstance(payload, ImagingOrder) and not payload.key:
+                    raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
+                env = Envelope(payload, source=self.name, idempotency_key=f"{entry.idempotency_key}:{i}",
+                               correlation_id=entry.correlation_id)
+                events.append(OutboxEvent(_topic(payload), env.id, env.to_json()))
+        except hl7.HL7Error as exc:
+            code = "AR" if exc.reject else "AE"
+            error = hl7.AckError(str(exc), exc.location, exc.code)
+        except MappingFailure as exc:
+            code = "AE"
+            error = hl7.AckError(exc.reason, exc.location, exc.code)
+        if error:
+            entry.status = "rejected"
+            entry.error = f"{error.location}: {error.reason}" if error.location else error.reason
+            entry.ack_code = code
+            events = []
+        else:
+            entry.ack_code = "AA"
+        try:
+            await self.runtime.journal.append(entry, events)
+        except Exception as exc:  # the journal is not writable: nothing is acknowledged
+            self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
+            code = "AE" if msg is None or msg.version >= "2.5" else "AR"
+            error = hl7.AckError("message not stored, send it again later", "", "207")
+            ack = hl7.build_ack(msg, code, control_id=self._next_control_id(), timestamp=now, error=error,
+                                raw_msh=_raw_msh(decoded.text))
+            return ack.encode(decoded.codec, "replace")
+        metrics.messages_received.labels(self.name, entry.status).inc()
+        self._log.info(
+            "message." + entry.status,
+            message_id=entry.id,
+            correlation_id=entry.correlation_id,
+            control_id=entry.control_id,
+            message_type=entry.message_type,
+            ack=code,
+            events=len(events),
+            **({"error": entry.error} if entry.error else {}),
+            **({"warnings": entry.warnings} if entry.warnings else {}),
+        )
+        ack = hl7.build_ack(msg, code, control_id=self._next_control_id(), timestamp=now, error=error,
+                            raw_msh=_raw_msh(decoded.text))
+        return ack.encode(decoded.codec, "replace")
+
+    async def _reject(self, data: bytes, peer: str, exc: hl7.HL7Error, *, codec: str) -> bytes:
+        """Bytes that could not even be decoded: journal them raw, answer AR from what MSH we can split."""
+        entry = JournalEntry(channel=self.name, raw=data, status="rejected", peer=peer, ack_code="AR",
+                             error=f"{exc.location}: {exc}")
+        text = data.decode("latin-1")
+        raw_msh = _raw_msh(text.lstrip("\ufeff\r\n "))
+        entry.control_id = raw_msh[10] if len(raw_msh) > 10 else ""
+        await self.runtime.journal.append(entry)
+        metrics.messages_received.labels(self.name, "rejected").inc()
+        self._log.info("message.rejected", message_id=entry.id, control_id=entry.control_id, ack="AR",
+                       error=entry.error)
+        ack = hl7.build_ack(None, "AR", control_id=self._next_control_id(),
+                            timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
+                            error=hl7.AckError(str(exc), exc.location, exc.code), raw_msh=raw_msh)
+        return ack.encode(codec, "replace")
+
+    async def handle_oversize(self, head: bytes, peer: str) -> bytes:
+        exc = hl7.HL7Error(f"message larger than {self.listener.max_message_size} bytes", location="MSH", code="102")
+        return await self._reject(head, peer, exc, codec="latin-1")
+
+
+def _topic(payload: Any) -> str:
+    if isinstance(payload, ImagingOrder):
+        return f"order.{payload.action}"
+    return f"patient.{payload.action}"
+
+
+def _idempotency_key(msg: hl7.Message) -> str:
+    """Same content → same key. MSH-7 (time sent) is left out so that a resend of the same order matches."""
+    fields = list(msg.msh.fields)
+    if len(fields) > 7:
+        fields[7] = ""
+    body = "\r".join(s.name + "|" + "|".join(s.fields[1:]) for s in msg.segments[1:])
+    return content_key("|".join(fields), body)
+
+
+def _raw_msh(text: str) -> list[str]:
+    if not text.startswith("MSH") or len(text) < 4:
+        return []
+    first = text.replace("\n", "\r").split("\r", 1)[0]
+    parts = first.split(text[3])
+    return ["MSH", text[3], *parts[1:]]
+
+
+def _batch_ack(replies: list[bytes], codec: str) -> bytes:
+    """Answer a batch with a batch of ACKs (BHS ... BTS), one ACK per message, in order."""
+    now = datetime.now().strftime("%Y%m%d%H%M%S")
+    body = b"".join(replies)
+    head = f"BHS|^~\\&|||||{now}\r".encode(codec)
+    tail = f"BTS|{len(replies)}\r".encode(codec)
+    return head + body + tail

@@ -1,0 +1,168 @@
+"""Channel ``worklist``: canonical order and patient events → DICOM Modality Worklist.
+
+Consumes ``order.*`` and ``patient.*`` from the bus, renders items with ``mwl.yaml``, keeps them in the worklist
+store (served by the MWL C-FIND SCP destination) and, when configured, mirrors them as ``.wl`` files for dcmtk
+wlmscpfs or Orthanc. Rules (the business part, kept here and not in the adapters):
+
+* new / change: the order's items are written (one per scheduled step); steps no longer in the order go away.
+* cancel, discontinue, completed: the order's items leave the worklist.
+* started (ORC-5 IP): the item stays, with status STARTED, unless ``offer_started = false``.
+* patient update (ADT^A08): pending items of that patient get the new demographics.
+* merge (ADT^A40): pending items of the merged identifier move to the surviving patient.
+
+Each event is applied once (idempotent consumer keyed on the event's idempotency key), in the same
+transaction as the change, so a redelivery changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+
+from adapters.dicom_mwl import WorklistSCP
+from adapters.worklist_files import WorklistFileWriter
+from traboule import metrics
+from traboule.bus import Delivery
+from traboule.config import resolve
+from traboule.dicom_mapping import MWLMapping, character_set
+from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, ScheduledStep
+from traboule.worklist import WorklistStore
+
+log = structlog.get_logger("traboule.channels.worklist")
+
+REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
+
+
+class WorklistChannel:
+    kind = "worklist"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.topics: list[str] = list(config.get("topics", ["order.#", "patient.#"]))
+        self.max_attempts = int(config.get("max_attempts", 5))
+        self.offer_started = bool(config.get("offer_started", True))
+        self.mapping = MWLMapping(resolve(runtime.config, config.get("mapping", "mappings/mwl.yaml")))
+        self.store = WorklistStore(str(runtime.data_dir / f"{self.name}.sqlite"))
+        self.scps: list[WorklistSCP] = []
+        self.files: list[WorklistFileWriter] = []
+        for dest in config.get("destinations", []):
+            adapter = dest.get("adapter")
+            if adapter == "mwl-scp":
+                self.scps.append(
+                    WorklistSCP(
+                        self.store,
+                        ae_title=dest.get("ae_title", "TRABOULE"),
+                        host=dest.get("host", "127.0.0.1"),
+                        port=int(dest.get("port", 11112)),
+                        case_insensitive_names=bool(dest.get("case_insensitive_names", False)),
+                    )
+                )
+            elif adapter == "worklist-files":
+                self.files.append(WorklistFileWriter(str(Path(dest["folder"]).absolute())))
+            else:
+                raise ValueError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
+        self._log = log.bind(channel=self.name)
+
+    async def start(self) -> None:
+        for scp in self.scps:
+            scp.start()
+        for writer in self.files:
+            await asyncio.to_thread(writer.sync, list(self.store.all()))
+        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
+        metrics.worklist_items.set(self.store.count())
+
+    async def stop(self) -> None:
+        for scp in self.scps:
+            scp.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"bus:{t}" for t in self.topics],
+            "mapping": str(self.mapping.path),
+            "destinations": [f"mwl-scp://{s.ae_title}@{s.host}:{s.port}" for s in self.scps]
+            + [f"worklist-files:{w.folder}" for w in self.files],
+            "items": self.store.count(),
+        }
+
+    async def handle(self, delivery: Delivery) -> None:
+        env = Envelope.from_json(delivery.body)
+        bound = self._log.bind(message_id=env.id, correlation_id=env.correlation_id, topic=delivery.topic)
+        upserts, deletes = await asyncio.to_thread(self._changes, env)
+        applied = await asyncio.to_thread(self.store.apply, upserts, deletes, env.idempotency_key)
+        if applied:
+            for writer in self.files:
+                for key, ds in upserts:
+                    await asyncio.to_thread(writer.write, key, ds)
+                for key in deletes:
+                    await asyncio.to_thread(writer.remove, key)
+        metrics.events_processed.labels(self.name, "applied" if applied else "duplicate").inc()
+        metrics.worklist_items.set(self.store.count())
+        bound.info("worklist.applied" if applied else "worklist.duplicate", upserts=len(upserts),
+                   deletes=len(deletes), attempt=delivery.attempt)
+
+    # -- rules -----------------------------------------------------------------------------------------------
+
+    def _changes(self, env: Envelope) -> tuple[list[tuple[str, Dataset]], list[str]]:
+        payload = env.payload
+        if isinstance(payload, ImagingOrder):
+            return self._order_changes(payload)
+        assert isinstance(payload, PatientUpdate)
+        return self._patient_changes(payload)
+
+    def _order_changes(self, order: ImagingOrder) -> tuple[list[tuple[str, Dataset]], list[str]]:
+        prefix = order.key + "#"
+        existing = set(self.store.keys_with_prefix(prefix))
+        steps_status = {s.status for s in order.steps} or {"SCHEDULED"}
+        if order.action == "cancel" or steps_status <= REMOVED_STATUSES:
+            return [], sorted(existing)
+        if order.action == "status" and "STARTED" in steps_status and not self.offer_started:
+            return [], sorted(existing)
+        upserts = []
+        for i, (step, ds) in enumerate(self.mapping.items(order), start=1):
+            upserts.append((f"{prefix}{step.step_id or i}", ds))
+        if order.action == "status":
+            # A status message may carry no full order: keep the item, change only its step status.
+            kept = []
+            for key in existing:
+                ds = self.store.get(key)
+                if ds is not None and ds.get("ScheduledProcedureStepSequence"):
+                    ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = order.steps[0].status
+                    kept.append((key, ds))
+            return kept or upserts, []
+        new_keys = {k for k, _ in upserts}
+        return upserts, sorted(existing - new_keys)
+
+    def _patient_changes(self, update: PatientUpdate) -> tuple[list[tuple[str, Dataset]], list[str]]:
+        ids = update.merged_ids if update.action == "merge" else update.patient.ids
+        keys: set[str] = set()
+        for ident in ids:
+            keys.update(self.store.keys_for_patient(ident.value, ident.issuer))
+        patient_ds = self._patient_dataset(update.patient)
+        upserts = []
+        for key in sorted(keys):
+            ds = self.store.get(key)
+            if ds is None:
+                continue
+            for elem in patient_ds:
+                if elem.keyword != "SpecificCharacterSet":
+                    ds[elem.tag] = elem
+            ds.SpecificCharacterSet = character_set(ds)
+            upserts.append((key, ds))
+        return upserts, []
+
+    def _patient_dataset(self, patient: Patient) -> Dataset:
+        """The patient-level attributes as the MWL mapping renders them for this patient."""
+        full = self.mapping.item(ImagingOrder(patient=patient), ScheduledStep())
+        out = Dataset()
+        for keyword in self.mapping.patient_keywords():
+            if keyword in full:
+                out[keyword] = full[keyword]
+        return out
+

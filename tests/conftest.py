@@ -1,0 +1,20 @@
+"""Shared test set-up: paths, and the real peers (each in its own module, registered as plugins)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+pytest_plugins = ["tests.peer_rabbitmq", "tests.peer_dcmtk"]
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test with a clear reason when the folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the reference corpus and standards (../shared) are not beside this clone")
+    return path

@@ -1,0 +1,159 @@
+"""HL7 v2 tokenizer, escapes, charsets and ACKs."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import shared_path
+from traboule import hl7
+
+ORM = (
+    "MSH|^~\\&|RIS|CHU|TRABOULE|CHU|20261125083000||ORM^O01|C1|P|2.3.1\r"
+    "PID|1||IPP1^^^CHU^PI||DOE^JOHN\r"
+    "ORC|NW|PLC1\r"
+    "OBR|1|PLC1\r"
+)
+
+
+@given(st.text())
+def test_unescape_inverts_escape(text: str) -> None:
+    assert hl7.unescape(hl7.escape(text)) == text
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="|^~\\&\r\n")))
+def test_escape_leaves_plain_text_alone(text: str) -> None:
+    assert hl7.escape(text) == text
+
+
+@given(st.text(alphabet="|^~\\&\r\nab"))
+def test_escaped_text_has_no_delimiters(text: str) -> None:
+    escaped = hl7.escape(text)
+    assert not set(escaped) & set("|^~&\r\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        ("a\\F\\b", "a|b"),
+        ("a\\S\\b\\T\\c\\R\\d\\E\\e", "a^b&c~d\\e"),
+        ("line1\\.br\\line2", "line1\nline2"),
+        ("\\X48454C4C4F\\", "HELLO"),
+        ("\\XC3A9\\t\\XC3A9\\", "été"),
+        ("\\H\\bold\\N\\", "bold"),
+        ("unknown \\Q\\ stays", "unknown \\Q\\ stays"),
+        ("lone \\ escape", "lone \\ escape"),
+    ],
+)
+def test_unescape_sequences(raw: str, text: str) -> None:
+    assert hl7.unescape(raw) == text
+
+
+@pytest.mark.parametrize("ending", ["\r", "\n", "\r\n"])
+def test_segment_endings_cr_lf_crlf(ending: str) -> None:
+    msg = hl7.parse(ORM.replace("\r", ending))
+    assert [s.name for s in msg.segments] == ["MSH", "PID", "ORC", "OBR"]
+    assert msg.message_type == "ORM^O01"
+    assert msg.control_id == "C1"
+    assert msg.msh.field(12) == "2.3.1"
+
+
+def test_composite_version_and_trailing_space() -> None:
+    msg = hl7.parse(ORM.replace("|2.3.1", "|2.5^FRA^2.11 "))
+    assert msg.version == "2.5"
+
+
+def test_bom_is_dropped_and_noted() -> None:
+    decoded = hl7.decode(b"\xef\xbb\xbf" + ORM.encode())
+    assert decoded.text.startswith("MSH")
+    assert any("byte order mark" in w for w in decoded.warnings)
+
+
+def test_latin1_declared_latin1_bytes() -> None:
+    data = ORM.replace("|2.3.1", "|2.3.1||||||8859/1").replace("JOHN", "Hélène").encode("latin-1")
+    decoded = hl7.decode(data)
+    assert "Hélène" in decoded.text
+    assert decoded.codec == "latin-1"
+    assert not decoded.warnings
+
+
+def test_latin1_declared_over_utf8_bytes_reads_utf8() -> None:
+    data = ORM.replace("|2.3.1", "|2.3.1||||||8859/1").replace("JOHN", "Hélène – x").encode("utf-8")
+    decoded = hl7.decode(data)
+    assert "Hélène – x" in decoded.text
+    assert decoded.codec == "utf-8"
+    assert decoded.warnings
+
+
+def test_utf8_declared_over_invalid_bytes_is_rejected() -> None:
+    data = ORM.replace("|2.3.1", "|2.5||||||UNICODE UTF-8").replace("JOHN", "Hélène").encode("latin-1")
+    with pytest.raises(hl7.HL7Error) as exc:
+        hl7.decode(data)
+    assert exc.value.location == "MSH-18"
+
+
+def test_unknown_charset_is_rejected() -> None:
+    with pytest.raises(hl7.HL7Error) as exc:
+        hl7.decode(ORM.replace("|2.3.1", "|2.5||||||ISO IR87").encode())
+    assert exc.value.code == "203"
+
+
+@pytest.mark.parametrize("data", [b"", b"PID|1", b"HELLO WORLD", b"MSH", b"\x00\x01\x02"])
+def test_not_hl7_is_an_error_not_a_crash(data: bytes) -> None:
+    with pytest.raises(hl7.HL7Error):
+        hl7.parse(hl7.decode(data).text)
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_decode_and_parse_raise_only_hl7error(data: bytes) -> None:
+    try:
+        hl7.parse(hl7.decode(b"MSH|^~\\&|" + data).text)
+    except hl7.HL7Error:
+        pass
+
+
+def test_split_batch() -> None:
+    batch = "FHS|^~\\&|RIS\rBHS|^~\\&|RIS\r" + ORM + ORM.replace("C1", "C2") + "BTS|2\rFTS|1\r"
+    assert hl7.is_batch(batch)
+    parts = hl7.split_batch(batch)
+    assert [hl7.parse(p).control_id for p in parts] == ["C1", "C2"]
+
+
+def test_ack_aa_echoes_control_id_and_swaps_applications() -> None:
+    msg = hl7.parse(ORM)
+    ack = hl7.parse(hl7.build_ack(msg, "AA", control_id="X1", timestamp="20261125090000"))
+    assert ack.message_type == "ACK^O01"
+    assert ack.header(3) == "TRABOULE" and ack.header(5) == "RIS"
+    msa = ack.segment("MSA")
+    assert msa is not None and msa.fields[1:3] == ["AA", "C1"]
+
+
+def test_ack_error_v25_has_err_location_and_code() -> None:
+    msg = hl7.parse(ORM.replace("|2.3.1", "|2.5"))
+    err = hl7.AckError("PID-3 empty", "PID-3", "101")
+    ack = hl7.parse(hl7.build_ack(msg, "AE", control_id="X2", timestamp="20261125090000", error=err))
+    seg = ack.segment("ERR")
+    assert seg is not None
+    assert seg.field(2) == "PID^1^3"
+    assert seg.field(3).startswith("101^Required field missing^HL70357")
+    assert seg.field(4) == "E"
+
+
+def test_ack_error_v231_uses_err1() -> None:
+    msg = hl7.parse(ORM)
+    err = hl7.AckError("OBR-18 empty", "OBR-18", "101")
+    ack = hl7.parse(hl7.build_ack(msg, "AE", control_id="X3", timestamp="20261125090000", error=err))
+    seg = ack.segment("ERR")
+    assert seg is not None and seg.field(1).startswith("OBR^1^18^101")
+
+
+def test_corpus_messages_tokenize() -> None:
+    folder = shared_path("corpus", "hl7v2")
+    for path in sorted(folder.iterdir()):
+        decoded = hl7.decode(path.read_bytes())
+        text = decoded.text
+        messages = hl7.split_batch(text) if hl7.is_batch(text) else [text]
+        for m in messages:
+            msg = hl7.parse(m)
+            assert msg.message_type.count("^") == 1, path.name

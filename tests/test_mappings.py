@@ -1,0 +1,151 @@
+"""Mapping files: the shipped ones and their file tests, and what a broken file reports."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, shared_path
+from traboule import hl7
+from traboule.dicom_mapping import MWLMapping
+from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.mapping import MappingError
+from traboule.mapping_tests import run
+from traboule.model import ImagingOrder
+
+MAPPINGS = ROOT / "mappings"
+
+
+def test_shipped_mapping_tests_pass() -> None:
+    results = run(MAPPINGS / "tests")
+    assert len(results) >= 5
+    assert [f for r in results for f in r.failures] == []
+
+
+def test_traboule_test_command_reports_failures_with_file_and_line(tmp_path: Path) -> None:
+    shutil.copy(MAPPINGS / "tests" / "orm_o01_nw_latin1.hl7", tmp_path / "case.hl7")
+    (tmp_path / "case.expected.yaml").write_text("ack: AA\ncanonical:\n  accession_number.value: WRONG\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "traboule.cli", "test", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 1
+    assert "case.expected.yaml:3: accession_number.value = 'ACC0001', expected 'WRONG'" in out.stdout
+    assert "0 passed, 1 failed" in out.stdout
+
+
+def _broken(tmp_path: Path, old: str, new: str) -> Path:
+    target = tmp_path / "hl7_inbound.yaml"
+    shutil.copytree(MAPPINGS / "tables", tmp_path / "tables")
+    text = (MAPPINGS / "hl7_inbound.yaml").read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    return target
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("accession_number.value: [IPC-1.1, OBR-18]", "accession_number.value: [IPC-1.1, OBR18]", "not an HL7 field"),
+        ("requested_procedure_id:", "requested_procedure_idd:", "not one of"),
+        ("birth_date: PID-7 | date", "birth_date: PID-7 | dat", "unknown filter or table"),
+        ("sex: PID-8 | sex", "sex: {from: PID-8, tabel: sex}", "unknown option"),
+        ("ORM^O01: order", "ORM^O01: orders", "kind 'orders'"),
+    ],
+)
+def test_broken_inbound_mapping_names_file_line_and_reason(tmp_path: Path, old: str, new: str, reason: str) -> None:
+    path = _broken(tmp_path, old, new)
+    with pytest.raises(MappingError) as exc:
+        HL7InboundMapping(path)
+    assert exc.value.file == str(path)
+    assert exc.value.line == _line_of(path, new)
+    assert reason in exc.value.reason
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "  name.given: PID-5.2", "  name.given: [PID-5.2")
+    with pytest.raises(MappingError) as exc:
+        HL7InboundMapping(path)
+    assert "YAML syntax" in exc.value.reason
+    assert exc.value.line >= _line_of(path, "name.given")
+
+
+def test_broken_table_csv_names_the_csv(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "x", "x")
+    (tmp_path / "tables" / "priority.csv").write_text("hl7,dicom\nS,STAT,EXTRA\n")
+    with pytest.raises(MappingError) as exc:
+        HL7InboundMapping(path)
+    assert exc.value.file.endswith("priority.csv") and exc.value.line == 2
+
+
+def test_bad_dicom_keyword_in_mwl_mapping(tmp_path: Path) -> None:
+    text = (MAPPINGS / "mwl.yaml").read_text().replace("AccessionNumber:", "AccesionNumber:", 1)
+    path = tmp_path / "mwl.yaml"
+    path.write_text(text)
+    with pytest.raises(MappingError) as exc:
+        MWLMapping(path)
+    assert "not a DICOM keyword" in exc.value.reason
+    assert exc.value.line == _line_of(path, "AccesionNumber:")
+
+
+def test_bad_canonical_path_in_mwl_mapping(tmp_path: Path) -> None:
+    text = (MAPPINGS / "mwl.yaml").read_text().replace("order.accession_number.value", "order.accesion.value", 1)
+    path = tmp_path / "mwl.yaml"
+    path.write_text(text)
+    with pytest.raises(MappingError) as exc:
+        MWLMapping(path)
+    assert "has no attribute 'accesion'" in exc.value.reason
+
+
+def test_integrator_moves_accession_number_to_orc2(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "accession_number.value: [IPC-1.1, OBR-18]", "accession_number.value: ORC-2.1")
+    mapping = HL7InboundMapping(path)
+    msg = hl7.parse(hl7.decode((MAPPINGS / "tests" / "orm_o01_nw_latin1.hl7").read_bytes()).text)
+    (order,) = mapping.map(msg)
+    assert isinstance(order, ImagingOrder)
+    assert order.accession_number.value == "PLC0001"
+
+
+def test_integrator_maps_local_procedure_code_to_modality(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "x", "x")
+    (tmp_path / "tables" / "procedure_modality.csv").write_text("procedure_code,modality\nCTTAP,CT\n")
+    mapping = HL7InboundMapping(path)
+    text = (MAPPINGS / "tests" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
+    text = text.replace("|CT|||1^once", "||||1^once")  # no OBR-24: the procedure code decides
+    (order,) = mapping.map(hl7.parse(text))
+    assert order.steps[0].modality == "CT"
+
+
+def test_unknown_order_control_is_ae_with_table_error() -> None:
+    mapping = HL7InboundMapping()
+    text = (MAPPINGS / "tests" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1").replace("ORC|NW|", "ORC|ZZ|")
+    with pytest.raises(MappingFailure) as exc:
+        mapping.map(hl7.parse(text))
+    assert exc.value.code == "103" and exc.value.location == "ORC-1"
+
+
+def test_corpus_orders_map_to_worklist_items() -> None:
+    """Every corpus order the default mapping accepts renders to a worklist item with its accession/order ids."""
+    mapping, mwl = HL7InboundMapping(), MWLMapping()
+    rendered = 0
+    for path in sorted(shared_path("corpus", "hl7v2").iterdir()):
+        msg = hl7.parse(hl7.decode(path.read_bytes()).text)
+        if mapping.kind_of(msg) != "order":
+            continue
+        try:
+            payloads = mapping.map(msg)
+        except MappingFailure:
+            continue
+        for order in payloads:
+            for _, ds in mwl.items(order):
+                assert ds.PlacerOrderNumberImagingServiceRequest or ds.AccessionNumber, path.name
+                assert ds.SpecificCharacterSet in ("ISO_IR 100", "ISO_IR 192")
+                rendered += 1
+    assert rendered >= 4

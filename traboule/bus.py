@@ -1,0 +1,84 @@
+"""The message bus interface, and how to pick an implementation from configuration.
+
+Semantics every implementation keeps (RabbitMQ in ``adapters.rabbitmq``, the embedded SQLite bus in
+``traboule.embedded_bus``):
+
+* ``publish`` returns only once the message is durable (publisher confirm / committed row).
+* Topics are routed like an AMQP topic exchange: ``orders.new`` matches the binding ``orders.*`` and ``#``.
+* A subscriber's handler runs once per delivery; the message is acknowledged only after the handler returned
+  (its work committed). An exception counts as a failed attempt: the message is redelivered until
+  ``max_attempts`` is reached, then moved to the queue's dead-letter queue ``<queue>.dlq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Delivery:
+    """A message handed to a subscriber."""
+
+    topic: str
+    body: bytes
+    message_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+    attempt: int = 1  # 1 on first delivery
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Bus(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(
+        self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish durably; returns after the broker confirmed (or the row is committed)."""
+        ...
+
+    async def subscribe(
+        self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5
+    ) -> None:
+        """Declare a durable queue bound to ``topics`` and start consuming it with ``handler``."""
+        ...
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[Delivery]:
+        """Messages parked in ``<queue>.dlq`` (for inspection and replay)."""
+        ...
+
+    async def depth(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (not counting in-flight ones)."""
+        ...
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
+    return _match(pattern.split("."), topic.split("."))
+
+
+def _match(pat: list[str], words: list[str]) -> bool:
+    if not pat:
+        return not words
+    head, rest = pat[0], pat[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head == "*" or head == words[0]) and _match(rest, words[1:])
+
+
+def make_bus(amqp_url: str, data_dir: str, *, exchange: str = "traboule") -> Bus:
+    """RabbitMQ when an AMQP URL is configured, otherwise the embedded durable bus."""
+    if amqp_url:
+        from adapters.rabbitmq import RabbitMQBus
+
+        return RabbitMQBus(amqp_url, exchange=exchange)
+    from traboule.embedded_bus import EmbeddedBus
+
+    return EmbeddedBus(f"{data_dir}/bus.sqlite")

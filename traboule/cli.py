@@ -1,0 +1,262 @@
+"""``traboule`` command line: run the engine, send HL7 files, look at the worklist and the journal, test mappings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+
+from traboule import config as config_mod
+from traboule.mapping import MappingError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="traboule", description="Imaging interoperability engine")
+    parser.add_argument("--config", "-c", help="TOML configuration file (default: built-in, or $TRABOULE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="start the engine in the foreground")
+
+    send = sub.add_parser("send", help="send HL7 v2 files over MLLP and print each ACK")
+    send.add_argument("files", nargs="+", type=Path)
+    send.add_argument("--to", default="127.0.0.1:2575", help="host:port of the MLLP listener")
+    send.add_argument("--timeout", type=float, default=30.0)
+
+    wl = sub.add_parser("worklist", help="worklist items")
+    wl_sub = wl.add_subparsers(dest="action", required=True)
+    wl_list = wl_sub.add_parser("list", help="list the items of a worklist channel")
+    wl_list.add_argument("--channel", default="worklist")
+    wl_list.add_argument("--limit", type=int, default=50)
+
+    jr = sub.add_parser("journal", help="the message journal")
+    jr_sub = jr.add_subparsers(dest="action", required=True)
+    jr_show = jr_sub.add_parser("show", help="one journal entry, with its raw message")
+    jr_show.add_argument("id", type=int)
+    jr_list = jr_sub.add_parser("list", help="latest entries")
+    jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected", "failed"])
+    jr_list.add_argument("--limit", type=int, default=20)
+
+    sub.add_parser("channels", help="installed channel kinds and adapters, and the configured channels")
+
+    test = sub.add_parser("test", help="run mapping tests (input message + expected values)")
+    test.add_argument("path", nargs="?", type=Path, default=None)
+    test.add_argument("--inbound", type=Path, help="HL7 inbound mapping (default: the configured one)")
+    test.add_argument("--mwl", type=Path, help="MWL mapping (default: the configured one)")
+
+    sub.add_parser("check", help="load the configuration and every mapping; report errors with file and line")
+
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except MappingError as exc:
+        print(f"mapping error: {exc}", file=sys.stderr)
+        return 2
+    except config_mod.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule import logging as tlog
+
+    tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
+    try:
+        asyncio.run(_run(cfg))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(cfg: config_mod.Config) -> None:
+    import structlog
+
+    from traboule.http import create_app, serve
+    from traboule.runtime import Runtime
+
+    log = structlog.get_logger("traboule")
+    runtime = Runtime(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await runtime.start()
+    server = await serve(create_app(runtime), cfg.http_host, cfg.http_port)
+    log.info("http.listening", host=cfg.http_host, port=cfg.http_port, paths=["/health", "/metrics", "/channels"])
+    log.info("engine.ready", bus="rabbitmq" if cfg.amqp_url else "embedded", data_dir=str(runtime.data_dir))
+    await stop.wait()
+    log.info("engine.stopping")
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await server.task
+    await runtime.stop()
+
+
+def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from adapters.mllp import MLLPClient
+
+    host, _, port = args.to.rpartition(":")
+
+    async def go() -> int:
+        worst = 0
+        async with MLLPClient(host or "127.0.0.1", int(port), timeout=args.timeout) as client:
+            for path in args.files:
+                ack = await client.send(path.read_bytes())
+                text = ack.decode("utf-8", "replace")
+                code = _ack_code(text)
+                print(f"{path}: {code}")
+                for line in text.replace("\n", "\r").split("\r"):
+                    if line:
+                        print(f"  {line}")
+                if code not in ("AA", "CA"):
+                    worst = 1
+        return worst
+
+    try:
+        return asyncio.run(go())
+    except (OSError, TimeoutError) as exc:
+        print(f"cannot send to {args.to}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+def _ack_code(text: str) -> str:
+    for line in text.replace("\n", "\r").split("\r"):
+        if line.startswith("MSA"):
+            return line.split(line[3])[1] if len(line) > 4 else ""
+    return "no MSA"
+
+
+def _channel_db(cfg: config_mod.Config, name: str, suffix: str) -> Path:
+    path = Path(cfg.data_dir) / f"{name}{suffix}"
+    if not path.exists():
+        raise config_mod.ConfigError(f"{path} does not exist (has the engine run with data_dir={cfg.data_dir}?)")
+    return path
+
+
+def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.worklist import WorklistStore
+
+    store = WorklistStore(str(_channel_db(cfg, args.channel, ".sqlite")))
+    rows = list(store.all(limit=args.limit))
+    print(f"{store.count()} item(s) in worklist {args.channel!r}")
+    for key, ds in rows:
+        sps = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else None
+        print(
+            " | ".join(
+                [
+                    str(ds.get("AccessionNumber", "")),
+                    str(ds.get("PatientID", "")),
+                    str(ds.get("PatientName", "")),
+                    str(sps.get("Modality", "")) if sps else "",
+                    str(sps.get("ScheduledStationAETitle", "")) if sps else "",
+                    f"{sps.get('ScheduledProcedureStepStartDate', '')} {sps.get('ScheduledProcedureStepStartTime', '')}"
+                    if sps
+                    else "",
+                    str(sps.get("ScheduledProcedureStepStatus", "")) if sps else "",
+                    key,
+                ]
+            )
+        )
+    return 0
+
+
+def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.journal import Journal
+
+    _channel_db(cfg, "journal", ".sqlite")
+    journal = Journal(Path(cfg.data_dir) / "journal.sqlite")
+    try:
+        if args.action == "show":
+            entry = journal.get(args.id)
+            if entry is None:
+                print(f"no journal entry {args.id}", file=sys.stderr)
+                return 1
+            for name in ("id", "received", "channel", "peer", "message_type", "control_id", "status", "ack_code",
+                         "error", "warnings", "idempotency_key", "correlation_id"):
+                print(f"{name:16} {getattr(entry, name)}")
+            print("raw:")
+            print(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
+        else:
+            for entry in journal.recent(args.limit, args.status):
+                print(f"{entry.id:>8} {entry.received} {entry.channel:12} {entry.message_type:8} "
+                      f"{entry.control_id:20} {entry.status:9} {entry.ack_code} {entry.error}")
+    finally:
+        journal.close()
+    return 0
+
+
+def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.runtime import installed
+
+    print("installed channel kinds:")
+    for name, target in sorted(installed("traboule.channels").items()):
+        print(f"  {name:20} {target}")
+    print("installed adapters:")
+    for name, target in sorted(installed("traboule.adapters").items()):
+        print(f"  {name:20} {target}")
+    print(f"configured channels ({cfg.path or 'built-in defaults'}):")
+    for ch in cfg.channels:
+        print(f"  {ch['name']:20} kind={ch['kind']} " + json.dumps({k: v for k, v in ch.items()
+                                                                   if k not in ('name', 'kind')}))
+    return 0
+
+
+def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.mapping_tests import run
+
+    inbound, mwl = args.inbound, args.mwl
+    for ch in cfg.channels:
+        if ch["kind"] == "hl7-orders" and inbound is None:
+            inbound = config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml"))
+        if ch["kind"] == "worklist" and mwl is None:
+            mwl = config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml"))
+    path = args.path or config_mod.resolve(cfg, "mappings/tests")
+    results = run(path, inbound, mwl)
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        print(f"{'PASS' if r.ok else 'FAIL'} {r.file}")
+        for f in r.failures:
+            print(f"     {f}")
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or not results else 0
+
+
+def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.dicom_mapping import MWLMapping
+    from traboule.hl7_mapping import HL7InboundMapping
+    from traboule.runtime import channel_class
+
+    for ch in cfg.channels:
+        channel_class(ch["kind"])
+        if ch["kind"] == "hl7-orders":
+            HL7InboundMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml")))
+        if ch["kind"] == "worklist":
+            MWLMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml")))
+        print(f"ok  {ch['name']} ({ch['kind']})")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "send": cmd_send,
+    "worklist": cmd_worklist,
+    "journal": cmd_journal,
+    "channels": cmd_channels,
+    "test": cmd_test,
+    "check": cmd_check,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Configuration: one TOML file (optional: the defaults run the whole engine on loopback), then environment
+variables on top.
+
+Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
+``TRABOULE_HTTP_PORT``, ``TRABOULE_MLLP_PORT``, ``TRABOULE_MWL_PORT``, ``TRABOULE_MWL_AE_TITLE``,
+``TRABOULE_LOG_FORMAT`` (``json`` | ``console``), ``TRABOULE_LOG_LEVEL``, ``TRABOULE_CONFIG`` (the file).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    pass
+
+
+DEFAULT_CHANNELS: list[dict[str, Any]] = [
+    {
+        "name": "ris-orders",
+        "kind": "hl7-orders",
+        "source": {"adapter": "mllp-listener", "host": "127.0.0.1", "port": 2575},
+        "mapping": "mappings/hl7_inbound.yaml",
+    },
+    {
+        "name": "worklist",
+        "kind": "worklist",
+        "topics": ["order.#", "patient.#"],
+        "mapping": "mappings/mwl.yaml",
+        "max_attempts": 5,
+        "destinations": [{"adapter": "mwl-scp", "host": "127.0.0.1", "port": 11112, "ae_title": "TRABOULE"}],
+    },
+]
+
+
+@dataclass
+class Config:
+    data_dir: str = "var"
+    amqp_url: str = ""
+    exchange: str = "traboule"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    log_format: str = "console"
+    log_level: str = "info"
+    log_patient_data: bool = False
+    channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
+    path: str = ""
+
+    def channel(self, name: str) -> dict[str, Any]:
+        for ch in self.channels:
+            if ch.get("name") == name:
+                return ch
+        raise KeyError(name)
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ if env is None else env)
+    path = path or env.get("TRABOULE_CONFIG") or ""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        _apply_file(cfg, doc, path)
+        cfg.path = str(Path(path).resolve())
+    _apply_env(cfg, env)
+    _check(cfg)
+    return cfg
+
+
+def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
+    known = {"engine", "bus", "http", "log", "channels"}
+    for key in doc:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
+    engine = doc.get("engine", {})
+    cfg.data_dir = str(engine.get("data_dir", cfg.data_dir))
+    bus = doc.get("bus", {})
+    cfg.amqp_url = str(bus.get("amqp_url", cfg.amqp_url))
+    cfg.exchange = str(bus.get("exchange", cfg.exchange))
+    http = doc.get("http", {})
+    cfg.http_host = str(http.get("host", cfg.http_host))
+    cfg.http_port = int(http.get("port", cfg.http_port))
+    log = doc.get("log", {})
+    cfg.log_format = str(log.get("format", cfg.log_format))
+    cfg.log_level = str(log.get("level", cfg.log_level))
+    cfg.log_patient_data = bool(log.get("patient_data", cfg.log_patient_data))
+    if "channels" in doc:
+        channels = doc["channels"]
+        if not isinstance(channels, list):
+            raise ConfigError(f"{path}: [[channels]] must be an array of tables")
+        cfg.channels = channels
+
+
+def _apply_env(cfg: Config, env: dict[str, str]) -> None:
+    if "TRABOULE_AMQP_URL" in env:
+        cfg.amqp_url = env["TRABOULE_AMQP_URL"]
+    cfg.data_dir = env.get("TRABOULE_DATA_DIR", cfg.data_dir)
+    cfg.http_host = env.get("TRABOULE_HTTP_HOST", cfg.http_host)
+    cfg.log_format = env.get("TRABOULE_LOG_FORMAT", cfg.log_format)
+    cfg.log_level = env.get("TRABOULE_LOG_LEVEL", cfg.log_level)
+    try:
+        if "TRABOULE_HTTP_PORT" in env:
+            cfg.http_port = int(env["TRABOULE_HTTP_PORT"])
+        for var, adapter, key in (
+            ("TRABOULE_MLLP_PORT", "mllp-listener", "port"),
+            ("TRABOULE_MWL_PORT", "mwl-scp", "port"),
+            ("TRABOULE_MWL_AE_TITLE", "mwl-scp", "ae_title"),
+        ):
+            if var in env:
+                value: Any = env[var] if key == "ae_title" else int(env[var])
+                for endpoint in _endpoints(cfg, adapter):
+                    endpoint[key] = value
+    except ValueError as exc:
+        raise ConfigError(f"environment: {exc}") from exc
+
+
+def _endpoints(cfg: Config, adapter: str) -> list[dict[str, Any]]:
+    out = []
+    for ch in cfg.channels:
+        for ep in [ch.get("source") or {}, *(ch.get("destinations") or [])]:
+            if isinstance(ep, dict) and ep.get("adapter") == adapter:
+                out.append(ep)
+    return out
+
+
+def _check(cfg: Config) -> None:
+    names = [ch.get("name") for ch in cfg.channels]
+    for ch in cfg.channels:
+        if not ch.get("name") or not ch.get("kind"):
+            raise ConfigError(f"{cfg.path or 'config'}: every [[channels]] needs 'name' and 'kind' ({ch})")
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{cfg.path or 'config'}: channel names must be unique: {sorted(dupes)}")
+    if cfg.log_format not in ("json", "console"):
+        raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
+
+
+def resolve(base: Config, relative: str) -> Path:
+    """A path from the config file: relative to the file's folder, or to the working directory without one."""
+    p = Path(relative)
+    if p.is_absolute():
+        return p
+    if base.path:
+        candidate = Path(base.path).parent / p
+        if candidate.exists():
+            return candidate
+    here = Path.cwd() / p
+    if here.exists():
+        return here
+    return Path(__file__).resolve().parent.parent / p

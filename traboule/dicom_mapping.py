@@ -1,0 +1,209 @@
+"""Canonical ImagingOrder → DICOM Modality Worklist items, driven by ``mappings/mwl.yaml``.
+
+An attribute is written as ``Keyword: source``, where the source is a canonical path (``order.patient.name``,
+``step.start | date``), a literal (``=ISO``), or for a sequence a list of item mappings (an item with ``if: path``
+is left out when that path is empty). Values are rendered for the attribute's VR (PN from a name, DA/TM from a
+date-time) and cut to the VR's maximum length. Every keyword is checked against the DICOM dictionary at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+
+from traboule import model
+from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml
+
+# PS3.5 Table 6.2-1 maximum lengths (characters) for the string VRs we write.
+MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64 * 5, "UI": 64, "DA": 8, "TM": 16, "DT": 26,
+              "AS": 4, "DS": 16, "IS": 12, "LT": 10240, "ST": 1024}
+
+ROOTS = ("order", "step")
+NUMERIC_VRS = {"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}
+
+
+@dataclass
+class AttrRule:
+    keyword: str
+    vr: str
+    line: int
+    path: list[str] = field(default_factory=list)
+    literal: str | None = None
+    filters: list = field(default_factory=list)
+    items: list[ItemRule] = field(default_factory=list)  # for SQ
+
+
+@dataclass
+class ItemRule:
+    condition: list[str] | None
+    attrs: list[AttrRule]
+
+
+class MWLMapping:
+    """Compiled ``mwl.yaml``: builds one worklist item dataset per scheduled step of an order."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else MAPPINGS_DIR / "mwl.yaml"
+        doc = load_yaml(self.path)
+        if not isinstance(doc, Node) or not isinstance(doc.get("attributes"), Node):
+            raise MappingError(self.path, getattr(doc, "line", 1), "expected 'attributes:' mapping keywords")
+        known = {"kind", "version", "description", "tables", "attributes", "charset"}
+        for key in doc:
+            if key not in known:
+                raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
+        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path)
+        self.attrs = self._attrs(doc["attributes"])
+
+    def _attrs(self, node: Node) -> list[AttrRule]:
+        return [self._attr(kw, spec, line_of(node, kw)) for kw, spec in node.items() if kw != "if"]
+
+    def _attr(self, keyword: str, spec: Any, line: int) -> AttrRule:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise MappingError(self.path, line, f"{keyword!r} is not a DICOM keyword")
+        vr = dictionary_VR(tag)
+        rule = AttrRule(keyword, vr, line)
+        if vr == "SQ":
+            if not isinstance(spec, list):
+                raise MappingError(self.path, line, f"{keyword} is a sequence: give a list of items")
+            for item in spec:
+                if not isinstance(item, Node):
+                    raise MappingError(self.path, line, f"{keyword}: each item must map keywords to sources")
+                cond = self._path(item["if"], line_of(item, "if")) if "if" in item else None
+                rule.items.append(ItemRule(cond, self._attrs(item)))
+            return rule
+        if not isinstance(spec, str):
+            raise MappingError(self.path, line, f"{keyword}: expected a canonical path or '=literal'")
+        if spec.startswith("="):
+            rule.literal = spec[1:]
+            return rule
+        path_text, *filters = (p.strip() for p in spec.split("|"))
+        rule.path = self._path(path_text, line)
+        rule.filters = compile_filters(filters, self.tables, self.path, line)
+        return rule
+
+    def _path(self, text: str, line: int) -> list[str]:
+        parts = text.strip().split(".")
+        if parts[0] not in ROOTS:
+            raise MappingError(self.path, line, f"{text!r}: a source starts with one of {ROOTS} (or '=' literal)")
+        probe: Any = model.ImagingOrder(patient=model.Patient(ids=[model.Identifier("x", type="INS")]))
+        probe = {"order": probe, "step": model.ScheduledStep()}[parts[0]]
+        for i, part in enumerate(parts[1:], start=1):
+            if not hasattr(probe, part):
+                raise MappingError(self.path, line, f"{'.'.join(parts[:i])} has no attribute {part!r}")
+            probe = getattr(probe, part)
+        return parts
+
+    def patient_keywords(self) -> list[str]:
+        """Top-level attributes fed from ``order.patient`` (what a patient update or merge rewrites)."""
+
+        def from_patient(rule: AttrRule) -> bool:
+            if rule.items:
+                return any(from_patient(a) for item in rule.items for a in item.attrs) or any(
+                    (item.condition or [])[:2] == ["order", "patient"] for item in rule.items
+                )
+            return rule.path[:2] == ["order", "patient"]
+
+        return [rule.keyword for rule in self.attrs if from_patient(rule)]
+
+    # -- apply -----------------------------------------------------------------------------------------------
+
+    def items(self, order: model.ImagingOrder) -> list[tuple[model.ScheduledStep, Dataset]]:
+        steps = order.steps or [model.ScheduledStep()]
+        return [(step, self.item(order, step)) for step in steps]
+
+    def item(self, order: model.ImagingOrder, step: model.ScheduledStep) -> Dataset:
+        roots = {"order": order, "step": step}
+        ds = Dataset()
+        self._fill(ds, self.attrs, roots)
+        ds.SpecificCharacterSet = character_set(ds)
+        return ds
+
+    def _fill(self, ds: Dataset, attrs: list[AttrRule], roots: dict[str, Any]) -> None:
+        for rule in attrs:
+            if rule.vr == "SQ":
+                items = []
+                for item_rule in rule.items:
+                    if item_rule.condition and not _text(_resolve(item_rule.condition, roots)):
+                        continue
+                    item = Dataset()
+                    self._fill(item, item_rule.attrs, roots)
+                    items.append(item)
+                setattr(ds, rule.keyword, items)
+                continue
+            value = rule.literal if rule.literal is not None else _resolve(rule.path, roots)
+            if rule.filters:  # filters say how to render (``step.start | time``): apply them to the raw text
+                text = _render(value, "")
+                for f in rule.filters:
+                    if text:
+                        text = f(text)
+            else:
+                text = _render(value, rule.vr)
+            if not text and rule.vr in NUMERIC_VRS:
+                setattr(ds, rule.keyword, None)
+                continue
+            limit = MAX_LENGTH.get(rule.vr)
+            if limit and len(text) > limit:
+                text = text[:limit]
+            setattr(ds, rule.keyword, text)
+
+
+def _resolve(path: list[str], roots: dict[str, Any]) -> Any:
+    obj = roots[path[0]]
+    for part in path[1:]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return ""
+    return obj
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, model.PersonName):
+        return "" if value.is_empty() else value.family
+    if isinstance(value, model.Identifier):
+        return value.value
+    return "" if value is None else str(value)
+
+
+def _render(value: Any, vr: str) -> str:
+    if isinstance(value, model.PersonName):
+        parts = [value.family, value.given, value.middle, value.prefix, value.suffix]
+        return "^".join(parts).rstrip("^")
+    if isinstance(value, model.Identifier):
+        value = value.value
+    text = "" if value is None else str(value)
+    if vr == "DA":
+        return text[:8] if text[:8].isdigit() and len(text) >= 8 else ""
+    if vr == "TM":
+        t = text[8:] if len(text) > 8 else ""
+        return t[:6] if t[:4].isdigit() else ""
+    return text
+
+
+def character_set(ds: Dataset) -> str:
+    """ISO_IR 100 when Latin-1 holds every text value, else ISO_IR 192 (UTF-8); plain ASCII gets ISO_IR 100
+    too, as modalities that predate UTF-8 handle it everywhere."""
+    for text in _strings(ds):
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            return "ISO_IR 192"
+    return "ISO_IR 100"
+
+
+def _strings(ds: Dataset):
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _strings(item)
+        elif isinstance(elem.value, str):
+            yield elem.value
+        elif elem.VR == "PN" and elem.value is not None:
+            yield str(elem.value)
+
+
+__all__ = ["MWLMapping", "character_set", "keyword_for_tag"]

@@ -1,0 +1,421 @@
+"""HL7 v2 → canonical model, driven by a mapping file (``mappings/hl7_inbound.yaml``).
+
+Field paths (the only place HL7 positions appear besides the tokenizer):
+
+* ``OBR-18`` — field 18 of the first OBR in scope (first repetition, first component/subcomponent)
+* ``PID-5.2`` / ``PID-3.4.2`` — component / subcomponent
+* ``PID-3[2].1`` — second repetition; ``PID-3(5=INS).1`` — the repetition whose component 5 is ``INS``
+* ``OBX(3.1=29463-7)-5`` — the first OBX whose field 3.1 is ``29463-7``
+* ``.4.2`` — relative to the repetition being iterated by an ``each:`` block
+
+A source may end with filters: ``OBR-4.1 | procedure_modality | upper``. A field lists sources, first non-empty
+wins. Scope: inside an order group (ORC and the segments up to the next ORC) group segments are seen first, then
+the message-level ones (MSH, PID, PV1...).
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from traboule import model
+from traboule.hl7 import HL7Error, Message, Segment, Separators, unescape
+from traboule.mapping import (
+    MAPPINGS_DIR,
+    CodeTable,
+    MappingError,
+    Node,
+    compile_filters,
+    line_of,
+    load_tables,
+    load_yaml,
+)
+
+Scope = dict[str, list[Segment]]
+Getter = Callable[[Scope, Separators, str], str]  # (scope, separators, current repetition) -> value
+
+_PATH = re.compile(
+    r"""^(?P<seg>[A-Z][A-Z0-9]{2})
+        (?:\((?P<sf>\d+)(?:\.(?P<sc>\d+))?=(?P<sv>[^)]*)\)|\[(?P<si>\d+)\])?
+        -(?P<field>\d+)
+        (?:\[(?P<rep>\d+)\]|\((?P<rc>\d+)=(?P<rv>[^)]*)\))?
+        (?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?$""",
+    re.X,
+)
+_RELATIVE = re.compile(r"^\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?$")
+
+EVENT_KINDS = ("order", "patient-update", "patient-merge")
+
+
+class MappingFailure(Exception):
+    """A message that the mapping cannot turn into a valid event (answered with AE)."""
+
+    def __init__(self, reason: str, location: str, code: str = "101"):
+        super().__init__(reason)
+        self.reason = reason
+        self.location = location
+        self.code = code
+
+
+def _pick(value: str, sep: str, index: int) -> str:
+    if sep not in value:
+        return value if index == 1 else ""
+    parts = value.split(sep)
+    return parts[index - 1] if index <= len(parts) else ""
+
+
+def _leaf(rep: str, comp: int, sub: int, seps: Separators) -> str:
+    c = _pick(rep, seps.component, comp or 1)
+    return unescape(_pick(c, seps.subcomponent, sub or 1), seps)
+
+
+def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
+    """Compile one path into a getter; returns it with the location (``SEG-n``) used in error reports."""
+    rel = _RELATIVE.match(text)
+    if rel:
+        comp, sub = int(rel["comp"]), int(rel["sub"] or 0)
+
+        def relative(scope: Scope, seps: Separators, current: str) -> str:
+            return _leaf(current, comp, sub, seps)
+
+        return relative, ""
+    m = _PATH.match(text)
+    if not m:
+        raise MappingError(file, line, f"{text!r} is not an HL7 field path (e.g. OBR-18, PID-3(5=INS).1, IPC-1.1)")
+    seg, fld = m["seg"], int(m["field"])
+    comp, sub = int(m["comp"] or 0), int(m["sub"] or 0)
+    seg_index = int(m["si"] or 1) - 1
+    seg_filter = (int(m["sf"]), int(m["sc"] or 0), m["sv"]) if m["sf"] else None
+    rep_index = int(m["rep"] or 1) - 1
+    rep_filter = (int(m["rc"]), m["rv"]) if m["rc"] else None
+
+    def getter(scope: Scope, seps: Separators, current: str) -> str:
+        segments = scope.get(seg)
+        if not segments:
+            return ""
+        if seg_filter:
+            f, c, v = seg_filter
+            found = next((s for s in segments if _leaf(s.field(f), c, 0, seps) == v), None)
+        else:
+            found = segments[seg_index] if seg_index < len(segments) else None
+        if found is None:
+            return ""
+        raw = found.field(fld)
+        if seg == "MSH" and fld <= 2:
+            return raw
+        if rep_filter:
+            rc, rv = rep_filter
+            rep = next((r for r in raw.split(seps.repetition) if _leaf(r, rc, 0, seps) == rv), "")
+        else:
+            rep = _pick(raw, seps.repetition, rep_index + 1)
+        return _leaf(rep, comp, sub, seps)
+
+    return getter, f"{seg}-{fld}" + (f".{comp}" if comp else "")
+
+
+@dataclass
+class Source:
+    getter: Getter
+    location: str
+    filters: list[Callable[[str], str]]
+
+    def read(self, scope: Scope, seps: Separators, current: str) -> str:
+        value = self.getter(scope, seps, current).strip()
+        for f in self.filters:
+            if not value:
+                break
+            value = f(value)
+        return value
+
+
+@dataclass
+class FieldRule:
+    """One target attribute: sources (first non-empty wins) or a composite-key table lookup."""
+
+    target: list[str]
+    sources: list[Source]
+    required: bool
+    default: str
+    line: int
+    keys: list[Source] | None = None
+    table: CodeTable | None = None
+    column: str = ""
+
+    def value(self, scope: Scope, seps: Separators, current: str = "") -> str:
+        if self.keys is not None and self.table is not None:
+            key = tuple(k.read(scope, seps, current) for k in self.keys)
+            found = self.table.lookup(key, self.column)
+            value = found or ""
+            if found is None and any(key) and self.required:
+                where = "/".join(k.location for k in self.keys)
+                raise MappingFailure(
+                    f"{where} value {'/'.join(key)!r} is not in table {self.table.name}", self.keys[0].location,
+                    code="103",
+                )
+        else:
+            value = next((v for s in self.sources if (v := s.read(scope, seps, current))), "")
+        if not value and self.required:
+            where = (self.keys or self.sources)[0].location if (self.keys or self.sources) else ""
+            tried = ", ".join(s.location for s in (self.keys or self.sources) if s.location)
+            raise MappingFailure(f"{'.'.join(self.target)} is required: {tried} empty or unmapped", where)
+        return value or self.default
+
+
+@dataclass
+class EachRule:
+    """A list target filled once per repetition (``each: PID-3``) or per segment (``each: IPC``)."""
+
+    target: str
+    over: str
+    item_type: type
+    rules: list[FieldRule]
+    required: bool
+    line: int
+    getter: Getter | None = None  # for repetitions of a field
+
+
+def _target_type(cls: type, path: list[str], file: Path, line: int) -> Any:
+    """Resolve a dotted target against the canonical dataclasses; errors name the bad part."""
+    current: Any = cls
+    for i, part in enumerate(path):
+        if not is_dataclass(current):
+            raise MappingError(file, line, f"{'.'.join(path[:i])} has no attribute {part!r}")
+        hints = typing.get_type_hints(current)
+        names = [f.name for f in fields(current)]
+        if part not in names:
+            raise MappingError(
+                file, line, f"{cls.__name__} target {'.'.join(path)!r}: {part!r} not one of {names}"
+            )
+        current = hints[part]
+    return current
+
+
+def _set(obj: Any, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, path[-1], value)
+
+
+class HL7InboundMapping:
+    """Compiled ``hl7_inbound.yaml``: turns a tokenized message into a canonical payload."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else MAPPINGS_DIR / "hl7_inbound.yaml"
+        doc = load_yaml(self.path)
+        file = self.path
+        if not isinstance(doc, Node):
+            raise MappingError(file, 1, "expected a mapping with 'accept', 'patient', 'order', 'steps'")
+        known = {"kind", "version", "description", "accept", "tables", "patient", "order", "steps", "merge"}
+        for key in doc:
+            if key not in known:
+                raise MappingError(file, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
+        self.tables = load_tables(doc.get("tables"), self.path.parent, file)
+        accept = doc.get("accept")
+        if not isinstance(accept, Node) or not accept:
+            raise MappingError(file, line_of(doc, "accept"), "'accept' must map message types to event kinds")
+        for mtype, kind in accept.items():
+            if kind not in EVENT_KINDS:
+                raise MappingError(file, line_of(accept, mtype), f"{mtype}: kind {kind!r} not in {EVENT_KINDS}")
+            if not re.fullmatch(r"[A-Z0-9]{3}\^[A-Z0-9]{3}", mtype):
+                raise MappingError(file, line_of(accept, mtype), f"{mtype!r} is not a message type like ORM^O01")
+        self.accept: dict[str, str] = dict(accept)
+        self.patient = self._section(doc, "patient", model.Patient, required=True)
+        self.order = self._section(doc, "order", model.ImagingOrder, required="order" in self.accept.values())
+        self.steps = self._steps(doc)
+        self.merge = self._section(doc, "merge", model.PatientUpdate, required=False)
+
+    # -- compile ---------------------------------------------------------------------------------------------
+
+    def _source(self, text: str, line: int) -> Source:
+        path, *filters = (p.strip() for p in str(text).split("|"))
+        getter, location = compile_path(path, self.path, line)
+        return Source(getter, location, compile_filters(filters, self.tables, self.path, line))
+
+    def _rule(self, cls: type, target: str, spec: Any, line: int) -> FieldRule:
+        parts = target.split(".")
+        hint = _target_type(cls, parts, self.path, line)
+        if hint is not str and typing.get_origin(hint) is not typing.Literal:
+            raise MappingError(self.path, line, f"{target!r} is not a text attribute; map its parts instead")
+        if isinstance(spec, str | list):
+            spec = {"from": spec}
+        if not isinstance(spec, dict):
+            raise MappingError(self.path, line, f"{target}: expected a path, a list of paths or a mapping")
+        unknown = set(spec) - {"from", "required", "default", "keys", "table", "column"}
+        if unknown:
+            raise MappingError(self.path, line, f"{target}: unknown option(s) {sorted(unknown)}")
+        required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
+        default = str(spec.get("default", ""))
+        if "keys" in spec:
+            table = self.tables.get(spec.get("table", ""))
+            if table is None:
+                raise MappingError(self.path, line, f"{target}: 'keys' needs 'table' naming a declared table")
+            keys = [self._source(k, line) for k in spec["keys"]]
+            if len(keys) != len(table.keys):
+                raise MappingError(self.path, line, f"{target}: table {table.name} has key columns {table.keys}")
+            column = spec.get("column") or next(c for c in table.columns if c not in table.keys)
+            if column not in table.columns:
+                raise MappingError(self.path, line, f"{target}: table {table.name} has no column {column!r}")
+            return FieldRule(parts, [], required, default, line, keys, table, column)
+        sources = spec.get("from")
+        if not sources:
+            raise MappingError(self.path, line, f"{target}: no 'from' source")
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        compiled = [self._source(s, line) for s in sources]
+        if "table" in spec:
+            filters = compile_filters([spec["table"]], self.tables, self.path, line)
+            for s in compiled:
+                s.filters.extend(filters)
+        return FieldRule(parts, compiled, required, default, line)
+
+    def _rules(self, cls: type, node: Node) -> tuple[list[FieldRule], list[EachRule]]:
+        rules: list[FieldRule] = []
+        eaches: list[EachRule] = []
+        for target, spec in node.items():
+            line = line_of(node, target)
+            if isinstance(spec, dict) and "each" in spec:
+                eaches.append(self._each(cls, target, spec, line))
+            else:
+                rules.append(self._rule(cls, target, spec, line))
+        return rules, eaches
+
+    def _each(self, cls: type, target: str, spec: Node, line: int) -> EachRule:
+        hint = _target_type(cls, target.split("."), self.path, line)
+        if typing.get_origin(hint) is not list:
+            raise MappingError(self.path, line, f"'each' needs a list target; {target!r} is not a list")
+        (item_type,) = typing.get_args(hint)
+        sub = spec.get("fields")
+        if not isinstance(sub, Node):
+            raise MappingError(self.path, line, f"{target}: 'each' needs 'fields'")
+        rules, nested = self._rules(item_type, sub)
+        if nested:
+            raise MappingError(self.path, line, f"{target}: nested 'each' is not supported")
+        over = str(spec["each"])
+        getter = None
+        if "-" in over:
+            getter, _ = compile_path(over, self.path, line)
+        elif not re.fullmatch(r"[A-Z][A-Z0-9]{2}", over):
+            raise MappingError(self.path, line, f"each: {over!r} is neither a segment name nor a field path")
+        required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
+        return EachRule(target, over, item_type, rules, required, line, getter)
+
+    def _section(self, doc: Node, name: str, cls: type, *, required: bool) -> tuple[list, list]:
+        node = doc.get(name)
+        if node is None:
+            if required:
+                raise MappingError(self.path, doc.line, f"section {name!r} is missing")
+            return [], []
+        if not isinstance(node, Node):
+            raise MappingError(self.path, line_of(doc, name), f"section {name!r} must be a mapping")
+        return self._rules(cls, node)
+
+    def _steps(self, doc: Node) -> EachRule | None:
+        node = doc.get("steps")
+        if node is None:
+            return None
+        line = line_of(doc, "steps")
+        if not isinstance(node, Node) or "each" not in node:
+            raise MappingError(self.path, line, "'steps' needs 'each: SEGMENT' and 'fields'")
+        rule = self._each(model.ImagingOrder, "steps", node, line)
+        return rule
+
+    # -- apply -----------------------------------------------------------------------------------------------
+
+    def kind_of(self, msg: Message) -> str | None:
+        return self.accept.get(msg.message_type)
+
+    def map(self, msg: Message) -> list[model.Payload]:
+        """The canonical payload(s) of one message; raises ``MappingFailure`` or ``HL7Error``."""
+        kind = self.kind_of(msg)
+        if kind is None:
+            raise HL7Error(f"message type {msg.message_type} is not accepted by this channel",
+                           location="MSH-9", code="200")
+        header, groups = _split_groups(msg)
+        seps = msg.separators
+        patient = self._fill(model.Patient(), self.patient, header, seps)
+        if kind != "order":
+            update = model.PatientUpdate(action="merge" if kind == "patient-merge" else "update", patient=patient)
+            if kind == "patient-merge":
+                self._fill(update, self.merge, header, seps)
+                if not update.merged_ids:
+                    raise MappingFailure("merge without the prior patient identifier", "MRG-1")
+            return [update]
+        if not groups:
+            raise MappingFailure("order message without an ORC segment", "ORC", code="100")
+        orders = []
+        for group in groups:
+            scope = _scope(header, group)
+            order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps)
+            if self.steps:
+                order.steps = self._each_segments(self.steps, scope, seps)
+            orders.append(order)
+        return orders
+
+    def _fill(self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators) -> Any:
+        rules, eaches = section
+        for rule in rules:
+            _set(obj, rule.target, rule.value(scope, seps))
+        for each in eaches:
+            _set(obj, each.target.split("."), self._each_items(each, scope, seps))
+        return obj
+
+    def _each_items(self, each: EachRule, scope: Scope, seps: Separators) -> list[Any]:
+        if each.getter is None:
+            return self._each_segments(each, scope, seps)
+        # Repetitions of one field: read the raw field once, then each repetition as "current".
+        seg_name, _, rest = each.over.partition("-")
+        segments = scope.get(seg_name) or []
+        if not segments:
+            items: list[Any] = []
+        else:
+            raw = segments[0].field(int(re.match(r"\d+", rest)[0]))  # type: ignore[index]
+            items = []
+            for rep in raw.split(seps.repetition):
+                if not rep.strip(seps.component + seps.subcomponent + " "):
+                    continue
+                item = each.item_type()
+                for rule in each.rules:
+                    _set(item, rule.target, rule.value(scope, seps, rep))
+                items.append(item)
+        if each.required and not items:
+            raise MappingFailure(f"{each.target} is required: {each.over} is empty", each.over)
+        return items
+
+    def _each_segments(self, each: EachRule, scope: Scope, seps: Separators) -> list[Any]:
+        segs = scope.get(each.over) or [None]  # no such segment: one item from the other sources
+        items = []
+        for seg in segs:
+            sub_scope = dict(scope)
+            if seg is not None:
+                sub_scope[each.over] = [seg]
+            item = each.item_type()
+            for rule in each.rules:
+                _set(item, rule.target, rule.value(sub_scope, seps))
+            items.append(item)
+        return items
+
+
+def _split_groups(msg: Message) -> tuple[Scope, list[list[Segment]]]:
+    """Message-level segments, and one group per ORC (ORC and what follows it up to the next ORC)."""
+    header: Scope = {}
+    groups: list[list[Segment]] = []
+    for seg in msg.segments:
+        if seg.name == "ORC":
+            groups.append([seg])
+        elif groups:
+            groups[-1].append(seg)
+        else:
+            header.setdefault(seg.name, []).append(seg)
+    return header, groups
+
+
+def _scope(header: Scope, group: list[Segment]) -> Scope:
+    scope: Scope = {}
+    for seg in group:
+        scope.setdefault(seg.name, []).append(seg)
+    for name, segs in header.items():
+        scope[name] = scope.get(name, []) + segs
+    return scope

@@ -1,0 +1,42 @@
+"""structlog set-up: JSON lines in production, readable console lines for a person at a terminal.
+
+Every line is one event with its context bound once (channel, message id, correlation id). Patient data
+(names, identifiers, message bodies) is never logged unless ``log.patient_data`` is set for debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+PATIENT_KEYS = {"patient_name", "patient_id", "raw", "body"}
+
+
+def _drop_patient_data(_: object, __: str, event: dict) -> dict:
+    for key in PATIENT_KEYS & event.keys():
+        event[key] = "<redacted>"
+    return event
+
+
+def configure(fmt: str = "console", level: str = "info", patient_data: bool = False) -> None:
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not patient_data:
+        processors.append(_drop_patient_data)
+    processors.append(structlog.processors.format_exc_info)
+    processors.append(
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)

@@ -1,0 +1,224 @@
+"""Canonical model: the one shape every format is translated to and from.
+
+Formats meet here (HL7 v2, DICOM, FHIR, CDA) instead of being converted pairwise. Attributes are named for what
+they mean; field paths of a given format appear only in mapping files and in that format's parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+INS_OIDS = {
+    "1.2.250.1.213.1.4.8": "INS-NIR",
+    "1.2.250.1.213.1.4.9": "INS-NIA",
+    "1.2.250.1.213.1.4.10": "INS-NIR (test)",
+    "1.2.250.1.213.1.4.11": "INS-NIR (demo)",
+}
+
+OrderAction = Literal["new", "change", "cancel", "status"]
+StepStatus = Literal["SCHEDULED", "ARRIVED", "READY", "STARTED", "COMPLETED", "DISCONTINUED", "CANCELLED"]
+
+
+@dataclass
+class Identifier:
+    """An identifier with its assigning authority (HL7 CX / DICOM ID + issuer / FHIR Identifier)."""
+
+    value: str = ""
+    issuer: str = ""  # namespace id, e.g. CHU-X or ASIP-SANTE-INS-NIR
+    issuer_oid: str = ""  # universal id (OID) of the issuer
+    type: str = ""  # PI, INS, AN, VN ...
+
+
+@dataclass
+class PersonName:
+    family: str = ""
+    given: str = ""
+    middle: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+    def is_empty(self) -> bool:
+        return not any((self.family, self.given, self.middle, self.prefix, self.suffix))
+
+
+@dataclass
+class Practitioner:
+    id: str = ""
+    name: PersonName = field(default_factory=PersonName)
+
+
+@dataclass
+class Code:
+    code: str = ""
+    display: str = ""
+    system: str = ""
+
+
+@dataclass
+class Patient:
+    """A patient as known by the ordering system; ``ids[0]`` is the primary (local) identifier."""
+
+    ids: list[Identifier] = field(default_factory=list)
+    name: PersonName = field(default_factory=PersonName)
+    birth_name: str = ""
+    birth_date: str = ""  # YYYYMMDD
+    sex: str = ""  # M, F, O, U
+    identity_status: str = ""  # PID-32 (FR table 0445: PROV, RECUP, VALI, QUAL)
+    birth_place_code: str = ""  # INSEE COG of the birthplace (INS trait)
+
+    @property
+    def primary_id(self) -> Identifier | None:
+        return next((i for i in self.ids if i.type != "INS"), self.ids[0] if self.ids else None)
+
+    @property
+    def ins(self) -> Identifier | None:
+        return next((i for i in self.ids if i.type == "INS" or i.issuer_oid in INS_OIDS), None)
+
+
+@dataclass
+class ScheduledStep:
+    """One scheduled procedure step (a DICOM MWL item's SPS)."""
+
+    step_id: str = ""
+    modality: str = ""
+    station_aet: str = ""
+    station_name: str = ""
+    location: str = ""
+    start: str = ""  # YYYYMMDD[HHMM[SS]]
+    description: str = ""
+    protocol: Code = field(default_factory=Code)
+    performing_physician: PersonName = field(default_factory=PersonName)
+    status: StepStatus = "SCHEDULED"
+
+
+@dataclass
+class ImagingOrder:
+    """An imaging order (requested procedure) and its scheduled steps."""
+
+    action: OrderAction = "new"
+    placer_order_number: Identifier = field(default_factory=lambda: Identifier(""))
+    filler_order_number: Identifier = field(default_factory=lambda: Identifier(""))
+    accession_number: Identifier = field(default_factory=lambda: Identifier(""))
+    requested_procedure_id: str = ""
+    study_instance_uid: str = ""
+    procedure: Code = field(default_factory=Code)
+    reason: str = ""
+    priority: str = "ROUTINE"  # DICOM Requested Procedure Priority
+    requesting_physician: Practitioner = field(default_factory=Practitioner)
+    referring_physician: Practitioner = field(default_factory=Practitioner)
+    admission_id: str = ""
+    medical_alerts: str = ""
+    patient_weight: str = ""
+    patient_size: str = ""
+    institution: str = ""
+    patient: Patient = field(default_factory=Patient)
+    steps: list[ScheduledStep] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Stable key of the order across new/change/cancel messages."""
+        for ident in (self.placer_order_number, self.filler_order_number, self.accession_number):
+            if ident.value:
+                return f"{ident.issuer or ident.issuer_oid}|{ident.value}"
+        return ""
+
+
+@dataclass
+class PatientUpdate:
+    """Demographics update (ADT^A08) or merge (ADT^A40: ``merged_ids`` now belong to ``patient``)."""
+
+    action: Literal["update", "merge"] = "update"
+    patient: Patient = field(default_factory=Patient)
+    merged_ids: list[Identifier] = field(default_factory=list)
+
+
+Payload = ImagingOrder | PatientUpdate
+
+PAYLOAD_TYPES: dict[str, type] = {"ImagingOrder": ImagingOrder, "PatientUpdate": PatientUpdate}
+
+
+@dataclass
+class Envelope:
+    """An event on the bus: a canonical payload with its tracing and idempotency data."""
+
+    payload: Payload
+    source: str = ""  # channel name that produced it
+    idempotency_key: str = ""
+    correlation_id: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+
+    @property
+    def kind(self) -> str:
+        return type(self.payload).__name__
+
+    def to_json(self) -> bytes:
+        body = {
+            "id": self.id,
+            "kind": self.kind,
+            "source": self.source,
+            "idempotency_key": self.idempotency_key,
+            "correlation_id": self.correlation_id,
+            "created": self.created,
+            "payload": dataclasses.asdict(self.payload),
+        }
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Envelope:
+        body = json.loads(data)
+        payload = from_dict(PAYLOAD_TYPES[body["kind"]], body["payload"])
+        return cls(
+            payload=payload,
+            source=body.get("source", ""),
+            idempotency_key=body.get("idempotency_key", ""),
+            correlation_id=body.get("correlation_id", ""),
+            id=body["id"],
+            created=body.get("created", ""),
+        )
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) dataclass from ``dataclasses.asdict`` output."""
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        kwargs[name] = _coerce(_field_type(cls, name), value)
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type, str], type] = {}
+
+
+def _field_type(cls: type, name: str) -> Any:
+    key = (cls, name)
+    if key not in _NESTED:
+        import typing
+
+        _NESTED[key] = typing.get_type_hints(cls)[name]
+    return _NESTED[key]
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    import typing
+
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)  # type: ignore[arg-type]
+    origin = typing.get_origin(hint)
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v) for v in value]
+    return value
+
+
+def content_key(*parts: str) -> str:
+    """A short stable hash used as an idempotency key when the sender gives none."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]

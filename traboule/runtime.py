@@ -1,0 +1,143 @@
+"""Channel runtime: finds channel kinds through entry points, starts the configured channels around one journal
+and one bus, and moves journaled events from the outbox to the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from traboule import metrics
+from traboule.bus import Bus, make_bus
+from traboule.config import Config, ConfigError
+from traboule.journal import Journal
+
+log = structlog.get_logger("traboule.runtime")
+
+# Built-in kinds, also declared as entry points; listed here so a source checkout runs without installing.
+BUILTIN_CHANNELS = {"hl7-orders": "channels.orders:OrdersChannel", "worklist": "channels.worklist:WorklistChannel"}
+BUILTIN_ADAPTERS = {
+    "mllp-listener": "adapters.mllp:MLLPListener",
+    "mwl-scp": "adapters.dicom_mwl:WorklistSCP",
+    "worklist-files": "adapters.worklist_files:WorklistFileWriter",
+    "rabbitmq-bus": "adapters.rabbitmq:RabbitMQBus",
+}
+
+
+class Channel(Protocol):
+    """What the runtime needs of a channel. A channel is built from its ``[[channels]]`` table."""
+
+    name: str
+
+    def __init__(self, config: dict[str, Any], runtime: Runtime) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    mod = __import__(module, fromlist=[attr])
+    return getattr(mod, attr)
+
+
+def installed(group: str) -> dict[str, str]:
+    """Installed plug-ins of a group (``traboule.channels`` / ``traboule.adapters``): name → ``module:attr``."""
+    found = dict(BUILTIN_CHANNELS if group == "traboule.channels" else BUILTIN_ADAPTERS)
+    for ep in entry_points(group=group):
+        found[ep.name] = ep.value
+    return found
+
+
+def channel_class(kind: str) -> type:
+    kinds = installed("traboule.channels")
+    if kind not in kinds:
+        raise ConfigError(f"channel kind {kind!r} is not installed (installed: {sorted(kinds)})")
+    return _load(kinds[kind])
+
+
+class Runtime:
+    """One engine process: journal + bus + channels + outbox dispatcher."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal: Journal | None = None
+        self.bus: Bus = make_bus(config.amqp_url, str(self.data_dir), exchange=config.exchange)
+        self.channels: list[Channel] = [channel_class(c["kind"])(c, self) for c in config.channels]
+        self._dispatcher: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        self.journal = Journal(self.data_dir / "journal.sqlite")
+        await self.bus.start()
+        self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
+        for channel in self.channels:
+            await channel.start()
+            log.info("channel.started", channel=channel.name, **_public(channel.describe()))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for channel in reversed(self.channels):
+            with contextlib.suppress(Exception):
+                await channel.stop()
+        if self._dispatcher:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._dispatcher
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        if self.journal:
+            self.journal.close()
+
+    def channel(self, name: str) -> Channel:
+        return next(c for c in self.channels if c.name == name)
+
+    async def _dispatch_outbox(self) -> None:
+        """Publish journaled events in order; a bus outage only delays them (retried every second)."""
+        assert self.journal is not None
+        journal = self.journal
+        while True:
+            try:
+                events = await asyncio.to_thread(journal.pending_events, 500)
+                metrics.outbox_pending.set(len(events))
+                if not events:
+                    journal.outbox_ready.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(journal.outbox_ready.wait(), 1.0)
+                    continue
+                items = [(e.topic, e.body, e.event_id, {"journal-id": str(e.message_id)}) for e in events]
+                publish_many = getattr(self.bus, "publish_many", None)
+                if publish_many is not None:
+                    await publish_many(items)
+                else:
+                    for topic, body, event_id, headers in items:
+                        await self.bus.publish(topic, body, message_id=event_id, headers=headers)
+                await asyncio.to_thread(journal.events_published, [e.id for e in events])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox.publish_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the outbox is empty (tests and ``traboule send --wait``)."""
+        assert self.journal is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.journal.pending_events(1):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("outbox not drained")
+            await asyncio.sleep(0.02)
+
+
+def _public(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if isinstance(v, str | int | float | bool | list)}

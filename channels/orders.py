@@ -82,9 +82,12 @@ class OrdersChannel:
             metrics.ack_seconds.labels(self.name).observe(time.perf_counter() - started)
             return reply
         if hl7.is_batch(decoded.text):
-            replies = [await self._one(m.encode(decoded.codec), hl7.Decoded(m, decoded.codec, decoded.declared,
-                                                                            decoded.warnings), peer)
-                       for m in hl7.split_batch(decoded.text)]
+            replies = [
+                await self._one(
+                    m.encode(decoded.codec), hl7.Decoded(m, decoded.codec, decoded.declared, decoded.warnings), peer
+                )
+                for m in hl7.split_batch(decoded.text)
+            ]
             reply = _batch_ack(replies, decoded.codec)
         else:
             reply = await self._one(data, decoded, peer)
@@ -93,8 +96,9 @@ class OrdersChannel:
 
     async def _one(self, data: bytes, decoded: hl7.Decoded, peer: str) -> bytes:
         now = datetime.now().strftime("%Y%m%d%H%M%S")
-        entry = JournalEntry(channel=self.name, raw=data, status="accepted", peer=peer,
-                             warnings="\n".join(decoded.warnings))
+        entry = JournalEntry(
+            channel=self.name, raw=data, status="accepted", peer=peer, warnings="\n".join(decoded.warnings)
+        )
         msg: hl7.Message | None = None
         events: list[OutboxEvent] = []
         error: hl7.AckError | None = None
@@ -109,8 +113,12 @@ class OrdersChannel:
             for i, payload in enumerate(payloads):
                 if isinstance(payload, ImagingOrder) and not payload.key:
                     raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
-                env = Envelope(payload, source=self.name, idempotency_key=f"{entry.idempotency_key}:{i}",
-                               correlation_id=entry.correlation_id)
+                env = Envelope(
+                    payload,
+                    source=self.name,
+                    idempotency_key=f"{entry.idempotency_key}:{i}",
+                    correlation_id=entry.correlation_id,
+                )
                 events.append(OutboxEvent(_topic(payload), env.id, env.to_json()))
         except hl7.HL7Error as exc:
             code = "AR" if exc.reject else "AE"
@@ -131,8 +139,14 @@ class OrdersChannel:
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
             code = "AE" if msg is None or msg.version >= "2.5" else "AR"
             error = hl7.AckError("message not stored, send it again later", "", "207")
-            ack = hl7.build_ack(msg, code, control_id=self._next_control_id(), timestamp=now, error=error,
-                                raw_msh=_raw_msh(decoded.text))
+            ack = hl7.build_ack(
+                msg,
+                code,
+                control_id=self._next_control_id(),
+                timestamp=now,
+                error=error,
+                raw_msh=_raw_msh(decoded.text),
+            )
             return ack.encode(decoded.codec, "replace")
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
@@ -146,24 +160,32 @@ class OrdersChannel:
             **({"error": entry.error} if entry.error else {}),
             **({"warnings": entry.warnings} if entry.warnings else {}),
         )
-        ack = hl7.build_ack(msg, code, control_id=self._next_control_id(), timestamp=now, error=error,
-                            raw_msh=_raw_msh(decoded.text))
+        ack = hl7.build_ack(
+            msg, code, control_id=self._next_control_id(), timestamp=now, error=error, raw_msh=_raw_msh(decoded.text)
+        )
         return ack.encode(decoded.codec, "replace")
 
     async def _reject(self, data: bytes, peer: str, exc: hl7.HL7Error, *, codec: str) -> bytes:
         """Bytes that could not even be decoded: journal them raw, answer AR from what MSH we can split."""
-        entry = JournalEntry(channel=self.name, raw=data, status="rejected", peer=peer, ack_code="AR",
-                             error=f"{exc.location}: {exc}")
+        entry = JournalEntry(
+            channel=self.name, raw=data, status="rejected", peer=peer, ack_code="AR", error=f"{exc.location}: {exc}"
+        )
         text = data.decode("latin-1")
         raw_msh = _raw_msh(text.lstrip("\ufeff\r\n "))
         entry.control_id = raw_msh[10] if len(raw_msh) > 10 else ""
         await self.runtime.journal.append(entry)
         metrics.messages_received.labels(self.name, "rejected").inc()
-        self._log.info("message.rejected", message_id=entry.id, control_id=entry.control_id, ack="AR",
-                       error=entry.error)
-        ack = hl7.build_ack(None, "AR", control_id=self._next_control_id(),
-                            timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
-                            error=hl7.AckError(str(exc), exc.location, exc.code), raw_msh=raw_msh)
+        self._log.info(
+            "message.rejected", message_id=entry.id, control_id=entry.control_id, ack="AR", error=entry.error
+        )
+        ack = hl7.build_ack(
+            None,
+            "AR",
+            control_id=self._next_control_id(),
+            timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
+            error=hl7.AckError(str(exc), exc.location, exc.code),
+            raw_msh=raw_msh,
+        )
         return ack.encode(codec, "replace")
 
     async def handle_oversize(self, head: bytes, peer: str) -> bytes:

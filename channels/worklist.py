@@ -104,8 +104,12 @@ class WorklistChannel:
                     await asyncio.to_thread(writer.remove, key)
         metrics.events_processed.labels(self.name, "applied" if applied else "duplicate").inc()
         metrics.worklist_items.set(self.store.count())
-        bound.info("worklist.applied" if applied else "worklist.duplicate", upserts=len(upserts),
-                   deletes=len(deletes), attempt=delivery.attempt)
+        bound.info(
+            "worklist.applied" if applied else "worklist.duplicate",
+            upserts=len(upserts),
+            deletes=len(deletes),
+            attempt=delivery.attempt,
+        )
 
     # -- rules -----------------------------------------------------------------------------------------------
 
@@ -165,4 +169,3 @@ class WorklistChannel:
             if keyword in full:
                 out[keyword] = full[keyword]
         return out
-

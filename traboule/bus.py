@@ -36,15 +36,11 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
-    async def publish(
-        self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None
-    ) -> None:
+    async def publish(self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Publish durably; returns after the broker confirmed (or the row is committed)."""
         ...
 
-    async def subscribe(
-        self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5
-    ) -> None:
+    async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare a durable queue bound to ``topics`` and start consuming it with ``handler``."""
         ...
 

@@ -183,15 +183,29 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             if entry is None:
                 print(f"no journal entry {args.id}", file=sys.stderr)
                 return 1
-            for name in ("id", "received", "channel", "peer", "message_type", "control_id", "status", "ack_code",
-                         "error", "warnings", "idempotency_key", "correlation_id"):
+            for name in (
+                "id",
+                "received",
+                "channel",
+                "peer",
+                "message_type",
+                "control_id",
+                "status",
+                "ack_code",
+                "error",
+                "warnings",
+                "idempotency_key",
+                "correlation_id",
+            ):
                 print(f"{name:16} {getattr(entry, name)}")
             print("raw:")
             print(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
         else:
             for entry in journal.recent(args.limit, args.status):
-                print(f"{entry.id:>8} {entry.received} {entry.channel:12} {entry.message_type:8} "
-                      f"{entry.control_id:20} {entry.status:9} {entry.ack_code} {entry.error}")
+                print(
+                    f"{entry.id:>8} {entry.received} {entry.channel:12} {entry.message_type:8} "
+                    f"{entry.control_id:20} {entry.status:9} {entry.ack_code} {entry.error}"
+                )
     finally:
         journal.close()
     return 0
@@ -208,8 +222,10 @@ def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         print(f"  {name:20} {target}")
     print(f"configured channels ({cfg.path or 'built-in defaults'}):")
     for ch in cfg.channels:
-        print(f"  {ch['name']:20} kind={ch['kind']} " + json.dumps({k: v for k, v in ch.items()
-                                                                   if k not in ('name', 'kind')}))
+        print(
+            f"  {ch['name']:20} kind={ch['kind']} "
+            + json.dumps({k: v for k, v in ch.items() if k not in ("name", "kind")})
+        )
     return 0
 
 

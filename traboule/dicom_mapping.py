@@ -19,8 +19,22 @@ from traboule import model
 from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml
 
 # PS3.5 Table 6.2-1 maximum lengths (characters) for the string VRs we write.
-MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64 * 5, "UI": 64, "DA": 8, "TM": 16, "DT": 26,
-              "AS": 4, "DS": 16, "IS": 12, "LT": 10240, "ST": 1024}
+MAX_LENGTH = {
+    "AE": 16,
+    "CS": 16,
+    "SH": 16,
+    "LO": 64,
+    "PN": 64 * 5,
+    "UI": 64,
+    "DA": 8,
+    "TM": 16,
+    "DT": 26,
+    "AS": 4,
+    "DS": 16,
+    "IS": 12,
+    "LT": 10240,
+    "ST": 1024,
+}
 
 ROOTS = ("order", "step")
 NUMERIC_VRS = {"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}

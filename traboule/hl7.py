@@ -189,7 +189,8 @@ def parse(text: str) -> Message:
             continue
         parts = line.split(fsep)
         name = parts[0].strip()
-        if segments and (len(parts) < 2 and len(name) != 3 or not name.isalnum()):
+        looks_like_segment = len(name) == 3 and name.isalnum() and (len(parts) > 1 or len(line.strip()) == 3)
+        if segments and not looks_like_segment:
             # A line that is not a segment continues the previous one: real senders break long Base64 or
             # text fields with bare line feeds. Joined without a separator, as the line break was not data.
             last = segments[-1]
@@ -199,8 +200,12 @@ def parse(text: str) -> Message:
             # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.
             parts = [name, fsep, *parts[1:]]
         if len(name) != 3 or not name.isalnum():
-            raise HL7Error(f"segment {len(segments) + 1} has no valid name ({name[:10]!r})", code="100",
-                           location=name[:3] or "MSH", reject=False)
+            raise HL7Error(
+                f"segment {len(segments) + 1} has no valid name ({name[:10]!r})",
+                code="100",
+                location=name[:3] or "MSH",
+                reject=False,
+            )
         segments.append(Segment(name, parts))
     if not segments or segments[0].name != "MSH":
         raise HL7Error("message does not start with an MSH segment", location="MSH", code="100")

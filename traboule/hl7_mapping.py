@@ -153,7 +153,8 @@ class FieldRule:
             if found is None and any(key) and self.required:
                 where = "/".join(k.location for k in self.keys)
                 raise MappingFailure(
-                    f"{where} value {'/'.join(key)!r} is not in table {self.table.name}", self.keys[0].location,
+                    f"{where} value {'/'.join(key)!r} is not in table {self.table.name}",
+                    self.keys[0].location,
                     code="103",
                 )
         else:
@@ -187,9 +188,7 @@ def _target_type(cls: type, path: list[str], file: Path, line: int) -> Any:
         hints = typing.get_type_hints(current)
         names = [f.name for f in fields(current)]
         if part not in names:
-            raise MappingError(
-                file, line, f"{cls.__name__} target {'.'.join(path)!r}: {part!r} not one of {names}"
-            )
+            raise MappingError(file, line, f"{cls.__name__} target {'.'.join(path)!r}: {part!r} not one of {names}")
         current = hints[part]
     return current
 
@@ -331,8 +330,9 @@ class HL7InboundMapping:
         """The canonical payload(s) of one message; raises ``MappingFailure`` or ``HL7Error``."""
         kind = self.kind_of(msg)
         if kind is None:
-            raise HL7Error(f"message type {msg.message_type} is not accepted by this channel",
-                           location="MSH-9", code="200")
+            raise HL7Error(
+                f"message type {msg.message_type} is not accepted by this channel", location="MSH-9", code="200"
+            )
         header, groups = _split_groups(msg)
         seps = msg.separators
         patient = self._fill(model.Patient(), self.patient, header, seps)
@@ -381,7 +381,7 @@ class HL7InboundMapping:
                     _set(item, rule.target, rule.value(scope, seps, rep))
                 items.append(item)
         if each.required and not items:
-            raise MappingFailure(f"{each.target} is required: {each.over} is empty", each.over)
+            raise MappingFailure(f"{each.over} is empty but required (maps to {each.target})", each.over)
         return items
 
     def _each_segments(self, each: EachRule, scope: Scope, seps: Separators) -> list[Any]:

@@ -74,8 +74,20 @@ class OutboxEvent:
     message_id: int = 0
 
 
-_COLUMNS = ("received", "channel", "peer", "control_id", "message_type", "status", "ack_code", "error",
-            "warnings", "idempotency_key", "correlation_id", "raw")
+_COLUMNS = (
+    "received",
+    "channel",
+    "peer",
+    "control_id",
+    "message_type",
+    "status",
+    "ack_code",
+    "error",
+    "warnings",
+    "idempotency_key",
+    "correlation_id",
+    "raw",
+)
 
 
 class Journal:

@@ -146,8 +146,12 @@ def load_tables(node: Any, base: Path, file: Path) -> dict[str, CodeTable]:
 
 def _valid_date(v: str) -> bool:
     """YYYYMMDD that could be a date (senders put MMDDYYYY or free text in DTM fields)."""
-    return len(v) >= 8 and v[:8].isdigit() and "1800" <= v[:4] <= "2999" and "01" <= v[4:6] <= "12" and (
-        "01" <= v[6:8] <= "31"
+    return (
+        len(v) >= 8
+        and v[:8].isdigit()
+        and "1800" <= v[:4] <= "2999"
+        and "01" <= v[4:6] <= "12"
+        and ("01" <= v[6:8] <= "31")
     )
 
 

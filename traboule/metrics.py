@@ -10,11 +10,16 @@ messages_received = Counter(
     "traboule_messages_received", "Inbound messages by channel and outcome", ["channel", "status"], registry=REGISTRY
 )
 events_processed = Counter(
-    "traboule_events_processed", "Bus events handled by channel and outcome", ["channel", "outcome"],
+    "traboule_events_processed",
+    "Bus events handled by channel and outcome",
+    ["channel", "outcome"],
     registry=REGISTRY,
 )
 ack_seconds = Histogram(
-    "traboule_ack_seconds", "Time from message received to ACK written", ["channel"], registry=REGISTRY,
+    "traboule_ack_seconds",
+    "Time from message received to ACK written",
+    ["channel"],
+    registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
 outbox_pending = Gauge("traboule_outbox_pending", "Journaled events not yet on the bus", registry=REGISTRY)

@@ -80,10 +80,11 @@ class Runtime:
     async def start(self) -> None:
         self.journal = Journal(self.data_dir / "journal.sqlite")
         await self.bus.start()
-        self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
         for channel in self.channels:
             await channel.start()
             log.info("channel.started", channel=channel.name, **_public(channel.describe()))
+        # Only now: every consumer's queue is declared, so no event is published to a topic nobody keeps yet.
+        self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -1,0 +1,139 @@
+"""MLLP ingest benchmark: ORM^O01 NW orders/s and ACK latency, 1 and 8 connections, durable journal.
+
+Starts ``traboule run`` (embedded bus, fresh data dir) as a separate process and drives it from this one, so
+client and engine do not share an interpreter. Side by side, the same load against a bare MLLP listener that
+ACKs without parsing or journaling (the cost of the socket round trip alone) gives the ratio.
+
+    .venv/bin/python bench/mllp_ingest.py [--messages 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
+
+TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def message(conn: int, i: int) -> bytes:
+    tag = f"{conn}-{i}"
+    return (
+        TEMPLATE.replace("MSG0001", f"B{tag}")
+        .replace("PLC0001", f"P{tag}")
+        .replace("FIL0001", f"F{tag}")
+        .replace("ACC0001", f"A{tag}")
+        .encode("latin-1")
+    )
+
+
+async def drive(port: int, connections: int, total: int) -> tuple[float, list[float]]:
+    per_conn = total // connections
+    latencies: list[float] = []
+
+    async def one(conn: int) -> None:
+        async with MLLPClient("127.0.0.1", port, timeout=30) as client:
+            for i in range(per_conn):
+                data = message(conn, i)
+                t0 = time.perf_counter()
+                ack = await client.send(data)
+                latencies.append(time.perf_counter() - t0)
+                if b"MSA|AA" not in ack:
+                    raise RuntimeError(f"not accepted: {ack[:200]!r}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in range(connections)))
+    return time.perf_counter() - started, latencies
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"port {port} not open")
+
+
+def row(name: str, conns: int, n: int, elapsed: float, lat: list[float]) -> tuple[str, int, float, float, float]:
+    lat.sort()
+    p99 = lat[int(len(lat) * 0.99) - 1]
+    return name, conns, n / elapsed, statistics.median(lat) * 1000, p99 * 1000
+
+
+async def bare_listener(port: int) -> MLLPListener:
+    ack = b"MSH|^~\\&|TRABOULE||RIS||20261125||ACK^O01^ACK|1|P|2.3.1\rMSA|AA|X\r"
+
+    async def handler(data: bytes, peer: str) -> bytes:
+        return ack
+
+    listener = MLLPListener(handler, port=port, name="bare")
+    await listener.start()
+    return listener
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=4000)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        env = dict(
+            os.environ,
+            TRABOULE_DATA_DIR=tmp,
+            TRABOULE_MLLP_PORT=str(port),
+            TRABOULE_MWL_PORT=str(free_port()),
+            TRABOULE_HTTP_PORT=str(free_port()),
+            TRABOULE_LOG_LEVEL="warning",
+            TRABOULE_LOG_FORMAT="json",
+        )
+        engine = subprocess.Popen([str(ROOT / ".venv" / "bin" / "traboule"), "run"], env=env, cwd=ROOT)
+        try:
+            await wait_port(port)
+            await drive(port, 1, 200)  # warm-up
+            for conns in (1, 8):
+                elapsed, lat = await drive(port, conns, args.messages)
+                rows.append(row("traboule (journal fsync)", conns, args.messages, elapsed, lat))
+        finally:
+            engine.terminate()
+            engine.wait(30)
+    bare_port = free_port()
+    listener = await bare_listener(bare_port)
+    for conns in (1, 8):
+        elapsed, lat = await drive(bare_port, conns, args.messages)
+        rows.append(row("bare MLLP ACK (no parse/journal)", conns, args.messages, elapsed, lat))
+    await listener.stop()
+
+    print(f"{'listener':34} {'conns':>5} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, conns, rate, p50, p99 in rows:
+        print(f"{name:34} {conns:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}")
+    ours = {r[1]: r[2] for r in rows if r[0].startswith("traboule")}
+    bare = {r[1]: r[2] for r in rows if r[0].startswith("bare")}
+    for conns in (1, 8):
+        print(f"ratio traboule / bare at {conns} connection(s): {ours[conns] / bare[conns]:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

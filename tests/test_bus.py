@@ -1,0 +1,288 @@
+"""Contract tests of the message bus: the embedded SQLite bus and RabbitMQ (a real broker) must behave alike."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from adapters.rabbitmq import RabbitMQBus
+from tests.peer_rabbitmq import unique_name
+from traboule.bus import Delivery
+from traboule.embedded_bus import EmbeddedBus
+
+pytestmark = pytest.mark.timeout(30)  # the first RabbitMQ test also starts the broker (6-8 s)
+
+AnyBus = EmbeddedBus | RabbitMQBus
+T = TypeVar("T")
+WAIT = 3.0  # seconds: generous for a loaded 2-core machine; a passing test takes milliseconds
+
+
+@dataclass
+class BusConfig:
+    kind: str
+    path: Path  # the embedded bus's file (the same for every bus of a test: "restarts" reopen it)
+    url: str = ""
+    exchange: str = ""
+
+
+@pytest.fixture(params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def bus_config(request: pytest.FixtureRequest, tmp_path: Path) -> BusConfig:
+    if request.param == "rabbitmq":
+        # Resolved only here, so that the broker is started only when a RabbitMQ test runs.
+        url = request.getfixturevalue("rabbitmq_url")
+        return BusConfig("rabbitmq", tmp_path / "unused", url, request.getfixturevalue("rabbitmq_exchange"))
+    return BusConfig("embedded", tmp_path / "bus.sqlite")
+
+
+@pytest.fixture
+async def make_bus(bus_config: BusConfig) -> AsyncIterator[Callable[[], Awaitable[AnyBus]]]:
+    """Opens a new bus instance (same file, or new connection to the same exchange); all closed at the end."""
+    buses: list[AnyBus] = []
+
+    async def factory() -> AnyBus:
+        bus: AnyBus
+        if bus_config.kind == "rabbitmq":
+            bus = RabbitMQBus(bus_config.url, exchange=bus_config.exchange, retry_backoff=0.05, close_timeout=2)
+        else:
+            bus = EmbeddedBus(str(bus_config.path), retry_backoff=0.05, close_timeout=2)
+        await bus.start()
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in buses:
+        await bus.close()
+
+
+@pytest.fixture
+async def bus(make_bus: Callable[[], Awaitable[AnyBus]]) -> AnyBus:
+    return await make_bus()
+
+
+class Inbox:
+    """A handler that records deliveries, with a way to await them."""
+
+    def __init__(self) -> None:
+        self.received: list[Delivery] = []
+        self._arrived = asyncio.Queue[Delivery]()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.received.append(delivery)
+        self._arrived.put_nowait(delivery)
+
+    async def next(self) -> Delivery:
+        return await asyncio.wait_for(self._arrived.get(), WAIT)
+
+    async def until(self, message_id: str) -> list[Delivery]:
+        """Wait for ``message_id``; per-queue FIFO means everything routed before it has arrived too."""
+        while (await self.next()).message_id != message_id:
+            pass
+        return self.received
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool]) -> T:
+    """Poll ``probe`` until ``accept`` holds (for state that settles asynchronously, such as acks)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        value = await probe()
+        if accept(value) or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+async def test_publish_delivers_body_id_and_headers(bus: AnyBus) -> None:
+    inbox = Inbox()
+    queue = unique_name("q")
+    await bus.subscribe(queue, ["orders.*"], inbox)
+    body = b"MSH|^~\\&|\r\x00\xff binary-safe"
+    await bus.publish("orders.new", body, message_id="m-1", headers={"source": "mllp", "charset": "8859/1"})
+
+    got = await inbox.next()
+    assert (got.topic, got.body, got.message_id) == ("orders.new", body, "m-1")
+    assert got.headers == {"source": "mllp", "charset": "8859/1"}
+    assert got.attempt == 1
+    assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0
+
+
+async def test_topic_routing(bus: AnyBus) -> None:
+    one_word, everything, results, overlapping = Inbox(), Inbox(), Inbox(), Inbox()
+    await bus.subscribe(unique_name("one-word"), ["orders.*"], one_word)
+    await bus.subscribe(unique_name("all"), ["#"], everything)
+    await bus.subscribe(unique_name("results"), ["results.#"], results)
+    await bus.subscribe(unique_name("overlap"), ["orders.*", "#"], overlapping)
+    topics = ["orders.new.urgent", "orders", "results.final", "results", "orders.new", "adt.a08"]
+    for n, topic in enumerate(topics):
+        await bus.publish(topic, b"x", message_id=f"m{n}")
+    # End markers: once a queue has its marker, every earlier message routed to it has been delivered.
+    await bus.publish("orders.end", b"", message_id="end-orders")
+    await bus.publish("results.end", b"", message_id="end-results")
+
+    def topics_of(inbox: Inbox) -> list[str]:
+        return [d.topic for d in inbox.received if not d.message_id.startswith("end-")]
+
+    await one_word.until("end-orders")
+    await results.until("end-results")
+    await everything.until("end-results")
+    await overlapping.until("end-results")
+    assert topics_of(one_word) == ["orders.new"]
+    assert topics_of(results) == ["results.final", "results"]
+    assert topics_of(everything) == topics
+    assert topics_of(overlapping) == topics  # one copy per queue, even when two of its bindings match
+
+
+async def test_messages_are_kept_for_a_declared_queue_without_consumer(
+    make_bus: Callable[[], Awaitable[AnyBus]],
+) -> None:
+    first = await make_bus()
+    queue = unique_name("q")
+    await first.publish("orders.new", b"lost", message_id="before-declare")  # nobody bound yet: dropped
+    await first.declare(queue, ["orders.*"])
+    await first.close()
+
+    second = await make_bus()  # a restart: the binding must have been durable
+    for n in range(3):
+        await second.publish("orders.new", f"kept {n}".encode(), message_id=f"m{n}")
+    assert await second.depth(queue) == 3
+    inbox = Inbox()
+    await second.subscribe(queue, ["orders.*"], inbox)
+    received = await inbox.until("m2")
+    assert [(d.message_id, d.body) for d in received] == [("m0", b"kept 0"), ("m1", b"kept 1"), ("m2", b"kept 2")]
+    assert await eventually(lambda: second.depth(queue), lambda n: n == 0) == 0
+
+
+async def test_failure_is_retried_then_succeeds(bus: AnyBus) -> None:
+    attempts: list[int] = []
+
+    async def flaky(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt < 3:
+            raise ConnectionError("peer down")
+
+    queue = unique_name("q")
+    await bus.subscribe(queue, ["orders.*"], flaky, max_attempts=5)
+    await bus.publish("orders.new", b"x", message_id="m-1", headers={"k": "v"})
+    assert await eventually(lambda: asyncio.sleep(0, attempts), lambda a: len(a) >= 3) == [1, 2, 3]
+    await asyncio.sleep(0.2)  # a fourth delivery would show up now
+    assert attempts == [1, 2, 3]
+    assert await bus.dead_letters(queue) == []
+
+
+async def test_failure_is_dead_lettered_after_max_attempts_and_can_be_replayed(bus: AnyBus) -> None:
+    seen: list[Delivery] = []
+    fail = True
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery)
+        if fail:
+            raise ValueError(f"bad segment, attempt {delivery.attempt}")
+
+    queue = unique_name("q")
+    await bus.subscribe(queue, ["orders.*"], handler, max_attempts=3)
+    await bus.publish("orders.new", b"payload", message_id="m-1", headers={"k": "v"})
+
+    dead = await eventually(lambda: bus.dead_letters(queue), bool)
+    assert [d.attempt for d in seen] == [1, 2, 3]
+    assert all(d.headers == {"k": "v"} for d in seen)  # bookkeeping headers are not shown to handlers
+    assert len(dead) == 1
+    letter = dead[0]
+    assert (letter.topic, letter.body, letter.message_id, letter.attempt) == ("orders.new", b"payload", "m-1", 3)
+    assert letter.headers == {"k": "v", "x-error": "ValueError: bad segment, attempt 3"}
+    assert await bus.depth(queue) == 0
+    assert await bus.depth(f"{queue}.dlq") == 1
+    assert len(await bus.dead_letters(queue)) == 1  # inspecting does not consume
+
+    fail = False
+    assert await bus.replay_dead_letter(queue, "m-1")
+    replayed = await eventually(lambda: asyncio.sleep(0, seen), lambda s: len(s) >= 4)
+    assert (replayed[3].message_id, replayed[3].attempt, replayed[3].headers) == ("m-1", 1, {"k": "v"})
+    assert await eventually(lambda: bus.dead_letters(queue), lambda d: not d) == []
+    assert not await bus.replay_dead_letter(queue, "m-1")
+
+
+async def test_delivery_is_acked_only_after_the_handler_returned(
+    make_bus: Callable[[], Awaitable[AnyBus]],
+) -> None:
+    first = await make_bus()
+    queue = unique_name("q")
+    crashed = asyncio.Event()
+
+    async def crashing(delivery: Delivery) -> None:
+        await first.close()  # the process "dies" mid-work: this handler never completes normally
+        crashed.set()
+
+    await first.subscribe(queue, ["orders.*"], crashing)
+    await first.publish("orders.new", b"work", message_id="m-1")
+    await asyncio.wait_for(crashed.wait(), WAIT)
+
+    second = await make_bus()  # the restarted service: same file, or a new connection
+    inbox = Inbox()
+    await second.subscribe(queue, ["orders.*"], inbox)
+    again = await inbox.next()
+    assert (again.message_id, again.body) == ("m-1", b"work")
+
+
+async def test_close_lets_the_in_flight_handler_finish_and_acks_it(
+    make_bus: Callable[[], Awaitable[AnyBus]],
+) -> None:
+    first = await make_bus()
+    queue = unique_name("q")
+    started, release = asyncio.Event(), asyncio.Event()
+    finished: list[str] = []
+
+    async def slow(delivery: Delivery) -> None:
+        started.set()
+        await release.wait()
+        finished.append(delivery.message_id)
+
+    await first.subscribe(queue, ["orders.*"], slow)
+    await first.publish("orders.new", b"work", message_id="m-1")
+    await asyncio.wait_for(started.wait(), WAIT)
+    closing = asyncio.create_task(first.close())
+    await asyncio.sleep(0.1)
+    assert not closing.done()  # waits for the handler
+    release.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert finished == ["m-1"]
+
+    second = await make_bus()
+    inbox = Inbox()
+    await second.subscribe(queue, ["orders.*"], inbox)
+    await second.publish("orders.new", b"", message_id="marker")
+    assert [d.message_id for d in await inbox.until("marker")] == ["marker"]  # m-1 was acked, not redelivered
+
+
+async def test_publish_many_and_concurrent_publishes(bus: AnyBus) -> None:
+    inbox = Inbox()
+    queue = unique_name("q")
+    await bus.subscribe(queue, ["orders.*"], inbox)
+    batch = [("orders.new", f"b{n}".encode(), f"batch-{n}", {"n": str(n)}) for n in range(50)]
+    await bus.publish_many(batch)
+    # Concurrent single publishes (the embedded bus commits them together).
+    await asyncio.gather(*(bus.publish("orders.new", b"c", message_id=f"conc-{n}") for n in range(50)))
+
+    for _ in range(100):
+        await inbox.next()
+    by_id = {d.message_id: d for d in inbox.received}
+    assert len(inbox.received) == 100 and len(by_id) == 100
+    assert all(by_id[f"batch-{n}"].body == f"b{n}".encode() for n in range(50))
+    assert all(by_id[f"batch-{n}"].headers == {"n": str(n)} for n in range(50))
+    assert all(f"conc-{n}" in by_id for n in range(50))
+
+
+async def test_depth(bus: AnyBus) -> None:
+    queue = unique_name("q")
+    assert await bus.depth(unique_name("never-declared")) == 0
+    await bus.declare(queue, ["orders.#"])
+    await bus.publish_many([("orders.new", b"x", f"m{n}", None) for n in range(5)])
+    await bus.publish("adt.a01", b"x", message_id="not-routed")
+    assert await bus.depth(queue) == 5
+    inbox = Inbox()
+    await bus.subscribe(queue, ["orders.#"], inbox)
+    await inbox.until("m4")
+    assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0

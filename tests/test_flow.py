@@ -1,0 +1,212 @@
+"""End to end: RIS orders over a real MLLP socket → journal → bus → worklist, queried with dcmtk findscu.
+
+Runs on the embedded bus and on a real RabbitMQ broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.mllp import MLLPClient
+from tests.conftest import ROOT, shared_path
+from tests.peer_dcmtk import findscu
+from traboule import hl7
+from traboule.config import Config
+from traboule.runtime import Runtime
+
+FIXTURES = ROOT / "fixtures" / "hl7"
+
+CT_QUERY = [
+    "PatientName",
+    "PatientID",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "ScheduledProcedureStepSequence[0].Modality=CT",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate=20261125",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule") -> Config:
+    cfg = Config(data_dir=str(data_dir), amqp_url=amqp_url, exchange=exchange)
+    cfg.channels[0]["source"]["port"] = free_port()
+    wl = cfg.channels[1]
+    wl["destinations"][0]["port"] = free_port()
+    wl["destinations"].append({"adapter": "worklist-files", "folder": str(data_dir / "wl" / "TRABOULE")})
+    return cfg
+
+
+@pytest.fixture(params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
+    amqp_url, exchange = "", "traboule"
+    if request.param == "rabbitmq":
+        amqp_url = request.getfixturevalue("rabbitmq_url")
+        exchange = f"traboule-{tmp_path.name}"
+    runtime = Runtime(engine_config(tmp_path, amqp_url, exchange))
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+def mllp_port(runtime: Runtime) -> int:
+    return runtime.channel("ris-orders").listener.port  # type: ignore[attr-defined]
+
+
+def mwl_port(runtime: Runtime) -> int:
+    return runtime.channel("worklist").scps[0].port  # type: ignore[attr-defined]
+
+
+def store(runtime: Runtime) -> Any:
+    return runtime.channel("worklist").store  # type: ignore[attr-defined]
+
+
+async def send(runtime: Runtime, *messages: bytes) -> list[hl7.Message]:
+    async with MLLPClient("127.0.0.1", mllp_port(runtime), timeout=10) as client:
+        return [hl7.parse(hl7.decode(await client.send(m)).text) for m in messages]
+
+
+def ack_code(ack: hl7.Message) -> str:
+    msa = ack.segment("MSA")
+    assert msa is not None
+    return msa.field(1)
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+async def test_order_appears_in_findscu_and_cancel_removes_it(engine: Runtime) -> None:
+    (ack,) = await send(engine, fixture("orm_o01_nw_latin1.hl7"))
+    assert ack_code(ack) == "AA"
+    await until(lambda: store(engine).count() == 1)
+
+    found = await asyncio.to_thread(findscu, mwl_port(engine), "TRABOULE", CT_QUERY)
+    assert len(found) == 1
+    item = found[0]
+    assert item.AccessionNumber == "ACC0001"
+    assert str(item.PatientName) == "DUPONT^Hélène^Marie^Mme"
+    assert item.SpecificCharacterSet == "ISO_IR 100"
+    assert item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime == "093000"
+
+    (ack,) = await send(engine, fixture("orm_o01_ca.hl7"))
+    assert ack_code(ack) == "AA"
+    await until(lambda: store(engine).count() == 0)
+    assert await asyncio.to_thread(findscu, mwl_port(engine), "TRABOULE", CT_QUERY) == []
+
+
+async def test_worklist_files_follow_the_orders(engine: Runtime) -> None:
+    folder = Path(engine.config.data_dir) / "wl" / "TRABOULE"
+    await send(engine, fixture("orm_o01_nw_latin1.hl7"), fixture("omi_o23_nw_utf8.hl7"))
+    await until(lambda: len(list(folder.glob("*.wl"))) == 2)
+    await send(engine, fixture("orm_o01_ca.hl7"))
+    await until(lambda: len(list(folder.glob("*.wl"))) == 1)
+
+
+async def test_same_message_twice_schedules_one_item(engine: Runtime) -> None:
+    acks = await send(engine, fixture("orm_o01_nw_latin1.hl7"), fixture("orm_o01_nw_latin1.hl7"))
+    assert [ack_code(a) for a in acks] == ["AA", "AA"]
+    await until(lambda: store(engine).count() == 1)
+    assert engine.journal is not None
+    assert engine.journal.counts() == {"accepted": 1, "duplicate": 1}
+    await asyncio.sleep(0.2)
+    assert store(engine).count() == 1
+
+
+async def test_change_moves_the_scheduled_time(engine: Runtime) -> None:
+    await send(engine, fixture("orm_o01_nw_latin1.hl7"))
+    await until(lambda: store(engine).count() == 1)
+    await send(engine, fixture("orm_o01_xo_change.hl7"))
+
+    def moved() -> bool:
+        found = findscu(mwl_port(engine), "TRABOULE", CT_QUERY)
+        return (
+            len(found) == 1 and found[0].ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime == "110000"
+        )
+
+    await until(lambda: moved(), timeout=10)
+
+
+async def test_patient_update_and_merge_reach_pending_items(engine: Runtime) -> None:
+    await send(engine, fixture("orm_o01_nw_latin1.hl7"))
+    await until(lambda: store(engine).count() == 1)
+    await send(engine, fixture("adt_a08_update.hl7"))
+
+    def name() -> str:
+        (key,) = store(engine).keys_for_patient("IPP0001", "CHU-LYON") or [None]
+        return str(store(engine).get(key).PatientName) if key else ""
+
+    await until(lambda: name().startswith("DUPONT-MOREL^Hélène"))
+    await send(engine, fixture("adt_a40_merge.hl7"))
+    await until(lambda: store(engine).keys_for_patient("IPP0009", "CHU-LYON") != [])
+    assert store(engine).keys_for_patient("IPP0001", "CHU-LYON") == []
+
+
+async def test_bad_input_is_answered_and_journaled(engine: Runtime) -> None:
+    acks = await send(
+        engine,
+        fixture("orm_o01_no_pid3.hl7"),
+        fixture("oru_r01_unsupported.hl7"),
+        b"THIS IS NOT HL7",
+        fixture("orm_o01_missing_orc2.hl7"),
+    )
+    assert [ack_code(a) for a in acks] == ["AE", "AR", "AR", "AE"]
+    err = acks[0].segment("ERR")
+    assert err is not None and err.field(2) == "PID^1^3"  # v2.5 sender: ERR-2 location, ERR-3 code
+    assert err.field(3).startswith("101^")
+    assert acks[0].segment("MSA").field(2) == "MSG0041"  # type: ignore[union-attr]
+    assert engine.journal is not None
+    rejected = engine.journal.recent(10, "rejected")
+    assert len(rejected) == 4
+    assert {e.raw for e in rejected} >= {b"THIS IS NOT HL7", fixture("orm_o01_no_pid3.hl7")}
+    assert store(engine).count() == 0
+
+
+async def test_many_connections_at_once(engine: Runtime) -> None:
+    base = fixture("orm_o01_nw_latin1.hl7").decode("latin-1")
+
+    async def one(i: int) -> list[str]:
+        msgs = [
+            base.replace("MSG0001", f"M{i}-{j}").replace("PLC0001", f"P{i}-{j}").encode("latin-1") for j in range(10)
+        ]
+        return [ack_code(a) for a in await send(engine, *msgs)]
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    assert all(code == "AA" for codes in results for code in codes)
+    await until(lambda: store(engine).count() == 80, timeout=20)
+
+
+async def test_corpus_messages_over_mllp(engine: Runtime) -> None:
+    paths = sorted(shared_path("corpus", "hl7v2").iterdir())
+    acks = await send(engine, *(p.read_bytes() for p in paths))
+    codes = {p.name: ack_code(a) for p, a in zip(paths, acks, strict=True)}
+    assert set(codes.values()) <= {"AA", "AE", "AR"}
+    assert codes["dcm4che_ORM_O01_v231_2019.hl7"] == "AA"
+    assert codes["dcm4che_OMI_O23-ImagingOrder.hl7"] == "AA"
+    assert codes["openmrs_ORM_O01_v231_NW_ZDS.hl7"] == "AA"
+    assert codes["dcm4che_ADT_A40-PatientMerge.hl7"] == "AA"
+    assert codes["ans_MDM_T02_CR-imagerie_INIT.er7"] == "AR"  # reports are not this channel's
+    assert engine.journal is not None
+    assert sum(engine.journal.counts().values()) == len(paths)

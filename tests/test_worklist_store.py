@@ -1,0 +1,247 @@
+"""The worklist store: transactions, idempotency, and a SQL prefilter that never changes what matches."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+
+from tests.peer_dcmtk import mwl_item
+from traboule.dicom_match import QueryError, compile_query
+from traboule.worklist import NOT_OFFERED, WorklistStore
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")  # range and wild card query values
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[WorklistStore]:
+    store = WorklistStore(str(tmp_path / "worklist.sqlite"))
+    yield store
+    store.close()
+
+
+def modality_query(**sps: str) -> Dataset:
+    q = Dataset()
+    q.SpecificCharacterSet = ""
+    q.AccessionNumber = ""
+    q.PatientName = ""
+    step = Dataset()
+    step.ScheduledProcedureStepStartDate = ""
+    for keyword, value in sps.items():
+        setattr(step, keyword, value)
+    q.ScheduledProcedureStepSequence = [step]
+    return q
+
+
+def accessions(found: Iterator[Dataset]) -> list[str]:
+    return sorted(ds.AccessionNumber for ds in found)
+
+
+def test_apply_then_get_round_trips_the_dataset(store: WorklistStore) -> None:
+    item = mwl_item(charset="ISO_IR 192", patient_name="KOWALSKI^Łukasz")
+    assert store.apply([("o1#1", item)], []) is True
+    stored = store.get("o1#1")
+    assert stored == item
+    assert stored is not None and stored.PatientName == "KOWALSKI^Łukasz"
+    assert store.get("missing") is None
+    assert store.count() == 1
+
+
+def test_a_replayed_idempotency_key_changes_nothing(store: WorklistStore) -> None:
+    assert store.apply([("o1#1", mwl_item())], [], idempotency_key="msg-1") is True
+    assert store.apply([("o1#1", mwl_item(accession="CHANGED")), ("o2#1", mwl_item())], [], "msg-1") is False
+    assert store.get("o1#1").AccessionNumber == "ACC0001"  # type: ignore[union-attr]
+    assert store.count() == 1
+
+
+def test_upsert_replaces_and_delete_removes(store: WorklistStore) -> None:
+    store.apply([("o1#1", mwl_item()), ("o2#1", mwl_item(accession="ACC0002"))], [])
+    store.apply([("o1#1", mwl_item(accession="ACC0001-B"))], ["o2#1"])
+    assert [key for key, _ in store.all()] == ["o1#1"]
+    assert accessions(store.find(modality_query())) == ["ACC0001-B"]
+
+
+def test_apply_is_one_transaction(store: WorklistStore) -> None:
+    store.apply([("keep", mwl_item())], [])
+    with pytest.raises(Exception):  # noqa: B017 - sqlite3 cannot bind a dict: the delete fails mid-transaction
+        store.apply([("new", mwl_item())], ["keep", {"not": "a key"}], idempotency_key="msg-2")  # type: ignore[list-item]
+    assert store.get("new") is None and store.get("keep") is not None
+    assert store.apply([], [], idempotency_key="msg-2") is True  # the key was not recorded either
+
+
+def test_keys_for_patient_and_by_prefix(store: WorklistStore) -> None:
+    store.apply(
+        [
+            ("ord*1#1", mwl_item(patient_id="P1", issuer="CHU-X")),
+            ("ord*1#2", mwl_item(patient_id="P1", issuer="CHU-X")),
+            ("ord11#1", mwl_item(patient_id="P1", issuer="")),
+            ("ord2#1", mwl_item(patient_id="P2", issuer="CHU-X")),
+        ],
+        [],
+    )
+    assert store.keys_for_patient("P1", "CHU-X") == ["ord*1#1", "ord*1#2"]
+    assert store.keys_for_patient("P1", "") == ["ord11#1"]
+    assert store.keys_with_prefix("ord*1#") == ["ord*1#1", "ord*1#2"]  # `*` is literal, not a wild card
+    assert [key for key, _ in store.all(limit=2)] == ["ord*1#1", "ord*1#2"]
+
+
+def test_completed_cancelled_and_discontinued_items_are_not_offered(store: WorklistStore) -> None:
+    store.apply([(s, mwl_item(accession=s, status=s)) for s in ("SCHEDULED", *NOT_OFFERED)], [])
+    assert accessions(store.find(modality_query())) == ["SCHEDULED"]
+
+
+def test_find_sees_an_update_despite_the_decoded_cache(store: WorklistStore) -> None:
+    store.apply([("o1#1", mwl_item(patient_name="BEFORE^X"))], [])
+    assert [str(ds.PatientName) for ds in store.find(modality_query())] == ["BEFORE^X"]
+    store.apply([("o1#1", mwl_item(patient_name="AFTER^X"))], [])
+    assert [str(ds.PatientName) for ds in store.find(modality_query())] == ["AFTER^X"]
+
+
+def test_get_returns_a_copy_that_does_not_leak_into_find(store: WorklistStore) -> None:
+    store.apply([("o1#1", mwl_item())], [])
+    list(store.find(modality_query()))  # warm the cache
+    copy = store.get("o1#1")
+    assert copy is not None
+    copy.AccessionNumber = "EDITED"
+    assert accessions(store.find(modality_query())) == ["ACC0001"]
+
+
+def test_invalid_query_raises_before_iteration(store: WorklistStore) -> None:
+    with pytest.raises(QueryError):
+        store.find(modality_query(ScheduledProcedureStepStartDate="2024-13"))
+
+
+def test_modality_query_is_served_by_the_sps_index(store: WorklistStore) -> None:
+    plan = store.explain(
+        modality_query(ScheduledProcedureStepStartDate="20240315", Modality="CT", ScheduledStationAETitle="CT01")
+    )
+    assert any("items_sps (start_date=? AND modality=? AND station_aet=?)" in line for line in plan), plan
+    ranged = store.explain(modality_query(ScheduledProcedureStepStartDate="20240301-20240331"))
+    assert any("items_sps (start_date>? AND start_date<?)" in line for line in ranged), ranged
+
+
+def test_readers_do_not_fail_while_a_writer_writes(store: WorklistStore) -> None:
+    store.apply([(f"k{i}", mwl_item(accession=f"A{i}")) for i in range(20)], [])
+    errors: list[BaseException] = []
+    counts: list[int] = []
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                counts.append(len(list(store.find(modality_query(Modality="CT")))))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    for i in range(20, 40):
+        store.apply([(f"k{i}", mwl_item(accession=f"A{i}"))], [])
+    for thread in readers:
+        thread.join()
+    assert errors == []
+    assert min(counts) >= 20 and max(counts) <= 40
+    assert store.count() == 40
+
+
+# -- the prefilter never changes the result: store.find == a full scan with the matcher ----------------------------
+
+NAMES = ["DUPONT^Hélène", "dupont^hélène", "MARTIN^Jean", "STRAßE^Anna", "O[BRIEN]^Pat", "DUPONT^Hélène^^"]
+ITEM = st.fixed_dictionaries(
+    {
+        "patient_name": st.sampled_from(NAMES),
+        "patient_id": st.sampled_from(["P1", "P2", "p1"]),
+        "issuer": st.sampled_from(["CHU-X", ""]),
+        "modality": st.sampled_from(["CT", "MR", "US"]),
+        "station_aet": st.one_of(st.sampled_from(["CT01", "CT02", "MR01"]), st.just(["CT01", "MR01"])),
+        "start_date": st.sampled_from(["20240314", "20240315", "20240316", "2024.03.15"]),
+        "start_time": st.sampled_from(["08", "093000", "120030", "235959.5"]),
+        "status": st.sampled_from(["SCHEDULED", "SCHEDULED", "STARTED", "COMPLETED", ""]),
+    }
+)
+ITEM_EXTRAS = st.fixed_dictionaries(
+    {
+        "second_step": st.booleans(),
+        "drop": st.sets(st.sampled_from(["PatientID", "Modality", "ScheduledStationAETitle"])),
+    }
+)
+QUERY = st.fixed_dictionaries(
+    {},
+    optional={
+        "PatientName": st.sampled_from(["", "*", "DUP*", "dup*", "D?PONT^*", "O[BRIEN]*", "STRASSE*", "MARTIN^Jean"]),
+        "PatientID": st.sampled_from(["", "P1", "p?", "P*"]),
+        "IssuerOfPatientID": st.sampled_from(["", "CHU-X"]),
+        "AccessionNumber": st.sampled_from(["", "A1", "A*", "A1\\A3"]),
+        "sps_Modality": st.sampled_from(["", "CT", "C*", "CT\\MR"]),
+        "sps_ScheduledStationAETitle": st.sampled_from(["", "CT01", "CT*", "MR01"]),
+        "sps_ScheduledProcedureStepStartDate": st.sampled_from(
+            ["", "20240315", "20240314-20240315", "-20240315", "20240316-"]
+        ),
+        "sps_ScheduledProcedureStepStartTime": st.sampled_from(["", "0800-1200", "09", "-093000", "1000-0900"]),
+        "sps_ScheduledProcedureStepStatus": st.sampled_from(["", "SCHEDULED"]),
+    },
+)
+
+
+def build_item(index: int, fields: dict[str, object], extras: dict[str, object]) -> Dataset:
+    item = mwl_item(accession=f"A{index}", **fields)  # type: ignore[arg-type]
+    step = item.ScheduledProcedureStepSequence[0]
+    if extras["second_step"]:
+        other = Dataset()
+        other.Modality = "US"
+        other.ScheduledStationAETitle = "US01"
+        other.ScheduledProcedureStepStartDate = "20240315"
+        other.ScheduledProcedureStepStartTime = "100000"
+        item.ScheduledProcedureStepSequence.append(other)
+    for keyword in extras["drop"]:  # type: ignore[attr-defined]
+        target = item if keyword == "PatientID" else step
+        delattr(target, keyword)
+    return item
+
+
+def build_query(keys: dict[str, str]) -> Dataset:
+    q = modality_query()
+    for keyword, value in keys.items():
+        target = q.ScheduledProcedureStepSequence[0] if keyword.startswith("sps_") else q
+        setattr(target, keyword.removeprefix("sps_"), value)
+    return q
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(st.tuples(ITEM, ITEM_EXTRAS), min_size=1, max_size=12),
+    queries=st.lists(QUERY, min_size=1, max_size=6),
+    case_insensitive=st.booleans(),
+)
+def test_find_equals_a_full_scan(
+    items: list[tuple[dict[str, object], dict[str, object]]], queries: list[dict[str, str]], case_insensitive: bool
+) -> None:
+    datasets = {f"k{i}": build_item(i, fields, extras) for i, (fields, extras) in enumerate(items)}
+    with tempfile.TemporaryDirectory() as folder:
+        store = WorklistStore(str(Path(folder) / "w.sqlite"))
+        try:
+            store.apply(list(datasets.items()), [])
+            for keys in queries:
+                q = build_query(keys)
+                try:
+                    compiled = compile_query(q, case_insensitive_names=case_insensitive)
+                except QueryError:
+                    with pytest.raises(QueryError):
+                        store.find(q, case_insensitive_names=case_insensitive)
+                    continue
+                expected = sorted(
+                    str(compiled.response(ds).to_json_dict())
+                    for ds in datasets.values()
+                    if ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus not in NOT_OFFERED
+                    and compiled.matches(ds)
+                )
+                found = sorted(str(ds.to_json_dict()) for ds in store.find(q, case_insensitive_names=case_insensitive))
+                assert found == expected, keys
+        finally:
+            store.close()

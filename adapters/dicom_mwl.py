@@ -104,8 +104,11 @@ class WorklistSCP:
         """Stop listening and end open associations."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server = None
+        server, self._server = self._server, None
+        active = server.active_associations
+        server.shutdown()  # stops accepting; open associations would otherwise live until network_timeout
+        for assoc in active:
+            assoc.abort()
         self._log.info("mwl.stopped")
 
     # -- handlers (pynetdicom threads) -----------------------------------------------------------------------

@@ -215,3 +215,18 @@ def test_round_trip_times_findscu_vs_echoscu(scp: WorklistSCP) -> None:
         f"echoscu {statistics.median(echo_s) * 1000:.1f} ms (median of 3, process start included); "
         f"pynetdicom C-FIND on an open association {statistics.median(inproc) * 1000:.1f} ms"
     )
+
+
+def test_stop_ends_open_associations(store: WorklistStore) -> None:
+    server = WorklistSCP(store, ae_title=AET, port=free_port())
+    server.start()
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=AET)
+    assert assoc.is_established
+    server.stop()
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert assoc.is_aborted
+    assert not server.is_running

@@ -160,20 +160,27 @@ def parse_dt(text: str) -> tuple[int, int]:
         start = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
     except ValueError as exc:
         raise ValueError(f"not a DT value: {text!r}") from exc
-    if month is None:
-        end = start.replace(year=start.year + 1)
-    elif day is None:
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    elif hour is None:
-        end = start + timedelta(days=1)
-    elif minute is None:
-        end = start + timedelta(hours=1)
-    elif second is None:
-        end = start + timedelta(minutes=1)
-    else:
-        end = start + timedelta(seconds=1)
+    try:
+        if month is None:
+            end = start.replace(year=start.year + 1)
+        elif day is None:
+            end = (
+                start.replace(year=start.year + 1, month=1)
+                if start.month == 12
+                else start.replace(month=start.month + 1)
+            )
+        elif hour is None:
+            end = start + timedelta(days=1)
+        elif minute is None:
+            end = start + timedelta(hours=1)
+        elif second is None:
+            end = start + timedelta(minutes=1)
+        else:
+            end = start + timedelta(seconds=1)
+        last = (end - _EPOCH) // timedelta(microseconds=1) - 1
+    except (ValueError, OverflowError):  # the period ends after 9999-12-31
+        last = (datetime.max - _EPOCH) // timedelta(microseconds=1)
     first = (start - _EPOCH) // timedelta(microseconds=1)
-    last = (end - _EPOCH) // timedelta(microseconds=1) - 1
     if frac is not None:
         unit = 10 ** (6 - len(frac))
         first += int(frac) * unit

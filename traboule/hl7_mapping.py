@@ -69,8 +69,10 @@ def _pick(value: str, sep: str, index: int) -> str:
 
 
 def _leaf(rep: str, comp: int, sub: int, seps: Separators) -> str:
+    if not rep:
+        return rep
     c = _pick(rep, seps.component, comp or 1)
-    return unescape(_pick(c, seps.subcomponent, sub or 1), seps)
+    return unescape(_pick(c, seps.subcomponent, sub or 1), seps) if c else c
 
 
 def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
@@ -124,7 +126,10 @@ class Source:
     filters: list[Callable[[str], str]]
 
     def read(self, scope: Scope, seps: Separators, current: str) -> str:
-        value = self.getter(scope, seps, current).strip()
+        value = self.getter(scope, seps, current)
+        if not value:
+            return value
+        value = value.strip()
         for f in self.filters:
             if not value:
                 break
@@ -158,7 +163,11 @@ class FieldRule:
                     code="103",
                 )
         else:
-            value = next((v for s in self.sources if (v := s.read(scope, seps, current))), "")
+            value = ""
+            for source in self.sources:
+                value = source.read(scope, seps, current)
+                if value:
+                    break
         if not value and self.required:
             where = (self.keys or self.sources)[0].location if (self.keys or self.sources) else ""
             tried = ", ".join(s.location for s in (self.keys or self.sources) if s.location)

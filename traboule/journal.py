@@ -1,9 +1,8 @@
 """The journal: every inbound message, stored durably before it is acknowledged, with the events it produced.
 
-SQLite in WAL mode with ``synchronous=FULL`` (a commit is on disk when it returns). Writes go through one writer
-thread that commits everything queued at that moment in a single transaction (group commit): on the reference
-machine a lone commit costs ~0.2 ms of fsync, so eight connections sharing commits ingest several times more
-than one commit per message would allow.
+SQLite in WAL mode with ``synchronous=FULL`` (a commit is on disk when it returns). Every write queued in one
+event-loop iteration is committed in a single transaction (group commit): one fsync serves all the connections
+waiting on it, so eight connections ingest several times more than one commit per message would allow.
 
 The ``outbox`` table holds the canonical events of accepted messages, written in the same transaction as the
 message. A dispatcher publishes them to the bus and deletes them; after a crash it publishes what is left
@@ -13,9 +12,7 @@ message. A dispatcher publishes them to the bus and deletes them; after a crash 
 from __future__ import annotations
 
 import asyncio
-import queue
 import sqlite3
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +33,7 @@ CREATE TABLE IF NOT EXISTS messages (
     correlation_id TEXT NOT NULL DEFAULT '',
     raw BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_key ON messages(idempotency_key) WHERE status = 'accepted';
+CREATE INDEX IF NOT EXISTS messages_key ON messages(idempotency_key, status);
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, id);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -74,6 +71,8 @@ class OutboxEvent:
     message_id: int = 0
 
 
+PUBLISHED_DELAY = 0.05  # seconds
+
 _COLUMNS = (
     "received",
     "channel",
@@ -91,34 +90,32 @@ _COLUMNS = (
 
 
 class Journal:
-    """Durable message journal with group commit and a transactional outbox."""
+    """Durable message journal with group commit and a transactional outbox.
 
-    def __init__(self, path: str | Path, *, max_batch: int = 256):
+    Writes run on the event loop's thread: handing each one to a writer thread costs up to the interpreter's
+    5 ms thread switch interval per message (measured: 4.5 ms ACK latency, 200 messages/s), while the commit
+    itself is a fraction of a millisecond of fsync, during which SQLite releases the GIL.
+    """
+
+    def __init__(self, path: str | Path, *, max_batch: int = 512):
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
-        self._queue: queue.Queue = queue.Queue()
-        self._writer_db = self._connect()
-        self._writer_db.executescript(SCHEMA)
-        self._local = threading.local()
-        self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._db = self._connect()
+        self._db.executescript(SCHEMA)
+        self._db.row_factory = sqlite3.Row
+        self._pending: list[tuple[JournalEntry, list[OutboxEvent], asyncio.Future[JournalEntry]]] = []
+        self._published: list[int] = []
+        self._flush_scheduled = False
+        self._published_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.outbox_ready = asyncio.Event()  # set when events wait in the outbox
-        self._thread.start()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=5000")
-        return db
-
-    @property
-    def _reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._connect()
-            db.row_factory = sqlite3.Row
         return db
 
     # -- writing ---------------------------------------------------------------------------------------------
@@ -129,48 +126,71 @@ class Journal:
         An ``accepted`` entry whose idempotency key was already accepted is stored as ``duplicate`` and its
         events are dropped: the same message sent twice produces its events once.
         """
+        if self._closed:
+            raise RuntimeError("journal is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JournalEntry] = loop.create_future()
-        self._queue.put((entry, events or [], future, loop))
+        self._pending.append((entry, events or [], future))
+        self._schedule(loop)
         result = await future
         if events and result.status == "accepted":
             self.outbox_ready.set()
         return result
 
-    def _write_loop(self) -> None:
-        db = self._writer_db
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for entry, events, _, _ in batch:
-                    self._insert(db, entry, events)
-                db.execute("COMMIT")
-            except Exception as exc:  # disk full, I/O error: every waiting sender gets the error
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                for _, _, future, loop in batch:
-                    loop.call_soon_threadsafe(_set_exception, future, exc)
-                continue
-            for entry, _, future, loop in batch:
-                loop.call_soon_threadsafe(_set_result, future, entry)
+    async def events_published(self, ids: list[int]) -> None:
+        """Forget outbox events the bus confirmed.
+
+        The deletion rides along with the next group commit of messages, or is committed on its own after
+        ``PUBLISHED_DELAY`` when no message comes: a delete of its own per batch would double the fsyncs on the
+        ACK path. Losing it in a crash only republishes events, which consumers ignore as duplicates.
+        """
+        self._published.extend(ids)
+        if not self._flush_scheduled and self._published_timer is None:
+            loop = asyncio.get_running_loop()
+            self._published_timer = loop.call_later(PUBLISHED_DELAY, self._schedule, loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Two hops through the ready queue: the other connections woken in this loop iteration (their message
+        # just arrived) queue their writes first, then all of them share one commit.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(loop.call_soon, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._published_timer is not None:
+            self._published_timer.cancel()
+            self._published_timer = None
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        published, self._published = self._published, []
+        if self._pending:
+            self._schedule(asyncio.get_running_loop())
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for entry, events, _ in batch:
+                self._insert(db, entry, events)
+            if published:
+                db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in published])
+            db.execute("COMMIT")
+        except Exception as exc:  # disk full, I/O error: every waiting sender gets the error, nothing is ACKed
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._published.extend(published)
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for entry, _, future in batch:
+            if not future.done():
+                future.set_result(entry)
 
     def _insert(self, db: sqlite3.Connection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
         if entry.status == "accepted" and entry.idempotency_key:
+            # INDEXED BY: without statistics SQLite picks the status index and scans every accepted row.
             seen = db.execute(
-                "SELECT id FROM messages WHERE idempotency_key = ? AND status = 'accepted' LIMIT 1",
+                "SELECT id FROM messages INDEXED BY messages_key"
+                " WHERE idempotency_key = ? AND status = 'accepted' LIMIT 1",
                 (entry.idempotency_key,),
             ).fetchone()
             if seen:
@@ -190,27 +210,27 @@ class Journal:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join(timeout=10)
-            self._writer_db.close()
+            if self._pending or self._published:
+                self._flush()
+            self._db.close()
 
     # -- outbox ----------------------------------------------------------------------------------------------
 
     def pending_events(self, limit: int = 500) -> list[OutboxEvent]:
-        rows = self._reader.execute(
+        rows = self._db.execute(
             "SELECT id, message_id, topic, event_id, body FROM outbox ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
-        return [OutboxEvent(r["topic"], r["event_id"], bytes(r["body"]), r["id"], r["message_id"]) for r in rows]
-
-    def events_published(self, ids: list[int]) -> None:
-        db = self._reader
-        with db:
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        published = set(self._published)
+        return [
+            OutboxEvent(r["topic"], r["event_id"], bytes(r["body"]), r["id"], r["message_id"])
+            for r in rows
+            if r["id"] not in published
+        ]
 
     # -- reading ---------------------------------------------------------------------------------------------
 
     def get(self, entry_id: int) -> JournalEntry | None:
-        row = self._reader.execute("SELECT * FROM messages WHERE id = ?", (entry_id,)).fetchone()
+        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
     def recent(self, limit: int = 50, status: str | None = None) -> list[JournalEntry]:
@@ -219,11 +239,11 @@ class Journal:
         if status:
             sql += " WHERE status = ?"
             args = (status,)
-        rows = self._reader.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [_entry(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        rows = self._reader.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
+        rows = self._db.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
 
 
@@ -233,11 +253,3 @@ def _entry(row: sqlite3.Row) -> JournalEntry:
     return JournalEntry(**data)
 
 
-def _set_result(future: asyncio.Future, value: JournalEntry) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)

@@ -45,7 +45,7 @@ class WorklistSCP:
     """Modality Worklist Information Model - FIND SCP and Verification SCP.
 
     Any calling AE title is accepted; the called AE title must be `ae_title`. `max_results` > 0 caps the
-    number of matches sent for one query (the query then ends with Success, as C-FIND has no "more" status).
+    number of matches sent for one query: the query then ends with Success and the log says "truncated".
     """
 
     def __init__(

@@ -12,8 +12,6 @@ from pydicom.sequence import Sequence
 from adapters.worklist_files import WorklistFileWriter, file_name, missing_for_wlmscpfs
 from tests.peer_dcmtk import WlmServer, findscu, mwl_item, with_keys
 
-pytestmark = pytest.mark.dcmtk
-
 
 def test_written_file_is_a_dicom_file_like_dump2dcm_writes(tmp_path: Path) -> None:
     writer = WorklistFileWriter(str(tmp_path / "WLMSCP"))
@@ -67,6 +65,7 @@ def test_completeness_check_names_what_wlmscpfs_would_reject() -> None:
     ]
 
 
+@pytest.mark.dcmtk
 def test_wlmscpfs_serves_written_items_and_forgets_removed_ones(wlmscpfs: Callable[..., WlmServer]) -> None:
     server = wlmscpfs("WLMSCP")  # file rejection ON: an incomplete item would be silently ignored
     writer = WorklistFileWriter(str(server.folder))
@@ -84,6 +83,7 @@ def test_wlmscpfs_serves_written_items_and_forgets_removed_ones(wlmscpfs: Callab
     assert [ds.AccessionNumber for ds in findscu(server.port, server.aet, MWL_KEYS_ALL)] == ["ACC0002"]
 
 
+@pytest.mark.dcmtk
 def test_wlmscpfs_with_file_reject_ignores_the_items_the_check_flags(wlmscpfs: Callable[..., WlmServer]) -> None:
     # The counter-proof: the fixture really rejects incomplete files (so the tests above prove completeness),
     # and missing_for_wlmscpfs agrees with dcmtk, including on an empty code sequence.
@@ -99,6 +99,7 @@ def test_wlmscpfs_with_file_reject_ignores_the_items_the_check_flags(wlmscpfs: C
     assert [ds.AccessionNumber for ds in findscu(server.port, server.aet, MWL_KEYS_ALL)] == ["ACC0001"]
 
 
+@pytest.mark.dcmtk
 def test_sync_rewrites_the_folder_wlmscpfs_serves(wlmscpfs: Callable[..., WlmServer]) -> None:
     server = wlmscpfs("WLMSCP")
     writer = WorklistFileWriter(str(server.folder))

@@ -420,14 +420,11 @@ def prefilter_sql(compiled: CompiledQuery) -> tuple[str, list[object]]:
             if column is not None:
                 add(column, condition)
     offered = f"status NOT IN ({','.join('?' * len(NOT_OFFERED))})"
-    exact_sql = " AND ".join(["exact = 1", offered, *where])
-    sql = f"SELECT rowid FROM items WHERE {exact_sql}"
-    all_params: list[object] = [*NOT_OFFERED, *params]
-    if where:
-        # Rows the columns cannot describe faithfully are always candidates (served by a partial index).
-        sql += f" UNION ALL SELECT rowid FROM items WHERE exact = 0 AND {offered}"
-        all_params.extend(NOT_OFFERED)
-    else:
-        sql = f"SELECT rowid FROM items WHERE {offered}"
-        all_params = list(NOT_OFFERED)
-    return sql, all_params
+    if not where:
+        return f"SELECT rowid FROM items WHERE {offered}", list(NOT_OFFERED)
+    # Rows the columns cannot describe faithfully are always candidates (served by a partial index).
+    sql = (
+        f"SELECT rowid FROM items WHERE exact = 1 AND {offered} AND {' AND '.join(where)}"
+        f" UNION ALL SELECT rowid FROM items WHERE exact = 0 AND {offered}"
+    )
+    return sql, [*NOT_OFFERED, *params, *NOT_OFFERED]

@@ -9,6 +9,9 @@ wlmscpfs or Orthanc. Rules (the business part, kept here and not in the adapters
 * started (ORC-5 IP): the item stays, with status STARTED, unless ``offer_started = false``.
 * patient update (ADT^A08): pending items of that patient get the new demographics.
 * merge (ADT^A40): pending items of the merged identifier move to the surviving patient.
+* identifiers the order lacks are assigned as the IHE Department System Scheduler does (``assign_missing_ids``):
+  Study Instance UID, Requested Procedure ID, Scheduled Procedure Step ID, derived from the order key so that a
+  change or a resend gets the same values. Worklist servers (wlmscpfs) skip items without them.
 
 Each event is applied once (idempotent consumer keyed on the event's idempotency key), in the same
 transaction as the change, so a redelivery changes nothing.
@@ -17,6 +20,7 @@ transaction as the change, so a redelivery changes nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ class WorklistChannel:
         self.topics: list[str] = list(config.get("topics", ["order.#", "patient.#"]))
         self.max_attempts = int(config.get("max_attempts", 5))
         self.offer_started = bool(config.get("offer_started", True))
+        self.assign_ids = bool(config.get("assign_missing_ids", True))
         self.mapping = MWLMapping(resolve(runtime.config, config.get("mapping", "mappings/mwl.yaml")))
         self.store = WorklistStore(str(runtime.data_dir / f"{self.name}.sqlite"))
         self.scps: list[WorklistSCP] = []
@@ -128,6 +133,8 @@ class WorklistChannel:
             return [], sorted(existing)
         if order.action == "status" and "STARTED" in steps_status and not self.offer_started:
             return [], sorted(existing)
+        if self.assign_ids:
+            assign_missing_ids(order)
         upserts = []
         for i, (step, ds) in enumerate(self.mapping.items(order), start=1):
             upserts.append((f"{prefix}{step.step_id or i}", ds))
@@ -169,3 +176,22 @@ class WorklistChannel:
             if keyword in full:
                 out[keyword] = full[keyword]
         return out
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID under the 2.25 root (PS3.5 B.2) from a hash: the same order always gets the same UID."""
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+    return f"2.25.{int(digest, 16)}"
+
+
+def assign_missing_ids(order: ImagingOrder) -> None:
+    """Fill the identifiers a worklist item needs and the RIS did not send (IHE RAD TF-1 SWF: DSS/OF role)."""
+    if not order.study_instance_uid:
+        order.study_instance_uid = derived_uid("study", order.key)
+    if not order.requested_procedure_id:
+        source = order.accession_number.value or order.placer_order_number.value or order.filler_order_number.value
+        order.requested_procedure_id = source[:16]
+    for i, step in enumerate(order.steps, start=1):
+        if not step.step_id:
+            rp = order.requested_procedure_id
+            step.step_id = rp if len(order.steps) == 1 else f"{rp[:13]}-{i}"

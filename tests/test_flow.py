@@ -210,3 +210,57 @@ async def test_corpus_messages_over_mllp(engine: Runtime) -> None:
     assert codes["ans_MDM_T02_CR-imagerie_INIT.er7"] == "AR"  # reports are not this channel's
     assert engine.journal is not None
     assert sum(engine.journal.counts().values()) == len(paths)
+
+
+async def test_worklist_files_are_served_by_wlmscpfs(tmp_path: Path, wlmscpfs: Any) -> None:
+    """The files the engine writes are complete enough for dcmtk wlmscpfs with file rejection on."""
+    server = wlmscpfs("TRABOULE")
+    cfg = engine_config(tmp_path)
+    cfg.channels[1]["destinations"][1]["folder"] = str(server.folder)
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        # ORM^O01 has no station field; this RIS sends it in ORC-18 (the default mapping reads it there).
+        orm = fixture("orm_o01_nw_latin1.hl7").decode("latin-1")
+        orm = orm.replace("|1234^RENARD^Paul\r", "|1234^RENARD^Paul||||||CT01\r", 1).encode("latin-1")
+        acks = await send(runtime, orm, fixture("omi_o23_nw_utf8.hl7"))
+        assert [ack_code(a) for a in acks] == ["AA", "AA"]
+        await until(lambda: len(list(server.folder.glob("*.wl"))) == 2)
+        keys = [
+            "PatientName",
+            "AccessionNumber",
+            "SpecificCharacterSet",
+            "StudyInstanceUID",
+            "ScheduledProcedureStepSequence[0].ScheduledStationAETitle",
+            "ScheduledProcedureStepSequence[0].Modality",
+        ]
+        found = await asyncio.to_thread(findscu, server.port, "TRABOULE", keys)
+        by_accession = {str(ds.AccessionNumber): ds for ds in found}
+        assert set(by_accession) == {"ACC0001", "ACC0002"}
+        assert str(by_accession["ACC0002"].PatientName) == "ŁUKASIEWICZ^Zoë"
+        assert by_accession["ACC0001"].ScheduledProcedureStepSequence[0].ScheduledStationAETitle == "CT01"
+        await send(runtime, fixture("orm_o01_ca.hl7"))
+        await until(lambda: len(list(server.folder.glob("*.wl"))) == 1)
+        found = await asyncio.to_thread(findscu, server.port, "TRABOULE", keys)
+        assert [str(ds.AccessionNumber) for ds in found] == ["ACC0002"]
+    finally:
+        await runtime.stop()
+
+
+async def test_missing_identifiers_are_assigned_once(engine: Runtime) -> None:
+    """An order without study UID / requested procedure id gets stable ones (same values after a change)."""
+    text = fixture("orm_o01_nw_latin1.hl7").decode("latin-1")
+    text = text.replace("|RP0001|SPS0001|", "|||").replace(
+        "ZDS|1.2.250.1.999.1.2.20261125.1^RIS^Application^DICOM\r", ""
+    )
+    await send(engine, text.encode("latin-1"))
+    await until(lambda: store(engine).count() == 1)
+    (key,) = store(engine).keys_with_prefix("")
+    first = store(engine).get(key)
+    assert first.StudyInstanceUID.startswith("2.25.")
+    assert first.RequestedProcedureID == "ACC0001"
+    assert first.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == "ACC0001"
+    await send(engine, text.replace("MSG0001", "MSG0001B").replace("ORC|NW|", "ORC|XO|").encode("latin-1"))
+    await asyncio.sleep(0.3)
+    assert store(engine).keys_with_prefix("") == [key]
+    assert store(engine).get(key).StudyInstanceUID == first.StudyInstanceUID

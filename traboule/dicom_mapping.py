@@ -147,6 +147,11 @@ class MWLMapping:
                     item = Dataset()
                     self._fill(item, item_rule.attrs, roots)
                     items.append(item)
+                if not items and rule.items:
+                    # Every item was conditional and none applies: leave the sequence out. A present but empty
+                    # code sequence makes dcmtk wlmscpfs skip the whole item; an absent one is fine (the
+                    # description stands in for it), and C-FIND answers an absent key with an empty value.
+                    continue
                 setattr(ds, rule.keyword, items)
                 continue
             value = rule.literal if rule.literal is not None else _resolve(rule.path, roots)

@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from traboule.bus import Delivery, Handler
+from traboule.bus import BatchHandler, Delivery, Handler
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ _INTERNAL = frozenset({ATTEMPT, TOPIC})
 @dataclass
 class _Subscription:
     queue: AbstractQueue
-    handler: Handler
+    handler: BatchHandler
     max_attempts: int
+    max_batch: int
     buffer: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
+    held: AbstractIncomingMessage | None = None  # taken from the buffer, to start the next batch
     consumer_tag: str | None = None
     worker: asyncio.Task[None] | None = None
 
@@ -180,45 +182,118 @@ class RabbitMQBus:
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare ``queue`` bound to ``topics`` and consume it; deliveries are handled one at a time, in order."""
+
+        async def one_by_one(deliveries: list[Delivery]) -> None:
+            (delivery,) = deliveries
+            await handler(delivery)
+
+        await self.subscribe_batch(queue, topics, one_by_one, max_attempts=max_attempts, max_batch=1)
+
+    async def subscribe_batch(
+        self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100
+    ) -> None:
+        """Like ``subscribe``, handing over the prefetched messages in lists of up to ``max_batch``.
+
+        A batch is the first message to arrive plus whatever is already prefetched behind it (never waiting for
+        more), so the subscription's prefetch window is ``max(prefetch, max_batch)``.
+        """
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         connection, _ = await self._ready()
         # A channel per subscription: its own prefetch window, and a channel error cannot stop the others.
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.prefetch)
-        sub = _Subscription(await self._declare(channel, queue, topics), handler, max_attempts)
+        await channel.set_qos(prefetch_count=max(self.prefetch, max_batch))
+        sub = _Subscription(await self._declare(channel, queue, topics), handler, max_attempts, max_batch)
         sub.worker = asyncio.create_task(self._work(sub), name=f"rabbitmq-bus:{queue}")
         sub.consumer_tag = await sub.queue.consume(sub.buffer.put, no_ack=False)
         self._subscriptions.append(sub)
 
     async def _work(self, sub: _Subscription) -> None:
         while not self._closing:
-            message = await sub.buffer.get()
-            if message is None or self._closing:
-                return  # unacked: the broker redelivers it when the channel closes
+            batch = await self._next_batch(sub)
+            if not batch or self._closing:
+                return  # unacked: the broker redelivers them when the channel closes
+            if len(batch) > 1 and await self._handle_batch(sub, batch):
+                continue
+            for message in batch:  # one at a time: a single delivery, or the messages of a batch that failed
+                if self._closing:
+                    return
+                await self._handle_one(sub, message)
+
+    async def _next_batch(self, sub: _Subscription) -> list[AbstractIncomingMessage]:
+        """The next message (waiting for it), then those already buffered behind it, up to ``max_batch``."""
+        first, sub.held = sub.held, None
+        if first is None:
+            first = await sub.buffer.get()
+            if first is None:
+                return []  # closing
+        batch = [first]
+        if _attempt(first) > 1:
+            return batch  # a message that already failed is handed alone
+        while len(batch) < sub.max_batch:
             try:
-                await self._handle(sub, message)
+                message = sub.buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if message is None:
+                break  # closing (the flag is set before the sentinel is queued): _work stops
+            if _attempt(message) > 1:
+                sub.held = message
+                break
+            batch.append(message)
+        return batch
+
+    async def _handle_batch(self, sub: _Subscription, batch: list[AbstractIncomingMessage]) -> bool:
+        """Hand ``batch`` over as one list and ack it; False (nothing settled) when the handler raised."""
+        try:
+            await sub.handler([_delivery(message) for message in batch])
+        except Exception as exc:
+            log.warning(
+                "batch handler for %s failed on %d deliveries (%s ... %s), handing each alone: %s: %s",
+                sub.queue.name,
+                len(batch),
+                batch[0].message_id,
+                batch[-1].message_id,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        # One ack per message: ack(multiple=True) would also ack older messages of this channel that are
+        # still unacked on purpose (originals of failed deliveries waiting for their retry).
+        for n, message in enumerate(batch):
+            try:
+                await message.ack()
             except Exception as exc:  # e.g. the connection dropped while settling: the broker redelivers
-                if self._closing:  # closed from inside the handler: expected, the message comes back
-                    log.info("%s from %s not acked: bus closed", message.message_id, sub.queue.name)
-                else:
-                    log.warning("settling %s from %s failed: %r", message.message_id, sub.queue.name, exc)
-                    with contextlib.suppress(Exception):
-                        await message.nack(requeue=True)  # same attempt number, handled again
+                self._settle_failed(sub, message, exc)
+                if not self._closing:
+                    for unsettled in batch[n:]:
+                        with contextlib.suppress(Exception):
+                            await unsettled.nack(requeue=True)  # same attempt number, handled again
+                break
+        return True
+
+    async def _handle_one(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(sub, message)
+        except Exception as exc:  # e.g. the connection dropped while settling: the broker redelivers
+            self._settle_failed(sub, message, exc)
+            if not self._closing:
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)  # same attempt number, handled again
+
+    def _settle_failed(self, sub: _Subscription, message: AbstractIncomingMessage, exc: Exception) -> None:
+        if self._closing:  # closed from inside the handler: expected, the message comes back
+            log.info("%s from %s not acked: bus closed", message.message_id, sub.queue.name)
+        else:
+            log.warning("settling %s from %s failed: %r", message.message_id, sub.queue.name, exc)
 
     async def _handle(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
-        headers = _str_headers(message.headers)
-        attempt = int(headers.get(ATTEMPT, "1"))
-        topic = headers.get(TOPIC) or message.routing_key or ""
-        delivery = Delivery(
-            topic=topic,
-            body=message.body,
-            message_id=message.message_id or "",
-            headers={k: v for k, v in headers.items() if k not in _INTERNAL},
-            attempt=attempt,
-        )
+        delivery = _delivery(message)
+        attempt = delivery.attempt
         try:
-            await sub.handler(delivery)
+            await sub.handler([delivery])
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -298,7 +373,7 @@ class RabbitMQBus:
                 message = await dlq.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                result.append(_dead_delivery(message))
+                result.append(_delivery(message))
         return result  # closing the channel put them all back, in their original order
 
     async def replay_dead_letter(self, queue: str, message_id: str) -> bool:
@@ -313,7 +388,7 @@ class RabbitMQBus:
             while (message := await dlq.get(no_ack=False, fail=False)) is not None:
                 if message.message_id != message_id:
                     continue  # stays unacked until the channel closes, so the scan cannot see it twice
-                dead = _dead_delivery(message)
+                dead = _delivery(message)
                 headers = {k: v for k, v in dead.headers.items() if k != ERROR}
                 headers[TOPIC] = dead.topic
                 await publisher.default_exchange.publish(
@@ -344,7 +419,8 @@ def _str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _dead_delivery(message: AbstractIncomingMessage) -> Delivery:
+def _delivery(message: AbstractIncomingMessage) -> Delivery:
+    """The handler's (and dead-letter reader's) view of a message: original topic, attempt, no bookkeeping."""
     headers = _str_headers(message.headers)
     return Delivery(
         topic=headers.get(TOPIC) or message.routing_key or "",
@@ -353,3 +429,7 @@ def _dead_delivery(message: AbstractIncomingMessage) -> Delivery:
         headers={k: v for k, v in headers.items() if k not in _INTERNAL},
         attempt=int(headers.get(ATTEMPT, "1")),
     )
+
+
+def _attempt(message: AbstractIncomingMessage) -> int:
+    return int(_str_headers(message.headers).get(ATTEMPT, "1"))

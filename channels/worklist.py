@@ -14,12 +14,14 @@ wlmscpfs or Orthanc. Rules (the business part, kept here and not in the adapters
   change or a resend gets the same values. Worklist servers (wlmscpfs) skip items without them.
 
 Each event is applied once (idempotent consumer keyed on the event's idempotency key), in the same
-transaction as the change, so a redelivery changes nothing.
+transaction as the change, so a redelivery changes nothing. Events come in batches (in order) and a batch is one
+transaction: each event's changes are computed on the store as the earlier events of the batch leave it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from traboule.bus import Delivery
 from traboule.config import resolve
 from traboule.dicom_mapping import MWLMapping, character_set
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, ScheduledStep
-from traboule.worklist import WorklistStore
+from traboule.worklist import Change, WorklistStore
 
 log = structlog.get_logger("traboule.channels.worklist")
 
@@ -52,6 +54,7 @@ class WorklistChannel:
         self.max_attempts = int(config.get("max_attempts", 5))
         self.offer_started = bool(config.get("offer_started", True))
         self.assign_ids = bool(config.get("assign_missing_ids", True))
+        self.max_batch = int(config.get("max_batch", 100))
         self.mapping = MWLMapping(resolve(runtime.config, config.get("mapping", "mappings/mwl.yaml")))
         self.store = WorklistStore(str(runtime.data_dir / f"{self.name}.sqlite"))
         self.scps: list[WorklistSCP] = []
@@ -79,7 +82,9 @@ class WorklistChannel:
             scp.start()
         for writer in self.files:
             await asyncio.to_thread(writer.sync, list(self.store.all()))
-        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
+        await self.runtime.bus.subscribe_batch(
+            self.name, self.topics, self.handle, max_attempts=self.max_attempts, max_batch=self.max_batch
+        )
         metrics.worklist_items.set(self.store.count())
 
     async def stop(self) -> None:
@@ -96,38 +101,61 @@ class WorklistChannel:
             "items": self.store.count(),
         }
 
-    async def handle(self, delivery: Delivery) -> None:
-        env = Envelope.from_json(delivery.body)
-        bound = self._log.bind(message_id=env.id, correlation_id=env.correlation_id, topic=delivery.topic)
-        upserts, deletes = await asyncio.to_thread(self._changes, env)
-        applied = await asyncio.to_thread(self.store.apply, upserts, deletes, env.idempotency_key)
-        if applied:
-            for writer in self.files:
-                for key, ds in upserts:
-                    await asyncio.to_thread(writer.write, key, ds)
-                for key in deletes:
-                    await asyncio.to_thread(writer.remove, key)
-        metrics.events_processed.labels(self.name, "applied" if applied else "duplicate").inc()
+    async def handle(self, deliveries: list[Delivery]) -> None:
+        """Apply a batch of events in order, in one store transaction (one fsync for the batch)."""
+        envelopes = [Envelope.from_json(d.body) for d in deliveries]
+        results = await asyncio.to_thread(self._apply, envelopes)
+        for delivery, env, (outcome, upserts, deletes) in zip(deliveries, envelopes, results, strict=True):
+            metrics.events_processed.labels(self.name, outcome).inc()
+            self._log.info(
+                f"worklist.{outcome}",
+                message_id=env.id,
+                correlation_id=env.correlation_id,
+                topic=delivery.topic,
+                upserts=upserts,
+                deletes=deletes,
+                attempt=delivery.attempt,
+            )
         metrics.worklist_items.set(self.store.count())
-        bound.info(
-            "worklist.applied" if applied else "worklist.duplicate",
-            upserts=len(upserts),
-            deletes=len(deletes),
-            attempt=delivery.attempt,
-        )
+
+    def _apply(self, envelopes: list[Envelope]) -> list[tuple[str, int, int]]:
+        """Compute every event's changes against the store as the earlier events of the batch leave it, then
+        commit them together and mirror them to the worklist files."""
+        done = self.store.applied([e.idempotency_key for e in envelopes])
+        view = _View(self.store)
+        changes: list[Change] = []
+        results: list[tuple[str, int, int]] = []
+        for env in envelopes:
+            if env.idempotency_key and env.idempotency_key in done:
+                results.append(("duplicate", 0, 0))
+                continue
+            done.add(env.idempotency_key)
+            upserts, deletes = self._changes(env, view)
+            view.apply(upserts, deletes)
+            changes.append((upserts, deletes, env.idempotency_key))
+            results.append(("applied", len(upserts), len(deletes)))
+        if changes:
+            self.store.apply_batch(changes)
+            for writer in self.files:
+                for upserts, deletes, _ in changes:
+                    for key, ds in upserts:
+                        writer.write(key, ds)
+                    for key in deletes:
+                        writer.remove(key)
+        return results
 
     # -- rules -----------------------------------------------------------------------------------------------
 
-    def _changes(self, env: Envelope) -> tuple[list[tuple[str, Dataset]], list[str]]:
+    def _changes(self, env: Envelope, view: _View) -> tuple[list[tuple[str, Dataset]], list[str]]:
         payload = env.payload
         if isinstance(payload, ImagingOrder):
-            return self._order_changes(payload)
+            return self._order_changes(payload, view)
         assert isinstance(payload, PatientUpdate)
-        return self._patient_changes(payload)
+        return self._patient_changes(payload, view)
 
-    def _order_changes(self, order: ImagingOrder) -> tuple[list[tuple[str, Dataset]], list[str]]:
+    def _order_changes(self, order: ImagingOrder, view: _View) -> tuple[list[tuple[str, Dataset]], list[str]]:
         prefix = order.key + "#"
-        existing = set(self.store.keys_with_prefix(prefix))
+        existing = set(view.keys_with_prefix(prefix))
         steps_status = {s.status for s in order.steps} or {"SCHEDULED"}
         if order.action == "cancel" or steps_status <= REMOVED_STATUSES:
             return [], sorted(existing)
@@ -142,7 +170,7 @@ class WorklistChannel:
             # A status message may carry no full order: keep the item, change only its step status.
             kept = []
             for key in existing:
-                ds = self.store.get(key)
+                ds = view.get(key)
                 if ds is not None and ds.get("ScheduledProcedureStepSequence"):
                     ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = order.steps[0].status
                     kept.append((key, ds))
@@ -150,15 +178,15 @@ class WorklistChannel:
         new_keys = {k for k, _ in upserts}
         return upserts, sorted(existing - new_keys)
 
-    def _patient_changes(self, update: PatientUpdate) -> tuple[list[tuple[str, Dataset]], list[str]]:
+    def _patient_changes(self, update: PatientUpdate, view: _View) -> tuple[list[tuple[str, Dataset]], list[str]]:
         ids = update.merged_ids if update.action == "merge" else update.patient.ids
         keys: set[str] = set()
         for ident in ids:
-            keys.update(self.store.keys_for_patient(ident.value, ident.issuer))
+            keys.update(view.keys_for_patient(ident.value, ident.issuer))
         patient_ds = self._patient_dataset(update.patient)
         upserts = []
         for key in sorted(keys):
-            ds = self.store.get(key)
+            ds = view.get(key)
             if ds is None:
                 continue
             for elem in patient_ds:
@@ -195,3 +223,39 @@ def assign_missing_ids(order: ImagingOrder) -> None:
         if not step.step_id:
             rp = order.requested_procedure_id
             step.step_id = rp if len(order.steps) == 1 else f"{rp[:13]}-{i}"
+
+
+class _View:
+    """The store as the events computed so far in a batch will leave it (their changes are not committed yet)."""
+
+    def __init__(self, store: WorklistStore):
+        self.store = store
+        self.changed: dict[str, Dataset | None] = {}  # None: deleted
+
+    def apply(self, upserts: list[tuple[str, Dataset]], deletes: list[str]) -> None:
+        for key, ds in upserts:
+            self.changed[key] = ds
+        for key in deletes:
+            self.changed[key] = None
+
+    def get(self, key: str) -> Dataset | None:
+        if key in self.changed:
+            ds = self.changed[key]
+            return None if ds is None else copy.deepcopy(ds)
+        return self.store.get(key)
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        keys = set(self.store.keys_with_prefix(prefix))
+        for key, ds in self.changed.items():
+            if key.startswith(prefix):
+                (keys.add if ds is not None else keys.discard)(key)
+        return sorted(keys)
+
+    def keys_for_patient(self, patient_id: str, issuer: str) -> list[str]:
+        keys = set(self.store.keys_for_patient(patient_id, issuer))
+        for key, ds in self.changed.items():
+            if ds is not None and ds.get("PatientID", "") == patient_id and ds.get("IssuerOfPatientID", "") == issuer:
+                keys.add(key)
+            else:
+                keys.discard(key)
+        return sorted(keys)

@@ -286,3 +286,91 @@ async def test_depth(bus: AnyBus) -> None:
     await bus.subscribe(queue, ["orders.#"], inbox)
     await inbox.until("m4")
     assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0
+
+
+class BatchInbox:
+    """A batch handler that records every call (ids and attempts) and the deliveries it handled successfully."""
+
+    def __init__(self, *, poison: str | None = None, first_call_delay: float = 0.0) -> None:
+        self.poison = poison  # the handler raises whenever this message is in the list
+        self.first_call_delay = first_call_delay
+        self.calls: list[list[tuple[str, int]]] = []
+        self.handled: list[Delivery] = []
+        self._returned = asyncio.Queue[list[Delivery]]()
+
+    async def __call__(self, deliveries: list[Delivery]) -> None:
+        self.calls.append([(d.message_id, d.attempt) for d in deliveries])
+        if len(self.calls) == 1 and self.first_call_delay:
+            await asyncio.sleep(self.first_call_delay)  # lets the prefetch buffer fill behind the first message
+        if any(d.message_id == self.poison for d in deliveries):
+            raise ValueError(f"poison {self.poison}")
+        self.handled.extend(deliveries)
+        self._returned.put_nowait(deliveries)
+
+    async def next(self) -> list[Delivery]:
+        return await asyncio.wait_for(self._returned.get(), WAIT)
+
+    async def until(self, message_id: str) -> list[Delivery]:
+        while message_id not in [d.message_id for d in await self.next()]:
+            pass
+        return self.handled
+
+
+async def test_batches_are_queue_ordered_lists_covering_every_message_once(bus: AnyBus) -> None:
+    queue = unique_name("q")
+    await bus.declare(queue, ["orders.*"])
+    ids = [f"m{n:03d}" for n in range(250)]
+    await bus.publish_many([("orders.new", f"b{n}".encode(), mid, {"n": str(n)}) for n, mid in enumerate(ids)])
+    inbox = BatchInbox()
+    await bus.subscribe_batch(queue, ["orders.*"], inbox, max_batch=40)
+
+    handled = await inbox.until(ids[-1])
+    assert [d.message_id for d in handled] == ids  # publish order, each exactly once
+    assert all((d.body, d.headers, d.attempt) == (f"b{n}".encode(), {"n": str(n)}, 1) for n, d in enumerate(handled))
+    sizes = [len(call) for call in inbox.calls]
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 40, sizes
+    assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0  # all acked
+    await asyncio.sleep(0.1)
+    assert len(inbox.handled) == 250  # nothing delivered again
+
+
+async def test_a_failing_batch_is_handed_again_one_by_one_and_the_poison_message_dead_lettered(bus: AnyBus) -> None:
+    queue = unique_name("q")
+    await bus.declare(queue, ["orders.*"])
+    ids = [f"m{n:02d}" for n in range(60)]
+    poison = "m07"
+    await bus.publish_many([("orders.new", b"x", mid, {"k": "v"}) for mid in ids])
+    inbox = BatchInbox(poison=poison, first_call_delay=0.2)
+    await bus.subscribe_batch(queue, ["orders.*"], inbox, max_attempts=3, max_batch=25)
+
+    dead = await eventually(lambda: bus.dead_letters(queue), bool)
+    others = [mid for mid in ids if mid != poison]
+    handled = await eventually(lambda: asyncio.sleep(0, inbox.handled), lambda h: len(h) >= len(others))
+    assert [d.message_id for d in handled] == others  # each once, in order
+    assert len(dead) == 1
+    letter = dead[0]
+    assert (letter.message_id, letter.attempt) == (poison, 3)
+    assert letter.headers == {"k": "v", "x-error": f"ValueError: poison {poison}"}
+    failed_batches = [call for call in inbox.calls if len(call) > 1 and (poison, 1) in call]
+    assert failed_batches, inbox.calls  # the poison message did come in a batch with others
+    assert [call for call in inbox.calls if call[0][0] == poison and len(call) == 1] == [
+        [(poison, 1)],
+        [(poison, 2)],
+        [(poison, 3)],
+    ]  # isolated, then the normal per-delivery failure rules: attempts counted only when it fails alone
+    assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0
+    await asyncio.sleep(0.1)
+    assert len(inbox.handled) == len(others)
+
+
+async def test_a_single_message_is_handed_over_at_once_as_a_list_of_one(bus: AnyBus) -> None:
+    queue = unique_name("q")
+    inbox = BatchInbox()
+    await bus.subscribe_batch(queue, ["orders.*"], inbox, max_batch=100)
+    started = time.monotonic()
+    await bus.publish("orders.new", b"alone", message_id="m-1")
+    batch = await inbox.next()
+    assert time.monotonic() - started < 1.0
+    assert [(d.message_id, d.body) for d in batch] == [("m-1", b"alone")]
+    assert inbox.calls == [[("m-1", 1)]]

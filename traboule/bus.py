@@ -6,8 +6,26 @@ Semantics every implementation keeps (RabbitMQ in ``adapters.rabbitmq``, the emb
 * ``publish`` returns only once the message is durable (publisher confirm / committed row).
 * Topics are routed like an AMQP topic exchange: ``orders.new`` matches the binding ``orders.*`` and ``#``.
 * A subscriber's handler runs once per delivery; the message is acknowledged only after the handler returned
-  (its work committed). An exception counts as a failed attempt: the message is redelivered until
-  ``max_attempts`` is reached, then moved to the queue's dead-letter queue ``<queue>.dlq``.
+  (its work committed). An exception counts as a failed attempt: the message is redelivered (after a backoff
+  growing with the attempt number) until ``max_attempts`` is reached, then moved to the queue's dead-letter
+  queue ``<queue>.dlq`` with the handler's error in the ``x-error`` header.
+
+Batch consumption (``subscribe_batch``), so that a consumer can commit many events in one transaction:
+
+* The handler receives lists of 1..``max_batch`` deliveries in queue order: whatever is available right now,
+  never waiting to fill a batch (one waiting message is handed over at once, as a list of one).
+* One batch is in flight at a time per subscription, so ordering is as with ``subscribe``.
+* When the handler returns, every delivery of the list is acknowledged.
+* When the handler raises, the batch is not acknowledged and no attempt is counted; each of its deliveries is
+  then handed to the same handler again *alone* (a list of one), in order, so that the failing one is isolated.
+  Those single runs follow the per-delivery rules above: the ones that succeed are acknowledged, a failure
+  counts an attempt (backoff, then dead-letter after ``max_attempts``). A delivery that already failed
+  (``attempt > 1``) is always handed alone.
+* Hence a batch handler must be atomic per batch: when it raises, nothing of the batch may have been committed
+  (one transaction for the whole list), or re-running its deliveries must be harmless (idempotent handling).
+  As with ``subscribe``, delivery is at least once: a crash after the commit but before the acknowledgement
+  hands the same deliveries over again.
+* ``subscribe(handler)`` is the per-delivery case (``max_batch=1``) and behaves exactly as described above.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
 class Bus(Protocol):
@@ -42,6 +61,12 @@ class Bus(Protocol):
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare a durable queue bound to ``topics`` and start consuming it with ``handler``."""
+        ...
+
+    async def subscribe_batch(
+        self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100
+    ) -> None:
+        """Like ``subscribe``, with ``handler`` receiving lists of up to ``max_batch`` deliveries (see above)."""
         ...
 
     async def dead_letters(self, queue: str, limit: int = 100) -> list[Delivery]:

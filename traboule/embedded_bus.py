@@ -8,6 +8,9 @@ All SQLite work runs on one dedicated thread (one connection, serialised access,
 event loop is never blocked by disk I/O. Concurrent ``publish`` calls are coalesced into one transaction while
 the previous one commits (group commit); ``publish_many`` commits a whole list at once.
 
+Batches (``subscribe_batch``) are cut from the rows of one fetch (the rows that are due, up to ``batch_size``
+rounded up to a multiple of ``max_batch``), so a batch never waits for more messages to arrive.
+
 Differences from RabbitMQ worth knowing: one consumer per queue per ``EmbeddedBus`` (and one process per
 file); a delivery interrupted by a crash is redelivered without counting as a failed attempt.
 """
@@ -25,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from traboule.bus import Delivery, Handler, topic_matches
+from traboule.bus import BatchHandler, Delivery, Handler, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,9 @@ class _Row:
 @dataclass
 class _Consumer:
     queue: str
-    handler: Handler
+    handler: BatchHandler
     max_attempts: int
+    max_batch: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     inflight: set[int] = field(default_factory=set)  # fetched, not yet settled: excluded from depth()
@@ -269,12 +273,25 @@ class EmbeddedBus:
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare ``queue`` bound to ``topics`` and consume it (waiting rows first, in publish order)."""
+
+        async def one_by_one(deliveries: list[Delivery]) -> None:
+            (delivery,) = deliveries
+            await handler(delivery)
+
+        await self.subscribe_batch(queue, topics, one_by_one, max_attempts=max_attempts, max_batch=1)
+
+    async def subscribe_batch(
+        self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100
+    ) -> None:
+        """Like ``subscribe``, handing the rows available at each fetch in lists of up to ``max_batch``."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         if queue in self._consumers:
             raise RuntimeError(f"queue {queue!r} already has a consumer on this bus")
         await self.declare(queue, topics)
-        consumer = _Consumer(queue, handler, max_attempts)
+        consumer = _Consumer(queue, handler, max_attempts, max_batch)
         self._consumers[queue] = consumer
         consumer.task = asyncio.create_task(self._consume(consumer), name=f"embedded-bus:{queue}")
 
@@ -291,7 +308,8 @@ class EmbeddedBus:
 
     async def _consume_batch(self, consumer: _Consumer) -> None:
         consumer.wake.clear()  # before fetching, so that a publish during the fetch is not missed
-        rows, next_at = await self._run(self._fetch, consumer.queue, self.batch_size)
+        limit = -(-self.batch_size // consumer.max_batch) * consumer.max_batch  # whole batches, >= batch_size
+        rows, next_at = await self._run(self._fetch, consumer.queue, limit)
         if not rows:
             timeout = self.poll_interval
             if next_at is not None:  # a retry falls due before the next poll
@@ -301,21 +319,42 @@ class EmbeddedBus:
             return
         consumer.inflight.update(row.seq for row in rows)
         last_settle = time.monotonic()
-        for row in rows:
-            if self._closing:
-                break
-            await self._deliver(consumer, row)
-            # Acks are committed per batch (one fsync), but not later than ~50 ms after the handler returned.
+        todo = list(_chunks(rows, consumer.max_batch))
+        todo.reverse()  # a stack: pop() gives the next list in queue order
+        while todo and not self._closing:
+            chunk = todo.pop()
+            if len(chunk) == 1:
+                await self._deliver(consumer, chunk[0])
+            elif not await self._deliver_batch(consumer, chunk):
+                todo.extend([row] for row in reversed(chunk))  # next: each row of the failed batch alone, in order
+            # Acks are committed per fetch (one fsync), but not later than ~50 ms after the handler returned.
             if time.monotonic() - last_settle > 0.05:
                 await self._settle(consumer)
                 last_settle = time.monotonic()
         await self._settle(consumer)
         consumer.inflight.clear()
 
-    async def _deliver(self, consumer: _Consumer, row: _Row) -> None:
-        delivery = Delivery(row.topic, row.body, row.message_id, dict(row.headers), row.attempt)
+    async def _deliver_batch(self, consumer: _Consumer, rows: list[_Row]) -> bool:
+        """Hand ``rows`` over as one list; False (nothing acked, no attempt counted) when the handler raised."""
         try:
-            await consumer.handler(delivery)
+            await consumer.handler([_delivery(row) for row in rows])
+        except Exception as exc:
+            log.warning(
+                "batch handler for %s failed on %d deliveries (%s ... %s), handing each alone: %s: %s",
+                consumer.queue,
+                len(rows),
+                rows[0].message_id,
+                rows[-1].message_id,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        consumer.acked.extend(row.seq for row in rows)
+        return True
+
+    async def _deliver(self, consumer: _Consumer, row: _Row) -> None:
+        try:
+            await consumer.handler([_delivery(row)])
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -449,6 +488,28 @@ class EmbeddedBus:
                 )
                 conn.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
         return bool(rows)
+
+
+def _delivery(row: _Row) -> Delivery:
+    return Delivery(row.topic, row.body, row.message_id, dict(row.headers), row.attempt)
+
+
+def _chunks(rows: list[_Row], size: int) -> Iterator[list[_Row]]:
+    """Consecutive runs of up to ``size`` rows, in order; a row that already failed (attempt > 1) is alone."""
+    chunk: list[_Row] = []
+    for row in rows:
+        if row.attempt > 1:
+            if chunk:
+                yield chunk
+                chunk = []
+            yield [row]
+            continue
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 @contextlib.contextmanager

@@ -251,5 +251,3 @@ def _entry(row: sqlite3.Row) -> JournalEntry:
     data = {k: row[k] for k in row.keys()}  # noqa: SIM118 - sqlite3.Row is not a mapping
     data["raw"] = bytes(data["raw"])
     return JournalEntry(**data)
-
-

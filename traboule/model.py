@@ -195,38 +195,45 @@ def plain(obj: Any) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) dataclass from ``dataclasses.asdict`` output."""
-    hints = {f.name: f for f in dataclasses.fields(cls)}
+    """Rebuild a (nested) dataclass from ``plain`` output; unknown keys are ignored."""
+    builders = _builders(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name not in hints:
-            continue
-        kwargs[name] = _coerce(_field_type(cls, name), value)
+        if name in builders:
+            build = builders[name]
+            kwargs[name] = build(value) if build else value
     return cls(**kwargs)
 
 
-_NESTED: dict[tuple[type, str], type] = {}
+_BUILDERS: dict[type, dict[str, Any]] = {}
 
 
-def _field_type(cls: type, name: str) -> Any:
-    key = (cls, name)
-    if key not in _NESTED:
+def _builders(cls: type) -> dict[str, Any]:
+    """Per field: how to rebuild its value (None for plain values), computed once per class: resolving type
+    hints on every event cost more than the rest of the decoding."""
+    found = _BUILDERS.get(cls)
+    if found is None:
         import typing
 
-        _NESTED[key] = typing.get_type_hints(cls)[name]
-    return _NESTED[key]
+        found = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            found[name] = _builder(hint)
+        _BUILDERS[cls] = found
+    return found
 
 
-def _coerce(hint: Any, value: Any) -> Any:
+def _builder(hint: Any) -> Any:
     import typing
 
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return from_dict(hint, value)  # type: ignore[arg-type]
-    origin = typing.get_origin(hint)
-    if origin is list and isinstance(value, list):
+    if dataclasses.is_dataclass(hint):
+        return lambda value: from_dict(hint, value) if isinstance(value, dict) else value  # type: ignore[arg-type]
+    if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
-        return [_coerce(item, v) for v in value]
-    return value
+        inner = _builder(item)
+        if inner is None:
+            return None
+        return lambda value: [inner(v) for v in value] if isinstance(value, list) else value
+    return None
 
 
 def content_key(*parts: str) -> str:

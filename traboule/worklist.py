@@ -152,6 +152,9 @@ class _DecodedCache:
         return ds
 
 
+Change = tuple[list[tuple[str, Dataset]], list[str], str]  # upserts, deletes, idempotency key
+
+
 class WorklistStore:
     """Durable MWL items keyed by the caller's key (e.g. order key + step), safe to use from many threads.
 
@@ -226,6 +229,45 @@ class WorklistStore:
                 conn.execute("ROLLBACK")
                 raise
         return True
+
+    def apply_batch(self, changes: list[Change]) -> list[bool]:
+        """Apply several changes (upserts, deletes, idempotency key) in one transaction, in order.
+
+        One fsync for the lot: a consumer handling a batch of events commits once. Each change whose key was
+        already applied (before or earlier in the batch) is skipped; the result says which were applied.
+        """
+        encoded = [([_row(key, ds) for key, ds in upserts], deletes, key) for upserts, deletes, key in changes]
+        now = _now()
+        applied: list[bool] = []
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for rows, deletes, idempotency_key in encoded:
+                    if idempotency_key:
+                        seen = conn.execute("SELECT 1 FROM applied WHERE idempotency_key = ?", (idempotency_key,))
+                        if seen.fetchone() is not None:
+                            applied.append(False)
+                            continue
+                        conn.execute("INSERT INTO applied VALUES (?, ?)", (idempotency_key, now))
+                    conn.executemany(_UPSERT, [(*row, now) for row in rows])
+                    conn.executemany("DELETE FROM items WHERE key = ?", [(key,) for key in deletes])
+                    applied.append(True)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return applied
+
+    def applied(self, idempotency_keys: list[str]) -> set[str]:
+        """Which of these idempotency keys were already applied."""
+        keys = [k for k in idempotency_keys if k]
+        if not keys:
+            return set()
+        with self._reader() as conn:
+            marks = ",".join("?" * len(keys))
+            sql = f"SELECT idempotency_key FROM applied WHERE idempotency_key IN ({marks})"
+            return {r[0] for r in conn.execute(sql, keys)}
 
     # -- reads -----------------------------------------------------------------------------------------------
 

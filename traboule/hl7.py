@@ -74,13 +74,17 @@ def decode(data: bytes) -> Decoded:
         data = data[len(BOM) :]
         warnings.append("UTF-8 byte order mark before MSH removed")
     data = data.lstrip(b"\r\n\t ")
-    if not data.startswith(b"MSH") or len(data) < 8:
+    head = data
+    if data.startswith((b"FHS", b"BHS")):  # a batch: the charset is that of its first message
+        at = min((i for i in (data.find(b"\rMSH"), data.find(b"\nMSH")) if i >= 0), default=-1)
+        head = data[at + 1 :] if at >= 0 else b""
+    if not head.startswith(b"MSH") or len(head) < 8:
         raise HL7Error("message does not start with an MSH segment", location="MSH", code="100")
-    sep = data[3:4]
-    end = min((i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0), default=len(data))
-    msh = data[:end].split(sep)
+    sep = head[3:4]
+    end = min((i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0), default=len(head))
+    msh = head[:end].split(sep)
     declared = msh[17].decode("ascii", "replace").strip() if len(msh) > 17 else ""
-    declared_first = declared.split(data[4:5].decode("latin-1") or "^")[0] if declared else ""
+    declared_first = declared.split(head[4:5].decode("latin-1") or "^")[0] if declared else ""
     charset = declared_first.split("~")[0].strip().upper()
     codec = CHARSETS.get(charset)
     if codec is None:

@@ -1,0 +1,198 @@
+"""The engine as an operator sees it: restart recovery, HTTP, logs, and the CLI against a running process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+from tests.peer_dcmtk import findscu, free_port
+from tests.test_flow import engine_config, fixture, send, store, until
+from traboule import logging as tlog
+from traboule.http import create_app, serve
+from traboule.journal import Journal, JournalEntry, OutboxEvent
+from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
+from traboule.runtime import Runtime
+
+
+async def test_journaled_events_reach_the_worklist_after_a_restart(tmp_path: Path) -> None:
+    """An order acknowledged just before a crash (in the journal, not yet on the bus) is scheduled at restart."""
+    order = ImagingOrder(
+        placer_order_number=Identifier("PLC-CRASH", "RIS"),
+        accession_number=Identifier("ACC-CRASH"),
+        patient=Patient(ids=[Identifier("IPP9", "CHU")]),
+        steps=[ScheduledStep(step_id="S1", modality="CT", start="20261125100000")],
+    )
+    env = Envelope(order, idempotency_key="crash-1")
+    journal = Journal(tmp_path / "journal.sqlite")
+    await journal.append(
+        JournalEntry(channel="ris-orders", raw=b"MSH|...", status="accepted", idempotency_key="crash-1"),
+        [OutboxEvent("order.new", env.id, env.to_json())],
+    )
+    journal.close()  # the process dies here: the event never reached the bus
+
+    runtime = Runtime(engine_config(tmp_path))
+    await runtime.start()
+    try:
+        await until(lambda: store(runtime).count() == 1)
+        (key,) = store(runtime).keys_with_prefix("")
+        assert store(runtime).get(key).AccessionNumber == "ACC-CRASH"
+        await runtime.wait_idle()
+    finally:
+        await runtime.stop()
+
+
+async def test_health_metrics_and_channels_over_http(tmp_path: Path) -> None:
+    runtime = Runtime(engine_config(tmp_path))
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"), b"garbage")
+        await until(lambda: store(runtime).count() == 1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            health = (await client.get("/health")).json()
+            metrics = (await client.get("/metrics")).text
+            channels = (await client.get("/channels")).json()
+        assert health["status"] == "ok" and health["bus"] == "embedded"
+        assert health["journal"] == {"accepted": 1, "rejected": 1}
+        assert 'traboule_messages_received_total{channel="ris-orders",status="accepted"}' in metrics
+        assert "traboule_worklist_items 1.0" in metrics
+        assert [c["name"] for c in channels] == ["ris-orders", "worklist"]
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+
+
+async def test_json_logs_carry_ids_but_no_patient_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tlog.configure("json", "info")
+    runtime = Runtime(engine_config(tmp_path))
+    await runtime.start()
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: store(runtime).count() == 1)
+        await asyncio.to_thread(findscu, runtime.channel("worklist").scps[0].port, "TRABOULE", ["PatientName=DUP*"])
+    finally:
+        await runtime.stop()
+        tlog.configure("console", "info")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    accepted = next(line for line in lines if line["event"] == "message.accepted")
+    assert accepted["channel"] == "ris-orders"
+    assert accepted["correlation_id"] == "MSG0001"
+    assert accepted["message_id"] == 1
+    applied = next(line for line in lines if line["event"] == "worklist.applied")
+    assert applied["correlation_id"] == "MSG0001"
+    text = json.dumps(lines, ensure_ascii=False)
+    for patient_data in ("DUPONT", "Hélène", "IPP0001", "279035121518989", "19790328"):
+        assert patient_data not in text
+
+
+# -- the command line against a running engine --------------------------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "traboule.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
+
+
+@pytest.fixture
+def running_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = dict(
+        os.environ,
+        TRABOULE_DATA_DIR=str(tmp_path / "var"),
+        TRABOULE_MLLP_PORT=str(free_port()),
+        TRABOULE_MWL_PORT=str(free_port()),
+        TRABOULE_HTTP_PORT=str(free_port()),
+        TRABOULE_LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traboule.cli", "run"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 20
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if '"engine.ready"' in line:
+            break
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"engine did not start: {line}")
+    try:
+        yield env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_cli_send_worklist_journal_against_running_engine(running_engine: dict[str, str]) -> None:
+    env = running_engine
+    to = f"127.0.0.1:{env['TRABOULE_MLLP_PORT']}"
+    sent = cli("send", "fixtures/hl7/orm_o01_nw_latin1.hl7", "fixtures/hl7/orm_o01_no_pid3.hl7", "--to", to, env=env)
+    assert sent.returncode == 1  # one message was not accepted
+    assert "orm_o01_nw_latin1.hl7: AA" in sent.stdout
+    assert "orm_o01_no_pid3.hl7: AE" in sent.stdout
+    assert "MSA|AE|MSG0041" in sent.stdout
+
+    port = int(env["TRABOULE_MWL_PORT"])
+    found: list = []
+    for _ in range(50):
+        found = findscu(port, "TRABOULE", ["AccessionNumber", "ScheduledProcedureStepSequence[0].Modality=CT"])
+        if found:
+            break
+        time.sleep(0.1)
+    assert [ds.AccessionNumber for ds in found] == ["ACC0001"]
+
+    listing = cli("worklist", "list", env=env)
+    assert listing.returncode == 0 and "ACC0001" in listing.stdout and "1 item(s)" in listing.stdout
+    journal = cli("journal", "list", env=env)
+    assert "rejected" in journal.stdout and "accepted" in journal.stdout
+    shown = cli("journal", "show", "2", env=env)
+    assert "PID-3" in shown.stdout and "MSG0041" in shown.stdout
+
+    cancel = cli("send", "fixtures/hl7/orm_o01_ca.hl7", "--to", to, env=env)
+    assert cancel.returncode == 0
+    for _ in range(50):
+        found = findscu(port, "TRABOULE", ["AccessionNumber", "ScheduledProcedureStepSequence[0].Modality=CT"])
+        if not found:
+            break
+        time.sleep(0.1)
+    assert found == []
+
+
+def test_cli_channels_lists_installed_and_configured(tmp_path: Path) -> None:
+    out = cli("channels", env=dict(os.environ))
+    assert out.returncode == 0
+    assert "hl7-orders" in out.stdout and "worklist" in out.stdout and "mwl-scp" in out.stdout
+    assert "ris-orders" in out.stdout
+
+
+def test_broken_mapping_stops_start_up_with_file_and_line(tmp_path: Path) -> None:
+    mapping = tmp_path / "mwl.yaml"
+    mapping.write_text((ROOT / "mappings" / "mwl.yaml").read_text().replace("PatientName:", "PatientNam:", 1))
+    config = tmp_path / "traboule.toml"
+    config.write_text(
+        f"""
+[engine]
+data_dir = "{tmp_path / "var"}"
+
+[[channels]]
+name = "worklist"
+kind = "worklist"
+mapping = "{mapping}"
+"""
+    )
+    out = cli("--config", str(config), "run", env=dict(os.environ), timeout=20)
+    assert out.returncode == 2
+    line = next(i for i, t in enumerate(mapping.read_text().splitlines(), 1) if "PatientNam:" in t)
+    assert f"{mapping}:{line}: 'PatientNam' is not a DICOM keyword" in out.stderr
+    assert cli("--config", str(config), "check", env=dict(os.environ)).returncode == 2

@@ -102,9 +102,8 @@ async def test_json_logs_carry_ids_but_no_patient_data(tmp_path: Path, capsys: p
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "traboule.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
-    )
+    command = [sys.executable, "-m", "traboule.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture

@@ -195,3 +195,25 @@ mapping = "{mapping}"
     line = next(i for i, t in enumerate(mapping.read_text().splitlines(), 1) if "PatientNam:" in t)
     assert f"{mapping}:{line}: 'PatientNam' is not a DICOM keyword" in out.stderr
     assert cli("--config", str(config), "check", env=dict(os.environ)).returncode == 2
+
+
+async def test_documented_custom_channel_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example channel of docs/architecture.md, plugged in as a site would (by kind name)."""
+    monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples"))
+    monkeypatch.setitem(
+        __import__("traboule.runtime", fromlist=["BUILTIN_CHANNELS"]).BUILTIN_CHANNELS,
+        "audit",
+        "audit_channel:AuditChannel",
+    )
+    cfg = engine_config(tmp_path)
+    audit_file = tmp_path / "audit.jsonl"
+    cfg.channels.append({"name": "audit", "kind": "audit", "file": str(audit_file)})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"), fixture("orm_o01_ca.hl7"))
+        await until(lambda: audit_file.exists() and len(audit_file.read_text().splitlines()) == 2)
+    finally:
+        await runtime.stop()
+    topics = [json.loads(line)["topic"] for line in audit_file.read_text().splitlines()]
+    assert topics == ["order.new", "order.cancel"]

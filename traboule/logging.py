@@ -20,6 +20,15 @@ def _drop_patient_data(_: object, __: str, event: dict) -> dict:
     return event
 
 
+class _StderrLogger(structlog.PrintLogger):
+    """Prints to whatever ``sys.stderr`` is at the time of the call (it may be replaced after configuration)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
 def configure(fmt: str = "console", level: str = "info", patient_data: bool = False) -> None:
     processors: list = [
         structlog.contextvars.merge_contextvars,
@@ -35,7 +44,7 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
     # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.

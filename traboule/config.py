@@ -33,6 +33,8 @@ DEFAULT_CHANNELS: list[dict[str, Any]] = [
         "topics": ["order.#", "patient.#"],
         "mapping": "mappings/mwl.yaml",
         "max_attempts": 5,
+        # Its own process: the ingest path and the worklist each get a core (one Python process is one core).
+        "process": "worker",
         "destinations": [{"adapter": "mwl-scp", "host": "127.0.0.1", "port": 11112, "ae_title": "TRABOULE"}],
     },
 ]
@@ -50,6 +52,15 @@ class Config:
     log_patient_data: bool = False
     channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
     path: str = ""
+
+    def processes(self) -> list[str]:
+        """Process names of the configured channels, ``main`` first (it always exists: it holds the journal)."""
+        names = ["main"]
+        for ch in self.channels:
+            name = str(ch.get("process", "main"))
+            if name not in names:
+                names.append(name)
+        return names
 
     def channel(self, name: str) -> dict[str, Any]:
         for ch in self.channels:

@@ -178,7 +178,14 @@ def parse(text: str) -> Message:
     fsep = text[3]
     enc_end = text.find(fsep, 4)
     enc = text[4:enc_end] if enc_end > 0 else ""
-    if len(enc) < 2 or fsep.isalnum() or fsep in enc:
+    if enc == "^\\~\\&":
+        enc = "^~\\&"  # seen from a real RIS: the repetition separator escaped in MSH-2 itself
+    # MSH-2 is 4 characters (5 from v2.7 with the truncation character), all distinct delimiters.
+    if (
+        len(enc) not in (4, 5)
+        or len(set(enc + fsep)) != len(enc) + 1
+        or any(c.isalnum() or c.isspace() for c in enc + fsep)
+    ):
         raise HL7Error("MSH-1/MSH-2 separators are not valid", location="MSH-2", code="102")
     seps = Separators(
         field=fsep,
@@ -193,12 +200,14 @@ def parse(text: str) -> Message:
             continue
         parts = line.split(fsep)
         name = parts[0].strip()
-        looks_like_segment = len(name) == 3 and name.isalnum() and (len(parts) > 1 or len(line.strip()) == 3)
+        looks_like_segment = line[:3].isalnum() and (len(line.rstrip()) == 3 or line[3:4] == fsep)
         if segments and not looks_like_segment:
-            # A line that is not a segment continues the previous one: real senders break long Base64 or
-            # text fields with bare line feeds. Joined without a separator, as the line break was not data.
+            # A line that does not start a segment continues the previous one: real senders wrap long Base64
+            # or text fields with bare line feeds. Joined without a separator, as the line break was not data.
             last = segments[-1]
-            last.fields[-1] += line
+            head, *rest = line.split(fsep)
+            last.fields[-1] += head
+            last.fields.extend(rest)
             continue
         if name == "MSH" or name in ("FHS", "BHS"):
             # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.

@@ -19,20 +19,31 @@ from traboule import metrics
 def create_app(runtime: Any) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         journal = runtime.journal
-        ok = journal is not None
-        body = {
+        ok = runtime.started
+        body: dict[str, Any] = {
             "status": "ok" if ok else "starting",
+            "process": runtime.process or "main",
             "bus": "rabbitmq" if runtime.config.amqp_url else "embedded",
-            "journal": journal.counts() if journal else {},
-            "outbox_pending": len(journal.pending_events(1000)) if journal else 0,
         }
+        if journal is not None:
+            body["journal"] = journal.counts()
+            body["outbox_pending"] = len(journal.pending_events(1000))
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def channels(request: Request) -> JSONResponse:
-        return JSONResponse([{"name": c.name, **c.describe()} for c in runtime.channels])
+        """Every configured channel: described by the process running it, or named with the process that does."""
+        local = {c.name: c for c in runtime.channels}
+        listing = []
+        for cfg in runtime.config.channels:
+            channel = local.get(cfg["name"])
+            if channel is not None:
+                listing.append({"name": channel.name, "process": runtime.process or "main", **channel.describe()})
+            else:
+                listing.append({"name": cfg["name"], "kind": cfg["kind"], "process": cfg.get("process", "main")})
+        return JSONResponse(listing)
 
     return Starlette(
         routes=[

@@ -67,27 +67,62 @@ def channel_class(kind: str) -> type:
     return _load(kinds[kind])
 
 
-class Runtime:
-    """One engine process: journal + bus + channels + outbox dispatcher."""
+def process_of(channel_config: dict[str, Any]) -> str:
+    return str(channel_config.get("process", "main"))
 
-    def __init__(self, config: Config):
+
+def channel_bindings(channel_config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The bus queues a configured channel consumes (its class says, from its configuration)."""
+    cls = channel_class(channel_config["kind"])
+    bindings = getattr(cls, "bindings", None)
+    return list(bindings(channel_config)) if bindings else []
+
+
+class Runtime:
+    """One engine process: bus + the channels of this process (+ journal and outbox dispatcher in "main").
+
+    ``process``: run only the channels whose ``process`` setting names it (``main`` by default); None runs every
+    channel in this one process (tests, tools).
+    """
+
+    def __init__(self, config: Config, process: str | None = None):
         self.config = config
+        self.process = process
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.journal: Journal | None = None
-        self.bus: Bus = make_bus(config.amqp_url, str(self.data_dir), exchange=config.exchange)
-        self.channels: list[Channel] = [channel_class(c["kind"])(c, self) for c in config.channels]
+        shared = process is not None and len(config.processes()) > 1
+        self.bus: Bus = make_bus(config.amqp_url, str(self.data_dir), exchange=config.exchange, shared=shared)
+        self.channels: list[Channel] = [
+            channel_class(c["kind"])(c, self) for c in config.channels if process is None or process_of(c) == process
+        ]
         self._dispatcher: asyncio.Task | None = None
         self._stopping = asyncio.Event()
+        self.started = False
+
+    @property
+    def owns_journal(self) -> bool:
+        """The process that receives messages keeps the journal and publishes its outbox."""
+        return self.process in (None, "main")
 
     async def start(self) -> None:
-        self.journal = Journal(self.data_dir / "journal.sqlite")
+        if self.owns_journal:
+            self.journal = Journal(self.data_dir / "journal.sqlite")
         await self.bus.start()
+        if self.owns_journal:
+            # Every consuming channel's queue, in this process or another, exists before the first event is
+            # published: an event published to a topic nobody has bound yet would be dropped.
+            for cfg in self.config.channels:
+                for queue, topics in channel_bindings(cfg):
+                    await self.bus.declare(queue, topics)
         for channel in self.channels:
             await channel.start()
-            log.info("channel.started", channel=channel.name, **_public(channel.describe()))
-        # Only now: every consumer's queue is declared, so no event is published to a topic nobody keeps yet.
-        self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
+            log.info(
+                "channel.started", channel=channel.name, process=self.process or "main", **_public(channel.describe())
+            )
+        if self.owns_journal:
+            self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
+        self.started = True
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -1,7 +1,7 @@
 """The ``Bus`` protocol on RabbitMQ (aio-pika), with the same observable semantics as the embedded bus.
 
-Topology, all durable: a topic exchange ``<exchange>``; per subscriber queue ``<queue>`` bound to its topics; a
-direct exchange ``<exchange>.dlx`` routing ``<queue>.dlq`` to the queue's dead-letter queue ``<queue>.dlq``.
+Topology, all durable: a topic exchange ``<exchange>``; per subscriber queue ``<exchange>.<queue>`` bound to its
+topics; a direct exchange ``<exchange>.dlx`` routing to each queue's dead-letter queue ``<exchange>.<queue>.dlq``.
 
 Queue type and retries: queues are classic durable queues by default, and attempts are counted by the
 application, which republishes a failed message (after a short backoff) with ``x-attempt`` + 1 and then acks
@@ -164,8 +164,14 @@ class RabbitMQBus:
 
     # -- consuming -------------------------------------------------------------------------------------
 
+    def queue_name(self, queue: str) -> str:
+        """The broker's name for a channel's queue: prefixed with the exchange, so that engines sharing a broker
+        (or test runs) never consume each other's queues."""
+        return f"{self.exchange}.{queue}"
+
     async def declare(self, queue: str, topics: list[str]) -> None:
         """Declare the durable queue, its dead-letter queue and bindings, without consuming."""
+        queue = self.queue_name(queue)
         _, channel = await self._ready()
         await self._declare(channel, queue, topics)
 
@@ -197,6 +203,7 @@ class RabbitMQBus:
         A batch is the first message to arrive plus whatever is already prefetched behind it (never waiting for
         more), so the subscription's prefetch window is ``max(prefetch, max_batch)``.
         """
+        queue = self.queue_name(queue)
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if max_batch < 1:
@@ -353,6 +360,7 @@ class RabbitMQBus:
 
     async def depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (unacked in-flight ones excluded); 0 when it does not exist."""
+        queue = self.queue_name(queue)
         async with self._scratch_channel() as channel:
             try:
                 declared = await channel.declare_queue(queue, passive=True)
@@ -363,6 +371,7 @@ class RabbitMQBus:
 
     async def dead_letters(self, queue: str, limit: int = 100) -> list[Delivery]:
         """Messages parked in ``<queue>.dlq``, oldest first, left in place (read with basic.get, not acked)."""
+        queue = self.queue_name(queue)
         result: list[Delivery] = []
         async with self._scratch_channel() as channel:
             try:
@@ -378,6 +387,7 @@ class RabbitMQBus:
 
     async def replay_dead_letter(self, queue: str, message_id: str) -> bool:
         """Move the dead letter(s) with ``message_id`` back into ``queue`` as fresh deliveries (attempt 1)."""
+        queue = self.queue_name(queue)
         _, publisher = await self._ready()
         found = False
         async with self._scratch_channel() as channel:

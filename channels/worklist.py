@@ -36,7 +36,7 @@ from traboule.bus import Delivery
 from traboule.config import resolve
 from traboule.dicom_mapping import MWLMapping, character_set
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, ScheduledStep
-from traboule.worklist import Change, WorklistStore
+from traboule.worklist import Change, WorklistStore, as_dataset
 
 log = structlog.get_logger("traboule.channels.worklist")
 
@@ -145,7 +145,7 @@ class WorklistChannel:
             for writer in self.files:
                 for upserts, deletes, _ in changes:
                     for key, ds in upserts:
-                        writer.write(key, ds)
+                        writer.write(key, as_dataset(ds))
                     for key in deletes:
                         writer.remove(key)
         return results
@@ -170,7 +170,7 @@ class WorklistChannel:
         if self.assign_ids:
             assign_missing_ids(order)
         upserts = []
-        for i, (step, ds) in enumerate(self.mapping.items(order), start=1):
+        for i, (step, ds) in enumerate(self.mapping.encoded_items(order), start=1):
             upserts.append((f"{prefix}{step.step_id or i}", ds))
         if order.action == "status":
             # A status message may carry no full order: keep the item, change only its step status.
@@ -247,7 +247,7 @@ class _View:
     def get(self, key: str) -> Dataset | None:
         if key in self.changed:
             ds = self.changed[key]
-            return None if ds is None else copy.deepcopy(ds)
+            return None if ds is None else copy.deepcopy(as_dataset(ds))
         return self.store.get(key)
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
@@ -259,7 +259,8 @@ class _View:
 
     def keys_for_patient(self, patient_id: str, issuer: str) -> list[str]:
         keys = set(self.store.keys_for_patient(patient_id, issuer))
-        for key, ds in self.changed.items():
+        for key, item in self.changed.items():
+            ds = None if item is None else as_dataset(item)
             if ds is not None and ds.get("PatientID", "") == patient_id and ds.get("IssuerOfPatientID", "") == issuer:
                 keys.add(key)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from tests.peer_dcmtk import mwl_item
+from traboule import model
+from traboule.dicom_mapping import MWLMapping
 from traboule.dicom_match import QueryError, compile_query
-from traboule.worklist import NOT_OFFERED, WorklistStore
+from traboule.worklist import NOT_OFFERED, EncodedItem, WorklistStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")  # range and wild card query values
 
@@ -160,6 +163,46 @@ def test_readers_do_not_fail_while_a_writer_writes(store: WorklistStore) -> None
     assert errors == []
     assert min(counts) >= 20 and max(counts) <= 40
     assert store.count() == 40
+
+
+def test_encoded_items_are_stored_like_their_datasets(store: WorklistStore) -> None:
+    """The MWL mapping's fast path: an EncodedItem gives the row (index columns, bytes) its Dataset gives."""
+    order = model.ImagingOrder(
+        accession_number=model.Identifier("ACC9", "CHU-X"),
+        requested_procedure_id="RP9",
+        study_instance_uid="1.2.3.9",
+        patient=model.Patient(ids=[model.Identifier("P9", "CHU-X")], name=model.PersonName("KOWALSKI", "Łukasz")),
+        steps=[
+            model.ScheduledStep(step_id=f"S{i}", modality="CT", station_aet="CT01", start="202403150930")
+            for i in (1, 2)
+        ],
+    )
+    items = [item for _, item in MWLMapping().encoded_items(order)]
+    assert all(isinstance(item, EncodedItem) for item in items)
+    store.apply([("enc#1", items[0])], [])
+    assert store.apply_batch([([("enc#2", items[1]), ("ds#1", items[0].dataset)], [], "m1"), ([], [], "m2")]) == [
+        True,
+        True,
+    ]
+    store.apply([("ds#2", items[1].dataset)], [])
+    conn = sqlite3.connect(store.path)
+    try:
+        cursor = conn.execute("SELECT * FROM items")
+        columns = [d[0] for d in cursor.description]
+        rows = {r[0]: r[1:] for r in cursor}
+    finally:
+        conn.close()
+    updated = columns.index("updated") - 1
+    for i in (1, 2):
+        enc, ds = list(rows[f"enc#{i}"]), list(rows[f"ds#{i}"])
+        del enc[updated], ds[updated]
+        assert enc == ds
+        assert store.get(f"enc#{i}") == store.get(f"ds#{i}")
+    assert rows["enc#1"][columns.index("patient_name") - 1] == "KOWALSKI^Łukasz"
+    q = modality_query(Modality="CT")
+    q.PatientName = "KOWALSKI*"
+    found = list(store.find(q))
+    assert len(found) == 4 and {str(ds.PatientName) for ds in found} == {"KOWALSKI^Łukasz"}
 
 
 # -- the prefilter never changes the result: store.find == a full scan with the matcher ----------------------------

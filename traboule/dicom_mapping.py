@@ -4,11 +4,19 @@ An attribute is written as ``Keyword: source``, where the source is a canonical 
 ``step.start | date``), a literal (``=ISO``), or for a sequence a list of item mappings (an item with ``if: path``
 is left out when that path is empty). Values are rendered for the attribute's VR (PN from a name, DA/TM from a
 date-time) and cut to the VR's maximum length. Every keyword is checked against the DICOM dictionary at load.
+
+Rendering produces an element tree (``(tag, VR, value)``, tags and VRs resolved at load), not a pydicom Dataset:
+`encoded_items`, the worklist consumer's path, encodes the tree with `traboule.dicom_encoding` and reads the
+store's index columns from it, which costs a fraction of building and writing a Dataset (pydicom assigns and
+validates each attribute). `item` builds the Dataset from the same tree; both give the same bytes, and an item
+the fast encoder cannot write exactly goes through pydicom.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +24,9 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from traboule import model
+from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
 from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml
+from traboule.worklist import EncodedItem, dataset_columns, encode_item, item_columns
 
 # PS3.5 Table 6.2-1 maximum lengths (characters) for the string VRs we write.
 MAX_LENGTH = {
@@ -38,6 +48,10 @@ MAX_LENGTH = {
 
 ROOTS = ("order", "step")
 NUMERIC_VRS = {"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}
+LATIN1 = "ISO_IR 100"
+UTF8 = "ISO_IR 192"
+
+Source = Callable[[model.ImagingOrder, model.ScheduledStep], Any]
 
 
 @dataclass
@@ -45,16 +59,19 @@ class AttrRule:
     keyword: str
     vr: str
     line: int
+    tag: int = 0
     path: list[str] = field(default_factory=list)
     literal: str | None = None
     filters: list = field(default_factory=list)
     items: list[ItemRule] = field(default_factory=list)  # for SQ
+    source: Source | None = None  # reads `path`
 
 
 @dataclass
 class ItemRule:
     condition: list[str] | None
     attrs: list[AttrRule]
+    source: Source | None = None  # reads `condition`
 
 
 class MWLMapping:
@@ -80,7 +97,7 @@ class MWLMapping:
         if tag is None:
             raise MappingError(self.path, line, f"{keyword!r} is not a DICOM keyword")
         vr = dictionary_VR(tag)
-        rule = AttrRule(keyword, vr, line)
+        rule = AttrRule(keyword, vr, line, tag)
         if vr == "SQ":
             if not isinstance(spec, list):
                 raise MappingError(self.path, line, f"{keyword} is a sequence: give a list of items")
@@ -88,7 +105,7 @@ class MWLMapping:
                 if not isinstance(item, Node):
                     raise MappingError(self.path, line, f"{keyword}: each item must map keywords to sources")
                 cond = self._path(item["if"], line_of(item, "if")) if "if" in item else None
-                rule.items.append(ItemRule(cond, self._attrs(item)))
+                rule.items.append(ItemRule(cond, self._attrs(item), _source(cond) if cond else None))
             return rule
         if not isinstance(spec, str):
             raise MappingError(self.path, line, f"{keyword}: expected a canonical path or '=literal'")
@@ -97,6 +114,7 @@ class MWLMapping:
             return rule
         path_text, *filters = (p.strip() for p in spec.split("|"))
         rule.path = self._path(path_text, line)
+        rule.source = _source(rule.path)
         rule.filters = compile_filters(filters, self.tables, self.path, line)
         return rule
 
@@ -131,53 +149,102 @@ class MWLMapping:
         return [(step, self.item(order, step)) for step in steps]
 
     def item(self, order: model.ImagingOrder, step: model.ScheduledStep) -> Dataset:
-        roots = {"order": order, "step": step}
-        ds = Dataset()
-        self._fill(ds, self.attrs, roots)
-        ds.SpecificCharacterSet = character_set(ds)
-        return ds
+        return _dataset(self._tree(self.attrs, order, step, []))
 
-    def _fill(self, ds: Dataset, attrs: list[AttrRule], roots: dict[str, Any]) -> None:
+    def encoded_items(self, order: model.ImagingOrder) -> list[tuple[model.ScheduledStep, EncodedItem]]:
+        """`items`, encoded for the worklist store (bytes and index columns); the Dataset is built on demand."""
+        steps = order.steps or [model.ScheduledStep()]
+        return [(step, self.encoded_item(order, step)) for step in steps]
+
+    def encoded_item(self, order: model.ImagingOrder, step: model.ScheduledStep) -> EncodedItem:
+        texts: list[str] = []
+        tree = self._tree(self.attrs, order, step, texts)
+        try:
+            joined = "".join(texts)
+            charset = LATIN1 if joined.isascii() else _charset_of(joined)
+            return EncodedItem(encode(tree, charset), item_columns(tree), lambda: _dataset(tree))
+        except EncodingError:
+            # A value our encoder does not write exactly as pydicom: let pydicom do all of it.
+            ds = _dataset(tree)
+            return EncodedItem(encode_item(ds), dataset_columns(ds), lambda: ds)
+
+    def _tree(
+        self, attrs: list[AttrRule], order: model.ImagingOrder, step: model.ScheduledStep, texts: list[str]
+    ) -> list[Element]:
+        """The attributes as an element tree. `texts` receives the values `character_set` looks at."""
+        out: list[Element] = []
         for rule in attrs:
-            if rule.vr == "SQ":
+            vr = rule.vr
+            if vr == "SQ":
                 items = []
                 for item_rule in rule.items:
-                    if item_rule.condition and not _text(_resolve(item_rule.condition, roots)):
+                    if item_rule.source is not None and not _text(item_rule.source(order, step)):
                         continue
-                    item = Dataset()
-                    self._fill(item, item_rule.attrs, roots)
-                    items.append(item)
+                    items.append(self._tree(item_rule.attrs, order, step, texts))
                 if not items and rule.items:
                     # Every item was conditional and none applies: leave the sequence out. A present but empty
                     # code sequence makes dcmtk wlmscpfs skip the whole item; an absent one is fine (the
                     # description stands in for it), and C-FIND answers an absent key with an empty value.
                     continue
-                setattr(ds, rule.keyword, items)
+                out.append((rule.tag, vr, items))
                 continue
-            value = rule.literal if rule.literal is not None else _resolve(rule.path, roots)
+            if rule.literal is not None:
+                value: Any = rule.literal
+            else:
+                assert rule.source is not None
+                value = rule.source(order, step)
             if rule.filters:  # filters say how to render (``step.start | time``): apply them to the raw text
                 text = _render(value, "")
                 for f in rule.filters:
                     if text:
                         text = f(text)
+            elif value.__class__ is str and vr != "DA" and vr != "TM":
+                text = value
             else:
-                text = _render(value, rule.vr)
-            if not text and rule.vr in NUMERIC_VRS:
-                setattr(ds, rule.keyword, None)
+                text = _render(value, vr)
+            if not text:
+                out.append((rule.tag, vr, None if vr in NUMERIC_VRS else text))
                 continue
-            limit = MAX_LENGTH.get(rule.vr)
+            limit = MAX_LENGTH.get(vr)
             if limit and len(text) > limit:
                 text = text[:limit]
-            setattr(ds, rule.keyword, text)
+            out.append((rule.tag, vr, text))
+            # `character_set` reads str values: pydicom holds DS/IS as numbers, and splits a value with a
+            # backslash into several (a list, not read), except for PN (read as a whole) and the unsplit VRs.
+            if vr != "DS" and vr != "IS" and ("\\" not in text or vr == "PN" or vr in UNSPLIT_VRS):
+                texts.append(text)
+        return out
 
 
-def _resolve(path: list[str], roots: dict[str, Any]) -> Any:
-    obj = roots[path[0]]
-    for part in path[1:]:
-        obj = getattr(obj, part, None)
-        if obj is None:
+def _dataset(tree: list[Element]) -> Dataset:
+    ds = to_dataset(tree)
+    ds.SpecificCharacterSet = character_set(ds)
+    return ds
+
+
+def _charset_of(text: str) -> str:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return UTF8
+    return LATIN1
+
+
+def _source(path: list[str]) -> Source:
+    """Reads a canonical path on (order, step); "" when a part on the way is None or missing."""
+    root = 0 if path[0] == "order" else 1
+    if len(path) == 1:
+        return (lambda order, step: order) if root == 0 else (lambda order, step: step)
+    get = attrgetter(".".join(path[1:]))
+
+    def source(order: model.ImagingOrder, step: model.ScheduledStep) -> Any:
+        try:
+            value = get(step if root else order)
+        except AttributeError:
             return ""
-    return obj
+        return "" if value is None else value
+
+    return source
 
 
 def _text(value: Any) -> str:

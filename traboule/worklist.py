@@ -12,8 +12,9 @@ machine (2 cores) for a 30-attribute item, decoding and reading the matched keys
 and keeps the VR of private and unknown elements. Decoded items are kept in an LRU cache keyed by the stored
 bytes themselves (no invalidation to get wrong: changed bytes are a different key). With 100k items over 100
 days, 8 modalities, 48 stations, "this day + CT + station AE" (11 matches, 17 return keys) takes ~1 ms warm
-and ~10 ms cold; a month for one station (604 matches) 50-70 ms warm. Writing costs ~0.5 ms per item (pydicom
-encoding), outside the write lock.
+and ~10 ms cold; a month for one station (604 matches) 50-70 ms warm. Writing a Dataset costs ~0.5 ms per item
+(pydicom encoding), outside the write lock; an `EncodedItem` (the MWL mapping's fast path, encoded by
+`traboule.dicom_encoding`) arrives with its bytes and index columns already computed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import queue
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from io import BytesIO
@@ -32,6 +33,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
+from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError
 from traboule.dicom_match import (
     AnyOf,
     CompiledQuery,
@@ -40,6 +42,8 @@ from traboule.dicom_match import (
     Single,
     Wildcard,
     compile_query,
+    fold_name,
+    normalize,
     parse_da,
     stored_texts,
 )
@@ -152,7 +156,36 @@ class _DecodedCache:
         return ds
 
 
-Change = tuple[list[tuple[str, Dataset]], list[str], str]  # upserts, deletes, idempotency key
+class EncodedItem:
+    """An item ready for the store: its bytes as `encode_item` writes them and its index columns as `_row` extracts
+    them (see `item_columns`), so that `apply` does not touch pydicom. `dataset` is the item as a pydicom Dataset,
+    built on first use (for callers that read or edit the item, e.g. a batch view or the worklist files)."""
+
+    __slots__ = ("_build", "_dataset", "columns", "data")
+
+    def __init__(self, data: bytes, columns: tuple[object, ...], build: Callable[[], Dataset]) -> None:
+        self.data = data
+        self.columns = columns  # _UPSERT's columns from status to exact
+        self._build = build
+        self._dataset: Dataset | None = None
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = self._build()
+        return self._dataset
+
+    def __repr__(self) -> str:
+        return f"EncodedItem({len(self.data)} bytes, columns={self.columns!r})"
+
+
+def as_dataset(item: Dataset | EncodedItem) -> Dataset:
+    """The Dataset of an upsert value, whichever form it takes."""
+    return item.dataset if isinstance(item, EncodedItem) else item
+
+
+Item = Dataset | EncodedItem
+Change = tuple[list[tuple[str, Item]], list[str], str]  # upserts, deletes, idempotency key
 
 
 class WorklistStore:
@@ -208,8 +241,10 @@ class WorklistStore:
 
     # -- writes ----------------------------------------------------------------------------------------------
 
-    def apply(self, upserts: list[tuple[str, Dataset]], deletes: list[str], idempotency_key: str = "") -> bool:
-        """Write upserts and deletes in one transaction; False (and nothing changed) if the key was applied."""
+    def apply(self, upserts: list[tuple[str, Item]], deletes: list[str], idempotency_key: str = "") -> bool:
+        """Write upserts and deletes in one transaction; False (and nothing changed) if the key was applied.
+
+        An upsert value is a Dataset (encoded here) or an `EncodedItem` (stored as it is)."""
         rows = [_row(key, ds) for key, ds in upserts]  # encode outside the lock: it is the slow part
         now = _now()
         with self._write_lock:
@@ -362,8 +397,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _row(key: str, ds: Dataset) -> tuple[object, ...]:
-    """The upsert parameters (without `updated`): index columns exactly as the matcher normalizes values."""
+def _row(key: str, item: Item) -> tuple[object, ...]:
+    """The upsert parameters (without `updated`)."""
+    if isinstance(item, EncodedItem):
+        return (key, *item.columns, item.data)
+    return (key, *dataset_columns(item), encode_item(item))
+
+
+def dataset_columns(ds: Dataset) -> tuple[object, ...]:
+    """Index columns (status to exact, in `_UPSERT` order) exactly as the matcher normalizes values."""
     exact = True
 
     def column(item: Dataset | None, tag: int, *, fold: bool = False) -> str | None:
@@ -386,8 +428,7 @@ def _row(key: str, ds: Dataset) -> tuple[object, ...]:
         with suppress(ValueError):
             start_date = parse_da(start_date)  # legacy YYYY.MM.DD becomes comparable
     status = column(sps, SPS_STATUS) or ""
-    values = (
-        key,
+    return (
         status,
         column(ds, PATIENT_ID),
         column(ds, ISSUER_OF_PATIENT_ID),
@@ -400,8 +441,72 @@ def _row(key: str, ds: Dataset) -> tuple[object, ...]:
         column(sps, STATION_AET),
         start_date,
         column(sps, SPS_START_TIME),
+        int(exact),
     )
-    return (*values, int(exact), encode_item(ds))
+
+
+# VRs whose str values pydicom keeps as they are (UI stripped, PN tidied) and `element_values` returns as they are.
+_TEXT_COLUMN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
+def item_columns(elements: list[Element]) -> tuple[object, ...]:
+    """`dataset_columns` of the dataset an element tree stands for (`traboule.dicom_encoding.to_dataset`),
+    computed on the tree. Raises `EncodingError` for values it cannot read like pydicom (the caller falls back)."""
+    exact = True
+
+    def column(item: dict[int, tuple[str, object]] | None, tag: int, *, fold: bool = False) -> str | None:
+        nonlocal exact
+        found = None if item is None else item.get(tag)
+        if found is None:
+            return None
+        texts = _tree_texts(tag, *found, fold=fold)
+        if len(texts) > 1:
+            exact = False
+        return texts[0] if texts else ""
+
+    top = {tag: (vr, value) for tag, vr, value in elements}
+    sps_elem = top.get(SPS_SEQUENCE)
+    sps_items = sps_elem[1] if sps_elem is not None and sps_elem[0] == "SQ" and sps_elem[1] else []
+    if not isinstance(sps_items, list):
+        raise EncodingError("the SPS sequence must be a list of items")
+    if len(sps_items) != 1:
+        exact = False
+    sps = {tag: (vr, value) for tag, vr, value in sps_items[0]} if sps_items else None
+    start_date = column(sps, SPS_START_DATE)
+    if start_date:
+        with suppress(ValueError):
+            start_date = parse_da(start_date)
+    status = column(sps, SPS_STATUS) or ""
+    return (
+        status,
+        column(top, PATIENT_ID),
+        column(top, ISSUER_OF_PATIENT_ID),
+        column(top, PATIENT_NAME),
+        column(top, PATIENT_NAME, fold=True),
+        column(top, ACCESSION_NUMBER),
+        column(top, REQUESTED_PROCEDURE_ID),
+        column(top, STUDY_INSTANCE_UID),
+        column(sps, MODALITY),
+        column(sps, STATION_AET),
+        start_date,
+        column(sps, SPS_START_TIME),
+        int(exact),
+    )
+
+
+def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
+    """`stored_texts` of a tree element."""
+    if value is None or value == "":
+        return []
+    if vr not in _TEXT_COLUMN_VRS or not isinstance(value, str):
+        raise EncodingError(f"({tag:08X}) {vr}: not a text value an index column can take from the tree")
+    values = [value] if vr in UNSPLIT_VRS else value.split("\\")
+    if vr == "UI":
+        values = [v.strip() for v in values]  # as pydicom's UID does
+    texts = [normalize(v, vr) for v in values]
+    if fold:
+        texts = [fold_name(t) for t in texts]
+    return [t for t in texts if t != ""]
 
 
 def _glob(pattern: str) -> str:

@@ -50,6 +50,11 @@ _RELATIVE = re.compile(r"^\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?$")
 
 EVENT_KINDS = ("order", "patient-update", "patient-merge")
 
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+CHECKS = {
+    "uid": lambda v: len(v) <= 64 and _UID.match(v) is not None,  # PS3.5 9.1
+}
+
 
 class MappingFailure(Exception):
     """A message that the mapping cannot turn into a valid event (answered with AE)."""
@@ -149,6 +154,7 @@ class FieldRule:
     keys: list[Source] | None = None
     table: CodeTable | None = None
     column: str = ""
+    check: str = ""  # a CHECKS name: a value that fails it is refused (AE) rather than passed on
 
     def value(self, scope: Scope, seps: Separators, current: str = "") -> str:
         if self.keys is not None and self.table is not None:
@@ -167,6 +173,9 @@ class FieldRule:
             for source in self.sources:
                 value = source.read(scope, seps, current)
                 if value:
+                    if self.check and not CHECKS[self.check](value):
+                        reason = f"{source.location} value {value[:70]!r} is not a valid {self.check}"
+                        raise MappingFailure(reason, source.location, "102")
                     break
         if not value and self.required:
             where = (self.keys or self.sources)[0].location if (self.keys or self.sources) else ""
@@ -252,7 +261,7 @@ class HL7InboundMapping:
             spec = {"from": spec}
         if not isinstance(spec, dict):
             raise MappingError(self.path, line, f"{target}: expected a path, a list of paths or a mapping")
-        unknown = set(spec) - {"from", "required", "default", "keys", "table", "column"}
+        unknown = set(spec) - {"from", "required", "default", "keys", "table", "column", "check"}
         if unknown:
             raise MappingError(self.path, line, f"{target}: unknown option(s) {sorted(unknown)}")
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
@@ -277,7 +286,10 @@ class HL7InboundMapping:
             filters = compile_filters([spec["table"]], self.tables, self.path, line)
             for s in compiled:
                 s.filters.extend(filters)
-        return FieldRule(parts, compiled, required, default, line)
+        check = str(spec.get("check", ""))
+        if check and check not in CHECKS:
+            raise MappingError(self.path, line, f"{target}: check {check!r} is not one of {sorted(CHECKS)}")
+        return FieldRule(parts, compiled, required, default, line, check=check)
 
     def _rules(self, cls: type, node: Node) -> tuple[list[FieldRule], list[EachRule]]:
         rules: list[FieldRule] = []

@@ -1,7 +1,8 @@
 """MLLP ingest benchmark: ORM^O01 NW orders/s and ACK latency, 1 and 8 connections, durable journal.
 
-Starts ``traboule run`` (embedded bus, fresh data dir) as a separate process and drives it from this one, so
-client and engine do not share an interpreter. Side by side, the same load against a bare MLLP listener that
+Starts ``traboule run`` (default configuration: embedded bus, worklist in its own process, fresh data dir) and
+drives it from this process, so client and engine do not share an interpreter. Also reports the end-to-end rate:
+from the first order sent to the last one on the worklist. Side by side, the same load against a bare MLLP listener that
 ACKs without parsing or journaling (the cost of the socket round trip alone) gives the ratio.
 
     .venv/bin/python bench/mllp_ingest.py [--messages 4000]
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -22,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from traboule import logging as tlog  # noqa: E402
+
+tlog.configure("console", "warning")
 
 from adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
 
@@ -34,8 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def message(conn: int, i: int) -> bytes:
-    tag = f"{conn}-{i}"
+def message(conn: int, i: int, phase: str = "") -> bytes:
+    tag = f"{phase}{conn}-{i}"
     return (
         TEMPLATE.replace("MSG0001", f"B{tag}")
         .replace("PLC0001", f"P{tag}")
@@ -45,14 +52,14 @@ def message(conn: int, i: int) -> bytes:
     )
 
 
-async def drive(port: int, connections: int, total: int) -> tuple[float, list[float]]:
+async def drive(port: int, connections: int, total: int, phase: str = "") -> tuple[float, list[float]]:
     per_conn = total // connections
     latencies: list[float] = []
 
     async def one(conn: int) -> None:
         async with MLLPClient("127.0.0.1", port, timeout=30) as client:
             for i in range(per_conn):
-                data = message(conn, i)
+                data = message(conn, i, phase)
                 t0 = time.perf_counter()
                 ack = await client.send(data)
                 latencies.append(time.perf_counter() - t0)
@@ -74,6 +81,18 @@ async def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             await asyncio.sleep(0.1)
     raise TimeoutError(f"port {port} not open")
+
+
+async def until_worklist(db: Path, count: int, timeout: float = 120) -> None:
+    """Wait until the worklist process has applied ``count`` orders (read from its store, as an operator would)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                if conn.execute("SELECT count(*) FROM items").fetchone()[0] >= count:
+                    return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"worklist did not reach {count} items")
 
 
 def row(name: str, conns: int, n: int, elapsed: float, lat: list[float]) -> tuple[str, int, float, float, float]:
@@ -98,6 +117,7 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=4000)
     args = parser.parse_args()
     rows = []
+    end_to_end: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         env = dict(
@@ -112,9 +132,15 @@ async def main() -> None:
         engine = subprocess.Popen([str(ROOT / ".venv" / "bin" / "traboule"), "run"], env=env, cwd=ROOT)
         try:
             await wait_port(port)
-            await drive(port, 1, 200)  # warm-up
+            await drive(port, 1, 200, "w")  # warm-up
+            done = 200
             for conns in (1, 8):
-                elapsed, lat = await drive(port, conns, args.messages)
+                await until_worklist(Path(tmp) / "worklist.sqlite", done)
+                started = time.perf_counter()
+                elapsed, lat = await drive(port, conns, args.messages, f"c{conns}-")
+                done += args.messages
+                await until_worklist(Path(tmp) / "worklist.sqlite", done)
+                end_to_end[conns] = args.messages / (time.perf_counter() - started)
                 rows.append(row("traboule (journal fsync)", conns, args.messages, elapsed, lat))
         finally:
             engine.terminate()
@@ -133,6 +159,8 @@ async def main() -> None:
     bare = {r[1]: r[2] for r in rows if r[0].startswith("bare")}
     for conns in (1, 8):
         print(f"ratio traboule / bare at {conns} connection(s): {ours[conns] / bare[conns]:.2f}")
+    for conns in (1, 8):
+        print(f"end to end at {conns} connection(s) (sent -> on the worklist): {end_to_end[conns]:.0f} orders/s")
 
 
 if __name__ == "__main__":

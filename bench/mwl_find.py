@@ -24,6 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from traboule import logging as tlog  # noqa: E402
+
+tlog.configure("console", "warning")
+
 from adapters.dicom_mwl import WorklistSCP  # noqa: E402
 from adapters.worklist_files import WorklistFileWriter  # noqa: E402
 from traboule import model  # noqa: E402

@@ -137,7 +137,8 @@ class OrdersChannel:
             await self.runtime.journal.append(entry, events)
         except Exception as exc:  # the journal is not writable: nothing is acknowledged
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
-            code = "AE" if msg is None or msg.version >= "2.5" else "AR"
+            # AR, not AE: the message itself is fine, and senders resend after AR (many do not after AE).
+            code = "AR"
             error = hl7.AckError("message not stored, send it again later", "", "207")
             ack = hl7.build_ack(
                 msg,
@@ -173,7 +174,10 @@ class OrdersChannel:
         text = data.decode("latin-1")
         raw_msh = _raw_msh(text.lstrip("\ufeff\r\n "))
         entry.control_id = raw_msh[10] if len(raw_msh) > 10 else ""
-        await self.runtime.journal.append(entry)
+        try:
+            await self.runtime.journal.append(entry)
+        except Exception as exc:  # still answer: the sender must learn that nothing was stored
+            self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
         metrics.messages_received.labels(self.name, "rejected").inc()
         self._log.info(
             "message.rejected", message_id=entry.id, control_id=entry.control_id, ack="AR", error=entry.error

@@ -110,7 +110,9 @@ class WorklistChannel:
     async def handle(self, deliveries: list[Delivery]) -> None:
         """Apply a batch of events in order, in one store transaction (one fsync for the batch)."""
         envelopes = [Envelope.from_json(d.body) for d in deliveries]
-        results = await asyncio.to_thread(self._apply, envelopes)
+        # The journal id the dispatcher put on each event: the order in which the RIS messages were received.
+        seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
+        results = await asyncio.to_thread(self._apply, envelopes, seqs)
         for delivery, env, (outcome, upserts, deletes) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
             self._log.info(
@@ -124,30 +126,46 @@ class WorklistChannel:
             )
         metrics.worklist_items.set(self.store.count())
 
-    def _apply(self, envelopes: list[Envelope]) -> list[tuple[str, int, int]]:
-        """Compute every event's changes against the store as the earlier events of the batch leave it, then
-        commit them together and mirror them to the worklist files."""
+    def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int, int]]:
+        """Compute every event's changes against the store as the earlier events of the batch leave it, mirror
+        them to the worklist files, then commit them together.
+
+        An order event older than the latest one applied to the same order (a retry or a replayed dead letter
+        arriving after a newer change or cancel) is skipped as ``stale``: it must not bring a cancelled order back.
+        Files are written before the commit: if that fails nothing is marked applied and the retry writes them
+        again; a crash in between is reconciled by the full sync at start-up.
+        """
         done = self.store.applied([e.idempotency_key for e in envelopes])
+        order_keys = [e.payload.key for e in envelopes if isinstance(e.payload, ImagingOrder)]
+        latest = self.store.order_seqs(order_keys)
         view = _View(self.store)
         changes: list[Change] = []
         results: list[tuple[str, int, int]] = []
-        for env in envelopes:
+        for env, seq in zip(envelopes, seqs, strict=True):
             if env.idempotency_key and env.idempotency_key in done:
                 results.append(("duplicate", 0, 0))
                 continue
             done.add(env.idempotency_key)
+            if isinstance(env.payload, ImagingOrder) and seq:
+                key = env.payload.key
+                if seq < latest.get(key, 0):
+                    changes.append(([], [], env.idempotency_key))
+                    results.append(("stale", 0, 0))
+                    continue
+                latest[key] = seq
             upserts, deletes = self._changes(env, view)
             view.apply(upserts, deletes)
             changes.append((upserts, deletes, env.idempotency_key))
             results.append(("applied", len(upserts), len(deletes)))
+        for writer in self.files:
+            for upserts, deletes, _ in changes:
+                for key, ds in upserts:
+                    writer.write(key, as_dataset(ds))
+                for key in deletes:
+                    writer.remove(key)
         if changes:
-            self.store.apply_batch(changes)
-            for writer in self.files:
-                for upserts, deletes, _ in changes:
-                    for key, ds in upserts:
-                        writer.write(key, as_dataset(ds))
-                    for key in deletes:
-                        writer.remove(key)
+            seq_updates = {k: v for k, v in latest.items() if k in order_keys and v}
+            self.store.apply_batch(changes, seq_updates)
         return results
 
     # -- rules -----------------------------------------------------------------------------------------------
@@ -190,11 +208,15 @@ class WorklistChannel:
         for ident in ids:
             keys.update(view.keys_for_patient(ident.value, ident.issuer))
         patient_ds = self._patient_dataset(update.patient)
+        patient_keywords = self.mapping.patient_keywords()
         upserts = []
         for key in sorted(keys):
             ds = view.get(key)
             if ds is None:
                 continue
+            for keyword in patient_keywords:  # what the new identity lacks must not survive (e.g. the old INS)
+                if keyword not in patient_ds and keyword in ds:
+                    del ds[keyword]
             for elem in patient_ds:
                 if elem.keyword != "SpecificCharacterSet":
                     ds[elem.tag] = elem

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from tests.test_flow import engine_config, fixture, send, store, until
 from traboule import logging as tlog
 from traboule.http import create_app, serve
 from traboule.journal import Journal, JournalEntry, OutboxEvent
+from traboule.metrics import REGISTRY as metrics_registry
 from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
 from traboule.runtime import Runtime
 
@@ -57,6 +59,12 @@ async def test_health_metrics_and_channels_over_http(tmp_path: Path) -> None:
     await runtime.start()
     port = free_port()
     server = await serve(create_app(runtime), "127.0.0.1", port)
+
+    def received(status: str) -> float:
+        labels = {"channel": "ris-orders", "status": status}
+        return metrics_registry.get_sample_value("traboule_messages_received_total", labels) or 0.0
+
+    before = received("accepted"), received("rejected")
     try:
         await send(runtime, fixture("orm_o01_nw_latin1.hl7"), b"garbage")
         await until(lambda: store(runtime).count() == 1)
@@ -64,9 +72,9 @@ async def test_health_metrics_and_channels_over_http(tmp_path: Path) -> None:
             health = (await client.get("/health")).json()
             metrics = (await client.get("/metrics")).text
             channels = (await client.get("/channels")).json()
-        assert health["status"] == "ok" and health["bus"] == "embedded"
-        assert health["journal"] == {"accepted": 1, "rejected": 1}
+        assert health["status"] == "ok" and health["bus"] == "embedded" and health["outbox_pending"] == 0
         assert 'traboule_messages_received_total{channel="ris-orders",status="accepted"}' in metrics
+        assert (received("accepted"), received("rejected")) == (before[0] + 1, before[1] + 1)
         assert "traboule_worklist_items 1.0" in metrics
         assert [c["name"] for c in channels] == ["ris-orders", "worklist"]
     finally:
@@ -217,3 +225,40 @@ async def test_documented_custom_channel_runs(tmp_path: Path, monkeypatch: pytes
         await runtime.stop()
     topics = [json.loads(line)["topic"] for line in audit_file.read_text().splitlines()]
     assert topics == ["order.new", "order.cancel"]
+
+
+async def test_dead_letters_can_be_listed_and_replayed(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    cfg.channels[1]["max_attempts"] = 1
+    runtime = Runtime(cfg)
+    channel: Any = runtime.channel("worklist")
+    original = channel._changes
+    channel._changes = lambda env, view: (_ for _ in ()).throw(RuntimeError("mapping bug"))
+    env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path))
+    await runtime.start()
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: "1 dead letter" in cli("dlq", "list", env=env).stdout)
+        listing = cli("dlq", "list", env=env).stdout
+        assert "RuntimeError: mapping bug" in listing and "order.new" in listing
+        message_id = listing.splitlines()[1].split()[0]
+        channel._changes = original  # the fix is deployed
+        assert cli("dlq", "replay", message_id, env=env).returncode == 0
+        await until(lambda: store(runtime).count() == 1)
+        assert "0 dead letter" in cli("dlq", "list", env=env).stdout
+    finally:
+        await runtime.stop()
+
+
+async def test_rejected_message_is_replayed_from_the_journal(tmp_path: Path) -> None:
+    runtime = Runtime(engine_config(tmp_path))
+    await runtime.start()
+    env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path))
+    to = f"127.0.0.1:{runtime.channel('ris-orders').listener.port}"  # type: ignore[attr-defined]
+    try:
+        await send(runtime, fixture("orm_o01_no_pid3.hl7"))
+        replay = await asyncio.to_thread(cli, "journal", "replay", "1", "--to", to, env=env)
+        assert replay.returncode == 1 and "journal entry 1: AE" in replay.stdout
+        assert runtime.journal is not None and len(runtime.journal.recent(10, "rejected")) == 2
+    finally:
+        await runtime.stop()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from adapters.mllp import MLLPClient
@@ -123,6 +124,8 @@ async def test_worklist_files_follow_the_orders(engine: Runtime) -> None:
     await until(lambda: len(list(folder.glob("*.wl"))) == 2)
     await send(engine, fixture("orm_o01_ca.hl7"))
     await until(lambda: len(list(folder.glob("*.wl"))) == 1)
+    (remaining,) = folder.glob("*.wl")
+    assert pydicom.dcmread(remaining).AccessionNumber == "ACC0002"
 
 
 async def test_same_message_twice_schedules_one_item(engine: Runtime) -> None:
@@ -264,3 +267,54 @@ async def test_missing_identifiers_are_assigned_once(engine: Runtime) -> None:
     await asyncio.sleep(0.3)
     assert store(engine).keys_with_prefix("") == [key]
     assert store(engine).get(key).StudyInstanceUID == first.StudyInstanceUID
+
+
+async def test_retried_order_does_not_undo_a_later_cancel(tmp_path: Path) -> None:
+    """NW fails once and is retried after the CA was applied: the cancelled order must not come back."""
+    runtime = Runtime(engine_config(tmp_path))
+    channel: Any = runtime.channel("worklist")
+    original, failed = channel._changes, []
+
+    def flaky(env: Any, view: Any) -> Any:
+        if env.payload.action == "new" and not failed:
+            failed.append(env.id)
+            raise RuntimeError("database briefly unavailable")
+        return original(env, view)
+
+    channel._changes = flaky
+    await runtime.start()
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: bool(failed))
+        await send(runtime, fixture("orm_o01_ca.hl7"))
+        await until(lambda: channel.store.order_seqs(["RIS|PLC0001"]).get("RIS|PLC0001") == 2)
+        await asyncio.sleep(1.0)  # the NW retry (backoff 0.2 s) has run by now
+        assert await runtime.bus.depth("worklist") == 0
+        assert channel.store.count() == 0
+    finally:
+        await runtime.stop()
+
+
+async def test_merge_drops_the_old_identity(engine: Runtime) -> None:
+    """After ADT^A40 the item carries the surviving patient only: no INS of the merged record is left behind."""
+    await send(engine, fixture("orm_o01_nw_latin1.hl7"))
+    await until(lambda: store(engine).count() == 1)
+    (key,) = store(engine).keys_with_prefix("")
+    assert store(engine).get(key).OtherPatientIDsSequence[0].PatientID == "279035121518989"
+    await send(engine, fixture("adt_a40_merge.hl7"))
+    await until(lambda: store(engine).get(key).PatientID == "IPP0009")
+    merged = store(engine).get(key)
+    assert "OtherPatientIDsSequence" not in merged
+    assert str(merged.PatientName) == "DUPONT^Hélène"
+
+
+async def test_unusable_numbers_do_not_block_the_order(engine: Runtime) -> None:
+    text = fixture("orm_o01_nw_latin1.hl7").decode("latin-1").rstrip("\r")
+    text += "\rOBX|1|NM|29463-7^Body weight^LN||72,5|kg\rOBX|2|NM|8302-2^Body height^LN||1 m 70|cm\r"
+    (ack,) = await send(engine, text.encode("latin-1"))
+    assert ack_code(ack) == "AA"
+    await until(lambda: store(engine).count() == 1)
+    (key,) = store(engine).keys_with_prefix("")
+    item = store(engine).get(key)
+    assert float(item.PatientWeight) == 72.5
+    assert item.PatientSize is None or str(item.PatientSize) == ""

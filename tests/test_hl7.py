@@ -98,7 +98,19 @@ def test_utf8_declared_over_invalid_bytes_is_rejected() -> None:
 def test_unknown_charset_is_rejected() -> None:
     with pytest.raises(hl7.HL7Error) as exc:
         hl7.decode(ORM.replace("|2.3.1", "|2.5||||||ISO IR87").encode())
-    assert exc.value.code == "203"
+    assert exc.value.code == "102" and exc.value.location == "MSH-18"
+
+
+def test_msh18_repetitions_use_the_message_separator() -> None:
+    data = ORM.replace("|2.3.1", "|2.5||||||UNICODE UTF-8~8859/1").replace("JOHN", "Zoë").encode("utf-8")
+    assert hl7.decode(data).codec == "utf-8"
+
+
+def test_err_location_with_component() -> None:
+    msg = hl7.parse(ORM.replace("|2.3.1", "|2.5"))
+    err = hl7.AckError("given name empty", "PID-5.2", "101")
+    ack = hl7.parse(hl7.build_ack(msg, "AE", control_id="X4", timestamp="20261125090000", error=err))
+    assert ack.segment("ERR").field(2) == "PID^1^5^1^2"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("data", [b"", b"PID|1", b"HELLO WORLD", b"MSH", b"\x00\x01\x02"])

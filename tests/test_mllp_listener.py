@@ -40,8 +40,6 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> 
 
 async def test_batch_gets_a_batch_of_acks(engine: Runtime) -> None:
     one = fixture("orm_o01_nw_latin1.hl7").decode("latin-1")
-    two = fixture("omi_o23_nw_utf8.hl7").decode("utf-8")
-    # A batch is in one charset: keep the second message in Latin-1 range by using the first twice.
     batch = "FHS|^~\\&|RIS\rBHS|^~\\&|RIS\r" + one + one.replace("MSG0001", "MSG0009").replace("PLC0001", "PLC9")
     batch += "BTS|2\rFTS|1\r"
     async with MLLPClient("127.0.0.1", mllp_port(engine)) as client:
@@ -50,7 +48,6 @@ async def test_batch_gets_a_batch_of_acks(engine: Runtime) -> None:
     assert lines[0].startswith("BHS|")
     assert lines[-1] == "BTS|2"
     assert [line for line in lines if line.startswith("MSA")] == ["MSA|AA|MSG0001", "MSA|AA|MSG0009"]
-    assert two  # the UTF-8 fixture stays for the single-message tests
 
 
 async def test_oversize_message_is_refused_and_journaled(engine: Runtime) -> None:
@@ -126,7 +123,24 @@ async def test_fuzzed_orders_always_get_an_ack(engine: Runtime, data: st.DataObj
         if not base:
             base = bytearray(b"X")
     channel = engine.channel("ris-orders")
+    assert engine.journal is not None
+    before = sum(engine.journal.counts().values())
     reply = await channel.handle(bytes(base).replace(b"\x1c\r", b""), "fuzz")  # type: ignore[attr-defined]
     ack = hl7.parse(reply.decode("latin-1"))  # answered with the sender's own delimiters, whatever they were
     assert ack.message_type.startswith("ACK")
-    assert ack_code(ack) in ("AA", "AE", "AR")
+    code = ack_code(ack)
+    assert code in ("AA", "AE", "AR")
+    (entry,) = engine.journal.recent(1)
+    assert entry.id == before + 1  # every message is journaled, whatever its fate
+    assert (entry.status in ("accepted", "duplicate")) == (code == "AA")
+
+
+async def test_journal_failure_is_answered_ar(engine: Runtime) -> None:
+    """Nothing stored, nothing acknowledged: AR, so that the RIS sends the message again."""
+    assert engine.journal is not None
+    engine.journal._db.close()  # the disk is gone
+    async with MLLPClient("127.0.0.1", mllp_port(engine)) as client:
+        reply = await client.send(fixture("orm_o01_nw_latin1.hl7"))
+    ack = hl7.parse(reply.decode("latin-1"))
+    assert ack_code(ack) == "AR"
+    assert "not stored" in ack.segment("MSA").field(3)  # type: ignore[union-attr]

@@ -77,6 +77,10 @@ class Bus(Protocol):
         """Messages parked in ``<queue>.dlq`` (for inspection and replay)."""
         ...
 
+    async def replay_dead_letter(self, queue: str, message_id: str) -> bool:
+        """Move a dead letter back onto ``queue`` as a fresh delivery; False when there is none by that id."""
+        ...
+
     async def depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting in-flight ones)."""
         ...

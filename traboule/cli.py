@@ -43,8 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     jr_show = jr_sub.add_parser("show", help="one journal entry, with its raw message")
     jr_show.add_argument("id", type=int)
     jr_list = jr_sub.add_parser("list", help="latest entries")
-    jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected", "failed"])
+    jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected"])
     jr_list.add_argument("--limit", type=int, default=20)
+    jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
+    jr_replay.add_argument("ids", type=int, nargs="+")
+    jr_replay.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
+
+    dlq = sub.add_parser("dlq", help="events a channel gave up on (dead-letter queue)")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="dead letters of a channel, with their error")
+    dlq_list.add_argument("--channel", default="worklist")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_replay = dlq_sub.add_parser("replay", help="put a dead letter back on its channel's queue")
+    dlq_replay.add_argument("message_id")
+    dlq_replay.add_argument("--channel", default="worklist")
 
     sub.add_parser("channels", help="installed channel kinds and adapters, and the configured channels")
 
@@ -276,6 +288,8 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
                 print(f"{name:16} {getattr(entry, name)}")
             print("raw:")
             print(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
+        elif args.action == "replay":
+            return _replay(cfg, journal, args)
         else:
             for entry in journal.recent(args.limit, args.status):
                 print(
@@ -285,6 +299,54 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     finally:
         journal.close()
     return 0
+
+
+def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -> int:
+    from adapters.mllp import MLLPClient
+
+    to = args.to
+    if not to:
+        sources = [c.get("source") or {} for c in cfg.channels if c["kind"] == "hl7-orders"]
+        to = f"{sources[0].get('host', '127.0.0.1')}:{sources[0].get('port', 2575)}" if sources else ""
+    host, _, port = to.rpartition(":")
+    entries = [journal.get(i) for i in args.ids]  # type: ignore[attr-defined]
+    missing = [i for i, e in zip(args.ids, entries, strict=True) if e is None]
+    if missing or not port:
+        print(f"no journal entry {missing}" if missing else "no MLLP listener configured: give --to", file=sys.stderr)
+        return 1
+
+    async def go() -> int:
+        worst = 0
+        async with MLLPClient(host or "127.0.0.1", int(port)) as client:
+            for entry in entries:
+                code = _ack_code((await client.send(entry.raw)).decode("utf-8", "replace"))
+                print(f"journal entry {entry.id}: {code}")
+                worst = worst or (0 if code == "AA" else 1)
+        return worst
+
+    return asyncio.run(go())
+
+
+def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule.bus import make_bus
+
+    async def go() -> int:
+        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
+        await bus.start()
+        try:
+            if args.action == "list":
+                letters = await bus.dead_letters(args.channel, args.limit)
+                print(f"{len(letters)} dead letter(s) for channel {args.channel!r}")
+                for d in letters:
+                    print(f"{d.message_id}  {d.topic:14} attempts={d.attempt}  {d.headers.get('x-error', '')}")
+                return 0
+            replayed = await bus.replay_dead_letter(args.channel, args.message_id)
+            print("replayed" if replayed else f"no dead letter {args.message_id} for channel {args.channel!r}")
+            return 0 if replayed else 1
+        finally:
+            await bus.close()
+
+    return asyncio.run(go())
 
 
 def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -346,6 +408,7 @@ COMMANDS = {
     "worklist": cmd_worklist,
     "journal": cmd_journal,
     "channels": cmd_channels,
+    "dlq": cmd_dlq,
     "test": cmd_test,
     "check": cmd_check,
 }

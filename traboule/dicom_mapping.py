@@ -14,6 +14,7 @@ the fast encoder cannot write exactly goes through pydicom.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -34,7 +35,7 @@ MAX_LENGTH = {
     "CS": 16,
     "SH": 16,
     "LO": 64,
-    "PN": 64 * 5,
+    "PN": 64,  # per component group; we write the alphabetic group only
     "UI": 64,
     "DA": 8,
     "TM": 16,
@@ -47,6 +48,20 @@ MAX_LENGTH = {
 }
 
 ROOTS = ("order", "step")
+NUMBER_VRS = {"DS", "IS"}
+_DS = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_IS = re.compile(r"^[+-]?\d{1,11}$")
+
+
+def _number(text: str, vr: str) -> str:
+    """A DS/IS value as DICOM wants it, or empty: senders write ``72,5`` or ``72 kg`` (the item must still be
+    served; a value a modality cannot parse would make the whole item unusable)."""
+    value = text.strip().replace(",", ".")
+    if vr == "DS":
+        return value if _DS.match(value) and len(value) <= 16 else ""
+    return value if _IS.match(value) else ""
+
+
 NUMERIC_VRS = {"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}
 LATIN1 = "ISO_IR 100"
 UTF8 = "ISO_IR 192"
@@ -202,6 +217,8 @@ class MWLMapping:
                 text = value
             else:
                 text = _render(value, vr)
+            if vr in NUMBER_VRS:
+                text = _number(text, vr)
             if not text:
                 out.append((rule.tag, vr, None if vr in NUMERIC_VRS else text))
                 continue

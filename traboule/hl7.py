@@ -84,14 +84,16 @@ def decode(data: bytes) -> Decoded:
     end = min((i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0), default=len(head))
     msh = head[:end].split(sep)
     declared = msh[17].decode("ascii", "replace").strip() if len(msh) > 17 else ""
-    declared_first = declared.split(head[4:5].decode("latin-1") or "^")[0] if declared else ""
-    charset = declared_first.split("~")[0].strip().upper()
+    # MSH-18 repeats (first repetition: the default character set); take its first component.
+    repetition = head[5:6].decode("latin-1") or "~"
+    component = head[4:5].decode("latin-1") or "^"
+    charset = declared.split(repetition)[0].split(component)[0].strip().upper() if declared else ""
     codec = CHARSETS.get(charset)
     if codec is None:
         raise HL7Error(
             f"MSH-18 character set {declared!r} is not supported (ASCII, 8859/1, 8859/15, UNICODE UTF-8)",
             location="MSH-18",
-            code="203",
+            code="102",
         )
     if codec == "utf-8":
         try:
@@ -409,5 +411,6 @@ def _err_segment(error: AckError, version: str, seps: Separators) -> str:
         modern = True
     if not modern:
         return fs.join(["ERR", c.join([seg, "1" if seg else "", fld, f"{error.code}{s}{label}{s}HL70357"])])
-    location = c.join([seg, "1" if seg else "", fld, comp]).rstrip(c)
+    # ERL: segment ^ sequence ^ field ^ field repetition ^ component
+    location = c.join([seg, "1" if seg else "", fld, "1" if comp else "", comp]).rstrip(c)
     return fs.join(["ERR", "", location, c.join([error.code, label, "HL70357"]), error.severity, "", "", "", reason])

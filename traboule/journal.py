@@ -12,6 +12,7 @@ message. A dispatcher publishes them to the bus and deletes them; after a crash 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,8 +175,9 @@ class Journal:
                 db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in published])
             db.execute("COMMIT")
         except Exception as exc:  # disk full, I/O error: every waiting sender gets the error, nothing is ACKed
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the connection itself may be what failed
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
             self._published.extend(published)
             for _, _, future in batch:
                 if not future.done():
@@ -215,6 +217,11 @@ class Journal:
             self._db.close()
 
     # -- outbox ----------------------------------------------------------------------------------------------
+
+    def outbox_depth(self) -> int:
+        """Events journaled but not yet confirmed by the bus."""
+        (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+        return max(0, int(n) - len(self._published))
 
     def pending_events(self, limit: int = 500) -> list[OutboxEvent]:
         rows = self._db.execute(

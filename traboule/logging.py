@@ -47,5 +47,20 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
         logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
+    # Libraries (and our bus adapters) log through the standard library: render their records with the same
+    # processors, so every line of the process is one JSON object with a level and a timestamp.
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=processors[:-2],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                processors[-1],
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)

@@ -168,7 +168,17 @@ def _datetime(v: str) -> str:
     return v.split("+")[0].split("-")[0][:14] if _valid_date(v) else ""
 
 
+def _height_m(v: str) -> str:
+    """A height in metres (DICOM PatientSize). LOINC 8302-2 is sent in cm: a value above 3 is taken as cm."""
+    try:
+        number = float(v.strip().replace(",", "."))
+    except ValueError:
+        return ""
+    return f"{number / 100:.2f}" if number > 3 else f"{number:g}"
+
+
 FILTERS: dict[str, Callable[[str], str]] = {
+    "height_m": _height_m,
     "date": _date,  # HL7 DTM → DICOM DA
     "time": _time,  # HL7 DTM → DICOM TM (no zone)
     "datetime": _datetime,  # HL7 DTM without zone

@@ -105,6 +105,12 @@ CREATE TABLE IF NOT EXISTS applied (
     idempotency_key TEXT PRIMARY KEY,
     applied_at TEXT NOT NULL
 ) WITHOUT ROWID;
+-- The journal sequence of the latest event applied per order: an older event (a retried or replayed one that
+-- arrives after a newer change or cancel) must not undo what came after it.
+CREATE TABLE IF NOT EXISTS order_seq (
+    order_key TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 _BATCH = 256  # datasets fetched per short read transaction while a response streams
@@ -265,11 +271,12 @@ class WorklistStore:
                 raise
         return True
 
-    def apply_batch(self, changes: list[Change]) -> list[bool]:
+    def apply_batch(self, changes: list[Change], seqs: dict[str, int] | None = None) -> list[bool]:
         """Apply several changes (upserts, deletes, idempotency key) in one transaction, in order.
 
         One fsync for the lot: a consumer handling a batch of events commits once. Each change whose key was
         already applied (before or earlier in the batch) is skipped; the result says which were applied.
+        ``seqs`` records, in the same transaction, the latest event sequence seen per order key.
         """
         encoded = [([_row(key, ds) for key, ds in upserts], deletes, key) for upserts, deletes, key in changes]
         now = _now()
@@ -288,11 +295,27 @@ class WorklistStore:
                     conn.executemany(_UPSERT, [(*row, now) for row in rows])
                     conn.executemany("DELETE FROM items WHERE key = ?", [(key,) for key in deletes])
                     applied.append(True)
+                if seqs:
+                    conn.executemany(
+                        "INSERT INTO order_seq VALUES (?, ?)"
+                        " ON CONFLICT(order_key) DO UPDATE SET seq = max(seq, excluded.seq)",
+                        list(seqs.items()),
+                    )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return applied
+
+    def order_seqs(self, order_keys: list[str]) -> dict[str, int]:
+        """The latest event sequence applied for each of these order keys (absent: none yet)."""
+        keys = list(dict.fromkeys(order_keys))
+        if not keys:
+            return {}
+        with self._reader() as conn:
+            marks = ",".join("?" * len(keys))
+            rows = conn.execute(f"SELECT order_key, seq FROM order_seq WHERE order_key IN ({marks})", keys)
+            return {k: int(v) for k, v in rows}
 
     def applied(self, idempotency_keys: list[str]) -> set[str]:
         """Which of these idempotency keys were already applied."""

@@ -111,8 +111,6 @@ class OrdersChannel:
             entry.correlation_id = msg.control_id or entry.idempotency_key
             payloads = self.mapping.map(msg)
             for i, payload in enumerate(payloads):
-                if isinstance(payload, ImagingOrder) and not payload.key:
-                    raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
                 env = Envelope(
                     payload,
                     source=self.name,

@@ -271,21 +271,9 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             if entry is None:
                 print(f"no journal entry {args.id}", file=sys.stderr)
                 return 1
-            for name in (
-                "id",
-                "received",
-                "channel",
-                "peer",
-                "message_type",
-                "control_id",
-                "status",
-                "ack_code",
-                "error",
-                "warnings",
-                "idempotency_key",
-                "correlation_id",
-            ):
-                print(f"{name:16} {getattr(entry, name)}")
+            for name, value in vars(entry).items():
+                if name != "raw":
+                    print(f"{name:16} {value}")
             print("raw:")
             print(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
         elif args.action == "replay":

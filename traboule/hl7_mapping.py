@@ -372,6 +372,8 @@ class HL7InboundMapping:
             order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps)
             if self.steps:
                 order.steps = self._each_segments(self.steps, scope, seps)
+            if not order.key:  # nothing would tie a later change or cancel to this order
+                raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
             orders.append(order)
         return orders
 

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS messages (
     peer TEXT NOT NULL DEFAULT '',
     control_id TEXT NOT NULL DEFAULT '',
     message_type TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,             -- accepted | duplicate | rejected | failed
+    status TEXT NOT NULL,             -- accepted | duplicate | rejected
     ack_code TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
     warnings TEXT NOT NULL DEFAULT '',

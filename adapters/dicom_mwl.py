@@ -18,6 +18,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from traboule import metrics
 from traboule.dicom_match import QueryError
 from traboule.worklist import WorklistStore
 
@@ -173,6 +174,7 @@ class WorklistSCP:
                     outcome = "truncated"
                     break
         finally:
+            metrics.mwl_queries.inc()
             bound.info(
                 "mwl.find",
                 outcome=outcome,

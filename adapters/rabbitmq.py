@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from traboule.bus import BatchHandler, Delivery, Handler
+from traboule.bus import BatchHandler, Delivery, Handler, dlq_name, one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ class _Subscription:
     held: AbstractIncomingMessage | None = None  # taken from the buffer, to start the next batch
     consumer_tag: str | None = None
     worker: asyncio.Task[None] | None = None
-
-
-def dlq_name(queue: str) -> str:
-    return f"{queue}.dlq"
 
 
 class RabbitMQBus:
@@ -188,12 +184,7 @@ class RabbitMQBus:
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare ``queue`` bound to ``topics`` and consume it; deliveries are handled one at a time, in order."""
-
-        async def one_by_one(deliveries: list[Delivery]) -> None:
-            (delivery,) = deliveries
-            await handler(delivery)
-
-        await self.subscribe_batch(queue, topics, one_by_one, max_attempts=max_attempts, max_batch=1)
+        await self.subscribe_batch(queue, topics, one_by_one(handler), max_attempts=max_attempts, max_batch=1)
 
     async def subscribe_batch(
         self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100

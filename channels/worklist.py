@@ -70,6 +70,7 @@ class WorklistChannel:
                         host=dest.get("host", "127.0.0.1"),
                         port=int(dest.get("port", 11112)),
                         case_insensitive_names=bool(dest.get("case_insensitive_names", False)),
+                        max_results=int(dest.get("max_results", 0)),
                     )
                 )
             elif adapter == "worklist-files":

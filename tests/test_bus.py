@@ -13,7 +13,7 @@ import pytest
 
 from adapters.rabbitmq import RabbitMQBus
 from tests.peer_rabbitmq import unique_name
-from traboule.bus import Delivery
+from traboule.bus import Delivery, one_by_one
 from traboule.embedded_bus import EmbeddedBus
 
 pytestmark = pytest.mark.timeout(30)  # the first RabbitMQ test also starts the broker (6-8 s)
@@ -374,3 +374,18 @@ async def test_a_single_message_is_handed_over_at_once_as_a_list_of_one(bus: Any
     assert time.monotonic() - started < 1.0
     assert [(d.message_id, d.body) for d in batch] == [("m-1", b"alone")]
     assert inbox.calls == [[("m-1", 1)]]
+
+
+async def test_one_by_one_hands_the_single_delivery_of_each_batch_to_the_handler() -> None:
+    seen: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery)
+
+    batch_handler = one_by_one(handler)
+    delivery = Delivery("orders.new", b"body", "m-1")
+    await batch_handler([delivery])
+    assert seen == [delivery]
+    with pytest.raises(ValueError):  # subscribe consumes with max_batch=1: a longer list is a bug
+        await batch_handler([delivery, delivery])
+    assert seen == [delivery]

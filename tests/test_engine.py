@@ -262,3 +262,17 @@ async def test_rejected_message_is_replayed_from_the_journal(tmp_path: Path) -> 
         assert runtime.journal is not None and len(runtime.journal.recent(10, "rejected")) == 2
     finally:
         await runtime.stop()
+
+
+def test_operations_guide_configuration_loads(tmp_path: Path) -> None:
+    """The configuration example of docs/operations.md is valid as written."""
+    from traboule.config import load
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    example = text.split("```toml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "traboule.toml"
+    path.write_text(example)
+    cfg = load(str(path), env={})
+    assert [c["name"] for c in cfg.channels] == ["ris-orders", "worklist"]
+    assert cfg.processes() == ["main", "worker"]
+    assert [d["adapter"] for d in cfg.channel("worklist")["destinations"]] == ["mwl-scp", "worklist-files"]

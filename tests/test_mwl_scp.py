@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
-import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset
@@ -13,7 +14,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from adapters.dicom_mwl import WorklistSCP
+from channels.worklist import WorklistChannel
 from tests.peer_dcmtk import echoscu, findscu, free_port, mwl_item, require_dcmtk, run_findscu, with_keys
+from traboule import metrics
 from traboule.worklist import WorklistStore
 
 pytestmark = pytest.mark.dcmtk
@@ -151,6 +154,16 @@ def test_max_results_caps_the_matches(store: WorklistStore) -> None:
         server.stop()
 
 
+def test_max_results_is_read_from_the_destination_config(tmp_path: Path) -> None:
+    runtime = SimpleNamespace(config=SimpleNamespace(path=None), data_dir=tmp_path)
+    destinations = [{"adapter": "mwl-scp", "max_results": "25"}, {"adapter": "mwl-scp"}]
+    channel = WorklistChannel({"name": "worklist", "destinations": destinations}, runtime)
+    try:
+        assert [scp.max_results for scp in channel.scps] == [25, 0]
+    finally:
+        channel.store.close()
+
+
 class SlowStore:
     """A store whose matches trickle in, so that a C-CANCEL arrives while the SCP is still streaming."""
 
@@ -175,20 +188,20 @@ def test_c_cancel_stops_the_stream() -> None:
     assert "Cancel" in result.output
 
 
-def test_round_trip_times_findscu_vs_echoscu(scp: WorklistSCP) -> None:
-    """Prints latencies (no assertion on time): process + association + query, against a bare C-ECHO."""
+def answered_queries() -> float:
+    return metrics.REGISTRY.get_sample_value("traboule_mwl_queries_total") or 0.0
+
+
+def test_repeated_queries_from_findscu_and_on_one_open_association(scp: WorklistSCP) -> None:
+    """The same query, from new findscu processes and again and again on one association: the same answer,
+    each C-FIND counted in `traboule_mwl_queries` (timings: bench/mwl_find.py)."""
+    before = answered_queries()
     keys = with_keys(
         f"{SPS}Modality=CT", f"{SPS}ScheduledStationAETitle=CT01", f"{SPS}ScheduledProcedureStepStartDate=20240315"
     )
-    find_s, echo_s = [], []
     for _ in range(3):
-        started = time.perf_counter()
         assert echoscu(scp.port, AET).returncode == 0
-        echo_s.append(time.perf_counter() - started)
-        result = run_findscu(scp.port, AET, keys)
-        assert len(result.datasets) == 1
-        find_s.append(result.seconds)
-    # In-process SCU on one open association: the SCP's own cost per query, without process start-up.
+        assert accessions(findscu(scp.port, AET, keys)) == ["ACC0001"]
     ae = AE(ae_title="MODALITY1")
     ae.add_requested_context(ModalityWorklistInformationFind)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title=AET)
@@ -203,18 +216,15 @@ def test_round_trip_times_findscu_vs_echoscu(scp: WorklistSCP) -> None:
     step.ScheduledStationAETitle = "CT01"
     step.ScheduledProcedureStepStartDate = "20240315"
     query.ScheduledProcedureStepSequence = [step]
-    inproc = []
-    for _ in range(5):
-        started = time.perf_counter()
-        statuses = [status.Status for status, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)]
-        inproc.append(time.perf_counter() - started)
-        assert statuses == [0xFF00, 0x0000]
-    assoc.release()
-    print(
-        f"\nMWL round trip: findscu {statistics.median(find_s) * 1000:.1f} ms, "
-        f"echoscu {statistics.median(echo_s) * 1000:.1f} ms (median of 3, process start included); "
-        f"pynetdicom C-FIND on an open association {statistics.median(inproc) * 1000:.1f} ms"
-    )
+    try:
+        for _ in range(5):
+            responses = list(assoc.send_c_find(query, ModalityWorklistInformationFind))
+            assert [status.Status for status, _ in responses] == [0xFF00, 0x0000]
+            assert responses[0][1].AccessionNumber == "ACC0001"
+            assert responses[0][1].PatientName == "DUPONT^Hélène"
+    finally:
+        assoc.release()
+    assert answered_queries() - before == 3 + 5
 
 
 def test_stop_ends_open_associations(store: WorklistStore) -> None:

@@ -50,6 +50,16 @@ Handler = Callable[[Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
+def one_by_one(handler: Handler) -> BatchHandler:
+    """The batch handler that ``subscribe`` consumes with (``max_batch=1``): hands each delivery to ``handler``."""
+
+    async def handle(deliveries: list[Delivery]) -> None:
+        (delivery,) = deliveries
+        await handler(delivery)
+
+    return handle
+
+
 class Bus(Protocol):
     async def start(self) -> None: ...
 
@@ -84,6 +94,11 @@ class Bus(Protocol):
     async def depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting in-flight ones)."""
         ...
+
+
+def dlq_name(queue: str) -> str:
+    """The dead-letter queue of ``queue``."""
+    return f"{queue}.dlq"
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -15,7 +15,7 @@ the fast encoder cannot write exactly goes through pydicom.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -175,8 +175,7 @@ class MWLMapping:
         texts: list[str] = []
         tree = self._tree(self.attrs, order, step, texts)
         try:
-            joined = "".join(texts)
-            charset = LATIN1 if joined.isascii() else _charset_of(joined)
+            charset = _charset_of(texts)
             return EncodedItem(encode(tree, charset), item_columns(tree), lambda: _dataset(tree))
         except EncodingError:
             # A value our encoder does not write exactly as pydicom: let pydicom do all of it.
@@ -239,14 +238,6 @@ def _dataset(tree: list[Element]) -> Dataset:
     return ds
 
 
-def _charset_of(text: str) -> str:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return UTF8
-    return LATIN1
-
-
 def _source(path: list[str]) -> Source:
     """Reads a canonical path on (order, step); "" when a part on the way is None or missing."""
     root = 0 if path[0] == "order" else 1
@@ -288,14 +279,21 @@ def _render(value: Any, vr: str) -> str:
 
 
 def character_set(ds: Dataset) -> str:
-    """ISO_IR 100 when Latin-1 holds every text value, else ISO_IR 192 (UTF-8); plain ASCII gets ISO_IR 100
-    too, as modalities that predate UTF-8 handle it everywhere."""
-    for text in _strings(ds):
+    """The Specific Character Set for the text values of `ds` (see `_charset_of`)."""
+    return _charset_of(_strings(ds))
+
+
+def _charset_of(texts: Iterable[str]) -> str:
+    """ISO_IR 100 when Latin-1 holds every text, else ISO_IR 192 (UTF-8); plain ASCII gets ISO_IR 100 too, as
+    modalities that predate UTF-8 handle it everywhere."""
+    for text in texts:
+        if text.isascii():
+            continue
         try:
             text.encode("latin-1")
         except UnicodeEncodeError:
-            return "ISO_IR 192"
-    return "ISO_IR 100"
+            return UTF8
+    return LATIN1
 
 
 def _strings(ds: Dataset):

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from traboule.bus import BatchHandler, Delivery, Handler, topic_matches
+from traboule.bus import BatchHandler, Delivery, Handler, dlq_name, one_by_one, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ class _Consumer:
     inflight: set[int] = field(default_factory=set)  # fetched, not yet settled: excluded from depth()
     acked: list[int] = field(default_factory=list)  # handler returned, row not deleted yet
     failed: list[tuple[_Row, str]] = field(default_factory=list)  # handler raised, not recorded yet
-
-
-def dlq_name(queue: str) -> str:
-    return f"{queue}.dlq"
 
 
 class EmbeddedBus:
@@ -273,12 +269,7 @@ class EmbeddedBus:
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare ``queue`` bound to ``topics`` and consume it (waiting rows first, in publish order)."""
-
-        async def one_by_one(deliveries: list[Delivery]) -> None:
-            (delivery,) = deliveries
-            await handler(delivery)
-
-        await self.subscribe_batch(queue, topics, one_by_one, max_attempts=max_attempts, max_batch=1)
+        await self.subscribe_batch(queue, topics, one_by_one(handler), max_attempts=max_attempts, max_batch=1)
 
     async def subscribe_batch(
         self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100

@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from io import BytesIO
+from typing import NamedTuple, TypeVar, cast
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -42,8 +44,6 @@ from traboule.dicom_match import (
     Single,
     Wildcard,
     compile_query,
-    fold_name,
-    normalize,
     parse_da,
     stored_texts,
 )
@@ -251,25 +251,7 @@ class WorklistStore:
         """Write upserts and deletes in one transaction; False (and nothing changed) if the key was applied.
 
         An upsert value is a Dataset (encoded here) or an `EncodedItem` (stored as it is)."""
-        rows = [_row(key, ds) for key, ds in upserts]  # encode outside the lock: it is the slow part
-        now = _now()
-        with self._write_lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if idempotency_key:
-                    seen = conn.execute("SELECT 1 FROM applied WHERE idempotency_key = ?", (idempotency_key,))
-                    if seen.fetchone() is not None:
-                        conn.execute("ROLLBACK")
-                        return False
-                    conn.execute("INSERT INTO applied VALUES (?, ?)", (idempotency_key, now))
-                conn.executemany(_UPSERT, [(*row, now) for row in rows])
-                conn.executemany("DELETE FROM items WHERE key = ?", [(key,) for key in deletes])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return True
+        return self.apply_batch([(upserts, deletes, idempotency_key)])[0]
 
     def apply_batch(self, changes: list[Change], seqs: dict[str, int] | None = None) -> list[bool]:
         """Apply several changes (upserts, deletes, idempotency key) in one transaction, in order.
@@ -429,43 +411,10 @@ def _row(key: str, item: Item) -> tuple[object, ...]:
 
 def dataset_columns(ds: Dataset) -> tuple[object, ...]:
     """Index columns (status to exact, in `_UPSERT` order) exactly as the matcher normalizes values."""
-    exact = True
-
-    def column(item: Dataset | None, tag: int, *, fold: bool = False) -> str | None:
-        nonlocal exact
-        elem = None if item is None else item.get(tag)
-        if elem is None:
-            return None
-        texts = stored_texts(elem, fold=fold)
-        if len(texts) > 1:
-            exact = False  # one column cannot hold several values: let the matcher decide
-        return texts[0] if texts else ""
-
     sps_elem = ds.get(SPS_SEQUENCE)
     sps_items = list(sps_elem.value) if sps_elem is not None and sps_elem.VR == "SQ" and sps_elem.value else []
-    if len(sps_items) != 1:
-        exact = False  # sequence matching may succeed on any SPS item, the columns describe only the first
-    sps = sps_items[0] if sps_items else None
-    start_date = column(sps, SPS_START_DATE)
-    if start_date:
-        with suppress(ValueError):
-            start_date = parse_da(start_date)  # legacy YYYY.MM.DD becomes comparable
-    status = column(sps, SPS_STATUS) or ""
-    return (
-        status,
-        column(ds, PATIENT_ID),
-        column(ds, ISSUER_OF_PATIENT_ID),
-        column(ds, PATIENT_NAME),
-        column(ds, PATIENT_NAME, fold=True),
-        column(ds, ACCESSION_NUMBER),
-        column(ds, REQUESTED_PROCEDURE_ID),
-        column(ds, STUDY_INSTANCE_UID),
-        column(sps, MODALITY),
-        column(sps, STATION_AET),
-        start_date,
-        column(sps, SPS_START_TIME),
-        int(exact),
-    )
+    sps = sps_items[0].get if sps_items else None
+    return _columns(ds.get, sps, len(sps_items), lambda elem, fold: stored_texts(elem, fold=fold))
 
 
 # VRs whose str values pydicom keeps as they are (UI stripped, PN tidied) and `element_values` returns as they are.
@@ -475,30 +424,43 @@ _TEXT_COLUMN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "S
 def item_columns(elements: list[Element]) -> tuple[object, ...]:
     """`dataset_columns` of the dataset an element tree stands for (`traboule.dicom_encoding.to_dataset`),
     computed on the tree. Raises `EncodingError` for values it cannot read like pydicom (the caller falls back)."""
-    exact = True
-
-    def column(item: dict[int, tuple[str, object]] | None, tag: int, *, fold: bool = False) -> str | None:
-        nonlocal exact
-        found = None if item is None else item.get(tag)
-        if found is None:
-            return None
-        texts = _tree_texts(tag, *found, fold=fold)
-        if len(texts) > 1:
-            exact = False
-        return texts[0] if texts else ""
-
-    top = {tag: (vr, value) for tag, vr, value in elements}
+    top = {elem[0]: elem for elem in elements}
     sps_elem = top.get(SPS_SEQUENCE)
-    sps_items = sps_elem[1] if sps_elem is not None and sps_elem[0] == "SQ" and sps_elem[1] else []
+    sps_items = sps_elem[2] if sps_elem is not None and sps_elem[1] == "SQ" and sps_elem[2] else []
     if not isinstance(sps_items, list):
         raise EncodingError("the SPS sequence must be a list of items")
-    if len(sps_items) != 1:
-        exact = False
-    sps = {tag: (vr, value) for tag, vr, value in sps_items[0]} if sps_items else None
+    sps = {elem[0]: elem for elem in sps_items[0]}.get if sps_items else None
+    return _columns(top.get, sps, len(sps_items), lambda elem, fold: _tree_texts(*elem, fold=fold))
+
+
+_E = TypeVar("_E")
+
+
+def _columns(
+    top: Callable[[int], _E | None],
+    sps: Callable[[int], _E | None] | None,
+    sps_count: int,
+    texts: Callable[[_E, bool], list[str]],
+) -> tuple[object, ...]:
+    """The index columns of an item, whichever form it takes: `top` and `sps` find an element of the item and of
+    its first SPS item by tag (None when absent), `texts` gives an element's `stored_texts` (folded or not)."""
+    # Sequence matching may succeed on any SPS item, the columns describe only the first.
+    exact = sps_count == 1
+
+    def column(find: Callable[[int], _E | None] | None, tag: int, *, fold: bool = False) -> str | None:
+        nonlocal exact
+        elem = None if find is None else find(tag)
+        if elem is None:
+            return None
+        values = texts(elem, fold)
+        if len(values) > 1:
+            exact = False  # one column cannot hold several values: let the matcher decide
+        return values[0] if values else ""
+
     start_date = column(sps, SPS_START_DATE)
     if start_date:
         with suppress(ValueError):
-            start_date = parse_da(start_date)
+            start_date = parse_da(start_date)  # legacy YYYY.MM.DD becomes comparable
     status = column(sps, SPS_STATUS) or ""
     return (
         status,
@@ -517,6 +479,13 @@ def item_columns(elements: list[Element]) -> tuple[object, ...]:
     )
 
 
+class _TreeValues(NamedTuple):
+    """The part of a DataElement `stored_texts` reads, for a tree element's values."""
+
+    VR: str
+    value: list[str]
+
+
 def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
     """`stored_texts` of a tree element."""
     if value is None or value == "":
@@ -526,10 +495,7 @@ def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
     values = [value] if vr in UNSPLIT_VRS else value.split("\\")
     if vr == "UI":
         values = [v.strip() for v in values]  # as pydicom's UID does
-    texts = [normalize(v, vr) for v in values]
-    if fold:
-        texts = [fold_name(t) for t in texts]
-    return [t for t in texts if t != ""]
+    return stored_texts(cast(DataElement, _TreeValues(vr, values)), fold=fold)
 
 
 def _glob(pattern: str) -> str:

@@ -131,14 +131,14 @@ class WorklistChannel:
         """Compute every event's changes against the store as the earlier events of the batch leave it, mirror
         them to the worklist files, then commit them together.
 
-        An order event older than the latest one applied to the same order (a retry or a replayed dead letter
-        arriving after a newer change or cancel) is skipped as ``stale``: it must not bring a cancelled order back.
+        An event older than the latest one applied to the same order or patient (a retry or a replayed dead
+        letter arriving after a newer change, cancel or update) is skipped as ``stale``: it must not bring a
+        cancelled order back or put old demographics over new ones.
         Files are written before the commit: if that fails nothing is marked applied and the retry writes them
         again; a crash in between is reconciled by the full sync at start-up.
         """
         done = self.store.applied([e.idempotency_key for e in envelopes])
-        order_keys = [e.payload.key for e in envelopes if isinstance(e.payload, ImagingOrder)]
-        latest = self.store.order_seqs(order_keys)
+        latest = self.store.order_seqs([k for e in envelopes if (k := sequence_key(e.payload))])
         view = _View(self.store)
         changes: list[Change] = []
         results: list[tuple[str, int, int]] = []
@@ -147,13 +147,13 @@ class WorklistChannel:
                 results.append(("duplicate", 0, 0))
                 continue
             done.add(env.idempotency_key)
-            if isinstance(env.payload, ImagingOrder) and seq:
-                key = env.payload.key
-                if seq < latest.get(key, 0):
+            seq_key = sequence_key(env.payload)
+            if seq_key and seq:
+                if seq < latest.get(seq_key, 0):
                     changes.append(([], [], env.idempotency_key))
                     results.append(("stale", 0, 0))
                     continue
-                latest[key] = seq
+                latest[seq_key] = seq
             upserts, deletes = self._changes(env, view)
             view.apply(upserts, deletes)
             changes.append((upserts, deletes, env.idempotency_key))
@@ -165,8 +165,7 @@ class WorklistChannel:
                 for key in deletes:
                     writer.remove(key)
         if changes:
-            seq_updates = {k: v for k, v in latest.items() if k in order_keys and v}
-            self.store.apply_batch(changes, seq_updates)
+            self.store.apply_batch(changes, latest)
         return results
 
     # -- rules -----------------------------------------------------------------------------------------------
@@ -289,3 +288,11 @@ class _View:
             else:
                 keys.discard(key)
         return sorted(keys)
+
+
+def sequence_key(payload: ImagingOrder | PatientUpdate) -> str:
+    """What an event's journal sequence is compared on: its order, or the patient whose items it rewrites."""
+    if isinstance(payload, ImagingOrder):
+        return payload.key
+    primary = payload.patient.primary_id
+    return f"patient|{primary.issuer}|{primary.value}" if primary and primary.value else ""

@@ -105,8 +105,8 @@ CREATE TABLE IF NOT EXISTS applied (
     idempotency_key TEXT PRIMARY KEY,
     applied_at TEXT NOT NULL
 ) WITHOUT ROWID;
--- The journal sequence of the latest event applied per order: an older event (a retried or replayed one that
--- arrives after a newer change or cancel) must not undo what came after it.
+-- The journal sequence of the latest event applied per order (or per patient, keys "patient|..."): an older
+-- event (a retried or replayed one that arrives after a newer change, cancel or update) must not undo it.
 CREATE TABLE IF NOT EXISTS order_seq (
     order_key TEXT PRIMARY KEY,
     seq INTEGER NOT NULL

@@ -100,6 +100,21 @@ def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
     rep_index = int(m["rep"] or 1) - 1
     rep_filter = (int(m["rc"]), m["rv"]) if m["rc"] else None
 
+    if not seg_filter and not rep_filter and not (seg == "MSH" and fld <= 2):
+        # The common case, kept lean: it runs some 70 times per message on the ingest path.
+        def plain(scope: Scope, seps: Separators, current: str) -> str:
+            segments = scope.get(seg)
+            if not segments or seg_index >= len(segments):
+                return ""
+            fields = segments[seg_index].fields
+            raw = fields[fld] if fld < len(fields) else ""
+            if not raw:
+                return ""
+            rep = raw if rep_index == 0 and seps.repetition not in raw else _pick(raw, seps.repetition, rep_index + 1)
+            return _leaf(rep, comp, sub, seps)
+
+        return plain, f"{seg}-{fld}" + (f".{comp}" if comp else "")
+
     def getter(scope: Scope, seps: Separators, current: str) -> str:
         segments = scope.get(seg)
         if not segments:
@@ -380,7 +395,9 @@ class HL7InboundMapping:
     def _fill(self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators) -> Any:
         rules, eaches = section
         for rule in rules:
-            _set(obj, rule.target, rule.value(scope, seps))
+            value = rule.value(scope, seps)
+            if value:  # the objects are new: their attributes already hold the empty default
+                _set(obj, rule.target, value)
         for each in eaches:
             _set(obj, each.target.split("."), self._each_items(each, scope, seps))
         return obj

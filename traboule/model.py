@@ -138,9 +138,77 @@ class PatientUpdate:
     merged_ids: list[Identifier] = field(default_factory=list)
 
 
-Payload = ImagingOrder | PatientUpdate
+ProcedureStatus = Literal["IN PROGRESS", "COMPLETED", "DISCONTINUED"]
 
-PAYLOAD_TYPES: dict[str, type] = {"ImagingOrder": ImagingOrder, "PatientUpdate": PatientUpdate}
+
+@dataclass
+class PerformedStep:
+    """A performed procedure step reported by a modality (DICOM MPPS N-CREATE / N-SET)."""
+
+    sop_instance_uid: str = ""  # the MPPS instance
+    status: ProcedureStatus = "IN PROGRESS"
+    study_instance_uid: str = ""
+    accession_number: str = ""
+    requested_procedure_id: str = ""
+    scheduled_step_id: str = ""
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    patient: Patient = field(default_factory=Patient)
+    modality: str = ""
+    station_aet: str = ""
+    started: str = ""  # YYYYMMDDHHMMSS
+    ended: str = ""
+    description: str = ""
+    series_uids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Instance:
+    uid: str = ""
+    sop_class_uid: str = ""
+    number: str = ""
+
+
+@dataclass
+class Series:
+    uid: str = ""
+    number: str = ""
+    modality: str = ""
+    description: str = ""
+    body_site: str = ""
+    instances: list[Instance] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    """A study as the archive holds it (read through DICOMweb when it becomes stable)."""
+
+    study_instance_uid: str = ""
+    accession_number: str = ""
+    patient: Patient = field(default_factory=Patient)
+    started: str = ""  # YYYYMMDD[HHMMSS]
+    description: str = ""
+    referring_physician: PersonName = field(default_factory=PersonName)
+    series: list[Series] = field(default_factory=list)
+    endpoint: str = ""  # the archive's DICOMweb (WADO-RS) base URL for this study
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({s.modality for s in self.series if s.modality})
+
+    @property
+    def number_of_instances(self) -> int:
+        return sum(len(s.instances) for s in self.series)
+
+
+Payload = ImagingOrder | PatientUpdate | PerformedStep | Study
+
+PAYLOAD_TYPES: dict[str, type] = {
+    "ImagingOrder": ImagingOrder,
+    "PatientUpdate": PatientUpdate,
+    "PerformedStep": PerformedStep,
+    "Study": Study,
+}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The engine's HTTP app: health, Prometheus metrics, channel status.
+"""The engine's HTTP app: health, Prometheus metrics, channel status, and the routes channels contribute.
 
 Bound to loopback by default (operations.md explains how to expose it).
 """
@@ -44,13 +44,17 @@ def create_app(runtime: Any) -> Starlette:
                 listing.append({"name": cfg["name"], "kind": cfg["kind"], "process": cfg.get("process", "main")})
         return JSONResponse(listing)
 
-    return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/metrics", prometheus),
-            Route("/channels", channels),
-        ]
-    )
+    routes: list[Any] = [
+        Route("/health", health),
+        Route("/metrics", prometheus),
+        Route("/channels", channels),
+    ]
+    # A channel that serves HTTP (an API, a webhook) contributes its routes to the app of its process.
+    for channel in runtime.channels:
+        contribute = getattr(channel, "routes", None)
+        if contribute is not None:
+            routes.extend(contribute())
+    return Starlette(routes=routes)
 
 
 async def serve(app: Starlette, host: str, port: int) -> Any:

@@ -41,6 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_port_pair() -> int:
+    """A port p with p + 1 free too (the worker process serves HTTP on the main port + 1)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no pair of free ports")
+
+
 def message(conn: int, i: int, phase: str = "") -> bytes:
     tag = f"{phase}{conn}-{i}"
     return (
@@ -125,7 +138,7 @@ async def main() -> None:
             TRABOULE_DATA_DIR=tmp,
             TRABOULE_MLLP_PORT=str(port),
             TRABOULE_MWL_PORT=str(free_port()),
-            TRABOULE_HTTP_PORT=str(free_port()),
+            TRABOULE_HTTP_PORT=str(http_port_pair()),
             TRABOULE_LOG_LEVEL="warning",
             TRABOULE_LOG_FORMAT="json",
         )

@@ -109,6 +109,21 @@ async def test_json_logs_carry_ids_but_no_patient_data(tmp_path: Path, capsys: p
 # -- the command line against a running engine --------------------------------------------------------------
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too: the worker process serves HTTP on the main port + 1."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no pair of free ports")
+
+
 def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "traboule.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
@@ -121,7 +136,7 @@ def running_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
         TRABOULE_DATA_DIR=str(tmp_path / "var"),
         TRABOULE_MLLP_PORT=str(free_port()),
         TRABOULE_MWL_PORT=str(free_port()),
-        TRABOULE_HTTP_PORT=str(free_port()),
+        TRABOULE_HTTP_PORT=str(free_port_pair()),
         TRABOULE_LOG_FORMAT="json",
     )
     proc = subprocess.Popen(

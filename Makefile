@@ -26,6 +26,8 @@ peers:
 	@missing=""; \
 	command -v findscu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
+	test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
+	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

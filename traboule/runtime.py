@@ -20,7 +20,11 @@ from traboule.journal import Journal
 log = structlog.get_logger("traboule.runtime")
 
 # Built-in kinds, also declared as entry points; listed here so a source checkout runs without installing.
-BUILTIN_CHANNELS = {"hl7-orders": "channels.orders:OrdersChannel", "worklist": "channels.worklist:WorklistChannel"}
+BUILTIN_CHANNELS = {
+    "hl7-orders": "channels.orders:OrdersChannel",
+    "worklist": "channels.worklist:WorklistChannel",
+    "archive": "channels.archive:ArchiveChannel",
+}
 BUILTIN_ADAPTERS = {
     "mllp-listener": "adapters.mllp:MLLPListener",
     "mwl-scp": "adapters.dicom_mwl:WorklistSCP",

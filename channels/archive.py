@@ -1,0 +1,180 @@
+"""Channel ``archive``: the image archive says a study is stable → traboule reads it over DICOMweb → canonical
+``Study`` event on the bus (``study.stable``).
+
+The archive notifies with ``POST {webhook}`` and a JSON body carrying at least ``StudyInstanceUID`` (Orthanc: a Lua
+``OnStableStudy`` callback, see docs/operations.md; any archive or script can post the same). The notification is
+journaled before the 202 answer, then read back from the journal's outbox: the channel's own consumer fetches the
+study's metadata (WADO-RS ``/studies/{uid}/metadata``) and publishes the canonical study. An archive that is down
+only delays it (bus retries with backoff, then the dead-letter queue). Configuration::
+
+    [[channels]]
+    name = "archive"
+    kind = "archive"
+    dicomweb = "http://127.0.0.1:8042/dicom-web"   # any DICOMweb base URL
+    webhook = "/archive/stable"                      # path on this process's HTTP port
+    # username / password (basic auth) or token (bearer) when the archive asks for them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from adapters.dicomweb import DicomJSON, DICOMwebClient, value
+from traboule.bus import Delivery
+from traboule.journal import JournalEntry, OutboxEvent
+from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study
+
+log = structlog.get_logger("traboule.channels.archive")
+
+NOTIFIED = "archive.stable"  # internal topic: a journaled notification waiting to be read from the archive
+STABLE = "study.stable"  # the canonical study, for the channels that care (FHIR, reports)
+
+
+class ArchiveChannel:
+    kind = "archive"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.runtime = runtime
+        self.webhook: str = config.get("webhook", "/archive/stable")
+        self.max_attempts = int(config.get("max_attempts", 8))
+        auth = (config["username"], config.get("password", "")) if config.get("username") else None
+        self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
+        self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [(config["name"], [NOTIFIED])]
+
+    async def start(self) -> None:
+        await self.runtime.bus.subscribe(self.name, [NOTIFIED], self.read_study, max_attempts=self.max_attempts)
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"http:POST {self.webhook}", f"dicomweb:{self.client.base_url}"],
+            "destinations": [f"bus:{STABLE}"],
+        }
+
+    def routes(self) -> list[Route]:
+        return [Route(self.webhook, self.notified, methods=["POST"])]
+
+    async def notified(self, request: Request) -> JSONResponse:
+        """The archive's notification: journaled (and so acknowledged) before anything is read from it."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+            study_uid = str(body["StudyInstanceUID"]).strip()
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "expected a JSON object with StudyInstanceUID"}, status_code=400)
+        if not study_uid:
+            return JSONResponse({"error": "StudyInstanceUID is empty"}, status_code=400)
+        peer = request.client.host if request.client else ""
+        entry = JournalEntry(
+            channel=self.name,
+            raw=raw,
+            status="accepted",
+            peer=peer,
+            message_type="StudyStable",
+            control_id=study_uid,
+            correlation_id=study_uid,
+        )
+        env = Envelope(
+            Study(study_instance_uid=study_uid, accession_number=str(body.get("AccessionNumber") or "")),
+            source=self.name,
+            correlation_id=study_uid,
+        )
+        env.idempotency_key = env.id  # each notification is read again: a study may have grown since the last one
+        await self.runtime.journal.append(entry, [OutboxEvent(NOTIFIED, env.id, env.to_json())])
+        self._log.info("study.notified", message_id=entry.id, correlation_id=study_uid)
+        return JSONResponse({"accepted": study_uid, "journal": entry.id}, status_code=202)
+
+    async def read_study(self, delivery: Delivery) -> None:
+        """Read the notified study from the archive and publish it (an exception makes the bus retry)."""
+        notice = Envelope.from_json(delivery.body)
+        uid = notice.payload.study_instance_uid  # type: ignore[union-attr]
+        metadata = await self.client.study_metadata(uid)
+        if not metadata:
+            raise LookupError(f"study {uid} has no instances in the archive (yet)")
+        study = study_from_metadata(metadata, endpoint=self.client.retrieve_url(uid))
+        instances = sorted(i.uid for s in study.series for i in s.instances)
+        env = Envelope(
+            study,
+            source=self.name,
+            correlation_id=notice.correlation_id,
+            idempotency_key="study:" + hashlib.sha256("|".join([uid, *instances]).encode()).hexdigest()[:32],
+        )
+        await self.runtime.bus.publish(STABLE, env.to_json(), message_id=env.id)
+        self._log.info(
+            "study.read",
+            message_id=env.id,
+            correlation_id=uid,
+            series=len(study.series),
+            instances=len(instances),
+            attempt=delivery.attempt,
+        )
+
+
+def study_from_metadata(metadata: list[DicomJSON], *, endpoint: str = "") -> Study:
+    """The canonical study from WADO-RS metadata (one DICOM JSON object per instance)."""
+    first = metadata[0]
+    issuer = value(first, "00100021") or ""
+    study = Study(
+        study_instance_uid=value(first, "0020000D") or "",
+        accession_number=value(first, "00080050") or "",
+        patient=Patient(
+            ids=[Identifier(value(first, "00100020") or "", issuer)],
+            name=_name(value(first, "00100010") or ""),
+            birth_date=value(first, "00100030") or "",
+            sex=value(first, "00100040") or "",
+        ),
+        started=(value(first, "00080020") or "") + (value(first, "00080030") or "").split(".")[0],
+        description=value(first, "00081030") or "",
+        referring_physician=_name(value(first, "00080090") or ""),
+        endpoint=endpoint,
+    )
+    by_uid: dict[str, Series] = {}
+    for obj in metadata:
+        series_uid = value(obj, "0020000E") or ""
+        series = by_uid.get(series_uid)
+        if series is None:
+            series = by_uid[series_uid] = Series(
+                uid=series_uid,
+                number=str(value(obj, "00200011") or ""),
+                modality=value(obj, "00080060") or "",
+                description=value(obj, "0008103E") or "",
+                body_site=value(obj, "00180015") or "",
+            )
+        series.instances.append(
+            Instance(
+                uid=value(obj, "00080018") or "",
+                sop_class_uid=value(obj, "00080016") or "",
+                number=str(value(obj, "00200013") or ""),
+            )
+        )
+    for series in by_uid.values():
+        series.instances.sort(key=lambda i: (_number(i.number), i.uid))
+    study.series = sorted(by_uid.values(), key=lambda s: (_number(s.number), s.uid))
+    return study
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 1 << 30
+
+
+def _name(pn: str) -> PersonName:
+    parts = (pn.split("^") + [""] * 5)[:5]
+    return PersonName(family=parts[0], given=parts[1], middle=parts[2], prefix=parts[3], suffix=parts[4])

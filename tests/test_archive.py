@@ -1,0 +1,114 @@
+"""The archive channel against a real Orthanc: storescu a study → stable-study webhook → DICOMweb → Study event."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.peer_dcmtk import free_port, require_dcmtk
+from tests.test_flow import engine_config, until
+from traboule.bus import Delivery
+from traboule.http import create_app, serve
+from traboule.model import Envelope, Study
+from traboule.runtime import Runtime
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def write_study(folder: Path, *, accession: str = "ACC0001", series: int = 2, per_series: int = 3) -> str:
+    """A small study (8x8 secondary captures) as Part 10 files; returns its Study Instance UID."""
+    study_uid = generate_uid()
+    for s in range(1, series + 1):
+        series_uid = generate_uid()
+        for i in range(1, per_series + 1):
+            ds = Dataset()
+            ds.SOPClassUID = SECONDARY_CAPTURE
+            ds.SOPInstanceUID = generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "DUPONT^Hélène", "IPP0001", "CHU-LYON"
+            ds.PatientBirthDate, ds.PatientSex = "19790328", "F"
+            ds.AccessionNumber, ds.StudyDate, ds.StudyTime = accession, "20261125", "093512"
+            ds.StudyDescription, ds.ReferringPhysicianName = "Scanner TAP", "RENARD^Paul"
+            ds.Modality = "CT" if s == 1 else "OT"
+            ds.SeriesNumber, ds.InstanceNumber = s, i
+            ds.BodyPartExamined = "CHEST"
+            ds.Rows = ds.Columns = 8
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.PixelData = bytes([i * 10]) * 64
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(folder / f"s{s}i{i}.dcm", enforce_file_format=True)
+    return study_uid
+
+
+@pytest.fixture
+async def engine_with_archive(tmp_path: Path, orthanc: Any) -> Any:
+    require_dcmtk("storescu")
+    http_port = free_port()
+    server = orthanc(f"http://127.0.0.1:{http_port}/archive/stable")
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "archive", "kind": "archive", "dicomweb": server.dicomweb, "max_attempts": 3})
+    runtime = Runtime(cfg)
+    studies: list[Study] = []
+
+    async def probe(delivery: Delivery) -> None:
+        studies.append(Envelope.from_json(delivery.body).payload)  # type: ignore[arg-type]
+
+    await runtime.start()
+    await runtime.bus.subscribe("probe", ["study.#"], probe)
+    http = await serve(create_app(runtime), "127.0.0.1", http_port)
+    try:
+        yield runtime, server, studies, http_port
+    finally:
+        http.should_exit = True
+        await http.task
+        await runtime.stop()
+
+
+async def test_stable_study_becomes_a_canonical_study(engine_with_archive: Any, tmp_path: Path) -> None:
+    runtime, server, studies, _ = engine_with_archive
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study_uid = write_study(folder)
+    files = sorted(str(p) for p in folder.glob("*.dcm"))
+    sent = await asyncio.to_thread(
+        subprocess.run,
+        ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(server.dicom_port), *files],
+        capture_output=True,
+        text=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    await until(lambda: bool(studies), timeout=30)
+    (study,) = studies
+    assert study.study_instance_uid == study_uid
+    assert study.accession_number == "ACC0001"
+    assert study.patient.ids[0].value == "IPP0001" and study.patient.name.given == "Hélène"
+    assert [s.modality for s in study.series] == ["CT", "OT"]
+    assert [len(s.instances) for s in study.series] == [3, 3]
+    assert [i.number for i in study.series[0].instances] == ["1", "2", "3"]
+    assert study.series[0].body_site == "CHEST"
+    assert study.started == "20261125093512"
+    assert study.endpoint == f"{server.dicomweb}/studies/{study_uid}"
+    assert runtime.journal.recent(5)[0].message_type == "StudyStable"
+
+
+async def test_bad_notification_is_refused(engine_with_archive: Any) -> None:
+    _, _, _, http_port = engine_with_archive
+    async with httpx.AsyncClient() as client:
+        bad = await client.post(f"http://127.0.0.1:{http_port}/archive/stable", content=b"{}")
+        unknown = await client.post(
+            f"http://127.0.0.1:{http_port}/archive/stable", json={"StudyInstanceUID": "1.2.3.999"}
+        )
+    assert bad.status_code == 400
+    assert unknown.status_code == 202  # journaled; the read fails, is retried, then dead-lettered

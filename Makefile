@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench peers clean
+.PHONY: run test lint bench peers fhir-peer clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/traboule run
 
 ## Install what the tests need (Python deps; dcmtk and rabbitmq-server via apt when root) and run them
-test: $(STAMP) peers
+test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
@@ -34,6 +34,16 @@ peers:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "missing Debian packages:$$missing (tests needing them will be skipped; run as root to install)"; \
+	  fi; \
+	fi
+
+## npm packages of the in-memory FHIR R4 test server (tests/fhir_server), installed only when missing
+fhir-peer:
+	@if [ ! -d tests/fhir_server/node_modules ]; then \
+	  if command -v npm >/dev/null 2>&1; then \
+	    (cd tests/fhir_server && npm ci --no-audit --no-fund) || echo "npm ci failed (the FHIR delivery tests will be skipped)"; \
+	  else \
+	    echo "npm is missing (the FHIR delivery tests will be skipped)"; \
 	  fi; \
 	fi
 

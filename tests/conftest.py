@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
-pytest_plugins = ["tests.peer_rabbitmq", "tests.peer_dcmtk", "tests.peer_orthanc"]
+pytest_plugins = ["tests.peer_rabbitmq", "tests.peer_dcmtk", "tests.peer_orthanc", "tests.peer_fhir_server"]
 
 
 def shared_path(*parts: str) -> Path:

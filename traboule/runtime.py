@@ -24,12 +24,17 @@ BUILTIN_CHANNELS = {
     "hl7-orders": "channels.orders:OrdersChannel",
     "worklist": "channels.worklist:WorklistChannel",
     "archive": "channels.archive:ArchiveChannel",
+    "mpps": "channels.mpps:MPPSChannel",
+    "hl7-status": "channels.hl7_status:HL7StatusChannel",
+    "fhir": "channels.fhir:FHIRChannel",
 }
 BUILTIN_ADAPTERS = {
     "mllp-listener": "adapters.mllp:MLLPListener",
     "mwl-scp": "adapters.dicom_mwl:WorklistSCP",
     "worklist-files": "adapters.worklist_files:WorklistFileWriter",
     "rabbitmq-bus": "adapters.rabbitmq:RabbitMQBus",
+    "mpps-scp": "adapters.dicom_mpps:MPPSSCP",
+    "mllp-sender": "adapters.mllp:MLLPClient",
 }
 
 

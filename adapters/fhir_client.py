@@ -1,0 +1,175 @@
+"""FHIR R4 REST client (transaction Bundles, read, search) over httpx. Protocol I/O only; no mapping here.
+
+Idempotent delivery relies on conditional interactions keyed on business identifiers, so that a redelivered
+transaction never duplicates a resource:
+
+* :func:`conditional_create` gives ``POST Type`` with ``ifNoneExist: identifier=system|value``;
+* :func:`conditional_update` gives ``PUT Type?identifier=system|value`` (update the match, or create when none).
+
+Errors raise :class:`FHIRServerError`: ``retryable`` for 5xx, 429, timeouts and connection errors (retry with
+backoff); not retryable for other 4xx (dead-letter), with the server's ``OperationOutcome`` kept on the exception.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+FHIR_JSON = "application/fhir+json"
+
+Resource = dict[str, Any]
+
+
+class FHIRServerError(Exception):
+    """The FHIR server refused the request or could not be reached.
+
+    ``status`` is the HTTP status (0 when no response came back), ``operation_outcome`` the server's
+    OperationOutcome (None when the body was not one), ``retryable`` whether a later retry may succeed.
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 0, operation_outcome: dict[str, Any] | None = None, retryable: bool
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.operation_outcome = operation_outcome
+        self.retryable = retryable
+
+
+def identifier_search(system: str, value: str) -> str:
+    """``identifier=system|value`` (token search); ``|`` and ``,``/``$`` in the parts are escaped per FHIR."""
+
+    def esc(part: str) -> str:
+        return part.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+
+    return f"identifier={esc(system)}|{esc(value)}" if system else f"identifier={esc(value)}"
+
+
+def new_full_url() -> str:
+    """A fresh ``urn:uuid:`` fullUrl, to reference an entry from other entries of the same Bundle."""
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def conditional_create(resource: Resource, identifier_query: str, *, full_url: str | None = None) -> dict[str, Any]:
+    """A transaction entry creating ``resource`` unless a resource matches ``identifier_query`` (``ifNoneExist``).
+
+    ``identifier_query`` is a search query without the type, e.g. ``identifier=urn:oid:1.2.3|42``.
+    """
+    entry: dict[str, Any] = {
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": identifier_query},
+    }
+    if full_url:
+        entry = {"fullUrl": full_url, **entry}
+    return entry
+
+
+def conditional_update(resource: Resource, search_url: str, *, full_url: str | None = None) -> dict[str, Any]:
+    """A transaction entry ``PUT Type?query``: updates the single match, creates when none matches.
+
+    ``search_url`` is either a full conditional URL (``ServiceRequest?identifier=sys|val``) or just the query
+    (``identifier=sys|val``), to which the resource type is prefixed. The resource must carry no ``id``.
+    """
+    url = search_url if "?" in search_url else f"{resource['resourceType']}?{search_url}"
+    entry: dict[str, Any] = {"resource": resource, "request": {"method": "PUT", "url": url}}
+    if full_url:
+        entry = {"fullUrl": full_url, **entry}
+    return entry
+
+
+def transaction_bundle(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _outcome(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        return body
+    return None
+
+
+def outcome_text(outcome: dict[str, Any] | None) -> str:
+    """A one-line summary of an OperationOutcome's issues (for logs and journals)."""
+    if not outcome:
+        return ""
+    parts = []
+    for issue in outcome.get("issue", []):
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code", "")
+        where = ",".join(issue.get("expression", []) or issue.get("location", []))
+        parts.append(f"{issue.get('severity', '?')}: {text}" + (f" ({where})" if where else ""))
+    return "; ".join(parts)
+
+
+class FHIRClient:
+    """Async FHIR R4 REST client against ``base_url`` (e.g. ``https://fhir.example.org/fhir/R4``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+        auth: httpx.Auth | tuple[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        all_headers = {"Accept": FHIR_JSON, **(headers or {})}
+        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> FHIRClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _request(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        url = f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
+        headers = {"Content-Type": FHIR_JSON} if json is not None else None
+        try:
+            response = await self._client.request(method, url, json=json, params=params, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise FHIRServerError(f"{method} {url}: timeout ({type(exc).__name__})", retryable=True) from exc
+        except httpx.HTTPError as exc:
+            raise FHIRServerError(f"{method} {url}: {type(exc).__name__}: {exc}", retryable=True) from exc
+        status = response.status_code
+        if status >= 400:
+            outcome = _outcome(response)
+            detail = outcome_text(outcome) or response.text[:200]
+            raise FHIRServerError(
+                f"{method} {url}: HTTP {status}: {detail}",
+                status=status,
+                operation_outcome=outcome,
+                retryable=status >= 500 or status == 429,
+            )
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise FHIRServerError(
+                f"{method} {url}: HTTP {status} with a body that is not JSON", status=status, retryable=False
+            ) from exc
+        if not isinstance(body, dict):
+            raise FHIRServerError(
+                f"{method} {url}: expected a JSON object, got {type(body).__name__}", status=status, retryable=False
+            )
+        return body
+
+    async def transaction(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """POST a transaction Bundle of ``entries`` to the base URL; returns the transaction-response Bundle."""
+        return await self._request("POST", "", json=transaction_bundle(entries))
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """GET ``Type/id``."""
+        return await self._request("GET", f"{resource_type}/{resource_id}")
+
+    async def search(self, resource_type: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """GET ``Type?params``; returns the searchset Bundle (values may be lists for repeated parameters)."""
+        return await self._request("GET", resource_type, params=params or {})

@@ -1,0 +1,154 @@
+"""Channel ``fhir``: canonical order and patient events → FHIR R4 Patient and ServiceRequest, kept in a FHIR store
+and served read-only under ``/fhir`` (``api = true``).
+
+Rules:
+
+* order (new / change / status / cancel): the Patient and the ServiceRequest are upserted. A cancel sets the
+  status (``revoked`` by ``fhir_request_status.csv``), it deletes nothing. A status or cancel message often carries
+  less than the order did: its non-empty elements are laid over the stored resource instead of replacing it.
+* patient update (ADT^A08/A31): the Patient is upserted.
+* merge (ADT^A40): the surviving Patient is upserted; each merged one is kept with ``active: false`` and a
+  ``link`` of type ``replaced-by`` to the survivor.
+* performed steps and studies: ignored for now (logged at debug).
+
+Idempotent: resource ids derive from identifiers and a redelivery changes nothing (no version bump for the same
+content); an event older (journal sequence) than the one that last wrote a resource does not overwrite it. A batch
+of events is one store transaction.
+
+Configuration: ``name``, ``mapping`` (default ``mappings/fhir.yaml``), ``topics`` (default ``order.#`` and
+``patient.#``), ``max_attempts``, ``max_batch``, ``api`` (serve ``/fhir`` from this process), ``base_url`` (the
+public base URL of the API in links, when behind a proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from traboule import metrics
+from traboule.bus import Delivery
+from traboule.config import resolve
+from traboule.fhir_mapping import FHIRMapping
+from traboule.fhir_store import FHIRStore
+from traboule.model import Envelope, ImagingOrder, PatientUpdate
+
+log = structlog.get_logger("traboule.channels.fhir")
+
+DEFAULT_TOPICS = ["order.#", "patient.#"]
+
+
+class FHIRChannel:
+    kind = "fhir"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
+        self.max_attempts = int(config.get("max_attempts", 5))
+        self.max_batch = int(config.get("max_batch", 100))
+        self.api = bool(config.get("api", False))
+        self.base_url = str(config.get("base_url", ""))
+        self.mapping = FHIRMapping(resolve(runtime.config, config.get("mapping", "mappings/fhir.yaml")))
+        self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"))
+        self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+
+    async def start(self) -> None:
+        await self.runtime.bus.subscribe_batch(
+            self.name, self.topics, self.handle, max_attempts=self.max_attempts, max_batch=self.max_batch
+        )
+
+    async def stop(self) -> None:
+        self.store.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"bus:{t}" for t in self.topics],
+            "mapping": str(self.mapping.path),
+            "destinations": [f"fhir-store:{self.store.path}"] + (["http:/fhir"] if self.api else []),
+            "resources": self.store.count(),
+        }
+
+    def routes(self) -> list[Any]:
+        if not self.api:
+            return []
+        from traboule.fhir_api import routes
+
+        return routes(self.store, self.base_url)
+
+    async def handle(self, deliveries: list[Delivery]) -> None:
+        envelopes = [Envelope.from_json(d.body) for d in deliveries]
+        seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
+        results = await asyncio.to_thread(self._apply, envelopes, seqs)
+        for delivery, env, (outcome, changed) in zip(deliveries, envelopes, results, strict=True):
+            metrics.events_processed.labels(self.name, outcome).inc()
+            self._log.info(
+                f"fhir.{outcome}",
+                message_id=env.id,
+                correlation_id=env.correlation_id,
+                topic=delivery.topic,
+                changed=changed,
+                attempt=delivery.attempt,
+            )
+
+    def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int]]:
+        results = []
+        with self.store.transaction():
+            for env, seq in zip(envelopes, seqs, strict=True):
+                payload = env.payload
+                if isinstance(payload, ImagingOrder):
+                    changed = self._order(payload, seq)
+                elif isinstance(payload, PatientUpdate):
+                    changed = self._patient_update(payload, seq)
+                else:
+                    self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
+                    results.append(("ignored", 0))
+                    continue
+                results.append(("applied" if changed else "unchanged", changed))
+        return results
+
+    def _order(self, order: ImagingOrder, seq: int) -> int:
+        changed = 0
+        patient_ref = ""
+        if order.patient.primary_id is not None and order.patient.primary_id.value:
+            patient = self.mapping.patient(order.patient)
+            patient_ref = f"Patient/{patient['id']}"
+            changed += self.store.upsert(patient, seq)
+        request = self.mapping.service_request(order, patient_ref)
+        if not patient_ref:
+            del request["subject"]
+        if order.action in ("cancel", "status"):
+            stored = self.store.get("ServiceRequest", request["id"])
+            if stored is not None:
+                request = {**stored, **request}
+        changed += self.store.upsert(request, seq)
+        return changed
+
+    def _patient_update(self, update: PatientUpdate, seq: int) -> int:
+        survivor = self.mapping.patient(update.patient)
+        changed = int(self.store.upsert(survivor, seq))
+        if update.action != "merge":
+            return changed
+        for ident in update.merged_ids:
+            if not ident.value:
+                continue
+            rid = self.mapping.merged_patient_id(ident)
+            if rid == survivor["id"]:
+                continue
+            merged = self.store.get("Patient", rid) or {
+                "resourceType": "Patient",
+                "id": rid,
+                "identifier": [self.mapping.patient_identifier(ident)],
+            }
+            merged = {k: v for k, v in merged.items() if k != "meta"}
+            merged["active"] = False
+            merged["link"] = [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}]
+            changed += self.store.upsert(merged, seq)
+        return changed

@@ -1,0 +1,290 @@
+"""Canonical → FHIR R4 (mapping, store, channel, /fhir API). Everything emitted or served is parsed with the
+fhir.resources R4B models (the package's top level is R5)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from tests.conftest import ROOT
+from tests.test_flow import engine_config, fixture, free_port, send, until
+from traboule import hl7, model
+from traboule.fhir_mapping import FHIRMapping
+from traboule.fhir_store import FHIRStore
+from traboule.hl7_mapping import HL7InboundMapping
+from traboule.http import create_app, serve
+from traboule.mapping import MappingError
+from traboule.runtime import Runtime
+
+INS_TEST = "urn:oid:1.2.250.1.213.1.4.10"
+ACCESSION = "urn:oid:1.2.250.1.999.1.4"
+PARSERS = {
+    "Patient": Patient,
+    "ServiceRequest": ServiceRequest,
+    "Bundle": Bundle,
+    "OperationOutcome": OperationOutcome,
+    "CapabilityStatement": CapabilityStatement,
+}
+
+
+def r4(resource: dict[str, Any]) -> Any:
+    return PARSERS[resource["resourceType"]].model_validate(resource)
+
+
+def order_of(name: str) -> model.ImagingOrder:
+    msg = hl7.parse(hl7.decode(fixture(name)).text)
+    (order,) = HL7InboundMapping().map(msg)
+    assert isinstance(order, model.ImagingOrder)
+    return order
+
+
+@pytest.fixture(scope="module")
+def mapping() -> FHIRMapping:
+    return FHIRMapping()
+
+
+def test_patient_with_ins(mapping: FHIRMapping) -> None:
+    patient = mapping.patient(order_of("orm_o01_nw_latin1.hl7").patient)
+    r4(patient)
+    ipp, ins = patient["identifier"]
+    assert (ipp["system"], ipp["value"], ipp["type"]["coding"][0]["code"]) == (
+        "urn:oid:1.2.250.1.999.1.1",
+        "IPP0001",
+        "PI",
+    )
+    assert (ins["system"], ins["value"], ins["use"]) == (INS_TEST, "279035121518989", "official")
+    assert ins["type"]["coding"][0]["code"] == "INS-NIR-TEST"
+    assert patient["gender"] == "female" and patient["birthDate"] == "1979-03-28"
+    official = next(n for n in patient["name"] if n["use"] == "official")
+    assert official["family"] == "MARTIN" and official["given"] == ["Hélène", "Marie"]  # birth name (PID-5 type L)
+    assert patient["meta"]["lastUpdated"]
+    assert mapping.patient(order_of("orm_o01_ca.hl7").patient)["id"] == patient["id"]  # deterministic
+
+
+def test_service_request_new_and_cancel(mapping: FHIRMapping) -> None:
+    order = order_of("orm_o01_nw_latin1.hl7")
+    request = mapping.service_request(order, "Patient/x")
+    r4(request)
+    assert request["status"] == "active" and request["intent"] == "order"
+    types = {i["type"]["coding"][0]["code"]: (i["system"], i["value"]) for i in request["identifier"]}
+    assert types == {
+        "PLAC": ("urn:oid:1.2.250.1.999.1.3", "PLC0001"),  # issuer RIS listed under identifiers.placer.issuers
+        "FILL": ("urn:oid:1.2.250.1.999.1.6", "FIL0001"),
+        "ACSN": (ACCESSION, "ACC0001"),  # no issuer in OBR-18: the configured default
+    }
+    assert request["code"]["coding"][0] == {
+        "system": "urn:oid:1.2.250.1.999.1.9",  # coding system L → the local system
+        "code": "CTTAP",
+        "display": "Scanner thoraco-abdomino-pelvien",
+    }
+    assert request["subject"] == {"reference": "Patient/x"}
+    assert request["requester"]["display"] == "Paul RENARD"
+    assert "identifier" not in request["requester"]  # 1234 is not an RPPS-like id
+    assert request["occurrenceDateTime"] == "2026-11-25T09:30:00+01:00"  # Europe/Paris in November
+    assert request["priority"] == "routine"
+
+    cancel = mapping.service_request(order_of("orm_o01_ca.hl7"), "Patient/x")
+    r4(cancel)
+    assert cancel["status"] == "revoked" and cancel["id"] == request["id"]
+
+
+def test_codes_requester_and_dates(mapping: FHIRMapping) -> None:
+    order = order_of("omi_o23_nw_utf8.hl7")
+    order.procedure = model.Code("24627-2", "CT Chest", "LN")
+    order.priority = "STAT"
+    order.requesting_physician = model.Practitioner("810001234567", model.PersonName("MARTIN", "Jean"))
+    order.steps[0].status = "COMPLETED"
+    request = mapping.service_request(order, "Patient/y")
+    r4(request)
+    assert request["code"]["coding"][0]["system"] == "http://loinc.org"
+    assert request["priority"] == "stat" and request["status"] == "completed"
+    assert request["requester"]["identifier"] == {"system": "urn:oid:1.2.250.1.71.4.2.1", "value": "810001234567"}
+    acsn = next(i for i in request["identifier"] if i["type"]["coding"][0]["code"] == "ACSN")
+    assert acsn["system"] == "urn:oid:1.2.250.1.999.1.4"  # from the identifier's own OID (IPC-1.3)
+    assert mapping.code_system("1.2.250.1.213.2.5") == "urn:oid:1.2.250.1.213.2.5"
+    assert mapping.code_system("CCAM") == "urn:oid:1.2.250.1.213.2.5"
+    assert mapping.code_system("SCT") == "http://snomed.info/sct"
+    assert mapping.date_time("20260715") == "2026-07-15"
+    assert mapping.date_time("202607151230") == "2026-07-15T12:30:00+02:00"  # summer time
+    assert mapping.date_time("20260715123000+0000") == "2026-07-15T12:30:00+00:00"
+    assert mapping.date_time("20261341") == ""
+
+
+def test_without_timezone_only_the_date_is_sent(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "timezone: Europe/Paris", "timezone:")
+    assert FHIRMapping(path).date_time("202611250930") == "2026-11-25"
+
+
+def _broken(tmp_path: Path, old: str, new: str) -> Path:
+    source = ROOT / "mappings" / "fhir.yaml"
+    text = source.read_text(encoding="utf-8")
+    assert old in text
+    (tmp_path / "tables").mkdir(exist_ok=True)
+    for csv in (ROOT / "mappings" / "tables").glob("fhir_*.csv"):
+        (tmp_path / "tables" / csv.name).write_text(csv.read_text(encoding="utf-8"), encoding="utf-8")
+    path = tmp_path / "fhir.yaml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def _line(path: Path, needle: str) -> int:
+    return next(n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "reason"),
+    [
+        ("timezone: Europe/Paris", "timezone: Europe/Lyon", "timezone:", "unknown time zone"),
+        ("    system: urn:oid:1.2.250.1.999.1.4", "    system: 1.2.250.1.999.1.4", "1.2.250.1.999.1.4", "not a URI"),
+        ("  accession:", "  acession:", "acession", "unknown kind"),
+        ("  local: urn:oid:1.2.250.1.999.1.9", "  locale: x", "locale", "unknown key"),
+        ("'^(8\\d{11}|\\d{11})$'", "'^(8'", "match:", "bad regex"),
+    ],
+)
+def test_broken_fhir_mapping_names_file_and_line(tmp_path: Path, old: str, new: str, needle: str, reason: str) -> None:
+    path = _broken(tmp_path, old, new)
+    with pytest.raises(MappingError) as err:
+        FHIRMapping(path)
+    assert err.value.file == str(path) and err.value.line == _line(path, needle)
+    assert reason in str(err.value) and str(err.value).startswith(f"{path}:{err.value.line}:")
+
+
+def test_bad_table_value_names_the_csv_line(tmp_path: Path) -> None:
+    path = _broken(tmp_path, "x", "x")
+    csv = tmp_path / "tables" / "fhir_gender.csv"
+    csv.write_text(csv.read_text().replace("F,female", "F,femme"))
+    with pytest.raises(MappingError) as err:
+        FHIRMapping(path)
+    assert err.value.file == str(csv.resolve()) and err.value.line == _line(csv, "femme")
+    assert "'femme' is not one of" in str(err.value)
+
+
+def test_store_versions_and_search(tmp_path: Path, mapping: FHIRMapping) -> None:
+    store = FHIRStore(str(tmp_path / "fhir.sqlite"))
+    order = order_of("orm_o01_nw_latin1.hl7")
+    patient = mapping.patient(order.patient)
+    request = mapping.service_request(order, f"Patient/{patient['id']}")
+    assert store.upsert(patient, 1) and store.upsert(request, 1)
+    assert not store.upsert(mapping.service_request(order, f"Patient/{patient['id']}"), 1)  # same content
+    assert store.get("ServiceRequest", request["id"])["meta"]["versionId"] == "1"
+    cancel = mapping.service_request(order_of("orm_o01_ca.hl7"), f"Patient/{patient['id']}")
+    assert store.upsert(cancel, 3)
+    assert not store.upsert(request, 2)  # an older event does not bring the order back
+    stored = store.get("ServiceRequest", request["id"])
+    assert stored["meta"]["versionId"] == "2" and stored["status"] == "revoked"
+    for params in (
+        {"identifier": f"{ACCESSION}|ACC0001"},
+        {"identifier": "ACC0001"},
+        {"patient.identifier": f"{INS_TEST}|279035121518989"},
+        {"subject": f"Patient/{patient['id']}"},
+        {"patient": patient["id"], "status": "revoked,active"},
+    ):
+        total, found = store.search("ServiceRequest", params)
+        assert total == 1 and found[0]["id"] == request["id"], params
+    assert store.search("ServiceRequest", {"identifier": "other|ACC0001"})[0] == 0
+    assert store.search("Patient", {"identifier": f"{INS_TEST}|"})[0] == 1
+    store.close()
+
+
+async def test_engine_serves_fhir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import traboule.runtime
+
+    monkeypatch.setitem(traboule.runtime.BUILTIN_CHANNELS, "fhir", "channels.fhir:FHIRChannel")
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+    base = f"http://127.0.0.1:{port}/fhir"
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"), fixture("omi_o23_nw_utf8.hl7"))
+        await send(runtime, fixture("orm_o01_ca.hl7"))
+        await until(lambda: _statuses(store) == ["revoked", "active"])
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def get(url: str, status: int = 200) -> dict[str, Any]:
+                response = await client.get(url)
+                assert response.status_code == status, response.text
+                assert response.headers["content-type"].startswith("application/fhir+json")
+                body = response.json()
+                r4(body)
+                for entry in body.get("entry", []):
+                    r4(entry["resource"])
+                return body
+
+            bundle = await get(f"{base}/ServiceRequest?identifier={ACCESSION}|ACC0001")
+            assert bundle["total"] == 1 and bundle["entry"][0]["resource"]["status"] == "revoked"
+            assert bundle["entry"][0]["search"]["mode"] == "match"
+            assert bundle["entry"][0]["fullUrl"].startswith(f"{base}/ServiceRequest/")
+
+            patients = await get(f"{base}/Patient?identifier={INS_TEST}|279035121518989")
+            assert patients["total"] == 1
+            patient = patients["entry"][0]["resource"]
+            assert patient["name"][0]["family"] == "DUPONT"
+            assert (await get(f"{base}/Patient/{patient['id']}"))["id"] == patient["id"]
+
+            first = await get(f"{base}/ServiceRequest?_count=1")
+            assert first["total"] == 2 and len(first["entry"]) == 1
+            next_url = next(link["url"] for link in first["link"] if link["relation"] == "next")
+            second = await get(next_url)
+            assert len(second["entry"]) == 1 and not any(link["relation"] == "next" for link in second["link"])
+            assert second["entry"][0]["resource"]["id"] != first["entry"][0]["resource"]["id"]
+
+            bad = await get(f"{base}/ServiceRequest?foo=bar", 400)
+            assert bad["issue"][0]["expression"] == ["foo"] and "foo" in bad["issue"][0]["diagnostics"]
+            assert (await get(f"{base}/Observation?code=x", 404))["resourceType"] == "OperationOutcome"
+            assert (await get(f"{base}/Patient/nope", 404))["issue"][0]["code"] == "not-found"
+            assert (await get(f"{base}/ServiceRequest?_count=x", 400))["issue"][0]["expression"] == ["_count"]
+
+            metadata = await get(f"{base}/metadata")
+            assert metadata["fhirVersion"] == "4.0.1"
+            served = {r["type"]: {p["name"] for p in r["searchParam"]} for r in metadata["rest"][0]["resource"]}
+            assert "patient.identifier" in served["ServiceRequest"] and "identifier" in served["Patient"]
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+
+
+async def test_merge_deactivates_the_merged_patient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import traboule.runtime
+
+    monkeypatch.setitem(traboule.runtime.BUILTIN_CHANNELS, "fhir", "channels.fhir:FHIRChannel")
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"), fixture("adt_a40_merge.hl7"))
+        await until(lambda: store.count("Patient") == 2 and _merged(store))
+        await asyncio.sleep(0.1)
+        _, patients = store.search("Patient", {})
+        by_value = {p["identifier"][0]["value"]: p for p in patients}
+        old, new = by_value["IPP0001"], by_value["IPP0009"]
+        assert old["active"] is False and old["link"][0]["type"] == "replaced-by"
+        assert old["link"][0]["other"]["reference"] == f"Patient/{new['id']}"
+        assert new["active"] is True
+        for p in patients:
+            r4(p)
+    finally:
+        await runtime.stop()
+
+
+def _statuses(store: FHIRStore) -> list[str]:
+    return [r["status"] for r in store.search("ServiceRequest", {})[1]]
+
+
+def _merged(store: FHIRStore) -> bool:
+    return any(p.get("active") is False for p in store.search("Patient", {})[1])

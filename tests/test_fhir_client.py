@@ -1,0 +1,170 @@
+"""FHIRClient against a real FHIR R4 server (medplum's in-memory router, tests/fhir_server) and canned failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from adapters.fhir_client import (
+    FHIRClient,
+    FHIRServerError,
+    conditional_create,
+    conditional_update,
+    identifier_search,
+    new_full_url,
+    outcome_text,
+)
+from tests.peer_dcmtk import free_port
+
+INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"  # French national health identifier (INS-NIR)
+INS_VALUE = "279035121518989"
+ACCESSION_SYSTEM = "urn:oid:1.2.250.1.999.1.1.1"
+
+
+def order_entries(accession: str, status: str, *, ins: str = INS_VALUE) -> list[dict]:
+    """A Patient (conditional create on its INS) and its ServiceRequest (conditional update on the accession)."""
+    patient_url = new_full_url()
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": INS_SYSTEM, "value": ins}],
+        "name": [{"family": "DUPONT", "given": ["Marie"]}],
+        "gender": "female",
+        "birthDate": "1979-03-15",
+    }
+    order = {
+        "resourceType": "ServiceRequest",
+        "identifier": [
+            {
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                "system": ACCESSION_SYSTEM,
+                "value": accession,
+            }
+        ],
+        "status": status,
+        "intent": "order",
+        "code": {"text": "IRM genou droit"},
+        "subject": {"reference": patient_url},
+    }
+    return [
+        conditional_create(patient, identifier_search(INS_SYSTEM, ins), full_url=patient_url),
+        conditional_update(order, f"ServiceRequest?{identifier_search(ACCESSION_SYSTEM, accession)}"),
+    ]
+
+
+@pytest.fixture
+async def fhir(fhir_server_url: str) -> AsyncIterator[FHIRClient]:
+    async with FHIRClient(fhir_server_url, timeout=5.0) as client:
+        yield client
+
+
+async def test_redelivered_transaction_creates_once_then_updates(fhir: FHIRClient) -> None:
+    accession = f"ACC-{uuid.uuid4().hex[:10]}"
+    first = await fhir.transaction(order_entries(accession, "active"))
+    assert first["type"] == "transaction-response"
+    assert [e["response"]["status"][:3] for e in first["entry"]] == ["201", "201"]
+    patient_id = first["entry"][0]["resource"]["id"]
+    order_id = first["entry"][1]["resource"]["id"]
+    # the urn:uuid: reference was rewritten to the Patient created in the same transaction
+    assert first["entry"][1]["resource"]["subject"]["reference"] == f"Patient/{patient_id}"
+
+    second = await fhir.transaction(order_entries(accession, "revoked"))
+    assert [e["response"]["status"][:3] for e in second["entry"]] == ["200", "200"]
+    assert second["entry"][0]["resource"]["id"] == patient_id
+    assert second["entry"][1]["resource"]["id"] == order_id
+
+    patients = await fhir.search("Patient", {"identifier": f"{INS_SYSTEM}|{INS_VALUE}"})
+    assert patients["total"] == 1
+    orders = await fhir.search("ServiceRequest", {"identifier": f"{ACCESSION_SYSTEM}|{accession}"})
+    assert orders["total"] == 1
+    order = await fhir.read("ServiceRequest", order_id)
+    assert order["status"] == "revoked"
+    assert order["subject"]["reference"] == f"Patient/{patient_id}"
+    assert (await fhir.read("Patient", patient_id))["identifier"][0]["value"] == INS_VALUE
+
+
+async def test_invalid_resource_is_a_permanent_error_with_the_operation_outcome(fhir: FHIRClient) -> None:
+    ins = uuid.uuid4().hex
+    entries = order_entries(f"ACC-{uuid.uuid4().hex[:10]}", "active", ins=ins)
+    entries[0]["resource"]["birthDate"] = "15/03/1979"
+    with pytest.raises(FHIRServerError) as caught:
+        await fhir.transaction(entries)
+    error = caught.value
+    assert 400 <= error.status < 500
+    assert error.retryable is False
+    assert error.operation_outcome is not None
+    assert error.operation_outcome["resourceType"] == "OperationOutcome"
+    assert error.operation_outcome["issue"][0]["severity"] == "error"
+    assert "birthDate" in outcome_text(error.operation_outcome)
+    # nothing was written
+    assert (await fhir.search("Patient", {"identifier": f"{INS_SYSTEM}|{ins}"}))["total"] == 0
+
+
+async def test_read_of_a_missing_resource_is_not_retryable(fhir: FHIRClient) -> None:
+    with pytest.raises(FHIRServerError) as caught:
+        await fhir.read("Patient", str(uuid.uuid4()))
+    assert caught.value.status == 404
+    assert caught.value.retryable is False
+    assert caught.value.operation_outcome is not None
+
+
+async def test_server_down_is_retryable() -> None:
+    async with FHIRClient(f"http://127.0.0.1:{free_port()}/fhir/R4", timeout=2.0) as client:
+        with pytest.raises(FHIRServerError) as caught:
+            await client.transaction(order_entries("ACC-DOWN", "active"))
+    assert caught.value.retryable is True
+    assert caught.value.status == 0
+
+
+async def _canned_server(respond: Callable[[], bytes | None]) -> tuple[asyncio.Server, str]:
+    """A loopback HTTP server answering every request with ``respond()`` (None: no answer until the client hangs up)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        answer = respond()
+        if answer is None:
+            await reader.read()  # until the client gives up and closes
+        else:
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/fhir/R4"
+
+
+def _http(status: int, body: dict) -> bytes:
+    payload = json.dumps(body).encode()
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/fhir+json\r\nContent-Length: {len(payload)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + payload
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (500, True), (429, True), (422, False), (409, False)])
+async def test_status_classification(status: int, retryable: bool) -> None:
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient"}]}
+    server, url = await _canned_server(lambda: _http(status, outcome))
+    try:
+        async with FHIRClient(url, timeout=2.0) as client:
+            with pytest.raises(FHIRServerError) as caught:
+                await client.transaction(order_entries("ACC-CANNED", "active"))
+    finally:
+        server.close()
+    assert caught.value.status == status
+    assert caught.value.retryable is retryable
+    assert caught.value.operation_outcome == outcome
+
+
+async def test_timeout_is_retryable() -> None:
+    server, url = await _canned_server(lambda: None)
+    try:
+        async with FHIRClient(url, timeout=0.3) as client:
+            with pytest.raises(FHIRServerError) as caught:
+                await client.search("Patient", {"identifier": "x|y"})
+    finally:
+        server.close()
+    assert caught.value.retryable is True
+    assert "timeout" in str(caught.value)

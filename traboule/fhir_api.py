@@ -1,0 +1,152 @@
+"""traboule's own FHIR R4 API (read-only, JSON) under ``/fhir``, served from a `FHIRStore`.
+
+* ``GET /fhir/metadata``: CapabilityStatement (what is really supported: types, read, search-type, parameters).
+* ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing; ETag ``W/"version"``).
+* ``GET /fhir/{type}?...``: searchset Bundle with ``total``, paged by ``_count`` (default 20, at most 100) and
+  ``_offset``, with ``self`` / ``next`` / ``previous`` links. Unsupported parameters: 400 OperationOutcome naming
+  them; unsupported type: 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from traboule.fhir_store import SEARCH_PARAMS, FHIRStore, SearchError
+
+FHIR_JSON = "application/fhir+json"
+DEFAULT_COUNT = 20
+MAX_COUNT = 100
+IGNORED = {"_format", "_pretty"}  # accepted, no effect (always JSON)
+PARAM_DOCS = {
+    "identifier": "system|value, value, |value or system|",
+    "status": "ServiceRequest status (active, revoked, completed ...)",
+    "subject": "Patient/{id}",
+    "patient": "Patient/{id}",
+    "patient.identifier": "the subject Patient's identifier (chained): system|value",
+}
+
+
+class FHIRResponse(JSONResponse):
+    media_type = FHIR_JSON
+
+
+def outcome(status: int, code: str, text: str, expression: str = "") -> FHIRResponse:
+    issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": text}
+    if expression:
+        issue["expression"] = [expression]
+    return FHIRResponse({"resourceType": "OperationOutcome", "issue": [issue]}, status_code=status)
+
+
+def capability_statement(base: str) -> dict[str, Any]:
+    resources = []
+    for rtype, params in SEARCH_PARAMS.items():
+        search = [{"name": "_id", "type": "token"}] + [
+            {"name": name, "type": kind, "documentation": PARAM_DOCS.get(name, "")} for name, kind in params.items()
+        ]
+        resources.append(
+            {
+                "type": rtype,
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "versioning": "versioned",
+                "readHistory": False,
+                "searchParam": search,
+            }
+        )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(UTC).date().isoformat(),
+        "kind": "instance",
+        "software": {"name": "traboule"},
+        "implementation": {"description": "traboule FHIR API (read-only)", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["json", FHIR_JSON],
+        "rest": [{"mode": "server", "resource": resources}],
+    }
+
+
+def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
+    """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
+
+    def base_of(request: Request) -> str:
+        return base_url.rstrip("/") if base_url else str(request.base_url).rstrip("/") + "/fhir"
+
+    async def metadata(request: Request) -> FHIRResponse:
+        return FHIRResponse(capability_statement(base_of(request)))
+
+    async def read(request: Request) -> FHIRResponse:
+        rtype, rid = request.path_params["type"], request.path_params["id"]
+        if rtype not in SEARCH_PARAMS:
+            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here")
+        resource = await asyncio.to_thread(store.get, rtype, rid)
+        if resource is None:
+            return outcome(404, "not-found", f"{rtype}/{rid} is not known")
+        headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
+        return FHIRResponse(resource, headers=headers)
+
+    async def search(request: Request) -> FHIRResponse:
+        rtype = request.path_params["type"]
+        if rtype not in SEARCH_PARAMS:
+            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here")
+        params: dict[str, str] = {}
+        count, offset = DEFAULT_COUNT, 0
+        for name, value in request.query_params.multi_items():
+            if name in IGNORED:
+                continue
+            if name in ("_count", "_offset"):
+                try:
+                    number = int(value)
+                    if number < 0:
+                        raise ValueError
+                except ValueError:
+                    return outcome(400, "invalid", f"{name} must be a non-negative integer", name)
+                if name == "_count":
+                    count = min(number, MAX_COUNT)
+                else:
+                    offset = number
+                continue
+            if name != "_id" and name not in SEARCH_PARAMS[rtype]:
+                return outcome(400, "not-supported", f"search parameter {name!r} is not supported for {rtype}", name)
+            if name in params:  # repeated parameter: both must match; keep it simple and refuse
+                return outcome(400, "not-supported", f"search parameter {name!r} given twice", name)
+            params[name] = value
+        try:
+            total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
+        except SearchError as exc:
+            return outcome(400, "not-supported", str(exc), exc.param)
+        base = base_of(request)
+
+        def page(at: int) -> str:
+            query = [*params.items(), ("_count", str(count)), ("_offset", str(at))]
+            return f"{base}/{rtype}?{urlencode(query)}"
+
+        links = [{"relation": "self", "url": page(offset)}]
+        if count and offset + count < total:
+            links.append({"relation": "next", "url": page(offset + count)})
+        if offset > 0:
+            links.append({"relation": "previous", "url": page(max(0, offset - count))})
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": links,
+            "entry": [
+                {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in found
+            ],
+        }
+        if not bundle["entry"]:
+            del bundle["entry"]
+        return FHIRResponse(bundle)
+
+    return [
+        Route("/fhir/metadata", metadata, methods=["GET"]),
+        Route("/fhir/{type}/{id}", read, methods=["GET"]),
+        Route("/fhir/{type}", search, methods=["GET"]),
+    ]

@@ -1,0 +1,380 @@
+"""Canonical model → FHIR R4 JSON (ServiceRequest, Patient), driven by ``mappings/fhir.yaml``.
+
+The mapping file gives the identifier systems (per kind, per issuer, or ``urn:oid:`` from the identifier's OID),
+the code systems (``tables/fhir_code_systems.csv``) and the value maps (request status, priority, gender). All
+of it is checked at load: a wrong key, URI, regex, time zone or a table value that is not a code of the FHIR value
+set fails with ``file:line: reason``.
+
+Resource ids are derived from identifiers (a hash of ``system|value``), so a redelivered or updated order writes
+the same resource.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from traboule import model
+from traboule.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml
+
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+REQUEST_STATUS = {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+REQUEST_PRIORITY = {"routine", "urgent", "asap", "stat"}
+GENDER = {"male", "female", "other", "unknown"}
+ORDER_KINDS = {"placer": "PLAC", "filler": "FILL", "accession": "ACSN"}
+ORDER_ATTRS = {"placer": "placer_order_number", "filler": "filler_order_number", "accession": "accession_number"}
+ID_KINDS = (*ORDER_KINDS, "patient", "ins", "requester")
+TABLES = {  # table name → (value column, allowed values)
+    "code_systems": ("system", None),
+    "request_status": ("status", REQUEST_STATUS),
+    "priority": ("fhir", REQUEST_PRIORITY),
+    "gender": ("gender", GENDER),
+}
+_URI = re.compile(r"^(urn:oid:[0-2](\.(0|[1-9]\d*))+|urn:uuid:[0-9a-f-]{36}|urn:[a-z0-9][a-z0-9-]*:\S+|https?://\S+)$")
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+_LOCAL_SYSTEM = re.compile(r"^(L|99\w*|LOCAL)?$", re.IGNORECASE)
+
+
+def resource_id(*parts: str) -> str:
+    """A FHIR id (``[A-Za-z0-9.-]{1,64}``) derived from identifying text: the same input, the same id."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class IdentifierSystems:
+    """How one kind of identifier gets its FHIR system."""
+
+    def __init__(self, system: str = "", issuers: dict[str, str] | None = None):
+        self.system = system
+        self.issuers = issuers or {}
+
+    def of(self, ident: model.Identifier) -> str:
+        if ident.issuer_oid and _OID.match(ident.issuer_oid):
+            return f"urn:oid:{ident.issuer_oid}"
+        return self.issuers.get(ident.issuer, "") or self.system
+
+
+class FHIRMapping:
+    """Compiled ``fhir.yaml``: ``patient`` and ``service_request`` build FHIR R4 resources as JSON dicts."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else MAPPINGS_DIR / "fhir.yaml"
+        doc = load_yaml(self.path)
+        if not isinstance(doc, Node):
+            raise MappingError(self.path, getattr(doc, "line", 1), "expected a mapping of sections")
+        known = {"kind", "version", "description", "tables", "timezone", "identifiers", "codes"}
+        for key in doc:
+            if key not in known:
+                raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
+        if doc.get("kind", "canonical-to-fhir") != "canonical-to-fhir":
+            raise MappingError(self.path, line_of(doc, "kind"), "kind must be 'canonical-to-fhir'")
+        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path)
+        for name, (column, allowed) in TABLES.items():
+            table = self.tables.get(name)
+            line = line_of(doc.get("tables"), name) if "tables" in doc else line_of(doc)
+            if table is None:
+                raise MappingError(self.path, line, f"tables: {name!r} is required")
+            self._check_table(table, column, allowed, line)
+        self.timezone = self._timezone(doc)
+        self.systems = self._identifiers(doc.get("identifiers") or Node(), line_of(doc, "identifiers"))
+        codes = doc.get("codes") or Node()
+        if not isinstance(codes, Node):
+            raise MappingError(self.path, line_of(doc, "codes"), "'codes' must be a mapping")
+        for key in codes:
+            if key != "local":
+                raise MappingError(self.path, line_of(codes, key), f"codes: unknown key {key!r} (expected 'local')")
+        self.local_code_system = self._uri(codes.get("local", ""), line_of(codes, "local"), "codes.local")
+
+    # -- load-time checks ------------------------------------------------------------------------------------
+
+    def _check_table(self, table: CodeTable, column: str, allowed: set[str] | None, line: int) -> None:
+        if column not in table.columns:
+            raise MappingError(self.path, line, f"table {table.name!r} needs a column {column!r} ({table.columns})")
+        for row in table.rows:
+            value = row.get(column, "")
+            bad = (value not in allowed) if allowed is not None else not _URI.match(value)
+            if bad:
+                expected = f"one of {sorted(allowed)}" if allowed else "a URI (http(s)://... or urn:oid:...)"
+                raise MappingError(
+                    self._table_file(table.name), self._row_line(table.name, row), f"{value!r} is not {expected}"
+                )
+
+    def _table_file(self, name: str) -> Path:
+        doc = load_yaml(self.path)
+        spec = doc["tables"][name]
+        return (self.path.parent / (spec if isinstance(spec, str) else spec["file"])).resolve()
+
+    def _row_line(self, name: str, row: dict[str, str]) -> int:
+        """The CSV line of a row (same line filtering as ``load_table``: blank and ``#`` lines are skipped)."""
+        data_lines = [
+            n
+            for n, text in enumerate(self._table_file(name).read_text(encoding="utf-8").splitlines(), start=1)
+            if text.strip() and not text.lstrip().startswith("#")
+        ]
+        index = self.tables[name].rows.index(row) + 1  # + header
+        return data_lines[index] if index < len(data_lines) else 0
+
+    def _timezone(self, doc: Node) -> ZoneInfo | None:
+        name = doc.get("timezone", "")
+        if not name:
+            return None
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise MappingError(self.path, line_of(doc, "timezone"), f"unknown time zone {name!r}") from exc
+
+    def _uri(self, value: Any, line: int, what: str) -> str:
+        if not isinstance(value, str):
+            raise MappingError(self.path, line, f"{what}: expected a URI")
+        if value and not _URI.match(value):
+            raise MappingError(self.path, line, f"{what}: {value!r} is not a URI (http(s)://... or urn:oid:...)")
+        return value
+
+    def _identifiers(self, node: Any, line: int) -> dict[str, IdentifierSystems]:
+        if not isinstance(node, Node):
+            raise MappingError(self.path, line, "'identifiers' must be a mapping")
+        out: dict[str, IdentifierSystems] = {}
+        for kind in node:
+            if kind not in ID_KINDS:
+                raise MappingError(self.path, line_of(node, kind), f"identifiers: unknown kind {kind!r} {ID_KINDS}")
+        for kind in ID_KINDS:
+            spec = node.get(kind) or Node()
+            if not isinstance(spec, Node):
+                raise MappingError(self.path, line_of(node, kind), f"identifiers.{kind}: expected a mapping")
+            allowed = {"system", "issuers"} | (
+                {"type_system", "types"} if kind == "ins" else {"match"} if kind == "requester" else set()
+            )
+            for key in spec:
+                if key not in allowed:
+                    raise MappingError(
+                        self.path, line_of(spec, key), f"identifiers.{kind}: unknown key {key!r} ({sorted(allowed)})"
+                    )
+            system = self._uri(spec.get("system", ""), line_of(spec, "system"), f"identifiers.{kind}.system")
+            issuers = spec.get("issuers") or Node()
+            if not isinstance(issuers, Node):
+                raise MappingError(self.path, line_of(spec, "issuers"), f"identifiers.{kind}.issuers: map issuers")
+            out[kind] = IdentifierSystems(
+                system,
+                {k: self._uri(v, line_of(issuers, k), f"identifiers.{kind}.issuers.{k}") for k, v in issuers.items()},
+            )
+            if kind == "ins":
+                self.ins_type_system = self._uri(
+                    spec.get("type_system", ""), line_of(spec, "type_system"), "identifiers.ins.type_system"
+                )
+                types = spec.get("types") or Node()
+                if not isinstance(types, Node):
+                    raise MappingError(self.path, line_of(spec, "types"), "identifiers.ins.types: map OID → code")
+                for oid in types:
+                    if not _OID.match(oid):
+                        raise MappingError(self.path, line_of(types, oid), f"identifiers.ins.types: {oid!r} not an OID")
+                self.ins_types = dict(types)
+            if kind == "requester":
+                try:
+                    self.requester_match = re.compile(spec.get("match", "") or "^$")
+                except re.error as exc:
+                    raise MappingError(self.path, line_of(spec, "match"), f"requester.match: bad regex: {exc}") from exc
+        return out
+
+    # -- values ----------------------------------------------------------------------------------------------
+
+    def code_system(self, hl7_system: str) -> str:
+        found = self.tables["code_systems"].lookup((hl7_system,), "system")
+        if found:
+            return found
+        if _OID.match(hl7_system):
+            return f"urn:oid:{hl7_system}"
+        if hl7_system.startswith(("http://", "https://", "urn:")):
+            return hl7_system
+        return self.local_code_system  # L, 99xxx, empty, or unknown to the table
+
+    def request_status(self, order: model.ImagingOrder) -> str:
+        step_status = order.steps[0].status if order.steps else "SCHEDULED"
+        statuses = {s.status for s in order.steps} or {step_status}
+        # All steps finished the same way → that status; otherwise the first step's.
+        if len(statuses) == 1:
+            step_status = next(iter(statuses))
+        return self.tables["request_status"].lookup((order.action, step_status), "status") or "unknown"
+
+    def priority(self, value: str) -> str:
+        return self.tables["priority"].lookup((value.upper(),), "fhir") or ""
+
+    def gender(self, sex: str) -> str:
+        return self.tables["gender"].lookup((sex.upper(),), "gender") or ""
+
+    def date_time(self, dtm: str) -> str:
+        """HL7 DTM (YYYY[MM[DD[HH[MM[SS]]]]], zone-less after the inbound mapping) → FHIR dateTime with the same
+        precision. A time is sent only with `timezone` configured (FHIR requires a zone with a time); the offset
+        is that zone's on that date. A zone in the DTM itself (+HHMM) is kept."""
+        text = dtm.strip()
+        match = re.match(r"^(\d{4,14})(?:\.\d+)?([+-]\d{4})?$", text)
+        if not match:
+            return ""
+        digits, zone = match.group(1), match.group(2) or ""
+        if len(digits) not in (4, 6, 8, 10, 12, 14):
+            return ""
+        parts = [digits[0:4], digits[4:6], digits[6:8], digits[8:10], digits[10:12], digits[12:14]]
+        try:
+            if len(digits) <= 8:
+                year, month, day = parts[:3]
+                datetime(int(year), int(month or 1), int(day or 1))  # validates
+                return "-".join(p for p in (year, month, day) if p)
+            stamp = datetime(*(int(p or 0) for p in parts))  # type: ignore[misc]
+        except ValueError:
+            return ""
+        if zone:
+            return stamp.isoformat() + f"{zone[:3]}:{zone[3:]}"
+        if self.timezone is None:
+            return stamp.date().isoformat()
+        return stamp.replace(tzinfo=self.timezone).isoformat()
+
+    # -- identifiers -----------------------------------------------------------------------------------------
+
+    def identifier_system(self, kind: str, ident: model.Identifier) -> str:
+        return self.systems[kind].of(ident)
+
+    def patient_identifier(self, ident: model.Identifier) -> dict[str, Any]:
+        if ident.type == "INS" or ident.issuer_oid in model.INS_OIDS:
+            out: dict[str, Any] = {"use": "official"}
+            code = self.ins_types.get(ident.issuer_oid)
+            if code and self.ins_type_system:
+                out["type"] = {"coding": [{"system": self.ins_type_system, "code": code}]}
+            out["system"] = self.systems["ins"].of(ident)
+        else:
+            out = {"use": "usual"}
+            if ident.type:
+                out["type"] = {"coding": [{"system": V2_0203, "code": ident.type}]}
+            out["system"] = self.systems["patient"].of(ident)
+        if not out["system"]:
+            del out["system"]
+        out["value"] = ident.value
+        return out
+
+    def patient_id(self, p: model.Patient) -> str:
+        primary = p.primary_id
+        if primary is None or not primary.value:
+            raise ValueError("patient without identifier")
+        ident = self.patient_identifier(primary)
+        return resource_id("Patient", ident.get("system", ""), ident["value"])
+
+    def merged_patient_id(self, ident: model.Identifier) -> str:
+        fhir_ident = self.patient_identifier(ident)
+        return resource_id("Patient", fhir_ident.get("system", ""), fhir_ident["value"])
+
+    def order_identifiers(self, order: model.ImagingOrder) -> list[dict[str, Any]]:
+        out = []
+        for kind, code in ORDER_KINDS.items():
+            ident: model.Identifier = getattr(order, ORDER_ATTRS[kind])
+            if not ident.value:
+                continue
+            entry: dict[str, Any] = {"use": "official" if kind == "accession" else "usual"}
+            entry["type"] = {"coding": [{"system": V2_0203, "code": code}]}
+            system = self.identifier_system(kind, ident)
+            if system:
+                entry["system"] = system
+            entry["value"] = ident.value
+            out.append(entry)
+        return out
+
+    def service_request_id(self, order: model.ImagingOrder) -> str:
+        idents = self.order_identifiers(order)
+        if not idents:
+            raise ValueError("order without placer, filler or accession number")
+        first = idents[0]
+        return resource_id("ServiceRequest", first.get("system", ""), first["value"])
+
+    # -- resources -------------------------------------------------------------------------------------------
+
+    def patient(self, p: model.Patient) -> dict[str, Any]:
+        resource: dict[str, Any] = {
+            "resourceType": "Patient",
+            "id": self.patient_id(p),
+            "meta": {"lastUpdated": now()},
+            "identifier": [self.patient_identifier(i) for i in p.ids if i.value],
+            "active": True,
+        }
+        names = []
+        given = [g for g in (p.name.given, p.name.middle) if g]
+        if p.birth_name and p.birth_name != p.name.family:
+            names.append(_name("usual", p.name.family, given, p.name))
+            names.append(_name("official", p.birth_name, given, p.name))
+        elif not p.name.is_empty():
+            names.append(_name("official", p.name.family, given, p.name))
+        if names:
+            resource["name"] = [n for n in names if len(n) > 1]
+        gender = self.gender(p.sex) if p.sex else ""
+        if gender:
+            resource["gender"] = gender
+        birth = self.date_time(p.birth_date[:8]) if p.birth_date else ""
+        if birth:
+            resource["birthDate"] = birth
+        return {k: v for k, v in resource.items() if v not in ([], "", None)}
+
+    def service_request(self, order: model.ImagingOrder, patient_ref: str) -> dict[str, Any]:
+        resource: dict[str, Any] = {
+            "resourceType": "ServiceRequest",
+            "id": self.service_request_id(order),
+            "meta": {"lastUpdated": now()},
+            "identifier": self.order_identifiers(order),
+            "status": self.request_status(order),
+            "intent": "order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
+        }
+        priority = self.priority(order.priority) if order.priority else ""
+        if priority:
+            resource["priority"] = priority
+        proc = order.procedure
+        if proc.code or proc.display:
+            code: dict[str, Any] = {}
+            if proc.code:
+                coding = {"system": self.code_system(proc.system), "code": proc.code}
+                if not coding["system"]:
+                    del coding["system"]
+                if proc.display:
+                    coding["display"] = proc.display
+                code["coding"] = [coding]
+            if proc.display:
+                code["text"] = proc.display
+            resource["code"] = code
+        resource["subject"] = {"reference": patient_ref}
+        start = order.steps[0].start if order.steps else ""
+        occurrence = self.date_time(start) if start else ""
+        if occurrence:
+            resource["occurrenceDateTime"] = occurrence
+        requester = self._requester(order.requesting_physician)
+        if requester:
+            resource["requester"] = requester
+        if order.reason:
+            resource["reasonCode"] = [{"text": order.reason}]
+        if order.medical_alerts:
+            resource["note"] = [{"text": order.medical_alerts}]
+        return resource
+
+    def _requester(self, doctor: model.Practitioner) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        display = " ".join(x for x in (doctor.name.prefix, doctor.name.given, doctor.name.family) if x)
+        if display:
+            out["display"] = display
+        system = self.systems["requester"].system
+        if doctor.id and system and self.requester_match.match(doctor.id):
+            out["identifier"] = {"system": system, "value": doctor.id}
+        return out
+
+
+def _name(use: str, family: str, given: list[str], name: model.PersonName) -> dict[str, Any]:
+    out: dict[str, Any] = {"use": use}
+    if family:
+        out["family"] = family
+    if given:
+        out["given"] = given
+    if name.prefix:
+        out["prefix"] = [name.prefix]
+    if name.suffix:
+        out["suffix"] = [name.suffix]
+    return out

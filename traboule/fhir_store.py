@@ -1,0 +1,224 @@
+"""The FHIR resources traboule serves: SQLite (WAL, synchronous FULL), one row per resource plus an index of token
+search parameters.
+
+* ``resources(type, id, version_id, last_updated, seq, json)``: the current version of each resource. ``seq`` is
+  the journal sequence of the event that wrote it: an older event (a retry arriving after a newer change) does not
+  overwrite a newer state.
+* ``tokens(type, name, system, value, id)``: ``identifier`` (system, value) of ServiceRequest and Patient,
+  ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest.
+
+``upsert`` bumps ``meta.versionId`` only when the content (everything but ``meta``) changed, so a redelivery
+leaves the resource as it was. One connection behind a lock: safe to call from ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version_id INTEGER NOT NULL,
+    last_updated TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    json TEXT NOT NULL,
+    PRIMARY KEY (type, id)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    system TEXT NOT NULL,
+    value TEXT NOT NULL,
+    id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tokens_value ON tokens (type, name, value, system);
+CREATE INDEX IF NOT EXISTS tokens_id ON tokens (type, id);
+"""
+
+# Search parameters per resource type (besides _id): name → kind. What the API and CapabilityStatement offer.
+SEARCH_PARAMS: dict[str, dict[str, str]] = {
+    "ServiceRequest": {
+        "identifier": "token",
+        "status": "token",
+        "subject": "reference",
+        "patient": "reference",
+        "patient.identifier": "token",
+    },
+    "Patient": {"identifier": "token"},
+}
+
+
+class SearchError(ValueError):
+    """A search the store does not support (names the parameter)."""
+
+    def __init__(self, param: str, reason: str):
+        super().__init__(reason)
+        self.param = param
+
+
+def _content(resource: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in resource.items() if k != "meta"}, sort_keys=True, ensure_ascii=False)
+
+
+def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+    out = []
+    for ident in resource.get("identifier") or []:
+        if ident.get("value"):
+            out.append(("identifier", ident.get("system", ""), ident["value"]))
+    if resource["resourceType"] == "ServiceRequest":
+        ref = (resource.get("subject") or {}).get("reference", "")
+        if ref:
+            out.append(("subject", "", ref))
+        if resource.get("status"):
+            out.append(("status", "", resource["status"]))
+    return out
+
+
+class FHIRStore:
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction for everything done inside (nests; the lock is held throughout)."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._db.execute("COMMIT")
+
+    def upsert(self, resource: dict[str, Any], seq: int = 0) -> bool:
+        """Store ``resource`` (its ``resourceType`` and ``id`` say where); True when it was created or changed.
+        ``seq``: the journal sequence of the event; a resource written by a later event is left alone."""
+        rtype, rid = resource["resourceType"], resource["id"]
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT version_id, seq, json FROM resources WHERE type=? AND id=?", (rtype, rid)
+            ).fetchone()
+            if row is not None:
+                version, stored_seq, stored = row
+                if seq and stored_seq and seq < stored_seq:
+                    return False
+                if _content(json.loads(stored)) == _content(resource):
+                    if seq > stored_seq:
+                        self._db.execute("UPDATE resources SET seq=? WHERE type=? AND id=?", (seq, rtype, rid))
+                    return False
+                version += 1
+            else:
+                version = 1
+            updated = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            out = dict(resource)
+            out["meta"] = {**(resource.get("meta") or {}), "versionId": str(version), "lastUpdated": updated}
+            text = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+            self._db.execute(
+                "INSERT INTO resources (type, id, version_id, last_updated, seq, json) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (type, id) DO UPDATE SET version_id=excluded.version_id, "
+                "last_updated=excluded.last_updated, seq=MAX(resources.seq, excluded.seq), json=excluded.json",
+                (rtype, rid, version, updated, seq, text),
+            )
+            self._db.execute("DELETE FROM tokens WHERE type=? AND id=?", (rtype, rid))
+            self._db.executemany(
+                "INSERT INTO tokens (type, name, system, value, id) VALUES (?, ?, ?, ?, ?)",
+                [(rtype, name, system, value, rid) for name, system, value in _tokens(out)],
+            )
+            return True
+
+    def get(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT json FROM resources WHERE type=? AND id=?", (rtype, rid)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def count(self, rtype: str | None = None) -> int:
+        with self._lock:
+            if rtype is None:
+                return self._db.execute("SELECT count(*) FROM resources").fetchone()[0]
+            return self._db.execute("SELECT count(*) FROM resources WHERE type=?", (rtype,)).fetchone()[0]
+
+    def search(
+        self, rtype: str, params: dict[str, str], count: int = 20, offset: int = 0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Resources of ``rtype`` matching every parameter (a comma in a value means "or"); in insertion order.
+        Tokens: ``system|value``, ``value`` (any system), ``|value`` (no system), ``system|`` (any value)."""
+        supported = SEARCH_PARAMS.get(rtype)
+        if supported is None:
+            raise SearchError("", f"resource type {rtype!r} is not served")
+        where, args = ["r.type = ?"], [rtype]
+        for name, raw in params.items():
+            alternatives = raw.split(",")
+            ors: list[str] = []
+            for value in alternatives:
+                clause, clause_args = self._clause(rtype, name, value, supported)
+                ors.append(clause)
+                args.extend(clause_args)
+            where.append("(" + " OR ".join(ors) + ")")
+        sql_where = " AND ".join(where)
+        with self._lock:
+            total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {sql_where}", args).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT r.json FROM resources r WHERE {sql_where} ORDER BY r.rowid LIMIT ? OFFSET ?",
+                [*args, count, offset],
+            ).fetchall()
+        return total, [json.loads(r[0]) for r in rows]
+
+    def _clause(self, rtype: str, name: str, value: str, supported: dict[str, str]) -> tuple[str, list[str]]:
+        if name == "_id":
+            return "r.id = ?", [value]
+        kind = supported.get(name)
+        if kind is None:
+            raise SearchError(name, f"search parameter {name!r} is not supported for {rtype}")
+        if kind == "reference":
+            ref = value if "/" in value else f"Patient/{value}"
+            if not ref.startswith("Patient/"):
+                raise SearchError(name, f"{name}: only Patient references are supported")
+            return (
+                "r.id IN (SELECT id FROM tokens WHERE type = ? AND name = 'subject' AND value = ?)",
+                [rtype, ref],
+            )
+        token_sql, token_args = _token(value)
+        if name == "patient.identifier":
+            return (
+                "r.id IN (SELECT s.id FROM tokens s JOIN tokens p ON p.type = 'Patient' AND p.name = 'identifier' "
+                f"AND s.value = 'Patient/' || p.id WHERE s.type = ? AND s.name = 'subject' AND {token_sql})",
+                [rtype, *token_args],
+            )
+        return (
+            f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {token_sql})",
+            [rtype, name, *token_args],
+        )
+
+
+def _token(value: str) -> tuple[str, list[str]]:
+    """SQL on the token row aliased ``p`` for a token search value."""
+    if "|" not in value:
+        return "p.value = ?", [value]
+    system, _, code = value.partition("|")
+    if not code:
+        return "p.system = ?", [system]
+    return "p.system = ? AND p.value = ?", [system, code]

@@ -386,6 +386,10 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             HL7InboundMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml")))
         if ch["kind"] == "worklist":
             MWLMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml")))
+        if ch["kind"] == "fhir":
+            from traboule.fhir_mapping import FHIRMapping
+
+            FHIRMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/fhir.yaml")))
         print(f"ok  {ch['name']} ({ch['kind']})")
     return 0
 

@@ -7,6 +7,9 @@ wlmscpfs or Orthanc. Rules (the business part, kept here and not in the adapters
 * new / change: the order's items are written (one per scheduled step); steps no longer in the order go away.
 * cancel, discontinue, completed: the order's items leave the worklist.
 * started (ORC-5 IP): the item stays, with status STARTED, unless ``offer_started = false``.
+* performed step (MPPS, ``procedure.*``): IN PROGRESS → the item's step becomes STARTED (removed when
+  ``offer_started = false``); COMPLETED / DISCONTINUED → removed. Items are found by accession number (+ SPS ID
+  when the modality reports it).
 * patient update (ADT^A08): pending items of that patient get the new demographics.
 * merge (ADT^A40): pending items of the merged identifier move to the surviving patient.
 * identifiers the order lacks are assigned as the IHE Department System Scheduler does (``assign_missing_ids``):
@@ -35,13 +38,13 @@ from traboule import metrics
 from traboule.bus import Delivery
 from traboule.config import resolve
 from traboule.dicom_mapping import MWLMapping, character_set
-from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, ScheduledStep
+from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep
 from traboule.worklist import Change, WorklistStore, as_dataset
 
 log = structlog.get_logger("traboule.channels.worklist")
 
 REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
-DEFAULT_TOPICS = ["order.#", "patient.#"]
+DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#"]
 
 
 class WorklistChannel:
@@ -155,6 +158,8 @@ class WorklistChannel:
                     continue
                 latest[seq_key] = seq
             upserts, deletes = self._changes(env, view)
+            if seq and isinstance(env.payload, PerformedStep):
+                _mark_orders(latest, upserts, deletes, seq)
             view.apply(upserts, deletes)
             changes.append((upserts, deletes, env.idempotency_key))
             results.append(("applied", len(upserts), len(deletes)))
@@ -174,6 +179,8 @@ class WorklistChannel:
         payload = env.payload
         if isinstance(payload, ImagingOrder):
             return self._order_changes(payload, view)
+        if isinstance(payload, PerformedStep):
+            return self._procedure_changes(payload, view)
         assert isinstance(payload, PatientUpdate)
         return self._patient_changes(payload, view)
 
@@ -201,6 +208,24 @@ class WorklistChannel:
             return kept or upserts, []
         new_keys = {k for k, _ in upserts}
         return upserts, sorted(existing - new_keys)
+
+    def _procedure_changes(self, step: PerformedStep, view: _View) -> tuple[list[tuple[str, Dataset]], list[str]]:
+        """The items a performed step reports on: found by accession number, narrowed by SPS ID if given."""
+        keys = view.keys_for_accession(step.accession_number) if step.accession_number else []
+        matched: list[tuple[str, Dataset]] = []
+        for key in keys:
+            ds = view.get(key)
+            sps = ds.get("ScheduledProcedureStepSequence") if ds is not None else None
+            if ds is None or not sps:
+                continue
+            if step.scheduled_step_id and sps[0].get("ScheduledProcedureStepID", "") != step.scheduled_step_id:
+                continue
+            matched.append((key, ds))
+        if step.status != "IN PROGRESS" or not self.offer_started:
+            return [], [key for key, _ in matched]
+        for _, ds in matched:
+            ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = "STARTED"
+        return matched, []
 
     def _patient_changes(self, update: PatientUpdate, view: _View) -> tuple[list[tuple[str, Dataset]], list[str]]:
         ids = update.merged_ids if update.action == "merge" else update.patient.ids
@@ -279,6 +304,16 @@ class _View:
                 (keys.add if ds is not None else keys.discard)(key)
         return sorted(keys)
 
+    def keys_for_accession(self, accession: str) -> list[str]:
+        keys = set(self.store.keys_for_accession(accession))
+        for key, item in self.changed.items():
+            ds = None if item is None else as_dataset(item)
+            if ds is not None and ds.get("AccessionNumber", "") == accession:
+                keys.add(key)
+            else:
+                keys.discard(key)
+        return sorted(keys)
+
     def keys_for_patient(self, patient_id: str, issuer: str) -> list[str]:
         keys = set(self.store.keys_for_patient(patient_id, issuer))
         for key, item in self.changed.items():
@@ -290,9 +325,22 @@ class _View:
         return sorted(keys)
 
 
-def sequence_key(payload: ImagingOrder | PatientUpdate) -> str:
-    """What an event's journal sequence is compared on: its order, or the patient whose items it rewrites."""
+def _mark_orders(latest: dict[str, int], upserts: list[tuple[str, Dataset]], deletes: list[str], seq: int) -> None:
+    """A performed step counts as the latest event of the orders whose items it changed: an order message
+    received before it and redelivered after it (retry, replayed dead letter) is then stale and cannot bring a
+    completed step back to the worklist."""
+    for key in [k for k, _ in upserts] + deletes:
+        order_key = key.rpartition("#")[0]
+        if order_key:
+            latest[order_key] = max(latest.get(order_key, 0), seq)
+
+
+def sequence_key(payload: ImagingOrder | PatientUpdate | PerformedStep) -> str:
+    """What an event's journal sequence is compared on: its order, the patient whose items it rewrites, or the
+    MPPS instance (an IN PROGRESS redelivered after COMPLETED is stale)."""
     if isinstance(payload, ImagingOrder):
         return payload.key
+    if isinstance(payload, PerformedStep):
+        return f"mpps|{payload.sop_instance_uid}" if payload.sop_instance_uid else ""
     primary = payload.patient.primary_id
     return f"patient|{primary.issuer}|{primary.value}" if primary and primary.value else ""

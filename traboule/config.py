@@ -30,7 +30,7 @@ DEFAULT_CHANNELS: list[dict[str, Any]] = [
     {
         "name": "worklist",
         "kind": "worklist",
-        "topics": ["order.#", "patient.#"],
+        "topics": ["order.#", "patient.#", "procedure.#"],
         "mapping": "mappings/mwl.yaml",
         "max_attempts": 5,
         # Its own process: the ingest path and the worklist each get a core (one Python process is one core).

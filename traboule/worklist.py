@@ -323,6 +323,12 @@ class WorklistStore:
         with self._reader() as conn:
             return [r[0] for r in conn.execute(sql, (patient_id, issuer))]
 
+    def keys_for_accession(self, accession: str) -> list[str]:
+        """Keys of the items of one accession number (e.g. to find the order a modality's MPPS reports on)."""
+        sql = "SELECT key FROM items WHERE accession_number = ? ORDER BY key"
+        with self._reader() as conn:
+            return [r[0] for r in conn.execute(sql, (accession,))]
+
     def keys_with_prefix(self, prefix: str) -> list[str]:
         """Keys starting with `prefix` (e.g. every step of one order), in key order."""
         # GLOB with a literal prefix becomes a range scan on the primary key index.

@@ -1,0 +1,250 @@
+"""Channel ``hl7-status``: ``procedure.*`` events (MPPS) → HL7 v2 order status message to the RIS over MLLP.
+
+Configuration::
+
+    [[channels]]
+    name = "ris-status"
+    kind = "hl7-status"
+    destination = {adapter = "mllp-sender", host = "ris.example", port = 2576, timeout = 10}
+    message = "ORM^O01"                # or "OMI^O23"
+    status_table = "mappings/tables/procedure_status.csv"   # MPPS status → ORC-5
+    sending_application = "TRABOULE"
+    sending_facility = ""
+    receiving_application = "RIS"
+    receiving_facility = ""
+    max_attempts = 5                   # then the event goes to the dead-letter queue <name>.dlq
+    topics = ["procedure.#", "order.#"]
+
+Per performed-step event: ORM^O01 v2.5 (MSH, PID, ORC, OBR, ZDS) or OMI^O23 v2.5 (MSH, PID, ORC, TQ1, OBR, IPC)
+with ORC-1 SC and ORC-5 IP / CM / DC, sent over one kept MLLP connection. ACK AA/CA → done; AE/AR, no answer in
+``timeout`` or a broken connection → the handler raises (the connection is dropped and reopened next time) and
+the bus retries with backoff, then dead-letters after ``max_attempts``.
+
+A modality reports what the worklist gave it: accession number, Requested Procedure ID, SPS ID, often the placer
+order number without its issuer. So the channel also consumes ``order.*`` and keeps, per accession number, the
+order's placer / filler numbers with their issuers and the patient identifier (``<data_dir>/<name>.sqlite``), to
+fill ORC-2 / ORC-3 / PID-3 as the RIS knows them. Status messages already accepted by the RIS are remembered by
+idempotency key, so a redelivered event is not sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from adapters.mllp import MLLPClient
+from traboule import hl7, metrics
+from traboule.bus import Delivery
+from traboule.config import resolve
+from traboule.mapping import load_table
+from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
+
+log = structlog.get_logger("traboule.channels.hl7_status")
+
+DEFAULT_TOPICS = ["procedure.#", "order.#"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS orders (
+    accession TEXT PRIMARY KEY,
+    placer TEXT NOT NULL,
+    filler TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    study_uid TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sent (
+    idempotency_key TEXT PRIMARY KEY,
+    control_id TEXT NOT NULL,
+    sent_at TEXT NOT NULL
+);
+"""
+
+
+class StatusNotAccepted(Exception):
+    """The RIS did not accept the status message (AE/AR, no answer): the bus retries the event."""
+
+
+class HL7StatusChannel:
+    kind = "hl7-status"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
+        self.max_attempts = int(config.get("max_attempts", 5))
+        self.message = str(config.get("message", "ORM^O01"))
+        if self.message not in ("ORM^O01", "OMI^O23"):
+            raise ValueError(f"channel {self.name}: message must be ORM^O01 or OMI^O23, not {self.message!r}")
+        self.sending_application = str(config.get("sending_application", "TRABOULE"))
+        self.sending_facility = str(config.get("sending_facility", ""))
+        self.receiving_application = str(config.get("receiving_application", "RIS"))
+        self.receiving_facility = str(config.get("receiving_facility", ""))
+        dest = config.get("destination") or {}
+        if dest.get("adapter", "mllp-sender") != "mllp-sender":
+            raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
+        self.client = MLLPClient(
+            dest.get("host", "127.0.0.1"), int(dest.get("port", 2576)), timeout=float(dest.get("timeout", 10))
+        )
+        table_path = resolve(runtime.config, config.get("status_table", "mappings/tables/procedure_status.csv"))
+        self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
+        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._send_lock = asyncio.Lock()
+        self._counter = 0
+        self._prefix = uuid.uuid4().hex[:8]
+        self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+
+    async def start(self) -> None:
+        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        self._db.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"bus:{t}" for t in self.topics],
+            "destinations": [f"mllp://{self.client.host}:{self.client.port}"],
+            "message": self.message,
+        }
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> None:
+        env = Envelope.from_json(delivery.body)
+        if isinstance(env.payload, ImagingOrder):
+            self._remember(env.payload)
+            return
+        if not isinstance(env.payload, PerformedStep):
+            return
+        if (
+            env.idempotency_key
+            and self._db.execute("SELECT 1 FROM sent WHERE idempotency_key = ?", (env.idempotency_key,)).fetchone()
+        ):
+            metrics.events_processed.labels(self.name, "duplicate").inc()
+            return
+        control_id = self._next_control_id()
+        text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
+        code = await self._send(text.encode("utf-8"))
+        self._db.execute(
+            "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)",
+            (env.idempotency_key or env.id, control_id, datetime.now().isoformat(timespec="milliseconds")),
+        )
+        metrics.events_processed.labels(self.name, "sent").inc()
+        self._log.info(
+            "status.sent",
+            message_id=env.id,
+            correlation_id=env.correlation_id,
+            control_id=control_id,
+            status=env.payload.status,
+            ack=code,
+            attempt=delivery.attempt,
+        )
+
+    async def _send(self, data: bytes) -> str:
+        """Send over the kept connection; raise unless the RIS accepted (AA / CA)."""
+        async with self._send_lock:
+            try:
+                reply = await self.client.send(data)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                await self.client.close()  # reconnect on the next attempt
+                raise StatusNotAccepted(f"RIS unreachable or silent: {type(exc).__name__}: {exc}") from exc
+        try:
+            ack = hl7.parse(hl7.decode(reply).text)
+            msa = ack.segment("MSA")
+            code = msa.field(1) if msa else ""
+        except hl7.HL7Error as exc:
+            raise StatusNotAccepted(f"unreadable ACK: {exc}") from exc
+        if code not in ("AA", "CA"):
+            text = msa.field(3) if msa else ""
+            raise StatusNotAccepted(f"RIS answered {code or 'no MSA'} {text}".strip())
+        return code
+
+    def _remember(self, order: ImagingOrder) -> None:
+        accession = order.accession_number.value
+        if not accession:
+            return
+        primary = order.patient.primary_id
+        self._db.execute(
+            "INSERT INTO orders VALUES (?, ?, ?, ?, ?) ON CONFLICT(accession) DO UPDATE SET placer = excluded.placer,"
+            " filler = excluded.filler, patient_id = excluded.patient_id, study_uid = excluded.study_uid",
+            (
+                accession,
+                _ei(order.placer_order_number),
+                _ei(order.filler_order_number),
+                _cx(primary) if primary else "",
+                order.study_instance_uid,
+            ),
+        )
+
+    def _next_control_id(self) -> str:
+        self._counter += 1
+        return f"{self._prefix}S{self._counter}"
+
+    # -- message ---------------------------------------------------------------------------------------------
+
+    def build(self, step: PerformedStep, control_id: str, timestamp: str) -> str:
+        """The status message, built by hand: its shape is fixed and it is sent for every performed step
+        (hl7apy would cost a parse-validate round per message for no gain); values go through ``hl7.escape``."""
+        e = hl7.escape
+        known = self._db.execute(
+            "SELECT placer, filler, patient_id, study_uid FROM orders WHERE accession = ?", (step.accession_number,)
+        ).fetchone()
+        placer, filler, patient_id, study_uid = known or ("", "", "", "")
+        placer = placer or e(step.placer_order_number)
+        filler = filler or e(step.filler_order_number)
+        primary = step.patient.primary_id
+        patient_id = patient_id or (_cx(primary) if primary else "")
+        study_uid = e(step.study_instance_uid) or study_uid
+        orc5 = self.status_table.lookup((step.status,), "orc5") or ""
+        name = step.patient.name
+        pid5 = "^".join(e(p) for p in (name.family, name.given, name.middle, name.suffix, name.prefix)).rstrip("^")
+        when = step.ended or step.started
+        accession, rp_id, sps_id = e(step.accession_number), e(step.requested_procedure_id), e(step.scheduled_step_id)
+        procedure = f"^{e(step.description)}" if step.description else ""
+        trigger = self.message.replace("^", "_")
+        msh = (
+            f"MSH|^~\\&|{e(self.sending_application)}|{e(self.sending_facility)}|{e(self.receiving_application)}"
+            f"|{e(self.receiving_facility)}|{timestamp}||{self.message}^{trigger}|{control_id}|P|2.5|||||"
+            f"|UNICODE UTF-8"
+        )
+        segments = [
+            msh,
+            f"PID|1||{patient_id}||{pid5}",
+            f"ORC|SC|{placer}|{filler}||{orc5}||||{timestamp}",
+        ]
+        if self.message == "OMI^O23":
+            segments.append(f"TQ1|1||||||{e(step.started)}|{e(step.ended)}")
+        obr = ["OBR", "1", placer, filler, procedure] + [""] * 13 + [accession, rp_id, sps_id]
+        obr += ["", when, "", e(step.modality)]  # OBR-22 status change time, OBR-24 modality
+        segments.append("|".join(obr))
+        if self.message == "OMI^O23":
+            segments.append(f"IPC|{accession}|{rp_id}|{study_uid}|{sps_id}|{e(step.modality)}")
+        else:
+            segments.append(f"ZDS|{study_uid}^{e(self.sending_application)}^Application^DICOM")
+        return "\r".join(segments) + "\r"
+
+
+def _ei(ident: Identifier) -> str:
+    """An entity identifier (EI): value ^ namespace id, escaped."""
+    if not ident.value:
+        return ""
+    return hl7.escape(ident.value) + (f"^{hl7.escape(ident.issuer)}" if ident.issuer else "")
+
+
+def _cx(ident: Identifier) -> str:
+    """A patient identifier (CX): value ^^^ assigning authority ^ type, escaped."""
+    if not ident.value:
+        return ""
+    return f"{hl7.escape(ident.value)}^^^{hl7.escape(ident.issuer)}^{hl7.escape(ident.type or 'PI')}"

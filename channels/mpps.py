@@ -1,0 +1,261 @@
+"""Channel ``mpps``: DICOM MPPS N-CREATE / N-SET from modalities → journal → ``procedure.*`` events on the bus.
+
+Configuration::
+
+    [[channels]]
+    name = "mpps"
+    kind = "mpps"                      # runs in the main process: it journals
+    destinations = [{adapter = "mpps-scp", host = "127.0.0.1", port = 11113, ae_title = "TRABOULE"}]
+    request_timeout = 20               # seconds a DICOM request waits for its journal write
+
+Per request: check it against the instance's known state → merge (an N-SET carries only the changed attributes;
+the last known attribute list of each MPPS instance is kept in ``<data_dir>/<name>.sqlite``) → canonical
+``PerformedStep`` → journal the raw attribute list (Explicit VR Little Endian) with its event in one transaction
+→ only then answer Success. Every request is journaled, refused ones as ``rejected`` with the reason.
+
+Rules (PS3.4 F.7.2): N-CREATE of a known instance → 0111H duplicate SOP instance; N-CREATE not IN PROGRESS →
+0106H; N-SET of an unknown instance → 0112H; N-SET of an instance already COMPLETED or DISCONTINUED → 0110H with
+Error ID A710H "Performed Procedure Step object may no longer be updated"; journal not writable → 0110H.
+
+Topics published: ``procedure.in-progress``, ``procedure.completed``, ``procedure.discontinued``. The idempotency
+key is the MPPS instance + status: an N-SET that leaves the status IN PROGRESS (e.g. adds series) is journaled as
+a duplicate and publishes nothing, so consumers see one event per status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
+from io import BytesIO
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from adapters.dicom_mpps import (
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    MAY_NO_LONGER_BE_UPDATED,
+    MPPSSCP,
+    NO_SUCH_SOP_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    HandlerResult,
+)
+from traboule import metrics
+from traboule.journal import JournalEntry, OutboxEvent
+from traboule.model import Envelope, Identifier, Patient, PerformedStep, PersonName
+
+log = structlog.get_logger("traboule.channels.mpps")
+
+FINAL_STATUSES = {"COMPLETED", "DISCONTINUED"}
+STATUSES = {"IN PROGRESS", *FINAL_STATUSES}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mpps (
+    uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    dataset BLOB NOT NULL,
+    updated TEXT NOT NULL
+);
+"""
+
+
+def encode(ds: Dataset) -> bytes:
+    """An attribute list as Explicit VR Little Endian bytes (no preamble, no file meta)."""
+    buffer = DicomFileLike(BytesIO())
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_dataset(buffer, ds)
+    return buffer.parent.getvalue()  # type: ignore[attr-defined]
+
+
+def decode(data: bytes) -> Dataset:
+    return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+
+
+def topic_of(status: str) -> str:
+    return "procedure." + status.lower().replace(" ", "-")
+
+
+class MPPSChannel:
+    kind = "mpps"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.request_timeout = float(config.get("request_timeout", 20))
+        if str(config.get("process", "main")) != "main":
+            raise ValueError(f"channel {self.name}: an mpps channel journals, it runs in the main process")
+        self.scps: list[MPPSSCP] = []
+        for dest in config.get("destinations", []):
+            if dest.get("adapter") != "mpps-scp":
+                raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
+            self.scps.append(
+                MPPSSCP(
+                    self.handle,
+                    ae_title=dest.get("ae_title", "TRABOULE"),
+                    host=dest.get("host", "127.0.0.1"),
+                    port=int(dest.get("port", 11113)),
+                )
+            )
+        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._log = log.bind(channel=self.name)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lock = asyncio.Lock()
+        for scp in self.scps:
+            scp.start()
+
+    async def stop(self) -> None:
+        for scp in self.scps:
+            scp.stop()
+        self._db.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"mpps-scp://{s.ae_title}@{s.host}:{s.port}" for s in self.scps],
+            "destinations": ["bus:procedure.*"],
+        }
+
+    # -- requests (called in pynetdicom's threads) -----------------------------------------------------------
+
+    def handle(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+        """Hand the request to the event loop (the journal lives there) and wait for its answer."""
+        if self._loop is None:
+            return PROCESSING_FAILURE, "not started"
+        future = asyncio.run_coroutine_threadsafe(self.process(kind, uid, attributes), self._loop)
+        try:
+            return future.result(self.request_timeout)
+        except Exception as exc:
+            future.cancel()
+            self._log.error("mpps.failed", sop_instance_uid=uid, error=type(exc).__name__)
+            return PROCESSING_FAILURE, "the request could not be stored"
+
+    async def process(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+        assert self._lock is not None
+        async with self._lock:  # one request at a time: state check, journal write and state update together
+            return await self._process(kind, uid, attributes)
+
+    async def _process(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+        raw = encode(attributes)
+        entry = JournalEntry(
+            channel=self.name, raw=raw, status="accepted", control_id=uid, message_type=f"N-{kind.upper()}"
+        )
+        row = self._db.execute("SELECT status, dataset FROM mpps WHERE uid = ?", (uid,)).fetchone()
+        refusal: tuple[int, str, int | None] | None = None
+        merged = attributes
+        if kind == "create":
+            status = str(attributes.get("PerformedProcedureStepStatus", "") or "")
+            if row is not None:
+                refusal = (DUPLICATE_SOP_INSTANCE, "MPPS instance already exists", None)
+            elif status != "IN PROGRESS":
+                refusal = (INVALID_ATTRIBUTE_VALUE, "N-CREATE status must be IN PROGRESS", None)
+        elif row is None:
+            refusal = (NO_SUCH_SOP_INSTANCE, "unknown MPPS instance", None)
+        elif row[0] in FINAL_STATUSES:
+            refusal = (
+                PROCESSING_FAILURE,
+                "Performed Procedure Step object may no longer be updated",
+                MAY_NO_LONGER_BE_UPDATED,
+            )
+        else:
+            merged = decode(row[1])
+            for elem in attributes:  # N-SET replaces whole attributes (sequences included)
+                merged[elem.tag] = elem
+        status = str(merged.get("PerformedProcedureStepStatus", "") or "")
+        if refusal is None and status not in STATUSES:
+            refusal = (INVALID_ATTRIBUTE_VALUE, f"unknown status {status[:30]!r}", None)
+        events: list[OutboxEvent] = []
+        if refusal is not None:
+            entry.status = "rejected"
+            entry.error = refusal[1]
+            entry.ack_code = f"0x{refusal[0]:04X}"
+        else:
+            step = performed_step(uid, merged)
+            entry.idempotency_key = f"mpps|{uid}|{step.status}"
+            entry.correlation_id = uid
+            entry.ack_code = "0x0000"
+            env = Envelope(step, source=self.name, idempotency_key=entry.idempotency_key, correlation_id=uid)
+            events.append(OutboxEvent(topic_of(step.status), env.id, env.to_json()))
+        try:
+            await self.runtime.journal.append(entry, events)
+        except Exception as exc:
+            self._log.error("journal.write_failed", error=str(exc), sop_instance_uid=uid)
+            return PROCESSING_FAILURE, "request not stored, send it again later"
+        metrics.messages_received.labels(self.name, entry.status).inc()
+        self._log.info(
+            "mpps." + entry.status,
+            message_id=entry.id,
+            sop_instance_uid=uid,
+            request=entry.message_type,
+            status=status,
+            answer=entry.ack_code,
+            **({"error": entry.error} if entry.error else {}),
+        )
+        if refusal is not None:
+            code, comment, error_id = refusal
+            return (code, comment) if error_id is None else (code, comment, error_id)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        self._db.execute(
+            "INSERT INTO mpps VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(uid) DO UPDATE SET status = excluded.status, dataset = excluded.dataset,"
+            " updated = excluded.updated",
+            (uid, status, encode(merged), now),
+        )
+        return SUCCESS
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def performed_step(uid: str, ds: Dataset) -> PerformedStep:
+    """The canonical performed step of an MPPS instance's (merged) attribute list."""
+    sps = ds.get("ScheduledStepAttributesSequence") or [Dataset()]
+    ref = sps[0]
+    patient = Patient()
+    if _text(ds, "PatientID"):
+        patient.ids.append(Identifier(_text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"), type="PI"))
+    name = ds.get("PatientName")
+    if name:
+        patient.name = PersonName(
+            family=name.family_name,
+            given=name.given_name,
+            middle=name.middle_name,
+            prefix=name.name_prefix,
+            suffix=name.name_suffix,
+        )
+    patient.birth_date = _text(ds, "PatientBirthDate")
+    patient.sex = _text(ds, "PatientSex")
+    series = [_text(s, "SeriesInstanceUID") for s in ds.get("PerformedSeriesSequence") or []]
+    return PerformedStep(
+        sop_instance_uid=uid,
+        status=_text(ds, "PerformedProcedureStepStatus"),  # type: ignore[arg-type]
+        study_instance_uid=_text(ref, "StudyInstanceUID"),
+        accession_number=_text(ref, "AccessionNumber"),
+        requested_procedure_id=_text(ref, "RequestedProcedureID"),
+        scheduled_step_id=_text(ref, "ScheduledProcedureStepID"),
+        placer_order_number=_text(ref, "PlacerOrderNumberImagingServiceRequest"),
+        filler_order_number=_text(ref, "FillerOrderNumberImagingServiceRequest"),
+        patient=patient,
+        modality=_text(ds, "Modality"),
+        station_aet=_text(ds, "PerformedStationAETitle"),
+        started=_text(ds, "PerformedProcedureStepStartDate") + _text(ds, "PerformedProcedureStepStartTime")[:6],
+        ended=_text(ds, "PerformedProcedureStepEndDate") + _text(ds, "PerformedProcedureStepEndTime")[:6],
+        description=_text(ds, "PerformedProcedureStepDescription"),
+        series_uids=[s for s in series if s],
+    )

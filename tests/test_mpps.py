@@ -1,0 +1,273 @@
+"""MPPS end to end: RIS order over MLLP → worklist; a pynetdicom MPPS SCU reports the step (N-CREATE IN PROGRESS,
+N-SET COMPLETED) → journal → worklist status and an ORM^O01 status message to an MLLP "RIS" receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+from adapters.mllp import MLLPListener
+from tests.test_flow import engine_config, fixture, free_port, send, store, until
+from traboule import hl7
+from traboule.runtime import Runtime
+
+
+@dataclass
+class Ris:
+    """An MLLP receiver standing for the RIS: records every message, answers with the next scripted code."""
+
+    script: list[str] = field(default_factory=list)
+    received: list[tuple[str, hl7.Message]] = field(default_factory=list)
+    listener: MLLPListener | None = None
+
+    async def handle(self, data: bytes, peer: str) -> bytes:
+        msg = hl7.parse(hl7.decode(data).text)
+        code = self.script.pop(0) if self.script else "AA"
+        self.received.append((code, msg))
+        return hl7.build_ack(msg, code, control_id=f"R{len(self.received)}", timestamp="20261125100000").encode()
+
+    def accepted(self) -> list[hl7.Message]:
+        return [m for code, m in self.received if code == "AA"]
+
+
+@dataclass
+class Engine:
+    runtime: Runtime
+    ris: Ris
+    mpps_port: int
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    ris = Ris()
+    ris.listener = MLLPListener(ris.handle, port=0, name="ris")
+    await ris.listener.start()
+    cfg = engine_config(tmp_path)
+    cfg.channels[1]["topics"] = ["order.#", "patient.#", "procedure.#"]
+    mpps_port = free_port()
+    cfg.channels.append({"name": "mpps", "kind": "mpps", "destinations": [{"adapter": "mpps-scp", "port": mpps_port}]})
+    cfg.channels.append(
+        {
+            "name": "ris-status",
+            "kind": "hl7-status",
+            "destination": {"adapter": "mllp-sender", "host": "127.0.0.1", "port": ris.listener.port, "timeout": 5},
+        }
+    )
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        yield Engine(runtime, ris, mpps_port)
+    finally:
+        await runtime.stop()
+        await ris.listener.stop()
+
+
+class Modality:
+    """A pynetdicom MPPS SCU (blocking calls: run them off the event loop, which serves the SCP's journal)."""
+
+    def __init__(self, port: int) -> None:
+        ae = AE(ae_title="CT01")
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="TRABOULE")
+        assert self.assoc.is_established
+
+    async def create(self, uid: str, ds: Dataset) -> int:
+        status, _ = await asyncio.to_thread(self.assoc.send_n_create, ds, ModalityPerformedProcedureStep, uid)
+        return int(status.Status)
+
+    async def set(self, uid: str, ds: Dataset) -> Dataset:
+        status, _ = await asyncio.to_thread(self.assoc.send_n_set, ds, ModalityPerformedProcedureStep, uid)
+        return status
+
+    def close(self) -> None:
+        self.assoc.release()
+
+
+def in_progress(item: Dataset) -> Dataset:
+    """An N-CREATE as a modality builds it from the worklist item it performs."""
+    ref = Dataset()
+    ref.StudyInstanceUID = item.StudyInstanceUID
+    ref.AccessionNumber = item.AccessionNumber
+    ref.RequestedProcedureID = item.RequestedProcedureID
+    ref.ScheduledProcedureStepID = item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID
+    ref.ReferencedStudySequence = []
+    ref.RequestedProcedureDescription = ""
+    ref.ScheduledProcedureStepDescription = ""
+    ref.ScheduledProtocolCodeSequence = []
+    ds = Dataset()
+    ds.ScheduledStepAttributesSequence = [ref]
+    ds.PatientName = item.PatientName
+    ds.PatientID = item.PatientID
+    ds.IssuerOfPatientID = item.get("IssuerOfPatientID", "")
+    ds.PatientBirthDate = item.get("PatientBirthDate", "")
+    ds.PatientSex = item.get("PatientSex", "")
+    ds.PerformedProcedureStepID = "PPS0001"
+    ds.PerformedStationAETitle = "CT01"
+    ds.PerformedProcedureStepStartDate = "20261125"
+    ds.PerformedProcedureStepStartTime = "093512"
+    ds.PerformedProcedureStepEndDate = ""
+    ds.PerformedProcedureStepEndTime = ""
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.PerformedProcedureStepDescription = "Scanner TAP"
+    ds.Modality = "CT"
+    ds.PerformedSeriesSequence = []
+    return ds
+
+
+def completed() -> Dataset:
+    series = Dataset()
+    series.SeriesInstanceUID = generate_uid()
+    series.PerformingPhysicianName = ""
+    series.ProtocolName = "TAP"
+    series.OperatorsName = ""
+    series.SeriesDescription = "TAP"
+    series.RetrieveAETitle = ""
+    series.ReferencedImageSequence = []
+    series.ReferencedNonImageCompositeSOPInstanceSequence = []
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = "COMPLETED"
+    ds.PerformedProcedureStepEndDate = "20261125"
+    ds.PerformedProcedureStepEndTime = "094801"
+    ds.PerformedSeriesSequence = [series]
+    return ds
+
+
+async def scheduled(engine: Engine) -> tuple[str, Dataset]:
+    await send(engine.runtime, fixture("orm_o01_nw_latin1.hl7"))
+    await until(lambda: store(engine.runtime).count() == 1)
+    ((key, item),) = list(store(engine.runtime).all())
+    return key, item
+
+
+def sps_status(runtime: Runtime, key: str) -> str:
+    ds = store(runtime).get(key)
+    return "" if ds is None else str(ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus)
+
+
+def status_of(msg: hl7.Message) -> dict[str, Any]:
+    orc, obr = msg.segment("ORC"), msg.segment("OBR")
+    assert orc is not None and obr is not None
+    return {
+        "type": msg.message_type,
+        "orc1": orc.field(1),
+        "placer": orc.field(2),
+        "filler": orc.field(3),
+        "orc5": orc.field(5),
+        "accession": obr.field(18),
+        "sps": obr.field(20),
+    }
+
+
+async def test_mpps_start_and_complete_reach_worklist_and_ris(engine: Engine) -> None:
+    runtime, ris = engine.runtime, engine.ris
+    key, item = await scheduled(engine)
+    uid = generate_uid()
+    modality = Modality(engine.mpps_port)
+    try:
+        assert await modality.create(uid, in_progress(item)) == 0x0000
+        await until(lambda: len(ris.accepted()) == 1)
+        (ip,) = ris.accepted()
+        assert status_of(ip) == {
+            "type": "ORM^O01",
+            "orc1": "SC",
+            "placer": "PLC0001^RIS",
+            "filler": "FIL0001^RIS",
+            "orc5": "IP",
+            "accession": "ACC0001",
+            "sps": "SPS0001",
+        }
+        assert ip.segment("PID").field(3).startswith("IPP0001^^^CHU-LYON")  # type: ignore[union-attr]
+        assert ip.segment("ZDS").field(1).split("^")[0] == item.StudyInstanceUID  # type: ignore[union-attr]
+        await until(lambda: sps_status(runtime, key) == "STARTED")
+
+        status = await modality.set(uid, completed())
+        assert status.Status == 0x0000
+        await until(lambda: len(ris.accepted()) == 2)
+        assert status_of(ris.accepted()[1])["orc5"] == "CM"
+        await until(lambda: store(runtime).count() == 0)
+
+        # A completed step may no longer be updated (PS3.4 F.7.2.2: 0110H, Error ID A710H).
+        late = Dataset()
+        late.PerformedProcedureStepStatus = "DISCONTINUED"
+        refused = await modality.set(uid, late)
+        assert refused.Status == 0x0110
+        assert refused.ErrorID == 0xA710
+        # N-SET of an instance nobody created.
+        assert (await modality.set(generate_uid(), late)).Status == 0x0112
+    finally:
+        modality.close()
+    await asyncio.sleep(0.3)
+    assert len(ris.received) == 2  # nothing sent for the refused requests
+    assert runtime.journal is not None
+    entries = [e for e in runtime.journal.recent(50) if e.channel == "mpps"]
+    assert sorted((e.message_type, e.status) for e in entries) == [
+        ("N-CREATE", "accepted"),
+        ("N-SET", "accepted"),
+        ("N-SET", "rejected"),
+        ("N-SET", "rejected"),
+    ]
+    assert all(e.raw for e in entries)
+
+
+async def test_ris_error_is_retried_and_duplicate_create_refused(engine: Engine) -> None:
+    runtime, ris = engine.runtime, engine.ris
+    ris.script = ["AE"]
+    _, item = await scheduled(engine)
+    uid = generate_uid()
+    modality = Modality(engine.mpps_port)
+    try:
+        assert await modality.create(uid, in_progress(item)) == 0x0000
+        assert await modality.create(uid, in_progress(item)) == 0x0111
+    finally:
+        modality.close()
+    await until(lambda: len(ris.accepted()) == 1)
+    await asyncio.sleep(0.5)
+    assert [code for code, _ in ris.received] == ["AE", "AA"]
+    assert status_of(ris.received[0][1]) == status_of(ris.received[1][1])
+    assert status_of(ris.accepted()[0])["orc5"] == "IP"
+    assert runtime.journal is not None
+    entries = [e for e in runtime.journal.recent(50) if e.channel == "mpps"]
+    assert sorted(e.status for e in entries) == ["accepted", "rejected"]
+
+
+async def test_started_step_leaves_the_worklist_when_not_offered(engine: Engine) -> None:
+    engine.runtime.channel("worklist").offer_started = False  # type: ignore[attr-defined]
+    _, item = await scheduled(engine)
+    modality = Modality(engine.mpps_port)
+    try:
+        assert await modality.create(generate_uid(), in_progress(item)) == 0x0000
+    finally:
+        modality.close()
+    await until(lambda: store(engine.runtime).count() == 0)
+    await until(lambda: len(engine.ris.accepted()) == 1)
+
+
+async def test_omi_status_message(engine: Engine) -> None:
+    channel: Any = engine.runtime.channel("ris-status")
+    from traboule.model import PerformedStep
+
+    channel.message = "OMI^O23"
+    step = PerformedStep(
+        sop_instance_uid="1.2.3",
+        status="DISCONTINUED",
+        study_instance_uid="1.2.3.4",
+        accession_number="ACC|9",
+        requested_procedure_id="RP9",
+        scheduled_step_id="SPS9",
+        placer_order_number="PLC9",
+        modality="MR",
+    )
+    msg = hl7.parse(channel.build(step, "C1", "20261125100000"))
+    assert msg.message_type == "OMI^O23"
+    assert msg.segment("ORC").field(5) == "DC"  # type: ignore[union-attr]
+    ipc = msg.segment("IPC")
+    assert ipc is not None and [ipc.field(i) for i in range(1, 6)] == ["ACC\\F\\9", "RP9", "1.2.3.4", "SPS9", "MR"]

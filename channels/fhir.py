@@ -9,7 +9,9 @@ Rules:
 * patient update (ADT^A08/A31): the Patient is upserted.
 * merge (ADT^A40): the surviving Patient is upserted; each merged one is kept with ``active: false`` and a
   ``link`` of type ``replaced-by`` to the survivor.
-* performed steps and studies: ignored for now (logged at debug).
+* performed step (MPPS, ``procedure.*``): the ServiceRequest with that accession number takes the status the
+  request-status table gives the step (COMPLETED → ``completed``, DISCONTINUED → ``revoked``).
+* studies: ignored for now (logged at debug).
 
 Idempotent: resource ids derive from identifiers and a redelivery changes nothing (no version bump for the same
 content); an event older (journal sequence) than the one that last wrote a resource does not overwrite it. A batch
@@ -32,11 +34,13 @@ from traboule.bus import Delivery
 from traboule.config import resolve
 from traboule.fhir_mapping import FHIRMapping
 from traboule.fhir_store import FHIRStore
-from traboule.model import Envelope, ImagingOrder, PatientUpdate
+from traboule.model import Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep
 
 log = structlog.get_logger("traboule.channels.fhir")
 
-DEFAULT_TOPICS = ["order.#", "patient.#"]
+DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#"]
+# MPPS status → the scheduled-step status the request-status table is keyed on.
+STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
 
 
 class FHIRChannel:
@@ -107,6 +111,8 @@ class FHIRChannel:
                     changed = self._order(payload, seq)
                 elif isinstance(payload, PatientUpdate):
                     changed = self._patient_update(payload, seq)
+                elif isinstance(payload, PerformedStep):
+                    changed = self._performed(payload, seq)
                 else:
                     self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
                     results.append(("ignored", 0))
@@ -129,6 +135,21 @@ class FHIRChannel:
             if stored is not None:
                 request = {**stored, **request}
         changed += self.store.upsert(request, seq)
+        return changed
+
+    def _performed(self, step: PerformedStep, seq: int) -> int:
+        """The order a modality performed: its ServiceRequest (found by accession number) follows the step."""
+        if not step.accession_number:
+            return 0
+        status = self.mapping.request_status(
+            ImagingOrder(action="status", steps=[ScheduledStep(status=STEP_STATUS.get(step.status, "STARTED"))])
+        )
+        changed = 0
+        _, requests = self.store.search("ServiceRequest", {"identifier": step.accession_number}, count=100)
+        for request in requests:
+            if request.get("status") != status:
+                updated = {k: v for k, v in request.items() if k != "meta"} | {"status": status}
+                changed += self.store.upsert(updated, seq)
         return changed
 
     def _patient_update(self, update: PatientUpdate, seq: int) -> int:

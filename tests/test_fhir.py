@@ -288,3 +288,23 @@ def _statuses(store: FHIRStore) -> list[str]:
 
 def _merged(store: FHIRStore) -> bool:
     return any(p.get("active") is False for p in store.search("Patient", {})[1])
+
+
+async def test_performed_step_completes_the_service_request(tmp_path: Path) -> None:
+    """An MPPS COMPLETED event (procedure.completed) sets the ServiceRequest of that accession to completed."""
+    from traboule.model import Envelope, PerformedStep
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: _statuses(store) == ["active"])
+        done = Envelope(PerformedStep(status="COMPLETED", accession_number="ACC0001"), idempotency_key="mpps-1")
+        await runtime.bus.publish("procedure.completed", done.to_json(), message_id=done.id)
+        await until(lambda: _statuses(store) == ["completed"])
+        r4(store.search("ServiceRequest", {})[1][0])
+    finally:
+        await runtime.stop()

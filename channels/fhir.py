@@ -11,7 +11,9 @@ Rules:
   ``link`` of type ``replaced-by`` to the survivor.
 * performed step (MPPS, ``procedure.*``): the ServiceRequest with that accession number takes the status the
   request-status table gives the step (COMPLETED → ``completed``, DISCONTINUED → ``revoked``).
-* studies: ignored for now (logged at debug).
+* study stable in the archive (``study.*``): an ImagingStudy (``urn:dicom:uid`` identifier, series and instances,
+  WADO-RS endpoint), ``basedOn`` the ServiceRequest(s) with its accession number, ``subject`` the Patient of the
+  study's Patient ID (created from the study when no order brought it).
 
 Idempotent: resource ids derive from identifiers and a redelivery changes nothing (no version bump for the same
 content); an event older (journal sequence) than the one that last wrote a resource does not overwrite it. A batch
@@ -34,11 +36,11 @@ from traboule.bus import Delivery
 from traboule.config import resolve
 from traboule.fhir_mapping import FHIRMapping
 from traboule.fhir_store import FHIRStore
-from traboule.model import Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep
+from traboule.model import Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep, Study
 
 log = structlog.get_logger("traboule.channels.fhir")
 
-DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#"]
+DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#", "study.#"]
 # MPPS status → the scheduled-step status the request-status table is keyed on.
 STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
 
@@ -113,6 +115,8 @@ class FHIRChannel:
                     changed = self._patient_update(payload, seq)
                 elif isinstance(payload, PerformedStep):
                     changed = self._performed(payload, seq)
+                elif isinstance(payload, Study):
+                    changed = self._study(payload, seq)
                 else:
                     self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
                     results.append(("ignored", 0))
@@ -136,6 +140,23 @@ class FHIRChannel:
                 request = {**stored, **request}
         changed += self.store.upsert(request, seq)
         return changed
+
+    def _study(self, study: Study, seq: int) -> int:
+        changed = 0
+        patient_ref = ""
+        if study.patient.primary_id is not None and study.patient.primary_id.value:
+            patient = self.mapping.patient(study.patient)
+            patient_ref = f"Patient/{patient['id']}"
+            if self.store.get("Patient", patient["id"]) is None:  # the order's Patient is richer: keep it
+                changed += self.store.upsert(patient, seq)
+        based_on = []
+        if study.accession_number:
+            _, requests = self.store.search("ServiceRequest", {"identifier": study.accession_number}, count=100)
+            based_on = [f"ServiceRequest/{r['id']}" for r in requests]
+        resource = self.mapping.imaging_study(study, patient_ref, based_on)
+        if not patient_ref:
+            del resource["subject"]
+        return changed + self.store.upsert(resource, seq)
 
     def _performed(self, step: PerformedStep, seq: int) -> int:
         """The order a modality performed: its ServiceRequest (found by accession number) follows the step."""

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
@@ -33,6 +34,7 @@ PARSERS = {
     "Bundle": Bundle,
     "OperationOutcome": OperationOutcome,
     "CapabilityStatement": CapabilityStatement,
+    "ImagingStudy": ImagingStudy,
 }
 
 
@@ -307,4 +309,73 @@ async def test_performed_step_completes_the_service_request(tmp_path: Path) -> N
         await until(lambda: _statuses(store) == ["completed"])
         r4(store.search("ServiceRequest", {})[1][0])
     finally:
+        await runtime.stop()
+
+
+async def test_stable_study_becomes_an_imaging_study_based_on_the_order(tmp_path: Path) -> None:
+    """study.stable → ImagingStudy (series, instances), basedOn the order's ServiceRequest, served on /fhir."""
+    from traboule.model import Envelope, Identifier, Instance, Patient, Series, Study
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: _statuses(store) == ["active"])
+        study = Study(
+            study_instance_uid="1.2.250.1.999.1.2.20261125.1",
+            accession_number="ACC0001",
+            patient=Patient(ids=[Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1")]),
+            started="20261125093512",
+            series=[
+                Series(
+                    uid="1.2.3.1",
+                    number="1",
+                    modality="CT",
+                    body_site="CHEST",
+                    instances=[
+                        Instance("1.2.3.1.1", "1.2.840.10008.5.1.4.1.1.2", "1"),
+                        Instance("1.2.3.1.2", "1.2.840.10008.5.1.4.1.1.2", "2"),
+                    ],
+                ),
+                Series(
+                    uid="1.2.3.2",
+                    number="2",
+                    modality="SR",
+                    instances=[Instance("1.2.3.2.1", "1.2.840.10008.5.1.4.1.1.88.11", "1")],
+                ),
+            ],
+            endpoint="http://archive.example/dicom-web/studies/1.2.250.1.999.1.2.20261125.1",
+        )
+        env = Envelope(study, idempotency_key="study-1")
+        await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+        await until(lambda: store.count("ImagingStudy") == 1)
+        (request,) = store.search("ServiceRequest", {})[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/fhir") as client:
+            by_order = (await client.get("/ImagingStudy", params={"basedon": f"ServiceRequest/{request['id']}"})).json()
+            by_uid = (
+                await client.get(
+                    "/ImagingStudy", params={"identifier": "urn:dicom:uid|urn:oid:1.2.250.1.999.1.2.20261125.1"}
+                )
+            ).json()
+            by_ins = (
+                await client.get(
+                    "/ImagingStudy", params={"patient.identifier": "urn:oid:1.2.250.1.213.1.4.10|279035121518989"}
+                )
+            ).json()
+        assert by_order["total"] == by_uid["total"] == by_ins["total"] == 1
+        imaging = by_order["entry"][0]["resource"]
+        assert imaging["numberOfSeries"] == 2 and imaging["numberOfInstances"] == 3
+        assert imaging["subject"] == request["subject"]
+        assert [m["code"] for m in imaging["modality"]] == ["CT", "SR"]
+        assert imaging["contained"][0]["address"].endswith("/studies/1.2.250.1.999.1.2.20261125.1")
+        r4(imaging)
+        r4(by_order)
+    finally:
+        server.should_exit = True
+        await server.task
         await runtime.stop()

@@ -30,6 +30,7 @@ PARAM_DOCS = {
     "subject": "Patient/{id}",
     "patient": "Patient/{id}",
     "patient.identifier": "the subject Patient's identifier (chained): system|value",
+    "basedon": "ServiceRequest/{id}",
 }
 
 

@@ -356,6 +356,74 @@ class FHIRMapping:
             resource["note"] = [{"text": order.medical_alerts}]
         return resource
 
+    def imaging_study(self, study: model.Study, patient_ref: str, based_on: list[str]) -> dict[str, Any]:
+        """ImagingStudy from the archive's view of a study (identifier ``urn:dicom:uid``, as FHIR R4 asks)."""
+        dcm = "http://dicom.nema.org/resources/ontology/DCM"
+        identifiers: list[dict[str, Any]] = [
+            {"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}
+        ]
+        if study.accession_number:
+            acsn = self.identifier_system("accession", model.Identifier(study.accession_number))
+            identifiers.append(
+                {
+                    "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                    **({"system": acsn} if acsn else {}),
+                    "value": study.accession_number,
+                }
+            )
+        resource: dict[str, Any] = {
+            "resourceType": "ImagingStudy",
+            "id": resource_id("ImagingStudy", "urn:dicom:uid", study.study_instance_uid),
+            "meta": {"lastUpdated": now()},
+            "identifier": identifiers,
+            "status": "available",
+            "modality": [{"system": dcm, "code": m} for m in study.modalities],
+            "subject": {"reference": patient_ref},
+            "basedOn": [{"reference": ref} for ref in based_on],
+            "numberOfSeries": len(study.series),
+            "numberOfInstances": study.number_of_instances,
+            "description": study.description,
+        }
+        started = self.date_time(study.started) if study.started else ""
+        if started:
+            resource["started"] = started
+        if study.endpoint:
+            resource["contained"] = [
+                {
+                    "resourceType": "Endpoint",
+                    "id": "wado",
+                    "status": "active",
+                    "connectionType": {
+                        "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                        "code": "dicom-wado-rs",
+                    },
+                    "payloadType": [{"text": "DICOM WADO-RS"}],
+                    "address": study.endpoint,
+                }
+            ]
+            resource["endpoint"] = [{"reference": "#wado"}]
+        series = []
+        for s in study.series:
+            item: dict[str, Any] = {"uid": s.uid, "modality": {"system": dcm, "code": s.modality or "OT"}}
+            if s.number.isdigit():
+                item["number"] = int(s.number)
+            if s.description:
+                item["description"] = s.description
+            if s.body_site:
+                item["bodySite"] = {"display": s.body_site}
+            item["numberOfInstances"] = len(s.instances)
+            item["instance"] = [
+                {
+                    "uid": i.uid,
+                    "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{i.sop_class_uid}"},
+                    **({"number": int(i.number)} if i.number.isdigit() else {}),
+                }
+                for i in s.instances
+            ]
+            series.append(item)
+        resource["series"] = series
+        return {k: v for k, v in resource.items() if v not in ([], "", None)}
+
     def _requester(self, doctor: model.Practitioner) -> dict[str, Any]:
         out: dict[str, Any] = {}
         display = " ".join(x for x in (doctor.name.prefix, doctor.name.given, doctor.name.family) if x)

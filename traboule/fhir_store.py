@@ -52,7 +52,15 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
         "patient.identifier": "token",
     },
     "Patient": {"identifier": "token"},
+    "ImagingStudy": {
+        "identifier": "token",
+        "subject": "reference",
+        "patient": "reference",
+        "patient.identifier": "token",
+        "basedon": "reference",
+    },
 }
+REFERENCE_TYPES = {"basedon": "ServiceRequest"}  # the resource a reference parameter points at, Patient otherwise
 
 
 class SearchError(ValueError):
@@ -72,12 +80,15 @@ def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
     for ident in resource.get("identifier") or []:
         if ident.get("value"):
             out.append(("identifier", ident.get("system", ""), ident["value"]))
-    if resource["resourceType"] == "ServiceRequest":
+    if resource["resourceType"] in ("ServiceRequest", "ImagingStudy"):
         ref = (resource.get("subject") or {}).get("reference", "")
         if ref:
             out.append(("subject", "", ref))
-        if resource.get("status"):
-            out.append(("status", "", resource["status"]))
+    if resource["resourceType"] == "ServiceRequest" and resource.get("status"):
+        out.append(("status", "", resource["status"]))
+    for based_on in resource.get("basedOn") or [] if resource["resourceType"] == "ImagingStudy" else []:
+        if based_on.get("reference"):
+            out.append(("basedon", "", based_on["reference"]))
     return out
 
 
@@ -194,11 +205,13 @@ class FHIRStore:
         if kind is None:
             raise SearchError(name, f"search parameter {name!r} is not supported for {rtype}")
         if kind == "reference":
-            ref = value if "/" in value else f"Patient/{value}"
-            if not ref.startswith("Patient/"):
-                raise SearchError(name, f"{name}: only Patient references are supported")
+            target = REFERENCE_TYPES.get(name, "Patient")
+            ref = value if "/" in value else f"{target}/{value}"
+            if not ref.startswith(f"{target}/"):
+                raise SearchError(name, f"{name}: only {target} references are supported")
+            token = "basedon" if name == "basedon" else "subject"
             return (
-                "r.id IN (SELECT id FROM tokens WHERE type = ? AND name = 'subject' AND value = ?)",
+                f"r.id IN (SELECT id FROM tokens WHERE type = ? AND name = '{token}' AND value = ?)",
                 [rtype, ref],
             )
         token_sql, token_args = _token(value)

@@ -59,6 +59,7 @@ async def engine_with_archive(tmp_path: Path, orthanc: Any) -> Any:
     server = orthanc(f"http://127.0.0.1:{http_port}/archive/stable")
     cfg = engine_config(tmp_path)
     cfg.channels.append({"name": "archive", "kind": "archive", "dicomweb": server.dicomweb, "max_attempts": 3})
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
     runtime = Runtime(cfg)
     studies: list[Study] = []
 
@@ -101,6 +102,12 @@ async def test_stable_study_becomes_a_canonical_study(engine_with_archive: Any, 
     assert study.started == "20261125093512"
     assert study.endpoint == f"{server.dicomweb}/studies/{study_uid}"
     assert runtime.journal.recent(5)[0].message_type == "StudyStable"
+    # and the FHIR channel made it an ImagingStudy (the same event, consumed by another channel)
+    fhir_store = runtime.channel("fhir").store
+    await until(lambda: fhir_store.count("ImagingStudy") == 1)
+    (imaging,) = fhir_store.search("ImagingStudy", {"identifier": f"urn:dicom:uid|urn:oid:{study_uid}"})[1]
+    assert imaging["numberOfSeries"] == 2 and imaging["numberOfInstances"] == 6
+    assert imaging["contained"][0]["address"] == study.endpoint
 
 
 async def test_bad_notification_is_refused(engine_with_archive: Any) -> None:

@@ -10,18 +10,15 @@ Logs carry AE titles, SOP instance UIDs and statuses only: pynetdicom's identifi
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
-from contextlib import suppress
+from typing import Any
 
-import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
-log = structlog.get_logger("traboule.adapters.dicom_mpps")
+from adapters.dicom_server import DicomServer
 
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
@@ -48,69 +45,27 @@ def status_dataset(status: int, comment: str = "", error_id: int | None = None) 
     return ds
 
 
-class MPPSSCP:
+class MPPSSCP(DicomServer):
     """Modality Performed Procedure Step SOP Class SCP (+ Verification). Any calling AE title is accepted; the
     called AE title must be ``ae_title``."""
+
+    contexts = (ModalityPerformedProcedureStep, Verification)
+    name = "mpps"
 
     def __init__(
         self, handler: MPPSHandler, *, ae_title: str = "TRABOULE", host: str = "127.0.0.1", port: int = 11113
     ) -> None:
         self.handler = handler
-        self.ae_title = ae_title
-        self.host = host
-        self.port = port
-        self._server: ThreadedAssociationServer | None = None
-        self._ae = self._build_ae()
-        self._log = log.bind(ae_title=ae_title)
+        super().__init__(ae_title=ae_title, host=host, port=port)
 
-    def _build_ae(self) -> AE:
-        ae = AE(ae_title=self.ae_title)
-        ae.require_called_aet = True
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 30
-        ae.network_timeout = 300
-        ae.add_supported_context(ModalityPerformedProcedureStep)
-        ae.add_supported_context(Verification)
-        return ae
-
-    @property
-    def is_running(self) -> bool:
-        return self._server is not None
-
-    def start(self) -> None:
-        """Listen (non-blocking); with port 0 the chosen port is written back to ``self.port``."""
-        if self._server is not None:
-            return
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_connection),
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
             (evt.EVT_N_CREATE, self._on_create),
             (evt.EVT_N_SET, self._on_set),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
         ]
-        self._server = self._ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        self.port = int(self._server.server_address[1])
-        self._log.info("mpps.listening", host=self.host, port=self.port)
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        active = server.active_associations
-        server.shutdown()
-        for assoc in active:
-            assoc.abort()
-        self._log.info("mpps.stopped")
 
     # -- handlers (pynetdicom threads) -----------------------------------------------------------------------
-
-    def _on_connection(self, event: evt.Event) -> None:
-        # As in dicom_mwl: without TCP_NODELAY each small response PDU waits for the peer's delayed ACK (~40 ms).
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            with suppress(OSError):
-                sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_create(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
         # PS3.7 10.1.5: the SCU may leave the instance UID to the SCP, which then returns it in the response.

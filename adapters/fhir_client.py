@@ -12,6 +12,7 @@ backoff); not retryable for other 4xx (dead-letter), with the server's ``Operati
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from typing import Any
 
@@ -115,10 +116,18 @@ class FHIRClient:
         timeout: float = 10.0,
         headers: dict[str, str] | None = None,
         auth: httpx.Auth | tuple[str, str] | None = None,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
     ) -> None:
+        """``ca_file``: the CA bundle to trust (system CAs otherwise); ``cert_file`` (+ ``key_file``): the client
+        certificate for mutual TLS."""
         self.base_url = base_url.rstrip("/")
         all_headers = {"Accept": FHIR_JSON, **(headers or {})}
-        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth)
+        tls = ssl.create_default_context(cafile=ca_file or None)
+        if cert_file:
+            tls.load_cert_chain(cert_file, key_file or None)
+        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth, verify=tls)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from traboule.bus import BatchHandler, Delivery, Handler, dlq_name, one_by_one
+from traboule.bus import BatchHandler, Delivery, Handler, PermanentError, dlq_name, one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class RabbitMQBus:
                 sub.max_attempts,
                 error,
             )
-            if attempt >= sub.max_attempts:
+            if attempt >= sub.max_attempts or isinstance(exc, PermanentError):
                 await self._dead_letter(sub.queue.name, delivery, error)
                 await message.ack()
             else:

@@ -31,8 +31,9 @@ from typing import Any
 
 import structlog
 
+from channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_topic
 from traboule import metrics
-from traboule.bus import Delivery
+from traboule.bus import Bus, Delivery
 from traboule.config import resolve
 from traboule.fhir_mapping import FHIRMapping
 from traboule.fhir_store import FHIRStore
@@ -42,6 +43,7 @@ log = structlog.get_logger("traboule.channels.fhir")
 
 DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#", "study.#"]
 # MPPS status → the scheduled-step status the request-status table is keyed on.
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
 STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
 
 
@@ -59,18 +61,30 @@ class FHIRChannel:
         self.base_url = str(config.get("base_url", ""))
         self.mapping = FHIRMapping(resolve(runtime.config, config.get("mapping", "mappings/fhir.yaml")))
         self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"))
+        destination = config.get("destination")
+        self.push = FHIRPush(self.name, destination, self.store, runtime) if destination else None
+        self._touched: list[Key] = []
         self._log = log.bind(channel=self.name)
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+        out = [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+        if config.get("destination"):
+            out.append((push_queue(config["name"]), [push_topic(config["name"])]))
+        return out
 
     async def start(self) -> None:
+        if self.push is not None:
+            await self.runtime.bus.declare(push_queue(self.name), [push_topic(self.name)])
         await self.runtime.bus.subscribe_batch(
             self.name, self.topics, self.handle, max_attempts=self.max_attempts, max_batch=self.max_batch
         )
+        if self.push is not None:
+            await self.push.start()
 
     async def stop(self) -> None:
+        if self.push is not None:
+            await self.push.stop()
         self.store.close()
 
     def describe(self) -> dict[str, Any]:
@@ -78,8 +92,11 @@ class FHIRChannel:
             "kind": self.kind,
             "source": [f"bus:{t}" for t in self.topics],
             "mapping": str(self.mapping.path),
-            "destinations": [f"fhir-store:{self.store.path}"] + (["http:/fhir"] if self.api else []),
+            "destinations": [f"fhir-store:{self.store.path}"]
+            + (["http:/fhir"] if self.api else [])
+            + ([self.push.base_url] if self.push else []),
             "resources": self.store.count(),
+            **({"unpushed": self.store.unpushed()} if self.push else {}),
         }
 
     def routes(self) -> list[Any]:
@@ -93,7 +110,20 @@ class FHIRChannel:
         envelopes = [Envelope.from_json(d.body) for d in deliveries]
         seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
         results = await asyncio.to_thread(self._apply, envelopes, seqs)
-        for delivery, env, (outcome, changed) in zip(deliveries, envelopes, results, strict=True):
+        if self.push is not None:
+            # Before the events are acknowledged: a crash in between redelivers them, naming the same resources.
+            items = [
+                (
+                    push_topic(self.name),
+                    push_message(touched),
+                    f"{env.id}.push",
+                    {"correlation-id": env.correlation_id, "journal-id": d.headers.get("journal-id", "")},
+                )
+                for d, env, (_, _, touched) in zip(deliveries, envelopes, results, strict=True)
+                if touched
+            ]
+            await _publish_all(self.runtime.bus, items)
+        for delivery, env, (outcome, changed, _) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
             self._log.info(
                 f"fhir.{outcome}",
@@ -104,11 +134,13 @@ class FHIRChannel:
                 attempt=delivery.attempt,
             )
 
-    def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int]]:
+    def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int, list[Key]]]:
+        """Apply the events in one store transaction: per event (outcome, resources changed, resources concerned)."""
         results = []
         with self.store.transaction():
             for env, seq in zip(envelopes, seqs, strict=True):
                 payload = env.payload
+                self._touched = []
                 if isinstance(payload, ImagingOrder):
                     changed = self._order(payload, seq)
                 elif isinstance(payload, PatientUpdate):
@@ -119,10 +151,15 @@ class FHIRChannel:
                     changed = self._study(payload, seq)
                 else:
                     self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
-                    results.append(("ignored", 0))
+                    results.append(("ignored", 0, []))
                     continue
-                results.append(("applied" if changed else "unchanged", changed))
+                results.append(("applied" if changed else "unchanged", changed, list(dict.fromkeys(self._touched))))
         return results
+
+    def _write(self, resource: dict[str, Any], seq: int) -> int:
+        """Upsert into the store; the resource counts as concerned by the event (pushed) even when unchanged."""
+        self._touched.append((resource["resourceType"], resource["id"]))
+        return int(self.store.upsert(resource, seq))
 
     def _order(self, order: ImagingOrder, seq: int) -> int:
         changed = 0
@@ -130,7 +167,7 @@ class FHIRChannel:
         if order.patient.primary_id is not None and order.patient.primary_id.value:
             patient = self.mapping.patient(order.patient)
             patient_ref = f"Patient/{patient['id']}"
-            changed += self.store.upsert(patient, seq)
+            changed += self._write(patient, seq)
         request = self.mapping.service_request(order, patient_ref)
         if not patient_ref:
             del request["subject"]
@@ -138,7 +175,7 @@ class FHIRChannel:
             stored = self.store.get("ServiceRequest", request["id"])
             if stored is not None:
                 request = {**stored, **request}
-        changed += self.store.upsert(request, seq)
+        changed += self._write(request, seq)
         return changed
 
     def _study(self, study: Study, seq: int) -> int:
@@ -148,34 +185,62 @@ class FHIRChannel:
             patient = self.mapping.patient(study.patient)
             patient_ref = f"Patient/{patient['id']}"
             if self.store.get("Patient", patient["id"]) is None:  # the order's Patient is richer: keep it
-                changed += self.store.upsert(patient, seq)
-        based_on = []
-        if study.accession_number:
-            _, requests = self.store.search("ServiceRequest", {"identifier": study.accession_number}, count=100)
-            based_on = [f"ServiceRequest/{r['id']}" for r in requests]
-        resource = self.mapping.imaging_study(study, patient_ref, based_on)
+                changed += self._write(patient, seq)
+        resource = self.mapping.imaging_study(study, patient_ref, self._based_on(study.accession_number))
         if not patient_ref:
             del resource["subject"]
-        return changed + self.store.upsert(resource, seq)
+        stored = self.store.get("ImagingStudy", resource["id"])
+        if stored is not None and stored.get("status") != "available":
+            seq = 0  # what the archive holds replaces what a modality announced, whatever the event order
+        return changed + self._write(resource, seq)
+
+    def _based_on(self, accession: str) -> list[str]:
+        if not accession:
+            return []
+        _, requests = self.store.search("ServiceRequest", {"identifier": accession}, count=100)
+        return [f"ServiceRequest/{r['id']}" for r in requests]
 
     def _performed(self, step: PerformedStep, seq: int) -> int:
-        """The order a modality performed: its ServiceRequest (found by accession number) follows the step."""
-        if not step.accession_number:
-            return 0
-        status = self.mapping.request_status(
-            ImagingOrder(action="status", steps=[ScheduledStep(status=STEP_STATUS.get(step.status, "STARTED"))])
-        )
+        """What a modality performed: the ServiceRequest (by accession number) takes the status the request-status
+        table gives the step; the ImagingStudy is announced (``registered``, ``cancelled`` when discontinued)
+        until the archive reports the study (``available``, which a later step does not change)."""
         changed = 0
-        _, requests = self.store.search("ServiceRequest", {"identifier": step.accession_number}, count=100)
-        for request in requests:
-            if request.get("status") != status:
-                updated = {k: v for k, v in request.items() if k != "meta"} | {"status": status}
-                changed += self.store.upsert(updated, seq)
-        return changed
+        if step.accession_number:
+            status = self.mapping.request_status(
+                ImagingOrder(action="status", steps=[ScheduledStep(status=STEP_STATUS.get(step.status, "STARTED"))])
+            )
+            _, requests = self.store.search("ServiceRequest", {"identifier": step.accession_number}, count=100)
+            for request in requests:
+                changed += self._write({k: v for k, v in request.items() if k != "meta"} | {"status": status}, seq)
+        if not step.study_instance_uid:
+            return changed
+        patient_ref = ""
+        if step.patient.primary_id is not None and step.patient.primary_id.value:
+            patient_ref = f"Patient/{self.mapping.patient_id(step.patient)}"
+            if self.store.get("Patient", patient_ref[8:]) is None:
+                changed += self._write(self.mapping.patient(step.patient), seq)
+        study = Study(
+            study_instance_uid=step.study_instance_uid,
+            accession_number=step.accession_number,
+            patient=step.patient,
+            started=step.started,
+            description=step.description,
+        )
+        status = "cancelled" if step.status == "DISCONTINUED" else "registered"
+        resource = self.mapping.imaging_study(study, patient_ref, self._based_on(step.accession_number), status)
+        if not patient_ref:
+            del resource["subject"]
+        if step.modality:
+            resource["modality"] = [{"system": DCM, "code": step.modality}]
+        stored = self.store.get("ImagingStudy", resource["id"])
+        if stored is not None and stored.get("status") == "available":
+            self._touched.append(("ImagingStudy", resource["id"]))
+            return changed
+        return changed + self._write(resource, seq)
 
     def _patient_update(self, update: PatientUpdate, seq: int) -> int:
         survivor = self.mapping.patient(update.patient)
-        changed = int(self.store.upsert(survivor, seq))
+        changed = int(self._write(survivor, seq))
         if update.action != "merge":
             return changed
         for ident in update.merged_ids:
@@ -192,5 +257,28 @@ class FHIRChannel:
             merged = {k: v for k, v in merged.items() if k != "meta"}
             merged["active"] = False
             merged["link"] = [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}]
-            changed += self.store.upsert(merged, seq)
+            changed += self._write(merged, seq)
+            changed += self._repoint(f"Patient/{rid}", f"Patient/{survivor['id']}", seq)
         return changed
+
+    def _repoint(self, old: str, new: str, seq: int) -> int:
+        """Orders and studies of a merged Patient now belong to the survivor."""
+        changed = 0
+        for rtype in ("ServiceRequest", "ImagingStudy"):
+            for subject in (old, new):  # the survivor's too: a redelivered merge must name them again (push)
+                _, found = self.store.search(rtype, {"subject": subject}, count=10_000)
+                for resource in found:
+                    updated = {k: v for k, v in resource.items() if k != "meta"} | {"subject": {"reference": new}}
+                    changed += self._write(updated, seq)
+        return changed
+
+
+async def _publish_all(bus: Bus, items: list[tuple[str, bytes, str, dict[str, str]]]) -> None:
+    if not items:
+        return
+    publish_many = getattr(bus, "publish_many", None)
+    if publish_many is not None:
+        await publish_many(items)
+        return
+    for topic, body, message_id, headers in items:
+        await bus.publish(topic, body, message_id=message_id, headers=headers)

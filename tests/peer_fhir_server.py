@@ -45,36 +45,51 @@ def _install(npm: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def fhir_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a fresh in-memory FHIR R4 server (medplum fhir-router) on 127.0.0.1."""
+def require_fhir_server() -> str:
+    """The node binary, once the test server's packages are installed; skips the test otherwise."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         pytest.skip("node and npm are needed for the FHIR test server (tests/fhir_server)")
     failure = _install(npm)
     if failure:
         pytest.skip(failure)
-    port = free_port()
+    return node
+
+
+def start_fhir_server(node: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Run the server on 127.0.0.1:``port``; returns once it answers ``metadata``."""
     base_url = f"http://127.0.0.1:{port}/fhir/R4"
-    log = tmp_path_factory.mktemp("fhir-server") / "server.log"
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         process = subprocess.Popen([node, "server.mjs", str(port)], cwd=SERVER_DIR, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{base_url}/metadata", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the FHIR test server did not start: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-        yield base_url
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+            if httpx.get(f"{base_url}/metadata", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_fhir_server(process)
+            raise RuntimeError(f"the FHIR test server did not start: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
+
+
+def stop_fhir_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def fhir_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a fresh in-memory FHIR R4 server (medplum fhir-router) on 127.0.0.1."""
+    node = require_fhir_server()
+    port = free_port()
+    process = start_fhir_server(node, port, tmp_path_factory.mktemp("fhir-server") / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}/fhir/R4"
+    finally:
+        stop_fhir_server(process)

@@ -22,7 +22,9 @@ from traboule.runtime import Runtime
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def write_study(folder: Path, *, accession: str = "ACC0001", series: int = 2, per_series: int = 3) -> str:
+def write_study(
+    folder: Path, *, accession: str = "ACC0001", patient_id: str = "IPP0001", series: int = 2, per_series: int = 3
+) -> str:
     """A small study (8x8 secondary captures) as Part 10 files; returns its Study Instance UID."""
     study_uid = generate_uid()
     for s in range(1, series + 1):
@@ -33,7 +35,7 @@ def write_study(folder: Path, *, accession: str = "ACC0001", series: int = 2, pe
             ds.SOPInstanceUID = generate_uid()
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
             ds.SpecificCharacterSet = "ISO_IR 100"
-            ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "DUPONT^Hélène", "IPP0001", "CHU-LYON"
+            ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "DUPONT^Hélène", patient_id, "CHU-LYON"
             ds.PatientBirthDate, ds.PatientSex = "19790328", "F"
             ds.AccessionNumber, ds.StudyDate, ds.StudyTime = accession, "20261125", "093512"
             ds.StudyDescription, ds.ReferringPhysicianName = "Scanner TAP", "RENARD^Paul"

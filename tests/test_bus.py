@@ -13,7 +13,7 @@ import pytest
 
 from adapters.rabbitmq import RabbitMQBus
 from tests.peer_rabbitmq import unique_name
-from traboule.bus import Delivery, one_by_one
+from traboule.bus import Delivery, PermanentError, one_by_one
 from traboule.embedded_bus import EmbeddedBus
 
 pytestmark = pytest.mark.timeout(30)  # the first RabbitMQ test also starts the broker (6-8 s)
@@ -203,6 +203,23 @@ async def test_failure_is_dead_lettered_after_max_attempts_and_can_be_replayed(b
     assert (replayed[3].message_id, replayed[3].attempt, replayed[3].headers) == ("m-1", 1, {"k": "v"})
     assert await eventually(lambda: bus.dead_letters(queue), lambda d: not d) == []
     assert not await bus.replay_dead_letter(queue, "m-1")
+
+
+async def test_a_permanent_error_is_dead_lettered_at_once(bus: AnyBus) -> None:
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.attempt)
+        raise PermanentError("HTTP 422: invalid resource")
+
+    queue = unique_name("q")
+    await bus.subscribe(queue, ["orders.*"], handler, max_attempts=5)
+    await bus.publish("orders.new", b"payload", message_id="m-1")
+    dead = await eventually(lambda: bus.dead_letters(queue), bool)
+    await asyncio.sleep(0.2)  # a retry would show up now
+    assert seen == [1]
+    assert (dead[0].message_id, dead[0].attempt) == ("m-1", 1)
+    assert dead[0].headers["x-error"] == "PermanentError: HTTP 422: invalid resource"
 
 
 async def test_delivery_is_acked_only_after_the_handler_returned(

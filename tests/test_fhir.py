@@ -280,6 +280,8 @@ async def test_merge_deactivates_the_merged_patient(tmp_path: Path, monkeypatch:
         assert new["active"] is True
         for p in patients:
             r4(p)
+        (request,) = store.search("ServiceRequest", {})[1]
+        assert request["subject"] == {"reference": f"Patient/{new['id']}"}  # the order follows the survivor
     finally:
         await runtime.stop()
 
@@ -378,4 +380,66 @@ async def test_stable_study_becomes_an_imaging_study_based_on_the_order(tmp_path
     finally:
         server.should_exit = True
         await server.task
+        await runtime.stop()
+
+
+async def test_imaging_study_status_follows_the_modality_then_the_archive(tmp_path: Path) -> None:
+    """MPPS announces the study (registered, cancelled when discontinued); the archive's study makes it available,
+    and a later performed step does not take that back."""
+    from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, Series, Study
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+    uid = "1.2.250.1.999.1.2.20261125.1"
+    patient = Patient(ids=[Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1")])
+
+    async def step(status: str, n: int) -> None:
+        env = Envelope(
+            PerformedStep(
+                status=status,
+                study_instance_uid=uid,
+                accession_number="ACC0001",
+                patient=patient,
+                modality="CT",
+                started="20261125093512",
+            ),
+            idempotency_key=f"mpps-{n}",
+        )
+        await runtime.bus.publish("procedure.x", env.to_json(), message_id=env.id)
+
+    def imaging_status() -> str:
+        found = store.search("ImagingStudy", {})[1]
+        return found[0]["status"] if found else ""
+
+    try:
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: _statuses(store) == ["active"])
+        await step("IN PROGRESS", 1)
+        await until(lambda: imaging_status() == "registered")
+        (registered,) = store.search("ImagingStudy", {})[1]
+        r4(registered)
+        assert registered["modality"][0]["code"] == "CT" and "series" not in registered
+        assert registered["basedOn"] == [
+            {"reference": f"ServiceRequest/{store.search('ServiceRequest', {})[1][0]['id']}"}
+        ]
+        await step("DISCONTINUED", 2)
+        await until(lambda: imaging_status() == "cancelled")
+        assert _statuses(store) == ["revoked"]
+        study = Study(
+            study_instance_uid=uid,
+            accession_number="ACC0001",
+            patient=patient,
+            series=[Series("1.2.3.1", "1", "CT", instances=[Instance("1.2.3.1.1", "1.2.840.10008.5.1.4.1.1.2", "1")])],
+        )
+        env = Envelope(study, idempotency_key="study-1")
+        await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+        await until(lambda: imaging_status() == "available")
+        await step("COMPLETED", 3)
+        await until(lambda: _statuses(store) == ["completed"])
+        await asyncio.sleep(0.1)
+        assert imaging_status() == "available" and store.count("ImagingStudy") == 1
+    finally:
         await runtime.stop()

@@ -8,7 +8,9 @@ Semantics every implementation keeps (RabbitMQ in ``adapters.rabbitmq``, the emb
 * A subscriber's handler runs once per delivery; the message is acknowledged only after the handler returned
   (its work committed). An exception counts as a failed attempt: the message is redelivered (after a backoff
   growing with the attempt number) until ``max_attempts`` is reached, then moved to the queue's dead-letter
-  queue ``<queue>.dlq`` with the handler's error in the ``x-error`` header.
+  queue ``<queue>.dlq`` with the handler's error in the ``x-error`` header. A handler raising
+  :class:`PermanentError` says a retry cannot succeed (the peer refused the content): the delivery is
+  dead-lettered at once.
 
 Batch consumption (``subscribe_batch``), so that a consumer can commit many events in one transaction:
 
@@ -44,6 +46,10 @@ class Delivery:
     message_id: str
     headers: dict[str, str] = field(default_factory=dict)
     attempt: int = 1  # 1 on first delivery
+
+
+class PermanentError(Exception):
+    """Raised by a handler when retrying cannot help (e.g. a peer rejected the content): dead-letter now."""
 
 
 Handler = Callable[[Delivery], Awaitable[None]]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     jr_show = jr_sub.add_parser("show", help="one journal entry, with its raw message")
     jr_show.add_argument("id", type=int)
     jr_list = jr_sub.add_parser("list", help="latest entries")
-    jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected"])
+    jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected", "undelivered"])
     jr_list.add_argument("--limit", type=int, default=20)
     jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
     jr_replay.add_argument("ids", type=int, nargs="+")
@@ -282,7 +282,7 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             for entry in journal.recent(args.limit, args.status):
                 print(
                     f"{entry.id:>8} {entry.received} {entry.channel:12} {entry.message_type:8} "
-                    f"{entry.control_id:20} {entry.status:9} {entry.ack_code} {entry.error}"
+                    f"{entry.control_id:20} {entry.status:11} {entry.ack_code} {entry.error.partition(chr(10))[0]}"
                 )
     finally:
         journal.close()

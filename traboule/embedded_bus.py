@@ -28,7 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from traboule.bus import BatchHandler, Delivery, Handler, dlq_name, one_by_one, topic_matches
+from traboule.bus import (
+    BatchHandler,
+    Delivery,
+    Handler,
+    PermanentError,
+    dlq_name,
+    one_by_one,
+    topic_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +98,7 @@ class _Consumer:
     task: asyncio.Task[None] | None = None
     inflight: set[int] = field(default_factory=set)  # fetched, not yet settled: excluded from depth()
     acked: list[int] = field(default_factory=list)  # handler returned, row not deleted yet
-    failed: list[tuple[_Row, str]] = field(default_factory=list)  # handler raised, not recorded yet
+    failed: list[tuple[_Row, str, bool]] = field(default_factory=list)  # handler raised (error, permanent)
 
 
 class EmbeddedBus:
@@ -356,7 +364,7 @@ class EmbeddedBus:
                 consumer.max_attempts,
                 error,
             )
-            consumer.failed.append((row, error))
+            consumer.failed.append((row, error, isinstance(exc, PermanentError)))
         else:
             # Settled in batches; if close() was called from inside this handler the file is closed by the
             # time it returns, so the settle fails and the row is delivered again by the next bus.
@@ -368,7 +376,7 @@ class EmbeddedBus:
         if acked or failed:
             await self._run(self._apply, consumer.queue, acked, failed, consumer.max_attempts)
             consumer.inflight.difference_update(acked)
-            consumer.inflight.difference_update(row.seq for row, _ in failed)
+            consumer.inflight.difference_update(row.seq for row, _, _ in failed)
 
     def _fetch(self, queue: str, limit: int) -> tuple[list[_Row], float | None]:
         conn = self._db()
@@ -388,13 +396,13 @@ class EmbeddedBus:
             ).fetchone()
         return rows, next_at
 
-    def _apply(self, queue: str, acked: list[int], failed: list[tuple[_Row, str]], max_attempts: int) -> None:
+    def _apply(self, queue: str, acked: list[int], failed: list[tuple[_Row, str, bool]], max_attempts: int) -> None:
         conn = self._db()
         now = time.time()
         with _transaction(conn):
             conn.executemany("DELETE FROM messages WHERE seq = ?", [(seq,) for seq in acked])
-            for row, error in failed:
-                if row.attempt >= max_attempts:
+            for row, error, permanent in failed:
+                if permanent or row.attempt >= max_attempts:
                     headers = {**row.headers, "x-error": error}
                     conn.execute(
                         "INSERT INTO dead_letters (queue, topic, body, message_id, headers, attempt, dead_at)"

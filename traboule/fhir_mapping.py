@@ -44,6 +44,23 @@ def resource_id(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
 
 
+def key_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
+    """The identifier a resource's id derives from: what a FHIR server is asked to match it on (conditional update).
+
+    ImagingStudy: its ``urn:dicom:uid``. Patient and ServiceRequest: the identifier whose hash is the id.
+    """
+    rtype, rid = resource["resourceType"], resource.get("id", "")
+    for ident in resource.get("identifier") or []:
+        system, value = ident.get("system", ""), ident.get("value", "")
+        if not value:
+            continue
+        if rtype == "ImagingStudy" and system == "urn:dicom:uid":
+            return ident
+        if resource_id(rtype, system, value) == rid:
+            return ident
+    return None
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -356,8 +373,13 @@ class FHIRMapping:
             resource["note"] = [{"text": order.medical_alerts}]
         return resource
 
-    def imaging_study(self, study: model.Study, patient_ref: str, based_on: list[str]) -> dict[str, Any]:
-        """ImagingStudy from the archive's view of a study (identifier ``urn:dicom:uid``, as FHIR R4 asks)."""
+    def imaging_study(
+        self, study: model.Study, patient_ref: str, based_on: list[str], status: str = "available"
+    ) -> dict[str, Any]:
+        """ImagingStudy from the archive's view of a study (identifier ``urn:dicom:uid``, as FHIR R4 asks).
+
+        ``status``: ``available`` for a study the archive holds; ``registered`` / ``cancelled`` for one a modality
+        announced (MPPS) before any image reached the archive."""
         dcm = "http://dicom.nema.org/resources/ontology/DCM"
         identifiers: list[dict[str, Any]] = [
             {"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}
@@ -376,12 +398,12 @@ class FHIRMapping:
             "id": resource_id("ImagingStudy", "urn:dicom:uid", study.study_instance_uid),
             "meta": {"lastUpdated": now()},
             "identifier": identifiers,
-            "status": "available",
+            "status": status,
             "modality": [{"system": dcm, "code": m} for m in study.modalities],
             "subject": {"reference": patient_ref},
             "basedOn": [{"reference": ref} for ref in based_on],
-            "numberOfSeries": len(study.series),
-            "numberOfInstances": study.number_of_instances,
+            "numberOfSeries": len(study.series) if study.series else None,
+            "numberOfInstances": study.number_of_instances if study.series else None,
             "description": study.description,
         }
         started = self.date_time(study.started) if study.started else ""

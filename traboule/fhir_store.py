@@ -7,6 +7,9 @@ search parameters.
 * ``tokens(type, name, system, value, id)``: ``identifier`` (system, value) of ServiceRequest and Patient,
   ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest.
 
+* ``remote(type, id, version_id, location, pushed_at)``: which version of a resource a FHIR server holds, and
+  under which ``Type/id`` there (written by the channel's FHIR server destination).
+
 ``upsert`` bumps ``meta.versionId`` only when the content (everything but ``meta``) changed, so a redelivery
 leaves the resource as it was. One connection behind a lock: safe to call from ``asyncio.to_thread``.
 """
@@ -40,6 +43,14 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE INDEX IF NOT EXISTS tokens_value ON tokens (type, name, value, system);
 CREATE INDEX IF NOT EXISTS tokens_id ON tokens (type, id);
+CREATE TABLE IF NOT EXISTS remote (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version_id INTEGER NOT NULL,
+    location TEXT NOT NULL,
+    pushed_at TEXT NOT NULL,
+    PRIMARY KEY (type, id)
+);
 """
 
 # Search parameters per resource type (besides _id): name → kind. What the API and CapabilityStatement offer.
@@ -165,6 +176,34 @@ class FHIRStore:
         with self._lock:
             row = self._db.execute("SELECT json FROM resources WHERE type=? AND id=?", (rtype, rid)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def remote(self, rtype: str, rid: str) -> tuple[int, str] | None:
+        """(version pushed, ``Type/id`` on the FHIR server) of a resource, None when never pushed."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version_id, location FROM remote WHERE type=? AND id=?", (rtype, rid)
+            ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def set_remote(self, rows: list[tuple[str, str, int, str]]) -> None:
+        """Record pushed copies: (type, id, version pushed, ``Type/id`` on the server)."""
+        pushed_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO remote (type, id, version_id, location, pushed_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (type, id) DO UPDATE SET version_id=MAX(remote.version_id, excluded.version_id), "
+                "location=excluded.location, pushed_at=excluded.pushed_at",
+                [(t, i, v, loc, pushed_at) for t, i, v, loc in rows],
+            )
+
+    def unpushed(self) -> int:
+        """Resources whose current version no FHIR server has been sent yet."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT count(*) FROM resources r LEFT JOIN remote p ON p.type = r.type AND p.id = r.id "
+                "WHERE p.version_id IS NULL OR p.version_id < r.version_id"
+            ).fetchone()
+        return int(n)
 
     def count(self, rtype: str | None = None) -> int:
         with self._lock:

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS messages (
     peer TEXT NOT NULL DEFAULT '',
     control_id TEXT NOT NULL DEFAULT '',
     message_type TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,             -- accepted | duplicate | rejected
+    status TEXT NOT NULL,             -- accepted | duplicate | rejected | undelivered (outbound, refused)
     ack_code TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
     warnings TEXT NOT NULL DEFAULT '',
@@ -252,6 +252,27 @@ class Journal:
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
+
+
+def record(path: str | Path, entry: JournalEntry) -> JournalEntry:
+    """Append ``entry`` with a connection of its own, from any process (blocking: call it in a thread).
+
+    For the rare entries written outside the receiving process, such as an outbound message a destination
+    refused (status ``undelivered``) by a channel running in a worker process. SQLite serialises the writers.
+    """
+    db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        cur = db.execute(
+            f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            tuple(getattr(entry, c) for c in _COLUMNS),
+        )
+        entry.id = int(cur.lastrowid or 0)
+    finally:
+        db.close()
+    return entry
 
 
 def _entry(row: sqlite3.Row) -> JournalEntry:

@@ -111,13 +111,17 @@ class Runtime:
         self.started = False
 
     @property
+    def journal_path(self) -> Path:
+        return self.data_dir / "journal.sqlite"
+
+    @property
     def owns_journal(self) -> bool:
         """The process that receives messages keeps the journal and publishes its outbox."""
         return self.process in (None, "main")
 
     async def start(self) -> None:
         if self.owns_journal:
-            self.journal = Journal(self.data_dir / "journal.sqlite")
+            self.journal = Journal(self.journal_path)
         await self.bus.start()
         if self.owns_journal:
             # Every consuming channel's queue, in this process or another, exists before the first event is

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from adapters.fhir_client import FHIRClient
+from tests.conftest import ROOT
 from tests.peer_dcmtk import free_port, require_dcmtk
 from tests.peer_fhir_server import require_fhir_server, start_fhir_server, stop_fhir_server
 from tests.test_archive import write_study
@@ -116,8 +118,31 @@ async def test_orders_cancel_and_merge_reach_the_server_once_each(
         assert merged["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}]
         await until(lambda: fhir_store(runtime).unpushed() == 0)
         assert await runtime.bus.dead_letters("fhir.push") == []
+
+        # After a restore of the server, `traboule fhir resend` sends everything again; nothing is duplicated.
+        config = tmp_path / "traboule.toml"
+        config.write_text(
+            f'[engine]\ndata_dir = "{tmp_path}"\n\n[[channels]]\nname = "fhir"\nkind = "fhir"\n'
+            f'destination = {{base_url = "{fhir_server_url}"}}\n'
+        )
+        resend = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "traboule.cli", "--config", str(config), "fhir", "resend"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert resend.returncode == 0, resend.stderr
+        assert "3 resource(s) queued" in resend.stdout  # the survivor, the merged Patient, the ServiceRequest
+        await until(lambda: fhir_store(runtime).remote("Patient", survivor_local(runtime)) is not None, timeout=10)
+        await until(lambda: fhir_store(runtime).unpushed() == 0)
+        assert len(await found(fhir, "ServiceRequest", f"{ACCESSION}|ACC0001-{tag}")) == 1
     finally:
         await runtime.stop()
+
+
+def survivor_local(runtime: Runtime) -> str:
+    return next(p["id"] for p in fhir_store(runtime).search("Patient", {})[1] if p.get("active"))
 
 
 async def test_server_down_then_back_gets_every_resource_once(

@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import uvloop
@@ -57,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     dlq_replay = dlq_sub.add_parser("replay", help="put a dead letter back on its channel's queue")
     dlq_replay.add_argument("message_id")
     dlq_replay.add_argument("--channel", default="worklist")
+
+    fhir = sub.add_parser("fhir", help="the FHIR channel's server destination")
+    fhir_sub = fhir.add_subparsers(dest="action", required=True)
+    fhir_resend = fhir_sub.add_parser(
+        "resend", help="send every resource to the FHIR server again (after the server was restored or wiped)"
+    )
+    fhir_resend.add_argument("--channel", default="fhir")
 
     sub.add_parser("channels", help="installed channel kinds and adapters, and the configured channels")
 
@@ -337,6 +345,38 @@ def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``fhir resend``: forget what the server holds and queue every resource for the running engine to push."""
+    from channels.fhir_push import push_message, push_topic
+    from traboule.bus import make_bus
+    from traboule.fhir_store import FHIRStore
+
+    channel = next((c for c in cfg.channels if c["name"] == args.channel and c["kind"] == "fhir"), None)
+    if channel is None or not channel.get("destination"):
+        print(f"no fhir channel {args.channel!r} with a destination in the configuration", file=sys.stderr)
+        return 1
+    store = FHIRStore(str(Path(cfg.data_dir) / f"{args.channel}.sqlite"))
+
+    async def go() -> int:
+        keys = store.forget_remote()
+        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
+        await bus.start()
+        try:
+            stamp = int(time.time())
+            for start in range(0, len(keys), 8):
+                chunk = keys[start : start + 8]
+                await bus.publish(push_topic(args.channel), push_message(chunk), message_id=f"resend-{stamp}-{start}")
+        finally:
+            await bus.close()
+        print(f"{len(keys)} resource(s) queued for {channel['destination'].get('base_url', '')}")
+        return 0
+
+    try:
+        return asyncio.run(go())
+    finally:
+        store.close()
+
+
 def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.runtime import installed
 
@@ -401,6 +441,7 @@ COMMANDS = {
     "journal": cmd_journal,
     "channels": cmd_channels,
     "dlq": cmd_dlq,
+    "fhir": cmd_fhir,
     "test": cmd_test,
     "check": cmd_check,
 }

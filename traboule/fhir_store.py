@@ -196,6 +196,13 @@ class FHIRStore:
                 [(t, i, v, loc, pushed_at) for t, i, v, loc in rows],
             )
 
+    def forget_remote(self) -> list[tuple[str, str]]:
+        """Forget every pushed copy (the server was restored or wiped); returns every resource, to push again."""
+        with self.transaction():
+            self._db.execute("DELETE FROM remote")
+            rows = self._db.execute("SELECT type, id FROM resources ORDER BY rowid").fetchall()
+        return [(str(t), str(i)) for t, i in rows]
+
     def unpushed(self) -> int:
         """Resources whose current version no FHIR server has been sent yet."""
         with self._lock:

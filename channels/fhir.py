@@ -35,13 +35,13 @@ from channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_top
 from traboule import metrics
 from traboule.bus import Bus, Delivery
 from traboule.config import resolve
-from traboule.fhir_mapping import FHIRMapping
+from traboule.fhir_mapping import FHIRMapping, resource_id
 from traboule.fhir_store import FHIRStore
-from traboule.model import Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep, Study
+from traboule.model import Document, Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep, Study
 
 log = structlog.get_logger("traboule.channels.fhir")
 
-DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#", "study.#"]
+DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#", "study.#", "document.#"]
 # MPPS status → the scheduled-step status the request-status table is keyed on.
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
@@ -149,6 +149,8 @@ class FHIRChannel:
                     changed = self._performed(payload, seq)
                 elif isinstance(payload, Study):
                     changed = self._study(payload, seq)
+                elif isinstance(payload, Document):
+                    changed = self._document(payload, seq)
                 else:
                     self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
                     results.append(("ignored", 0, []))
@@ -193,6 +195,33 @@ class FHIRChannel:
         if stored is not None and stored.get("status") != "available":
             seq = 0  # what the archive holds replaces what a modality announced, whatever the event order
         return changed + self._write(resource, seq)
+
+    def _document(self, doc: Document, seq: int) -> int:
+        """A published report version: DocumentReference (the previous version superseded, a deleted one
+        entered-in-error), the DiagnosticReport of the set, and the document's bytes (Binary, for ITI-68)."""
+        changed = 0
+        patient = doc.report.patient
+        patient_ref = ""
+        if patient.primary_id is not None and patient.primary_id.value:
+            resource = self.mapping.patient(patient)
+            patient_ref = f"Patient/{resource['id']}"
+            if self.store.get("Patient", resource["id"]) is None:
+                changed += self._write(resource, seq)
+        study_ref = ""
+        if doc.report.study_instance_uid:
+            study_id = resource_id("ImagingStudy", "urn:dicom:uid", doc.report.study_instance_uid)
+            study_ref = f"ImagingStudy/{study_id}" if self.store.get("ImagingStudy", study_id) else ""
+        reference, diagnostic, binary = self.mapping.document_resources(
+            doc, patient_ref, self._based_on(doc.report.accession_number.value), study_ref
+        )
+        changed += int(self.store.upsert(binary, seq))  # served, not pushed (the server gets the attachment URL)
+        changed += self._write(reference, seq)
+        for relation in reference.get("relatesTo", []):
+            old_id = relation["target"]["reference"].split("/", 1)[1]
+            old = self.store.get("DocumentReference", old_id)
+            if old is not None and old.get("status") == "current":
+                changed += self._write({k: v for k, v in old.items() if k != "meta"} | {"status": "superseded"}, seq)
+        return changed + self._write(diagnostic, seq)
 
     def _based_on(self, accession: str) -> list[str]:
         if not accession:

@@ -1,15 +1,25 @@
-"""Channel ``hl7-orders``: RIS HL7 v2 orders and ADT over MLLP → journal → canonical events on the bus.
+"""Channel ``hl7-orders``: RIS HL7 v2 orders, ADT and reports over MLLP → journal → canonical events on the bus.
 
 Per message: decode (MSH-18) → tokenize → map (``hl7_inbound.yaml``) → journal the raw bytes with the events
 it produced (one transaction) → ACK. AA only once the journal write is on disk; AR for what cannot be read or is
 not ours (MSH, message type, charset); AE for what the mapping finds wrong (missing mandatory field, unknown code).
 Every message, accepted or not, is in the journal.
 
-Topics published: ``order.<action>`` (new, change, cancel, status) and ``patient.<action>`` (update, merge).
+Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboule.reports``): the CDA is built
+(``mappings/cda.yaml``) and, when the CI-SIS validators are available, validated; a report that cannot make a valid
+document is answered AE with the reason. Settings: ``reports = {cda_mapping = "mappings/cda.yaml", validate =
+"auto", validators = "", cache = ""}`` (``validate``: true requires the validators, "auto" uses them when found,
+false skips validation). The channel also consumes ``study.*`` (queue ``<name>.studies``) for the DICOM object
+catalog of the reports.
+
+Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
+``document.<action>`` (publish, replace, delete).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 import uuid
 from datetime import datetime
@@ -22,7 +32,8 @@ from traboule import hl7, metrics
 from traboule.config import resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.journal import JournalEntry, OutboxEvent
-from traboule.model import Envelope, ImagingOrder, content_key
+from traboule.model import Document, Envelope, ImagingOrder, Payload, Report, Study, content_key
+from traboule.reports import ReportPublisher, ReportRefused
 
 log = structlog.get_logger("traboule.channels.orders")
 
@@ -50,12 +61,31 @@ class OrdersChannel:
         self._log = log.bind(channel=self.name)
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
+        self.reports: ReportPublisher | None = None
+        if "report" in self.mapping.accept.values() and config.get("reports", {}) is not False:
+            self.reports = make_publisher(config, runtime)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [] if config.get("reports", {}) is False else [(f"{config['name']}.studies", ["study.#"])]
 
     async def start(self) -> None:
+        if self.reports is not None and self.reports.validator is not None:
+            # Compiling the schematrons takes seconds: at start, not on the first report (its sender would wait).
+            await asyncio.to_thread(self.reports.validator.compile_all)
+        if self.reports is not None:
+            await self.runtime.bus.subscribe(f"{self.name}.studies", ["study.#"], self._study)
         await self.listener.start()
 
     async def stop(self) -> None:
         await self.listener.stop()
+        if self.reports is not None:
+            self.reports.close()
+
+    async def _study(self, delivery: Any) -> None:
+        env = Envelope.from_json(delivery.body)
+        if isinstance(env.payload, Study) and self.reports is not None:
+            await asyncio.to_thread(self.reports.remember_study, env.payload)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -63,7 +93,8 @@ class OrdersChannel:
             "source": f"mllp://{self.listener.host}:{self.listener.port}",
             "mapping": str(self.mapping.path),
             "accepts": sorted(self.mapping.accept),
-            "destinations": ["bus:order.*", "bus:patient.*"],
+            "destinations": ["bus:order.*", "bus:patient.*"] + (["bus:document.*"] if self.reports else []),
+            **({"validation": "on" if self.reports.validator else "off"} if self.reports else {}),
         }
 
     # -- message handling ------------------------------------------------------------------------------------
@@ -109,7 +140,7 @@ class OrdersChannel:
             entry.message_type = msg.message_type
             entry.idempotency_key = _idempotency_key(msg)
             entry.correlation_id = msg.control_id or entry.idempotency_key
-            payloads = self.mapping.map(msg)
+            payloads = await self._prepare(self.mapping.map(msg), entry.idempotency_key)
             for i, payload in enumerate(payloads):
                 env = Envelope(
                     payload,
@@ -121,7 +152,7 @@ class OrdersChannel:
         except hl7.HL7Error as exc:
             code = "AR" if exc.reject else "AE"
             error = hl7.AckError(str(exc), exc.location, exc.code)
-        except MappingFailure as exc:
+        except (MappingFailure, ReportRefused) as exc:
             code = "AE"
             error = hl7.AckError(exc.reason, exc.location, exc.code)
         if error:
@@ -164,6 +195,19 @@ class OrdersChannel:
         )
         return ack.encode(decoded.codec, "replace")
 
+    async def _prepare(self, payloads: list[Payload], message_key: str) -> list[Payload]:
+        """Reports become documents (CDA built and validated) before the answer; orders are remembered for them."""
+        out: list[Payload] = []
+        for payload in payloads:
+            if isinstance(payload, Report):
+                if self.reports is None:
+                    raise MappingFailure("reports are not enabled on this channel", "MSH-9", code="200")
+                payload = await asyncio.to_thread(self.reports.prepare, payload, message_key)
+            elif isinstance(payload, ImagingOrder) and self.reports is not None:
+                self.reports.remember_order(payload)
+            out.append(payload)
+        return out
+
     async def _reject(self, data: bytes, peer: str, exc: hl7.HL7Error, *, codec: str) -> bytes:
         """Bytes that could not even be decoded: journal them raw, answer AR from what MSH we can split."""
         entry = JournalEntry(
@@ -198,7 +242,44 @@ class OrdersChannel:
 def _topic(payload: Any) -> str:
     if isinstance(payload, ImagingOrder):
         return f"order.{payload.action}"
+    if isinstance(payload, Document):
+        return f"document.{payload.action}"
     return f"patient.{payload.action}"
+
+
+# One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by
+# the channels and engine restarts of the process.
+_VALIDATORS: dict[tuple[str, str], Any] = {}
+
+
+def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
+    """The report publisher of an inbound channel, from its ``reports`` settings."""
+    from traboule.cda import CDAMapping
+
+    settings = config.get("reports") or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"channel {config['name']}: reports must be a table or false")
+    mapping = CDAMapping(resolve(runtime.config, settings.get("cda_mapping", "mappings/cda.yaml")))
+    validate = settings.get("validate", "auto")
+    validator = None
+    if validate is not False and str(validate).lower() != "false":
+        from traboule.cda_validation import ProcessValidator
+
+        configured = str(settings.get("validators", "") or os.environ.get("TRABOULE_CDA_VALIDATORS", ""))
+        tree = resolve(runtime.config, configured) if configured else None
+        if tree is not None and not tree.is_dir():
+            raise ValueError(f"channel {config['name']}: reports.validators {tree} is not a directory")
+        if tree is None and validate is True:
+            raise ValueError(
+                f"channel {config['name']}: reports.validate is true but the CI-SIS validators were not found "
+                "(set reports.validators or TRABOULE_CDA_VALIDATORS to a testContenuCDA tree)"
+            )
+        if tree is not None:
+            key = (str(tree), str(settings.get("cache") or ""))
+            validator = _VALIDATORS.get(key) or _VALIDATORS.setdefault(key, ProcessValidator(tree, key[1] or None))
+        else:
+            log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")
+    return ReportPublisher(mapping, runtime.data_dir / f"{config['name']}.reports.sqlite", validator)
 
 
 def _idempotency_key(msg: hl7.Message) -> str:

@@ -171,7 +171,7 @@ async def test_bad_input_is_answered_and_journaled(engine: Runtime) -> None:
     acks = await send(
         engine,
         fixture("orm_o01_no_pid3.hl7"),
-        fixture("oru_r01_unsupported.hl7"),
+        fixture("siu_s12_unsupported.hl7"),
         b"THIS IS NOT HL7",
         fixture("orm_o01_missing_orc2.hl7"),
     )
@@ -210,7 +210,10 @@ async def test_corpus_messages_over_mllp(engine: Runtime) -> None:
     assert codes["dcm4che_OMI_O23-ImagingOrder.hl7"] == "AA"
     assert codes["openmrs_ORM_O01_v231_NW_ZDS.hl7"] == "AA"
     assert codes["dcm4che_ADT_A40-PatientMerge.hl7"] == "AA"
-    assert codes["ans_MDM_T02_CR-imagerie_INIT.er7"] == "AR"  # reports are not this channel's
+    # reports: the ANS copy carries a placeholder text where the CDA goes (AE, the reason says so)
+    assert codes["ans_MDM_T02_CR-imagerie_INIT.er7"] == "AE"
+    # the other ORU samples are not French imaging reports (no accession number, no conclusion, lab results)
+    assert codes["dcm4che_ORU_R01_2021.hl7"] == codes["iris_ORU_R01_v23_A_FT-report.hl7"] == "AE"
     assert engine.journal is not None
     assert sum(engine.journal.counts().values()) == len(paths)
 

@@ -75,6 +75,21 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("check", help="load the configuration and every mapping; report errors with file and line")
 
+    cda = sub.add_parser("cda", help="CDA documents (CI-SIS CR d'imagerie)")
+    cda_sub = cda.add_subparsers(dest="action", required=True)
+    cda_validate = cda_sub.add_parser(
+        "validate", help="validate CDA files with the ANS testContenuCDA XSD and schematrons; exit 0 when all pass"
+    )
+    cda_validate.add_argument("files", nargs="+", type=Path)
+    cda_validate.add_argument(
+        "--validators",
+        type=Path,
+        help="testContenuCDA tree (default: $TRABOULE_CDA_VALIDATORS)",
+    )
+    cda_validate.add_argument(
+        "--cache", type=Path, help="where compiled schematrons go (default: $XDG_CACHE_HOME/traboule/cda-validators)"
+    )
+
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -434,6 +449,40 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``cda validate``: one OK/FAIL line per file, then its failures. Exit 0 when all pass, 1 when one fails,
+    2 when the validator tree is missing or broken."""
+    from traboule import logging as tlog
+    from traboule.cda_validation import UPSTREAM_REPO, CDAValidator, CDAValidatorError, default_tree
+
+    tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)  # compile progress goes to stderr
+    tree = args.validators or default_tree()
+    if tree is None:
+        print(
+            "no CDA validator tree: pass --validators PATH or set TRABOULE_CDA_VALIDATORS to a checkout of "
+            f"https://github.com/{UPSTREAM_REPO} (it is not shipped with traboule)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        validator = CDAValidator(tree, args.cache)
+        worst = 0
+        for path in args.files:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                print(f"FAIL {path}: cannot read: {exc.strerror}")
+                worst = 1
+                continue
+            report = validator.validate(data, source=str(path))
+            print(report.summary())
+            worst = worst or (0 if report.valid else 1)
+        return worst
+    except CDAValidatorError as exc:
+        print(f"CDA validators: {exc}", file=sys.stderr)
+        return 2
+
+
 COMMANDS = {
     "run": cmd_run,
     "send": cmd_send,
@@ -444,6 +493,7 @@ COMMANDS = {
     "fhir": cmd_fhir,
     "test": cmd_test,
     "check": cmd_check,
+    "cda": cmd_cda,
 }
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ), ``TRABOULE_DATA
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Config:
     log_format: str = "console"
     log_level: str = "info"
     log_patient_data: bool = False
+    api_tokens: list[str] = field(default_factory=list)  # bearer tokens of the HTTP API (none: loopback only)
     channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
     path: str = ""
 
@@ -101,6 +103,10 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     http = doc.get("http", {})
     cfg.http_host = str(http.get("host", cfg.http_host))
     cfg.http_port = int(http.get("port", cfg.http_port))
+    tokens = http.get("tokens", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ConfigError(f"{path}: [http] tokens must be a list of strings")
+    cfg.api_tokens = [t.strip() for t in tokens if t.strip()]
     log = doc.get("log", {})
     cfg.log_format = str(log.get("format", cfg.log_format))
     cfg.log_level = str(log.get("level", cfg.log_level))
@@ -119,6 +125,8 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     cfg.http_host = env.get("TRABOULE_HTTP_HOST", cfg.http_host)
     cfg.log_format = env.get("TRABOULE_LOG_FORMAT", cfg.log_format)
     cfg.log_level = env.get("TRABOULE_LOG_LEVEL", cfg.log_level)
+    if env.get("TRABOULE_API_TOKENS", "").strip():
+        cfg.api_tokens = [t.strip() for t in env["TRABOULE_API_TOKENS"].split(",") if t.strip()]
     try:
         if "TRABOULE_HTTP_PORT" in env:
             cfg.http_port = int(env["TRABOULE_HTTP_PORT"])
@@ -152,8 +160,25 @@ def _check(cfg: Config) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{cfg.path or 'config'}: channel names must be unique: {sorted(dupes)}")
+    if not cfg.api_tokens and not is_loopback(cfg.http_host):
+        raise ConfigError(
+            f"the HTTP API would listen on {cfg.http_host} without access control: set bearer tokens "
+            "(TRABOULE_API_TOKENS=token1,token2 or [http] tokens = [...]) or keep http host on 127.0.0.1"
+        )
+    if any(len(t) < 16 for t in cfg.api_tokens):
+        raise ConfigError("API tokens must be at least 16 characters long (use e.g. `openssl rand -hex 24`)")
     if cfg.log_format not in ("json", "console"):
         raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: the addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve(base: Config, relative: str) -> Path:

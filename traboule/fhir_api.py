@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from traboule.fhir_store import SEARCH_PARAMS, FHIRStore, SearchError
@@ -31,6 +32,11 @@ PARAM_DOCS = {
     "patient": "Patient/{id}",
     "patient.identifier": "the subject Patient's identifier (chained): system|value",
     "basedon": "ServiceRequest/{id}",
+    "type": "system|code (DocumentReference: http://loinc.org|18748-4)",
+    "category": "system|code (DocumentReference class code)",
+    "date": "[eq|ge|le|gt|lt]YYYY-MM-DD[Thh:mm:ss+zz:zz] (DocumentReference date)",
+    "related": "system|value of a related identifier (accession number, urn:dicom:uid study UID)",
+    "code": "system|code (DiagnosticReport code)",
 }
 
 
@@ -73,6 +79,25 @@ def capability_statement(base: str) -> dict[str, Any]:
     }
 
 
+def absolute_urls(resource: dict[str, Any], base: str) -> dict[str, Any]:
+    """Attachment URLs are stored relative to the API (``Binary/{id}``): served absolute, as MHD consumers expect."""
+    attachments = [c.get("attachment") or {} for c in resource.get("content") or []]
+    attachments += list(resource.get("presentedForm") or [])
+    if not any(a.get("url", "").startswith("Binary/") for a in attachments):
+        return resource
+    out = {**resource}
+    if "content" in out:
+        out["content"] = [{**c, "attachment": _absolute(c.get("attachment") or {}, base)} for c in out["content"]]
+    if "presentedForm" in out:
+        out["presentedForm"] = [_absolute(a, base) for a in out["presentedForm"]]
+    return out
+
+
+def _absolute(attachment: dict[str, Any], base: str) -> dict[str, Any]:
+    url = attachment.get("url", "")
+    return {**attachment, "url": f"{base}/{url}"} if url.startswith("Binary/") else attachment
+
+
 def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
     """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
 
@@ -90,12 +115,15 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         if resource is None:
             return outcome(404, "not-found", f"{rtype}/{rid} is not known")
         headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
-        return FHIRResponse(resource, headers=headers)
+        if rtype == "Binary" and "fhir+json" not in request.headers.get("accept", ""):
+            # MHD ITI-68: the document itself, byte for byte, with its own media type.
+            return Response(base64.b64decode(resource["data"]), media_type=resource["contentType"], headers=headers)
+        return FHIRResponse(absolute_urls(resource, base_of(request)), headers=headers)
 
     async def search(request: Request) -> FHIRResponse:
         rtype = request.path_params["type"]
-        if rtype not in SEARCH_PARAMS:
-            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here")
+        if rtype not in SEARCH_PARAMS or not SEARCH_PARAMS[rtype]:
+            return outcome(404, "not-supported", f"search of {rtype!r} is not served here")
         params: dict[str, str] = {}
         count, offset = DEFAULT_COUNT, 0
         for name, value in request.query_params.multi_items():
@@ -139,7 +167,12 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             "total": total,
             "link": links,
             "entry": [
-                {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in found
+                {
+                    "fullUrl": f"{base}/{rtype}/{r['id']}",
+                    "resource": absolute_urls(r, base),
+                    "search": {"mode": "match"},
+                }
+                for r in found
             ],
         }
         if not bundle["entry"]:

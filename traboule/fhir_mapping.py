@@ -11,6 +11,7 @@ the same resource.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -446,6 +447,116 @@ class FHIRMapping:
         resource["series"] = series
         return {k: v for k, v in resource.items() if v not in ([], "", None)}
 
+    # -- shared documents (IHE MHD / French PDSm) ------------------------------------------------------------
+
+    def document_resources(
+        self, doc: model.Document, patient_ref: str, request_refs: list[str], study_ref: str
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """DocumentReference (XDS-equivalent metadata), DiagnosticReport (one per document set) and Binary (the
+        CDA bytes) of a published document version. Metadata the CDA holds (author, facility, practice setting)
+        is read from the document itself, as an XDS source does."""
+        data = base64.b64decode(doc.content)
+        header = _cda_metadata(data)
+        binary_id = resource_id("Binary", doc.id)
+        attachment = {
+            "contentType": doc.media_type,
+            "language": "fr-FR",
+            "url": f"Binary/{binary_id}",
+            "size": doc.size or len(data),
+            "hash": base64.b64encode(bytes.fromhex(doc.sha1)).decode() if doc.sha1 else "",
+            "title": doc.title,
+            "creation": self.date_time(doc.created),
+        }
+        attachment = {k: v for k, v in attachment.items() if v not in ("", None)}
+        status = {"delete": "entered-in-error"}.get(doc.action, "current")
+        report = doc.report
+        related: list[dict[str, Any]] = []
+        acc = report.accession_number
+        if acc.value:
+            system = f"urn:oid:{acc.issuer_oid}" if acc.issuer_oid else self.identifier_system("accession", acc)
+            related.append(
+                {"identifier": {"type": _v2_0203("ACSN"), **({"system": system} if system else {}), "value": acc.value}}
+            )
+        if report.study_instance_uid:
+            related.append({"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{report.study_instance_uid}"}})
+        related += [{"reference": ref} for ref in request_refs]
+        context: dict[str, Any] = {"related": related}
+        if report.modality:
+            context["event"] = [{"coding": [{"system": DCM, "code": report.modality}]}]
+        start = self.date_time(doc.service_start) if doc.service_start else ""
+        if start:
+            context["period"] = {"start": start}
+        if header.get("facility"):
+            context["facilityType"] = {"coding": [{"system": "urn:oid:1.2.250.1.71.4.2.4", **header["facility"]}]}
+        if header.get("practice"):
+            context["practiceSetting"] = {"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.9", **header["practice"]}]}
+        labels = [{"coding": [{"system": CONFIDENTIALITY, "code": header.get("confidentiality") or "N"}]}]
+        for flag, code in MASKING.items():
+            if report.flag(flag) == "Y":
+                labels.append({"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.13", "code": code}]})
+        master = _document_identifier(doc.id)
+        reference: dict[str, Any] = {
+            "resourceType": "DocumentReference",
+            "id": resource_id("DocumentReference", master["system"], master["value"]),
+            "meta": {"lastUpdated": now()},
+            "masterIdentifier": master,
+            "identifier": [{"use": "official", **master}],
+            "status": status,
+            "docStatus": "final",
+            "type": {
+                "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "CR d'imagerie médicale"}]
+            },
+            "category": [
+                {"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.1", "code": "10", "display": "Compte rendu"}]}
+            ],
+            "subject": {"reference": patient_ref},
+            "date": self.date_time(doc.created) or now(),
+            "author": [a for a in (header.get("author"), header.get("organization")) if a],
+            "authenticator": header.get("authenticator"),
+            "description": doc.title,
+            "securityLabel": labels,
+            "content": [
+                {
+                    "attachment": attachment,
+                    "format": {"system": "urn:oid:1.3.6.1.4.1.19376.1.2.3", "code": FORMAT_CODES[doc.level]},
+                }
+            ],
+            "context": context,
+        }
+        if doc.replaces:
+            old = _document_identifier(doc.replaces)
+            target = resource_id("DocumentReference", old["system"], old["value"])
+            reference["relatesTo"] = [{"code": "replaces", "target": {"reference": f"DocumentReference/{target}"}}]
+        if not patient_ref:
+            del reference["subject"]
+        reference = {k: v for k, v in reference.items() if v not in ([], "", None)}
+        set_ident = _document_identifier(doc.set_id)
+        conclusion = report.section("19005-8")
+        diagnostic: dict[str, Any] = {
+            "resourceType": "DiagnosticReport",
+            "id": resource_id("DiagnosticReport", set_ident["system"], set_ident["value"]),
+            "meta": {"lastUpdated": now()},
+            "identifier": [set_ident],
+            "basedOn": [{"reference": ref} for ref in request_refs],
+            "status": {"publish": "final", "replace": "amended", "delete": "entered-in-error"}[doc.action],
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]
+            },
+            "subject": {"reference": patient_ref},
+            "effectiveDateTime": self.date_time(report.exam_time) if report.exam_time else "",
+            "issued": self.date_time(doc.created) if len(doc.created) > 8 else "",
+            "resultsInterpreter": [header["author"]] if header.get("author") else [],
+            "imagingStudy": [{"reference": study_ref}] if study_ref else [],
+            "conclusion": conclusion.text if conclusion else "",
+            "presentedForm": [attachment],
+        }
+        if not patient_ref:
+            del diagnostic["subject"]
+        diagnostic = {k: v for k, v in diagnostic.items() if v not in ([], "", None)}
+        binary = {"resourceType": "Binary", "id": binary_id, "contentType": doc.media_type, "data": doc.content}
+        return reference, diagnostic, binary
+
     def _requester(self, doctor: model.Practitioner) -> dict[str, Any]:
         out: dict[str, Any] = {}
         display = " ".join(x for x in (doctor.name.prefix, doctor.name.given, doctor.name.family) if x)
@@ -467,4 +578,85 @@ def _name(use: str, family: str, given: list[str], name: model.PersonName) -> di
         out["prefix"] = [name.prefix]
     if name.suffix:
         out["suffix"] = [name.suffix]
+    return out
+
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+FORMAT_CODES = {3: "urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", 1: "urn:ihe:iti:xds-sd:pdf:2008"}
+# Sharing flags of the report (CI-SIS MetaDMPMSS) → confidentiality codes of the DMP (1.2.250.1.213.1.1.4.13).
+MASKING = {
+    "MASQUE_PS": "MASQUE_PS",
+    "INVISIBLE_PATIENT": "INVISIBLE_PATIENT",
+    "INVISIBLE_REP_LEGAUX": "INVISIBLE_REPRESENTANTS_LEGAUX",
+}
+
+
+def _v2_0203(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": V2_0203, "code": code}]}
+
+
+def _document_identifier(doc_id: str) -> dict[str, str]:
+    """A CDA instance identifier as a FHIR Identifier: ``urn:oid:root`` (+ the extension as value when there is one)."""
+    root, _, extension = doc_id.partition("^")
+    if extension:
+        return {"system": f"urn:oid:{root}", "value": extension}
+    return {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{root}"}
+
+
+def _cda_metadata(data: bytes) -> dict[str, Any]:
+    """Author, authenticator, organisation, facility type, practice setting and confidentiality from a CDA header."""
+    from lxml import etree
+
+    ns = {"v3": "urn:hl7-org:v3"}
+    try:
+        root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError:
+        return {}
+
+    def person(path: str) -> dict[str, Any] | None:
+        entity = root.find(path, ns)
+        if entity is None:
+            return None
+        ident = entity.find("v3:id", ns)
+        name = " ".join(
+            t.strip() for t in entity.xpath("v3:assignedPerson/v3:name/*/text()", namespaces=ns) if t.strip()
+        )
+        out: dict[str, Any] = {}
+        if ident is not None and ident.get("extension"):
+            out["identifier"] = {"system": f"urn:oid:{ident.get('root')}", "value": ident.get("extension")}
+        if name:
+            out["display"] = name
+        return out or None
+
+    def coded(path: str) -> dict[str, str] | None:
+        found = root.find(path, ns)
+        if found is None or not found.get("code"):
+            return None
+        return {
+            "code": found.get("code", ""),
+            **({"display": found.get("displayName")} if found.get("displayName") else {}),
+        }
+
+    out: dict[str, Any] = {
+        "author": person("v3:author/v3:assignedAuthor"),
+        "authenticator": person("v3:legalAuthenticator/v3:assignedEntity"),
+        "facility": coded("v3:componentOf/v3:encompassingEncounter/v3:location/v3:healthCareFacility/v3:code"),
+        "practice": coded(".//v3:performer/v3:assignedEntity/v3:representedOrganization/v3:standardIndustryClassCode"),
+    }
+    org = root.find("v3:author/v3:assignedAuthor/v3:representedOrganization", ns)
+    if org is not None:
+        ident = org.find("v3:id", ns)
+        name = (org.findtext("v3:name", "", ns) or "").strip()
+        out["organization"] = {
+            **(
+                {"identifier": {"system": f"urn:oid:{ident.get('root')}", "value": ident.get("extension")}}
+                if ident is not None and ident.get("extension")
+                else {}
+            ),
+            **({"display": name} if name else {}),
+        } or None
+    confidentiality = root.find("v3:confidentialityCode", ns)
+    if confidentiality is not None:
+        out["confidentiality"] = confidentiality.get("code", "N")
     return out

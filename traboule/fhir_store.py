@@ -70,6 +70,27 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
         "patient.identifier": "token",
         "basedon": "reference",
     },
+    "DocumentReference": {  # IHE MHD ITI-67 (French PDSm): the shared reports
+        "identifier": "token",
+        "status": "token",
+        "type": "token",
+        "category": "token",
+        "date": "date",
+        "related": "token",
+        "subject": "reference",
+        "patient": "reference",
+        "patient.identifier": "token",
+    },
+    "DiagnosticReport": {
+        "identifier": "token",
+        "status": "token",
+        "code": "token",
+        "subject": "reference",
+        "patient": "reference",
+        "patient.identifier": "token",
+        "basedon": "reference",
+    },
+    "Binary": {},  # read only: the documents' bytes (MHD ITI-68)
 }
 REFERENCE_TYPES = {"basedon": "ServiceRequest"}  # the resource a reference parameter points at, Patient otherwise
 
@@ -87,20 +108,52 @@ def _content(resource: dict[str, Any]) -> str:
 
 
 def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rtype = resource["resourceType"]
     out = []
-    for ident in resource.get("identifier") or []:
+    idents = list(resource.get("identifier") or [])
+    if resource.get("masterIdentifier"):
+        idents.append(resource["masterIdentifier"])
+    for ident in idents:
         if ident.get("value"):
             out.append(("identifier", ident.get("system", ""), ident["value"]))
-    if resource["resourceType"] in ("ServiceRequest", "ImagingStudy"):
+    if rtype in ("ServiceRequest", "ImagingStudy", "DocumentReference", "DiagnosticReport"):
         ref = (resource.get("subject") or {}).get("reference", "")
         if ref:
             out.append(("subject", "", ref))
-    if resource["resourceType"] == "ServiceRequest" and resource.get("status"):
+    if rtype in ("ServiceRequest", "DocumentReference", "DiagnosticReport") and resource.get("status"):
         out.append(("status", "", resource["status"]))
-    for based_on in resource.get("basedOn") or [] if resource["resourceType"] == "ImagingStudy" else []:
-        if based_on.get("reference"):
-            out.append(("basedon", "", based_on["reference"]))
+    if rtype in ("ImagingStudy", "DiagnosticReport"):
+        for based_on in resource.get("basedOn") or []:
+            if based_on.get("reference"):
+                out.append(("basedon", "", based_on["reference"]))
+    codings = {"type": resource.get("type"), "code": resource.get("code") if rtype == "DiagnosticReport" else None}
+    for name, concept in codings.items():
+        for coding in (concept or {}).get("coding", []) if rtype != "ServiceRequest" else []:
+            out.append((name, coding.get("system", ""), coding.get("code", "")))
+    if rtype == "DocumentReference":
+        for category in resource.get("category") or []:
+            for coding in category.get("coding", []):
+                out.append(("category", coding.get("system", ""), coding.get("code", "")))
+        if resource.get("date"):
+            out.append(("date", "", utc_instant(resource["date"])))
+        for related in (resource.get("context") or {}).get("related") or []:
+            ident = related.get("identifier") or {}
+            if ident.get("value"):
+                out.append(("related", ident.get("system", ""), ident["value"]))
     return out
+
+
+def utc_instant(value: str) -> str:
+    """A FHIR date/dateTime/instant as ``YYYY-MM-DDTHH:MM:SS`` in UTC (dates stay dates): sortable text."""
+    if len(value) <= 10:
+        return value
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class FHIRStore:
@@ -260,6 +313,8 @@ class FHIRStore:
                 f"r.id IN (SELECT id FROM tokens WHERE type = ? AND name = '{token}' AND value = ?)",
                 [rtype, ref],
             )
+        if kind == "date":
+            return _date_clause(rtype, name, value)
         token_sql, token_args = _token(value)
         if name == "patient.identifier":
             return (
@@ -281,3 +336,29 @@ def _token(value: str) -> tuple[str, list[str]]:
     if not code:
         return "p.system = ?", [system]
     return "p.system = ? AND p.value = ?", [system, code]
+
+
+_DATE_PREFIXES = ("eq", "ne", "ge", "le", "gt", "lt", "sa", "eb", "ap")
+
+
+def _date_clause(rtype: str, name: str, value: str) -> tuple[str, list[str]]:
+    """``date=[prefix]YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]``: eq (the default) matches the whole given precision."""
+    prefix = value[:2] if value[:2] in _DATE_PREFIXES else "eq"
+    moment = value[2:] if value[:2] in _DATE_PREFIXES else value
+    if prefix not in ("eq", "ge", "le", "gt", "lt"):
+        raise SearchError(name, f"{name}: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
+    if not moment[:4].isdigit():
+        raise SearchError(name, f"{name}: {value!r} is not a FHIR date")
+    low = utc_instant(moment) if "T" in moment else moment
+    high = low + "\uffff"  # every instant within the given precision sorts below it
+    sql, args = {
+        "eq": ("p.value >= ? AND p.value < ?", [low, high]),
+        "ge": ("p.value >= ?", [low]),
+        "gt": ("p.value >= ?", [high]),
+        "le": ("p.value < ?", [high]),
+        "lt": ("p.value < ?", [low]),
+    }[prefix]
+    return (
+        f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {sql})",
+        [rtype, name, *args],
+    )

@@ -48,7 +48,7 @@ _PATH = re.compile(
 )
 _RELATIVE = re.compile(r"^\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?$")
 
-EVENT_KINDS = ("order", "patient-update", "patient-merge")
+EVENT_KINDS = ("order", "patient-update", "patient-merge", "report")
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 CHECKS = {
@@ -241,7 +241,19 @@ class HL7InboundMapping:
         file = self.path
         if not isinstance(doc, Node):
             raise MappingError(file, 1, "expected a mapping with 'accept', 'patient', 'order', 'steps'")
-        known = {"kind", "version", "description", "accept", "tables", "patient", "order", "steps", "merge"}
+        known = {
+            "kind",
+            "version",
+            "description",
+            "accept",
+            "tables",
+            "patient",
+            "order",
+            "steps",
+            "merge",
+            "report",
+            "report_text",
+        }
         for key in doc:
             if key not in known:
                 raise MappingError(file, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
@@ -259,6 +271,8 @@ class HL7InboundMapping:
         self.order = self._section(doc, "order", model.ImagingOrder, required="order" in self.accept.values())
         self.steps = self._steps(doc)
         self.merge = self._section(doc, "merge", model.PatientUpdate, required=False)
+        self.report = self._section(doc, "report", model.Report, required="report" in self.accept.values())
+        self.report_text = self._report_text(doc) if "report" in self.accept.values() else None
 
     # -- compile ---------------------------------------------------------------------------------------------
 
@@ -357,6 +371,22 @@ class HL7InboundMapping:
         rule = self._each(model.ImagingOrder, "steps", node, line)
         return rule
 
+    def _report_text(self, doc: Node) -> ReportText:
+        node = doc.get("report_text")
+        line = line_of(doc, "report_text") if node is not None else doc.line
+        if not isinstance(node, Node):
+            raise MappingError(self.path, line, "'report_text' is required with reports: {table: ..., default: ...}")
+        unknown = set(node) - {"table", "default", "conclusion", "text_types"}
+        if unknown:
+            raise MappingError(self.path, line, f"report_text: unknown key(s) {sorted(unknown)}")
+        table = self.tables.get(str(node.get("table", "")))
+        if table is None or not {"section", "title"} <= set(table.columns):
+            raise MappingError(self.path, line, "report_text.table must name a declared table with 'section', 'title'")
+        types = node.get("text_types", ["TX", "FT", "ST"])
+        return ReportText(
+            table, str(node.get("default", "")), str(node.get("conclusion", "19005-8")), [str(t) for t in types]
+        )
+
     # -- apply -----------------------------------------------------------------------------------------------
 
     def kind_of(self, msg: Message) -> str | None:
@@ -371,6 +401,8 @@ class HL7InboundMapping:
             )
         header, groups = _split_groups(msg)
         seps = msg.separators
+        if kind == "report":
+            return [self._report(msg)]
         patient = self._fill(model.Patient(), self.patient, header, seps)
         if kind != "order":
             update = model.PatientUpdate(action="merge" if kind == "patient-merge" else "update", patient=patient)
@@ -391,6 +423,22 @@ class HL7InboundMapping:
                 raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
             orders.append(order)
         return orders
+
+    def _report(self, msg: Message) -> model.Report:
+        """One report per message; every segment is in scope (the first OBR, OBX... wins)."""
+        scope: Scope = {}
+        for seg in msg.segments:
+            scope.setdefault(seg.name, []).append(seg)
+        seps = msg.separators
+        patient = self._fill(model.Patient(), self.patient, scope, seps)
+        report = self._fill(model.Report(patient=patient), self.report, scope, seps)
+        report.observations = [observation(seg, seps) for seg in scope.get("OBX", [])]
+        assert self.report_text is not None
+        self.report_text.apply(report)
+        if report.attachment_type == "text/xml":
+            _from_ready_document(report)
+        check_report(report, self.report_text.conclusion)
+        return report
 
     def _fill(self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators) -> Any:
         rules, eaches = section
@@ -459,3 +507,130 @@ def _scope(header: Scope, group: list[Segment]) -> Scope:
     for name, segs in header.items():
         scope[name] = scope.get(name, []) + segs
     return scope
+
+
+# -- reports ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportText:
+    """How OBX rows become report sections: ``table`` maps an OBX-3 code to a section code and title; text rows
+    with unlisted codes go to ``default`` (dropped when empty); ``conclusion`` is the section a text report must
+    carry."""
+
+    table: CodeTable
+    default: str
+    conclusion: str
+    text_types: list[str]
+
+    def apply(self, report: model.Report) -> None:
+        titles: dict[str, str] = {}
+        texts: dict[str, list[str]] = {}
+        for obs in report.observations:
+            if obs.system == "MetaDMPMSS":
+                report.sharing.append(model.SharingFlag(obs.code, obs.text if obs.value_type != "ED" else obs.data))
+                continue
+            if obs.value_type == "ED":
+                if obs.media_type in ("application/pdf", "text/xml") and not report.attachment:
+                    report.attachment_type, report.attachment = obs.media_type, obs.data
+                continue
+            if obs.value_type not in self.text_types:
+                continue
+            section = self.table.lookup((obs.code,), "section") if obs.code else None
+            if section is None:
+                section = self.default
+                title = self.table.lookup((section,), "title") or ""
+            else:
+                title = self.table.lookup((obs.code,), "title") or ""
+            if not section:
+                continue
+            titles.setdefault(section, title)
+            texts.setdefault(section, []).append(obs.text)
+        for code, lines in texts.items():
+            text = "\n".join(lines).strip("\n")
+            report.sections.append(model.ReportSection(code, titles[code], text))
+
+
+def observation(seg: Segment, seps: Separators) -> model.Observation:
+    """An OBX row: OBX-5 repetitions joined line by line (FT/TX formatting ``\\.br\\`` as newlines); for ED, the
+    media type from type/subtype and the data as received."""
+    value_type = seg.field(2).strip()
+    code = seg.field(3)
+    obs = model.Observation(
+        value_type=value_type,
+        code=_leaf(code, 1, 0, seps),
+        display=_leaf(code, 2, 0, seps),
+        system=_leaf(code, 3, 0, seps),
+        sub_id=seg.field(4),
+        status=seg.field(11).strip(),
+    )
+    raw = seg.field(5)
+    if value_type == "ED":
+        parts = raw.split(seps.repetition)[0].split(seps.component)
+        part = lambda i: parts[i].strip() if len(parts) > i else ""  # noqa: E731
+        kind, subtype = part(1).lower(), part(2).lower()
+        obs.media_type = MEDIA_TYPES.get((kind, subtype), f"{kind}/{subtype}" if kind and subtype else "")
+        obs.encoding = part(3)
+        obs.data = "".join(parts[4:]).strip()
+        return obs
+    lines = []
+    for rep in raw.split(seps.repetition):
+        if value_type in ("CWE", "CE", "CNE"):
+            lines.append(_leaf(rep, 1, 0, seps))
+            continue
+        lines.append(unescape(rep, seps))  # \\.br\\ becomes a newline
+    obs.text = "\n".join(lines)
+    return obs
+
+
+MEDIA_TYPES = {
+    ("application", "pdf"): "application/pdf",
+    ("text", "xml"): "text/xml",
+    ("application", "xml"): "text/xml",
+    ("multipart", "xml"): "text/xml",
+}
+
+
+def ins_key_ok(value: str) -> bool:
+    """INS-NIR / NIA check: 13 characters (Corsica 2A/2B counted as 19/18) then a 2-digit key = 97 - n mod 97."""
+    if len(value) != 15 or not value[13:].isdigit():
+        return False
+    body = value[:13].upper().replace("2A", "19", 1).replace("2B", "18", 1)
+    if not body.isdigit():
+        return False
+    return 97 - int(body) % 97 == int(value[13:])
+
+
+def _from_ready_document(report: model.Report) -> None:
+    """A ready CDA in the message: what the message lacks (accession, study, order, id) is read from its header."""
+    from traboule.cda import CDAError, decode_attachment, read_header
+
+    try:
+        header = read_header(decode_attachment(report))
+    except CDAError as exc:
+        raise MappingFailure(f"the document in the ED OBX is not a CDA: {exc}", "OBX-5", code="102") from exc
+    acc = report.accession_number
+    if not acc.value:
+        report.accession_number = model.Identifier(header.accession_number, "", header.accession_oid)
+    report.study_instance_uid = report.study_instance_uid or header.study_instance_uid
+    if not report.placer_order_number.value and header.placer_order_number:
+        report.placer_order_number = model.Identifier(header.placer_order_number, "", header.placer_oid)
+    report.document_id = report.document_id or header.id
+    report.title = report.title or header.title
+
+
+def check_report(report: model.Report, conclusion: str) -> None:
+    """What a report needs before anything is published; raises ``MappingFailure`` (the sender gets an AE)."""
+    if not any(i.value for i in report.patient.ids):
+        raise MappingFailure("report without a patient identifier", "PID-3")
+    ins = report.patient.ins
+    if ins is not None and ins.value and not ins_key_ok(ins.value):
+        raise MappingFailure(f"INS {ins.value!r} has a wrong check key", "PID-3", code="102")
+    if report.action == "delete":
+        return
+    if not report.accession_number.value:
+        raise MappingFailure("report without an accession number", "OBR-18")
+    if not report.attachment:
+        found = report.section(conclusion)
+        if found is None or not found.text.strip():
+            raise MappingFailure(f"report without a conclusion (section {conclusion})", "OBX", code="101")

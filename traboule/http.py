@@ -1,10 +1,13 @@
 """The engine's HTTP app: health, Prometheus metrics, channel status, and the routes channels contribute.
 
-Bound to loopback by default (operations.md explains how to expose it).
+Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
+``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
+loopback only: the configuration refuses another address (``traboule.config``).
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -54,7 +57,46 @@ def create_app(runtime: Any) -> Starlette:
         contribute = getattr(channel, "routes", None)
         if contribute is not None:
             routes.extend(contribute())
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    if runtime.config.api_tokens:
+        app.add_middleware(BearerTokens, tokens=runtime.config.api_tokens)
+    return app
+
+
+class BearerTokens:
+    """ASGI middleware: a request without a valid bearer token gets 401 (an OperationOutcome under /fhir)."""
+
+    def __init__(self, app: Any, tokens: list[str]) -> None:
+        self.app = app
+        self.tokens = [t.encode() for t in tokens]
+
+    def _allowed(self, scope: dict[str, Any]) -> bool:
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                token = token.strip()
+                # Compare with every token, in constant time each: no early exit that a timing could reveal.
+                return any([hmac.compare_digest(token, known) for known in self.tokens])
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope.get("path", "").startswith("/fhir"):
+            body = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "login", "diagnostics": "a valid bearer token is required"}],
+            }
+            media_type = "application/fhir+json"
+        else:
+            body, media_type = {"error": "a valid bearer token is required"}, "application/json"
+        response = JSONResponse(
+            body, status_code=401, media_type=media_type, headers={"WWW-Authenticate": 'Bearer realm="traboule"'}
+        )
+        await response(scope, receive, send)
 
 
 async def serve(app: Starlette, host: str, port: int) -> Any:

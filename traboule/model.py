@@ -201,13 +201,123 @@ class Study:
         return sum(len(s.instances) for s in self.series)
 
 
-Payload = ImagingOrder | PatientUpdate | PerformedStep | Study
+ReportAction = Literal["publish", "replace", "delete"]
+
+
+@dataclass
+class Observation:
+    """One result row of a report message (HL7 OBX) as received: coded, with its text or encapsulated data."""
+
+    value_type: str = ""  # TX, FT, ST, CWE, ED, RP ...
+    code: str = ""
+    display: str = ""
+    system: str = ""
+    sub_id: str = ""
+    text: str = ""  # every repetition, unescaped, one line each (FT .br. breaks become newlines)
+    status: str = ""  # F final, C corrected, D deleted, P preliminary ...
+    media_type: str = ""  # ED: e.g. application/pdf, text/xml
+    encoding: str = ""  # ED: Base64, A (ASCII) ...
+    data: str = ""  # ED: the encapsulated data as received (base64 text)
+
+
+@dataclass
+class ReportSection:
+    """A section of the report's text: LOINC code (18782-3 findings, 19005-8 conclusion...), title, text."""
+
+    code: str = ""
+    title: str = ""
+    text: str = ""
+
+
+@dataclass
+class ReportAct:
+    """An imaging act the report covers: LOINC code of the CI-SIS value set, CCAM code, modality, region."""
+
+    code: Code = field(default_factory=Code)
+    ccam: str = ""
+    modality: str = ""
+    region: Code = field(default_factory=Code)
+
+
+@dataclass
+class SharingFlag:
+    """A sharing instruction from the sender (CI-SIS ``MetaDMPMSS`` rows: MASQUE_PS, DESTDMP...): code, Y/N or text."""
+
+    code: str = ""
+    value: str = ""
+
+
+@dataclass
+class Report:
+    """An imaging report (compte rendu): what to publish, replace or delete, with everything the CDA needs."""
+
+    action: ReportAction = "publish"
+    document_id: str = ""  # the sender's document id (TXA-12), when it gives one
+    replaced_document_id: str = ""  # TXA-13: the document a replacement supersedes
+    status: str = ""  # the report's result status (OBX-11 / TXA-17)
+    title: str = ""
+    patient: Patient = field(default_factory=Patient)
+    author: Practitioner = field(default_factory=Practitioner)
+    legal_authenticator: Practitioner = field(default_factory=Practitioner)
+    organization_id: str = ""  # idNat of the producing organisation (1 + FINESS)
+    organization_name: str = ""
+    placer_order_number: Identifier = field(default_factory=lambda: Identifier(""))
+    filler_order_number: Identifier = field(default_factory=lambda: Identifier(""))
+    accession_number: Identifier = field(default_factory=lambda: Identifier(""))
+    study_instance_uid: str = ""
+    procedure: Code = field(default_factory=Code)
+    modality: str = ""
+    exam_time: str = ""  # when the exam was performed (OBR-7)
+    report_time: str = ""  # when the report was written/validated (OBR-22, TXA-4)
+    encounter_class: str = ""  # PV1-2: I, O, E ...
+    observations: list[Observation] = field(default_factory=list)
+    sections: list[ReportSection] = field(default_factory=list)
+    acts: list[ReportAct] = field(default_factory=list)
+    sharing: list[SharingFlag] = field(default_factory=list)
+    attachment_type: str = ""  # a ready document in the message: application/pdf or text/xml (a CDA)
+    attachment: str = ""  # base64
+
+    def section(self, code: str) -> ReportSection | None:
+        return next((s for s in self.sections if s.code == code), None)
+
+    def flag(self, code: str) -> str:
+        return next((f.value for f in self.sharing if f.code == code), "")
+
+
+@dataclass
+class Document:
+    """A published version of a report document (the CDA), ready for sharing: XDS, MHD, DRIMbox feeds.
+
+    ``action``: publish (first version), replace (``replaces`` is the superseded version's id) or delete (this
+    version is withdrawn). Ids are CDA instance identifiers: ``root`` or ``root^extension``.
+    """
+
+    action: ReportAction = "publish"
+    id: str = ""
+    set_id: str = ""
+    version: int = 1
+    replaces: str = ""
+    level: int = 3  # CDA level: 3 structured, 1 PDF in nonXMLBody
+    media_type: str = "text/xml"
+    content: str = ""  # base64 of the CDA bytes
+    sha1: str = ""  # hex SHA-1 of the CDA bytes (XDS hash)
+    size: int = 0
+    title: str = ""
+    created: str = ""  # the CDA effectiveTime (YYYYMMDDHHMMSS+ZZZZ)
+    service_start: str = ""
+    service_stop: str = ""
+    report: Report = field(default_factory=Report)
+
+
+Payload = ImagingOrder | PatientUpdate | PerformedStep | Study | Report | Document
 
 PAYLOAD_TYPES: dict[str, type] = {
     "ImagingOrder": ImagingOrder,
     "PatientUpdate": PatientUpdate,
     "PerformedStep": PerformedStep,
     "Study": Study,
+    "Report": Report,
+    "Document": Document,
 }
 
 

@@ -1,0 +1,521 @@
+"""CDA validation with the official French CI-SIS validators: CDA_extended.xsd, then the ISO schematrons.
+
+The validator tree is the ANS testContenuCDA repository,
+``ansforge/interop-outil-cda-testcontenucda3.0-outil-validation-documents-cda`` (``infrastructure/cda/``,
+``schematrons/``, ``jeuxDeValeurs/``). It is **not shipped with traboule**: point :class:`CDAValidator` at a
+checkout. Upstream misses two files its schematrons need (the J07 value set the structuration minimale reads as
+``include/voc-1.2.250.1.213.1.1.5.471-DYNAMIC.xml``, and the ``E_directiveAnticipee_int`` pattern IHE.sch
+includes): the validator writes them into its working copy, from ``jeuxDeValeurs/JDV_J07_XdsTypeCode_CISIS.xml``
+and as an empty pattern.
+
+Which schematrons run is chosen from the document's ``templateId``s: the four cross-document profiles
+(structuration minimale, IHE, ModelesDeContenusCDA, Modeles_ANS) for every document, plus the volet schematron
+for a CR d'imagerie level 3 (``1.2.250.1.213.1.1.1.45``). The volet schematron is not run on level 1 (XDS-SD,
+``nonXMLBody``): it asserts the level-3 templateIds.
+
+Schematrons are turned into XSLT once (ISO skeleton: include → abstract expand → SVRL) in a copy of the tree
+under the cache directory, because the compiled XSLT must sit next to its ``.sch`` for the relative
+``doc('../jeuxDeValeurs/...')`` look-ups. The copy is keyed by the tree's paths, sizes and mtimes and the saxonche
+version, so a changed tree gets a new copy. Saxon then compiles each XSLT once per validator: the structuration
+minimale one is 10 MB of XSLT and takes ~7 s to compile, so keep one validator for the life of the process.
+
+Saxon (saxonche) holds the GIL while it transforms: a validation run in a thread still stalls an asyncio loop
+for its whole duration. Run it in another process when latency matters. Validations on one validator are
+serialized by a lock (compiled Saxon executables are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.metadata
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from lxml import etree
+from saxonche import PySaxonApiError, PySaxonProcessor, PyXdmNode, PyXsltExecutable
+
+log = structlog.get_logger("traboule.cda")
+
+UPSTREAM_REPO = "ansforge/interop-outil-cda-testcontenucda3.0-outil-validation-documents-cda"
+CDA_NS = "urn:hl7-org:v3"
+SVRL_NS = "http://purl.oclc.org/dsdl/svrl"
+
+TEMPLATE_XDS_SD = "1.3.6.1.4.1.19376.1.2.20"
+TEMPLATE_CR_IMG = "1.2.250.1.213.1.1.1.45"
+LOINC_CR_IMG = "18748-4"
+
+#: Cross-document profiles, run on every CDA (paths under ``schematrons/``).
+PROFILES: tuple[str, ...] = (
+    "profils/structurationMinimale/ASIP-STRUCT-MIN-StrucMin.sch",
+    "profils/IHE.sch",
+    "profils/CI-SIS_ModelesDeContenusCDA.sch",
+    "profils/CI-SIS_Modeles_ANS.sch",
+)
+#: Volet schematrons by document templateId, run on top of :data:`PROFILES` on structured documents.
+VOLETS: dict[str, str] = {TEMPLATE_CR_IMG: "CI-SIS_IMG-CR-IMG_2024.01.sch"}
+
+XSD = "infrastructure/cda/CDA_extended.xsd"
+# The ISO Schematron XSLT2 skeleton, in the order it is applied.
+ENGINE = ("iso_dsdl_include.xsl", "iso_abstract_expand.xsl", "iso_svrl_for_xslt2.xsl")
+# Only these parts of the tree are copied and hashed (examples and docs do not change what a validation says).
+TREE_PARTS = ("schematrons", "jeuxDeValeurs", "infrastructure")
+# Beside the .sch, with a name no upstream file has (upstream ships some stale compiled .xsl).
+COMPILED_SUFFIX = ".traboule.xsl"
+# Bump when the way schematrons are compiled changes, so old caches are not reused.
+CACHE_FORMAT = "1"
+WARNING_ROLES = frozenset({"warning", "warn", "info", "information"})
+ERROR_ROLES = frozenset({"error", "fatal"})
+
+
+class CDAValidatorError(Exception):
+    """The validator tree is missing or incomplete, or one of its schematrons does not compile."""
+
+
+@dataclass(frozen=True)
+class DocumentType:
+    """What a CDA says it is: ``name`` is ``IMG-CR-IMG`` or ``CDA``; ``level`` 1 (nonXMLBody) or 3 (structured)."""
+
+    name: str
+    level: int | None
+    template_ids: tuple[str, ...] = ()
+    code: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name} level {self.level}" if self.level else self.name
+
+
+@dataclass(frozen=True)
+class XSDError:
+    line: int
+    message: str
+
+
+@dataclass(frozen=True)
+class SchematronFinding:
+    """One SVRL result: a failed assert, a successful report, or a schematron that could not run on the document."""
+
+    schematron: str
+    kind: str  # "failed-assert" | "successful-report" | "engine-error"
+    text: str
+    location: str = ""
+    role: str = ""
+    flag: str = ""
+    id: str = ""
+
+    @property
+    def is_error(self) -> bool:
+        """Failed asserts are errors unless their role says warning/info; reports only when their role says error."""
+        role = self.role.lower()
+        if self.kind == "successful-report":
+            return role in ERROR_ROLES
+        return role not in WARNING_ROLES
+
+    def __str__(self) -> str:
+        where = f" @ {self.location}" if self.location else ""
+        role = f" [{self.role}]" if self.role else ""
+        return f"{Path(self.schematron).name}{role}: {self.text}{where}"
+
+
+@dataclass
+class CDAValidationReport:
+    """The outcome of one validation. ``valid`` is true when the XML is well formed, the XSD passes and no
+    schematron finding is an error."""
+
+    source: str = ""
+    document: DocumentType | None = None
+    xml_error: str = ""
+    xsd_errors: list[XSDError] = field(default_factory=list)
+    findings: list[SchematronFinding] = field(default_factory=list)
+    schematrons: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[SchematronFinding]:
+        return [f for f in self.findings if f.is_error]
+
+    @property
+    def warnings(self) -> list[SchematronFinding]:
+        return [f for f in self.findings if not f.is_error]
+
+    @property
+    def failed_asserts(self) -> list[SchematronFinding]:
+        return [f for f in self.findings if f.kind == "failed-assert"]
+
+    @property
+    def valid(self) -> bool:
+        return not self.xml_error and not self.xsd_errors and not self.errors
+
+    def summary(self) -> str:
+        """One status line, then one line per problem (XSD errors with their line, then schematron findings)."""
+        what = str(self.document) if self.document else "not parsed"
+        total = sum(self.timings.values())
+        head = (
+            f"{'OK' if self.valid else 'FAIL'} {self.source or 'document'} ({what}; "
+            f"{len(self.xsd_errors)} XSD error(s), {len(self.errors)} schematron error(s), "
+            f"{len(self.warnings)} warning(s); {total:.2f} s)"
+        )
+        lines = [head]
+        if self.xml_error:
+            lines.append(f"  XML: {self.xml_error}")
+        lines += [f"  XSD line {e.line}: {e.message}" for e in self.xsd_errors]
+        lines += [f"  {f}" for f in self.errors]
+        lines += [f"  warning {f}" for f in self.warnings]
+        return "\n".join(lines)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/traboule/cda-validators``, else ``~/.cache/traboule/cda-validators``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "traboule" / "cda-validators"
+
+
+def default_tree() -> Path | None:
+    """``$TRABOULE_CDA_VALIDATORS``, or None."""
+    value = os.environ.get("TRABOULE_CDA_VALIDATORS", "")
+    return Path(value) if value else None
+
+
+def detect(root: etree._Element) -> DocumentType:
+    """The document type from the root element, its templateIds, its code and its body."""
+    if root.tag != f"{{{CDA_NS}}}ClinicalDocument":
+        return DocumentType(name=f"not a CDA ClinicalDocument ({etree.QName(root).localname})", level=None)
+    ids = tuple(t.get("root", "") for t in root.findall(f"{{{CDA_NS}}}templateId"))
+    code_el = root.find(f"{{{CDA_NS}}}code")
+    code = code_el.get("code", "") if code_el is not None else ""
+    body = root.find(f"{{{CDA_NS}}}component/*")
+    body_name = etree.QName(body).localname if body is not None else ""
+    if TEMPLATE_CR_IMG in ids:
+        level: int | None = 3
+    elif TEMPLATE_XDS_SD in ids or body_name == "nonXMLBody":
+        level = 1
+    else:
+        level = 3 if body_name == "structuredBody" else None
+    name = "IMG-CR-IMG" if TEMPLATE_CR_IMG in ids or code == LOINC_CR_IMG else "CDA"
+    return DocumentType(name=name, level=level, template_ids=ids, code=code)
+
+
+def schematrons_for(document: DocumentType) -> tuple[str, ...]:
+    """The schematrons (paths under ``schematrons/``) that apply to a document."""
+    volets = [] if document.level == 1 else [VOLETS[t] for t in document.template_ids if t in VOLETS]
+    return (*PROFILES, *dict.fromkeys(volets))
+
+
+def tree_key(tree: Path) -> str:
+    """A hash of the tree's validation files (paths, sizes, mtimes) and of the Saxon version that compiles them."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{_saxonche_version()}\0".encode())
+    for part in TREE_PARTS:
+        for path in sorted((tree / part).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                digest.update(f"{path.relative_to(tree).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _saxonche_version() -> str:
+    try:
+        return importlib.metadata.version("saxonche")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source build of saxonche
+        return "unknown"
+
+
+class CDAValidator:
+    """Validates CDA documents against a testContenuCDA tree (see the module docstring).
+
+    ``tree`` is the root of the ANS testContenuCDA checkout; ``cache_dir`` (default :func:`default_cache_dir`)
+    receives ``<key>/``, a copy of the tree holding the compiled schematrons (copies of older trees are left
+    there; the directory can be deleted at any time). Building the validator checks the tree and loads the XSD;
+    schematrons are compiled on first use, or all at once with :meth:`compile_all` (at start-up, say).
+    """
+
+    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None) -> None:
+        self.tree = Path(tree).resolve()
+        _check_tree(self.tree)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.work = _prepare_copy(self.tree, self.cache_dir)
+        self._lock = threading.RLock()
+        self._parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
+        self._xsd = etree.XMLSchema(etree.parse(str(self.work / XSD)))
+        self._saxon = PySaxonProcessor(license=False)
+        self._xslt = self._saxon.new_xslt30_processor()
+        self._engine: list[PyXsltExecutable] = []
+        self._executables: dict[str, PyXsltExecutable] = {}
+
+    @property
+    def compiled(self) -> tuple[str, ...]:
+        """The schematrons already compiled by this validator."""
+        return tuple(self._executables)
+
+    def compile_all(self, schematrons: Iterable[str] = (*PROFILES, *VOLETS.values())) -> dict[str, float]:
+        """Compile the schematrons now rather than on first use; returns the seconds each took (0 if done)."""
+        timings = {}
+        for sch in schematrons:
+            start = time.perf_counter()
+            self._executable(sch)
+            timings[sch] = time.perf_counter() - start
+        return timings
+
+    def validate_file(self, path: str | Path) -> CDAValidationReport:
+        return self.validate(Path(path).read_bytes(), source=str(path))
+
+    def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
+        """XSD, then the schematrons that apply. Never raises for a bad document (only for a broken tree)."""
+        report = CDAValidationReport(source=source)
+        start = time.perf_counter()
+        try:
+            doc = etree.fromstring(data, self._parser).getroottree()
+        except (etree.XMLSyntaxError, ValueError) as exc:  # ValueError: str with an encoding declaration
+            report.xml_error = f"not well-formed XML: {exc}"
+            return report
+        if doc.docinfo.doctype:
+            # A CDA has no DOCTYPE; refusing it keeps entity expansion and external fetches out of both parsers.
+            report.xml_error = f"DOCTYPE not allowed in a CDA document: {doc.docinfo.doctype}"
+            return report
+        report.timings["parse"] = time.perf_counter() - start
+        report.document = detect(doc.getroot())
+        report.schematrons = schematrons_for(report.document)
+        with self._lock:
+            start = time.perf_counter()
+            if not self._xsd.validate(doc):
+                report.xsd_errors = [XSDError(e.line, e.message) for e in self._xsd.error_log]
+            report.timings["xsd"] = time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                node = self._saxon.parse_xml(xml_text=_text(data, doc), encoding="UTF-8")
+            except PySaxonApiError as exc:
+                report.findings.append(
+                    SchematronFinding("(Saxon parser)", "engine-error", f"cannot read the document: {exc}")
+                )
+                return report
+            report.timings["saxon-parse"] = time.perf_counter() - start
+            for sch in report.schematrons:
+                executable = self._executable(sch)
+                start = time.perf_counter()
+                report.findings += _run(executable, node, sch)
+                report.timings[sch] = time.perf_counter() - start
+        return report
+
+    def _executable(self, sch: str) -> PyXsltExecutable:
+        with self._lock:
+            if sch not in self._executables:
+                xsl = self._generated(sch)
+                start = time.perf_counter()
+                try:
+                    self._executables[sch] = self._xslt.compile_stylesheet(stylesheet_file=str(xsl))
+                except PySaxonApiError as exc:
+                    raise CDAValidatorError(f"{xsl}: Saxon cannot compile it: {exc}") from exc
+                log.info("cda.schematron.compiled", schematron=sch, seconds=round(time.perf_counter() - start, 3))
+            return self._executables[sch]
+
+    def _generated(self, sch: str) -> Path:
+        """The XSLT of a schematron in the cache copy, generated (atomically) if absent."""
+        src = self.work / "schematrons" / sch
+        if not src.is_file():
+            raise CDAValidatorError(f"{self.tree / 'schematrons' / sch}: schematron missing from the validator tree")
+        out = src.with_name(src.name.removesuffix(".sch") + COMPILED_SUFFIX)
+        if out.exists():
+            return out
+        start = time.perf_counter()
+        if not self._engine:
+            moteur = self.work / "schematrons" / "moteur"
+            self._engine = [self._xslt.compile_stylesheet(stylesheet_file=str(moteur / n)) for n in ENGINE]
+        try:
+            text = self._engine[0].transform_to_string(source_file=str(src))
+            for step in self._engine[1:]:
+                node = self._saxon.parse_xml(xml_text=text, encoding="UTF-8")
+                text = step.transform_to_string(xdm_node=node)
+        except PySaxonApiError as exc:
+            raise CDAValidatorError(f"{self.tree / 'schematrons' / sch}: cannot be turned into XSLT: {exc}") from exc
+        # Another process may be generating the same file: each writes its own temp file, the rename is atomic.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+        log.info("cda.schematron.generated", schematron=sch, seconds=round(time.perf_counter() - start, 3))
+        return out
+
+
+def _text(data: bytes, doc: etree._ElementTree) -> str:
+    """The document as text for Saxon (which takes ``str``), decoded as its XML declaration says."""
+    try:
+        return data.decode(doc.docinfo.encoding or "utf-8").lstrip("\ufeff")
+    except (LookupError, UnicodeDecodeError):
+        return etree.tostring(doc, encoding="unicode")
+
+
+def _run(executable: PyXsltExecutable, node: PyXdmNode, sch: str) -> list[SchematronFinding]:
+    try:
+        svrl = executable.transform_to_string(xdm_node=node)
+    except PySaxonApiError as exc:
+        return [SchematronFinding(sch, "engine-error", f"the schematron could not run: {' '.join(str(exc).split())}")]
+    findings = []
+    root = etree.fromstring(svrl.encode("utf-8"))
+    for el in root.iter(f"{{{SVRL_NS}}}failed-assert", f"{{{SVRL_NS}}}successful-report"):
+        text_el = el.find(f"{{{SVRL_NS}}}text")
+        text = " ".join("".join(text_el.itertext()).split()) if text_el is not None else ""
+        findings.append(
+            SchematronFinding(
+                schematron=sch,
+                kind=etree.QName(el).localname,
+                text=text,
+                location=el.get("location", ""),
+                role=el.get("role", ""),
+                flag=el.get("flag", ""),
+                id=el.get("id", ""),
+            )
+        )
+    return findings
+
+
+def _check_tree(tree: Path) -> None:
+    needed = [XSD, *(f"schematrons/moteur/{n}" for n in ENGINE), *(f"schematrons/{s}" for s in PROFILES)]
+    missing = [n for n in needed if not (tree / n).is_file()]
+    if missing:
+        raise CDAValidatorError(
+            f"{tree} is not a testContenuCDA tree (missing {', '.join(missing)}): use a checkout of {UPSTREAM_REPO}"
+        )
+
+
+def _prepare_copy(tree: Path, cache_dir: Path) -> Path:
+    """``<cache_dir>/<key>/``: a writable copy of the tree's validation parts, made once per key."""
+    work = cache_dir / tree_key(tree)
+    if work.is_dir():
+        return work
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{work.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    start = time.perf_counter()
+    try:
+        for part in TREE_PARTS:
+            for dirpath, _, files in os.walk(tree / part):
+                target = tmp / Path(dirpath).relative_to(tree)
+                target.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    # copyfile, not copy2: the source may be read-only and the copy must take compiled files.
+                    shutil.copyfile(Path(dirpath) / name, target / name)
+        _fill_upstream_gaps(tmp)
+        try:
+            tmp.rename(work)
+        except OSError:
+            if not work.is_dir():  # not a lost race with another process: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cda.validators.copied", tree=str(tree), copy=str(work), seconds=round(time.perf_counter() - start, 3))
+    return work
+
+
+J07_VOC = "schematrons/profils/structurationMinimale/include/voc-1.2.250.1.213.1.1.5.471-DYNAMIC.xml"
+J07_SVS = "jeuxDeValeurs/JDV_J07_XdsTypeCode_CISIS.xml"
+DIRECTIVE_STUB = "schematrons/include/entrees/E_directiveAnticipee_int.sch"
+
+
+def _fill_upstream_gaps(work: Path) -> None:
+    """Write, when absent, the two files upstream testContenuCDA references without shipping them."""
+    voc = work / J07_VOC
+    if not voc.exists() and (work / J07_SVS).is_file():
+        # The ART-DECOR vocabulary file the structuration-minimale schematron reads with doc(): the J07 value set
+        # (typeCode of documents) converted from its IHE SVS form.
+        svs = etree.parse(str(work / J07_SVS))
+        ns = {"svs": "urn:ihe:iti:svs:2008"}
+        value_set = svs.find(".//svs:ValueSet", ns)
+        root = etree.Element("{urn:hl7-org:v3}valueSets", nsmap={None: "urn:hl7-org:v3", "hl7": "urn:hl7-org:v3"})
+        out = etree.SubElement(root, "valueSet", nsmap={None: ""})
+        if value_set is not None:
+            for key in ("displayName", "id"):
+                out.set(key, value_set.get(key, ""))
+            out.set("name", value_set.get("displayName", ""))
+        concepts = etree.SubElement(out, "conceptList")
+        for concept in svs.iterfind(".//svs:Concept", ns):
+            item = etree.SubElement(concepts, "concept")
+            for key in ("code", "codeSystem", "displayName"):
+                item.set(key, concept.get(key, ""))
+            item.set("level", "0")
+            item.set("type", "L")
+        voc.parent.mkdir(parents=True, exist_ok=True)
+        voc.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))
+    stub = work / DIRECTIVE_STUB
+    if not stub.exists():
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text(
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            "<!-- Written by traboule: IHE.sch includes this pattern, which upstream does not ship. -->\n"
+            '<pattern xmlns="http://purl.oclc.org/dsdl/schematron" id="E_directiveAnticipee_int"/>\n',
+            encoding="utf-8",
+        )
+
+
+class ProcessValidator:
+    """A :class:`CDAValidator` in a worker process of its own, with the same ``validate`` / ``compile_all``.
+
+    Saxon holds the GIL while it transforms: validating in the engine's process would stall its event loop (every
+    connection's ACK) for the length of each validation. Here the calling thread only waits on the worker. The
+    worker is started with ``spawn`` (no forked copy of the engine's threads) and restarted if it dies.
+    """
+
+    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None) -> None:
+        self.tree = Path(tree).resolve()
+        _check_tree(self.tree)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._lock = threading.Lock()
+        self._pool: Any = None
+
+    def _submit(self, fn: Any, *args: Any) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        for attempt in (1, 2):
+            with self._lock:
+                if self._pool is None:
+                    context = multiprocessing.get_context("spawn")
+                    self._pool = ProcessPoolExecutor(
+                        1, mp_context=context, initializer=_worker_start, initargs=(str(self.tree), str(self.cache_dir))
+                    )
+                    atexit.register(self.close)  # stop the worker before the interpreter tears down
+                pool = self._pool
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool:
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def compile_all(self) -> dict[str, float]:
+        return self._submit(_worker_compile)
+
+    def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
+        return self._submit(_worker_validate, data, source)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+
+_WORKER: CDAValidator | None = None
+
+
+def _worker_start(tree: str, cache_dir: str) -> None:
+    global _WORKER
+    _WORKER = CDAValidator(tree, cache_dir)
+
+
+def _worker_compile() -> dict[str, float]:
+    assert _WORKER is not None
+    return _WORKER.compile_all()
+
+
+def _worker_validate(data: bytes, source: str) -> CDAValidationReport:
+    assert _WORKER is not None
+    return _WORKER.validate(data, source)

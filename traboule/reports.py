@@ -1,0 +1,327 @@
+"""Reports → published documents: identity and versions, the CDA, its validation, before the sender is answered.
+
+An inbound HL7 channel with ``reports`` configured hands each canonical ``Report`` to ``ReportPublisher.prepare``
+*before* journaling and acknowledging it. The result is a ``Document`` event (``document.publish`` /
+``document.replace`` / ``document.delete``) carrying the CDA; a report that cannot make a valid document is
+answered AE with the reason and journaled as rejected, so nothing is half-published.
+
+* Versions: one document set per accession number. The first report publishes version 1; a correction (OBX-11 C,
+  MDM^T10) publishes version n+1 with the same setId and ``relatedDocument`` RPLC to version n; a deletion (OBX-11
+  D, MDM^T04) withdraws the current version. Ids traboule creates are OIDs: setId ``<document_oid>.<n>``, id
+  ``<setId>.<version>``.
+* A ready CDA in the message (ED OBX, level 1 or 3) is published as it is, with its own ids.
+* Idempotent: the same message (same idempotency key) prepares the same document again, without a new version.
+* Catalog: the study the archive reported (``study.*`` events) gives the DICOM object catalog of a level-3 report;
+  the order (seen by the same channel) gives the procedure code and identifiers a report message may lack.
+
+State lives in ``<data_dir>/reports.sqlite`` (WAL): sets, documents (with their bytes), known studies and orders.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from traboule import model
+from traboule.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, read_header
+
+log = structlog.get_logger("traboule.reports")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sets (
+    n INTEGER PRIMARY KEY,
+    set_key TEXT NOT NULL UNIQUE,      -- accession number (issuer|value), or the set id of a ready CDA
+    set_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    set_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL,              -- current | superseded | deleted
+    created TEXT NOT NULL,
+    document TEXT NOT NULL             -- the Document event (JSON)
+);
+CREATE INDEX IF NOT EXISTS documents_set ON documents (set_id, version);
+CREATE TABLE IF NOT EXISTS messages (
+    message_key TEXT PRIMARY KEY,      -- idempotency key of a report message
+    document TEXT NOT NULL             -- the Document event it produced (JSON)
+);
+CREATE TABLE IF NOT EXISTS studies (uid TEXT PRIMARY KEY, accession TEXT NOT NULL, study TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession);
+CREATE TABLE IF NOT EXISTS orders (accession TEXT PRIMARY KEY, orders TEXT NOT NULL);
+"""
+
+
+class ReportRefused(Exception):
+    """The report cannot be published; ``reason`` goes into the AE, ``location`` names the HL7 field."""
+
+    def __init__(self, reason: str, location: str = "", code: str = "101"):
+        super().__init__(reason)
+        self.reason = reason
+        self.location = location
+        self.code = code
+
+
+class ReportPublisher:
+    """Prepares the documents of one inbound channel (blocking calls: run them in a thread)."""
+
+    def __init__(self, mapping: CDAMapping, path: Path | str, validator: Any = None) -> None:
+        self.mapping = mapping
+        self.validator = validator
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._validate_lock = threading.Lock()  # one document at a time through the XSLT processor
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- what the channel sees besides reports ---------------------------------------------------------------
+
+    def remember_order(self, order: model.ImagingOrder) -> None:
+        """Orders by accession number: their procedure code and identifiers complete a terse report."""
+        if not order.accession_number.value:
+            return
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO orders VALUES (?, ?) ON CONFLICT (accession) DO UPDATE SET orders = excluded.orders",
+                (order.accession_number.value, json.dumps(model.plain(order), ensure_ascii=False)),
+            )
+
+    def remember_study(self, study: model.Study) -> None:
+        """Studies the archive holds (``study.*`` events): the DICOM object catalog of the reports."""
+        if not study.study_instance_uid:
+            return
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT (uid) DO UPDATE SET accession = excluded.accession,"
+                " study = excluded.study",
+                (study.study_instance_uid, study.accession_number, json.dumps(model.plain(study), ensure_ascii=False)),
+            )
+
+    def study_for(self, report: model.Report) -> model.Study | None:
+        with self._lock:
+            row = None
+            if report.study_instance_uid:
+                row = self._db.execute(
+                    "SELECT study FROM studies WHERE uid = ?", (report.study_instance_uid,)
+                ).fetchone()
+            if row is None and report.accession_number.value:
+                row = self._db.execute(
+                    "SELECT study FROM studies WHERE accession = ? ORDER BY rowid DESC LIMIT 1",
+                    (report.accession_number.value,),
+                ).fetchone()
+        return model.from_dict(model.Study, json.loads(row[0])) if row else None
+
+    def order_for(self, accession: str) -> model.ImagingOrder | None:
+        with self._lock:
+            row = self._db.execute("SELECT orders FROM orders WHERE accession = ?", (accession,)).fetchone()
+        return model.from_dict(model.ImagingOrder, json.loads(row[0])) if row else None
+
+    # -- documents -------------------------------------------------------------------------------------------
+
+    def document(self, doc_id: str) -> model.Document | None:
+        with self._lock:
+            row = self._db.execute("SELECT document FROM documents WHERE id = ?", (doc_id,)).fetchone()
+        return _document(row[0]) if row else None
+
+    def current(self, set_id: str) -> model.Document | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT document FROM documents WHERE set_id = ? AND status = 'current' ORDER BY version DESC LIMIT 1",
+                (set_id,),
+            ).fetchone()
+        return _document(row[0]) if row else None
+
+    def prepare(self, report: model.Report, message_key: str) -> model.Document:
+        """The document event for ``report``; raises ``ReportRefused`` (AE) when it cannot be published."""
+        with self._lock:
+            row = self._db.execute("SELECT document FROM messages WHERE message_key = ?", (message_key,)).fetchone()
+        if row is not None:  # the same message again: the same document, no new version
+            return _document(row[0])
+        self._complete(report)
+        try:
+            if report.action == "delete":
+                return self._delete(report, message_key)
+            if report.attachment_type == "text/xml":
+                return self._ready(report, message_key)
+            return self._generated(report, message_key)
+        except CDAError as exc:
+            raise ReportRefused(str(exc)) from exc
+
+    def _complete(self, report: model.Report) -> None:
+        """Fill what the report message lacks from the order with the same accession number."""
+        order = self.order_for(report.accession_number.value) if report.accession_number.value else None
+        if order is None:
+            return
+        for attr in ("placer_order_number", "filler_order_number"):
+            if not getattr(report, attr).value:
+                setattr(report, attr, getattr(order, attr))
+        if not report.accession_number.issuer_oid:
+            report.accession_number = order.accession_number
+        if not report.study_instance_uid:
+            report.study_instance_uid = order.study_instance_uid
+        unmapped = not report.procedure.code or self.mapping.acts.lookup((report.procedure.code,), "loinc") is None
+        if unmapped and order.procedure.code:
+            report.procedure = order.procedure
+        if not report.modality and order.steps:
+            report.modality = order.steps[0].modality
+
+    def _set_for(self, key: str, set_id: str = "") -> tuple[str, model.Document | None]:
+        """The document set of ``key`` (created when new) and its current version."""
+        with self._lock:
+            row = self._db.execute("SELECT set_id FROM sets WHERE set_key = ?", (key,)).fetchone()
+            if row is None:
+                cur = self._db.execute("INSERT INTO sets (set_key, set_id) VALUES (?, ?)", (key, set_id or "pending"))
+                n = int(cur.lastrowid or 0)
+                set_id = set_id or f"{self.mapping.document_oid}.{n}"
+                self._db.execute("UPDATE sets SET set_id = ? WHERE n = ?", (set_id, n))
+            else:
+                set_id = row[0]
+        return set_id, self.current(set_id)
+
+    def _generated(self, report: model.Report, message_key: str) -> model.Document:
+        key = _set_key(report)
+        set_id, current = self._set_for(key)
+        version = 1
+        replaces = ""
+        if current is not None:
+            version, replaces = current.version + 1, current.id
+        elif report.action == "replace":
+            log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
+        ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
+        data = self.mapping.build(report, ids, self.study_for(report))
+        self._check(data)
+        doc = self._document(report, data, ids, level=1 if report.attachment_type == "application/pdf" else 3)
+        self._store(doc, message_key)
+        return doc
+
+    def _ready(self, report: model.Report, message_key: str) -> model.Document:
+        data = decode_attachment(report)
+        header = read_header(data)
+        if not header.id:
+            raise ReportRefused("the attached CDA has no id", "OBX-5")
+        header.set_id = header.set_id or header.id  # no setId: the first version's id names the set
+        report.accession_number.value = report.accession_number.value or header.accession_number
+        report.accession_number.issuer_oid = report.accession_number.issuer_oid or header.accession_oid
+        report.study_instance_uid = report.study_instance_uid or header.study_instance_uid
+        if not report.placer_order_number.value and header.placer_order_number:
+            report.placer_order_number = model.Identifier(header.placer_order_number, "", header.placer_oid)
+        if not report.accession_number.value:
+            raise ReportRefused("report without an accession number (OBR-18, or the CDA's inFulfillmentOf)", "OBR-18")
+        if self.document(header.id) is not None:
+            raise ReportRefused(f"document {header.id} was already published; a new version needs a new id", "OBX-5")
+        set_id, current = self._set_for(header.set_id, header.set_id)
+        replaces = header.replaces or report.replaced_document_id or (current.id if current else "")
+        if report.action == "replace" and not replaces:
+            log.warning("report.replaces_nothing", set_id=set_id)
+        ids = DocumentIds(header.id, set_id, header.version, replaces)
+        self._check(data)
+        doc = self._document(report, data, ids, level=header.level, created=header.effective_time)
+        if report.action == "publish" and replaces:
+            doc.action = "replace"
+        self._store(doc, message_key)
+        return doc
+
+    def _delete(self, report: model.Report, message_key: str) -> model.Document:
+        current = None
+        for doc_id in (report.replaced_document_id, report.document_id):
+            found = self.document(doc_id) if doc_id else None
+            if found is not None:
+                current = self.current(found.set_id)
+                break
+        if current is None and report.attachment_type == "text/xml":
+            header = read_header(decode_attachment(report))
+            found = self.document(header.id)
+            current = self.current(found.set_id) if found else self.current(header.set_id)
+        if current is None and report.accession_number.value:
+            with self._lock:
+                row = self._db.execute("SELECT set_id FROM sets WHERE set_key = ?", (_set_key(report),)).fetchone()
+            current = self.current(row[0]) if row else None
+        if current is None:
+            raise ReportRefused("no published document to delete for this report", "OBR-18")
+        doc = model.from_dict(model.Document, model.plain(current))
+        doc.action = "delete"
+        doc.report.action = "delete"
+        self._store(doc, message_key)
+        return doc
+
+    def _check(self, data: bytes) -> None:
+        if self.validator is None:
+            return
+        with self._validate_lock:
+            result = self.validator.validate(data)
+        if not result.valid:
+            raise ReportRefused(f"the CDA document is not valid: {result.summary()}"[:900], "OBX", code="101")
+
+    def _document(
+        self, report: model.Report, data: bytes, ids: DocumentIds, *, level: int, created: str = ""
+    ) -> model.Document:
+        header = read_header(data)
+        clean = model.from_dict(model.Report, model.plain(report))
+        clean.attachment = ""  # the document carries the bytes once
+        clean.observations = []
+        return model.Document(
+            action="replace" if ids.replaces else "publish",
+            id=ids.id,
+            set_id=ids.set_id,
+            version=ids.version,
+            replaces=ids.replaces,
+            level=level,
+            content=base64.b64encode(data).decode("ascii"),
+            sha1=hashlib.sha1(data).hexdigest(),  # the XDS hash is SHA-1 by definition
+            size=len(data),
+            title=header.title,
+            created=created or header.effective_time,
+            service_start=self.mapping.ts(report.exam_time),
+            report=clean,
+        )
+
+    def _store(self, doc: model.Document, message_key: str) -> None:
+        """One transaction: the version (current, or deleted), the superseded one, the message that made it."""
+        text = _json(doc)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if doc.action == "delete":
+                    self._db.execute(
+                        "UPDATE documents SET status = 'deleted', document = ? WHERE id = ?", (text, doc.id)
+                    )
+                else:
+                    if doc.replaces:
+                        self._db.execute("UPDATE documents SET status = 'superseded' WHERE id = ?", (doc.replaces,))
+                    self._db.execute(
+                        "INSERT INTO documents (id, set_id, version, status, created, document) "
+                        "VALUES (?, ?, ?, 'current', ?, ?)",
+                        (doc.id, doc.set_id, doc.version, datetime.now().isoformat(timespec="seconds"), text),
+                    )
+                self._db.execute("INSERT OR REPLACE INTO messages VALUES (?, ?)", (message_key, text))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+
+def _set_key(report: model.Report) -> str:
+    """One document set per accession number (unique within the facility that issues them)."""
+    return f"acc:{report.accession_number.value}"
+
+
+def _json(doc: model.Document) -> str:
+    return json.dumps(model.plain(doc), ensure_ascii=False)
+
+
+def _document(text: str) -> model.Document:
+    return model.from_dict(model.Document, json.loads(text))

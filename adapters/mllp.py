@@ -154,3 +154,48 @@ class MLLPClient:
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
             self._writer = self._reader = None
+
+
+class NotAccepted(Exception):
+    """The receiver did not accept a message (AE/AR, an unreadable ACK, no answer, a broken connection)."""
+
+
+class MLLPSender:
+    """One kept MLLP connection to a receiver, one message at a time, each ACK checked.
+
+    ``send`` returns the acknowledgment code (AA or CA) or raises ``NotAccepted``; after a transport failure the
+    connection is dropped and reopened by the next call.
+    """
+
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
+        self.client = MLLPClient(host, port, timeout=timeout)
+        self._lock = asyncio.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"mllp://{self.client.host}:{self.client.port}"
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def send(self, data: bytes) -> str:
+        from traboule import hl7
+
+        async with self._lock:
+            try:
+                reply = await self.client.send(data)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                await self.client.close()
+                raise NotAccepted(f"receiver unreachable or silent: {type(exc).__name__}: {exc}") from exc
+        try:
+            ack = hl7.parse(hl7.decode(reply).text)
+        except hl7.HL7Error as exc:
+            raise NotAccepted(f"unreadable ACK: {exc}") from exc
+        msa = ack.segment("MSA")
+        code = msa.field(1) if msa else ""
+        if code not in ("AA", "CA"):
+            text = msa.field(3) if msa else ""
+            err = ack.segment("ERR")
+            detail = text or (err.field(8) if err else "")
+            raise NotAccepted(f"receiver answered {code or 'no MSA'} {detail}".strip())
+        return code

@@ -17,8 +17,8 @@ Configuration::
 
 Per performed-step event: ORM^O01 v2.5 (MSH, PID, ORC, OBR, ZDS) or OMI^O23 v2.5 (MSH, PID, ORC, TQ1, OBR, IPC)
 with ORC-1 SC and ORC-5 IP / CM / DC, sent over one kept MLLP connection. ACK AA/CA → done; AE/AR, no answer in
-``timeout`` or a broken connection → the handler raises (the connection is dropped and reopened next time) and
-the bus retries with backoff, then dead-letters after ``max_attempts``.
+``timeout`` or a broken connection → the handler raises ``NotAccepted`` (the connection is dropped and reopened
+next time) and the bus retries with backoff, then dead-letters after ``max_attempts``.
 
 A modality reports what the worklist gave it: accession number, Requested Procedure ID, SPS ID, often the placer
 order number without its issuer. So the channel also consumes ``order.*`` and keeps, per accession number, the
@@ -29,7 +29,6 @@ idempotency key, so a redelivered event is not sent twice.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import uuid
 from datetime import datetime
@@ -37,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from adapters.mllp import MLLPClient
+from adapters.mllp import MLLPSender
 from traboule import hl7, metrics
 from traboule.bus import Delivery
 from traboule.config import resolve
@@ -64,10 +63,6 @@ CREATE TABLE IF NOT EXISTS sent (
 """
 
 
-class StatusNotAccepted(Exception):
-    """The RIS did not accept the status message (AE/AR, no answer): the bus retries the event."""
-
-
 class HL7StatusChannel:
     kind = "hl7-status"
 
@@ -87,7 +82,7 @@ class HL7StatusChannel:
         dest = config.get("destination") or {}
         if dest.get("adapter", "mllp-sender") != "mllp-sender":
             raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
-        self.client = MLLPClient(
+        self.sender = MLLPSender(
             dest.get("host", "127.0.0.1"), int(dest.get("port", 2576)), timeout=float(dest.get("timeout", 10))
         )
         table_path = resolve(runtime.config, config.get("status_table", "mappings/tables/procedure_status.csv"))
@@ -95,7 +90,6 @@ class HL7StatusChannel:
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        self._send_lock = asyncio.Lock()
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
         self._log = log.bind(channel=self.name)
@@ -108,14 +102,14 @@ class HL7StatusChannel:
         await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
 
     async def stop(self) -> None:
-        await self.client.close()
+        await self.sender.close()
         self._db.close()
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "source": [f"bus:{t}" for t in self.topics],
-            "destinations": [f"mllp://{self.client.host}:{self.client.port}"],
+            "destinations": [self.sender.address],
             "message": self.message,
         }
 
@@ -136,7 +130,7 @@ class HL7StatusChannel:
             return
         control_id = self._next_control_id()
         text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
-        code = await self._send(text.encode("utf-8"))
+        code = await self.sender.send(text.encode("utf-8"))  # NotAccepted: the bus retries, then dead-letters
         self._db.execute(
             "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)",
             (env.idempotency_key or env.id, control_id, datetime.now().isoformat(timespec="milliseconds")),
@@ -151,25 +145,6 @@ class HL7StatusChannel:
             ack=code,
             attempt=delivery.attempt,
         )
-
-    async def _send(self, data: bytes) -> str:
-        """Send over the kept connection; raise unless the RIS accepted (AA / CA)."""
-        async with self._send_lock:
-            try:
-                reply = await self.client.send(data)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                await self.client.close()  # reconnect on the next attempt
-                raise StatusNotAccepted(f"RIS unreachable or silent: {type(exc).__name__}: {exc}") from exc
-        try:
-            ack = hl7.parse(hl7.decode(reply).text)
-            msa = ack.segment("MSA")
-            code = msa.field(1) if msa else ""
-        except hl7.HL7Error as exc:
-            raise StatusNotAccepted(f"unreadable ACK: {exc}") from exc
-        if code not in ("AA", "CA"):
-            text = msa.field(3) if msa else ""
-            raise StatusNotAccepted(f"RIS answered {code or 'no MSA'} {text}".strip())
-        return code
 
     def _remember(self, order: ImagingOrder) -> None:
         accession = order.accession_number.value

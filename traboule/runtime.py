@@ -27,6 +27,7 @@ BUILTIN_CHANNELS = {
     "mpps": "channels.mpps:MPPSChannel",
     "hl7-status": "channels.hl7_status:HL7StatusChannel",
     "fhir": "channels.fhir:FHIRChannel",
+    "hl7-documents": "channels.hl7_documents:HL7DocumentsChannel",
 }
 BUILTIN_ADAPTERS = {
     "mllp-listener": "adapters.mllp:MLLPListener",

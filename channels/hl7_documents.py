@@ -1,0 +1,225 @@
+"""Channel ``hl7-documents``: published report documents (``document.*``) → HL7 v2 over MLLP, the way the CI-SIS
+volet "Transmission de document(s) CDA en HL7v2" carries them, to feed a DRIMbox Source or any CDA consumer.
+
+Per document event, one message with the CDA in base64 in an ED OBX and ``MSH-21 = 2.1^CISIS_CDA_HL7_V2``:
+
+* ``message = "ORU^R01"`` (default, HL7 v2.5): ORC-1 NW / RO / CA, OBR-4 ``18748-4``, OBR-18 the accession number,
+  ``OBX|1|ED|18748-4^CR d'imagerie médicale^LN||^TEXT^XML^Base64^…`` with OBX-11 F (publish), C (replace) or D
+  (delete);
+* ``message = "MDM"`` (HL7 v2.6): MDM^T02 / T10 / T04 with TXA-12 the document id and TXA-13 the one it replaces.
+
+The sender's sharing instructions (``MetaDMPMSS`` rows: masking, DMP destination...) follow as CWE OBX rows. Sent
+over one kept connection, ACK-checked (AA/CA). Order matters (a replacement must not overtake its original): a
+message the receiver does not accept (AE/AR, silence, a broken connection) is retried in place, with backoff from
+0.5 s doubling to 30 s, for ``retry_window`` seconds while the next ones wait; then the attempt counts, and after
+``max_attempts`` the event is dead-lettered and the feed moves on. Messages the receiver accepted are remembered by
+event id, so a redelivered event is not sent twice.
+
+Configuration::
+
+    [[channels]]
+    name = "drimbox"
+    kind = "hl7-documents"
+    destination = {adapter = "mllp-sender", host = "drimbox.example", port = 2575, timeout = 10}
+    message = "ORU^R01"                # or "MDM"
+    sending_application = "TRABOULE"
+    sending_facility = ""
+    receiving_application = "DRIMBOX"
+    receiving_facility = ""
+    retry_window = 60                  # seconds a refused message is retried in place, in order
+    max_attempts = 10
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from adapters.mllp import MLLPSender, NotAccepted
+from traboule import hl7, metrics
+from traboule.bus import Delivery
+from traboule.model import Document, Envelope, Identifier, Patient
+
+log = structlog.get_logger("traboule.channels.hl7_documents")
+
+DEFAULT_TOPICS = ["document.#"]
+ORC = {"publish": "NW", "replace": "RO", "delete": "CA"}
+OBX_STATUS = {"publish": "F", "replace": "C", "delete": "D"}
+MDM_EVENT = {"publish": "T02", "replace": "T10", "delete": "T04"}
+# Display names of the CI-SIS sharing instructions (OBX-3.2 when the row is re-emitted).
+SHARING = {
+    "MASQUE_PS": "Masqué aux professionnels de Santé",
+    "INVISIBLE_PATIENT": "Document Non Visible par le patient",
+    "INVISIBLE_REP_LEGAUX": "Non visible par les représentants Légaux du patient",
+    "CONNEXION_SECRETE": "Connexion Secrete",
+    "MODIF_CONF_CODE": "Modification Confidentiality Code",
+    "DESTDMP": "Destinataire DMP",
+    "DESTMSSANTEPS": "Destinataire (Professionnel de Santé, organisation ou BAL applicative)",
+    "DESTMSSANTEPAT": "Destinataire Patient",
+    "ACK_RECEPTION": "Accusé de réception",
+    "ACK_LECTURE_MSS": "Accusé de lecture",
+}
+
+
+class HL7DocumentsChannel:
+    kind = "hl7-documents"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.config = config
+        self.runtime = runtime
+        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
+        self.max_attempts = int(config.get("max_attempts", 10))
+        self.retry_window = float(config.get("retry_window", 60))
+        self.message = str(config.get("message", "ORU^R01"))
+        if self.message not in ("ORU^R01", "MDM"):
+            raise ValueError(f"channel {self.name}: message must be ORU^R01 or MDM, not {self.message!r}")
+        self.sending_application = str(config.get("sending_application", "TRABOULE"))
+        self.sending_facility = str(config.get("sending_facility", ""))
+        self.receiving_application = str(config.get("receiving_application", "DRIMBOX"))
+        self.receiving_facility = str(config.get("receiving_facility", ""))
+        dest = config.get("destination") or {}
+        if dest.get("adapter", "mllp-sender") != "mllp-sender":
+            raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
+        self.sender = MLLPSender(
+            dest.get("host", "127.0.0.1"), int(dest.get("port", 2575)), timeout=float(dest.get("timeout", 10))
+        )
+        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS sent (event_id TEXT PRIMARY KEY, control_id TEXT NOT NULL, sent_at TEXT)"
+        )
+        self._counter = 0
+        self._prefix = uuid.uuid4().hex[:8]
+        self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+
+    async def start(self) -> None:
+        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
+
+    async def stop(self) -> None:
+        await self.sender.close()
+        self._db.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"bus:{t}" for t in self.topics],
+            "destinations": [self.sender.address],
+            "message": self.message,
+        }
+
+    async def handle(self, delivery: Delivery) -> None:
+        env = Envelope.from_json(delivery.body)
+        if not isinstance(env.payload, Document):
+            return
+        if self._db.execute("SELECT 1 FROM sent WHERE event_id = ?", (env.id,)).fetchone():
+            metrics.events_processed.labels(self.name, "duplicate").inc()
+            return
+        self._counter += 1
+        control_id = f"{self._prefix}D{self._counter}"
+        text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
+        code = await self._send_in_order(text.encode("utf-8"), env.id)
+        self._db.execute(
+            "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)", (env.id, control_id, datetime.now().isoformat())
+        )
+        metrics.events_processed.labels(self.name, "sent").inc()
+        self._log.info(
+            "document.sent",
+            message_id=env.id,
+            correlation_id=env.correlation_id,
+            control_id=control_id,
+            action=env.payload.action,
+            document_id=env.payload.id,
+            ack=code,
+            attempt=delivery.attempt,
+        )
+
+    async def _send_in_order(self, data: bytes, event_id: str) -> str:
+        """Send, retrying in place for ``retry_window``; then raise ``NotAccepted`` (the bus counts an attempt)."""
+        deadline = time.monotonic() + self.retry_window
+        backoff = 0.5
+        while True:
+            try:
+                return await self.sender.send(data)
+            except NotAccepted as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                self._log.warning("document.retry", message_id=event_id, error=str(exc), wait_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def build(self, doc: Document, control_id: str, timestamp: str) -> str:
+        """The message, built by hand: a fixed shape per the volet; every value goes through ``hl7.escape``."""
+        e = hl7.escape
+        report = doc.report
+        mdm = self.message == "MDM"
+        version = "2.6" if mdm else "2.5"
+        message_type = f"MDM^{MDM_EVENT[doc.action]}^MDM_T02" if mdm else "ORU^R01^ORU_R01"
+        msh = (
+            f"MSH|^~\\&|{e(self.sending_application)}|{e(self.sending_facility)}|{e(self.receiving_application)}"
+            f"|{e(self.receiving_facility)}|{timestamp}||{message_type}|{control_id}|P|{version}|||||FRA|UNICODE UTF-8"
+            "|||2.1^CISIS_CDA_HL7_V2"
+        )
+        segments = [msh]
+        if mdm:
+            segments.append(f"EVN||{timestamp}")
+        segments.append(_pid(report.patient))
+        segments.append(f"PV1|1|{e(report.encounter_class or 'O')}")
+        placer, filler = _ei(report.placer_order_number), _ei(report.filler_order_number)
+        segments.append(f"ORC|{ORC[doc.action]}|{placer}|{filler}")
+        obr = ["OBR", "1", placer, filler, "18748-4^CR d'imagerie médicale^LN", "", "", e(report.exam_time)]
+        obr += [""] * 10 + [e(report.accession_number.value)]
+        segments.append("|".join(obr))
+        if mdm:
+            replaced = doc.replaces if doc.action == "replace" else (doc.id if doc.action == "delete" else "")
+            current = doc.id if doc.action != "delete" else ""
+            segments.append(
+                f"TXA|1|18748-4|TEXT|{e(doc.created[:14])}||||||||{e(current or doc.id)}|{e(replaced)}||||AU"
+            )
+        kind = "text" if mdm else "TEXT"
+        status = OBX_STATUS[doc.action]
+        segments.append(f"OBX|1|ED|18748-4^CR d'imagerie médicale^LN||^{kind}^XML^Base64^{doc.content}||||||{status}")
+        for n, flag in enumerate(report.sharing, start=2):
+            display = e(SHARING.get(flag.code, ""))
+            if flag.value in ("Y", "N"):
+                value = f"{flag.value}^^expandedYes-NoIndicator"
+                segments.append(f"OBX|{n}|CWE|{e(flag.code)}^{display}^MetaDMPMSS||{value}||||||F")
+            else:  # a mail body: ED base64 as received
+                segments.append(f"OBX|{n}|ED|{e(flag.code)}^{display}^MetaDMPMSS||^text^^Base64^{flag.value}||||||F")
+        return "\r".join(segments) + "\r"
+
+
+def _pid(patient: Patient) -> str:
+    """PID per PAM-FR: INS (CX-5 INS) and local ids, birth name (type L), birth date, sex, birthplace (BDL)."""
+    e = hl7.escape
+    ids = []
+    for ident in patient.ids:
+        if not ident.value:
+            continue
+        kind = "INS" if ident is patient.ins else (ident.type or "PI")
+        authority = e(ident.issuer) + (f"&{e(ident.issuer_oid)}&ISO" if ident.issuer_oid else "")
+        ids.append(f"{e(ident.value)}^^^{authority}^{e(kind)}")
+    name = patient.name
+    family = patient.birth_name or name.family
+    given = e(name.given)
+    names = f"{e(family)}^{given}^{e(name.middle)}^^^^L"
+    if name.family and name.family != family:
+        names += f"~{e(name.family)}^{given}^^^^^D"
+    birthplace = f"^^^^^^BDL^^{e(patient.birth_place_code)}" if patient.birth_place_code else ""
+    return f"PID|||{'~'.join(ids)}||{names}||{e(patient.birth_date)}|{e(patient.sex)}|||{birthplace}"
+
+
+def _ei(ident: Identifier) -> str:
+    if not ident.value:
+        return ""
+    return hl7.escape(ident.value) + (f"^{hl7.escape(ident.issuer)}" if ident.issuer else "")

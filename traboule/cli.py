@@ -189,7 +189,8 @@ async def _supervise(cfg: config_mod.Config, name: str, port: int, stop: asyncio
         child = await asyncio.create_subprocess_exec(*command)
         log.info("process.started", pid=child.pid)
         waiter = asyncio.create_task(child.wait())
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        token = {"Authorization": f"Bearer {cfg.api_tokens[0]}"} if cfg.api_tokens else {}
+        async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
             while not waiter.done() and not stop.is_set() and not ready.is_set():
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"http://{cfg.http_host}:{port}/health")).status_code == 200:

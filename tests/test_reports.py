@@ -233,6 +233,8 @@ async def test_report_lifecycle_publish_replace_delete(engine: tuple[Runtime, li
     assert len(cda) == second.size and read_header(cda).replaces == first.id
     assert b"Contr\xc3\xb4le dans 6 mois." in cda
     assert second.report.accession_number.value == "ACC0001" and not second.report.attachment
+    (act,) = second.report.acts
+    assert (act.code.code, act.ccam, act.modality) == ("87869-4", "ZCQK004", "CT")
 
 
 async def test_bad_reports_get_ae_and_stay_in_the_journal(engine: tuple[Runtime, list[model.Document]]) -> None:
@@ -284,3 +286,57 @@ async def test_pdf_report_and_ready_cda_are_published(engine: tuple[Runtime, lis
         assert msa is not None and "not valid" in msa.field(3) + (
             ack.segment("ERR").field(8) if ack.segment("ERR") else ""
         )
+
+
+async def test_ans_mdm_examples_publish_replace_and_delete(
+    engine: tuple[Runtime, list[model.Document]], tmp_path: Path
+) -> None:
+    """The ANS "Transmission de document CDA en HL7v2" MDM examples (ready level-1 CDAs, 2021): the current
+    validators refuse them (no setId, name qualifiers of an older structuration minimale) and the AE says so;
+    without validation they go through their lifecycle, in order."""
+    runtime, _ = engine
+    names = (
+        "message_MDM_CR_Radio_INIT_N1_Base64.er7",
+        "message_MDM_CR_Radio_RPLC_N1.er7",
+        "message_MDM_CR_Radio_DEL_N1.er7",
+    )
+    paths = [next(ANS_MDM.rglob(name), None) for name in names]
+    if not all(paths):
+        pytest.skip(f"the ANS MDM examples are absent from {ANS_MDM}")
+    messages = [p.read_bytes() for p in paths if p]
+    (refused,) = await send(runtime, messages[0])
+    assert ack_code(refused) == "AE" and "setId" in refused.segment("MSA").field(3)  # type: ignore[union-attr]
+
+    cfg = engine_config(tmp_path / "unvalidated")
+    cfg.channels[0]["reports"] = {"validate": False}
+    other = Runtime(cfg)
+    await other.start()
+    documents: list[model.Document] = []
+
+    async def probe(delivery: Delivery) -> None:
+        documents.append(Envelope.from_json(delivery.body).payload)  # type: ignore[arg-type]
+
+    await other.bus.subscribe("probe", ["document.#"], probe)
+    try:
+        acks = await send(other, *messages)
+        assert [ack_code(a) for a in acks] == ["AA", "AA", "AA"], [a.segment("MSA").field(3) for a in acks]  # type: ignore[union-attr]
+        await until(lambda: len(documents) == 3)
+    finally:
+        await other.stop()
+    first, second, deleted = documents
+    assert [d.action for d in documents] == ["publish", "replace", "delete"]
+    assert first.id == "1.2.250.1.71.4.2.2.120456789.71024000081"
+    assert second.id == "1.2.250.1.71.4.2.2.120456789.71024000082" and second.replaces == first.id
+    assert deleted.id == second.id and deleted.set_id == first.set_id
+    assert second.report.flag("CONNEXION_SECRETE") == "Y"
+
+
+async def test_teleradiology_answer_is_not_a_report(engine: tuple[Runtime, list[model.Document]]) -> None:
+    """The CI-SIS téléradiologie ORU^R01 answer carries a protocol, not a CR: refused with the reason."""
+    runtime, documents = engine
+    path = SHARED / "standards" / "ans-ig-hl7v2-teleradiologie" / "flux3_ORU_R01.hl7"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    (ack,) = await send(runtime, path.read_bytes())
+    assert ack_code(ack) == "AE"
+    assert documents == []

@@ -816,7 +816,8 @@ def read_header(data: bytes) -> CDAHeader:
 
 def decode_attachment(report: model.Report) -> bytes:
     """The bytes of the report's attachment (base64 in the message)."""
+    data = "".join(report.attachment.split())
     try:
-        return base64.b64decode(report.attachment, validate=False)
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=False)  # senders drop the padding
     except (ValueError, TypeError) as exc:
         raise CDAError(f"the attached document is not valid base64: {exc}") from exc

@@ -202,7 +202,9 @@ class ReportPublisher:
         elif report.action == "replace":
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
         ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
-        data = self.mapping.build(report, ids, self.study_for(report))
+        study = self.study_for(report)
+        report.acts = [self.mapping.act_of(report, study)]
+        data = self.mapping.build(report, ids, study)
         self._check(data)
         doc = self._document(report, data, ids, level=1 if report.attachment_type == "application/pdf" else 3)
         self._store(doc, message_key)
@@ -213,7 +215,6 @@ class ReportPublisher:
         header = read_header(data)
         if not header.id:
             raise ReportRefused("the attached CDA has no id", "OBX-5")
-        header.set_id = header.set_id or header.id  # no setId: the first version's id names the set
         report.accession_number.value = report.accession_number.value or header.accession_number
         report.accession_number.issuer_oid = report.accession_number.issuer_oid or header.accession_oid
         report.study_instance_uid = report.study_instance_uid or header.study_instance_uid
@@ -223,8 +224,19 @@ class ReportPublisher:
             raise ReportRefused("report without an accession number (OBR-18, or the CDA's inFulfillmentOf)", "OBR-18")
         if self.document(header.id) is not None:
             raise ReportRefused(f"document {header.id} was already published; a new version needs a new id", "OBX-5")
-        set_id, current = self._set_for(header.set_id, header.set_id)
-        replaces = header.replaces or report.replaced_document_id or (current.id if current else "")
+        # The replaced version: as the message says (TXA-13), else as the CDA says (RPLC), else the set's current one.
+        replaced = next(
+            (
+                d
+                for c in (report.replaced_document_id, header.replaces)
+                if c and c != header.id and (d := self.document(c))
+            ),
+            None,
+        )
+        # The set: the CDA's setId, else the replaced version's set, else (a first version) its own id.
+        set_key = header.set_id or (replaced.set_id if replaced else header.id)
+        set_id, current = self._set_for(set_key, set_key)
+        replaces = replaced.id if replaced else (current.id if current else "")
         if report.action == "replace" and not replaces:
             log.warning("report.replaces_nothing", set_id=set_id)
         ids = DocumentIds(header.id, set_id, header.version, replaces)
@@ -264,7 +276,10 @@ class ReportPublisher:
         with self._validate_lock:
             result = self.validator.validate(data)
         if not result.valid:
-            raise ReportRefused(f"the CDA document is not valid: {result.summary()}"[:900], "OBX", code="101")
+            problems = [result.xml_error] if result.xml_error else []
+            problems += [f"XSD line {e.line}: {e.message}" for e in result.xsd_errors]
+            problems += [f"{Path(f.schematron).stem}: {f.text}" for f in result.errors]
+            raise ReportRefused(f"CDA not valid: {'; '.join(problems)}"[:900], "OBX", code="101")
 
     def _document(
         self, report: model.Report, data: bytes, ids: DocumentIds, *, level: int, created: str = ""

@@ -28,6 +28,7 @@ BUILTIN_CHANNELS = {
     "hl7-status": "channels.hl7_status:HL7StatusChannel",
     "fhir": "channels.fhir:FHIRChannel",
     "hl7-documents": "channels.hl7_documents:HL7DocumentsChannel",
+    "xds": "channels.xds:XDSChannel",
 }
 BUILTIN_ADAPTERS = {
     "mllp-listener": "adapters.mllp:MLLPListener",

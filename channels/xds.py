@@ -1,0 +1,369 @@
+"""Channel ``xds``: ``document.*`` events → the DMP (or any IHE XDS.b registry/repository), as the CI-SIS volet
+"Partage de documents de santé" profiles it.
+
+* ``document.publish`` → ITI-41 Provide and Register Document Set-b to the repository: a SubmissionSet with the
+  CDA's DocumentEntry (metadata from ``traboule.xds_metadata``), the CDA as an MTOM attachment.
+* ``document.replace`` → ITI-41 with the new version and an RPLC association to the entryUUID of the version it
+  supersedes.
+* ``document.delete`` → ITI-57 Update Document Set to the registry: availabilityStatus Approved →
+  ``urn:asip:ci-sis:2010:StatusType:Deleted``.
+
+Every request carries a VIHF SAML assertion signed with the structure's seal certificate and goes over mutual TLS
+with its authentication certificate. A document whose sharing instructions say ``DESTDMP`` = N is not sent.
+
+Not produced: the XAdES "document de signature" (a third DocumentEntry signing the SubmissionSet, IHE DSG) that
+the ANS samples carry. Whether the DMP requires it, and its exact profile (signature policy, references, which
+certificate), are not confirmed by a published ANS specification: only the ANS sample submissions carry it.
+
+The entryUUID given to each document uniqueId is kept in ``<data_dir>/<name>.sqlite`` before the first attempt, so
+that a retry resends the same entry and a replacement or deletion can name it. A replacement or deletion of a
+document not registered yet (its publication still in retry) is retried. A redelivered event of a document already
+registered is skipped; a retry whose first attempt was registered although its answer was lost
+(``XDSDuplicateUniqueIdInRegistry``) counts as registered.
+
+Failures: transport errors, HTTP 5xx / 429, SOAP ``Receiver`` faults and busy registries raise, and the bus retries
+with backoff, then dead-letters to ``<name>.dlq`` after ``max_attempts``. A registry ``Failure`` (metadata,
+patient, duplicate id errors...), a SOAP ``Sender`` fault or a document that cannot make DMP metadata is final: the
+request is journaled as ``undelivered`` (the SOAP envelope, the registry's errors) and dead-lettered at once
+(``traboule dlq replay`` sends it again once fixed).
+
+Configuration::
+
+    [[channels]]
+    name = "dmp"
+    kind = "xds"
+    topics = ["document.#"]
+    max_attempts = 8
+    repository = "https://dmp.example/si-dmp-server/v2/services/repository"  # ITI-41 endpoint
+    registry = "https://dmp.example/si-dmp-server/v2/services/registry"      # ITI-57 endpoint
+    timeout = 30
+    ca_file = "igc-sante-roots.pem"    # CAs trusted for the server certificate (system CAs when empty)
+    cert_file = "auth.pem"             # the structure's authentication certificate (IGC-Santé ORG), PEM
+    key_file = "auth.key"
+    source_id = "1.2.250.1.999.1.1.8121"   # OID of the submitting system (SubmissionSet.sourceId)
+    content_types = {I = "03", O = "07", R = "19", N = "97", E = "07"}  # PV1-2 → contentTypeCode (TRE_R209)
+    default_content_type = "O"
+    submission_author = {person = "", institution = ""}  # XCN / XON; empty: the document's author
+    timezone = "Europe/Paris"          # CDA times without an offset
+    event_codes = true                 # modality and CCAM act in eventCodeList
+    ccam_scheme = "1.2.250.1.213.2.5"
+
+    [channels.vihf]
+    cert_file = "seal.pem"             # the structure's seal (cachet) certificate and key, PEM: signs the VIHF
+    key_file = "seal.key"
+    key_password_env = ""              # environment variable holding the key's password, if any
+    version = "3.0"                    # VIHF_Version
+    structure_id = "1690781810"        # Identifiant_Structure (idNat_Struct)
+    secteur_activite = "SA01^1.2.250.1.71.4.2.4"
+    subject_id = ""                    # NameID; empty: the document author's idNat_PS
+    subject_name = ""                  # subject-id; empty: the document author's name
+    roles = []                         # [{code, system, display}]; empty: from the author's specialty (G15_10/SM44)
+    authentication_mode = "INDIRECTE"
+    lps_id = ""
+    lps_name = "traboule"
+    lps_version = ""
+    lps_homologation = ""              # LPS_ID_HOMOLOGATION_DMP
+    lifetime = 300                     # seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NoReturn
+
+import structlog
+
+from adapters import xds
+from traboule import hl7, journal, metrics
+from traboule.bus import Delivery, PermanentError
+from traboule.config import ConfigError
+from traboule.model import Document, Envelope
+from traboule.xds_metadata import (
+    Coded,
+    DocumentEntry,
+    MetadataError,
+    MetadataSettings,
+    deletion,
+    new_entry_uuid,
+    submission,
+)
+
+log = structlog.get_logger("traboule.channels.xds")
+
+DEFAULT_TOPICS = ["document.#"]
+PROFESSION_SYSTEM = "1.2.250.1.71.1.2.7"  # TRE_G15-ProfessionSante
+SAVOIR_FAIRE_SYSTEM = "1.2.250.1.71.4.2.5"  # TRE_R38-SpecialiteOrdinale
+PROFESSIONS = {"10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-Dentiste", "50": "Sage-Femme", "60": "Infirmier"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    unique_id TEXT PRIMARY KEY,         -- XDSDocumentEntry.uniqueId (the CDA id)
+    entry_uuid TEXT NOT NULL UNIQUE,    -- the entryUUID traboule gave it
+    set_id TEXT NOT NULL,
+    status TEXT NOT NULL,               -- sending | registered | replaced | deleted
+    submission_set TEXT NOT NULL DEFAULT '',  -- uniqueId of the SubmissionSet that registered it
+    updated TEXT NOT NULL
+);
+"""
+
+
+class NotRegisteredYet(Exception):
+    """A replacement or deletion names a document this channel has not registered (yet): the bus retries."""
+
+
+@dataclass
+class _Entry:
+    unique_id: str
+    entry_uuid: str
+    status: str
+
+
+class XDSChannel:
+    kind = "xds"
+
+    def __init__(self, config: dict[str, Any], runtime: Any):
+        self.name: str = config["name"]
+        self.runtime = runtime
+        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
+        self.max_attempts = int(config.get("max_attempts", 8))
+        vihf = config.get("vihf") or {}
+        try:
+            self.repository = _url(config, "repository")
+            self.registry = _url(config, "registry")
+            self.settings = MetadataSettings.from_config(config)
+            for key in ("cert_file", "key_file", "structure_id", "secteur_activite"):
+                if not vihf.get(key):
+                    raise ValueError(f"vihf.{key} is needed (see the settings in channels/xds.py)")
+            password = os.environ.get(str(vihf.get("key_password_env", "")), "")
+            self.signer = xds.AssertionSigner(vihf["cert_file"], vihf["key_file"], password)
+            self.roles = [
+                Coded(str(r["code"]), str(r.get("system", "")), str(r.get("display", r["code"])))
+                for r in vihf.get("roles", [])
+            ]
+            self.client = xds.XDSClient(
+                timeout=float(config.get("timeout", 30)),
+                ca_file=str(config.get("ca_file", "")),
+                cert_file=str(config.get("cert_file", "")),
+                key_file=str(config.get("key_file", "")),
+            )
+        except (ValueError, KeyError, OSError) as exc:  # OSError: a certificate or key file missing or unreadable
+            raise ConfigError(f"channel {self.name}: {exc}") from exc
+        self.vihf = vihf
+        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._log = log.bind(channel=self.name)
+
+    @classmethod
+    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+
+    async def start(self) -> None:
+        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        self._db.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": [f"bus:{t}" for t in self.topics],
+            "destinations": [self.repository, self.registry],
+            "source_id": self.settings.source_id,
+        }
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> None:
+        env = Envelope.from_json(delivery.body)
+        doc = env.payload
+        if not isinstance(doc, Document):
+            return
+        bound = self._log.bind(message_id=env.id, correlation_id=env.correlation_id, document=doc.id, action=doc.action)
+        if doc.report.flag("DESTDMP").split("^", 1)[0].strip().upper() == "N":
+            metrics.events_processed.labels(self.name, "skipped").inc()
+            bound.info("xds.skipped", reason="DESTDMP = N: not for the DMP")
+            return
+        if doc.action == "delete":
+            await self._delete(doc, env, delivery, bound)
+        else:
+            await self._provide(doc, env, delivery, bound)
+
+    async def _provide(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
+        row = self.entry(doc.id)
+        if row is not None and row.status != "sending":
+            metrics.events_processed.labels(self.name, "duplicate").inc()
+            return
+        replaces = ""
+        if doc.replaces:
+            old = self.entry(doc.replaces)
+            if old is None or old.status == "sending":
+                raise NotRegisteredYet(f"document {doc.id} replaces {doc.replaces}, not registered by {self.name} yet")
+            replaces = old.entry_uuid
+        entry_uuid = row.entry_uuid if row else new_entry_uuid()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO entries VALUES (?, ?, ?, 'sending', '', ?)", (doc.id, entry_uuid, doc.set_id, _now())
+            )
+        try:
+            request_submission = submission(doc, self.settings, entry_uuid, replaces=replaces)
+        except MetadataError as exc:
+            await self._refused(env, delivery, "ITI-41", self.repository, str(exc), "metadata", delivery.body, exc)
+        entry = request_submission.documents[0].entry
+        request = await asyncio.to_thread(
+            xds.provide_and_register_request, self.repository, request_submission, self._vihf(entry), self.signer
+        )
+        try:
+            await self.client.send(request)
+        except xds.XDSError as exc:
+            if row is not None and "XDSDuplicateUniqueIdInRegistry" in exc.codes:
+                bound.warning("xds.already_registered", error=str(exc), entry_uuid=entry_uuid)
+            else:
+                await self._failed(exc, env, delivery, "ITI-41", request, bound)
+        ss = request_submission.submission_set.unique_id
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(
+            "UPDATE entries SET status = 'registered', submission_set = ?, updated = ? WHERE unique_id = ?",
+            (ss, _now(), doc.id),
+        )
+        if doc.replaces:
+            self._db.execute(
+                "UPDATE entries SET status = 'replaced', updated = ? WHERE unique_id = ?", (_now(), doc.replaces)
+            )
+        self._db.execute("COMMIT")
+        metrics.events_processed.labels(self.name, "delivered").inc()
+        bound.info(
+            "xds.registered",
+            entry_uuid=entry_uuid,
+            submission_set=ss,
+            replaces=replaces,
+            attempt=delivery.attempt,
+            wsa_message_id=request.message_id,
+        )
+
+    async def _delete(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
+        row = self.entry(doc.id)
+        if row is None or row.status == "sending":
+            raise NotRegisteredYet(f"document {doc.id} to delete is not registered by {self.name} (yet)")
+        if row.status == "deleted":
+            metrics.events_processed.labels(self.name, "duplicate").inc()
+            return
+        try:
+            update = deletion(doc, self.settings, row.entry_uuid)
+        except MetadataError as exc:
+            await self._refused(env, delivery, "ITI-57", self.registry, str(exc), "metadata", delivery.body, exc)
+        assert update.entry is not None
+        request = await asyncio.to_thread(
+            xds.update_document_set_request, self.registry, update, self._vihf(update.entry), self.signer
+        )
+        try:
+            await self.client.send(request)
+        except xds.XDSError as exc:
+            await self._failed(exc, env, delivery, "ITI-57", request, bound)
+        self._db.execute("UPDATE entries SET status = 'deleted', updated = ? WHERE unique_id = ?", (_now(), doc.id))
+        metrics.events_processed.labels(self.name, "delivered").inc()
+        bound.info("xds.deleted", entry_uuid=row.entry_uuid, attempt=delivery.attempt)
+
+    async def _failed(
+        self, exc: xds.XDSError, env: Envelope, delivery: Delivery, transaction: str, request: xds.Request, bound: Any
+    ) -> NoReturn:
+        """A retryable failure raises for the bus to retry; a final one is journaled and dead-lettered."""
+        if exc.retryable:
+            bound.warning("xds.retry", transaction=transaction, error=str(exc), attempt=delivery.attempt)
+            raise exc
+        await self._refused(env, delivery, transaction, request.url, str(exc), ",".join(exc.codes), exc.request, exc)
+
+    async def _refused(
+        self,
+        env: Envelope,
+        delivery: Delivery,
+        transaction: str,
+        peer: str,
+        error: str,
+        code: str,
+        raw: bytes,
+        cause: Exception | None = None,
+    ) -> NoReturn:
+        entry = journal.JournalEntry(
+            channel=self.name,
+            raw=raw,
+            status="undelivered",
+            peer=peer,
+            control_id=delivery.message_id,
+            message_type=transaction,
+            ack_code=code[:200],
+            error=error,
+            correlation_id=env.correlation_id or delivery.headers.get("correlation-id", ""),
+        )
+        recorded = await asyncio.to_thread(journal.record, self.runtime.journal_path, entry)
+        metrics.events_processed.labels(self.name, "refused").inc()
+        self._log.error(
+            "xds.refused", transaction=transaction, message_id=delivery.message_id, error=error, journal_id=recorded.id
+        )
+        raise PermanentError(f"{transaction} refused: {error} (journal entry {recorded.id})") from cause
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def entry(self, unique_id: str) -> _Entry | None:
+        """What this channel registered under ``unique_id`` (its entryUUID and status)."""
+        found = self._db.execute(
+            "SELECT unique_id, entry_uuid, status FROM entries WHERE unique_id = ?", (unique_id,)
+        ).fetchone()
+        return _Entry(*found) if found else None
+
+    # -- VIHF --------------------------------------------------------------------------------------------------
+
+    def _vihf(self, entry: DocumentEntry) -> xds.VIHF:
+        """The VIHF of a request about ``entry``: configured subject and roles, else the document's author."""
+        v = self.vihf
+        author = entry.authors[0]
+        parts = [hl7.unescape(p) for p in author.person.split("^")] + ["", "", ""]
+        subject_name = " ".join(p for p in (parts[2], parts[1]) if p)
+        return xds.VIHF(
+            subject_id=str(v.get("subject_id", "") or parts[0]),
+            subject_name=str(v.get("subject_name", "") or subject_name),
+            structure_id=str(v["structure_id"]),
+            secteur_activite=str(v["secteur_activite"]),
+            patient_id=entry.patient_id,
+            roles=self.roles or _roles(author.specialties),
+            lps_id=str(v.get("lps_id", "")),
+            lps_name=str(v.get("lps_name", "traboule")),
+            lps_version=str(v.get("lps_version", "")),
+            lps_homologation=str(v.get("lps_homologation", "")),
+            version=str(v.get("version", "3.0")),
+            authentication_mode=str(v.get("authentication_mode", "INDIRECTE")),
+            lifetime=int(v.get("lifetime", 300)),
+        )
+
+
+def _roles(specialties: list[str]) -> list[Coded]:
+    """Profession and savoir-faire from an authorSpecialty ``G15_10/SM44^Médecin - Radio-diagnostic (SM)^…``."""
+    for specialty in specialties:
+        code, _, rest = specialty.partition("^")
+        m = re.match(r"^G15_(\w+?)(?:/(\w+))?$", code)
+        if not m:
+            continue
+        display = rest.partition("^")[0]
+        roles = [Coded(m.group(1), PROFESSION_SYSTEM, PROFESSIONS.get(m.group(1), display.partition(" - ")[0]))]
+        if m.group(2):
+            roles.append(Coded(m.group(2), SAVOIR_FAIRE_SYSTEM, display.partition(" - ")[2] or m.group(2)))
+        return roles
+    return []
+
+
+def _url(config: dict[str, Any], key: str) -> str:
+    url = str(config.get(key, ""))
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"{key} must be the http(s) URL of the XDS.b endpoint, not {url!r}")
+    return url
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="milliseconds")

@@ -1,0 +1,537 @@
+"""Canonical ``Document`` → IHE XDS.b metadata for the DMP (CI-SIS volet "Partage de documents de santé"): the
+DocumentEntry and SubmissionSet of a CR d'imagerie (ITI-41), its replacement (RPLC) and its deletion (ITI-57).
+
+Every DocumentEntry value is read from the CDA the document carries, because the DMP checks that the metadata and
+the document agree, and a ready CDA sent by a RIS is published as it is. The values the CDA does not hold come from
+the canonical report and the settings:
+
+* the sender's sharing instructions (``Report.sharing``, HL7 ``MetaDMPMSS`` rows): ``MASQUE_PS``,
+  ``INVISIBLE_PATIENT``, ``INVISIBLE_REP_LEGAUX`` = ``Y`` add confidentialityCodes (1.2.250.1.213.1.1.4.13);
+* the encounter class (PV1-2) → SubmissionSet contentTypeCode (TRE_R209, TRV2 mapping I→03, O→07, R→19, N→97,
+  E→07);
+* the submitting system: ``source_id`` (SubmissionSet.sourceId), the SubmissionSet author (the document's author
+  unless configured).
+
+The attributes follow the DMP's CR-IMG DocumentEntry as the CI-SIS volets describe it (type, class, format by CDA
+level, confidentiality with masking, facility and practice setting, reference ids). The dataclasses below are the
+plain metadata ``adapters.xds`` encodes as ebRIM; they hold values, not XML.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from lxml import etree
+
+from traboule import hl7, model
+from traboule.cda import CDAError, CDAHeader, read_header
+
+V3 = {"v3": "urn:hl7-org:v3"}
+LOINC = "2.16.840.1.113883.6.1"
+DCM = "1.2.840.10008.2.16.4"
+CCAM_OIDS = ("1.2.250.1.215.300.1", "1.2.250.1.213.2.5")  # the CDA examples' and the NOS tables' CCAM OIDs
+IDNAT_PS = "1.2.250.1.71.4.2.1"
+IDNAT_STRUCT = "1.2.250.1.71.4.2.2"
+
+CLASS_SCHEME = "1.2.250.1.213.1.1.4.1"  # TRE_A03-ClasseDocument-CISIS
+FORMAT_SCHEME = "1.3.6.1.4.1.19376.1.2.3"  # TRE_A11-IheFormatCode
+CONFIDENTIALITY_SCHEME = "2.16.840.1.113883.5.25"
+MASKING_SCHEME = "1.2.250.1.213.1.1.4.13"
+CONTENT_TYPE_SCHEME = "1.2.250.1.213.2.2"  # TRE_R209-TypeActivite
+MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
+
+# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
+CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
+FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
+FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
+CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
+# MetaDMPMSS flag (TRV2) → DMP confidentialityCode (JDV_J08, 1.2.250.1.213.1.1.4.13).
+MASKING = {
+    "MASQUE_PS": ("MASQUE_PS", "Masqué aux professionnels de santé"),
+    "INVISIBLE_PATIENT": ("INVISIBLE_PATIENT", "Non visible par le patient"),
+    "INVISIBLE_REP_LEGAUX": ("INVISIBLE_REPRESENTANTS_LEGAUX", "Non visible par les représentants légaux du patient"),
+    "INVISIBLE_REPRESENTANTS_LEGAUX": (
+        "INVISIBLE_REPRESENTANTS_LEGAUX",
+        "Non visible par les représentants légaux du patient",
+    ),
+}
+# TRE_R209-TypeActivite displays of the codes TRV2 maps PV1-2 to (NOS JDV_J138 FHIR value set).
+ACTIVITY_TYPES = {
+    "03": "Hospitalisation complète (non compris hospitalisation de semaine)",
+    "04": "Hospitalisation de Jour",
+    "07": "Consultation Soins Externes",
+    "19": "Traitement et Cure Ambulatoire",
+    "97": "Type d'activité indifférencié",
+}
+CONTENT_TYPE_OF_CLASS = {"I": "03", "O": "07", "R": "19", "N": "97", "E": "07"}  # TRV2 mapping.md
+
+ACCESSION = "urn:ihe:iti:xds:2013:accession"
+STUDY = "urn:ihe:iti:xds:2016:studyInstanceUID"
+ORDER = "urn:ihe:iti:xds:2013:order"
+APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+DELETED = "urn:asip:ci-sis:2010:StatusType:Deleted"
+
+
+class MetadataError(ValueError):
+    """The document cannot make valid DMP metadata (names what is missing and where it is read from)."""
+
+
+# -- the metadata ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coded:
+    """An XDS coded value: code, coding scheme (OID or URN) and display name."""
+
+    code: str
+    scheme: str
+    display: str
+
+
+@dataclass
+class Author:
+    """An XDS author: person (XCN), institutions (XON), roles, specialties (CWE ``code^display^scheme``)."""
+
+    person: str = ""
+    institutions: list[str] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
+    specialties: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DocumentEntry:
+    """An XDSDocumentEntry (stable): every attribute traboule sends for a CR d'imagerie."""
+
+    entry_uuid: str
+    unique_id: str
+    hash: str  # SHA-1, lowercase hex, of the exact bytes sent
+    size: int
+    title: str
+    creation_time: str  # UTC DTM
+    patient_id: str  # CX: INS^^^&OID&ISO^NH
+    source_patient_id: str  # CX: IPP^^^&OID&ISO^PI
+    class_code: Coded
+    type_code: Coded
+    format_code: Coded
+    facility_type: Coded
+    practice_setting: Coded
+    confidentiality: list[Coded]
+    authors: list[Author]
+    legal_authenticator: str = ""  # XCN
+    mime_type: str = "text/xml"
+    language: str = "fr-FR"
+    service_start: str = ""
+    service_stop: str = ""
+    source_patient_info: list[str] = field(default_factory=list)
+    event_codes: list[Coded] = field(default_factory=list)
+    reference_ids: list[str] = field(default_factory=list)  # CXi
+
+
+@dataclass
+class SubmissionSet:
+    """An XDSSubmissionSet."""
+
+    entry_uuid: str
+    unique_id: str
+    source_id: str
+    submission_time: str  # UTC DTM
+    patient_id: str
+    content_type: Coded
+    authors: list[Author]
+    title: str = ""
+
+
+@dataclass
+class SubmittedDocument:
+    """A DocumentEntry with its bytes; ``replaces`` is the entryUUID of the version it supersedes (RPLC)."""
+
+    entry: DocumentEntry
+    content: bytes
+    replaces: str = ""
+
+
+@dataclass
+class Submission:
+    """ITI-41 Provide and Register Document Set-b: a SubmissionSet and its documents."""
+
+    submission_set: SubmissionSet
+    documents: list[SubmittedDocument]
+
+
+@dataclass
+class StatusUpdate:
+    """ITI-57 Update Document Set changing a DocumentEntry's availabilityStatus (the DMP's deletion)."""
+
+    submission_set: SubmissionSet
+    entry_uuid: str
+    new_status: str = DELETED
+    original_status: str = APPROVED
+    entry: DocumentEntry | None = None  # the entry as registered (not sent: its author names the VIHF subject)
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+
+
+@dataclass
+class MetadataSettings:
+    """What the CDA does not say: the submitting system, the encounter class mapping, the local time zone."""
+
+    source_id: str
+    content_types: dict[str, Coded] = field(default_factory=dict)  # PV1-2 → contentTypeCode
+    default_content_type: str = "O"  # the encounter class assumed when the report gives none
+    submission_author: Author | None = None  # None: the document's author
+    timezone: tzinfo = field(default_factory=lambda: ZoneInfo("Europe/Paris"))  # CDA times without an offset
+    ccam_scheme: str = "1.2.250.1.213.2.5"  # CCAM codingScheme in eventCodeList (NOS OID)
+    event_codes: bool = True  # modality and CCAM act from serviceEvent in eventCodeList
+
+    def __post_init__(self) -> None:
+        if not _OID.match(self.source_id):
+            raise ValueError(f"source_id: {self.source_id!r} is not an OID (the submitting system's OID)")
+        if not self.content_types:
+            self.content_types = {
+                k: Coded(v, CONTENT_TYPE_SCHEME, ACTIVITY_TYPES[v]) for k, v in CONTENT_TYPE_OF_CLASS.items()
+            }
+        if self.default_content_type not in self.content_types:
+            raise ValueError(f"default_content_type: {self.default_content_type!r} is not in content_types")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MetadataSettings:
+        """From a channel's table: ``source_id``, ``content_types`` (``{I = "03"}`` or ``{I = {code, display}}``),
+        ``default_content_type``, ``submission_author = {person, institution}``, ``timezone``, ``ccam_scheme``,
+        ``event_codes``."""
+        types: dict[str, Coded] = {}
+        for klass, value in (config.get("content_types") or {}).items():
+            if isinstance(value, dict):
+                code, display = str(value.get("code", "")), str(value.get("display", ""))
+            else:
+                code, display = str(value), ""
+            display = display or ACTIVITY_TYPES.get(code, "")
+            if not code or not display:
+                raise ValueError(f"content_types.{klass}: give {{code = ..., display = ...}} for code {code!r}")
+            types[str(klass)] = Coded(code, CONTENT_TYPE_SCHEME, display)
+        author = config.get("submission_author")
+        submission_author = None
+        if isinstance(author, dict) and author.get("person"):
+            institution = str(author.get("institution", ""))
+            submission_author = Author(str(author["person"]), [institution] if institution else [])
+        try:
+            zone = ZoneInfo(str(config.get("timezone", "Europe/Paris")))
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone: unknown time zone {config.get('timezone')!r}") from exc
+        return cls(
+            source_id=str(config.get("source_id", "")),
+            content_types=types,
+            default_content_type=str(config.get("default_content_type", "O")),
+            submission_author=submission_author,
+            timezone=zone,
+            ccam_scheme=str(config.get("ccam_scheme", "1.2.250.1.213.2.5")),
+            event_codes=bool(config.get("event_codes", True)),
+        )
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+
+
+def new_entry_uuid() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def new_oid() -> str:
+    """A fresh OID with no registration needed (ITU-T X.667: ``2.25.<UUID as an integer>``)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def content_of(doc: model.Document) -> bytes:
+    """The document's bytes; raises ``MetadataError`` when they are missing or disagree with its hash and size."""
+    try:
+        data = base64.b64decode(doc.content, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MetadataError(f"document {doc.id}: content is not base64: {exc}") from exc
+    if not data:
+        raise MetadataError(f"document {doc.id}: no content")
+    if doc.sha1 and hashlib.sha1(data).hexdigest() != doc.sha1.lower():
+        raise MetadataError(f"document {doc.id}: content does not match its SHA-1 {doc.sha1}")
+    if doc.size and len(data) != doc.size:
+        raise MetadataError(f"document {doc.id}: content is {len(data)} bytes, not {doc.size}")
+    return data
+
+
+def document_entry(doc: model.Document, settings: MetadataSettings, entry_uuid: str) -> tuple[DocumentEntry, bytes]:
+    """The DocumentEntry of ``doc`` and the bytes it describes."""
+    data = content_of(doc)
+    try:
+        header = read_header(data)
+    except CDAError as exc:
+        raise MetadataError(f"document {doc.id}: {exc}") from exc
+    if doc.id and header.id != doc.id:
+        raise MetadataError(f"document {doc.id}: the CDA's id is {header.id}")
+    cda = _CDA(etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True)), doc.id)
+    tz = settings.timezone
+
+    type_code = cda.coded("v3:code", "typeCode (ClinicalDocument/code)")
+    if type_code.code not in CLASS_OF_TYPE:
+        raise MetadataError(f"document {doc.id}: no classCode known for typeCode {type_code.code}")
+    class_code = Coded(CLASS_OF_TYPE[type_code.code][0], CLASS_SCHEME, CLASS_OF_TYPE[type_code.code][1])
+    fmt = FORMAT_LEVEL1 if header.level == 1 else FORMAT_LEVEL3  # ASS_A12 (PDF body) / ASS_A11 (IMG-CR-IMG)
+    format_code = Coded(fmt[0], FORMAT_SCHEME, fmt[1])
+
+    confidentiality = []
+    conf = cda.attr("v3:confidentialityCode", "code") or "N"
+    confidentiality.append(Coded(conf, CONFIDENTIALITY_SCHEME, CONFIDENTIALITY.get(conf, conf)))
+    for flag, (code, display) in MASKING.items():
+        if _yes(doc.report.flag(flag)) and all(c.code != code for c in confidentiality):
+            confidentiality.append(Coded(code, MASKING_SCHEME, display))
+
+    patient_id, source_patient_id = cda.patient_ids()
+    created = utc(header.effective_time, tz)
+    if not created:
+        raise MetadataError(f"document {doc.id}: no creationTime (ClinicalDocument/effectiveTime)")
+    entry = DocumentEntry(
+        entry_uuid=entry_uuid,
+        unique_id=header.id,
+        hash=hashlib.sha1(data).hexdigest(),  # the XDS hash is SHA-1 by definition
+        size=len(data),
+        title=header.title or doc.title,
+        creation_time=created,
+        patient_id=patient_id,
+        source_patient_id=source_patient_id,
+        class_code=class_code,
+        type_code=type_code,
+        format_code=format_code,
+        facility_type=cda.coded(
+            "v3:componentOf/v3:encompassingEncounter/v3:location/v3:healthCareFacility/v3:code",
+            "healthcareFacilityTypeCode (encompassingEncounter/location/healthCareFacility/code)",
+        ),
+        practice_setting=cda.coded(
+            "v3:documentationOf/v3:serviceEvent/v3:performer/v3:assignedEntity/v3:representedOrganization"
+            "/v3:standardIndustryClassCode",
+            "practiceSettingCode (serviceEvent/performer/…/standardIndustryClassCode)",
+        ),
+        confidentiality=confidentiality,
+        authors=[cda.author()],
+        legal_authenticator=cda.person("v3:legalAuthenticator/v3:assignedEntity"),
+        mime_type="text/xml",  # a CDA, level 1 or 3 (the PDF travels inside it)
+        language=cda.attr("v3:languageCode", "code") or "fr-FR",
+        service_start=utc(cda.attr("v3:documentationOf/v3:serviceEvent/v3:effectiveTime/v3:low", "value"), tz),
+        service_stop=utc(cda.attr("v3:documentationOf/v3:serviceEvent/v3:effectiveTime/v3:high", "value"), tz),
+        source_patient_info=cda.patient_info(),
+        event_codes=cda.event_codes(settings.ccam_scheme) if settings.event_codes else [],
+        reference_ids=_reference_ids(header, doc.report),
+    )
+    if not entry.legal_authenticator:
+        raise MetadataError(f"document {doc.id}: no legalAuthenticator with an idNat_PS")
+    return entry, data
+
+
+def submission_set(
+    entry: DocumentEntry, report: model.Report, settings: MetadataSettings, *, now: datetime | None = None
+) -> SubmissionSet:
+    """The SubmissionSet carrying ``entry`` (or updating it, for ITI-57)."""
+    klass = report.encounter_class if report.encounter_class in settings.content_types else ""
+    content_type = settings.content_types[klass or settings.default_content_type]
+    if settings.submission_author is not None:
+        author = settings.submission_author
+    else:
+        first = entry.authors[0]
+        author = Author(first.person, list(first.institutions))
+    return SubmissionSet(
+        entry_uuid=new_entry_uuid(),
+        unique_id=new_oid(),
+        source_id=settings.source_id,
+        submission_time=(now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d%H%M%S"),
+        patient_id=entry.patient_id,
+        content_type=content_type,
+        authors=[author],
+    )
+
+
+def submission(
+    doc: model.Document,
+    settings: MetadataSettings,
+    entry_uuid: str,
+    *,
+    replaces: str = "",
+    now: datetime | None = None,
+) -> Submission:
+    """ITI-41 for ``doc``; ``replaces``: the entryUUID of the version it supersedes (an RPLC association)."""
+    if doc.replaces and not replaces:
+        raise MetadataError(f"document {doc.id} replaces {doc.replaces}: the replaced entryUUID is needed")
+    entry, data = document_entry(doc, settings, entry_uuid)
+    return Submission(submission_set(entry, doc.report, settings, now=now), [SubmittedDocument(entry, data, replaces)])
+
+
+def deletion(
+    doc: model.Document, settings: MetadataSettings, entry_uuid: str, *, now: datetime | None = None
+) -> StatusUpdate:
+    """ITI-57 withdrawing ``doc`` (the DocumentEntry ``entry_uuid``): availabilityStatus Approved → Deleted."""
+    entry, _ = document_entry(doc, settings, entry_uuid)
+    return StatusUpdate(submission_set(entry, doc.report, settings, now=now), entry_uuid, entry=entry)
+
+
+# -- reading the CDA ---------------------------------------------------------------------------------------------
+
+
+class _CDA:
+    """XPath reads over a CDA header, raising ``MetadataError`` that names the missing element."""
+
+    def __init__(self, root: etree._Element, doc_id: str) -> None:
+        self.root = root
+        self.doc_id = doc_id
+
+    def first(self, path: str) -> etree._Element | None:
+        return self.root.find(path, V3)
+
+    def attr(self, path: str, name: str) -> str:
+        found = self.first(path)
+        return (found.get(name) or "").strip() if found is not None else ""
+
+    def coded(self, path: str, what: str) -> Coded:
+        found = self.first(path)
+        code = found.get("code", "") if found is not None else ""
+        if found is None or not code:
+            raise MetadataError(f"document {self.doc_id}: no {what}")
+        return Coded(code, found.get("codeSystem", ""), found.get("displayName") or code)
+
+    def person(self, path: str) -> str:
+        """XCN ``idNat^FAMILY^Given^^^^^^&1.2.250.1.71.4.2.1&ISO^D^^^IDNPS`` of an assignedEntity/Author."""
+        entity = self.first(path)
+        if entity is None:
+            return ""
+        ident = entity.find(f"v3:id[@root='{IDNAT_PS}']", V3)
+        if ident is None or not ident.get("extension"):
+            return ""
+        name = entity.find("v3:assignedPerson/v3:name", V3)
+        family = _text(name, "v3:family") if name is not None else ""
+        given = _text(name, "v3:given") if name is not None else ""
+        e = hl7.escape
+        return f"{e(ident.get('extension', ''))}^{e(family)}^{e(given)}^^^^^^&{IDNAT_PS}&ISO^D^^^IDNPS"
+
+    def author(self) -> Author:
+        path = "v3:author/v3:assignedAuthor"
+        person = self.person(path)
+        if not person:
+            raise MetadataError(f"document {self.doc_id}: no author with an idNat_PS (author/assignedAuthor/id)")
+        author = Author(person)
+        org = self.first(f"{path}/v3:representedOrganization")
+        if org is not None:
+            ident = org.find(f"v3:id[@root='{IDNAT_STRUCT}']", V3)
+            name = _text(org, "v3:name")
+            if ident is not None and ident.get("extension"):
+                e = hl7.escape
+                author.institutions.append(f"{e(name)}^^^^^&{IDNAT_STRUCT}&ISO^IDNST^^^{e(ident.get('extension', ''))}")
+        code = self.first(f"{path}/v3:code")
+        if code is not None and code.get("code"):
+            display = code.get("displayName") or code.get("code", "")
+            author.specialties.append(f"{code.get('code')}^{display}^{code.get('codeSystem', '')}")
+        function = self.attr("v3:author/v3:functionCode", "displayName")
+        if function:
+            author.roles.append(function)
+        return author
+
+    def patient_ids(self) -> tuple[str, str]:
+        """(patientId: the INS, sourcePatientId: the local id, or the INS when there is none)."""
+        ins, local = "", ""
+        for ident in self.root.findall("v3:recordTarget/v3:patientRole/v3:id", V3):
+            root, ext = ident.get("root", ""), ident.get("extension", "")
+            if not ext:
+                continue
+            if root in model.INS_OIDS and not ins:
+                ins = f"{hl7.escape(ext)}^^^&{root}&ISO^NH"
+            elif root not in model.INS_OIDS and not local:
+                local = f"{hl7.escape(ext)}^^^&{root}&ISO^PI"
+        if not ins:
+            raise MetadataError(
+                f"document {self.doc_id}: the patient has no INS (recordTarget/patientRole/id with an INS OID); "
+                "the DMP files documents by INS"
+            )
+        return ins, local or ins.replace("^NH", "^PI")
+
+    def patient_info(self) -> list[str]:
+        patient = self.first("v3:recordTarget/v3:patientRole/v3:patient")
+        if patient is None:
+            return []
+        name = patient.find("v3:name", V3)
+        out = []
+        if name is not None:
+            family = _text(name, "v3:family[@qualifier='BR']") or _text(name, "v3:family")
+            given = _text(name, "v3:given[@qualifier='BR']") or _text(name, "v3:given")
+            out.append(f"PID-5|{hl7.escape(family)}^{hl7.escape(given)}^^^^^L")
+        birth = patient.find("v3:birthTime", V3)
+        if birth is not None and birth.get("value"):
+            out.append(f"PID-7|{birth.get('value', '')[:8]}")
+        sex = patient.find("v3:administrativeGenderCode", V3)
+        if sex is not None and sex.get("code"):
+            out.append(f"PID-8|{sex.get('code')}")
+        return out
+
+    def event_codes(self, ccam_scheme: str) -> list[Coded]:
+        """The serviceEvent's modality (JDV_ModaliteAcquisition_CISIS) and CCAM act."""
+        out: list[Coded] = []
+        for t in self.root.findall("v3:documentationOf/v3:serviceEvent/v3:code/v3:translation", V3):
+            code, system = t.get("code", ""), t.get("codeSystem", "")
+            if not code:
+                continue
+            if system in (DCM, MODALITY_SCHEME):
+                out.append(Coded(code, MODALITY_SCHEME, t.get("displayName") or code))
+            elif system in CCAM_OIDS:
+                out.append(Coded(code, ccam_scheme, t.get("displayName") or code))
+        return out
+
+
+def _reference_ids(header: CDAHeader, report: model.Report) -> list[str]:
+    """referenceIdList (CXi, JDV_J231): the accession number, the Study Instance UID, the placer order number."""
+    e = hl7.escape
+    out = []
+    accession = header.accession_number or report.accession_number.value
+    accession_oid = header.accession_oid or report.accession_number.issuer_oid
+    if accession and _OID.match(accession_oid or ""):
+        out.append(f"{e(accession)}^^^&{accession_oid}&ISO^{ACCESSION}")
+    study = header.study_instance_uid or report.study_instance_uid
+    if study:
+        out.append(f"{study}^^^^{STUDY}")  # a UID is globally unique: no assigning authority
+    placer = header.placer_order_number or report.placer_order_number.value
+    placer_oid = header.placer_oid or report.placer_order_number.issuer_oid
+    if placer and _OID.match(placer_oid or ""):
+        out.append(f"{e(placer)}^^^&{placer_oid}&ISO^{ORDER}")
+    return out
+
+
+def _text(parent: etree._Element, path: str) -> str:
+    found = parent.find(path, V3)
+    return (found.text or "").strip() if found is not None else ""
+
+
+def _yes(value: str) -> bool:
+    """A MetadataDMPMSS Y/N value (``Y``, or ``Y^^expandedYes-NoIndicator``)."""
+    return value.split("^", 1)[0].strip().upper() == "Y"
+
+
+_TS = re.compile(r"^(\d{4,14})(?:\.\d+)?([+-]\d{4})?$")
+
+
+def utc(value: str, tz: tzinfo) -> str:
+    """HL7 TS → XDS DTM in UTC. A date alone stays a date; a time without an offset is local time in ``tz``."""
+    m = _TS.match((value or "").strip())
+    if not m:
+        return ""
+    digits, offset = m.groups()
+    if len(digits) <= 8:
+        return digits
+    local = datetime.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S")
+    if offset:
+        sign = -1 if offset[0] == "-" else 1
+        zone: tzinfo = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
+    else:
+        zone = tz
+    return local.replace(tzinfo=zone).astimezone(UTC).strftime("%Y%m%d%H%M%S")

@@ -340,3 +340,32 @@ async def test_teleradiology_answer_is_not_a_report(engine: tuple[Runtime, list[
     (ack,) = await send(runtime, path.read_bytes())
     assert ack_code(ack) == "AE"
     assert documents == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("document_oid: 1.2.250.1.999.1.2.3.4", "document_oid: 1.2.250.x", "is not an OID"),
+        ("timezone: Europe/Paris", "timezone: Europe/Lyon", "unknown time zone"),
+        (
+            "author_role: {code: G15_10/SM44, display: Médecin - Radio-diagnostic (SM)}",
+            "author_role: G15",
+            "author_role",
+        ),
+        ("image_link:", "image_links:", "unknown section 'image_links'"),
+    ],
+)
+def test_broken_cda_mapping_names_file_and_line(tmp_path: Path, old: str, new: str, reason: str) -> None:
+    import shutil
+
+    from traboule.mapping import MappingError
+
+    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    path = tmp_path / "mappings" / "cda.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    line = next(n for n, t in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if new.split(":")[0] in t)
+    with pytest.raises(MappingError) as raised:
+        CDAMapping(path)
+    assert reason in str(raised.value) and f"cda.yaml:{line}" in str(raised.value)

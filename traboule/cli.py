@@ -439,7 +439,12 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     for ch in cfg.channels:
         channel_class(ch["kind"])
         if ch["kind"] == "hl7-orders":
-            HL7InboundMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml")))
+            inbound = HL7InboundMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml")))
+            reports = ch.get("reports", {})
+            if "report" in inbound.accept.values() and isinstance(reports, dict):
+                from traboule.cda import CDAMapping
+
+                CDAMapping(config_mod.resolve(cfg, reports.get("cda_mapping", "mappings/cda.yaml")))
         if ch["kind"] == "worklist":
             MWLMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml")))
         if ch["kind"] == "fhir":

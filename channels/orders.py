@@ -9,8 +9,9 @@ Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboul
 (``mappings/cda.yaml``) and, when the CI-SIS validators are available, validated; a report that cannot make a valid
 document is answered AE with the reason. Settings: ``reports = {cda_mapping = "mappings/cda.yaml", validate =
 "auto", validators = "", cache = ""}`` (``validate``: true requires the validators, "auto" uses them when found,
-false skips validation). The channel also consumes ``study.*`` (queue ``<name>.studies``) for the DICOM object
-catalog of the reports.
+false skips validation). The channel also consumes ``study.*`` and ``order.*`` (queue ``<name>.reports``): the
+studies give the DICOM object catalog of the reports, the orders the procedure code and identifiers a report may
+lack. Reports are prepared one at a time on a thread of their own.
 
 Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
 ``document.<action>`` (publish, replace, delete).
@@ -22,6 +23,7 @@ import asyncio
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -64,28 +66,36 @@ class OrdersChannel:
         self.reports: ReportPublisher | None = None
         if "report" in self.mapping.accept.values() and config.get("reports", {}) is not False:
             self.reports = make_publisher(config, runtime)
+        # Reports wait here for their turn (validation is serial), not in the loop's default pool.
+        self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [] if config.get("reports", {}) is False else [(f"{config['name']}.studies", ["study.#"])]
+        return [] if config.get("reports", {}) is False else [(f"{config['name']}.reports", REPORT_TOPICS)]
 
     async def start(self) -> None:
         if self.reports is not None and self.reports.validator is not None:
             # Compiling the schematrons takes seconds: at start, not on the first report (its sender would wait).
-            await asyncio.to_thread(self.reports.validator.compile_all)
+            await asyncio.to_thread(self.reports.validator.warm)
         if self.reports is not None:
-            await self.runtime.bus.subscribe(f"{self.name}.studies", ["study.#"], self._study)
+            await self.runtime.bus.subscribe(f"{self.name}.reports", REPORT_TOPICS, self._observe)
         await self.listener.start()
 
     async def stop(self) -> None:
         await self.listener.stop()
         if self.reports is not None:
+            self._reports_thread.shutdown(wait=True)
             self.reports.close()
 
-    async def _study(self, delivery: Any) -> None:
+    async def _observe(self, delivery: Any) -> None:
+        """Studies and orders on the bus: what the reports of this channel will need."""
         env = Envelope.from_json(delivery.body)
-        if isinstance(env.payload, Study) and self.reports is not None:
+        if self.reports is None:
+            return
+        if isinstance(env.payload, Study):
             await asyncio.to_thread(self.reports.remember_study, env.payload)
+        elif isinstance(env.payload, ImagingOrder):
+            await asyncio.to_thread(self.reports.remember_order, env.payload)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -202,9 +212,21 @@ class OrdersChannel:
             if isinstance(payload, Report):
                 if self.reports is None:
                     raise MappingFailure("reports are not enabled on this channel", "MSH-9", code="200")
-                payload = await asyncio.to_thread(self.reports.prepare, payload, message_key)
-            elif isinstance(payload, ImagingOrder) and self.reports is not None:
-                self.reports.remember_order(payload)
+                loop = asyncio.get_running_loop()
+                try:
+                    payload = await loop.run_in_executor(
+                        self._reports_thread, self.reports.prepare, payload, message_key
+                    )
+                except ReportRefused:
+                    raise
+                except Exception as exc:  # a fault of ours or of the validator: the sender may try again later
+                    self._log.exception("report.failed", error=str(exc))
+                    raise hl7.HL7Error(
+                        f"the report could not be processed, send it again later: {type(exc).__name__}",
+                        location="",
+                        code="207",
+                        reject=True,
+                    ) from exc
             out.append(payload)
         return out
 
@@ -250,6 +272,9 @@ def _topic(payload: Any) -> str:
 # One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by
 # the channels and engine restarts of the process.
 _VALIDATORS: dict[tuple[str, str], Any] = {}
+
+
+REPORT_TOPICS = ["study.#", "order.#"]
 
 
 def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:

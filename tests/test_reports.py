@@ -369,3 +369,24 @@ def test_broken_cda_mapping_names_file_and_line(tmp_path: Path, old: str, new: s
     with pytest.raises(MappingError) as raised:
         CDAMapping(path)
     assert reason in str(raised.value) and f"cda.yaml:{line}" in str(raised.value)
+
+
+async def test_the_same_report_on_two_connections_at_once(engine: tuple[Runtime, list[model.Document]]) -> None:
+    """A resend racing its original (an ACK timeout on the sender's side), and a correction racing them: every
+    message gets its ACK, one document per version, versions in a row."""
+    runtime, documents = engine
+    env = Envelope(study())
+    await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+    publisher = runtime.channel("ris-orders").reports  # type: ignore[attr-defined]
+    await until(lambda: publisher.study_for(report_of(fixture("oru_r01_report.hl7"))) is not None)
+    results = await asyncio.gather(
+        send(runtime, fixture("oru_r01_report.hl7")),
+        send(runtime, fixture("oru_r01_report.hl7")),
+        send(runtime, fixture("oru_r01_report_corrected.hl7")),
+    )
+    assert [ack_code(acks[0]) for acks in results] == ["AA", "AA", "AA"]
+    await until(lambda: len(documents) == 2)
+    await asyncio.sleep(0.3)
+    assert sorted(d.version for d in documents) == [1, 2]
+    assert len({d.id for d in documents}) == 2
+    assert runtime.journal is not None and runtime.journal.counts().get("duplicate") == 1

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS documents (
 CREATE INDEX IF NOT EXISTS documents_set ON documents (set_id, version);
 CREATE TABLE IF NOT EXISTS messages (
     message_key TEXT PRIMARY KEY,      -- idempotency key of a report message
-    document TEXT NOT NULL             -- the Document event it produced (JSON)
+    document_id TEXT NOT NULL,         -- the document version it made
+    action TEXT NOT NULL               -- publish | replace | delete
 );
 CREATE TABLE IF NOT EXISTS studies (uid TEXT PRIMARY KEY, accession TEXT NOT NULL, study TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession);
@@ -78,7 +79,9 @@ class ReportPublisher:
         self.validator = validator
         self.path = str(path)
         self._lock = threading.Lock()
-        self._validate_lock = threading.Lock()  # one document at a time through the XSLT processor
+        # One report at a time: two versions of a set (or the same message on two connections) must not interleave
+        # between reading the set's current version and storing the next. Validation is serial anyway.
+        self._prepare_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -147,10 +150,20 @@ class ReportPublisher:
 
     def prepare(self, report: model.Report, message_key: str) -> model.Document:
         """The document event for ``report``; raises ``ReportRefused`` (AE) when it cannot be published."""
+        with self._prepare_lock:
+            return self._prepare(report, message_key)
+
+    def _prepare(self, report: model.Report, message_key: str) -> model.Document:
         with self._lock:
-            row = self._db.execute("SELECT document FROM messages WHERE message_key = ?", (message_key,)).fetchone()
+            row = self._db.execute(
+                "SELECT document_id, action FROM messages WHERE message_key = ?", (message_key,)
+            ).fetchone()
         if row is not None:  # the same message again: the same document, no new version
-            return _document(row[0])
+            again = self.document(row[0])
+            if again is not None:
+                again.action = row[1]
+                again.report.action = row[1]
+                return again
         self._complete(report)
         try:
             if report.action == "delete":
@@ -180,14 +193,19 @@ class ReportPublisher:
             report.modality = order.steps[0].modality
 
     def _set_for(self, key: str, set_id: str = "") -> tuple[str, model.Document | None]:
-        """The document set of ``key`` (created when new) and its current version."""
+        """The document set of ``key`` (created when new, in one transaction) and its current version."""
         with self._lock:
             row = self._db.execute("SELECT set_id FROM sets WHERE set_key = ?", (key,)).fetchone()
             if row is None:
-                cur = self._db.execute("INSERT INTO sets (set_key, set_id) VALUES (?, ?)", (key, set_id or "pending"))
-                n = int(cur.lastrowid or 0)
-                set_id = set_id or f"{self.mapping.document_oid}.{n}"
-                self._db.execute("UPDATE sets SET set_id = ? WHERE n = ?", (set_id, n))
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    (n,) = self._db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM sets").fetchone()
+                    set_id = set_id or f"{self.mapping.document_oid}.{n}"
+                    self._db.execute("INSERT INTO sets (n, set_key, set_id) VALUES (?, ?, ?)", (n, key, set_id))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             else:
                 set_id = row[0]
         return set_id, self.current(set_id)
@@ -273,8 +291,7 @@ class ReportPublisher:
     def _check(self, data: bytes) -> None:
         if self.validator is None:
             return
-        with self._validate_lock:
-            result = self.validator.validate(data)
+        result = self.validator.validate(data)
         if not result.valid:
             problems = [result.xml_error] if result.xml_error else []
             problems += [f"XSD line {e.line}: {e.message}" for e in result.xsd_errors]
@@ -322,7 +339,7 @@ class ReportPublisher:
                         "VALUES (?, ?, ?, 'current', ?, ?)",
                         (doc.id, doc.set_id, doc.version, datetime.now().isoformat(timespec="seconds"), text),
                     )
-                self._db.execute("INSERT OR REPLACE INTO messages VALUES (?, ?)", (message_key, text))
+                self._db.execute("INSERT OR REPLACE INTO messages VALUES (?, ?, ?)", (message_key, doc.id, doc.action))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

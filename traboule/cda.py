@@ -120,6 +120,7 @@ class CDAMapping:
             "acts": {"loinc", "loinc_display", "ccam", "ccam_display", "modality", "site_code", "site_display"},
             "modalities": {"display"},
             "encounter": {"code", "display"},
+            "confidentiality": {"code", "system", "display"},
         }
         for name, columns in required_columns.items():
             table = self.tables.get(name)
@@ -132,6 +133,7 @@ class CDAMapping:
         self.acts: CodeTable = self.tables["acts"]
         self.modalities: CodeTable = self.tables["modalities"]
         self.encounter: CodeTable = self.tables["encounter"]
+        self.confidentiality_table: CodeTable = self.tables["confidentiality"]
         self.document_oid = self._oid(doc, "document_oid")
         self.timezone = self._timezone(doc)
         ids = doc.get("identifiers") or Node()
@@ -190,6 +192,20 @@ class CDAMapping:
             return f"{m.group(1)}{m.group(2)}{m.group(3) or '00'}{m.group(4) or '00'}{digits[-5:]}"
         local = datetime.strptime(f"{m.group(1)}{m.group(2)}{m.group(3) or '00'}{m.group(4) or '00'}", "%Y%m%d%H%M%S")
         return local.replace(tzinfo=self.timezone).strftime("%Y%m%d%H%M%S%z")
+
+    def confidentiality(self, report: model.Report) -> list[model.Code]:
+        """Confidentiality codes the sender's sharing instructions ask for (``tables/confidentiality.csv``)."""
+        out: list[model.Code] = []
+        for flag in report.sharing:
+            code = self.confidentiality_table.lookup((flag.code,), "code") if flag.value == "Y" else None
+            if code and all(c.code != code for c in out):
+                table = self.confidentiality_table
+                out.append(
+                    model.Code(
+                        code, table.lookup((flag.code,), "display") or "", table.lookup((flag.code,), "system") or ""
+                    )
+                )
+        return out
 
     def idnat_ps(self, practitioner: model.Practitioner, what: str) -> str:
         value = practitioner.id.strip()

@@ -491,9 +491,9 @@ class FHIRMapping:
         if header.get("practice"):
             context["practiceSetting"] = {"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.9", **header["practice"]}]}
         labels = [{"coding": [{"system": CONFIDENTIALITY, "code": header.get("confidentiality") or "N"}]}]
-        for flag, code in MASKING.items():
-            if report.flag(flag) == "Y":
-                labels.append({"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.13", "code": code}]})
+        for code in doc.confidentiality:  # the sender's masking instructions (tables/confidentiality.csv)
+            coding = {"system": f"urn:oid:{code.system}", "code": code.code, "display": code.display}
+            labels.append({"coding": [{k: v for k, v in coding.items() if v and v != "urn:oid:"}]})
         master = _document_identifier(doc.id)
         reference: dict[str, Any] = {
             "resourceType": "DocumentReference",
@@ -584,12 +584,6 @@ def _name(use: str, family: str, given: list[str], name: model.PersonName) -> di
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 FORMAT_CODES = {3: "urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", 1: "urn:ihe:iti:xds-sd:pdf:2008"}
-# Sharing flags of the report (CI-SIS MetaDMPMSS) → confidentiality codes of the DMP (1.2.250.1.213.1.1.4.13).
-MASKING = {
-    "MASQUE_PS": "MASQUE_PS",
-    "INVISIBLE_PATIENT": "INVISIBLE_PATIENT",
-    "INVISIBLE_REP_LEGAUX": "INVISIBLE_REPRESENTANTS_LEGAUX",
-}
 
 
 def _v2_0203(code: str) -> dict[str, Any]:

@@ -306,6 +306,7 @@ class Document:
     created: str = ""  # the CDA effectiveTime (YYYYMMDDHHMMSS+ZZZZ)
     service_start: str = ""
     service_stop: str = ""
+    confidentiality: list[Code] = field(default_factory=list)  # masking codes beyond the CDA's N (system = OID)
     report: Report = field(default_factory=Report)
 
 

@@ -318,6 +318,7 @@ class ReportPublisher:
             title=header.title,
             created=created or header.effective_time,
             service_start=self.mapping.ts(report.exam_time),
+            confidentiality=self.mapping.confidentiality(report),
             report=clean,
         )
 

@@ -289,9 +289,14 @@ def document_entry(doc: model.Document, settings: MetadataSettings, entry_uuid: 
     confidentiality = []
     conf = cda.attr("v3:confidentialityCode", "code") or "N"
     confidentiality.append(Coded(conf, CONFIDENTIALITY_SCHEME, CONFIDENTIALITY.get(conf, conf)))
-    for flag, (code, display) in MASKING.items():
-        if _yes(doc.report.flag(flag)) and all(c.code != code for c in confidentiality):
-            confidentiality.append(Coded(code, MASKING_SCHEME, display))
+    # The masking codes the document carries (tables/confidentiality.csv); the built-in flag table for a document
+    # made elsewhere that carries none.
+    masking = [(c.code, c.system or MASKING_SCHEME, c.display) for c in doc.confidentiality] or [
+        (code, MASKING_SCHEME, display) for flag, (code, display) in MASKING.items() if _yes(doc.report.flag(flag))
+    ]
+    for code, scheme, display in masking:
+        if all(c.code != code for c in confidentiality):
+            confidentiality.append(Coded(code, scheme, display))
 
     patient_id, source_patient_id = cda.patient_ids()
     created = utc(header.effective_time, tz)

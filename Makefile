@@ -50,9 +50,15 @@ fhir-peer:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) peers
+bench: $(STAMP) peers fhir-peer
 	$(PY) bench/mllp_ingest.py
 	$(PY) bench/mwl_find.py
+	$(PY) bench/fhir_push.py
+	$(PY) bench/study_to_imagingstudy.py
+	@if [ -n "$$TRABOULE_CDA_VALIDATORS" ]; then \
+	  $(PY) bench/cda_validate.py --validators "$$TRABOULE_CDA_VALIDATORS" && \
+	  $(PY) bench/reports.py --validators "$$TRABOULE_CDA_VALIDATORS"; \
+	else echo "set TRABOULE_CDA_VALIDATORS to a testContenuCDA tree for bench/cda_validate.py and bench/reports.py"; fi
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

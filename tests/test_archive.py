@@ -45,7 +45,7 @@ def write_study(
             ds.Rows = ds.Columns = 8
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-            ds.PixelData = bytes([i * 10]) * 64
+            ds.PixelData = bytes([i * 10 % 256]) * 64
             ds.file_meta = FileMetaDataset()
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -195,10 +195,9 @@ class FHIRPush:
         def visit(key: Key, depth: int) -> None:
             if key in todo or f"{key[0]}/{key[1]}" in references or depth > 3:
                 return
-            resource = self.store.get(*key)
+            resource, remote = self.store.get_with_remote(*key)
             if resource is None:
                 return
-            remote = self.store.remote(*key)
             if remote is not None and remote[0] >= int(resource["meta"]["versionId"]):
                 references[f"{key[0]}/{key[1]}"] = remote[1]
                 return

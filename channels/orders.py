@@ -34,7 +34,7 @@ from traboule import hl7, metrics
 from traboule.config import resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.journal import JournalEntry, OutboxEvent
-from traboule.model import Document, Envelope, ImagingOrder, Payload, Report, Study, content_key
+from traboule.model import Document, Envelope, ImagingOrder, Payload, Report, content_key
 from traboule.reports import ReportPublisher, ReportRefused
 
 log = structlog.get_logger("traboule.channels.orders")
@@ -78,7 +78,7 @@ class OrdersChannel:
             # Compiling the schematrons takes seconds: at start, not on the first report (its sender would wait).
             await asyncio.to_thread(self.reports.validator.warm)
         if self.reports is not None:
-            await self.runtime.bus.subscribe(f"{self.name}.reports", REPORT_TOPICS, self._observe)
+            await self.runtime.bus.subscribe_batch(f"{self.name}.reports", REPORT_TOPICS, self._observe)
         await self.listener.start()
 
     async def stop(self) -> None:
@@ -87,15 +87,12 @@ class OrdersChannel:
             self._reports_thread.shutdown(wait=True)
             self.reports.close()
 
-    async def _observe(self, delivery: Any) -> None:
-        """Studies and orders on the bus: what the reports of this channel will need."""
-        env = Envelope.from_json(delivery.body)
+    async def _observe(self, deliveries: list[Any]) -> None:
+        """Studies and orders on the bus, a batch per transaction: what the reports of this channel will need."""
         if self.reports is None:
             return
-        if isinstance(env.payload, Study):
-            await asyncio.to_thread(self.reports.remember_study, env.payload)
-        elif isinstance(env.payload, ImagingOrder):
-            await asyncio.to_thread(self.reports.remember_order, env.payload)
+        payloads = [Envelope.from_json(d.body).payload for d in deliveries]
+        await asyncio.to_thread(self.reports.remember, payloads)
 
     def describe(self) -> dict[str, Any]:
         return {

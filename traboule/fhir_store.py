@@ -230,6 +230,18 @@ class FHIRStore:
             row = self._db.execute("SELECT json FROM resources WHERE type=? AND id=?", (rtype, rid)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def get_with_remote(self, rtype: str, rid: str) -> tuple[dict[str, Any] | None, tuple[int, str] | None]:
+        """A resource and its pushed copy (``remote``), in one query."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.json, p.version_id, p.location FROM resources r LEFT JOIN remote p "
+                "ON p.type = r.type AND p.id = r.id WHERE r.type=? AND r.id=?",
+                (rtype, rid),
+            ).fetchone()
+        if row is None:
+            return None, None
+        return json.loads(row[0]), (int(row[1]), str(row[2])) if row[1] is not None else None
+
     def remote(self, rtype: str, rid: str) -> tuple[int, str] | None:
         """(version pushed, ``Type/id`` on the FHIR server) of a resource, None when never pushed."""
         with self._lock:

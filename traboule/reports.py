@@ -93,26 +93,43 @@ class ReportPublisher:
 
     # -- what the channel sees besides reports ---------------------------------------------------------------
 
-    def remember_order(self, order: model.ImagingOrder) -> None:
-        """Orders by accession number: their procedure code and identifiers complete a terse report."""
-        if not order.accession_number.value:
+    def remember(self, payloads: list[Any]) -> None:
+        """Orders (by accession number: their procedure code and identifiers complete a terse report) and studies
+        the archive holds (the DICOM object catalog), in one transaction."""
+        orders = [
+            (p.accession_number.value, json.dumps(model.plain(p), ensure_ascii=False))
+            for p in payloads
+            if isinstance(p, model.ImagingOrder) and p.accession_number.value
+        ]
+        studies = [
+            (p.study_instance_uid, p.accession_number, json.dumps(model.plain(p), ensure_ascii=False))
+            for p in payloads
+            if isinstance(p, model.Study) and p.study_instance_uid
+        ]
+        if not orders and not studies:
             return
         with self._lock:
-            self._db.execute(
-                "INSERT INTO orders VALUES (?, ?) ON CONFLICT (accession) DO UPDATE SET orders = excluded.orders",
-                (order.accession_number.value, json.dumps(model.plain(order), ensure_ascii=False)),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO orders VALUES (?, ?) ON CONFLICT (accession) DO UPDATE SET orders = excluded.orders",
+                    orders,
+                )
+                self._db.executemany(
+                    "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT (uid) DO UPDATE SET "
+                    "accession = excluded.accession, study = excluded.study",
+                    studies,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def remember_order(self, order: model.ImagingOrder) -> None:
+        self.remember([order])
 
     def remember_study(self, study: model.Study) -> None:
-        """Studies the archive holds (``study.*`` events): the DICOM object catalog of the reports."""
-        if not study.study_instance_uid:
-            return
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT (uid) DO UPDATE SET accession = excluded.accession,"
-                " study = excluded.study",
-                (study.study_instance_uid, study.accession_number, json.dumps(model.plain(study), ensure_ascii=False)),
-            )
+        self.remember([study])
 
     def study_for(self, report: model.Report) -> model.Study | None:
         with self._lock:

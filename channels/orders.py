@@ -9,9 +9,9 @@ Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboul
 (``mappings/cda.yaml``) and, when the CI-SIS validators are available, validated; a report that cannot make a valid
 document is answered AE with the reason. Settings: ``reports = {cda_mapping = "mappings/cda.yaml", validate =
 "auto", validators = "", cache = ""}`` (``validate``: true requires the validators, "auto" uses them when found,
-false skips validation). The channel also consumes ``study.*`` and ``order.*`` (queue ``<name>.reports``): the
-studies give the DICOM object catalog of the reports, the orders the procedure code and identifiers a report may
-lack. Reports are prepared one at a time on a thread of their own.
+false skips validation). The channel also consumes ``study.*`` (queue ``<name>.reports``) for the DICOM object
+catalog of the reports, and keeps the orders it receives (procedure code, identifiers a report may lack), written
+in batches every half second off the ACK path. Reports are prepared one at a time on a thread of their own.
 
 Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
 ``document.<action>`` (publish, replace, delete).
@@ -20,6 +20,7 @@ Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -68,6 +69,8 @@ class OrdersChannel:
             self.reports = make_publisher(config, runtime)
         # Reports wait here for their turn (validation is serial), not in the loop's default pool.
         self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
+        self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -79,13 +82,33 @@ class OrdersChannel:
             await asyncio.to_thread(self.reports.validator.warm)
         if self.reports is not None:
             await self.runtime.bus.subscribe_batch(f"{self.name}.reports", REPORT_TOPICS, self._observe)
+            self._flusher = asyncio.create_task(self._flush_orders(), name=f"{self.name}-orders")
         await self.listener.start()
 
     async def stop(self) -> None:
         await self.listener.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         if self.reports is not None:
+            if self._orders:
+                self.reports.remember(self._orders)
             self._reports_thread.shutdown(wait=True)
             self.reports.close()
+
+    async def _flush_orders(self) -> None:
+        """Write the orders received meanwhile, one transaction every ``ORDER_FLUSH`` seconds."""
+        assert self.reports is not None
+        while True:
+            await asyncio.sleep(ORDER_FLUSH)
+            if self._orders:
+                batch, self._orders = self._orders, []
+                try:
+                    await asyncio.to_thread(self.reports.remember, batch)
+                except Exception as exc:  # e.g. disk full: keep them for the next round
+                    self._orders = batch + self._orders
+                    self._log.warning("reports.orders_not_written", error=str(exc))
 
     async def _observe(self, deliveries: list[Any]) -> None:
         """Studies and orders on the bus, a batch per transaction: what the reports of this channel will need."""
@@ -210,6 +233,9 @@ class OrdersChannel:
                 if self.reports is None:
                     raise MappingFailure("reports are not enabled on this channel", "MSH-9", code="200")
                 loop = asyncio.get_running_loop()
+                if self._orders:  # the orders received just before: the report may need one of them
+                    batch, self._orders = self._orders, []
+                    await loop.run_in_executor(self._reports_thread, self.reports.remember, batch)
                 try:
                     payload = await loop.run_in_executor(
                         self._reports_thread, self.reports.prepare, payload, message_key
@@ -224,6 +250,8 @@ class OrdersChannel:
                         code="207",
                         reject=True,
                     ) from exc
+            elif isinstance(payload, ImagingOrder) and self.reports is not None:
+                self._orders.append(payload)
             out.append(payload)
         return out
 
@@ -271,7 +299,8 @@ def _topic(payload: Any) -> str:
 _VALIDATORS: dict[tuple[str, str], Any] = {}
 
 
-REPORT_TOPICS = ["study.#", "order.#"]
+REPORT_TOPICS = ["study.#"]
+ORDER_FLUSH = 0.5  # seconds between two writes of the orders the reports may need
 
 
 def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:

@@ -97,7 +97,7 @@ class ReportPublisher:
         """Orders (by accession number: their procedure code and identifiers complete a terse report) and studies
         the archive holds (the DICOM object catalog), in one transaction."""
         orders = [
-            (p.accession_number.value, json.dumps(model.plain(p), ensure_ascii=False))
+            (p.accession_number.value, json.dumps(_order_summary(p), ensure_ascii=False))
             for p in payloads
             if isinstance(p, model.ImagingOrder) and p.accession_number.value
         ]
@@ -238,6 +238,8 @@ class ReportPublisher:
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
         ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
         study = self.study_for(report)
+        if study is not None and not report.study_instance_uid:
+            report.study_instance_uid = study.study_instance_uid  # found by accession number
         report.acts = [self.mapping.act_of(report, study)]
         data = self.mapping.build(report, ids, study)
         self._check(data)
@@ -362,6 +364,18 @@ class ReportPublisher:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+
+def _order_summary(order: model.ImagingOrder) -> dict[str, Any]:
+    """What a report may take from its order (kept small: written for every order the channel receives)."""
+    return {
+        "placer_order_number": model.plain(order.placer_order_number),
+        "filler_order_number": model.plain(order.filler_order_number),
+        "accession_number": model.plain(order.accession_number),
+        "study_instance_uid": order.study_instance_uid,
+        "procedure": model.plain(order.procedure),
+        "steps": [{"modality": step.modality} for step in order.steps[:1]],
+    }
 
 
 def _set_key(report: model.Report) -> str:

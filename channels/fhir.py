@@ -62,7 +62,7 @@ class FHIRChannel:
         self.mapping = FHIRMapping(resolve(runtime.config, config.get("mapping", "mappings/fhir.yaml")))
         self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"))
         destination = config.get("destination")
-        self.push = FHIRPush(self.name, destination, self.store, runtime) if destination else None
+        self.push = FHIRPush(self.name, destination, self.store, runtime, self.base_url) if destination else None
         self._touched: list[Key] = []
         self._log = log.bind(channel=self.name)
 

@@ -69,13 +69,19 @@ def push_message(keys: list[Key]) -> bytes:
 class FHIRPush:
     """Consumer of a ``fhir`` channel's push messages, delivering to one FHIR server."""
 
-    def __init__(self, channel: str, config: dict[str, Any], store: FHIRStore, runtime: Any) -> None:
+    def __init__(
+        self, channel: str, config: dict[str, Any], store: FHIRStore, runtime: Any, public_base: str = ""
+    ) -> None:
+        """``public_base``: the base URL of traboule's own ``/fhir`` as the FHIR server's users reach it; the
+        document attachments (``Binary/{id}``, served by traboule) are sent with that absolute URL, or without a
+        URL when it is not configured (a relative one would point at the server's own, missing, Binary)."""
         if config.get("adapter", "fhir-server") != "fhir-server":
             raise ValueError(f"channel {channel}: destination adapter {config.get('adapter')!r} not supported")
         base_url = str(config.get("base_url", ""))
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"channel {channel}: destination.base_url must be an http(s) URL, not {base_url!r}")
         self.channel = channel
+        self.public_base = public_base.rstrip("/")
         self.queue = push_queue(channel)
         self.store = store
         self.runtime = runtime
@@ -220,6 +226,7 @@ class FHIRPush:
                 self._log.warning("fhir.push_skipped", resource_type=key[0], id=key[1], reason="no identifier")
                 continue
             body = _rewrite({k: v for k, v in resource.items() if k not in ("id", "meta")}, references)
+            body = _attachments(body, self.public_base)
             query = identifier_search(ident.get("system", ""), ident["value"])
             entries.append(conditional_update(body, f"{key[0]}?{query}", full_url=urls[key]))
             sent.append((key, int(resource["meta"]["versionId"]), urls[key]))
@@ -263,3 +270,24 @@ def _rewrite(value: Any, references: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_rewrite(v, references) for v in value]
     return value
+
+
+def _attachments(resource: dict[str, Any], public_base: str) -> dict[str, Any]:
+    """Attachment URLs relative to traboule's API made absolute (or dropped without a public base)."""
+    if resource.get("resourceType") not in ("DocumentReference", "DiagnosticReport"):
+        return resource
+
+    def fix(attachment: dict[str, Any]) -> dict[str, Any]:
+        url = attachment.get("url", "")
+        if not url.startswith("Binary/"):
+            return attachment
+        if public_base:
+            return {**attachment, "url": f"{public_base}/{url}"}
+        return {k: v for k, v in attachment.items() if k != "url"}
+
+    out = dict(resource)
+    if "content" in out:
+        out["content"] = [{**c, "attachment": fix(c.get("attachment") or {})} for c in out["content"]]
+    if "presentedForm" in out:
+        out["presentedForm"] = [fix(a) for a in out["presentedForm"]]
+    return out

@@ -11,6 +11,8 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
@@ -35,6 +37,8 @@ PARSERS = {
     "OperationOutcome": OperationOutcome,
     "CapabilityStatement": CapabilityStatement,
     "ImagingStudy": ImagingStudy,
+    "DocumentReference": DocumentReference,
+    "DiagnosticReport": DiagnosticReport,
 }
 
 

@@ -298,3 +298,51 @@ async def test_mpps_and_the_archived_study_become_one_imaging_study_on_the_serve
         http.should_exit = True
         await http.task
         await runtime.stop()
+
+
+async def test_reports_reach_the_server_with_absolute_attachment_urls(
+    tmp_path: Path, fhir_server_url: str, fhir: FHIRClient
+) -> None:
+    """A published report: DocumentReference and DiagnosticReport on the server, the attachment pointing at
+    traboule's own Binary (the public base of its /fhir)."""
+    from tests.test_reports import report_of, study
+
+    tag = new_tag()
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    cfg.channels.append(
+        {
+            "name": "fhir",
+            "kind": "fhir",
+            "base_url": "https://traboule.example/fhir",
+            "destination": {"base_url": fhir_server_url, "max_bundle": 8},
+        }
+    )
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        accession = f"ACC0001-{tag}"
+        uid = f"1.2.250.1.999.1.2.20261125.1.{tag}"
+        env = Envelope(study(accession, uid))
+        await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+        publisher = runtime.channel("ris-orders").reports  # type: ignore[attr-defined]
+        report = message("oru_r01_report.hl7", tag)
+        await until(lambda: publisher.study_for(report_of(report)) is not None)
+        await send(runtime, message("orm_o01_nw_latin1.hl7", tag), report)
+        (request,) = await found(fhir, "ServiceRequest", f"{ACCESSION}|{accession}")
+        store = fhir_store(runtime)
+        await until(lambda: store.count("DocumentReference") == 1 and store.unpushed() <= 1)  # Binary stays local
+        (local,) = store.search("DocumentReference", {})[1]
+        master = local["masterIdentifier"]
+        (remote,) = await found(fhir, "DocumentReference", f"{master['system']}|{master['value']}")
+        r4(remote)
+        url = remote["content"][0]["attachment"]["url"]
+        assert url.startswith("https://traboule.example/fhir/Binary/")
+        assert remote["subject"]["reference"].startswith("Patient/")
+        bundle = await fhir.search("DiagnosticReport", {"based-on": f"ServiceRequest/{request['id']}"})
+        (diagnostic,) = [e["resource"] for e in bundle.get("entry", [])]
+        r4(diagnostic)
+        assert diagnostic["presentedForm"][0]["url"] == url
+        assert diagnostic["conclusion"].startswith("Nodule pulmonaire stable")
+    finally:
+        await runtime.stop()

@@ -80,6 +80,11 @@ class OrdersChannel:
         if self.reports is not None and self.reports.validator is not None:
             # Compiling the schematrons takes seconds: at start, not on the first report (its sender would wait).
             await asyncio.to_thread(self.reports.validator.warm)
+        if self.reports is not None and self.runtime.journal is not None:
+            journal = self.runtime.journal
+            discarded = self.reports.reconcile(journal.accepted)  # before the listener opens: nothing else runs
+            if discarded:
+                self._log.warning("reports.reconciled", discarded=discarded)
         if self.reports is not None:
             await self.runtime.bus.subscribe_batch(f"{self.name}.reports", REPORT_TOPICS, self._observe)
             self._flusher = asyncio.create_task(self._flush_orders(), name=f"{self.name}-orders")
@@ -185,6 +190,11 @@ class OrdersChannel:
         except (MappingFailure, ReportRefused) as exc:
             code = "AE"
             error = hl7.AckError(exc.reason, exc.location, exc.code)
+        except Exception as exc:  # a fault of ours: still journaled and answered (AR: the sender tries again)
+            self._log.exception("message.failed", control_id=entry.control_id, error=f"{type(exc).__name__}: {exc}")
+            code = "AR"
+            error = hl7.AckError(f"internal error ({type(exc).__name__}), send it again later", "", "207")
+        prepared = bool(events) and any(e.topic.startswith("document.") for e in events)
         if error:
             entry.status = "rejected"
             entry.error = f"{error.location}: {error.reason}" if error.location else error.reason
@@ -194,7 +204,11 @@ class OrdersChannel:
             entry.ack_code = "AA"
         try:
             await self.runtime.journal.append(entry, events)
-        except Exception as exc:  # the journal is not writable: nothing is acknowledged
+        except BaseException as exc:  # the journal is not writable (or the engine stops): nothing is acknowledged
+            if prepared and self.reports is not None:  # a document nobody will hear of: undo it
+                await asyncio.to_thread(self.reports.discard, entry.idempotency_key)
+            if not isinstance(exc, Exception):
+                raise
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
             # AR, not AE: the message itself is fine, and senders resend after AR (many do not after AE).
             code = "AR"

@@ -390,3 +390,45 @@ async def test_the_same_report_on_two_connections_at_once(engine: tuple[Runtime,
     assert sorted(d.version for d in documents) == [1, 2]
     assert len({d.id for d in documents}) == 2
     assert runtime.journal is not None and runtime.journal.counts().get("duplicate") == 1
+
+
+def _publisher(tmp_path: Path) -> Any:
+    from traboule.reports import ReportPublisher
+
+    publisher = ReportPublisher(CDAMapping(), tmp_path / "reports.sqlite")
+    publisher.remember_study(study())
+    return publisher
+
+
+def test_a_report_after_a_deletion_is_the_next_version(tmp_path: Path) -> None:
+    publisher = _publisher(tmp_path)
+    first = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+    deleted = publisher.prepare(report_of(fixture("oru_r01_report_deleted.hl7")), "m2")
+    again = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m3")
+    assert (first.version, deleted.action, deleted.id) == (1, "delete", first.id)
+    assert (again.action, again.version, again.set_id) == ("publish", 2, first.set_id)
+    assert publisher.current(first.set_id).id == again.id  # type: ignore[union-attr]
+
+
+def test_what_was_not_journaled_is_undone(tmp_path: Path) -> None:
+    """The journal write failed (or the engine died) after the document was prepared: the version goes away,
+    the one it superseded is current again, and the next report takes its number."""
+    publisher = _publisher(tmp_path)
+    first = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+    second = publisher.prepare(report_of(fixture("oru_r01_report_corrected.hl7")), "m2")
+    assert publisher.current(first.set_id).id == second.id  # type: ignore[union-attr]
+    assert publisher.reconcile(lambda key: key == "m1") == 1  # m2 never reached the journal
+    assert publisher.current(first.set_id).id == first.id  # type: ignore[union-attr]
+    assert publisher.document(second.id) is None
+    again = publisher.prepare(report_of(fixture("oru_r01_report_corrected.hl7")), "m3")
+    assert (again.id, again.replaces) == (second.id, first.id)
+
+
+async def test_odd_ins_characters_are_an_ae_not_a_dropped_connection(
+    engine: tuple[Runtime, list[model.Document]],
+) -> None:
+    runtime, _ = engine
+    text = fixture("oru_r01_report.hl7").decode().replace("279035121518989", "2790351215189²²")
+    (ack,) = await send(runtime, text.encode())
+    assert ack_code(ack) == "AE" and "check key" in ack.segment("MSA").field(3)  # type: ignore[union-attr]
+    assert runtime.journal is not None and runtime.journal.recent(1)[0].status == "rejected"

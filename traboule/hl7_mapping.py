@@ -591,13 +591,16 @@ MEDIA_TYPES = {
 }
 
 
+_INS = re.compile(r"^[0-9]{5}(?:[0-9]{2}|2[AB])[0-9]{8}$")
+
+
 def ins_key_ok(value: str) -> bool:
-    """INS-NIR / NIA check: 13 characters (Corsica 2A/2B counted as 19/18) then a 2-digit key = 97 - n mod 97."""
-    if len(value) != 15 or not value[13:].isdigit():
+    """INS-NIR / NIA check: 13 characters (Corsica: department 2A / 2B counted as 19 / 18) then a 2-digit key
+    = 97 - (the 13 as a number) mod 97."""
+    value = value.upper()
+    if not _INS.match(value):
         return False
-    body = value[:13].upper().replace("2A", "19", 1).replace("2B", "18", 1)
-    if not body.isdigit():
-        return False
+    body = value[:5] + value[5:7].replace("2A", "19").replace("2B", "18") + value[7:13]
     return 97 - int(body) % 97 == int(value[13:])
 
 

@@ -236,6 +236,14 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
+    def accepted(self, idempotency_key: str) -> bool:
+        """Whether a message with this idempotency key was accepted (its events are or were in the outbox)."""
+        row = self._db.execute(
+            "SELECT 1 FROM messages INDEXED BY messages_key WHERE idempotency_key = ? AND status = 'accepted' LIMIT 1",
+            (idempotency_key,),
+        ).fetchone()
+        return row is not None
+
     def get(self, entry_id: int) -> JournalEntry | None:
         row = self._db.execute("SELECT * FROM messages WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None

@@ -227,14 +227,17 @@ class ReportPublisher:
                 set_id = row[0]
         return set_id, self.current(set_id)
 
+    def _next_version(self, set_id: str) -> int:
+        """After every version the set ever had, deleted ones included (their ids stay taken)."""
+        with self._lock:
+            (last,) = self._db.execute("SELECT MAX(version) FROM documents WHERE set_id = ?", (set_id,)).fetchone()
+        return int(last or 0) + 1
+
     def _generated(self, report: model.Report, message_key: str) -> model.Document:
         key = _set_key(report)
         set_id, current = self._set_for(key)
-        version = 1
-        replaces = ""
-        if current is not None:
-            version, replaces = current.version + 1, current.id
-        elif report.action == "replace":
+        version, replaces = self._next_version(set_id), current.id if current is not None else ""
+        if current is None and report.action == "replace":
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
         ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
         study = self.study_for(report)
@@ -306,6 +309,52 @@ class ReportPublisher:
         doc.report.action = "delete"
         self._store(doc, message_key)
         return doc
+
+    def discard(self, message_key: str) -> None:
+        """Undo what ``prepare`` stored for a message that was not journaled after all (the journal write failed,
+        the engine stopped in between): the version goes, the one it superseded or deleted is current again."""
+        with self._prepare_lock, self._lock:
+            row = self._db.execute(
+                "SELECT document_id, action FROM messages WHERE message_key = ?", (message_key,)
+            ).fetchone()
+            if row is None:
+                return
+            doc_id, action = row
+            found = self._db.execute("SELECT document FROM documents WHERE id = ?", (doc_id,)).fetchone()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if action == "delete":
+                    if found is not None:
+                        doc = _document(found[0])
+                        doc.action = "replace" if doc.replaces else "publish"
+                        self._db.execute(
+                            "UPDATE documents SET status = 'current', document = ? WHERE id = ?", (_json(doc), doc_id)
+                        )
+                else:
+                    replaced = _document(found[0]).replaces if found is not None else ""
+                    self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+                    if replaced:
+                        self._db.execute(
+                            "UPDATE documents SET status = 'current' WHERE id = ? AND status = 'superseded'",
+                            (replaced,),
+                        )
+                self._db.execute("DELETE FROM messages WHERE message_key = ?", (message_key,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        log.warning("report.discarded", document_id=doc_id, action=action)
+
+    def reconcile(self, journaled: Any, recent: int = 100) -> int:
+        """At start: discard what was prepared for messages the journal does not hold as accepted (a crash between
+        the two writes can only concern the last ones: ``recent``). ``journaled(message_key) -> bool``."""
+        with self._lock:
+            rows = self._db.execute("SELECT message_key FROM messages ORDER BY rowid DESC LIMIT ?", (recent,))
+            keys = [r[0] for r in rows]
+        missing = [k for k in keys if not journaled(k)]
+        for key in missing:
+            self.discard(key)
+        return len(missing)
 
     def _check(self, data: bytes) -> None:
         if self.validator is None:

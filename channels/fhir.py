@@ -291,9 +291,9 @@ class FHIRChannel:
         return changed
 
     def _repoint(self, old: str, new: str, seq: int) -> int:
-        """Orders and studies of a merged Patient now belong to the survivor."""
+        """Orders, studies and reports of a merged Patient now belong to the survivor."""
         changed = 0
-        for rtype in ("ServiceRequest", "ImagingStudy"):
+        for rtype in ("ServiceRequest", "ImagingStudy", "DocumentReference", "DiagnosticReport"):
             for subject in (old, new):  # the survivor's too: a redelivered merge must name them again (push)
                 _, found = self.store.search(rtype, {"subject": subject}, count=10_000)
                 for resource in found:

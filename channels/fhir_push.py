@@ -50,7 +50,7 @@ from traboule.fhir_store import FHIRStore
 log = structlog.get_logger("traboule.channels.fhir_push")
 
 Key = tuple[str, str]  # (resource type, id)
-ORDER = {"Patient": 0, "ServiceRequest": 1, "ImagingStudy": 2}  # referenced resources first
+ORDER = {"Patient": 0, "ServiceRequest": 1, "ImagingStudy": 2, "DocumentReference": 3, "DiagnosticReport": 4}
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 
 

@@ -432,3 +432,22 @@ async def test_odd_ins_characters_are_an_ae_not_a_dropped_connection(
     (ack,) = await send(runtime, text.encode())
     assert ack_code(ack) == "AE" and "check key" in ack.segment("MSA").field(3)  # type: ignore[union-attr]
     assert runtime.journal is not None and runtime.journal.recent(1)[0].status == "rejected"
+
+
+def test_two_exams_in_one_message_are_refused_and_coded_rows_stay_out_of_the_text() -> None:
+    text = fixture("oru_r01_report.hl7").decode()
+    obr = next(line for line in text.split("\r") if line.startswith("OBR"))
+    with pytest.raises(MappingFailure, match="one report per message"):
+        HL7InboundMapping().map(hl7.parse(text.replace(obr, f"{obr}\r{obr.replace('ACC0001', 'ACC0002')}")))
+    report = report_of((text + "\rOBX|6|ST|113014^DICOM Study^DCM||1.2.3.4||||||F").encode())
+    assert "1.2.3.4" not in report.section("59776-5").text  # type: ignore[union-attr]
+    assert report.study_instance_uid == "1.2.3.4"
+
+
+def test_a_ready_document_with_a_doctype_is_refused() -> None:
+    from traboule.cda import CDAError
+
+    evil = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+    evil += b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&e;</title></ClinicalDocument>'
+    with pytest.raises(CDAError, match="DOCTYPE"):
+        read_header(evil)

@@ -783,7 +783,9 @@ class CDAHeader:
     replaces: str = ""
 
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=False)
+# huge_tree: a level-1 document carries its PDF as one base64 text node, past libxml2's 10 MB default. Entities are
+# not resolved and a DOCTYPE is refused (below), so nothing expands.
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True, remove_blank_text=False)
 
 
 def read_header(data: bytes) -> CDAHeader:
@@ -792,6 +794,8 @@ def read_header(data: bytes) -> CDAHeader:
         root = etree.fromstring(data, _PARSER)
     except etree.XMLSyntaxError as exc:
         raise CDAError(f"not well-formed XML: {exc}") from exc
+    if root.getroottree().docinfo.doctype:
+        raise CDAError("a CDA document has no DOCTYPE (refused: entity declarations)")
     if root.tag != f"{{{V3}}}ClinicalDocument":
         raise CDAError(f"not a CDA document: root element {root.tag!r}")
     ns = {"v3": V3, "ps3-20": PS320}

@@ -604,8 +604,10 @@ def _cda_metadata(data: bytes) -> dict[str, Any]:
 
     ns = {"v3": "urn:hl7-org:v3"}
     try:
-        root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+        root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True))
     except etree.XMLSyntaxError:
+        return {}
+    if root.getroottree().docinfo.doctype:
         return {}
 
     def person(path: str) -> dict[str, Any] | None:

@@ -430,6 +430,11 @@ class HL7InboundMapping:
         for seg in msg.segments:
             scope.setdefault(seg.name, []).append(seg)
         seps = msg.separators
+        accessions = {seg.field(18).split(seps.component)[0] for seg in scope.get("OBR", [])} - {""}
+        if len(accessions) > 1:  # several exams, several documents: one message per report, please
+            raise MappingFailure(
+                f"one report per message: the OBR segments carry {len(accessions)} accession numbers", "OBR-18"
+            )
         patient = self._fill(model.Patient(), self.patient, scope, seps)
         report = self._fill(model.Report(patient=patient), self.report, scope, seps)
         report.observations = [observation(seg, seps) for seg in scope.get("OBX", [])]
@@ -537,6 +542,8 @@ class ReportText:
             if obs.value_type not in self.text_types:
                 continue
             section = self.table.lookup((obs.code,), "section") if obs.code else None
+            if section is None and obs.value_type == "ST":
+                continue  # a short coded value (study UID, modality...), not report text, unless listed
             if section is None:
                 section = self.default
                 title = self.table.lookup((section,), "title") or ""

@@ -241,8 +241,8 @@ class ReportPublisher:
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
         ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
         study = self.study_for(report)
-        if study is not None and not report.study_instance_uid:
-            report.study_instance_uid = study.study_instance_uid  # found by accession number
+        if study is not None:  # the archive's UID (found by accession number, it may differ from the order's)
+            report.study_instance_uid = study.study_instance_uid
         report.acts = [self.mapping.act_of(report, study)]
         data = self.mapping.build(report, ids, study)
         self._check(data)

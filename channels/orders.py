@@ -116,7 +116,7 @@ class OrdersChannel:
                     self._log.warning("reports.orders_not_written", error=str(exc))
 
     async def _observe(self, deliveries: list[Any]) -> None:
-        """Studies and orders on the bus, a batch per transaction: what the reports of this channel will need."""
+        """Studies on the bus, a batch per transaction: the DICOM object catalog of the reports."""
         if self.reports is None:
             return
         payloads = [Envelope.from_json(d.body).payload for d in deliveries]
@@ -249,7 +249,11 @@ class OrdersChannel:
                 loop = asyncio.get_running_loop()
                 if self._orders:  # the orders received just before: the report may need one of them
                     batch, self._orders = self._orders, []
-                    await loop.run_in_executor(self._reports_thread, self.reports.remember, batch)
+                    try:
+                        await loop.run_in_executor(self._reports_thread, self.reports.remember, batch)
+                    except Exception as exc:  # kept for the next round; the report goes on without them
+                        self._orders = batch + self._orders
+                        self._log.warning("reports.orders_not_written", error=str(exc))
                 try:
                     payload = await loop.run_in_executor(
                         self._reports_thread, self.reports.prepare, payload, message_key

@@ -451,3 +451,32 @@ def test_a_ready_document_with_a_doctype_is_refused() -> None:
     evil += b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&e;</title></ClinicalDocument>'
     with pytest.raises(CDAError, match="DOCTYPE"):
         read_header(evil)
+
+
+def test_a_status_message_completes_the_order_summary_without_blanking_it(tmp_path: Path) -> None:
+    publisher = _publisher(tmp_path)
+    (order,) = HL7InboundMapping().map(hl7.parse(hl7.decode(fixture("orm_o01_nw_latin1.hl7")).text))
+    publisher.remember([order])
+    status = model.ImagingOrder(action="status", accession_number=Identifier("ACC0001"))
+    publisher.remember([status])
+    kept = publisher.order_for("ACC0001")
+    assert kept is not None and kept.procedure.code == "CTTAP" and kept.study_instance_uid == STUDY_UID
+
+
+def test_a_replacement_of_an_unknown_or_older_version_is_refused(tmp_path: Path) -> None:
+    from traboule.reports import ReportRefused
+
+    publisher = _publisher(tmp_path)
+    first = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+    publisher.prepare(report_of(fixture("oru_r01_report_corrected.hl7")), "m2")
+    data = CDAMapping().build(
+        report_of(fixture("oru_r01_report_corrected.hl7")),
+        DocumentIds("1.2.250.1.999.7.3", "1.2.250.1.999.7", 3, first.id),
+        study(),
+    )
+    for replaced, reason in ((first.id, "not the current version"), ("1.2.250.1.999.404", "not published here")):
+        report = report_of(fixture("oru_r01_report_corrected.hl7"))
+        report.attachment_type, report.attachment = "text/xml", base64.b64encode(data).decode()
+        report.replaced_document_id = replaced
+        with pytest.raises(ReportRefused, match=reason):
+            publisher.prepare(report, f"m-{replaced}")

@@ -8,6 +8,7 @@ Mapping files are data an integrator edits; anything wrong in them must fail at 
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,14 @@ def _datetime(v: str) -> str:
     return v.split("+")[0].split("-")[0][:14] if _valid_date(v) else ""
 
 
+def _instant(v: str) -> str:
+    """HL7 DTM with its zone kept when it has one: ``YYYYMMDDHHMMSS[+-ZZZZ]`` (fractions dropped)."""
+    if not _valid_date(v):
+        return ""
+    m = re.match(r"^(\d{8,14})(?:\.\d+)?([+-]\d{4})?$", v.strip())
+    return (m.group(1) + (m.group(2) or "")) if m else _datetime(v)
+
+
 def _height_m(v: str) -> str:
     """A height in metres (DICOM PatientSize). LOINC 8302-2 is sent in cm: a value above 3 is taken as cm."""
     try:
@@ -182,6 +191,7 @@ FILTERS: dict[str, Callable[[str], str]] = {
     "date": _date,  # HL7 DTM → DICOM DA
     "time": _time,  # HL7 DTM → DICOM TM (no zone)
     "datetime": _datetime,  # HL7 DTM without zone
+    "instant": _instant,  # HL7 DTM with its zone, when it has one
     "upper": str.upper,
     "lower": str.lower,
     "trim": str.strip,

@@ -97,7 +97,7 @@ class ReportPublisher:
         """Orders (by accession number: their procedure code and identifiers complete a terse report) and studies
         the archive holds (the DICOM object catalog), in one transaction."""
         orders = [
-            (p.accession_number.value, json.dumps(_order_summary(p), ensure_ascii=False))
+            (p.accession_number.value, _order_summary(p))
             for p in payloads
             if isinstance(p, model.ImagingOrder) and p.accession_number.value
         ]
@@ -111,10 +111,11 @@ class ReportPublisher:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO orders VALUES (?, ?) ON CONFLICT (accession) DO UPDATE SET orders = excluded.orders",
-                    orders,
-                )
+                for accession, summary in orders:  # a status message carries less: it completes, never blanks
+                    row = self._db.execute("SELECT orders FROM orders WHERE accession = ?", (accession,)).fetchone()
+                    merged = _overlay(json.loads(row[0]), summary) if row else summary
+                    text = json.dumps(merged, ensure_ascii=False)
+                    self._db.execute("INSERT OR REPLACE INTO orders VALUES (?, ?)", (accession, text))
                 self._db.executemany(
                     "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT (uid) DO UPDATE SET "
                     "accession = excluded.accession, study = excluded.study",
@@ -265,14 +266,14 @@ class ReportPublisher:
         if self.document(header.id) is not None:
             raise ReportRefused(f"document {header.id} was already published; a new version needs a new id", "OBX-5")
         # The replaced version: as the message says (TXA-13), else as the CDA says (RPLC), else the set's current one.
-        replaced = next(
-            (
-                d
-                for c in (report.replaced_document_id, header.replaces)
-                if c and c != header.id and (d := self.document(c))
-            ),
-            None,
-        )
+        named = next((c for c in (report.replaced_document_id, header.replaces) if c and c != header.id), "")
+        replaced = self.document(named) if named else None
+        if named and replaced is None:
+            raise ReportRefused(f"the document it replaces ({named}) was not published here", "TXA-13")
+        if replaced is not None:
+            latest = self.current(replaced.set_id)
+            if latest is not None and latest.id != replaced.id:
+                raise ReportRefused(f"it replaces {named}, which is not the current version ({latest.id})", "TXA-13")
         # The set: the CDA's setId, else the replaced version's set, else (a first version) its own id.
         set_key = header.set_id or (replaced.set_id if replaced else header.id)
         set_id, current = self._set_for(set_key, set_key)
@@ -425,6 +426,13 @@ def _order_summary(order: model.ImagingOrder) -> dict[str, Any]:
         "procedure": model.plain(order.procedure),
         "steps": [{"modality": step.modality} for step in order.steps[:1]],
     }
+
+
+def _overlay(old: Any, new: Any) -> Any:
+    """``new`` over ``old``, where empty values of ``new`` keep the old ones."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: _overlay(old.get(k), new.get(k)) for k in {*old, *new}}
+    return new if new not in ("", [], {}, None) else old
 
 
 def _set_key(report: model.Report) -> str:

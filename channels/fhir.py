@@ -60,7 +60,7 @@ class FHIRChannel:
         self.api = bool(config.get("api", False))
         self.base_url = str(config.get("base_url", ""))
         self.mapping = FHIRMapping(resolve(runtime.config, config.get("mapping", "mappings/fhir.yaml")))
-        self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"))
+        self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"), self.mapping.timezone)
         destination = config.get("destination")
         self.push = FHIRPush(self.name, destination, self.store, runtime, self.base_url) if destination else None
         self._touched: list[Key] = []

@@ -447,3 +447,30 @@ async def test_imaging_study_status_follows_the_modality_then_the_archive(tmp_pa
         assert imaging_status() == "available" and store.count("ImagingStudy") == 1
     finally:
         await runtime.stop()
+
+
+@pytest.mark.parametrize(
+    ("query", "found"),
+    [
+        (["2026-03-15"], True),  # a local day (Europe/Paris): 00:30 local is 23:30 UTC the day before
+        (["2026-03-14"], False),
+        (["2026-03-15T00:30+01:00"], True),  # minute precision: 00:30:45 is within it
+        (["2026-03-15T00:30"], True),  # no zone: local time
+        (["2026-03-14T23:30:45Z"], True),
+        (["ge2026-03-15", "le2026-03-15"], True),  # a range: both must hold
+        (["ge2026-03-16", "le2026-03-20"], False),
+        (["gt2026-03-15"], False),
+        (["lt2026-03-15T00:31+01:00"], True),
+        (["2026-03"], True),
+        (["2027"], False),
+    ],
+)
+def test_date_search_covers_the_precision_given(tmp_path: Path, query: list[str], found: bool) -> None:
+    from zoneinfo import ZoneInfo
+
+    store = FHIRStore(str(tmp_path / "s.sqlite"), ZoneInfo("Europe/Paris"))
+    store.upsert(
+        {"resourceType": "DocumentReference", "id": "d1", "status": "current", "date": "2026-03-15T00:30:45+01:00"}
+    )
+    total, _ = store.search("DocumentReference", {"date": query if len(query) > 1 else query[0]})
+    assert total == (1 if found else 0)

@@ -124,7 +124,7 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         rtype = request.path_params["type"]
         if rtype not in SEARCH_PARAMS or not SEARCH_PARAMS[rtype]:
             return outcome(404, "not-supported", f"search of {rtype!r} is not served here")
-        params: dict[str, str] = {}
+        params: dict[str, str | list[str]] = {}
         count, offset = DEFAULT_COUNT, 0
         for name, value in request.query_params.multi_items():
             if name in IGNORED:
@@ -143,9 +143,11 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
                 continue
             if name != "_id" and name not in SEARCH_PARAMS[rtype]:
                 return outcome(400, "not-supported", f"search parameter {name!r} is not supported for {rtype}", name)
-            if name in params:  # repeated parameter: both must match; keep it simple and refuse
-                return outcome(400, "not-supported", f"search parameter {name!r} given twice", name)
-            params[name] = value
+            if name in params:  # repeated: every occurrence must match (a date range: date=ge...&date=le...)
+                previous = params[name]
+                params[name] = [*([previous] if isinstance(previous, str) else previous), value]
+            else:
+                params[name] = value
         try:
             total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
         except SearchError as exc:
@@ -153,7 +155,8 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         base = base_of(request)
 
         def page(at: int) -> str:
-            query = [*params.items(), ("_count", str(count)), ("_offset", str(at))]
+            pairs = [(k, x) for k, v in params.items() for x in ([v] if isinstance(v, str) else v)]
+            query = [*pairs, ("_count", str(count)), ("_offset", str(at))]
             return f"{base}/{rtype}?{urlencode(query)}"
 
         links = [{"relation": "self", "url": page(offset)}]

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 SCHEMA = """
@@ -157,8 +158,10 @@ def utc_instant(value: str) -> str:
 
 
 class FHIRStore:
-    def __init__(self, path: str):
+    def __init__(self, path: str, timezone: Any = None):
+        """``timezone``: how a date or a zone-less time in a date search is read (local days); UTC when None."""
         self.path = path
+        self.timezone = timezone or UTC
         self._lock = threading.RLock()
         self._depth = 0
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -284,22 +287,23 @@ class FHIRStore:
             return self._db.execute("SELECT count(*) FROM resources WHERE type=?", (rtype,)).fetchone()[0]
 
     def search(
-        self, rtype: str, params: dict[str, str], count: int = 20, offset: int = 0
+        self, rtype: str, params: dict[str, str | list[str]], count: int = 20, offset: int = 0
     ) -> tuple[int, list[dict[str, Any]]]:
-        """Resources of ``rtype`` matching every parameter (a comma in a value means "or"); in insertion order.
+        """Resources of ``rtype`` matching every parameter (a comma in a value means "or"; a parameter given
+        several times, as a list, means "and", e.g. a date range); in insertion order.
         Tokens: ``system|value``, ``value`` (any system), ``|value`` (no system), ``system|`` (any value)."""
         supported = SEARCH_PARAMS.get(rtype)
         if supported is None:
             raise SearchError("", f"resource type {rtype!r} is not served")
         where, args = ["r.type = ?"], [rtype]
-        for name, raw in params.items():
-            alternatives = raw.split(",")
-            ors: list[str] = []
-            for value in alternatives:
-                clause, clause_args = self._clause(rtype, name, value, supported)
-                ors.append(clause)
-                args.extend(clause_args)
-            where.append("(" + " OR ".join(ors) + ")")
+        for name, given in params.items():
+            for raw in [given] if isinstance(given, str) else given:
+                ors: list[str] = []
+                for value in raw.split(","):
+                    clause, clause_args = self._clause(rtype, name, value, supported)
+                    ors.append(clause)
+                    args.extend(clause_args)
+                where.append("(" + " OR ".join(ors) + ")")
         sql_where = " AND ".join(where)
         with self._lock:
             total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {sql_where}", args).fetchone()[0]
@@ -326,7 +330,7 @@ class FHIRStore:
                 [rtype, ref],
             )
         if kind == "date":
-            return _date_clause(rtype, name, value)
+            return _date_clause(rtype, name, value, self.timezone)
         token_sql, token_args = _token(value)
         if name == "patient.identifier":
             return (
@@ -353,16 +357,18 @@ def _token(value: str) -> tuple[str, list[str]]:
 _DATE_PREFIXES = ("eq", "ne", "ge", "le", "gt", "lt", "sa", "eb", "ap")
 
 
-def _date_clause(rtype: str, name: str, value: str) -> tuple[str, list[str]]:
-    """``date=[prefix]YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]``: eq (the default) matches the whole given precision."""
+def _date_clause(rtype: str, name: str, value: str, zone: Any) -> tuple[str, list[str]]:
+    """``date=[prefix]YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]``: the value stands for the whole interval of its precision
+    (a day is a local day in ``zone``; a time without a zone is local too); eq matches within it, ge/gt/le/lt compare
+    with its start or end. Stored values are UTC ``YYYY-MM-DDTHH:MM:SS``."""
     prefix = value[:2] if value[:2] in _DATE_PREFIXES else "eq"
     moment = value[2:] if value[:2] in _DATE_PREFIXES else value
     if prefix not in ("eq", "ge", "le", "gt", "lt"):
         raise SearchError(name, f"{name}: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
-    if not moment[:4].isdigit():
-        raise SearchError(name, f"{name}: {value!r} is not a FHIR date")
-    low = utc_instant(moment) if "T" in moment else moment
-    high = low + "\uffff"  # every instant within the given precision sorts below it
+    try:
+        low, high = _interval(moment, zone)
+    except ValueError as exc:
+        raise SearchError(name, f"{name}: {value!r} is not a FHIR date ({exc})") from exc
     sql, args = {
         "eq": ("p.value >= ? AND p.value < ?", [low, high]),
         "ge": ("p.value >= ?", [low]),
@@ -374,3 +380,32 @@ def _date_clause(rtype: str, name: str, value: str) -> tuple[str, list[str]]:
         f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {sql})",
         [rtype, name, *args],
     )
+
+
+def _interval(moment: str, zone: Any) -> tuple[str, str]:
+    """[start, end) in UTC text of a FHIR date / dateTime at its own precision."""
+    m = re.fullmatch(
+        r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?", moment
+    )
+    if not m:
+        raise ValueError("expected YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]")
+    year, month, day, hour, minute, second, offset = m.groups()
+    tz = zone
+    if offset:
+        tz = UTC if offset == "Z" else timezone(timedelta(hours=int(offset[:3]), minutes=int(offset[0] + offset[4:])))
+    start = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
+    if second:
+        end = start + timedelta(seconds=1)
+    elif minute:
+        end = start + timedelta(minutes=1)
+    elif day:
+        end = start + timedelta(days=1)
+    elif month:
+        end = start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
+    else:
+        end = start.replace(year=start.year + 1)
+
+    def utc(moment: datetime) -> str:
+        return moment.replace(tzinfo=tz).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+    return utc(start), utc(end)

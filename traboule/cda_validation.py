@@ -465,6 +465,10 @@ WARM_DOCUMENT = (
 )
 
 
+START_TIMEOUT = 600.0  # seconds for the worker to start and compile (a cold cache on a slow disk included)
+VALIDATE_TIMEOUT = 120.0  # seconds for one document (~0.1 s for a report, ~1.5 s for a large one)
+
+
 class ProcessValidator:
     """A :class:`CDAValidator` in a worker process of its own, with the same ``validate`` / ``compile_all``.
 
@@ -481,7 +485,15 @@ class ProcessValidator:
         self._pool: Any = None
         atexit.register(self.close)  # stop the worker before the interpreter tears down
 
-    def _submit(self, fn: Any, *args: Any) -> Any:
+    def _kill(self, pool: Any) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        for process in list(getattr(pool, "_processes", {}).values()):  # no public API to stop a busy worker
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
@@ -494,7 +506,11 @@ class ProcessValidator:
                     )
                 pool = self._pool
             try:
-                return pool.submit(fn, *args).result()
+                return pool.submit(fn, *args).result(timeout=timeout)
+            except TimeoutError:
+                # A worker stuck in a transform would hold every report behind it: end it, the next call starts anew.
+                self._kill(pool)
+                raise
             except BrokenProcessPool:
                 with self._lock:
                     if self._pool is pool:
@@ -504,14 +520,15 @@ class ProcessValidator:
         raise AssertionError("unreachable")
 
     def compile_all(self) -> dict[str, float]:
-        return self._submit(_worker_compile)
+        return self._submit(_worker_compile, timeout=START_TIMEOUT)
 
     def warm(self) -> None:
         """Start the worker, compile and run every schematron once (see ``CDAValidator.warm``)."""
-        self._submit(_worker_warm)
+        self._submit(_worker_warm, timeout=START_TIMEOUT)
 
     def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
-        return self._submit(_worker_validate, data, source)
+        """Raises ``TimeoutError`` after ``VALIDATE_TIMEOUT`` (the worker is then replaced)."""
+        return self._submit(_worker_validate, data, source, timeout=VALIDATE_TIMEOUT)
 
     def close(self) -> None:
         with self._lock:

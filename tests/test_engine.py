@@ -291,3 +291,20 @@ def test_operations_guide_configuration_loads(tmp_path: Path) -> None:
     assert [c["name"] for c in cfg.channels] == ["ris-orders", "worklist"]
     assert cfg.processes() == ["main", "worker"]
     assert [d["adapter"] for d in cfg.channel("worklist")["destinations"]] == ["mwl-scp", "worklist-files"]
+
+
+async def test_journal_prune_keeps_what_is_recent_or_not_yet_on_the_bus(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        old = "2026-01-01T00:00:00.000+00:00"
+        await journal.append(JournalEntry("ch", b"old delivered", "accepted", received=old, idempotency_key="a"))
+        pending = await journal.append(
+            JournalEntry("ch", b"old pending", "accepted", received=old, idempotency_key="b"),
+            [OutboxEvent("order.new", "e1", b"{}")],
+        )
+        await journal.append(JournalEntry("ch", b"recent", "rejected"))
+        assert journal.prune("2026-06-01T00:00:00.000+00:00") == 1
+        assert sorted(e.raw for e in journal.recent(10)) == [b"old pending", b"recent"]
+        assert journal.get(pending.id) is not None and journal.outbox_depth() == 1
+    finally:
+        journal.close()

@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import uvloop
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     jr_list = jr_sub.add_parser("list", help="latest entries")
     jr_list.add_argument("--status", choices=["accepted", "duplicate", "rejected", "undelivered"])
     jr_list.add_argument("--limit", type=int, default=20)
+    jr_prune = jr_sub.add_parser("prune", help="forget messages older than some days (their events delivered)")
+    jr_prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
     jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
     jr_replay.add_argument("ids", type=int, nargs="+")
     jr_replay.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
@@ -300,6 +303,12 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
                     print(f"{name:16} {value}")
             print("raw:")
             print(entry.raw.decode("utf-8", "replace").replace("\r", "\n"))
+        elif args.action == "prune":
+            if args.older_than <= 0:
+                print("--older-than must be a positive number of days", file=sys.stderr)
+                return 1
+            before = (datetime.now(UTC) - timedelta(days=args.older_than)).isoformat(timespec="milliseconds")
+            print(f"{journal.prune(before)} message(s) received before {before} forgotten")
         elif args.action == "replay":
             return _replay(cfg, journal, args)
         else:

@@ -236,6 +236,14 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
+    def prune(self, before: str) -> int:
+        """Forget messages received before ``before`` (ISO 8601, UTC) whose events all reached the bus; returns
+        how many. Their duplicates are then no longer recognised as such: keep longer than senders resend."""
+        cur = self._db.execute(
+            "DELETE FROM messages WHERE received < ? AND id NOT IN (SELECT message_id FROM outbox)", (before,)
+        )
+        return int(cur.rowcount or 0)
+
     def accepted(self, idempotency_key: str) -> bool:
         """Whether a message with this idempotency key was accepted (its events are or were in the outbox)."""
         row = self._db.execute(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ssl
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -43,7 +44,10 @@ def identifier_search(system: str, value: str) -> str:
     """``identifier=system|value`` (token search); ``|`` and ``,``/``$`` in the parts are escaped per FHIR."""
 
     def esc(part: str) -> str:
-        return part.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+        # FHIR's own escapes first, then percent-encoding: "+", "&", "#", spaces would otherwise change the value
+        # the server searches for (and a conditional update would create a duplicate).
+        fhir = part.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+        return quote(fhir, safe="\\:/.-_~")
 
     return f"identifier={esc(system)}|{esc(value)}" if system else f"identifier={esc(value)}"
 

@@ -215,16 +215,19 @@ class FHIRPush:
 
         for key in keys:
             visit(key, 0)
-        ordered = sorted(todo, key=lambda k: ORDER.get(k[0], 9))
+        ordered = []
+        for key in sorted(todo, key=lambda k: ORDER.get(k[0], 9)):
+            if key_identifier(todo[key]) is None:  # nothing to match it on: not sent, references to it left as are
+                self._log.warning("fhir.push_skipped", resource_type=key[0], id=key[1], reason="no identifier")
+                continue
+            ordered.append(key)
         urls = {k: new_full_url() for k in ordered}
         references.update({f"{k[0]}/{k[1]}": urls[k] for k in ordered})
         entries, sent = [], []
         for key in ordered:
             resource = todo[key]
             ident = key_identifier(resource)
-            if ident is None:
-                self._log.warning("fhir.push_skipped", resource_type=key[0], id=key[1], reason="no identifier")
-                continue
+            assert ident is not None
             body = _rewrite({k: v for k, v in resource.items() if k not in ("id", "meta")}, references)
             body = _attachments(body, self.public_base)
             query = identifier_search(ident.get("system", ""), ident["value"])

@@ -87,9 +87,9 @@ class HL7DocumentsChannel:
         dest = config.get("destination") or {}
         if dest.get("adapter", "mllp-sender") != "mllp-sender":
             raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
-        self.sender = MLLPSender(
-            dest.get("host", "127.0.0.1"), int(dest.get("port", 2575)), timeout=float(dest.get("timeout", 10))
-        )
+        if not dest.get("host") or not dest.get("port"):
+            raise ValueError(f"channel {self.name}: destination needs host and port (the receiver's MLLP listener)")
+        self.sender = MLLPSender(str(dest["host"]), int(dest["port"]), timeout=float(dest.get("timeout", 10)))
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -195,7 +195,8 @@ class HL7DocumentsChannel:
                 value = f"{flag.value}^^expandedYes-NoIndicator"
                 segments.append(f"OBX|{n}|CWE|{e(flag.code)}^{display}^MetaDMPMSS||{value}||||||F")
             else:  # a mail body: ED base64 as received
-                segments.append(f"OBX|{n}|ED|{e(flag.code)}^{display}^MetaDMPMSS||^text^^Base64^{flag.value}||||||F")
+                value = e(flag.value)
+                segments.append(f"OBX|{n}|ED|{e(flag.code)}^{display}^MetaDMPMSS||^text^^Base64^{value}||||||F")
         return "\r".join(segments) + "\r"
 
 

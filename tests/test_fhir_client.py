@@ -21,7 +21,7 @@ from adapters.fhir_client import (
 from tests.peer_dcmtk import free_port
 
 INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"  # French national health identifier (INS-NIR)
-INS_VALUE = "279035121518989"
+INS_VALUE = str(uuid.uuid4().int)[:15]  # unique per run: the test server is shared by the session
 ACCESSION_SYSTEM = "urn:oid:1.2.250.1.999.1.1.1"
 
 

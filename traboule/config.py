@@ -125,8 +125,9 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     cfg.http_host = env.get("TRABOULE_HTTP_HOST", cfg.http_host)
     cfg.log_format = env.get("TRABOULE_LOG_FORMAT", cfg.log_format)
     cfg.log_level = env.get("TRABOULE_LOG_LEVEL", cfg.log_level)
-    if env.get("TRABOULE_API_TOKENS", "").strip():
-        cfg.api_tokens = [t.strip() for t in env["TRABOULE_API_TOKENS"].split(",") if t.strip()]
+    tokens = [t.strip() for t in env.get("TRABOULE_API_TOKENS", "").split(",") if t.strip()]
+    if tokens:  # an empty or blank variable does not remove the file's tokens
+        cfg.api_tokens = tokens
     try:
         if "TRABOULE_HTTP_PORT" in env:
             cfg.http_port = int(env["TRABOULE_HTTP_PORT"])

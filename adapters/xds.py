@@ -460,9 +460,12 @@ def soap_part(content_type: str, body: bytes) -> bytes:
         return body
     parts = split_multipart(content_type, body)
     start = _params(content_type).get_param("start")
+    wanted = start.strip("<>") if isinstance(start, str) else ""
     for headers, data in parts:
-        if not isinstance(start, str) or headers.get("content-id") == start:
+        if not wanted or (headers.get("content-id") or "").strip("<>") == wanted:
             return data
+    if parts:  # a start parameter naming no part: the root part is the first one (XOP)
+        return parts[0][1]
     raise ValueError(f"no part with Content-ID {start}")
 
 
@@ -474,8 +477,13 @@ def read_response(status: int, content_type: str, body: bytes) -> RegistryRespon
     except (ValueError, etree.XMLSyntaxError):
         root = None
     if root is None or root.tag != f"{{{SOAP12}}}Envelope":
+        # A 2xx we cannot read (a proxy's page, a cut body): the outcome is unknown, so retry; the registry
+        # then says whether it holds the document (duplicate unique id) and the retry settles it.
         text = body[:200].decode("utf-8", "replace")
-        raise XDSError(f"HTTP {status}, not a SOAP 1.2 answer: {text!r}", retryable=overloaded, status=status)
+        unknown = 200 <= status < 300
+        raise XDSError(
+            f"HTTP {status}, not a SOAP 1.2 answer: {text!r}", retryable=overloaded or unknown, status=status
+        )
     fault = root.find(f"{{{SOAP12}}}Body/{{{SOAP12}}}Fault")
     if fault is not None:
         value = fault.findtext(f"{{{SOAP12}}}Code/{{{SOAP12}}}Value", "") or ""
@@ -490,7 +498,7 @@ def read_response(status: int, content_type: str, body: bytes) -> RegistryRespon
         raise XDSError(f"HTTP {status} without a SOAP fault", retryable=overloaded, status=status)
     found = root.find(f"{{{SOAP12}}}Body/{{{RS}}}RegistryResponse")
     if found is None:
-        raise XDSError(f"HTTP {status}: the SOAP body holds no RegistryResponse", retryable=False, status=status)
+        raise XDSError(f"HTTP {status}: the SOAP body holds no RegistryResponse", retryable=True, status=status)
     errors = [
         RegistryError(
             e.get("errorCode", ""),
@@ -503,6 +511,8 @@ def read_response(status: int, content_type: str, body: bytes) -> RegistryRespon
     response = RegistryResponse(found.get("status", ""), errors)
     if response.status == SUCCESS:
         return response
+    if response.status.endswith(":PartialSuccess") and not any(e.severity == ERROR_SEVERITY for e in errors):
+        return response  # warnings only: the submission was taken
     blocking = [e for e in errors if e.severity == ERROR_SEVERITY] or errors
     codes = [e.code for e in blocking]
     summary = "; ".join(f"{e.code}: {e.context}" if e.context else e.code for e in blocking) or "no RegistryError"

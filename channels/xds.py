@@ -69,19 +69,22 @@ Configuration::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import structlog
 
 from adapters import xds
 from traboule import hl7, journal, metrics
 from traboule.bus import Delivery, PermanentError
-from traboule.config import ConfigError
+from traboule.config import ConfigError, is_loopback
 from traboule.model import Document, Envelope
 from traboule.xds_metadata import (
     Coded,
@@ -105,7 +108,7 @@ CREATE TABLE IF NOT EXISTS entries (
     unique_id TEXT PRIMARY KEY,         -- XDSDocumentEntry.uniqueId (the CDA id)
     entry_uuid TEXT NOT NULL UNIQUE,    -- the entryUUID traboule gave it
     set_id TEXT NOT NULL,
-    status TEXT NOT NULL,               -- sending | registered | replaced | deleted
+    status TEXT NOT NULL,               -- sending | registered | replaced | deleted | refused | skipped
     submission_set TEXT NOT NULL DEFAULT '',  -- uniqueId of the SubmissionSet that registered it
     updated TEXT NOT NULL
 );
@@ -131,6 +134,7 @@ class XDSChannel:
         self.runtime = runtime
         self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
         self.max_attempts = int(config.get("max_attempts", 8))
+        self.retry_window = float(config.get("retry_window", 300))
         vihf = config.get("vihf") or {}
         try:
             self.repository = _url(config, "repository")
@@ -139,6 +143,9 @@ class XDSChannel:
             for key in ("cert_file", "key_file", "structure_id", "secteur_activite"):
                 if not vihf.get(key):
                     raise ValueError(f"vihf.{key} is needed (see the settings in channels/xds.py)")
+            for key in ("cert_file", "key_file"):  # the DMP authenticates the structure by its TLS certificate
+                if not config.get(key):
+                    raise ValueError(f"{key} is needed: mutual TLS with the structure's authentication certificate")
             password = os.environ.get(str(vihf.get("key_password_env", "")), "")
             self.signer = xds.AssertionSigner(vihf["cert_file"], vihf["key_file"], password)
             self.roles = [
@@ -190,11 +197,29 @@ class XDSChannel:
         if doc.report.flag("DESTDMP").split("^", 1)[0].strip().upper() == "N":
             metrics.events_processed.labels(self.name, "skipped").inc()
             bound.info("xds.skipped", reason="DESTDMP = N: not for the DMP")
+            if doc.action != "delete":  # remembered, so that a later version knows it has no original there
+                self._db.execute(
+                    "INSERT OR IGNORE INTO entries VALUES (?, ?, ?, 'skipped', '', ?)",
+                    (doc.id, f"skipped:{doc.id}", doc.set_id, _now()),
+                )
             return
-        if doc.action == "delete":
-            await self._delete(doc, env, delivery, bound)
-        else:
-            await self._provide(doc, env, delivery, bound)
+        deadline = time.monotonic() + self.retry_window
+        backoff, retrying = 0.5, delivery.attempt > 1
+        while True:  # in place, in order: a replacement or deletion must not overtake what it refers to
+            try:
+                if doc.action == "delete":
+                    await self._delete(doc, env, delivery, bound, retrying)
+                else:
+                    await self._provide(doc, env, delivery, bound)
+                return
+            except xds.XDSError as exc:  # NotRegisteredYet goes to the bus: what it waits for is behind it
+                if not exc.retryable:
+                    raise
+                if time.monotonic() + backoff > deadline:
+                    raise
+                bound.warning("xds.wait", error=str(exc), wait_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff, retrying = min(backoff * 2, 30.0), True
 
     async def _provide(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
         row = self.entry(doc.id)
@@ -206,7 +231,11 @@ class XDSChannel:
             old = self.entry(doc.replaces)
             if old is None or old.status == "sending":
                 raise NotRegisteredYet(f"document {doc.id} replaces {doc.replaces}, not registered by {self.name} yet")
-            replaces = old.entry_uuid
+            if old.status in ("refused", "skipped"):  # never in the DMP (refused, or not for it): a first version
+                bound.info("xds.replaces_unsent", replaces=doc.replaces)
+                doc = dataclasses.replace(doc, replaces="")
+            else:
+                replaces = old.entry_uuid
         entry_uuid = row.entry_uuid if row else new_entry_uuid()
         if row is None:
             self._db.execute(
@@ -248,8 +277,11 @@ class XDSChannel:
             wsa_message_id=request.message_id,
         )
 
-    async def _delete(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
+    async def _delete(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any, retrying: bool) -> None:
         row = self.entry(doc.id)
+        if row is not None and row.status in ("refused", "skipped"):  # never in the DMP: nothing to delete there
+            bound.info("xds.delete_unsent")
+            return
         if row is None or row.status == "sending":
             raise NotRegisteredYet(f"document {doc.id} to delete is not registered by {self.name} (yet)")
         if row.status == "deleted":
@@ -266,7 +298,11 @@ class XDSChannel:
         try:
             await self.client.send(request)
         except xds.XDSError as exc:
-            await self._failed(exc, env, delivery, "ITI-57", request, bound)
+            if retrying and "XDSMetadataUpdateError" in exc.codes:
+                # An earlier attempt went through but its answer was lost: the entry is no longer Approved.
+                bound.warning("xds.already_deleted", error=str(exc), entry_uuid=row.entry_uuid)
+            else:
+                await self._failed(exc, env, delivery, "ITI-57", request, bound)
         self._db.execute("UPDATE entries SET status = 'deleted', updated = ? WHERE unique_id = ?", (_now(), doc.id))
         metrics.events_processed.labels(self.name, "delivered").inc()
         bound.info("xds.deleted", entry_uuid=row.entry_uuid, attempt=delivery.attempt)
@@ -303,6 +339,11 @@ class XDSChannel:
             correlation_id=env.correlation_id or delivery.headers.get("correlation-id", ""),
         )
         recorded = await asyncio.to_thread(journal.record, self.runtime.journal_path, entry)
+        if isinstance(env.payload, Document) and env.payload.action != "delete":
+            self._db.execute(
+                "UPDATE entries SET status = 'refused', updated = ? WHERE unique_id = ? AND status = 'sending'",
+                (_now(), env.payload.id),
+            )
         metrics.events_processed.labels(self.name, "refused").inc()
         self._log.error(
             "xds.refused", transaction=transaction, message_id=delivery.message_id, error=error, journal_id=recorded.id
@@ -359,9 +400,11 @@ def _roles(specialties: list[str]) -> list[Coded]:
 
 
 def _url(config: dict[str, Any], key: str) -> str:
+    """The endpoint: https (the VIHF and the documents must not travel in clear), http on loopback only."""
     url = str(config.get(key, ""))
-    if not url.startswith(("https://", "http://")):
-        raise ValueError(f"{key} must be the http(s) URL of the XDS.b endpoint, not {url!r}")
+    host = urlsplit(url).hostname or ""
+    if not url.startswith("https://") and not (url.startswith("http://") and is_loopback(host)):
+        raise ValueError(f"{key} must be the https URL of the XDS.b endpoint, not {url!r}")
     return url
 
 

@@ -606,3 +606,26 @@ async def test_a_replacement_arriving_before_its_original_waits_for_it(engine: R
     (rplc,) = [a for a in replacement.objects("Association") if a.get("associationType") == xds.RPLC]
     assert rplc.get("targetObject") == original.objects("ExtrinsicObject")[0].get("id")
     assert await engine.bus.dead_letters("dmp") == []
+
+
+async def test_a_correction_of_a_document_kept_out_of_the_dmp_is_sent_as_a_first_version(
+    engine: Runtime, endpoint: XDSEndpoint
+) -> None:
+    await publish(engine, level3(sharing=[SharingFlag("DESTDMP", "N")]))
+    await publish(engine, level3(2))
+    (received,) = await answered(endpoint, 1)
+    assert received.errors == [] and received.answered == "success"
+    assert not [a for a in received.objects("Association") if a.get("associationType") == xds.RPLC]
+    channel: Any = engine.channel("dmp")
+    await until(lambda: channel.entry(f"{SET_ID}.2").status == "registered")
+    assert await engine.bus.dead_letters("dmp") == []
+
+
+async def test_an_outage_longer_than_the_bus_backoff_is_waited_out_in_place(
+    engine: Runtime, endpoint: XDSEndpoint
+) -> None:
+    endpoint.replies.extend([Reply("http", status=503)] * 4)  # longer than the 3 bus attempts would last
+    await publish(engine, level3())
+    await until(lambda: len(endpoint.accepted()) == 1, timeout=40)
+    assert [r.answered for r in endpoint.received] == ["http:503"] * 4 + ["success"]
+    assert await engine.bus.dead_letters("dmp") == []

@@ -11,8 +11,9 @@ Per document event, one message with the CDA in base64 in an ED OBX and ``MSH-21
 The sender's sharing instructions (``MetaDMPMSS`` rows: masking, DMP destination...) follow as CWE OBX rows. Sent
 over one kept connection, ACK-checked (AA/CA). Order matters (a replacement must not overtake its original): a
 message the receiver does not accept (AE/AR, silence, a broken connection) is retried in place, with backoff from
-0.5 s doubling to 30 s, for ``retry_window`` seconds while the next ones wait; then the attempt counts, and after
-``max_attempts`` the event is dead-lettered and the feed moves on. Messages the receiver accepted are remembered by
+0.5 s doubling to 30 s, for ``retry_window`` seconds while the next ones wait; then the attempt counts (the event
+goes back to the bus, and a later version of that document waits for it), and after ``max_attempts`` the event is
+dead-lettered and the feed moves on. Messages the receiver accepted are remembered by
 event id, so a redelivered event is not sent twice.
 
 Configuration::
@@ -95,6 +96,8 @@ class HL7DocumentsChannel:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS sent (event_id TEXT PRIMARY KEY, control_id TEXT NOT NULL, sent_at TEXT)"
         )
+        # Documents whose message the receiver has not taken yet (back on the bus): their later versions wait.
+        self._db.execute("CREATE TABLE IF NOT EXISTS pending (document_id TEXT PRIMARY KEY)")
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
         self._log = log.bind(channel=self.name)
@@ -125,10 +128,20 @@ class HL7DocumentsChannel:
         if self._db.execute("SELECT 1 FROM sent WHERE event_id = ?", (env.id,)).fetchone():
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
+        doc = env.payload
+        waits_for = doc.replaces if doc.action == "replace" else doc.id if doc.action == "delete" else ""
+        if waits_for and self._db.execute("SELECT 1 FROM pending WHERE document_id = ?", (waits_for,)).fetchone():
+            raise NotAccepted(f"{doc.action} of {doc.id} waits for {waits_for}, not taken by the receiver yet")
         self._counter += 1
         control_id = f"{self._prefix}D{self._counter}"
-        text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
-        code = await self._send_in_order(text.encode("utf-8"), env.id)
+        text = self.build(doc, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
+        try:
+            code = await self._send_in_order(text.encode("utf-8"), env.id)
+        except NotAccepted:
+            if doc.action != "delete":
+                self._db.execute("INSERT OR IGNORE INTO pending VALUES (?)", (doc.id,))
+            raise
+        self._db.execute("DELETE FROM pending WHERE document_id = ?", (doc.id,))
         self._db.execute(
             "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)", (env.id, control_id, datetime.now().isoformat())
         )

@@ -97,3 +97,32 @@ async def test_sharing_instructions_are_forwarded(feed: tuple[Runtime, Ris, Ris]
     (msg,) = oru.accepted()
     flags = [s for s in msg.segments if s.name == "OBX" and s.field(3).endswith("^MetaDMPMSS")]
     assert [(f.field(3).split("^")[0], f.field(5)) for f in flags] == [("MASQUE_PS", "Y^^expandedYes-NoIndicator")]
+
+
+async def test_a_later_version_waits_for_an_original_the_receiver_has_not_taken(
+    tmp_path: Path,
+) -> None:
+    """The receiver refuses the original long enough for it to go back to the bus: its replacement, next in the
+    queue, must not overtake it."""
+    receiver = Ris(script=["AE"] * 3)
+    receiver.listener = MLLPListener(receiver.handle, port=0, name="drimbox")
+    await receiver.listener.start()
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    destination = {"adapter": "mllp-sender", "host": "127.0.0.1", "port": receiver.listener.port, "timeout": 5}
+    cfg.channels.append({"name": "drimbox", "kind": "hl7-documents", "destination": destination, "retry_window": 0.6})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        env = Envelope(study())
+        await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+        publisher = runtime.channel("ris-orders").reports  # type: ignore[attr-defined]
+        await until(lambda: publisher.study_for(report_of(fixture("oru_r01_report.hl7"))) is not None)
+        acks = await send(runtime, fixture("oru_r01_report.hl7"), fixture("oru_r01_report_corrected.hl7"))
+        assert [ack_code(a) for a in acks] == ["AA", "AA"]
+        await until(lambda: len(receiver.accepted()) == 2, timeout=20)
+        first, second = receiver.accepted()
+        assert [m.segment("ORC").field(1) for m in (first, second)] == ["NW", "RO"]  # type: ignore[union-attr]
+    finally:
+        await runtime.stop()
+        await receiver.listener.stop()

@@ -193,9 +193,23 @@ class MLLPSender:
             raise NotAccepted(f"unreadable ACK: {exc}") from exc
         msa = ack.segment("MSA")
         code = msa.field(1) if msa else ""
+        sent_id = _control_id(data)
+        if msa is not None and sent_id and msa.field(2) and msa.field(2) != sent_id:
+            # A late answer to an earlier message (after a timeout): this one's fate is unknown; start over.
+            await self.client.close()
+            raise NotAccepted(f"the ACK is for message {msa.field(2)!r}, not {sent_id!r}")
         if code not in ("AA", "CA"):
             text = msa.field(3) if msa else ""
             err = ack.segment("ERR")
             detail = text or (err.field(8) if err else "")
             raise NotAccepted(f"receiver answered {code or 'no MSA'} {detail}".strip())
         return code
+
+
+def _control_id(data: bytes) -> str:
+    """MSH-10 of an outgoing message, from its first segment (no full parse of a message that carries a CDA)."""
+    first = data.split(b"\r", 1)[0]
+    if not first.startswith(b"MSH") or len(first) < 4:
+        return ""
+    fields = first.split(first[3:4])
+    return fields[9].decode("latin-1") if len(fields) > 9 else ""

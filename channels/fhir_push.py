@@ -38,12 +38,14 @@ import json
 import os
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from adapters.fhir_client import FHIRClient, FHIRServerError, conditional_update, identifier_search, new_full_url
 from traboule import journal, metrics
 from traboule.bus import Delivery, PermanentError
+from traboule.config import is_loopback
 from traboule.fhir_mapping import key_identifier
 from traboule.fhir_store import FHIRStore
 
@@ -91,6 +93,9 @@ class FHIRPush:
         self.max_attempts = int(config.get("max_attempts", 12))
         headers = {}
         token_env = str(config.get("token_env", ""))
+        host = urlsplit(base_url).hostname or ""
+        if token_env and not base_url.startswith("https://") and not is_loopback(host):
+            raise ValueError(f"channel {channel}: a bearer token is sent over https only (base_url {base_url!r})")
         if token_env:
             token = os.environ.get(token_env, "")
             if not token:

@@ -126,3 +126,26 @@ async def test_a_later_version_waits_for_an_original_the_receiver_has_not_taken(
     finally:
         await runtime.stop()
         await receiver.listener.stop()
+
+
+async def test_an_ack_for_another_message_is_not_taken_as_this_one() -> None:
+    from adapters.mllp import MLLPSender, NotAccepted
+    from traboule import hl7
+
+    async def stale(data: bytes, peer: str) -> bytes:  # answers as if to an earlier message
+        msg = hl7.parse(hl7.decode(data).text)
+        return (
+            hl7.build_ack(msg, "AA", control_id="X1", timestamp="20261125100000")
+            .encode()
+            .replace(f"MSA|AA|{msg.control_id}".encode(), b"MSA|AA|EARLIER")
+        )
+
+    listener = MLLPListener(stale, port=0, name="stale")
+    await listener.start()
+    sender = MLLPSender("127.0.0.1", listener.port, timeout=5)
+    try:
+        with pytest.raises(NotAccepted, match="EARLIER"):
+            await sender.send(b"MSH|^~\\&|A|B|C|D|20261125||ORU^R01|MINE|P|2.5\rPID|1\r")
+    finally:
+        await sender.close()
+        await listener.stop()

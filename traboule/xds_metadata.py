@@ -438,10 +438,11 @@ class _CDA:
         code = self.first(f"{path}/v3:code")
         if code is not None and code.get("code"):
             display = code.get("displayName") or code.get("code", "")
-            author.specialties.append(f"{code.get('code')}^{display}^{code.get('codeSystem', '')}")
+            e = hl7.escape
+            author.specialties.append(f"{e(code.get('code', ''))}^{e(display)}^{e(code.get('codeSystem', ''))}")
         function = self.attr("v3:author/v3:functionCode", "displayName")
         if function:
-            author.roles.append(function)
+            author.roles.append(hl7.escape(function))
         return author
 
     def patient_ids(self) -> tuple[str, str]:

@@ -21,8 +21,9 @@ document not registered yet (its publication still in retry) is retried. A redel
 registered is skipped; a retry whose first attempt was registered although its answer was lost
 (``XDSDuplicateUniqueIdInRegistry``) counts as registered.
 
-Failures: transport errors, HTTP 5xx / 429, SOAP ``Receiver`` faults and busy registries raise, and the bus retries
-with backoff, then dead-letters to ``<name>.dlq`` after ``max_attempts``. A registry ``Failure`` (metadata,
+Failures: transport errors, HTTP 5xx / 429, SOAP ``Receiver`` faults, busy registries and unreadable 2xx answers are
+retried in place (backoff 0.5 s doubling to 30 s) for ``retry_window``, keeping the order of the documents; then the
+bus retries with backoff, and dead-letters to ``<name>.dlq`` after ``max_attempts``. A registry ``Failure`` (metadata,
 patient, duplicate id errors...), a SOAP ``Sender`` fault or a document that cannot make DMP metadata is final: the
 request is journaled as ``undelivered`` (the SOAP envelope, the registry's errors) and dead-lettered at once
 (``traboule dlq replay`` sends it again once fixed).
@@ -34,7 +35,8 @@ Configuration::
     kind = "xds"
     topics = ["document.#"]
     max_attempts = 8
-    repository = "https://dmp.example/si-dmp-server/v2/services/repository"  # ITI-41 endpoint
+    retry_window = 300                 # seconds an outage (transport, 5xx, busy) is waited out in place, in order
+    repository = "https://dmp.example/si-dmp-server/v2/services/repository"  # ITI-41 endpoint (https)
     registry = "https://dmp.example/si-dmp-server/v2/services/registry"      # ITI-57 endpoint
     timeout = 30
     ca_file = "igc-sante-roots.pem"    # CAs trusted for the server certificate (system CAs when empty)

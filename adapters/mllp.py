@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -170,6 +172,23 @@ class MLLPSender:
     def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
         self.client = MLLPClient(host, port, timeout=timeout)
         self._lock = asyncio.Lock()
+        self._counter = 0
+        self._prefix = uuid.uuid4().hex[:8]
+
+    @classmethod
+    def from_config(cls, channel: str, destination: dict[str, Any] | None) -> MLLPSender:
+        """From a channel's ``destination = {adapter = "mllp-sender", host, port, timeout}`` (host and port needed)."""
+        dest = destination or {}
+        if dest.get("adapter", "mllp-sender") != "mllp-sender":
+            raise ValueError(f"channel {channel}: destination adapter {dest.get('adapter')!r} not supported")
+        if not dest.get("host") or not dest.get("port"):
+            raise ValueError(f"channel {channel}: destination needs host and port (the receiver's MLLP listener)")
+        return cls(str(dest["host"]), int(dest["port"]), timeout=float(dest.get("timeout", 10)))
+
+    def next_control_id(self, tag: str = "") -> str:
+        """A fresh MSH-10 for a message to this receiver (unique across restarts: a random prefix)."""
+        self._counter += 1
+        return f"{self._prefix}{tag}{self._counter}"
 
     @property
     def address(self) -> str:

@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,6 +57,7 @@ tlog.configure("console", "warning")
 from adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from tests.peer_orthanc import LUA, ORTHANC, PLUGINS  # noqa: E402
+from tests.test_archive import write_study  # noqa: E402
 from traboule.fhir_mapping import resource_id  # noqa: E402
 
 SERIES, PER_SERIES = 2, 50
@@ -252,42 +251,15 @@ class Study:
         return resource_id("ImagingStudy", "urn:dicom:uid", self.uid)
 
 
-def write_study(folder: Path, accession: str, patient_id: str) -> str:
-    """SERIES x PER_SERIES 8x8 secondary captures as Part 10 files (tests/test_archive.py's study, larger)."""
-    study_uid = generate_uid()
-    for s in range(1, SERIES + 1):
-        series_uid = generate_uid()
-        for i in range(1, PER_SERIES + 1):
-            ds = Dataset()
-            ds.SOPClassUID, ds.SOPInstanceUID = SECONDARY_CAPTURE, generate_uid()
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-            ds.SpecificCharacterSet = "ISO_IR 100"
-            ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = "DUPONT^Hélène", patient_id, "CHU-LYON"
-            ds.PatientBirthDate, ds.PatientSex = "19790328", "F"
-            ds.AccessionNumber, ds.StudyDate, ds.StudyTime = accession, "20261125", "093512"
-            ds.StudyDescription, ds.ReferringPhysicianName = "Scanner TAP", "RENARD^Paul"
-            ds.Modality = "CT" if s == 1 else "OT"
-            ds.SeriesNumber, ds.InstanceNumber = s, i
-            ds.BodyPartExamined = "CHEST"
-            ds.Rows = ds.Columns = 8
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-            ds.PixelData = bytes([i * 5 % 256]) * 64
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.save_as(folder / f"s{s}i{i:03d}.dcm", enforce_file_format=True)
-    return study_uid
-
-
 def prepare(tmp: Path, count: int) -> list[Study]:
     tag = str(uuid.uuid4().int % 10**8)
     studies = []
     for k in range(count):
         folder = tmp / "studies" / str(k)
         folder.mkdir(parents=True)
-        uid = write_study(folder, accession=f"ACC-{tag}-{k}", patient_id=f"IPP-{tag}-{k}")
+        uid = write_study(
+            folder, accession=f"ACC-{tag}-{k}", patient_id=f"IPP-{tag}-{k}", series=SERIES, per_series=PER_SERIES
+        )
         studies.append(Study(uid, sorted(str(p) for p in folder.glob("*.dcm"))))
     return studies
 

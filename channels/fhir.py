@@ -37,7 +37,7 @@ from traboule.bus import Bus, Delivery
 from traboule.config import resolve
 from traboule.fhir_mapping import FHIRMapping, resource_id
 from traboule.fhir_store import FHIRStore
-from traboule.model import Document, Envelope, ImagingOrder, PatientUpdate, PerformedStep, ScheduledStep, Study
+from traboule.model import Document, Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep, Study
 
 log = structlog.get_logger("traboule.channels.fhir")
 
@@ -163,13 +163,18 @@ class FHIRChannel:
         self._touched.append((resource["resourceType"], resource["id"]))
         return int(self.store.upsert(resource, seq))
 
+    def _patient(self, patient: Patient, seq: int, *, replace: bool) -> tuple[str, int]:
+        """The reference of the event's Patient (empty without an identifier) and whether it was written:
+        ``replace`` for an order (its Patient is the richest view), else only when the store has none yet."""
+        if patient.primary_id is None or not patient.primary_id.value:
+            return "", 0
+        resource = self.mapping.patient(patient)
+        if not replace and self.store.get("Patient", resource["id"]) is not None:
+            return f"Patient/{resource['id']}", 0
+        return f"Patient/{resource['id']}", self._write(resource, seq)
+
     def _order(self, order: ImagingOrder, seq: int) -> int:
-        changed = 0
-        patient_ref = ""
-        if order.patient.primary_id is not None and order.patient.primary_id.value:
-            patient = self.mapping.patient(order.patient)
-            patient_ref = f"Patient/{patient['id']}"
-            changed += self._write(patient, seq)
+        patient_ref, changed = self._patient(order.patient, seq, replace=True)
         request = self.mapping.service_request(order, patient_ref)
         if not patient_ref:
             del request["subject"]
@@ -181,13 +186,7 @@ class FHIRChannel:
         return changed
 
     def _study(self, study: Study, seq: int) -> int:
-        changed = 0
-        patient_ref = ""
-        if study.patient.primary_id is not None and study.patient.primary_id.value:
-            patient = self.mapping.patient(study.patient)
-            patient_ref = f"Patient/{patient['id']}"
-            if self.store.get("Patient", patient["id"]) is None:  # the order's Patient is richer: keep it
-                changed += self._write(patient, seq)
+        patient_ref, changed = self._patient(study.patient, seq, replace=False)  # the order's Patient is richer
         resource = self.mapping.imaging_study(study, patient_ref, self._based_on(study.accession_number))
         if not patient_ref:
             del resource["subject"]
@@ -199,14 +198,7 @@ class FHIRChannel:
     def _document(self, doc: Document, seq: int) -> int:
         """A published report version: DocumentReference (the previous version superseded, a deleted one
         entered-in-error), the DiagnosticReport of the set, and the document's bytes (Binary, for ITI-68)."""
-        changed = 0
-        patient = doc.report.patient
-        patient_ref = ""
-        if patient.primary_id is not None and patient.primary_id.value:
-            resource = self.mapping.patient(patient)
-            patient_ref = f"Patient/{resource['id']}"
-            if self.store.get("Patient", resource["id"]) is None:
-                changed += self._write(resource, seq)
+        patient_ref, changed = self._patient(doc.report.patient, seq, replace=False)
         study_ref = ""
         if doc.report.study_instance_uid:
             study_id = resource_id("ImagingStudy", "urn:dicom:uid", doc.report.study_instance_uid)
@@ -243,11 +235,8 @@ class FHIRChannel:
                 changed += self._write({k: v for k, v in request.items() if k != "meta"} | {"status": status}, seq)
         if not step.study_instance_uid:
             return changed
-        patient_ref = ""
-        if step.patient.primary_id is not None and step.patient.primary_id.value:
-            patient_ref = f"Patient/{self.mapping.patient_id(step.patient)}"
-            if self.store.get("Patient", patient_ref[8:]) is None:
-                changed += self._write(self.mapping.patient(step.patient), seq)
+        patient_ref, written = self._patient(step.patient, seq, replace=False)
+        changed += written
         study = Study(
             study_instance_uid=step.study_instance_uid,
             accession_number=step.accession_number,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +49,7 @@ from traboule.model import Document, Envelope, Identifier, Patient
 log = structlog.get_logger("traboule.channels.hl7_documents")
 
 DEFAULT_TOPICS = ["document.#"]
+CISIS_CDA_PROFILE = "2.1^CISIS_CDA_HL7_V2"  # MSH-21 of the volet "Transmission de document(s) CDA en HL7v2"
 ORC = {"publish": "NW", "replace": "RO", "delete": "CA"}
 OBX_STATUS = {"publish": "F", "replace": "C", "delete": "D"}
 MDM_EVENT = {"publish": "T02", "replace": "T10", "delete": "T04"}
@@ -81,16 +81,8 @@ class HL7DocumentsChannel:
         self.message = str(config.get("message", "ORU^R01"))
         if self.message not in ("ORU^R01", "MDM"):
             raise ValueError(f"channel {self.name}: message must be ORU^R01 or MDM, not {self.message!r}")
-        self.sending_application = str(config.get("sending_application", "TRABOULE"))
-        self.sending_facility = str(config.get("sending_facility", ""))
-        self.receiving_application = str(config.get("receiving_application", "DRIMBOX"))
-        self.receiving_facility = str(config.get("receiving_facility", ""))
-        dest = config.get("destination") or {}
-        if dest.get("adapter", "mllp-sender") != "mllp-sender":
-            raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
-        if not dest.get("host") or not dest.get("port"):
-            raise ValueError(f"channel {self.name}: destination needs host and port (the receiver's MLLP listener)")
-        self.sender = MLLPSender(str(dest["host"]), int(dest["port"]), timeout=float(dest.get("timeout", 10)))
+        self.parties = hl7.Parties.from_config(config, receiver="DRIMBOX")
+        self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -98,8 +90,6 @@ class HL7DocumentsChannel:
         )
         # Documents whose message the receiver has not taken yet (back on the bus): their later versions wait.
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (document_id TEXT PRIMARY KEY)")
-        self._counter = 0
-        self._prefix = uuid.uuid4().hex[:8]
         self._log = log.bind(channel=self.name)
 
     @classmethod
@@ -132,8 +122,7 @@ class HL7DocumentsChannel:
         waits_for = doc.replaces if doc.action == "replace" else doc.id if doc.action == "delete" else ""
         if waits_for and self._db.execute("SELECT 1 FROM pending WHERE document_id = ?", (waits_for,)).fetchone():
             raise NotAccepted(f"{doc.action} of {doc.id} waits for {waits_for}, not taken by the receiver yet")
-        self._counter += 1
-        control_id = f"{self._prefix}D{self._counter}"
+        control_id = self.sender.next_control_id("D")
         text = self.build(doc, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
         try:
             code = await self._send_in_order(text.encode("utf-8"), env.id)
@@ -178,11 +167,7 @@ class HL7DocumentsChannel:
         mdm = self.message == "MDM"
         version = "2.6" if mdm else "2.5"
         message_type = f"MDM^{MDM_EVENT[doc.action]}^MDM_T02" if mdm else "ORU^R01^ORU_R01"
-        msh = (
-            f"MSH|^~\\&|{e(self.sending_application)}|{e(self.sending_facility)}|{e(self.receiving_application)}"
-            f"|{e(self.receiving_facility)}|{timestamp}||{message_type}|{control_id}|P|{version}|||||FRA|UNICODE UTF-8"
-            "|||2.1^CISIS_CDA_HL7_V2"
-        )
+        msh = self.parties.msh(message_type, control_id, timestamp, version, country="FRA", profile=CISIS_CDA_PROFILE)
         segments = [msh]
         if mdm:
             segments.append(f"EVN||{timestamp}")

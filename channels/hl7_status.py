@@ -30,7 +30,6 @@ idempotency key, so a redelivered event is not sent twice.
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -75,23 +74,13 @@ class HL7StatusChannel:
         self.message = str(config.get("message", "ORM^O01"))
         if self.message not in ("ORM^O01", "OMI^O23"):
             raise ValueError(f"channel {self.name}: message must be ORM^O01 or OMI^O23, not {self.message!r}")
-        self.sending_application = str(config.get("sending_application", "TRABOULE"))
-        self.sending_facility = str(config.get("sending_facility", ""))
-        self.receiving_application = str(config.get("receiving_application", "RIS"))
-        self.receiving_facility = str(config.get("receiving_facility", ""))
-        dest = config.get("destination") or {}
-        if dest.get("adapter", "mllp-sender") != "mllp-sender":
-            raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
-        self.sender = MLLPSender(
-            dest.get("host", "127.0.0.1"), int(dest.get("port", 2576)), timeout=float(dest.get("timeout", 10))
-        )
+        self.parties = hl7.Parties.from_config(config, receiver="RIS")
+        self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         table_path = resolve(runtime.config, config.get("status_table", "mappings/tables/procedure_status.csv"))
         self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        self._counter = 0
-        self._prefix = uuid.uuid4().hex[:8]
         self._log = log.bind(channel=self.name)
 
     @classmethod
@@ -128,7 +117,7 @@ class HL7StatusChannel:
         ):
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
-        control_id = self._next_control_id()
+        control_id = self.sender.next_control_id("S")
         text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
         code = await self.sender.send(text.encode("utf-8"))  # NotAccepted: the bus retries, then dead-letters
         self._db.execute(
@@ -163,10 +152,6 @@ class HL7StatusChannel:
             ),
         )
 
-    def _next_control_id(self) -> str:
-        self._counter += 1
-        return f"{self._prefix}S{self._counter}"
-
     # -- message ---------------------------------------------------------------------------------------------
 
     def build(self, step: PerformedStep, control_id: str, timestamp: str) -> str:
@@ -189,13 +174,8 @@ class HL7StatusChannel:
         accession, rp_id, sps_id = e(step.accession_number), e(step.requested_procedure_id), e(step.scheduled_step_id)
         procedure = f"^{e(step.description)}" if step.description else ""
         trigger = self.message.replace("^", "_")
-        msh = (
-            f"MSH|^~\\&|{e(self.sending_application)}|{e(self.sending_facility)}|{e(self.receiving_application)}"
-            f"|{e(self.receiving_facility)}|{timestamp}||{self.message}^{trigger}|{control_id}|P|2.5|||||"
-            f"|UNICODE UTF-8"
-        )
         segments = [
-            msh,
+            self.parties.msh(f"{self.message}^{trigger}", control_id, timestamp, "2.5"),
             f"PID|1||{patient_id}||{pid5}",
             f"ORC|SC|{placer}|{filler}||{orc5}||||{timestamp}",
         ]
@@ -207,7 +187,7 @@ class HL7StatusChannel:
         if self.message == "OMI^O23":
             segments.append(f"IPC|{accession}|{rp_id}|{study_uid}|{sps_id}|{e(step.modality)}")
         else:
-            segments.append(f"ZDS|{study_uid}^{e(self.sending_application)}^Application^DICOM")
+            segments.append(f"ZDS|{study_uid}^{e(self.parties.sending_application)}^Application^DICOM")
         return "\r".join(segments) + "\r"
 
 

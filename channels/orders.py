@@ -100,7 +100,8 @@ class OrdersChannel:
             if self._orders:
                 self.reports.remember(self._orders)
             self._reports_thread.shutdown(wait=True)
-            self.reports.close()
+            # The publisher's file stays open: the bus stops after the channels, and its consumer of studies may
+            # still hand one over. It closes with the channel object.
 
     async def _flush_orders(self) -> None:
         """Write the orders received meanwhile, one transaction every ``ORDER_FLUSH`` seconds."""

@@ -28,9 +28,10 @@ from tests.test_flow import fixture, until
 from tests.test_reports import STUDY_UID, report_of, study
 from tests.xds_endpoint import PKI, RIM, Received, Reply, XDSEndpoint, make_pki
 from traboule import model
-from traboule.cda import CDAMapping, DocumentIds, read_header
+from traboule.cda import CDAMapping, DocumentIds
 from traboule.config import Config, ConfigError
 from traboule.model import Envelope, SharingFlag
+from traboule.reports import document_of
 from traboule.runtime import Runtime
 from traboule.xds_metadata import (
     DELETED,
@@ -58,22 +59,8 @@ INSTITUTION = "Hôpital exemple - Service de radiologie^^^^^&1.2.250.1.71.4.2.2&
 
 
 def as_document(report: model.Report, data: bytes, ids: DocumentIds, level: int) -> model.Document:
-    """The Document event the reports publisher makes of a CDA (traboule.reports)."""
-    header = read_header(data)
-    return model.Document(
-        action="replace" if ids.replaces else "publish",
-        id=ids.id,
-        set_id=ids.set_id,
-        version=ids.version,
-        replaces=ids.replaces,
-        level=level,
-        content=base64.b64encode(data).decode(),
-        sha1=hashlib.sha1(data).hexdigest(),
-        size=len(data),
-        title=header.title,
-        created=header.effective_time,
-        report=report,
-    )
+    """The Document event the reports publisher makes of a CDA."""
+    return document_of(CDAMapping(), report, data, ids, level=level)
 
 
 def level3(version: int = 1, **report_changes: Any) -> model.Document:

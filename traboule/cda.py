@@ -197,7 +197,8 @@ class CDAMapping:
         """Confidentiality codes the sender's sharing instructions ask for (``tables/confidentiality.csv``)."""
         out: list[model.Code] = []
         for flag in report.sharing:
-            code = self.confidentiality_table.lookup((flag.code,), "code") if flag.value == "Y" else None
+            yes = flag.value.split("^", 1)[0].strip().upper() == "Y"  # Y, or the coded Y^^expandedYes-NoIndicator
+            code = self.confidentiality_table.lookup((flag.code,), "code") if yes else None
             if code and all(c.code != code for c in out):
                 table = self.confidentiality_table
                 out.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 # MSH-18 values (HL7 table 0211) we accept, and the Python codec that reads them.
 CHARSETS: dict[str, str] = {
@@ -248,6 +249,37 @@ def is_batch(text: str) -> bool:
 # --- escape sequences (HL7 v2.5 §2.7) -------------------------------------------------------------------------
 
 _FORMATTING = {".br": "\n", "H": "", "N": ""}
+
+
+@dataclass
+class Parties:
+    """MSH-3 to MSH-6 of the messages a channel sends, from its settings (``sending_application``...)."""
+
+    sending_application: str = "TRABOULE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], receiver: str) -> Parties:
+        return cls(
+            str(config.get("sending_application", "TRABOULE")),
+            str(config.get("sending_facility", "")),
+            str(config.get("receiving_application", receiver)),
+            str(config.get("receiving_facility", "")),
+        )
+
+    def msh(
+        self, message_type: str, control_id: str, timestamp: str, version: str, *, country: str = "", profile: str = ""
+    ) -> str:
+        """The MSH segment (UTF-8 declared in MSH-18; MSH-17 country, MSH-21 message profile when given)."""
+        e = escape
+        head = (
+            f"MSH|^~\\&|{e(self.sending_application)}|{e(self.sending_facility)}|{e(self.receiving_application)}"
+            f"|{e(self.receiving_facility)}|{timestamp}||{message_type}|{control_id}|P|{version}|||||{country}"
+            "|UNICODE UTF-8"
+        )
+        return head + (f"|||{profile}" if profile else "")
 
 
 def unescape(value: str, seps: Separators = Separators()) -> str:

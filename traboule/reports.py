@@ -247,7 +247,8 @@ class ReportPublisher:
         report.acts = [self.mapping.act_of(report, study)]
         data = self.mapping.build(report, ids, study)
         self._check(data)
-        doc = self._document(report, data, ids, level=1 if report.attachment_type == "application/pdf" else 3)
+        level = 1 if report.attachment_type == "application/pdf" else 3
+        doc = document_of(self.mapping, report, data, ids, level=level)
         self._store(doc, message_key)
         return doc
 
@@ -282,7 +283,7 @@ class ReportPublisher:
             log.warning("report.replaces_nothing", set_id=set_id)
         ids = DocumentIds(header.id, set_id, header.version, replaces)
         self._check(data)
-        doc = self._document(report, data, ids, level=header.level, created=header.effective_time)
+        doc = document_of(self.mapping, report, data, ids, level=header.level, header=header)
         if report.action == "publish" and replaces:
             doc.action = "replace"
         self._store(doc, message_key)
@@ -367,30 +368,6 @@ class ReportPublisher:
             problems += [f"{Path(f.schematron).stem}: {f.text}" for f in result.errors]
             raise ReportRefused(f"CDA not valid: {'; '.join(problems)}"[:900], "OBX", code="101")
 
-    def _document(
-        self, report: model.Report, data: bytes, ids: DocumentIds, *, level: int, created: str = ""
-    ) -> model.Document:
-        header = read_header(data)
-        clean = model.from_dict(model.Report, model.plain(report))
-        clean.attachment = ""  # the document carries the bytes once
-        clean.observations = []
-        return model.Document(
-            action="replace" if ids.replaces else "publish",
-            id=ids.id,
-            set_id=ids.set_id,
-            version=ids.version,
-            replaces=ids.replaces,
-            level=level,
-            content=base64.b64encode(data).decode("ascii"),
-            sha1=hashlib.sha1(data).hexdigest(),  # the XDS hash is SHA-1 by definition
-            size=len(data),
-            title=header.title,
-            created=created or header.effective_time,
-            service_start=self.mapping.ts(report.exam_time),
-            confidentiality=self.mapping.confidentiality(report),
-            report=clean,
-        )
-
     def _store(self, doc: model.Document, message_key: str) -> None:
         """One transaction: the version (current, or deleted), the superseded one, the message that made it."""
         text = _json(doc)
@@ -426,6 +403,33 @@ def _order_summary(order: model.ImagingOrder) -> dict[str, Any]:
         "procedure": model.plain(order.procedure),
         "steps": [{"modality": step.modality} for step in order.steps[:1]],
     }
+
+
+def document_of(
+    mapping: CDAMapping, report: model.Report, data: bytes, ids: DocumentIds, *, level: int, header: Any = None
+) -> model.Document:
+    """The Document event of a CDA made for (or sent with) ``report``: ids, bytes, hash and size, title and date
+    from the CDA header (``header`` when the caller has read it already), masking codes from the report."""
+    header = header if header is not None else read_header(data)
+    clean = model.from_dict(model.Report, model.plain(report))
+    clean.attachment = ""  # the document carries the bytes once
+    clean.observations = []
+    return model.Document(
+        action="replace" if ids.replaces else "publish",
+        id=ids.id,
+        set_id=ids.set_id,
+        version=ids.version,
+        replaces=ids.replaces,
+        level=level,
+        content=base64.b64encode(data).decode("ascii"),
+        sha1=hashlib.sha1(data).hexdigest(),  # the XDS hash is SHA-1 by definition
+        size=len(data),
+        title=header.title,
+        created=header.effective_time,
+        service_start=mapping.ts(report.exam_time),
+        confidentiality=mapping.confidentiality(report),
+        report=clean,
+    )
 
 
 def _overlay(old: Any, new: Any) -> Any:

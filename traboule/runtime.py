@@ -141,18 +141,16 @@ class Runtime:
         self.started = True
 
     async def stop(self) -> None:
-        """Consumers first (the bus lets their in-flight handlers finish), then the channels and what they hold:
-        no handler runs on a closed store. Messages accepted meanwhile wait in the journal's outbox."""
         self._stopping.set()
+        for channel in reversed(self.channels):
+            with contextlib.suppress(Exception):
+                await channel.stop()
         if self._dispatcher:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._dispatcher
         with contextlib.suppress(Exception):
             await self.bus.close()
-        for channel in reversed(self.channels):
-            with contextlib.suppress(Exception):
-                await channel.stop()
         if self.journal:
             self.journal.close()
 

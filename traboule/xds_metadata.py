@@ -5,8 +5,8 @@ Every DocumentEntry value is read from the CDA the document carries, because the
 the document agree, and a ready CDA sent by a RIS is published as it is. The values the CDA does not hold come from
 the canonical report and the settings:
 
-* the sender's sharing instructions (``Report.sharing``, HL7 ``MetaDMPMSS`` rows): ``MASQUE_PS``,
-  ``INVISIBLE_PATIENT``, ``INVISIBLE_REP_LEGAUX`` = ``Y`` add confidentialityCodes (1.2.250.1.213.1.1.4.13);
+* the masking codes of the sender's sharing instructions (``Document.confidentiality``, made from the HL7
+  ``MetaDMPMSS`` rows by ``mappings/tables/confidentiality.csv``) add confidentialityCodes (1.2.250.1.213.1.1.4.13);
 * the encounter class (PV1-2) → SubmissionSet contentTypeCode (TRE_R209, TRV2 mapping I→03, O→07, R→19, N→97,
   E→07);
 * the submitting system: ``source_id`` (SubmissionSet.sourceId), the SubmissionSet author (the document's author
@@ -46,6 +46,30 @@ FORMAT_SCHEME = "1.3.6.1.4.1.19376.1.2.3"  # TRE_A11-IheFormatCode
 CONFIDENTIALITY_SCHEME = "2.16.840.1.113883.5.25"
 MASKING_SCHEME = "1.2.250.1.213.1.1.4.13"
 CONTENT_TYPE_SCHEME = "1.2.250.1.213.2.2"  # TRE_R209-TypeActivite
+MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
+
+# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
+CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
+FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
+FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
+CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
+# TRE_R209-TypeActivite
+MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
+
+# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
+CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
+FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
+FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
+CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
+# TRE_R209-TypeActivite
+MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
+
+# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
+CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
+FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
+FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
+CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
+# TRE_R209-TypeActivite
 MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
 
 # typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
@@ -289,14 +313,9 @@ def document_entry(doc: model.Document, settings: MetadataSettings, entry_uuid: 
     confidentiality = []
     conf = cda.attr("v3:confidentialityCode", "code") or "N"
     confidentiality.append(Coded(conf, CONFIDENTIALITY_SCHEME, CONFIDENTIALITY.get(conf, conf)))
-    # The masking codes the document carries (tables/confidentiality.csv); the built-in flag table for a document
-    # made elsewhere that carries none.
-    masking = [(c.code, c.system or MASKING_SCHEME, c.display) for c in doc.confidentiality] or [
-        (code, MASKING_SCHEME, display) for flag, (code, display) in MASKING.items() if _yes(doc.report.flag(flag))
-    ]
-    for code, scheme, display in masking:
-        if all(c.code != code for c in confidentiality):
-            confidentiality.append(Coded(code, scheme, display))
+    for code in doc.confidentiality:  # the masking codes of the sharing instructions (tables/confidentiality.csv)
+        if all(c.code != code.code for c in confidentiality):
+            confidentiality.append(Coded(code.code, code.system or MASKING_SCHEME, code.display))
 
     patient_id, source_patient_id = cda.patient_ids()
     created = utc(header.effective_time, tz)
@@ -516,11 +535,6 @@ def _reference_ids(header: CDAHeader, report: model.Report) -> list[str]:
 def _text(parent: etree._Element, path: str) -> str:
     found = parent.find(path, V3)
     return (found.text or "").strip() if found is not None else ""
-
-
-def _yes(value: str) -> bool:
-    """A MetadataDMPMSS Y/N value (``Y``, or ``Y^^expandedYes-NoIndicator``)."""
-    return value.split("^", 1)[0].strip().upper() == "Y"
 
 
 _TS = re.compile(r"^(\d{4,14})(?:\.\d+)?([+-]\d{4})?$")

@@ -203,7 +203,7 @@ class MPPSChannel:
             request=entry.message_type,
             status=status,
             answer=entry.ack_code,
-            **({"error": entry.error} if entry.error else {}),
+            **({"error_status": entry.ack_code} if entry.error else {}),
         )
         if refusal is not None:
             code, comment, error_id = refusal

@@ -176,7 +176,10 @@ class OrdersChannel:
             entry.message_type = msg.message_type
             entry.idempotency_key = _idempotency_key(msg)
             entry.correlation_id = msg.control_id or entry.idempotency_key
-            payloads = await self._prepare(self.mapping.map(msg), entry.idempotency_key)
+            notes: list[str] = []
+            payloads = await self._prepare(self.mapping.map(msg, notes), entry.idempotency_key)
+            if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
+                entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
             for i, payload in enumerate(payloads):
                 env = Envelope(
                     payload,
@@ -192,7 +195,7 @@ class OrdersChannel:
             code = "AE"
             error = hl7.AckError(exc.reason, exc.location, exc.code)
         except Exception as exc:  # a fault of ours: still journaled and answered (AR: the sender tries again)
-            self._log.exception("message.failed", control_id=entry.control_id, error=f"{type(exc).__name__}: {exc}")
+            self._log.exception("message.failed", control_id=entry.control_id, error=type(exc).__name__)
             code = "AR"
             error = hl7.AckError(f"internal error ({type(exc).__name__}), send it again later", "", "207")
         prepared = bool(events) and any(e.topic.startswith("document.") for e in events)
@@ -232,8 +235,10 @@ class OrdersChannel:
             message_type=entry.message_type,
             ack=code,
             events=len(events),
-            **({"error": entry.error} if entry.error else {}),
-            **({"warnings": entry.warnings} if entry.warnings else {}),
+            # Where and why, never the reason's text: it may quote the message's values (the journal and the
+            # ACK carry it; the log is read by people who may not see patient data).
+            **({"error_location": error.location, "error_code": error.code} if error else {}),
+            **({"warnings": len(entry.warnings.splitlines())} if entry.warnings else {}),
         )
         ack = hl7.build_ack(
             msg, code, control_id=self._next_control_id(), timestamp=now, error=error, raw_msh=_raw_msh(decoded.text)
@@ -262,7 +267,7 @@ class OrdersChannel:
                 except ReportRefused:
                     raise
                 except Exception as exc:  # a fault of ours or of the validator: the sender may try again later
-                    self._log.exception("report.failed", error=str(exc))
+                    self._log.exception("report.failed", error=type(exc).__name__)
                     raise hl7.HL7Error(
                         f"the report could not be processed, send it again later: {type(exc).__name__}",
                         location="",
@@ -288,7 +293,12 @@ class OrdersChannel:
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
         metrics.messages_received.labels(self.name, "rejected").inc()
         self._log.info(
-            "message.rejected", message_id=entry.id, control_id=entry.control_id, ack="AR", error=entry.error
+            "message.rejected",
+            message_id=entry.id,
+            control_id=entry.control_id,
+            ack="AR",
+            error_location=exc.location,
+            error_code=exc.code,
         )
         ack = hl7.build_ack(
             None,

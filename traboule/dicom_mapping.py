@@ -21,6 +21,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
@@ -28,6 +29,8 @@ from traboule import model
 from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
 from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml
 from traboule.worklist import EncodedItem, dataset_columns, encode_item, item_columns
+
+_log = structlog.get_logger("traboule.dicom_mapping")
 
 # PS3.5 Table 6.2-1 maximum lengths (characters) for the string VRs we write.
 MAX_LENGTH = {
@@ -223,6 +226,8 @@ class MWLMapping:
                 continue
             limit = MAX_LENGTH.get(vr)
             if limit and len(text) > limit:
+                # The inbound mapping's `max` normally refuses or cuts before the ACK; this is the last guard.
+                _log.warning("mwl.value_cut", keyword=rule.keyword, vr=vr, length=len(text), limit=limit)
                 text = text[:limit]
             out.append((rule.tag, vr, text))
             # `character_set` reads str values: pydicom holds DS/IS as numbers, and splits a value with a

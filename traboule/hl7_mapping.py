@@ -89,7 +89,7 @@ def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
         def relative(scope: Scope, seps: Separators, current: str) -> str:
             return _leaf(current, comp, sub, seps)
 
-        return relative, ""
+        return relative, text  # `_each` puts the repeated field's path in front
     m = _PATH.match(text)
     if not m:
         raise MappingError(file, line, f"{text!r} is not an HL7 field path (e.g. OBR-18, PID-3(5=INS).1, IPC-1.1)")
@@ -170,8 +170,10 @@ class FieldRule:
     table: CodeTable | None = None
     column: str = ""
     check: str = ""  # a CHECKS name: a value that fails it is refused (AE) rather than passed on
+    max_length: int = 0  # characters; 0: no limit
+    too_long: str = "refuse"  # TOO_LONG: what a longer value gets
 
-    def value(self, scope: Scope, seps: Separators, current: str = "") -> str:
+    def value(self, scope: Scope, seps: Separators, current: str = "", notes: list[str] | None = None) -> str:
         if self.keys is not None and self.table is not None:
             key = tuple(k.read(scope, seps, current) for k in self.keys)
             found = self.table.lookup(key, self.column)
@@ -191,12 +193,28 @@ class FieldRule:
                     if self.check and not CHECKS[self.check](value):
                         reason = f"{source.location} value {value[:70]!r} is not a valid {self.check}"
                         raise MappingFailure(reason, source.location, "102")
+                    if self.max_length and len(value) > self.max_length:
+                        value = self._too_long(value, source.location, notes)
                     break
         if not value and self.required:
             where = (self.keys or self.sources)[0].location if (self.keys or self.sources) else ""
             tried = ", ".join(s.location for s in (self.keys or self.sources) if s.location)
             raise MappingFailure(f"{'.'.join(self.target)} is required: {tried} empty or unmapped", where)
         return value or self.default
+
+    def _too_long(self, value: str, location: str, notes: list[str] | None) -> str:
+        """A value longer than ``max``: refused (AE naming the field and the limit), or cut with a note."""
+        what = f"{location}: {len(value)} characters, more than the {self.max_length} of {'.'.join(self.target)}"
+        if self.too_long == "refuse":
+            # An identifier cut to fit would be another identifier (two accession numbers becoming one).
+            raise MappingFailure(what, location, "102")
+        if notes is not None:
+            notes.append(f"{what}: cut")
+        return value[: self.max_length]
+
+
+# What a value longer than a rule's ``max`` gets: ``refuse`` (AE) or ``cut`` (shortened, noted in the journal).
+TOO_LONG = ("refuse", "cut")
 
 
 @dataclass
@@ -290,7 +308,7 @@ class HL7InboundMapping:
             spec = {"from": spec}
         if not isinstance(spec, dict):
             raise MappingError(self.path, line, f"{target}: expected a path, a list of paths or a mapping")
-        unknown = set(spec) - {"from", "required", "default", "keys", "table", "column", "check"}
+        unknown = set(spec) - {"from", "required", "default", "keys", "table", "column", "check", "max", "too_long"}
         if unknown:
             raise MappingError(self.path, line, f"{target}: unknown option(s) {sorted(unknown)}")
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
@@ -318,7 +336,16 @@ class HL7InboundMapping:
         check = str(spec.get("check", ""))
         if check and check not in CHECKS:
             raise MappingError(self.path, line, f"{target}: check {check!r} is not one of {sorted(CHECKS)}")
-        return FieldRule(parts, compiled, required, default, line, check=check)
+        max_text = str(spec.get("max", "0")).strip()
+        if not max_text.isdigit() or not max_text.isascii():
+            raise MappingError(self.path, line, f"{target}: max must be a positive number of characters")
+        max_length = int(max_text)
+        too_long = str(spec.get("too_long", "refuse"))
+        if too_long not in TOO_LONG:
+            raise MappingError(self.path, line, f"{target}: too_long {too_long!r} is not one of {list(TOO_LONG)}")
+        return FieldRule(
+            parts, compiled, required, default, line, check=check, max_length=max_length, too_long=too_long
+        )
 
     def _rules(self, cls: type, node: Node) -> tuple[list[FieldRule], list[EachRule]]:
         rules: list[FieldRule] = []
@@ -346,6 +373,10 @@ class HL7InboundMapping:
         getter = None
         if "-" in over:
             getter, _ = compile_path(over, self.path, line)
+            for rule in rules:
+                for source in [*rule.sources, *(rule.keys or [])]:
+                    if source.location.startswith("."):  # relative to the repetition: PID-3 + .1 = PID-3.1
+                        source.location = over + source.location
         elif not re.fullmatch(r"[A-Z][A-Z0-9]{2}", over):
             raise MappingError(self.path, line, f"each: {over!r} is neither a segment name nor a field path")
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
@@ -392,8 +423,10 @@ class HL7InboundMapping:
     def kind_of(self, msg: Message) -> str | None:
         return self.accept.get(msg.message_type)
 
-    def map(self, msg: Message) -> list[model.Payload]:
-        """The canonical payload(s) of one message; raises ``MappingFailure`` or ``HL7Error``."""
+    def map(self, msg: Message, notes: list[str] | None = None) -> list[model.Payload]:
+        """The canonical payload(s) of one message; raises ``MappingFailure`` or ``HL7Error``.
+
+        ``notes`` receives what the mapping changed on the way (a text value cut to its ``max``)."""
         kind = self.kind_of(msg)
         if kind is None:
             raise HL7Error(
@@ -402,12 +435,12 @@ class HL7InboundMapping:
         header, groups = _split_groups(msg)
         seps = msg.separators
         if kind == "report":
-            return [self._report(msg)]
-        patient = self._fill(model.Patient(), self.patient, header, seps)
+            return [self._report(msg, notes)]
+        patient = self._fill(model.Patient(), self.patient, header, seps, notes)
         if kind != "order":
             update = model.PatientUpdate(action="merge" if kind == "patient-merge" else "update", patient=patient)
             if kind == "patient-merge":
-                self._fill(update, self.merge, header, seps)
+                self._fill(update, self.merge, header, seps, notes)
                 if not update.merged_ids:
                     raise MappingFailure("merge without the prior patient identifier", "MRG-1")
             return [update]
@@ -416,15 +449,15 @@ class HL7InboundMapping:
         orders = []
         for group in groups:
             scope = _scope(header, group)
-            order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps)
+            order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps, notes)
             if self.steps:
-                order.steps = self._each_segments(self.steps, scope, seps)
+                order.steps = self._each_segments(self.steps, scope, seps, notes)
             if not order.key:  # nothing would tie a later change or cancel to this order
                 raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
             orders.append(order)
         return orders
 
-    def _report(self, msg: Message) -> model.Report:
+    def _report(self, msg: Message, notes: list[str] | None = None) -> model.Report:
         """One report per message; every segment is in scope (the first OBR, OBX... wins)."""
         scope: Scope = {}
         for seg in msg.segments:
@@ -435,8 +468,8 @@ class HL7InboundMapping:
             raise MappingFailure(
                 f"one report per message: the OBR segments carry {len(accessions)} accession numbers", "OBR-18"
             )
-        patient = self._fill(model.Patient(), self.patient, scope, seps)
-        report = self._fill(model.Report(patient=patient), self.report, scope, seps)
+        patient = self._fill(model.Patient(), self.patient, scope, seps, notes)
+        report = self._fill(model.Report(patient=patient), self.report, scope, seps, notes)
         report.observations = [observation(seg, seps) for seg in scope.get("OBX", [])]
         assert self.report_text is not None
         self.report_text.apply(report)
@@ -445,19 +478,23 @@ class HL7InboundMapping:
         check_report(report, self.report_text.conclusion)
         return report
 
-    def _fill(self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators) -> Any:
+    def _fill(
+        self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators, notes: list[str] | None = None
+    ) -> Any:
         rules, eaches = section
         for rule in rules:
-            value = rule.value(scope, seps)
+            value = rule.value(scope, seps, "", notes)
             if value:  # the objects are new: their attributes already hold the empty default
                 _set(obj, rule.target, value)
         for each in eaches:
-            _set(obj, each.target.split("."), self._each_items(each, scope, seps))
+            _set(obj, each.target.split("."), self._each_items(each, scope, seps, notes))
         return obj
 
-    def _each_items(self, each: EachRule, scope: Scope, seps: Separators) -> list[Any]:
+    def _each_items(
+        self, each: EachRule, scope: Scope, seps: Separators, notes: list[str] | None = None
+    ) -> list[Any]:
         if each.getter is None:
-            return self._each_segments(each, scope, seps)
+            return self._each_segments(each, scope, seps, notes)
         # Repetitions of one field: read the raw field once, then each repetition as "current".
         seg_name, _, rest = each.over.partition("-")
         segments = scope.get(seg_name) or []
@@ -471,13 +508,15 @@ class HL7InboundMapping:
                     continue
                 item = each.item_type()
                 for rule in each.rules:
-                    _set(item, rule.target, rule.value(scope, seps, rep))
+                    _set(item, rule.target, rule.value(scope, seps, rep, notes))
                 items.append(item)
         if each.required and not items:
             raise MappingFailure(f"{each.over} is empty but required (maps to {each.target})", each.over)
         return items
 
-    def _each_segments(self, each: EachRule, scope: Scope, seps: Separators) -> list[Any]:
+    def _each_segments(
+        self, each: EachRule, scope: Scope, seps: Separators, notes: list[str] | None = None
+    ) -> list[Any]:
         segs = scope.get(each.over) or [None]  # no such segment: one item from the other sources
         items = []
         for seg in segs:
@@ -486,7 +525,7 @@ class HL7InboundMapping:
                 sub_scope[each.over] = [seg]
             item = each.item_type()
             for rule in each.rules:
-                _set(item, rule.target, rule.value(sub_scope, seps))
+                _set(item, rule.target, rule.value(sub_scope, seps, "", notes))
             items.append(item)
         return items
 

@@ -1,32 +1,131 @@
 """structlog set-up: JSON lines in production, readable console lines for a person at a terminal.
 
 Every line is one event with its context bound once (channel, message id, correlation id). Patient data
-(names, identifiers, message bodies) is never logged unless ``log.patient_data`` is set for debugging.
+(names, identifiers, message bodies) is never logged unless ``log.patient_data`` is set for debugging:
+
+* values under the keys of `PATIENT_KEYS` are replaced;
+* free text (an ``error`` or ``reason``, an exception and its traceback, a library's formatted message) may quote
+  what a message carried (``INS '279035121518900' has a wrong check key``): its quoted parts and long digit runs
+  are masked (`scrub`). Code that logs a refusal logs where and why (``PID-3``, code 102), not the reason text,
+  which goes to the journal and the ACK; the scrubbing is the net under that rule.
+
+Each record is written with a single ``write`` of the whole line, at most `MAX_LINE` bytes (the atomic size of a
+pipe write, PIPE_BUF): the engine's processes share one stderr, and two processes writing a line in several
+pieces interleave them (seen: 6-34 broken JSON lines per 6,000).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sys
+from typing import Any
 
 import structlog
 
 PATIENT_KEYS = {"patient_name", "patient_id", "raw", "body"}
+# Free-text values: they may quote what a message carried.
+FREE_TEXT_KEYS = ("error", "reason", "exception", "detail", "warnings")
+MAX_LINE = 4096  # bytes, newline included: Linux PIPE_BUF, the largest write a pipe never splits
+REDACTED = "<redacted>"
+
+# A quoted value ('...' or "..."), a run of 5+ digits (identifiers, INS, dates) or an ISO date.
+_QUOTED = re.compile(r"""'[^'\n]{0,2000}'|"[^"\n]{0,2000}"|\d[\d\-./]{4,}\d|\d{5,}""")
+
+
+def scrub(text: str) -> str:
+    """Free text with its quoted values and digit runs masked (``INS '2790…' has`` → ``INS <redacted> has``)."""
+    return _QUOTED.sub(REDACTED, text)
 
 
 def _drop_patient_data(_: object, __: str, event: dict) -> dict:
     for key in PATIENT_KEYS & event.keys():
-        event[key] = "<redacted>"
+        event[key] = REDACTED
+    for key in FREE_TEXT_KEYS:
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = scrub(value)
     return event
 
 
-class _StderrLogger(structlog.PrintLogger):
-    """Prints to whatever ``sys.stderr`` is at the time of the call (it may be replaced after configuration)."""
+def _scrub_foreign(_: object, __: str, event: dict) -> dict:
+    """A library's record (stdlib logging) is one formatted sentence: scrub it as free text."""
+    text = event.get("event")
+    if isinstance(text, str):
+        event["event"] = scrub(text)
+    return event
+
+
+def _bounded(line: str, event: dict | None = None) -> str:
+    """The line itself when it fits `MAX_LINE`; otherwise the event re-rendered with its longest values cut."""
+    if len(line) < MAX_LINE // 4 or len(line.encode("utf-8", "replace")) < MAX_LINE:
+        return line
+    if event is None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return line.encode("utf-8", "replace")[: MAX_LINE - 16].decode("utf-8", "ignore") + "…"
+    budget = MAX_LINE // 2
+    shortened: dict[str, Any] = {}
+    for key, value in event.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+        if len(text) > 256:
+            text = text[:256] + f"…(+{len(text) - 256} chars)"
+        shortened[key] = text if not isinstance(value, int | float | bool) else value
+    shortened["truncated"] = True
+    out = json.dumps(shortened, ensure_ascii=False)
+    while len(out.encode("utf-8", "replace")) >= MAX_LINE and budget > 16:
+        budget //= 2
+        shortened = {
+            k: (v[:budget] + "…" if isinstance(v, str) and len(v) > budget else v) for k, v in shortened.items()
+        }
+        out = json.dumps(shortened, ensure_ascii=False)
+    return out
+
+
+def write_line(line: str) -> None:
+    """Write one record as a single ``write`` of the whole line to the current stderr."""
+    data = (line + "\n").encode("utf-8", "replace")
+    stream = sys.stderr
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test's capture: write the text in one call
+        stream.write(data.decode("utf-8"))
+        stream.flush()
+        return
+    stream.flush()  # anything printed before goes first
+    os.write(fd, data)
+
+
+class _JSONRenderer:
+    """structlog's JSON renderer, bounded to one pipe-atomic line."""
+
+    def __init__(self) -> None:
+        self._render = structlog.processors.JSONRenderer(ensure_ascii=False)
+
+    def __call__(self, logger: object, name: str, event: dict) -> str:
+        return _bounded(self._render(logger, name, dict(event)), event)
+
+
+class _StderrLogger:
+    """Writes each rendered record to whatever ``sys.stderr`` is at the time (tests replace it)."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        write_line(message)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
+class _LineHandler(logging.Handler):
+    """The stdlib handler of the libraries' records: the same single-write line as structlog's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(_bounded(self.format(record)))
+        except Exception:  # a log line must never take the engine down
+            self.handleError(record)
 
 
 def configure(fmt: str = "console", level: str = "info", patient_data: bool = False) -> None:
@@ -34,29 +133,27 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
     ]
     if not patient_data:
         processors.append(_drop_patient_data)
-    processors.append(structlog.processors.format_exc_info)
-    processors.append(
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer = _JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
-        processors=processors,
+        processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
     # Libraries (and our bus adapters) log through the standard library: render their records with the same
     # processors, so every line of the process is one JSON object with a level and a timestamp.
-    handler = logging.StreamHandler()
+    foreign = list(processors)
+    if not patient_data:
+        foreign.append(_scrub_foreign)
+    handler = _LineHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=processors[:-2],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                processors[-1],
-            ],
+            foreign_pre_chain=foreign,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
     root = logging.getLogger()
@@ -64,3 +161,9 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
     root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
+    # uvicorn's own handlers write plain text (an exception's traceback over many lines): its records go to the
+    # root handler above instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lib = logging.getLogger(name)
+        lib.handlers[:] = []
+        lib.propagate = True

@@ -6,11 +6,22 @@ Attributes come back as the DICOM JSON model (PS3.18 F.2): ``{"0020000D": {"vr":
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
 
 DicomJSON = dict[str, dict[str, Any]]
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", re.ASCII)
+
+
+def is_uid(text: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zero in a component, at most 64 characters.
+
+    What may go into a DICOMweb path segment: anything else (``../tools/reset?x=1#``) would address another
+    resource of the archive."""
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 class DICOMwebError(Exception):
@@ -60,10 +71,18 @@ class DICOMwebClient:
 
     async def study_metadata(self, study_uid: str) -> list[DicomJSON]:
         """WADO-RS ``GET /studies/{uid}/metadata``: one object per instance, with its study and series attributes."""
-        return await self._get(f"studies/{study_uid}/metadata")
+        return await self._get(f"studies/{_segment(study_uid)}/metadata")
 
     def retrieve_url(self, study_uid: str) -> str:
-        return f"{self.base_url}/studies/{study_uid}"
+        return f"{self.base_url}/studies/{_segment(study_uid)}"
+
+
+def _segment(uid: str) -> str:
+    """The UID as a path segment; refused (not retryable) when it is not a UID. The channel validates at its
+    boundary already; this guards every other caller (a journal entry replayed from before that check)."""
+    if not is_uid(uid):
+        raise DICOMwebError("study UID is not a DICOM UID (PS3.5 9.1)", retryable=False)
+    return uid
 
 
 def value(obj: DicomJSON, tag: str) -> Any:

@@ -12,6 +12,7 @@ backoff); not retryable for other 4xx (dead-letter), with the server's ``Operati
 
 from __future__ import annotations
 
+import re
 import ssl
 import uuid
 from typing import Any
@@ -22,6 +23,9 @@ import httpx
 FHIR_JSON = "application/fhir+json"
 
 Resource = dict[str, Any]
+
+_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}", re.ASCII)
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}", re.ASCII)  # the FHIR id datatype (R4 datatypes.html#id)
 
 
 class FHIRServerError(Exception):
@@ -180,9 +184,19 @@ class FHIRClient:
         return await self._request("POST", "", json=transaction_bundle(entries))
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
-        """GET ``Type/id``."""
-        return await self._request("GET", f"{resource_type}/{resource_id}")
+        """GET ``Type/id``. Both must be what FHIR allows there (``ValueError`` otherwise): a value such as
+        ``x/../../metadata`` or ``x?_format=xml`` would read something else."""
+        if _ID.fullmatch(resource_id) is None or not resource_id.strip("."):  # "..": a dot segment, not an id
+            raise ValueError("not a FHIR resource id ([A-Za-z0-9-.], 1 to 64 characters)")
+        return await self._request("GET", f"{_type(resource_type)}/{resource_id}")
 
     async def search(self, resource_type: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """GET ``Type?params``; returns the searchset Bundle (values may be lists for repeated parameters)."""
-        return await self._request("GET", resource_type, params=params or {})
+        """GET ``Type?params``; returns the searchset Bundle (values may be lists for repeated parameters).
+        The parameters are percent-encoded by httpx."""
+        return await self._request("GET", _type(resource_type), params=params or {})
+
+
+def _type(resource_type: str) -> str:
+    if _TYPE.fullmatch(resource_type) is None:
+        raise ValueError("not a FHIR resource type name")
+    return resource_type

@@ -12,6 +12,15 @@ connection loss (measured: +1 per channel close), so a message could be dead-let
 failing; broker-side dead-lettering also cannot record the handler's error, and a plain requeue has no backoff.
 Counting in the application gives exactly the embedded bus's behaviour (attempt numbers, backoff, ``x-error``)
 with any queue type: ``queue_type="quorum"`` is accepted for replicated clusters and changes nothing else.
+
+Availability: the engine must take orders while the broker is down (the journal holds them and the outbox
+publishes them later), so ``start`` never fails on an unreachable broker. It waits for one connection attempt
+(so a reachable broker is ready when it returns), then a background task retries with a capped exponential
+backoff (``reconnect_min`` → ``reconnect_max``). Until the first connection, ``declare`` and ``subscribe*`` are
+recorded and applied on connection, before anything can be published, so no event reaches the exchange before
+the queues it is routed to exist. ``publish`` and the inspection methods raise :class:`BusUnavailableError` at
+once while disconnected (the outbox dispatcher retries every second). Once connected, aio-pika's robust
+connection reconnects by itself and restores channels, queues, bindings and consumers, as before.
 """
 
 from __future__ import annotations
@@ -19,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aio_pika
@@ -32,6 +43,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
+from yarl import URL
 
 from traboule.bus import BatchHandler, Delivery, Handler, PermanentError, dlq_name, one_by_one
 
@@ -45,12 +57,18 @@ ERROR = "x-error"
 _INTERNAL = frozenset({ATTEMPT, TOPIC})
 
 
+class BusUnavailableError(ConnectionError):
+    """The broker is not connected (not yet, or lost and being reconnected) or the bus is closed: retry later."""
+
+
 @dataclass
 class _Subscription:
-    queue: AbstractQueue
+    name: str  # the broker's queue name
+    topics: list[str]
     handler: BatchHandler
     max_attempts: int
     max_batch: int
+    queue: AbstractQueue | None = None  # None until consumed on a connection
     buffer: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
     held: AbstractIncomingMessage | None = None  # taken from the buffer, to start the next batch
     consumer_tag: str | None = None
@@ -69,6 +87,10 @@ class RabbitMQBus:
         retry_backoff: float = 0.2,
         close_timeout: float = 10.0,
         queue_type: Literal["classic", "quorum"] = "classic",
+        connect_timeout: float = 5.0,
+        reconnect_min: float = 1.0,
+        reconnect_max: float = 30.0,
+        publish_timeout: float = 30.0,
     ) -> None:
         self.url = url
         self.exchange = exchange
@@ -76,40 +98,179 @@ class RabbitMQBus:
         self.retry_backoff = retry_backoff  # a failed delivery waits retry_backoff * attempt before the next
         self.close_timeout = close_timeout
         self.queue_type = queue_type
-        self._connection: AbstractRobustConnection | None = None
+        self.connect_timeout = connect_timeout  # one connection attempt (TCP + AMQP handshake)
+        self.reconnect_min = reconnect_min  # first connection: delay after the first failure, doubled up to max
+        self.reconnect_max = reconnect_max
+        self.publish_timeout = publish_timeout  # bounds a publish caught by a connection loss or a blocked broker
+        self._connection: AbstractRobustConnection | None = None  # set once connected and intents applied
         self._channel: AbstractChannel | None = None  # publisher confirms; declarations and publishing
         self._topic_exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
+        self._declarations: list[tuple[str, list[str]]] = []  # declared before the first connection
         self._subscriptions: list[_Subscription] = []
         self._retries: set[asyncio.Task[None]] = set()
-        self._start_lock = asyncio.Lock()
+        self._connector: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self._up = asyncio.Event()  # connected and usable (cleared while aio-pika reconnects)
+        self._since = time.time()  # last change of ``connected`` (or creation)
+        self._last_error: BaseException | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (reconnecting automatically later) and declare the exchanges; idempotent."""
-        async with self._start_lock:
-            if self._closing:
-                raise RuntimeError("bus is closed")
-            if self._connection is not None:
-                return
-            connection = await aio_pika.connect_robust(self.url)
+        """Start connecting; idempotent. Never fails on an unreachable broker (see the module docstring).
+
+        Returns once the first attempt is over (at most ``connect_timeout``): connected when the broker is
+        reachable, otherwise connecting in the background (see ``connected``, ``wait_connected``).
+        """
+        if self._closing:
+            raise BusUnavailableError("RabbitMQ bus is closed")
+        if self._connector is None:
+            self._connector = asyncio.create_task(self._connect_loop(), name=f"rabbitmq-bus:connect:{self.exchange}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.connect_timeout + 1):
+                await self._first_attempt.wait()
+
+    @property
+    def connected(self) -> bool:
+        """True when the broker is connected and the recorded declarations applied: ``publish`` can succeed."""
+        return self._up.is_set()
+
+    def state(self) -> dict[str, Any]:
+        """For /health: connected or not, since when (ISO 8601 UTC), and the type of the last connection error
+        (kept after recovery: ``since`` tells when the state last changed)."""
+        return {
+            "backend": "rabbitmq",
+            "connected": self.connected,
+            "since": datetime.fromtimestamp(self._since, UTC).isoformat(timespec="seconds"),
+            "last_error": type(_root(self._last_error)).__name__ if self._last_error is not None else None,
+        }
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait up to ``timeout`` seconds for the connection; :class:`BusUnavailableError` (with the last error)
+        after that. For tools (the CLI) that have nothing to do without the broker."""
+        await self._ensure_started()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            raise BusUnavailableError(self._unavailable(f"not connected after {timeout:g} s")) from None
+
+    async def _ensure_started(self) -> None:
+        if self._connector is None and not self._closing:
+            await self.start()  # the other methods imply start, as on the embedded bus
+
+    async def _connect_loop(self) -> None:
+        """Connect for the first time, retrying with a capped exponential backoff; aio-pika's robust connection
+        takes over after that. Each failure is logged: the backoff bounds the rate (one line per
+        ``reconnect_max`` once capped)."""
+        delay, attempt, down_since = self.reconnect_min, 0, time.monotonic()
+        while not self._closing:
+            attempt += 1
             try:
-                channel = await connection.channel(publisher_confirms=True)
-                self._topic_exchange = await channel.declare_exchange(
-                    self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-                )
-                self._dlx = await channel.declare_exchange(
-                    f"{self.exchange}.dlx", aio_pika.ExchangeType.DIRECT, durable=True
-                )
-            except BaseException:
-                await connection.close()
+                await self._connect_once()
+            except asyncio.CancelledError:
                 raise
-            self._connection, self._channel = connection, channel
+            except Exception as exc:
+                self._last_error = exc
+                self._first_attempt.set()
+                log.warning(
+                    "RabbitMQ %s unreachable (attempt %d): %s; retrying in %g s",
+                    self._redacted_url(),
+                    attempt,
+                    _describe(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                continue
+            self._first_attempt.set()
+            if attempt > 1:
+                log.info(
+                    "RabbitMQ %s connected after %d attempts (%.0f s)",
+                    self._redacted_url(),
+                    attempt,
+                    time.monotonic() - down_since,
+                )
+            return
+
+    async def _connect_once(self) -> None:
+        """One attempt: connect, declare the exchanges, apply the recorded declarations and subscriptions; on any
+        failure close everything of this attempt, so that the next one starts clean."""
+        connection = aio_pika.RobustConnection(URL(self.url))
+        consumed: list[_Subscription] = []
+        try:
+            # Both bounds: aiormq's timeout covers the handshake, the outer one anything left unbounded.
+            async with asyncio.timeout(self.connect_timeout + 1):
+                await connection.connect(timeout=self.connect_timeout)
+            channel = await connection.channel(publisher_confirms=True)
+            topic_exchange = await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            dlx = await channel.declare_exchange(f"{self.exchange}.dlx", aio_pika.ExchangeType.DIRECT, durable=True)
+            # Recorded in order; calls made meanwhile append to these lists and are applied by the same loops.
+            while self._declarations:
+                queue, topics = self._declarations[0]
+                await self._declare(channel, queue, topics)
+                self._declarations.pop(0)
+            while (sub := next((s for s in self._subscriptions if s.queue is None), None)) is not None:
+                consumed.append(sub)
+                await self._consume(connection, sub)
+        except BaseException:
+            for sub in consumed:  # consumed on the connection being closed: start afresh on the next one
+                sub.queue, sub.consumer_tag = None, None
+                _drain(sub.buffer)  # unacked, so the broker redelivers them
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        # No await since the last check of the pending lists: nothing recorded can be missed.
+        self._connection, self._channel, self._topic_exchange, self._dlx = connection, channel, topic_exchange, dlx
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._set_up(True)
+
+    def _on_connection_lost(self, _connection: Any, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        if self.connected:
+            log.warning("RabbitMQ %s connection lost: %s; reconnecting", self._redacted_url(), _describe(exc))
+        if isinstance(exc, Exception):
+            self._last_error = exc
+        self._set_up(False)
+
+    def _on_reconnected(self, _connection: Any) -> None:
+        if not self._closing:
+            log.info("RabbitMQ %s reconnected", self._redacted_url())
+            self._set_up(True)
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.connected:
+            self._since = time.time()
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    def _redacted_url(self) -> str:
+        """The broker's address for logs and errors: no password, no query (it may name key files)."""
+        url = URL(self.url)
+        return str(url.with_password(None).with_query(None)) if url.is_absolute() else "(invalid AMQP URL)"
+
+    def _unavailable(self, what: str) -> str:
+        error = f"; last error: {_describe(self._last_error)}" if self._last_error is not None else ""
+        return f"RabbitMQ {self._redacted_url()} {what}{error}"
+
+    def _live(self) -> tuple[AbstractRobustConnection, AbstractChannel]:
+        """The connection and publishing channel, or :class:`BusUnavailableError` at once (never waiting for a
+        reconnection: callers such as the outbox dispatcher retry on their own schedule)."""
+        if self._closing:
+            raise BusUnavailableError(f"RabbitMQ {self._redacted_url()}: bus is closed")
+        if self._connection is None or self._channel is None or not self.connected:
+            raise BusUnavailableError(self._unavailable("is not connected"))
+        return self._connection, self._channel
 
     async def close(self) -> None:
-        """Stop consuming (letting in-flight handlers finish, up to ``close_timeout``) and disconnect.
+        """Stop connecting or consuming (letting in-flight handlers finish, up to ``close_timeout``) and
+        disconnect; prompt in every state (never connected, connecting, connected, reconnecting).
 
         Safe to call from inside a handler: that delivery is then not acknowledged and the broker delivers it
         again to the next consumer. Prefetched, unhandled messages go back to the queue, without counting as
@@ -118,9 +279,15 @@ class RabbitMQBus:
         if self._closing:
             return
         self._closing = True
+        self._first_attempt.set()  # a start() waiting for the first attempt returns now
+        if self._connector is not None and not self._connector.done():
+            self._connector.cancel()  # closes the connection of an attempt under way
+            await asyncio.gather(self._connector, return_exceptions=True)
         current = asyncio.current_task()
         for sub in self._subscriptions:
-            if sub.consumer_tag is not None:  # no new deliveries while the in-flight ones finish
+            # No new deliveries while the in-flight ones finish; while disconnected there is nothing to cancel
+            # (and aio-pika would wait for the reconnection).
+            if sub.queue is not None and sub.consumer_tag is not None and self.connected:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sub.queue.cancel(sub.consumer_tag), self.close_timeout)
             sub.buffer.put_nowait(None)
@@ -133,30 +300,39 @@ class RabbitMQBus:
         for task in list(self._retries):  # unacked originals return to the queue with their attempt number
             task.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
+        self._up.clear()
         if self._connection is not None:
             await self._connection.close()
-
-    async def _ready(self) -> tuple[AbstractRobustConnection, AbstractChannel]:
-        if self._connection is None or self._channel is None:
-            await self.start()
-        assert self._connection is not None and self._channel is not None
-        return self._connection, self._channel
 
     # -- publishing ------------------------------------------------------------------------------------
 
     async def publish(self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None) -> None:
-        """Publish persistently to the topic exchange; returns once the broker confirmed it."""
-        await self._ready()
-        assert self._topic_exchange is not None
-        message = _message(body, message_id, dict(headers or {}))
-        # mandatory=False: like the embedded bus, a topic nobody is bound to is dropped, not an error.
-        await self._topic_exchange.publish(message, routing_key=topic, mandatory=False)
+        """Publish persistently to the topic exchange; returns once the broker confirmed it.
+
+        Raises :class:`BusUnavailableError` at once while disconnected, or when no confirm came within
+        ``publish_timeout`` (then the message may still arrive: publishing again may duplicate it).
+        """
+        await self.publish_many([(topic, body, message_id, headers)])
 
     async def publish_many(self, items: Sequence[Item]) -> None:
         """Publish several messages with their confirms awaited concurrently (pipelined, not one by one)."""
-        await asyncio.gather(
-            *(self.publish(topic, body, message_id=mid, headers=headers) for topic, body, mid, headers in items)
-        )
+        await self._ensure_started()
+        self._live()  # raises at once while disconnected
+        assert self._topic_exchange is not None
+        exchange = self._topic_exchange
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                # mandatory=False: like the embedded bus, a topic nobody is bound to is dropped, not an error.
+                await asyncio.gather(
+                    *(
+                        exchange.publish(_message(body, mid, dict(headers or {})), routing_key=topic, mandatory=False)
+                        for topic, body, mid, headers in items
+                    )
+                )
+        except TimeoutError:
+            raise BusUnavailableError(
+                self._unavailable(f"gave no publisher confirm within {self.publish_timeout:g} s")
+            ) from None
 
     # -- consuming -------------------------------------------------------------------------------------
 
@@ -166,14 +342,20 @@ class RabbitMQBus:
         return f"{self.exchange}.{queue}"
 
     async def declare(self, queue: str, topics: list[str]) -> None:
-        """Declare the durable queue, its dead-letter queue and bindings, without consuming."""
-        queue = self.queue_name(queue)
-        _, channel = await self._ready()
-        await self._declare(channel, queue, topics)
+        """Declare the durable queue, its dead-letter queue and bindings, without consuming.
+
+        Before the first connection the declaration is recorded and applied on connection, before any publish
+        can go through (so nothing routed to it is lost).
+        """
+        queue = _checked(self.queue_name(queue))
+        await self._ensure_started()
+        if self._connection is None:
+            self._declarations.append((queue, list(topics)))
+            return
+        assert self._channel is not None  # during a reconnection, aio-pika's robust channel waits for it
+        await self._declare(self._channel, queue, topics)
 
     async def _declare(self, channel: AbstractChannel, queue: str, topics: list[str]) -> AbstractQueue:
-        if not queue or queue.endswith(".dlq"):
-            raise ValueError(f"invalid queue name {queue!r}")
         arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
         dlq = await channel.declare_queue(dlq_name(queue), durable=True, arguments=arguments)
         await dlq.bind(f"{self.exchange}.dlx", routing_key=dlq_name(queue))
@@ -192,21 +374,35 @@ class RabbitMQBus:
         """Like ``subscribe``, handing over the prefetched messages in lists of up to ``max_batch``.
 
         A batch is the first message to arrive plus whatever is already prefetched behind it (never waiting for
-        more), so the subscription's prefetch window is ``max(prefetch, max_batch)``.
+        more), so the subscription's prefetch window is ``max(prefetch, max_batch)``. Before the first
+        connection the subscription is recorded and starts on connection.
         """
-        queue = self.queue_name(queue)
+        queue = _checked(self.queue_name(queue))
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        connection, _ = await self._ready()
+        await self._ensure_started()
+        sub = _Subscription(queue, list(topics), handler, max_attempts, max_batch)
+        if self._connection is None:
+            self._subscriptions.append(sub)  # the connector consumes it
+            return
+        try:
+            await self._consume(self._connection, sub)
+        except BaseException:
+            if sub.worker is not None:
+                sub.worker.cancel()
+            raise
+        self._subscriptions.append(sub)
+
+    async def _consume(self, connection: AbstractRobustConnection, sub: _Subscription) -> None:
         # A channel per subscription: its own prefetch window, and a channel error cannot stop the others.
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=max(self.prefetch, max_batch))
-        sub = _Subscription(await self._declare(channel, queue, topics), handler, max_attempts, max_batch)
-        sub.worker = asyncio.create_task(self._work(sub), name=f"rabbitmq-bus:{queue}")
+        await channel.set_qos(prefetch_count=max(self.prefetch, sub.max_batch))
+        sub.queue = await self._declare(channel, sub.name, sub.topics)
+        if sub.worker is None:
+            sub.worker = asyncio.create_task(self._work(sub), name=f"rabbitmq-bus:{sub.name}")
         sub.consumer_tag = await sub.queue.consume(sub.buffer.put, no_ack=False)
-        self._subscriptions.append(sub)
 
     async def _work(self, sub: _Subscription) -> None:
         while not self._closing:
@@ -250,7 +446,7 @@ class RabbitMQBus:
         except Exception as exc:
             log.warning(
                 "batch handler for %s failed on %d deliveries (%s ... %s), handing each alone: %s: %s",
-                sub.queue.name,
+                sub.name,
                 len(batch),
                 batch[0].message_id,
                 batch[-1].message_id,
@@ -283,9 +479,9 @@ class RabbitMQBus:
 
     def _settle_failed(self, sub: _Subscription, message: AbstractIncomingMessage, exc: Exception) -> None:
         if self._closing:  # closed from inside the handler: expected, the message comes back
-            log.info("%s from %s not acked: bus closed", message.message_id, sub.queue.name)
+            log.info("%s from %s not acked: bus closed", message.message_id, sub.name)
         else:
-            log.warning("settling %s from %s failed: %r", message.message_id, sub.queue.name, exc)
+            log.warning("settling %s from %s failed: %r", message.message_id, sub.name, exc)
 
     async def _handle(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
         delivery = _delivery(message)
@@ -296,18 +492,18 @@ class RabbitMQBus:
             error = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "handler for %s failed on %s (attempt %d/%d): %s",
-                sub.queue.name,
+                sub.name,
                 delivery.message_id,
                 attempt,
                 sub.max_attempts,
                 error,
             )
             if attempt >= sub.max_attempts or isinstance(exc, PermanentError):
-                await self._dead_letter(sub.queue.name, delivery, error)
+                await self._dead_letter(sub.name, delivery, error)
                 await message.ack()
             else:
                 # The original stays unacked (a prefetch slot) during the backoff, while the worker goes on.
-                task = asyncio.create_task(self._retry(sub.queue.name, message, delivery))
+                task = asyncio.create_task(self._retry(sub.name, message, delivery))
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
             return
@@ -315,9 +511,9 @@ class RabbitMQBus:
 
     async def _retry(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery) -> None:
         await asyncio.sleep(self.retry_backoff * delivery.attempt)
-        _, channel = await self._ready()
         headers = {**delivery.headers, ATTEMPT: str(delivery.attempt + 1), TOPIC: delivery.topic}
         try:
+            _, channel = self._live()
             # Copy first, ack second: a crash in between gives a duplicate, never a loss.
             await channel.default_exchange.publish(
                 _message(delivery.body, delivery.message_id, headers), routing_key=queue, mandatory=False
@@ -329,7 +525,7 @@ class RabbitMQBus:
                 await message.nack(requeue=True)  # same attempt number, handled again
 
     async def _dead_letter(self, queue: str, delivery: Delivery, error: str) -> None:
-        await self._ready()
+        self._live()
         assert self._dlx is not None
         headers = {**delivery.headers, ERROR: error[:4000], ATTEMPT: str(delivery.attempt), TOPIC: delivery.topic}
         await self._dlx.publish(
@@ -341,7 +537,8 @@ class RabbitMQBus:
     @contextlib.asynccontextmanager
     async def _scratch_channel(self) -> AsyncIterator[AbstractChannel]:
         """A short-lived channel for passive declares and basic.get, closed (returning unacked gets) after."""
-        connection, _ = await self._ready()
+        await self._ensure_started()
+        connection, _ = self._live()
         channel = await connection.channel()
         try:
             yield channel
@@ -379,7 +576,8 @@ class RabbitMQBus:
     async def replay_dead_letter(self, queue: str, message_id: str) -> bool:
         """Move the dead letter(s) with ``message_id`` back into ``queue`` as fresh deliveries (attempt 1)."""
         queue = self.queue_name(queue)
-        _, publisher = await self._ready()
+        await self._ensure_started()
+        _, publisher = self._live()
         found = False
         async with self._scratch_channel() as channel:
             try:
@@ -434,3 +632,34 @@ def _delivery(message: AbstractIncomingMessage) -> Delivery:
 
 def _attempt(message: AbstractIncomingMessage) -> int:
     return int(_str_headers(message.headers).get(ATTEMPT, "1"))
+
+
+def _checked(queue: str) -> str:
+    """``queue`` if usable as a subscriber queue name; checked when called, also when the bus is not connected."""
+    if not queue or queue.endswith(".dlq"):
+        raise ValueError(f"invalid queue name {queue!r}")
+    return queue
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The error that started it: aiormq wraps e.g. ``ConnectionRefusedError`` in ``AMQPConnectionError``."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _describe(exc: BaseException | None) -> str:
+    """An error for a log line: type and message, bounded (aiormq messages can carry whole frames)."""
+    if exc is None:
+        return "closed"
+    exc = _root(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _drain(buffer: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+    while True:
+        try:
+            buffer.get_nowait()
+        except asyncio.QueueEmpty:
+            return

@@ -5,7 +5,9 @@ The archive notifies with ``POST {webhook}`` and a JSON body carrying at least `
 ``OnStableStudy`` callback, see docs/operations.md; any archive or script can post the same). The notification is
 journaled before the 202 answer, then read back from the journal's outbox: the channel's own consumer fetches the
 study's metadata (WADO-RS ``/studies/{uid}/metadata``) and publishes the canonical study. An archive that is down
-only delays it (bus retries with backoff, then the dead-letter queue). Configuration::
+only delays it (bus retries with backoff, then the dead-letter queue). The body is checked before it is journaled
+(`parse_notification`): a JSON object of at most 64 KiB whose ``StudyInstanceUID`` is a DICOM UID, since it goes
+into the archive's URL; anything else is a 400 naming the field. Configuration::
 
     [[channels]]
     name = "archive"
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,8 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from adapters.dicomweb import DicomJSON, DICOMwebClient, value
-from traboule.bus import Delivery
+from adapters.dicomweb import DicomJSON, DICOMwebClient, is_uid, value
+from traboule.bus import Delivery, PermanentError
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study
 
@@ -35,6 +38,51 @@ log = structlog.get_logger("traboule.channels.archive")
 
 NOTIFIED = "archive.stable"  # internal topic: a journaled notification waiting to be read from the archive
 STABLE = "study.stable"  # the canonical study, for the channels that care (FHIR, reports)
+WEBHOOK_MAX_BODY = 64 * 1024  # Orthanc's notification is ~200 bytes; room for archives that post more tags
+MAX_ACCESSION = 64  # SH is 16 characters (PS3.5 6.2); lenient for archives that store longer ones, but bounded
+
+
+class NotificationError(ValueError):
+    """A notification refused at the webhook: the field and why (never the value received)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Notification:
+    study_instance_uid: str
+    accession_number: str = ""
+
+
+def parse_notification(raw: bytes) -> Notification:
+    """The webhook body: a JSON object with a ``StudyInstanceUID`` string that is a DICOM UID (PS3.5 9.1) and an
+    optional ``AccessionNumber`` string; other members (``event``, ``OrthancId``...) are ignored."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[...": deeper than the parser's stack
+        raise NotificationError("body", "not JSON") from exc
+    if not isinstance(body, dict):
+        raise NotificationError("body", "expected a JSON object")
+    uid = body.get("StudyInstanceUID")
+    if uid is None:
+        raise NotificationError("StudyInstanceUID", "missing")
+    if not isinstance(uid, str):
+        raise NotificationError("StudyInstanceUID", "expected a string")
+    uid = uid.strip(" \0")  # DICOM pads UI values to an even length with NUL, some senders with a space
+    if not is_uid(uid):
+        raise NotificationError("StudyInstanceUID", "not a DICOM UID (digits and dots, at most 64 characters)")
+    accession = body.get("AccessionNumber")
+    if accession is None:
+        accession = ""
+    if not isinstance(accession, str):
+        raise NotificationError("AccessionNumber", "expected a string")
+    accession = accession.strip()
+    if len(accession) > MAX_ACCESSION or not accession.isprintable():
+        raise NotificationError("AccessionNumber", f"expected at most {MAX_ACCESSION} printable characters")
+    return Notification(uid, accession)
 
 
 class ArchiveChannel:
@@ -69,16 +117,20 @@ class ArchiveChannel:
     def routes(self) -> list[Route]:
         return [Route(self.webhook, self.notified, methods=["POST"])]
 
+    def body_limits(self) -> dict[str, int]:
+        """The webhook's request body limit (``traboule.http``): a notification is a few hundred bytes."""
+        return {self.webhook: WEBHOOK_MAX_BODY}
+
     async def notified(self, request: Request) -> JSONResponse:
         """The archive's notification: journaled (and so acknowledged) before anything is read from it."""
         raw = await request.body()
         try:
-            body = json.loads(raw)
-            study_uid = str(body["StudyInstanceUID"]).strip()
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "expected a JSON object with StudyInstanceUID"}, status_code=400)
-        if not study_uid:
-            return JSONResponse({"error": "StudyInstanceUID is empty"}, status_code=400)
+            notice = parse_notification(raw)
+        except NotificationError as exc:
+            # The field and the reason only: the value came from whoever could reach the port.
+            self._log.warning("study.notification_refused", field=exc.field, reason=exc.reason)
+            return JSONResponse({"error": f"{exc.field}: {exc.reason}", "field": exc.field}, status_code=400)
+        study_uid = notice.study_instance_uid
         peer = request.client.host if request.client else ""
         entry = JournalEntry(
             channel=self.name,
@@ -90,7 +142,7 @@ class ArchiveChannel:
             correlation_id=study_uid,
         )
         env = Envelope(
-            Study(study_instance_uid=study_uid, accession_number=str(body.get("AccessionNumber") or "")),
+            Study(study_instance_uid=study_uid, accession_number=notice.accession_number),
             source=self.name,
             correlation_id=study_uid,
         )
@@ -103,6 +155,8 @@ class ArchiveChannel:
         """Read the notified study from the archive and publish it (an exception makes the bus retry)."""
         notice = Envelope.from_json(delivery.body)
         uid = notice.payload.study_instance_uid  # type: ignore[union-attr]
+        if not is_uid(uid):  # journaled before the webhook checked it: reading it again cannot help
+            raise PermanentError("the notified StudyInstanceUID is not a DICOM UID")
         metadata = await self.client.study_metadata(uid)
         if not metadata:
             raise LookupError(f"study {uid} has no instances in the archive (yet)")

@@ -44,6 +44,7 @@ import structlog
 from adapters.mllp import MLLPSender, NotAccepted
 from traboule import hl7, metrics
 from traboule.bus import Delivery
+from traboule.health import DestinationHealth, channel_health
 from traboule.model import Document, Envelope, Identifier, Patient
 
 log = structlog.get_logger("traboule.channels.hl7_documents")
@@ -83,6 +84,7 @@ class HL7DocumentsChannel:
             raise ValueError(f"channel {self.name}: message must be ORU^R01 or MDM, not {self.message!r}")
         self.parties = hl7.Parties.from_config(config, receiver="DRIMBOX")
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
+        self.destination = DestinationHealth(self.sender.address)
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -110,6 +112,9 @@ class HL7DocumentsChannel:
             "destinations": [self.sender.address],
             "message": self.message,
         }
+
+    def health(self) -> dict[str, Any]:
+        return channel_health(self.destination)
 
     async def handle(self, delivery: Delivery) -> None:
         env = Envelope.from_json(delivery.body)
@@ -152,8 +157,11 @@ class HL7DocumentsChannel:
         backoff = 0.5
         while True:
             try:
-                return await self.sender.send(data)
+                code = await self.sender.send(data)
+                self.destination.succeeded()
+                return code
             except NotAccepted as exc:
+                self.destination.failed(exc)
                 if time.monotonic() + backoff > deadline:
                     raise
                 self._log.warning("document.retry", message_id=event_id, error=str(exc), wait_s=backoff)

@@ -35,10 +35,11 @@ from typing import Any
 
 import structlog
 
-from adapters.mllp import MLLPSender
+from adapters.mllp import MLLPSender, NotAccepted
 from traboule import hl7, metrics
 from traboule.bus import Delivery
 from traboule.config import resolve
+from traboule.health import DestinationHealth, channel_health
 from traboule.mapping import load_table
 from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
 
@@ -76,6 +77,7 @@ class HL7StatusChannel:
             raise ValueError(f"channel {self.name}: message must be ORM^O01 or OMI^O23, not {self.message!r}")
         self.parties = hl7.Parties.from_config(config, receiver="RIS")
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
+        self.destination = DestinationHealth(self.sender.address)
         table_path = resolve(runtime.config, config.get("status_table", "mappings/tables/procedure_status.csv"))
         self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
@@ -102,6 +104,9 @@ class HL7StatusChannel:
             "message": self.message,
         }
 
+    def health(self) -> dict[str, Any]:
+        return channel_health(self.destination)
+
     # -- events ----------------------------------------------------------------------------------------------
 
     async def handle(self, delivery: Delivery) -> None:
@@ -119,7 +124,12 @@ class HL7StatusChannel:
             return
         control_id = self.sender.next_control_id("S")
         text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
-        code = await self.sender.send(text.encode("utf-8"))  # NotAccepted: the bus retries, then dead-letters
+        try:
+            code = await self.sender.send(text.encode("utf-8"))
+        except NotAccepted as exc:  # the bus retries, then dead-letters
+            self.destination.failed(exc)
+            raise
+        self.destination.succeeded()
         self._db.execute(
             "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)",
             (env.idempotency_key or env.id, control_id, datetime.now().isoformat(timespec="milliseconds")),

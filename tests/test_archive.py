@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from adapters.dicomweb import DICOMwebClient, DICOMwebError
 from tests.peer_dcmtk import free_port, require_dcmtk
 from tests.test_flow import engine_config, until
 from traboule.bus import Delivery
@@ -121,3 +123,75 @@ async def test_bad_notification_is_refused(engine_with_archive: Any) -> None:
         )
     assert bad.status_code == 400
     assert unknown.status_code == 202  # journaled; the read fails, is retried, then dead-lettered
+
+
+# What anyone who reaches the port can post: each is refused with the field at fault, before anything is journaled.
+HOSTILE_NOTIFICATIONS = [
+    (b'{"StudyInstanceUID": "../../../tools/reset?x=1#"}', "StudyInstanceUID"),  # was 202, then GET /tools/reset
+    (b'{"StudyInstanceUID": "1.2.3/../../../tools/reset"}', "StudyInstanceUID"),
+    (b'{"StudyInstanceUID": "1.02.3"}', "StudyInstanceUID"),  # a leading zero (PS3.5 9.1)
+    (b'{"StudyInstanceUID": "1.2.3\\n"}', "StudyInstanceUID"),
+    (b'{"StudyInstanceUID": "' + b"1." * 32 + b'1"}', "StudyInstanceUID"),  # 65 characters
+    (b'{"StudyInstanceUID": 1.5}', "StudyInstanceUID"),  # a number: 1.50 would be 1.5
+    (b'{"StudyInstanceUID": "1.2.3", "AccessionNumber": ["ACC"]}', "AccessionNumber"),
+    (b'{"a": 1}', "StudyInstanceUID"),
+    (b"null", "body"),
+    (b"[1]", "body"),
+    (b"[" * 5000, "body"),  # deeper than the JSON parser's stack
+    (b"\xff\xfe{", "body"),
+]
+
+
+async def test_bad_notifications_are_refused_naming_the_field_not_the_value(engine_with_archive: Any) -> None:
+    runtime, _, _, http_port = engine_with_archive
+    url = f"http://127.0.0.1:{http_port}/archive/stable"
+    async with httpx.AsyncClient() as client:
+        with structlog.testing.capture_logs() as logs:
+            for body, field in HOSTILE_NOTIFICATIONS:
+                answer = await client.post(url, content=body)
+                assert answer.status_code == 400, body
+                assert answer.json()["field"] == field and "reset" not in answer.text, body
+        padded = await client.post(url, json={"StudyInstanceUID": "1.2.840.99\0", "AccessionNumber": " ACC9 "})
+    assert [e["field"] for e in logs if e["event"] == "study.notification_refused"] == [
+        field for _, field in HOSTILE_NOTIFICATIONS
+    ]
+    assert not [e for e in logs if "reset" in repr(e) or "1.02.3" in repr(e)]  # the values are not logged
+    # DICOM pads a UID to an even length with NUL: accepted without it
+    assert padded.status_code == 202 and padded.json()["accepted"] == "1.2.840.99"
+    (entry,) = runtime.journal.recent(5)  # only the good one was journaled
+    assert entry.control_id == "1.2.840.99"
+
+
+async def test_dicomweb_client_puts_only_uids_in_its_paths() -> None:
+    client = DICOMwebClient("http://127.0.0.1:9/dicom-web")  # never contacted: refused before any request
+    try:
+        for uid in ("../../tools/reset?x=1#", "1.2/../../..", "1.2.3%2F..", "", "1.2.3 "):
+            with pytest.raises(DICOMwebError, match="not a DICOM UID") as refused:
+                await client.study_metadata(uid)
+            assert not refused.value.retryable
+            with pytest.raises(DICOMwebError):
+                client.retrieve_url(uid)
+        assert client.retrieve_url("1.2.840.10008") == "http://127.0.0.1:9/dicom-web/studies/1.2.840.10008"
+    finally:
+        await client.close()
+
+
+async def test_a_notification_journaled_before_the_check_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    dicomweb = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens: a request would fail and be retried
+    cfg.channels.append({"name": "archive", "kind": "archive", "dicomweb": dicomweb, "max_attempts": 5})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        # What a journal replay of a notification accepted before the webhook checked its UID publishes.
+        env = Envelope(Study(study_instance_uid="../../../tools/reset?x=1#"))
+        await runtime.bus.publish("archive.stable", env.to_json(), message_id=env.id)
+        deadline = asyncio.get_running_loop().time() + 5  # a retry would wait the bus backoff first
+        while not (dead := await runtime.bus.dead_letters("archive")):
+            assert asyncio.get_running_loop().time() < deadline, "not dead-lettered"
+            await asyncio.sleep(0.02)
+        (letter,) = dead
+        assert letter.attempt == 1  # PermanentError: not retried
+        assert "not a DICOM UID" in letter.headers["x-error"]
+    finally:
+        await runtime.stop()

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -108,6 +109,20 @@ async def test_publish_delivers_body_id_and_headers(bus: AnyBus) -> None:
     assert got.headers == {"source": "mllp", "charset": "8859/1"}
     assert got.attempt == 1
     assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0
+
+
+async def test_a_started_bus_says_it_is_connected_until_closed(bus: AnyBus) -> None:
+    await bus.wait_connected(WAIT)
+    state = bus.state()
+    assert bus.connected
+    assert (state["backend"], state["connected"], state["last_error"]) == (
+        "rabbitmq" if isinstance(bus, RabbitMQBus) else "embedded",
+        True,
+        None,
+    )
+    assert datetime.fromisoformat(state["since"]).tzinfo is not None  # for /health: ISO 8601, UTC
+    await bus.close()
+    assert not bus.connected and not bus.state()["connected"]
 
 
 async def test_topic_routing(bus: AnyBus) -> None:

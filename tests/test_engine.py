@@ -72,7 +72,7 @@ async def test_health_metrics_and_channels_over_http(tmp_path: Path) -> None:
             health = (await client.get("/health")).json()
             metrics = (await client.get("/metrics")).text
             channels = (await client.get("/channels")).json()
-        assert health["status"] == "ok" and health["bus"] == "embedded" and health["outbox_pending"] == 0
+        assert health["status"] == "ok" and health["bus"]["backend"] == "embedded" and health["outbox_pending"] == 0
         assert 'traboule_messages_received_total{channel="ris-orders",status="accepted"}' in metrics
         assert (received("accepted"), received("rejected")) == (before[0] + 1, before[1] + 1)
         assert "traboule_worklist_items 1.0" in metrics

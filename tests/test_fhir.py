@@ -18,6 +18,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from adapters.fhir_client import FHIRClient, FHIRServerError
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, fixture, free_port, send, until
 from traboule import hl7, model
@@ -474,3 +475,95 @@ def test_date_search_covers_the_precision_given(tmp_path: Path, query: list[str]
     )
     total, _ = store.search("DocumentReference", {"date": query if len(query) > 1 else query[0]})
     assert total == (1 if found else 0)
+
+
+# Search parameters that were a 500 (with a traceback in the log) or matched what they should not: each is a 400
+# OperationOutcome naming the parameter. (query, issue code, expression)
+BAD_SEARCHES = [
+    ("ServiceRequest?_offset=99999999999999999999999", "invalid", "_offset"),  # beyond SQLite's integers
+    ("ServiceRequest?_count=-1", "invalid", "_count"),
+    ("ServiceRequest?_count=1_0", "invalid", "_count"),  # int() reads 10
+    ("ServiceRequest?_count=%EF%BC%91", "invalid", "_count"),  # a full-width 1
+    ("DocumentReference?date=0001-01-01T00:00%2B01:00", "invalid", "date"),  # before year 1 in UTC
+    ("DocumentReference?date=9999-12-31", "invalid", "date"),  # its end is in year 10000
+    ("DocumentReference?date=%D9%A2%D9%A0%D9%A2%D9%A6", "invalid", "date"),  # 2026 in Arabic-Indic digits
+    ("DocumentReference?date=2026-11-25T10:00%2B99:00", "invalid", "date"),
+    ("DocumentReference?date=ap2026", "not-supported", "date"),
+    ("Patient?identifier=" + ",".join(["a"] * 101), "too-costly", "identifier"),  # SQLite expression depth
+    ("Patient?" + "&".join(["identifier=a"] * 101), "too-costly", "identifier"),
+    ("ServiceRequest?subject=Observation/1", "not-supported", "subject"),
+    ("ServiceRequest?_sort=date", "not-supported", "_sort"),
+]
+
+
+async def test_bad_search_parameters_are_400_operation_outcomes(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/fhir", timeout=10) as client:
+            for query, code, expression in BAD_SEARCHES:
+                response = await client.get(f"/{query}")
+                assert response.status_code == 400, (query, response.text)
+                assert response.headers["content-type"].startswith("application/fhir+json")
+                (issue,) = r4(response.json()).issue
+                assert (issue.code, issue.expression) == (code, [expression]), query
+            assert (await client.get("/ServiceRequest?_offset=1000000000&_count=0")).status_code == 200
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+
+
+async def test_links_are_built_from_a_host_header_only_when_it_is_a_host(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/fhir", timeout=10) as client:
+
+            async def self_link(host: str) -> str:
+                bundle = (await client.get("/Patient?_count=1", headers={"Host": host})).json()
+                return bundle["link"][0]["url"]
+
+            assert (
+                await self_link("fhir.example.org:8443")
+                == "http://fhir.example.org:8443/fhir/Patient?_count=1&_offset=0"
+            )
+            assert await self_link("[::1]:8080") == "http://[::1]:8080/fhir/Patient?_count=1&_offset=0"
+            for hostile in ('evil.example/x?"', "[", "a b", "evil.example@x"):
+                assert await self_link(hostile) == f"http://127.0.0.1:{port}/fhir/Patient?_count=1&_offset=0"
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+
+
+async def test_fhir_client_puts_only_types_and_ids_in_its_paths(fhir_server_url: str) -> None:
+    async with FHIRClient(fhir_server_url, timeout=10) as client:
+        for rtype, rid in (
+            ("Patient", "../metadata"),
+            ("Patient", ".."),
+            ("Patient", "x?_format=xml"),
+            ("Patient", ""),
+        ):
+            with pytest.raises(ValueError, match="not a FHIR resource id"):
+                await client.read(rtype, rid)
+        for rtype in ("Patient/../metadata", "Patient?x=1", "patient", ""):
+            with pytest.raises(ValueError, match="not a FHIR resource type"):
+                await client.read(rtype, "1")
+            with pytest.raises(ValueError, match="not a FHIR resource type"):
+                await client.search(rtype)
+        # what is allowed still reaches the server: a read of an id it does not have is its 404
+        with pytest.raises(FHIRServerError) as missing:
+            await client.read("Patient", "traboule-no-such-id")
+        assert missing.value.status == 404
+        # search values travel percent-encoded: "&" and "#" stay in the value
+        bundle = await client.search("Patient", {"identifier": "urn:x|a&_id=1#b"})
+        assert bundle.get("total", 0) == 0 and not bundle.get("entry")

@@ -63,3 +63,27 @@ async def test_requests_without_a_valid_token_get_401_and_nothing_else(tmp_path:
         server.should_exit = True
         await server.task
         await runtime.stop()
+
+
+async def test_a_request_without_a_token_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    from tests.test_http_limits import exchange, head
+
+    cfg = engine_config(tmp_path)
+    cfg.api_tokens = [TOKEN]
+    dicomweb = f"http://127.0.0.1:{free_port()}/dicom-web"
+    cfg.channels.append({"name": "archive", "kind": "archive", "dicomweb": dicomweb})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        huge = "Content-Length: 209715200"  # announced, never sent
+        assert (await exchange(port, head("POST", "/archive/stable", huge))).status == 401
+        assert (
+            await exchange(port, head("POST", "/archive/stable", huge, f"Authorization: Bearer {TOKEN}"))
+        ).status == 413
+        assert runtime.journal.recent(5) == []
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()

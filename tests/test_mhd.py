@@ -128,3 +128,18 @@ def _report() -> Any:
     from tests.test_reports import report_of
 
     return report_of(fixture("oru_r01_report.hl7"))
+
+
+async def test_retrieving_an_unknown_or_malformed_document_is_a_404_outcome(
+    api: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    _, client = api
+    for rid in ("nope", "..%2F..%2Fhealth", "%00", "%FF%FE", "x" * 2000, "Patient%2F1"):
+        for accept in ("*/*", "application/fhir+json"):
+            response = await client.get(f"/Binary/{rid}", headers={"Accept": accept})
+            assert response.status_code == 404, (rid, response.text)
+            assert response.json()["issue"][0]["code"] == "not-found"
+    # a read-only API: a write is refused as FHIR clients understand it (not Starlette's plain text)
+    refused = await client.put("/Binary/nope", content=b"%PDF")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+    assert refused.json()["issue"][0]["code"] == "not-supported"

@@ -271,3 +271,22 @@ async def test_omi_status_message(engine: Engine) -> None:
     assert msg.segment("ORC").field(5) == "DC"  # type: ignore[union-attr]
     ipc = msg.segment("IPC")
     assert ipc is not None and [ipc.field(i) for i in range(1, 6)] == ["ACC\\F\\9", "RP9", "1.2.3.4", "SPS9", "MR"]
+
+
+async def test_health_names_the_ris_while_it_cannot_be_reached(engine: Engine) -> None:
+    runtime, ris = engine.runtime, engine.ris
+    _, item = await scheduled(engine)
+    modality = Modality(engine.mpps_port)
+    try:
+        assert await modality.create(generate_uid(), in_progress(item)) == 0x0000
+        await until(lambda: len(ris.accepted()) == 1)
+        assert runtime.health()["channels"]["ris-status"]["state"] == "ok"
+        await ris.listener.stop()  # the RIS goes away
+        assert await modality.create(generate_uid(), in_progress(item)) == 0x0000
+        await until(lambda: runtime.health()["channels"]["ris-status"]["state"] == "down")
+    finally:
+        modality.close()
+    health = runtime.health()
+    assert health["status"] == "degraded" and "ris-status" in health["problems"]
+    (destination,) = health["channels"]["ris-status"]["destinations"]
+    assert destination["failures"] >= 1 and destination["last_error"] == "NotAccepted"

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -67,9 +67,24 @@ def one_by_one(handler: Handler) -> BatchHandler:
 
 
 class Bus(Protocol):
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Open or start connecting; never fails because a broker is unreachable (``connected`` tells)."""
+        ...
 
     async def close(self) -> None: ...
+
+    @property
+    def connected(self) -> bool:
+        """True when ``publish`` can succeed now; False while a broker is unreachable (``publish`` then raises)."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """For /health: ``backend``, ``connected``, ``since`` (ISO 8601 UTC), ``last_error`` (type name or None)."""
+        ...
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until ``connected`` (starting if needed); ``ConnectionError`` after ``timeout`` seconds."""
+        ...
 
     async def publish(self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Publish durably; returns after the broker confirmed (or the row is committed)."""

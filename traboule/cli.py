@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     send = sub.add_parser("send", help="send HL7 v2 files over MLLP and print each ACK")
     send.add_argument("files", nargs="+", type=Path)
-    send.add_argument("--to", default="127.0.0.1:2575", help="host:port of the MLLP listener")
+    send.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
     send.add_argument("--timeout", type=float, default=30.0)
 
     wl = sub.add_parser("worklist", help="worklist items")
@@ -111,73 +113,153 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule import logging as tlog
+    from traboule.runtime import preflight
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
+    process = args.process or "main"
+    if process != "main":
+        _die_with_parent()
+    else:
+        try:
+            # Every process's channels and mappings, before anything listens (a worker that cannot start would
+            # otherwise restart in a loop behind a main process answering AA).
+            preflight(cfg)
+        except (config_mod.ConfigError, MappingError) as exc:
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return 2
     try:
         # uvloop: the MLLP ingest path is event-loop bound; measured ~15% more orders/s than asyncio's loop.
-        uvloop.run(_run(cfg, args.process or "main"))
+        uvloop.run(_run(cfg, process))
     except KeyboardInterrupt:
         pass
+    except (config_mod.ConfigError, MappingError, ValueError) as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+PARENT_PID_VARIABLE = "TRABOULE_PARENT_PID"
+
+
+def _die_with_parent() -> None:
+    """A child process ends with the main one, even when that one is killed (-9): otherwise the orphan keeps the
+    MWL and HTTP ports and the next start cannot bind them (while /health, answered by the orphan, says ok)."""
+    expected = int(os.environ.get(PARENT_PID_VARIABLE, "0") or 0)
+    with contextlib.suppress(Exception):  # Linux: the kernel sends SIGTERM when the parent dies
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if expected and os.getppid() != expected:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """The portable half of `_die_with_parent`: stop once the parent is gone (re-parented to another pid)."""
+    expected = int(os.environ.get(PARENT_PID_VARIABLE, "0") or 0)
+    while expected and not stop.is_set():
+        if os.getppid() != expected:
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
 async def _run(cfg: config_mod.Config, process: str) -> None:
     import structlog
 
     from traboule.http import create_app, serve
-    from traboule.runtime import Runtime
+    from traboule.runtime import ProcessState, Runtime
 
     log = structlog.get_logger("traboule").bind(process=process)
-    runtime = Runtime(cfg, process=process)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await runtime.start()
+    watcher = asyncio.create_task(_watch_parent(stop)) if process != "main" else None
+    runtime = Runtime(cfg, process=process)
+    # SIGTERM is honoured at any moment, the start included (a validator warming, a child slow to come up).
+    if not await _until_stopped(runtime.start(), stop):
+        log.info("engine.stopped_while_starting")
+        await runtime.stop()
+        return
     names = cfg.processes()
     http_port = cfg.http_port + names.index(process) if process in names else cfg.http_port
-    server = await serve(create_app(runtime), cfg.http_host, http_port)
+    try:
+        server = await serve(create_app(runtime), cfg.http_host, http_port, cfg.http_limits)
+    except BaseException:
+        await runtime.stop()
+        raise
     log.info("http.listening", host=cfg.http_host, port=http_port, paths=["/health", "/metrics", "/channels"])
-    ready = {name: asyncio.Event() for name in names[1:]} if process == "main" else {}
-    children = [
-        asyncio.create_task(_supervise(cfg, name, cfg.http_port + names.index(name), stop, ready[name]))
-        for name in ready
-    ]
-    if ready:
-        waits = [asyncio.create_task(e.wait()) for e in ready.values()]
-        _, late = await asyncio.wait(waits, timeout=60)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning("process.not_ready", processes=[n for n, e in ready.items() if not e.is_set()])
-    log.info(
-        "engine.ready",
-        bus="rabbitmq" if cfg.amqp_url else "embedded",
-        data_dir=str(runtime.data_dir),
-        processes=names if process == "main" else [process],
-    )
-    await stop.wait()
+    children: list[asyncio.Task] = []
+    if process == "main":
+        for name in names[1:]:
+            state = runtime.processes[name] = ProcessState(name, cfg.http_port + names.index(name))
+            children.append(asyncio.create_task(_supervise(cfg, state, stop), name=f"supervise-{name}"))
+        _write_engine_file(cfg, runtime)
+        ready = asyncio.create_task(_all_ready(runtime, timeout=60))
+        await _until_stopped(ready, stop)
+        late = [n for n, p in runtime.processes.items() if p.state != "ready"]
+        if late and not stop.is_set():
+            log.warning("process.not_ready", processes=late)
+    if not stop.is_set():
+        log.info(
+            "engine.ready",
+            bus="rabbitmq" if cfg.amqp_url else "embedded",
+            data_dir=str(runtime.data_dir),
+            processes=names if process == "main" else [process],
+        )
+        await stop.wait()
     log.info("engine.stopping")
     await asyncio.gather(*children, return_exceptions=True)
+    if watcher is not None:
+        watcher.cancel()
     server.should_exit = True
     with contextlib.suppress(Exception):
         await server.task
     await runtime.stop()
+    if process == "main":
+        with contextlib.suppress(OSError):
+            (Path(cfg.data_dir) / ENGINE_FILE).unlink()
 
 
-async def _supervise(cfg: config_mod.Config, name: str, port: int, stop: asyncio.Event, ready: asyncio.Event) -> None:
+async def _until_stopped(work: Any, stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` comes first (then cancel it); True when it finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        task.result()  # a start failure is raised here
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return False
+
+
+async def _all_ready(runtime: Any, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(p.state != "ready" for p in runtime.processes.values()):
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) -> None:
     """Run ``traboule run --process NAME`` as a child; restart it if it dies; stop it with the engine.
 
-    ``ready`` is set once the child answers on its HTTP health endpoint (``engine.ready`` waits for it).
+    The child is ready once its ``/health/live`` answers with its own pid (not an orphan of an earlier run on the
+    port). Restarts wait ``restart_backoff`` seconds, doubling up to ``restart_backoff_max``, and start again from
+    the first delay once a child stayed ready for ``restart_reset_after`` seconds.
     """
     import httpx
     import structlog
 
-    log = structlog.get_logger("traboule").bind(process=name)
+    log = structlog.get_logger("traboule").bind(process=state.name)
     command = [
         sys.executable,
         "-m",
@@ -185,19 +267,25 @@ async def _supervise(cfg: config_mod.Config, name: str, port: int, stop: asyncio
         *(["--config", cfg.path] if cfg.path else []),
         "run",
         "--process",
-        name,
+        state.name,
     ]
-    delay = 1.0
+    env = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid())})
+    host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::", "") else cfg.http_host
+    token = {"Authorization": f"Bearer {cfg.api_tokens[0]}"} if cfg.api_tokens else {}
+    delay = cfg.restart_backoff
     while not stop.is_set():
-        child = await asyncio.create_subprocess_exec(*command)
+        child = await asyncio.create_subprocess_exec(*command, env=env)
+        state.pid, ready_at = child.pid, None
+        state.set("starting")
         log.info("process.started", pid=child.pid)
         waiter = asyncio.create_task(child.wait())
-        token = {"Authorization": f"Bearer {cfg.api_tokens[0]}"} if cfg.api_tokens else {}
         async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
-            while not waiter.done() and not stop.is_set() and not ready.is_set():
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"http://{cfg.http_host}:{port}/health")).status_code == 200:
-                        ready.set()
+            while not waiter.done() and not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    answer = await client.get(f"http://{host}:{state.port}/health/live")
+                    if answer.status_code == 200 and answer.json().get("pid") == child.pid:
+                        state.set("ready")
+                        ready_at = time.monotonic()
                         break
                 await asyncio.sleep(0.05)
         stopper = asyncio.create_task(stop.wait())
@@ -210,19 +298,89 @@ async def _supervise(cfg: config_mod.Config, name: str, port: int, stop: asyncio
                 except TimeoutError:
                     child.kill()
                     await waiter
+            state.last_exit = child.returncode
+            state.set("stopped")
             log.info("process.stopped", pid=child.pid, returncode=child.returncode)
             return
         stopper.cancel()
+        if ready_at is not None and time.monotonic() - ready_at >= cfg.restart_reset_after:
+            delay = cfg.restart_backoff  # it ran well for a while: this crash is not part of a crash loop
+        state.last_exit, state.restarts = child.returncode, state.restarts + 1
+        state.set("restarting")
         log.error("process.exited", pid=child.pid, returncode=child.returncode, restart_in=delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, cfg.restart_backoff_max)
+
+
+ENGINE_FILE = "engine.json"
+
+
+def _write_engine_file(cfg: config_mod.Config, runtime: Any) -> None:
+    """What the running engine talks to, for the other commands to compare with their own configuration."""
+    info = {
+        "pid": os.getpid(),
+        "bus": _bus_description(cfg),
+        "mllp": _mllp_address(cfg),
+        "http": f"{cfg.http_host}:{cfg.http_port}",
+        "config": cfg.path,
+    }
+    path = Path(cfg.data_dir) / ENGINE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _running_engine(cfg: config_mod.Config) -> dict[str, Any] | None:
+    """The engine running on this data folder, as it described itself at start; None when none runs."""
+    try:
+        info = json.loads((Path(cfg.data_dir) / ENGINE_FILE).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _bus_description(cfg: config_mod.Config) -> str:
+    """Where the bus is, without credentials: ``rabbitmq amqp://host:port/vhost exchange X`` or the embedded file."""
+    if not cfg.amqp_url:
+        return f"embedded {Path(cfg.data_dir).resolve() / 'bus.sqlite'}"
+    from urllib.parse import urlsplit
+
+    url = urlsplit(cfg.amqp_url)
+    where = f"{url.scheme}://{url.hostname or 'localhost'}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+    return f"rabbitmq {where}{url.path or '/'} exchange {cfg.exchange}"
+
+
+def _mllp_address(cfg: config_mod.Config) -> str:
+    """host:port of the first configured MLLP listener (empty when none)."""
+    for channel in cfg.channels:
+        source = channel.get("source") or {}
+        if isinstance(source, dict) and source.get("adapter") == "mllp-listener":
+            return f"{source.get('host', '127.0.0.1')}:{source.get('port', 2575)}"
+    return ""
+
+
+def _same_bus(cfg: config_mod.Config) -> str | None:
+    """None when the running engine (if any) uses the bus this command would open; else why not."""
+    engine = _running_engine(cfg)
+    if engine is None or engine.get("bus") == _bus_description(cfg):
+        return None
+    return (
+        f"the engine running on {cfg.data_dir} (pid {engine['pid']}) uses the bus {engine['bus']}, this command "
+        f"would read {_bus_description(cfg)}: give it the engine's configuration (--config, TRABOULE_AMQP_URL)"
+    )
 
 
 def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from adapters.mllp import MLLPClient
 
-    host, _, port = args.to.rpartition(":")
+    to = args.to or _local(_mllp_address(cfg))
+    if not to:
+        print("no MLLP listener in the configuration: give --to host:port", file=sys.stderr)
+        return 2
+    host, _, port = to.rpartition(":")
+    print(f"sending to mllp://{host or '127.0.0.1'}:{port}", file=sys.stderr)
 
     async def go() -> int:
         worst = 0
@@ -241,9 +399,18 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(go())
-    except (OSError, TimeoutError) as exc:
-        print(f"cannot send to {args.to}: {exc or type(exc).__name__}", file=sys.stderr)
+    except asyncio.IncompleteReadError:
+        print(f"cannot send to {to}: the listener closed the connection without an answer", file=sys.stderr)
         return 2
+    except (OSError, TimeoutError) as exc:
+        print(f"cannot send to {to}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+def _local(address: str) -> str:
+    """A listener's address as a client on this machine reaches it (0.0.0.0 / :: listen everywhere)."""
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") and port else address
 
 
 def _ack_code(text: str) -> str:
@@ -325,16 +492,14 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -> int:
     from adapters.mllp import MLLPClient
 
-    to = args.to
-    if not to:
-        sources = [c.get("source") or {} for c in cfg.channels if c["kind"] == "hl7-orders"]
-        to = f"{sources[0].get('host', '127.0.0.1')}:{sources[0].get('port', 2575)}" if sources else ""
+    to = args.to or _local(_mllp_address(cfg))
     host, _, port = to.rpartition(":")
     entries = [journal.get(i) for i in args.ids]  # type: ignore[attr-defined]
     missing = [i for i, e in zip(args.ids, entries, strict=True) if e is None]
     if missing or not port:
         print(f"no journal entry {missing}" if missing else "no MLLP listener configured: give --to", file=sys.stderr)
         return 1
+    print(f"sending to mllp://{host or '127.0.0.1'}:{port}", file=sys.stderr)
 
     async def go() -> int:
         worst = 0
@@ -351,10 +516,21 @@ def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -
 def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.bus import make_bus
 
+    refusal = _same_bus(cfg)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    print(f"bus: {_bus_description(cfg)}", file=sys.stderr)
+
     async def go() -> int:
         bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
         await bus.start()
         try:
+            try:
+                await bus.wait_connected(10.0)
+            except ConnectionError as exc:
+                print(f"cannot reach the bus {_bus_description(cfg)}: {exc}", file=sys.stderr)
+                return 2
             if args.action == "list":
                 letters = await bus.dead_letters(args.channel, args.limit)
                 print(f"{len(letters)} dead letter(s) for channel {args.channel!r}")
@@ -380,13 +556,23 @@ def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     if channel is None or not channel.get("destination"):
         print(f"no fhir channel {args.channel!r} with a destination in the configuration", file=sys.stderr)
         return 1
+    refusal = _same_bus(cfg)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    print(f"bus: {_bus_description(cfg)}", file=sys.stderr)
     store = FHIRStore(str(Path(cfg.data_dir) / f"{args.channel}.sqlite"))
 
     async def go() -> int:
-        keys = store.forget_remote()
         bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
         await bus.start()
         try:
+            try:
+                await bus.wait_connected(10.0)
+            except ConnectionError as exc:
+                print(f"cannot reach the bus {_bus_description(cfg)}: {exc}", file=sys.stderr)
+                return 2
+            keys = store.forget_remote()
             stamp = int(time.time())
             for start in range(0, len(keys), 8):
                 chunk = keys[start : start + 8]
@@ -441,26 +627,11 @@ def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.dicom_mapping import MWLMapping
-    from traboule.hl7_mapping import HL7InboundMapping
-    from traboule.runtime import channel_class
+    """Build every channel (mappings, tables, certificates, settings) as ``run`` does before anything listens."""
+    from traboule.runtime import preflight
 
-    for ch in cfg.channels:
-        channel_class(ch["kind"])
-        if ch["kind"] == "hl7-orders":
-            inbound = HL7InboundMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml")))
-            reports = ch.get("reports", {})
-            if "report" in inbound.accept.values() and isinstance(reports, dict):
-                from traboule.cda import CDAMapping
-
-                CDAMapping(config_mod.resolve(cfg, reports.get("cda_mapping", "mappings/cda.yaml")))
-        if ch["kind"] == "worklist":
-            MWLMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml")))
-        if ch["kind"] == "fhir":
-            from traboule.fhir_mapping import FHIRMapping
-
-            FHIRMapping(config_mod.resolve(cfg, ch.get("mapping", "mappings/fhir.yaml")))
-        print(f"ok  {ch['name']} ({ch['kind']})")
+    for checked in preflight(cfg):
+        print(f"ok  {checked}")
     return 0
 
 

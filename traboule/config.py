@@ -42,6 +42,19 @@ DEFAULT_CHANNELS: list[dict[str, Any]] = [
 
 
 @dataclass
+class HTTPLimits:
+    """``[http]`` bounds on what a client may make the HTTP server hold (see docs/operations.md)."""
+
+    max_body_bytes: int = 1024 * 1024  # request body of a route without its own limit: 413 beyond
+    body_limits: dict[str, int] = field(default_factory=dict)  # route path → bytes, over the routes' own limits
+    header_timeout: float = 10.0  # seconds to receive a request line and headers: connection closed beyond
+    body_timeout: float = 30.0  # seconds to receive a whole request body: 408 beyond
+    max_connections: int = 100  # connections and requests in progress (uvicorn limit_concurrency): 503 beyond
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    max_header_bytes: int = 16 * 1024  # request line and headers (h11 max incomplete event size): 400 beyond
+
+
+@dataclass
 class Config:
     data_dir: str = "var"
     amqp_url: str = ""
@@ -52,8 +65,14 @@ class Config:
     log_level: str = "info"
     log_patient_data: bool = False
     api_tokens: list[str] = field(default_factory=list)  # bearer tokens of the HTTP API (none: loopback only)
+    http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
     path: str = ""
+    # The supervisor of the child processes: first restart delay, its cap, and how long a child must have been
+    # ready for its next crash to start again from the first delay (not a crash loop).
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 10.0
+    restart_reset_after: float = 10.0
 
     def processes(self) -> list[str]:
         """Process names of the configured channels, ``main`` first (it always exists: it holds the journal)."""
@@ -97,6 +116,14 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
     engine = doc.get("engine", {})
     cfg.data_dir = str(engine.get("data_dir", cfg.data_dir))
+    for key in ("restart_backoff", "restart_backoff_max", "restart_reset_after"):
+        if key in engine:
+            try:
+                setattr(cfg, key, float(engine[key]))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{path}: [engine] {key} must be a number of seconds") from exc
+            if getattr(cfg, key) <= 0:
+                raise ConfigError(f"{path}: [engine] {key} must be a positive number of seconds")
     bus = doc.get("bus", {})
     cfg.amqp_url = str(bus.get("amqp_url", cfg.amqp_url))
     cfg.exchange = str(bus.get("exchange", cfg.exchange))
@@ -107,6 +134,19 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise ConfigError(f"{path}: [http] tokens must be a list of strings")
     cfg.api_tokens = [t.strip() for t in tokens if t.strip()]
+    for key, default in vars(cfg.http_limits).items():  # the numbers; body_limits below
+        if key in http and key != "body_limits":
+            number, kind = http[key], type(default)
+            if isinstance(number, bool) or not isinstance(number, int | kind) or number <= 0:
+                raise ConfigError(f"{path}: [http] {key} must be a positive {kind.__name__}, not {number!r}")
+            setattr(cfg.http_limits, key, kind(number))
+    body_limits = http.get("body_limits", {})
+    if not isinstance(body_limits, dict) or not all(
+        str(route).startswith("/") and isinstance(n, int) and not isinstance(n, bool) and n > 0
+        for route, n in body_limits.items()
+    ):
+        raise ConfigError(f'{path}: [http] body_limits maps route paths to bytes, e.g. {{"/archive/stable" = 65536}}')
+    cfg.http_limits.body_limits = dict(body_limits)
     log = doc.get("log", {})
     cfg.log_format = str(log.get("format", cfg.log_format))
     cfg.log_level = str(log.get("level", cfg.log_level))

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from traboule.bus import (
@@ -124,6 +125,7 @@ class EmbeddedBus:
         self._pending: list[tuple[list[Item], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._since = time.time()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -142,6 +144,24 @@ class EmbeddedBus:
                 self._executor = None
                 raise
 
+    @property
+    def connected(self) -> bool:
+        """True until closed: the bus is a local file, there is no peer to lose."""
+        return not self._closing
+
+    def state(self) -> dict[str, Any]:
+        """For /health, in the shape of the RabbitMQ bus's."""
+        return {
+            "backend": "embedded",
+            "connected": self.connected,
+            "since": datetime.fromtimestamp(self._since, UTC).isoformat(timespec="seconds"),
+            "last_error": None,
+        }
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Open the file if needed (nothing to wait for); :class:`BusClosedError` once closed."""
+        await self.start()
+
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
         conn.execute("PRAGMA journal_mode=WAL")
@@ -159,6 +179,7 @@ class EmbeddedBus:
         if self._closing:
             return
         self._closing = True
+        self._since = time.time()
         current = asyncio.current_task()
         for consumer in self._consumers.values():
             consumer.wake.set()

@@ -3,14 +3,16 @@
 * ``GET /fhir/metadata``: CapabilityStatement (what is really supported: types, read, search-type, parameters).
 * ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing; ETag ``W/"version"``).
 * ``GET /fhir/{type}?...``: searchset Bundle with ``total``, paged by ``_count`` (default 20, at most 100) and
-  ``_offset``, with ``self`` / ``next`` / ``previous`` links. Unsupported parameters: 400 OperationOutcome naming
-  them; unsupported type: 404.
+  ``_offset``, with ``self`` / ``next`` / ``previous`` links. Unsupported or malformed parameters (a number, a date
+  out of range, more than 100 values in one search): 400 OperationOutcome naming them; unsupported type: 404.
+* Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method than GET (read-only API).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -19,12 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from traboule.fhir_store import SEARCH_PARAMS, FHIRStore, SearchError
+from traboule.fhir_store import MAX_OFFSET, SEARCH_PARAMS, FHIRStore, SearchError
 
 FHIR_JSON = "application/fhir+json"
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
 IGNORED = {"_format", "_pretty"}  # accepted, no effect (always JSON)
+# ASCII digits only: int() also takes "1_000", " 7", "+3" and other scripts' digits, which no FHIR client sends.
+_NUMBER = re.compile(r"[0-9]{1,10}", re.ASCII)
+# What a Host header may hold (RFC 9110 7.2: host [":" port]); links are built from it, so anything else (a path,
+# a quote, a space) would be served back inside the Bundles: the server's own address is used instead.
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?", re.ASCII)
 PARAM_DOCS = {
     "identifier": "system|value, value, |value or system|",
     "status": "ServiceRequest status (active, revoked, completed ...)",
@@ -44,11 +51,13 @@ class FHIRResponse(JSONResponse):
     media_type = FHIR_JSON
 
 
-def outcome(status: int, code: str, text: str, expression: str = "") -> FHIRResponse:
+def outcome(
+    status: int, code: str, text: str, expression: str = "", headers: dict[str, str] | None = None
+) -> FHIRResponse:
     issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": text}
     if expression:
         issue["expression"] = [expression]
-    return FHIRResponse({"resourceType": "OperationOutcome", "issue": [issue]}, status_code=status)
+    return FHIRResponse({"resourceType": "OperationOutcome", "issue": [issue]}, status_code=status, headers=headers)
 
 
 def capability_statement(base: str) -> dict[str, Any]:
@@ -102,7 +111,13 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
     """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
 
     def base_of(request: Request) -> str:
-        return base_url.rstrip("/") if base_url else str(request.base_url).rstrip("/") + "/fhir"
+        if base_url:
+            return base_url.rstrip("/")
+        host = request.headers.get("host", "")
+        if _HOST.fullmatch(host) is None:
+            server_host, port = request.scope.get("server") or ("127.0.0.1", 80)
+            host = f"[{server_host}]:{port}" if ":" in server_host else f"{server_host}:{port}"
+        return f"{request.scope.get('scheme', 'http')}://{host}{request.scope.get('root_path', '')}/fhir"
 
     async def metadata(request: Request) -> FHIRResponse:
         return FHIRResponse(capability_statement(base_of(request)))
@@ -130,12 +145,9 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             if name in IGNORED:
                 continue
             if name in ("_count", "_offset"):
-                try:
-                    number = int(value)
-                    if number < 0:
-                        raise ValueError
-                except ValueError:
-                    return outcome(400, "invalid", f"{name} must be a non-negative integer", name)
+                if _NUMBER.fullmatch(value) is None or int(value) > MAX_OFFSET:
+                    return outcome(400, "invalid", f"{name} must be an integer from 0 to {MAX_OFFSET}", name)
+                number = int(value)
                 if name == "_count":
                     count = min(number, MAX_COUNT)
                 else:
@@ -151,7 +163,7 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         try:
             total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
         except SearchError as exc:
-            return outcome(400, "not-supported", str(exc), exc.param)
+            return outcome(400, exc.code, str(exc), exc.param)
         base = base_of(request)
 
         def page(at: int) -> str:
@@ -186,4 +198,18 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         Route("/fhir/metadata", metadata, methods=["GET"]),
         Route("/fhir/{type}/{id}", read, methods=["GET"]),
         Route("/fhir/{type}", search, methods=["GET"]),
+        Route("/fhir", Elsewhere()),  # last: every method of every path the routes above do not serve
+        Route("/fhir/{rest:path}", Elsewhere()),
     ]
+
+
+class Elsewhere:
+    """Any other path or method under /fhir: an OperationOutcome, not Starlette's plain-text 404 / 405 (a FHIR
+    client parses nothing else). An ASGI class, not a function: Starlette would route only GET to a function."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("method") in ("GET", "HEAD"):
+            response = outcome(404, "not-found", "no FHIR interaction at this path (see /fhir/metadata)")
+        else:
+            response = outcome(405, "not-supported", "this FHIR API is read-only", headers={"Allow": "GET, HEAD"})
+        await response(scope, receive, send)

@@ -94,14 +94,19 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
     "Binary": {},  # read only: the documents' bytes (MHD ITI-68)
 }
 REFERENCE_TYPES = {"basedon": "ServiceRequest"}  # the resource a reference parameter points at, Patient otherwise
+# Values in one search (every comma-separated value of every parameter): each is one SQL clause, and SQLite
+# refuses an expression deeper than 1000 ("Expression tree is too large") -- a 500 for what is a bad request.
+MAX_SEARCH_VALUES = 100
+MAX_OFFSET = 10**9  # far beyond any store we hold, and well inside SQLite's 64-bit integers
 
 
 class SearchError(ValueError):
-    """A search the store does not support (names the parameter)."""
+    """A search the store does not support (names the parameter); ``code``: the OperationOutcome issue type."""
 
-    def __init__(self, param: str, reason: str):
+    def __init__(self, param: str, reason: str, code: str = "not-supported"):
         super().__init__(reason)
         self.param = param
+        self.code = code
 
 
 def _content(resource: dict[str, Any]) -> str:
@@ -295,10 +300,17 @@ class FHIRStore:
         supported = SEARCH_PARAMS.get(rtype)
         if supported is None:
             raise SearchError("", f"resource type {rtype!r} is not served")
+        for param, number in (("_count", count), ("_offset", offset)):
+            if not 0 <= number <= MAX_OFFSET:
+                raise SearchError(param, f"{param} must be an integer from 0 to {MAX_OFFSET}", "invalid")
         where, args = ["r.type = ?"], [rtype]
+        values = 0
         for name, given in params.items():
             for raw in [given] if isinstance(given, str) else given:
                 ors: list[str] = []
+                values += raw.count(",") + 1
+                if values > MAX_SEARCH_VALUES:
+                    raise SearchError(name, f"at most {MAX_SEARCH_VALUES} values in one search", "too-costly")
                 for value in raw.split(","):
                     clause, clause_args = self._clause(rtype, name, value, supported)
                     ors.append(clause)
@@ -367,8 +379,8 @@ def _date_clause(rtype: str, name: str, value: str, zone: Any) -> tuple[str, lis
         raise SearchError(name, f"{name}: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
     try:
         low, high = _interval(moment, zone)
-    except ValueError as exc:
-        raise SearchError(name, f"{name}: {value!r} is not a FHIR date ({exc})") from exc
+    except (ValueError, OverflowError) as exc:  # OverflowError: 0001-01-01 or 9999-12-31 moved to UTC
+        raise SearchError(name, f"{name}: {value!r} is not a FHIR date ({exc})", "invalid") from exc
     sql, args = {
         "eq": ("p.value >= ? AND p.value < ?", [low, high]),
         "ge": ("p.value >= ?", [low]),
@@ -385,7 +397,9 @@ def _date_clause(rtype: str, name: str, value: str, zone: Any) -> tuple[str, lis
 def _interval(moment: str, zone: Any) -> tuple[str, str]:
     """[start, end) in UTC text of a FHIR date / dateTime at its own precision."""
     m = re.fullmatch(
-        r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?", moment
+        r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?",
+        moment,
+        re.ASCII,  # \d would accept other scripts' digits (Arabic-Indic, full width), which FHIR dates do not
     )
     if not m:
         raise ValueError("expected YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]")

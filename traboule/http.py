@@ -3,34 +3,55 @@
 Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
 ``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
 loopback only: the configuration refuses another address (``traboule.config``).
+
+Limits (``[http]``, `traboule.config.HTTPLimits`): a request body longer than its route's limit is refused with
+413 before it is read whole (Content-Length up front, then the streamed chunks counted), a body not received within
+``body_timeout`` with 408, a request target or headers beyond ``max_header_bytes`` with 414 / 431; uvicorn bounds
+the connections (503 beyond), idle keep-alive, and the time to send a request's headers (`serve`). An exception in
+a route is one log line (route, exception type) and a 500 without detail: nothing of a traceback reaches a client
+or the log. Errors are OperationOutcomes under ``/fhir``, ``{"error": ...}`` elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from traboule import metrics
+from traboule.config import HTTPLimits
+
+log = structlog.get_logger("traboule.http")
+
+# FHIR issue types (R4 valueset-issue-type) of the errors answered here, for the OperationOutcomes under /fhir.
+ISSUE_TYPES = {401: "login", 408: "timeout", 413: "too-long", 414: "too-long", 431: "too-long", 500: "exception"}
 
 
 def create_app(runtime: Any) -> Starlette:
     async def health(request: Request) -> JSONResponse:
-        journal = runtime.journal
-        ok = runtime.started
-        body: dict[str, Any] = {
-            "status": "ok" if ok else "starting",
-            "process": runtime.process or "main",
-            "bus": "rabbitmq" if runtime.config.amqp_url else "embedded",
-        }
-        if journal is not None:  # cheap on purpose: it runs on the ingest loop (counts by status are in /metrics)
-            body["outbox_pending"] = journal.outbox_depth()
-        return JSONResponse(body, status_code=200 if ok else 503)
+        """The truth for a monitor: 200 only when every process, the bus and every destination are fine; 503 with
+        the same body when starting or degraded (the engine still accepts and journals: see ``problems``)."""
+        body = runtime.health()
+        if runtime.processes:  # the main process answers for its children too
+            body["processes"] = await _children_health(runtime)
+            failing = [n for n, p in body["processes"].items() if p.get("status") != "ok"]
+            if failing:
+                body["problems"] = [*body.get("problems", []), *failing]
+                if body["status"] == "ok":
+                    body["status"] = "degraded"
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    async def live(request: Request) -> JSONResponse:
+        """Liveness: this process runs its loop (200 even when degraded); ``pid`` tells which process answered."""
+        return JSONResponse({"process": runtime.process or "main", "pid": os.getpid(), "started": runtime.started})
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -49,6 +70,7 @@ def create_app(runtime: Any) -> Starlette:
 
     routes: list[Any] = [
         Route("/health", health),
+        Route("/health/live", live),
         Route("/metrics", prometheus),
         Route("/channels", channels),
     ]
@@ -57,10 +79,61 @@ def create_app(runtime: Any) -> Starlette:
         contribute = getattr(channel, "routes", None)
         if contribute is not None:
             routes.extend(contribute())
+    limits: HTTPLimits = runtime.config.http_limits
+    body_limits: dict[str, int] = {}
+    for channel in runtime.channels:  # a route's own limit (the archive webhook: 64 KiB), then the operator's
+        declared = getattr(channel, "body_limits", None)
+        if declared is not None:
+            body_limits.update(declared())
+    body_limits.update(limits.body_limits)
     app = Starlette(routes=routes)
+    app.state.http_limits = limits
+    # Added innermost first: CatchAll wraps everything, a request without a token is refused before its body is read.
+    app.add_middleware(
+        RequestLimits,
+        limits=body_limits,
+        default=limits.max_body_bytes,
+        timeout=limits.body_timeout,
+        max_header_bytes=limits.max_header_bytes,
+    )
     if runtime.config.api_tokens:
         app.add_middleware(BearerTokens, tokens=runtime.config.api_tokens)
+    app.add_middleware(CatchAll)
     return app
+
+
+def error_response(path: str, status: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer: an OperationOutcome under ``/fhir`` (FHIR clients parse nothing else), JSON elsewhere."""
+    if path.startswith("/fhir"):
+        issue = {"severity": "error", "code": ISSUE_TYPES.get(status, "processing"), "diagnostics": text}
+        body: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [issue]}
+        return JSONResponse(body, status_code=status, media_type="application/fhir+json", headers=headers)
+    return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+
+async def _children_health(runtime: Any) -> dict[str, Any]:
+    """Each child process: its supervisor's view, and its own /health when it answers (1 s at most)."""
+    import httpx
+
+    config = runtime.config
+    host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
+    token = {"Authorization": f"Bearer {config.api_tokens[0]}"} if config.api_tokens else {}
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
+        for name, state in runtime.processes.items():
+            report: dict[str, Any] = state.as_dict()
+            report["status"] = "starting" if state.state == "starting" else "down"
+            if state.state == "ready":
+                try:
+                    answer = (await client.get(f"http://{host}:{state.port}/health")).json()
+                    if answer.get("pid", state.pid) == state.pid:  # not an orphan of an earlier run
+                        report.update({k: v for k, v in answer.items() if k != "process"})
+                    else:
+                        report["status"] = "down"
+                except (httpx.HTTPError, ValueError) as exc:
+                    report["status"], report["error"] = "down", type(exc).__name__
+            out[name] = report
+    return out
 
 
 class BearerTokens:
@@ -85,27 +158,159 @@ class BearerTokens:
         if scope["type"] != "http" or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        if scope.get("path", "").startswith("/fhir"):
-            body = {
-                "resourceType": "OperationOutcome",
-                "issue": [{"severity": "error", "code": "login", "diagnostics": "a valid bearer token is required"}],
-            }
-            media_type = "application/fhir+json"
-        else:
-            body, media_type = {"error": "a valid bearer token is required"}, "application/json"
-        response = JSONResponse(
-            body, status_code=401, media_type=media_type, headers={"WWW-Authenticate": 'Bearer realm="traboule"'}
+        response = error_response(
+            scope.get("path", ""),
+            401,
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": 'Bearer realm="traboule"'},
         )
         await response(scope, receive, send)
 
 
-async def serve(app: Starlette, host: str, port: int) -> Any:
-    """Start uvicorn inside the running event loop; returns the server (call ``should_exit`` to stop)."""
-    import asyncio
+class _BodyRefused(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
 
+
+class RequestLimits:
+    """ASGI middleware: a request target or headers beyond ``max_header_bytes`` get 414 / 431, a body beyond its
+    route's limit 413, a body not received within ``timeout`` 408.
+
+    Content-Length is checked before anything is read; a chunked body (no Content-Length) is counted chunk by
+    chunk as the route reads it, so at most one chunk beyond the limit is ever held. Measured before this: a
+    200 MB webhook body was journaled whole, a 300 MB one took the process to 622 MB RSS. The header check
+    repeats h11's on purpose: h11 bounds only a head still incomplete, so one arriving in a single read passed."""
+
+    def __init__(self, app: Any, limits: dict[str, int], default: int, timeout: float, max_header_bytes: int) -> None:
+        self.app = app
+        self.limits = limits
+        self.default = default
+        self.timeout = timeout
+        self.max_header_bytes = max_header_bytes
+
+    def _head_refused(self, scope: dict[str, Any]) -> tuple[int, str] | None:
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if target > self.max_header_bytes:
+            return 414, f"request target longer than {self.max_header_bytes} bytes"
+        headers = sum(len(name) + len(value) + 4 for name, value in scope.get("headers") or [])  # ": ", CRLF
+        if target + headers > self.max_header_bytes:
+            return 431, f"request headers larger than {self.max_header_bytes} bytes"
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self._head_refused(scope)
+        if refused is not None:
+            await self._refuse(scope, receive, send, *refused)
+            return
+        limit = self.limits.get(scope.get("path", ""), self.default)
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, receive, send, 413, f"request body larger than {limit} bytes")
+                return
+        received, more, started = 0, True, False
+
+        async def bounded_receive() -> dict[str, Any]:
+            nonlocal received, more
+            if not more:  # the body is in: what follows is the wait for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise _BodyRefused(408, f"request body not received within {self.timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyRefused(413, f"request body larger than {limit} bytes")
+                more = bool(message.get("more_body", False))
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except _BodyRefused as exc:
+            if not started:
+                await self._refuse(scope, receive, send, exc.status, exc.text)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, status: int, text: str) -> None:
+        path = scope.get("path", "")
+        route = path if path in self.limits else route_template(scope)  # a configured path, or the template
+        log.warning("http.request_refused", route=route, method=scope.get("method", ""), status=status)
+        # Connection: close: the rest of the body is never read, so the connection cannot carry another request.
+        response = error_response(path, status, text, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The path of the route a request matches (``/fhir/{type}/{id}``), for logs: never a received value."""
+    route = scope.get("route")  # set by the router; a request refused before routing is matched here
+    for candidate in [] if route is not None else getattr(getattr(scope.get("app"), "router", None), "routes", []):
+        if candidate.matches(scope)[0] is not Match.NONE:
+            route = candidate
+            break
+    return getattr(route, "path", None) or "unmatched"
+
+
+class CatchAll:
+    """ASGI middleware: an exception escaping a route is answered 500 (an OperationOutcome under ``/fhir``) and
+    logged as one line naming the route template, the method and the exception type. Not its message nor its
+    traceback: both may quote a received value or patient data, and a multi-line traceback breaks the JSON log.
+    Starlette's own handler would answer, then re-raise to uvicorn, which logs the whole traceback."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client left while its body was read: nobody to answer, nothing broken
+            log.info("http.client_disconnected", route=route_template(scope), method=scope.get("method", ""))
+        except Exception as exc:
+            route, method = route_template(scope), scope.get("method", "")
+            log.error("http.error", route=route, method=method, error_type=type(exc).__name__)
+            if not started:
+                await error_response(scope.get("path", ""), 500, "internal error")(scope, receive, send)
+
+
+async def serve(app: Starlette, host: str, port: int, limits: HTTPLimits | None = None) -> Any:
+    """Start uvicorn inside the running event loop; returns the server (call ``should_exit`` to stop).
+    ``limits``: the app's (`create_app`) by default."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    limits = limits or getattr(app.state, "http_limits", None) or HTTPLimits()
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        # None: uvicorn's default dictConfig would install its plain-text handlers over the engine's JSON ones.
+        log_config=None,
+        # h11 (never httptools, even when installed): the only one that takes a header size limit.
+        http=_h11_with_header_deadline(limits.header_timeout),
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive_timeout,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(), name="http")
     while not server.started:
         if task.done():
@@ -113,3 +318,47 @@ async def serve(app: Starlette, host: str, port: int) -> Any:
         await asyncio.sleep(0.01)
     server.task = task  # type: ignore[attr-defined]
     return server
+
+
+def _h11_with_header_deadline(timeout: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not in within ``timeout``.
+
+    uvicorn times out an idle keep-alive connection, but not one that sends nothing, or a header a byte at a time:
+    with ``limit_concurrency`` set, a client holding that many such sockets would get every other request a 503."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are in: its body has body_timeout (RequestLimits)
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # first: the next request (pipelined) may start inside
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline

@@ -32,7 +32,8 @@ MAX_LINE = 4096  # bytes, newline included: Linux PIPE_BUF, the largest write a 
 REDACTED = "<redacted>"
 
 # A quoted value ('...' or "..."), a run of 5+ digits (identifiers, INS, dates) or an ISO date.
-_QUOTED = re.compile(r"""'[^'\n]{0,2000}'|"[^"\n]{0,2000}"|\d[\d\-./]{4,}\d|\d{5,}""")
+# A traceback's ``File "/path/x.py", line 12`` is kept: the path and line are code, not data.
+_QUOTED = re.compile(r"""'[^'\n]{0,2000}'|(?<!File )"[^"\n]{0,2000}"|(?<!line )\d[\d\-./]{4,}\d|(?<!line )\d{5,}""")
 
 
 def scrub(text: str) -> str:

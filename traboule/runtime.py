@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +21,7 @@ from traboule import metrics
 from traboule.bus import Bus, make_bus
 from traboule.config import Config, ConfigError
 from traboule.journal import Journal
+from traboule.mapping import MappingError
 
 log = structlog.get_logger("traboule.runtime")
 
@@ -90,6 +96,70 @@ def channel_bindings(channel_config: dict[str, Any]) -> list[tuple[str, list[str
     return list(bindings(channel_config)) if bindings else []
 
 
+def preflight(config: Config) -> list[str]:
+    """Build every configured channel, whichever process runs it, against a scratch data folder: a mapping,
+    table, certificate or setting error stops the engine before anything listens (a worker that cannot start
+    would otherwise restart in a loop behind a main process answering AA). Returns the channels checked.
+
+    Raises `MappingError` (file and line) or `ConfigError` naming the channel."""
+    checked = []
+    with tempfile.TemporaryDirectory(prefix="traboule-check-") as scratch:
+        scratch_config = copy.deepcopy(config)
+        scratch_config.data_dir = scratch
+        probe = _Probe(scratch_config, Path(scratch))
+        for channel_config in config.channels:
+            name = channel_config.get("name", "?")
+            cls = channel_class(channel_config["kind"])
+            try:
+                # Built and dropped: nothing listens before start(); its files are in the scratch folder.
+                cls(copy.deepcopy(channel_config), probe)
+            except (MappingError, ConfigError):
+                raise
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                raise ConfigError(f"channel {name}: {exc}") from exc
+            checked.append(f"{name} ({channel_config['kind']}, process {process_of(channel_config)})")
+    return checked
+
+
+@dataclass
+class _Probe:
+    """What a channel's constructor may read of its runtime, for `preflight`."""
+
+    config: Config
+    data_dir: Path
+    process: str | None = None
+    journal: Any = None
+    bus: Any = None
+    processes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProcessState:
+    """A child process as its supervisor sees it (reported by the main process's /health)."""
+
+    name: str
+    port: int
+    state: str = "starting"  # starting | ready | restarting | stopped
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    since: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def set(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "since": self.since,
+        }
+
+
 class Runtime:
     """One engine process: bus + the channels of this process (+ journal and outbox dispatcher in "main").
 
@@ -111,6 +181,7 @@ class Runtime:
         self._dispatcher: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         self.started = False
+        self.processes: dict[str, ProcessState] = {}  # the children of the main process, filled by its supervisor
 
     @property
     def journal_path(self) -> Path:
@@ -154,6 +225,30 @@ class Runtime:
         if self.journal:
             self.journal.close()
 
+    def health(self) -> dict[str, Any]:
+        """This process's state: ``ok``, ``degraded`` (the bus unreachable, a destination failing) or ``starting``;
+        the bus, the outbox backlog and each channel's destinations. Cheap: it runs on the ingest loop."""
+        bus = self.bus.state()
+        body: dict[str, Any] = {"process": self.process or "main", "pid": os.getpid(), "bus": bus}
+        problems = [] if bus.get("connected") else ["bus"]
+        if self.journal is not None:
+            body["outbox_pending"] = self.journal.outbox_depth()
+        channels: dict[str, Any] = {}
+        for channel in self.channels:
+            report = getattr(channel, "health", None)
+            if report is None:
+                continue
+            state = report()
+            channels[channel.name] = state
+            if state.get("state") not in (None, "ok", "unknown"):
+                problems.append(channel.name)
+        if channels:
+            body["channels"] = channels
+        body["status"] = "starting" if not self.started else ("degraded" if problems else "ok")
+        if problems:
+            body["problems"] = problems
+        return body
+
     def channel(self, name: str) -> Channel:
         return next(c for c in self.channels if c.name == name)
 
@@ -161,8 +256,13 @@ class Runtime:
         """Publish journaled events in order; a bus outage only delays them (retried every second)."""
         assert self.journal is not None
         journal = self.journal
+        failing = False
         while True:
             try:
+                if not self.bus.connected:  # the bus says when it is back: no publish attempt (and log) per second
+                    metrics.outbox_pending.set(journal.outbox_depth())
+                    await asyncio.sleep(0.5)
+                    continue
                 events = journal.pending_events(DISPATCH_BATCH)
                 metrics.outbox_pending.set(len(events))
                 if not events:
@@ -180,6 +280,9 @@ class Runtime:
                     for topic, body, event_id, headers in items:
                         await self.bus.publish(topic, body, message_id=event_id, headers=headers)
                 await journal.events_published([e.id for e in events])
+                if failing:
+                    failing = False
+                    log.info("outbox.publishing_again", pending=journal.outbox_depth())
                 if len(events) < DISPATCH_BATCH:
                     # Under a steady stream, gather for a moment: one bus commit for many events rather than one
                     # commit (and one thread hand-off) for each.
@@ -187,7 +290,9 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("outbox.publish_failed", error=str(exc))
+                if not failing:  # once per outage, not once per retry
+                    log.warning("outbox.publish_failed", error=type(exc).__name__)
+                    failing = True
                 await asyncio.sleep(1.0)
 
     async def wait_idle(self, timeout: float = 10.0) -> None:

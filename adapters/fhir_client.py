@@ -190,6 +190,12 @@ class FHIRClient:
             raise ValueError("not a FHIR resource id ([A-Za-z0-9-.], 1 to 64 characters)")
         return await self._request("GET", f"{_type(resource_type)}/{resource_id}")
 
+    async def history(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """GET ``Type/id/_history``: the history Bundle of one resource."""
+        if _ID.fullmatch(resource_id) is None or not resource_id.strip("."):
+            raise ValueError("not a FHIR resource id ([A-Za-z0-9-.], 1 to 64 characters)")
+        return await self._request("GET", f"{_type(resource_type)}/{resource_id}/_history")
+
     async def search(self, resource_type: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """GET ``Type?params``; returns the searchset Bundle (values may be lists for repeated parameters).
         The parameters are percent-encoded by httpx."""

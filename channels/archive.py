@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from adapters.dicomweb import DicomJSON, DICOMwebClient, is_uid, value
 from traboule.bus import Delivery, PermanentError
+from traboule.health import DestinationHealth, channel_health
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study
 
@@ -95,6 +96,7 @@ class ArchiveChannel:
         self.max_attempts = int(config.get("max_attempts", 8))
         auth = (config["username"], config.get("password", "")) if config.get("username") else None
         self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
+        self.archive = DestinationHealth(self.client.base_url)
         self._log = log.bind(channel=self.name)
 
     @classmethod
@@ -106,6 +108,9 @@ class ArchiveChannel:
 
     async def stop(self) -> None:
         await self.client.close()
+
+    def health(self) -> dict[str, Any]:
+        return channel_health(self.archive)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -157,7 +162,12 @@ class ArchiveChannel:
         uid = notice.payload.study_instance_uid  # type: ignore[union-attr]
         if not is_uid(uid):  # journaled before the webhook checked it: reading it again cannot help
             raise PermanentError("the notified StudyInstanceUID is not a DICOM UID")
-        metadata = await self.client.study_metadata(uid)
+        try:
+            metadata = await self.client.study_metadata(uid)
+        except Exception as exc:
+            self.archive.failed(exc)
+            raise
+        self.archive.succeeded()
         if not metadata:
             raise LookupError(f"study {uid} has no instances in the archive (yet)")
         study = study_from_metadata(metadata, endpoint=self.client.retrieve_url(uid))

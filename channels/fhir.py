@@ -37,6 +37,7 @@ from traboule.bus import Bus, Delivery
 from traboule.config import resolve
 from traboule.fhir_mapping import FHIRMapping, resource_id
 from traboule.fhir_store import FHIRStore
+from traboule.health import channel_health
 from traboule.model import Document, Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep, Study
 
 log = structlog.get_logger("traboule.channels.fhir")
@@ -86,6 +87,9 @@ class FHIRChannel:
         if self.push is not None:
             await self.push.stop()
         self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        return channel_health(*([self.push.destination] if self.push is not None else []))
 
     def describe(self) -> dict[str, Any]:
         return {

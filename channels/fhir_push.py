@@ -48,6 +48,7 @@ from traboule.bus import Delivery, PermanentError
 from traboule.config import is_loopback
 from traboule.fhir_mapping import key_identifier
 from traboule.fhir_store import FHIRStore
+from traboule.health import DestinationHealth
 
 log = structlog.get_logger("traboule.channels.fhir_push")
 
@@ -110,6 +111,7 @@ class FHIRPush:
             key_file=str(config.get("key_file", "")),
         )
         self._log = log.bind(channel=channel, destination=base_url)
+        self.destination = DestinationHealth(base_url)
 
     async def start(self) -> None:
         await self.runtime.bus.subscribe_batch(
@@ -145,15 +147,24 @@ class FHIRPush:
             try:
                 response = await self.client.transaction(entries)
             except FHIRServerError as exc:
+                self.destination.failed(exc)
                 if exc.retryable:
                     if time.monotonic() + backoff > deadline:
                         raise
-                    self._log.warning("fhir.push_retry", error=str(exc), wait_s=backoff, entries=len(entries))
+                    # The status, not the text: a server's diagnostics may quote the resources' values.
+                    self._log.warning(
+                        "fhir.push_retry",
+                        status=exc.status,
+                        error=type(exc).__name__,
+                        wait_s=backoff,
+                        entries=len(entries),
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                     continue
                 await self._refused(exc, entries, deliveries)
                 raise  # several messages: the bus hands each alone, to isolate the one refused
+            self.destination.succeeded()
             await asyncio.to_thread(self._remember, sent, response)
             self._log.info(
                 "fhir.pushed",

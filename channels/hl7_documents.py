@@ -164,7 +164,8 @@ class HL7DocumentsChannel:
                 self.destination.failed(exc)
                 if time.monotonic() + backoff > deadline:
                     raise
-                self._log.warning("document.retry", message_id=event_id, error=str(exc), wait_s=backoff)
+                # Not the text: a receiver's ERR may quote the message's values.
+                self._log.warning("document.retry", message_id=event_id, error=type(exc).__name__, wait_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 

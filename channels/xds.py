@@ -87,6 +87,7 @@ from adapters import xds
 from traboule import hl7, journal, metrics
 from traboule.bus import Delivery, PermanentError
 from traboule.config import ConfigError, is_loopback
+from traboule.health import DestinationHealth, channel_health
 from traboule.model import Document, Envelope
 from traboule.xds_metadata import (
     Coded,
@@ -168,6 +169,7 @@ class XDSChannel:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._log = log.bind(channel=self.name)
+        self.destination = DestinationHealth(self.repository)
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -179,6 +181,9 @@ class XDSChannel:
     async def stop(self) -> None:
         await self.client.close()
         self._db.close()
+
+    def health(self) -> dict[str, Any]:
+        return channel_health(self.destination)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -213,13 +218,16 @@ class XDSChannel:
                     await self._delete(doc, env, delivery, bound, retrying)
                 else:
                     await self._provide(doc, env, delivery, bound)
+                self.destination.succeeded()
                 return
             except xds.XDSError as exc:  # NotRegisteredYet goes to the bus: what it waits for is behind it
+                self.destination.failed(exc)
                 if not exc.retryable:
                     raise
                 if time.monotonic() + backoff > deadline:
                     raise
-                bound.warning("xds.wait", error=str(exc), wait_s=backoff)
+                # Codes and status, not the text: a registry's message may quote the metadata's values.
+                bound.warning("xds.wait", status=exc.status, codes=exc.codes, wait_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff, retrying = min(backoff * 2, 30.0), True
 
@@ -255,7 +263,7 @@ class XDSChannel:
             await self.client.send(request)
         except xds.XDSError as exc:
             if row is not None and "XDSDuplicateUniqueIdInRegistry" in exc.codes:
-                bound.warning("xds.already_registered", error=str(exc), entry_uuid=entry_uuid)
+                bound.warning("xds.already_registered", codes=exc.codes, entry_uuid=entry_uuid)
             else:
                 await self._failed(exc, env, delivery, "ITI-41", request, bound)
         ss = request_submission.submission_set.unique_id
@@ -302,7 +310,7 @@ class XDSChannel:
         except xds.XDSError as exc:
             if retrying and "XDSMetadataUpdateError" in exc.codes:
                 # An earlier attempt went through but its answer was lost: the entry is no longer Approved.
-                bound.warning("xds.already_deleted", error=str(exc), entry_uuid=row.entry_uuid)
+                bound.warning("xds.already_deleted", codes=exc.codes, entry_uuid=row.entry_uuid)
             else:
                 await self._failed(exc, env, delivery, "ITI-57", request, bound)
         self._db.execute("UPDATE entries SET status = 'deleted', updated = ? WHERE unique_id = ?", (_now(), doc.id))
@@ -314,7 +322,9 @@ class XDSChannel:
     ) -> NoReturn:
         """A retryable failure raises for the bus to retry; a final one is journaled and dead-lettered."""
         if exc.retryable:
-            bound.warning("xds.retry", transaction=transaction, error=str(exc), attempt=delivery.attempt)
+            bound.warning(
+                "xds.retry", transaction=transaction, status=exc.status, codes=exc.codes, attempt=delivery.attempt
+            )
             raise exc
         await self._refused(env, delivery, transaction, request.url, str(exc), ",".join(exc.codes), exc.request, exc)
 

@@ -101,7 +101,7 @@ async def test_orders_cancel_and_merge_reach_the_server_once_each(
             fhir, "ServiceRequest", f"{ACCESSION}|ACC0001-{tag}", until_=lambda rs: rs[0]["status"] == "revoked"
         )
         assert revoked["id"] == request["id"]  # updated, not duplicated
-        history = await fhir.search(f"ServiceRequest/{request['id']}/_history")
+        history = await fhir.history("ServiceRequest", request["id"])
         assert len(history["entry"]) == 2  # created, revoked: the resend changed nothing
 
         await send(runtime, message("adt_a40_merge.hl7", tag))

@@ -65,7 +65,7 @@ class DestinationHealth:
 def channel_health(*destinations: DestinationHealth) -> dict[str, Any]:
     """A channel's ``health()``: ``down`` when one of its destinations is, with each destination's state."""
     states = [d.state for d in destinations]
-    state = "down" if "down" in states else ("ok" if "ok" in states else "unknown")
+    state = "down" if "down" in states else ("ok" if "ok" in states or not states else "unknown")
     return {"state": state, "destinations": [d.as_dict() for d in destinations]}
 
 

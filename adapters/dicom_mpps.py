@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 
-from adapters.dicom_server import DicomServer
+from adapters.dicom_server import DicomServer, SCPLimits
 
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
@@ -47,16 +47,22 @@ def status_dataset(status: int, comment: str = "", error_id: int | None = None) 
 
 class MPPSSCP(DicomServer):
     """Modality Performed Procedure Step SOP Class SCP (+ Verification). Any calling AE title is accepted; the
-    called AE title must be ``ae_title``."""
+    called AE title must be ``ae_title``; ``limits`` bounds what callers may hold (see ``SCPLimits``)."""
 
     contexts = (ModalityPerformedProcedureStep, Verification)
     name = "mpps"
 
     def __init__(
-        self, handler: MPPSHandler, *, ae_title: str = "TRABOULE", host: str = "127.0.0.1", port: int = 11113
+        self,
+        handler: MPPSHandler,
+        *,
+        ae_title: str = "TRABOULE",
+        host: str = "127.0.0.1",
+        port: int = 11113,
+        limits: SCPLimits | None = None,
     ) -> None:
         self.handler = handler
-        super().__init__(ae_title=ae_title, host=host, port=port)
+        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [

@@ -3,6 +3,10 @@
 One AE object is built once and its non-blocking server runs in pynetdicom's threads (one per association);
 each C-FIND streams the store's matches as Pending responses, then Success. Logs carry AE titles, counts and
 timings only: pynetdicom's own identifier logging (which would print patient names) is switched off.
+
+Each C-FIND is bounded: at most `max_examined` items examined and `query_timeout` seconds, else it ends with
+A700 "Refused: Out of Resources"; a C-CANCEL, or the association going away, stops the scan itself (checked
+before every candidate item, not only between matches), so a query that matches nothing still stops at once.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
-from adapters.dicom_server import DicomServer
+from adapters.dicom_server import DicomServer, SCPLimits
 from traboule import metrics
 from traboule.dicom_match import QueryError
-from traboule.worklist import WorklistStore
+from traboule.worklist import ScanStopped, WorklistStore
 
 PENDING = 0xFF00
 CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700  # PS3.4 K.4.1.1.4 (C-FIND of Basic Worklist Management): "Refused: Out of Resources"
 IDENTIFIER_DOES_NOT_MATCH = 0xA900  # what dcmtk's wlmscpfs answers for an unusable matching key
 UNABLE_TO_PROCESS = 0xC001
 
@@ -32,10 +37,37 @@ def _failure(status: int, comment: str, tag: int | None = None) -> Dataset:
     """A failure status dataset; pynetdicom copies ErrorComment and OffendingElement into the response."""
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = comment[:64]  # LO: at most 64 characters
+    # LO of at most 64 characters, in the command set's default repertoire (ISO-IR 6, no Specific Character Set):
+    # the comment may quote the offending value, whose backslashes would split it into several values.
+    ds.ErrorComment = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in comment[:64])
     if tag is not None:
         ds.OffendingElement = [tag]
     return ds
+
+
+class _FindGuard:
+    """Whether a C-FIND must end early: a C-CANCEL for it arrived (PS3.7 9.3.2.3), or its association is gone.
+
+    Called by the store before each candidate item and by the handler before each response; cheap (a dict
+    lookup and a state read), and remembers its answer (pynetdicom forgets a C-CANCEL once it was reported)."""
+
+    def __init__(self, event: evt.Event) -> None:
+        self._event = event
+        self.reason: str | None = None
+
+    def __call__(self) -> bool:
+        if self.reason is None:
+            if self._event.is_cancelled:
+                self.reason = "cancelled"
+            elif _association_gone(self._event.assoc):
+                self.reason = "association_gone"
+        return self.reason is not None
+
+
+def _association_gone(assoc: Any) -> bool:
+    # Sta6 is "association established and ready for data transfer" (PS3.8 9.2); during a C-FIND, any other
+    # state means the peer aborted, asked to release, or its connection dropped (A-P-ABORT, Sta1).
+    return not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6"
 
 
 class WorklistSCP(DicomServer):
@@ -43,6 +75,8 @@ class WorklistSCP(DicomServer):
 
     Any calling AE title is accepted; the called AE title must be `ae_title`. `max_results` > 0 caps the
     number of matches sent for one query: the query then ends with Success and the log says "truncated".
+    `max_examined` and `query_timeout` (seconds) bound the work of one query (0: no bound); beyond, A700.
+    `limits` bounds what callers may hold (associations, timeouts: see `SCPLimits`).
     """
 
     contexts = (ModalityWorklistInformationFind, Verification)
@@ -57,11 +91,16 @@ class WorklistSCP(DicomServer):
         port: int = 11112,
         case_insensitive_names: bool = False,
         max_results: int = 0,
+        max_examined: int = 50_000,
+        query_timeout: float = 10.0,
+        limits: SCPLimits | None = None,
     ) -> None:
         self.store = store
         self.case_insensitive_names = case_insensitive_names
         self.max_results = max_results
-        super().__init__(ae_title=ae_title, host=host, port=port)
+        self.max_examined = max_examined
+        self.query_timeout = query_timeout
+        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -85,19 +124,33 @@ class WorklistSCP(DicomServer):
 
     def _on_find(self, event: evt.Event) -> Iterator[FindResult]:
         started = time.perf_counter()
+        deadline = time.monotonic() + self.query_timeout if self.query_timeout > 0 else None
         bound = self._log.bind(calling_aet=event.assoc.requestor.ae_title)
+        guard = _FindGuard(event)
         count, outcome = 0, "success"
         try:
             try:
                 query = event.identifier
-                results = self.store.find(query, case_insensitive_names=self.case_insensitive_names)
+            except Exception as exc:  # not even a data set pydicom can read (e.g. a NUL in its character set)
+                outcome = "invalid_query"
+                bound.warning("mwl.undecodable_identifier", error=type(exc).__name__)
+                yield _failure(IDENTIFIER_DOES_NOT_MATCH, "the identifier cannot be decoded"), None
+                return
+            try:
+                results = self.store.find(
+                    query,
+                    case_insensitive_names=self.case_insensitive_names,
+                    max_examined=self.max_examined,
+                    deadline=deadline,
+                    should_stop=guard,
+                )
             except QueryError as exc:
                 outcome = "invalid_query"
                 # The comment goes back to the SCU that sent the value; the log names the key only.
                 bound.warning("mwl.invalid_query", key=str(exc.tag) if exc.tag is not None else None)
                 yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc), exc.tag), None
                 return
-            except Exception as exc:  # undecodable identifier, store unavailable...
+            except Exception as exc:  # store unavailable...
                 outcome = "error"
                 bound.error("mwl.find_failed", error=type(exc).__name__)
                 yield _failure(UNABLE_TO_PROCESS, "the worklist query could not be processed"), None
@@ -105,23 +158,42 @@ class WorklistSCP(DicomServer):
             while True:
                 try:
                     response = next(results, None)
+                except ScanStopped as exc:
+                    if exc.reason == "stopped":
+                        break  # the guard's reason is answered below
+                    outcome = "out_of_resources"
+                    bound.warning(
+                        "mwl.query_limit_exceeded",
+                        limit=exc.reason,
+                        examined=exc.examined,
+                        max_examined=self.max_examined,
+                        query_timeout=self.query_timeout,
+                    )
+                    comment = (
+                        f"query took over {self.query_timeout:g} s"
+                        if exc.reason == "deadline"
+                        else f"query examined over {self.max_examined} items"
+                    )
+                    yield _failure(OUT_OF_RESOURCES, comment), None
+                    return
                 except Exception as exc:  # the store failed while streaming
                     outcome = "error"
                     bound.error("mwl.find_failed", error=type(exc).__name__)
                     yield _failure(UNABLE_TO_PROCESS, "the worklist query failed while streaming"), None
                     return
-                if response is None:
+                if response is None or guard():
                     break
-                # C-CANCEL (PS3.7 9.3.2.3): stop at once with a Cancel status.
-                if event.is_cancelled:
-                    outcome = "cancelled"
-                    yield CANCEL, None
-                    return
                 yield PENDING, response
                 count += 1
                 if self.max_results and count >= self.max_results:
                     outcome = "truncated"
                     break
+            if guard.reason is not None:
+                outcome = guard.reason
+                if guard.reason == "cancelled":
+                    yield CANCEL, None  # C-CANCEL (PS3.7 9.3.2.3): end at once with a Cancel status
+                # Association gone: nobody to answer.
+                return
         finally:
             metrics.mwl_queries.inc()
             bound.info(

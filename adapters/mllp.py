@@ -3,6 +3,11 @@
 A frame is ``0x0B message 0x1C 0x0D``. The listener hands each message's bytes to a handler and writes back the
 bytes the handler returns (the ACK), one message at a time per connection as HL7 original mode requires; many
 connections are served at once. No HL7 knowledge lives here.
+
+The listener holds what hostile or broken peers send within limits: connections in all and per peer address,
+bytes buffered across all connections, a deadline per frame (slow senders), per idle connection and per reply a
+peer does not read. Bytes outside a frame, and messages it cannot hold, go to ``on_refused`` (the channel journals
+them) rather than being dropped silently.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, cast
 
 import structlog
 
@@ -21,13 +27,53 @@ log = structlog.get_logger("traboule.mllp")
 MessageHandler = Callable[[bytes, str], Awaitable[bytes]]  # (message bytes, peer "host:port") -> reply bytes
 OversizeHandler = Callable[[bytes, str], Awaitable[bytes]]  # (first bytes of the message, peer) -> reply
 
+# Why bytes were not handed to the message handler:
+#   no_start_block      bytes without a start block, ended by an end block (the sender awaits an answer) or over
+#                       MAX_UNFRAMED (then the connection is closed: answered, as it may be a message sent unframed)
+#   outside_frame       bytes outside any frame, not ended by an end block (before a start block, at the close):
+#                       nobody awaits an answer to them, and one would be read as the answer to the next message
+#   overloaded          the start of a message the listener cannot hold (max_buffered_bytes): answered, closed
+#   frame_timeout       the start of a message not complete within frame_timeout: answered, closed
+Refusal = Literal["no_start_block", "outside_frame", "overloaded", "frame_timeout"]
+RefusalHandler = Callable[[bytes, str, Refusal], Awaitable[bytes | None]]  # (bytes, peer, why) -> reply or None
+
+BETWEEN_FRAMES = b"\r\n\x00\t "  # what senders put between frames (a line break after the end block is common)
+HEAD = 64 * 1024  # the first bytes of a refused message handed to the callbacks: enough for its MSH
+MAX_UNFRAMED = 64 * 1024  # bytes in a row outside any frame before closing: a sender speaking MLLP never needs it
+MAX_UNFRAMED_RUNS = 16  # out-of-frame sequences in a row (no message between) before closing: bounds the journal
+LINGER = 2.0  # seconds a refused peer still sending is read (and ignored) for, so that it gets to read our answer
+_CLOSE = "close"  # a queue item that only ends the connection
+
 
 def frame(message: bytes) -> bytes:
     return START + message + END
 
 
 class MLLPListener:
-    """Accepts MLLP connections and answers each framed message with the handler's reply."""
+    """Accepts MLLP connections and answers each framed message with the handler's reply.
+
+    Limits (the defaults suit a hospital RIS: a handful of connections, messages up to a few MiB):
+
+    * ``max_connections`` in all, ``max_connections_per_peer`` per peer address: a connection beyond either is
+      closed at once (logged); the others are not affected.
+    * ``max_buffered_bytes``: the bytes held across all connections (unfinished frames, messages waiting for or in
+      their handler). A connection whose read would go above it is closed, its message refused (``overloaded``).
+    * ``max_message_size``: a larger message is refused (``on_oversize``) and its connection closed (the stream
+      cannot be resynced).
+    * ``frame_timeout``: seconds from a frame's first byte to its end block (a sender trickling bytes is refused);
+      ``idle_timeout``: seconds without a message between two; ``write_timeout``: seconds a reply may wait for a
+      peer that does not read it. Each closes the connection.
+    """
+
+    LIMITS = {  # the settings above, as a channel's source table spells them, and their type
+        "max_message_size": int,
+        "idle_timeout": float,
+        "frame_timeout": float,
+        "write_timeout": float,
+        "max_connections": int,
+        "max_connections_per_peer": int,
+        "max_buffered_bytes": int,
+    }
 
     def __init__(
         self,
@@ -37,7 +83,13 @@ class MLLPListener:
         port: int = 2575,
         max_message_size: int = 16 * 1024 * 1024,
         idle_timeout: float = 300.0,
+        frame_timeout: float = 60.0,
+        write_timeout: float = 30.0,
+        max_connections: int = 64,
+        max_connections_per_peer: int = 32,
+        max_buffered_bytes: int = 256 * 1024 * 1024,
         on_oversize: OversizeHandler | None = None,
+        on_refused: RefusalHandler | None = None,
         name: str = "mllp",
     ):
         self.handler = handler
@@ -45,77 +97,428 @@ class MLLPListener:
         self.port = port
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.write_timeout = write_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.max_buffered_bytes = max_buffered_bytes
         self.on_oversize = on_oversize
+        self.on_refused = on_refused
         self.name = name
+        self.buffered = 0  # bytes held across all connections, exact (see _Connection.held)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._connections: set[_Connection] = set()
+        self._per_peer: dict[str, int] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        channel: str,
+        source: dict[str, Any] | None,
+        handler: MessageHandler,
+        *,
+        on_oversize: OversizeHandler | None = None,
+        on_refused: RefusalHandler | None = None,
+    ) -> MLLPListener:
+        """From a channel's ``source = {adapter = "mllp-listener", host, port, <limits>}``; absent limits default."""
+        src = source or {}
+        limits: dict[str, Any] = {}
+        for key, kind in cls.LIMITS.items():
+            if key in src:
+                try:
+                    limits[key] = kind(src[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"channel {channel}: source.{key} must be a number, not {src[key]!r}") from None
+                if limits[key] <= 0:
+                    raise ValueError(f"channel {channel}: source.{key} must be positive, not {src[key]!r}")
+        return cls(
+            handler,
+            host=str(src.get("host", "127.0.0.1")),
+            port=int(src.get("port", 2575)),
+            on_oversize=on_oversize,
+            on_refused=on_refused,
+            name=channel,
+            **limits,
+        )
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=self.max_message_size + len(START) + len(END)
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._watcher = asyncio.create_task(self._watch(), name=f"{self.name}-mllp-timeouts")
         log.info("listening", adapter=self.name, host=self.host, port=self.port)
 
     async def stop(self) -> None:
         if self._server:
             self._server.close()
-            for task in list(self._connections):
+            if self._watcher is not None:
+                self._watcher.cancel()
+            tasks = [c.task for c in self._connections if c.task is not None]
+            for task in tasks:
                 task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task:
-            self._connections.add(task)
-        host, port = writer.get_extra_info("peername")[:2]
-        peer = f"{host}:{port}"
-        log.debug("connection.open", adapter=self.name, peer=peer)
-        try:
-            while True:
-                try:
-                    data = await asyncio.wait_for(reader.readuntil(END), self.idle_timeout)
-                except TimeoutError:
-                    log.info("connection.idle_timeout", adapter=self.name, peer=peer, seconds=self.idle_timeout)
-                    break
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip(b"\r\n\x0b\x00 "):
-                        log.warning("connection.partial_frame", adapter=self.name, peer=peer, bytes=len(exc.partial))
-                    break
-                except asyncio.LimitOverrunError:
-                    await self._oversize(reader, writer, peer)
-                    break
-                start = data.find(START)
-                if start < 0:
-                    log.warning("frame.no_start_block", adapter=self.name, peer=peer, bytes=len(data))
-                    continue
-                if start > 0 and data[:start].strip(b"\r\n\x00 "):
-                    log.warning("frame.garbage_before_start", adapter=self.name, peer=peer, bytes=start)
-                reply = await self.handler(data[start + 1 : -len(END)], peer)
-                writer.write(frame(reply))
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            if task:
-                self._connections.discard(task)
-            log.debug("connection.close", adapter=self.name, peer=peer)
+    def _admit(self, conn: _Connection) -> str:
+        """Register a new connection, or say which limit refuses it."""
+        if len(self._connections) >= self.max_connections:
+            return "max_connections"
+        if self._per_peer.get(conn.host, 0) >= self.max_connections_per_peer:
+            return "max_connections_per_peer"
+        self._connections.add(conn)
+        self._per_peer[conn.host] = self._per_peer.get(conn.host, 0) + 1
+        return ""
 
-    async def _oversize(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
-        """Too large: answer (the handler journals and NAKs it) and close, as the stream cannot be resynced."""
-        head = bytes(reader._buffer[: 64 * 1024])  # the start of the message, enough for its MSH
-        log.warning("frame.too_large", adapter=self.name, peer=peer, limit=self.max_message_size)
-        if self.on_oversize:
-            start = head.find(START)
-            reply = await self.on_oversize(head[start + 1 :] if start >= 0 else head, peer)
-            writer.write(frame(reply))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+    def _release(self, conn: _Connection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            left = self._per_peer.get(conn.host, 1) - 1
+            if left > 0:
+                self._per_peer[conn.host] = left
+            else:
+                self._per_peer.pop(conn.host, None)
+        self.buffered -= conn.held
+        conn.held = 0
+
+    async def _watch(self) -> None:
+        """Frame and idle deadlines: one sweep over the connections rather than a timer per message (hot path)."""
+        interval = max(0.01, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self._connections):
+                conn.check_deadlines(now)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: a frame parser fed by the transport, and a task answering what it parsed, in order.
+
+    The parser is a two-state machine (outside / inside a frame) over the bytes read; ``buf`` holds the unfinished
+    frame or the out-of-frame bytes seen since the last frame. Reading pauses while a message waits for the one
+    before it to be answered, so a connection holds at most one read beyond its unfinished frame.
+    """
+
+    def __init__(self, listener: MLLPListener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.host = self.peer = ""
+        self.inside = False  # between a start block and its end block
+        self.buf = bytearray()  # the unfinished frame (inside) or out-of-frame bytes (outside)
+        self.frame_started = 0.0  # loop time of the unfinished frame's start block
+        self.idle_since = 0.0  # loop time since which the connection has had nothing to answer
+        self.queue: deque[tuple[str | None, bytes]] = deque()  # (None or why refused, bytes), head being answered
+        self.queued = 0  # bytes in the queue
+        self.held = 0  # bytes of this connection counted in listener.buffered: buf + queue
+        self.runs = 0  # out-of-frame sequences since the last message
+        self.busy = False  # answering an item (its handler, then writing the answer)
+        self.refused = False  # reading stopped for good: the connection ends after its queue
+        self.eof = False  # the peer shut its side
+        self.paused = False
+        self.closed = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.drained: asyncio.Future[None] | None = None  # pending while the transport's write buffer is full
+        self.task: asyncio.Task[None] | None = None
+
+    # -- transport callbacks -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # not an asyncio.Transport subclass under uvloop
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        self.host, self.peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
+        refused = self.listener._admit(self)
+        if refused:
+            limit = getattr(self.listener, refused)
+            log.warning("connection.refused", adapter=self.listener.name, peer=self.peer, reason=refused, limit=limit)
+            self.closed = True
+            transport.close()
+            return
+        log.debug("connection.open", adapter=self.listener.name, peer=self.peer)
+        self.idle_since = self.loop.time()
+        self.task = self.loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused or self.closed:
+            return
+        listener = self.listener
+        if listener.buffered + len(data) > listener.max_buffered_bytes:
+            self._overloaded(data)
+        elif not self.inside and not self.buf and data[:1] == START and data.find(END, 1) == len(data) - 2 > 0:
+            # The common case in original mode: one read, one whole frame.
+            if len(data) - 3 > listener.max_message_size:
+                self._refuse("too_large", data[1 : 1 + HEAD])
+            else:
+                self.runs = 0
+                self._push(None, data[1:-2])
+        else:
+            self._parse(data)
+        if len(self.queue) > 1 and not self.paused:  # a message arrived before the previous one was answered
+            self._pause()
+        self._account()
+
+    def eof_received(self) -> bool:
+        self.eof = self.refused = True  # the peer sent all it will: answer what is queued, then close
+        self._wake()
+        return True  # keep the transport open for the answers
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    # -- the frame parser ----------------------------------------------------------------------------------------
+
+    def _parse(self, data: bytes) -> None:
+        view, i, n = memoryview(data), 0, len(data)
+        if self.buf and self.buf[-1] == END[0] and data[:1] == END[1:]:  # an end block split across two reads
+            del self.buf[-1]
+            self._end_block()
+            i = 1
+        while i < n and not self.refused:
+            if self.inside:
+                j = data.find(END, i)
+                if j < 0:
+                    self.buf += view[i:]
+                    if len(self.buf) > self.listener.max_message_size + 1:  # + 1: the end block's first byte
+                        self._refuse("too_large", bytes(self.buf[:HEAD]))
+                    return
+                self.buf += view[i:j]
+                i = j + 2
+                if len(self.buf) > self.listener.max_message_size:
+                    self._refuse("too_large", bytes(self.buf[:HEAD]))
+                    return
+                self._end_block()
+            else:
+                s, e = data.find(START, i), data.find(END, i)
+                if e >= 0 and (s < 0 or e < s):
+                    self.buf += view[i:e]
+                    i = e + 2
+                    self._end_block()
+                elif s >= 0:
+                    self.buf += view[i:s]
+                    i = s + 1
+                    self._start_block()
+                else:
+                    if self.buf or data[i:].strip(BETWEEN_FRAMES):  # line breaks after an end block are not kept
+                        self.buf += view[i:]
+                    if len(self.buf) > MAX_UNFRAMED:
+                        log.warning("connection.unframed_flood", adapter=self.listener.name, peer=self.peer)
+                        head = bytes(self.buf[:HEAD]).lstrip(BETWEEN_FRAMES)
+                        self._refuse("no_start_block" if head else _CLOSE, head)
+                    return
+
+    def _start_block(self) -> None:
+        self._unframed("outside_frame")
+        if not self.refused:
+            self.inside = True
+            self.frame_started = self.loop.time()
+
+    def _end_block(self) -> None:
+        if self.inside:
+            message = bytes(self.buf)
+            self.buf.clear()
+            self.inside = False
+            self.runs = 0
+            self._push(None, message)
+        else:
+            self._unframed("no_start_block")
+
+    def _unframed(self, why: Refusal) -> None:
+        """Out-of-frame bytes: handed over unless they are only what senders put between frames."""
+        data = bytes(self.buf).lstrip(BETWEEN_FRAMES)  # the rest as sent: a message's last segment ends with CR
+        self.buf.clear()
+        if not data.rstrip(BETWEEN_FRAMES):
+            return
+        self._push(why, data)
+        self.runs += 1
+        if self.runs >= MAX_UNFRAMED_RUNS:
+            log.warning("connection.unframed_runs", adapter=self.listener.name, peer=self.peer, runs=self.runs)
+            self._refuse(_CLOSE, b"")
+
+    def _overloaded(self, data: bytes) -> None:
+        """This read would take the listener above max_buffered_bytes: refuse the message it belongs to, close."""
+        log.warning(
+            "connection.overloaded",
+            adapter=self.listener.name,
+            peer=self.peer,
+            buffered=self.listener.buffered,
+            limit=self.listener.max_buffered_bytes,
+        )
+        start = -1 if self.inside else data.find(START)
+        if not self.inside and start < 0:  # no message begun: nobody to answer
+            self._refuse(_CLOSE, b"")
+            return
+        # As much of the message's start as the limit leaves room for (its MSH, with any room at all).
+        room = max(0, min(HEAD, self.listener.max_buffered_bytes - (self.listener.buffered - self.held)))
+        head = (bytes(self.buf[:room]) + data[:room] if self.inside else data[start + 1 : start + 1 + room])[:room]
+        end = head.find(END)
+        self._refuse("overloaded", head[:end] if end >= 0 else head)
+
+    def _refuse(self, why: str, head: bytes) -> None:
+        """Stop reading for good: what is queued is answered, then ``head`` (a refused message's start), then close."""
+        self.refused = True
+        self.buf.clear()
+        self.inside = False
+        self._push(why, head)
+        if not self.paused:
+            self._pause()
+
+    def _pause(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _push(self, why: str | None, data: bytes) -> None:
+        self.queue.append((why, data))
+        self.queued += len(data)
+        self._wake()
+
+    def _account(self) -> None:
+        held = len(self.buf) + self.queued
+        self.listener.buffered += held - self.held
+        self.held = held
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the listener's sweep: refuse a frame past frame_timeout, close a connection idle too long."""
+        listener = self.listener
+        if self.closed or self.refused:
+            return
+        if self.inside and not self.paused and now - self.frame_started > listener.frame_timeout:
+            seconds = listener.frame_timeout
+            log.warning("frame.timeout", adapter=listener.name, peer=self.peer, seconds=seconds, bytes=len(self.buf))
+            self._refuse("frame_timeout", bytes(self.buf[:HEAD]))
+            self._account()
+        elif not (self.inside or self.queue or self.busy) and now - self.idle_since > listener.idle_timeout:
+            log.info("connection.idle_timeout", adapter=listener.name, peer=self.peer, seconds=listener.idle_timeout)
+            self.close()
+
+    # -- answering -------------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            await self._answer_queue()
+            if self.refused and not (self.eof or self.closed or transport.is_closing()):
+                await self._linger()
+            if self.inside and self.buf:
+                log.warning("connection.partial_frame", adapter=self.listener.name, peer=self.peer, bytes=len(self.buf))
+            elif (rest := bytes(self.buf).lstrip(BETWEEN_FRAMES)).rstrip(BETWEEN_FRAMES) and self.listener.on_refused:
+                await self.listener.on_refused(rest, self.peer, "outside_frame")  # left at the close: not answered
+        except asyncio.CancelledError:
+            pass  # the listener stops
+        except Exception:
+            log.exception("connection.failed", adapter=self.listener.name, peer=self.peer)
+        finally:
+            self.close()
+            self.queue.clear()
+            self.queued = 0
+            self.buf = bytearray()
+            self.listener._release(self)
+            log.debug("connection.close", adapter=self.listener.name, peer=self.peer)
+
+    async def _answer_queue(self) -> None:
+        assert self.transport is not None
+        while not self.closed:  # closed: the peer left or a deadline passed; whatever is queued gets no answer
+            if not self.queue:
+                if self.refused:
+                    return
+                if self.paused:
+                    self.paused = False
+                    self.transport.resume_reading()
+                    if self.inside:  # the time we did not read is not the peer's: its frame's deadline restarts
+                        self.frame_started = self.loop.time()
+                self.idle_since = self.loop.time()
+                self.waiter = self.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+                continue
+            why, data = self.queue[0]  # stays counted as buffered until answered
+            self.busy = True
+            try:
+                reply = await self._answer(why, data)
+            finally:
+                self.queue.popleft()
+                self.queued -= len(data)
+                self._account()
+            if reply is not None and not self.transport.is_closing():
+                self.transport.write(frame(reply))
+                if self.drained is not None:  # the peer does not read what we write: give it write_timeout
+                    try:
+                        await asyncio.wait_for(self.drained, self.listener.write_timeout)
+                    except TimeoutError:
+                        log.warning(
+                            "connection.write_timeout",
+                            adapter=self.listener.name,
+                            peer=self.peer,
+                            seconds=self.listener.write_timeout,
+                        )
+                        self.transport.abort()
+                        return
+            self.busy = False
+            if why is not None and why not in ("no_start_block", "outside_frame"):
+                return  # a refused message or a flood: the stream cannot be trusted any further
+
+    async def _linger(self) -> None:
+        """Before closing on a peer that may still be sending, read (and drop) what it sends for LINGER seconds:
+        closing with unread bytes resets the connection, and a reset destroys the answer the peer has not read."""
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # after the answer: the peer reads it, then the end of the stream
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self.waiter = self.loop.create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.waiter, LINGER)  # woken by the peer's end of stream
+        self.waiter = None
+
+    async def _answer(self, why: str | None, data: bytes) -> bytes | None:
+        listener = self.listener
+        if why is None:
+            return await listener.handler(data, self.peer)
+        if why == _CLOSE:
+            return None
+        if why == "too_large":
+            log.warning("frame.too_large", adapter=listener.name, peer=self.peer, limit=listener.max_message_size)
+            return await listener.on_oversize(data, self.peer) if listener.on_oversize else None
+        if why in ("no_start_block", "outside_frame"):  # the others were logged when detected
+            log.warning("frame." + why, adapter=listener.name, peer=self.peer, bytes=len(data))
+        return await listener.on_refused(data, self.peer, why) if listener.on_refused else None  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close gracefully (what is written goes out first), but never wait longer than write_timeout for it."""
+        self.closed = True
+        self._wake()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
+                self.loop.call_later(self.listener.write_timeout, transport.abort)
 
 
 class MLLPClient:

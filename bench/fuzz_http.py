@@ -3,7 +3,7 @@ route, the FHIR search parameters of each type, ``/fhir/Binary/{id}``, archive n
 request lines, huge and non-UTF-8 query strings) against the engine served by uvicorn on 127.0.0.1.
 
 A *crash* is an answer of 500 or more, no answer at all, or one slower than the bound (5 s); after the campaign
-the engine must still answer ``/health``, or that counts as one more crash.
+the engine must still answer ``/health/live``, or that counts as one more crash.
 
     .venv/bin/python bench/fuzz_http.py [--inputs 10000]
 
@@ -63,7 +63,7 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
                 print(f"crash: {answer} for {raw[:200]!r}", file=sys.stderr)
 
         one()
-        if exchange(engine.port, request("GET", b"/health")).status != 200:
+        if exchange(engine.port, request("GET", b"/health/live")).status != 200:
             crashes += 1
     print(f"statuses: {dict(sorted(statuses.items(), key=lambda kv: kv[0] or 0))}", file=sys.stderr)
     return {

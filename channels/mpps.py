@@ -8,6 +8,9 @@ Configuration::
     destinations = [{adapter = "mpps-scp", host = "127.0.0.1", port = 11113, ae_title = "TRABOULE"}]
     request_timeout = 20               # seconds a DICOM request waits for its journal write
 
+The ``mpps-scp`` entry also takes the SCP limits of ``adapters.dicom_server.SCPLimits`` (``max_associations``,
+``max_associations_per_peer``, ``acse_timeout``, ``dimse_timeout``, ``network_timeout``).
+
 Per request: check it against the instance's known state → merge (an N-SET carries only the changed attributes;
 the last known attribute list of each MPPS instance is kept in ``<data_dir>/<name>.sqlite``) → canonical
 ``PerformedStep`` → journal the raw attribute list (Explicit VR Little Endian) with its event in one transaction
@@ -46,6 +49,7 @@ from adapters.dicom_mpps import (
     SUCCESS,
     HandlerResult,
 )
+from adapters.dicom_server import SCPLimits
 from traboule import metrics
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Patient, PerformedStep, PersonName
@@ -102,6 +106,7 @@ class MPPSChannel:
                     ae_title=dest.get("ae_title", "TRABOULE"),
                     host=dest.get("host", "127.0.0.1"),
                     port=int(dest.get("port", 11113)),
+                    limits=SCPLimits.from_config(dest, f"channel {self.name}: mpps-scp"),
                 )
             )
         self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from adapters.mllp import MLLPListener
+from adapters.mllp import MLLPListener, Refusal
 from traboule import hl7, metrics
 from traboule.config import resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
@@ -51,15 +51,12 @@ class OrdersChannel:
         self.config = config
         self.runtime = runtime
         self.mapping = HL7InboundMapping(resolve(runtime.config, config.get("mapping", "mappings/hl7_inbound.yaml")))
-        source = config.get("source") or {}
-        self.listener = MLLPListener(
+        self.listener = MLLPListener.from_config(
+            self.name,
+            config.get("source"),
             self.handle,
-            host=source.get("host", "127.0.0.1"),
-            port=int(source.get("port", 2575)),
-            max_message_size=int(source.get("max_message_size", 16 * 1024 * 1024)),
-            idle_timeout=float(source.get("idle_timeout", 300)),
             on_oversize=self.handle_oversize,
-            name=self.name,
+            on_refused=self.handle_refused,
         )
         self._log = log.bind(channel=self.name)
         self._counter = 0
@@ -170,14 +167,19 @@ class OrdersChannel:
         events: list[OutboxEvent] = []
         error: hl7.AckError | None = None
         code = "AA"
+        # A large message is tokenized and mapped on a thread: the loop keeps answering the other connections
+        # meanwhile (the interpreter switches threads every few ms), where it would stall for as long (~1 s for
+        # 16 MiB of tiny segments).
+        large = len(data) > LARGE_MESSAGE
         try:
-            msg = hl7.parse(decoded.text)
+            msg = await asyncio.to_thread(hl7.parse, decoded.text) if large else hl7.parse(decoded.text)
             entry.control_id = msg.control_id
             entry.message_type = msg.message_type
             entry.idempotency_key = _idempotency_key(msg)
             entry.correlation_id = msg.control_id or entry.idempotency_key
             notes: list[str] = []
-            payloads = await self._prepare(self.mapping.map(msg, notes), entry.idempotency_key)
+            mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
+            payloads = await self._prepare(mapped, entry.idempotency_key)
             if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
                 entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
             for i, payload in enumerate(payloads):
@@ -279,10 +281,16 @@ class OrdersChannel:
             out.append(payload)
         return out
 
-    async def _reject(self, data: bytes, peer: str, exc: hl7.HL7Error, *, codec: str) -> bytes:
-        """Bytes that could not even be decoded: journal them raw, answer AR from what MSH we can split."""
+    async def _reject(self, data: bytes, peer: str, exc: hl7.HL7Error, *, codec: str, answered: bool = True) -> bytes:
+        """Bytes that could not even be decoded: journal them raw, answer AR from what MSH we can split
+        (``answered=False``: journaled without an ACK code, the caller sends nothing)."""
         entry = JournalEntry(
-            channel=self.name, raw=data, status="rejected", peer=peer, ack_code="AR", error=f"{exc.location}: {exc}"
+            channel=self.name,
+            raw=data,
+            status="rejected",
+            peer=peer,
+            ack_code="AR" if answered else "",
+            error=f"{exc.location}: {exc}",
         )
         text = data.decode("latin-1")
         raw_msh = _raw_msh(text.lstrip("\ufeff\r\n "))
@@ -296,7 +304,7 @@ class OrdersChannel:
             "message.rejected",
             message_id=entry.id,
             control_id=entry.control_id,
-            ack="AR",
+            ack=entry.ack_code or None,
             error_location=exc.location,
             error_code=exc.code,
         )
@@ -314,6 +322,21 @@ class OrdersChannel:
         exc = hl7.HL7Error(f"message larger than {self.listener.max_message_size} bytes", location="MSH", code="102")
         return await self._reject(head, peer, exc, codec="latin-1")
 
+    async def handle_refused(self, data: bytes, peer: str, why: Refusal) -> bytes | None:
+        """Bytes the listener did not hand over as a message: journaled raw like any refused message, answered AR
+        where the sender awaits an answer (not for bytes before a start block: an answer would be read by the
+        sender as the answer to its next message)."""
+        reason, code = {
+            "no_start_block": ("MLLP bytes without a start block (0x0B): send the message again, framed", "102"),
+            "outside_frame": ("bytes outside any MLLP frame, not answered", "102"),
+            "overloaded": ("the listener holds too many unfinished messages, send it again later", "207"),
+            "frame_timeout": (f"message not complete within {self.listener.frame_timeout:g} s, send it again", "207"),
+        }[why]
+        answered = why != "outside_frame"
+        error = hl7.HL7Error(reason, location="MSH", code=code)
+        reply = await self._reject(data, peer, error, codec="latin-1", answered=answered)
+        return reply if answered else None
+
 
 def _topic(payload: Any) -> str:
     if isinstance(payload, ImagingOrder):
@@ -329,6 +352,7 @@ _VALIDATORS: dict[tuple[str, str], Any] = {}
 
 
 REPORT_TOPICS = ["study.#"]
+LARGE_MESSAGE = 256 * 1024  # bytes: above, parsing and mapping leave the event loop
 ORDER_FLUSH = 0.5  # seconds between two writes of the orders the reports may need
 
 

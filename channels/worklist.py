@@ -33,6 +33,7 @@ import structlog
 from pydicom.dataset import Dataset
 
 from adapters.dicom_mwl import WorklistSCP
+from adapters.dicom_server import SCPLimits
 from adapters.worklist_files import WorklistFileWriter
 from traboule import metrics
 from traboule.bus import Delivery
@@ -74,6 +75,9 @@ class WorklistChannel:
                         port=int(dest.get("port", 11112)),
                         case_insensitive_names=bool(dest.get("case_insensitive_names", False)),
                         max_results=int(dest.get("max_results", 0)),
+                        max_examined=int(dest.get("max_examined", 50_000)),
+                        query_timeout=float(dest.get("query_timeout", 10.0)),
+                        limits=SCPLimits.from_config(dest, f"channel {self.name}: mwl-scp"),
                     )
                 )
             elif adapter == "worklist-files":

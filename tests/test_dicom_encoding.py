@@ -216,8 +216,14 @@ def test_item_columns_equal_the_dataset_columns(tree: list[Element]) -> None:
 
 
 def orders_from(paths: list[Path]) -> tuple[list[tuple[str, model.ImagingOrder]], list[Path]]:
-    """The orders of these messages (each also with its ids assigned), and the order messages that fail to map."""
+    """The orders of these messages (each also with its ids assigned), and the order messages that fail to map.
+
+    Values too long for the worklist are cut rather than refused here: the encoders must agree on them too."""
     mapping = HL7InboundMapping()
+    for section in (mapping.patient, mapping.order, ([], [mapping.steps] if mapping.steps else [])):
+        rules, eaches = section
+        for rule in [*rules, *(r for each in eaches for r in each.rules)]:
+            rule.too_long = "cut"
     out = []
     failed = []
     for path in paths:

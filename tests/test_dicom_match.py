@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import fnmatch
+import re
+import time
 from datetime import date, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from tests.peer_dcmtk import mwl_item
-from traboule.dicom_match import QueryError, build_response, compile_query, matches
+from traboule.dicom_match import (
+    MAX_PATTERN_LENGTH,
+    QueryError,
+    WildcardPattern,
+    build_response,
+    compile_query,
+    matches,
+)
 
 # Range and wild card query values are not valid DA/UI/DT values: pydicom warns when a test builds them.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
@@ -66,6 +77,56 @@ def test_wildcard_matching_agrees_with_fnmatch(pattern: str, data: st.DataObject
     item.PatientID = value
     expected = pattern.strip("*") == "" or (value != "" and oracle(pattern, value))
     assert matches(query(PatientID=pattern), item) is expected
+
+
+# Regex metacharacters, `[` (fnmatch's set), non-ASCII and the line separators a `.` would not match.
+GLOB_TEXT = st.text(alphabet="ab.+()[]^$|{}\\éŁ中\n\r\x00", max_size=8)
+GLOB_PATTERN = st.text(alphabet="ab.+()[]^$|{}\\éŁ中\n\r\x00*?", max_size=8)
+
+
+def backtracking_reference(pattern: str, value: str) -> bool:
+    """The plain regex translation (the matcher before WildcardPattern): right, and fast on short strings."""
+    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern]
+    return re.fullmatch("".join(parts), value, re.DOTALL) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(pattern=GLOB_PATTERN, data=st.data())
+def test_the_linear_matcher_agrees_with_a_backtracking_regex(pattern: str, data: st.DataObject) -> None:
+    value = data.draw(st.one_of(GLOB_TEXT, st.just(fill(pattern, data))))
+    assert WildcardPattern(pattern).fullmatch(value) is backtracking_reference(pattern, value)
+
+
+def test_pathological_patterns_complete_in_linear_time() -> None:
+    description = "SCANNER THORACO-ABDOMINO-PELVIEN AVEC INJECTION"  # 38 such items took 32 s of CPU
+    cases = [  # (pattern, a value it does not match, one it matches)
+        ("*?" * 10 + "Z", description, description + " Z"),  # x5 per `*?` pair with the backtracking regex
+        ("*?" * 5000 + "Z", description * 200, description * 200 + "Z"),
+        ("*a" * 3000 + "*b", "a" * 10000, "a" * 10000 + "b"),
+        ("*" + "a?" * 5000 + "b*", "a" * 10240, "a" * 10000 + "b"),  # O(pattern x value): the worst allowed
+    ]
+    started = time.perf_counter()
+    for pattern, other, matching in cases:
+        assert len(pattern) <= MAX_PATTERN_LENGTH
+        assert WildcardPattern(pattern).fullmatch(other) is False
+        assert WildcardPattern(pattern).fullmatch(matching) is True
+    assert time.perf_counter() - started < 2  # minutes, days or more for the backtracking regex
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_a_wildcard_pattern_longer_than_any_valid_value_is_a_query_error() -> None:
+    with pytest.raises(QueryError, match=r"\(0032,1060\): wild card pattern longer than 10240") as raised:
+        compile_query(query(RequestedProcedureDescription="*?" * 6000))
+    assert raised.value.tag == 0x00321060
+
+
+def test_an_undecodable_value_is_a_query_error_naming_it() -> None:
+    identifier = Dataset()
+    # Accession Number sent as FD with 3 bytes: pydicom cannot read it as the SCP receives it.
+    identifier[0x00080050] = RawDataElement(Tag(0x00080050), "FD", 3, b"ACC", 0, False, True)
+    with pytest.raises(QueryError, match=r"\(0008,0050\): value cannot be decoded") as raised:
+        compile_query(identifier)
+    assert raised.value.tag == 0x00080050
 
 
 DATES = st.dates(min_value=date(1900, 1, 2), max_value=date(2099, 12, 30))

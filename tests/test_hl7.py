@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import shared_path
+from tests.conftest import ROOT, shared_path
 from traboule import hl7
 
 ORM = (
@@ -186,3 +186,39 @@ def test_wrapped_lines_continue_their_segment() -> None:
 def test_escaped_msh2_from_a_real_ris_is_understood() -> None:
     msg = hl7.parse(ORM.replace("MSH|^~\\&|", "MSH|^\\~\\&|"))
     assert msg.separators.repetition == "~" and msg.message_type == "ORM^O01"
+
+
+def test_a_wrapped_base64_field_is_joined_in_linear_time() -> None:
+    """Continuation lines were appended to the field one by one: 4 MiB of wrapped Base64 took 2.6 s, 16 MiB
+    would have taken a minute of the ingest loop."""
+    import time
+
+    body = "\n".join(["QUJD" * 19] * (16 * 1024 * 1024 // 77))
+    text = "MSH|^~\\&|A|B|C|D|20260101||ORU^R01|1|P|2.5\rOBX|1|ED|x||^AP^^Base64^" + body + "\rOBX|2|ST|y||z\r"
+    started = time.perf_counter()
+    msg = hl7.parse(text)
+    assert time.perf_counter() - started < 5  # ~0.2 s; the quadratic join took minutes
+    assert msg.segments[1].field(5).endswith("QUJD" * 19) and "\n" not in msg.segments[1].field(5)
+    assert [s.name for s in msg.segments] == ["MSH", "OBX", "OBX"]
+
+
+def test_a_message_of_too_many_segments_is_refused() -> None:
+    text = "MSH|^~\\&|A|B|C|D|20260101||ORM^O01|1|P|2.5\r" + "NTE|1|x\r" * (hl7.MAX_SEGMENTS + 1)
+    with pytest.raises(hl7.HL7Error, match="segments, more than"):
+        hl7.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where"),
+    [
+        ("PID|1||IPP0001", "PID|1||" + "X^^^A^PI~" * 1200 + "IPP0001", "PID-3"),
+        ("ZDS|", "ORC|NW|P2\r" * 1200 + "ZDS|", "ORC"),
+    ],
+)
+def test_repetitions_and_orders_beyond_the_bound_are_refused(old: str, new: str, where: str) -> None:
+    from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+
+    text = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1").replace(old, new, 1)
+    with pytest.raises(MappingFailure) as exc:
+        HL7InboundMapping().map(hl7.parse(text))
+    assert exc.value.location == where and "more than the 1000" in exc.value.reason

@@ -1,31 +1,43 @@
-"""The MLLP listener with the orders channel behind it: framing, batches, limits, charsets, corpus oddities."""
+"""The MLLP listener with the orders channel behind it: framing, batches, limits, charsets, corpus oddities, and
+peers that misbehave (unframed bytes, too many connections or bytes, slow senders, peers that do not read)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.mllp import END, START, MLLPClient
+from adapters.mllp import END, MAX_UNFRAMED, MAX_UNFRAMED_RUNS, START, MLLPClient, MLLPListener
 from tests.test_flow import ack_code, engine_config, fixture, mllp_port
 from traboule import hl7
 from traboule.runtime import Runtime
 
 
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Runtime]:
+@contextlib.asynccontextmanager
+async def engine_with(tmp_path: Path, **source: Any) -> AsyncIterator[Runtime]:
+    """An engine whose orders listener has these source settings."""
     cfg = engine_config(tmp_path)
-    cfg.channels[0]["source"].update(max_message_size=64 * 1024, idle_timeout=0.5)
+    cfg.channels[0]["source"].update(source)
     runtime = Runtime(cfg)
     await runtime.start()
     try:
         yield runtime
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Runtime]:
+    async with engine_with(tmp_path, max_message_size=64 * 1024, idle_timeout=0.5) as runtime:
+        yield runtime
 
 
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
@@ -68,9 +80,222 @@ async def test_idle_connection_is_closed(engine: Runtime) -> None:
     writer.close()
 
 
-async def test_garbage_between_frames_is_skipped(engine: Runtime) -> None:
+async def test_garbage_before_a_start_block_is_journaled_and_the_message_served(engine: Runtime) -> None:
     reply = await raw_exchange(mllp_port(engine), b"\r\nnoise" + START + fixture("orm_o01_nw_latin1.hl7") + END)
-    assert ack_code(hl7.parse(reply.split(START)[1][:-2].decode("latin-1"))) == "AA"
+    assert ack_code(hl7.parse(reply.split(START)[1][:-2].decode("latin-1"))) == "AA"  # the only answer
+    assert engine.journal is not None
+    (entry,) = engine.journal.recent(5, "rejected")
+    assert entry.raw == b"noise"
+    assert "outside any MLLP frame" in entry.error
+
+
+async def test_end_block_without_start_block_is_answered_ar_and_journaled(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        writer.write(fixture("orm_o01_nw_latin1.hl7") + END)  # the sender forgot the start block
+        reply = await asyncio.wait_for(reader.readuntil(END), 5)
+        ack = hl7.parse(reply[1:-2].decode("latin-1"))
+        assert ack_code(ack) == "AR"
+        assert ack.segment("MSA").field(2) == "MSG0001"  # type: ignore[union-attr]
+        writer.write(START + fixture("omi_o23_nw_utf8.hl7") + END)  # the connection still serves
+        reply = await asyncio.wait_for(reader.readuntil(END), 5)
+        assert ack_code(hl7.parse(hl7.decode(reply[1:-2]).text)) == "AA"
+    finally:
+        writer.close()
+    assert engine.journal is not None
+    (entry,) = engine.journal.recent(5, "rejected")
+    assert entry.raw == fixture("orm_o01_nw_latin1.hl7")  # replayable as it came: `journal replay` frames it
+    assert entry.control_id == "MSG0001" and entry.ack_code == "AR"
+    assert "without a start block" in entry.error
+
+
+async def test_endless_tiny_unframed_blocks_are_answered_then_the_connection_closed(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    answers = 0
+    try:
+        for _ in range(100):
+            writer.write(b"x" + END)
+            reply = await asyncio.wait_for(reader.readuntil(END), 5)
+            assert b"MSA|AR" in reply
+            answers += 1
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # closed
+    finally:
+        writer.close()
+    assert answers == MAX_UNFRAMED_RUNS
+    assert engine.journal is not None
+    assert engine.journal.counts() == {"rejected": MAX_UNFRAMED_RUNS}
+
+
+async def test_a_flood_of_unframed_bytes_is_answered_journaled_and_closed(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(b"garbage " * 2048)  # 16 kB, never a start or end block
+                await writer.drain()
+        reply = await asyncio.wait_for(reader.readuntil(END), 5)
+        assert b"MSA|AR" in reply
+        assert await asyncio.wait_for(reader.read(100), 5) == b""
+    finally:
+        writer.close()
+    assert engine.journal is not None
+    (entry,) = engine.journal.recent(5)
+    assert entry.status == "rejected" and entry.raw.startswith(b"garbage") and len(entry.raw) <= 2 * MAX_UNFRAMED
+
+
+async def served(port: int, message: bytes, *, source: tuple[str, int] | None = None) -> str:
+    """The ACK code of ``message`` sent on a new connection (from ``source``), or "closed" if closed unanswered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=source)
+    try:
+        writer.write(START + message + END)
+        reply = await asyncio.wait_for(reader.readuntil(END), 5)
+        return ack_code(hl7.parse(reply[1:-2].decode("latin-1")))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "closed"
+    finally:
+        writer.close()
+
+
+async def closed_at_once(port: int, source: tuple[str, int] | None = None) -> bool:
+    """Whether a new connection (from ``source``) is closed by the listener without a word."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=source)
+    try:
+        return await asyncio.wait_for(reader.read(100), 2) == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+async def test_connections_beyond_the_caps_are_closed_at_once_and_the_others_served(tmp_path: Path) -> None:
+    order = fixture("orm_o01_nw_latin1.hl7")
+    async with engine_with(tmp_path, max_connections=3, max_connections_per_peer=2) as engine:
+        port = mllp_port(engine)
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        assert await closed_at_once(port)  # a third from the same address
+        clients.append(await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0)))
+        assert await closed_at_once(port, ("127.0.0.3", 0))  # a fourth in all
+        for reader, writer in clients:  # those admitted are served, before and after the refusals
+            writer.write(START + order + END)
+            assert b"MSA|AA" in await asyncio.wait_for(reader.readuntil(END), 5)
+        clients.pop()[1].close()
+        deadline = time.monotonic() + 5
+        while (code := await served(port, order, source=("127.0.0.3", 0))) == "closed" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the listener notices the close
+        assert code == "AA"
+        for _, writer in clients:
+            writer.close()
+
+
+def rss() -> int:
+    """Resident memory of this process (the engine runs in it), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_bytes_buffered_across_connections_are_capped(tmp_path: Path) -> None:
+    """24 peers each send 1 MiB of a frame that never ends: the listener holds at most max_buffered_bytes, refuses
+    (AR, journaled) the connections beyond it, and still serves a normal message."""
+    cap = 4 * 1024 * 1024
+    partial = START + fixture("orm_o01_nw_latin1.hl7") + b"NTE|1||" + b"x" * (1024 * 1024)  # no end block
+    loop = asyncio.get_running_loop()
+    async with engine_with(tmp_path, max_message_size=8 * 1024 * 1024, max_buffered_bytes=cap) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        baseline, peak_rss, peak_held = rss(), 0, 0
+
+        async def sample() -> None:
+            nonlocal peak_rss, peak_held
+            while True:
+                peak_rss, peak_held = max(peak_rss, rss()), max(peak_held, listener.buffered)
+                await asyncio.sleep(0.005)
+
+        async def flood() -> socket.socket:
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", mllp_port(engine)))
+            with contextlib.suppress(ConnectionError):
+                await loop.sock_sendall(sock, partial)  # from the one bytes object: no copy on this side
+            return sock
+
+        sampler = asyncio.create_task(sample())
+        socks = await asyncio.gather(*(flood() for _ in range(24)))
+        await asyncio.sleep(0.3)
+        assert await served(mllp_port(engine), fixture("omi_o23_nw_utf8.hl7")) == "AA"
+        sampler.cancel()
+        assert peak_held <= cap
+        assert peak_rss - baseline < 16 * 1024 * 1024  # 24 MiB were sent
+        assert engine.journal is not None
+        refused = [e for e in engine.journal.recent(50, "rejected") if "too many unfinished" in e.error]
+        assert refused and all(e.control_id == "MSG0001" and e.ack_code == "AR" for e in refused)
+        for sock in socks:
+            sock.close()
+
+
+async def test_frame_trickled_byte_by_byte_is_refused_after_frame_timeout(tmp_path: Path) -> None:
+    async with engine_with(tmp_path, frame_timeout=0.5, idle_timeout=30) as engine:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in START + fixture("orm_o01_nw_latin1.hl7") * 10:
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        started = time.monotonic()
+        try:
+            reply = await asyncio.wait_for(reader.readuntil(END), 3)
+            assert await asyncio.wait_for(reader.read(100), 3) == b""  # then closed
+        finally:
+            sender.cancel()
+            writer.close()
+        assert time.monotonic() - started < 2
+        assert ack_code(hl7.parse(reply[1:-2].decode("latin-1"))) == "AR"
+        assert engine.journal is not None
+        (entry,) = engine.journal.recent(5, "rejected")
+        assert "not complete within 0.5 s" in entry.error
+
+
+async def test_peer_that_does_not_read_its_acks_is_cut_off_and_others_served() -> None:
+    big_reply = b"MSA|AA|X\r" + b"N" * 256 * 1024
+
+    async def handler(data: bytes, peer: str) -> bytes:
+        return big_reply
+
+    listener = MLLPListener(handler, port=0, write_timeout=0.5, name="test")
+    await listener.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", listener.port))
+        stuck = asyncio.create_task(loop.sock_sendall(sock, frame_many(40)))
+        await asyncio.sleep(0.2)
+        async with MLLPClient("127.0.0.1", listener.port, timeout=2) as other:
+            for _ in range(5):
+                started = time.monotonic()
+                assert (await other.send(b"MSH|^~\\&|x")).startswith(b"MSA|AA")
+                assert time.monotonic() - started < 0.5
+        await asyncio.sleep(1.0)  # past write_timeout: the listener gave up on it
+        received, deadline = 0, time.monotonic() + 5
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), deadline - time.monotonic()):
+                received += len(chunk)
+        assert received < 40 * len(big_reply)  # cut off, not all answered
+        stuck.cancel()
+        with contextlib.suppress(BaseException):
+            await stuck
+    finally:
+        sock.close()
+        await listener.stop()
+
+
+def frame_many(n: int) -> bytes:
+    return b"".join(START + b"MSH|^~\\&|x|" + str(i).encode() + END for i in range(n))
 
 
 async def test_ack_is_in_the_senders_charset(engine: Runtime) -> None:

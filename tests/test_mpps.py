@@ -4,18 +4,24 @@ N-SET COMPLETED) → journal → worklist status and an ORM^O01 status message t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 
+from adapters.dicom_server import SCPLimits
 from adapters.mllp import MLLPListener
+from channels.mpps import MPPSChannel
 from tests.test_flow import engine_config, fixture, free_port, send, store, until
 from traboule import hl7
 from traboule.runtime import Runtime
@@ -290,3 +296,34 @@ async def test_health_names_the_ris_while_it_cannot_be_reached(engine: Engine) -
     assert health["status"] == "degraded" and "ris-status" in health["problems"]
     (destination,) = health["channels"]["ris-status"]["destinations"]
     assert destination["failures"] >= 1 and destination["last_error"] == "NotAccepted"
+
+
+async def test_mpps_scp_takes_its_limits_from_its_entry_and_drops_silent_connections(tmp_path: Path) -> None:
+    entry = {"adapter": "mpps-scp", "port": free_port(), "max_associations_per_peer": 3, "acse_timeout": 1}
+    channel = MPPSChannel({"name": "mpps", "destinations": [entry]}, SimpleNamespace(data_dir=tmp_path))
+    [scp] = channel.scps
+    assert scp.limits == SCPLimits(max_associations_per_peer=3, acse_timeout=1.0)
+    await channel.start()
+    try:
+        closed_in, echoes = await asyncio.to_thread(silent_then_echo, scp.port)
+        assert closed_in < 3  # a connection that never sends its A-ASSOCIATE-RQ: ARTIM = acse_timeout
+        assert echoes == [True, True, True, False]  # three associations from this host, not a fourth
+    finally:
+        await channel.stop()
+
+
+def silent_then_echo(port: int) -> tuple[float, list[bool]]:
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        started = time.perf_counter()
+        silent.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert silent.recv(1) == b""
+        closed_in = time.perf_counter() - started
+    ae = AE(ae_title="CT01")
+    ae.add_requested_context(Verification)
+    assocs = [ae.associate("127.0.0.1", port, ae_title="TRABOULE") for _ in range(4)]
+    echoes = [assoc.is_established and assoc.send_c_echo().Status == 0x0000 for assoc in assocs]
+    for assoc in assocs:
+        if assoc.is_established:
+            assoc.release()
+    return closed_in, echoes

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +13,22 @@ from types import SimpleNamespace
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityWorklistInformationFind
+from pynetdicom.association import Association
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
-from adapters.dicom_mwl import WorklistSCP
+from adapters.dicom_mwl import CANCEL, WorklistSCP
+from adapters.dicom_server import SCPLimits
 from channels.worklist import WorklistChannel
-from tests.peer_dcmtk import echoscu, findscu, free_port, mwl_item, require_dcmtk, run_findscu, with_keys
+from tests.peer_dcmtk import (
+    FindResult,
+    echoscu,
+    findscu,
+    free_port,
+    mwl_item,
+    require_dcmtk,
+    run_findscu,
+    with_keys,
+)
 from traboule import metrics
 from traboule.worklist import WorklistStore
 
@@ -154,20 +167,42 @@ def test_max_results_caps_the_matches(store: WorklistStore) -> None:
         server.stop()
 
 
-def test_max_results_is_read_from_the_destination_config(tmp_path: Path) -> None:
+def test_limits_are_read_from_the_destination_config(tmp_path: Path) -> None:
     runtime = SimpleNamespace(config=SimpleNamespace(path=None), data_dir=tmp_path)
-    destinations = [{"adapter": "mwl-scp", "max_results": "25"}, {"adapter": "mwl-scp"}]
-    channel = WorklistChannel({"name": "worklist", "destinations": destinations}, runtime)
+    configured = {
+        "adapter": "mwl-scp",
+        "max_results": "25",
+        "max_examined": 1000,
+        "query_timeout": 2.5,
+        "max_associations": 100,
+        "max_associations_per_peer": 8,
+        "acse_timeout": 5,
+        "dimse_timeout": 6,
+        "network_timeout": 120,
+    }
+    channel = WorklistChannel({"name": "worklist", "destinations": [configured, {"adapter": "mwl-scp"}]}, runtime)
     try:
-        assert [scp.max_results for scp in channel.scps] == [25, 0]
+        custom, default = channel.scps
+        assert (custom.max_results, custom.max_examined, custom.query_timeout) == (25, 1000, 2.5)
+        assert custom.limits == SCPLimits(100, 8, 5.0, 6.0, 120.0)
+        assert (default.max_results, default.max_examined, default.query_timeout) == (0, 50_000, 10.0)
+        assert default.limits == SCPLimits(64, 32, 30.0, 30.0, 30.0)
+        assert custom._ae.maximum_associations == 100 and custom._ae.network_timeout == 120.0
     finally:
         channel.store.close()
+
+
+def test_a_limit_that_is_not_a_positive_number_names_itself(tmp_path: Path) -> None:
+    runtime = SimpleNamespace(config=SimpleNamespace(path=None), data_dir=tmp_path)
+    destinations = [{"adapter": "mwl-scp", "acse_timeout": "soon"}]
+    with pytest.raises(ValueError, match=r"channel worklist: mwl-scp: acse_timeout must be a positive float"):
+        WorklistChannel({"name": "worklist", "destinations": destinations}, runtime)
 
 
 class SlowStore:
     """A store whose matches trickle in, so that a C-CANCEL arrives while the SCP is still streaming."""
 
-    def find(self, query: Dataset, *, case_insensitive_names: bool = False) -> Iterator[Dataset]:
+    def find(self, query: Dataset, *, case_insensitive_names: bool = False, **limits: object) -> Iterator[Dataset]:
         for i in range(20):
             time.sleep(0.05)
             rsp = Dataset()
@@ -240,3 +275,235 @@ def test_stop_ends_open_associations(store: WorklistStore) -> None:
         time.sleep(0.02)
     assert assoc.is_aborted
     assert not server.is_running
+
+
+# -- availability under hostile conditions ----------------------------------------------------------------------
+
+# PS3.4 wild cards that a backtracking regex matches in exponential time (x5 per `*?` pair): on the 38 items
+# below, minutes of CPU with the GIL held, C-ECHO answered 12 s late.
+HOSTILE = "*?" * 10 + "Z"
+DESCRIPTIONS = ["SCANNER THORACO-ABDOMINO-PELVIEN INJECTE", "IRM ENCEPHALIQUE SANS ET AVEC INJECTION"]
+
+
+@pytest.fixture(scope="module")
+def described_scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorklistSCP]:
+    require_dcmtk("findscu", "echoscu")
+    store = WorklistStore(str(tmp_path_factory.mktemp("hostile") / "worklist.sqlite"))
+    items = [(f"h{i}#1", mwl_item(accession=f"H{i:04d}", description=DESCRIPTIONS[i % 2])) for i in range(37)]
+    items.append(("hz#1", mwl_item(accession="HZZZZ", description="CONTROLE APRES TRAITEMENT, PROTOCOLE Z")))
+    store.apply(items, [])
+    server = WorklistSCP(store, ae_title=AET, port=free_port())
+    server.start()
+    yield server
+    server.stop()
+    store.close()
+
+
+def test_an_exponential_wildcard_is_answered_at_once_and_delays_nobody(described_scp: WorklistSCP) -> None:
+    port = described_scp.port
+    hostile = with_keys(f"RequestedProcedureDescription={HOSTILE}")
+    done = threading.Event()
+    hostile_runs: list[FindResult] = []
+
+    def keep_asking() -> None:
+        while not done.is_set():
+            hostile_runs.append(run_findscu(port, AET, hostile, timeout=20))
+
+    askers = [threading.Thread(target=keep_asking) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    try:
+        time.sleep(0.3)  # hostile queries in flight from two other associations
+        started = time.perf_counter()
+        assert echoscu(port, AET).returncode == 0
+        echo_s = time.perf_counter() - started
+        normal = run_findscu(port, AET, with_keys("AccessionNumber=H0007"))
+    finally:
+        done.set()
+        for asker in askers:
+            asker.join(30)
+    assert echo_s < 1.5
+    assert normal.seconds < 1.5 and accessions(normal.datasets) == ["H0007"]
+    assert hostile_runs and all(run.returncode == 0 for run in hostile_runs)
+    assert all(accessions(run.datasets) == ["HZZZZ"] for run in hostile_runs)
+    assert max(run.seconds for run in hostile_runs) < 2
+
+
+@pytest.fixture(scope="module")
+def long_scan_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorklistStore]:
+    """Items whose 10,240-character comments make each comparison with LONG_SCAN cost ~50 ms (O(pattern x
+    value), linear as it should be): a scan of all of them takes seconds and matches nothing."""
+    store = WorklistStore(str(tmp_path_factory.mktemp("long") / "worklist.sqlite"))
+    items = []
+    for i in range(150):
+        item = mwl_item(accession=f"L{i:04d}")
+        item.RequestedProcedureComments = "a" * 10240
+        items.append((f"l{i}#1", item))
+    store.apply(items, [])
+    yield store
+    store.close()
+
+
+LONG_SCAN = "*" + "a?" * 5000 + "b*"
+
+
+def long_scan_query() -> Dataset:
+    query = Dataset()
+    query.AccessionNumber = ""
+    query.RequestedProcedureComments = LONG_SCAN
+    return query
+
+
+def modality_association(port: int, *, bind_host: str = "127.0.0.1") -> Association:
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 3  # a collector left waiting after an abort gives up soon
+    return ae.associate("127.0.0.1", port, ae_title=AET, bind_address=(bind_host, 0))
+
+
+def start_find(assoc: Association, query: Dataset, msg_id: int) -> tuple[list[int | None], threading.Thread]:
+    """Send a C-FIND now and collect its response statuses in a thread (None: the association went away)."""
+    responses = assoc.send_c_find(query, ModalityWorklistInformationFind, msg_id=msg_id)
+    statuses: list[int | None] = []
+
+    def collect() -> None:
+        for status, _ in responses:
+            statuses.append(int(status.Status) if "Status" in status else None)
+
+    thread = threading.Thread(target=collect)
+    thread.start()
+    return statuses, thread
+
+
+def test_a_query_over_its_item_budget_gets_out_of_resources(store: WorklistStore) -> None:
+    require_dcmtk("findscu")
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), max_examined=2)
+    server.start()
+    try:
+        result = run_findscu(server.port, AET, with_keys(), extra=["-d"])  # 3 offered items to examine
+        narrow = findscu(server.port, AET, with_keys("AccessionNumber=ACC0003"))  # 1 candidate: within budget
+    finally:
+        server.stop()
+    assert "0xa700" in result.output.lower()  # Refused: Out of Resources (PS3.4 K.4.1.1.4)
+    assert "query examined over 2 items" in result.output  # ErrorComment
+    assert accessions(narrow) == ["ACC0003"]
+
+
+def test_a_query_over_its_time_budget_gets_out_of_resources(long_scan_store: WorklistStore) -> None:
+    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=0.2)
+    server.start()
+    assoc = modality_association(server.port)
+    try:
+        started = time.perf_counter()
+        responses = list(assoc.send_c_find(long_scan_query(), ModalityWorklistInformationFind))
+        elapsed = time.perf_counter() - started
+        assert [int(status.Status) for status, _ in responses] == [0xA700]
+        assert responses[0][0].ErrorComment == "query took over 0.2 s"
+        assert elapsed < 1.5  # the whole scan would take seconds
+    finally:
+        assoc.release()
+        server.stop()
+
+
+def test_c_cancel_ends_a_long_scan_that_has_no_match(long_scan_store: WorklistStore) -> None:
+    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=120)
+    server.start()
+    assoc = modality_association(server.port)
+    try:
+        statuses, collector = start_find(assoc, long_scan_query(), msg_id=7)
+        time.sleep(0.5)  # the scan is under way, no match yet (and none to come)
+        cancelled = time.perf_counter()
+        assoc.send_c_cancel(7, query_model=ModalityWorklistInformationFind)
+        collector.join(10)
+        assert time.perf_counter() - cancelled < 1.5
+        assert statuses == [CANCEL]
+    finally:
+        assoc.release()
+        server.stop()
+
+
+def test_a_scan_stops_when_its_association_is_aborted(long_scan_store: WorklistStore) -> None:
+    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=120)
+    server.start()
+    assoc = modality_association(server.port)
+    try:
+        before = answered_queries()
+        _statuses, collector = start_find(assoc, long_scan_query(), msg_id=1)
+        time.sleep(0.5)
+        aborted = time.perf_counter()
+        assoc.abort()
+        while answered_queries() == before and time.perf_counter() - aborted < 10:
+            time.sleep(0.02)  # the handler counts its query when it returns
+        assert answered_queries() == before + 1
+        assert time.perf_counter() - aborted < 1.5
+    finally:
+        collector.join(10)
+        server.stop()
+
+
+def test_silent_connections_and_idle_associations_do_not_lock_modalities_out(store: WorklistStore) -> None:
+    """pynetdicom's default allowed 10 associations, counting connections that never sent anything: 10 idle
+    modalities, or a port scanner's 12 bare connections, refused everyone else ("local limit exceeded")."""
+    require_dcmtk("findscu", "echoscu")
+    server = WorklistSCP(store, ae_title=AET, port=free_port())  # the default limits
+    server.start()
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+    idle = [modality_association(server.port) for _ in range(10)]
+    try:
+        assert all(assoc.is_established for assoc in idle)
+        started = time.perf_counter()
+        assert echoscu(server.port, AET).returncode == 0
+        assert accessions(findscu(server.port, AET, with_keys("AccessionNumber=ACC0001"))) == ["ACC0001"]
+        assert time.perf_counter() - started < 2
+    finally:
+        for sock in silent:
+            sock.close()
+        for assoc in idle:
+            assoc.release()
+        server.stop()
+
+
+def closed_after(sock: socket.socket, within: float) -> float:
+    """Seconds until the peer closes `sock` (fails if it is still open after `within`)."""
+    started = time.perf_counter()
+    sock.settimeout(within)
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(1) == b""
+    return time.perf_counter() - started
+
+
+def test_a_connection_that_never_associates_is_closed_after_the_acse_timeout(store: WorklistStore) -> None:
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(acse_timeout=1))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            assert 0.8 < closed_after(silent, within=5) < 3  # the ARTIM timer (PS3.8 9.1.5)
+        with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+            stalled.sendall(b"\x01\x00\x00")  # the first bytes of an A-ASSOCIATE-RQ, and no more
+            assert closed_after(stalled, within=5) < 3  # no DUL thread left blocked in recv()
+    finally:
+        server.stop()
+
+
+def test_one_host_cannot_take_every_association(store: WorklistStore) -> None:
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations_per_peer=3))
+    server.start()
+    greedy = [modality_association(server.port) for _ in range(3)]
+    try:
+        assert all(assoc.is_established for assoc in greedy)
+        one_more = modality_association(server.port)
+        assert not one_more.is_established  # its connection was closed at once
+        other_host = modality_association(server.port, bind_host="127.0.0.2")  # the loopback is all of 127/8
+        assert other_host.is_established
+        assert other_host.send_c_echo().Status == 0x0000
+        other_host.release()
+        greedy.pop().release()
+        time.sleep(0.2)
+        again = modality_association(server.port)
+        assert again.is_established  # a slot freed is a slot again
+        again.release()
+    finally:
+        for assoc in greedy:
+            assoc.release()
+        server.stop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,15 @@ from tests.peer_dcmtk import mwl_item
 from traboule import model
 from traboule.dicom_mapping import MWLMapping
 from traboule.dicom_match import QueryError, compile_query
-from traboule.worklist import NOT_OFFERED, EncodedItem, WorklistStore
+from traboule.worklist import (
+    NOT_OFFERED,
+    EncodedItem,
+    ScanStopped,
+    WorklistStore,
+    dataset_columns,
+    encode_item,
+    prefilter_sql,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")  # range and wild card query values
 
@@ -130,6 +140,52 @@ def test_case_insensitive_names_use_the_same_fold_in_sql_and_matcher(store: Work
 def test_invalid_query_raises_before_iteration(store: WorklistStore) -> None:
     with pytest.raises(QueryError):
         store.find(modality_query(ScheduledProcedureStepStartDate="2024-13"))
+
+
+def test_find_stops_after_its_item_budget(store: WorklistStore) -> None:
+    store.apply([(f"o{i}#1", mwl_item(accession=f"ACC{i}")) for i in range(5)], [])
+    found = store.find(modality_query(), max_examined=3)
+    assert [ds.AccessionNumber for ds in itertools.islice(found, 3)] == ["ACC0", "ACC1", "ACC2"]
+    with pytest.raises(ScanStopped) as stopped:
+        next(found)
+    assert (stopped.value.reason, stopped.value.examined) == ("max_examined", 3)
+
+
+def test_find_stops_at_its_deadline_and_when_told_even_while_nothing_matches(store: WorklistStore) -> None:
+    store.apply([(f"o{i}#1", mwl_item(accession=f"ACC{i}")) for i in range(5)], [])
+    no_match = modality_query()
+    no_match.RequestedProcedureDescription = "NOTHING LIKE IT*"  # no index column: every item is examined
+    with pytest.raises(ScanStopped) as late:
+        list(store.find(no_match, deadline=time.monotonic() - 1))
+    assert (late.value.reason, late.value.examined) == ("deadline", 0)
+    asked = itertools.count(1)
+    with pytest.raises(ScanStopped) as told:
+        list(store.find(no_match, should_stop=lambda: next(asked) > 3))  # before the SQL, then each item
+    assert (told.value.reason, told.value.examined) == ("stopped", 2)
+
+
+def test_should_stop_interrupts_the_candidate_sql_itself(store: WorklistStore) -> None:
+    item = mwl_item()
+    encoded = EncodedItem(encode_item(item), dataset_columns(item), lambda: item)
+    store.apply([(f"o{i}#1", encoded) for i in range(3000)], [])  # enough rows for SQLite's progress handler
+    asked = itertools.count(1)
+    with pytest.raises(ScanStopped) as told:
+        next(store.find(modality_query(), should_stop=lambda: next(asked) > 1))  # True from the SQL on
+    assert (told.value.reason, told.value.examined) == ("stopped", 0)
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_hostile_wildcards_in_the_sql_prefilter_stay_fast(store: WorklistStore) -> None:
+    """SQLite's GLOB gets the same pattern as the matcher: it must not be a second exponential path."""
+    store.apply([(f"o{i}#1", mwl_item(accession=f"A{i}", patient_id="a" * 60 + str(i))) for i in range(20)], [])
+    hostile = {"*a" * 40 + "*b": [], "*?" * 30 + "1": ["A1", "A11"], "*a" * 2000 + "*": []}
+    for pattern, expected in hostile.items():
+        query = modality_query()
+        query.PatientID = pattern
+        assert "patient_id GLOB ?" in prefilter_sql(compile_query(query))[0]
+        started = time.perf_counter()
+        assert accessions(store.find(query)) == expected
+        assert time.perf_counter() - started < 2
 
 
 def test_modality_query_is_served_by_the_sps_index(store: WorklistStore) -> None:

@@ -446,6 +446,7 @@ class HL7InboundMapping:
             return [update]
         if not groups:
             raise MappingFailure("order message without an ORC segment", "ORC", code="100")
+        _bounded(len(groups), "ORC", "orders")
         orders = []
         for group in groups:
             scope = _scope(header, group)
@@ -502,6 +503,7 @@ class HL7InboundMapping:
             items: list[Any] = []
         else:
             raw = segments[0].field(int(re.match(r"\d+", rest)[0]))  # type: ignore[index]
+            _bounded(raw.count(seps.repetition) + 1, each.over, "repetitions")
             items = []
             for rep in raw.split(seps.repetition):
                 if not rep.strip(seps.component + seps.subcomponent + " "):
@@ -518,6 +520,7 @@ class HL7InboundMapping:
         self, each: EachRule, scope: Scope, seps: Separators, notes: list[str] | None = None
     ) -> list[Any]:
         segs = scope.get(each.over) or [None]  # no such segment: one item from the other sources
+        _bounded(len(segs), each.over, "segments")
         items = []
         for seg in segs:
             sub_scope = dict(scope)
@@ -528,6 +531,17 @@ class HL7InboundMapping:
                 _set(item, rule.target, rule.value(sub_scope, seps, "", notes))
             items.append(item)
         return items
+
+
+# Most repetitions (or segments) an `each` block maps: far above any real message (a patient's identifiers, an
+# order's steps), far below what would hold the event loop (each costs some microseconds; a 16 MiB message of
+# PID-3 repetitions took 13 s).
+MAX_EACH = 1000
+
+
+def _bounded(count: int, over: str, what: str) -> None:
+    if count > MAX_EACH:
+        raise MappingFailure(f"{over}: {count} {what}, more than the {MAX_EACH} a message may carry", over, "102")
 
 
 def _split_groups(msg: Message) -> tuple[Scope, list[list[Segment]]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -194,6 +195,38 @@ Item = Dataset | EncodedItem
 Change = tuple[list[tuple[str, Item]], list[str], str]  # upserts, deletes, idempotency key
 
 
+class ScanStopped(Exception):
+    """A C-FIND scan ended before its last candidate: `reason` is "max_examined", "deadline" or "stopped"
+    (the caller's `should_stop` said so); `examined` is the number of items examined until then."""
+
+    def __init__(self, reason: str, examined: int) -> None:
+        super().__init__(f"scan stopped ({reason}) after {examined} items")
+        self.reason = reason
+        self.examined = examined
+
+
+class _ScanLimits(NamedTuple):
+    """What may end one scan early (see `WorklistStore.find`)."""
+
+    max_examined: int
+    deadline: float | None
+    should_stop: Callable[[], bool] | None
+
+    def reason(self, examined: int) -> str | None:
+        if self.max_examined > 0 and examined >= self.max_examined:
+            return "max_examined"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "deadline"
+        if self.should_stop is not None and self.should_stop():
+            return "stopped"
+        return None
+
+    def check(self, examined: int) -> None:
+        reason = self.reason(examined)
+        if reason is not None:
+            raise ScanStopped(reason, examined)
+
+
 class WorklistStore:
     """Durable MWL items keyed by the caller's key (e.g. order key + step), safe to use from many threads.
 
@@ -349,19 +382,40 @@ class WorklistStore:
         for key, blob in self._fetch(rowids, with_key=True):
             yield key, decode_item(blob)
 
-    def find(self, query: Dataset, *, case_insensitive_names: bool = False) -> Iterator[Dataset]:
+    def find(
+        self,
+        query: Dataset,
+        *,
+        case_insensitive_names: bool = False,
+        max_examined: int = 0,
+        deadline: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Dataset]:
         """C-FIND: the response identifiers of the offered items matching `query`.
 
-        Raises `traboule.dicom_match.QueryError` at once (not on first iteration) for an unusable query.
+        Raises `traboule.dicom_match.QueryError` at once (not on first iteration) for an unusable query. While
+        iterating, raises `ScanStopped` before examining one more item when `max_examined` (> 0) items were
+        examined, when `time.monotonic()` passed `deadline`, or when `should_stop()` returns True; the candidate
+        SQL is interrupted for the last two as well. So a scan that finds no match still stops on time.
         """
         compiled = compile_query(query, case_insensitive_names=case_insensitive_names)
         sql, params = prefilter_sql(compiled)
-        return self._find(compiled, sql, params)
+        return self._find(compiled, sql, params, _ScanLimits(max_examined, deadline, should_stop))
 
-    def _find(self, compiled: CompiledQuery, sql: str, params: list[object]) -> Iterator[Dataset]:
+    def _find(self, compiled: CompiledQuery, sql: str, params: list[object], limits: _ScanLimits) -> Iterator[Dataset]:
+        limits.check(0)
         with self._reader() as conn:
-            rowids = [r[0] for r in conn.execute(sql, params)]
-        for _key, blob in self._fetch(rowids, with_key=False):
+            # SQLite calls the handler every N virtual machine instructions; non-zero interrupts the statement.
+            conn.set_progress_handler(lambda: limits.reason(0) is not None, 10_000)
+            try:
+                rowids = [r[0] for r in conn.execute(sql, params)]
+            except sqlite3.OperationalError:
+                limits.check(0)  # interrupted by the handler: say why
+                raise
+            finally:
+                conn.set_progress_handler(None, 0)
+        for examined, (_key, blob) in enumerate(self._fetch(rowids, with_key=False)):
+            limits.check(examined)
             item = self._cache.get(blob)
             if compiled.matches(item):
                 yield compiled.response(item)
@@ -515,6 +569,9 @@ def _column_sql(column: str, condition: Condition) -> tuple[str, list[object]] |
         values = sorted(condition.values)
         return f"{column} IN ({','.join('?' * len(values))})", list(values)
     if isinstance(condition, Wildcard):
+        # Not a second exponential path: SQLite's GLOB gives up on a `*` once the rest cannot match anywhere
+        # (measured on 3.40: `*a*a...*b` with 200 stars against 10,000 characters, and `*?` x 80, under 0.1 ms).
+        # Patterns are at most MAX_PATTERN_LENGTH characters, below SQLite's 50,000-byte LIKE/GLOB pattern limit.
         return f"{column} GLOB ?", [_glob(condition.pattern)]
     if isinstance(condition, Range) and condition.vr == "DA":
         # DA columns hold YYYYMMDD text, which sorts like the dates. A single date is an equality, so that the

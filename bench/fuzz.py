@@ -12,15 +12,34 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SURFACES = {"mllp": "fuzz_mllp", "dicom": "fuzz_dicom", "http": "fuzz_http"}
+
+
+def generation_only(n: int) -> Callable[[Any], Any]:
+    """The hypothesis settings of a campaign: ``n`` generated inputs, a crash counted (not shrunk), no database."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=n, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+    )
+
+
+def surface_main(campaign: Callable[[int], dict[str, Any]], doc: str) -> None:
+    """A surface's script entry point: ``--inputs N``, the campaign's figures as one JSON line."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--inputs", type=int, default=10_000)
+    print(json.dumps(campaign(parser.parse_args().inputs)))
 
 
 def main() -> int:

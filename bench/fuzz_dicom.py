@@ -14,7 +14,6 @@ a valid query with its match, or that counts as one more crash.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import warnings
@@ -25,7 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from fuzz import generation_only, surface_main  # noqa: E402
+from hypothesis import given  # noqa: E402
 
 from tests.test_fuzz_dicom import ANSWER_WITHIN, Modality, ServedWorklist, identifiers, valid_query  # noqa: E402
 from traboule import logging as tlog  # noqa: E402
@@ -45,13 +45,7 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
         modality = Modality(served.port)
 
         # Generation only: a crash is counted, not shrunk, and the campaign goes on.
-        @settings(
-            max_examples=n,
-            deadline=None,
-            database=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @generation_only(n)
         @given(identifier=identifiers())
         def one(identifier: bytes) -> None:
             nonlocal answered, crashes, sent, slowest
@@ -91,17 +85,5 @@ def _status_order(item: tuple[int | None, int]) -> int:
     return item[0] or 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=10_000)
-    args = parser.parse_args()
-    result = campaign(args.inputs)
-    print(f"| {'surface':24} | {'inputs':>7} | {'answered':>8} | {'crashes':>7} | {'slowest ms':>10} |")
-    print(
-        f"| {result['surface']:24} | {result['inputs']:>7} | {result['answered']:>8} | {result['crashes']:>7} "
-        f"| {result['slowest_ms']:>10.1f} |"
-    )
-
-
 if __name__ == "__main__":
-    main()
+    surface_main(campaign, __doc__ or "")

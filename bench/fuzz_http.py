@@ -12,8 +12,6 @@ the engine must still answer ``/health/live``, or that counts as one more crash.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from collections import Counter
@@ -23,7 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from fuzz import generation_only, surface_main  # noqa: E402
+from hypothesis import given  # noqa: E402
 
 from tests.test_fuzz_http import ANSWER_WITHIN, ServedEngine, exchange, http_requests, request  # noqa: E402
 from traboule import logging as tlog  # noqa: E402
@@ -42,13 +41,7 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
             logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
 
         # Generation only: a crash is counted, not shrunk, and the campaign goes on.
-        @settings(
-            max_examples=n,
-            deadline=None,
-            database=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @generation_only(n)
         @given(raw=http_requests(engine.ids))
         def one(raw: bytes) -> None:
             nonlocal answered, crashes, sent, slowest
@@ -75,12 +68,5 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=10_000)
-    args = parser.parse_args()
-    print(json.dumps(campaign(args.inputs)))
-
-
 if __name__ == "__main__":
-    main()
+    surface_main(campaign, __doc__ or "")

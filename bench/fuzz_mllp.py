@@ -13,9 +13,7 @@ the valid order sent after every 100 inputs and at the end.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,7 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from fuzz import generation_only, surface_main  # noqa: E402
+from hypothesis import given  # noqa: E402
 
 from tests.test_fuzz_mllp import Case, MLLPEngine, cases, exchange, problems, still_serving  # noqa: E402
 from traboule import logging as tlog  # noqa: E402
@@ -42,13 +41,7 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
     codes: Counter[str] = Counter()
     with MLLPEngine() as engine, contextlib.closing(engine.journal()) as journal:
         # Generation only: a crash is counted, not shrunk, and the campaign goes on.
-        @settings(
-            max_examples=n,
-            deadline=None,
-            database=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @generation_only(n)
         @given(case=cases())
         def one(case: Case) -> None:
             nonlocal answered, crashes, sent, slowest
@@ -80,12 +73,5 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=10_000)
-    args = parser.parse_args()
-    print(json.dumps(campaign(args.inputs)))
-
-
 if __name__ == "__main__":
-    main()
+    surface_main(campaign, __doc__ or "")

@@ -197,6 +197,8 @@ class DicomServer:
 
     def _on_refused(self, host: str, open_now: int) -> None:
         now = time.monotonic()
+        if len(self._refusals) > 1024:  # many addresses (an IPv6 range): forget the old ones
+            self._refusals.clear()
         last, refused = self._refusals.get(host, (float("-inf"), 0))
         refused += 1
         if now - last < _REFUSAL_LOG_INTERVAL:

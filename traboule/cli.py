@@ -421,9 +421,11 @@ def _ack_code(text: str) -> str:
 
 
 def _channel_db(cfg: config_mod.Config, name: str, suffix: str) -> Path:
+    """A store of the engine's data folder, said on stderr (the command reads the configuration as ``run`` does)."""
     path = Path(cfg.data_dir) / f"{name}{suffix}"
     if not path.exists():
         raise config_mod.ConfigError(f"{path} does not exist (has the engine run with data_dir={cfg.data_dir}?)")
+    print(f"reading {path.resolve()}", file=sys.stderr)
     return path
 
 

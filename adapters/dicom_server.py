@@ -51,6 +51,7 @@ class SCPLimits:
     acse_timeout: float = 30.0  # seconds to send the A-ASSOCIATE-RQ (ARTIM) or answer an A-RELEASE
     dimse_timeout: float = 30.0  # seconds to wait for a DIMSE message
     network_timeout: float = 30.0  # seconds an association may stay silent, or a PDU stall mid-way
+    max_message_bytes: int = 4 * 1024 * 1024  # one DIMSE message (command + data set), all its PDUs together
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any], where: str) -> SCPLimits:
@@ -146,6 +147,7 @@ class DicomServer:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_DIMSE_RECV, self._on_message),
             *self.handlers(),
         ]
         # AE.start_server(block=False), with our server class.
@@ -186,6 +188,8 @@ class DicomServer:
                 # a closed connection (pynetdicom's Evt17): the A-ASSOCIATE-RQ within acse_timeout, as ARTIM.
                 sock.socket.settimeout(self.limits.acse_timeout)
         event.assoc.dul._run_loop_delay = _POLL_BEFORE_ASSOCIATION
+        if sock is not None:
+            _bound_reads(sock, self.limits.max_message_bytes)
 
     def _on_requested(self, event: evt.Event) -> None:
         # The A-ASSOCIATE-RQ is in: from its answer on, every PDU goes through the DUL loop at full speed.
@@ -194,6 +198,12 @@ class DicomServer:
         if sock is not None and sock.socket is not None:
             with suppress(OSError):
                 sock.socket.settimeout(self.limits.network_timeout)  # then no PDU may stall longer than this
+
+    def _on_message(self, event: evt.Event) -> None:
+        # A whole DIMSE message is in: the next one may use the whole budget again.
+        sock = event.assoc.dul.socket
+        if sock is not None:
+            sock.traboule_pending = 0  # type: ignore[attr-defined]
 
     def _on_refused(self, host: str, open_now: int) -> None:
         now = time.monotonic()
@@ -212,6 +222,26 @@ class DicomServer:
             limit=self.limits.max_associations_per_peer,
             refused=refused,
         )
+
+
+def _bound_reads(sock: Any, limit: int) -> None:
+    """Make the association's socket refuse to read more than ``limit`` bytes for one DIMSE message.
+
+    pynetdicom reads a PDU whole, trusting the length in its header (up to 4 GiB, whatever the maximum length we
+    announced), and gathers a message's P-DATA fragments in memory without bound: one peer could take the
+    process's memory. An OSError here is what a broken connection raises: pynetdicom closes the association
+    (Evt17) before reading a byte of the oversized PDU.
+    """
+    read = sock.recv
+    sock.traboule_pending = 0
+
+    def bounded(nr_bytes: int) -> bytearray:
+        sock.traboule_pending += nr_bytes
+        if sock.traboule_pending > limit:
+            raise OSError(f"more than {limit} bytes for one DIMSE message")
+        return read(nr_bytes)
+
+    sock.recv = bounded
 
 
 def _limits_fields(limits: SCPLimits) -> dict[str, Any]:

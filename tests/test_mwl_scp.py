@@ -507,3 +507,50 @@ def test_one_host_cannot_take_every_association(store: WorklistStore) -> None:
         for assoc in greedy:
             assoc.release()
         server.stop()
+
+
+def test_a_pdu_longer_than_the_message_budget_is_not_read(store: WorklistStore) -> None:
+    """pynetdicom reads a PDU whole, trusting its header's length (up to 4 GiB): 100 MiB sent behind such a
+    header went into the SCP's memory."""
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=64 * 1024))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as greedy:
+            greedy.sendall(b"\x01\x00" + (100 * 1024 * 1024).to_bytes(4, "big"))  # an A-ASSOCIATE-RQ of 100 MiB
+            sent = 0
+            with contextlib.suppress(OSError):
+                greedy.settimeout(5)
+                for _ in range(1600):  # up to 100 MiB, unless the SCP closes first
+                    greedy.sendall(b"\0" * 65536)
+                    sent += 65536
+            assert sent < 50 * 1024 * 1024  # the SCP closed the connection long before
+        assert echoscu(server.port, AET).returncode == 0
+    finally:
+        server.stop()
+
+
+def test_a_message_of_endless_fragments_ends_its_association(store: WorklistStore) -> None:
+    """Each P-DATA PDU within the negotiated size, but a command that never ends: pynetdicom gathered its
+    fragments in memory for ever."""
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=256 * 1024))
+    server.start()
+    assoc = modality_association(server.port)
+    try:
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        assert raw is not None
+        fragment = b"\0" * 8000
+        pdv = (len(fragment) + 2).to_bytes(4, "big") + b"\x01\x01" + fragment  # context 1, command, not last
+        pdu = b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv
+        with contextlib.suppress(OSError):
+            for _ in range(200):  # 1.6 MB of one command set
+                raw.sendall(pdu)
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established
+        assert echoscu(server.port, AET).returncode == 0
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+        server.stop()

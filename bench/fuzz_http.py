@@ -24,7 +24,14 @@ sys.path.insert(0, str(ROOT))
 from fuzz import generation_only, surface_main  # noqa: E402
 from hypothesis import given  # noqa: E402
 
-from tests.test_fuzz_http import ANSWER_WITHIN, ServedEngine, exchange, http_requests, request  # noqa: E402
+from tests.test_fuzz_http import (  # noqa: E402
+    ANSWER_WITHIN,
+    ServedEngine,
+    exchange,
+    http_requests,
+    is_failure,
+    request,
+)
 from traboule import logging as tlog  # noqa: E402
 
 
@@ -51,7 +58,7 @@ def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:
             slowest = max(slowest, answer.ms)
             if answer.status is not None:
                 answered += 1
-            if answer.status is None or answer.status >= 500 or answer.ms >= ANSWER_WITHIN * 1000:
+            if is_failure(raw, answer.status) or answer.ms >= ANSWER_WITHIN * 1000:
                 crashes += 1
                 print(f"crash: {answer} for {raw[:200]!r}", file=sys.stderr)
 

@@ -342,11 +342,20 @@ FUZZ = settings(
 )
 
 
+def is_failure(raw: bytes, status: int | None) -> bool:
+    """No answer, or a 5xx other than /health's 503 (its answer while a destination is down: the fuzzed
+    webhooks name studies no archive has)."""
+    if status is None:
+        return True
+    health = raw.split(b" ", 2)[1:2] == [b"/health"]
+    return status >= 500 and not (status == 503 and health)
+
+
 def _answered_below_500(engine: ServedEngine, raw: bytes) -> None:
     answer = exchange(engine.port, raw)
     shown = raw[:300]
     assert answer.status is not None, f"no answer to {shown!r}"
-    assert answer.status < 500, f"{answer.status} for {shown!r}"
+    assert not is_failure(raw, answer.status), f"{answer.status} for {shown!r}"
     assert answer.ms < ANSWER_WITHIN * 1000, f"{answer.ms:.0f} ms for {shown!r}"
 
 

@@ -347,7 +347,8 @@ def is_failure(raw: bytes, status: int | None) -> bool:
     webhooks name studies no archive has)."""
     if status is None:
         return True
-    health = raw.split(b" ", 2)[1:2] == [b"/health"]
+    target = raw.split(b" ", 2)[1:2]
+    health = bool(target) and target[0].split(b"?")[0] == b"/health"
     return status >= 500 and not (status == 503 and health)
 
 

@@ -148,6 +148,7 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_DIMSE_RECV, self._on_message),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             *self.handlers(),
         ]
         # AE.start_server(block=False), with our server class.
@@ -191,7 +192,18 @@ class DicomServer:
         if sock is not None:
             _bound_reads(sock, self.limits.max_message_bytes)
 
+    def _on_closed(self, event: evt.Event) -> None:
+        # A peer that connects and closes before its A-ASSOCIATE-RQ: pynetdicom's DUL goes back to idle (AA-5)
+        # without telling the association thread, which waits out acse_timeout still counted as an association
+        # ("local limit exceeded" for everyone after a burst of connect-and-close). Wake it now: an empty
+        # primitive is what its timeout gives, and it ends the thread the same way.
+        assoc = event.assoc
+        if not getattr(assoc, "traboule_requested", False) and assoc.is_acceptor:
+            with suppress(Exception):
+                assoc.dul.to_user_queue.put(None)
+
     def _on_requested(self, event: evt.Event) -> None:
+        event.assoc.traboule_requested = True
         # The A-ASSOCIATE-RQ is in: from its answer on, every PDU goes through the DUL loop at full speed.
         event.assoc.dul._run_loop_delay = _POLL_ASSOCIATED
         sock = event.assoc.dul.socket

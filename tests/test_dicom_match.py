@@ -355,3 +355,21 @@ def test_response_is_independent_of_the_stored_item() -> None:
     rsp.ScheduledProcedureStepSequence[0].ScheduledStationAETitle.append("CT03")
     assert item.PatientName == "DUPONT^Hélène"
     assert list(item.ScheduledProcedureStepSequence[0].ScheduledStationAETitle) == ["CT01", "CT02"]
+
+
+def test_a_key_with_too_many_values_is_refused_before_it_is_decoded() -> None:
+    """55,000 wild card values in one key cost 10 s of CPU before the first item; 1,000 made the worklist's SQL
+    prefilter fail (C001)."""
+    from pydicom.dataelem import RawDataElement
+
+    from traboule.dicom_match import MAX_KEY_VALUES
+
+    for count, refusal in ((5_000, f"more than {MAX_KEY_VALUES} values"), (55_000, "longer than 65536 bytes")):
+        many = RawDataElement(Tag(0x00100010), "PN", 0, b"\\".join([b"S*c*a*n"] * count), 0, False, True)
+        query = Dataset()
+        query._dict[many.tag] = many  # as received: still raw
+        with pytest.raises(QueryError, match=refusal):
+            compile_query(query)
+    ok = Dataset()
+    ok.PatientName = "\\".join(["DUP*"] * MAX_KEY_VALUES)
+    assert compile_query(ok).conditions

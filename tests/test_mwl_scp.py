@@ -554,3 +554,20 @@ def test_a_message_of_endless_fragments_ends_its_association(store: WorklistStor
         if assoc.is_established:
             assoc.abort()
         server.stop()
+
+
+def test_a_burst_of_connect_and_close_does_not_take_the_association_slots(store: WorklistStore) -> None:
+    """A peer that connects and closes at once left pynetdicom's thread waiting out acse_timeout, still counted
+    as an association: 300 such connections from one address refused everyone for 20 s."""
+    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations=16))
+    server.start()
+    try:
+        for _ in range(60):
+            with socket.socket() as flash:
+                flash.bind(("127.0.0.2", 0))
+                flash.connect(("127.0.0.1", server.port))
+        time.sleep(0.3)
+        assert len(server._server.active_associations) < 16  # type: ignore[union-attr]
+        assert echoscu(server.port, AET).returncode == 0
+    finally:
+        server.stop()

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pydicom import config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -38,6 +40,10 @@ WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", 
 # PS3.5 6.2: LT (10240 characters) is the longest bounded VR wild cards apply to. A longer pattern is no valid value
 # of a matching key; refusing it bounds what one query costs to compile (~0.8 us per character) and to match.
 MAX_PATTERN_LENGTH = 10240
+# One matching key: at most this many values (backslash-separated) and bytes. A list of UIDs or codes of a real
+# query has a few; thousands only cost time before the first item is examined.
+MAX_KEY_VALUES = 256
+MAX_KEY_BYTES = 64 * 1024
 # PS3.5 6.2: leading and trailing spaces are not significant for these VRs ...
 _STRIP_BOTH = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM"})
 # ... and only trailing spaces for these.
@@ -437,6 +443,8 @@ def key_condition(elem: DataElement, *, fold_names: bool = False) -> Condition |
         values = element_values(elem)
         return Single(frozenset(values)) if values else None
     texts = element_values(elem)
+    if len(texts) > MAX_KEY_VALUES:
+        raise QueryError(f"{Tag(elem.tag)}: more than {MAX_KEY_VALUES} values in one matching key", elem.tag)
     if not texts or all(t.strip(" \0") in ("", "*") for t in texts):
         # C.2.2.2.3 Universal Matching: zero-length value; a lone "*" is treated alike for every VR.
         return None
@@ -569,6 +577,19 @@ def _decoded(query: Dataset, tag: BaseTag) -> DataElement:
     """An element of a received identifier, its value decoded now (a sequence's items are parsed, their elements
     stay raw until compile_query reads them, through here too): a value pydicom cannot decode (a length that does
     not fit its VR, a malformed item...) is a QueryError naming it, not an error of ours."""
+    raw = query.get_item(tag)
+    value = getattr(raw, "value", None)
+    vr = getattr(raw, "VR", None)
+    if vr is None:  # implicit VR: the dictionary's
+        with suppress(KeyError):
+            vr = dictionary_VR(tag)
+    if isinstance(value, bytes) and vr != "SQ":
+        # Checked on the raw bytes, before pydicom decodes (and validates, and logs about) each value: 55,000
+        # wild card values in one key cost 10 s of CPU before the query's time budget could apply.
+        if len(value) > MAX_KEY_BYTES:
+            raise QueryError(f"{Tag(tag)}: a matching key longer than {MAX_KEY_BYTES} bytes", tag)
+        if value.count(b"\\") >= MAX_KEY_VALUES:
+            raise QueryError(f"{Tag(tag)}: more than {MAX_KEY_VALUES} values in one matching key", tag)
     try:
         return query[tag]
     except Exception as exc:

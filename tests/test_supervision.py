@@ -310,3 +310,24 @@ async def test_health_is_degraded_with_the_backlog_while_the_broker_is_unreachab
         server.should_exit = True
         await server.task
         await runtime.stop()
+
+
+@pytest.mark.rabbitmq
+def test_dlq_refuses_another_bus_after_the_engine_stopped_too(
+    tmp_path: Path, engines: list[Engine], rabbitmq_url: str
+) -> None:
+    env = engine_env(tmp_path, TRABOULE_AMQP_URL=rabbitmq_url)
+    engine = Engine(env)
+    engines.append(engine)
+    engine.wait_for("engine.ready")
+    assert engine.stop() == 0
+    without = {k: v for k, v in env.items() if k != "TRABOULE_AMQP_URL"}
+    refused = cli("dlq", "list", env=without)
+    assert refused.returncode == 2 and "last run on" in refused.stderr and "uses the bus rabbitmq" in refused.stderr
+    assert not (tmp_path / "var" / "bus.sqlite").exists()  # nothing created by looking
+
+
+def test_dlq_on_a_folder_no_engine_used_says_so(tmp_path: Path) -> None:
+    out = cli("dlq", "list", env=dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path / "nothing")))
+    assert out.returncode == 2 and "no engine has run" in out.stderr
+    assert not (tmp_path / "nothing" / "bus.sqlite").exists()

@@ -116,6 +116,7 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.runtime import preflight
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
+    _raise_open_files_limit()
     process = args.process or "main"
     if process != "main":
         _die_with_parent()
@@ -139,6 +140,18 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Up to the hard limit: the listeners' connection caps (HTTP 1,000, MLLP and DICOM 64 each) and the stores'
+    files must fit under it; many systems start processes with a soft limit of 1,024."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 PARENT_PID_VARIABLE = "TRABOULE_PARENT_PID"
@@ -221,9 +234,6 @@ async def _run(cfg: config_mod.Config, process: str) -> None:
     with contextlib.suppress(Exception):
         await server.task
     await runtime.stop()
-    if process == "main":
-        with contextlib.suppress(OSError):
-            (Path(cfg.data_dir) / ENGINE_FILE).unlink()
 
 
 async def _until_stopped(work: Any, stop: asyncio.Event) -> bool:
@@ -331,14 +341,21 @@ def _write_engine_file(cfg: config_mod.Config, runtime: Any) -> None:
     tmp.replace(path)
 
 
-def _running_engine(cfg: config_mod.Config) -> dict[str, Any] | None:
-    """The engine running on this data folder, as it described itself at start; None when none runs."""
+def _last_engine(cfg: config_mod.Config) -> dict[str, Any] | None:
+    """The engine that last ran on this data folder, as it described itself at start (``running`` added); None
+    when none ever did. Kept after it stops: its dead letters stay where it left them."""
     try:
         info = json.loads((Path(cfg.data_dir) / ENGINE_FILE).read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+        info["running"] = True
+    except (OSError, ValueError, KeyError, TypeError):
+        info["running"] = False
+    return info
 
 
 def _bus_description(cfg: config_mod.Config) -> str:
@@ -362,13 +379,20 @@ def _mllp_address(cfg: config_mod.Config) -> str:
 
 
 def _same_bus(cfg: config_mod.Config) -> str | None:
-    """None when the running engine (if any) uses the bus this command would open; else why not."""
-    engine = _running_engine(cfg)
-    if engine is None or engine.get("bus") == _bus_description(cfg):
+    """None when the engine of this data folder (running, or the last one that ran) uses the bus this command
+    would open; else why not."""
+    engine = _last_engine(cfg)
+    if engine is None:
+        if not cfg.amqp_url and not (Path(cfg.data_dir) / "bus.sqlite").exists():
+            return f"no engine has run on {cfg.data_dir}: no bus to read (--config, TRABOULE_DATA_DIR?)"
         return None
+    if engine.get("bus") == _bus_description(cfg):
+        return None
+    where = cfg.data_dir
+    state = f"running on {where} (pid {engine.get('pid')})" if engine["running"] else f"last run on {where}"
     return (
-        f"the engine running on {cfg.data_dir} (pid {engine['pid']}) uses the bus {engine['bus']}, this command "
-        f"would read {_bus_description(cfg)}: give it the engine's configuration (--config, TRABOULE_AMQP_URL)"
+        f"the engine {state} uses the bus {engine.get('bus')}, this command would read {_bus_description(cfg)}: "
+        "give it the engine's configuration (--config, TRABOULE_AMQP_URL)"
     )
 
 

@@ -49,7 +49,10 @@ class HTTPLimits:
     body_limits: dict[str, int] = field(default_factory=dict)  # route path → bytes, over the routes' own limits
     header_timeout: float = 10.0  # seconds to receive a request line and headers: connection closed beyond
     body_timeout: float = 30.0  # seconds to receive a whole request body: 408 beyond
-    max_connections: int = 100  # connections and requests in progress (uvicorn limit_concurrency): 503 beyond
+    # Connections and requests in progress (uvicorn limit_concurrency): 503 beyond. Idle connections cost a few kB
+    # each on the event loop, and one that sends no request within header_timeout is closed: 100 let an attacker
+    # holding 100 silent sockets (renewed every 10 s) make every route answer 503.
+    max_connections: int = 1000
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 16 * 1024  # request line and headers (h11 max incomplete event size): 400 beyond
 

@@ -152,13 +152,17 @@ class DicomServer:
             *self.handlers(),
         ]
         # AE.start_server(block=False), with our server class.
-        server = self._ae.make_server(
-            (self.host, self.port),
-            evt_handlers=handlers,
-            server_class=_GuardedServer,
-            per_peer=self.limits.max_associations_per_peer,
-            on_refused=self._on_refused,
-        )
+        try:
+            server = self._ae.make_server(
+                (self.host, self.port),
+                evt_handlers=handlers,
+                server_class=_GuardedServer,
+                per_peer=self.limits.max_associations_per_peer,
+                on_refused=self._on_refused,
+            )
+        except OSError as exc:  # socketserver's message does not say where
+            where = f"{self.host}:{self.port}"
+            raise OSError(exc.errno, f"{self.name} SCP cannot listen on {where}: {exc.strerror}") from exc
         self._ae._servers.append(server)  # as start_server does: the server's shutdown() removes itself from it
         threading.Thread(target=make_target(server.serve_forever), name=f"{self.name}-acceptor", daemon=True).start()
         self._server = server

@@ -126,7 +126,7 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             # otherwise restart in a loop behind a main process answering AA).
             preflight(cfg)
         except (config_mod.ConfigError, MappingError) as exc:
-            print(f"cannot start: {exc}", file=sys.stderr)
+            _cannot_start(cfg, exc)
             return 2
     try:
         # uvloop: the MLLP ingest path is event-loop bound; measured ~15% more orders/s than asyncio's loop.
@@ -134,12 +134,26 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except (config_mod.ConfigError, MappingError, ValueError) as exc:
-        print(f"cannot start: {exc}", file=sys.stderr)
+        _cannot_start(cfg, exc)
         return 2
     except OSError as exc:
-        print(f"cannot start: {exc}", file=sys.stderr)
+        _cannot_start(cfg, exc)
         return 1
     return 0
+
+
+def _cannot_start(cfg: config_mod.Config, exc: BaseException) -> None:
+    """Why the engine does not start: one JSON line with the JSON log format (the log stays parseable), a plain
+    line otherwise. The text is a configuration or bind error (file, line, address): no message data."""
+    text = f"cannot start: {exc}"
+    if cfg.log_format == "json":
+        from traboule import logging as tlog
+
+        stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line = {"event": "engine.cannot_start", "level": "error", "timestamp": stamp, "message": text}
+        tlog.write_line(json.dumps(line, ensure_ascii=False))
+    else:
+        print(text, file=sys.stderr)
 
 
 def _raise_open_files_limit() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -144,6 +145,9 @@ class DicomServer:
         # time only for that log line.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        # pydicom warns (and logs) for every received value that does not fit its VR, quoting it: a query of
+        # thousands of such values made as many log lines. The matcher judges the values; pydicom stays quiet.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),

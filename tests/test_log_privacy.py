@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ log = structlog.get_logger("w")
 std = logging.getLogger("lib")
 for i in range(int(sys.argv[1])):
     log.info("record", process=sys.argv[2], i=i, pad="x" * (i % 3000))
-    std.warning("library record %d %s", i, "y" * (i % 2000))
+    std.warning(f"library record {i} " + "y" * (i % 2000))  # distinct: not rate-limited
 """
 
 
@@ -159,3 +160,35 @@ def test_hl7_fixture_identities_are_found_by_the_helper() -> None:
     """The check above is only as good as what it looks for."""
     values = identity_values((FIXTURES / "adt_a40_merge.hl7").read_bytes())
     assert {"IPP0009", "IPP0001", "DUPONT", "19790328"} <= values and all(len(v) >= 4 for v in values)
+
+
+def test_a_library_repeating_itself_is_cut_to_a_burst(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn's "Exceeded concurrency limit." and pydicom's invalid-value warnings came once per hostile request:
+    hundreds of thousands of lines. A library's warnings.warn is a JSON line like the rest."""
+    import logging
+    import warnings
+
+    tlog.configure("json", "info")
+    try:
+        for n in range(500):
+            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit. %d", n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Invalid value for VR TM: '093'", UserWarning, stacklevel=1)
+    finally:
+        tlog.configure("console", "info")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert sum(1 for r in lines if "Exceeded" in r["event"]) == 20
+    (warned,) = [r for r in lines if "Invalid value" in r["event"]]
+    assert "093" not in warned["event"]  # a quoted value is scrubbed like any free text
+
+
+def test_the_next_record_after_the_window_says_how_many_were_left_out() -> None:
+    import logging
+
+    limit = tlog._RateLimit(burst=2, window=0.2)
+    record = logging.LogRecord("lib", logging.WARNING, __file__, 1, "same %s", ("x",), None)
+    assert [limit.filter(record) for _ in range(5)] == [True, True, False, False, False]
+    time.sleep(0.25)
+    fresh = logging.LogRecord("lib", logging.WARNING, __file__, 1, "same %s", ("y",), None)
+    assert limit.filter(fresh) and fresh.suppressed == 3  # type: ignore[attr-defined]

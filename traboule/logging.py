@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -119,6 +120,44 @@ class _StderrLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
 
 
+class _RateLimit(logging.Filter):
+    """At most `burst` records of one kind (logger and message template) per `window` seconds from the libraries:
+    a hostile peer makes them log per request ("Exceeded concurrency limit.", an invalid value per C-FIND key:
+    227,000 and 110,000 lines in two attacks). The next record let through says how many were left out."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        super().__init__()
+        self.burst, self.window = burst, window
+        self._seen: dict[tuple[str, str], list[float]] = {}  # kind -> [window start, count, suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            return True  # a library's crash is always told
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.window:
+            if len(self._seen) > 4096:
+                self._seen.clear()
+            suppressed = int(seen[2]) if seen else 0
+            self._seen[key] = [now, 1, 0]
+            if suppressed:
+                record.suppressed = suppressed
+            return True
+        seen[1] += 1
+        if seen[1] <= self.burst:
+            return True
+        seen[2] += 1
+        return False
+
+
+def _add_suppressed(_: object, __: str, event: dict) -> dict:
+    record = event.get("_record")
+    if record is not None and getattr(record, "suppressed", 0):
+        event["suppressed_similar"] = record.suppressed
+    return event
+
+
 class _LineHandler(logging.Handler):
     """The stdlib handler of the libraries' records: the same single-write line as structlog's."""
 
@@ -147,10 +186,11 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
     )
     # Libraries (and our bus adapters) log through the standard library: render their records with the same
     # processors, so every line of the process is one JSON object with a level and a timestamp.
-    foreign = list(processors)
+    foreign = [*processors, _add_suppressed]
     if not patient_data:
         foreign.append(_scrub_foreign)
     handler = _LineHandler()
+    handler.addFilter(_RateLimit())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=foreign,
@@ -159,6 +199,10 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # A library's warnings.warn becomes a record like the others (one JSON line). Off then on: captureWarnings
+    # does nothing when already on, even if someone put another showwarning in place since.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)

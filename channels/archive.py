@@ -152,7 +152,12 @@ class ArchiveChannel:
             correlation_id=study_uid,
         )
         env.idempotency_key = env.id  # each notification is read again: a study may have grown since the last one
-        await self.runtime.journal.append(entry, [OutboxEvent(NOTIFIED, env.id, env.to_json())])
+        try:
+            await self.runtime.journal.append(entry, [OutboxEvent(NOTIFIED, env.id, env.to_json())])
+        except OSError as exc:  # disk full or failing: nothing stored, the archive may post again later
+            self._log.error("journal.write_failed", error=type(exc).__name__, correlation_id=study_uid)
+            body = {"error": "not stored, send it again later"}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "30"})
         self._log.info("study.notified", message_id=entry.id, correlation_id=study_uid)
         return JSONResponse({"accepted": study_uid, "journal": entry.id}, status_code=202)
 

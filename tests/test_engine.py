@@ -308,3 +308,27 @@ async def test_journal_prune_keeps_what_is_recent_or_not_yet_on_the_bus(tmp_path
         assert journal.get(pending.id) is not None and journal.outbox_depth() == 1
     finally:
         journal.close()
+
+
+async def test_the_journal_keeps_a_disk_reserve_and_health_says_so(tmp_path: Path) -> None:
+    """A sender flooding the journal (every message is kept, refused ones too) fills the disk up to the reserve,
+    not to the last byte: below it messages are answered AR "not stored" and /health names the disk."""
+    import shutil
+
+    cfg = engine_config(tmp_path)
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        assert runtime.journal is not None
+        (ack,) = await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        assert ack.segment("MSA").field(1) == "AA"  # type: ignore[union-attr]
+        # The reserve set just above what is free now: the next message would go below it.
+        runtime.journal.min_free_bytes = shutil.disk_usage(tmp_path).free + 1024 * 1024
+        (refused,) = await send(runtime, fixture("orm_o01_ca.hl7"))
+        assert refused.segment("MSA").field(1) == "AR"  # type: ignore[union-attr]
+        assert "not stored" in refused.segment("MSA").field(3)  # type: ignore[union-attr]
+        health = runtime.health()
+        assert "disk" in health["problems"] and health["disk"]["free_bytes"] < health["disk"]["reserve_bytes"]
+        assert [e.status for e in runtime.journal.recent(10)] == ["accepted"]  # the refused one was not written
+    finally:
+        await runtime.stop()

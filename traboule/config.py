@@ -76,6 +76,8 @@ class Config:
     restart_backoff: float = 1.0
     restart_backoff_max: float = 10.0
     restart_reset_after: float = 10.0
+    # Free space the journal leaves on its disk: below it, messages are answered "not stored" (AR, 503...).
+    min_free_disk_mb: int = 64
 
     def processes(self) -> list[str]:
         """Process names of the configured channels, ``main`` first (it always exists: it holds the journal)."""
@@ -119,6 +121,11 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
     engine = doc.get("engine", {})
     cfg.data_dir = str(engine.get("data_dir", cfg.data_dir))
+    if "min_free_disk_mb" in engine:
+        value = engine["min_free_disk_mb"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{path}: [engine] min_free_disk_mb must be a whole number of MiB (0: no reserve)")
+        cfg.min_free_disk_mb = value
     for key in ("restart_backoff", "restart_backoff_max", "restart_reset_after"):
         if key in engine:
             try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +76,11 @@ class OutboxEvent:
 
 PUBLISHED_DELAY = 0.05  # seconds
 
+
+class DiskFull(OSError):
+    """The data folder's disk has less free space than the journal keeps in reserve: nothing more is stored (the
+    sender is told "not stored, send it again later") while the stores behind it can still write."""
+
 _COLUMNS = (
     "received",
     "channel",
@@ -98,10 +105,13 @@ class Journal:
     itself is a fraction of a millisecond of fsync, during which SQLite releases the GIL.
     """
 
-    def __init__(self, path: str | Path, *, max_batch: int = 512):
+    def __init__(self, path: str | Path, *, max_batch: int = 512, min_free_bytes: int = 64 * 1024 * 1024):
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
+        self.min_free_bytes = min_free_bytes
+        self._free = 0
+        self._free_at = float("-inf")
         self._db = self._connect()
         self._db.executescript(SCHEMA)
         self._db.row_factory = sqlite3.Row
@@ -129,6 +139,7 @@ class Journal:
         """
         if self._closed:
             raise RuntimeError("journal is closed")
+        self._reserve(len(entry.raw) + sum(len(e.body) for e in events or []))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JournalEntry] = loop.create_future()
         self._pending.append((entry, events or [], future))
@@ -137,6 +148,24 @@ class Journal:
         if events and result.status == "accepted":
             self.outbox_ready.set()
         return result
+
+    def disk_free(self, *, fresh: bool = False) -> int:
+        """Free bytes on the journal's disk (read at most once a second unless ``fresh``)."""
+        now = time.monotonic()
+        if fresh or now - self._free_at > 1.0:
+            with contextlib.suppress(OSError):
+                stat = os.statvfs(Path(self.path).parent)
+                self._free, self._free_at = stat.f_bavail * stat.f_frsize, now
+        return self._free
+
+    def _reserve(self, size: int) -> None:
+        """Refuse a write that would leave less than ``min_free_bytes``: a sender that floods the journal (every
+        message is kept, refused ones too) fills the disk up to the reserve, not to the last byte the worklist,
+        the bus and SQLite's own journals need."""
+        if not self.min_free_bytes:
+            return
+        if self.disk_free(fresh=size > 1024 * 1024) - size < self.min_free_bytes:
+            raise DiskFull(f"less than {self.min_free_bytes // (1024 * 1024)} MiB free on the journal's disk")
 
     async def events_published(self, ids: list[int]) -> None:
         """Forget outbox events the bus confirmed.

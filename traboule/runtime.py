@@ -194,7 +194,7 @@ class Runtime:
 
     async def start(self) -> None:
         if self.owns_journal:
-            self.journal = Journal(self.journal_path)
+            self.journal = Journal(self.journal_path, min_free_bytes=self.config.min_free_disk_mb * 1024 * 1024)
         await self.bus.start()
         if self.owns_journal:
             # Every consuming channel's queue, in this process or another, exists before the first event is
@@ -233,6 +233,10 @@ class Runtime:
         problems = [] if bus.get("connected") else ["bus"]
         if self.journal is not None:
             body["outbox_pending"] = self.journal.outbox_depth()
+            free, reserve = self.journal.disk_free(), self.journal.min_free_bytes
+            body["disk"] = {"free_bytes": free, "reserve_bytes": reserve}
+            if free < reserve:
+                problems.append("disk")
         channels: dict[str, Any] = {}
         for channel in self.channels:
             report = getattr(channel, "health", None)

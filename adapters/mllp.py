@@ -6,8 +6,14 @@ connections are served at once. No HL7 knowledge lives here.
 
 The listener holds what hostile or broken peers send within limits: connections in all and per peer address,
 bytes buffered across all connections, a deadline per frame (slow senders), per idle connection and per reply a
-peer does not read. Bytes outside a frame, and messages it cannot hold, go to ``on_refused`` (the channel journals
-them) rather than being dropped silently.
+peer does not read. A full listener makes room by closing an idle connection rather than refusing a newcomer.
+Bytes outside a frame, frames cut short or left unfinished, and messages it cannot hold, go to ``on_refused`` (the
+channel journals them) rather than being dropped silently.
+
+Framing (HL7 MLLP release 2): a frame is ``0x0B content 0x1C 0x0D``, its content encoded so as to hold neither
+0x0B nor 0x1C (HL7 escapes control characters in text). So a 0x0B inside a frame is the start of a new frame
+(the bytes before it, a frame cut short, are refused unanswered: ``frame_interrupted``), and a 0x1C not followed by
+0x0D is an error, never guessed past (``bad_end_block``, see ``_Connection._parse``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Literal, cast
 import structlog
 
 START, END = b"\x0b", b"\x1c\x0d"
+SB, EB, CR = 0x0B, 0x1C, 0x0D  # the framing bytes as ints (what indexing bytes gives)
 log = structlog.get_logger("traboule.mllp")
 
 MessageHandler = Callable[[bytes, str], Awaitable[bytes]]  # (message bytes, peer "host:port") -> reply bytes
@@ -34,7 +41,20 @@ OversizeHandler = Callable[[bytes, str], Awaitable[bytes]]  # (first bytes of th
 #                       nobody awaits an answer to them, and one would be read as the answer to the next message
 #   overloaded          the start of a message the listener cannot hold (max_buffered_bytes): answered, closed
 #   frame_timeout       the start of a message not complete within frame_timeout: answered, closed
-Refusal = Literal["no_start_block", "outside_frame", "overloaded", "frame_timeout"]
+#   frame_interrupted   a frame cut short by a start block (0x0B) before its end block: the bytes before it, not
+#                       answered (the frame that starts there gets the answer); the connection goes on
+#   partial_frame       the start of a frame whose connection closed before its end block: nobody to answer
+#   bad_end_block       a frame with an end block byte 0x1C not followed by 0x0D (see _parse): answered; closed
+#                       when where the frame ended had to be assumed (nothing came after the 0x1C for END_WAIT)
+Refusal = Literal[
+    "no_start_block",
+    "outside_frame",
+    "overloaded",
+    "frame_timeout",
+    "frame_interrupted",
+    "partial_frame",
+    "bad_end_block",
+]
 RefusalHandler = Callable[[bytes, str, Refusal], Awaitable[bytes | None]]  # (bytes, peer, why) -> reply or None
 
 BETWEEN_FRAMES = b"\r\n\x00\t "  # what senders put between frames (a line break after the end block is common)
@@ -42,7 +62,14 @@ HEAD = 64 * 1024  # the first bytes of a refused message handed to the callbacks
 MAX_UNFRAMED = 64 * 1024  # bytes in a row outside any frame before closing: a sender speaking MLLP never needs it
 MAX_UNFRAMED_RUNS = 16  # out-of-frame sequences in a row (no message between) before closing: bounds the journal
 LINGER = 2.0  # seconds a refused peer still sending is read (and ignored) for, so that it gets to read our answer
+# Seconds a frame whose last byte is a lone 0x1C (or that holds a stray one) may wait for more bytes before it is
+# refused (bad_end_block): a sender waiting for the answer to a frame it ended without 0x0D gets an AR now, not after
+# frame_timeout. Above Nagle + delayed ACK (up to 200 ms on Windows), which can hold a 0x0D written on its own.
+END_WAIT = 1.0
+EVICTION_LOG_BURST = 10  # connection.evicted lines per EVICTION_LOG_WINDOW seconds; the rest counted in the next line
+EVICTION_LOG_WINDOW = 60.0
 _CLOSE = "close"  # a queue item that only ends the connection
+_GO_ON = ("no_start_block", "outside_frame", "frame_interrupted", "bad_end_block")  # the connection goes on after them
 
 
 def frame(message: bytes) -> bytes:
@@ -54,8 +81,11 @@ class MLLPListener:
 
     Limits (the defaults suit a hospital RIS: a handful of connections, messages up to a few MiB):
 
-    * ``max_connections`` in all, ``max_connections_per_peer`` per peer address: a connection beyond either is
-      closed at once (logged); the others are not affected.
+    * ``max_connections`` in all, ``max_connections_per_peer`` per peer address. At either limit a newcomer is
+      admitted by closing an idle connection (no frame begun, nothing queued or being answered; see ``_evict``):
+      idle connections cannot lock a RIS out. Only when none may be closed is the newcomer closed at once (logged).
+      ``evict_idle_after``: seconds a connection must have been idle to be closed so (unless its peer holds more
+      connections than the newcomer's would).
     * ``max_buffered_bytes``: the bytes held across all connections (unfinished frames, messages waiting for or in
       their handler). A connection whose read would go above it is closed, its message refused (``overloaded``).
     * ``max_message_size``: a larger message is refused (``on_oversize``) and its connection closed (the stream
@@ -73,6 +103,7 @@ class MLLPListener:
         "max_connections": int,
         "max_connections_per_peer": int,
         "max_buffered_bytes": int,
+        "evict_idle_after": float,
     }
 
     def __init__(
@@ -86,8 +117,13 @@ class MLLPListener:
         frame_timeout: float = 60.0,
         write_timeout: float = 30.0,
         max_connections: int = 64,
-        max_connections_per_peer: int = 32,
+        # A quarter of max_connections: a RIS needs a handful of connections, an interface engine fanning feeds
+        # through one address a dozen; and filling the listener takes four addresses, not two (at 32, two
+        # addresses held all 64). Eviction (see _evict) makes a full listener no lockout anyway; the cap keeps one
+        # address from holding most of it, and hogs are evicted first.
+        max_connections_per_peer: int = 16,
         max_buffered_bytes: int = 256 * 1024 * 1024,
+        evict_idle_after: float = 2.0,
         on_oversize: OversizeHandler | None = None,
         on_refused: RefusalHandler | None = None,
         name: str = "mllp",
@@ -102,6 +138,7 @@ class MLLPListener:
         self.max_connections = max_connections
         self.max_connections_per_peer = max_connections_per_peer
         self.max_buffered_bytes = max_buffered_bytes
+        self.evict_idle_after = evict_idle_after
         self.on_oversize = on_oversize
         self.on_refused = on_refused
         self.name = name
@@ -110,6 +147,10 @@ class MLLPListener:
         self._watcher: asyncio.Task[None] | None = None
         self._connections: set[_Connection] = set()
         self._per_peer: dict[str, int] = {}
+        self.evictions = 0  # idle connections closed to admit a newcomer, since the start
+        self._evict_log_since = float("-inf")  # start of the current EVICTION_LOG_WINDOW
+        self._evict_logged = 0  # lines logged in that window
+        self._evict_unlogged = 0  # evictions not logged since the last line
 
     @classmethod
     def from_config(
@@ -168,11 +209,14 @@ class MLLPListener:
             self._server = None
 
     def _admit(self, conn: _Connection) -> str:
-        """Register a new connection, or say which limit refuses it."""
-        if len(self._connections) >= self.max_connections:
-            return "max_connections"
-        if self._per_peer.get(conn.host, 0) >= self.max_connections_per_peer:
-            return "max_connections_per_peer"
+        """Register a new connection, or say which limit refuses it (at a limit, an idle connection makes room)."""
+        now = conn.loop.time()
+        limit = "max_connections_per_peer"
+        if self._per_peer.get(conn.host, 0) >= self.max_connections_per_peer and not self._evict(conn, now, limit):
+            return limit
+        limit = "max_connections"
+        if len(self._connections) >= self.max_connections and not self._evict(conn, now, limit):
+            return limit
         self._connections.add(conn)
         self._per_peer[conn.host] = self._per_peer.get(conn.host, 0) + 1
         return ""
@@ -188,9 +232,55 @@ class MLLPListener:
         self.buffered -= conn.held
         conn.held = 0
 
+    def _evict(self, newcomer: _Connection, now: float, limit: str) -> bool:
+        """Close an idle connection to make room for ``newcomer``; False when none may be closed.
+
+        Only an idle connection is closed: no frame begun, nothing queued, being answered or refused (a busy one
+        never is). At ``max_connections_per_peer``, one of the newcomer's peer's own, idle for at least
+        ``evict_idle_after``. At ``max_connections``, one of the peer holding the most connections, the one idle the
+        longest: idle for at least ``evict_idle_after``, or for any time if that peer holds more connections than
+        the newcomer's would (fair share). So idle connections never lock a newcomer out; the grace keeps a peer
+        that has just connected from losing its connection before its first frame; and an attacker reopening
+        connections as fast as it likes keeps evicting its own, not a RIS holding one or two. Closing an idle
+        connection loses nothing: a sender whose frame crosses the close gets no answer and sends it again.
+        """
+        mine = self._per_peer.get(newcomer.host, 0)
+        grace = self.evict_idle_after
+        victim, best = None, (0, 0.0)
+        for conn in self._connections:  # at most max_connections, and only when full
+            if not conn.idle or (limit == "max_connections_per_peer" and conn.host != newcomer.host):
+                continue
+            held, idle = self._per_peer.get(conn.host, 0), now - conn.idle_since
+            if idle < grace and (limit == "max_connections_per_peer" or held <= mine + 1):
+                continue
+            if victim is None or (held, idle) > best:
+                victim, best = conn, (held, idle)
+        if victim is None:
+            return False
+        self.evictions += 1
+        if now - self._evict_log_since >= EVICTION_LOG_WINDOW:
+            self._evict_log_since, self._evict_logged = now, 0
+        if self._evict_logged < EVICTION_LOG_BURST:
+            self._evict_logged += 1
+            log.warning(
+                "connection.evicted",
+                adapter=self.name,
+                peer=victim.peer,
+                idle=round(best[1], 2),
+                limit=limit,
+                newcomer=newcomer.peer,
+                unlogged=self._evict_unlogged,  # evictions since the previous line, not logged (rate bound)
+            )
+            self._evict_unlogged = 0
+        else:
+            self._evict_unlogged += 1
+        victim.close()
+        self._release(victim)  # now: the room is the newcomer's (its task releases it again, a no-op)
+        return True
+
     async def _watch(self) -> None:
         """Frame and idle deadlines: one sweep over the connections rather than a timer per message (hot path)."""
-        interval = max(0.01, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4))
+        interval = max(0.01, min(END_WAIT / 2, self.idle_timeout / 4, self.frame_timeout / 4))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
@@ -214,7 +304,9 @@ class _Connection(asyncio.Protocol):
         self.host = self.peer = ""
         self.inside = False  # between a start block and its end block
         self.buf = bytearray()  # the unfinished frame (inside) or out-of-frame bytes (outside)
-        self.frame_started = 0.0  # loop time of the unfinished frame's start block
+        self.frame_started = 0.0  # loop time of the unfinished frame's start block (not of one that cut it short)
+        self.bad_end = False  # the unfinished frame holds a 0x1C not followed by 0x0D
+        self.last_read = 0.0  # loop time of the last read, kept while the unfinished frame ends with or holds a 0x1C
         self.idle_since = 0.0  # loop time since which the connection has had nothing to answer
         self.queue: deque[tuple[str | None, bytes]] = deque()  # (None or why refused, bytes), head being answered
         self.queued = 0  # bytes in the queue
@@ -228,6 +320,13 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.drained: asyncio.Future[None] | None = None  # pending while the transport's write buffer is full
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing begun or pending: the listener may close it to admit another (see MLLPListener._evict)."""
+        return not (
+            self.inside or self.queue or self.busy or self.refused or self.closed or self.paused or self.task is None
+        )
 
     # -- transport callbacks -----------------------------------------------------------------------------------
 
@@ -252,8 +351,15 @@ class _Connection(asyncio.Protocol):
         listener = self.listener
         if listener.buffered + len(data) > listener.max_buffered_bytes:
             self._overloaded(data)
-        elif not self.inside and not self.buf and data[:1] == START and data.find(END, 1) == len(data) - 2 > 0:
-            # The common case in original mode: one read, one whole frame.
+        elif (
+            not self.inside
+            and not self.buf
+            and data[:1] == START
+            and data.find(b"\x1c", 1) == len(data) - 2 > 0
+            and data[-1] == CR
+            and data.find(START, 1) < 0
+        ):
+            # The common case in original mode: one read, one whole frame (no 0x0B or 0x1C in its content).
             if len(data) - 3 > listener.max_message_size:
                 self._refuse("too_large", data[1 : 1 + HEAD])
             else:
@@ -266,6 +372,9 @@ class _Connection(asyncio.Protocol):
         self._account()
 
     def eof_received(self) -> bool:
+        if self.inside and self.buf[-1:] == b"\x1c" and not self.refused:
+            self._bad_end()  # its end block without 0x0D, and nothing more will come: the sender awaits an answer
+            self._account()
         self.eof = self.refused = True  # the peer sent all it will: answer what is queued, then close
         self._wake()
         return True  # keep the transport open for the answers
@@ -287,25 +396,64 @@ class _Connection(asyncio.Protocol):
     # -- the frame parser ----------------------------------------------------------------------------------------
 
     def _parse(self, data: bytes) -> None:
+        """Frames out of a read. Inside a frame, what ends it is looked for: a 0x1C, and before it any 0x0B.
+
+        * ``0x1C 0x0D``: the end block (split across two reads too).
+        * ``0x0B``: a new frame starts there; the bytes before it (this frame, cut short) are refused unanswered
+          (``frame_interrupted``): its sender gets one answer, for the frame it completes. The frame deadline keeps
+          running from the first start block: a peer sending a 0x0B each minute does not hold a frame open forever.
+        * ``0x1C`` not followed by ``0x0D``: MLLP release 2 ends a frame with 0x1C 0x0D and forbids 0x1C in content,
+          so the frame is refused (``bad_end_block``, AR naming the missing 0x0D), never guessed past. Strict, not
+          lenient: accepting a lone 0x1C as the end would acknowledge a message cut at a 0x1C in its content (AA for
+          part of an order). Followed by 0x0B, the frame is answered AR and the next one starts there (a sender
+          that omits the 0x0D gets one answer per frame); followed by anything else, the frame goes on to its real
+          end block (one frame, one answer: AR). A frame whose last byte so far is a lone 0x1C, or that holds a
+          stray one, and gets no more bytes for END_WAIT is answered AR then (the sender is waiting), and the
+          connection closed; at the peer's end of stream, at once.
+        """
         view, i, n = memoryview(data), 0, len(data)
-        if self.buf and self.buf[-1] == END[0] and data[:1] == END[1:]:  # an end block split across two reads
-            del self.buf[-1]
-            self._end_block()
-            i = 1
+        if self.buf and self.buf[-1] == EB:  # the previous read ended with a 0x1C: this read's first byte decides
+            if data[0] == CR:  # an end block split across two reads
+                del self.buf[-1]
+                self._end_block()
+                i = 1
+            elif self.inside and data[0] == SB:
+                self._bad_end()  # the next frame starts at i = 0
+            elif self.inside:
+                self.bad_end = True  # a 0x1C in the content: the frame goes on, to be refused at its end
+        limit = self.listener.max_message_size
         while i < n and not self.refused:
             if self.inside:
-                j = data.find(END, i)
-                if j < 0:
-                    self.buf += view[i:]
-                    if len(self.buf) > self.listener.max_message_size + 1:  # + 1: the end block's first byte
+                e = data.find(b"\x1c", i)
+                s = data.find(START, i, n if e < 0 else e)
+                if s >= 0:  # a start block before any end block: this frame was cut short, a new one starts
+                    self.buf += view[i:s]
+                    if len(self.buf) > limit:
                         self._refuse("too_large", bytes(self.buf[:HEAD]))
-                    return
-                self.buf += view[i:j]
-                i = j + 2
-                if len(self.buf) > self.listener.max_message_size:
+                        return
+                    self._interrupted()
+                    i = s + 1
+                    continue
+                self.buf += view[i : n if e < 0 else e]
+                if len(self.buf) > limit:
                     self._refuse("too_large", bytes(self.buf[:HEAD]))
                     return
-                self._end_block()
+                if e < 0:
+                    break
+                if e + 1 == n:  # its second byte is in the next read, or never comes (check_deadlines)
+                    self.buf.append(EB)
+                    break
+                after = data[e + 1]
+                if after == CR:
+                    i = e + 2
+                    self._end_block()
+                elif after == SB:
+                    i = e + 1
+                    self._bad_end()
+                else:
+                    self.buf.append(EB)
+                    self.bad_end = True
+                    i = e + 1
             else:
                 s, e = data.find(START, i), data.find(END, i)
                 if e >= 0 and (s < 0 or e < s):
@@ -324,11 +472,14 @@ class _Connection(asyncio.Protocol):
                         head = bytes(self.buf[:HEAD]).lstrip(BETWEEN_FRAMES)
                         self._refuse("no_start_block" if head else _CLOSE, head)
                     return
+        if self.inside and (self.bad_end or self.buf[-1:] == b"\x1c"):
+            self.last_read = self.loop.time()
 
     def _start_block(self) -> None:
         self._unframed("outside_frame")
         if not self.refused:
             self.inside = True
+            self.bad_end = False
             self.frame_started = self.loop.time()
 
     def _end_block(self) -> None:
@@ -336,10 +487,36 @@ class _Connection(asyncio.Protocol):
             message = bytes(self.buf)
             self.buf.clear()
             self.inside = False
-            self.runs = 0
-            self._push(None, message)
+            if self.bad_end:  # it held a 0x1C not followed by 0x0D
+                self.bad_end = False
+                self._push("bad_end_block", message)
+            else:
+                self.runs = 0
+                self._push(None, message)
         else:
             self._unframed("no_start_block")
+
+    def _bad_end(self) -> None:
+        """The frame ends at a 0x1C not followed by 0x0D: refused, answered (its sender sent an end block)."""
+        if self.buf[-1:] == b"\x1c":
+            del self.buf[-1]
+        message = bytes(self.buf)
+        self.buf.clear()
+        self.inside = self.bad_end = False
+        self._push("bad_end_block", message)
+
+    def _interrupted(self) -> None:
+        """A start block inside a frame: the bytes before it are refused unanswered; the frame starts over."""
+        data = bytes(self.buf)
+        self.buf.clear()
+        self.bad_end = False
+        if not data.strip(BETWEEN_FRAMES):  # a doubled start block, or only line breaks before the new one
+            return
+        self._push("frame_interrupted", data)
+        self.runs += 1
+        if self.runs >= MAX_UNFRAMED_RUNS:
+            log.warning("connection.unframed_runs", adapter=self.listener.name, peer=self.peer, runs=self.runs)
+            self._refuse(_CLOSE, b"")
 
     def _unframed(self, why: Refusal) -> None:
         """Out-of-frame bytes: handed over unless they are only what senders put between frames."""
@@ -376,7 +553,7 @@ class _Connection(asyncio.Protocol):
         """Stop reading for good: what is queued is answered, then ``head`` (a refused message's start), then close."""
         self.refused = True
         self.buf.clear()
-        self.inside = False
+        self.inside = self.bad_end = False
         self._push(why, head)
         if not self.paused:
             self._pause()
@@ -410,6 +587,16 @@ class _Connection(asyncio.Protocol):
             log.warning("frame.timeout", adapter=listener.name, peer=self.peer, seconds=seconds, bytes=len(self.buf))
             self._refuse("frame_timeout", bytes(self.buf[:HEAD]))
             self._account()
+        elif (
+            self.inside
+            and not self.paused
+            and (self.bad_end or self.buf[-1:] == b"\x1c")
+            and now - self.last_read > END_WAIT
+        ):
+            log.warning("frame.no_end_cr", adapter=listener.name, peer=self.peer, seconds=END_WAIT, bytes=len(self.buf))
+            message = bytes(self.buf[:-1] if self.buf[-1:] == b"\x1c" else self.buf)
+            self._refuse("bad_end_block", message)
+            self._account()
         elif not (self.inside or self.queue or self.busy) and now - self.idle_since > listener.idle_timeout:
             log.info("connection.idle_timeout", adapter=listener.name, peer=self.peer, seconds=listener.idle_timeout)
             self.close()
@@ -425,6 +612,8 @@ class _Connection(asyncio.Protocol):
                 await self._linger()
             if self.inside and self.buf:
                 log.warning("connection.partial_frame", adapter=self.listener.name, peer=self.peer, bytes=len(self.buf))
+                if bytes(self.buf[:HEAD]).strip(BETWEEN_FRAMES) and self.listener.on_refused:
+                    await self.listener.on_refused(bytes(self.buf[:HEAD]), self.peer, "partial_frame")  # unanswered
             elif (rest := bytes(self.buf).lstrip(BETWEEN_FRAMES)).rstrip(BETWEEN_FRAMES) and self.listener.on_refused:
                 await self.listener.on_refused(rest, self.peer, "outside_frame")  # left at the close: not answered
         except asyncio.CancelledError:
@@ -449,7 +638,7 @@ class _Connection(asyncio.Protocol):
                     self.paused = False
                     self.transport.resume_reading()
                     if self.inside:  # the time we did not read is not the peer's: its frame's deadline restarts
-                        self.frame_started = self.loop.time()
+                        self.frame_started = self.last_read = self.loop.time()
                 self.idle_since = self.loop.time()
                 self.waiter = self.loop.create_future()
                 try:
@@ -480,7 +669,7 @@ class _Connection(asyncio.Protocol):
                         self.transport.abort()
                         return
             self.busy = False
-            if why is not None and why not in ("no_start_block", "outside_frame"):
+            if why is not None and why not in _GO_ON:
                 return  # a refused message or a flood: the stream cannot be trusted any further
 
     async def _linger(self) -> None:
@@ -506,8 +695,8 @@ class _Connection(asyncio.Protocol):
         if why == "too_large":
             log.warning("frame.too_large", adapter=listener.name, peer=self.peer, limit=listener.max_message_size)
             return await listener.on_oversize(data, self.peer) if listener.on_oversize else None
-        if why in ("no_start_block", "outside_frame"):  # the others were logged when detected
-            log.warning("frame." + why, adapter=listener.name, peer=self.peer, bytes=len(data))
+        if why in _GO_ON:  # the others were logged when detected
+            log.warning("frame." + why.removeprefix("frame_"), adapter=listener.name, peer=self.peer, bytes=len(data))
         return await listener.on_refused(data, self.peer, why) if listener.on_refused else None  # type: ignore[arg-type]
 
     def close(self) -> None:

@@ -324,15 +324,19 @@ class OrdersChannel:
 
     async def handle_refused(self, data: bytes, peer: str, why: Refusal) -> bytes | None:
         """Bytes the listener did not hand over as a message: journaled raw like any refused message, answered AR
-        where the sender awaits an answer (not for bytes before a start block: an answer would be read by the
-        sender as the answer to its next message)."""
+        where the sender awaits an answer (not for bytes before a start block, nor a frame cut short by one: an
+        answer would be read by the sender as the answer to its next message; nor a frame left unfinished by a
+        closed connection: nobody to answer)."""
         reason, code = {
             "no_start_block": ("MLLP bytes without a start block (0x0B): send the message again, framed", "102"),
             "outside_frame": ("bytes outside any MLLP frame, not answered", "102"),
             "overloaded": ("the listener holds too many unfinished messages, send it again later", "207"),
             "frame_timeout": (f"message not complete within {self.listener.frame_timeout:g} s, send it again", "207"),
+            "frame_interrupted": ("MLLP frame cut short by a start block (0x0B), not answered", "102"),
+            "partial_frame": ("MLLP frame unfinished: the connection closed before its end block", "102"),
+            "bad_end_block": ("MLLP end block 0x1C not followed by 0x0D: send the message again, framed", "102"),
         }[why]
-        answered = why != "outside_frame"
+        answered = why not in ("outside_frame", "frame_interrupted", "partial_frame")
         error = hl7.HL7Error(reason, location="MSH", code=code)
         reply = await self._reject(data, peer, error, codec="latin-1", answered=answered)
         return reply if answered else None

@@ -281,7 +281,7 @@ def cases(draw: st.DrawFn) -> Case:
         st.sampled_from(
             ["plain"] * 5
             + ["line_break_after", "noise_before", "no_start_block", "two", "unterminated", "double_end"]
-            + ["noise_only", "start_in_frame", "oversize"]
+            + ["noise_only", "start_in_frame", "oversize", "no_cr", "no_cr_then_next", "stray_end_byte"]
         )
     )
     frames, abuse = 1, False
@@ -303,9 +303,16 @@ def cases(draw: st.DrawFn) -> Case:
         data = START + message + END + END
     elif framing == "noise_only":
         data, frames = draw(NOT_FRAMING), 0
-    elif framing == "start_in_frame":  # a start block inside a frame is data: still one message
+    elif framing == "start_in_frame":  # a frame cut short by a start block: unanswered; the frame from there is
         at = draw(st.integers(0, len(message)))
         data = START + message[:at] + START + message[at:] + END
+    elif framing == "no_cr":  # 0x1C without its 0x0D, then the end of the stream: answered AR
+        data = START + message + b"\x1c"
+    elif framing == "no_cr_then_next":  # answered AR, and the next frame (from its start block) answered too
+        data, frames = START + message + b"\x1c" + START + draw(messages(1)) + END, 2
+    elif framing == "stray_end_byte":  # a 0x1C inside the content: the frame goes on to its end block, one AR
+        at = draw(st.integers(0, len(message)))
+        data = START + message[:at] + b"\x1cX" + draw(NOT_FRAMING) + message[at:] + END  # X: never 0x0D
     else:  # over max_message_size: answered AR (if the peer reads it before the close) and closed
         data, abuse = START + message + b"NTE|1||" + b"x" * (MAX_MESSAGE + 1) + END, True
     if len(message) > MAX_MESSAGE:
@@ -345,6 +352,13 @@ ORDER = fixture("orm_o01_nw_latin1.hl7").replace(b"MSG0001", CONTROL_ID.encode()
 @example(case=Case((START + ORDER[:100], ORDER[100:] + END[:1], END[1:]), 1))  # end block split across writes
 @example(case=Case((b"\x00garbage\r\n" + START + ORDER + END,), 1))
 @example(case=Case((START + ORDER + END + START + ORDER + END,), 2))
+# The framings answered wrong before the MLLP review: a start block inside a frame (the concatenation was one
+# message), an end block without its 0x0D (no answer until frame_timeout), at the end of the stream or not.
+@example(case=Case((START + ORDER[:80] + START + ORDER + END,), 1))
+@example(case=Case((START + START + ORDER + END,), 1))
+@example(case=Case((START + ORDER + b"\x1c",), 1))
+@example(case=Case((START + ORDER + b"\x1c" + START + ORDER + END,), 2))
+@example(case=Case((START + ORDER[:80] + b"\x1cX" + ORDER[80:] + END,), 1))
 @FUZZ
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # the repr of a 256 kB input
 @given(case=cases())

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.mllp import END, MAX_UNFRAMED, MAX_UNFRAMED_RUNS, START, MLLPClient, MLLPListener
+from adapters.mllp import END, EVICTION_LOG_BURST, MAX_UNFRAMED, MAX_UNFRAMED_RUNS, START, MLLPClient, MLLPListener
 from tests.test_flow import ack_code, engine_config, fixture, mllp_port
 from traboule import hl7
 from traboule.runtime import Runtime
@@ -175,7 +176,9 @@ async def test_connections_beyond_the_caps_are_closed_at_once_and_the_others_ser
         clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         assert await closed_at_once(port)  # a third from the same address
         clients.append(await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0)))
-        assert await closed_at_once(port, ("127.0.0.3", 0))  # a fourth in all
+        # A fourth in all, from an address holding one: no connection idle for evict_idle_after (2 s), and no
+        # peer holding more than it would (a newcomer from a third address would evict one of 127.0.0.1's)
+        assert await closed_at_once(port, ("127.0.0.2", 0))
         for reader, writer in clients:  # those admitted are served, before and after the refusals
             writer.write(START + order + END)
             assert b"MSA|AA" in await asyncio.wait_for(reader.readuntil(END), 5)
@@ -212,16 +215,17 @@ async def test_bytes_buffered_across_connections_are_capped(tmp_path: Path) -> N
                 peak_rss, peak_held = max(peak_rss, rss()), max(peak_held, listener.buffered)
                 await asyncio.sleep(0.005)
 
-        async def flood() -> socket.socket:
+        async def flood(n: int) -> socket.socket:
             sock = socket.socket()
             sock.setblocking(False)
+            sock.bind((f"127.0.0.{2 + n % 3}", 0))  # 8 from each of three addresses: under max_connections_per_peer
             await loop.sock_connect(sock, ("127.0.0.1", mllp_port(engine)))
             with contextlib.suppress(ConnectionError):
                 await loop.sock_sendall(sock, partial)  # from the one bytes object: no copy on this side
             return sock
 
         sampler = asyncio.create_task(sample())
-        socks = await asyncio.gather(*(flood() for _ in range(24)))
+        socks = await asyncio.gather(*(flood(n) for n in range(24)))
         await asyncio.sleep(0.3)
         assert await served(mllp_port(engine), fixture("omi_o23_nw_utf8.hl7")) == "AA"
         sampler.cancel()
@@ -369,3 +373,225 @@ async def test_journal_failure_is_answered_ar(engine: Runtime) -> None:
     ack = hl7.parse(reply.decode("latin-1"))
     assert ack_code(ack) == "AR"
     assert "not stored" in ack.segment("MSA").field(3)  # type: ignore[union-attr]
+
+
+# -- a full listener makes room: idle connections are evicted, busy ones never ----------------------------------
+
+ORDER = fixture("orm_o01_nw_latin1.hl7")  # MSH-10 MSG0001
+OTHER = fixture("omi_o23_nw_utf8.hl7")  # MSH-10 MSG0010
+
+
+async def opened(listener: MLLPListener, count: int, *hosts: str) -> list[tuple[asyncio.StreamReader, Any]]:
+    """``count`` connections from each of ``hosts`` (loopback is all of 127/8), once the listener holds them (each
+    admitted, another closed to make room or not)."""
+    admitted = listener.connections + listener.evictions
+    conns = [
+        await asyncio.open_connection("127.0.0.1", listener.port, local_addr=(host, 0))
+        for host in hosts
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 5
+    while listener.connections + listener.evictions < admitted + len(conns) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert listener.connections + listener.evictions == admitted + len(conns)
+    return conns
+
+
+async def is_closed(reader: asyncio.StreamReader, wait: float = 2.0) -> bool:
+    """Whether the listener closed this connection (EOF or reset) within ``wait`` seconds."""
+    try:
+        return await asyncio.wait_for(reader.read(100), wait) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_idle_connections_filling_the_listener_do_not_lock_out_a_new_peer(tmp_path: Path) -> None:
+    """The attack: two addresses fill the listener with idle connections (each under its per-peer cap); a RIS from a
+    third address still gets its order answered AA: the connection idle the longest is closed to make room. (The
+    former defaults, 64 and 32 per peer: two addresses fill it.)"""
+    limits = {"max_connections": 64, "max_connections_per_peer": 32, "evict_idle_after": 0.2}
+    async with engine_with(tmp_path, **limits) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        idle = await opened(listener, 32, "127.0.0.2", "127.0.0.3")
+        await asyncio.sleep(0.3)  # past evict_idle_after
+        with structlog.testing.capture_logs() as logs:
+            assert await served(listener.port, ORDER, source=("127.0.0.4", 0)) == "AA"
+        evicted = [e for e in logs if e["event"] == "connection.evicted"]
+        assert len(evicted) == 1 and evicted[0]["peer"].startswith("127.0.0.2:")  # the first opened: idle longest
+        assert evicted[0]["idle"] >= 0.2 and evicted[0]["limit"] == "max_connections"
+        assert await asyncio.gather(*(is_closed(reader, 0.3) for reader, _ in idle)) == [True] + [False] * 63
+        for _, writer in idle:
+            writer.close()
+
+
+async def test_busy_connections_are_never_evicted(tmp_path: Path) -> None:
+    """Connections with a frame in progress stay: a new peer is refused while all are busy; with one idle among
+    them, that one makes room and every busy one still gets its answer."""
+    async with engine_with(tmp_path, max_connections=4, max_connections_per_peer=2, evict_idle_after=0.1) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        busy = await opened(listener, 2, "127.0.0.2", "127.0.0.3")
+        for _, writer in busy:
+            writer.write(START + ORDER[:100])  # a frame begun, not finished
+        await asyncio.sleep(0.3)
+        assert await closed_at_once(listener.port, ("127.0.0.4", 0))
+        busy.pop()[1].close()  # one leaves (its partial frame is journaled)
+        while listener.connections > 3:
+            await asyncio.sleep(0.01)
+        (idle_reader, idle_writer), *_ = await opened(listener, 1, "127.0.0.3")
+        await asyncio.sleep(0.3)
+        assert await served(listener.port, OTHER, source=("127.0.0.4", 0)) == "AA"  # the idle one made room
+        assert await is_closed(idle_reader)
+        for reader, writer in busy:  # the busy ones finish their frames and are answered
+            writer.write(ORDER[100:] + END)
+            assert b"MSA|AA" in await asyncio.wait_for(reader.readuntil(END), 5)
+            writer.close()
+        idle_writer.close()
+
+
+async def test_a_peer_holding_more_connections_loses_one_even_within_the_grace(tmp_path: Path) -> None:
+    """Fair share: a newcomer may close at once an idle connection of a peer holding more connections than its own
+    would; among peers holding no more, only connections idle for evict_idle_after. So an attacker reopening its
+    connections as fast as it likes evicts its own, not the RIS's fresh one."""
+    async with engine_with(tmp_path, max_connections=4, max_connections_per_peer=4, evict_idle_after=30) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        hog = await opened(listener, 4, "127.0.0.2")  # fresh: well within the 30 s grace
+        (ris_reader, ris_writer), *_ = await opened(listener, 1, "127.0.0.4")  # one of the hog's made room
+        assert await closed_at_once(listener.port, ("127.0.0.2", 0))  # the hog (3) may not take it back from the RIS
+        others = await opened(listener, 1, "127.0.0.5", "127.0.0.6")  # each evicts the hog's: 3 > 0 + 1, 2 > 0 + 1
+        assert [await is_closed(reader, 0.2) for reader, _ in hog] == [True, True, True, False]
+        assert await closed_at_once(listener.port, ("127.0.0.7", 0))  # one each now: the grace protects them all
+        ris_writer.write(START + ORDER + END)
+        assert b"MSA|AA" in await asyncio.wait_for(ris_reader.readuntil(END), 5)
+        for _, writer in [*hog, *others, (ris_reader, ris_writer)]:
+            writer.close()
+
+
+async def test_a_peer_at_its_cap_makes_room_by_closing_its_own_idle_connection(tmp_path: Path) -> None:
+    async with engine_with(tmp_path, max_connections=8, max_connections_per_peer=2, evict_idle_after=0.1) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        own = await opened(listener, 2, "127.0.0.2")
+        await asyncio.sleep(0.2)
+        assert await served(listener.port, ORDER, source=("127.0.0.2", 0)) == "AA"
+        assert [await is_closed(reader, 0.2) for reader, _ in own] == [True, False]
+        for _, writer in own:
+            writer.close()
+
+
+async def test_evictions_are_logged_at_a_bounded_rate(tmp_path: Path) -> None:
+    async with engine_with(tmp_path, max_connections=2, max_connections_per_peer=2, evict_idle_after=0.01) as engine:
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+        conns = await opened(listener, 2, "127.0.0.2")
+        with structlog.testing.capture_logs() as logs:
+            for n in range(40):
+                await asyncio.sleep(0.02)
+                conns += await opened(listener, 1, f"127.0.0.{3 + n % 2}")
+        assert listener.evictions == 40
+        lines = [e for e in logs if e["event"] == "connection.evicted"]
+        assert 1 <= len(lines) <= EVICTION_LOG_BURST
+        for _, writer in conns:
+            writer.close()
+
+
+def test_eviction_grace_is_a_source_setting() -> None:
+    async def handler(data: bytes, peer: str) -> bytes:
+        return b""
+
+    listener = MLLPListener.from_config("c", {"evict_idle_after": "0.5"}, handler)
+    assert listener.evict_idle_after == 0.5
+    assert MLLPListener.from_config("c", {}, handler).max_connections_per_peer * 2 < listener.max_connections
+    with pytest.raises(ValueError, match="evict_idle_after"):
+        MLLPListener.from_config("c", {"evict_idle_after": 0}, handler)
+
+
+# -- framing: a start block inside a frame, a frame left unfinished, an end block without its 0x0D --------------
+
+
+def msa(reply: bytes) -> tuple[str, str, str]:
+    """MSA-1, MSA-2, MSA-3 of a framed ACK."""
+    segment = hl7.parse(hl7.decode(reply[reply.index(START) + 1 : -2]).text).segment("MSA")
+    assert segment is not None
+    return segment.field(1), segment.field(2), segment.field(3)
+
+
+async def test_a_start_block_inside_a_frame_starts_a_new_frame(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        writer.write(START + ORDER[:120] + START + OTHER + END)  # a frame cut short, then a whole one
+        assert msa(await asyncio.wait_for(reader.readuntil(END), 5))[:2] == ("AA", "MSG0010")  # the only answer
+        writer.write(START + START + ORDER + END)  # a doubled start block
+        assert msa(await asyncio.wait_for(reader.readuntil(END), 5))[:2] == ("AA", "MSG0001")
+    finally:
+        writer.close()
+    assert engine.journal is not None
+    (entry,) = engine.journal.recent(5, "rejected")  # the cut frame, not answered
+    assert entry.raw == ORDER[:120] and entry.ack_code == ""
+    assert "cut short by a start block" in entry.error
+
+
+async def test_a_frame_left_unfinished_at_the_close_is_journaled(engine: Runtime) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    writer.write(START + ORDER[:150])
+    await writer.drain()
+    writer.close()
+    assert engine.journal is not None
+    deadline = time.monotonic() + 5
+    while not engine.journal.recent(5, "rejected") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    (entry,) = engine.journal.recent(5, "rejected")
+    assert entry.raw == ORDER[:150] and entry.ack_code == "" and entry.control_id == "MSG0001"
+    assert "closed before its end block" in entry.error
+
+
+async def test_an_end_block_without_its_carriage_return_is_answered_ar_soon(tmp_path: Path) -> None:
+    """0x1C not followed by 0x0D (MLLP frames end with 0x1C 0x0D): a sender waiting for its answer gets AR naming the
+    missing byte within seconds, not after frame_timeout; the message is journaled whole."""
+    async with engine_with(tmp_path, frame_timeout=60) as engine:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+        started = time.monotonic()
+        try:
+            writer.write(START + ORDER + b"\x1c")
+            code, control_id, text = msa(await asyncio.wait_for(reader.readuntil(END), 5))
+            assert await is_closed(reader, 5)  # where the frame ended was a guess: the stream is not trusted further
+        finally:
+            writer.close()
+        assert time.monotonic() - started < 3
+        assert (code, control_id) == ("AR", "MSG0001") and "0x0D" in text
+        assert engine.journal is not None
+        (entry,) = engine.journal.recent(5, "rejected")
+        assert entry.raw == ORDER and entry.ack_code == "AR"
+
+
+async def test_an_end_block_without_its_carriage_return_then_a_start_block(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        writer.write(START + ORDER + b"\x1c" + START + OTHER + END)
+        code, control_id, text = msa(await asyncio.wait_for(reader.readuntil(END), 5))
+        assert (code, control_id) == ("AR", "MSG0001") and "0x0D" in text
+        assert msa(await asyncio.wait_for(reader.readuntil(END), 5))[:2] == ("AA", "MSG0010")
+    finally:
+        writer.close()
+
+
+async def test_an_end_block_byte_inside_a_message_is_refused_and_the_connection_kept(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        writer.write(START + ORDER[:200] + b"\x1cX" + ORDER[200:] + END)
+        code, control_id, text = msa(await asyncio.wait_for(reader.readuntil(END), 5))
+        assert (code, control_id) == ("AR", "MSG0001") and "0x0D" in text  # one frame, one answer
+        writer.write(START + OTHER + END)
+        assert msa(await asyncio.wait_for(reader.readuntil(END), 5))[:2] == ("AA", "MSG0010")
+    finally:
+        writer.close()
+
+
+async def test_an_end_block_split_across_slow_writes_is_still_one(engine: Runtime) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    try:
+        writer.write(START + ORDER + b"\x1c")
+        await asyncio.sleep(0.3)  # Nagle and delayed ACKs can hold the 0x0D this long
+        writer.write(b"\x0d")
+        assert msa(await asyncio.wait_for(reader.readuntil(END), 5))[:2] == ("AA", "MSG0001")
+    finally:
+        writer.close()

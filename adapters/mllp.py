@@ -68,6 +68,26 @@ LINGER = 2.0  # seconds a refused peer still sending is read (and ignored) for, 
 END_WAIT = 1.0
 EVICTION_LOG_BURST = 10  # connection.evicted lines per EVICTION_LOG_WINDOW seconds; the rest counted in the next line
 EVICTION_LOG_WINDOW = 60.0
+
+
+class _Throttle:
+    """At most ``burst`` log lines per ``window`` seconds; `allow` gives the count left out since the previous
+    line when one may be written now, None when not."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst, self.window = burst, window
+        self._since = float("-inf")
+        self._logged = self._unlogged = 0
+
+    def allow(self, now: float) -> int | None:
+        if now - self._since >= self.window:
+            self._since, self._logged = now, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            unlogged, self._unlogged = self._unlogged, 0
+            return unlogged
+        self._unlogged += 1
+        return None
 _CLOSE = "close"  # a queue item that only ends the connection
 _GO_ON = ("no_start_block", "outside_frame", "frame_interrupted", "bad_end_block")  # the connection goes on after them
 
@@ -148,9 +168,9 @@ class MLLPListener:
         self._connections: set[_Connection] = set()
         self._per_peer: dict[str, int] = {}
         self.evictions = 0  # idle connections closed to admit a newcomer, since the start
-        self._evict_log_since = float("-inf")  # start of the current EVICTION_LOG_WINDOW
-        self._evict_logged = 0  # lines logged in that window
-        self._evict_unlogged = 0  # evictions not logged since the last line
+        self.refusals = 0  # newcomers closed at once (every connection busy), since the start
+        self._evict_log = _Throttle(EVICTION_LOG_BURST, EVICTION_LOG_WINDOW)
+        self._refuse_log = _Throttle(EVICTION_LOG_BURST, EVICTION_LOG_WINDOW)
 
     @classmethod
     def from_config(
@@ -258,10 +278,8 @@ class MLLPListener:
         if victim is None:
             return False
         self.evictions += 1
-        if now - self._evict_log_since >= EVICTION_LOG_WINDOW:
-            self._evict_log_since, self._evict_logged = now, 0
-        if self._evict_logged < EVICTION_LOG_BURST:
-            self._evict_logged += 1
+        unlogged = self._evict_log.allow(now)
+        if unlogged is not None:
             log.warning(
                 "connection.evicted",
                 adapter=self.name,
@@ -269,11 +287,8 @@ class MLLPListener:
                 idle=round(best[1], 2),
                 limit=limit,
                 newcomer=newcomer.peer,
-                unlogged=self._evict_unlogged,  # evictions since the previous line, not logged (rate bound)
+                unlogged=unlogged,  # evictions since the previous line, not logged (rate bound)
             )
-            self._evict_unlogged = 0
-        else:
-            self._evict_unlogged += 1
         victim.close()
         self._release(victim)  # now: the room is the newcomer's (its task releases it again, a no-op)
         return True
@@ -336,8 +351,19 @@ class _Connection(asyncio.Protocol):
         self.host, self.peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
         refused = self.listener._admit(self)
         if refused:
-            limit = getattr(self.listener, refused)
-            log.warning("connection.refused", adapter=self.listener.name, peer=self.peer, reason=refused, limit=limit)
+            listener = self.listener
+            listener.refusals += 1
+            unlogged = listener._refuse_log.allow(self.loop.time())
+            if unlogged is not None:  # a flood of connections is not a flood of lines
+                limit = getattr(listener, refused)
+                log.warning(
+                    "connection.refused",
+                    adapter=listener.name,
+                    peer=self.peer,
+                    reason=refused,
+                    limit=limit,
+                    unlogged=unlogged,
+                )
             self.closed = True
             transport.close()
             return

@@ -100,3 +100,32 @@ def test_mapping_limits_are_checked_at_load(tmp_path: Path) -> None:
         path.write_text(broken, encoding="utf-8")
         with pytest.raises(MappingError, match=message):
             HL7InboundMapping(path)
+
+
+async def test_an_order_with_a_wrong_ins_key_goes_on_without_the_ins(runtime: Runtime) -> None:
+    """Reports with a wrong INS key are refused; an order must still be done, so its INS is left out (journaled),
+    never propagated to the worklist (it was AA with the INS in OtherPatientIDsSequence)."""
+    wrong = order().replace(b"279035121518989", b"279035121518900")
+    (ack,) = await send(runtime, wrong)
+    assert ack_code(ack) == "AA"
+    assert runtime.journal is not None
+    (entry,) = runtime.journal.recent(1, "accepted")
+    assert "INS with a wrong check key was left out" in entry.warnings
+    await until(lambda: store(runtime).count() == 1)
+    (key,) = store(runtime).keys_with_prefix("")
+    item = store(runtime).get(key)
+    assert item.PatientID == "IPP0001"
+    assert "279035121518900" not in str(item.get("OtherPatientIDsSequence", ""))
+
+
+def test_a_valid_ins_is_kept_on_orders_and_adt() -> None:
+    from traboule import hl7
+
+    mapping = HL7InboundMapping()
+    for name in ("orm_o01_nw_latin1.hl7", "adt_a08_update.hl7"):
+        text = fixture(name).decode("latin-1")
+        (payload,) = mapping.map(hl7.parse(text))
+        ins = payload.patient.ins
+        assert ins is None or ins.value in text, name
+    (order_payload,) = mapping.map(hl7.parse(fixture("orm_o01_nw_latin1.hl7").decode("latin-1")))
+    assert order_payload.patient.ins is not None and order_payload.patient.ins.value == "279035121518989"

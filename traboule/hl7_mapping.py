@@ -437,6 +437,7 @@ class HL7InboundMapping:
         if kind == "report":
             return [self._report(msg, notes)]
         patient = self._fill(model.Patient(), self.patient, header, seps, notes)
+        _drop_invalid_ins(patient, notes)
         if kind != "order":
             update = model.PatientUpdate(action="merge" if kind == "patient-merge" else "update", patient=patient)
             if kind == "patient-merge":
@@ -680,6 +681,20 @@ def _from_ready_document(report: model.Report) -> None:
         report.placer_order_number = model.Identifier(header.placer_order_number, "", header.placer_oid)
     report.document_id = report.document_id or header.id
     report.title = report.title or header.title
+
+
+def _drop_invalid_ins(patient: model.Patient, notes: list[str] | None) -> None:
+    """An order or an ADT goes on with an INS whose check key is wrong left out (the exam must still happen), never
+    propagated to the worklist or FHIR; the journal entry says so. A report is refused instead (`check_report`)."""
+    kept = []
+    for ident in patient.ids:
+        is_ins = ident.type == "INS" or ident.issuer_oid in model.INS_OIDS
+        if is_ins and ident.value and not ins_key_ok(ident.value):
+            if notes is not None:
+                notes.append("PID-3: an INS with a wrong check key was left out")
+            continue
+        kept.append(ident)
+    patient.ids = kept
 
 
 def check_report(report: model.Report, conclusion: str) -> None:

@@ -6,22 +6,14 @@ Attributes come back as the DICOM JSON model (PS3.18 F.2): ``{"0020000D": {"vr":
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import httpx
 
+from traboule.model import is_uid
+
 DicomJSON = dict[str, dict[str, Any]]
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", re.ASCII)
-
-
-def is_uid(text: str) -> bool:
-    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zero in a component, at most 64 characters.
-
-    What may go into a DICOMweb path segment: anything else (``../tools/reset?x=1#``) would address another
-    resource of the archive."""
-    return len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 class DICOMwebError(Exception):

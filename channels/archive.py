@@ -29,11 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from adapters.dicomweb import DicomJSON, DICOMwebClient, is_uid, value
+from adapters.dicomweb import DicomJSON, DICOMwebClient, value
 from traboule.bus import Delivery, PermanentError
 from traboule.health import DestinationHealth, channel_health
 from traboule.journal import JournalEntry, OutboxEvent
-from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study
+from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study, is_uid
 
 log = structlog.get_logger("traboule.channels.archive")
 

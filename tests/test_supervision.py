@@ -267,7 +267,7 @@ def test_send_uses_the_configured_listener_and_says_where(tmp_path: Path, engine
 
 
 @pytest.mark.rabbitmq
-def test_dlq_refuses_to_read_another_bus_than_the_running_engines(
+def test_dlq_refuses_to_read_another_bus_than_the_engines_running_or_stopped(
     tmp_path: Path, engines: list[Engine], rabbitmq_url: str
 ) -> None:
     env = engine_env(tmp_path, TRABOULE_AMQP_URL=rabbitmq_url)
@@ -281,6 +281,11 @@ def test_dlq_refuses_to_read_another_bus_than_the_running_engines(
     refused = cli("dlq", "list", env=without)
     assert refused.returncode == 2
     assert "uses the bus rabbitmq" in refused.stderr and "dead letter" not in refused.stdout
+    # Stopped, the engine's dead letters are still on RabbitMQ: the embedded bus is still the wrong one to read.
+    assert engine.stop() == 0
+    refused = cli("dlq", "list", env=without)
+    assert refused.returncode == 2 and "last run on" in refused.stderr and "uses the bus rabbitmq" in refused.stderr
+    assert not (tmp_path / "var" / "bus.sqlite").exists()  # nothing created by looking
 
 
 async def test_health_is_degraded_with_the_backlog_while_the_broker_is_unreachable(tmp_path: Path) -> None:
@@ -310,21 +315,6 @@ async def test_health_is_degraded_with_the_backlog_while_the_broker_is_unreachab
         server.should_exit = True
         await server.task
         await runtime.stop()
-
-
-@pytest.mark.rabbitmq
-def test_dlq_refuses_another_bus_after_the_engine_stopped_too(
-    tmp_path: Path, engines: list[Engine], rabbitmq_url: str
-) -> None:
-    env = engine_env(tmp_path, TRABOULE_AMQP_URL=rabbitmq_url)
-    engine = Engine(env)
-    engines.append(engine)
-    engine.wait_for("engine.ready")
-    assert engine.stop() == 0
-    without = {k: v for k, v in env.items() if k != "TRABOULE_AMQP_URL"}
-    refused = cli("dlq", "list", env=without)
-    assert refused.returncode == 2 and "last run on" in refused.stderr and "uses the bus rabbitmq" in refused.stderr
-    assert not (tmp_path / "var" / "bus.sqlite").exists()  # nothing created by looking
 
 
 def test_dlq_on_a_folder_no_engine_used_says_so(tmp_path: Path) -> None:

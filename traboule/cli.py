@@ -294,8 +294,7 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
         state.name,
     ]
     env = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid())})
-    host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::", "") else cfg.http_host
-    token = {"Authorization": f"Bearer {cfg.api_tokens[0]}"} if cfg.api_tokens else {}
+    host, token = config_mod.client_host(cfg.http_host), cfg.api_headers()
     delay = cfg.restart_backoff
     while not stop.is_set():
         child = await asyncio.create_subprocess_exec(*command, env=env)
@@ -448,7 +447,7 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _local(address: str) -> str:
     """A listener's address as a client on this machine reaches it (0.0.0.0 / :: listen everywhere)."""
     host, _, port = address.rpartition(":")
-    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") and port else address
+    return f"{config_mod.client_host(host)}:{port}" if port else address
 
 
 def _ack_code(text: str) -> str:

@@ -88,6 +88,10 @@ class Config:
                 names.append(name)
         return names
 
+    def api_headers(self) -> dict[str, str]:
+        """What the engine's own processes send each other's HTTP API (the first bearer token, if any)."""
+        return {"Authorization": f"Bearer {self.api_tokens[0]}"} if self.api_tokens else {}
+
     def channel(self, name: str) -> dict[str, Any]:
         for ch in self.channels:
             if ch.get("name") == name:
@@ -220,6 +224,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError("API tokens must be at least 16 characters long (use e.g. `openssl rand -hex 24`)")
     if cfg.log_format not in ("json", "console"):
         raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
+
+
+def client_host(host: str) -> str:
+    """The address a client on this machine uses for a listener bound to ``host`` (0.0.0.0 / :: listen everywhere)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def is_loopback(host: str) -> bool:

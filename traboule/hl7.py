@@ -202,19 +202,21 @@ def parse(text: str) -> Message:
     # A line that does not start a segment continues the previous one: real senders wrap long Base64 or text
     # fields with bare line feeds. Joined without a separator, as the line break was not data; gathered first and
     # joined once (appending to the field line by line was quadratic: 4 MiB of wrapped Base64 took 2.6 s).
-    lines: list[list[str]] = []
+    lines: list[str] = []
+    wrapped: dict[int, list[str]] = {}  # line index -> its pieces, for the (rare) wrapped segments only
     for line in _SEGMENT_SPLIT.split(text):
         if not line.strip():
             continue
         if lines and not (line[:3].isalnum() and (len(line.rstrip()) == 3 or line[3:4] == fsep)):
-            lines[-1].append(line)
+            wrapped.setdefault(len(lines) - 1, [lines[-1]]).append(line)
         else:
-            lines.append([line])
+            lines.append(line)
     if len(lines) > MAX_SEGMENTS:
         raise HL7Error(f"{len(lines)} segments, more than the {MAX_SEGMENTS} a message may have", location="MSH")
+    for index, pieces in wrapped.items():
+        lines[index] = "".join(pieces)
     segments: list[Segment] = []
-    for pieces in lines:
-        line = pieces[0] if len(pieces) == 1 else "".join(pieces)
+    for line in lines:
         parts = line.split(fsep)
         name = parts[0].strip()
         if name == "MSH" or name in ("FHS", "BHS"):

@@ -50,9 +50,8 @@ _RELATIVE = re.compile(r"^\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?$")
 
 EVENT_KINDS = ("order", "patient-update", "patient-merge", "report")
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 CHECKS = {
-    "uid": lambda v: len(v) <= 64 and _UID.match(v) is not None,  # PS3.5 9.1
+    "uid": model.is_uid,  # PS3.5 9.1
 }
 
 

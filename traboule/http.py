@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from traboule import metrics
-from traboule.config import HTTPLimits
+from traboule.config import HTTPLimits, client_host
 
 log = structlog.get_logger("traboule.http")
 
@@ -116,8 +116,7 @@ async def _children_health(runtime: Any) -> dict[str, Any]:
     import httpx
 
     config = runtime.config
-    host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
-    token = {"Authorization": f"Bearer {config.api_tokens[0]}"} if config.api_tokens else {}
+    host, token = client_host(config.http_host), config.api_headers()
     out: dict[str, Any] = {}
     async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
         for name, state in runtime.processes.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,14 @@ INS_OIDS = {
 
 OrderAction = Literal["new", "change", "cancel", "status"]
 StepStatus = Literal["SCHEDULED", "ARRIVED", "READY", "STARTED", "COMPLETED", "DISCONTINUED", "CANCELLED"]
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", re.ASCII)
+
+
+def is_uid(text: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zero in a component, at most 64 characters. What may
+    go into a DICOMweb path segment or a worklist: anything else (``../tools/reset?x=1#``) is refused."""
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 @dataclass

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## Start the engine in the foreground on loopback (MLLP 2575, MWL 11112 AE TRABOULE, HTTP 8080)
+## Start the whole loop in the foreground on loopback (MLLP 2575, MWL 11112 + MPPS 11113 AE TRABOULE, HTTP 8080 with /fhir)
 run: $(STAMP)
 	$(VENV)/bin/traboule run
 

@@ -52,7 +52,7 @@ from adapters.dicom_mpps import (
 from adapters.dicom_server import SCPLimits
 from traboule import metrics
 from traboule.journal import JournalEntry, OutboxEvent
-from traboule.model import Envelope, Identifier, Patient, PerformedStep, PersonName
+from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
 
 log = structlog.get_logger("traboule.channels.mpps")
 
@@ -84,6 +84,23 @@ def decode(data: bytes) -> Dataset:
 
 def topic_of(status: str) -> str:
     return "procedure." + status.lower().replace(" ", "-")
+
+
+UNSCHEDULED = "unscheduled: no scheduled step or accession number"
+
+
+def references_order(step: PerformedStep) -> bool:
+    """Whether the Scheduled Step Attributes Sequence names an order (accession number, requested procedure or
+    scheduled step id, placer or filler order number); a Study Instance UID alone does not."""
+    return any(
+        (
+            step.accession_number,
+            step.requested_procedure_id,
+            step.scheduled_step_id,
+            step.placer_order_number,
+            step.filler_order_number,
+        )
+    )
 
 
 class MPPSChannel:
@@ -193,6 +210,8 @@ class MPPSChannel:
             entry.idempotency_key = f"mpps|{uid}|{step.status}"
             entry.correlation_id = uid
             entry.ack_code = "0x0000"
+            if kind == "create" and not references_order(step):  # IHE unscheduled case: accepted, journaled as such
+                entry.warnings = UNSCHEDULED
             env = Envelope(step, source=self.name, idempotency_key=entry.idempotency_key, correlation_id=uid)
             events.append(OutboxEvent(topic_of(step.status), env.id, env.to_json()))
         try:
@@ -209,6 +228,7 @@ class MPPSChannel:
             status=status,
             answer=entry.ack_code,
             **({"error_status": entry.ack_code} if entry.error else {}),
+            **({"unscheduled": True} if entry.warnings == UNSCHEDULED else {}),
         )
         if refusal is not None:
             code, comment, error_id = refusal
@@ -246,7 +266,7 @@ def performed_step(uid: str, ds: Dataset) -> PerformedStep:
         )
     patient.birth_date = _text(ds, "PatientBirthDate")
     patient.sex = _text(ds, "PatientSex")
-    series = [_text(s, "SeriesInstanceUID") for s in ds.get("PerformedSeriesSequence") or []]
+    series = _performed_series(ds)
     return PerformedStep(
         sop_instance_uid=uid,
         status=_text(ds, "PerformedProcedureStepStatus"),  # type: ignore[arg-type]
@@ -262,5 +282,32 @@ def performed_step(uid: str, ds: Dataset) -> PerformedStep:
         started=_text(ds, "PerformedProcedureStepStartDate") + _text(ds, "PerformedProcedureStepStartTime")[:6],
         ended=_text(ds, "PerformedProcedureStepEndDate") + _text(ds, "PerformedProcedureStepEndTime")[:6],
         description=_text(ds, "PerformedProcedureStepDescription"),
-        series_uids=[s for s in series if s],
+        series_uids=[u for u in (_text(s, "SeriesInstanceUID") for s in ds.get("PerformedSeriesSequence") or []) if u],
+        series=series,
     )
+
+
+def _performed_series(ds: Dataset) -> list[Series]:
+    """The Performed Series Sequence: each series with the instances it references (Referenced Image Sequence and
+    Referenced Non-Image Composite SOP Instance Sequence: SOP class and instance UIDs), of the step's modality.
+    Items without a valid UID are left out (they cannot be referenced in a catalog)."""
+    modality = _text(ds, "Modality")
+    out: list[Series] = []
+    for item in ds.get("PerformedSeriesSequence") or []:
+        uid = _text(item, "SeriesInstanceUID")
+        if not is_uid(uid):
+            continue
+        instances = [
+            Instance(uid=_text(ref, "ReferencedSOPInstanceUID"), sop_class_uid=_text(ref, "ReferencedSOPClassUID"))
+            for key in ("ReferencedImageSequence", "ReferencedNonImageCompositeSOPInstanceSequence")
+            for ref in item.get(key) or []
+        ]
+        out.append(
+            Series(
+                uid=uid,
+                modality=modality,
+                description=_text(item, "SeriesDescription"),
+                instances=[i for i in instances if is_uid(i.uid) and is_uid(i.sop_class_uid)],
+            )
+        )
+    return out

@@ -9,9 +9,13 @@ Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboul
 (``mappings/cda.yaml``) and, when the CI-SIS validators are available, validated; a report that cannot make a valid
 document is answered AE with the reason. Settings: ``reports = {cda_mapping = "mappings/cda.yaml", validate =
 "auto", validators = "", cache = ""}`` (``validate``: true requires the validators, "auto" uses them when found,
-false skips validation). The channel also consumes ``study.*`` (queue ``<name>.reports``) for the DICOM object
-catalog of the reports, and keeps the orders it receives (procedure code, identifiers a report may lack), written
-in batches every half second off the ACK path. Reports are prepared one at a time on a thread of their own.
+false skips validation). The channel also consumes ``study.*`` and ``procedure.*`` (queue ``<name>.reports``) for
+the DICOM object catalog of the reports (the archive's studies, the MPPS performed series), reads the archive on
+demand when neither knows a report's study (``archive``: the archive channel's DICOMweb, ``archive_timeout``
+seconds), and keeps the orders it receives (procedure code, identifiers a report may lack), written in batches
+every half second off the ACK path. Reports are prepared one at a time on a thread of their own. A structured
+report whose study is still unknown is accepted and waits for it (``wait_for_study``, default "24h"; 0 refuses it,
+AE), see ``traboule.waiting_reports``.
 
 Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
 ``document.<action>`` (publish, replace, delete).
@@ -36,7 +40,16 @@ from traboule.config import resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Document, Envelope, ImagingOrder, Payload, Report, content_key
-from traboule.reports import ReportPublisher, ReportRefused
+from traboule.patient_identity import PatientIdentities
+from traboule.reports import Held, ReportPublisher, ReportRefused
+from traboule.waiting_reports import (
+    ARCHIVE_RECHECK,
+    ARCHIVE_TIMEOUT,
+    ArchiveReader,
+    WaitingReports,
+    archive_settings,
+    seconds,
+)
 
 log = structlog.get_logger("traboule.channels.orders")
 
@@ -68,6 +81,16 @@ class OrdersChannel:
         self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
+        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # INS accepted per IPP
+        self._archive: ArchiveReader | None = None  # read on demand for a report's study
+        self._waiting: WaitingReports | None = None  # publishes the reports that wait for their study
+        self._held: set[str] = set()  # reports just held (waiting) by the message being handled, until journaled
+        if self.reports is not None:
+            settings = config.get("reports") or {}
+            archive = archive_settings(runtime.config, settings, self.name)
+            if archive is not None:
+                timeout = seconds(settings.get("archive_timeout", ARCHIVE_TIMEOUT), "reports.archive_timeout")
+                self._archive = ArchiveReader(archive, timeout)
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -85,6 +108,17 @@ class OrdersChannel:
         if self.reports is not None:
             await self.runtime.bus.subscribe_batch(f"{self.name}.reports", REPORT_TOPICS, self._observe)
             self._flusher = asyncio.create_task(self._flush_orders(), name=f"{self.name}-orders")
+            if self.runtime.journal is not None:
+                recheck = (self.config.get("reports") or {}).get("archive_recheck", ARCHIVE_RECHECK)
+                self._waiting = WaitingReports(
+                    self.name,
+                    self.reports,
+                    self.runtime.journal,
+                    self._reports_thread,
+                    self._archive,
+                    archive_recheck=seconds(recheck, "reports.archive_recheck"),
+                )
+                self._waiting.start()
         await self.listener.start()
 
     async def stop(self) -> None:
@@ -93,6 +127,10 @@ class OrdersChannel:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        if self._waiting is not None:
+            await self._waiting.stop()
+        elif self._archive is not None:
+            await self._archive.close()
         if self.reports is not None:
             if self._orders:
                 self.reports.remember(self._orders)
@@ -114,11 +152,14 @@ class OrdersChannel:
                     self._log.warning("reports.orders_not_written", error=str(exc))
 
     async def _observe(self, deliveries: list[Any]) -> None:
-        """Studies on the bus, a batch per transaction: the DICOM object catalog of the reports."""
+        """Studies and performed steps on the bus, a batch per transaction: the DICOM object catalog of the reports;
+        the reports waiting for one of them are looked at once it is written."""
         if self.reports is None:
             return
         payloads = [Envelope.from_json(d.body).payload for d in deliveries]
         await asyncio.to_thread(self.reports.remember, payloads)
+        if self._waiting is not None:
+            self._waiting.wake()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -128,6 +169,7 @@ class OrdersChannel:
             "accepts": sorted(self.mapping.accept),
             "destinations": ["bus:order.*", "bus:patient.*"] + (["bus:document.*"] if self.reports else []),
             **({"validation": "on" if self.reports.validator else "off"} if self.reports else {}),
+            **({"reports_waiting": len(self.reports.waiting())} if self.reports else {}),  # for their study
         }
 
     # -- message handling ------------------------------------------------------------------------------------
@@ -179,7 +221,8 @@ class OrdersChannel:
             entry.correlation_id = msg.control_id or entry.idempotency_key
             notes: list[str] = []
             mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
-            payloads = await self._prepare(mapped, entry.idempotency_key)
+            self.identities.check(mapped)  # an IPP given another INS than the one it was accepted with: AE, PID-3
+            payloads = await self._prepare(mapped, entry.idempotency_key, notes)
             if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
                 entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
             for i, payload in enumerate(payloads):
@@ -201,6 +244,9 @@ class OrdersChannel:
             code = "AR"
             error = hl7.AckError(f"internal error ({type(exc).__name__}), send it again later", "", "207")
         prepared = bool(events) and any(e.topic.startswith("document.") for e in events)
+        held = entry.idempotency_key in self._held  # a report kept waiting for its study: undone if not journaled
+        self._held.discard(entry.idempotency_key)
+        prepared = prepared or held
         if error:
             entry.status = "rejected"
             entry.error = f"{error.location}: {error.reason}" if error.location else error.reason
@@ -228,6 +274,12 @@ class OrdersChannel:
                 raw_msh=_raw_msh(decoded.text),
             )
             return ack.encode(decoded.codec, "replace")
+        if held and entry.status == "accepted" and self.reports is not None:  # for the operator's listing, off the ACK
+            asyncio.get_running_loop().run_in_executor(
+                self._reports_thread, self.reports.journaled, entry.idempotency_key, entry.id
+            )
+        if entry.status == "accepted":  # journaled: its IPP-INS pairs are now the patient's
+            self.identities.record(mapped)
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
             "message." + entry.status,
@@ -247,8 +299,9 @@ class OrdersChannel:
         )
         return ack.encode(decoded.codec, "replace")
 
-    async def _prepare(self, payloads: list[Payload], message_key: str) -> list[Payload]:
-        """Reports become documents (CDA built and validated) before the answer; orders are remembered for them."""
+    async def _prepare(self, payloads: list[Payload], message_key: str, notes: list[str]) -> list[Payload]:
+        """Reports become documents (CDA built and validated) before the answer, or wait for their study (said in
+        ``notes``, the journal entry's warnings); orders are remembered for them."""
         out: list[Payload] = []
         for payload in payloads:
             if isinstance(payload, Report):
@@ -262,8 +315,13 @@ class OrdersChannel:
                     except Exception as exc:  # kept for the next round; the report goes on without them
                         self._orders = batch + self._orders
                         self._log.warning("reports.orders_not_written", error=str(exc))
+                if self._archive is not None:  # neither the archive's events nor the MPPS know its study: ask
+                    missing = await loop.run_in_executor(self._reports_thread, self.reports.missing_study, payload)
+                    study = await self._archive.study(*missing) if missing else None
+                    if study is not None:
+                        await loop.run_in_executor(self._reports_thread, self.reports.remember, [study])
                 try:
-                    payload = await loop.run_in_executor(
+                    result = await loop.run_in_executor(
                         self._reports_thread, self.reports.prepare, payload, message_key
                     )
                 except ReportRefused:
@@ -276,6 +334,12 @@ class OrdersChannel:
                         code="207",
                         reject=True,
                     ) from exc
+                if isinstance(result, Held):  # accepted, nothing to publish now: the journal entry says why
+                    notes.append(result.note)
+                    if result.new:
+                        self._held.add(message_key)
+                    continue
+                payload = result
             elif isinstance(payload, ImagingOrder) and self.reports is not None:
                 self._orders.append(payload)
             out.append(payload)
@@ -355,7 +419,7 @@ def _topic(payload: Any) -> str:
 _VALIDATORS: dict[tuple[str, str], Any] = {}
 
 
-REPORT_TOPICS = ["study.#"]
+REPORT_TOPICS = ["study.#", "procedure.#"]  # the catalog sources: the archive's studies, the MPPS performed series
 LARGE_MESSAGE = 256 * 1024  # bytes: above, parsing and mapping leave the event loop
 ORDER_FLUSH = 0.5  # seconds between two writes of the orders the reports may need
 
@@ -387,7 +451,10 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
             validator = _VALIDATORS.get(key) or _VALIDATORS.setdefault(key, ProcessValidator(tree, key[1] or None))
         else:
             log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")
-    return ReportPublisher(mapping, runtime.data_dir / f"{config['name']}.reports.sqlite", validator)
+    wait = seconds(settings.get("wait_for_study", "24h"), f"channel {config['name']}: reports.wait_for_study")
+    return ReportPublisher(
+        mapping, runtime.data_dir / f"{config['name']}.reports.sqlite", validator, wait_for_study=wait
+    )
 
 
 def _idempotency_key(msg: hl7.Message) -> str:

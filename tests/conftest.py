@@ -12,6 +12,14 @@ SHARED = ROOT.parent / "shared"
 pytest_plugins = ["tests.peer_rabbitmq", "tests.peer_dcmtk", "tests.peer_orthanc", "tests.peer_fhir_server"]
 
 
+@pytest.fixture(autouse=True)
+def _no_cda_validators_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines started by a test (in process or as ``traboule run``) validate reports only when the test says so:
+    with ``TRABOULE_CDA_VALIDATORS`` inherited from the shell, every default engine would compile the schematrons
+    at start (seconds each)."""
+    monkeypatch.delenv("TRABOULE_CDA_VALIDATORS", raising=False)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, skipping the test with a clear reason when the folder is absent."""
     path = SHARED.joinpath(*parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from traboule.cda_validation import (
     UPSTREAM_REPO,
     CDAValidator,
     CDAValidatorError,
+    ServedValidator,
     default_cache_dir,
     default_tree,
     detect,
     schematrons_for,
+    server_address,
     tree_key,
 )
 
@@ -253,19 +256,54 @@ def _cli(*args: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None)
 
 
 def test_cli_exit_codes(validator: CDAValidator, tree: Path, cache: Path, tmp_path: Path) -> None:
-    # Each process compiles the schematrons again (~7 s; two at once on 2 cores measured slower than in turn).
+    # In this process: each run compiles the schematrons again (~7 s).
     bad = tmp_path / "no-conclusion.xml"
     bad.write_bytes(cut("<!-- FR-DICOM-Conclusion", "</component>"))
     good = standard(*N1)
-    passing = _cli(good, "--validators", tree, "--cache", cache)
+    passing = _cli(good, "--validators", tree, "--cache", cache, "--keep", "0")
     assert passing.returncode == 0, passing.stderr
     assert passing.stdout.startswith(f"OK {good} (IMG-CR-IMG level 1;")
-    failing = _cli(good, bad, "--cache", cache, env={"TRABOULE_CDA_VALIDATORS": str(tree)})  # the tree from the env
+    assert "cda.schematron.compiled" in passing.stderr and "cda.server" not in passing.stderr
+    failing = _cli(good, bad, "--cache", cache, "--keep", "0", env={"TRABOULE_CDA_VALIDATORS": str(tree)})
     assert failing.returncode == 1, failing.stderr
     assert f"OK {good} " in failing.stdout
     assert f"FAIL {bad} (IMG-CR-IMG level 3;" in failing.stdout
     assert f"  {CR_IMG_SCH}: " in failing.stdout and "FR-DICOM-Conclusion" in failing.stdout
     assert "@ /ClinicalDocument/component/structuredBody" in failing.stdout
+
+
+def test_cli_keeps_compiled_schematrons_in_a_server_between_runs(tree: Path, cache: Path, tmp_path: Path) -> None:
+    served = ServedValidator(tree, cache)
+    served.stop()  # none left by an earlier run
+    bad = tmp_path / "no-conclusion.xml"
+    bad.write_bytes(cut("<!-- FR-DICOM-Conclusion", "</component>"))
+    good = standard(*N3)
+    try:
+        first = _cli(good, "--validators", tree, "--cache", cache, "--keep", "60")
+        assert first.returncode == 0, first.stderr
+        assert "cda.server.started" in first.stderr
+        start = time.monotonic()
+        second = _cli(good, bad, "--validators", tree, "--cache", cache, "--keep", "60")
+        took = time.monotonic() - start
+        assert second.returncode == 1, second.stderr
+        assert "cda.server.started" not in second.stderr and "cda.schematron.compiled" not in second.stderr
+        assert f"OK {good} (IMG-CR-IMG level 3;" in second.stdout
+        assert f"FAIL {bad} (IMG-CR-IMG level 3;" in second.stdout and "FR-DICOM-Conclusion" in second.stdout
+        assert took < 5.0  # compiling alone takes ~7 s
+    finally:
+        assert served.stop()
+    assert not served.stop()  # it is gone
+
+
+def test_a_changed_schematron_gets_another_server(tmp_path: Path) -> None:
+    sch = tmp_path / "schematrons" / "a.sch"
+    sch.parent.mkdir()
+    sch.write_text("<schema/>")
+    before = server_address(tmp_path, tmp_path / "cache")
+    assert before == server_address(tmp_path, tmp_path / "cache")
+    assert before != server_address(tmp_path, tmp_path / "other-cache")
+    sch.write_text("<schema></schema>")
+    assert server_address(tmp_path, tmp_path / "cache") != before
 
 
 def test_cli_without_a_validator_tree_says_how_to_get_one(tmp_path: Path) -> None:

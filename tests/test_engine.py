@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -109,19 +110,32 @@ async def test_json_logs_carry_ids_but_no_patient_data(tmp_path: Path, capsys: p
 # -- the command line against a running engine --------------------------------------------------------------
 
 
-def free_port_pair() -> int:
-    """A port p with p + 1 free too: the worker process serves HTTP on the main port + 1."""
+def free_port_run(count: int = 3) -> int:
+    """A free port p with p + 1 ... p + count - 1 free too: each child process serves HTTP on the next port (the
+    default engine has three processes: main, worker, fhir)."""
     import socket
 
     for _ in range(50):
         port = free_port()
-        with socket.socket() as s:
+        with contextlib.ExitStack() as held:
             try:
-                s.bind(("127.0.0.1", port + 1))
+                for offset in range(1, count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port + offset))
                 return port
             except OSError:
                 continue
-    raise RuntimeError("no pair of free ports")
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+def engine_ports() -> dict[str, str]:
+    """Free ports for every listener of the default configuration."""
+    return {
+        "TRABOULE_MLLP_PORT": str(free_port()),
+        "TRABOULE_MWL_PORT": str(free_port()),
+        "TRABOULE_MPPS_PORT": str(free_port()),
+        "TRABOULE_HTTP_PORT": str(free_port_run()),
+    }
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -131,21 +145,14 @@ def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.Comp
 
 @pytest.fixture
 def running_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = dict(
-        os.environ,
-        TRABOULE_DATA_DIR=str(tmp_path / "var"),
-        TRABOULE_MLLP_PORT=str(free_port()),
-        TRABOULE_MWL_PORT=str(free_port()),
-        TRABOULE_HTTP_PORT=str(free_port_pair()),
-        TRABOULE_LOG_FORMAT="json",
-    )
+    env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path / "var"), TRABOULE_LOG_FORMAT="json", **engine_ports())
     proc = subprocess.Popen(
         [sys.executable, "-m", "traboule.cli", "run"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 20
     assert proc.stderr is not None
     for line in proc.stderr:
-        if '"engine.ready"' in line:
+        if '"engine.ready"' in line and json.loads(line).get("process") == "main":  # the children say it too
             break
         if time.monotonic() > deadline or proc.poll() is not None:
             raise AssertionError(f"engine did not start: {line}")
@@ -288,9 +295,11 @@ def test_operations_guide_configuration_loads(tmp_path: Path) -> None:
     path = tmp_path / "traboule.toml"
     path.write_text(example)
     cfg = load(str(path), env={})
-    assert [c["name"] for c in cfg.channels] == ["ris-orders", "worklist"]
-    assert cfg.processes() == ["main", "worker"]
+    assert [c["name"] for c in cfg.channels] == ["ris-orders", "worklist", "fhir"]  # the defaults, mpps disabled
+    assert cfg.processes() == ["main", "worker", "fhir"]
     assert [d["adapter"] for d in cfg.channel("worklist")["destinations"]] == ["mwl-scp", "worklist-files"]
+    source = cfg.channel("ris-orders")["source"]
+    assert (source["host"], source["port"], source["adapter"]) == ("0.0.0.0", 2575, "mllp-listener")  # merged
 
 
 async def test_journal_prune_keeps_what_is_recent_or_not_yet_on_the_bus(tmp_path: Path) -> None:

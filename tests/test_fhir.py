@@ -567,3 +567,86 @@ async def test_fhir_client_puts_only_types_and_ids_in_its_paths(fhir_server_url:
         # search values travel percent-encoded: "&" and "#" stay in the value
         bundle = await client.search("Patient", {"identifier": "urn:x|a&_id=1#b"})
         assert bundle.get("total", 0) == 0 and not bundle.get("entry")
+
+
+def test_a_thinner_message_keeps_what_is_known_and_an_ins_is_never_swapped(mapping: FHIRMapping) -> None:
+    from traboule.fhir_mapping import merge_patient
+
+    full = mapping.patient(order_of("orm_o01_nw_latin1.hl7").patient)
+    ipp_only = model.Patient(ids=[model.Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1", "PI")])
+    ipp_only.name = model.PersonName("DUPONT-MOREL", "Hélène")  # a new name, no birth date, no sex, no INS
+    merged, refused = merge_patient(full, mapping.patient(ipp_only))
+    r4(merged)
+    assert refused == [] and merged["identifier"] == full["identifier"] and merged["id"] == full["id"]
+    assert [(n["use"], n["family"]) for n in merged["name"]] == [("usual", "DUPONT-MOREL"), ("official", "MARTIN")]
+    assert (merged["birthDate"], merged["gender"]) == ("1979-03-28", "female")
+
+    other = model.Patient(ids=[*ipp_only.ids, model.Identifier("279035121519088", "", "1.2.250.1.213.1.4.10", "INS")])
+    merged, refused = merge_patient(full, mapping.patient(other))
+    assert [i["value"] for i in merged["identifier"]] == ["IPP0001", "279035121518989"]
+    assert [i["value"] for i in refused] == ["279035121519088"]
+    nir = model.Patient(ids=[*ipp_only.ids, model.Identifier("279035121518989", "", "1.2.250.1.213.1.4.8", "INS")])
+    merged, refused = merge_patient(full, mapping.patient(nir))  # another kind of INS: added
+    assert refused == [] and len(merged["identifier"]) == 3
+
+
+def test_an_ipp_repeated_without_its_authority_is_one_identifier(mapping: FHIRMapping) -> None:
+    named = model.Identifier("HX10002", "HOP", "1.2.250.1.71.4.2.1", "PI")
+    for ids in ([model.Identifier("HX10002", "CHU-X", "", "PI"), named], [named, model.Identifier("HX10002")]):
+        patient = mapping.patient(model.Patient(ids=ids))
+        r4(patient)
+        assert [(i["system"], i["value"]) for i in patient["identifier"]] == [("urn:oid:1.2.250.1.71.4.2.1", "HX10002")]
+        assert patient["id"] == mapping.patient(model.Patient(ids=[named]))["id"]
+
+
+async def test_unscheduled_steps_are_reconciled_by_accession_for_the_same_patient_only(tmp_path: Path) -> None:
+    """A performed step whose accession number no order has gets an unscheduled ServiceRequest; the order with that
+    accession number replaces it when it names the same patient, and leaves it to be reconciled otherwise."""
+    from traboule.model import Envelope, Identifier, Patient, PerformedStep
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    fhir: Any = runtime.channel("fhir")
+    store: FHIRStore = fhir.store
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+
+    async def performed(status: str, accession: str, ipp: str, uid: str) -> None:
+        patient = Patient(ids=[Identifier(ipp, "CHU-LYON")])
+        step = PerformedStep(uid, status, uid, accession, patient=patient, modality="CT", started="20261125093512")
+        env = Envelope(step, idempotency_key=f"{uid}-{status}")
+        await runtime.bus.publish("procedure.x", env.to_json(), message_id=env.id)
+
+    try:
+        await performed("IN PROGRESS", "ACC0001", "IPP0001", "1.2.3.1")
+        await performed("IN PROGRESS", "ACC0002", "IPP0001", "1.2.3.2")  # the order will be another patient's
+        await until(lambda: store.count("ImagingStudy") == 2)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/fhir", timeout=10) as client:
+            listed = (await client.get("/ServiceRequest", params={"_tag": "urn:traboule:tags|unscheduled"})).json()
+        r4(listed)
+        assert listed["total"] == 2 and fhir.describe()["unscheduled"] == 2
+        for entry in listed["entry"]:
+            acsn = [i for i in entry["resource"]["identifier"] if i.get("type")]
+            assert [(i["system"], i["value"]) for i in acsn] in ([(ACCESSION, "ACC0001")], [(ACCESSION, "ACC0002")])
+
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"), fixture("omi_o23_nw_utf8.hl7"))  # IPP0001, IPP0002
+        await until(lambda: store.count("ServiceRequest") == 4)
+        (ordered,) = store.search("ServiceRequest", {"identifier": "PLC0001"})[1]
+        (first,) = store.search("ServiceRequest", {"identifier": "urn:dicom:uid|urn:oid:1.2.3.1"})[1]
+        assert ordered["replaces"] == [{"reference": f"ServiceRequest/{first['id']}"}] and first["status"] == "revoked"
+        (other,) = store.search("ServiceRequest", {"identifier": "PLC0002"})[1]
+        assert "replaces" not in other  # IPP0002's order: the step of IPP0001 is not moved to another patient
+        assert fhir.describe()["unscheduled"] == 1
+        studies = {s["identifier"][0]["value"]: s for s in store.search("ImagingStudy", {})[1]}
+        assert studies["urn:oid:1.2.3.1"]["basedOn"] == [{"reference": f"ServiceRequest/{ordered['id']}"}]
+        assert studies["urn:oid:1.2.3.2"]["basedOn"][0]["reference"] != f"ServiceRequest/{other['id']}"
+
+        await performed("COMPLETED", "ACC0001", "IPP0001", "1.2.3.1")
+        await until(lambda: store.get("ServiceRequest", ordered["id"])["status"] == "completed")  # type: ignore[index]
+        assert store.get("ServiceRequest", first["id"])["status"] == "revoked"  # type: ignore[index]
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()

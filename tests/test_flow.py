@@ -43,6 +43,8 @@ def free_port() -> int:
 
 def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule") -> Config:
     cfg = Config(data_dir=str(data_dir), amqp_url=amqp_url, exchange=exchange)
+    # The orders → worklist flow; a test adds the other channels it needs (test_defaults runs the whole default set).
+    cfg.channels = [cfg.channel("ris-orders"), cfg.channel("worklist")]
     cfg.channels[0]["source"]["port"] = free_port()
     wl = cfg.channels[1]
     wl["destinations"][0]["port"] = free_port()

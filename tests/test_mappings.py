@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from traboule import hl7
 from traboule.dicom_mapping import MWLMapping
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.mapping import MappingError
-from traboule.mapping_tests import run
+from traboule.mapping_tests import fhirpath, json_pointer, run
 from traboule.model import ImagingOrder
 
 MAPPINGS = ROOT / "mappings"
@@ -24,6 +26,109 @@ def test_shipped_mapping_tests_pass() -> None:
     results = run(MAPPINGS / "tests")
     assert len(results) >= 5
     assert [f for r in results for f in r.failures] == []
+    names = [r.file.name for r in results]
+    assert sum(n.endswith(".fhir.yaml") for n in names) >= 3 and sum(n.endswith(".cda.yaml") for n in names) >= 2
+    # Without validators, a 'valid' check is a note, not a pass.
+    assert [n for r in results for n in r.notes if "'valid' not checked: no CI-SIS validators" in n]
+
+
+def test_cda_cases_are_checked_by_the_ci_sis_validators(tmp_path: Path) -> None:
+    """The shipped CDA cases pass the ANS validators; a case whose document fails them fails with their message."""
+    from traboule.cda_validation import CDAValidator
+
+    tree = shared_path("standards", "ans-testcontenucda")
+    cases = tmp_path / "cases"
+    shutil.copytree(MAPPINGS / "tests", cases)
+    skeleton = shared_path("standards", "derived", "skeleton_IMG-CR-IMG_N1_minimal.xml").read_text(encoding="utf-8")
+    start, end = skeleton.index("<legalAuthenticator>"), skeleton.index("</legalAuthenticator>")
+    broken = skeleton[:start] + skeleton[end + len("</legalAuthenticator>") :]
+    attachment = base64.b64encode(broken.encode()).decode()
+    (cases / "ready_cda.cda.yaml").write_text(
+        "input:\n"
+        "  - kind: Report                  # a ready CDA sent by the RIS: published as it is\n"
+        f"    payload: {{accession_number: {{value: ACC0300}}, attachment_type: text/xml, attachment: {attachment}}}\n"
+        "valid: true\n"
+    )
+    made: list[CDAValidator] = []
+
+    def validator() -> CDAValidator:
+        made.append(CDAValidator(tree, tmp_path / "cache"))
+        return made[-1]
+
+    results = {r.file.name: r for r in run(cases, validator=validator)}
+    assert len(made) == 1  # made on first use, once for the run
+    bad = results.pop("ready_cda.cda.yaml")
+    (failure,) = bad.failures
+    assert failure.startswith(f"{cases / 'ready_cda.cda.yaml'}:4: not valid: FAIL ready_cda.cda.yaml (")
+    assert "hl7:legalAuthenticator[hl7:signatureCode[@code = 'S']] is required" in failure
+    assert [f for r in results.values() for f in r.failures] == []
+    assert [n for r in results.values() for n in r.notes] == []
+    assert len([n for n in results if n.endswith(".cda.yaml")]) >= 2
+
+
+def test_fhir_and_cda_cases_report_the_failing_check_with_file_and_line(tmp_path: Path) -> None:
+    for name in ("orm_o01_nw_latin1.hl7", "oru_r01_pdf.hl7"):
+        shutil.copy(MAPPINGS / "tests" / name, tmp_path / name)
+    (tmp_path / "case.fhir.yaml").write_text(
+        "input: [orm_o01_nw_latin1.hl7]\n"
+        "resources:\n"
+        "  Patient:\n"
+        "    /gender: male\n"
+        "  ServiceRequest.status: revoked\n"
+        "  Patient.identifier.where(system='urn:oid:1.2.250.1.999.1.1').value: IPP0001\n"
+        "  Patient.name.select(family): x\n"
+        "  ImagingStudy[0]:\n"
+        "    /status: available\n"
+    )
+    (tmp_path / "case.cda.yaml").write_text(
+        "input:\n"
+        "  - oru_r01_pdf.hl7\n"
+        "xpath:\n"
+        "  //hl7:nonXMLBody/hl7:text/@mediaType: text/plain\n"
+        "  //hl7:inFulfillmentOf//ps3-20:accessionNumber/@extension: ACC0002\n"
+        "  //hl7:title[: x\n"
+        "valid: true\n"
+    )
+    (tmp_path / "missing.cda.yaml").write_text("input: [nowhere.hl7]\nxpath: {count(//*): '1'}\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRABOULE_CDA_VALIDATORS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "traboule.cli", "test", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert out.returncode == 1
+    fhir, cda = tmp_path / "case.fhir.yaml", tmp_path / "case.cda.yaml"
+    assert f"FAIL {fhir}" in out.stdout and f"FAIL {cda}" in out.stdout
+    assert f"{fhir}:4: Patient /gender = 'female', expected 'male'" in out.stdout
+    assert f"{fhir}:5: ServiceRequest.status = 'active', expected 'revoked'" in out.stdout
+    assert "Patient.identifier.where" not in out.stdout  # that check passes
+    assert f"{fhir}:7: Patient.name.select(family): function select() is not supported" in out.stdout
+    assert f"{fhir}:8: ImagingStudy[0]: the case made 0 ImagingStudy resource(s)" in out.stdout
+    assert f"{cda}:4: //hl7:nonXMLBody/hl7:text/@mediaType = 'application/pdf', expected 'text/plain'" in out.stdout
+    assert "accessionNumber" not in out.stdout
+    assert f"{cda}:6: //hl7:title[: not an XPath 1.0 expression" in out.stdout
+    assert f"note: {cda}:7: 'valid' not checked: no CI-SIS validators" in out.stdout
+    assert f"{tmp_path / 'missing.cda.yaml'}:1: ack AE (input nowhere.hl7: cannot read" in out.stdout
+    assert "0 passed, 3 failed" in out.stdout
+    assert "fhir.applied" not in out.stdout  # the channel's log lines stay off the results
+
+
+def test_fhirpath_subset() -> None:
+    resources = {
+        "Patient": [
+            {"identifier": [{"system": "a", "value": "1"}, {"system": "b", "value": "2"}], "active": False},
+            {"identifier": [{"system": "a", "value": "3"}], "active": True},
+        ]
+    }
+    assert fhirpath(resources, "Patient.identifier.where(system='b').value") == ["2"]
+    assert fhirpath(resources, "Patient.identifier.where(system != 'b').value") == ["1", "3"]
+    assert fhirpath(resources, "Patient.where(identifier.value='3').active") == [True]
+    assert fhirpath(resources, "Patient.identifier.value.first()") == ["1"]
+    assert fhirpath(resources, "Patient.identifier.count()") == [3]
+    assert fhirpath(resources, "Patient[1].identifier.value") == ["3"]  # [n] indexes the collection it follows
+    assert fhirpath(resources, "Patient.identifier[2].value") == ["3"]
+    assert fhirpath(resources, "ServiceRequest.exists()") == [False]
+    assert json_pointer(resources["Patient"][0], "/identifier/1/value") == "2"
+    with pytest.raises(ValueError, match="starts with a resource type"):
+        fhirpath(resources, "identifier.value")
 
 
 def test_traboule_test_command_reports_failures_with_file_and_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -327,3 +328,81 @@ def silent_then_echo(port: int) -> tuple[float, list[bool]]:
         if assoc.is_established:
             assoc.release()
     return closed_in, echoes
+
+
+async def test_unscheduled_step_is_journaled_listed_and_taken_over_by_the_order(tmp_path: Path) -> None:
+    """IHE unscheduled case: an MPPS whose Scheduled Step Attributes name no order (the study UID only) is accepted
+    and journaled as unscheduled; FHIR gets a ServiceRequest tagged unscheduled (listed by ``_tag`` and counted in
+    /channels) that the RIS's order for that study later replaces: the ImagingStudy is then based on the order, and
+    the step's completion completes it."""
+    from fhir.resources.R4B.imagingstudy import ImagingStudy
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    from channels.mpps import UNSCHEDULED
+    from traboule.http import create_app, serve
+
+    cfg = engine_config(tmp_path)
+    mpps_port = free_port()
+    cfg.channels.append({"name": "mpps", "kind": "mpps", "destinations": [{"adapter": "mpps-scp", "port": mpps_port}]})
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    fhir: Any = runtime.channel("fhir")
+    tag = "urn:traboule:tags|unscheduled"
+    study_uid = "1.2.250.1.999.1.2.20261125.1"  # the one the order will name (ZDS-1)
+    emergency = Dataset()  # what the modality knows without a worklist item: the patient, a study UID it made
+    emergency.update({"StudyInstanceUID": study_uid, "AccessionNumber": "", "RequestedProcedureID": ""})
+    emergency.ScheduledProcedureStepSequence = [Dataset()]
+    emergency.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID = ""
+    emergency.update({"PatientName": "DUPONT^Helene", "PatientID": "IPP0001", "IssuerOfPatientID": "CHU-LYON"})
+    step = in_progress(emergency)
+    uid = generate_uid()
+    modality = Modality(mpps_port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def unscheduled() -> list[dict[str, Any]]:
+                bundle = (await client.get("/fhir/ServiceRequest", params={"_tag": tag})).json()
+                return [e["resource"] for e in bundle.get("entry", [])]
+
+            async def listed() -> int:
+                channels = (await client.get("/channels")).json()
+                return next(c["unscheduled"] for c in channels if c["name"] == "fhir")
+
+            assert await modality.create(uid, step) == 0x0000
+            await until(lambda: fhir.store.count("ImagingStudy") == 1)
+            assert runtime.journal is not None
+            (entry,) = [e for e in runtime.journal.recent(10) if e.channel == "mpps"]
+            assert (entry.status, entry.warnings) == ("accepted", UNSCHEDULED)
+            (request,) = await unscheduled()
+            ServiceRequest.model_validate(request)
+            assert (request["intent"], request["status"]) == ("filler-order", "active")
+            assert request["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}]
+            (imaging,) = fhir.store.search("ImagingStudy", {})[1]
+            assert imaging["basedOn"] == [{"reference": f"ServiceRequest/{request['id']}"}]
+            assert await listed() == 1
+
+            await send(runtime, fixture("orm_o01_nw_latin1.hl7"))  # the RIS's order for that study, same patient
+            await until(lambda: fhir.store.count("ServiceRequest") == 2)
+            (ordered,) = fhir.store.search("ServiceRequest", {"identifier": "ACC0001"})[1]
+            ServiceRequest.model_validate(ordered)
+            assert ordered["replaces"] == [{"reference": f"ServiceRequest/{request['id']}"}]
+            assert ordered["subject"] == request["subject"] and fhir.store.count("Patient") == 1
+            (replaced,) = await unscheduled()  # still listed, as revoked and reconciled
+            assert replaced["status"] == "revoked"
+            assert [t["code"] for t in replaced["meta"]["tag"]] == ["unscheduled", "reconciled"]
+            imaging = fhir.store.search("ImagingStudy", {})[1][0]
+            ImagingStudy.model_validate(imaging)
+            assert imaging["basedOn"] == [{"reference": f"ServiceRequest/{ordered['id']}"}]
+            assert await listed() == 0
+
+            assert (await modality.set(uid, completed())).Status == 0x0000
+            await until(lambda: fhir.store.get("ServiceRequest", ordered["id"])["status"] == "completed")
+            assert fhir.store.get("ServiceRequest", request["id"])["status"] == "revoked"
+    finally:
+        modality.close()
+        server.should_exit = True
+        await server.task
+        await runtime.stop()

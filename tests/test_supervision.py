@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.peer_dcmtk import free_port
-from tests.test_engine import cli, free_port_pair
+from tests.test_engine import cli, engine_ports
 
 FIXTURES = ROOT / "fixtures" / "hl7"
 
@@ -46,18 +46,21 @@ class Engine:
         for line in self.proc.stderr:
             self.lines.append(line)
 
-    def events(self, name: str) -> list[dict]:
+    def events(self, name: str, process: str | None = None) -> list[dict]:
+        """The log events called ``name`` (of one child's supervision when ``process`` is given)."""
         out = []
         for line in list(self.lines):
             if f'"{name}"' in line:
                 with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
+                    event = json.loads(line)
+                    if process is None or event.get("process") == process:
+                        out.append(event)
         return out
 
-    def wait_for(self, name: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
+    def wait_for(self, name: str, count: int = 1, timeout: float = 30.0, process: str | None = None) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.events(name)
+            found = self.events(name, process)
             if len(found) >= count:
                 return found
             if self.proc.poll() is not None:
@@ -80,20 +83,16 @@ class Engine:
 
 def engine_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return dict(
-        os.environ,
-        TRABOULE_DATA_DIR=str(tmp_path / "var"),
-        TRABOULE_MLLP_PORT=str(free_port()),
-        TRABOULE_MWL_PORT=str(free_port()),
-        TRABOULE_HTTP_PORT=str(free_port_pair()),
-        TRABOULE_LOG_FORMAT="json",
-        **extra,
+        os.environ, TRABOULE_DATA_DIR=str(tmp_path / "var"), TRABOULE_LOG_FORMAT="json", **engine_ports(), **extra
     )
 
 
 def fast_restarts(tmp_path: Path, reset_after: float = 60.0) -> Path:
+    """Short restart delays, and the worker as the only child (the fhir channel disabled: one start less each)."""
     config = tmp_path / "traboule.toml"
     config.write_text(
-        f"[engine]\nrestart_backoff = 0.3\nrestart_backoff_max = 5\nrestart_reset_after = {reset_after}\n",
+        f"[engine]\nrestart_backoff = 0.3\nrestart_backoff_max = 5\nrestart_reset_after = {reset_after}\n"
+        '\n[[channels]]\nname = "fhir"\nenabled = false\n',
         encoding="utf-8",
     )
     return config
@@ -127,19 +126,20 @@ def test_killing_the_main_process_takes_the_worker_with_it_and_a_restart_gets_it
     env = engine_env(tmp_path)
     first = Engine(env)
     engines.append(first)
-    first.wait_for("engine.ready")
-    (worker,) = [e["pid"] for e in first.events("process.started")]
-    mwl = int(env["TRABOULE_MWL_PORT"])
-    assert port_open(mwl)
+    first.wait_for("engine.ready", process="main")
+    children = {e["process"]: e["pid"] for e in first.events("process.started")}
+    assert sorted(children) == ["fhir", "worker"]
+    mwl, fhir_http = int(env["TRABOULE_MWL_PORT"]), int(env["TRABOULE_HTTP_PORT"]) + 2
+    assert port_open(mwl) and port_open(fhir_http)
 
     first.proc.send_signal(signal.SIGKILL)  # no clean-up of any kind
     first.proc.wait(10)
-    until(lambda: not _alive(worker), timeout=10)
-    until(lambda: not port_open(mwl), timeout=10)
+    until(lambda: not any(_alive(pid) for pid in children.values()), timeout=10)
+    until(lambda: not port_open(mwl) and not port_open(fhir_http), timeout=10)
 
     second = Engine(env)
     engines.append(second)
-    second.wait_for("engine.ready")
+    second.wait_for("engine.ready", process="main")
     assert port_open(mwl)
     assert second.health().status_code == 200
     assert second.stop() == 0
@@ -161,14 +161,14 @@ def test_restart_delay_starts_again_after_a_healthy_period(tmp_path: Path, engin
     env = engine_env(tmp_path)
     engine = Engine(env, "--config", str(fast_restarts(tmp_path, reset_after=0.5)))
     engines.append(engine)
-    engine.wait_for("engine.ready")
+    engine.wait_for("engine.ready", process="main")
     for crash in range(1, 5):
-        pid = engine.events("process.started")[-1]["pid"]
+        pid = engine.events("process.started", "worker")[-1]["pid"]
         until(lambda: engine.health().json()["processes"]["worker"]["state"] == "ready")
         time.sleep(0.8)  # healthy for longer than restart_reset_after
         os.kill(pid, signal.SIGKILL)
-        engine.wait_for("process.started", count=crash + 1)
-    delays = [e["restart_in"] for e in engine.events("process.exited")]
+        engine.wait_for("process.started", count=crash + 1, process="worker")
+    delays = [e["restart_in"] for e in engine.events("process.exited", "worker")]
     assert delays == [0.3, 0.3, 0.3, 0.3]
 
 
@@ -176,12 +176,13 @@ def test_a_crash_loop_backs_off_up_to_the_cap(tmp_path: Path, engines: list[Engi
     env = engine_env(tmp_path)
     engine = Engine(env, "--config", str(fast_restarts(tmp_path)))
     engines.append(engine)
-    engine.wait_for("engine.ready")
+    engine.wait_for("engine.ready", process="main")
     for crash in range(1, 6):
-        pid = engine.events("process.started")[-1]["pid"]
+        pid = engine.events("process.started", "worker")[-1]["pid"]
         os.kill(pid, signal.SIGKILL)
-        engine.wait_for("process.started", count=crash + 1)
-    delays = [e["restart_in"] for e in engine.events("process.exited")]
+        engine.wait_for("process.started", count=crash + 1, process="worker")
+    delays = [e["restart_in"] for e in engine.events("process.exited", "worker")]
+    assert {e["process"] for e in engine.events("process.started")} == {"worker"}  # fhir disabled by the file
     assert delays == [0.3, 0.6, 1.2, 2.4, 4.8]
 
 
@@ -191,7 +192,7 @@ def test_health_is_503_naming_the_worker_while_it_is_down(tmp_path: Path, engine
     config.write_text("[engine]\nrestart_backoff = 5\n", encoding="utf-8")
     engine = Engine(env, "--config", str(config))
     engines.append(engine)
-    engine.wait_for("engine.ready")
+    engine.wait_for("engine.ready", process="main")
     # Ready means listening; the first /health may still see a child's bus connecting on a loaded machine.
     healthy = engine.health()
     deadline = time.monotonic() + 20
@@ -201,13 +202,14 @@ def test_health_is_503_naming_the_worker_while_it_is_down(tmp_path: Path, engine
     assert healthy.status_code == 200, healthy.text
     body = healthy.json()
     assert body["status"] == "ok" and body["processes"]["worker"]["status"] == "ok"
+    assert body["processes"]["fhir"]["status"] == "ok"
     assert body["bus"]["connected"] is True and body["outbox_pending"] == 0
 
     os.kill(body["processes"]["worker"]["pid"], signal.SIGKILL)
     engine.wait_for("process.exited")
     down = engine.health()
     assert down.status_code == 503
-    assert down.json()["status"] == "degraded" and "worker" in down.json()["problems"]
+    assert down.json()["status"] == "degraded" and down.json()["problems"] == ["worker"]
     assert down.json()["processes"]["worker"]["state"] == "restarting"
 
 
@@ -249,8 +251,8 @@ def test_sigterm_is_honoured_while_a_worker_cannot_start(tmp_path: Path, engines
     try:
         engine = Engine(env, "--config", str(fast_restarts(tmp_path)))
         engines.append(engine)
-        engine.wait_for("process.exited", count=2)
-        assert engine.events("engine.ready") == []
+        engine.wait_for("process.exited", count=2, process="worker")
+        assert engine.events("engine.ready", "main") == []
         health = httpx.get(f"http://127.0.0.1:{env['TRABOULE_HTTP_PORT']}/health", timeout=5)
         assert health.status_code == 503 and health.json()["processes"]["worker"]["status"] != "ok"
         asked = time.monotonic()
@@ -264,7 +266,7 @@ def test_send_uses_the_configured_listener_and_says_where(tmp_path: Path, engine
     env = engine_env(tmp_path)
     engine = Engine(env)
     engines.append(engine)
-    engine.wait_for("engine.ready")
+    engine.wait_for("engine.ready", process="main")
     out = cli("send", str(FIXTURES / "orm_o01_nw_latin1.hl7"), env=env)
     assert out.returncode == 0, out.stderr
     assert "orm_o01_nw_latin1.hl7: AA" in out.stdout
@@ -278,7 +280,7 @@ def test_dlq_refuses_to_read_another_bus_than_the_engines_running_or_stopped(
     env = engine_env(tmp_path, TRABOULE_AMQP_URL=rabbitmq_url)
     engine = Engine(env)
     engines.append(engine)
-    engine.wait_for("engine.ready")
+    engine.wait_for("engine.ready", process="main")
     on_rabbitmq = cli("dlq", "list", env=env)
     assert on_rabbitmq.returncode == 0 and "0 dead letter(s)" in on_rabbitmq.stdout
     assert "rabbitmq amqp://127.0.0.1:" in on_rabbitmq.stderr and "guest" not in on_rabbitmq.stderr

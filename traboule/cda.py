@@ -755,6 +755,21 @@ def _catalog_series(study: model.Study, modality: str) -> model.Series:
     raise CDAError(f"study {study.study_instance_uid} has no instance to reference in the DICOM object catalog")
 
 
+PLACEHOLDER_ROOT = "2.25.0"  # a syntactically valid UID root, never published: see ``placeholder_study``
+
+
+def placeholder_study(report: model.Report, act: model.ReportAct) -> model.Study:
+    """A stand-in catalog (one series, one instance of the act's modality) for checking every other part of a
+    structured report's CDA while its study is not known yet: the document built with it is validated, never
+    published."""
+    uid = report.study_instance_uid if model.is_uid(report.study_instance_uid) else f"{PLACEHOLDER_ROOT}.1"
+    modality = act.modality if act.modality in _CATALOG_MODALITIES else "OT"
+    instance = model.Instance(f"{PLACEHOLDER_ROOT}.3", "1.2.840.10008.5.1.4.1.1.7", "1")  # Secondary Capture
+    return model.Study(uid, report.accession_number.value, report.patient, report.exam_time, series=[
+        model.Series(f"{PLACEHOLDER_ROOT}.2", "1", modality, instances=[instance])
+    ])  # fmt: skip
+
+
 def _sop_class_name(uid: str) -> str:
     try:
         name = UID(uid).name

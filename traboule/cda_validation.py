@@ -27,11 +27,19 @@ serialized by a lock (compiled Saxon executables are not thread-safe).
 from __future__ import annotations
 
 import atexit
+import base64
+import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
+import json
 import multiprocessing
 import os
 import shutil
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -465,6 +473,215 @@ WARM_DOCUMENT = (
 )
 
 
+# -- a validator kept between command-line runs --------------------------------------------------------------
+
+SERVER_IDLE = 600.0  # seconds a validation server waits for its next document before it exits
+MAX_FRAME = 128 * 1024 * 1024  # bytes: a request or answer larger than this is refused (a CDA with a big PDF fits)
+MAX_SERVER_LOG = 1024 * 1024  # bytes: the server's log is started afresh beyond
+
+
+def server_address(tree: str | Path, cache_dir: str | Path | None = None) -> str | None:
+    """The socket of the validation server for a tree and cache (Linux abstract namespace: no file to go stale),
+    keyed by :func:`tree_key`: a changed tree or schematron, or another Saxon, gets another server. None where
+    abstract sockets do not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    tree = Path(tree).resolve()
+    cache = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir().resolve()
+    digest = hashlib.sha256(f"{os.getuid()}\0{tree}\0{cache}\0{tree_key(tree)}".encode()).hexdigest()[:32]
+    return f"\0traboule-cda-{digest}"
+
+
+class ServedValidator:
+    """``validate`` through a validation server that keeps the compiled schematrons between runs.
+
+    Saxon-HE cannot save a compiled stylesheet (exporting one needs Saxon-EE) and its fast compilation fails at run
+    time on these schematrons, so compiling them (~7 s, the structuration minimale's 10 MB of XSLT) cannot be
+    cached on disk. The first run starts ``python -m traboule.cda_validation serve`` in the background; later runs
+    hand their documents to it and get the report back in a fraction of a second. The server compiles in its own
+    process, answers only its own user (``SO_PEERCRED``), and exits after ``idle`` seconds without a document.
+    """
+
+    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None, idle: float = SERVER_IDLE) -> None:
+        self.tree = Path(tree).resolve()
+        _check_tree(self.tree)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.idle = idle
+        address = server_address(self.tree, self.cache_dir)
+        if address is None:
+            raise CDAValidatorError("a validation server needs Linux (abstract Unix sockets)")
+        self.address = address
+        self.started = False  # whether this object started the server
+
+    def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
+        request = {"op": "validate", "source": source, "data": base64.b64encode(data).decode("ascii")}
+        return _report_from(self._call(request))
+
+    def stop(self) -> bool:
+        """Ask the server to exit; False when none runs."""
+        try:
+            self._call({"op": "stop"}, start=False)
+        except (ConnectionError, FileNotFoundError):
+            return False
+        return True
+
+    def _call(self, request: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
+        deadline = time.monotonic() + START_TIMEOUT
+        child: subprocess.Popen[bytes] | None = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.address)
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.close()
+                if not start:
+                    raise
+                if child is None:
+                    child = self._spawn()
+                elif child.poll() not in (None, 0):
+                    raise CDAValidatorError(f"the validation server did not start: {self._log_tail()}") from None
+                if time.monotonic() > deadline:
+                    raise CDAValidatorError(
+                        f"the validation server did not answer within {START_TIMEOUT:g} s"
+                    ) from None
+                time.sleep(0.1)
+                continue
+            with sock:
+                sock.settimeout(START_TIMEOUT)  # the server may still be compiling for an earlier caller
+                _send(sock, request)
+                answer = _receive(sock)
+            if answer is None:
+                raise CDAValidatorError(f"the validation server stopped without an answer: {self._log_tail()}")
+            if "error" in answer:
+                raise CDAValidatorError(str(answer["error"]))
+            return answer
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "traboule.cda_validation", "serve", str(self.tree), str(self.cache_dir)]
+        log_path = self._log_path()
+        with contextlib.suppress(OSError):
+            if log_path.stat().st_size > MAX_SERVER_LOG:
+                log_path.unlink()
+        with open(log_path, "ab") as log_file:
+            child = subprocess.Popen(
+                [*command, "--idle", str(self.idle)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,  # not stopped by the terminal's Ctrl-C: it outlives this run on purpose
+            )
+        self.started = True
+        log.info("cda.server.started", pid=child.pid, idle=self.idle)
+        return child
+
+    def _log_path(self) -> Path:
+        return self.cache_dir / "validation-server.log"
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self._log_path().read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no log"
+
+
+def serve(tree: str | Path, cache_dir: str | Path | None, idle: float = SERVER_IDLE) -> int:
+    """The validation server's loop (see :class:`ServedValidator`); returns when idle for ``idle`` seconds, when
+    asked to stop, or at once when another server holds the address."""
+    address = server_address(tree, cache_dir)
+    if address is None:
+        raise CDAValidatorError("a validation server needs Linux (abstract Unix sockets)")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+    except OSError:  # another server got there first: the client talks to it
+        listener.close()
+        return 0
+    listener.listen(16)
+    validator = CDAValidator(tree, cache_dir)
+    validator.compile_all()
+    log.info("cda.server.ready", pid=os.getpid(), idle=idle)
+    listener.settimeout(idle)
+    with listener:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                log.info("cda.server.idle_exit", pid=os.getpid())
+                return 0
+            with conn:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                if struct.unpack("3i", creds)[1] != os.getuid():
+                    continue  # another user's process: abstract sockets have no file permissions
+                conn.settimeout(60.0)
+                try:
+                    request = _receive(conn)
+                    if request is None:
+                        continue
+                    if request.get("op") == "stop":
+                        _send(conn, {"stopped": True})
+                        return 0
+                    data = base64.b64decode(str(request.get("data", "")), validate=True)
+                    report = validator.validate(data, source=str(request.get("source", ""))[:4096])
+                    _send(conn, dataclasses.asdict(report))
+                except (OSError, ValueError) as exc:  # a client gone, or a malformed request: the next one
+                    with contextlib.suppress(OSError):
+                        _send(conn, {"error": f"bad request: {type(exc).__name__}"})
+
+
+def _send(sock: socket.socket, body: dict[str, Any]) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def _receive(sock: socket.socket) -> dict[str, Any] | None:
+    head = _read_exactly(sock, 4)
+    if head is None:
+        return None
+    (size,) = struct.unpack(">I", head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    data = _read_exactly(sock, size)
+    if data is None:
+        return None
+    body = json.loads(data)
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    return body
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _report_from(body: dict[str, Any]) -> CDAValidationReport:
+    document = body.get("document")
+    if document is not None:
+        document = DocumentType(
+            name=document["name"],
+            level=document["level"],
+            template_ids=tuple(document["template_ids"]),
+            code=document["code"],
+        )
+    return CDAValidationReport(
+        source=body.get("source", ""),
+        document=document,
+        xml_error=body.get("xml_error", ""),
+        xsd_errors=[XSDError(**e) for e in body.get("xsd_errors", [])],
+        findings=[SchematronFinding(**f) for f in body.get("findings", [])],
+        schematrons=tuple(body.get("schematrons", ())),
+        timings=dict(body.get("timings", {})),
+    )
+
+
 START_TIMEOUT = 600.0  # seconds for the worker to start and compile (a cold cache on a slow disk included)
 VALIDATE_TIMEOUT = 120.0  # seconds for one document (~0.1 s for a report, ~1.5 s for a large one)
 
@@ -558,3 +775,25 @@ def _worker_warm() -> None:
 def _worker_validate(data: bytes, source: str) -> CDAValidationReport:
     assert _WORKER is not None
     return _WORKER.validate(data, source)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m traboule.cda_validation serve TREE CACHE [--idle SECONDS]``: the validation server."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m traboule.cda_validation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("serve", help="keep compiled schematrons for the command line's validations")
+    server.add_argument("tree", type=Path)
+    server.add_argument("cache", type=Path)
+    server.add_argument("--idle", type=float, default=SERVER_IDLE)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args.tree, args.cache, args.idle)
+    except CDAValidatorError as exc:
+        print(f"CDA validators: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -54,6 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
     jr_replay.add_argument("ids", type=int, nargs="+")
     jr_replay.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
+    jr_reprocess = jr_sub.add_parser(
+        "reprocess",
+        help="map journaled messages again with today's mappings and deliver their events to chosen channels only",
+    )
+    jr_reprocess.add_argument("ids", nargs="*", help="journal ids or ranges: 12 10-20 30,31")
+    jr_reprocess.add_argument("--type", action="append", default=[], help="message type: ORM^O01, or ORM for all")
+    jr_reprocess.add_argument("--since", default="", help="received from (UTC date or date-time, included)")
+    jr_reprocess.add_argument("--until", default="", help="received before (UTC; a date includes that day)")
+    jr_reprocess.add_argument(
+        "--status", action="append", default=[], help="accepted (default with filters), duplicate, rejected"
+    )
+    jr_reprocess.add_argument("--channel", action="append", default=[], help="the inbound channel that received it")
+    jr_reprocess.add_argument("--to", default="", help="channels that get the events, e.g. fhir,worklist")
+    jr_reprocess.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    jr_reprocess.add_argument("--resume", action="store_true", help="continue the interrupted run")
+    jr_reprocess.add_argument("--max", type=int, default=0, help="stop after this many messages (then --resume)")
 
     dlq = sub.add_parser("dlq", help="events a channel gave up on (dead-letter queue)")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)
@@ -73,12 +89,39 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("channels", help="installed channel kinds and adapters, and the configured channels")
 
-    test = sub.add_parser("test", help="run mapping tests (input message + expected values)")
+    test = sub.add_parser("test", help="run mapping tests (input messages + expected canonical, DICOM, FHIR, CDA)")
     test.add_argument("path", nargs="?", type=Path, default=None)
     test.add_argument("--inbound", type=Path, help="HL7 inbound mapping (default: the configured one)")
     test.add_argument("--mwl", type=Path, help="MWL mapping (default: the configured one)")
+    test.add_argument("--fhir", type=Path, help="FHIR mapping (default: the configured one)")
+    test.add_argument("--cda", type=Path, help="CDA mapping (default: the configured one)")
+    test.add_argument(
+        "--validators", type=Path, help="testContenuCDA tree for 'valid' checks (default: $TRABOULE_CDA_VALIDATORS)"
+    )
 
     sub.add_parser("check", help="load the configuration and every mapping; report errors with file and line")
+
+    codes = sub.add_parser("codes", help="procedure codes seen in the journal")
+    codes_sub = codes.add_subparsers(dest="action", required=True)
+    codes_unmapped = codes_sub.add_parser(
+        "unmapped", help="procedure codes of journaled orders and reports without a row in the CDA acts table"
+    )
+    codes_unmapped.add_argument("--since", help="only messages received since this date (YYYY-MM-DD or ISO 8601)")
+    codes_unmapped.add_argument("--channel", help="only this inbound channel (default: every hl7-orders channel)")
+
+    model = sub.add_parser("model", help="the canonical model's reference: every Envelope and payload field")
+    model.add_argument("--markdown", action="store_true", help="as Markdown (the section of docs/plugins.md)")
+    model.add_argument("--update", type=Path, metavar="FILE", help="rewrite the generated section of FILE in place")
+
+    new = sub.add_parser("new", help="scaffold a plug-in package (see docs/plugins.md)")
+    new_sub = new.add_subparsers(dest="what", required=True)
+    new_channel = new_sub.add_parser(
+        "channel", help="a channel kind: pyproject with its entry point, a documented module, README and a test"
+    )
+    new_channel.add_argument("name", help="the channel kind, lower-case words joined by '-' (e.g. audit-log)")
+    new_channel.add_argument(
+        "--dir", type=Path, default=Path("."), help="where the package folder traboule-NAME is made (default: here)"
+    )
 
     cda = sub.add_parser("cda", help="CDA documents (CI-SIS CR d'imagerie)")
     cda_sub = cda.add_subparsers(dest="action", required=True)
@@ -94,6 +137,32 @@ def main(argv: list[str] | None = None) -> int:
     cda_validate.add_argument(
         "--cache", type=Path, help="where compiled schematrons go (default: $XDG_CACHE_HOME/traboule/cda-validators)"
     )
+    cda_validate.add_argument(
+        "--keep",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="keep the compiled schematrons in a background validation server for the next runs, until it has been "
+        "idle this long (default 600; 0: compile in this process, no server)",
+    )
+    cda_export = cda_sub.add_parser("export", help="write a published CDA (by document id, or by accession number)")
+    cda_which = cda_export.add_mutually_exclusive_group(required=True)
+    cda_which.add_argument("id", nargs="?", help="document id (the CDA's id)")
+    cda_which.add_argument("--accession", help="the current version of this accession number's document set")
+    cda_export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    cda_export.add_argument("--channel", help="inbound channel that published it (default: the first with reports)")
+
+    rp = sub.add_parser("reports", help="structured reports accepted and waiting for their study, and dead letters")
+    rp_sub = rp.add_subparsers(dest="action", required=True)
+    rp_waiting = rp_sub.add_parser("waiting", help="reports waiting for their study; dead letters (expired, invalid)")
+    rp_waiting.add_argument("--all", action="store_true", help="every outcome: published, superseded, withdrawn too")
+    rp_waiting.add_argument("--channel", help="inbound channel (default: the first with reports)")
+    rp_publish = rp_sub.add_parser(
+        "publish", help="publish a waiting report or a dead letter now, or as soon as its study is known"
+    )
+    rp_publish.add_argument("id", type=int, help="its number in 'traboule reports waiting'")
+    rp_publish.add_argument("--channel", help="inbound channel (default: the first with reports)")
+    rp_publish.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the engine's outcome")
 
     args = parser.parse_args(argv)
     try:
@@ -214,9 +283,10 @@ async def _run(cfg: config_mod.Config, process: str) -> None:
         await runtime.stop()
         return
     names = cfg.processes()
-    http_port = cfg.http_port + names.index(process) if process in names else cfg.http_port
+    http_port = cfg.http_port_of(process)
     try:
-        server = await serve(create_app(runtime), cfg.http_host, http_port, cfg.http_limits)
+        app = create_app(runtime)
+        server = await serve(app, cfg.http_host, http_port, cfg.http_limits)
     except BaseException:
         await runtime.stop()
         raise
@@ -224,7 +294,7 @@ async def _run(cfg: config_mod.Config, process: str) -> None:
     children: list[asyncio.Task] = []
     if process == "main":
         for name in names[1:]:
-            state = runtime.processes[name] = ProcessState(name, cfg.http_port + names.index(name))
+            state = runtime.processes[name] = ProcessState(name, cfg.http_port_of(name))
             children.append(asyncio.create_task(_supervise(cfg, state, stop), name=f"supervise-{name}"))
         _write_engine_file(cfg, runtime)
         ready = asyncio.create_task(_all_ready(runtime, timeout=60))
@@ -247,6 +317,8 @@ async def _run(cfg: config_mod.Config, process: str) -> None:
     server.should_exit = True
     with contextlib.suppress(Exception):
         await server.task
+    for forward in app.state.forwarders:
+        await forward.aclose()
     await runtime.stop()
 
 
@@ -517,6 +589,8 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             print(f"{journal.prune(before)} message(s) received before {before} forgotten")
         elif args.action == "replay":
             return _replay(cfg, journal, args)
+        elif args.action == "reprocess":
+            return _reprocess(cfg, journal, args)
         else:
             for entry in journal.recent(args.limit, args.status):
                 print(
@@ -550,6 +624,55 @@ def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -
         return worst
 
     return asyncio.run(go())
+
+
+def _reprocess(cfg: config_mod.Config, journal: Any, args: argparse.Namespace) -> int:
+    """``journal reprocess``: plan (selection, targets, checkpoint), then a dry run or a live run on the bus of the
+    engine of this data folder (the engine need not run: the events wait in its channels' durable queues)."""
+    from traboule import logging as tlog
+    from traboule import reprocess
+
+    tlog.configure(cfg.log_format, "warning", cfg.log_patient_data)  # the channels' own lines stay off stdout
+    if args.resume and args.dry_run:
+        print("--dry-run previews a new selection: it does not resume", file=sys.stderr)
+        return 2
+    if args.max < 0:
+        print("--max must be a positive number of messages", file=sys.stderr)
+        return 2
+    try:
+        chosen = reprocess.plan(
+            cfg,
+            journal,
+            ids=args.ids,
+            types=args.type,
+            statuses=args.status,
+            channels=args.channel,
+            since=args.since,
+            until=args.until,
+            to=[name.strip() for name in args.to.split(",") if name.strip()],
+            resume=args.resume,
+        )
+        print(f"{chosen.total} message(s) to reprocess into {', '.join(chosen.state.to)}", file=sys.stderr)
+        if args.dry_run:
+            return asyncio.run(reprocess.dry_run(cfg, journal, chosen, limit=args.max))
+        refusal = _same_bus(cfg)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 2
+        engine = _last_engine(cfg)
+        running = bool(engine and engine["running"])
+        print(
+            f"bus: {_bus_description(cfg)}"
+            + ("" if running else " (engine not running: the channels take the events when it starts)"),
+            file=sys.stderr,
+        )
+        return asyncio.run(reprocess.run(cfg, journal, chosen, limit=args.max))
+    except reprocess.ReprocessError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted: `traboule journal reprocess --resume` continues after the last batch done", file=sys.stderr)
+        return 130
 
 
 def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -646,23 +769,44 @@ def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from traboule import logging as tlog
     from traboule.mapping_tests import run
 
-    inbound, mwl = args.inbound, args.mwl
+    tlog.configure(cfg.log_format, "warning", cfg.log_patient_data)  # the channels' own lines would drown the results
+    inbound, mwl, fhir, cda = args.inbound, args.mwl, args.fhir, args.cda
     for ch in cfg.channels:
         if ch["kind"] == "hl7-orders" and inbound is None:
             inbound = config_mod.resolve(cfg, ch.get("mapping", "mappings/hl7_inbound.yaml"))
+        if ch["kind"] == "hl7-orders" and cda is None and isinstance(ch.get("reports"), dict):
+            cda = config_mod.resolve(cfg, ch["reports"].get("cda_mapping", "mappings/cda.yaml"))
         if ch["kind"] == "worklist" and mwl is None:
             mwl = config_mod.resolve(cfg, ch.get("mapping", "mappings/mwl.yaml"))
+        if ch["kind"] == "fhir" and fhir is None:
+            fhir = config_mod.resolve(cfg, ch.get("mapping", "mappings/fhir.yaml"))
     path = args.path or config_mod.resolve(cfg, "mappings/tests")
-    results = run(path, inbound, mwl)
+    results = run(path, inbound, mwl, fhir, cda, validator=_test_validator(args.validators))
     failed = [r for r in results if not r.ok]
     for r in results:
         print(f"{'PASS' if r.ok else 'FAIL'} {r.file}")
         for f in r.failures:
             print(f"     {f}")
+        for note in r.notes:
+            print(f"     note: {note}")
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed or not results else 0
+
+
+def _test_validator(tree: Path | None) -> Any:
+    """What makes the CDA validator of the 'valid' checks (None without a validator tree): the validation server of
+    ``cda validate`` when it can run, so that the schematrons are compiled once across runs."""
+    from traboule.cda_validation import CDAValidator, ServedValidator, default_tree, server_address
+
+    tree = tree or default_tree()
+    if tree is None:
+        return None
+    if server_address(tree) is not None:
+        return lambda: ServedValidator(tree)
+    return lambda: CDAValidator(tree)
 
 
 def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -676,9 +820,18 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``cda validate``: one OK/FAIL line per file, then its failures. Exit 0 when all pass, 1 when one fails,
-    2 when the validator tree is missing or broken."""
+    2 when the validator tree is missing or broken. ``cda export``: see ``_cda_export``."""
+    if args.action == "export":
+        return _cda_export(cfg, args)
     from traboule import logging as tlog
-    from traboule.cda_validation import UPSTREAM_REPO, CDAValidator, CDAValidatorError, default_tree
+    from traboule.cda_validation import (
+        UPSTREAM_REPO,
+        CDAValidator,
+        CDAValidatorError,
+        ServedValidator,
+        default_tree,
+        server_address,
+    )
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)  # compile progress goes to stderr
     tree = args.validators or default_tree()
@@ -690,7 +843,11 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        validator = CDAValidator(tree, args.cache)
+        validator: CDAValidator | ServedValidator
+        if args.keep > 0 and server_address(tree, args.cache) is not None:
+            validator = ServedValidator(tree, args.cache, idle=args.keep)
+        else:
+            validator = CDAValidator(tree, args.cache)
         worst = 0
         for path in args.files:
             try:
@@ -708,6 +865,159 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         return 2
 
 
+def _cda_export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """A published CDA from the channel's reports store, to a file or standard output. Exit 1 when there is no
+    such document (or no current version for the accession number), 2 when there is no store."""
+    from traboule.published import NotPublished, PublishedDocuments
+
+    names = [c["name"] for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
+    channel = args.channel or (names[0] if names else "")
+    if not channel:
+        print("no inbound channel with reports in the configuration: give --channel", file=sys.stderr)
+        return 2
+    path = _channel_db(cfg, channel, ".reports.sqlite")
+    with PublishedDocuments(path) as store:
+        try:
+            doc = store.by_accession(args.accession) if args.accession else store.by_id(args.id)
+        except NotPublished as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+    if doc.status != "current":
+        print(f"note: version {doc.version} of {doc.set_id} is {doc.status}", file=sys.stderr)
+    if args.output:
+        args.output.write_bytes(doc.data)
+        print(f"{args.output}: {doc.id} (version {doc.version}, {doc.status}, {len(doc.data)} bytes)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(doc.data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_model(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``model``: the reference as text, as Markdown, or rewritten into a document's generated section."""
+    from traboule import model_reference
+
+    if args.update:
+        try:
+            changed = model_reference.update(args.update)
+        except (OSError, ValueError) as exc:
+            print(f"cannot update {args.update}: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.update}: {'updated' if changed else 'already up to date'}")
+        return 0
+    sys.stdout.write(model_reference.markdown() if args.markdown else model_reference.text())
+    return 0
+
+
+def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``new channel NAME``: a plug-in package that installs beside the engine."""
+    from traboule.scaffold import ScaffoldError, names, new_channel
+
+    try:
+        root = new_channel(args.name, args.dir)
+    except (ScaffoldError, OSError) as exc:
+        print(f"cannot scaffold: {exc}", file=sys.stderr)
+        return 2
+    n = names(args.name)
+    print(f"{root}: channel kind {n['kind']!r} ({n['package']}.channel:{n['cls']})")
+    print(f"  test:    cd {root} && PYTHONPATH=. {sys.executable} -m pytest")
+    print(f"  install: {Path(sys.executable).parent / 'pip'} install -e {root}")
+    return 0
+
+
+def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``reports waiting`` lists the reports held for their study; ``reports publish N`` asks the running engine to
+    publish one now (a dead letter waits again, with a new deadline) and prints what became of it."""
+    from traboule.reports import DEAD, held_reports, request_publication
+    from traboule.waiting_reports import seconds
+
+    channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
+    channel = next((c for c in channels if c["name"] == (args.channel or c["name"])), None)
+    if channel is None:
+        print("no inbound channel with reports of that name in the configuration", file=sys.stderr)
+        return 2
+    path = _channel_db(cfg, channel["name"], ".reports.sqlite")
+    if args.action == "waiting":
+        statuses = ("waiting", *DEAD) + (("published", "superseded", "withdrawn") if args.all else ())
+        rows = held_reports(path, statuses)
+        print(f"{len(rows)} report(s)")
+        for r in rows:
+            deadline = datetime.fromtimestamp(r["deadline"], UTC).isoformat(timespec="minutes")
+            print(
+                f"{r['n']:>6} {r['status']:10} journal={r['journal_id'] or '?':<8} {r['accession']:16} "
+                f"{r['study_uid'] or '-':40} received={r['received']} until={deadline} "
+                f"{r['reason'] or r['document_id']}"
+            )
+        return 0
+    wait = seconds((channel.get("reports") or {}).get("wait_for_study", "24h"), "reports.wait_for_study")
+    before = request_publication(path, args.id, wait)
+    if before is None or before not in ("waiting", *DEAD):
+        print(f"no waiting report {args.id}" + (f" (it is {before})" if before else ""), file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        (row,) = [r for r in held_reports(path, ("waiting", "published", *DEAD)) if r["n"] == args.id] or [None]
+        if row is None or row["status"] != "waiting" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if row is not None and row["status"] == "published":
+        print(f"published: document {row['document_id']}")
+        return 0
+    if row is not None and row["status"] in DEAD:
+        print(f"not published ({row['status']}): {row['reason']}")
+        return 1
+    print("waiting: its study is not known yet (or the engine is not running); published as soon as it is")
+    return 1
+
+
+def cmd_codes(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``codes unmapped``: one line per procedure code without a LOINC act, most frequent first. Exit 0 when every
+    code has one, 1 when some have none."""
+    from traboule.cda import CDAMapping
+    from traboule.code_usage import acts_file, scan
+    from traboule.hl7_mapping import HL7InboundMapping
+
+    since = ""
+    if args.since:
+        try:
+            moment = datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"--since {args.since!r}: expected a date (YYYY-MM-DD) or an ISO 8601 time", file=sys.stderr)
+            return 2
+        since = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat("T", "milliseconds")
+    channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and args.channel in (None, c["name"])]
+    if not channels:
+        print(f"no hl7-orders channel {args.channel or ''} in the configuration".replace("  ", " "), file=sys.stderr)
+        return 2
+    mappings = {
+        c["name"]: HL7InboundMapping(config_mod.resolve(cfg, c.get("mapping", "mappings/hl7_inbound.yaml")))
+        for c in channels
+    }
+    reports = channels[0].get("reports")
+    cda_path = (
+        (reports or {}).get("cda_mapping", "mappings/cda.yaml") if isinstance(reports, dict) else "mappings/cda.yaml"
+    )
+    cda_mapping = config_mod.resolve(cfg, cda_path)
+    acts = CDAMapping(cda_mapping).acts
+    journal = _channel_db(cfg, "journal", ".sqlite")
+    usage = scan(journal, mappings, acts, since)
+    unmapped = usage.unmapped()
+    print(
+        f"{usage.messages} order/report message(s) read{' since ' + since if since else ''}: "
+        f"{len(unmapped)} procedure code(s) without a row in {acts_file(cda_mapping)}"
+    )
+    if unmapped:
+        print(f"{'code':16} {'system':8} {'orders':>7} {'reports':>7} {'example':>8}  display")
+        for c in unmapped:
+            print(f"{c.code:16} {c.system:8} {c.orders:>7} {c.reports:>7} {c.example:>8}  {c.display}")
+        print("example: the latest journal entry with the code (traboule journal show ID)")
+    if usage.unreadable:
+        print(f"{usage.unreadable} message(s) the mapping refuses now were left out")
+    if usage.dropped:
+        print(f"{usage.dropped} occurrence(s) of further codes not listed (more than the codes kept)")
+    return 1 if unmapped else 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "send": cmd_send,
@@ -718,7 +1028,11 @@ COMMANDS = {
     "fhir": cmd_fhir,
     "test": cmd_test,
     "check": cmd_check,
+    "model": cmd_model,
+    "new": cmd_new,
     "cda": cmd_cda,
+    "codes": cmd_codes,
+    "reports": cmd_reports,
 }
 
 if __name__ == "__main__":

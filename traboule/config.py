@@ -1,9 +1,14 @@
-"""Configuration: one TOML file (optional: the defaults run the whole engine on loopback), then environment
-variables on top.
+"""Configuration: the defaults run the whole local loop on loopback; one TOML file extends them; environment
+variables go on top.
+
+A file's ``[[channels]]`` entry with a new name adds a channel; one with a default channel's name changes it (its
+keys merged over the default's: tables such as ``source`` or ``reports`` key by key, lists and other values
+replaced); ``enabled = false`` removes it; ``[engine] defaults = false`` starts from no channel at all.
 
 Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
 ``TRABOULE_HTTP_PORT``, ``TRABOULE_MLLP_PORT``, ``TRABOULE_MWL_PORT``, ``TRABOULE_MWL_AE_TITLE``,
-``TRABOULE_LOG_FORMAT`` (``json`` | ``console``), ``TRABOULE_LOG_LEVEL``, ``TRABOULE_CONFIG`` (the file).
+``TRABOULE_MPPS_PORT``, ``TRABOULE_MPPS_AE_TITLE``, ``TRABOULE_LOG_FORMAT`` (``json`` | ``console``),
+``TRABOULE_LOG_LEVEL``, ``TRABOULE_CONFIG`` (the file).
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ class ConfigError(Exception):
     pass
 
 
+# The whole local loop, on loopback, on the embedded bus: RIS orders, ADT and reports in; the worklist and MPPS for
+# modalities; FHIR resources (orders, performed steps, reports and their CDA) served on /fhir. What needs a remote
+# system (archive, RIS status messages, FHIR server, DMP, DRIMbox) is added by a configuration file.
 DEFAULT_CHANNELS: list[dict[str, Any]] = [
     {
         "name": "ris-orders",
         "kind": "hl7-orders",
         "source": {"adapter": "mllp-listener", "host": "127.0.0.1", "port": 2575},
         "mapping": "mappings/hl7_inbound.yaml",
+        # Reports become CDA documents; validated by the CI-SIS validators when TRABOULE_CDA_VALIDATORS names them.
+        "reports": {"validate": "auto"},
     },
     {
         "name": "worklist",
@@ -34,9 +44,26 @@ DEFAULT_CHANNELS: list[dict[str, Any]] = [
         "topics": ["order.#", "patient.#", "procedure.#"],
         "mapping": "mappings/mwl.yaml",
         "max_attempts": 5,
-        # Its own process: the ingest path and the worklist each get a core (one Python process is one core).
+        # Its own process: the ingest path and the worklist each need most of a core at full rate (one Python
+        # process is one core), and C-FIND answers do not wait behind ingest (docs/performance.md).
         "process": "worker",
         "destinations": [{"adapter": "mwl-scp", "host": "127.0.0.1", "port": 11112, "ae_title": "TRABOULE"}],
+    },
+    {
+        # Main process: an MPPS request is journaled before its DICOM answer, and the journal lives there.
+        "name": "mpps",
+        "kind": "mpps",
+        "destinations": [{"adapter": "mpps-scp", "host": "127.0.0.1", "port": 11113, "ae_title": "TRABOULE"}],
+    },
+    {
+        "name": "fhir",
+        "kind": "fhir",
+        "mapping": "mappings/fhir.yaml",
+        "api": True,
+        # Its own process: in the main one its mapping and store writes share the ingest core (ACKs measured
+        # falling from 736 to 432 orders/s, docs/performance.md); beside the worklist, C-FIND answers would wait
+        # behind FHIR batches. /fhir is still served on the main HTTP port, which forwards it here.
+        "process": "fhir",
     },
 ]
 
@@ -88,6 +115,11 @@ class Config:
                 names.append(name)
         return names
 
+    def http_port_of(self, process: str) -> int:
+        """The HTTP port of a process: the main one's, then one more per process in configuration order."""
+        names = self.processes()
+        return self.http_port + (names.index(process) if process in names else 0)
+
     def api_headers(self) -> dict[str, str]:
         """What the engine's own processes send each other's HTTP API (the first bearer token, if any)."""
         return {"Authorization": f"Bearer {self.api_tokens[0]}"} if self.api_tokens else {}
@@ -124,6 +156,8 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
     engine = doc.get("engine", {})
+    if not isinstance(engine.get("defaults", True), bool):
+        raise ConfigError(f"{path}: [engine] defaults must be true or false")
     cfg.data_dir = str(engine.get("data_dir", cfg.data_dir))
     if "min_free_disk_mb" in engine:
         value = engine["min_free_disk_mb"]
@@ -165,11 +199,52 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     cfg.log_format = str(log.get("format", cfg.log_format))
     cfg.log_level = str(log.get("level", cfg.log_level))
     cfg.log_patient_data = bool(log.get("patient_data", cfg.log_patient_data))
-    if "channels" in doc:
-        channels = doc["channels"]
-        if not isinstance(channels, list):
-            raise ConfigError(f"{path}: [[channels]] must be an array of tables")
-        cfg.channels = channels
+    channels = doc.get("channels", [])
+    if not isinstance(channels, list) or not all(isinstance(ch, dict) for ch in channels):
+        raise ConfigError(f"{path}: [[channels]] must be an array of tables")
+    base = cfg.channels if engine.get("defaults", True) else []
+    cfg.channels = merge_channels(base, channels, path)
+
+
+def merge_channels(base: list[dict[str, Any]], entries: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+    """The file's ``[[channels]]`` over ``base`` (the defaults): a new name is added (in file order, after the
+    defaults), a known name changes that channel (`merge`), ``enabled = false`` removes it."""
+    names = [ch.get("name") for ch in entries]
+    twice = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: a channel appears twice in [[channels]]: {twice} (one entry per name)")
+    out = copy.deepcopy(base)
+    for entry in entries:
+        enabled = entry.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{path}: channel {entry.get('name')!r}: enabled must be true or false")
+        entry = {k: v for k, v in entry.items() if k != "enabled"}
+        known = next((i for i, ch in enumerate(out) if ch.get("name") == entry.get("name")), None)
+        if known is None:
+            if enabled:
+                out.append(copy.deepcopy(entry))
+        elif not enabled:
+            del out[known]
+        else:
+            kind = entry.get("kind", out[known].get("kind"))
+            if kind != out[known].get("kind"):
+                raise ConfigError(
+                    f"{path}: channel {entry['name']!r} is a default {out[known].get('kind')} channel, not {kind}: "
+                    "give yours another name (and `enabled = false` the default one if it should not run)"
+                )
+            out[known] = merge(out[known], entry)
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys over ``base``'s: tables merged key by key, any other value (a list too) replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _apply_env(cfg: Config, env: dict[str, str]) -> None:
@@ -189,6 +264,8 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
             ("TRABOULE_MLLP_PORT", "mllp-listener", "port"),
             ("TRABOULE_MWL_PORT", "mwl-scp", "port"),
             ("TRABOULE_MWL_AE_TITLE", "mwl-scp", "ae_title"),
+            ("TRABOULE_MPPS_PORT", "mpps-scp", "port"),
+            ("TRABOULE_MPPS_AE_TITLE", "mpps-scp", "ae_title"),
         ):
             if var in env:
                 value: Any = env[var] if key == "ae_title" else int(env[var])
@@ -242,7 +319,9 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve(base: Config, relative: str) -> Path:
-    """A path from the config file: relative to the file's folder, or to the working directory without one."""
+    """A path from the configuration: an absolute one as is; a relative one in the config file's folder when it
+    exists there, else in the working directory when it exists there, else in traboule's own folder (its
+    ``mappings/``)."""
     p = Path(relative)
     if p.is_absolute():
         return p

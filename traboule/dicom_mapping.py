@@ -3,7 +3,8 @@
 An attribute is written as ``Keyword: source``, where the source is a canonical path (``order.patient.name``,
 ``step.start | date``), a literal (``=ISO``), or for a sequence a list of item mappings (an item with ``if: path``
 is left out when that path is empty). Values are rendered for the attribute's VR (PN from a name, DA/TM from a
-date-time) and cut to the VR's maximum length. Every keyword is checked against the DICOM dictionary at load.
+date-time) and cut to the VR's maximum length. Every keyword is checked against the DICOM dictionary at load,
+and against where PS3.4 Table K.6-1 puts it (in the Scheduled Procedure Step item or at the top level).
 
 Rendering produces an element tree (``(tag, VR, value)``, tags and VRs resolved at load), not a pydicom Dataset:
 `encoded_items`, the worklist consumer's path, encodes the tree with `traboule.dicom_encoding` and reads the
@@ -14,6 +15,7 @@ the fast encoder cannot write exactly goes through pydicom.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from traboule import model
@@ -65,6 +67,46 @@ def _number(text: str, vr: str) -> str:
     return value if _IS.match(value) else ""
 
 
+# Where an attribute goes in a worklist item: PS3.4 Table K.6-1 (Modality Worklist Information Model return
+# keys) puts the Scheduled Procedure Step module's attributes (PS3.3 C.4.10) in the items of the Scheduled
+# Procedure Step Sequence and every other module's at the top level. An SPS item holds these and nothing else; a
+# top-level attribute may be any other (the table's patient, visit, request and procedure keys, or a site's own).
+SPS_SEQUENCE = "ScheduledProcedureStepSequence"
+SPS_ITEM = frozenset(
+    {
+        "ScheduledStationAETitle",  # (0040,0001)
+        "ScheduledProcedureStepStartDate",  # (0040,0002)
+        "ScheduledProcedureStepStartTime",  # (0040,0003)
+        "ScheduledProcedureStepEndDate",  # (0040,0004)
+        "ScheduledProcedureStepEndTime",  # (0040,0005)
+        "ScheduledPerformingPhysicianName",  # (0040,0006)
+        "ScheduledProcedureStepDescription",  # (0040,0007)
+        "ScheduledProtocolCodeSequence",  # (0040,0008)
+        "ScheduledProcedureStepID",  # (0040,0009)
+        "ScheduledPerformingPhysicianIdentificationSequence",  # (0040,000B)
+        "ScheduledStationName",  # (0040,0010)
+        "ScheduledProcedureStepLocation",  # (0040,0011)
+        "PreMedication",  # (0040,0012)
+        "ScheduledProcedureStepStatus",  # (0040,0020)
+        "CommentsOnTheScheduledProcedureStep",  # (0040,0400)
+        "ScheduledProcedureStepModificationDateTime",  # (0040,4010)
+        "Modality",  # (0008,0060)
+        "RequestedContrastAgent",  # (0032,1070)
+        "AnatomicalOrientationType",  # (0010,2210)
+        "ReferencedDefinedProtocolSequence",  # (0018,990C)
+    }
+)
+
+
+def _suggest(word: str, *candidate_sets: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` with the closest candidate of the first set that has one, or nothing."""
+    for candidates in candidate_sets:
+        close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
 NUMERIC_VRS = {"US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}
 LATIN1 = "ISO_IR 100"
 UTF8 = "ISO_IR 192"
@@ -105,15 +147,33 @@ class MWLMapping:
             if key not in known:
                 raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
         self.tables = load_tables(doc.get("tables"), self.path.parent, self.path)
-        self.attrs = self._attrs(doc["attributes"])
+        self.attrs = self._attrs(doc["attributes"], "")
 
-    def _attrs(self, node: Node) -> list[AttrRule]:
-        return [self._attr(kw, spec, line_of(node, kw)) for kw, spec in node.items() if kw != "if"]
+    def _attrs(self, node: Node, within: str) -> list[AttrRule]:
+        """The rules of one level: ``within`` is the sequence whose item this is ("" for the top level)."""
+        return [self._attr(kw, spec, line_of(node, kw), within) for kw, spec in node.items() if kw != "if"]
 
-    def _attr(self, keyword: str, spec: Any, line: int) -> AttrRule:
+    def _attr(self, keyword: str, spec: Any, line: int, within: str = "") -> AttrRule:
         tag = tag_for_keyword(keyword)
         if tag is None:
-            raise MappingError(self.path, line, f"{keyword!r} is not a DICOM keyword")
+            hint = (
+                _suggest(keyword, SPS_ITEM, keyword_dict) if within == SPS_SEQUENCE else _suggest(keyword, keyword_dict)
+            )
+            raise MappingError(self.path, line, f"{keyword!r} is not a DICOM keyword{hint}")
+        if within == SPS_SEQUENCE and keyword not in SPS_ITEM:
+            raise MappingError(
+                self.path,
+                line,
+                f"{keyword} is not a Scheduled Procedure Step attribute: it does not go in a {SPS_SEQUENCE} item"
+                f"{_suggest(keyword, SPS_ITEM)} (PS3.4 Table K.6-1)",
+            )
+        if not within and keyword in SPS_ITEM:
+            raise MappingError(
+                self.path,
+                line,
+                f"{keyword} is a Scheduled Procedure Step attribute: put it in the {SPS_SEQUENCE} item "
+                "(PS3.4 Table K.6-1)",
+            )
         vr = dictionary_VR(tag)
         rule = AttrRule(keyword, vr, line, tag)
         if vr == "SQ":
@@ -123,7 +183,7 @@ class MWLMapping:
                 if not isinstance(item, Node):
                     raise MappingError(self.path, line, f"{keyword}: each item must map keywords to sources")
                 cond = self._path(item["if"], line_of(item, "if")) if "if" in item else None
-                rule.items.append(ItemRule(cond, self._attrs(item), _source(cond) if cond else None))
+                rule.items.append(ItemRule(cond, self._attrs(item, keyword), _source(cond) if cond else None))
             return rule
         if not isinstance(spec, str):
             raise MappingError(self.path, line, f"{keyword}: expected a canonical path or '=literal'")

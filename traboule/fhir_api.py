@@ -44,6 +44,7 @@ PARAM_DOCS = {
     "date": "[eq|ge|le|gt|lt]YYYY-MM-DD[Thh:mm:ss+zz:zz] (DocumentReference date)",
     "related": "system|value of a related identifier (accession number, urn:dicom:uid study UID)",
     "code": "system|code (DiagnosticReport code)",
+    "_tag": "system|code of meta.tag: urn:traboule:tags|unscheduled (steps performed without an order)",
 }
 
 

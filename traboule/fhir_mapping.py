@@ -6,7 +6,8 @@ of it is checked at load: a wrong key, URI, regex, time zone or a table value th
 set fails with ``file:line: reason``.
 
 Resource ids are derived from identifiers (a hash of ``system|value``), so a redelivered or updated order writes
-the same resource.
+the same resource. ``merge_patient`` lays a message's view of a Patient over the stored one (identifiers a union,
+an INS never swapped, demographics from the latest message that has them).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def resource_id(*parts: str) -> str:
 def key_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
     """The identifier a resource's id derives from: what a FHIR server is asked to match it on (conditional update).
 
-    ImagingStudy: its ``urn:dicom:uid``. Patient and ServiceRequest: the identifier whose hash is the id.
+    ImagingStudy: its ``urn:dicom:uid``. Patient and ServiceRequest: the identifier whose hash is the id; a Patient
+    whose local identifier took its assigning authority's system later (its id stays) is matched on that identifier.
     """
     rtype, rid = resource["resourceType"], resource.get("id", "")
     for ident in resource.get("identifier") or []:
@@ -59,7 +61,49 @@ def key_identifier(resource: dict[str, Any]) -> dict[str, Any] | None:
             return ident
         if resource_id(rtype, system, value) == rid:
             return ident
+    if rtype == "Patient":
+        return next((i for i in resource.get("identifier") or [] if i.get("value") and not is_ins(i)), None)
     return None
+
+
+def _is_ins(ident: model.Identifier) -> bool:
+    return ident.type == "INS" or ident.issuer_oid in model.INS_OIDS
+
+
+def is_ins(ident: dict[str, Any]) -> bool:
+    """A FHIR Patient identifier made from an INS (`FHIRMapping.patient_identifier` gives it ``use: official``)."""
+    return ident.get("use") == "official"
+
+
+def merge_patient(stored: dict[str, Any], latest: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A stored Patient updated by the latest message's view of it, and the INS identifiers refused.
+
+    Identifiers are a union (same system and value: the latest's wording); an INS whose system the Patient already
+    has under another value is refused, never swapped (the orders channel refuses such a message at ingest).
+    Demographics (names, gender, birth date) follow the latest view where it has them; what it lacks is kept.
+    The stored id, ``active`` and ``link`` (a merge) stay."""
+    identifiers = [dict(i) for i in stored.get("identifier") or []]
+    refused = []
+    for ident in latest.get("identifier") or []:
+        key = (ident.get("system", ""), ident.get("value", ""))
+        at = next((n for n, i in enumerate(identifiers) if (i.get("system", ""), i.get("value", "")) == key), None)
+        if at is not None:
+            identifiers[at] = dict(ident)
+        elif is_ins(ident) and any(is_ins(i) and i.get("system", "") == key[0] for i in identifiers):
+            refused.append(ident)
+        else:
+            identifiers.append(dict(ident))
+    merged = {k: v for k, v in stored.items() if k != "meta"} | {"identifier": identifiers}
+    for key in ("gender", "birthDate"):
+        if latest.get(key):
+            merged[key] = latest[key]
+    names, known = latest.get("name") or [], stored.get("name") or []
+    if len(names) == 1 and any(n.get("use") == "usual" for n in known):
+        # The name in use only (an MPPS, an ADT without PID-5 type L): the birth name known stays (an INS trait).
+        merged["name"] = [{**names[0], "use": "usual"}, *(n for n in known if n.get("use") != "usual")]
+    elif names:
+        merged["name"] = names
+    return merged, refused
 
 
 def now() -> str:
@@ -77,6 +121,11 @@ class IdentifierSystems:
         if ident.issuer_oid and _OID.match(ident.issuer_oid):
             return f"urn:oid:{ident.issuer_oid}"
         return self.issuers.get(ident.issuer, "") or self.system
+
+    def given(self, ident: model.Identifier) -> bool:
+        """Whether the system comes from the identifier's own assigning authority (an OID, or a namespace listed
+        under ``issuers``), not from the kind's default ``system``."""
+        return bool(ident.issuer_oid and _OID.match(ident.issuer_oid)) or bool(self.issuers.get(ident.issuer))
 
 
 class FHIRMapping:
@@ -257,8 +306,12 @@ class FHIRMapping:
     def identifier_system(self, kind: str, ident: model.Identifier) -> str:
         return self.systems[kind].of(ident)
 
+    def patient_system_given(self, ident: model.Identifier) -> bool:
+        """Whether a local patient identifier names its assigning authority (else it gets the default system)."""
+        return self.systems["patient"].given(ident)
+
     def patient_identifier(self, ident: model.Identifier) -> dict[str, Any]:
-        if ident.type == "INS" or ident.issuer_oid in model.INS_OIDS:
+        if _is_ins(ident):
             out: dict[str, Any] = {"use": "official"}
             code = self.ins_types.get(ident.issuer_oid)
             if code and self.ins_type_system:
@@ -278,8 +331,23 @@ class FHIRMapping:
         primary = p.primary_id
         if primary is None or not primary.value:
             raise ValueError("patient without identifier")
-        ident = self.patient_identifier(primary)
+        ident = next((i for i in self.patient_identifiers(p) if i["value"] == primary.value), None)
+        ident = ident or self.patient_identifier(primary)
         return resource_id("Patient", ident.get("system", ""), ident["value"])
+
+    def patient_identifiers(self, p: model.Patient) -> list[dict[str, Any]]:
+        """The FHIR identifiers of a patient, each once: an IPP repeated in PID-3 without its assigning authority
+        (the default system) beside the same value with it is the same identifier."""
+        out: list[dict[str, Any]] = []
+        local = [i for i in p.ids if not _is_ins(i)]
+        named = {i.value for i in local if self.patient_system_given(i)}
+        for ident in p.ids:
+            if not ident.value or (ident in local and ident.value in named and not self.patient_system_given(ident)):
+                continue
+            fhir_ident = self.patient_identifier(ident)
+            if not any(o.get("system") == fhir_ident.get("system") and o["value"] == ident.value for o in out):
+                out.append(fhir_ident)
+        return out
 
     def merged_patient_id(self, ident: model.Identifier) -> str:
         fhir_ident = self.patient_identifier(ident)
@@ -314,7 +382,7 @@ class FHIRMapping:
             "resourceType": "Patient",
             "id": self.patient_id(p),
             "meta": {"lastUpdated": now()},
-            "identifier": [self.patient_identifier(i) for i in p.ids if i.value],
+            "identifier": self.patient_identifiers(p),
             "active": True,
         }
         names = []
@@ -373,6 +441,31 @@ class FHIRMapping:
         if order.medical_alerts:
             resource["note"] = [{"text": order.medical_alerts}]
         return resource
+
+    def unscheduled_request(self, step: model.PerformedStep, patient_ref: str, status: str) -> dict[str, Any]:
+        """The ServiceRequest of a step a modality performed without an order (IHE Radiology's unscheduled case):
+        identified by its study (``urn:dicom:uid``; the MPPS instance when the study is unknown), ``intent``
+        ``filler-order`` (the department acted; no placer order exists) and tagged ``unscheduled``."""
+        uid = f"urn:oid:{step.study_instance_uid or step.sop_instance_uid}"
+        identifiers: list[dict[str, Any]] = [{"system": "urn:dicom:uid", "value": uid}]
+        if step.accession_number:
+            acsn = self.identifier_system("accession", model.Identifier(step.accession_number))
+            identifiers.append(
+                {"type": _v2_0203("ACSN"), **({"system": acsn} if acsn else {}), "value": step.accession_number}
+            )
+        resource: dict[str, Any] = {
+            "resourceType": "ServiceRequest",
+            "id": resource_id("ServiceRequest", "urn:dicom:uid", uid),
+            "meta": {"lastUpdated": now(), "tag": [UNSCHEDULED]},
+            "identifier": identifiers,
+            "status": status,
+            "intent": "filler-order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005", "display": "Imaging"}]}],
+            "code": {"text": step.description} if step.description else None,
+            "subject": {"reference": patient_ref} if patient_ref else None,
+            "occurrenceDateTime": self.date_time(step.started) if step.started else "",
+        }
+        return {k: v for k, v in resource.items() if v not in ([], "", None)}
 
     def imaging_study(
         self, study: model.Study, patient_ref: str, based_on: list[str], status: str = "available"
@@ -582,6 +675,9 @@ def _name(use: str, family: str, given: list[str], name: model.PersonName) -> di
 
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
+TAGS = "urn:traboule:tags"  # meta.tag codes of traboule's workflow (searchable: ServiceRequest?_tag=system|code)
+UNSCHEDULED = {"system": TAGS, "code": "unscheduled", "display": "Performed without a scheduled step"}
+RECONCILED = {"system": TAGS, "code": "reconciled", "display": "Replaced by the order sent later"}
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 FORMAT_CODES = {3: "urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", 1: "urn:ihe:iti:xds-sd:pdf:2008"}
 

@@ -5,7 +5,8 @@ search parameters.
   the journal sequence of the event that wrote it: an older event (a retry arriving after a newer change) does not
   overwrite a newer state.
 * ``tokens(type, name, system, value, id)``: ``identifier`` (system, value) of ServiceRequest and Patient,
-  ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest.
+  ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest, ``_tag`` (the
+  ``meta.tag`` codes, e.g. ``urn:traboule:tags|unscheduled``).
 
 * ``remote(type, id, version_id, location, pushed_at)``: which version of a resource a FHIR server holds, and
   under which ``Type/id`` there (written by the channel's FHIR server destination).
@@ -62,6 +63,7 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
         "subject": "reference",
         "patient": "reference",
         "patient.identifier": "token",
+        "_tag": "token",
     },
     "Patient": {"identifier": "token"},
     "ImagingStudy": {
@@ -110,7 +112,12 @@ class SearchError(ValueError):
 
 
 def _content(resource: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in resource.items() if k != "meta"}, sort_keys=True, ensure_ascii=False)
+    """What a version is made of: everything but ``meta``, except its tags (a workflow state, e.g. unscheduled)."""
+    content = {k: v for k, v in resource.items() if k != "meta"}
+    tags = (resource.get("meta") or {}).get("tag")
+    if tags:
+        content["meta.tag"] = tags
+    return json.dumps(content, sort_keys=True, ensure_ascii=False)
 
 
 def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -122,6 +129,9 @@ def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
     for ident in idents:
         if ident.get("value"):
             out.append(("identifier", ident.get("system", ""), ident["value"]))
+    for tag in (resource.get("meta") or {}).get("tag") or []:
+        if tag.get("code"):
+            out.append(("_tag", tag.get("system", ""), tag["code"]))
     if rtype in ("ServiceRequest", "ImagingStudy", "DocumentReference", "DiagnosticReport"):
         ref = (resource.get("subject") or {}).get("reference", "")
         if ref:
@@ -284,6 +294,25 @@ class FHIRStore:
                 "WHERE p.version_id IS NULL OR p.version_id < r.version_id"
             ).fetchone()
         return int(n)
+
+    def holders(self, rtype: str, value: str) -> list[tuple[str, str]]:
+        """(id, system) of every identifier of ``rtype`` with this exact value, whatever its system."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, system FROM tokens WHERE type = ? AND name = 'identifier' AND value = ?", (rtype, value)
+            ).fetchall()
+        return [(str(i), str(s)) for i, s in rows]
+
+    def count_tagged(self, rtype: str, tag: dict[str, str], without: dict[str, str] | None = None) -> int:
+        """Resources of ``rtype`` carrying the ``meta.tag`` ``tag`` (and not ``without``)."""
+        tagged = "SELECT id FROM tokens WHERE type = ? AND name = '_tag' AND system = ? AND value = ?"
+        sql = f"SELECT count(DISTINCT id) FROM ({tagged})"
+        args = [rtype, tag["system"], tag["code"]]
+        if without is not None:
+            sql += f" WHERE id NOT IN ({tagged})"
+            args += [rtype, without["system"], without["code"]]
+        with self._lock:
+            return int(self._db.execute(sql, args).fetchone()[0])
 
     def count(self, rtype: str | None = None) -> int:
         with self._lock:

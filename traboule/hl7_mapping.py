@@ -15,6 +15,9 @@ the message-level ones (MSH, PID, PV1...).
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib
 import re
 import typing
 from collections.abc import Callable
@@ -79,6 +82,33 @@ def _leaf(rep: str, comp: int, sub: int, seps: Separators) -> str:
     return unescape(_pick(c, seps.subcomponent, sub or 1), seps) if c else c
 
 
+# The HL7 versions hl7apy defines, v2.5 (the version of the messages traboule reads) first.
+HL7_VERSIONS = ("2_5", "2_5_1", "2_3_1", "2_4", "2_6", "2_7", "2_8", "2_8_1", "2_8_2", "2_3", "2_2", "2_1")
+
+
+@functools.cache
+def _segments(version: str) -> frozenset[str]:
+    module = importlib.import_module(f"hl7apy.v{version}.segments")
+    return frozenset(name for name in module.SEGMENTS if len(name) == 3)
+
+
+def _common_start(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def check_segment(name: str, file: Path, line: int) -> None:
+    """A segment a mapping reads must exist: one of HL7 v2.5 (or of another version hl7apy defines), or a site's
+    own Z-segment. ``PVI-3`` would read nothing forever; it is refused at load with the closest names."""
+    if name.startswith("Z") or any(name in _segments(v) for v in HL7_VERSIONS):
+        return
+    known = sorted(set().union(*(_segments(v) for v in HL7_VERSIONS)))
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    # Closest first; among equals, the longest common beginning (PVI: PV1 before PID), then name order.
+    close.sort(key=lambda c: (-difflib.SequenceMatcher(None, name, c).ratio(), -_common_start(name, c), c))
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise MappingError(file, line, f"{name} is not an HL7 v2 segment{hint}; a site's own segments start with Z")
+
+
 def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
     """Compile one path into a getter; returns it with the location (``SEG-n``) used in error reports."""
     rel = _RELATIVE.match(text)
@@ -93,6 +123,7 @@ def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
     if not m:
         raise MappingError(file, line, f"{text!r} is not an HL7 field path (e.g. OBR-18, PID-3(5=INS).1, IPC-1.1)")
     seg, fld = m["seg"], int(m["field"])
+    check_segment(seg, file, line)
     comp, sub = int(m["comp"] or 0), int(m["sub"] or 0)
     seg_index = int(m["si"] or 1) - 1
     seg_filter = (int(m["sf"]), int(m["sc"] or 0), m["sv"]) if m["sf"] else None
@@ -378,6 +409,8 @@ class HL7InboundMapping:
                         source.location = over + source.location
         elif not re.fullmatch(r"[A-Z][A-Z0-9]{2}", over):
             raise MappingError(self.path, line, f"each: {over!r} is neither a segment name nor a field path")
+        else:
+            check_segment(over, self.path, line_of(spec, "each"))
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
         return EachRule(target, over, item_type, rules, required, line, getter)
 

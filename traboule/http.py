@@ -1,5 +1,10 @@
 """The engine's HTTP app: health, Prometheus metrics, channel status, and the routes channels contribute.
 
+One address serves every route: the main process's app also answers the routes of channels running in other
+processes (the ``/fhir`` API of the ``fhir`` process...) by forwarding them to that process's own HTTP port
+(`Forward`), and its ``/metrics`` carries every process's metrics (label ``process``). The children's ports
+answer too (their own routes, /health, /metrics), for an operator who wants one process alone.
+
 Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
 ``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
 loopback only: the configuration refuses another address (``traboule.config``).
@@ -19,8 +24,11 @@ import hmac
 import os
 from typing import Any
 
+import httpx
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -32,7 +40,33 @@ from traboule.config import HTTPLimits, client_host
 log = structlog.get_logger("traboule.http")
 
 # FHIR issue types (R4 valueset-issue-type) of the errors answered here, for the OperationOutcomes under /fhir.
-ISSUE_TYPES = {401: "login", 408: "timeout", 413: "too-long", 414: "too-long", 431: "too-long", 500: "exception"}
+ISSUE_TYPES = {
+    401: "login",
+    408: "timeout",
+    413: "too-long",
+    414: "too-long",
+    431: "too-long",
+    500: "exception",
+    502: "transient",
+    503: "transient",
+    504: "timeout",
+}
+# A forwarded request: connecting to a child on loopback is immediate or refused; its answer may be a large search.
+FORWARD_TIMEOUT = httpx.Timeout(connect=2.0, read=30.0, write=30.0, pool=5.0)
+CHILD_METRICS_TIMEOUT = 1.0  # seconds a child's /metrics may take; beyond, /metrics says it is not up
+MAX_CHILD_METRICS = 8 * 1024 * 1024  # bytes of a child's /metrics read at most
+# Headers of one connection (RFC 9110 7.6.1), not of the request or response: never passed on.
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+}
+NOT_FORWARDED = HOP_BY_HOP | {b"date", b"server"}
 
 
 def create_app(runtime: Any) -> Starlette:
@@ -54,7 +88,9 @@ def create_app(runtime: Any) -> Starlette:
         return JSONResponse({"process": runtime.process or "main", "pid": os.getpid(), "started": runtime.started})
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        if len(runtime.config.processes()) == 1 or runtime.process != "main":
+            return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(await _all_metrics(runtime)), media_type=CONTENT_TYPE_LATEST)
 
     async def channels(request: Request) -> JSONResponse:
         """Every configured channel: described by the process running it, or named with the process that does."""
@@ -79,8 +115,16 @@ def create_app(runtime: Any) -> Starlette:
         contribute = getattr(channel, "routes", None)
         if contribute is not None:
             routes.extend(contribute())
+    # The main process also answers, by forwarding, the routes of the other processes' channels.
+    from traboule.runtime import remote_routes
+
+    forwarded, remote_limits = remote_routes(runtime.config, runtime.process)
+    forwarders: dict[str, Forward] = {}
+    for remote in forwarded:
+        forward = forwarders.setdefault(remote.process, Forward(runtime, remote.process))
+        routes.append(Route(remote.path, forward, methods=remote.methods))
     limits: HTTPLimits = runtime.config.http_limits
-    body_limits: dict[str, int] = {}
+    body_limits: dict[str, int] = dict(remote_limits)
     for channel in runtime.channels:  # a route's own limit (the archive webhook: 64 KiB), then the operator's
         declared = getattr(channel, "body_limits", None)
         if declared is not None:
@@ -88,6 +132,7 @@ def create_app(runtime: Any) -> Starlette:
     body_limits.update(limits.body_limits)
     app = Starlette(routes=routes)
     app.state.http_limits = limits
+    app.state.forwarders = list(forwarders.values())
     # Added innermost first: CatchAll wraps everything, a request without a token is refused before its body is read.
     app.add_middleware(
         RequestLimits,
@@ -113,8 +158,6 @@ def error_response(path: str, status: int, text: str, headers: dict[str, str] | 
 
 async def _children_health(runtime: Any) -> dict[str, Any]:
     """Each child process: its supervisor's view, and its own /health when it answers (1 s at most)."""
-    import httpx
-
     config = runtime.config
     host, token = client_host(config.http_host), config.api_headers()
     out: dict[str, Any] = {}
@@ -133,6 +176,141 @@ async def _children_health(runtime: Any) -> dict[str, Any]:
                     report["status"], report["error"] = "down", type(exc).__name__
             out[name] = report
     return out
+
+
+async def _all_metrics(runtime: Any) -> Any:
+    """Every process's metrics as one registry to render: each sample labelled with its ``process``, and
+    ``traboule_process_up`` saying which child answered (a child down has no samples meanwhile)."""
+    config = runtime.config
+    host, token = client_host(config.http_host), config.api_headers()
+    children = config.processes()[1:]
+
+    async def scrape(client: httpx.AsyncClient, name: str) -> str | None:
+        try:
+            async with client.stream("GET", f"http://{host}:{config.http_port_of(name)}/metrics") as answer:
+                if answer.status_code != 200:
+                    return None
+                body = b""
+                async for chunk in answer.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_CHILD_METRICS:
+                        return None
+                return body.decode("utf-8", "replace")
+        except httpx.HTTPError:
+            return None
+
+    async with httpx.AsyncClient(timeout=CHILD_METRICS_TIMEOUT, headers=token, trust_env=False) as client:
+        texts = await asyncio.gather(*(scrape(client, name) for name in children))
+    families: dict[str, Metric] = {}
+
+    def add(process: str, found: Any) -> None:
+        for family in found:
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, "process": process}))
+
+    # The main process's own samples go through the same parser: the families then have the same shape (a
+    # counter's _created samples, for instance) whichever process they come from.
+    add("main", text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode()))
+    up = Metric("traboule_process_up", "1 when the process answered this scrape, 0 when not", "gauge")
+    for name, text in zip(children, texts, strict=True):
+        up.add_sample("traboule_process_up", {"process": name}, 0.0 if text is None else 1.0)
+        if text is not None:
+            try:
+                add(name, text_string_to_metric_families(text))
+            except ValueError:  # not the exposition format: the process is counted as not answering
+                up.samples[-1] = up.samples[-1]._replace(value=0.0)
+    families[up.name] = up
+
+    class Collected:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    return Collected()
+
+
+class Forward:
+    """ASGI endpoint: a request for a route of a channel in another process, sent on to that process's HTTP port
+    (same method, path, query, headers and body, streamed) and its answer (status, headers, body) streamed back.
+
+    The main address's request limits and bearer-token check apply before (they wrap the app). A child that is
+    starting, restarting or not answering: 503 with ``Retry-After``; a broken answer 502, a slow one 504: an
+    OperationOutcome under ``/fhir``, ``{"error": ...}`` elsewhere."""
+
+    def __init__(self, runtime: Any, process: str) -> None:
+        self.runtime = runtime
+        self.process = process
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:  # made on the serving loop, at the first request
+            self._client = httpx.AsyncClient(
+                timeout=FORWARD_TIMEOUT, trust_env=False, limits=httpx.Limits(max_connections=100)
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        state = self.runtime.processes.get(self.process)
+        if state is not None and state.state != "ready":
+            text = f"the {self.process} process serving this route is {state.state}: try again shortly"
+            await error_response(path, 503, text, {"Retry-After": "1"})(scope, receive, send)
+            return
+        config = self.runtime.config
+        # The target goes to our own child, at the address from the configuration: the path (matched by one of the
+        # child's route templates) and query as received, which the child checks as it would from a client.
+        target = scope.get("raw_path") or path.encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        url = httpx.URL(
+            scheme="http", host=client_host(config.http_host), port=config.http_port_of(self.process), raw_path=target
+        )
+        # expect: 100-continue is this server's business (it answers when the body is read), not the child's.
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k not in HOP_BY_HOP and k != b"expect"]
+        with_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope.get("headers") or [])
+
+        async def body() -> Any:
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                more = bool(message.get("more_body", False))
+                yield message.get("body", b"")
+
+        request = httpx.Request(scope.get("method", "GET"), url, headers=headers, content=body() if with_body else None)
+        try:
+            answer = await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            await error_response(path, 504, f"the {self.process} process did not answer in time")(scope, receive, send)
+            return
+        except httpx.TransportError as exc:
+            log.warning(
+                "http.forward_failed", process=self.process, route=route_template(scope), error=type(exc).__name__
+            )
+            text = f"the {self.process} process serving this route is not answering: try again shortly"
+            status = 503 if isinstance(exc, httpx.ConnectError) else 502
+            await error_response(path, status, text, {"Retry-After": "1"})(scope, receive, send)
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": answer.status_code,
+                    # date and server: the answering server's (uvicorn adds them), not twice.
+                    "headers": [(k, v) for k, v in answer.headers.raw if k.lower() not in NOT_FORWARDED],
+                }
+            )
+            async for chunk in answer.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await answer.aclose()
 
 
 class BearerTokens:

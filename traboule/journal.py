@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -148,6 +149,43 @@ class Journal:
         if events and result.status == "accepted":
             self.outbox_ready.set()
         return result
+
+    def append_events(self, idempotency_key: str, events: list[OutboxEvent], note: str = "") -> int:
+        """Add events (and a line to its warnings) to the accepted message with this idempotency key, in one
+        transaction; returns the message's id, or 0 when no accepted message has that key (nothing is written).
+
+        For work finished after the message was acknowledged (a report published once its study is known): its
+        events go through the outbox like the message's own. Runs on the event loop's thread, as every write."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        self._reserve(sum(len(e.body) for e in events) + len(note))
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT id, warnings FROM messages INDEXED BY messages_key"
+                " WHERE idempotency_key = ? AND status = 'accepted' LIMIT 1",
+                (idempotency_key,),
+            ).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                return 0
+            db.executemany(
+                "INSERT INTO outbox (message_id, topic, event_id, body) VALUES (?, ?, ?, ?)",
+                [(row[0], e.topic, e.event_id, e.body) for e in events],
+            )
+            if note:
+                warnings = f"{row[1]}\n{note}".strip()
+                db.execute("UPDATE messages SET warnings = ? WHERE id = ?", (warnings, row[0]))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise
+        if events:
+            self.outbox_ready.set()
+        return int(row[0])
 
     def disk_free(self, *, fresh: bool = False) -> int:
         """Free bytes on the journal's disk (read at most once a second unless ``fresh``)."""
@@ -297,6 +335,86 @@ class Journal:
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
+
+    # -- selection (reprocessing) ----------------------------------------------------------------------------
+
+    def last_id(self) -> int:
+        """The id of the latest entry (0 when the journal is empty)."""
+        (n,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+        return int(n)
+
+    def select(self, query: Query, *, after: int = 0, limit: int = 100) -> list[JournalEntry]:
+        """Entries matching ``query`` with an id above ``after``, in id order (page on with the last id)."""
+        where, args = query.where()
+        rows = self._db.execute(
+            f"SELECT * FROM messages WHERE id > ? AND {where} ORDER BY id LIMIT ?", (after, *args, limit)
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def count(self, query: Query, *, after: int = 0) -> int:
+        where, args = query.where()
+        (n,) = self._db.execute(f"SELECT COUNT(*) FROM messages WHERE id > ? AND {where}", (after, *args)).fetchone()
+        return int(n)
+
+    def outbox_of(self, message_id: int) -> list[OutboxEvent]:
+        """The events of a message still in the outbox (not yet confirmed by the bus; published ones are gone)."""
+        rows = self._db.execute(
+            "SELECT id, message_id, topic, event_id, body FROM outbox WHERE message_id = ? ORDER BY id", (message_id,)
+        ).fetchall()
+        return [OutboxEvent(r["topic"], r["event_id"], bytes(r["body"]), r["id"], r["message_id"]) for r in rows]
+
+
+@dataclass
+class Query:
+    """Which journal entries: ids and id ranges (any of them), and filters (all of them). Empty lists match all.
+
+    ``types``: message types, ``ORM^O01`` exactly or ``ORM`` for any trigger event; ``since`` / ``until``: ISO 8601
+    UTC bounds on the reception time as the journal writes it (``since`` included, ``until`` excluded); ``upto``:
+    the highest id (0: none)."""
+
+    ids: list[int] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    since: str = ""
+    until: str = ""
+    upto: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        picked = [f"id IN ({', '.join('?' * len(self.ids))})"] if self.ids else []
+        args += self.ids
+        for low, high in self.ranges:
+            picked.append("id BETWEEN ? AND ?")
+            args += [low, high]
+        if picked:
+            clauses.append("(" + " OR ".join(picked) + ")")
+        for column, values in (("status", self.statuses), ("channel", self.channels)):
+            if values:
+                clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args += values
+        if self.types:
+            # substr, not LIKE: a type is the operator's text and LIKE would read its % and _ as wild cards.
+            clauses.append(
+                "("
+                + " OR ".join(
+                    "message_type = ?" if "^" in t else "(message_type = ? OR substr(message_type, 1, ?) = ?)"
+                    for t in self.types
+                )
+                + ")"
+            )
+            for t in self.types:
+                args += [t] if "^" in t else [t, len(t) + 1, t + "^"]
+        for op, value in ((">=", self.since), ("<", self.until)):
+            if value:
+                clauses.append(f"received {op} ?")
+                args.append(value)
+        if self.upto:
+            clauses.append("id <= ?")
+            args.append(self.upto)
+        return " AND ".join(clauses) or "1", args
 
 
 def record(path: str | Path, entry: JournalEntry) -> JournalEntry:

@@ -168,7 +168,8 @@ class PerformedStep:
     started: str = ""  # YYYYMMDDHHMMSS
     ended: str = ""
     description: str = ""
-    series_uids: list[str] = field(default_factory=list)
+    series_uids: list[str] = field(default_factory=list)  # the performed series (also in ``series``)
+    series: list[Series] = field(default_factory=list)  # with their instances (SOP class + instance UIDs)
 
 
 @dataclass

@@ -11,10 +11,20 @@ answered AE with the reason and journaled as rejected, so nothing is half-publis
   ``<setId>.<version>``.
 * A ready CDA in the message (ED OBX, level 1 or 3) is published as it is, with its own ids.
 * Idempotent: the same message (same idempotency key) prepares the same document again, without a new version.
-* Catalog: the study the archive reported (``study.*`` events) gives the DICOM object catalog of a level-3 report;
-  the order (seen by the same channel) gives the procedure code and identifiers a report message may lack.
+* Catalog: the DICOM object catalog of a level-3 report comes from the study the archive reported (``study.*``
+  events), else from the performed series of the exam's MPPS (``procedure.*`` events), else from a read of the
+  archive on demand (by the channel, before ``prepare``); the order (seen by the same channel) gives the procedure
+  code and identifiers a report message may lack.
+* Waiting for the study: a structured report whose study none of them knows yet is checked with a stand-in
+  catalog (built and validated: whatever else is wrong is still an AE) and kept, durably, as *waiting*
+  (``waiting`` table) before the sender gets its AA; it is published (``publish_waiting``) once its study is
+  known, as if the study had come first. A later version of the same set supersedes it (it is never published); a
+  deletion withdraws it. Past its deadline it is *expired*, and a CDA the validators refuse at that point is
+  *invalid*: both are dead letters, published again on request (``request_publication``). Each outcome is written
+  to the message's journal entry by the channel (``unnoted`` / ``noted``).
 
-State lives in ``<data_dir>/reports.sqlite`` (WAL): sets, documents (with their bytes), known studies and orders.
+State lives in ``<data_dir>/<channel>.reports.sqlite`` (WAL): sets, documents (with their bytes), known studies,
+performed steps and orders, waiting reports.
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ import hashlib
 import json
 import sqlite3
 import threading
-from datetime import datetime
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from traboule import model
-from traboule.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, read_header
+from traboule.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, placeholder_study, read_header
 
 log = structlog.get_logger("traboule.reports")
 
@@ -58,7 +70,37 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS studies (uid TEXT PRIMARY KEY, accession TEXT NOT NULL, study TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession);
 CREATE TABLE IF NOT EXISTS orders (accession TEXT PRIMARY KEY, orders TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS performed (      -- MPPS instances with performed series and instances
+    uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    accession TEXT NOT NULL,
+    step TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS performed_study ON performed (study_uid);
+CREATE INDEX IF NOT EXISTS performed_accession ON performed (accession);
+CREATE TABLE IF NOT EXISTS waiting (
+    n INTEGER PRIMARY KEY,
+    message_key TEXT NOT NULL UNIQUE,  -- idempotency key of the report message (its journal entry)
+    set_key TEXT NOT NULL,
+    accession TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    received TEXT NOT NULL,            -- ISO 8601 UTC
+    deadline REAL NOT NULL,            -- epoch seconds: expired after
+    status TEXT NOT NULL,              -- waiting | published | superseded | withdrawn | expired | invalid
+    reason TEXT NOT NULL DEFAULT '',
+    superseded_by TEXT NOT NULL DEFAULT '', -- message key of the report that superseded or withdrew it
+    document_id TEXT NOT NULL DEFAULT '',
+    journal_id INTEGER NOT NULL DEFAULT 0,
+    noted INTEGER NOT NULL DEFAULT 0,  -- its last outcome is written to its journal entry
+    requested INTEGER NOT NULL DEFAULT 0, -- an operator asked for it to be published now
+    report TEXT NOT NULL               -- the canonical Report (JSON)
+);
+CREATE INDEX IF NOT EXISTS waiting_status ON waiting (status, n);
+CREATE INDEX IF NOT EXISTS waiting_set ON waiting (set_key, status);
 """
+
+WAIT_FOR_STUDY = 24 * 3600.0  # seconds a structured report waits for its study by default
+DEAD = ("expired", "invalid")  # dead letters: published again only on request
 
 
 class ReportRefused(Exception):
@@ -71,12 +113,37 @@ class ReportRefused(Exception):
         self.code = code
 
 
-class ReportPublisher:
-    """Prepares the documents of one inbound channel (blocking calls: run them in a thread)."""
+@dataclass
+class Held:
+    """A report that made no document now (nothing to publish yet); ``note`` goes into its journal entry."""
 
-    def __init__(self, mapping: CDAMapping, path: Path | str, validator: Any = None) -> None:
+    note: str
+    new: bool = True  # False when the same message was held before (a resend)
+
+
+@dataclass
+class Waiting(Held):
+    """Accepted and kept until its study is known (row ``n`` of the ``waiting`` table)."""
+
+    n: int = 0
+
+
+@dataclass
+class Withdrawn(Held):
+    """A deletion of a set whose only versions were still waiting: they are withdrawn, nothing is published."""
+
+
+class ReportPublisher:
+    """Prepares the documents of one inbound channel (blocking calls: run them in a thread).
+
+    ``wait_for_study``: seconds a structured report waits for its study (0: refused at once, AE, as before)."""
+
+    def __init__(
+        self, mapping: CDAMapping, path: Path | str, validator: Any = None, *, wait_for_study: float = WAIT_FOR_STUDY
+    ) -> None:
         self.mapping = mapping
         self.validator = validator
+        self.wait_for_study = wait_for_study
         self.path = str(path)
         self._lock = threading.Lock()
         # One report at a time: two versions of a set (or the same message on two connections) must not interleave
@@ -106,7 +173,18 @@ class ReportPublisher:
             for p in payloads
             if isinstance(p, model.Study) and p.study_instance_uid
         ]
-        if not orders and not studies:
+        # Performed steps that reference instances (an N-SET without them never blanks what an earlier one said).
+        steps = [
+            (
+                p.sop_instance_uid,
+                p.study_instance_uid,
+                p.accession_number,
+                json.dumps(model.plain(p), ensure_ascii=False),
+            )
+            for p in payloads
+            if isinstance(p, model.PerformedStep) and p.sop_instance_uid and any(s.instances for s in p.series)
+        ]
+        if not orders and not studies and not steps:
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -121,6 +199,7 @@ class ReportPublisher:
                     "accession = excluded.accession, study = excluded.study",
                     studies,
                 )
+                self._db.executemany("INSERT OR REPLACE INTO performed VALUES (?, ?, ?, ?)", steps)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -133,18 +212,41 @@ class ReportPublisher:
         self.remember([study])
 
     def study_for(self, report: model.Report) -> model.Study | None:
+        found = self.catalog_for(report)
+        return found[0] if found else None
+
+    def catalog_for(self, report: model.Report) -> tuple[model.Study, str] | None:
+        """The study of a report's DICOM object catalog and where it comes from (``archive``, ``mpps``): the study
+        the archive reported, else the series and instances the modality reported performed (MPPS)."""
+        uid, accession = report.study_instance_uid, report.accession_number.value
         with self._lock:
             row = None
-            if report.study_instance_uid:
+            if uid:
+                row = self._db.execute("SELECT study FROM studies WHERE uid = ?", (uid,)).fetchone()
+            if row is None and accession:
                 row = self._db.execute(
-                    "SELECT study FROM studies WHERE uid = ?", (report.study_instance_uid,)
+                    "SELECT study FROM studies WHERE accession = ? ORDER BY rowid DESC LIMIT 1", (accession,)
                 ).fetchone()
-            if row is None and report.accession_number.value:
-                row = self._db.execute(
-                    "SELECT study FROM studies WHERE accession = ? ORDER BY rowid DESC LIMIT 1",
-                    (report.accession_number.value,),
-                ).fetchone()
-        return model.from_dict(model.Study, json.loads(row[0])) if row else None
+            steps: list[Any] = []
+            if row is None and uid:
+                steps = self._db.execute("SELECT step FROM performed WHERE study_uid = ?", (uid,)).fetchall()
+            if row is None and not steps and accession:
+                steps = self._db.execute("SELECT step FROM performed WHERE accession = ?", (accession,)).fetchall()
+        if row is not None:
+            return model.from_dict(model.Study, json.loads(row[0])), "archive"
+        study = _performed_study([model.from_dict(model.PerformedStep, json.loads(r[0])) for r in steps])
+        return (study, "mpps") if study is not None else None
+
+    def missing_study(self, report: model.Report) -> tuple[str, str] | None:
+        """(Study Instance UID, accession number) of a structured report whose study no catalog source knows yet
+        (the channel may then read the archive before ``prepare``), else None."""
+        if report.action == "delete" or report.attachment_type in ("application/pdf", "text/xml"):
+            return None
+        probe = model.from_dict(model.Report, model.plain(report))
+        self._complete(probe)
+        if self.catalog_for(probe) is not None:
+            return None
+        return probe.study_instance_uid, probe.accession_number.value
 
     def order_for(self, accession: str) -> model.ImagingOrder | None:
         with self._lock:
@@ -166,12 +268,14 @@ class ReportPublisher:
             ).fetchone()
         return _document(row[0]) if row else None
 
-    def prepare(self, report: model.Report, message_key: str) -> model.Document:
-        """The document event for ``report``; raises ``ReportRefused`` (AE) when it cannot be published."""
+    def prepare(self, report: model.Report, message_key: str) -> model.Document | Held:
+        """The document event for ``report``, or ``Held`` when there is nothing to publish yet (the report waits for
+        its study, or a deletion withdrew waiting versions); raises ``ReportRefused`` (AE) when it cannot be
+        published."""
         with self._prepare_lock:
             return self._prepare(report, message_key)
 
-    def _prepare(self, report: model.Report, message_key: str) -> model.Document:
+    def _prepare(self, report: model.Report, message_key: str) -> model.Document | Held:
         with self._lock:
             row = self._db.execute(
                 "SELECT document_id, action FROM messages WHERE message_key = ?", (message_key,)
@@ -182,6 +286,9 @@ class ReportPublisher:
                 again.action = row[1]
                 again.report.action = row[1]
                 return again
+        held = self._held_again(message_key)
+        if held is not None:
+            return held
         self._complete(report)
         try:
             if report.action == "delete":
@@ -234,23 +341,172 @@ class ReportPublisher:
             (last,) = self._db.execute("SELECT MAX(version) FROM documents WHERE set_id = ?", (set_id,)).fetchone()
         return int(last or 0) + 1
 
-    def _generated(self, report: model.Report, message_key: str) -> model.Document:
+    def _generated(self, report: model.Report, message_key: str) -> model.Document | Held:
         key = _set_key(report)
         set_id, current = self._set_for(key)
         version, replaces = self._next_version(set_id), current.id if current is not None else ""
+        ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
+        level = 1 if report.attachment_type == "application/pdf" else 3
+        found = self.catalog_for(report) if level == 3 else None
+        study = found[0] if found else None
+        if level == 3 and study is None and self.wait_for_study > 0:
+            return self._wait(report, message_key, ids)
         if current is None and report.action == "replace":
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
-        ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
-        study = self.study_for(report)
         if study is not None:  # the archive's UID (found by accession number, it may differ from the order's)
             report.study_instance_uid = study.study_instance_uid
         report.acts = [self.mapping.act_of(report, study)]
         data = self.mapping.build(report, ids, study)
         self._check(data)
-        level = 1 if report.attachment_type == "application/pdf" else 3
         doc = document_of(self.mapping, report, data, ids, level=level)
-        self._store(doc, message_key)
+        self._store(doc, message_key, supersede=key)
         return doc
+
+    # -- reports waiting for their study ---------------------------------------------------------------------
+
+    def _wait(self, report: model.Report, message_key: str, ids: DocumentIds) -> Waiting:
+        """Check everything but the catalog now (a stand-in one: AE for what the sender can fix), then keep the
+        report as waiting, superseding the versions of its set still waiting, in one transaction."""
+        kept = json.dumps(model.plain(report), ensure_ascii=False)
+        report.acts = [act := self.mapping.act_of(report, None)]
+        self._check(self.mapping.build(report, ids, placeholder_study(report, act)))
+        deadline = time.time() + self.wait_for_study
+        key = _set_key(report)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                superseded = self._supersede(key, message_key, "superseded")
+                cur = self._db.execute(
+                    "INSERT INTO waiting (message_key, set_key, accession, study_uid, received, deadline, status,"
+                    " report) VALUES (?, ?, ?, ?, ?, ?, 'waiting', ?)",
+                    (
+                        message_key,
+                        key,
+                        report.accession_number.value,
+                        report.study_instance_uid,
+                        datetime.now(UTC).isoformat(timespec="seconds"),
+                        deadline,
+                        kept,
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        n = int(cur.lastrowid or 0)
+        log.info("report.waiting", waiting=n, superseded=superseded)
+        return Waiting(_waiting_note(n, deadline, superseded), n=n)
+
+    def _supersede(self, set_key: str, message_key: str, status: str) -> int:
+        """In the caller's transaction: the versions of the set not published yet (waiting, or dead letters) are
+        superseded (or withdrawn) by ``message_key``; returns how many."""
+        cur = self._db.execute(
+            "UPDATE waiting SET status = ?, superseded_by = ?, noted = 0, requested = 0 WHERE set_key = ?"
+            " AND message_key != ? AND status IN ('waiting', 'expired', 'invalid')",
+            (status, message_key, set_key, message_key),
+        )
+        return int(cur.rowcount or 0)
+
+    def _held_again(self, message_key: str) -> Held | None:
+        """The same message again, held before: the same answer (an expired one waits again, from now)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT n, status, deadline FROM waiting WHERE message_key = ?", (message_key,)
+            ).fetchone()
+            if row is None:
+                withdrew = self._db.execute(
+                    "SELECT count(*) FROM waiting WHERE superseded_by = ? AND status = 'withdrawn'", (message_key,)
+                ).fetchone()[0]
+                return Withdrawn(_withdrawn_note(withdrew), new=False) if withdrew else None
+            n, status, deadline = row
+            if status in DEAD:
+                deadline = time.time() + self.wait_for_study
+                self._db.execute(
+                    "UPDATE waiting SET status = 'waiting', deadline = ?, reason = '', noted = 1 WHERE n = ?",
+                    (deadline, n),
+                )
+                status = "waiting"
+        if status == "waiting":
+            return Waiting(_waiting_note(n, deadline, 0), new=False, n=n)
+        return Held(f"report already held ({status}), see traboule reports waiting --all", new=False)
+
+    def waiting(self, statuses: tuple[str, ...] = ("waiting",)) -> list[dict[str, Any]]:
+        """Rows of the ``waiting`` table with these statuses, oldest first (without the report)."""
+        return _rows(self._db, self._lock, statuses)
+
+    def publish_waiting(self, message_key: str) -> model.Document | None:
+        """Publish a waiting report whose study is known now: the same document as if the study had come first (the
+        row becomes ``published`` in the document's transaction; ``unnoted`` then lists it until its event is in the
+        journal). None when it still waits (or waits no more); ``ReportRefused`` when the CDA cannot be made or is
+        not valid: the row is then ``invalid`` (a dead letter) with the reason."""
+        with self._prepare_lock:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT report, status FROM waiting WHERE message_key = ?", (message_key,)
+                ).fetchone()
+            if row is None or row[1] != "waiting":
+                return None
+            report = model.from_dict(model.Report, json.loads(row[0]))
+            self._complete(report)
+            if self.catalog_for(report) is None:
+                return None
+            try:
+                doc = self._generated(report, message_key)
+            except (CDAError, ReportRefused) as exc:
+                reason = exc.reason if isinstance(exc, ReportRefused) else str(exc)
+                self._settle(message_key, "invalid", reason)
+                raise ReportRefused(reason) from exc
+            assert isinstance(doc, model.Document)
+            return doc
+
+    def expire(self, now: float | None = None) -> int:
+        """Waiting reports past their deadline become dead letters (``expired``); returns how many."""
+        now = time.time() if now is None else now
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE waiting SET status = 'expired', noted = 0, requested = 0,"
+                " reason = 'no study known for it before its deadline' WHERE status = 'waiting' AND deadline < ?",
+                (now,),
+            )
+        return int(cur.rowcount or 0)
+
+    def requested(self) -> list[str]:
+        """Message keys of the reports an operator asked to publish now (``request_publication``); clears the asks."""
+        with self._lock:
+            rows = self._db.execute("SELECT n, message_key FROM waiting WHERE requested = 1").fetchall()
+            if rows:  # looked at every few seconds: written only when an operator asked
+                self._db.executemany("UPDATE waiting SET requested = 0 WHERE n = ?", [(r[0],) for r in rows])
+        return [r[1] for r in rows]
+
+    def unnoted(self) -> list[dict[str, Any]]:
+        """Outcomes not yet written to the journal entries of their messages (published, superseded, withdrawn,
+        dead letters)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT n, message_key, status, reason, superseded_by, document_id FROM waiting"
+                " WHERE noted = 0 AND status != 'waiting' ORDER BY n"
+            ).fetchall()
+        keys = ("n", "message_key", "status", "reason", "superseded_by", "document_id")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def noted(self, n: int, journal_id: int = 0) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE waiting SET noted = 1, journal_id = CASE WHEN ? THEN ? ELSE journal_id END WHERE n = ?",
+                (journal_id, journal_id, n),
+            )
+
+    def journaled(self, message_key: str, journal_id: int) -> None:
+        """The journal entry of a waiting report's message (for the operator's listing)."""
+        with self._lock:
+            self._db.execute("UPDATE waiting SET journal_id = ? WHERE message_key = ?", (journal_id, message_key))
+
+    def _settle(self, message_key: str, status: str, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE waiting SET status = ?, reason = ?, noted = 0 WHERE message_key = ?",
+                (status, reason[:2000], message_key),
+            )
 
     def _ready(self, report: model.Report, message_key: str) -> model.Document:
         data = decode_attachment(report)
@@ -305,11 +561,16 @@ class ReportPublisher:
                 row = self._db.execute("SELECT set_id FROM sets WHERE set_key = ?", (_set_key(report),)).fetchone()
             current = self.current(row[0]) if row else None
         if current is None:
+            if report.accession_number.value:  # versions still waiting for their study: withdrawn, in order
+                with self._lock:
+                    withdrawn = self._supersede(_set_key(report), message_key, "withdrawn")  # one statement
+                if withdrawn:
+                    return Withdrawn(_withdrawn_note(withdrawn))
             raise ReportRefused("no published document to delete for this report", "OBR-18")
         doc = model.from_dict(model.Document, model.plain(current))
         doc.action = "delete"
         doc.report.action = "delete"
-        self._store(doc, message_key)
+        self._store(doc, message_key, supersede=_set_key(doc.report), withdraw=True)
         return doc
 
     def discard(self, message_key: str) -> None:
@@ -319,6 +580,21 @@ class ReportPublisher:
             row = self._db.execute(
                 "SELECT document_id, action FROM messages WHERE message_key = ?", (message_key,)
             ).fetchone()
+            held = self._db.execute(
+                "SELECT (SELECT count(*) FROM waiting WHERE message_key = ?),"
+                " (SELECT count(*) FROM waiting WHERE superseded_by = ?)",
+                (message_key, message_key),
+            ).fetchone()
+            if any(held):  # waiting for its study, or it superseded (withdrew) versions that were waiting
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "UPDATE waiting SET status = CASE WHEN reason = '' THEN 'waiting' ELSE 'expired' END,"
+                    " superseded_by = '', noted = 1 WHERE superseded_by = ?",
+                    (message_key,),
+                )
+                self._db.execute("DELETE FROM waiting WHERE message_key = ?", (message_key,))
+                self._db.execute("COMMIT")
+                log.warning("report.discarded", waiting=held[0], restored=held[1])
             if row is None:
                 return
             doc_id, action = row
@@ -353,6 +629,10 @@ class ReportPublisher:
         with self._lock:
             rows = self._db.execute("SELECT message_key FROM messages ORDER BY rowid DESC LIMIT ?", (recent,))
             keys = [r[0] for r in rows]
+            rows = self._db.execute(
+                "SELECT message_key FROM waiting WHERE status = 'waiting' ORDER BY n DESC LIMIT ?", (recent,)
+            )
+            keys += [r[0] for r in rows if r[0] not in keys]
         missing = [k for k in keys if not journaled(k)]
         for key in missing:
             self.discard(key)
@@ -368,12 +648,21 @@ class ReportPublisher:
             problems += [f"{Path(f.schematron).stem}: {f.text}" for f in result.errors]
             raise ReportRefused(f"CDA not valid: {'; '.join(problems)}"[:900], "OBX", code="101")
 
-    def _store(self, doc: model.Document, message_key: str) -> None:
-        """One transaction: the version (current, or deleted), the superseded one, the message that made it."""
+    def _store(self, doc: model.Document, message_key: str, *, supersede: str = "", withdraw: bool = False) -> None:
+        """One transaction: the version (current, or deleted), the superseded one, the message that made it; the
+        versions of the set (``supersede``: its key) still waiting superseded (``withdraw``: withdrawn); the
+        message's own waiting row, when it waited, published."""
         text = _json(doc)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if supersede:
+                    self._supersede(supersede, message_key, "withdrawn" if withdraw else "superseded")
+                self._db.execute(
+                    "UPDATE waiting SET status = 'published', document_id = ?, reason = '', noted = 0"
+                    " WHERE message_key = ? AND status = 'waiting'",
+                    (doc.id, message_key),
+                )
                 if doc.action == "delete":
                     self._db.execute(
                         "UPDATE documents SET status = 'deleted', document = ? WHERE id = ?", (text, doc.id)
@@ -450,3 +739,89 @@ def _json(doc: model.Document) -> str:
 
 def _document(text: str) -> model.Document:
     return model.from_dict(model.Document, json.loads(text))
+
+
+def _performed_study(steps: list[model.PerformedStep]) -> model.Study | None:
+    """The study as the modality reported performing it (MPPS): its series with the instances they reference, every
+    step of the same study merged (a study may be performed in several steps)."""
+    steps = [s for s in steps if model.is_uid(s.study_instance_uid)]
+    if not steps:
+        return None
+    uid = steps[0].study_instance_uid
+    series: dict[str, model.Series] = {}
+    for step in sorted((s for s in steps if s.study_instance_uid == uid), key=lambda s: s.started):
+        for item in step.series:
+            if not item.instances:
+                continue
+            known = series.setdefault(item.uid, model.Series(item.uid, item.number, item.modality, item.description))
+            seen = {i.uid for i in known.instances}
+            known.instances += [i for i in item.instances if i.uid not in seen]
+    if not series:
+        return None
+    first = steps[0]
+    return model.Study(
+        study_instance_uid=uid,
+        accession_number=first.accession_number,
+        patient=first.patient,
+        started=min((s.started for s in steps if s.started), default=""),
+        description=first.description,
+        series=list(series.values()),
+    )
+
+
+def _waiting_note(n: int, deadline: float, superseded: int) -> str:
+    until = datetime.fromtimestamp(deadline, UTC).isoformat(timespec="minutes")
+    note = f"report waiting for its study (traboule reports waiting: {n}); published when it is known, until {until}"
+    return note + (f"; supersedes {superseded} waiting version(s)" if superseded else "")
+
+
+def _withdrawn_note(withdrawn: int) -> str:
+    return f"deletion of versions not published yet: {withdrawn} waiting report(s) withdrawn, nothing to publish"
+
+
+_LISTED = ("n", "message_key", "status", "accession", "study_uid", "received", "deadline", "reason", "journal_id",
+           "document_id", "superseded_by")  # fmt: skip
+
+
+def _rows(db: sqlite3.Connection, lock: Any, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
+    marks = ", ".join("?" * len(statuses))
+    with lock:
+        rows = db.execute(
+            f"SELECT {', '.join(_LISTED)} FROM waiting WHERE status IN ({marks}) ORDER BY n", statuses
+        ).fetchall()
+    return [dict(zip(_LISTED, r, strict=True)) for r in rows]
+
+
+def held_reports(path: Path | str, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The waiting table of a reports store, from another process (the ``traboule reports`` command)."""
+    db = _open(path)
+    try:
+        return _rows(db, threading.Lock(), statuses)
+    finally:
+        db.close()
+
+
+def request_publication(path: Path | str, n: int, wait_for_study: float = WAIT_FOR_STUDY) -> str | None:
+    """Ask the running engine to publish report ``n`` now (waiting, or a dead letter: it waits again, with a new
+    deadline, and is published as soon as its study is known); returns its status before, or None when there is
+    no such report or it is not held any more."""
+    db = _open(path)
+    try:
+        row = db.execute("SELECT status FROM waiting WHERE n = ?", (n,)).fetchone()
+        if row is None or row[0] not in ("waiting", *DEAD):
+            return None if row is None else row[0]
+        db.execute(
+            "UPDATE waiting SET status = 'waiting', requested = 1, reason = '', noted = 1, deadline = ? WHERE n = ?",
+            (time.time() + wait_for_study, n),
+        )
+        return str(row[0])
+    finally:
+        db.close()
+
+
+def _open(path: Path | str) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    return db

@@ -121,6 +121,42 @@ def preflight(config: Config) -> list[str]:
     return checked
 
 
+@dataclass(frozen=True)
+class RemoteRoute:
+    """An HTTP route a channel of another process serves: the main process forwards it to that process's port."""
+
+    path: str  # the route's template, e.g. /fhir/{type}/{id}
+    methods: frozenset[str] | None  # None: every method
+    process: str
+
+
+def remote_routes(config: Config, process: str | None) -> tuple[list[RemoteRoute], dict[str, int]]:
+    """The routes (and their request body limits) that channels of the other processes serve, for the main
+    process to answer them on its own port. Learnt as `preflight` does, by building those channels against a
+    scratch folder (nothing listens), so a channel declares its routes once, in its ``routes()``."""
+    if process != "main":
+        return [], {}
+    remote = [c for c in config.channels if process_of(c) != "main" and hasattr(channel_class(c["kind"]), "routes")]
+    found: list[RemoteRoute] = []
+    limits: dict[str, int] = {}
+    if not remote:
+        return found, limits
+    with tempfile.TemporaryDirectory(prefix="traboule-routes-") as scratch:
+        scratch_config = copy.deepcopy(config)
+        scratch_config.data_dir = scratch
+        probe = _Probe(scratch_config, Path(scratch))
+        for channel_config in remote:
+            channel = channel_class(channel_config["kind"])(copy.deepcopy(channel_config), probe)
+            for route in channel.routes():
+                methods = getattr(route, "methods", None)
+                where = process_of(channel_config)
+                found.append(RemoteRoute(route.path, frozenset(methods) if methods else None, where))
+            declared = getattr(channel, "body_limits", None)
+            if declared is not None:
+                limits.update(declared())
+    return found, limits
+
+
 @dataclass
 class _Probe:
     """What a channel's constructor may read of its runtime, for `preflight`."""

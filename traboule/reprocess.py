@@ -1,0 +1,731 @@
+"""Reprocessing: journaled messages run again through today's mappings, their events delivered to chosen channels.
+
+For a channel added after the messages came (backfill: orders received before the FHIR channel existed never
+reached it) or a mapping fixed since. ``traboule journal reprocess`` selects journal entries (ids, ranges,
+filters), maps each raw message again with the inbound mapping of the channel that received it, and delivers the
+canonical events to the queues of the channels named with ``--to``.
+
+Why it works this way:
+
+* **Point to point.** The events go to the named channels' queues only, as a dead-letter replay does, not to
+  their topics: the other subscribers (the worklist, the RIS status feed, a DMP) do not receive them again.
+* **Durable without the engine.** The command publishes to those queues itself and checkpoints only once the bus
+  confirmed; the queues are durable, so the engine need not run: its channels take the events when it starts (a
+  channel added to the configuration, once the engine restarts with it). Not through the journal's outbox: its
+  dispatcher publishes to topics, which would reach every subscriber.
+* **Idempotency keys** ``<message key>:<index>~<generation>``: the generation hashes the event as today's
+  inbound mapping makes it and the target channel's own mapping (its YAML file and tables). The same reprocess run
+  twice, or resumed after a crash between a publish and its checkpoint, makes the same keys: consumers skip them
+  as duplicates. A changed inbound or channel mapping makes new keys: the events are applied again.
+* **Order.** Each event carries its message's journal id (``journal-id``), the sequence consumers order by: an
+  event older than the latest one applied to the same order (a cancel received later, a performed step) is
+  skipped as stale, so reprocessing an old message never brings back what a later one changed. Reprocess the
+  whole range of an order's messages, not one in the middle.
+* **Reports** are re-sent as the document events they made, read from the inbound channel's reports store; their
+  CDA is not built again with today's ``cda.yaml``: a new CDA would be a new version of the shared document.
+* **Dry run**: each message's events are applied, in order, to copies of the target channels' stores in a scratch
+  folder (the channels' own code, without destinations); what changed is shown as unified diffs, next to the diff
+  of the canonical event against the one the journal's outbox still holds (published events leave the outbox,
+  so for most messages there is nothing left to compare the event with).
+* **Resume**: ``<data_dir>/reprocess.json`` keeps the selection, the target channels, the highest journal id the
+  run covers (what arrived later is not its business) and the last id done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import difflib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from channels.orders import _topic as topic_of
+from traboule import hl7
+from traboule.bus import Bus, Delivery, make_bus, topic_matches
+from traboule.config import Config, resolve
+from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.journal import Journal, JournalEntry, Query
+from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain
+from traboule.runtime import channel_bindings, channel_class
+
+STATE_FILE = "reprocess.json"
+REPROCESSABLE = ("accepted", "duplicate", "rejected")  # inbound messages; "undelivered" ones went out
+BATCH = 100  # messages per publish (one bus transaction) and checkpoint
+
+
+class ReprocessError(Exception):
+    """What was asked cannot be done; the text says what and why. ``code``: the command's exit code."""
+
+    def __init__(self, text: str, code: int = 1):
+        super().__init__(text)
+        self.code = code
+
+
+class MessageFailed(Exception):
+    """One message cannot be reprocessed (it no longer maps, its report made no document): reported, skipped."""
+
+
+# -- selection --------------------------------------------------------------------------------------------------
+
+_ID = re.compile(r"^(\d{1,12})(?:-(\d{1,12}))?$")
+
+
+def parse_ids(texts: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """``12``, ``10-20`` and comma-separated lists of them → (ids, ranges)."""
+    ids: list[int] = []
+    ranges: list[tuple[int, int]] = []
+    for text in (t for part in texts for t in part.split(",")):
+        match = _ID.match(text.strip())
+        if not match:
+            raise ReprocessError(f"{text!r} is not a journal id or range (e.g. 12, 10-20)", 2)
+        low = int(match[1])
+        if match[2] is None:
+            ids.append(low)
+        elif int(match[2]) < low:
+            raise ReprocessError(f"range {text!r} ends before it starts", 2)
+        else:
+            ranges.append((low, int(match[2])))
+    return ids, ranges
+
+
+def utc_bound(text: str, *, until: bool = False) -> str:
+    """A ``--since`` / ``--until`` value (date or ISO 8601 date-time, UTC unless it says) as the journal writes
+    reception times. A bare date given as ``until`` includes that whole day."""
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1 if until else 0)
+        else:
+            moment = datetime.fromisoformat(text)
+            moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except ValueError:
+        raise ReprocessError(f"{text!r} is not a date (2026-11-25) or date-time (2026-11-25T08:00)", 2) from None
+    return moment.isoformat(timespec="milliseconds")
+
+
+def inbound_channels(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in cfg.channels if c["kind"] == "hl7-orders"}
+
+
+@dataclass
+class Target:
+    """A channel events are delivered to: its queue and the topics it takes."""
+
+    name: str
+    kind: str
+    queue: str
+    topics: list[str]
+    fingerprint: str = ""  # of its own mapping: part of the events' idempotency keys
+
+    def takes(self, topic: str) -> bool:
+        return any(topic_matches(pattern, topic) for pattern in self.topics)
+
+
+def targets(cfg: Config, names: list[str]) -> list[Target]:
+    """The ``--to`` channels: configured, consuming a queue of their own."""
+    if not names:
+        raise ReprocessError("say where the events go: --to CHANNEL[,CHANNEL...]", 2)
+    found: list[Target] = []
+    takers = {}
+    for ch in cfg.channels:
+        own = [b for b in channel_bindings(ch) if b[0] == ch["name"]]
+        if own and ch["kind"] != "hl7-orders":
+            takers[ch["name"]] = (ch["kind"], own[0])
+    for name in dict.fromkeys(names):
+        if name not in takers:
+            raise ReprocessError(
+                f"unknown channel {name!r}: the configured channels that take events are {sorted(takers) or 'none'}"
+            )
+        kind, (queue, topics) = takers[name]
+        found.append(Target(name, kind, queue, list(topics)))
+    return found
+
+
+@dataclass
+class State:
+    """A run, as ``reprocess.json`` keeps it between interruptions."""
+
+    query: dict[str, Any]
+    to: list[str]
+    after: int = 0  # last journal id done
+    done: int = 0
+    failed: int = 0
+    events: int = 0
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    finished: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> State | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ReprocessError(f"{path}: unreadable ({exc}); delete it to start afresh", 2) from exc
+
+    def save(self, path: Path) -> None:
+        """Atomically (a crash leaves the previous checkpoint), and on disk before the next batch goes out."""
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(dataclasses.asdict(self), fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+
+def query_of(data: dict[str, Any]) -> Query:
+    return Query(**{**data, "ranges": [tuple(r) for r in data.get("ranges", [])]})
+
+
+@dataclass
+class Plan:
+    """What a run covers: the selection (bounded by the journal's last id when it started), where to, from where."""
+
+    query: Query
+    targets: list[Target]
+    state: State
+    total: int  # entries left to do
+
+
+def plan(
+    cfg: Config,
+    journal: Journal,
+    *,
+    ids: list[str],
+    types: list[str],
+    statuses: list[str],
+    channels: list[str],
+    since: str,
+    until: str,
+    to: list[str],
+    resume: bool,
+) -> Plan:
+    """Check the selection and the targets and say what a run (or the resumed one) covers."""
+    inbound = inbound_channels(cfg)
+    for name in channels:
+        if name not in inbound:
+            raise ReprocessError(f"unknown channel {name!r}: the inbound HL7 channels are {sorted(inbound) or 'none'}")
+    wanted_ids, ranges = parse_ids(ids)
+    for status in statuses:
+        if status not in REPROCESSABLE:
+            raise ReprocessError(f"cannot reprocess {status!r} entries (only {', '.join(REPROCESSABLE)})", 2)
+    query = Query(
+        ids=wanted_ids,
+        ranges=ranges,
+        statuses=list(statuses) or (list(REPROCESSABLE) if wanted_ids or ranges else ["accepted"]),
+        types=list(types),
+        channels=list(channels) or sorted(inbound),
+        since=utc_bound(since) if since else "",
+        until=utc_bound(until, until=True) if until else "",
+    )
+    state_path = Path(cfg.data_dir) / STATE_FILE
+    selected = bool(ids or types or statuses or channels or since or until)
+    if resume:
+        state = State.load(state_path)
+        if state is None or state.finished:
+            raise ReprocessError(f"nothing to resume: no interrupted run in {state_path}")
+        stored = query_of(state.query)
+        if selected and dataclasses.replace(query, upto=0) != dataclasses.replace(stored, upto=0):
+            raise ReprocessError("the interrupted run selected other messages: resume it without a selection", 2)
+        query = stored
+        if to and list(dict.fromkeys(to)) != state.to:
+            raise ReprocessError(f"the interrupted run delivers to {','.join(state.to)}: resume it without --to", 2)
+        found = targets(cfg, state.to)
+    else:
+        if not selected:
+            raise ReprocessError(
+                "say which messages: journal ids (12, 10-20) or filters (--type, --since, --until, --status, "
+                "--channel)",
+                2,
+            )
+        if not inbound:
+            raise ReprocessError("no inbound HL7 channel (kind hl7-orders) in the configuration")
+        found = targets(cfg, to)
+        for entry_id in wanted_ids:
+            _check_named(journal, entry_id, inbound)
+        query.upto = journal.last_id()
+        state = State(query=dataclasses.asdict(query), to=[t.name for t in found])
+    total = journal.count(query, after=state.after)
+    if total == 0 and not resume:
+        raise ReprocessError("no journal entry matches the selection")
+    return Plan(query, found, state, total)
+
+
+def _check_named(journal: Journal, entry_id: int, inbound: dict[str, Any]) -> None:
+    """An id given alone must name an inbound HL7 message of a configured channel: said now, before any work."""
+    entry = journal.get(entry_id)
+    if entry is None:
+        raise ReprocessError(f"no journal entry {entry_id}")
+    if entry.status not in REPROCESSABLE:
+        raise ReprocessError(f"journal entry {entry_id} is {entry.status} (an outbound message): nothing to reprocess")
+    if entry.channel not in inbound:
+        raise ReprocessError(
+            f"journal entry {entry_id} was received by channel {entry.channel!r}, which is not an inbound HL7 channel "
+            f"of the configuration ({', '.join(sorted(inbound))}): its mapping is unknown"
+        )
+
+
+# -- today's events of a message --------------------------------------------------------------------------------
+
+
+class Remapper:
+    """Today's inbound mapping of each inbound HL7 channel, and the documents their reports made."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.channels = inbound_channels(cfg)
+        self._mappings: dict[str, HL7InboundMapping] = {}
+
+    def events(self, entry: JournalEntry) -> list[tuple[int, Payload]]:
+        """(index in the message's events, payload), as the channel would journal them today."""
+        channel = self.channels.get(entry.channel)
+        if channel is None:
+            raise MessageFailed(
+                f"received by channel {entry.channel!r}, not an inbound HL7 channel of the configuration"
+            )
+        mapping = self._mappings.get(entry.channel)
+        if mapping is None:
+            path = resolve(self.cfg, channel.get("mapping", "mappings/hl7_inbound.yaml"))
+            mapping = self._mappings[entry.channel] = HL7InboundMapping(path)
+        try:
+            payloads = mapping.map(hl7.parse(hl7.decode(entry.raw).text), [])
+        except hl7.HL7Error as exc:
+            raise MessageFailed(f"{exc.location}: {exc}" if exc.location else str(exc)) from None
+        except MappingFailure as exc:
+            raise MessageFailed(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
+        return [(i, self._document(entry) if isinstance(p, Report) else p) for i, p in enumerate(payloads)]
+
+    def _document(self, entry: JournalEntry) -> Document:
+        """The document event the report made when it was received (its version, its CDA)."""
+        path = Path(self.cfg.data_dir) / f"{entry.channel}.reports.sqlite"
+        row = None
+        if path.is_file():
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                row = db.execute(
+                    "SELECT d.document, m.action FROM messages m JOIN documents d ON d.id = m.document_id"
+                    " WHERE m.message_key = ?",
+                    (entry.idempotency_key,),
+                ).fetchone()
+            finally:
+                db.close()
+        if row is None:
+            raise MessageFailed("the report made no document (refused when received?): send it again instead")
+        doc: Document = from_dict(Document, json.loads(row[0]))
+        doc.action = doc.report.action = row[1]
+        return doc
+
+
+def fingerprint(channel: Any) -> str:
+    """A channel's own mapping (YAML file and loaded tables), hashed; empty for a channel without one."""
+    mapping = getattr(channel, "mapping", None)
+    path = getattr(mapping, "path", None)
+    if path is None:
+        return ""
+    digest = hashlib.sha256(Path(path).read_bytes())
+    for name, table in sorted(getattr(mapping, "tables", {}).items()):
+        digest.update(json.dumps([name, table.keys, table.columns, table.rows], default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def envelope(entry: JournalEntry, index: int, payload: Payload, target: Target) -> Envelope:
+    """The event for ``target``: same content and sequence as a fresh one, a key of its generation (see above)."""
+    content = json.dumps(plain(payload), sort_keys=True, ensure_ascii=False)
+    generation = content_key(content, target.fingerprint)[:12]
+    key = f"{entry.idempotency_key or f'journal-{entry.id}'}:{index}~{generation}"
+    return Envelope(
+        payload,
+        source=entry.channel,
+        idempotency_key=key,
+        correlation_id=entry.correlation_id,
+        id=content_key(key, target.name),
+    )
+
+
+def deliveries(entry: JournalEntry, events: list[tuple[int, Payload]], target: Target) -> list[Delivery]:
+    """What ``target`` gets of a message's events: those of the topics it takes, in order."""
+    out = []
+    for index, payload in events:
+        topic = topic_of(payload)
+        if target.takes(topic):
+            env = envelope(entry, index, payload, target)
+            out.append(Delivery(topic, env.to_json(), env.id, {"journal-id": str(entry.id), "reprocess": "1"}))
+    return out
+
+
+# -- live run -------------------------------------------------------------------------------------------------
+
+
+async def send_to_queues(bus: Bus, items: list[tuple[str, Delivery]]) -> None:
+    """Put deliveries on named queues (not on their topics), durably: returns once the bus confirmed them all.
+
+    Point to point, as a dead-letter replay is: into the embedded bus's rows of that queue (one transaction), or
+    through RabbitMQ's default exchange to ``<exchange>.<queue>`` with the topic in ``x-original-topic``, which
+    the consumer reads as the delivery's topic."""
+    if not items:
+        return
+    from traboule.embedded_bus import EmbeddedBus
+
+    if isinstance(bus, EmbeddedBus):
+        rows = [(q, d.topic, d.body, d.message_id, json.dumps(d.headers)) for q, d in items]
+
+        def insert() -> None:
+            db = bus._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO messages (queue, topic, body, message_id, headers) VALUES (?, ?, ?, ?, ?)", rows
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await bus._run(insert)
+        return
+    import aio_pika
+
+    from adapters.rabbitmq import TOPIC, RabbitMQBus
+
+    if not isinstance(bus, RabbitMQBus):
+        raise TypeError(f"cannot deliver to a queue of a {type(bus).__name__}")
+    _, channel = bus._live()
+    await asyncio.gather(
+        *(
+            channel.default_exchange.publish(
+                aio_pika.Message(
+                    body=d.body,
+                    message_id=d.message_id,
+                    headers={**d.headers, TOPIC: d.topic},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=bus.queue_name(q),
+                mandatory=False,
+            )
+            for q, d in items
+        )
+    )
+
+
+@contextlib.contextmanager
+def exclusive(data_dir: str | Path) -> Iterator[None]:
+    """One live run at a time per data folder (they would share the checkpoint)."""
+    path = Path(data_dir) / "reprocess.lock"
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReprocessError("another reprocess runs on this data folder", 2) from None
+        yield
+
+
+def _progress(total: int, initial: int = 0) -> Any:
+    from tqdm import tqdm
+
+    # On stderr, and only on a terminal (disable=None): the report lines go to stdout.
+    return tqdm(total=total + initial, initial=initial, unit="msg", disable=None, dynamic_ncols=True)
+
+
+async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, out: TextIO | None = None) -> int:
+    """Deliver the events of the planned messages to the target channels' queues, checkpointing each batch once
+    the bus confirmed it. Returns the exit code: 0, or 1 when a message failed (reported and skipped)."""
+    out = out or sys.stdout
+    state, state_path = chosen.state, Path(cfg.data_dir) / STATE_FILE
+    remapper = Remapper(cfg)
+    with _built(cfg, chosen.targets, copy_from=None) as built:
+        for target in chosen.targets:
+            target.fingerprint = fingerprint(built[target.name])
+    with exclusive(cfg.data_dir):
+        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
+        await bus.start()
+        try:
+            try:
+                await bus.wait_connected(10.0)
+            except ConnectionError as exc:
+                raise ReprocessError(f"cannot reach the bus: {exc}", 2) from None
+            for target in chosen.targets:  # RabbitMQ drops what no queue takes: a channel that never ran has none
+                await bus.declare(target.queue, target.topics)
+            state.save(state_path)
+            this_run = 0
+            with _progress(chosen.total, state.done) as bar:
+                while not limit or this_run < limit:
+                    size = min(BATCH, limit - this_run) if limit else BATCH
+                    entries = journal.select(chosen.query, after=state.after, limit=size)
+                    if not entries:
+                        break
+                    items: list[tuple[str, Delivery]] = []
+                    for entry in entries:
+                        try:
+                            events = remapper.events(entry)
+                        except MessageFailed as exc:
+                            state.failed += 1
+                            bar.write(f"journal entry {entry.id}: not reprocessed: {exc}", file=out)
+                            continue
+                        items += [(t.queue, d) for t in chosen.targets for d in deliveries(entry, events, t)]
+                    await send_to_queues(bus, items)
+                    state.after = entries[-1].id
+                    state.done += len(entries)
+                    state.events += len(items)
+                    this_run += len(entries)
+                    state.save(state_path)
+                    bar.update(len(entries))
+            if not journal.count(chosen.query, after=state.after):
+                state.finished = datetime.now(UTC).isoformat(timespec="seconds")
+                state.save(state_path)
+        finally:
+            await bus.close()
+    print(
+        f"{state.done - state.failed} message(s) reprocessed into {', '.join(t.name for t in chosen.targets)}: "
+        f"{state.events} event(s) queued; {state.failed} not reprocessed"
+        + ("" if state.finished else f"; stopped after journal entry {state.after}: --resume continues"),
+        file=out,
+    )
+    return 1 if state.failed else 0
+
+
+# -- dry run ----------------------------------------------------------------------------------------------------
+
+# kind → (table, key columns, content column): where a channel's store keeps what the dry run compares.
+OUTPUTS = {"worklist": ("items", ("key",), "dataset"), "fhir": ("resources", ("type", "id"), "json")}
+
+
+@dataclass
+class _ShadowRuntime:
+    """What a channel's constructor and handler read of their runtime: a scratch folder, no bus, no journal."""
+
+    config: Config
+    data_dir: Path
+    process: str | None = None
+    journal: Any = None
+    bus: Any = None
+    processes: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _built(cfg: Config, chosen: list[Target], copy_from: Path | None) -> Iterator[dict[str, Any]]:
+    """The target channels built in a scratch folder without destinations (nothing listens or is sent), on copies
+    of their stores when ``copy_from`` is given; removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix="traboule-reprocess-"))
+    try:
+        shadow_cfg = copy.deepcopy(cfg)
+        shadow_cfg.data_dir = str(scratch)
+        runtime = _ShadowRuntime(shadow_cfg, scratch)
+        built: dict[str, Any] = {}
+        for target in chosen:
+            source = copy_from / f"{target.name}.sqlite" if copy_from else None
+            if source is not None and target.kind in OUTPUTS and source.is_file():
+                _copy_store(source, scratch / f"{target.name}.sqlite")
+            settings = copy.deepcopy(cfg.channel(target.name))
+            if copy_from is not None and target.kind in OUTPUTS:  # computed here, never sent anywhere
+                settings = {k: v for k, v in settings.items() if k not in ("destination", "destinations", "api")}
+            built[target.name] = channel_class(target.kind)(settings, runtime)
+            if target.kind in OUTPUTS:
+                _watch(scratch / f"{target.name}.sqlite", *OUTPUTS[target.kind])
+        yield built
+        for channel in built.values():
+            store = getattr(channel, "store", None)
+            with contextlib.suppress(Exception):
+                store.close()  # type: ignore[union-attr]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _copy_store(source: Path, copy_to: Path) -> None:
+    """A consistent copy of a live SQLite store (online backup: the engine may be writing)."""
+    src = sqlite3.connect(str(source), timeout=30)
+    dst = sqlite3.connect(str(copy_to))
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+def _watch(path: Path, table: str, keys: tuple[str, ...], content: str) -> None:
+    """Triggers that keep the first content of every row a change touches (until `_changes` reads them)."""
+    new_key = "json_array(" + ", ".join(f"NEW.{k}" for k in keys) + ")"
+    old_key = "json_array(" + ", ".join(f"OLD.{k}" for k in keys) + ")"
+    same = " AND ".join(f"{k} = NEW.{k}" for k in keys)
+    db = sqlite3.connect(str(path))
+    try:
+        # NOT EXISTS, not INSERT OR IGNORE: the conflict policy of the statement that fires a trigger overrides
+        # the trigger's own (the stores' upserts would fail on a second change to the same row).
+        first = "WHERE NOT EXISTS (SELECT 1 FROM reprocess_before WHERE key = {key})"
+        db.executescript(
+            f"""
+            CREATE TABLE IF NOT EXISTS reprocess_before (key TEXT PRIMARY KEY, content BLOB);
+            CREATE TRIGGER reprocess_insert BEFORE INSERT ON {table} BEGIN
+                INSERT INTO reprocess_before SELECT {new_key}, (SELECT {content} FROM {table} WHERE {same})
+                {first.format(key=new_key)};
+            END;
+            CREATE TRIGGER reprocess_update BEFORE UPDATE OF {content} ON {table} BEGIN
+                INSERT INTO reprocess_before SELECT {old_key}, OLD.{content} {first.format(key=old_key)};
+            END;
+            CREATE TRIGGER reprocess_delete BEFORE DELETE ON {table} BEGIN
+                INSERT INTO reprocess_before SELECT {old_key}, OLD.{content} {first.format(key=old_key)};
+            END;
+            """
+        )
+    finally:
+        db.close()
+
+
+def _changes(path: Path, kind: str) -> list[tuple[str, Any, Any]]:
+    """(what, before, after) of every row changed since the last call, as plain data (None: absent)."""
+    table, keys, content = OUTPUTS[kind]
+    db = sqlite3.connect(str(path))
+    try:
+        found = []
+        for key, old in db.execute("SELECT key, content FROM reprocess_before ORDER BY key").fetchall():
+            parts = json.loads(key)
+            row = db.execute(
+                f"SELECT {content} FROM {table} WHERE " + " AND ".join(f"{k} = ?" for k in keys), parts
+            ).fetchone()
+            before, after = _readable(kind, old), _readable(kind, row[0] if row else None)
+            if before != after:
+                found.append(("/".join(str(p) for p in parts), before, after))
+        db.execute("DELETE FROM reprocess_before")
+        db.commit()
+        return found
+    finally:
+        db.close()
+
+
+def _readable(kind: str, content: Any) -> Any:
+    """A stored worklist item (DICOM) or FHIR resource as JSON-able data; what changes with every write (FHIR
+    ``meta``) left out."""
+    if content is None:
+        return None
+    if kind == "fhir":
+        return {k: v for k, v in json.loads(content).items() if k != "meta"}
+    from traboule.worklist import decode_item
+
+    return _dataset(decode_item(bytes(content)))
+
+
+def _dataset(ds: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for elem in ds:
+        name = elem.keyword or str(elem.tag)
+        if elem.VR == "SQ":
+            out[name] = [_dataset(item) for item in elem.value]
+        elif isinstance(elem.value, bytes | bytearray):
+            out[name] = f"<{len(elem.value)} bytes>"
+        elif isinstance(elem.value, list | tuple) or type(elem.value).__name__ == "MultiValue":
+            out[name] = [str(v) for v in elem.value]
+        else:
+            out[name] = "" if elem.value is None else str(elem.value)
+    return out
+
+
+def unified(before: Any, after: Any, what: str) -> str:
+    """A unified diff of pretty JSON ("" when equal)."""
+    old = [] if before is None else json.dumps(before, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    new = [] if after is None else json.dumps(after, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    lines = difflib.unified_diff(
+        old,
+        new,
+        f"{what} (now)" if before is not None else "/dev/null",
+        f"{what} (reprocessed)" if after is not None else "/dev/null",
+        lineterm="",
+    )
+    return "\n".join(lines)
+
+
+async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, out: TextIO | None = None) -> int:
+    """Print, per message, what a run would change; change nothing. Returns 1 when a message would fail."""
+    out = out or sys.stdout
+    remapper = Remapper(cfg)
+    counts = {"messages": 0, "changing": 0, "failed": 0}
+    with _built(cfg, chosen.targets, copy_from=Path(cfg.data_dir)) as built:
+        for target in chosen.targets:
+            target.fingerprint = fingerprint(built[target.name])
+        after = 0
+        with _progress(chosen.total if not limit else min(limit, chosen.total)) as bar:
+
+            def say(text: str) -> None:
+                bar.write(text, file=out)
+
+            while not limit or counts["messages"] < limit:
+                size = min(BATCH, limit - counts["messages"]) if limit else BATCH
+                entries = journal.select(chosen.query, after=after, limit=size)
+                if not entries:
+                    break
+                for entry in entries:
+                    counts["messages"] += 1
+                    changed = await _preview(entry, remapper, journal, chosen.targets, built, say)
+                    if changed is None:
+                        counts["failed"] += 1
+                    elif changed:
+                        counts["changing"] += 1
+                    bar.update(1)
+                after = entries[-1].id
+    print(
+        f"dry run: {counts['messages']} message(s), {counts['changing']} would change "
+        f"{', '.join(t.name for t in chosen.targets)}, {counts['failed']} would fail; nothing was sent",
+        file=out,
+    )
+    return 1 if counts["failed"] else 0
+
+
+async def _preview(
+    entry: JournalEntry,
+    remapper: Remapper,
+    journal: Journal,
+    chosen: list[Target],
+    built: dict[str, Any],
+    say: Any,
+) -> bool | None:
+    """One message of a dry run: its event diffs and each target's output diffs. True when something changes,
+    None when it would fail."""
+    say(f"journal entry {entry.id}  {entry.message_type}  {entry.status}  {entry.received}  {entry.channel}")
+    try:
+        events = remapper.events(entry)
+    except MessageFailed as exc:
+        say(f"  fails: {exc}")
+        return None
+    recorded = {i: e for i, e in enumerate(journal.outbox_of(entry.id))}
+    for index, payload in events:
+        what = f"event {index} {topic_of(payload)}"
+        if index in recorded:
+            diff = unified(plain(Envelope.from_json(recorded[index].body).payload), plain(payload), what)
+            say(f"  {what}: {'unchanged' if not diff else 'changed'} (against the event in the outbox)")
+            if diff:
+                say(diff)
+        else:
+            say(f"  {what}: the event as received is not kept (published events leave the outbox)")
+    changing = False
+    for target in chosen:
+        given = deliveries(entry, events, target)
+        if not given:
+            say(f"  {target.name}: takes none of these events")
+            continue
+        if target.kind not in OUTPUTS:
+            say(f"  {target.name}: its output is not computed offline (kind {target.kind})")
+            continue
+        channel = built[target.name]
+        await channel.handle(given)
+        changes = _changes(Path(channel.store.path), target.kind)
+        if not changes:
+            say(f"  {target.name}: no change")
+        for what, before, after in changes:
+            changing = True
+            state = "new" if before is None else "removed" if after is None else "changed"
+            say(f"  {target.name}: {what} {state}")
+            say(unified(before, after, f"{target.name} {what}"))
+    return changing

@@ -1,0 +1,262 @@
+"""Reports waiting for their study, the channel's side: settings, the archive read on demand, and the task that
+publishes them through the journal's outbox once their study is known.
+
+A structured report needs its study's DICOM object catalog. ``traboule.reports`` keeps a report whose study is not
+known yet as *waiting* (durably, before the AA); this task then, on the engine's event loop:
+
+* publishes every waiting report whose study became known (an archive ``study.*`` event or an MPPS ``procedure.*``
+  event with performed series wakes it; it also looks every ``RESCAN`` seconds, and reads the archive again for
+  each waiting report every ``archive_recheck``): the document is stored, then its ``document.*`` event is added
+  to the report message's journal entry (``Journal.append_events``) at once, so it goes through the outbox like
+  any document and before any later version of the same set;
+* moves those past their deadline to the dead letters (``expired``);
+* writes every outcome (published, superseded, withdrawn, expired, invalid) into the message's journal entry;
+* serves the operator's ``traboule reports publish N`` (a flag in the reports store, looked at every ``TICK``).
+
+Everything it works from is in the reports store and the journal: a restart (or kill -9) resumes where it was. A
+document stored but not yet in the journal when the engine died is written on the next pass (with the same event
+id: a consumer that saw it already knows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+import structlog
+
+from adapters.dicomweb import DICOMwebClient, value
+from traboule.journal import OutboxEvent
+from traboule.model import Envelope, Study, content_key, is_uid
+from traboule.reports import ReportPublisher, ReportRefused
+
+log = structlog.get_logger("traboule.waiting_reports")
+
+TICK = 2.0  # seconds between two looks at operator requests, deadlines and outcomes to journal
+RESCAN = 30.0  # seconds between two looks at every waiting report without a wake-up
+ARCHIVE_TIMEOUT = 5.0  # seconds an on-demand read of the archive may take (search + metadata)
+ARCHIVE_RECHECK = 300.0  # seconds between two reads of the archive for the same waiting report
+UNJOURNALED = 60.0  # seconds an outcome may wait for its message's journal entry before the report is dropped
+MAX_ACCESSION = 64
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", re.ASCII)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(setting: Any, what: str) -> float:
+    """A duration setting: a number of seconds, or a string such as ``"90s"``, ``"30m"``, ``"24h"``, ``"2d"``."""
+    if isinstance(setting, int | float) and not isinstance(setting, bool) and setting >= 0:
+        return float(setting)
+    match = _DURATION.fullmatch(setting) if isinstance(setting, str) else None
+    if match is None:
+        raise ValueError(f'{what}: expected seconds or a duration such as "24h", not {setting!r}')
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+class ArchiveReader:
+    """Reads a study from the archive on demand: QIDO-RS search (Study Instance UID, else accession number), then
+    WADO-RS metadata, within ``timeout`` seconds. Received values reach the URL only as checked query parameters
+    (a UID, or an accession number without wildcards) and checked path segments (the client's)."""
+
+    def __init__(self, archive: dict[str, Any], timeout: float = ARCHIVE_TIMEOUT) -> None:
+        auth = (archive["username"], archive.get("password", "")) if archive.get("username") else None
+        self.name = str(archive["name"])
+        self.timeout = timeout
+        self.client = DICOMwebClient(archive["dicomweb"], timeout=timeout, auth=auth, token=archive.get("token", ""))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def study(self, study_uid: str, accession: str) -> Study | None:
+        """The study, or None when the archive does not have it (yet), is ambiguous, or cannot be read in time."""
+        try:
+            return await asyncio.wait_for(self._study(study_uid, accession), self.timeout)
+        except Exception as exc:  # the archive is down or slow: the report waits
+            log.warning("report.archive_unread", archive=self.name, error=type(exc).__name__)
+            return None
+
+    async def _study(self, study_uid: str, accession: str) -> Study | None:
+        from channels.archive import study_from_metadata
+
+        if is_uid(study_uid):
+            match = {"StudyInstanceUID": study_uid}
+        elif accession and _plain_accession(accession):
+            match = {"AccessionNumber": accession}
+        else:
+            return None
+        found = await self.client.search_studies(**match)
+        uids = {value(r, "0020000D") for r in found if _same(r, match)}
+        uids = {u for u in uids if isinstance(u, str) and is_uid(u)}
+        if len(uids) != 1:  # none yet, or two studies for one accession number: not ours to choose
+            return None
+        (uid,) = uids
+        metadata = await self.client.study_metadata(uid)
+        if not metadata:
+            return None
+        return study_from_metadata(metadata, endpoint=self.client.retrieve_url(uid))
+
+
+def _plain_accession(accession: str) -> bool:
+    """An accession number that matches only itself in QIDO-RS (no wildcard, no value separator)."""
+    return len(accession) <= MAX_ACCESSION and accession.isprintable() and not any(c in accession for c in "*?\\")
+
+
+def _same(result: dict[str, Any], match: dict[str, str]) -> bool:
+    """Archives may match loosely (case, padding): keep only the exact answers."""
+    tags = {"StudyInstanceUID": "0020000D", "AccessionNumber": "00080050"}
+    return all(str(value(result, tags[k]) or "").strip() == v for k, v in match.items())
+
+
+def archive_settings(runtime_config: Any, settings: dict[str, Any], channel: str) -> dict[str, Any] | None:
+    """The archive channel a reports channel reads on demand: ``reports.archive`` names it (false: none), by default
+    the first ``archive`` channel configured."""
+    wanted = settings.get("archive", True)
+    if wanted is False:
+        return None
+    archives = [c for c in getattr(runtime_config, "channels", []) if c.get("kind") == "archive"]
+    if wanted is True:
+        return archives[0] if archives else None
+    found = next((c for c in archives if c.get("name") == wanted), None)
+    if found is None:
+        raise ValueError(f"channel {channel}: reports.archive {wanted!r} is not an archive channel")
+    return found
+
+
+class WaitingReports:
+    """The task that publishes a channel's waiting reports (see the module docstring)."""
+
+    def __init__(
+        self,
+        channel: str,
+        publisher: ReportPublisher,
+        journal: Any,
+        executor: Executor,
+        archive: ArchiveReader | None = None,
+        *,
+        archive_recheck: float = ARCHIVE_RECHECK,
+    ) -> None:
+        self.channel = channel
+        self.publisher = publisher
+        self.journal = journal
+        self.executor = executor
+        self.archive = archive
+        self.archive_recheck = archive_recheck
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._read: dict[str, float] = {}  # message key → when the archive was last read for it
+        self._unjournaled: dict[str, float] = {}  # message key → since when its journal entry is looked for
+        self._log = log.bind(channel=channel)
+
+    def start(self) -> None:
+        self._wake.set()  # a first pass at once: what waited before a restart
+        self._task = asyncio.create_task(self._run(), name=f"{self.channel}-waiting-reports")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.archive is not None:
+            await self.archive.close()
+
+    def wake(self) -> None:
+        """A study (or performed series) became known: look at the waiting reports now."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        scanned = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            woken, now = self._wake.is_set(), time.monotonic()
+            self._wake.clear()
+            try:
+                requested = await self._call(self.publisher.requested)
+                if woken or requested or now - scanned >= RESCAN:
+                    scanned = now
+                    await self.run_once(set(requested))
+                else:
+                    await self._settle()
+            except Exception as exc:  # a store or journal error: try again on the next tick
+                self._log.error("report.waiting_failed", error=type(exc).__name__)
+
+    async def run_once(self, requested: set[str] | None = None) -> int:
+        """One pass: publish what can be, read the archive for the others when due, expire, journal the outcomes.
+        Returns how many reports were published."""
+        requested = requested or set()
+        published = 0
+        for row in await self._call(self.publisher.waiting):
+            key = row["message_key"]
+            if await self._publish(key):
+                published += 1
+                continue
+            due = time.monotonic() - self._read.get(key, float("-inf")) >= self.archive_recheck
+            if self.archive is not None and (due or key in requested):
+                self._read[key] = time.monotonic()
+                study = await self.archive.study(row["study_uid"], row["accession"])
+                if study is not None:
+                    await self._call(self.publisher.remember, [study])
+                    published += await self._publish(key)
+        await self._settle()
+        return published
+
+    async def _settle(self) -> None:
+        expired = await self._call(self.publisher.expire)
+        if expired:
+            self._log.warning("report.wait_expired", reports=expired)
+        for row in await self._call(self.publisher.unnoted):
+            await self._note(row)
+
+    async def _publish(self, key: str) -> bool:
+        try:
+            doc = await self._call(self.publisher.publish_waiting, key)
+        except ReportRefused:
+            self._log.error("report.invalid_after_wait", message_key=key)
+            return False
+        if doc is None:
+            return False
+        # At once, with no await before it: the event is in the outbox before a later version of the set, whose
+        # preparation waits behind this one on the same executor, can be journaled.
+        for row in self.publisher.unnoted():
+            if row["message_key"] == key:
+                await self._note(row)
+        self._read.pop(key, None)
+        return True
+
+    async def _note(self, row: dict[str, Any]) -> None:
+        """Write one outcome into the journal entry of its message (the document event with it, when published)."""
+        key, status = row["message_key"], row["status"]
+        events: list[OutboxEvent] = []
+        if status == "published":
+            doc = self.publisher.document(row["document_id"])
+            if doc is None:
+                return
+            env = Envelope(doc, source=self.channel, idempotency_key=f"{key}:0", correlation_id=key)
+            env.id = content_key("published-late", key, doc.id)  # the same event if written again after a crash
+            events.append(OutboxEvent(f"document.{doc.action}", env.id, env.to_json()))
+            note = f"published once its study was known: document {doc.id} (version {doc.version})"
+        elif status in ("superseded", "withdrawn"):
+            if not self.journal.accepted(row["superseded_by"]):  # the later message is not journaled (yet)
+                return
+            note = f"not published: {status} by a later message before its study was known"
+        else:
+            note = f"not published ({status}: dead letter, traboule reports publish {row['n']}): {row['reason']}"
+        journal_id = self.journal.append_events(key, events, note)
+        if not journal_id:
+            # Its message is being journaled (the study came while it was answered): the next tick writes it. Still
+            # not there a minute later, it was not accepted after all: nothing of it may be published.
+            since = self._unjournaled.setdefault(key, time.monotonic())
+            if time.monotonic() - since > UNJOURNALED:
+                self._log.error("report.unjournaled", waiting=row["n"], status=status)
+                await self._call(self.publisher.discard, key)
+                self._unjournaled.pop(key, None)
+            return
+        self._unjournaled.pop(key, None)
+        await self._call(self.publisher.noted, row["n"], journal_id)
+        self._log.info("report.settled", waiting=row["n"], status=status, message_id=journal_id, events=len(events))
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

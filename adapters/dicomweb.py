@@ -15,7 +15,6 @@ from traboule.model import is_uid
 DicomJSON = dict[str, dict[str, Any]]
 
 
-
 class DICOMwebError(Exception):
     """The archive answered with an error or could not be reached; ``retryable`` for 5xx and network errors."""
 

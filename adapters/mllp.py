@@ -88,6 +88,8 @@ class _Throttle:
             return unlogged
         self._unlogged += 1
         return None
+
+
 _CLOSE = "close"  # a queue item that only ends the connection
 _GO_ON = ("no_start_block", "outside_frame", "frame_interrupted", "bad_end_block")  # the connection goes on after them
 

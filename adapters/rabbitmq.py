@@ -43,16 +43,15 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity
+from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from traboule.bus import BatchHandler, Delivery, Handler, PermanentError, dlq_name, one_by_one
+from traboule.bus import BatchHandler, Delivery, Handler, Item, PermanentError, dlq_name, one_by_one
 
 log = logging.getLogger(__name__)
 
-Item = tuple[str, bytes, str, dict[str, str] | None]  # topic, body, message_id, headers
-
 ATTEMPT = "x-attempt"  # deliveries so far, including this one (absent on the first)
-TOPIC = "x-original-topic"  # republished copies travel via the default exchange, which loses the topic
+TOPIC = "x-original-topic"  # what goes to one queue travels via the default exchange, which loses the topic
 ERROR = "x-error"
 _INTERNAL = frozenset({ATTEMPT, TOPIC})
 
@@ -334,6 +333,26 @@ class RabbitMQBus:
                 self._unavailable(f"gave no publisher confirm within {self.publish_timeout:g} s")
             ) from None
 
+    async def send(self, queue: str, items: Sequence[Item]) -> None:
+        """Put ``items`` on ``queue`` only, through the default exchange (the topic travels in a header), their
+        confirms awaited concurrently; ``LookupError`` when the broker has no such queue (the messages come back
+        unroutable: nothing is delivered). :class:`BusUnavailableError` as for ``publish``."""
+        queue = _checked(self.queue_name(queue))
+        await self._ensure_started()
+        _, channel = self._live()
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await asyncio.gather(
+                    *(
+                        _to_queue(channel, queue, topic, body, mid, _public(headers))
+                        for topic, body, mid, headers in items
+                    )
+                )
+        except TimeoutError:
+            raise BusUnavailableError(
+                self._unavailable(f"gave no publisher confirm within {self.publish_timeout:g} s")
+            ) from None
+
     # -- consuming -------------------------------------------------------------------------------------
 
     def queue_name(self, queue: str) -> str:
@@ -511,13 +530,11 @@ class RabbitMQBus:
 
     async def _retry(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery) -> None:
         await asyncio.sleep(self.retry_backoff * delivery.attempt)
-        headers = {**delivery.headers, ATTEMPT: str(delivery.attempt + 1), TOPIC: delivery.topic}
+        headers = {**delivery.headers, ATTEMPT: str(delivery.attempt + 1)}
         try:
             _, channel = self._live()
             # Copy first, ack second: a crash in between gives a duplicate, never a loss.
-            await channel.default_exchange.publish(
-                _message(delivery.body, delivery.message_id, headers), routing_key=queue, mandatory=False
-            )
+            await _to_queue(channel, queue, delivery.topic, delivery.body, delivery.message_id, headers)
             await message.ack()
         except Exception as exc:
             log.warning("retrying %s on %s failed: %r", delivery.message_id, queue, exc)
@@ -589,13 +606,23 @@ class RabbitMQBus:
                     continue  # stays unacked until the channel closes, so the scan cannot see it twice
                 dead = _delivery(message)
                 headers = {k: v for k, v in dead.headers.items() if k != ERROR}
-                headers[TOPIC] = dead.topic
-                await publisher.default_exchange.publish(
-                    _message(dead.body, dead.message_id, headers), routing_key=queue, mandatory=False
-                )
+                # Back on its queue, then acked: a queue deleted meanwhile raises and the dead letter stays.
+                await _to_queue(publisher, queue, dead.topic, dead.body, dead.message_id, headers)
                 await message.ack()
                 found = True
         return found
+
+
+async def _to_queue(
+    channel: AbstractChannel, queue: str, topic: str, body: bytes, message_id: str, headers: dict[str, str]
+) -> None:
+    """Publish to the broker queue ``queue`` alone (default exchange), the topic in ``x-original-topic``; returns
+    once confirmed; ``LookupError`` when the broker returns it as unroutable (no such queue)."""
+    result = await channel.default_exchange.publish(
+        _message(body, message_id, {**headers, TOPIC: topic}), routing_key=queue, mandatory=True
+    )
+    if isinstance(result, DeliveredMessage):  # returned (basic.return) rather than acked
+        raise LookupError(f"no queue {queue!r} on the broker: declare it first")
 
 
 def _message(body: bytes, message_id: str, headers: dict[str, str]) -> aio_pika.Message:
@@ -628,6 +655,11 @@ def _delivery(message: AbstractIncomingMessage) -> Delivery:
         headers={k: v for k, v in headers.items() if k not in _INTERNAL},
         attempt=int(headers.get(ATTEMPT, "1")),
     )
+
+
+def _public(headers: dict[str, str] | None) -> dict[str, str]:
+    """A sender's headers without this module's bookkeeping (a message sent is a first delivery)."""
+    return {k: v for k, v in (headers or {}).items() if k not in _INTERNAL}
 
 
 def _attempt(message: AbstractIncomingMessage) -> int:

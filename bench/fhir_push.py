@@ -1,8 +1,9 @@
 """FHIR server destination: orders → Patient + ServiceRequest delivered per second, traboule vs a direct client.
 
-Starts ``traboule run`` as a subprocess (the default channels: MLLP orders, worklist in its own process; plus a
-``fhir`` channel whose destination is the FHIR server, ``max_bundle = 8``, in the main process or the one
-``--fhir-process`` names; fresh data dir, logs at warning), sends ``--orders`` ORM^O01 NW over one MLLP connection
+Starts ``traboule run`` as a subprocess (the channels docs/performance.md records, written out with ``[engine]
+defaults = false``: MLLP orders, worklist in its own process, and a ``fhir`` channel whose destination is the FHIR
+server, ``max_bundle = 8``, in the main process or the one ``--fhir-process`` names; fresh data dir, logs at
+warning), sends ``--orders`` ORM^O01 NW over one MLLP connection
 (every identifier unique to the run: placer, filler, accession, IPP, ...) and times from the first send until
 every resource is on the server: the channel's store (read from this process) has every ServiceRequest and
 ``unpushed() == 0``; then the server's own count (``ServiceRequest?_summary=count``) confirms it. Against the
@@ -58,7 +59,6 @@ from adapters.fhir_client import FHIRClient, conditional_update, identifier_sear
 from adapters.mllp import MLLPClient  # noqa: E402
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from traboule import hl7  # noqa: E402
-from traboule.config import DEFAULT_CHANNELS  # noqa: E402
 from traboule.fhir_mapping import FHIRMapping, key_identifier  # noqa: E402
 from traboule.fhir_store import FHIRStore  # noqa: E402
 from traboule.hl7_mapping import HL7InboundMapping  # noqa: E402
@@ -68,6 +68,24 @@ TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().de
 IDS = ("MSG0001", "IPP0001", "PLC0001", "FIL0001", "ACC0001", "RP0001", "SPS0001")
 STUDY_UID = "1.2.250.1.999.1.2.20261125.1"
 MAX_BUNDLE = 8  # entries; the medplum test server's limit for conditional transactions
+# The channels measured besides the fhir one (the engine's defaults then), written out: the defaults grow.
+ORDERS_AND_WORKLIST: list[dict[str, Any]] = [
+    {
+        "name": "ris-orders",
+        "kind": "hl7-orders",
+        "source": {"adapter": "mllp-listener", "host": "127.0.0.1", "port": 2575},
+        "mapping": "mappings/hl7_inbound.yaml",
+    },
+    {
+        "name": "worklist",
+        "kind": "worklist",
+        "topics": ["order.#", "patient.#", "procedure.#"],
+        "mapping": "mappings/mwl.yaml",
+        "max_attempts": 5,
+        "process": "worker",
+        "destinations": [{"adapter": "mwl-scp", "host": "127.0.0.1", "port": 11112, "ae_title": "TRABOULE"}],
+    },
+]
 
 STUB = """
 import { createServer } from 'node:http';
@@ -134,10 +152,11 @@ def http_ports(count: int) -> int:
 
 
 def message(tag: str, i: int) -> bytes:
-    """The fixture order with every identifier unique to (run, phase, order)."""
+    """The fixture order with every identifier unique to (run, phase, order), within DICOM SH's 16 characters (the
+    accession number, the step ids): its first letter, the run's tag, the order's number."""
     text = TEMPLATE
     for ident in IDS:
-        text = text.replace(ident, f"{ident}-{tag}-{i}")
+        text = text.replace(ident, f"{ident[0]}{tag}-{i}")
     return text.replace(STUDY_UID, f"{STUDY_UID}.{tag.replace('-', '.')}.{i + 1}").encode("latin-1")
 
 
@@ -199,8 +218,16 @@ async def server_counts(server: Server) -> tuple[int, int, str]:
         patients = (await client.search("Patient", {"_summary": "count"}))["total"]
         stats = ""
         if server.kind == "stub":
-            stats = per_bundle(await client.search("$stats"))
+            stats = per_bundle(await stub_operation(server, "$stats"))
     return int(requests), int(patients), stats
+
+
+async def stub_operation(server: Server, name: str) -> dict[str, Any]:
+    """The stub's own ``$stats`` / ``$reset`` (not FHIR interactions: the FHIR client names resource types only)."""
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        answer = await client.get(f"{server.base_url}/{name}")
+        answer.raise_for_status()
+        return dict(answer.json())
 
 
 # -- traboule --------------------------------------------------------------------------------------------------
@@ -221,7 +248,8 @@ def toml_value(value: Any) -> str:
 
 
 def engine_toml(channels: list[dict[str, Any]]) -> str:
-    return "\n".join(
+    """These channels alone (not over the engine's defaults)."""
+    return "[engine]\ndefaults = false\n\n" + "\n".join(
         "[[channels]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in channel.items()) for channel in channels
     )
 
@@ -237,9 +265,9 @@ class Engine:
 
 @contextlib.contextmanager
 def traboule(base_url: str, tmp: Path, process: str) -> Iterator[Engine]:
-    """``traboule run``: default channels + a ``fhir`` channel pushing to ``base_url``, run by ``process``."""
+    """``traboule run``: orders and worklist + a ``fhir`` channel pushing to ``base_url``, run by ``process``."""
     data = tmp / "data"
-    channels = copy.deepcopy(DEFAULT_CHANNELS)
+    channels = copy.deepcopy(ORDERS_AND_WORKLIST)
     destination = {"base_url": base_url, "max_bundle": MAX_BUNDLE}
     channels.append({"name": "fhir", "kind": "fhir", "process": process, "destination": destination})
     config = tmp / "traboule.toml"
@@ -342,19 +370,18 @@ async def run_resend(
     """The push stage alone: ``traboule fhir resend`` queues every resource again (8 per push message, a
     Patient next to its ServiceRequest) for the running engine; timed from the first Bundle the server receives
     to ``unpushed() == 0``. The stub answers a second PUT of the same resource as it did the first."""
-    async with FHIRClient(server.base_url) as client:
-        before = await client.search("$stats")
-        await client.search("$reset")
-        cli_started = time.time()
-        done = await asyncio.to_thread(
-            subprocess.run, [*engine.command, "fhir", "resend"], env=engine.env, cwd=ROOT, capture_output=True
-        )
-        cli_done = time.time()
-        if done.returncode != 0:
-            raise RuntimeError(f"fhir resend failed: {done.stderr.decode(errors='replace')[-500:]}")
-        await delivered(store, orders, timeout)
-        ended = time.time()
-        stats = await client.search("$stats")
+    before = await stub_operation(server, "$stats")
+    await stub_operation(server, "$reset")
+    cli_started = time.time()
+    done = await asyncio.to_thread(
+        subprocess.run, [*engine.command, "fhir", "resend"], env=engine.env, cwd=ROOT, capture_output=True
+    )
+    cli_done = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"fhir resend failed: {done.stderr.decode(errors='replace')[-500:]}")
+    await delivered(store, orders, timeout)
+    ended = time.time()
+    stats = await stub_operation(server, "$stats")
     first = stats["first"] / 1000
     print(
         f"resend: cli {cli_done - cli_started:.2f} s (queued by {cli_done - first:.2f} s after the first Bundle), "

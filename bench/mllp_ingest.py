@@ -1,9 +1,10 @@
 """MLLP ingest benchmark: ORM^O01 NW orders/s and ACK latency, 1 and 8 connections, durable journal.
 
-Starts ``traboule run`` (default configuration: embedded bus, worklist in its own process, fresh data dir) and
-drives it from this process, so client and engine do not share an interpreter. Also reports the end-to-end rate:
-from the first order sent to the last one on the worklist. Side by side, the same load against a bare MLLP listener that
-ACKs without parsing or journaling (the cost of the socket round trip alone) gives the ratio.
+Starts ``traboule run`` with the configuration docs/performance.md records (``CONFIG``: MLLP orders with reports in
+the main process, the worklist in its own; embedded bus, fresh data dir) and drives it from this process, so client
+and engine do not share an interpreter. Also reports the end-to-end rate: from the first order sent to the last one
+on the worklist. Side by side, the same load against a bare MLLP listener that ACKs without parsing or journaling
+(the cost of the socket round trip alone) gives the ratio.
 
     .venv/bin/python bench/mllp_ingest.py [--messages 4000]
 """
@@ -33,6 +34,28 @@ tlog.configure("console", "warning")
 from adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
 
 TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
+
+# The setup measured, written out rather than the engine's defaults (which grow): orders in, the worklist out.
+CONFIG = """
+[engine]
+defaults = false
+data_dir = "{data_dir}"
+
+[[channels]]
+name = "ris-orders"
+kind = "hl7-orders"
+source = {{adapter = "mllp-listener", host = "127.0.0.1", port = {mllp_port}}}
+mapping = "mappings/hl7_inbound.yaml"
+
+[[channels]]
+name = "worklist"
+kind = "worklist"
+topics = ["order.#", "patient.#", "procedure.#"]
+mapping = "mappings/mwl.yaml"
+max_attempts = 5
+process = "worker"
+destinations = [{{adapter = "mwl-scp", host = "127.0.0.1", port = {mwl_port}, ae_title = "TRABOULE"}}]
+"""
 
 
 def free_port() -> int:
@@ -133,16 +156,12 @@ async def main() -> None:
     end_to_end: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = dict(
-            os.environ,
-            TRABOULE_DATA_DIR=tmp,
-            TRABOULE_MLLP_PORT=str(port),
-            TRABOULE_MWL_PORT=str(free_port()),
-            TRABOULE_HTTP_PORT=str(http_port_pair()),
-            TRABOULE_LOG_LEVEL="warning",
-            TRABOULE_LOG_FORMAT="json",
-        )
-        engine = subprocess.Popen([str(ROOT / ".venv" / "bin" / "traboule"), "run"], env=env, cwd=ROOT)
+        config = Path(tmp) / "traboule.toml"
+        config.write_text(CONFIG.format(data_dir=tmp, mllp_port=port, mwl_port=free_port()))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+        env.update(TRABOULE_HTTP_PORT=str(http_port_pair()), TRABOULE_LOG_LEVEL="warning", TRABOULE_LOG_FORMAT="json")
+        command = [str(ROOT / ".venv" / "bin" / "traboule"), "--config", str(config), "run"]
+        engine = subprocess.Popen(command, env=env, cwd=ROOT)
         try:
             await wait_port(port)
             await drive(port, 1, 200, "w")  # warm-up

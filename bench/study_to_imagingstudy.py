@@ -211,9 +211,10 @@ def traboule(fhir_url: str, dicomweb: str, http_port: int, tmp: Path) -> Iterato
         {"name": "archive", "kind": "archive", "dicomweb": dicomweb, "webhook": "/archive/stable"},
         {"name": "fhir", "kind": "fhir", "destination": {"base_url": fhir_url}},
     ]
-    config = tmp / "traboule.toml"
+    config = tmp / "traboule.toml"  # these two channels alone, not over the engine's defaults
     config.write_text(
-        "\n".join("[[channels]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in c.items()) for c in channels)
+        "[engine]\ndefaults = false\n\n"
+        + "\n".join("[[channels]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in c.items()) for c in channels)
     )
     engine = Engine(tmp / "data", tmp / "traboule.log")
     env = dict(

@@ -32,8 +32,10 @@ from starlette.routing import Route
 from adapters.dicomweb import DicomJSON, DICOMwebClient, value
 from traboule.bus import Delivery, PermanentError
 from traboule.health import DestinationHealth, channel_health
+from traboule.hl7_mapping import MappingFailure
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study, is_uid
+from traboule.patient_identity import PatientIdentities
 
 log = structlog.get_logger("traboule.channels.archive")
 
@@ -97,6 +99,7 @@ class ArchiveChannel:
         auth = (config["username"], config.get("password", "")) if config.get("username") else None
         self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
         self.archive = DestinationHealth(self.client.base_url)
+        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # whose each order is; merges
         self._log = log.bind(channel=self.name)
 
     @classmethod
@@ -108,6 +111,7 @@ class ArchiveChannel:
 
     async def stop(self) -> None:
         await self.client.close()
+        self.identities.close()
 
     def health(self) -> dict[str, Any]:
         return channel_health(self.archive)
@@ -183,7 +187,9 @@ class ArchiveChannel:
             correlation_id=notice.correlation_id,
             idempotency_key="study:" + hashlib.sha256("|".join([uid, *instances]).encode()).hexdigest()[:32],
         )
+        await self._check_patient(study, env, delivery)
         await self.runtime.bus.publish(STABLE, env.to_json(), message_id=env.id)
+        self.identities.record([study])  # its keys are its patient's, when no order said whose they are
         self._log.info(
             "study.read",
             message_id=env.id,
@@ -192,6 +198,33 @@ class ArchiveChannel:
             instances=len(instances),
             attempt=delivery.attempt,
         )
+
+    async def _check_patient(self, study: Study, env: Envelope, delivery: Delivery) -> None:
+        """A study whose Patient ID was merged is published on the survivor (journaled with a warning); one whose
+        patient is not the patient of the order of its accession number (or of its Study Instance UID) is not
+        published: journaled as rejected with both patients, dead-lettered (`PermanentError`, no patient data)."""
+        uid = study.study_instance_uid
+        entry = JournalEntry(
+            channel=self.name,
+            raw=delivery.body,
+            status="accepted",
+            message_type="StudyRead",
+            control_id=uid,
+            correlation_id=env.correlation_id,
+            idempotency_key=env.idempotency_key + ":merged",
+        )
+        entry.warnings = "\n".join(self.identities.resolve_merged([study]))
+        try:
+            self.identities.check_study(study)
+        except MappingFailure as exc:
+            entry.status, entry.error, entry.idempotency_key = "rejected", f"{exc.location}: {exc.reason}", ""
+        if entry.status == "accepted" and not entry.warnings:
+            return
+        await self.runtime.journal.append(entry)
+        if entry.status == "rejected":
+            self._log.warning("study.patient_mismatch", message_id=entry.id, correlation_id=uid)
+            raise PermanentError(f"the study's patient is not the patient of its order (journal entry {entry.id})")
+        self._log.warning("study.patient_merged", message_id=entry.id, correlation_id=uid)
 
 
 def study_from_metadata(metadata: list[DicomJSON], *, endpoint: str = "") -> Study:

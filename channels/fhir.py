@@ -5,7 +5,8 @@ Rules:
 
 * every message naming a patient (order, ADT, report, MPPS, study) updates its Patient the same way
   (``fhir_mapping.merge_patient``): identifiers are a union (an INS the Patient has under another value is kept, the
-  new one logged and left out: the orders channel refuses such a message at ingest), demographics follow the latest
+  new one logged and left out: the orders channel refuses such a message at ingest; but a patient update from the
+  identity system, ``PatientUpdate.authoritative``, replaces it), demographics follow the latest
   message that carries them. One Patient per local identifier (IPP) whatever message names it: an IPP without
   assigning authority is the one the Patient already holds under a system; an authority named later replaces the
   mapping's default system (the Patient keeps its id).
@@ -47,7 +48,16 @@ from channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_top
 from traboule import metrics
 from traboule.bus import Bus, Delivery
 from traboule.config import resolve
-from traboule.fhir_mapping import RECONCILED, UNSCHEDULED, FHIRMapping, is_ins, merge_patient, resource_id
+from traboule.fhir_mapping import (
+    RECONCILED,
+    UNSCHEDULED,
+    FHIRMapping,
+    deleted_versions,
+    is_ins,
+    merge_patient,
+    resource_id,
+    with_profiles,
+)
 from traboule.fhir_store import FHIRStore
 from traboule.health import channel_health
 from traboule.model import (
@@ -190,9 +200,14 @@ class FHIRChannel:
         self._touched.append((resource["resourceType"], resource["id"]))
         return int(self.store.upsert(resource, seq))
 
-    def _patient(self, patient: Patient, seq: int) -> tuple[str, int]:
+    def _patient(
+        self, patient: Patient, seq: int, *, survivor: bool = False, replace_ins: bool = False
+    ) -> tuple[str, int]:
         """The reference of the event's Patient (empty without an identifier) and whether it was written: the
-        stored Patient updated by this message's view of it (`merge_patient`), or a new one."""
+        stored Patient updated by this message's view of it (`merge_patient`), or a new one. A merged Patient
+        (inactive, ``replaced-by``: an event ingested before the merge) stands for its survivor, unchanged; the
+        survivor of a merge (``survivor``) is made active again if an earlier merge had replaced it. ``replace_ins``:
+        the identity system's update, whose INS replaces the Patient's (unless a later message was applied)."""
         primary = patient.primary_id
         if primary is None or not primary.value:
             return "", 0
@@ -200,9 +215,20 @@ class FHIRChannel:
         stored = self._known_patient(primary, latest)
         if stored is None:
             return f"Patient/{latest['id']}", self._write(latest, seq)
-        merged, refused = merge_patient(stored, latest)
+        if survivor and stored.get("active") is False:
+            stored = {k: v for k, v in stored.items() if k not in ("active", "link")}
+        elif (replacing := self._replaced_by(stored)) is not None:
+            self._log.info("fhir.merged_patient_followed", patient=stored["id"], survivor=replacing["id"])
+            return f"Patient/{replacing['id']}", 0
+        newer = self.store.seq_of("Patient", stored["id"])
+        merged, refused = merge_patient(stored, latest, replace_ins=replace_ins and not (seq and newer > seq))
         if refused:  # the ingest check refuses such messages; one may predate it, or come from DICOM
             self._log.warning("fhir.ins_kept", patient=stored["id"], refused=len(refused))
+        if seq and newer > seq:
+            # An earlier message applied late (a report published once its study came, a redelivery): its
+            # identifiers still join the union, whatever the order; the demographics stay the later message's.
+            merged = {k: v for k, v in stored.items() if k != "meta"} | {"identifier": merged["identifier"]}
+            seq = newer
         return f"Patient/{stored['id']}", self._write(merged, seq)
 
     def _known_patient(self, primary: Identifier, latest: dict[str, Any]) -> dict[str, Any] | None:
@@ -324,6 +350,9 @@ class FHIRChannel:
             old = self.store.get("DocumentReference", old_id)
             if old is not None and old.get("status") == "current":
                 changed += self._write(_edit(old, status="superseded"), seq)
+        if doc.action == "delete":  # PDSm: the versions a deleted document replaced are deleted with it
+            for old in deleted_versions(reference, self.store.get):
+                changed += self._write(_edit(old), seq)
         return changed + self._write(diagnostic, seq)
 
     def _based_on(self, accession: str, subject: str) -> list[str]:
@@ -408,8 +437,24 @@ class FHIRChannel:
             return changed
         return changed + self._write(resource, seq)
 
+    def _replaced_by(self, patient: dict[str, Any]) -> dict[str, Any] | None:
+        """The Patient that replaces a merged one (``link`` ``replaced-by`` followed to an active Patient), or
+        None when ``patient`` is not merged."""
+        current, seen = patient, {patient["id"]}
+        while current.get("active") is False and len(seen) <= 16:
+            link = next((x for x in current.get("link") or [] if x.get("type") == "replaced-by"), {})
+            rtype, _, rid = (link.get("other") or {}).get("reference", "").partition("/")
+            found = self.store.get("Patient", rid) if rtype == "Patient" and rid not in seen else None
+            if found is None:
+                break
+            current = found
+            seen.add(rid)
+        return None if current is patient else current
+
     def _patient_update(self, update: PatientUpdate, seq: int) -> int:
-        survivor_ref, changed = self._patient(update.patient, seq)
+        survivor_ref, changed = self._patient(
+            update.patient, seq, survivor=update.action == "merge", replace_ins=update.authoritative
+        )
         if update.action != "merge" or not survivor_ref:
             return changed
         survivor = {"id": survivor_ref.split("/", 1)[1]}
@@ -420,12 +465,10 @@ class FHIRChannel:
             rid = known["id"] if known is not None else self.mapping.merged_patient_id(ident)
             if rid == survivor["id"]:
                 continue
-            merged = self.store.get("Patient", rid) or {
-                "resourceType": "Patient",
-                "id": rid,
-                "identifier": [self.mapping.patient_identifier(ident)],
-            }
-            merged = _edit(merged)
+            merged = self.store.get("Patient", rid) or with_profiles(  # one never seen: the FR Core it conforms to
+                {"resourceType": "Patient", "id": rid, "identifier": [self.mapping.patient_identifier(ident)]}
+            )
+            merged = _edit(merged)  # its tags and FR Core profiles kept
             merged["active"] = False
             merged["link"] = [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}]
             changed += self._write(merged, seq)
@@ -437,18 +480,23 @@ class FHIRChannel:
         changed = 0
         for rtype in ("ServiceRequest", "ImagingStudy", "DocumentReference", "DiagnosticReport"):
             for subject in (old, new):  # the survivor's too: a redelivered merge must name them again (push)
-                _, found = self.store.search(rtype, {"subject": subject}, count=10_000)
-                for resource in found:
+                for resource in self._of_subject(rtype, subject):
                     changed += self._write(_edit(resource, subject={"reference": new}), seq)
         return changed
 
+    def _of_subject(self, rtype: str, subject: str) -> list[dict[str, Any]]:
+        """Every stored resource of ``rtype`` whose subject is ``subject``, those no search finds (a deleted
+        DocumentReference) too: a merge moves them all."""
+        return self.store.by_subject(rtype, subject, include_deleted=True)
+
 
 def _edit(resource: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """A stored resource with ``changes``, to write back: its ``meta`` is left to the store, but its tags."""
+    """A stored resource with ``changes``, to write back: its ``meta`` is left to the store, but its tags and
+    profiles."""
     out = {k: v for k, v in resource.items() if k != "meta"} | changes
-    tags = (resource.get("meta") or {}).get("tag")
-    if tags:
-        out["meta"] = {"tag": tags}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k in ("tag", "profile") and v}
+    if meta:
+        out["meta"] = meta
     return out
 
 

@@ -51,8 +51,10 @@ from adapters.dicom_mpps import (
 )
 from adapters.dicom_server import SCPLimits
 from traboule import metrics
+from traboule.hl7_mapping import MappingFailure
 from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
+from traboule.patient_identity import PatientIdentities
 
 log = structlog.get_logger("traboule.channels.mpps")
 
@@ -130,6 +132,7 @@ class MPPSChannel:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # whose each order is; merges
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._log = log.bind(channel=self.name)
@@ -144,6 +147,7 @@ class MPPSChannel:
         for scp in self.scps:
             scp.stop()
         self._db.close()
+        self.identities.close()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -201,17 +205,28 @@ class MPPSChannel:
         if refusal is None and status not in STATUSES:
             refusal = (INVALID_ATTRIBUTE_VALUE, f"unknown status {status[:30]!r}", None)
         events: list[OutboxEvent] = []
+        step: PerformedStep | None = None
+        mismatch, merged_notes = "", []
+        if refusal is None:
+            step = performed_step(uid, merged)
+            merged_notes = self.identities.resolve_merged([step])  # a merged Patient ID: its survivor's
+            try:  # never a step on another patient's order (the reason names both: journal only)
+                self.identities.check_step(step)
+            except MappingFailure as exc:
+                mismatch = exc.reason
+                refusal = (INVALID_ATTRIBUTE_VALUE, "Patient ID is not the patient of the scheduled step", None)
         if refusal is not None:
             entry.status = "rejected"
-            entry.error = refusal[1]
+            entry.error = mismatch or refusal[1]
             entry.ack_code = f"0x{refusal[0]:04X}"
         else:
-            step = performed_step(uid, merged)
+            assert step is not None
             entry.idempotency_key = f"mpps|{uid}|{step.status}"
             entry.correlation_id = uid
             entry.ack_code = "0x0000"
             if kind == "create" and not references_order(step):  # IHE unscheduled case: accepted, journaled as such
                 entry.warnings = UNSCHEDULED
+            entry.warnings = "\n".join([*filter(None, [entry.warnings]), *merged_notes])
             env = Envelope(step, source=self.name, idempotency_key=entry.idempotency_key, correlation_id=uid)
             events.append(OutboxEvent(topic_of(step.status), env.id, env.to_json()))
         try:
@@ -228,11 +243,13 @@ class MPPSChannel:
             status=status,
             answer=entry.ack_code,
             **({"error_status": entry.ack_code} if entry.error else {}),
-            **({"unscheduled": True} if entry.warnings == UNSCHEDULED else {}),
+            **({"unscheduled": True} if UNSCHEDULED in entry.warnings.splitlines() else {}),
         )
         if refusal is not None:
             code, comment, error_id = refusal
             return (code, comment) if error_id is None else (code, comment, error_id)
+        if step is not None:  # the keys it names now belong to its patient, when no order said whose they are
+            self.identities.record([step])
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         self._db.execute(
             "INSERT INTO mpps VALUES (?, ?, ?, ?)"

@@ -15,7 +15,12 @@ demand when neither knows a report's study (``archive``: the archive channel's D
 seconds), and keeps the orders it receives (procedure code, identifiers a report may lack), written in batches
 every half second off the ACK path. Reports are prepared one at a time on a thread of their own. A structured
 report whose study is still unknown is accepted and waits for it (``wait_for_study``, default "24h"; 0 refuses it,
-AE), see ``traboule.waiting_reports``.
+AE; ``max_waiting``, default 5000: a warning above), see ``traboule.waiting_reports``.
+
+Patient identity (``traboule.patient_identity``): a message giving an IPP another INS than the recorded one is
+refused (AE, PID-3), unless it is a patient update (ADT^A08/A31) from an identity source, whose INS replaces it
+(``identity_sources = [{application = "GAM", facility = "CHU-LYON"}]``, MSH-3.1 / MSH-4.1; not set: every sender of
+ADT). At start, what the accepted messages after the registry's mark said is recorded again (a crash may have lost it).
 
 Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
 ``document.<action>`` (publish, replace, delete).
@@ -38,13 +43,14 @@ from adapters.mllp import MLLPListener, Refusal
 from traboule import hl7, metrics
 from traboule.config import resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.journal import JournalEntry, OutboxEvent
-from traboule.model import Document, Envelope, ImagingOrder, Payload, Report, content_key
-from traboule.patient_identity import PatientIdentities
+from traboule.journal import JournalEntry, OutboxEvent, Query
+from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
+from traboule.patient_identity import REBUILD_MARGIN, PatientIdentities, identity_sources, mark_authoritative
 from traboule.reports import Held, ReportPublisher, ReportRefused
 from traboule.waiting_reports import (
     ARCHIVE_RECHECK,
     ARCHIVE_TIMEOUT,
+    MAX_WAITING,
     ArchiveReader,
     WaitingReports,
     archive_settings,
@@ -82,11 +88,22 @@ class OrdersChannel:
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
         self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # INS accepted per IPP
+        # Whose patient updates replace an IPP's INS (MSH-3/MSH-4); not set: every ADT^A08/A31 the channel accepts.
+        self._identity_sources = identity_sources(config.get("identity_sources"), self.name)
+        if self.reports is not None:  # a report's catalog is its patient's, merges followed
+            self.reports.same_patient = self.identities.same_patient
         self._archive: ArchiveReader | None = None  # read on demand for a report's study
         self._waiting: WaitingReports | None = None  # publishes the reports that wait for their study
         self._held: set[str] = set()  # reports just held (waiting) by the message being handled, until journaled
+        self._archive_recheck = ARCHIVE_RECHECK
+        self._max_waiting = MAX_WAITING
         if self.reports is not None:
             settings = config.get("reports") or {}
+            # Checked here, not in start(): `traboule check` builds the channel without starting it.
+            self._archive_recheck = seconds(settings.get("archive_recheck", ARCHIVE_RECHECK), "reports.archive_recheck")
+            self._max_waiting = settings.get("max_waiting", MAX_WAITING)
+            if isinstance(self._max_waiting, bool) or not isinstance(self._max_waiting, int) or self._max_waiting < 0:
+                raise ValueError(f"reports.max_waiting must be a whole number, not {self._max_waiting!r}")
             archive = archive_settings(runtime.config, settings, self.name)
             if archive is not None:
                 timeout = seconds(settings.get("archive_timeout", ARCHIVE_TIMEOUT), "reports.archive_timeout")
@@ -97,6 +114,9 @@ class OrdersChannel:
         return [] if config.get("reports", {}) is False else [(f"{config['name']}.reports", REPORT_TOPICS)]
 
     async def start(self) -> None:
+        if self.runtime.journal is not None:  # before the listener opens: owners a crash kept from the registry
+            rebuilt = self.identities.rebuild(self._journaled_since_mark(), self.name)
+            self._log.info("identities.rebuilt", messages=rebuilt)
         if self.reports is not None and self.reports.validator is not None:
             # Compiling the schematrons takes seconds: at start, not on the first report (its sender would wait).
             await asyncio.to_thread(self.reports.validator.warm)
@@ -109,20 +129,39 @@ class OrdersChannel:
             await self.runtime.bus.subscribe_batch(f"{self.name}.reports", REPORT_TOPICS, self._observe)
             self._flusher = asyncio.create_task(self._flush_orders(), name=f"{self.name}-orders")
             if self.runtime.journal is not None:
-                recheck = (self.config.get("reports") or {}).get("archive_recheck", ARCHIVE_RECHECK)
                 self._waiting = WaitingReports(
                     self.name,
                     self.reports,
                     self.runtime.journal,
                     self._reports_thread,
                     self._archive,
-                    archive_recheck=seconds(recheck, "reports.archive_recheck"),
+                    archive_recheck=self._archive_recheck,
+                    max_waiting=self._max_waiting,
                 )
                 self._waiting.start()
         await self.listener.start()
 
+    def _journaled_since_mark(self) -> Any:
+        """(journal id, reception time, payloads) of the channel's accepted messages after the registry's mark (less
+        a group commit's worth: they may be recorded out of order), mapped again as at ingest."""
+        journal = self.runtime.journal
+        after = max(0, (self.identities.mark(self.name) or journal.last_id()) - REBUILD_MARGIN)
+        query = Query(statuses=["accepted"], channels=[self.name])
+        while batch := journal.select(query, after=after, limit=500):
+            for entry in batch:
+                after = entry.id
+                try:
+                    msg = hl7.parse(hl7.decode(entry.raw).text)
+                    payloads = self.mapping.map(msg, [])
+                except (hl7.HL7Error, MappingFailure):  # a mapping changed since: it cannot say more now
+                    continue
+                self.identities.resolve_merged(payloads)
+                mark_authoritative(payloads, self._identity_sources, (msg.header(3, 1), msg.header(4, 1)))
+                yield entry.id, entry.received, payloads
+
     async def stop(self) -> None:
         await self.listener.stop()
+        self.identities.close()  # the owners of the last orders written
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,8 +197,9 @@ class OrdersChannel:
             return
         payloads = [Envelope.from_json(d.body).payload for d in deliveries]
         await asyncio.to_thread(self.reports.remember, payloads)
-        if self._waiting is not None:
-            self._waiting.wake()
+        if self._waiting is not None:  # only the reports waiting for these studies are looked at
+            studies = [p for p in payloads if isinstance(p, Study | PerformedStep)]
+            self._waiting.wake([s.study_instance_uid for s in studies], [s.accession_number for s in studies])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -169,8 +209,17 @@ class OrdersChannel:
             "accepts": sorted(self.mapping.accept),
             "destinations": ["bus:order.*", "bus:patient.*"] + (["bus:document.*"] if self.reports else []),
             **({"validation": "on" if self.reports.validator else "off"} if self.reports else {}),
-            **({"reports_waiting": len(self.reports.waiting())} if self.reports else {}),  # for their study
+            **({"reports_waiting": self.reports.counts()["waiting"]} if self.reports else {}),  # for their study
         }
+
+    def health(self) -> dict[str, Any]:
+        """``ok``, with the reports waiting for their study and the dead letters (``traboule reports waiting``):
+        an operator's work, not a fault of the engine (not among ``/health``'s problems)."""
+        if self.reports is None:
+            return {"state": "ok"}
+        counts = self.reports.counts()
+        over = {"over_max_waiting": True} if counts["waiting"] > self._max_waiting else {}
+        return {"state": "ok", "reports": {**counts, "max_waiting": self._max_waiting, **over}}
 
     # -- message handling ------------------------------------------------------------------------------------
 
@@ -207,6 +256,7 @@ class OrdersChannel:
         )
         msg: hl7.Message | None = None
         events: list[OutboxEvent] = []
+        reserved: list[Payload] = []  # what the identity check let through: recorded once accepted, else released
         error: hl7.AckError | None = None
         code = "AA"
         # A large message is tokenized and mapped on a thread: the loop keeps answering the other connections
@@ -221,8 +271,15 @@ class OrdersChannel:
             entry.correlation_id = msg.control_id or entry.idempotency_key
             notes: list[str] = []
             mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
-            self.identities.check(mapped)  # an IPP given another INS than the one it was accepted with: AE, PID-3
+            notes.extend(self.identities.resolve_merged(mapped))  # a merged IPP: its survivor's (warning journaled)
+            # An IPP given another INS than the one it was accepted with: AE, PID-3; unless an identity source's
+            # patient update says so (the INS replaced, a warning journaled).
+            mark_authoritative(mapped, self._identity_sources, (msg.header(3, 1), msg.header(4, 1)))
+            notes.extend(self.identities.check(mapped))
+            reserved = mapped
+            self.identities.check_report(mapped)  # a report naming another patient's order or study: AE, PID-3
             payloads = await self._prepare(mapped, entry.idempotency_key, notes)
+            notes.extend(self.identities.resolve_merged(payloads))  # a deletion names the deleted version's patient
             if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
                 entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
             for i, payload in enumerate(payloads):
@@ -232,7 +289,7 @@ class OrdersChannel:
                     idempotency_key=f"{entry.idempotency_key}:{i}",
                     correlation_id=entry.correlation_id,
                 )
-                events.append(OutboxEvent(_topic(payload), env.id, env.to_json()))
+                events.append(OutboxEvent(topic_of(payload), env.id, env.to_json()))
         except hl7.HL7Error as exc:
             code = "AR" if exc.reject else "AE"
             error = hl7.AckError(str(exc), exc.location, exc.code)
@@ -259,6 +316,7 @@ class OrdersChannel:
         except BaseException as exc:  # the journal is not writable (or the engine stops): nothing is acknowledged
             if prepared and self.reports is not None:  # a document nobody will hear of: undo it
                 await asyncio.to_thread(self.reports.discard, entry.idempotency_key)
+            self.identities.release(reserved)
             if not isinstance(exc, Exception):
                 raise
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
@@ -279,7 +337,9 @@ class OrdersChannel:
                 self._reports_thread, self.reports.journaled, entry.idempotency_key, entry.id
             )
         if entry.status == "accepted":  # journaled: its IPP-INS pairs are now the patient's
-            self.identities.record(mapped)
+            self.identities.record(reserved, channel=self.name, journal_id=entry.id)
+        else:  # refused or a duplicate: its pairs hold nothing against the next messages
+            self.identities.release(reserved)
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
             "message." + entry.status,
@@ -404,14 +464,6 @@ class OrdersChannel:
         error = hl7.HL7Error(reason, location="MSH", code=code)
         reply = await self._reject(data, peer, error, codec="latin-1", answered=answered)
         return reply if answered else None
-
-
-def _topic(payload: Any) -> str:
-    if isinstance(payload, ImagingOrder):
-        return f"order.{payload.action}"
-    if isinstance(payload, Document):
-        return f"document.{payload.action}"
-    return f"patient.{payload.action}"
 
 
 # One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by

@@ -15,8 +15,10 @@ Not produced: the XAdES "document de signature" (a third DocumentEntry signing t
 the ANS samples carry. Whether the DMP requires it, and its exact profile (signature policy, references, which
 certificate), are not confirmed by a published ANS specification: only the ANS sample submissions carry it.
 
-The entryUUID given to each document uniqueId is kept in ``<data_dir>/<name>.sqlite`` before the first attempt, so
-that a retry resends the same entry and a replacement or deletion can name it. A replacement or deletion of a
+A document version's entryUUID is derived from its uniqueId (``traboule.document_ids.entry_uuid``, UUID v5): the
+one its MHD DocumentReference carries, so a gateway sees one identity on both sides. It is kept in
+``<data_dir>/<name>.sqlite`` before the first attempt, so that a retry resends the same entry and a replacement or
+deletion names the one registered (an entry already stored keeps its entryUUID). A replacement or deletion of a
 document not registered yet (its publication still in retry) is retried. A redelivered event of a document already
 registered is skipped; a retry whose first attempt was registered although its answer was lost
 (``XDSDuplicateUniqueIdInRegistry``) counts as registered.
@@ -47,8 +49,9 @@ Configuration::
     default_content_type = "O"
     submission_author = {person = "", institution = ""}  # XCN / XON; empty: the document's author
     timezone = "Europe/Paris"          # CDA times without an offset
-    event_codes = true                 # modality and CCAM act in eventCodeList
+    event_codes = true                 # CCAM act, modality and anatomical region (serviceEvent) in eventCodeList
     ccam_scheme = "1.2.250.1.213.2.5"
+    region_scheme = "1.2.250.1.213.1.1.5.695"  # JDV_RegionAnatomique_CISIS, as the DRIMbox searches regions
 
     [channels.vihf]
     cert_file = "seal.pem"             # the structure's seal (cachet) certificate and key, PEM: signs the VIHF
@@ -61,10 +64,10 @@ Configuration::
     subject_name = ""                  # subject-id; empty: the document author's name
     roles = []                         # [{code, system, display}]; empty: from the author's specialty (G15_10/SM44)
     authentication_mode = "INDIRECTE"
-    lps_id = ""
-    lps_name = "traboule"
-    lps_version = ""
-    lps_homologation = ""              # LPS_ID_HOMOLOGATION_DMP
+    lps_id = "<id>"                    # LPS_ID: the software's identifier (required: no start without it)
+    lps_name = "traboule"              # LPS_Nom
+    lps_version = ""                   # LPS_Version; empty: traboule's version
+    lps_homologation = "<number>"      # LPS_ID_HOMOLOGATION_DMP: the software's DMP homologation number (required)
     lifetime = 300                     # seconds
 """
 
@@ -72,6 +75,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import os
 import re
 import sqlite3
@@ -84,7 +88,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from adapters import xds
-from traboule import hl7, journal, metrics
+from traboule import document_ids, hl7, journal, metrics
 from traboule.bus import Delivery, PermanentError
 from traboule.config import ConfigError, is_loopback
 from traboule.health import DestinationHealth, channel_health
@@ -95,7 +99,6 @@ from traboule.xds_metadata import (
     MetadataError,
     MetadataSettings,
     deletion,
-    new_entry_uuid,
     submission,
 )
 
@@ -105,6 +108,8 @@ DEFAULT_TOPICS = ["document.#"]
 PROFESSION_SYSTEM = "1.2.250.1.71.1.2.7"  # TRE_G15-ProfessionSante
 SAVOIR_FAIRE_SYSTEM = "1.2.250.1.71.4.2.5"  # TRE_R38-SpecialiteOrdinale
 PROFESSIONS = {"10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-Dentiste", "50": "Sage-Femme", "60": "Infirmier"}
+# The software's identity the DMP requires in the VIHF: setting → VIHF attribute.
+LPS = {"lps_id": "LPS_ID", "lps_version": "LPS_Version", "lps_homologation": "LPS_ID_HOMOLOGATION_DMP"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -136,10 +141,10 @@ class XDSChannel:
         self.name: str = config["name"]
         self.runtime = runtime
         self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 8))
-        self.retry_window = float(config.get("retry_window", 300))
         vihf = config.get("vihf") or {}
         try:
+            self.max_attempts = int(config.get("max_attempts", 8))
+            self.retry_window = float(config.get("retry_window", 300))
             self.repository = _url(config, "repository")
             self.registry = _url(config, "registry")
             self.settings = MetadataSettings.from_config(config)
@@ -149,6 +154,14 @@ class XDSChannel:
             for key in ("cert_file", "key_file"):  # the DMP authenticates the structure by its TLS certificate
                 if not config.get(key):
                     raise ValueError(f"{key} is needed: mutual TLS with the structure's authentication certificate")
+            vihf = {**vihf, "lps_version": str(vihf.get("lps_version", "") or _version())}
+            missing = [f"vihf.{k} ({LPS[k]})" for k in LPS if not str(vihf.get(k, "") or "").strip()]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: the DMP requires the "
+                    "software's identity in the VIHF (see the settings in channels/xds.py)"
+                )
+            self.lifetime = int(vihf.get("lifetime", 300))
             password = os.environ.get(str(vihf.get("key_password_env", "")), "")
             self.signer = xds.AssertionSigner(vihf["cert_file"], vihf["key_file"], password)
             self.roles = [
@@ -246,7 +259,7 @@ class XDSChannel:
                 doc = dataclasses.replace(doc, replaces="")
             else:
                 replaces = old.entry_uuid
-        entry_uuid = row.entry_uuid if row else new_entry_uuid()
+        entry_uuid = row.entry_uuid if row else document_ids.entry_uuid(doc.id)  # stable: the MHD one too
         if row is None:
             self._db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, 'sending', '', ?)", (doc.id, entry_uuid, doc.set_id, _now())
@@ -392,7 +405,7 @@ class XDSChannel:
             lps_homologation=str(v.get("lps_homologation", "")),
             version=str(v.get("version", "3.0")),
             authentication_mode=str(v.get("authentication_mode", "INDIRECTE")),
-            lifetime=int(v.get("lifetime", 300)),
+            lifetime=self.lifetime,
         )
 
 
@@ -418,6 +431,14 @@ def _url(config: dict[str, Any], key: str) -> str:
     if not url.startswith("https://") and not (url.startswith("http://") and is_loopback(host)):
         raise ValueError(f"{key} must be the https URL of the XDS.b endpoint, not {url!r}")
     return url
+
+
+def _version() -> str:
+    """traboule's version (the default LPS_Version), "" when it is not installed as a package."""
+    try:
+        return importlib.metadata.version("traboule")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _now() -> str:

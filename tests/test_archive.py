@@ -25,10 +25,17 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def write_study(
-    folder: Path, *, accession: str = "ACC0001", patient_id: str = "IPP0001", series: int = 2, per_series: int = 3
+    folder: Path,
+    *,
+    accession: str = "ACC0001",
+    patient_id: str = "IPP0001",
+    series: int = 2,
+    per_series: int = 3,
+    study_uid: str = "",
 ) -> str:
-    """A small study (8x8 secondary captures) as Part 10 files; returns its Study Instance UID."""
-    study_uid = generate_uid()
+    """A small study (8x8 secondary captures) as Part 10 files; returns its Study Instance UID (``study_uid``, as
+    a modality takes it from the worklist, else a new one)."""
+    study_uid = study_uid or generate_uid()
     for s in range(1, series + 1):
         series_uid = generate_uid()
         for i in range(1, per_series + 1):

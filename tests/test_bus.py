@@ -307,6 +307,44 @@ async def test_publish_many_and_concurrent_publishes(bus: AnyBus) -> None:
     assert all(f"conc-{n}" in by_id for n in range(50))
 
 
+async def test_send_puts_messages_on_one_queue_only_durably(make_bus: Callable[[], Awaitable[AnyBus]]) -> None:
+    first = await make_bus()
+    target, other = unique_name("q"), unique_name("q")
+    await first.declare(target, ["orders.*"])
+    await first.declare(other, ["orders.*"])  # bound to the same topic: a publish would reach it too
+    items = [("orders.new", f"body {n}".encode(), f"sent-{n}", {"journal-id": str(n)}) for n in range(3)]
+    await first.send(target, items)
+    await first.close()
+
+    second = await make_bus()  # a restart: what send returned for was durable
+    assert (await second.depth(target), await second.depth(other)) == (3, 0)
+    with pytest.raises(LookupError):
+        await second.send(unique_name("never-declared"), [("orders.new", b"x", "lost", None)])
+    attempts: list[int] = []
+
+    async def fails_once(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.message_id == "sent-1" and delivery.attempt == 1:
+            raise ConnectionError("peer down")
+
+    inbox = Inbox()
+
+    async def handler(delivery: Delivery) -> None:
+        await fails_once(delivery)
+        await inbox(delivery)
+
+    await second.subscribe(target, ["orders.*"], handler, max_attempts=3)
+    await inbox.until("sent-2")
+    got = {d.message_id: d for d in await eventually(lambda: asyncio.sleep(0, inbox.received), lambda r: len(r) >= 3)}
+    assert sorted(got) == ["sent-0", "sent-1", "sent-2"]
+    for n in range(3):  # as published: topic, body, headers; a sent message is a first delivery, retried as any
+        d = got[f"sent-{n}"]
+        assert (d.topic, d.body, d.headers) == ("orders.new", f"body {n}".encode(), {"journal-id": str(n)})
+    assert got["sent-1"].attempt == 2 and sorted(attempts) == [1, 1, 1, 2]
+    assert await second.depth(other) == 0
+    assert await eventually(lambda: second.depth(target), lambda n: n == 0) == 0
+
+
 async def test_depth(bus: AnyBus) -> None:
     queue = unique_name("q")
     assert await bus.depth(unique_name("never-declared")) == 0

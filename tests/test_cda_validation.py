@@ -6,10 +6,19 @@ One validator for the whole module (its cache in the session's temp dir): compil
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,15 +28,19 @@ from lxml import etree
 from tests.conftest import ROOT, SHARED, shared_path
 from traboule.cda_validation import (
     PROFILES,
+    REQUEST_TIMEOUT,
+    SERVER_IDLE,
     UPSTREAM_REPO,
     CDAValidator,
     CDAValidatorError,
     ServedValidator,
+    _report_from,
     default_cache_dir,
     default_tree,
     detect,
     schematrons_for,
     server_address,
+    server_idle,
     tree_key,
 )
 
@@ -250,7 +263,8 @@ def test_default_tree_is_the_environment_variable(monkeypatch: pytest.MonkeyPatc
 
 
 def _cli(*args: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRABOULE_CDA_VALIDATORS"} | (env or {})
+    drop = {"TRABOULE_CDA_VALIDATORS", "TRABOULE_CDA_SERVER_IDLE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | (env or {})
     command = [sys.executable, "-m", "traboule.cli", "cda", "validate", *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=100, check=False)
 
@@ -290,8 +304,15 @@ def test_cli_keeps_compiled_schematrons_in_a_server_between_runs(tree: Path, cac
         assert f"OK {good} (IMG-CR-IMG level 3;" in second.stdout
         assert f"FAIL {bad} (IMG-CR-IMG level 3;" in second.stdout and "FR-DICOM-Conclusion" in second.stdout
         assert took < 5.0  # compiling alone takes ~7 s
+        assert served.running()
+        stop = _cli("--stop", "--validators", tree, "--cache", cache)
+        assert stop.returncode == 0, stop.stderr
+        assert stop.stdout.strip() == f"stopped the validation server of {tree}"
+        assert not served.running()  # stop waits for the process to end
+        again = _cli("--stop", "--validators", tree, "--cache", cache)
+        assert again.stdout.strip() == f"no validation server of {tree}"
     finally:
-        assert served.stop()
+        served.stop()
     assert not served.stop()  # it is gone
 
 
@@ -300,6 +321,7 @@ def test_a_changed_schematron_gets_another_server(tmp_path: Path) -> None:
     sch.parent.mkdir()
     sch.write_text("<schema/>")
     before = server_address(tmp_path, tmp_path / "cache")
+    assert before is not None and Path(before).parent == tmp_path / "cache" / "servers"
     assert before == server_address(tmp_path, tmp_path / "cache")
     assert before != server_address(tmp_path, tmp_path / "other-cache")
     sch.write_text("<schema></schema>")
@@ -317,3 +339,271 @@ def test_cli_with_a_broken_tree_exits_2(tmp_path: Path) -> None:
     proc = _cli(tmp_path / "doc.xml", "--validators", tmp_path, "--cache", tmp_path / "cache")
     assert proc.returncode == 2
     assert "is not a testContenuCDA tree" in proc.stderr
+
+
+# -- the validation server: who it talks to, idle connections, idle exit -----------------------------------------
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="acting as another user (nobody) needs root")
+# What the squatter of the review answered: no document, no error. A pass, had the client believed it.
+NOT_PARSED = {"document": None, "xml_error": "", "xsd_errors": [], "findings": [], "schematrons": [], "timings": {}}
+
+
+@pytest.fixture(scope="module")
+def served(tree: Path, cache: Path) -> Iterator[ServedValidator]:
+    """A validation server on the session's cache, stopped at the end (and checked gone)."""
+    server = ServedValidator(tree, cache, idle=120)
+    yield server
+    server.stop()
+    assert not server.running()
+
+
+@pytest.fixture
+def open_cache(validator: CDAValidator) -> Iterator[Path]:
+    """A cache another user can traverse (pytest's own temp dirs are root's alone), holding a copy of the compiled
+    tree: a server there compiles but does not generate the XSLT again."""
+    path = Path(tempfile.mkdtemp(prefix="cda-open-", dir="/tmp"))
+    path.chmod(0o755)
+    shutil.copytree(validator.work, path / validator.work.name)
+    yield path
+    ServedValidator(validator.tree, path).stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _as_nobody(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["/usr/bin/python3", "-c", code, *args], user=NOBODY, group=NOBODY, stdout=subprocess.PIPE, text=True
+    )
+
+
+class FakeServer:
+    """Something else listening on a validation server's socket (same user): answers every request with ``answer``.
+    ``key``: "none" (no key file beside the socket), "known" (it wrote the key and proves its answers with it),
+    "unknown" (there is a key, not the one its answers are proved with)."""
+
+    def __init__(self, address: str, answer: dict[str, object], *, key: str = "none") -> None:
+        self.path = Path(address)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.secret = os.urandom(32)
+        if key != "none":
+            key_file = self.path.with_suffix(".key")
+            key_file.write_bytes(self.secret if key == "known" else os.urandom(32))
+            key_file.chmod(0o600)
+        self.answer = answer
+        self.received: list[bytes] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(address)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import hashlib
+        import hmac
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError, ValueError, struct.error):
+                (size,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+                request = json.loads(conn.recv(size, socket.MSG_WAITALL))
+                self.received.append(base64.b64decode(request.get("data", "")))
+                proof = hmac.new(self.secret, request["nonce"].encode(), hashlib.sha256).hexdigest()
+                body = json.dumps({**self.answer, "proof": proof}).encode()
+                conn.sendall(struct.pack(">I", len(body)) + body)
+
+    def close(self) -> None:
+        self.listener.close()
+        for path in (self.path, self.path.with_suffix(".key")):
+            path.unlink(missing_ok=True)
+
+
+def test_a_fake_server_on_the_socket_is_not_believed(tree: Path, tmp_path: Path) -> None:
+    """The review's squatter, on the socket itself: it answers "not parsed, no error" without the server's key."""
+    broken = tmp_path / "broken.xml"
+    broken.write_bytes(b"<ClinicalDocument><title></ClinicalDocument>")
+    address = str(server_address(tree, tmp_path / "cache"))
+    fake = FakeServer(address, {"report": NOT_PARSED})
+    try:
+        proc = _cli(broken, "--validators", tree, "--cache", tmp_path / "cache")
+    finally:
+        fake.close()
+    assert fake.received == []  # no key beside the socket: nothing sent
+    assert proc.returncode == 2, proc.stdout
+    assert "OK" not in proc.stdout
+    assert "no key beside the socket, nothing sent: not this user's validation server" in proc.stderr
+    fake = FakeServer(address, {"report": NOT_PARSED}, key="unknown")
+    try:
+        proc = _cli(broken, "--validators", tree, "--cache", tmp_path / "cache")
+    finally:
+        fake.close()
+    assert proc.returncode == 2, proc.stdout
+    assert "OK" not in proc.stdout
+    assert "the answer is not from this user's validation server" in proc.stderr
+
+
+def test_an_answer_without_a_parsed_document_is_never_a_pass(tree: Path, tmp_path: Path) -> None:
+    """Even from a peer holding the key, a report that says less than a validation does is an error."""
+    cache = tmp_path / "cache"
+    address = str(server_address(tree, cache))
+    fake = FakeServer(address, {"report": NOT_PARSED}, key="known")
+    try:
+        with pytest.raises(CDAValidatorError, match="incomplete, not trusted: no parsed document and no XML error"):
+            ServedValidator(tree, cache).validate(b"<ClinicalDocument/>")
+    finally:
+        fake.close()
+    lazy = {**NOT_PARSED, "document": {"name": "IMG-CR-IMG", "level": 1, "template_ids": [], "code": ""}}
+    fake = FakeServer(
+        address, {"report": {**lazy, "schematrons": list(PROFILES), "timings": {"xsd": 0.1}}}, key="known"
+    )
+    try:
+        with pytest.raises(CDAValidatorError, match="a validation step did not run"):
+            ServedValidator(tree, cache).validate(b"<ClinicalDocument/>")
+    finally:
+        fake.close()
+    for answer in ({}, {"report": None}, {"report": {**lazy, "schematrons": []}}, {"report": {"document": None}}):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            _report_from(answer.get("report"), "x.xml")
+
+
+def test_a_genuine_report_reads_back_whole(validator: CDAValidator) -> None:
+    import dataclasses
+
+    report = validator.validate(cut("<!-- FR-DICOM-Conclusion", "</component>"))
+    again = _report_from(json.loads(json.dumps(dataclasses.asdict(report))), "no-conclusion.xml")
+    assert again.errors == report.errors and again.schematrons == report.schematrons
+    assert again.summary().startswith("FAIL no-conclusion.xml (IMG-CR-IMG level 3;")
+
+
+@needs_root
+def test_a_socket_of_another_user_is_sent_nothing(tree: Path, tmp_path: Path) -> None:
+    """A process of another user's listening at the server's path (here: bound elsewhere, then moved there)."""
+    cache = tmp_path / "cache"
+    address = Path(str(server_address(tree, cache)))
+    address.parent.mkdir(mode=0o700, parents=True)
+    elsewhere = Path(tempfile.mkdtemp(dir="/tmp"))
+    elsewhere.chmod(0o777)
+    squatter = _as_nobody(
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4); print('ready', flush=True)\n"
+        "s.settimeout(30); c, _ = s.accept(); c.settimeout(5); got = b''\n"
+        "try:\n"
+        "    while chunk := c.recv(65536): got += chunk\n"
+        "except OSError: pass\n"
+        "print('got', len(got), flush=True)\n",
+        str(elsewhere / "s.sock"),
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "ready\n"
+        (elsewhere / "s.sock").rename(address)
+        with pytest.raises(CDAValidatorError, match=f"not this user's \\(uid {NOBODY}\\): nothing sent to it"):
+            ServedValidator(tree, cache).validate(b"<ClinicalDocument>secret</ClinicalDocument>")
+        out, _ = squatter.communicate(timeout=30)
+        assert out == "got 0\n"
+    finally:
+        squatter.kill()
+        squatter.wait()
+        shutil.rmtree(elsewhere)
+
+
+def test_a_socket_directory_others_can_reach_is_refused(tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    servers = Path(str(server_address(tree, cache))).parent
+    servers.mkdir(mode=0o700, parents=True)
+    servers.chmod(0o755)
+    with pytest.raises(CDAValidatorError, match=r"not a directory of this user's with mode 0700 .*mode 755"):
+        ServedValidator(tree, cache).validate(b"<ClinicalDocument/>")
+    if os.getuid() == 0:
+        servers.chmod(0o700)
+        os.chown(servers, NOBODY, NOBODY)
+        with pytest.raises(CDAValidatorError, match=f"owner uid {NOBODY}"):
+            ServedValidator(tree, cache).validate(b"<ClinicalDocument/>")
+    assert not list(servers.iterdir())  # no server was started there
+
+
+def test_an_idle_connection_does_not_hold_up_the_server(served: ServedValidator) -> None:
+    data = standard(*N1).read_bytes()
+    assert served.validate(data, source="n1.xml").valid  # started and compiled
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    partial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with idle, partial:
+        idle.connect(served.address)
+        partial.connect(served.address)
+        partial.sendall(struct.pack(">I", 1000) + b'{"op"')  # a frame that never ends
+        start = time.monotonic()
+        report = served.validate(data, source="n1.xml")
+        assert time.monotonic() - start < 3.0  # not after the idle ones' deadline
+        assert report.valid and report.summary().startswith("OK n1.xml (IMG-CR-IMG level 1;")
+        for conn in (idle, partial):  # dropped by the server after REQUEST_TIMEOUT
+            conn.settimeout(REQUEST_TIMEOUT + 5)
+            assert conn.recv(1) == b""
+        assert time.monotonic() - start < REQUEST_TIMEOUT + 3
+
+
+def test_clients_are_served_concurrently(served: ServedValidator) -> None:
+    data = standard(*N1).read_bytes()
+    bad = cut("<!-- FR-DICOM-Conclusion", "</component>")
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda d: served.validate(d), [data, bad, data, bad]))
+    assert [r.valid for r in reports] == [True, False, True, False]
+    assert reports[1].errors[0].schematron == CR_IMG_SCH
+
+
+@needs_root
+def test_the_server_answers_only_its_user(tree: Path, open_cache: Path) -> None:
+    served = ServedValidator(tree, open_cache, idle=60)
+    assert served.validate(standard(*N1).read_bytes()).valid
+    servers = Path(served.address).parent
+    try:
+        servers.chmod(0o711)  # let nobody reach the socket: the server must still not answer
+        Path(served.address).chmod(0o666)
+        client = _as_nobody(
+            "import json, socket, struct, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10)\n"
+            "body = json.dumps({'op': 'validate', 'data': '', 'nonce': '0' * 32}).encode()\n"
+            "try:\n"
+            "    s.sendall(struct.pack('>I', len(body)) + body); print('answer', len(s.recv(65536)))\n"
+            "except OSError as exc: print('closed', type(exc).__name__)\n",
+            served.address,
+        )
+        out, _ = client.communicate(timeout=30)
+    finally:
+        servers.chmod(0o700)
+    assert out in ("answer 0\n", "closed ConnectionResetError\n", "closed BrokenPipeError\n")
+    assert (
+        "cda.server.refused" in (open_cache / "validation-server.log").read_text()
+        and f"uid={NOBODY}" in (open_cache / "validation-server.log").read_text()
+    )
+    assert served.validate(standard(*N1).read_bytes()).valid  # and goes on serving its user
+    assert served.stop() and not served.running()
+
+
+def test_server_idle_time_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRABOULE_CDA_SERVER_IDLE", raising=False)
+    assert server_idle() == SERVER_IDLE == 600
+    monkeypatch.setenv("TRABOULE_CDA_SERVER_IDLE", "30")
+    assert server_idle() == 30
+    monkeypatch.setenv("TRABOULE_CDA_SERVER_IDLE", "0")
+    assert server_idle() == 0
+    for bad in ("-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("TRABOULE_CDA_SERVER_IDLE", bad)
+        assert server_idle() == SERVER_IDLE
+
+
+def test_the_server_exits_after_the_idle_time_of_the_environment(tree: Path, open_cache: Path) -> None:
+    good = standard(*N1)
+    proc = _cli(good, "--validators", tree, "--cache", open_cache, env={"TRABOULE_CDA_SERVER_IDLE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "cda.server.started" in proc.stderr and "idle=1.0" in proc.stderr
+    served = ServedValidator(tree, open_cache)
+    deadline = time.monotonic() + 15
+    while served.running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not served.running()
+    assert "cda.server.idle_exit" in (open_cache / "validation-server.log").read_text()
+    assert not list(Path(served.address).parent.glob("*.sock"))  # its socket and key went with it
+    assert not list(Path(served.address).parent.glob("*.key"))
+    no_server = _cli(good, "--validators", tree, "--cache", open_cache, env={"TRABOULE_CDA_SERVER_IDLE": "0"})
+    assert no_server.returncode == 0 and "cda.server" not in no_server.stderr

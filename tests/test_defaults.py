@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,14 +22,15 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
+import traboule.http
 from tests.conftest import ROOT
 from tests.peer_dcmtk import findscu
 from tests.test_engine import cli, engine_ports, free_port_run
-from tests.test_http_limits import head, read_answer
+from tests.test_http_limits import exchange, head, read_answer
 from tests.test_mpps import completed, in_progress
 from traboule.config import DEFAULT_CHANNELS, Config, ConfigError, load
 from traboule.http import create_app, serve
-from traboule.runtime import ProcessState, Runtime
+from traboule.runtime import ProcessState, Runtime, check_listeners
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 REMOTE_KINDS = {"archive", "hl7-status", "xds", "hl7-documents"}
@@ -170,6 +172,49 @@ def test_an_ambiguous_file_is_refused_with_the_reason(tmp_path: Path, text: str,
         load(write(tmp_path, text), env={})
 
 
+FORMER_DEFAULTS = """
+[[channels]]
+name = "orders"
+kind = "hl7-orders"
+source = { adapter = "mllp-listener", host = "127.0.0.1", port = 2575 }
+
+[[channels]]
+name = "mwl"
+kind = "worklist"
+process = "worker"
+destinations = [{adapter = "mwl-scp", host = "127.0.0.1", port = 11112, ae_title = "TRABOULE"}]
+"""
+
+
+def test_two_listeners_on_one_address_are_refused_before_start(tmp_path: Path) -> None:
+    """A file written for the former defaults adds its channels beside today's, on their ports: `check` said ok
+    and `run` stopped on "address already in use". Now both refuse it, naming both channels and the way out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+    env["TRABOULE_DATA_DIR"] = str(tmp_path / "var")
+    former = write(tmp_path, FORMER_DEFAULTS)
+    for command in ("check", "run"):
+        refused = cli("--config", former, command, env=env)
+        assert refused.returncode == 2, refused.stderr
+        text = " ".join(refused.stderr.split())
+        assert "channel ris-orders (MLLP) and channel orders (MLLP) both listen on 127.0.0.1:2575" in text
+        assert "channel worklist (MWL) and channel mwl (MWL) both listen on 127.0.0.1:11112" in text
+        assert "`[engine] defaults = false`" in text
+    assert check_listeners(load(write(tmp_path, "[engine]\ndefaults = false\n" + FORMER_DEFAULTS), env={})) is None
+    renamed = FORMER_DEFAULTS.replace('"orders"', '"ris-orders"').replace('"mwl"', '"worklist"')
+    assert check_listeners(load(write(tmp_path, renamed), env={})) is None  # the defaults changed, not doubled
+
+    cfg = load(env={})
+    cfg.channel("ris-orders")["source"]["port"] = cfg.http_port_of("fhir")
+    with pytest.raises(ConfigError, match=r"the HTTP port of process fhir and channel ris-orders \(MLLP\) both"):
+        check_listeners(cfg)
+    cfg = load(env={})
+    cfg.channel("mpps")["destinations"][0].update(host="0.0.0.0", port=11112)  # every address: 127.0.0.1's too
+    with pytest.raises(ConfigError, match=r"channel worklist \(MWL\) and channel mpps \(MPPS\) both listen"):
+        check_listeners(cfg)
+    cfg.channel("mpps")["destinations"][0].update(host="127.0.0.2")  # another address: both can bind
+    assert check_listeners(cfg) is None
+
+
 # -- one HTTP address: forwarding, in one test process ----------------------------------------------------------
 
 
@@ -252,6 +297,119 @@ async def chunked_until_answered(port: int, path: str) -> int:
         writer.close()
     assert answer is not None and sent < 4 * 1024 * 1024, (answer, sent)  # the 1 MiB limit and what was in flight
     return answer.status
+
+
+@contextlib.asynccontextmanager
+async def forwarding(tmp_path: Path) -> Any:
+    """The fhir channel alone in its process, served by a main app that forwards to it (no tokens: loopback)."""
+    cfg = Config(data_dir=str(tmp_path), http_port=free_port_run())
+    cfg.channels = [c for c in cfg.channels if c["name"] == "fhir"]
+    cfg.channels[0]["mapping"] = str(ROOT / "mappings" / "fhir.yaml")
+    main, child = Runtime(cfg, process="main"), Runtime(cfg, process="fhir")
+    await main.start()
+    await child.start()
+    main_server = await serve(create_app(main), "127.0.0.1", cfg.http_port)
+    child_server = await serve(create_app(child), "127.0.0.1", cfg.http_port_of("fhir"))
+    try:
+        yield cfg
+    finally:
+        child_server.should_exit = main_server.should_exit = True
+        await main_server.task
+        await child_server.task
+        await child.stop()
+        await main.stop()
+
+
+async def test_slow_request_bodies_do_not_hold_the_connections_to_a_child(tmp_path: Path) -> None:
+    """110 clients trickling a search body hold their own server slots only: a quick request is forwarded at
+    once (the bodies were streamed to the child, 100 connections at most: 504 after 5 s)."""
+    async with forwarding(tmp_path) as cfg:
+        form = ("Content-Type: application/x-www-form-urlencoded", "Content-Length: 10000")
+        slow = []
+        for _ in range(110):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cfg.http_port)
+            writer.write(head("POST", "/fhir/Patient/_search", *form) + b"i")
+            slow.append((reader, writer))
+        try:
+            await asyncio.sleep(0.5)  # every slow request is in the forwarder, waiting for its body
+            started = time.monotonic()
+            async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+                metadata = await client.get(f"http://127.0.0.1:{cfg.http_port}/fhir/metadata")
+            assert metadata.status_code == 200 and time.monotonic() - started < 2, metadata.text
+            # A whole body is forwarded as before.
+            reader, writer = slow[0]
+            writer.write(b"dentifier=x&unknown=".ljust(9999, b"y"))  # an unknown parameter: ignored
+            answer = await read_answer(reader, timeout=10)
+            assert answer.status == 200 and b'"total":0' in answer.body.replace(b" ", b"")
+            # A GET with a body is refused at once, the body unread.
+            got = await exchange(cfg.http_port, head("GET", "/fhir/metadata", "Content-Length: 100000") + b"a")
+            assert got.status == 400 and got.headers["connection"] == "close"
+            assert b"carries no body" in got.body
+            chunked = head("GET", "/fhir/Patient", "Transfer-Encoding: chunked") + b"1\r\na\r\n0\r\n\r\n"
+            assert (await exchange(cfg.http_port, chunked)).status == 400
+        finally:
+            for _, writer in slow:
+                writer.close()
+
+
+async def test_the_bodies_the_forwarder_holds_are_bounded_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each body is read whole before it is forwarded: beyond FORWARD_BUFFER bytes for all requests in progress,
+    503 with Retry-After, until the bodies held are sent on."""
+    monkeypatch.setattr(traboule.http, "FORWARD_BUFFER", 20_000)
+    form = ("Content-Type: application/x-www-form-urlencoded", "Content-Length: 12000")
+    body = b"identifier=x&unknown=".ljust(12000, b"y")
+    async with forwarding(tmp_path) as cfg:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.http_port)
+        writer.write(head("POST", "/fhir/Patient/_search", *form) + body[:11000])  # held: 11,000 bytes
+        await asyncio.sleep(0.3)
+        busy = await exchange(cfg.http_port, head("POST", "/fhir/Patient/_search", *form) + body)
+        assert busy.status == 503 and busy.headers["retry-after"] == "1"
+        writer.write(body[11000:])
+        assert (await read_answer(reader, timeout=10)).status == 200
+        writer.close()
+        assert (await exchange(cfg.http_port, head("POST", "/fhir/Patient/_search", *form) + body)).status == 200
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/fhir/../health",
+        "/fhir/Patient/../../channels",
+        "/fhir/./metadata",
+        "/fhir/%2e%2e/health",
+        "/fhir/Patient/%2E%2E/.%2e/channels",
+        "/fhir/Patient%2F..%2F..%2Fchannels",
+    ],
+)
+async def test_a_forwarded_path_never_leaves_its_route(tmp_path: Path, target: str) -> None:
+    """Dot segments, literal or encoded, are refused: resolved on the way, they reached the child's own
+    /health and /channels."""
+    async with forwarding(tmp_path) as cfg:
+        answer = await exchange(cfg.http_port, head("GET", target))
+        assert answer.status == 400, answer.body
+        assert json.loads(answer.body)["resourceType"] == "OperationOutcome"
+        # A dot inside a segment is a value like another: the child says it does not know it.
+        assert (await exchange(cfg.http_port, head("GET", "/fhir/Patient/a..b"))).status == 404
+
+
+async def test_proxy_headers_from_a_client_are_not_trusted(tmp_path: Path) -> None:
+    """X-Forwarded-* and Forwarded from a client go nowhere: links keep the scheme served and a host the
+    client may use; a Host that is not one gives the main address, never the child's port."""
+    async with forwarding(tmp_path) as cfg:
+        spoofed = (
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: evil.example",
+            "X-Forwarded-For: 10.6.6.6",
+            "Forwarded: for=10.6.6.6;proto=https;host=evil.example",
+        )
+        for port in (cfg.http_port, cfg.http_port_of("fhir")):  # through the main address, and the child's own
+            answer = await exchange(port, head("GET", "/fhir/metadata", *spoofed))
+            assert json.loads(answer.body)["implementation"]["url"] == "http://127.0.0.1/fhir"
+        hostile = b"GET /fhir/metadata HTTP/1.1\r\nHost: evil.example@x\r\n\r\n"
+        answer = await exchange(cfg.http_port, hostile)
+        assert json.loads(answer.body)["implementation"]["url"] == f"http://127.0.0.1:{cfg.http_port}/fhir"
 
 
 # -- the whole loop, `traboule run` with no configuration --------------------------------------------------------

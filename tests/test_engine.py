@@ -202,7 +202,43 @@ def test_cli_channels_lists_installed_and_configured(tmp_path: Path) -> None:
     out = cli("channels", env=dict(os.environ))
     assert out.returncode == 0
     assert "hl7-orders" in out.stdout and "worklist" in out.stdout and "mwl-scp" in out.stdout
-    assert "ris-orders" in out.stdout
+    assert "ris-orders" in out.stdout and "configured channels, from the built-in defaults:" in out.stdout
+    # A file extends the defaults unless it says otherwise: the heading says which.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+    extending = tmp_path / "extends.toml"
+    extending.write_text('[[channels]]\nname = "audit"\nkind = "audit-log"\ntopics = ["order.#"]\n')
+    out = cli("--config", str(extending), "channels", env=env)
+    assert f"configured channels, from the built-in defaults + {extending.resolve()}:" in out.stdout
+    assert "  ris-orders " in out.stdout and "  audit " in out.stdout
+    alone = tmp_path / "alone.toml"
+    alone.write_text("[engine]\ndefaults = false\n" + extending.read_text())
+    out = cli("--config", str(alone), "channels", env=env)
+    assert f"configured channels, from {alone.resolve()} alone ([engine] defaults = false):" in out.stdout
+    assert "  audit " in out.stdout and "  ris-orders " not in out.stdout
+
+
+def test_two_channels_serving_one_route_are_refused_before_start(tmp_path: Path) -> None:
+    """On the one HTTP address only the first of two routes with the same path would answer: `check` and `run`
+    refuse the configuration, naming the route and both channels."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+    env["TRABOULE_DATA_DIR"] = str(tmp_path / "var")
+    assert cli("check", env=env).returncode == 0  # the defaults: /fhir in its process, forwarded by main
+    second_api = tmp_path / "second.toml"  # another FHIR API, in the main process: /fhir twice
+    second_api.write_text('[[channels]]\nname = "fhir-copy"\nkind = "fhir"\napi = true\n')
+    for command in ("check", "run"):
+        refused = cli("--config", str(second_api), command, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert "route /fhir/metadata is served by channel fhir (process fhir) and by channel fhir-copy" in (
+            refused.stderr
+        )
+    webhook = tmp_path / "webhook.toml"  # a webhook on an engine route
+    webhook.write_text(
+        '[engine]\ndefaults = false\n[[channels]]\nname = "pacs"\nkind = "archive"\nwebhook = "/metrics"\n'
+        'process = "archive"\ndicomweb = "http://127.0.0.1:8042/dicom-web"\n'
+    )
+    refused = cli("--config", str(webhook), "check", env=env)
+    assert refused.returncode == 2
+    assert "route /metrics is served by the engine and by channel pacs (process archive)" in refused.stderr
 
 
 def test_broken_mapping_stops_start_up_with_file_and_line(tmp_path: Path) -> None:
@@ -315,6 +351,49 @@ async def test_journal_prune_keeps_what_is_recent_or_not_yet_on_the_bus(tmp_path
         assert journal.prune("2026-06-01T00:00:00.000+00:00") == 1
         assert sorted(e.raw for e in journal.recent(10)) == [b"old pending", b"recent"]
         assert journal.get(pending.id) is not None and journal.outbox_depth() == 1
+    finally:
+        journal.close()
+
+
+async def test_journal_prune_keeps_the_entries_of_reports_waiting_for_their_study(tmp_path: Path) -> None:
+    """A waiting report writes its outcome into its message's entry (and is dropped when that entry is gone):
+    `journal prune` keeps the entries the reports stores of the inbound channels still need, however old."""
+    from tests.test_reports import report_of, study
+    from traboule.cda import CDAMapping
+    from traboule.reports import ReportPublisher, Waiting
+
+    data = tmp_path / "var"
+    data.mkdir()
+    publisher = ReportPublisher(CDAMapping(), data / "ris-orders.reports.sqlite")  # the default inbound channel's
+    held = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "report-1")
+    assert isinstance(held, Waiting)
+    journal = Journal(data / "journal.sqlite")
+    old = "2026-01-01T00:00:00.000+00:00"
+    entry = JournalEntry("ris-orders", b"old report", "accepted", received=old, idempotency_key="report-1")
+    report = await journal.append(entry)
+    await journal.append(JournalEntry("ris-orders", b"old order", "accepted", received=old, idempotency_key="order-1"))
+    journal.close()
+    env = dict(os.environ, TRABOULE_DATA_DIR=str(data))
+
+    pruned = cli("journal", "prune", "--older-than", "1", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.startswith("1 message(s)") and "1 report message(s) held for their study kept" in pruned.stdout
+    journal = Journal(data / "journal.sqlite")
+    try:
+        assert [e.raw for e in journal.recent(10)] == [b"old report"]
+        # Its study comes, the document is published and its event written into the entry: nothing holds it now.
+        publisher.remember([study()])
+        assert publisher.publish_waiting("report-1") is not None
+        assert publisher.unnoted()  # the outcome is not in the journal yet: still kept
+        assert cli("journal", "prune", "--older-than", "1", env=env).stdout.startswith("0 message(s)")
+        publisher.noted(held.n, report.id)
+    finally:
+        journal.close()
+        publisher.close()
+    assert cli("journal", "prune", "--older-than", "1", env=env).stdout.startswith("1 message(s)")
+    journal = Journal(data / "journal.sqlite")
+    try:
+        assert journal.recent(10) == []
     finally:
         journal.close()
 

@@ -22,7 +22,7 @@ from adapters.fhir_client import FHIRClient, FHIRServerError
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, fixture, free_port, send, until
 from traboule import hl7, model
-from traboule.fhir_mapping import FHIRMapping
+from traboule.fhir_mapping import FR_CORE_PATIENT, FHIRMapping
 from traboule.fhir_store import FHIRStore
 from traboule.hl7_mapping import HL7InboundMapping
 from traboule.http import create_app, serve
@@ -248,15 +248,19 @@ async def test_engine_serves_fhir(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert len(second["entry"]) == 1 and not any(link["relation"] == "next" for link in second["link"])
             assert second["entry"][0]["resource"]["id"] != first["entry"][0]["resource"]["id"]
 
-            bad = await get(f"{base}/ServiceRequest?foo=bar", 400)
-            assert bad["issue"][0]["expression"] == ["foo"] and "foo" in bad["issue"][0]["diagnostics"]
+            ignored = await get(f"{base}/ServiceRequest?foo=bar")  # lenient by default: ignored, not in self
+            assert ignored["total"] == 2 and "foo" not in ignored["link"][0]["url"]
+            strict = await client.get(f"{base}/ServiceRequest?foo=bar", headers={"Prefer": "handling=strict"})
+            bad = strict.json()
+            assert strict.status_code == 400 and bad["issue"][0]["expression"] == ["foo"]
+            assert "foo" in bad["issue"][0]["diagnostics"]
             assert (await get(f"{base}/Observation?code=x", 404))["resourceType"] == "OperationOutcome"
             assert (await get(f"{base}/Patient/nope", 404))["issue"][0]["code"] == "not-found"
             assert (await get(f"{base}/ServiceRequest?_count=x", 400))["issue"][0]["expression"] == ["_count"]
 
             metadata = await get(f"{base}/metadata")
             assert metadata["fhirVersion"] == "4.0.1"
-            served = {r["type"]: {p["name"] for p in r["searchParam"]} for r in metadata["rest"][0]["resource"]}
+            served = {r["type"]: {p["name"] for p in r.get("searchParam", [])} for r in metadata["rest"][0]["resource"]}
             assert "patient.identifier" in served["ServiceRequest"] and "identifier" in served["Patient"]
     finally:
         server.should_exit = True
@@ -492,7 +496,7 @@ BAD_SEARCHES = [
     ("Patient?identifier=" + ",".join(["a"] * 101), "too-costly", "identifier"),  # SQLite expression depth
     ("Patient?" + "&".join(["identifier=a"] * 101), "too-costly", "identifier"),
     ("ServiceRequest?subject=Observation/1", "not-supported", "subject"),
-    ("ServiceRequest?_sort=date", "not-supported", "_sort"),
+    ("ServiceRequest?_sort=date", "not-supported", "_sort"),  # with Prefer: handling=strict (else ignored)
 ]
 
 
@@ -506,7 +510,7 @@ async def test_bad_search_parameters_are_400_operation_outcomes(tmp_path: Path) 
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/fhir", timeout=10) as client:
             for query, code, expression in BAD_SEARCHES:
-                response = await client.get(f"/{query}")
+                response = await client.get(f"/{query}", headers={"Prefer": "handling=strict"})
                 assert response.status_code == 400, (query, response.text)
                 assert response.headers["content-type"].startswith("application/fhir+json")
                 (issue,) = r4(response.json()).issue
@@ -646,6 +650,101 @@ async def test_unscheduled_steps_are_reconciled_by_accession_for_the_same_patien
         await performed("COMPLETED", "ACC0001", "IPP0001", "1.2.3.1")
         await until(lambda: store.get("ServiceRequest", ordered["id"])["status"] == "completed")  # type: ignore[index]
         assert store.get("ServiceRequest", first["id"])["status"] == "revoked"  # type: ignore[index]
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+
+
+async def test_a_merged_patient_keeps_its_fr_core_profiles(tmp_path: Path) -> None:
+    """A Patient merged into another (inactive, ``replaced-by``) is still the FR Core Patient it was: its
+    ``meta.profile`` stays, along a chain of merges too; a merged IPP never seen before claims the profile its
+    resource conforms to."""
+    from traboule.model import Envelope, Identifier, Patient, PatientUpdate
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    store: FHIRStore = runtime.channel("fhir").store  # type: ignore[attr-defined]
+
+    def by_ipp() -> dict[str, dict[str, Any]]:
+        return {p["identifier"][0]["value"]: p for p in store.search("Patient", {}, count=100)[1]}
+
+    async def merge(survivor: str, merged: str) -> None:
+        update = PatientUpdate(
+            "merge", Patient(ids=[Identifier(survivor, "CHU-LYON")]), [Identifier(merged, "CHU-LYON")]
+        )
+        env = Envelope(update, idempotency_key=f"merge-{merged}")
+        await runtime.bus.publish("patient.merge", env.to_json(), message_id=env.id)
+        await until(lambda: by_ipp().get(merged, {}).get("active") is False)
+
+    try:
+        await send(runtime, fixture("orm_o01_ins_qualified.hl7"))  # IPP0101: a qualified INS identity
+        await until(lambda: "IPP0101" in by_ipp())
+        profiles = by_ipp()["IPP0101"]["meta"]["profile"]
+        assert any("fr-core-patient-ins" in p for p in profiles)
+        await merge("IPP0102", "IPP0101")
+        await merge("IPP0103", "IPP0102")  # the survivor merged in turn
+        await merge("IPP0103", "IPP0177")  # an IPP this store never saw
+        patients = by_ipp()
+        assert patients["IPP0101"]["meta"]["profile"] == profiles and patients["IPP0101"]["active"] is False
+        assert patients["IPP0101"]["link"][0]["other"]["reference"] == f"Patient/{patients['IPP0102']['id']}"
+        for ipp in ("IPP0102", "IPP0177"):
+            assert patients[ipp]["active"] is False
+            assert patients[ipp]["meta"].get("profile") == [FR_CORE_PATIENT], ipp
+        for p in patients.values():
+            r4(p)
+    finally:
+        await runtime.stop()
+
+
+def test_by_subject_finds_deleted_document_references_too(tmp_path: Path) -> None:
+    """What a merge moves: every resource of a subject, a deleted DocumentReference (found by no search) too."""
+    from traboule.fhir_mapping import deleted
+
+    store = FHIRStore(str(tmp_path / "fhir.sqlite"))
+    try:
+        for rid, subject in (("a", "Patient/1"), ("b", "Patient/1"), ("c", "Patient/2")):
+            reference = {"resourceType": "DocumentReference", "id": rid, "status": "current"}
+            store.upsert({**reference, "subject": {"reference": subject}})
+        store.upsert(deleted(store.get("DocumentReference", "b") or {}))
+        assert store.search("DocumentReference", {"subject": "Patient/1"})[0] == 1  # PDSm: deleted, not found
+        assert [r["id"] for r in store.by_subject("DocumentReference", "Patient/1")] == ["a", "b"]
+        assert [r["id"] for r in store.by_subject("DocumentReference", "Patient/1", include_deleted=False)] == ["a"]
+        assert store.by_subject("ServiceRequest", "Patient/1") == []
+        assert store.by_subject("DocumentReference", "Patient/3") == []
+    finally:
+        store.close()
+
+
+async def test_fhir_paths_are_operation_outcomes_without_an_api(tmp_path: Path) -> None:
+    """``api = false``: no /fhir route, yet a FHIR client asking there gets an OperationOutcome (404 / 405), not
+    Starlette's plain text; other paths keep their plain answers."""
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": False})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    port = free_port()
+    server = await serve(create_app(runtime), "127.0.0.1", port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for method, path in (
+                ("GET", "/fhir/metadata"),
+                ("GET", "/fhir/Patient?identifier=x"),
+                ("POST", "/fhir/Patient"),
+                ("GET", "/fhir"),
+                ("DELETE", "/fhir/Patient/1"),
+            ):
+                response = await client.request(method, path)
+                assert response.status_code == 404, (method, path, response.text)
+                assert response.headers["content-type"].startswith("application/fhir+json")
+                (issue,) = r4(response.json()).issue
+                assert issue.code == "not-found" and issue.severity == "error"
+            elsewhere = await client.get("/nothing-here")
+            assert elsewhere.status_code == 404 and elsewhere.text == "Not Found"
+            wrong_method = await client.post("/health")
+            assert wrong_method.status_code == 405 and set(wrong_method.headers["allow"].split(", ")) == {"GET", "HEAD"}
     finally:
         server.should_exit = True
         await server.task

@@ -323,7 +323,9 @@ async def test_reports_reach_the_server_with_absolute_attachment_urls(
     try:
         accession = f"ACC0001-{tag}"
         uid = f"1.2.250.1.999.1.2.20261125.1.{tag}"
-        env = Envelope(study(accession, uid))
+        archived = study(accession, uid)
+        archived.patient.ids[0].value = f"IPP0001-{tag}"  # the report's patient: a study of another is not taken
+        env = Envelope(archived)
         await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
         publisher = runtime.channel("ris-orders").reports  # type: ignore[attr-defined]
         report = message("oru_r01_report.hl7", tag)

@@ -212,6 +212,7 @@ BY_KIND = {
     "date": st.one_of(dates, st.sampled_from(HOSTILE_DATES)),
     "token": st.one_of(tokens, st.sampled_from(HOSTILE_TOKENS + HOSTILE_TEXT)),
     "reference": st.one_of(references, st.sampled_from(HOSTILE_PATHS + HOSTILE_TOKENS)),
+    "string": st.one_of(st.text(max_size=30), st.sampled_from(HOSTILE_TEXT)),
 }
 many = st.lists(st.sampled_from(["a", "1", "|", "x|y", ""]), min_size=2, max_size=150).map(",".join)
 values = st.one_of(st.text(max_size=40), *BY_KIND.values(), st.sampled_from(HOSTILE), many)

@@ -41,7 +41,8 @@ def study() -> model.Study:
     series = model.Series(
         f"{STUDY_UID}.1", "1", "CT", instances=[model.Instance(f"{STUDY_UID}.1.1", "1.2.840.10008.5.1.4.1.1.2", "1")]
     )
-    return model.Study(STUDY_UID, "ACC0001", started="20261125093512", series=[series])
+    patient = model.Patient(ids=[model.Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1")])  # the report's
+    return model.Study(STUDY_UID, "ACC0001", patient, started="20261125093512", series=[series])
 
 
 @pytest.fixture

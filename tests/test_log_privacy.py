@@ -192,3 +192,41 @@ def test_the_next_record_after_the_window_says_how_many_were_left_out() -> None:
     time.sleep(0.25)
     fresh = logging.LogRecord("lib", logging.WARNING, __file__, 1, "same %s", ("y",), None)
     assert limit.filter(fresh) and fresh.suppressed == 3  # type: ignore[attr-defined]
+
+
+async def test_a_forwarded_request_writes_no_line_of_the_http_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The main process forwards every request for another process's routes (and checks each child's health) with
+    httpx, which logs each request at INFO: one line per API call, twice. Its lines stay off below a warning."""
+    import asyncio
+
+    import httpx
+
+    from tests.test_engine import free_port_run
+    from traboule.config import Config
+    from traboule.http import create_app, serve
+
+    cfg = Config(data_dir=str(tmp_path), http_port=free_port_run())
+    cfg.channels = [c for c in cfg.channels if c["name"] == "fhir"]  # alone in its process: forwarded from main
+    cfg.channels[0]["mapping"] = str(ROOT / "mappings" / "fhir.yaml")
+    assert cfg.processes() == ["main", "fhir"]
+    tlog.configure("json", "info")
+    main, child = Runtime(cfg, process="main"), Runtime(cfg, process="fhir")
+    await main.start()
+    await child.start()
+    main_server = await serve(create_app(main), "127.0.0.1", cfg.http_port)
+    child_server = await serve(create_app(child), "127.0.0.1", cfg.http_port_of("fhir"))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cfg.http_port}", trust_env=False) as client:
+            for _ in range(3):
+                assert (await client.get("/fhir/metadata")).status_code == 200  # answered by the child
+    finally:
+        child_server.should_exit = main_server.should_exit = True
+        await asyncio.gather(main_server.task, child_server.task)
+        await child.stop()
+        await main.stop()
+        tlog.configure("console", "info")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert any(r["event"] == "channel.started" for r in lines)  # the lines of the processes are read here
+    assert not [r for r in lines if "HTTP Request" in r["event"] or r.get("logger") in ("httpx", "httpcore")]

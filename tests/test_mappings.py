@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import ROOT, shared_path
 from traboule import hl7
+from traboule.cda import CDAMapping
 from traboule.dicom_mapping import MWLMapping
+from traboule.fhir_mapping import IDENTITY_STATUS_SYSTEM, INS_USES, FHIRMapping
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.mapping import MappingError
 from traboule.mapping_tests import fhirpath, json_pointer, run
@@ -261,3 +263,104 @@ def test_corpus_orders_map_to_worklist_items() -> None:
     # could be another step's, so it is refused.
     assert refused == {"lfh_ORM_O01_v23_DWI_LF.hl7": "ORC-1", "dcm4che_OMI_O23-ImagingOrder.hl7": "IPC-4.1"}
     assert rendered == 7
+
+
+# -- optional sections --------------------------------------------------------------------------------------------
+
+
+def _without(text: str, key: str, replacement: str = "") -> str:
+    """A mapping file's text with its top-level section ``key`` (its line and the lines under it) replaced."""
+    lines = text.splitlines(keepends=True)
+    start = next(n for n, line in enumerate(lines) if line.startswith(f"{key}:"))
+    end = next((n for n in range(start + 1, len(lines)) if lines[n][:1].isalpha()), len(lines))
+    return "".join([*lines[:start], replacement, *lines[end:]])
+
+
+def _mapping_copy(tmp_path: Path, name: str, text: str) -> Path:
+    if not (tmp_path / "tables").exists():
+        shutil.copytree(MAPPINGS / "tables", tmp_path / "tables")
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+LOADERS = {
+    "fhir.yaml": FHIRMapping,
+    "cda.yaml": CDAMapping,
+    "hl7_inbound.yaml": HL7InboundMapping,
+    "mwl.yaml": MWLMapping,
+}
+OPTIONAL = [
+    *(("fhir.yaml", k) for k in ("kind", "version", "timezone", "identifiers", "codes", "fr_core")),
+    *(("cda.yaml", k) for k in ("kind", "version", "timezone", "custodian", "practitioner_id", "image_link")),
+    *(("hl7_inbound.yaml", k) for k in ("kind", "version", "steps", "merge")),
+    *(("mwl.yaml", k) for k in ("kind", "version")),
+]
+
+
+def test_a_minimal_fhir_mapping_is_its_tables_alone(tmp_path: Path) -> None:
+    """Every section of fhir.yaml but ``tables`` is optional: left out, its defaults apply."""
+    text = (MAPPINGS / "fhir.yaml").read_text(encoding="utf-8")
+    tables = text[text.index("tables:") :].split("\n\n")[0]
+    mapping = FHIRMapping(_mapping_copy(tmp_path, "fhir.yaml", tables + "\n"))
+    assert mapping.timezone is None and mapping.local_code_system == ""
+    assert mapping.identity_status_system == IDENTITY_STATUS_SYSTEM and mapping.ins_uses == INS_USES
+    message = hl7.parse(hl7.decode((ROOT / "fixtures/hl7/orm_o01_nw_latin1.hl7").read_bytes()).text)
+    (order,) = HL7InboundMapping().map(message)
+    assert isinstance(order, ImagingOrder)
+    patient = mapping.patient(order.patient)
+    assert patient["identifier"][0]["value"] == "IPP0001" and patient["meta"]["profile"]
+    assert mapping.service_request(order, f"Patient/{patient['id']}")["status"] == "active"
+
+
+@pytest.mark.parametrize(("name", "key"), OPTIONAL)
+def test_an_optional_section_may_be_left_out(tmp_path: Path, name: str, key: str) -> None:
+    text = (MAPPINGS / name).read_text(encoding="utf-8")
+    LOADERS[name](_mapping_copy(tmp_path, name, _without(text, key)))
+    if name == "fhir.yaml" and key != "kind":  # fhir.yaml: an empty section is one left out
+        FHIRMapping(_mapping_copy(tmp_path, name, _without(text, key, f"{key}:\n")))
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "at_its_line"),
+    [
+        *(("fhir.yaml", k, True) for k in ("tables", "timezone", "identifiers", "codes", "fr_core")),
+        ("cda.yaml", "timezone", True),
+        *(("hl7_inbound.yaml", k, True) for k in ("steps", "merge")),
+        # a scalar has no line of its own: these loaders name the file
+        *(("cda.yaml", k, False) for k in ("tables", "custodian")),
+        ("hl7_inbound.yaml", "tables", False),
+    ],
+)
+def test_a_section_of_the_wrong_shape_is_a_mapping_error(
+    tmp_path: Path, name: str, key: str, at_its_line: bool
+) -> None:
+    text = (MAPPINGS / name).read_text(encoding="utf-8")
+    for wrong in ("[1, 2]", "7"):
+        path = _mapping_copy(tmp_path, name, _without(text, key, f"{key}: {wrong}\n"))
+        with pytest.raises(MappingError) as exc:
+            LOADERS[name](path)
+        assert exc.value.file == str(path), exc.value
+        if at_its_line:
+            assert exc.value.line == _line_of(path, f"{key}: {wrong}"), exc.value
+
+
+def test_check_reports_a_wrong_fhir_section_with_file_and_line(tmp_path: Path) -> None:
+    """``traboule check`` loads a minimal fhir.yaml; a section of the wrong shape is one line naming file and line,
+    never a traceback."""
+    text = (MAPPINGS / "fhir.yaml").read_text(encoding="utf-8")
+    path = _mapping_copy(tmp_path, "fhir.yaml", _without(text, "codes"))
+    config = tmp_path / "traboule.toml"
+    config.write_text(f'[engine]\ndefaults = false\n\n[[channels]]\nname = "fhir"\nkind = "fhir"\nmapping = "{path}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+    env["TRABOULE_DATA_DIR"] = str(tmp_path / "var")
+    command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "check"]
+    ok = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout and "fhir" in ok.stdout
+    for broken in ("codes: [1, 2]\n", "fr_core: ~\ntimezone: [Europe/Paris]\n"):
+        path.write_text(_without(text, "codes", broken), encoding="utf-8")
+        refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        needle = broken.splitlines()[-1]
+        assert f"{path}:{_line_of(path, needle)}: " in refused.stderr, refused.stderr

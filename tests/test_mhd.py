@@ -1,6 +1,8 @@
 """The pull API for sharing gateways (IHE MHD ITI-67 / ITI-68, French PDSm): reports published by the engine are
 found as DocumentReference, their bytes retrieved identical, replacements supersede, deletions are entered-in-error;
-one DiagnosticReport per report. Everything served parses with the fhir.resources R4B models."""
+one DiagnosticReport per report; deletions as PDSm has them (superseded and PDSm_IsDeleted, found no more, their
+bytes no longer served). Everything served parses with the fhir.resources R4B models. The whole ITI-67 parameter
+table, XML and POST search: tests/test_mhd_gateway.py."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fhir.resources.R4B.documentreference import DocumentReference
 
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_reports import study
+from traboule.fhir_mapping import is_deleted
 from traboule.fhir_store import FHIRStore
 from traboule.http import create_app, serve
 from traboule.model import Envelope
@@ -76,9 +79,16 @@ async def test_reports_are_found_retrieved_superseded_and_withdrawn(api: tuple[R
     assert first["content"][0]["format"]["code"] == "urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013"
     assert {c["code"] for label in first["securityLabel"] for c in label["coding"]} == {"N"}
     related = first["context"]["related"]
-    assert {"identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.250.1.999.1.2.20261125.1"}} in related
+    study_type = {"coding": [{"system": "urn:ietf:rfc:3986", "code": "urn:ihe:iti:xds:2016:studyInstanceUID"}]}
+    assert {"identifier": {"type": study_type, "value": "1.2.250.1.999.1.2.20261125.1"}} in related
     assert any(r.get("reference", "").startswith("ServiceRequest/") for r in related)
-    assert first["author"][0]["identifier"] == {"system": "urn:oid:1.2.250.1.71.4.2.1", "value": "801234567890"}
+    contained = {f"#{c['id']}": c for c in first["contained"]}
+    role = contained[first["author"][0]["reference"]]
+    practitioner = contained[role["practitioner"]["reference"]]
+    assert {"system": "urn:oid:1.2.250.1.71.4.2.1", "value": "801234567890"} in practitioner["identifier"]
+    assert {"system": "http://rpps.fr", "value": "01234567890"} in practitioner["identifier"]
+    for by_study in ("urn:dicom:uid|urn:oid:1.2.250.1.999.1.2.20261125.1", "1.2.250.1.999.1.2.20261125.1"):
+        assert [r["id"] for r in await search(client, "DocumentReference", related=by_study)] == [first["id"]]
 
     retrieved = await client.get(attachment["url"])  # ITI-68: the bytes, as published
     assert retrieved.status_code == 200 and retrieved.headers["content-type"].startswith("text/xml")
@@ -104,8 +114,16 @@ async def test_reports_are_found_retrieved_superseded_and_withdrawn(api: tuple[R
     assert amended["status"] == "amended" and "6 mois" in amended["conclusion"]
 
     assert ack_code((await send(runtime, fixture("oru_r01_report_deleted.hl7")))[0]) == "AA"
-    await until(lambda: store.get("DocumentReference", current["id"])["status"] == "entered-in-error")  # type: ignore[index]
-    assert await search(client, "DocumentReference", **query) == []
+    # PDSm (suppression logique): status superseded and PDSm_IsDeleted true, the versions it replaced too; found by
+    # no search, read 410 Gone, and its document no longer served (404, MHD ITI-68: not available).
+    await until(lambda: is_deleted(store.get("DocumentReference", current["id"]) or {}))
+    await until(lambda: is_deleted(store.get("DocumentReference", first["id"]) or {}))
+    assert store.get("DocumentReference", current["id"])["status"] == "superseded"  # type: ignore[index]
+    for status in ("current", "superseded", "entered-in-error"):
+        assert await search(client, "DocumentReference", **{**query, "status": status}) == []
+    assert (await client.get(f"/DocumentReference/{current['id']}")).status_code == 410
+    gone = await client.get(current["content"][0]["attachment"]["url"])
+    assert gone.status_code == 404 and gone.json()["issue"][0]["code"] == "not-found"
     (withdrawn,) = await search(client, "DiagnosticReport", **{"patient.identifier": INS})
     assert withdrawn["status"] == "entered-in-error"
 

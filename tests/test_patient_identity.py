@@ -102,11 +102,12 @@ async def test_the_report_adds_the_ins_and_everything_is_found_by_either_identif
         assert len(await search(client, "ImagingStudy", **{"patient.identifier": identifier})) == 1
         assert len(await search(client, "DiagnosticReport", **{"patient.identifier": identifier})) == 1
 
-    # Another INS for the same IPP: refused before the ACK, journaled, nothing changes.
-    (refused,) = await send(runtime, adt(ins=OTHER_INS, control="MSG0021"))
+    # Another INS for the same IPP in an order: refused before the ACK, journaled, nothing changes.
+    other_order = fixture("orm_o01_nw_latin1.hl7").replace(b"279035121518989", OTHER_INS.encode())
+    (refused,) = await send(runtime, other_order.replace(b"MSG0001", b"MSG0021"))
     assert ack_code(refused) == "AE"
     err = refused.segment("ERR")
-    assert err is not None and "PID^1^3" in err.field(2) and "identity conflict" in hl7.unescape(err.field(8))
+    assert err is not None and "PID^1^3" in "|".join(err.fields)  # ERR-1 of v2.3.1
     assert runtime.journal is not None
     (entry,) = runtime.journal.recent(1)
     assert entry.status == "rejected" and entry.error.startswith("PID-3: identity conflict")
@@ -226,4 +227,289 @@ def test_a_pair_whose_message_was_never_journaled_stops_holding(
     registry.record([patient(ipp, OTHER_INS)])
     with pytest.raises(MappingFailure):
         registry.check([patient(ipp, "279035121518989")])
+    registry.close()
+
+
+def test_registry_knows_whose_each_order_is_and_follows_merges(tmp_path: Path) -> None:
+    """An order's keys are its patient's (the latest order says); a report, step or study only fills a key no one
+    gave. The same patient: the same IPP (an IPP without authority is the one held under any), or a common INS; a
+    different INS of one kind is another person. A merged IPP's orders are its survivor's, merges followed."""
+    chu = model.Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1", "PI")
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+    order = patient(chu, "279035121518989")
+    order.accession_number, order.placer_order_number = model.Identifier("ACC1"), model.Identifier("PLC1", "RIS")
+    order.study_instance_uid = "1.2.3.4"
+    registry.record([order])
+    assert [i.value for i in registry.owner("accession", "ACC1") or []] == ["IPP0001", "279035121518989"]
+
+    def report(ipp: model.Identifier, *ins: str, **keys: Any) -> model.Report:
+        return model.Report(patient=patient(ipp, *ins).patient, **keys)
+
+    acc1 = {"accession_number": model.Identifier("ACC1")}
+    for same in (
+        report(model.Identifier("IPP0001"), **acc1),  # no authority: the one held
+        report(model.Identifier("IPP0001", "CHU-LYON"), **acc1),
+        report(model.Identifier("IPP7", "OTHER"), "279035121518989", **acc1),  # another IPP, the same INS
+        report(model.Identifier("IPP9"), placer_order_number=model.Identifier("PLC2")),  # a key no one holds
+    ):
+        registry.check_report([same])
+    for other, where in (
+        (report(model.Identifier("IPP0002", "CHU-LYON"), **acc1), "accession number ACC1"),
+        (report(model.Identifier("IPP0001", "OTHER", "1.2.250.1.999.9"), **acc1), "accession number ACC1"),
+        (report(chu, OTHER_INS, **acc1), "accession number ACC1"),  # the same IPP, another person's INS
+        (report(model.Identifier("IPP0002"), study_instance_uid="1.2.3.4"), "Study Instance UID 1.2.3.4"),
+        (report(model.Identifier("IPP0002"), placer_order_number=model.Identifier("PLC1")), "placer order number"),
+    ):
+        with pytest.raises(MappingFailure) as refused:
+            registry.check_report([other])
+        assert refused.value.location == "PID-3" and where in refused.value.reason
+        assert "belongs to patient IPP0001 (CHU-LYON)" in refused.value.reason
+    step = model.PerformedStep(accession_number="ACC1", patient=model.Patient(ids=[model.Identifier("IPP0002")]))
+    with pytest.raises(MappingFailure):
+        registry.check_step(step)
+    for issuer in ("CHU-LYON", "1.2.250.1.999.1.1", ""):  # DICOM's Issuer of Patient ID: the namespace or the OID
+        step.patient = model.Patient(ids=[model.Identifier("IPP0001", issuer)])
+        registry.check_step(step)
+    step.patient = model.Patient(ids=[model.Identifier("IPP0001", "1.2.250.1.999.9")])
+    with pytest.raises(MappingFailure):
+        registry.check_step(step)
+    with pytest.raises(MappingFailure):
+        registry.check_study(model.Study("1.2.3.4", "", model.Patient(ids=[model.Identifier("IPP0002")])))
+
+    # A report names a key first: it fills it, an order then takes it over.
+    registry.record([report(model.Identifier("IPP0003"), accession_number=model.Identifier("ACC3"))])
+    registry.record([report(model.Identifier("IPP0004"), accession_number=model.Identifier("ACC3"))])
+    assert [i.value for i in registry.owner("accession", "ACC3") or []] == ["IPP0003"]
+    moved = patient(model.Identifier("IPP0004"))
+    moved.accession_number = model.Identifier("ACC3")
+    registry.record([moved])
+    assert [i.value for i in registry.owner("accession", "ACC3") or []] == ["IPP0004"]
+
+    # IPP0001 merged into IPP0009, then IPP0009 into IPP0010: IPP0001's order is IPP0010's.
+    def merge(survivor: str, merged: str) -> model.PatientUpdate:
+        return model.PatientUpdate(
+            "merge", model.Patient(ids=[model.Identifier(survivor, "CHU-LYON")]), [model.Identifier(merged, "CHU-LYON")]
+        )
+
+    registry.record([merge("IPP0009", "IPP0001"), merge("IPP0010", "IPP0009")])
+    registry.close()
+    registry = PatientIdentities(tmp_path / "patients.sqlite")  # all of it on disk
+    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0010"]
+    registry.check_report([report(model.Identifier("IPP0010", "CHU-LYON"), **acc1)])
+    late = report(model.Identifier("IPP0001", "CHU-LYON"), **acc1)
+    (note,) = registry.resolve_merged([late, merge("IPP0001", "IPP0002")])  # a merge message is left as it is
+    assert note == "patient IPP0001 (CHU-LYON) was merged into IPP0010 (CHU-LYON): applied to the surviving patient"
+    assert [i.value for i in late.patient.ids] == ["IPP0010"]
+    assert registry.resolve_merged([report(model.Identifier("IPP0001", "OTHER"))]) == []  # another authority's
+    # A merge the other way round makes IPP0009 a patient again (its own survivor no longer).
+    registry.record([merge("IPP0009", "IPP0010")])
+    assert registry.survivor(model.Identifier("IPP0009")) is None
+    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0009"]
+    # A merged IPP's message with another INS than the survivor's: the INS is kept, so the message is refused.
+    survivor = patient(model.Identifier("IPP0020", "CHU-LYON"), "279035121518989").patient
+    registry.record([model.PatientUpdate("merge", survivor, [model.Identifier("IPP0021", "CHU-LYON")])])
+    late = report(model.Identifier("IPP0021", "CHU-LYON"), OTHER_INS)
+    assert len(registry.resolve_merged([late])) == 1
+    assert [i.value for i in late.patient.ids] == ["IPP0020", "279035121518989", OTHER_INS]
+    with pytest.raises(MappingFailure):
+        registry.check([late])
+    registry.close()
+
+
+# -- corrections: the identity system's ADT, the operator ---------------------------------------------------------
+
+
+@pytest.fixture
+async def sourced(tmp_path: Path) -> AsyncIterator[Runtime]:
+    """An engine whose inbound channel takes identity corrections from the GAM of CHU-LYON only."""
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    cfg.channels[0]["identity_sources"] = [{"application": "GAM", "facility": "CHU-LYON"}]
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def test_the_identity_system_corrects_an_ins_and_everything_follows(sourced: Runtime) -> None:
+    """The INS an IPP was accepted with is replaced by the identity source's ADT^A08 only: the registry (and the
+    owners of the IPP's orders) and the FHIR Patient take the new INS, the old one is refused from then on."""
+    runtime, store = sourced, fhir_store(sourced)
+    orders = runtime.channel("ris-orders")
+    assert ack_code((await send(runtime, fixture("orm_o01_nw_latin1.hl7")))[0]) == "AA"
+    await until(lambda: store.count("Patient") == 1)
+    corrected = adt(ins=OTHER_INS, control="MSG0031")
+
+    # The same correction from the RIS (not an identity source): refused.
+    (refused,) = await send(runtime, corrected.replace(b"|GAM|", b"|RIS|"))
+    assert ack_code(refused) == "AE" and "identity conflict" in hl7.unescape(refused.segment("ERR").field(8))
+    # From the GAM: accepted, the change journaled as a warning.
+    (accepted,) = await send(runtime, corrected)
+    assert ack_code(accepted) == "AA"
+    assert runtime.journal is not None
+    (entry,) = runtime.journal.recent(1)
+    assert entry.status == "accepted"
+    assert "INS of IPP IPP0001 changed by ADT" in entry.warnings and f"replaced by {OTHER_INS}" in entry.warnings
+    known = orders.identities.known(Pair("IPP0001", "", "", "1.2.250.1.213.1.4.10", ""))
+    assert [p.ins for p in known] == [OTHER_INS]
+    assert [i.value for i in orders.identities.owner("accession", "ACC0001") or []] == ["IPP0001", OTHER_INS]
+
+    def ins_of_patient() -> list[str]:
+        _, (found,) = store.search("Patient", {})
+        return [i["value"] for i in found["identifier"] if i["system"] == "urn:oid:1.2.250.1.213.1.4.10"]
+
+    await until(lambda: ins_of_patient() == [OTHER_INS])
+
+    # From then on: the new INS is the patient's, the old one refused; the order's report with the new INS fits.
+    new_order = fixture("orm_o01_nw_latin1.hl7").replace(b"279035121518989", OTHER_INS.encode())
+    assert ack_code((await send(runtime, new_order.replace(b"MSG0001", b"MSG0032")))[0]) == "AA"
+    old = fixture("orm_o01_nw_latin1.hl7").replace(b"MSG0001", b"MSG0033").replace(b"ACC0001", b"ACC0009")
+    assert ack_code((await send(runtime, old))[0]) == "AE"
+    report = report_of(fixture("oru_r01_report.hl7").replace(b"279035121518989", OTHER_INS.encode()))
+    report.accession_number = model.Identifier("ACC0001")
+    orders.identities.check_report([report])
+    assert ins_of_patient() == [OTHER_INS] and store.count("Patient") == 1
+
+
+async def test_without_identity_sources_any_adt_corrects_and_orders_and_reports_never_do(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        assert ack_code((await send(runtime, fixture("orm_o01_nw_latin1.hl7")))[0]) == "AA"
+        other_order = fixture("orm_o01_nw_latin1.hl7").replace(b"279035121518989", OTHER_INS.encode())
+        assert ack_code((await send(runtime, other_order.replace(b"MSG0001", b"MSG0041")))[0]) == "AE"
+        correction = adt(ins=OTHER_INS, control="MSG0042").replace(b"|GAM|", b"|RIS|")  # whoever sends it
+        assert ack_code((await send(runtime, correction))[0]) == "AA"
+        assert runtime.journal is not None and runtime.journal.recent(1)[0].ack_code == "AA"
+        assert ack_code((await send(runtime, other_order.replace(b"MSG0001", b"MSG0043")))[0]) == "AA"
+    finally:
+        await runtime.stop()
+
+
+def test_identity_sources_must_be_a_list_of_applications() -> None:
+    from traboule.patient_identity import identity_sources
+
+    assert identity_sources(None, "x") is None
+    assert identity_sources([{"application": "GAM"}], "x") == [("GAM", "")]
+    for wrong in ("GAM", [{"facility": "CHU"}], [{"application": "GAM", "other": 1}], ["GAM"]):
+        with pytest.raises(ValueError, match="identity_sources"):
+            identity_sources(wrong, "x")
+
+
+def test_a_refused_or_duplicate_message_stops_holding_its_ins_at_once(tmp_path: Path) -> None:
+    """`release`: what a message that was not accepted reserved holds nothing; another message in flight with the
+    same pair still holds it."""
+    ipp = model.Identifier("IPP0777", "CHU-LYON")
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+    registry.check([patient(ipp, "279035121518989")])  # refused later (say, its act code): released
+    registry.release([patient(ipp, "279035121518989")])
+    registry.check([patient(ipp, OTHER_INS)])  # message A, in flight
+    registry.check([patient(ipp, OTHER_INS)])  # message B, the same pair, then refused
+    registry.release([patient(ipp, OTHER_INS)])
+    with pytest.raises(MappingFailure):  # A still holds it
+        registry.check([patient(ipp, "279035121518989")])
+    registry.release([patient(ipp, OTHER_INS)])  # A refused too
+    registry.check([patient(ipp, "279035121518989")])
+    registry.close()
+
+
+async def test_a_report_refused_for_its_act_code_leaves_its_ins_free(tmp_path: Path) -> None:
+    """A report for IPP0777 refused (AE, an unmapped act code), then within seconds an order for IPP0777 with
+    another INS: accepted, nothing was recorded."""
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        report = fixture("oru_r01_report.hl7").replace(b"IPP0001", b"IPP0777").replace(b"ACC0001", b"ACC0099")
+        act = b"CTTAP^Scanner thoraco-abdomino-pelvien^L"
+        assert act in report
+        (refused,) = await send(runtime, report.replace(act, b"XRTHO^Radiographie du thorax^L"))  # unmapped
+        assert ack_code(refused) == "AE"
+        assert runtime.journal is not None and "PID-3" not in runtime.journal.recent(1)[0].error
+        order = fixture("orm_o01_nw_latin1.hl7").replace(b"IPP0001", b"IPP0777").replace(b"ACC0001", b"ACC0777")
+        order = order.replace(b"279035121518989", OTHER_INS.encode())
+        assert ack_code((await send(runtime, order))[0]) == "AA"
+        registry = runtime.channel("ris-orders").identities
+        assert [p.ins for p in registry.known(Pair("IPP0777", "", "", "1.2.250.1.213.1.4.10", ""))] == [OTHER_INS]
+    finally:
+        await runtime.stop()
+
+
+def test_patients_show_and_forget(tmp_path: Path) -> None:
+    """`traboule patients show IPP` prints the registry's INS, orders and merges of an IPP; `forget` removes its
+    INS (the owners keep the IPP alone), recorded among the registry's actions: the next INS is accepted."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    var = tmp_path / "var"
+    var.mkdir()
+    config = tmp_path / "traboule.toml"
+    config.write_text(f'[engine]\ndefaults = false\ndata_dir = "{var}"\n')
+    chu = model.Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1", "PI")
+    registry = PatientIdentities(var / "patients.sqlite")
+    order = patient(chu, "279035121518989")
+    order.accession_number = model.Identifier("ACC1")
+    registry.record([order])
+    registry.record([model.PatientUpdate("merge", model.Patient(ids=[chu]), [model.Identifier("IPP0002", "CHU-LYON")])])
+    registry.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
+        command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "patients", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+    shown = cli("show", "IPP0001")
+    assert shown.returncode == 0, shown.stderr
+    assert "279035121518989" in shown.stdout and "accession number ACC1" in shown.stdout
+    assert "IPP0002 (CHU-LYON) was merged into it" in shown.stdout
+    assert "merged into IPP0001" in cli("show", "IPP0002").stdout
+    assert cli("show", "IPP9999").returncode == 1
+
+    forgotten = cli("forget", "IPP0001")
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert "279035121518989" in forgotten.stdout and "patients.ins_forgotten" in forgotten.stderr
+    assert "279035121518989" not in forgotten.stderr and "IPP0001" not in forgotten.stderr  # no patient data logged
+    assert cli("forget", "IPP0001").returncode == 1
+    shown = cli("show", "IPP0001")
+    assert "no INS recorded" in shown.stdout and "ins-forgotten" in shown.stdout
+
+    registry = PatientIdentities(var / "patients.sqlite")
+    assert [i.value for i in registry.owner("accession", "ACC1") or []] == ["IPP0001"]
+    registry.check([patient(chu, OTHER_INS)])  # the next INS is the IPP's
+    registry.close()
+
+
+def test_the_rebuild_fills_what_a_crash_lost_and_leaves_a_later_correction(tmp_path: Path) -> None:
+    """`rebuild` (the orders channel's start): the accepted messages after the mark are recorded again (pairs,
+    owners, merges), in journal order; an INS forgotten or changed after a message came is not brought back."""
+    from traboule.patient_identity import _now
+
+    ipp = model.Identifier("IPP0001", "CHU-LYON")
+    order = patient(ipp, "279035121518989")
+    order.accession_number = model.Identifier("ACC1")
+    received = _now()
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+    assert registry.rebuild([(7, received, [order])], "ris-orders") == 1
+    assert registry.mark("ris-orders") == 7
+    assert [p.ins for p in registry.known(Pair("IPP0001", "", "", "1.2.250.1.213.1.4.10", ""))] == ["279035121518989"]
+    assert [i.value for i in registry.owner("accession", "ACC1") or []] == ["IPP0001", "279035121518989"]
+
+    registry.forget("IPP0001")  # the operator, after the message came
+    registry.rebuild([(7, received, [patient(ipp, "279035121518989")])], "ris-orders")
+    assert registry.known(Pair("IPP0001", "", "", "1.2.250.1.213.1.4.10", "")) == []
+    # An identity source's correction (recorded), then the older order replayed: the owner takes the new INS.
+    update = model.PatientUpdate(patient=patient(ipp, OTHER_INS).patient, authoritative=True)
+    registry.record([update])
+    registry.rebuild([(8, received, [order])], "ris-orders")
+    assert [p.ins for p in registry.known(Pair("IPP0001", "", "", "1.2.250.1.213.1.4.10", ""))] == [OTHER_INS]
+    assert [i.value for i in registry.owner("accession", "ACC1") or []] == ["IPP0001", OTHER_INS]
     registry.close()

@@ -288,6 +288,9 @@ async def test_the_archive_event_publishes_a_waiting_report(
     (ack,) = await send(runtime, fixture("oru_r01_report.hl7"))
     assert ack_code(ack) == "AA"
     assert runtime.channel("ris-orders").describe()["reports_waiting"] == 1  # type: ignore[attr-defined]
+    health = runtime.health()
+    assert health["channels"]["ris-orders"]["reports"] == {"waiting": 1, "dead_letters": 0, "max_waiting": 5000}
+    assert "problems" not in health
     env = Envelope(study())
     await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
     await until(lambda: len(documents) == 1)
@@ -408,3 +411,249 @@ async def test_the_archive_is_read_on_demand_and_again_when_the_operator_asks(
     assert request_publication(publisher.path, row["n"]) == "waiting"
     await until(lambda: len(documents) == 2, timeout=15)
     assert documents[1].report.accession_number.value == "ACC0002"
+
+
+# -- the catalog never crosses patients ------------------------------------------------------------------------
+
+OWN_UID = "1.2.826.0.1.3680043.10.1001.4300"
+OTHER_UID = "1.2.826.0.1.3680043.10.1001.4399"
+
+
+def step_of(patient_id: str, accession: str, study_uid: str) -> tuple[model.PerformedStep, list[str]]:
+    """A completed MPPS of ``patient_id`` for this accession number and study, with its instance UIDs."""
+    create, done, uids = mpps_datasets(study_uid)
+    create.PatientID = patient_id
+    create.ScheduledStepAttributesSequence[0].AccessionNumber = accession
+    for elem in done:
+        create[elem.tag] = elem
+    return performed_step(generate_uid(), create), uids
+
+
+def report_for(accession: str, study_uid: str = "") -> model.Report:
+    """The fixture's report (patient IPP0001 of CHU-LYON, with an INS) for this accession number and Study UID."""
+    report = report_of(fixture("oru_r01_report.hl7").decode().replace("ACC0001", accession).encode())
+    report.study_instance_uid = study_uid
+    return report
+
+
+def test_another_patients_study_is_never_a_reports_catalog(tmp_path: Path) -> None:
+    publisher = publisher_at(tmp_path)
+    # The modality performed ACC0043 for another patient, in another study than the one the report names.
+    other, _ = step_of("OTHERPID2", "ACC0043", OTHER_UID)
+    publisher.remember([other])
+    held = publisher.prepare(report_for("ACC0043", OWN_UID), "m1")
+    assert isinstance(held, Waiting)  # its own study is not known: it waits (before: published with OTHERPID2's)
+    assert "not of the report's patient" not in held.note  # by its Study UID only: the other study is no candidate
+    # The archive reports a study with the report's own UID, but of another patient: still not its catalog.
+    theirs = study("ACC0043", OWN_UID)
+    theirs.patient = model.Patient(ids=[model.Identifier("OTHERPID2", "CHU-LYON")])
+    publisher.remember([theirs])
+    assert publisher.catalog_for(report_for("ACC0043", OWN_UID)) is None
+    assert publisher.publish_waiting("m1") is None
+    (row,) = publisher.unnoted()  # the journal entry will say why it still waits (no patient data in it)
+    assert (
+        row["status"] == "waiting"
+        and "not of the report's patient" in row["remark"]
+        and "OTHERPID2" not in row["remark"]
+    )
+    publisher.noted(row["n"], 1)
+    assert publisher.publish_waiting("m1") is None and publisher.unnoted() == []  # said once
+    # Its own patient's exam: published with that study, its UID the report's.
+    mine, uids = step_of("IPP0001", "ACC0043", OWN_UID)
+    publisher.remember([mine])
+    doc = publisher.publish_waiting("m1")
+    assert doc is not None and catalog_instances(doc) == [uids[0]] and doc.report.study_instance_uid == OWN_UID
+
+    # Without a Study UID, the accession number finds the study, of the same patient only.
+    publisher.remember([step_of("OTHERPID2", "ACC0044", OTHER_UID)[0]])
+    held = publisher.prepare(report_for("ACC0044"), "m2")
+    assert isinstance(
+        held, Waiting
+    ) and "a study performed (MPPS) with its accession number is not of the report's patient" in (held.note)
+    # A patient ID from another issuer is another patient; none at all cannot be shown to be the report's.
+    elsewhere, _ = step_of("IPP0001", "ACC0044", "1.2.826.0.1.3680043.10.1001.4401")
+    elsewhere.patient.ids[0].issuer = "CHU-PARIS"
+    nobody, _ = step_of("", "ACC0044", "1.2.826.0.1.3680043.10.1001.4402")
+    publisher.remember([elsewhere, nobody])
+    assert publisher.publish_waiting("m2") is None
+    mine, uids = step_of("IPP0001", "ACC0044", "1.2.826.0.1.3680043.10.1001.4403")
+    mine.patient.ids[0].issuer = "CHU-LYON"  # the same issuer as the report's (its namespace)
+    publisher.remember([mine])
+    doc = publisher.publish_waiting("m2")
+    assert doc is not None and catalog_instances(doc) == [uids[0]]
+    assert doc.report.study_instance_uid == "1.2.826.0.1.3680043.10.1001.4403"
+
+
+def test_a_report_with_a_study_uid_is_matched_by_it_only(tmp_path: Path) -> None:
+    publisher = publisher_at(tmp_path, wait_for_study=0)
+    same_patient_other_study, _ = step_of("IPP0001", "ACC0045", OTHER_UID)
+    publisher.remember([same_patient_other_study])
+    with pytest.raises(ReportRefused, match="not known"):
+        publisher.prepare(report_for("ACC0045", OWN_UID), "m1")  # not by its accession number
+    doc = publisher.prepare(report_for("ACC0045"), "m2")  # no UID: by accession number
+    assert isinstance(doc, model.Document) and doc.report.study_instance_uid == OTHER_UID
+    publisher.remember([step_of("OTHERPID2", "ACC0046", OTHER_UID)[0]])
+    with pytest.raises(ReportRefused, match="not of the report's patient") as refused:
+        publisher.prepare(report_for("ACC0046"), "m3")  # not waiting: the reason is the AE's
+    assert refused.value.location == "PID-3"
+
+
+async def test_over_mllp_and_mpps_a_waiting_report_never_takes_another_patients_exam(
+    engine: tuple[Runtime, list[model.Document], int],
+) -> None:
+    runtime, documents, mpps_port = engine
+    journal = runtime.journal
+    assert journal is not None
+    lines = fixture("oru_r01_report.hl7").decode().replace("ACC0001", "ACC0043").replace("REP0001", "REP0043")
+    lines = lines.replace("\rOBX|1|", f"\rZDS|{OWN_UID}^RIS^Application^DICOM\rOBX|1|", 1)
+    (ack,) = await send(runtime, lines.encode())
+    assert ack_code(ack) == "AA" and "waiting for its study" in journal.get(1).warnings  # type: ignore[union-attr]
+
+    async def perform(patient_id: str, study_uid: str) -> tuple[int, list[str]]:
+        create, done, uids = mpps_datasets(study_uid)
+        create.PatientID = patient_id
+        create.ScheduledStepAttributesSequence[0].AccessionNumber = "ACC0043"
+        modality = Modality(mpps_port)
+        try:
+            mpps_uid = generate_uid()
+            status = await modality.create(mpps_uid, create)
+            if status == 0x0000:
+                status = (await modality.set(mpps_uid, done)).Status
+        finally:
+            modality.close()
+        return status, uids
+
+    await perform("OTHERPID2", OTHER_UID)  # the same accession number, another patient and study (refused or not)
+    theirs = study("ACC0043", OWN_UID)  # the archive names the report's study UID, for another patient
+    theirs.patient = model.Patient(ids=[model.Identifier("OTHERPID2", "CHU-LYON")])
+    env = Envelope(theirs)
+    await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)
+    still = "still waiting for its study: a study of the archive with its Study Instance UID is not of the report's"
+    await until(lambda: still in journal.get(1).warnings)  # type: ignore[union-attr]
+    assert "OTHERPID2" not in journal.get(1).warnings  # type: ignore[union-attr]
+    assert documents == []  # before: published with the other patient's images
+    status, uids = await perform("IPP0001", OWN_UID)  # its own exam
+    assert status == 0x0000
+    await until(lambda: len(documents) == 1, timeout=20)
+    (doc,) = documents
+    assert catalog_instances(doc) == [uids[0]] and doc.report.study_instance_uid == OWN_UID
+
+
+# -- a journaled report is never dropped -------------------------------------------------------------------------
+
+
+def test_discard_and_reconcile_keep_a_journaled_report_whose_entry_was_pruned(tmp_path: Path) -> None:
+    publisher = publisher_at(tmp_path)
+    assert isinstance(publisher.prepare(report_for("ACC0047"), "m1"), Waiting)
+    publisher.journaled("m1", 12)
+    assert isinstance(publisher.prepare(report_for("ACC0048"), "m2"), Waiting)  # its journal write failed
+    assert publisher.discard("m1") is False
+    assert publisher.reconcile(lambda key: False) == 1  # the journal has neither: only m2 goes
+    assert [r["message_key"] for r in publisher.waiting()] == ["m1"]
+    publisher.remember([study("ACC0047")])
+    doc = publisher.publish_waiting("m1")
+    assert doc is not None
+    assert publisher.reconcile(lambda key: False) == 0 and publisher.discard("m1") is False
+    assert publisher.document(doc.id) is not None and publisher.waiting(("published",))[0]["message_key"] == "m1"
+
+
+async def test_an_outcome_whose_journal_entry_was_pruned_goes_out_with_a_fresh_entry(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from traboule import waiting_reports
+    from traboule.journal import Journal, JournalEntry
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    publisher = publisher_at(tmp_path)
+    executor = ThreadPoolExecutor(1)
+    raw = fixture("oru_r01_report.hl7")
+    entry = await journal.append(JournalEntry("ris-orders", raw, "accepted", idempotency_key="m1", correlation_id="c"))
+    later = await journal.append(JournalEntry("ris-orders", b"MSH|later", "accepted", idempotency_key="m9"))
+    assert isinstance(publisher.prepare(report_for("ACC0001"), "m1"), Waiting)
+    publisher.journaled("m1", entry.id)
+    journal._db.execute("DELETE FROM messages WHERE id = ?", (entry.id,))  # what `journal prune` did
+    task = waiting_reports.WaitingReports("ris-orders", publisher, journal, executor)
+    old = waiting_reports.UNJOURNALED
+    waiting_reports.UNJOURNALED = 0.0  # no grace: a journaled report is never dropped whatever the delay
+    try:
+        publisher.remember([study()])
+        assert await task.run_once() == 1
+        await task.run_once()
+    finally:
+        waiting_reports.UNJOURNALED = old
+        executor.shutdown()
+    fresh, _ = journal.recent()
+    assert fresh.id > later.id and fresh.status == "accepted" and fresh.idempotency_key == "m1"
+    assert f"journal entry {entry.id}" in fresh.warnings and "published once its study was known" in fresh.warnings
+    assert journal.outbox_depth() == 1  # the document's event goes out
+    (row,) = publisher.waiting(("published",))
+    assert row["journal_id"] == fresh.id
+    journal.close()
+
+
+# -- the cost does not grow with the number of waiting reports -------------------------------------------------
+
+
+class Counting(ReportPublisher):
+    """The publisher, counting the waiting reports it is asked to publish."""
+
+    looked: list[str]
+
+    def publish_waiting(self, message_key: str) -> model.Document | None:
+        self.looked.append(message_key)
+        return super().publish_waiting(message_key)
+
+
+async def test_a_wake_looks_only_at_the_reports_of_its_studies_and_the_rescan_only_when_something_changed(
+    tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from traboule import waiting_reports
+    from traboule.journal import Journal, JournalEntry
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    publisher = Counting(CDAMapping(), tmp_path / "reports.sqlite")
+    publisher.looked = []
+    for i in range(40):
+        key = f"m{i}"
+        await journal.append(JournalEntry("ris-orders", b"x", "accepted", idempotency_key=key))
+        assert isinstance(publisher.prepare(report_for(f"ACC1{i:03}"), key), Waiting)
+    executor = ThreadPoolExecutor(1)
+    task = waiting_reports.WaitingReports("ris-orders", publisher, journal, executor)
+    try:
+        mine, _ = step_of("IPP0001", "ACC1007", OWN_UID)
+        publisher.remember([mine, step_of("IPP0001", "ACC9999", OTHER_UID)[0]])
+        task.wake([OWN_UID, OTHER_UID], ["ACC1007", "ACC9999"])
+        assert await task.run_woken() == 1
+        assert publisher.looked == ["m7"]
+        # The rescan: in batches, a report looked at only when a catalog source names its study; none once done.
+        publisher.looked.clear()
+        publisher.remember([step_of("OTHERPID2", "ACC1011", OTHER_UID)[0]])  # another patient: not published
+        old = waiting_reports.RESCAN_BATCH
+        waiting_reports.RESCAN_BATCH = 16
+        try:
+            assert task.scan_due(float("inf"))
+            batches = 0
+            while True:
+                await task.rescan_batch()
+                batches += 1
+                if not task.scan_due(0.0):
+                    break
+        finally:
+            waiting_reports.RESCAN_BATCH = old
+        assert batches == 3 and publisher.looked == ["m11"]
+        assert not task.scan_due(float("inf"))  # nothing changed since: no scan
+        counts = publisher.counts()
+        assert (counts["waiting"], counts["dead_letters"]) == (39, 0)
+    finally:
+        executor.shutdown()
+        journal.close()
+
+
+def test_reports_publish_checks_its_number(tmp_path: Path) -> None:
+    env = engine_env(tmp_path, TRABOULE_CDA_VALIDATORS="")
+    for bad in ("0", "-3", "99999999999999999999", "x"):
+        done = cli("reports", "publish", bad, env=env)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "a report number" in done.stderr, done.stderr

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +18,7 @@ import pytest
 from lxml import etree
 
 from tests.conftest import ROOT
-from tests.test_flow import ack_code, engine_config, fixture, send, until
+from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from traboule import hl7, model
 from traboule.bus import Delivery
 from traboule.cda import CDAMapping, DocumentIds, read_header
@@ -472,3 +477,100 @@ def test_a_replacement_of_an_unknown_or_older_version_is_refused(tmp_path: Path)
         report.replaced_document_id = replaced
         with pytest.raises(ReportRefused, match=reason):
             publisher.prepare(report, f"m-{replaced}")
+
+
+# -- the exam's end -------------------------------------------------------------------------------------------
+
+
+def with_exam_end(name: str, end: str) -> bytes:
+    """A fixture message with OBR-8 (the exam's end) set."""
+    data = fixture(name)
+    assert data.count(b"|||20261125093512|||") == 1
+    return data.replace(b"|||20261125093512|||", f"|||20261125093512|{end}||".encode())
+
+
+def service_times(doc: model.Document) -> list[tuple[str, str]]:
+    root = etree.fromstring(base64.b64decode(doc.content))
+    times = root.findall("v3:documentationOf/v3:serviceEvent/v3:effectiveTime/*", V3)
+    return [(etree.QName(t).localname, t.get("value", "")) for t in times]
+
+
+def test_the_exam_end_is_obr8_else_the_end_of_its_mpps(tmp_path: Path, validator: Any) -> None:
+    """The serviceEvent's effectiveTime/high (and the document's service_stop): OBR-8 when the report gives it, else
+    the end of the exam's performed step as the modality reported it (MPPS, by study or accession number)."""
+    (tmp_path / "alone").mkdir()
+    alone = _publisher(tmp_path / "alone").prepare(report_of(fixture("oru_r01_report.hl7")), "m0")
+    assert isinstance(alone, model.Document)
+    assert service_times(alone) == [("low", "20261125093512+0100")] and alone.service_stop == ""
+
+    publisher = _publisher(tmp_path)
+    uid = STUDY_UID
+    series = Series(f"{uid}.1", "1", "CT", instances=[Instance(f"{uid}.1.1", "1.2.840.10008.5.1.4.1.1.2", "1")])
+    steps = [
+        model.PerformedStep("1.2.250.1.999.9.1", "COMPLETED", uid, "ACC0001", started="20261125093000",
+                            ended="20261125095500", series=[series]),
+        model.PerformedStep("1.2.250.1.999.9.2", "COMPLETED", uid, "ACC0001", started="20261125093000",
+                            ended="20261125094000", series=[series]),  # an earlier step of the same exam
+    ]  # fmt: skip
+    publisher.remember(steps)
+    from_mpps = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+    assert isinstance(from_mpps, model.Document)
+    assert from_mpps.report.ended == "20261125095500"  # the last end of the exam's steps
+    assert service_times(from_mpps) == [("low", "20261125093512+0100"), ("high", "20261125095500+0100")]
+    assert from_mpps.service_stop == "20261125095500+0100"
+    result = validator.validate(base64.b64decode(from_mpps.content))
+    assert result.valid, result.summary()
+
+    from_obr8 = publisher.prepare(report_of(with_exam_end("oru_r01_report_corrected.hl7", "20261125094800")), "m2")
+    assert isinstance(from_obr8, model.Document) and from_obr8.replaces == from_mpps.id
+    assert service_times(from_obr8) == [("low", "20261125093512+0100"), ("high", "20261125094800+0100")]
+    result = validator.validate(base64.b64decode(from_obr8.content))
+    assert result.valid, result.summary()
+
+
+# -- `traboule check` and `traboule run` agree -------------------------------------------------------------------
+
+
+def toml_config(data_dir: Path, channel: dict[str, Any]) -> str:
+    """A configuration file with only ``channel`` (its tables as ``[channels.NAME]``)."""
+
+    def lines(table: dict[str, Any]) -> str:
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items() if not isinstance(v, dict))
+
+    text = f"[engine]\ndefaults = false\ndata_dir = {json.dumps(str(data_dir))}\n\n[[channels]]\n{lines(channel)}"
+    return text + "".join(f"\n[channels.{k}]\n{lines(v)}" for k, v in channel.items() if isinstance(v, dict))
+
+
+def check_and_run(tmp_path: Path, channel: dict[str, Any]) -> tuple[str, str]:
+    """The reasons `traboule check` and `traboule run` give for refusing ``channel`` (each exits 2)."""
+    path = tmp_path / "traboule.toml"
+    path.write_text(toml_config(tmp_path / "var", channel))
+    env = dict(os.environ, TRABOULE_HTTP_PORT=str(free_port()), TRABOULE_LOG_FORMAT="console")
+    reasons = []
+    for command in ("check", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "traboule.cli", "--config", str(path), command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,  # a run that does not refuse would serve until killed: the test fails on the timeout
+            check=False,
+        )
+        found = re.search(r"^(?:configuration error|cannot start): (channel .*)$", done.stderr, re.MULTILINE)
+        assert done.returncode == 2 and found, (command, done.returncode, done.stderr)
+        reasons.append(found.group(1))
+    return reasons[0], reasons[1]
+
+
+def test_check_refuses_a_reports_setting_run_refuses(tmp_path: Path) -> None:
+    """A setting read when the channel starts was missed by `traboule check` (it builds channels, never starts
+    them): every setting is read in the constructor."""
+    channel = {
+        "name": "ris-orders",
+        "kind": "hl7-orders",
+        "source": {"adapter": "mllp-listener", "host": "127.0.0.1", "port": free_port()},
+        "reports": {"archive_recheck": "soon"},
+    }
+    checked, ran = check_and_run(tmp_path, channel)
+    assert checked == ran and "reports.archive_recheck" in checked and "'soon'" in checked

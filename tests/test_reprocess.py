@@ -311,3 +311,43 @@ async def test_a_report_is_reprocessed_as_the_document_it_made(tmp_path: Path) -
     (reference,) = (json.loads(j) for (j,) in documents)
     assert reference["masterIdentifier"]["value"].endswith(made)  # the same version, not a new one
     assert rows(var / "ris-orders.reports.sqlite", "SELECT COUNT(*) FROM documents") == [(1,)]
+
+
+async def test_reprocessing_checks_the_patient_identity_as_at_ingest(tmp_path: Path) -> None:
+    """A message refused for an identity conflict reaches no channel: it is selected only with `--status rejected`
+    and refused again then (listed, nothing queued). An accepted one is checked too: a merged IPP's events name
+    its survivor, and what is sent is recorded."""
+    config = write_config(tmp_path, fhir=True)
+    order = fixture("orm_o01_nw_latin1.hl7")
+    conflict = order.replace(b"279035121518989", b"279035121519088").replace(b"MSG0001", b"MSG0002")
+    await receive(config, order, conflict, fixture("adt_a40_merge.hl7"))
+    var = tmp_path / "var"
+    journal = Journal(var / "journal.sqlite")
+    try:
+        assert [(e.id, e.status) for e in reversed(journal.recent(3))] == [
+            (1, "accepted"),
+            (2, "rejected"),
+            (3, "accepted"),
+        ]
+        assert journal.get(2).error.startswith("PID-3: identity conflict")  # type: ignore[union-attr]
+    finally:
+        journal.close()
+
+    out = cli(config, "2", "--to", "worklist")
+    assert out.returncode == 2 and "only with --status rejected" in out.stderr
+    out = cli(config, "2", "--status", "rejected", "--to", "worklist")
+    assert out.returncode == 1, out.stderr
+    assert "journal entry 2: refused: PID-3: identity conflict" in out.stdout
+    assert "(1 refused by the patient identity checks)" in out.stdout
+    assert queued(config) == 0  # the patient is not on the worklist
+    out = cli(config, "2", "--status", "rejected", "--to", "worklist", "--dry-run")
+    assert out.returncode == 1 and "refused: PID-3: identity conflict" in out.stdout
+
+    # The accepted order of IPP0001, merged since into IPP0009: its event names IPP0009, with the order's INS.
+    out = cli(config, "1", "--to", "worklist")
+    assert out.returncode == 0, out.stderr
+    ((body,),) = rows(var / "bus.sqlite", "SELECT body FROM messages WHERE queue = 'worklist'")
+    ids = [i.value for i in Envelope.from_json(body).payload.patient.ids]
+    assert ids[0] == "IPP0009" and "279035121518989" in ids and "IPP0001" not in ids
+    recorded = rows(var / "patients.sqlite", "SELECT ipp, ins FROM ins ORDER BY ipp")
+    assert ("IPP0009", "279035121518989") in recorded

@@ -28,11 +28,15 @@ Batch consumption (``subscribe_batch``), so that a consumer can commit many even
   As with ``subscribe``, delivery is at least once: a crash after the commit but before the acknowledgement
   hands the same deliveries over again.
 * ``subscribe(handler)`` is the per-delivery case (``max_batch=1``) and behaves exactly as described above.
+
+Point to point (``send``): messages put on one named queue, not routed by topic, so that no other subscriber
+receives them (a reprocess delivering to the channels it names, as a dead-letter replay does). The consumer sees
+them as any delivery, with the topic given; durable as ``publish`` is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +56,7 @@ class PermanentError(Exception):
     """Raised by a handler when retrying cannot help (e.g. a peer rejected the content): dead-letter now."""
 
 
+Item = tuple[str, bytes, str, dict[str, str] | None]  # a message to publish or send: topic, body, message_id, headers
 Handler = Callable[[Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
@@ -88,6 +93,13 @@ class Bus(Protocol):
 
     async def publish(self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Publish durably; returns after the broker confirmed (or the row is committed)."""
+        ...
+
+    async def send(self, queue: str, items: Sequence[Item]) -> None:
+        """Put ``items`` on ``queue`` only (not routed by their topics), in order; returns once they are durable
+        (committed in one transaction / each confirmed by the broker). ``queue`` must have been declared
+        (``declare``, ``subscribe``): ``LookupError`` otherwise, nothing delivered. A failure may leave some of
+        ``items`` delivered on RabbitMQ: sending them again may duplicate them, as a publish retried may."""
         ...
 
     async def declare(self, queue: str, topics: list[str]) -> None:

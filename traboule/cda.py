@@ -390,7 +390,10 @@ class CDAMapping:
             b.add(event, "id", root=uid)
         code = b.add(event, "code", code=act.code.code, displayName=act.code.display, codeSystem=LOINC)
         if act.ccam:
-            b.add(code, "translation", code=act.ccam, codeSystem=CCAM)
+            ccam = b.add(code, "translation", code=act.ccam, codeSystem=CCAM)
+            ccam_display = self.acts.lookup((report.procedure.code,), "ccam_display") or ""
+            if ccam_display:
+                ccam.set("displayName", ccam_display)
         if act.modality:
             modality = b.add(
                 code, "translation", code=act.modality, displayName=self._modality(act.modality), codeSystem=DCM
@@ -405,6 +408,9 @@ class CDAMapping:
             raise CDAError("no exam time (OBR-7) to date the service event")
         times = b.add(event, "effectiveTime")
         b.add(times, "low", value=started)
+        ended = self.service_end(report, started)
+        if ended:
+            b.add(times, "high", value=ended)
         performer = b.add(event, "performer", typeCode="PRF")
         entity = b.add(performer, "assignedEntity")
         b.add(entity, "id", root=IDNAT_PS, extension=self.idnat_ps(report.author, "the author"))
@@ -419,6 +425,14 @@ class CDAMapping:
             displayName=self.practice_setting.display,
             codeSystem=PRACTICE_SYSTEM,
         )
+
+    def service_end(self, report: model.Report, started: str) -> str:
+        """The serviceEvent's end (``effectiveTime/high``, XDS serviceStopTime): the exam's end (OBR-8, else the end
+        of its MPPS) as a CDA TS; empty when unknown or before ``started`` (a sender's error: the start wins)."""
+        ended = self.ts(report.ended)
+        if not ended or not started:
+            return ended
+        return ended if _not_before(ended, started) else ""
 
     def _encounter(self, b: _Builder, root: etree._Element, report: model.Report) -> None:
         encounter = b.path(root, "componentOf", "encompassingEncounter")
@@ -711,6 +725,16 @@ class _Builder:
         narrative = self.add(section, "text")
         for line in _lines(text) or [UNKNOWN]:
             self.text(narrative, "paragraph", line)
+
+
+def _not_before(end: str, start: str) -> bool:
+    """Whether the CDA TS ``end`` is not before ``start`` (a date alone compares by day)."""
+    if len(end) < 14 or len(start) < 14:
+        return end[:8] >= start[:8]
+    try:
+        return datetime.strptime(end, "%Y%m%d%H%M%S%z") >= datetime.strptime(start, "%Y%m%d%H%M%S%z")
+    except ValueError:
+        return end >= start
 
 
 def _append_text(parent: etree._Element, text: str) -> None:

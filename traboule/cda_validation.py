@@ -30,13 +30,17 @@ import atexit
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import hmac
 import importlib.metadata
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -476,20 +480,44 @@ WARM_DOCUMENT = (
 # -- a validator kept between command-line runs --------------------------------------------------------------
 
 SERVER_IDLE = 600.0  # seconds a validation server waits for its next document before it exits
+SERVER_IDLE_ENV = "TRABOULE_CDA_SERVER_IDLE"  # overrides SERVER_IDLE (0: validate in the command's own process)
 MAX_FRAME = 128 * 1024 * 1024  # bytes: a request or answer larger than this is refused (a CDA with a big PDF fits)
 MAX_SERVER_LOG = 1024 * 1024  # bytes: the server's log is started afresh beyond
+REQUEST_TIMEOUT = 5.0  # seconds for a client's whole request to arrive once it is connected
+MAX_CLIENTS = 8  # connections a server reads at once; more wait in its listen queue
+STOP_GRACE = 30.0  # seconds a stopping server waits for the validations under way
+SOCKET_DIR = "servers"  # under the cache directory, mode 0700: only its owner reaches the sockets in it
+MAX_SOCKET_PATH = 108  # bytes of sun_path, a Unix socket path with its terminating NUL
+SECRET_SIZE = 32  # bytes of a server's secret (its .key file): each answer proves the server holds it
+
+
+def server_idle() -> float:
+    """``$TRABOULE_CDA_SERVER_IDLE`` seconds (0: no server), else :data:`SERVER_IDLE`."""
+    value = os.environ.get(SERVER_IDLE_ENV, "").strip()
+    if not value:
+        return SERVER_IDLE
+    try:
+        idle = float(value)
+    except ValueError:
+        idle = -1.0
+    if not (0 <= idle < float("inf")):
+        log.warning("cda.server.bad_idle", variable=SERVER_IDLE_ENV, default=SERVER_IDLE)
+        return SERVER_IDLE
+    return idle
 
 
 def server_address(tree: str | Path, cache_dir: str | Path | None = None) -> str | None:
-    """The socket of the validation server for a tree and cache (Linux abstract namespace: no file to go stale),
-    keyed by :func:`tree_key`: a changed tree or schematron, or another Saxon, gets another server. None where
-    abstract sockets do not exist."""
+    """The socket of the validation server for a tree and cache, ``<cache>/servers/<hash>.sock``, keyed by
+    :func:`tree_key`: a changed tree or schematron, or another Saxon, gets another server. ``servers/`` is this
+    user's own (mode 0700, checked before each use). None off Linux (no ``SO_PEERCRED``) or when the path is too
+    long for a Unix socket (then validate in the process)."""
     if not sys.platform.startswith("linux"):
         return None
     tree = Path(tree).resolve()
     cache = Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir().resolve()
-    digest = hashlib.sha256(f"{os.getuid()}\0{tree}\0{cache}\0{tree_key(tree)}".encode()).hexdigest()[:32]
-    return f"\0traboule-cda-{digest}"
+    digest = hashlib.sha256(f"{os.getuid()}\0{tree}\0{cache}\0{tree_key(tree)}".encode()).hexdigest()[:24]
+    path = cache / SOCKET_DIR / f"{digest}.sock"
+    return str(path) if len(os.fsencode(path)) < MAX_SOCKET_PATH else None
 
 
 class ServedValidator:
@@ -499,65 +527,135 @@ class ServedValidator:
     time on these schematrons, so compiling them (~7 s, the structuration minimale's 10 MB of XSLT) cannot be
     cached on disk. The first run starts ``python -m traboule.cda_validation serve`` in the background; later runs
     hand their documents to it and get the report back in a fraction of a second. The server compiles in its own
-    process, answers only its own user (``SO_PEERCRED``), and exits after ``idle`` seconds without a document.
+    process and exits after ``idle`` seconds without a document (default :func:`server_idle`).
+
+    Its socket is in a directory of this user's with mode 0700 (checked before use). The client sends nothing to a
+    socket whose process is not this user's (``SO_PEERCRED``), and the server answers only its own user. Each
+    answer carries an HMAC of the request's nonce keyed with the server's secret (a 0600 file beside the socket),
+    and a report that does not show a parsed document run through the XSD and every schematron it selects is an
+    error, never a pass.
     """
 
-    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None, idle: float = SERVER_IDLE) -> None:
+    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None, idle: float | None = None) -> None:
         self.tree = Path(tree).resolve()
         _check_tree(self.tree)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.idle = idle
+        self.idle = server_idle() if idle is None else idle
         address = server_address(self.tree, self.cache_dir)
         if address is None:
-            raise CDAValidatorError("a validation server needs Linux (abstract Unix sockets)")
+            raise CDAValidatorError("a validation server needs Linux and a cache path short enough for a socket")
         self.address = address
         self.started = False  # whether this object started the server
 
     def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
-        request = {"op": "validate", "source": source, "data": base64.b64encode(data).decode("ascii")}
-        return _report_from(self._call(request))
-
-    def stop(self) -> bool:
-        """Ask the server to exit; False when none runs."""
+        request = {"op": "validate", "data": base64.b64encode(data).decode("ascii")}
+        answer = self._call(request) or {}
         try:
-            self._call({"op": "stop"}, start=False)
-        except (ConnectionError, FileNotFoundError):
+            return _report_from(answer.get("report"), source)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CDAValidatorError(f"the validation server's report is incomplete, not trusted: {exc}") from None
+
+    def running(self) -> bool:
+        """Whether a server runs (or starts) for this tree and cache: it holds the lock beside its socket."""
+        lock = _server_files(self.address)[2]
+        if not _private_dir(lock.parent):
             return False
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def stop(self, wait: float = STOP_GRACE + 5) -> bool:
+        """Ask the server to exit and wait (up to ``wait`` s) until it has; False when none runs."""
+        if self._call({"op": "stop"}, start=False) is None:
+            return False
+        deadline = time.monotonic() + wait
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return True
 
-    def _call(self, request: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
+    def _call(self, request: dict[str, Any], *, start: bool = True) -> dict[str, Any] | None:
+        """The server's answer; None when none runs and ``start`` is false."""
         deadline = time.monotonic() + START_TIMEOUT
         child: subprocess.Popen[bytes] | None = None
+        retried = False
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.address)
-            except (ConnectionRefusedError, FileNotFoundError):
-                sock.close()
+            sock = self._connect()
+            if sock is None:
                 if not start:
-                    raise
-                if child is None:
+                    return None
+                code = child.poll() if child is not None else 0
+                if code == 0:  # none started yet, or the one started found another server (gone since)
                     child = self._spawn()
-                elif child.poll() not in (None, 0):
-                    raise CDAValidatorError(f"the validation server did not start: {self._log_tail()}") from None
+                elif code is not None:
+                    raise CDAValidatorError(f"the validation server did not start: {self._log_tail()}")
                 if time.monotonic() > deadline:
-                    raise CDAValidatorError(
-                        f"the validation server did not answer within {START_TIMEOUT:g} s"
-                    ) from None
+                    raise CDAValidatorError(f"the validation server did not answer within {START_TIMEOUT:g} s")
                 time.sleep(0.1)
                 continue
-            with sock:
-                sock.settimeout(START_TIMEOUT)  # the server may still be compiling for an earlier caller
-                _send(sock, request)
-                answer = _receive(sock)
-            if answer is None:
-                raise CDAValidatorError(f"the validation server stopped without an answer: {self._log_tail()}")
-            if "error" in answer:
-                raise CDAValidatorError(str(answer["error"]))
-            return answer
+            try:
+                with sock:
+                    return self._exchange(sock, request, deadline)
+            except _NoAnswer as exc:
+                # A server exiting (idle) as we connected, or one that died on the document: once more.
+                if retried or not start:
+                    raise CDAValidatorError(str(exc)) from None
+                retried = True
+
+    def _connect(self) -> socket.socket | None:
+        """A connection to the server's socket, None when none listens there."""
+        if not _private_dir(Path(self.address).parent):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return None
+        except OSError as exc:
+            sock.close()
+            raise CDAValidatorError(f"{self.address}: cannot connect: {exc.strerror}") from None
+        return sock
+
+    def _exchange(self, sock: socket.socket, request: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Send the request once the peer is known to be this user's server (_NoAnswer: it closed without one)."""
+        uid = _peer_uid(sock)
+        if uid != os.getuid():
+            raise CDAValidatorError(
+                f"{self.address}: the process listening there is not this user's (uid {uid}): nothing sent to it"
+            )
+        secret = _read_secret(_server_files(self.address)[1])
+        if secret is None:  # a server stopping between our connect and now, or not a server of ours
+            raise _NoAnswer(
+                f"{self.address}: no key beside the socket, nothing sent: not this user's validation server"
+            )
+        nonce = secrets.token_hex(16)
+        try:
+            _send(sock, {**request, "nonce": nonce}, deadline)
+            answer = _receive(sock, deadline)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = None
+        except (OSError, ValueError) as exc:
+            raise CDAValidatorError(f"the validation server's answer cannot be read: {exc}") from None
+        if answer is None:
+            raise _NoAnswer(f"the validation server stopped without an answer: {self._log_tail()}")
+        if not hmac.compare_digest(str(answer.get("proof", "")), _proof(secret, nonce)):
+            raise CDAValidatorError(f"{self.address}: the answer is not from this user's validation server")
+        if "error" in answer:
+            raise CDAValidatorError(f"the validation server: {str(answer['error'])[:500]}")
+        return answer
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if not self.idle > 0:
+            raise CDAValidatorError("a validation server needs an idle time above 0 s")
+        _private_dir(Path(self.address).parent, create=True)
         command = [sys.executable, "-m", "traboule.cda_validation", "serve", str(self.tree), str(self.cache_dir)]
         log_path = self._log_path()
         with contextlib.suppress(OSError):
@@ -586,63 +684,197 @@ class ServedValidator:
         return lines[-1] if lines else "no log"
 
 
+class _NoAnswer(Exception):
+    """The server closed the connection without answering (or left no key): worth one more try."""
+
+
 def serve(tree: str | Path, cache_dir: str | Path | None, idle: float = SERVER_IDLE) -> int:
-    """The validation server's loop (see :class:`ServedValidator`); returns when idle for ``idle`` seconds, when
-    asked to stop, or at once when another server holds the address."""
+    """The validation server (see :class:`ServedValidator`); returns when idle for ``idle`` seconds, when asked to
+    stop, or at once when another server holds the lock of the address."""
     address = server_address(tree, cache_dir)
     if address is None:
-        raise CDAValidatorError("a validation server needs Linux (abstract Unix sockets)")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raise CDAValidatorError("a validation server needs Linux and a cache path short enough for a socket")
+    sock_path, key_path, lock_path = _server_files(address)
+    _private_dir(sock_path.parent, create=True)
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        listener.bind(address)
-    except OSError:  # another server got there first: the client talks to it
-        listener.close()
-        return 0
-    listener.listen(16)
-    validator = CDAValidator(tree, cache_dir)
-    validator.compile_all()
-    log.info("cda.server.ready", pid=os.getpid(), idle=idle)
-    listener.settimeout(idle)
-    with listener:
-        while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another server runs: the client talks to it
+            return 0
+        for stale in (sock_path, key_path):  # left by a server that was killed
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        secret = secrets.token_bytes(SECRET_SIZE)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(secret)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(address)
+            os.chmod(address, 0o600)
+            listener.listen(64)  # clients wait here while the schematrons compile
+            _Server(CDAValidator(tree, cache_dir), listener, sock_path, secret, idle).run()
+        finally:
+            listener.close()
+            for path in (sock_path, key_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+    finally:
+        os.close(lock_fd)  # releases the lock: the server is gone
+    return 0
+
+
+class _Server:
+    """The accept loop and a thread per connection: reading a request is bounded by :data:`REQUEST_TIMEOUT`
+    outside any lock, so an idle connection holds up no one; validations run one at a time."""
+
+    def __init__(
+        self, validator: CDAValidator, listener: socket.socket, path: Path, secret: bytes, idle: float
+    ) -> None:
+        self.validator = validator
+        self.listener = listener
+        self.path = path
+        self.secret = secret
+        self.idle = idle
+        self._validating = threading.Lock()  # compiled Saxon executables are not thread-safe
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._state = threading.Condition()
+        self._active = 0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        self.validator.compile_all()
+        log.info("cda.server.ready", pid=os.getpid(), idle=self.idle)
+        self._last = time.monotonic()
+        while not self._stop.is_set():
+            with self._state:
+                if not self._active and time.monotonic() - self._last >= self.idle:
+                    log.info("cda.server.idle_exit", pid=os.getpid())
+                    break
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            self.listener.settimeout(0.5)
             try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                log.info("cda.server.idle_exit", pid=os.getpid())
-                return 0
+                conn, _ = self.listener.accept()
+            except OSError:  # TimeoutError: look at the idle time and the stop request again
+                self._slots.release()
+                continue
+            with self._state:
+                self._active += 1
+            threading.Thread(target=self._handle, args=(conn,), name="cda-client", daemon=True).start()
+        with self._state:
+            self._state.wait_for(lambda: not self._active, timeout=STOP_GRACE)
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                if struct.unpack("3i", creds)[1] != os.getuid():
-                    continue  # another user's process: abstract sockets have no file permissions
-                conn.settimeout(60.0)
-                try:
-                    request = _receive(conn)
-                    if request is None:
-                        continue
-                    if request.get("op") == "stop":
-                        _send(conn, {"stopped": True})
-                        return 0
-                    data = base64.b64decode(str(request.get("data", "")), validate=True)
-                    report = validator.validate(data, source=str(request.get("source", ""))[:4096])
-                    _send(conn, dataclasses.asdict(report))
-                except (OSError, ValueError) as exc:  # a client gone, or a malformed request: the next one
-                    with contextlib.suppress(OSError):
-                        _send(conn, {"error": f"bad request: {type(exc).__name__}"})
+                uid = _peer_uid(conn)
+                if uid != os.getuid():
+                    log.warning("cda.server.refused", uid=uid)
+                    return
+                request = _receive(conn, time.monotonic() + REQUEST_TIMEOUT)
+                nonce = request.get("nonce") if request else None
+                if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
+                    return
+                answer = self._answer(request or {})
+                answer["proof"] = _proof(self.secret, nonce)
+                _send(conn, answer, time.monotonic() + REQUEST_TIMEOUT)
+        except (OSError, ValueError) as exc:  # a client gone, too slow, or a malformed request: the next one
+            log.info("cda.server.request_dropped", error=type(exc).__name__)
+        finally:
+            with self._state:
+                self._active -= 1
+                self._last = time.monotonic()
+                self._state.notify_all()
+            self._slots.release()
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "stop":
+            self._stop.set()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # no new client from now on
+            return {"stopped": True}
+        if request.get("op") != "validate":
+            return {"error": "bad request: unknown op"}
+        try:
+            data = base64.b64decode(str(request.get("data", "")), validate=True)
+        except ValueError:
+            return {"error": "bad request: data is not base64"}
+        try:
+            with self._validating:
+                report = self.validator.validate(data)
+        except CDAValidatorError as exc:
+            return {"error": str(exc)}
+        return {"report": dataclasses.asdict(report)}
 
 
-def _send(sock: socket.socket, body: dict[str, Any]) -> None:
+def _server_files(address: str) -> tuple[Path, Path, Path]:
+    """A server's socket, secret (``.key``) and lock (``.lock``, held while it runs)."""
+    sock = Path(address)
+    return sock, sock.with_suffix(".key"), sock.with_suffix(".lock")
+
+
+def _private_dir(path: Path, *, create: bool = False) -> bool:
+    """Whether ``path`` exists (made, mode 0700, with ``create``); CDAValidatorError when it is not a directory of
+    this user's with mode 0700: another user could then reach or replace what is in it."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CDAValidatorError(
+            f"{path}: not a directory of this user's with mode 0700 (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):o}): remove it"
+        )
+    return True
+
+
+def _read_secret(path: Path) -> bytes | None:
+    """A server's secret, None when absent; CDAValidatorError when the file is not this user's alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CDAValidatorError(f"{path}: cannot read the validation server's key: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as key_file:
+        st = os.fstat(key_file.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise CDAValidatorError(f"{path}: the validation server's key is not this user's alone")
+        secret = key_file.read(SECRET_SIZE + 1)
+    return secret if len(secret) == SECRET_SIZE else None
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _proof(secret: bytes, nonce: str) -> str:
+    return hmac.new(secret, nonce.encode("ascii", "replace"), hashlib.sha256).hexdigest()
+
+
+def _send(sock: socket.socket, body: dict[str, Any], deadline: float) -> None:
     data = json.dumps(body, ensure_ascii=False).encode()
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
     sock.sendall(struct.pack(">I", len(data)) + data)
 
 
-def _receive(sock: socket.socket) -> dict[str, Any] | None:
-    head = _read_exactly(sock, 4)
+def _receive(sock: socket.socket, deadline: float) -> dict[str, Any] | None:
+    """One frame, all of it before ``deadline`` (else TimeoutError); None when the peer closed before it."""
+    head = _read_exactly(sock, 4, deadline)
     if head is None:
         return None
     (size,) = struct.unpack(">I", head)
     if size > MAX_FRAME:
         raise ValueError(f"frame of {size} bytes")
-    data = _read_exactly(sock, size)
+    data = _read_exactly(sock, size, deadline)
     if data is None:
         return None
     body = json.loads(data)
@@ -651,9 +883,13 @@ def _receive(sock: socket.socket) -> dict[str, Any] | None:
     return body
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes | None:
     parts, left = [], size
     while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the frame did not arrive in time")
+        sock.settimeout(remaining)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             return None
@@ -662,24 +898,61 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _report_from(body: dict[str, Any]) -> CDAValidationReport:
-    document = body.get("document")
-    if document is not None:
+FINDING_KINDS = frozenset({"failed-assert", "successful-report", "engine-error"})
+
+
+def _report_from(body: Any, source: str) -> CDAValidationReport:
+    """A report from a server's answer, refused (ValueError, KeyError, TypeError) when it is not one a validation
+    makes: a pass needs a parsed document, its XSD run and every schematron it selects run."""
+    body = _typed(body, dict)
+    document = None
+    if body["document"] is not None:
+        doc = _typed(body["document"], dict)
+        level = doc["level"]
+        if level is not None and (type(level) is not int or level not in (1, 3)):
+            raise ValueError(f"document level {level!r}")
         document = DocumentType(
-            name=document["name"],
-            level=document["level"],
-            template_ids=tuple(document["template_ids"]),
-            code=document["code"],
+            name=_typed(doc["name"], str),
+            level=level,
+            template_ids=tuple(_typed(t, str) for t in _typed(doc["template_ids"], list)),
+            code=_typed(doc["code"], str),
         )
-    return CDAValidationReport(
-        source=body.get("source", ""),
+    findings = []
+    for item in _typed(body["findings"], list):
+        item = _typed(item, dict)
+        finding = SchematronFinding(
+            **{f.name: _typed(item[f.name], str) for f in dataclasses.fields(SchematronFinding)}
+        )
+        if finding.kind not in FINDING_KINDS:
+            raise ValueError(f"finding kind {finding.kind!r}")
+        findings.append(finding)
+    report = CDAValidationReport(
+        source=source,
         document=document,
-        xml_error=body.get("xml_error", ""),
-        xsd_errors=[XSDError(**e) for e in body.get("xsd_errors", [])],
-        findings=[SchematronFinding(**f) for f in body.get("findings", [])],
-        schematrons=tuple(body.get("schematrons", ())),
-        timings=dict(body.get("timings", {})),
+        xml_error=_typed(body["xml_error"], str),
+        xsd_errors=[
+            XSDError(_typed(e["line"], int), _typed(e["message"], str)) for e in _typed(body["xsd_errors"], list)
+        ],
+        findings=findings,
+        schematrons=tuple(_typed(s, str) for s in _typed(body["schematrons"], list)),
+        timings={_typed(k, str): float(_typed(v, (int, float))) for k, v in _typed(body["timings"], dict).items()},
     )
+    if report.document is None:
+        if not report.xml_error:
+            raise ValueError("no parsed document and no XML error")
+        return report
+    if report.schematrons != schematrons_for(report.document):
+        raise ValueError("not the schematrons the document selects")
+    engine_error = any(f.kind == "engine-error" for f in report.findings)
+    if "xsd" not in report.timings or not (engine_error or all(s in report.timings for s in report.schematrons)):
+        raise ValueError("a validation step did not run")
+    return report
+
+
+def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"unexpected {type(value).__name__}")
+    return value
 
 
 START_TIMEOUT = 600.0  # seconds for the worker to start and compile (a cold cache on a slow disk included)

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     jr_reprocess.add_argument("--since", default="", help="received from (UTC date or date-time, included)")
     jr_reprocess.add_argument("--until", default="", help="received before (UTC; a date includes that day)")
     jr_reprocess.add_argument(
-        "--status", action="append", default=[], help="accepted (default with filters), duplicate, rejected"
+        "--status",
+        action="append",
+        default=[],
+        help="accepted (default with filters; with ids, duplicate too), duplicate, rejected (only when named)",
     )
     jr_reprocess.add_argument("--channel", action="append", default=[], help="the inbound channel that received it")
     jr_reprocess.add_argument("--to", default="", help="channels that get the events, e.g. fhir,worklist")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     cda_validate = cda_sub.add_parser(
         "validate", help="validate CDA files with the ANS testContenuCDA XSD and schematrons; exit 0 when all pass"
     )
-    cda_validate.add_argument("files", nargs="+", type=Path)
+    cda_validate.add_argument("files", nargs="*", type=Path)
     cda_validate.add_argument(
         "--validators",
         type=Path,
@@ -140,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     cda_validate.add_argument(
         "--keep",
         type=float,
-        default=600.0,
         metavar="SECONDS",
-        help="keep the compiled schematrons in a background validation server for the next runs, until it has been "
-        "idle this long (default 600; 0: compile in this process, no server)",
+        help="keep the compiled schematrons in a background validation server (~750 MB) for the next runs, until it "
+        "has been idle this long (default $TRABOULE_CDA_SERVER_IDLE, else 600; 0: compile in this process, no server)",
+    )
+    cda_validate.add_argument(
+        "--stop", action="store_true", help="stop the validation server of the tree (and cache), then exit; no files"
     )
     cda_export = cda_sub.add_parser("export", help="write a published CDA (by document id, or by accession number)")
     cda_which = cda_export.add_mutually_exclusive_group(required=True)
@@ -160,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     rp_publish = rp_sub.add_parser(
         "publish", help="publish a waiting report or a dead letter now, or as soon as its study is known"
     )
-    rp_publish.add_argument("id", type=int, help="its number in 'traboule reports waiting'")
+    rp_publish.add_argument("id", type=_report_number, help="its number in 'traboule reports waiting'")
     rp_publish.add_argument("--channel", help="inbound channel (default: the first with reports)")
     rp_publish.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the engine's outcome")
+
+    pt = sub.add_parser("patients", help="the patient identity registry: INS per IPP, owners of orders, merges")
+    pt_sub = pt.add_subparsers(dest="action", required=True)
+    pt_show = pt_sub.add_parser("show", help="what the registry holds about an IPP (patient data: on this terminal)")
+    pt_show.add_argument("ipp", help="the patient identifier (IPP) value")
+    pt_forget = pt_sub.add_parser("forget", help="remove the INS recorded for an IPP (an operator's correction)")
+    pt_forget.add_argument("ipp", help="the patient identifier (IPP) value")
 
     args = parser.parse_args(argv)
     try:
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule import logging as tlog
+    from traboule.http import check_routes
     from traboule.runtime import preflight
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
@@ -194,6 +207,7 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             # Every process's channels and mappings, before anything listens (a worker that cannot start would
             # otherwise restart in a loop behind a main process answering AA).
             preflight(cfg)
+            check_routes(cfg)
         except (config_mod.ConfigError, MappingError) as exc:
             _cannot_start(cfg, exc)
             return 2
@@ -586,7 +600,15 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
                 print("--older-than must be a positive number of days", file=sys.stderr)
                 return 1
             before = (datetime.now(UTC) - timedelta(days=args.older_than)).isoformat(timespec="milliseconds")
-            print(f"{journal.prune(before)} message(s) received before {before} forgotten")
+            try:
+                held = _held_reports(cfg)
+            except OSError as exc:
+                print(f"{exc}: nothing pruned", file=sys.stderr)
+                return 2
+            print(
+                f"{journal.prune(before, keep=held)} message(s) received before {before} forgotten"
+                + (f"; the entries of {len(held)} report message(s) held for their study kept" if held else "")
+            )
         elif args.action == "replay":
             return _replay(cfg, journal, args)
         elif args.action == "reprocess":
@@ -600,6 +622,33 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     finally:
         journal.close()
     return 0
+
+
+def _held_reports(cfg: config_mod.Config) -> set[str]:
+    """Idempotency keys of the report messages whose journal entries ``journal prune`` must keep: reports still
+    held in the reports stores of the inbound channels (waiting for their study, or dead letters an operator may
+    publish) and outcomes not yet written into their entries (a report whose entry is gone is dropped)."""
+    import sqlite3
+
+    keys: set[str] = set()
+    for channel in (c for c in cfg.channels if c["kind"] == "hl7-orders"):
+        path = Path(cfg.data_dir) / f"{channel['name']}.reports.sqlite"
+        if not path.is_file():
+            continue
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute(
+                "SELECT message_key FROM waiting WHERE status IN ('waiting', 'expired', 'invalid') OR noted = 0"
+                " UNION SELECT superseded_by FROM waiting WHERE noted = 0 AND superseded_by != ''"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            if "no such table" not in str(exc):
+                raise OSError(f"{path}: unreadable ({exc})") from exc
+            rows = []  # a store from before reports could wait
+        finally:
+            db.close()
+        keys.update(row[0] for row in rows)
+    return keys
 
 
 def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -> int:
@@ -750,6 +799,17 @@ def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         store.close()
 
 
+def _configuration_source(cfg: config_mod.Config) -> str:
+    """What the configuration is made of: the built-in defaults, a file over them, or a file alone."""
+    if not cfg.path:
+        return "the built-in defaults"
+    import tomllib
+
+    with open(cfg.path, "rb") as fh:  # read and checked by load() already
+        defaults = tomllib.load(fh).get("engine", {}).get("defaults", True)
+    return f"the built-in defaults + {cfg.path}" if defaults else f"{cfg.path} alone ([engine] defaults = false)"
+
+
 def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.runtime import installed
 
@@ -759,7 +819,7 @@ def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     print("installed adapters:")
     for name, target in sorted(installed("traboule.adapters").items()):
         print(f"  {name:20} {target}")
-    print(f"configured channels ({cfg.path or 'built-in defaults'}):")
+    print(f"configured channels, from {_configuration_source(cfg)}:")
     for ch in cfg.channels:
         print(
             f"  {ch['name']:20} kind={ch['kind']} "
@@ -799,22 +859,24 @@ def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _test_validator(tree: Path | None) -> Any:
     """What makes the CDA validator of the 'valid' checks (None without a validator tree): the validation server of
     ``cda validate`` when it can run, so that the schematrons are compiled once across runs."""
-    from traboule.cda_validation import CDAValidator, ServedValidator, default_tree, server_address
+    from traboule.cda_validation import CDAValidator, ServedValidator, default_tree, server_address, server_idle
 
     tree = tree or default_tree()
     if tree is None:
         return None
-    if server_address(tree) is not None:
+    if server_address(tree) is not None and server_idle() > 0:
         return lambda: ServedValidator(tree)
     return lambda: CDAValidator(tree)
 
 
 def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """Build every channel (mappings, tables, certificates, settings) as ``run`` does before anything listens."""
+    from traboule.http import check_routes
     from traboule.runtime import preflight
 
     for checked in preflight(cfg):
         print(f"ok  {checked}")
+    check_routes(cfg)
     return 0
 
 
@@ -831,8 +893,12 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         ServedValidator,
         default_tree,
         server_address,
+        server_idle,
     )
 
+    if bool(args.files) == args.stop:
+        print("cda validate: give the files to validate, or --stop alone", file=sys.stderr)
+        return 2
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)  # compile progress goes to stderr
     tree = args.validators or default_tree()
     if tree is None:
@@ -843,9 +909,14 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        if args.stop:
+            stopped = server_address(tree, args.cache) is not None and ServedValidator(tree, args.cache).stop()
+            print(f"{'stopped the' if stopped else 'no'} validation server of {tree}")
+            return 0
         validator: CDAValidator | ServedValidator
-        if args.keep > 0 and server_address(tree, args.cache) is not None:
-            validator = ServedValidator(tree, args.cache, idle=args.keep)
+        keep = server_idle() if args.keep is None else args.keep
+        if keep > 0 and server_address(tree, args.cache) is not None:
+            validator = ServedValidator(tree, args.cache, idle=keep)
         else:
             validator = CDAValidator(tree, args.cache)
         worst = 0
@@ -928,7 +999,7 @@ def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``reports waiting`` lists the reports held for their study; ``reports publish N`` asks the running engine to
     publish one now (a dead letter waits again, with a new deadline) and prints what became of it."""
-    from traboule.reports import DEAD, held_reports, request_publication
+    from traboule.reports import DEAD, held_report, held_reports, request_publication
     from traboule.waiting_reports import seconds
 
     channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
@@ -946,7 +1017,7 @@ def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             print(
                 f"{r['n']:>6} {r['status']:10} journal={r['journal_id'] or '?':<8} {r['accession']:16} "
                 f"{r['study_uid'] or '-':40} received={r['received']} until={deadline} "
-                f"{r['reason'] or r['document_id']}"
+                f"{r['reason'] or r['document_id'] or r['remark']}"
             )
         return 0
     wait = seconds((channel.get("reports") or {}).get("wait_for_study", "24h"), "reports.wait_for_study")
@@ -956,7 +1027,7 @@ def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         return 1
     deadline = time.monotonic() + args.wait
     while True:
-        (row,) = [r for r in held_reports(path, ("waiting", "published", *DEAD)) if r["n"] == args.id] or [None]
+        row = held_report(path, args.id)
         if row is None or row["status"] != "waiting" or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -968,6 +1039,19 @@ def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         return 1
     print("waiting: its study is not known yet (or the engine is not running); published as soon as it is")
     return 1
+
+
+def _report_number(text: str) -> int:
+    """A report's number in ``traboule reports waiting``: a whole number from 1 (argparse says so otherwise)."""
+    from traboule.reports import MAX_REPORT_NUMBER
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 0 < n <= MAX_REPORT_NUMBER:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a report number (1 to {MAX_REPORT_NUMBER})")
+    return n
 
 
 def cmd_codes(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -1018,6 +1102,64 @@ def cmd_codes(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return 1 if unmapped else 0
 
 
+def cmd_patients(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``patients show IPP`` prints what the patient identity registry holds about an IPP (its INS, the order keys
+    it owns, its merges, the changes of its INS); ``patients forget IPP`` removes its recorded INS (the next
+    message's INS is recorded instead), kept among the registry's actions and logged (without patient data)."""
+    import getpass
+
+    import structlog
+
+    from traboule import logging as tlog
+    from traboule.patient_identity import PatientIdentities
+
+    ipp = args.ipp.strip()
+    if not ipp or len(ipp) > 250 or not ipp.isprintable():
+        print("give an IPP value (printable, at most 250 characters)", file=sys.stderr)
+        return 2
+    path = Path(cfg.data_dir) / "patients.sqlite"
+    if not path.is_file():
+        print(f"no patient identity registry in {cfg.data_dir} (no message received yet)", file=sys.stderr)
+        return 1
+    identities = PatientIdentities(path)
+    try:
+        if args.action == "forget":
+            pairs = identities.forget(ipp)
+            if not pairs:
+                print(f"no INS recorded for IPP {ipp}", file=sys.stderr)
+                return 1
+            tlog.configure(cfg.log_format, "info", cfg.log_patient_data)
+            structlog.get_logger("traboule.patients").warning(
+                "patients.ins_forgotten", pairs=len(pairs), operator=getpass.getuser()
+            )
+            for pair in pairs:
+                authority = pair.ipp_namespace or pair.ipp_oid
+                print(f"forgotten: IPP {ipp}{f' ({authority})' if authority else ''} {pair.ins} ({pair.ins_oid})")
+            return 0
+        found = identities.show(ipp)
+    finally:
+        identities.close()
+    if not any(found.values()):
+        print(f"nothing recorded for IPP {ipp}", file=sys.stderr)
+        return 1
+    print(f"IPP {ipp}")
+    for row in found["ins"]:
+        print(f"  {row['kind']} {row['ins']}  (IPP authority {row['authority'] or '-'}, recorded {row['recorded']})")
+    if not found["ins"]:
+        print("  no INS recorded")
+    for row in found["merged_into"]:
+        print(f"  merged into {row['survivor']}  (recorded {row['recorded']})")
+    for row in found["merged_in"]:
+        print(f"  {row['ipp']} was merged into it  (recorded {row['recorded']})")
+    if found["owners"]:
+        print("  orders:")
+    for row in found["owners"]:
+        print(f"    {row['kind']} {row['key']}: {row['patient']}  ({row['source']}, {row['recorded']})")
+    for row in found["actions"]:
+        print(f"  {row['at']}  {row['action']}: {row['detail']}")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "send": cmd_send,
@@ -1033,6 +1175,7 @@ COMMANDS = {
     "cda": cmd_cda,
     "codes": cmd_codes,
     "reports": cmd_reports,
+    "patients": cmd_patients,
 }
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from traboule.bus import (
     BatchHandler,
     Delivery,
     Handler,
+    Item,
     PermanentError,
     dlq_name,
     one_by_one,
@@ -42,7 +43,6 @@ from traboule.bus import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Item = tuple[str, bytes, str, dict[str, str] | None]  # topic, body, message_id, headers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bindings (
@@ -226,14 +226,7 @@ class EmbeddedBus:
 
     async def publish_many(self, items: Sequence[Item]) -> None:
         """Publish several messages in one transaction (all or none)."""
-        for topic, body, message_id, headers in items:
-            # Checked here so that one bad item cannot fail the other callers sharing its group commit.
-            if not isinstance(body, bytes | bytearray | memoryview):
-                raise TypeError(f"body must be bytes, not {type(body).__name__}")
-            if not topic or not isinstance(message_id, str):
-                raise ValueError("topic and message_id are required")
-            if headers is not None and not all(isinstance(v, str) for v in headers.values()):
-                raise TypeError("header values must be str")
+        _check(items)  # here, so that one bad item cannot fail the other callers sharing its group commit
         await self.start()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((list(items), done))
@@ -279,6 +272,26 @@ class EmbeddedBus:
                 "INSERT INTO messages (queue, topic, body, message_id, headers) VALUES (?, ?, ?, ?, ?)", rows
             )
         return {row[0] for row in rows}
+
+    async def send(self, queue: str, items: Sequence[Item]) -> None:
+        """Store ``items`` in ``queue`` only, in one transaction; ``LookupError`` when ``queue`` was never declared."""
+        if not queue or queue.endswith(".dlq"):
+            raise ValueError(f"invalid queue name {queue!r}")
+        _check(items)
+        await self.start()
+        await self._run(self._insert_into, queue, list(items))
+        if queue in self._consumers:
+            self._consumers[queue].wake.set()
+
+    def _insert_into(self, queue: str, items: list[Item]) -> None:
+        conn = self._db()
+        with _transaction(conn):
+            if conn.execute("SELECT 1 FROM bindings WHERE queue = ? LIMIT 1", (queue,)).fetchone() is None:
+                raise LookupError(f"no queue {queue!r}: declare it first")
+            conn.executemany(
+                "INSERT INTO messages (queue, topic, body, message_id, headers) VALUES (?, ?, ?, ?, ?)",
+                [(queue, topic, bytes(body), mid, json.dumps(headers or {})) for topic, body, mid, headers in items],
+            )
 
     # -- consuming -------------------------------------------------------------------------------------
 
@@ -508,6 +521,16 @@ class EmbeddedBus:
                 )
                 conn.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
         return bool(rows)
+
+
+def _check(items: Sequence[Item]) -> None:
+    for topic, body, message_id, headers in items:
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        if not topic or not isinstance(message_id, str):
+            raise ValueError("topic and message_id are required")
+        if headers is not None and not all(isinstance(v, str) for v in headers.values()):
+            raise TypeError("header values must be str")
 
 
 def _delivery(row: _Row) -> Delivery:

@@ -1,11 +1,17 @@
-"""traboule's own FHIR R4 API (read-only, JSON) under ``/fhir``, served from a `FHIRStore`.
+"""traboule's own FHIR R4 API (read-only, JSON and XML) under ``/fhir``, served from a `FHIRStore`: among others an
+IHE MHD Document Responder (ITI-67 Find Document References, ITI-68 Retrieve Document) for the French PDSm profile.
 
-* ``GET /fhir/metadata``: CapabilityStatement (what is really supported: types, read, search-type, parameters).
-* ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing; ETag ``W/"version"``).
-* ``GET /fhir/{type}?...``: searchset Bundle with ``total``, paged by ``_count`` (default 20, at most 100) and
-  ``_offset``, with ``self`` / ``next`` / ``previous`` links. Unsupported or malformed parameters (a number, a date
-  out of range, more than 100 values in one search): 400 OperationOutcome naming them; unsupported type: 404.
-* Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method than GET (read-only API).
+* ``GET /fhir/metadata``: CapabilityStatement (what is really served: types, interactions, parameters, profiles).
+* ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing, 410 for a deleted DocumentReference; ETag
+  ``W/"version"``). ``Binary``: the document's bytes with their own media type (ITI-68), the Binary resource when
+  FHIR JSON / XML is asked for, 406 for an Accept neither satisfies, 404 once the document was deleted.
+* ``GET /fhir/{type}?...`` and ``POST /fhir/{type}/_search`` (form body, at most ``MAX_FORM_BYTES``): searchset
+  Bundle with ``total``, paged by ``_count`` (default 20, at most 100) and ``_offset``, with ``self`` / ``next`` /
+  ``previous`` links. A parameter the type does not support is ignored and left out of ``self`` (FHIR's default,
+  ``Prefer: handling=lenient``); with ``Prefer: handling=strict`` it is a 400 OperationOutcome naming it. A
+  malformed value (a number, a date, more than 100 values in one search) is a 400 either way.
+* JSON unless ``_format`` (``xml``, ``application/fhir+xml``...) or ``Accept: application/fhir+xml`` asks for XML.
+* Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method (read-only API).
 """
 
 from __future__ import annotations
@@ -15,26 +21,32 @@ import base64
 import re
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from traboule.fhir_mapping import MHD_DOCUMENT_REFERENCE, PDSM_DOCUMENT_REFERENCE, is_deleted
 from traboule.fhir_store import MAX_OFFSET, SEARCH_PARAMS, FHIRStore, SearchError
+from traboule.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
 
 FHIR_JSON = "application/fhir+json"
+FORM = "application/x-www-form-urlencoded"
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
-IGNORED = {"_format", "_pretty"}  # accepted, no effect (always JSON)
+MAX_FORM_BYTES = 16 * 1024  # a search's form body: as much as a long query string, far below the 1 MiB default
+MAX_FORM_FIELDS = 200
+IGNORED = {"_format", "_pretty"}  # _format chooses the answer's format; _pretty has no effect
+PROFILES = {"DocumentReference": [PDSM_DOCUMENT_REFERENCE, MHD_DOCUMENT_REFERENCE]}
 # ASCII digits only: int() also takes "1_000", " 7", "+3" and other scripts' digits, which no FHIR client sends.
 _NUMBER = re.compile(r"[0-9]{1,10}", re.ASCII)
 # What a Host header may hold (RFC 9110 7.2: host [":" port]); links are built from it, so anything else (a path,
 # a quote, a space) would be served back inside the Bundles: the server's own address is used instead.
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?", re.ASCII)
 PARAM_DOCS = {
-    "identifier": "system|value, value, |value or system|",
-    "status": "ServiceRequest status (active, revoked, completed ...)",
+    "identifier": "system|value, value, |value or system| (DocumentReference: entryUUID or uniqueId)",
+    "status": "ServiceRequest / DocumentReference status (active, revoked, completed / current, superseded ...)",
     "subject": "Patient/{id}",
     "patient": "Patient/{id}",
     "patient.identifier": "the subject Patient's identifier (chained): system|value",
@@ -42,9 +54,18 @@ PARAM_DOCS = {
     "type": "system|code (DocumentReference: http://loinc.org|18748-4)",
     "category": "system|code (DocumentReference class code)",
     "date": "[eq|ge|le|gt|lt]YYYY-MM-DD[Thh:mm:ss+zz:zz] (DocumentReference date)",
-    "related": "system|value of a related identifier (accession number, urn:dicom:uid study UID)",
+    "related": "ServiceRequest/{id}, or system|value of a related identifier (accession number, order, study UID)",
     "code": "system|code (DiagnosticReport code)",
     "_tag": "system|code of meta.tag: urn:traboule:tags|unscheduled (steps performed without an order)",
+    "creation": "[eq|ge|le|gt|lt]date: the document's creation (content.attachment.creation)",
+    "author.given": "an author's given name (starts with, case and accents ignored)",
+    "author.family": "an author's family name (starts with, case and accents ignored)",
+    "setting": "system|code of the practice setting (context.practiceSetting)",
+    "facility": "system|code of the facility type (context.facilityType)",
+    "period": "[eq|ge|le|gt|lt]date against the act's period (context.period)",
+    "event": "system|code of an event (modality, CCAM act)",
+    "security-label": "system|code: confidentiality (N, R, V) or visibility (TRE_A07: MASQUE_PS ...)",
+    "format": "system|code of the document format (content.format)",
 }
 
 
@@ -52,30 +73,42 @@ class FHIRResponse(JSONResponse):
     media_type = FHIR_JSON
 
 
+def answer(
+    body: dict[str, Any], fmt: str = "json", status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` in the format asked for: FHIR JSON, or FHIR XML when ``fmt`` is ``xml``."""
+    if fmt == "xml":
+        return Response(to_xml(body), status_code=status, media_type=FHIR_XML, headers=headers)
+    return FHIRResponse(body, status_code=status, headers=headers)
+
+
 def outcome(
-    status: int, code: str, text: str, expression: str = "", headers: dict[str, str] | None = None
-) -> FHIRResponse:
+    status: int,
+    code: str,
+    text: str,
+    expression: str = "",
+    headers: dict[str, str] | None = None,
+    fmt: str = "json",
+) -> Response:
     issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": text}
     if expression:
         issue["expression"] = [expression]
-    return FHIRResponse({"resourceType": "OperationOutcome", "issue": [issue]}, status_code=status, headers=headers)
+    return answer({"resourceType": "OperationOutcome", "issue": [issue]}, fmt, status, headers)
 
 
 def capability_statement(base: str) -> dict[str, Any]:
     resources = []
     for rtype, params in SEARCH_PARAMS.items():
-        search = [{"name": "_id", "type": "token"}] + [
-            {"name": name, "type": kind, "documentation": PARAM_DOCS.get(name, "")} for name, kind in params.items()
-        ]
-        resources.append(
-            {
-                "type": rtype,
-                "interaction": [{"code": "read"}, {"code": "search-type"}],
-                "versioning": "versioned",
-                "readHistory": False,
-                "searchParam": search,
-            }
-        )
+        entry: dict[str, Any] = {"type": rtype}
+        if rtype in PROFILES:
+            entry["supportedProfile"] = PROFILES[rtype]
+        entry["interaction"] = [{"code": "read"}] + ([{"code": "search-type"}] if params else [])
+        entry |= {"versioning": "versioned", "readHistory": False}
+        if params:
+            entry["searchParam"] = [{"name": "_id", "type": "token"}] + [
+                {"name": name, "type": kind, "documentation": PARAM_DOCS.get(name, "")} for name, kind in params.items()
+            ]
+        resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -84,8 +117,19 @@ def capability_statement(base: str) -> dict[str, Any]:
         "software": {"name": "traboule"},
         "implementation": {"description": "traboule FHIR API (read-only)", "url": base},
         "fhirVersion": "4.0.1",
-        "format": ["json", FHIR_JSON],
-        "rest": [{"mode": "server", "resource": resources}],
+        "format": ["json", "xml", FHIR_JSON, FHIR_XML],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    "Read-only. Search by GET [type]?... or POST [type]/_search (application/x-www-form-urlencoded). "
+                    "Unsupported search parameters are ignored unless the request says Prefer: handling=strict. "
+                    "DocumentReference: IHE MHD Find Document References [ITI-67] (PDSm flux 05-b); the document "
+                    "at content.attachment.url: Retrieve Document [ITI-68]. A deleted document is found by no search."
+                ),
+                "resource": resources,
+            }
+        ],
     }
 
 
@@ -108,6 +152,71 @@ def _absolute(attachment: dict[str, Any], base: str) -> dict[str, Any]:
     return {**attachment, "url": f"{base}/{url}"} if url.startswith("Binary/") else attachment
 
 
+def media_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their quality (RFC 9110 12.5.1), lowercased; at most 32."""
+    out = []
+    for part in accept.split(",")[:32]:
+        media, *params = (p.strip() for p in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+        if media:
+            out.append((media.lower(), quality))
+    return out
+
+
+def quality(ranges: list[tuple[str, float]], media_type: str) -> float:
+    """How much ``media_type`` is accepted: the quality of the most specific range matching it, 0 when none."""
+    kind = media_type.split("/", 1)[0]
+    best = (-1, 0.0)
+    for media, q in ranges:
+        rank = 2 if media == media_type else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
+        if rank > best[0]:
+            best = (rank, q)
+    return best[1]
+
+
+def preferred_format(request: Request, form_format: str = "") -> str | None:
+    """``json`` or ``xml`` from ``_format`` (query or form), else from Accept (JSON unless FHIR XML is preferred);
+    None for a ``_format`` that is neither."""
+    given = form_format or request.query_params.get("_format", "")
+    if given:
+        value = given.split(";")[0].strip().lower()
+        return "xml" if value in XML_FORMATS else "json" if value in JSON_FORMATS else None
+    ranges = media_ranges(request.headers.get("accept", ""))
+    xml = max((q for m, q in ranges if m in XML_FORMATS), default=0.0)
+    json = max((q for m, q in ranges if m in JSON_FORMATS), default=0.0)
+    return "xml" if xml > json else "json"
+
+
+def strict_handling(request: Request) -> bool:
+    """``Prefer: handling=strict`` (RFC 7240; FHIR search 3.1.1.4)."""
+    prefer = request.headers.get("prefer", "")[:256].lower()
+    return any(p.strip().replace(" ", "") == "handling=strict" for p in re.split(r"[,;]", prefer))
+
+
+async def form_pairs(request: Request) -> list[tuple[str, str]] | Response:
+    """The parameters of a ``POST [type]/_search`` form body, read up to ``MAX_FORM_BYTES``."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM:
+        return outcome(415, "not-supported", f"a search by POST takes a {FORM} body")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return outcome(413, "too-long", f"a search form body is at most {MAX_FORM_BYTES} bytes")
+    try:
+        text = body.decode("ascii")
+        return parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        return outcome(400, "invalid", f"the form body is not {FORM} (UTF-8, at most {MAX_FORM_FIELDS} fields)")
+
+
 def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
     """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
 
@@ -120,34 +229,73 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             host = f"[{server_host}]:{port}" if ":" in server_host else f"{server_host}:{port}"
         return f"{request.scope.get('scheme', 'http')}://{host}{request.scope.get('root_path', '')}/fhir"
 
-    async def metadata(request: Request) -> FHIRResponse:
-        return FHIRResponse(capability_statement(base_of(request)))
+    async def metadata(request: Request) -> Response:
+        fmt = preferred_format(request)
+        if fmt is None:
+            return outcome(406, "not-supported", "_format: json or xml")
+        return answer(capability_statement(base_of(request)), fmt)
 
-    async def read(request: Request) -> FHIRResponse:
+    async def read(request: Request) -> Response:
         rtype, rid = request.path_params["type"], request.path_params["id"]
+        fmt = preferred_format(request)
+        if fmt is None:
+            return outcome(406, "not-supported", "_format: json or xml")
         if rtype not in SEARCH_PARAMS:
-            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here")
+            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here", fmt=fmt)
         resource = await asyncio.to_thread(store.get, rtype, rid)
         if resource is None:
-            return outcome(404, "not-found", f"{rtype}/{rid} is not known")
+            return outcome(404, "not-found", f"{rtype}/{rid} is not known", fmt=fmt)
+        if rtype == "DocumentReference" and is_deleted(resource):  # FHIR read of a deleted resource: 410
+            return outcome(410, "deleted", f"{rtype}/{rid} was deleted", fmt=fmt)
         headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
-        if rtype == "Binary" and "fhir+json" not in request.headers.get("accept", ""):
-            # MHD ITI-68: the document itself, byte for byte, with its own media type.
-            return Response(base64.b64decode(resource["data"]), media_type=resource["contentType"], headers=headers)
-        return FHIRResponse(absolute_urls(resource, base_of(request)), headers=headers)
+        if rtype == "Binary":
+            return await retrieve(request, resource, headers)
+        return answer(absolute_urls(resource, base_of(request)), fmt, headers=headers)
 
-    async def search(request: Request) -> FHIRResponse:
-        rtype = request.path_params["type"]
+    async def retrieve(request: Request, binary: dict[str, Any], headers: dict[str, str]) -> Response:
+        """MHD ITI-68: the document itself, byte for byte, with its own media type; the Binary resource when FHIR
+        JSON or XML is asked for (``_format`` or Accept)."""
+        if await asyncio.to_thread(store.withdrawn_binary, binary["id"]):
+            # PDSm (suppression logique): the document of a deleted entry is no longer served; MHD ITI-68
+            # answers 404 Not Found for a document that is not available.
+            return outcome(404, "not-found", f"Binary/{binary['id']} is not available: its document was deleted")
+        ranges = media_ranges(request.headers.get("accept", ""))
+        if request.query_params.get("_format"):
+            return answer(binary, preferred_format(request) or "json", headers=headers)
+        for fmt, media in (("json", FHIR_JSON), ("xml", FHIR_XML)):
+            if any(m == media and q > 0 for m, q in ranges):
+                return answer(binary, fmt, headers=headers)
+        content_type = binary["contentType"].split(";")[0].strip().lower()
+        if ranges and quality(ranges, content_type) <= 0:
+            # MHD ITI-68: the only media type assured is the DocumentReference's contentType; no conversion here.
+            return outcome(406, "not-supported", f"the document is {content_type} only", headers=headers)
+        return Response(base64.b64decode(binary["data"]), media_type=binary["contentType"], headers=headers)
+
+    async def search_get(request: Request) -> Response:
+        return await search(request, list(request.query_params.multi_items()), request.path_params["type"])
+
+    async def search_post(request: Request) -> Response:
+        form = await form_pairs(request)
+        if isinstance(form, Response):
+            return form
+        return await search(request, [*request.query_params.multi_items(), *form], request.path_params["type"])
+
+    async def search(request: Request, pairs: list[tuple[str, str]], rtype: str) -> Response:
+        form_format = next((v for k, v in pairs if k == "_format"), "")
+        fmt = preferred_format(request, form_format)
+        if fmt is None:
+            return outcome(406, "not-supported", "_format: json or xml", "_format")
         if rtype not in SEARCH_PARAMS or not SEARCH_PARAMS[rtype]:
-            return outcome(404, "not-supported", f"search of {rtype!r} is not served here")
+            return outcome(404, "not-supported", f"search of {rtype!r} is not served here", fmt=fmt)
+        strict = strict_handling(request)
         params: dict[str, str | list[str]] = {}
         count, offset = DEFAULT_COUNT, 0
-        for name, value in request.query_params.multi_items():
+        for name, value in pairs:
             if name in IGNORED:
                 continue
             if name in ("_count", "_offset"):
                 if _NUMBER.fullmatch(value) is None or int(value) > MAX_OFFSET:
-                    return outcome(400, "invalid", f"{name} must be an integer from 0 to {MAX_OFFSET}", name)
+                    return outcome(400, "invalid", f"{name} must be an integer from 0 to {MAX_OFFSET}", name, fmt=fmt)
                 number = int(value)
                 if name == "_count":
                     count = min(number, MAX_COUNT)
@@ -155,7 +303,10 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
                     offset = number
                 continue
             if name != "_id" and name not in SEARCH_PARAMS[rtype]:
-                return outcome(400, "not-supported", f"search parameter {name!r} is not supported for {rtype}", name)
+                if strict:
+                    text = f"search parameter {name!r} is not supported for {rtype}"
+                    return outcome(400, "not-supported", text, name, fmt=fmt)
+                continue  # lenient (FHIR's default): ignored, and left out of the self link
             if name in params:  # repeated: every occurrence must match (a date range: date=ge...&date=le...)
                 previous = params[name]
                 params[name] = [*([previous] if isinstance(previous, str) else previous), value]
@@ -164,12 +315,14 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         try:
             total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
         except SearchError as exc:
-            return outcome(400, exc.code, str(exc), exc.param)
+            return outcome(400, exc.code, str(exc), exc.param, fmt=fmt)
         base = base_of(request)
 
         def page(at: int) -> str:
-            pairs = [(k, x) for k, v in params.items() for x in ([v] if isinstance(v, str) else v)]
-            query = [*pairs, ("_count", str(count)), ("_offset", str(at))]
+            kept = [(k, x) for k, v in params.items() for x in ([v] if isinstance(v, str) else v)]
+            query = [*kept, ("_count", str(count)), ("_offset", str(at))]
+            if form_format:
+                query.append(("_format", form_format))
             return f"{base}/{rtype}?{urlencode(query)}"
 
         links = [{"relation": "self", "url": page(offset)}]
@@ -193,12 +346,13 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         }
         if not bundle["entry"]:
             del bundle["entry"]
-        return FHIRResponse(bundle)
+        return answer(bundle, fmt)
 
     return [
         Route("/fhir/metadata", metadata, methods=["GET"]),
+        Route("/fhir/{type}/_search", search_post, methods=["POST"]),
         Route("/fhir/{type}/{id}", read, methods=["GET"]),
-        Route("/fhir/{type}", search, methods=["GET"]),
+        Route("/fhir/{type}", search_get, methods=["GET"]),
         Route("/fhir", Elsewhere()),  # last: every method of every path the routes above do not serve
         Route("/fhir/{rest:path}", Elsewhere()),
     ]
@@ -212,5 +366,6 @@ class Elsewhere:
         if scope.get("method") in ("GET", "HEAD"):
             response = outcome(404, "not-found", "no FHIR interaction at this path (see /fhir/metadata)")
         else:
-            response = outcome(405, "not-supported", "this FHIR API is read-only", headers={"Allow": "GET, HEAD"})
+            allow = "POST" if str(scope.get("path", "")).endswith("/_search") else "GET, HEAD"
+            response = outcome(405, "not-supported", "this FHIR API is read-only", headers={"Allow": allow})
         await response(scope, receive, send)

@@ -6,7 +6,9 @@ search parameters.
   overwrite a newer state.
 * ``tokens(type, name, system, value, id)``: ``identifier`` (system, value) of ServiceRequest and Patient,
   ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest, ``_tag`` (the
-  ``meta.tag`` codes, e.g. ``urn:traboule:tags|unscheduled``).
+  ``meta.tag`` codes, e.g. ``urn:traboule:tags|unscheduled``); for DocumentReference the IHE MHD ITI-67 parameters
+  (``_document_tokens``), names folded for string search, and ``deleted`` (PDSm's logical deletion: such an entry
+  is left out of every search, and its document is no longer served).
 
 * ``remote(type, id, version_id, location, pushed_at)``: which version of a resource a FHIR server holds, and
   under which ``Type/id`` there (written by the channel's FHIR server destination).
@@ -22,6 +24,7 @@ import json
 import re
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -79,10 +82,19 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
         "type": "token",
         "category": "token",
         "date": "date",
-        "related": "token",
+        "related": "reference",  # a reference (ServiceRequest/{id}) or, as a token, a referenceIdList identifier
         "subject": "reference",
         "patient": "reference",
         "patient.identifier": "token",
+        "creation": "date",
+        "author.given": "string",
+        "author.family": "string",
+        "setting": "token",
+        "facility": "token",
+        "period": "date",
+        "event": "token",
+        "security-label": "token",
+        "format": "token",
     },
     "DiagnosticReport": {
         "identifier": "token",
@@ -96,6 +108,12 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
     "Binary": {},  # read only: the documents' bytes (MHD ITI-68)
 }
 REFERENCE_TYPES = {"basedon": "ServiceRequest"}  # the resource a reference parameter points at, Patient otherwise
+# PDSm's logical deletion of a DocumentReference (extension PDSm_IsDeleted, with status superseded; flux 03 of
+# PDSm, "suppression logique"): such an entry is left out of every search.
+IS_DELETED = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/pdsm-ext-is-deleted"
+STUDY_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"  # a context.related identifier's type (XDS referenceIdList)
+TOKENS_VERSION = 2  # PRAGMA user_version: a store indexed by an older version has its tokens rebuilt at open
+_REFERENCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}", re.ASCII)
 # Values in one search (every comma-separated value of every parameter): each is one SQL clause, and SQLite
 # refuses an expression deeper than 1000 ("Expression tree is too large") -- a 500 for what is a bad request.
 MAX_SEARCH_VALUES = 100
@@ -152,11 +170,77 @@ def _tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
                 out.append(("category", coding.get("system", ""), coding.get("code", "")))
         if resource.get("date"):
             out.append(("date", "", utc_instant(resource["date"])))
-        for related in (resource.get("context") or {}).get("related") or []:
-            ident = related.get("identifier") or {}
-            if ident.get("value"):
-                out.append(("related", ident.get("system", ""), ident["value"]))
+        out += _document_tokens(resource)
     return out
+
+
+def _document_tokens(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The IHE MHD ITI-67 parameters of a DocumentReference beyond the common ones (see ``SEARCH_PARAMS``)."""
+    out: list[tuple[str, str, str]] = []
+    context = resource.get("context") or {}
+    for related in context.get("related") or []:
+        ident = related.get("identifier") or {}
+        if ident.get("value"):
+            out.append(("related", ident.get("system", ""), ident["value"]))
+            if _related_kind(ident) == STUDY_UID_TYPE:  # also as FHIR's ImagingStudy identifier: urn:dicom:uid
+                out.append(("related", "urn:dicom:uid", f"urn:oid:{ident['value']}"))
+        if related.get("reference"):
+            out.append(("related.reference", "", related["reference"]))
+    concepts = {
+        "setting": [context.get("practiceSetting")],
+        "facility": [context.get("facilityType")],
+        "event": context.get("event") or [],
+        "security-label": resource.get("securityLabel") or [],
+        "format": [c.get("format") for c in resource.get("content") or [] if c.get("format")],
+    }
+    for name, values in concepts.items():
+        for concept in values:
+            codings = concept.get("coding", []) if concept and "coding" in concept else [concept] if concept else []
+            out += [(name, c.get("system", ""), c["code"]) for c in codings if c.get("code")]
+    for content in resource.get("content") or []:
+        attachment = content.get("attachment") or {}
+        if attachment.get("creation"):
+            out.append(("creation", "", utc_instant(attachment["creation"])))
+        url = attachment.get("url", "")
+        if url.startswith("Binary/"):
+            out.append(("binary", "", url.split("/", 1)[1]))
+    period = context.get("period") or {}
+    if period.get("start") or period.get("end"):
+        # A Period is a range: its start and end (the start when open-ended: an act is an instant here).
+        out.append(("period", "", utc_instant(period.get("start") or period["end"])))
+        out.append(("period.end", "", utc_instant(period.get("end") or period["start"])))
+    contained = {f"#{c.get('id')}": c for c in resource.get("contained") or []}
+    for author in resource.get("author") or []:
+        for person in _people(contained, author.get("reference", "")):
+            for name in person.get("name") or []:
+                for given in name.get("given") or []:
+                    out.append(("author.given", "", fold(given)))
+                if name.get("family"):
+                    out.append(("author.family", "", fold(name["family"])))
+    if any(e.get("url") == IS_DELETED and e.get("valueBoolean") for e in resource.get("extension") or []):
+        out.append(("deleted", "", "true"))
+    return out
+
+
+def _related_kind(ident: dict[str, Any]) -> str:
+    return next((c.get("code", "") for c in (ident.get("type") or {}).get("coding") or []), "")
+
+
+def _people(contained: dict[str, dict[str, Any]], ref: str) -> list[dict[str, Any]]:
+    """The Practitioner (or Patient) an author reference names among the contained resources, through a
+    PractitionerRole when it points at one."""
+    found = contained.get(ref)
+    if found is None:
+        return []
+    if found.get("resourceType") == "PractitionerRole":
+        found = contained.get((found.get("practitioner") or {}).get("reference", ""))
+    return [found] if found is not None and found.get("resourceType") in ("Practitioner", "Patient") else []
+
+
+def fold(text: str) -> str:
+    """A string as FHIR string search compares it: case and accents ignored (NFKD, combining marks dropped)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().strip()
 
 
 def utc_instant(value: str) -> str:
@@ -183,6 +267,23 @@ class FHIRStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the search index of a store written by an older traboule (new search parameters)."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version >= TOKENS_VERSION:
+            return
+        with self.transaction():
+            self._db.execute("DELETE FROM tokens")
+            for (text,) in self._db.execute("SELECT json FROM resources").fetchall():
+                resource = json.loads(text)
+                rtype, rid = resource["resourceType"], resource["id"]
+                self._db.executemany(
+                    "INSERT INTO tokens (type, name, system, value, id) VALUES (?, ?, ?, ?, ?)",
+                    [(rtype, name, system, value, rid) for name, system, value in _tokens(resource)],
+                )
+            self._db.execute(f"PRAGMA user_version = {TOKENS_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -248,6 +349,12 @@ class FHIRStore:
             row = self._db.execute("SELECT json FROM resources WHERE type=? AND id=?", (rtype, rid)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def seq_of(self, rtype: str, rid: str) -> int:
+        """The journal sequence of the latest event that wrote the resource (0: none, or unknown)."""
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM resources WHERE type=? AND id=?", (rtype, rid)).fetchone()
+        return int(row[0] or 0) if row else 0
+
     def get_with_remote(self, rtype: str, rid: str) -> tuple[dict[str, Any] | None, tuple[int, str] | None]:
         """A resource and its pushed copy (``remote``), in one query."""
         with self._lock:
@@ -303,6 +410,21 @@ class FHIRStore:
             ).fetchall()
         return [(str(i), str(s)) for i, s in rows]
 
+    def by_subject(self, rtype: str, subject: str, include_deleted: bool = True) -> list[dict[str, Any]]:
+        """Every resource of ``rtype`` whose subject is the reference ``subject`` (``Patient/id``), in insertion
+        order; with ``include_deleted`` those no search finds too (a deleted DocumentReference): a merge moves
+        them all."""
+        sql = (
+            "SELECT r.json FROM resources r WHERE r.type = ? AND r.id IN "
+            "(SELECT id FROM tokens WHERE type = ? AND name = 'subject' AND value = ?)"
+        )
+        if not include_deleted:
+            sql += " AND r.id NOT IN (SELECT id FROM tokens WHERE type = ? AND name = 'deleted')"
+        args = [rtype, rtype, subject] + ([] if include_deleted else [rtype])
+        with self._lock:
+            rows = self._db.execute(f"{sql} ORDER BY r.rowid", args).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def count_tagged(self, rtype: str, tag: dict[str, str], without: dict[str, str] | None = None) -> int:
         """Resources of ``rtype`` carrying the ``meta.tag`` ``tag`` (and not ``without``)."""
         tagged = "SELECT id FROM tokens WHERE type = ? AND name = '_tag' AND system = ? AND value = ?"
@@ -345,6 +467,8 @@ class FHIRStore:
                     ors.append(clause)
                     args.extend(clause_args)
                 where.append("(" + " OR ".join(ors) + ")")
+        if rtype == "DocumentReference":  # PDSm: a deleted entry is found by no search
+            where.append("r.id NOT IN (SELECT id FROM tokens WHERE type = 'DocumentReference' AND name = 'deleted')")
         sql_where = " AND ".join(where)
         with self._lock:
             total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {sql_where}", args).fetchone()[0]
@@ -360,6 +484,15 @@ class FHIRStore:
         kind = supported.get(name)
         if kind is None:
             raise SearchError(name, f"search parameter {name!r} is not supported for {rtype}")
+        if name == "related":
+            return self._related(rtype, value)
+        if kind == "string":  # FHIR string search: starts with, case and accents ignored
+            folded = fold(value)
+            return (
+                "r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? "
+                f"AND substr(p.value, 1, {len(folded)}) = ?)",
+                [rtype, name, folded],
+            )
         if kind == "reference":
             target = REFERENCE_TYPES.get(name, "Patient")
             ref = value if "/" in value else f"{target}/{value}"
@@ -370,6 +503,8 @@ class FHIRStore:
                 f"r.id IN (SELECT id FROM tokens WHERE type = ? AND name = '{token}' AND value = ?)",
                 [rtype, ref],
             )
+        if kind == "date" and name == "period":
+            return _period_clause(rtype, value, self.timezone)
         if kind == "date":
             return _date_clause(rtype, name, value, self.timezone)
         token_sql, token_args = _token(value)
@@ -383,6 +518,31 @@ class FHIRStore:
             f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {token_sql})",
             [rtype, name, *token_args],
         )
+
+    def _related(self, rtype: str, value: str) -> tuple[str, list[str]]:
+        """``related``: a reference (``ServiceRequest/{id}``, or an absolute URL ending so) to a related resource,
+        else a token on the related identifiers (accession number, order, study UID)."""
+        tail = "/".join(value.rsplit("/", 2)[-2:]) if "://" in value and "|" not in value else value
+        if "|" not in tail and _REFERENCE.fullmatch(tail):
+            return (
+                "r.id IN (SELECT id FROM tokens WHERE type = ? AND name = 'related.reference' AND value = ?)",
+                [rtype, tail],
+            )
+        token_sql, token_args = _token(value)
+        return (
+            f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = 'related' AND {token_sql})",
+            [rtype, *token_args],
+        )
+
+    def withdrawn_binary(self, binary_id: str) -> bool:
+        """Whether the document a Binary holds was deleted (PDSm: the document itself is no longer served)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM tokens b JOIN tokens d ON d.type = b.type AND d.id = b.id AND d.name = 'deleted' "
+                "WHERE b.type = 'DocumentReference' AND b.name = 'binary' AND b.value = ? LIMIT 1",
+                (binary_id,),
+            ).fetchone()
+        return row is not None
 
 
 def _token(value: str) -> tuple[str, list[str]]:
@@ -420,6 +580,31 @@ def _date_clause(rtype: str, name: str, value: str, zone: Any) -> tuple[str, lis
     return (
         f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {sql})",
         [rtype, name, *args],
+    )
+
+
+def _period_clause(rtype: str, value: str, zone: Any) -> tuple[str, list[str]]:
+    """``period``: the searched interval against the Period's range [start, end] (FHIR search on a range: eq when
+    the range lies within the interval, ge / gt / le / lt when it reaches beyond its start / end)."""
+    prefix = value[:2] if value[:2] in _DATE_PREFIXES else "eq"
+    moment = value[2:] if value[:2] in _DATE_PREFIXES else value
+    if prefix not in ("eq", "ge", "le", "gt", "lt"):
+        raise SearchError("period", f"period: prefix {prefix!r} is not supported (eq, ge, le, gt, lt)")
+    try:
+        low, high = _interval(moment, zone)
+    except (ValueError, OverflowError) as exc:
+        raise SearchError("period", f"period: {value!r} is not a FHIR date ({exc})", "invalid") from exc
+    sql, args = {
+        "eq": ("p.value >= ? AND q.value < ?", [low, high]),
+        "ge": ("q.value >= ?", [low]),
+        "gt": ("q.value >= ?", [high]),
+        "le": ("p.value < ?", [high]),
+        "lt": ("p.value < ?", [low]),
+    }[prefix]
+    return (
+        "r.id IN (SELECT p.id FROM tokens p JOIN tokens q ON q.type = p.type AND q.id = p.id AND q.name = 'period.end' "
+        f"WHERE p.type = ? AND p.name = 'period' AND {sql})",
+        [rtype, *args],
     )
 
 

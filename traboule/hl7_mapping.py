@@ -524,9 +524,7 @@ class HL7InboundMapping:
             _set(obj, each.target.split("."), self._each_items(each, scope, seps, notes))
         return obj
 
-    def _each_items(
-        self, each: EachRule, scope: Scope, seps: Separators, notes: list[str] | None = None
-    ) -> list[Any]:
+    def _each_items(self, each: EachRule, scope: Scope, seps: Separators, notes: list[str] | None = None) -> list[Any]:
         if each.getter is None:
             return self._each_segments(each, scope, seps, notes)
         # Repetitions of one field: read the raw field once, then each repetition as "current".

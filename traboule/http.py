@@ -14,7 +14,8 @@ Limits (``[http]``, `traboule.config.HTTPLimits`): a request body longer than it
 ``body_timeout`` with 408, a request target or headers beyond ``max_header_bytes`` with 414 / 431; uvicorn bounds
 the connections (503 beyond), idle keep-alive, and the time to send a request's headers (`serve`). An exception in
 a route is one log line (route, exception type) and a 500 without detail: nothing of a traceback reaches a client
-or the log. Errors are OperationOutcomes under ``/fhir``, ``{"error": ...}`` elsewhere.
+or the log. Errors are OperationOutcomes under ``/fhir``, ``{"error": ...}`` elsewhere; a path or method no route
+serves is an OperationOutcome 404 / 405 under ``/fhir`` (with or without a FHIR API), plain text elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import re
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import httpx
 import structlog
@@ -31,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from traboule import metrics
@@ -42,6 +45,8 @@ log = structlog.get_logger("traboule.http")
 # FHIR issue types (R4 valueset-issue-type) of the errors answered here, for the OperationOutcomes under /fhir.
 ISSUE_TYPES = {
     401: "login",
+    404: "not-found",
+    405: "not-supported",
     408: "timeout",
     413: "too-long",
     414: "too-long",
@@ -53,6 +58,12 @@ ISSUE_TYPES = {
 }
 # A forwarded request: connecting to a child on loopback is immediate or refused; its answer may be a large search.
 FORWARD_TIMEOUT = httpx.Timeout(connect=2.0, read=30.0, write=30.0, pool=5.0)
+FORWARD_KEEPALIVE = 32  # idle connections to a child kept for the next forwarded requests
+# Bytes of request bodies the forwarder holds at once, all requests together (each is read whole before it goes
+# on): 1,000 connections each sending a 1 MiB body would otherwise hold 1 GiB. Beyond: 503 with Retry-After.
+FORWARD_BUFFER = 64 * 1024 * 1024
+# A Host header that is a host[:port] (a name, IPv4, or [IPv6]): sent on to a child; another, the main address.
+HOST_HEADER = re.compile(rb"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 CHILD_METRICS_TIMEOUT = 1.0  # seconds a child's /metrics may take; beyond, /metrics says it is not up
 MAX_CHILD_METRICS = 8 * 1024 * 1024  # bytes of a child's /metrics read at most
 # Headers of one connection (RFC 9110 7.6.1), not of the request or response: never passed on.
@@ -67,6 +78,9 @@ HOP_BY_HOP = {
     b"upgrade",
 }
 NOT_FORWARDED = HOP_BY_HOP | {b"date", b"server"}
+# Request headers a client's own value of is never passed on: Host and the proxy headers are set by `Forward`;
+# expect: 100-continue is this server's business (it answers when the body is read); the length is the body's.
+NOT_FROM_CLIENT = {b"host", b"forwarded", b"x-real-ip", b"expect", b"content-length"}
 
 
 def create_app(runtime: Any) -> Starlette:
@@ -130,7 +144,7 @@ def create_app(runtime: Any) -> Starlette:
         if declared is not None:
             body_limits.update(declared())
     body_limits.update(limits.body_limits)
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={404: not_served, 405: not_served})
     app.state.http_limits = limits
     app.state.forwarders = list(forwarders.values())
     # Added innermost first: CatchAll wraps everything, a request without a token is refused before its body is read.
@@ -147,6 +161,48 @@ def create_app(runtime: Any) -> Starlette:
     return app
 
 
+ENGINE_ROUTES = ("/health", "/health/live", "/metrics", "/channels")  # create_app's own, every method
+
+
+def check_routes(config: Any) -> None:
+    """Refuse (``ConfigError``) two channels, whichever processes run them, or a channel and the engine, serving
+    the same route (same path template, a method in common): on the one HTTP address only the first would ever
+    answer. Each channel with routes is built against a scratch folder, as ``traboule.runtime.preflight`` does."""
+    import copy
+    import re
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from traboule.config import ConfigError
+    from traboule.runtime import channel_class, process_of
+
+    served: list[tuple[str, frozenset[str] | None, str, str]] = [(p, None, p, "the engine") for p in ENGINE_ROUTES]
+    with tempfile.TemporaryDirectory(prefix="traboule-routes-") as scratch:
+        scratch_config = copy.deepcopy(config)
+        scratch_config.data_dir = scratch
+        probe = SimpleNamespace(
+            config=scratch_config, data_dir=Path(scratch), process=None, journal=None, bus=None, processes={}
+        )
+        for channel_config in config.channels:
+            cls = channel_class(channel_config["kind"])
+            if not hasattr(cls, "routes"):
+                continue
+            owner = f"channel {channel_config['name']} (process {process_of(channel_config)})"
+            for route in cls(copy.deepcopy(channel_config), probe).routes():
+                methods = getattr(route, "methods", None)
+                template = re.sub(r"\{[^}]*\}", "{}", route.path)  # /fhir/{type} and /fhir/{kind} take the same
+                served.append((template, frozenset(methods) if methods else None, route.path, owner))
+    for n, (template, methods, path, owner) in enumerate(served):
+        for earlier, earlier_methods, _, other in served[:n]:
+            overlap = not methods or not earlier_methods or bool(methods & earlier_methods)
+            if earlier == template and other != owner and overlap:
+                raise ConfigError(
+                    f"route {path} is served by {other} and by {owner}: only the first would answer on the "
+                    "engine's HTTP address; give one of them another path (or leave its API off)"
+                )
+
+
 def error_response(path: str, status: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error answer: an OperationOutcome under ``/fhir`` (FHIR clients parse nothing else), JSON elsewhere."""
     if path.startswith("/fhir"):
@@ -154,6 +210,17 @@ def error_response(path: str, status: int, text: str, headers: dict[str, str] | 
         body: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [issue]}
         return JSONResponse(body, status_code=status, media_type="application/fhir+json", headers=headers)
     return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+
+async def not_served(request: Request, exc: Exception) -> Response:
+    """A path no route serves (404) or a method it does not (405): an OperationOutcome under ``/fhir`` whether or
+    not a FHIR API is configured (``api = false`` has no /fhir route), Starlette's plain text elsewhere."""
+    status = int(getattr(exc, "status_code", 404))
+    headers = dict(getattr(exc, "headers", None) or {})  # 405: Allow
+    if request.url.path.startswith("/fhir"):
+        text = "no FHIR interaction at this path" if status == 404 else "method not allowed at this path"
+        return error_response(request.url.path, status, text, headers=headers or None)
+    return PlainTextResponse(str(getattr(exc, "detail", "")), status_code=status, headers=headers or None)
 
 
 async def _children_health(runtime: Any) -> dict[str, Any]:
@@ -231,23 +298,39 @@ async def _all_metrics(runtime: Any) -> Any:
 
 class Forward:
     """ASGI endpoint: a request for a route of a channel in another process, sent on to that process's HTTP port
-    (same method, path, query, headers and body, streamed) and its answer (status, headers, body) streamed back.
+    (same method, path, query, end-to-end headers and body) and its answer (status, headers, body) streamed back.
 
-    The main address's request limits and bearer-token check apply before (they wrap the app). A child that is
-    starting, restarting or not answering: 503 with ``Retry-After``; a broken answer 502, a slow one 504: an
-    OperationOutcome under ``/fhir``, ``{"error": ...}`` elsewhere."""
+    The main address's request limits and bearer-token check apply before (they wrap the app). The body (bounded
+    by the route's limit and ``body_timeout``) is read whole before a connection to the child is taken: a slow
+    client holds its own server slot, never one of the pool's connections, and the pool is as large as the
+    server's ``max_connections``, so it cannot run out before the server itself refuses (503). A GET or HEAD
+    with a body is refused (400): its meaning is undefined (RFC 9110 9.3.1) and nothing here reads one.
+
+    The path goes on byte for byte as received (never normalised); one with a ``.`` or ``..`` segment, literal or
+    percent-encoded, is refused (400): resolved by any later hop, it would leave the route's prefix for the
+    child's own ``/health`` or ``/channels``. The client's ``X-Forwarded-*`` / ``Forwarded`` headers are dropped
+    and ``X-Forwarded-For`` / ``-Proto`` set from what this server saw (the children trust no proxy header:
+    `serve`); the ``Host`` goes on as received when it is a host[:port], else this server's configured address,
+    so the child's links name the main address, never the child's port.
+
+    A child that is starting, restarting or not answering: 503 with ``Retry-After``; a broken answer 502, a slow
+    one 504: an OperationOutcome under ``/fhir``, ``{"error": ...}`` elsewhere."""
 
     def __init__(self, runtime: Any, process: str) -> None:
         self.runtime = runtime
         self.process = process
         self._client: httpx.AsyncClient | None = None
+        self.buffered = 0  # bytes of bodies read and not yet sent on (FORWARD_BUFFER at most)
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:  # made on the serving loop, at the first request
-            self._client = httpx.AsyncClient(
-                timeout=FORWARD_TIMEOUT, trust_env=False, limits=httpx.Limits(max_connections=100)
-            )
+            # One connection per request in progress at most, and the server has at most max_connections of
+            # those: the pool is never what a request waits for (100, with bodies streamed through, let 100
+            # slow uploads make every other forwarded request wait, then answer 504).
+            size = self.runtime.config.http_limits.max_connections
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=FORWARD_KEEPALIVE)
+            self._client = httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False, limits=limits)
         return self._client
 
     async def aclose(self) -> None:
@@ -256,12 +339,26 @@ class Forward:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        received = scope.get("headers") or []
+        with_body = any(
+            (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding" for k, v in received
+        )
+        refused = _target_refused(scope) or (
+            "a GET or HEAD request carries no body" if with_body and method in ("GET", "HEAD") else None
+        )
+        if refused is not None:
+            log.warning("http.forward_refused", process=self.process, route=route_template(scope), method=method)
+            # Connection: close: a body, if any, is left unread.
+            await error_response(path, 400, refused, {"Connection": "close"})(scope, receive, send)
+            return
         state = self.runtime.processes.get(self.process)
         if state is not None and state.state != "ready":
             text = f"the {self.process} process serving this route is {state.state}: try again shortly"
             await error_response(path, 503, text, {"Retry-After": "1"})(scope, receive, send)
             return
         config = self.runtime.config
+        main_address = f"{client_host(config.http_host)}:{config.http_port}"
         # The target goes to our own child, at the address from the configuration: the path (matched by one of the
         # child's route templates) and query as received, which the child checks as it would from a client.
         target = scope.get("raw_path") or path.encode()
@@ -270,20 +367,40 @@ class Forward:
         url = httpx.URL(
             scheme="http", host=client_host(config.http_host), port=config.http_port_of(self.process), raw_path=target
         )
-        # expect: 100-continue is this server's business (it answers when the body is read), not the child's.
-        headers = [(k, v) for k, v in scope.get("headers") or [] if k not in HOP_BY_HOP and k != b"expect"]
-        with_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope.get("headers") or [])
+        if url.raw_path != target:  # httpx would send another path than the one matched: not ours to send
+            refusal = error_response(path, 400, "request target not served", {"Connection": "close"})
+            await refusal(scope, receive, send)
+            return
+        headers = _forwarded_headers(scope, main_address)
+        held = 0
+        try:
+            body = b""
+            if with_body:  # whole, within the route's limit and body_timeout (RequestLimits), before any connection
+                chunks, more = [], True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    chunk = message.get("body", b"")
+                    if self.buffered + len(chunk) > FORWARD_BUFFER:
+                        text = "too many request bodies in progress: try again shortly"
+                        busy = error_response(path, 503, text, {"Retry-After": "1", "Connection": "close"})
+                        await busy(scope, receive, send)
+                        return
+                    self.buffered += len(chunk)
+                    held += len(chunk)
+                    chunks.append(chunk)
+                    more = bool(message.get("more_body", False))
+                body = b"".join(chunks)
+            await self._forward(scope, receive, send, url, headers, body if with_body else None)
+        finally:
+            self.buffered -= held
 
-        async def body() -> Any:
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnect()
-                more = bool(message.get("more_body", False))
-                yield message.get("body", b"")
-
-        request = httpx.Request(scope.get("method", "GET"), url, headers=headers, content=body() if with_body else None)
+    async def _forward(
+        self, scope: dict[str, Any], receive: Any, send: Any, url: httpx.URL, headers: Any, body: bytes | None
+    ) -> None:
+        path = scope.get("path", "")
+        request = httpx.Request(scope.get("method", "GET"), url, headers=headers, content=body)
         try:
             answer = await self.client.send(request, stream=True)
         except httpx.TimeoutException:
@@ -311,6 +428,38 @@ class Forward:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await answer.aclose()
+
+
+def _target_refused(scope: dict[str, Any]) -> str | None:
+    """Why a request target may not be forwarded: a ``.`` / ``..`` segment, literal or percent-encoded (the
+    path is decoded once by the server, ``%2e%2e`` and ``%2F`` included), or None."""
+    segments = scope.get("path", "").split("/")
+    raw = unquote_to_bytes(scope.get("raw_path") or b"").split(b"/")
+    if any(s in (".", "..") for s in segments) or any(s in (b".", b"..") for s in raw):
+        return "a path with '.' or '..' segments is not served"
+    return None
+
+
+def _forwarded_headers(scope: dict[str, Any], main_address: str) -> list[tuple[bytes, bytes]]:
+    """The headers a forwarded request carries: the client's end-to-end ones, without any proxy header it sent,
+    and ``Host``, ``X-Forwarded-For`` / ``-Proto`` as this server knows them."""
+    received = scope.get("headers") or []
+    # Headers a Connection header names are of that connection only (RFC 9110 7.6.1).
+    named = {n.strip().lower() for k, v in received if k == b"connection" for n in v.split(b",")}
+    host = next((v for k, v in received if k == b"host"), b"")
+    if HOST_HEADER.fullmatch(host) is None:
+        host = main_address.encode()
+    headers = [(b"host", host)]
+    headers += [
+        (k, v)
+        for k, v in received
+        if k not in HOP_BY_HOP and k not in named and k not in NOT_FROM_CLIENT and not k.startswith(b"x-forwarded-")
+    ]
+    client = scope.get("client") or ("", 0)
+    if client[0]:
+        headers.append((b"x-forwarded-for", str(client[0]).encode()))
+    headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
+    return headers
 
 
 class BearerTokens:
@@ -484,6 +633,10 @@ async def serve(app: Starlette, host: str, port: int, limits: HTTPLimits | None 
         # h11 (never httptools, even when installed): the only one that takes a header size limit.
         http=_h11_with_header_deadline(limits.header_timeout),
         limit_concurrency=limits.max_connections,
+        # No proxy header is trusted, from 127.0.0.1 either: that is where the main process forwards from, and any
+        # local client too. The scheme is the one served (http); behind a proxy, links come from a channel's
+        # ``base_url``.
+        proxy_headers=False,
         timeout_keep_alive=limits.keep_alive_timeout,
         h11_max_incomplete_event_size=limits.max_header_bytes,
     )

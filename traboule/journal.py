@@ -16,6 +16,7 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +82,7 @@ PUBLISHED_DELAY = 0.05  # seconds
 class DiskFull(OSError):
     """The data folder's disk has less free space than the journal keeps in reserve: nothing more is stored (the
     sender is told "not stored, send it again later") while the stores behind it can still write."""
+
 
 _COLUMNS = (
     "received",
@@ -303,13 +305,23 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def prune(self, before: str) -> int:
+    def prune(self, before: str, keep: Iterable[str] = ()) -> int:
         """Forget messages received before ``before`` (ISO 8601, UTC) whose events all reached the bus; returns
-        how many. Their duplicates are then no longer recognised as such: keep longer than senders resend."""
-        cur = self._db.execute(
-            "DELETE FROM messages WHERE received < ? AND id NOT IN (SELECT message_id FROM outbox)", (before,)
-        )
-        return int(cur.rowcount or 0)
+        how many. Their duplicates are then no longer recognised as such: keep longer than senders resend.
+
+        ``keep``: idempotency keys of messages whose entries are still needed whatever their age (a report waiting
+        for its study writes its outcome and its document's event into its message's entry)."""
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_keep (key TEXT PRIMARY KEY)")
+        try:
+            self._db.executemany("INSERT OR IGNORE INTO temp.prune_keep VALUES (?)", [(k,) for k in keep if k])
+            cur = self._db.execute(
+                "DELETE FROM messages WHERE received < ? AND id NOT IN (SELECT message_id FROM outbox)"
+                " AND idempotency_key NOT IN (SELECT key FROM temp.prune_keep)",
+                (before,),
+            )
+            return int(cur.rowcount or 0)
+        finally:
+            self._db.execute("DELETE FROM temp.prune_keep")
 
     def accepted(self, idempotency_key: str) -> bool:
         """Whether a message with this idempotency key was accepted (its events are or were in the outbox)."""

@@ -204,8 +204,10 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
     logging.captureWarnings(False)
     logging.captureWarnings(True)
     root.setLevel(logging.getLevelNamesMapping()[level.upper()])
-    # pynetdicom logs every PDU at INFO through stdlib logging: keep it quiet unless debugging.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
+    # pynetdicom logs every PDU at INFO, httpx every request (each one the main process forwards to a child, each
+    # health check of the supervisor) through stdlib logging: keep them quiet unless debugging.
+    for name in ("pynetdicom", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
     # uvicorn's own handlers write plain text (an exception's traceback over many lines): its records go to the
     # root handler above instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

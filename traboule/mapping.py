@@ -30,10 +30,13 @@ class MappingError(Exception):
 
 
 class Node(dict):
-    """A YAML mapping that remembers the line of each key (1-based) and of itself."""
+    """A YAML mapping that remembers the line of each key (1-based) and of itself. A ``Node()`` made in code (the
+    default of a section left out) has line 0 and no key lines: ``line_of`` answers 0 for it, never fails."""
 
-    line: int = 0
-    lines: dict[str, int]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.line = 0
+        self.lines: dict[str, int] = {}
 
 
 class NodeList(list):
@@ -134,11 +137,12 @@ def load_table(name: str, spec: Any, base: Path, file: Path, line: int) -> CodeT
     return table
 
 
-def load_tables(node: Any, base: Path, file: Path) -> dict[str, CodeTable]:
+def load_tables(node: Any, base: Path, file: Path, line: int = 0) -> dict[str, CodeTable]:
+    """The ``tables`` section (``line``: where it is, for a section that is a scalar, which has no line)."""
     if not node:
         return {}
     if not isinstance(node, dict):
-        raise MappingError(file, line_of(node), "'tables' must map names to CSV files")
+        raise MappingError(file, line_of(node) or line, "'tables' must map names to CSV files")
     return {name: load_table(name, spec, base, file, line_of(node, name)) for name, spec in node.items()}
 
 

@@ -76,9 +76,11 @@ class Patient:
     ids: list[Identifier] = field(default_factory=list)
     name: PersonName = field(default_factory=PersonName)
     birth_name: str = ""
+    birth_given_name: str = ""  # first given name at birth (INS trait)
+    birth_given_names: str = ""  # every given name at birth, space-separated as INSi returns them (INS trait)
     birth_date: str = ""  # YYYYMMDD
     sex: str = ""  # M, F, O, U
-    identity_status: str = ""  # PID-32 (FR table 0445: PROV, RECUP, VALI, QUAL)
+    identity_status: str = ""  # identity reliability, PID-32 (table 0445: VIDE, PROV, VALI, DOUT, FICT...)
     birth_place_code: str = ""  # INSEE COG of the birthplace (INS trait)
 
     @property
@@ -140,11 +142,15 @@ class ImagingOrder:
 
 @dataclass
 class PatientUpdate:
-    """Demographics update (ADT^A08) or merge (ADT^A40: ``merged_ids`` now belong to ``patient``)."""
+    """Demographics update (ADT^A08) or merge (ADT^A40: ``merged_ids`` now belong to ``patient``).
+
+    ``authoritative``: an update from the patient identity system (an identity source of the inbound channel): its
+    INS replaces the one recorded for the IPP (the FHIR Patient's too), where other messages only add one."""
 
     action: Literal["update", "merge"] = "update"
     patient: Patient = field(default_factory=Patient)
     merged_ids: list[Identifier] = field(default_factory=list)
+    authoritative: bool = False
 
 
 ProcedureStatus = Literal["IN PROGRESS", "COMPLETED", "DISCONTINUED"]
@@ -278,6 +284,7 @@ class Report:
     procedure: Code = field(default_factory=Code)
     modality: str = ""
     exam_time: str = ""  # when the exam was performed (OBR-7)
+    ended: str = ""  # when the exam ended (OBR-8; else the end of its MPPS)
     report_time: str = ""  # when the report was written/validated (OBR-22, TXA-4)
     encounter_class: str = ""  # PV1-2: I, O, E ...
     observations: list[Observation] = field(default_factory=list)
@@ -371,6 +378,23 @@ class Envelope:
             id=body["id"],
             created=body.get("created", ""),
         )
+
+
+def topic_of(payload: Payload) -> str:
+    """The bus topic of a canonical event, the one subscribers bind to: ``order.<action>``, ``patient.<action>``,
+    ``document.<action>``, ``procedure.<status>`` (``in-progress``, ``completed``, ``discontinued``) and
+    ``study.stable`` (the archive publishes a study once stable). A report travels as its document."""
+    if isinstance(payload, ImagingOrder):
+        return f"order.{payload.action}"
+    if isinstance(payload, PatientUpdate):
+        return f"patient.{payload.action}"
+    if isinstance(payload, Document):
+        return f"document.{payload.action}"
+    if isinstance(payload, PerformedStep):
+        return "procedure." + payload.status.lower().replace(" ", "-")
+    if isinstance(payload, Study):
+        return "study.stable"
+    raise TypeError(f"a {type(payload).__name__} is not published as such (a report travels as its document)")
 
 
 def plain(obj: Any) -> Any:

@@ -1,23 +1,51 @@
-"""Patient identity registry: the INS each local patient identifier (IPP) was accepted with.
+"""Patient identity registry: the INS each local patient identifier (IPP) was accepted with, the patient each order,
+accession number and study belongs to, and the merges.
 
-An order often arrives with the IPP alone; the INS (French national health identifier) is qualified later and
+*INS.* An order often arrives with the IPP alone; the INS (French national health identifier) is qualified later and
 comes with an ADT or the report. The registry remembers, per IPP and INS kind (its OID: NIR, NIA, test, demo),
 the INS value of the first accepted message that gave one. A later message that gives the same IPP another INS
 of that kind is refused at ingest (`check` raises `MappingFailure`: AE naming PID-3, journaled as rejected): an
-INS is added, never silently replaced. Resolving such a conflict is the patient identity system's work (a
-merge or a correction), not the imaging engine's.
+order, a report or a performed step never replaces an INS. The patient identity system does: a patient update
+(ADT^A08/A31) from an identity source (``PatientUpdate.authoritative``, set by the inbound channel from its
+``identity_sources``) gives the IPP its new INS, which replaces the recorded one (`check` returns the warning to
+journal; the owners of the IPP's orders take the new INS). An operator removes a recorded INS with `forget`
+(``traboule patients forget IPP``).
+
+*Never a document on the wrong patient.* Each accepted order records, per key it carries (accession number,
+placer and filler order numbers, Study Instance UID: their values), the patient it belongs to (IPP and INS); a
+report, a performed step or a study records the keys no order gave yet. A report (`check_report`), a performed
+step (`check_step`) or a stable study (`check_study`) naming a key of another patient is refused, the reason naming
+both patients (for the ACK and the journal, never the log). Two patients are the same when they share an INS of a
+kind (an INS of that kind that differs says two persons, whatever the IPP), else when their IPPs are the same.
+
+*Merges.* An accepted ADT^A40 records each merged IPP → the surviving patient's identifiers (and gives the survivor
+the merged IPP's recorded INS: one person). `resolve_merged`
+applies every later message naming a merged IPP to the survivor (its patient's identifiers replaced by the
+survivor's, a warning for the journal); the orders of a merged IPP belong to its survivor (merges are followed
+when patients are compared).
 
 Two IPPs are the same when their values are equal and their assigning authorities do not disagree (both OIDs
 given and different, or both namespaces given and different): a message without authority is the same patient.
 
 ``check`` runs before the journal write and reserves what it let through (for `RESERVED` seconds), so that two
-messages in flight with different INS for one IPP are not both accepted; ``record`` writes the pairs once the
-message is journaled (idempotent: a redelivery or a resend records nothing new). SQLite ``<data_dir>/
-patients.sqlite`` (WAL, synchronous FULL), shared by the engine's inbound channels.
+messages in flight with different INS for one IPP are not both accepted; ``record`` writes what a message says once
+it is journaled (idempotent: a redelivery or a resend records nothing new), ``release`` frees what a message that was
+not accepted (refused, a duplicate, not stored) reserved. SQLite ``<data_dir>/patients.sqlite``
+(WAL), shared by the engine's inbound channels (orders, MPPS, archive) and processes. INS pairs and merges are
+committed with ``synchronous=FULL`` before the message is answered. The owners of order keys, new with nearly every
+order, are held in memory (the checks see them at once) and written together every `OWNERS_FLUSH` seconds by a
+thread of the event loop's pool, on a connection of their own with ``synchronous=NORMAL``: off the ingest path's
+core, no fsync per order; the owners of the last fraction of a second before a crash of the engine may be lost (a
+report for such an order would be checked against nothing), so each flush also writes the highest journal id of
+the orders channel whose owners it holds (`mark`), and the channel's start records again (`rebuild`) what the
+accepted messages journaled after it said (pairs, merges, owners; a crash between a journal write and its record
+loses them too): nothing the journal acknowledged is unknown to the checks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -30,7 +58,17 @@ from typing import Any
 import structlog
 
 from traboule.hl7_mapping import MappingFailure, ins_key_ok
-from traboule.model import INS_OIDS, Patient
+from traboule.model import (
+    INS_OIDS,
+    Document,
+    Identifier,
+    ImagingOrder,
+    Patient,
+    PatientUpdate,
+    PerformedStep,
+    Report,
+    Study,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ins (
@@ -42,9 +80,45 @@ CREATE TABLE IF NOT EXISTS ins (
     recorded TEXT NOT NULL,
     PRIMARY KEY (ipp, ipp_oid, ipp_namespace, ins_oid)
 );
+CREATE TABLE IF NOT EXISTS owners (
+    kind TEXT NOT NULL,          -- accession, placer, filler, study
+    key TEXT NOT NULL,           -- its value
+    patient TEXT NOT NULL,       -- JSON: the identifiers (IPP, INS) of the patient it belongs to
+    source TEXT NOT NULL,        -- order, report, step, study: an order's word replaces the others'
+    recorded TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS marks (
+    channel TEXT PRIMARY KEY,    -- an inbound channel
+    journal_id INTEGER NOT NULL  -- the highest journal id of its messages whose owners are written
+);
+CREATE TABLE IF NOT EXISTS actions (
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,        -- ins-changed (an identity source's ADT), ins-forgotten (an operator)
+    ipp TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merges (
+    ipp TEXT NOT NULL,
+    ipp_oid TEXT NOT NULL,
+    ipp_namespace TEXT NOT NULL,
+    survivor TEXT NOT NULL,      -- JSON: the surviving patient's identifiers
+    recorded TEXT NOT NULL,
+    PRIMARY KEY (ipp, ipp_oid, ipp_namespace)
+);
 """
 log = structlog.get_logger("traboule.patient_identity")
 RESERVED = 60.0  # seconds a checked pair holds until its message is journaled (a report's CDA takes seconds)
+OWNERS_FLUSH = 0.05  # seconds the owners of order keys wait in memory to be written together
+WRITTEN_KEPT = 100_000  # owners remembered as written (to skip rewriting them for each message of an order)
+REBUILD_MARGIN = 512  # journal ids re-recorded before the mark: one group commit (messages may record out of order)
+MAX_MERGE_CHAIN = 16  # merged into a patient later merged itself...: followed this far
+KEY_NAMES = {
+    "accession": "accession number",
+    "placer": "placer order number",
+    "filler": "filler order number",
+    "study": "Study Instance UID",
+}
 
 
 @dataclass(frozen=True)
@@ -67,42 +141,156 @@ class Pair:
         return True
 
 
+def same_ipp(a: Identifier, b: Identifier) -> bool:
+    """Same value, assigning authorities that do not disagree: the same OID when both have one; else, when both
+    name one, a common name (DICOM's single Issuer of Patient ID may hold the HL7 namespace or the OID)."""
+    if a.value != b.value:
+        return False
+    if a.issuer_oid and b.issuer_oid:
+        return a.issuer_oid == b.issuer_oid
+    names_a, names_b = {a.issuer, a.issuer_oid} - {""}, {b.issuer, b.issuer_oid} - {""}
+    return not (names_a and names_b) or bool(names_a & names_b)
+
+
+def patient_of(payload: Any) -> Patient | None:
+    """The patient a canonical payload names (a document's is its report's)."""
+    if isinstance(payload, Document):
+        payload = payload.report
+    patient = getattr(payload, "patient", None)
+    return patient if isinstance(patient, Patient) else None
+
+
 def pairs_of(payloads: Iterable[Any]) -> list[Pair]:
     """The (IPP, INS) pairs the patients of canonical payloads carry. An INS with a wrong check key is not one:
     orders and ADT leave it out, reports are refused for it."""
     out: list[Pair] = []
     for payload in payloads:
-        patient = getattr(payload, "patient", None)
+        patient = patient_of(payload)
         if patient is None:
-            patient = getattr(getattr(payload, "report", None), "patient", None)
-        if not isinstance(patient, Patient):
             continue
-        ipp = patient.primary_id
-        if ipp is None or not ipp.value or _is_ins(ipp):
+        ipp = _ipp(patient)
+        if ipp is None:
             continue
-        for ident in patient.ids:
-            if _is_ins(ident) and ident.value and ins_key_ok(ident.value):
-                out.append(Pair(ipp.value, ipp.issuer_oid, ipp.issuer, ident.issuer_oid, ident.value.upper()))
+        for ident in _ins(patient):
+            out.append(Pair(ipp.value, ipp.issuer_oid, ipp.issuer, ident.issuer_oid, ident.value.upper()))
     return out
+
+
+def keys_of(payload: Any) -> list[tuple[str, str]]:
+    """The order keys a payload names: (kind, value) for its accession number, placer and filler order numbers and
+    Study Instance UID."""
+    if isinstance(payload, Document):
+        payload = payload.report
+    if isinstance(payload, Study):
+        found = [("accession", payload.accession_number), ("study", payload.study_instance_uid)]
+    elif isinstance(payload, _KEYED):
+        found = [
+            ("accession", _value(payload.accession_number)),
+            ("placer", _value(payload.placer_order_number)),
+            ("filler", _value(payload.filler_order_number)),
+            ("study", payload.study_instance_uid),
+        ]
+    else:
+        return []
+    return [(kind, value.strip()) for kind, value in found if value and value.strip()]
+
+
+_KEYED = (ImagingOrder, Report, PerformedStep)
+_SOURCES = {ImagingOrder: "order", PerformedStep: "step", Study: "study"}
+
+
+def describe(ids: list[Identifier]) -> str:
+    """A patient's identifiers as the journal and the ACK name them: ``IPP0001 (CHU-LYON), INS-NIR 1790...``."""
+    out = []
+    for ident in ids:
+        if _is_ins(ident):
+            out.append(f"{INS_OIDS.get(ident.issuer_oid, 'INS')} {ident.value}")
+        else:
+            authority = ident.issuer or ident.issuer_oid
+            out.append(f"{ident.value} ({authority})" if authority else ident.value)
+    return ", ".join(out) or "no identifier"
+
+
+def _value(ident: Any) -> str:
+    return str(ident.value if isinstance(ident, Identifier) else ident or "")
 
 
 def _is_ins(ident: Any) -> bool:
     return bool(ident.type == "INS" or ident.issuer_oid in INS_OIDS)
 
 
+def _ipp(patient: Patient) -> Identifier | None:
+    ipp = patient.primary_id
+    return None if ipp is None or not ipp.value or _is_ins(ipp) else ipp
+
+
+def _ins(patient: Patient) -> list[Identifier]:
+    return [i for i in patient.ids if _is_ins(i) and i.value and ins_key_ok(i.value)]
+
+
+def _local(patient: Patient) -> list[Identifier]:
+    """Its local identifiers (not INS), the primary one first."""
+    ipp = _ipp(patient)
+    return ([ipp] if ipp else []) + [i for i in patient.ids if i.value and not _is_ins(i) and i is not ipp]
+
+
+def _identity(patient: Patient) -> list[Identifier]:
+    """What identifies a patient here: its IPP, then its valid INS."""
+    ipp = _ipp(patient)
+    return ([ipp] if ipp else []) + _ins(patient)
+
+
+def _dump(ids: list[Identifier]) -> str:
+    return json.dumps([[i.value, i.issuer, i.issuer_oid, i.type] for i in ids], ensure_ascii=False)
+
+
+def _load(text: str) -> list[Identifier]:
+    return [Identifier(*row) for row in json.loads(text)]
+
+
+def same_patient(a: list[Identifier], b: list[Identifier]) -> bool:
+    """Whether two identities name one patient: a common INS says so and a different INS of one kind says not,
+    whatever the IPPs; else the same IPP."""
+    ins_a = {i.issuer_oid: i.value.upper() for i in a if _is_ins(i)}
+    ins_b = {i.issuer_oid: i.value.upper() for i in b if _is_ins(i)}
+    common = ins_a.keys() & ins_b.keys()
+    if common:
+        return all(ins_a[k] == ins_b[k] for k in common)
+    ipps_a = [i for i in a if not _is_ins(i)]
+    return any(same_ipp(x, y) for x in ipps_a for y in b if not _is_ins(y))
+
+
 class PatientIdentities:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._reserved: dict[str, dict[Pair, float]] = {}  # by IPP value: pairs checked, not yet recorded
+        self._holders: dict[Pair, int] = {}  # how many messages in flight hold each reserved pair
+        # The owners of order keys are written by a thread of the event loop's pool on a connection of their own
+        # (SQLite works without the interpreter lock: beside the ingest, not on its core), without an fsync each.
+        self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._write_lock = threading.Lock()
+        self._pending: dict[tuple[str, str], tuple[str, str]] = {}  # owners recorded, not yet written: text, source
+        self._flushing: dict[tuple[str, str], tuple[str, str]] = {}  # being written
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._merges: dict[str, list[tuple[str, str, str, str]]] | None = None  # by IPP value (`_merge_rows`)
+        self._merges_version = -1
+        self._written: dict[tuple[str, str], str] = {}  # the owners written for orders here, not to write again
         self._pruned = time.monotonic()
+        self._marks: dict[str, int] = {}  # per channel, the highest journal id recorded (`mark`)
+        self._marked: dict[str, int] = {}  # ... and written
 
     def close(self) -> None:
-        with self._lock:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        self.flush()
+        with self._write_lock, self._lock:
+            self._writer.close()
             self._db.close()
 
     def known(self, pair: Pair) -> list[Pair]:
@@ -114,12 +302,15 @@ class PatientIdentities:
             ).fetchall()
         return [p for p in (Pair(*row) for row in rows) if p.same_ipp(pair)]
 
-    def check(self, payloads: Iterable[Any]) -> None:
+    def check(self, payloads: Iterable[Any]) -> list[str]:
         """Refuse (`MappingFailure`, PID-3) a message giving an IPP another INS than the one it was accepted
-        with; otherwise reserve its pairs until `record`."""
+        with; otherwise reserve its pairs until `record` (or `release`). A patient update from an identity source
+        (``authoritative``) replaces the INS instead: returns the warnings to journal, one per INS it changes."""
+        payloads = list(payloads)
         pairs = pairs_of(payloads)
         if not pairs:
-            return
+            return []
+        ruling = set(pairs_of(p for p in payloads if _authoritative(p)))
         now = time.monotonic()
         with self._lock:
             if now - self._pruned > RESERVED:  # expired reservations (messages refused later, or never stored)
@@ -129,9 +320,19 @@ class PatientIdentities:
                     for ipp, held in self._reserved.items()
                     if (fresh := {p: at for p, at in held.items() if now - at < RESERVED})
                 }
+                self._holders = {p: n for p, n in self._holders.items() if p in self._reserved.get(p.ipp, {})}
             held = [p for pair in pairs for p, at in self._reserved.get(pair.ipp, {}).items() if now - at < RESERVED]
+        notes = []
         for pair in pairs:
-            others = [p for p in [*self.known(pair), *held, *pairs] if p.same_ipp(pair) and p.ins != pair.ins]
+            known = self.known(pair)
+            if pair in ruling:  # the identity system's word: only the message itself may not contradict it
+                changed = [p for p in known if p.ins != pair.ins]
+                if changed:
+                    notes.append(_changed_note(pair, changed))
+                known, against = [], pairs
+            else:
+                against = [*held, *pairs]
+            others = [p for p in [*known, *against] if p.same_ipp(pair) and p.ins != pair.ins]
             if others:
                 kind = INS_OIDS.get(pair.ins_oid, "INS")
                 raise MappingFailure(
@@ -143,13 +344,190 @@ class PatientIdentities:
         with self._lock:
             for pair in pairs:
                 self._reserved.setdefault(pair.ipp, {})[pair] = now
+                self._holders[pair] = self._holders.get(pair, 0) + 1
+        return notes
 
-    def record(self, payloads: Iterable[Any]) -> None:
-        """Remember the pairs of a journaled (accepted) message. Only a new pair is a write (one commit, ~0.3 ms
-        here): the messages of a known patient cost a read."""
+    def release(self, payloads: Iterable[Any]) -> None:
+        """Stop holding the pairs `check` reserved for a message that was not accepted (refused, a duplicate, not
+        stored): they hold nothing against the next messages."""
+        pairs = pairs_of(payloads)
+        if pairs:
+            with self._lock:
+                self._release(pairs)
+
+    # -- merges ------------------------------------------------------------------------------------------------
+
+    def survivor(self, ipp: Identifier) -> list[Identifier] | None:
+        """The identifiers of the patient a merged IPP now is (merges followed to the last), or None."""
+        found: list[Identifier] | None = None
+        seen: set[tuple[str, str, str]] = set()
+        current = ipp
+        for _ in range(MAX_MERGE_CHAIN):
+            rows = self._merge_rows(current.value)
+            row = next((r for r in rows if same_ipp(Identifier(r[0], r[1], r[2]), current)), None)
+            if row is None or (row[0], row[1], row[2]) in seen:
+                break
+            seen.add((row[0], row[1], row[2]))
+            found = _load(row[3])
+            nxt = next((i for i in found if not _is_ins(i)), None)
+            if nxt is None:
+                break
+            current = nxt
+        return found
+
+    def _merge_rows(self, value: str) -> list[tuple[str, str, str, str]]:
+        """The merges of an IPP value (ipp, namespace, OID, survivor), latest first, from a copy of the table kept
+        in memory (asked for every message) and read again when a merge was recorded (the file's user_version
+        counts them, whoever wrote them)."""
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if self._merges is None or version != self._merges_version:
+                rows = self._db.execute(
+                    "SELECT ipp, ipp_namespace, ipp_oid, survivor FROM merges ORDER BY recorded DESC"
+                ).fetchall()
+                self._merges, self._merges_version = {}, version
+                for row in rows:
+                    self._merges.setdefault(row[0], []).append(row)
+            return self._merges.get(value, [])
+
+    def resolve_merged(self, payloads: Iterable[Any]) -> list[str]:
+        """Apply to the surviving patient the payloads naming a merged IPP: their patient's identifiers become the
+        survivor's (with the message's INS the survivor does not have). Returns the warnings to journal, one per
+        payload changed. A merge message itself is left as it is."""
+        notes = []
+        for payload in payloads:
+            if isinstance(payload, PatientUpdate) and payload.action == "merge":
+                continue
+            patient = patient_of(payload)
+            ipp = _ipp(patient) if patient is not None else None
+            if patient is None or ipp is None:
+                continue
+            survivor = self.survivor(ipp)
+            if not survivor:
+                continue
+            # The message's INS stays unless the survivor has it: another of a kind the survivor has is refused
+            # (`check`: one patient, one INS of a kind), never dropped.
+            held = {(i.issuer_oid, i.value.upper()) for i in survivor if _is_ins(i)}
+            extra = [i for i in _ins(patient) if (i.issuer_oid, i.value.upper()) not in held]
+            patient.ids = [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in survivor] + extra
+            notes.append(
+                f"patient {describe([ipp])} was merged into {describe(survivor[:1])}: applied to the surviving patient"
+            )
+        return notes
+
+    # -- owners of order keys -----------------------------------------------------------------------------------
+
+    def owner(self, kind: str, key: str) -> list[Identifier] | None:
+        """The identifiers of the patient an order key belongs to, as recorded (merges not followed)."""
+        text = self._owner_text(kind, key)
+        return _load(text) if text is not None else None
+
+    def _owner_text(self, kind: str, key: str) -> str | None:
+        return self._owner_texts([(kind, key)]).get((kind, key))
+
+    def _owner_texts(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The recorded owners (JSON) of the keys that have one: those held in memory, the others in one query."""
+        if not keys:
+            return {}
+        with self._lock:
+            held = [(k, h) for k in keys for h in (self._pending.get(k), self._flushing.get(k)) if h is not None]
+            found: dict[tuple[str, str], str] = {}
+            for k, (text, source) in held:  # an order's word, the latest first
+                if source == "order":
+                    found.setdefault(k, text)
+            pending = dict(reversed(held))  # the latest first, for what follows
+            asked = [k for k in keys if k not in found]
+            if asked:
+                terms = " OR ".join(["(kind = ? AND key = ?)"] * len(asked))  # each term an index look-up
+                rows = self._db.execute(
+                    f"SELECT kind, key, patient FROM owners WHERE {terms}", [part for k in asked for part in k]
+                ).fetchall()
+                found.update({(kind, key): text for kind, key, text in rows})
+            # A report's, step's or study's word: only for a key the table does not hold yet.
+            found.update({k: text for k, (text, _) in pending.items() if k not in found})
+        return found
+
+    def current(self, ids: list[Identifier]) -> list[Identifier]:
+        """The identifiers of the patient ``ids`` is now: the survivor's when its IPP was merged."""
+        ipp = next((i for i in ids if not _is_ins(i)), None)
+        survivor = self.survivor(ipp) if ipp is not None else None
+        return survivor or ids
+
+    def same_patient(self, a: Patient, b: Patient) -> bool:
+        """Whether two canonical patients are one (`same_patient`), merges followed: a merged IPP is its
+        survivor. A patient without identifier is no one's."""
+        ids_a, ids_b = _local(a) + _ins(a), _local(b) + _ins(b)
+        return bool(ids_a and ids_b) and same_patient(self.current(ids_a), self.current(ids_b))
+
+    def mismatch(self, payload: Any) -> tuple[str, str, list[Identifier], list[Identifier]] | None:
+        """The first key of ``payload`` that belongs to another patient: (kind, value, its patient, this one)."""
+        patient = patient_of(payload)
+        if patient is None:
+            return None
+        ids = _identity(patient)
+        if not ids:
+            return None
+        mine = self.current(ids)
+        keys = keys_of(payload)
+        owners = self._owner_texts(keys)
+        for kind, key in keys:
+            if (kind, key) not in owners:
+                continue
+            theirs = self.current(_load(owners[(kind, key)]))
+            if not same_patient(mine, theirs):
+                return kind, key, theirs, mine
+        return None
+
+    def _refuse(self, payloads: Iterable[Any], what: str, location: str) -> None:
+        for payload in payloads:
+            found = self.mismatch(payload)
+            if found is None:
+                continue
+            kind, key, theirs, mine = found
+            raise MappingFailure(
+                f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this {what} "
+                f"names patient {describe(mine)}; not linked (correct the patient or the order identifiers)",
+                location,
+                code="205",
+            )
+
+    def check_report(self, payloads: Iterable[Any]) -> None:
+        """Refuse (`MappingFailure`, PID-3) a report or document naming an order, accession number or study of
+        another patient."""
+        self._refuse((p for p in payloads if isinstance(p, Report | Document)), "report", "PID-3")
+
+    def check_step(self, step: PerformedStep) -> None:
+        """Refuse (`MappingFailure`) a performed step whose patient is not the one of the order it names."""
+        self._refuse([step], "performed step", "PatientID")
+
+    def check_study(self, study: Study) -> None:
+        """Refuse (`MappingFailure`) a study whose patient is not the one of the order of its accession number or
+        Study Instance UID."""
+        self._refuse([study], "study", "PatientID")
+
+    # -- recording ----------------------------------------------------------------------------------------------
+
+    def record(self, payloads: Iterable[Any], *, channel: str = "", journal_id: int = 0) -> None:
+        """Remember what a journaled (accepted) message says: its IPP-INS pairs (an identity source's replacing
+        the recorded ones), the patient of the order keys it names (an order's replaces what a report, step or
+        study recorded; those only fill a key no one gave), its merges. Only what is new is a write: the messages
+        of a known patient and order cost reads. ``channel`` and ``journal_id``: the message's journal entry,
+        written with the owners as the channel's `mark`."""
+        payloads = list(payloads)
+        self._record_pairs(payloads)
+        self._record_owners(payloads, mark=(channel, journal_id) if channel and journal_id else None)
+        self._record_merges(payloads)
+
+    def _record_pairs(self, payloads: list[Any]) -> None:
         given = pairs_of(payloads)
+        if not given:
+            return
+        ruling = set(pairs_of(p for p in payloads if _authoritative(p)))
+        replaced = [(p, old) for p in given if p in ruling for old in self.known(p) if old.ins != p.ins]
+        if replaced:
+            self._replace(replaced)
         pairs = [p for p in given if p not in self.known(p)]
-        recorded = datetime.now(UTC).isoformat(timespec="milliseconds")
+        recorded = _now()
         with self._lock:
             if not pairs:
                 self._release(given)
@@ -170,10 +548,359 @@ class PatientIdentities:
                 return
             self._release(given)
 
-    def _release(self, pairs: list[Pair]) -> None:
+    def _replace(self, replaced: list[tuple[Pair, Pair]]) -> None:
+        """An identity source's new INS for an IPP: the old pair removed (the new one is inserted next), the
+        owners of the IPP's keys given the new INS, the change kept among the registry's actions."""
+        for new, old in replaced:
+            self._rewrite(old, new.ins, "ins-changed", f"{INS_OIDS.get(old.ins_oid, 'INS')} {old.ins} -> {new.ins}")
+            log.warning("identities.ins_changed", kind=INS_OIDS.get(old.ins_oid, "INS"))
+
+    def _rewrite(self, old: Pair, ins: str, action: str, detail: str) -> None:
+        """Remove the pair ``old`` and give the owners naming it ``ins`` instead (none: the IPP alone), in one
+        transaction with the action's record; the owners held in memory too."""
+        with self._write_lock, self._lock:  # no flush of owners meanwhile: it could write the old INS again
+            rows = self._db.execute(
+                "SELECT kind, key, patient FROM owners WHERE patient LIKE ?", (f"%{json.dumps(old.ins)[1:-1]}%",)
+            ).fetchall()
+            changes = []
+            for kind, key, text in rows:
+                new = _with_ins(text, old, ins)
+                if new != text:
+                    changes.append((new, kind, key))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "DELETE FROM ins WHERE ipp = ? AND ipp_oid = ? AND ipp_namespace = ? AND ins_oid = ? AND ins = ?",
+                    (old.ipp, old.ipp_oid, old.ipp_namespace, old.ins_oid, old.ins),
+                )
+                self._db.executemany("UPDATE owners SET patient = ? WHERE kind = ? AND key = ?", changes)
+                self._db.execute("INSERT INTO actions VALUES (?, ?, ?, ?)", (_now(), action, old.ipp, detail))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            for held in (self._pending, self._flushing):
+                for k, (text, source) in list(held.items()):
+                    held[k] = (_with_ins(text, old, ins), source)
+            self._written.clear()
+
+    def forget(self, ipp: str) -> list[Pair]:
+        """An operator's way out: the INS recorded for this IPP value (any authority, any kind) removed, the owners
+        of its keys keeping the IPP alone. Returns the pairs removed (recorded among the registry's actions)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ipp = ?", (ipp,)
+            ).fetchall()
+        pairs = [Pair(*row) for row in rows]
         for pair in pairs:
+            self._rewrite(pair, "", "ins-forgotten", f"{INS_OIDS.get(pair.ins_oid, 'INS')} {pair.ins} (operator)")
+        return pairs
+
+    def show(self, ipp: str) -> dict[str, Any]:
+        """What the registry holds about an IPP value: its INS, the order keys it owns, its merges (merged into,
+        merged in), the changes of its INS. For an operator's terminal (patient data)."""
+        self.flush()
+        with self._lock:
+            ins = self._db.execute(
+                "SELECT ipp_namespace, ipp_oid, ins_oid, ins, recorded FROM ins WHERE ipp = ? ORDER BY recorded",
+                (ipp,),
+            ).fetchall()
+            owners = self._db.execute(
+                "SELECT kind, key, patient, source, recorded FROM owners WHERE patient LIKE ? ORDER BY recorded",
+                (f"%{json.dumps(ipp)[1:-1]}%",),
+            ).fetchall()
+            merged_into = self._db.execute(
+                "SELECT ipp_namespace, ipp_oid, survivor, recorded FROM merges WHERE ipp = ?", (ipp,)
+            ).fetchall()
+            merged_in = self._db.execute(
+                "SELECT ipp, ipp_namespace, ipp_oid, survivor, recorded FROM merges WHERE survivor LIKE ?",
+                (f"%{json.dumps(ipp)[1:-1]}%",),
+            ).fetchall()
+            actions = self._db.execute(
+                "SELECT at, action, detail FROM actions WHERE ipp = ? ORDER BY at", (ipp,)
+            ).fetchall()
+
+        def names(ids: list[Identifier]) -> bool:
+            return any(i.value == ipp and not _is_ins(i) for i in ids)
+
+        return {
+            "ins": [
+                {"authority": ns or oid, "kind": INS_OIDS.get(kind, "INS"), "ins": value, "recorded": at}
+                for ns, oid, kind, value, at in ins
+            ],
+            "owners": [
+                {"kind": KEY_NAMES[kind], "key": key, "patient": describe(ids), "source": source, "recorded": at}
+                for kind, key, text, source, at in owners
+                if names(ids := _load(text))
+            ],
+            "merged_into": [
+                {"authority": ns or oid, "survivor": describe(_load(text)), "recorded": at}
+                for ns, oid, text, at in merged_into
+            ],
+            "merged_in": [
+                {"ipp": describe([Identifier(value, ns, oid)]), "recorded": at}
+                for value, ns, oid, text, at in merged_in
+                if names(_load(text)[:1])
+            ],
+            "actions": [{"at": at, "action": action, "detail": detail} for at, action, detail in actions],
+        }
+
+    def mark(self, channel: str) -> int:
+        """The highest journal id of ``channel`` whose owners are written (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT journal_id FROM marks WHERE channel = ?", (channel,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def rebuild(self, entries: Iterable[tuple[int, str, list[Any]]], channel: str) -> int:
+        """At start: record again what accepted messages journaled after the channel's `mark` said (a crash may
+        have come between a journal write and its record, and the owners of the last fraction of a second may not
+        be written), in journal order. ``entries``: (journal id, reception time, payloads) as the journal holds
+        them. Their pairs fill what the registry lacks (an IPP's INS changed or forgotten since the message came is
+        left as it is now), their merges are applied again, their owners take the INS the registry holds now for
+        their IPP. Written before it returns; returns how many messages were looked at."""
+        n = 0
+        for journal_id, received, payloads in entries:
+            n += 1
+            with self._lock:
+                acted = {r[0] for r in self._db.execute("SELECT ipp FROM actions WHERE at >= ?", (received,))}
+            fill = []
+            for payload in payloads:
+                patient = patient_of(payload)
+                ipp = _ipp(patient) if patient is not None else None
+                if ipp is None or ipp.value in acted:
+                    continue
+                mine = pairs_of([payload])
+                if _authoritative(payload) or not any(k.ins != p.ins for p in mine for k in self.known(p)):
+                    fill.append(payload)
+            self._record_pairs(fill)
+            self._record_merges(payloads)
+            for payload in payloads:
+                patient = patient_of(payload)
+                if patient is not None:
+                    self._current_ins(patient)
+            self._record_owners(payloads, mark=(channel, journal_id), write=False)
+        self.flush()
+        return n
+
+    def _current_ins(self, patient: Patient) -> None:
+        """A patient's INS as the registry holds them now for its IPP (a message older than a correction)."""
+        ipp = _ipp(patient)
+        for ident in _ins(patient) if ipp is not None else []:
+            pair = Pair(ipp.value, ipp.issuer_oid, ipp.issuer, ident.issuer_oid, ident.value.upper())
+            known = self.known(pair)
+            if known and all(k.ins != pair.ins for k in known):
+                for ident in patient.ids:
+                    if _is_ins(ident) and ident.issuer_oid == pair.ins_oid and ident.value.upper() == pair.ins:
+                        ident.value = known[0].ins
+
+    def _record_owners(self, payloads: list[Any], *, mark: tuple[str, int] | None = None, write: bool = True) -> None:
+        """The owners of the keys the payloads name, held in memory (lookups see them at once) until `flush` (off
+        the event loop, every `OWNERS_FLUSH` seconds; at once when called off a loop). A commit per order, on the
+        loop, cost about 0.1 ms where the whole ingest of an order takes 0.5 ms."""
+        added = False
+        for payload in payloads:
+            if isinstance(payload, PatientUpdate):
+                continue
+            patient = patient_of(payload)
+            ids = _identity(patient) if patient is not None else []
+            if not ids:
+                continue
+            source = _SOURCES.get(type(payload), "report")
+            text = _dump(ids)
+            with self._lock:  # the table decides at the write (an order's word replaces; the others fill)
+                for key in keys_of(payload):
+                    if source != "order":
+                        if key not in self._pending and key not in self._flushing:
+                            self._pending[key] = (text, source)
+                            added = True
+                    elif self._written.get(key) != text or key in self._pending or key in self._flushing:
+                        self._pending[key] = (text, source)
+                        added = True
+        if mark is not None:  # after its owners: a flush that writes the mark writes them
+            with self._lock:
+                self._marks[mark[0]] = max(mark[1], self._marks.get(mark[0], 0))
+        elif not added:
+            return
+        if not write:  # the caller flushes
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called off an event loop: written now
+            self.flush()
+            return
+        if self._flush_at is None:
+            self._flush_at = loop.call_later(OWNERS_FLUSH, self._flush_off_loop, loop)
+
+    def _flush_off_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_at = None
+        loop.run_in_executor(None, self.flush)
+
+    def flush(self) -> None:
+        """Write the owners held in memory, in one transaction (kept for the next flush if it fails). Lookups see
+        them meanwhile."""
+        with self._write_lock:
+            with self._lock:
+                marks = {c: n for c, n in self._marks.items() if n > self._marked.get(c, 0)}
+                if not self._pending and not marks:
+                    return
+                rows, self._pending = self._pending, {}
+                self._flushing = rows
+            recorded = _now()
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    self._writer.executemany(
+                        "INSERT INTO owners VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET"
+                        " patient = excluded.patient, source = excluded.source, recorded = excluded.recorded"
+                        " WHERE excluded.source = 'order' AND patient != excluded.patient",  # the others fill
+                        [(kind, key, text, source, recorded) for (kind, key), (text, source) in rows.items()],
+                    )
+                    self._writer.executemany(
+                        "INSERT INTO marks VALUES (?, ?) ON CONFLICT (channel) DO UPDATE SET journal_id ="
+                        " max(journal_id, excluded.journal_id)",
+                        list(marks.items()),
+                    )
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
+                self._writer.execute("COMMIT")
+            except sqlite3.Error as exc:  # journaled already: kept in memory, written with the next ones
+                with self._lock:
+                    self._pending = rows | self._pending
+                    self._flushing = {}
+                log.warning("identities.owners_not_recorded", error=str(exc), keys=len(rows))
+                return
+            with self._lock:
+                self._flushing = {}
+                self._marked.update(marks)
+                if len(self._written) > WRITTEN_KEPT:
+                    self._written.clear()
+                self._written.update({k: text for k, (text, source) in rows.items() if source == "order"})
+
+    def _record_merges(self, payloads: list[Any]) -> None:
+        merges = [p for p in payloads if isinstance(p, PatientUpdate) and p.action == "merge"]
+        if not merges:
+            return
+        recorded = _now()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for update in merges:
+                        survivor = _identity(update.patient)
+                        head = survivor[0] if survivor and not _is_ins(survivor[0]) else None
+                        if head is None:
+                            continue
+                        # The survivor is a patient again (a merge the other way round undoes an earlier one).
+                        for row in self._db.execute(
+                            "SELECT ipp, ipp_namespace, ipp_oid FROM merges WHERE ipp = ?", (head.value,)
+                        ).fetchall():
+                            if same_ipp(Identifier(*row), head):
+                                self._db.execute(
+                                    "DELETE FROM merges WHERE ipp = ? AND ipp_namespace = ? AND ipp_oid = ?", row
+                                )
+                        for merged in update.merged_ids:
+                            if not merged.value or same_ipp(merged, head):
+                                continue
+                            self._db.execute(
+                                "INSERT INTO merges VALUES (?, ?, ?, ?, ?) ON CONFLICT (ipp, ipp_oid, ipp_namespace)"
+                                " DO UPDATE SET survivor = excluded.survivor, recorded = excluded.recorded",
+                                (merged.value, merged.issuer_oid, merged.issuer, _dump(survivor), recorded),
+                            )
+                            # The merged IPP's INS are the survivor's (one person): a later message of either
+                            # IPP with another INS is refused, not recorded for the survivor.
+                            for row in self._db.execute(
+                                "SELECT ipp, ipp_namespace, ipp_oid, ins_oid, ins FROM ins WHERE ipp = ?",
+                                (merged.value,),
+                            ).fetchall():
+                                if same_ipp(Identifier(*row[:3]), merged):
+                                    self._db.execute(
+                                        "INSERT OR IGNORE INTO ins VALUES (?, ?, ?, ?, ?, ?)",
+                                        (head.value, head.issuer_oid, head.issuer, row[3], row[4], recorded),
+                                    )
+                    (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                    self._db.execute(f"PRAGMA user_version = {int(version) + 1}")  # the merges' generation
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                log.warning("identities.merge_not_recorded", error=str(exc))
+            self._merges = None  # read again
+
+    def _release(self, pairs: list[Pair]) -> None:
+        """One message's hold on its pairs ended: a pair no other message in flight holds is free again."""
+        for pair in pairs:
+            left = self._holders.get(pair, 0) - 1
+            if left > 0:
+                self._holders[pair] = left
+                continue
+            self._holders.pop(pair, None)
             held = self._reserved.get(pair.ipp)
             if held is not None:
                 held.pop(pair, None)
                 if not held:
                     del self._reserved[pair.ipp]
+
+
+def identity_sources(setting: Any, channel: str) -> list[tuple[str, str]] | None:
+    """An inbound channel's ``identity_sources`` (``[{application = "GAM", facility = "CHU-LYON"}]``, MSH-3 and
+    MSH-4 as sent, ``facility`` optional) as (application, facility) pairs; None when not set: every patient update
+    the channel accepts is the identity system's word."""
+    if setting is None:
+        return None
+    if not isinstance(setting, list):
+        raise ValueError(f"channel {channel}: identity_sources must be a list of {{application, facility}} tables")
+    out = []
+    for item in setting:
+        if not isinstance(item, dict) or not set(item) <= {"application", "facility"} or not item.get("application"):
+            raise ValueError(
+                f'channel {channel}: each identity_sources entry is {{application = "...", facility = "..."}}'
+                f" (facility optional), not {item!r}"
+            )
+        out.append((str(item["application"]).strip(), str(item.get("facility") or "").strip()))
+    return out
+
+
+def mark_authoritative(payloads: Iterable[Any], sources: list[tuple[str, str]] | None, msh: tuple[str, str]) -> None:
+    """Mark the patient updates of a message from an identity source (``msh``: its MSH-3.1 and MSH-4.1; every
+    sender when ``sources`` is None) as ``authoritative``; an order, a report or a merge never is."""
+    application, facility = (part.strip() for part in msh)
+    trusted = sources is None or any(a == application and f in ("", facility) for a, f in sources)
+    for payload in payloads:
+        if isinstance(payload, PatientUpdate) and payload.action == "update":
+            payload.authoritative = trusted
+
+
+def _authoritative(payload: Any) -> bool:
+    return isinstance(payload, PatientUpdate) and payload.action == "update" and payload.authoritative
+
+
+def _changed_note(pair: Pair, old: list[Pair]) -> str:
+    kind = INS_OIDS.get(pair.ins_oid, "INS")
+    return (
+        f"INS of IPP {pair.ipp} changed by ADT from the patient identity system: {kind} "
+        f"{', '.join(p.ins for p in old)} replaced by {pair.ins}"
+    )
+
+
+def _with_ins(text: str, old: Pair, ins: str) -> str:
+    """An owner's identifiers (JSON) with the INS ``old`` gave its IPP replaced by ``ins`` (none: removed)."""
+    ids = _load(text)
+    ipp = next((i for i in ids if not _is_ins(i)), None)
+    if ipp is None or ipp.value != old.ipp:
+        return text
+    if not old.same_ipp(Pair(ipp.value, ipp.issuer_oid, ipp.issuer, old.ins_oid, old.ins)):
+        return text
+    out = []
+    for ident in ids:
+        if _is_ins(ident) and ident.issuer_oid == old.ins_oid and ident.value.upper() == old.ins:
+            if ins:
+                out.append(Identifier(ins, ident.issuer, ident.issuer_oid, ident.type))
+        else:
+            out.append(ident)
+    return _dump(out)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

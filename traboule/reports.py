@@ -14,7 +14,8 @@ answered AE with the reason and journaled as rejected, so nothing is half-publis
 * Catalog: the DICOM object catalog of a level-3 report comes from the study the archive reported (``study.*``
   events), else from the performed series of the exam's MPPS (``procedure.*`` events), else from a read of the
   archive on demand (by the channel, before ``prepare``); the order (seen by the same channel) gives the procedure
-  code and identifiers a report message may lack.
+  code and identifiers a report message may lack. Only the report's own study (its Study Instance UID when it has
+  one, else its accession number) of the report's own patient (``same_patient``) is ever its catalog.
 * Waiting for the study: a structured report whose study none of them knows yet is checked with a stand-in
   catalog (built and validated: whatever else is wrong is still an AE) and kept, durably, as *waiting*
   (``waiting`` table) before the sender gets its AA; it is published (``publish_waiting``) once its study is
@@ -35,6 +36,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,14 +95,25 @@ CREATE TABLE IF NOT EXISTS waiting (
     journal_id INTEGER NOT NULL DEFAULT 0,
     noted INTEGER NOT NULL DEFAULT 0,  -- its last outcome is written to its journal entry
     requested INTEGER NOT NULL DEFAULT 0, -- an operator asked for it to be published now
-    report TEXT NOT NULL               -- the canonical Report (JSON)
+    report TEXT NOT NULL,              -- the canonical Report (JSON)
+    remark TEXT NOT NULL DEFAULT ''    -- why a waiting report still waits (a study of another patient), for its entry
 );
 CREATE INDEX IF NOT EXISTS waiting_status ON waiting (status, n);
 CREATE INDEX IF NOT EXISTS waiting_set ON waiting (set_key, status);
 """
+# Created after the migration (``remark`` may be missing from an older file): what the waiting task looks up often
+# only goes through the rows it concerns.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS waiting_by_accession ON waiting (status, accession);
+CREATE INDEX IF NOT EXISTS waiting_by_study ON waiting (status, study_uid);
+CREATE INDEX IF NOT EXISTS waiting_by_deadline ON waiting (status, deadline);
+CREATE INDEX IF NOT EXISTS waiting_to_note ON waiting (n) WHERE noted = 0 AND (status != 'waiting' OR remark != '');
+CREATE INDEX IF NOT EXISTS waiting_requested ON waiting (n) WHERE requested = 1;
+"""
 
 WAIT_FOR_STUDY = 24 * 3600.0  # seconds a structured report waits for its study by default
 DEAD = ("expired", "invalid")  # dead letters: published again only on request
+MAX_REPORT_NUMBER = 2**63 - 1  # the largest row number SQLite has
 
 
 class ReportRefused(Exception):
@@ -152,7 +165,11 @@ class ReportPublisher:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        _create(self._db)
+        self.changes = 0  # catalog sources written (studies, performed steps): the waiting task rescans on a change
+        # Whether a catalog source is of the report's patient; the orders channel gives its identity registry's
+        # (`PatientIdentities.same_patient`: merges followed, a study of a merged IPP is its survivor's).
+        self.same_patient: Callable[[model.Patient, model.Patient], bool] = same_patient
 
     def close(self) -> None:
         with self._lock:
@@ -187,6 +204,8 @@ class ReportPublisher:
         if not orders and not studies and not steps:
             return
         with self._lock:
+            if studies or steps:
+                self.changes += 1
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for accession, summary in orders:  # a status message carries less: it completes, never blanks
@@ -217,25 +236,65 @@ class ReportPublisher:
 
     def catalog_for(self, report: model.Report) -> tuple[model.Study, str] | None:
         """The study of a report's DICOM object catalog and where it comes from (``archive``, ``mpps``): the study
-        the archive reported, else the series and instances the modality reported performed (MPPS)."""
+        the archive reported, else the series and instances the modality reported performed (MPPS); only of the
+        report's own study and patient (``_sources``)."""
+        return self._catalog(report)[0]
+
+    def _catalog(self, report: model.Report) -> tuple[tuple[model.Study, str] | None, str]:
+        """The catalog (as ``catalog_for``) and, when there is none, why a known study was not taken ("" else)."""
+        studies, steps, refused = self._sources(report)
+        if studies:
+            return (studies[0], "archive"), ""
+        study = _performed_study(steps)
+        return ((study, "mpps") if study is not None else None), refused
+
+    def _sources(
+        self, report: model.Report, *, unidentified: bool = False
+    ) -> tuple[list[model.Study], list[model.PerformedStep], str]:
+        """The archive's studies (latest first) and the performed steps (MPPS) that may make the report's catalog:
+        those of its Study Instance UID when it has one (as sent, or its order's), else of its accession number;
+        of them, only those of the report's patient (``same_patient``; ``unidentified``: and the steps that name no
+        patient at all). Also says what was left out ("" when nothing was), without patient data: it goes into the
+        journal entry.
+
+        A report with a Study Instance UID is never matched by its accession number: one accession number may cover
+        several requested procedures, each its own study (IHE's grouped procedures), and a sibling's images are not
+        this report's. A modality that gives the exam a new Study Instance UID instead of the worklist's leaves the
+        report waiting until its deadline, then a dead letter an operator sees."""
         uid, accession = report.study_instance_uid, report.accession_number.value
+        if uid:
+            key, where = "Study Instance UID", ("uid", "study_uid", uid)
+        elif accession:
+            key, where = "accession number", ("accession", "accession", accession)
+        else:
+            return [], [], ""
         with self._lock:
-            row = None
-            if uid:
-                row = self._db.execute("SELECT study FROM studies WHERE uid = ?", (uid,)).fetchone()
-            if row is None and accession:
-                row = self._db.execute(
-                    "SELECT study FROM studies WHERE accession = ? ORDER BY rowid DESC LIMIT 1", (accession,)
-                ).fetchone()
-            steps: list[Any] = []
-            if row is None and uid:
-                steps = self._db.execute("SELECT step FROM performed WHERE study_uid = ?", (uid,)).fetchall()
-            if row is None and not steps and accession:
-                steps = self._db.execute("SELECT step FROM performed WHERE accession = ?", (accession,)).fetchall()
-        if row is not None:
-            return model.from_dict(model.Study, json.loads(row[0])), "archive"
-        study = _performed_study([model.from_dict(model.PerformedStep, json.loads(r[0])) for r in steps])
-        return (study, "mpps") if study is not None else None
+            rows = self._db.execute(f"SELECT study FROM studies WHERE {where[0]} = ? ORDER BY rowid DESC", where[2:])
+            studies = [model.from_dict(model.Study, json.loads(r[0])) for r in rows.fetchall()]
+            rows = self._db.execute(f"SELECT step FROM performed WHERE {where[1]} = ?", where[2:])
+            steps = [model.from_dict(model.PerformedStep, json.loads(r[0])) for r in rows.fetchall()]
+        mine = [s for s in studies if self.same_patient(report.patient, s.patient)]
+        mine_performed = [
+            s
+            for s in steps
+            if self.same_patient(report.patient, s.patient)
+            or (unidentified and not any(i.value for i in s.patient.ids))
+        ]
+        what = [
+            w
+            for w, left in (
+                ("a study of the archive", len(studies) > len(mine)),
+                ("a study performed (MPPS)", len(steps) > len(mine_performed)),
+            )
+            if left
+        ]
+        refused = (
+            f"{' and '.join(what)} with its {key} is not of the report's patient (another patient, or no patient"
+            " identifier): not taken as its catalog"
+            if what
+            else ""
+        )
+        return mine, mine_performed, refused
 
     def missing_study(self, report: model.Report) -> tuple[str, str] | None:
         """(Study Instance UID, accession number) of a structured report whose study no catalog source knows yet
@@ -246,7 +305,14 @@ class ReportPublisher:
         self._complete(probe)
         if self.catalog_for(probe) is not None:
             return None
-        return probe.study_instance_uid, probe.accession_number.value
+        return probe.study_instance_uid, probe.accession_number.value  # what the archive gives is checked as well
+
+    def performed_end(self, report: model.Report) -> str:
+        """When the exam ended as its MPPS said (the latest end of the performed steps of the report's study, else
+        of its accession number, among those kept for the catalog: the steps that reported their instances), or "".
+        A time only, never images: a step that names no patient counts, one of another patient does not."""
+        ends = [step.ended for step in self._sources(report, unidentified=True)[1]]
+        return max((e for e in ends if e[:8].isdigit()), default="")
 
     def order_for(self, accession: str) -> model.ImagingOrder | None:
         with self._lock:
@@ -290,6 +356,8 @@ class ReportPublisher:
         if held is not None:
             return held
         self._complete(report)
+        if not report.ended:  # OBR-8 empty: the end of the exam as the modality reported it (MPPS)
+            report.ended = self.performed_end(report)
         try:
             if report.action == "delete":
                 return self._delete(report, message_key)
@@ -347,13 +415,15 @@ class ReportPublisher:
         version, replaces = self._next_version(set_id), current.id if current is not None else ""
         ids = DocumentIds(f"{set_id}.{version}", set_id, version, replaces)
         level = 1 if report.attachment_type == "application/pdf" else 3
-        found = self.catalog_for(report) if level == 3 else None
+        found, refused = self._catalog(report) if level == 3 else (None, "")
         study = found[0] if found else None
         if level == 3 and study is None and self.wait_for_study > 0:
-            return self._wait(report, message_key, ids)
+            return self._wait(report, message_key, ids, refused)
+        if study is None and refused:  # not waiting: the AE says why the study known for it is not its catalog
+            raise ReportRefused(refused, "PID-3", code="205")
         if current is None and report.action == "replace":
             log.warning("report.replaces_nothing", accession=report.accession_number.value, set_id=set_id)
-        if study is not None:  # the archive's UID (found by accession number, it may differ from the order's)
+        if study is not None:  # the same UID, or the study's (found by accession number: the report had none)
             report.study_instance_uid = study.study_instance_uid
         report.acts = [self.mapping.act_of(report, study)]
         data = self.mapping.build(report, ids, study)
@@ -364,9 +434,10 @@ class ReportPublisher:
 
     # -- reports waiting for their study ---------------------------------------------------------------------
 
-    def _wait(self, report: model.Report, message_key: str, ids: DocumentIds) -> Waiting:
+    def _wait(self, report: model.Report, message_key: str, ids: DocumentIds, remark: str = "") -> Waiting:
         """Check everything but the catalog now (a stand-in one: AE for what the sender can fix), then keep the
-        report as waiting, superseding the versions of its set still waiting, in one transaction."""
+        report as waiting, superseding the versions of its set still waiting, in one transaction. ``remark``: why a
+        study known for it is not its catalog (said in the note)."""
         kept = json.dumps(model.plain(report), ensure_ascii=False)
         report.acts = [act := self.mapping.act_of(report, None)]
         self._check(self.mapping.build(report, ids, placeholder_study(report, act)))
@@ -378,7 +449,7 @@ class ReportPublisher:
                 superseded = self._supersede(key, message_key, "superseded")
                 cur = self._db.execute(
                     "INSERT INTO waiting (message_key, set_key, accession, study_uid, received, deadline, status,"
-                    " report) VALUES (?, ?, ?, ?, ?, ?, 'waiting', ?)",
+                    " report, remark, noted) VALUES (?, ?, ?, ?, ?, ?, 'waiting', ?, ?, 1)",
                     (
                         message_key,
                         key,
@@ -387,6 +458,7 @@ class ReportPublisher:
                         datetime.now(UTC).isoformat(timespec="seconds"),
                         deadline,
                         kept,
+                        remark,
                     ),
                 )
                 self._db.execute("COMMIT")
@@ -394,8 +466,8 @@ class ReportPublisher:
                 self._db.execute("ROLLBACK")
                 raise
         n = int(cur.lastrowid or 0)
-        log.info("report.waiting", waiting=n, superseded=superseded)
-        return Waiting(_waiting_note(n, deadline, superseded), n=n)
+        log.info("report.waiting", waiting=n, superseded=superseded, other_patient=bool(remark))
+        return Waiting(_waiting_note(n, deadline, superseded) + (f"; {remark}" if remark else ""), n=n)
 
     def _supersede(self, set_key: str, message_key: str, status: str) -> int:
         """In the caller's transaction: the versions of the set not published yet (waiting, or dead letters) are
@@ -448,7 +520,15 @@ class ReportPublisher:
                 return None
             report = model.from_dict(model.Report, json.loads(row[0]))
             self._complete(report)
-            if self.catalog_for(report) is None:
+            found, refused = self._catalog(report)
+            if found is None:
+                if refused:  # said once in its journal entry (``unnoted``), each time the reason changes
+                    with self._lock:
+                        self._db.execute(
+                            "UPDATE waiting SET remark = ?, noted = 0 WHERE message_key = ? AND status = 'waiting'"
+                            " AND remark != ?",
+                            (refused, message_key, refused),
+                        )
                 return None
             try:
                 doc = self._generated(report, message_key)
@@ -458,6 +538,51 @@ class ReportPublisher:
                 raise ReportRefused(reason) from exc
             assert isinstance(doc, model.Document)
             return doc
+
+    def waiting_for(self, study_uids: Any, accessions: Any) -> list[str]:
+        """Message keys of the waiting reports of these studies or accession numbers (indexed: what a batch of
+        catalog events may publish), oldest first."""
+        keys: set[tuple[int, str]] = set()
+        for column, values in (
+            ("study_uid", sorted(set(study_uids) - {""})),
+            ("accession", sorted(set(accessions) - {""})),
+        ):
+            for i in range(0, len(values), 500):
+                chunk = values[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                with self._lock:
+                    rows = self._db.execute(
+                        f"SELECT n, message_key FROM waiting WHERE status = 'waiting' AND {column} IN ({marks})", chunk
+                    ).fetchall()
+                keys.update((int(r[0]), str(r[1])) for r in rows)
+        return [key for _, key in sorted(keys)]
+
+    def scan(self, after: int, limit: int) -> list[tuple[int, str, str, str, bool]]:
+        """A page of the waiting reports (``n`` above ``after``, at most ``limit``): (n, message key, Study UID,
+        accession number, whether a catalog source names its study), in SQL, without reading the reports."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT n, message_key, study_uid, accession, CASE WHEN study_uid != '' THEN"
+                " EXISTS (SELECT 1 FROM studies WHERE uid = w.study_uid)"
+                " OR EXISTS (SELECT 1 FROM performed WHERE study_uid = w.study_uid)"
+                " ELSE accession != '' AND (EXISTS (SELECT 1 FROM studies WHERE accession = w.accession)"
+                " OR EXISTS (SELECT 1 FROM performed WHERE accession = w.accession)) END"
+                " FROM waiting AS w WHERE status = 'waiting' AND n > ? ORDER BY n LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), bool(r[4])) for r in rows]
+
+    def held(self, message_key: str) -> dict[str, Any] | None:
+        """The row of a held report (as ``waiting`` lists it), or None."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_LISTED)} FROM waiting WHERE message_key = ?", (message_key,)
+            ).fetchone()
+        return dict(zip(_LISTED, row, strict=True)) if row else None
+
+    def counts(self) -> dict[str, int]:
+        """How many reports wait for their study, and how many are dead letters (indexed counts: cheap)."""
+        return _counts(self._db, self._lock)
 
     def expire(self, now: float | None = None) -> int:
         """Waiting reports past their deadline become dead letters (``expired``); returns how many."""
@@ -480,13 +605,13 @@ class ReportPublisher:
 
     def unnoted(self) -> list[dict[str, Any]]:
         """Outcomes not yet written to the journal entries of their messages (published, superseded, withdrawn,
-        dead letters)."""
+        dead letters; why a waiting report still waits: ``remark``), with the entry's id when it is known."""
+        keys = ("n", "message_key", "status", "reason", "superseded_by", "document_id", "journal_id", "remark")
         with self._lock:
             rows = self._db.execute(
-                "SELECT n, message_key, status, reason, superseded_by, document_id FROM waiting"
-                " WHERE noted = 0 AND status != 'waiting' ORDER BY n"
+                f"SELECT {', '.join(keys)} FROM waiting WHERE noted = 0 AND (status != 'waiting' OR remark != '')"
+                " ORDER BY n"
             ).fetchall()
-        keys = ("n", "message_key", "status", "reason", "superseded_by", "document_id")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def noted(self, n: int, journal_id: int = 0) -> None:
@@ -573,10 +698,19 @@ class ReportPublisher:
         self._store(doc, message_key, supersede=_set_key(doc.report), withdraw=True)
         return doc
 
-    def discard(self, message_key: str) -> None:
+    def discard(self, message_key: str) -> bool:
         """Undo what ``prepare`` stored for a message that was not journaled after all (the journal write failed,
-        the engine stopped in between): the version goes, the one it superseded or deleted is current again."""
+        the engine stopped in between): the version goes, the one it superseded or deleted is current again.
+
+        Never for a report held with a recorded journal entry (``journal_id``): it was journaled and answered AA, so
+        an entry not found means pruned, not unjournaled; nothing of it goes (returns False)."""
         with self._prepare_lock, self._lock:
+            journaled = self._db.execute(
+                "SELECT n FROM waiting WHERE message_key = ? AND journal_id != 0", (message_key,)
+            ).fetchone()
+            if journaled is not None:
+                log.warning("report.discard_refused", waiting=journaled[0], reason="journaled")
+                return False
             row = self._db.execute(
                 "SELECT document_id, action FROM messages WHERE message_key = ?", (message_key,)
             ).fetchone()
@@ -596,7 +730,7 @@ class ReportPublisher:
                 self._db.execute("COMMIT")
                 log.warning("report.discarded", waiting=held[0], restored=held[1])
             if row is None:
-                return
+                return any(held)
             doc_id, action = row
             found = self._db.execute("SELECT document FROM documents WHERE id = ?", (doc_id,)).fetchone()
             self._db.execute("BEGIN IMMEDIATE")
@@ -622,21 +756,21 @@ class ReportPublisher:
                 self._db.execute("ROLLBACK")
                 raise
         log.warning("report.discarded", document_id=doc_id, action=action)
+        return True
 
     def reconcile(self, journaled: Any, recent: int = 100) -> int:
         """At start: discard what was prepared for messages the journal does not hold as accepted (a crash between
-        the two writes can only concern the last ones: ``recent``). ``journaled(message_key) -> bool``."""
+        the two writes can only concern the last ones: ``recent``), except reports with a recorded journal entry
+        (pruned since: kept, see ``discard``). ``journaled(message_key) -> bool``. Returns how many were."""
         with self._lock:
             rows = self._db.execute("SELECT message_key FROM messages ORDER BY rowid DESC LIMIT ?", (recent,))
             keys = [r[0] for r in rows]
             rows = self._db.execute(
-                "SELECT message_key FROM waiting WHERE status = 'waiting' ORDER BY n DESC LIMIT ?", (recent,)
+                "SELECT message_key FROM waiting WHERE status = 'waiting' AND journal_id = 0 ORDER BY n DESC LIMIT ?",
+                (recent,),
             )
             keys += [r[0] for r in rows if r[0] not in keys]
-        missing = [k for k in keys if not journaled(k)]
-        for key in missing:
-            self.discard(key)
-        return len(missing)
+        return sum(self.discard(key) for key in keys if not journaled(key))
 
     def _check(self, data: bytes) -> None:
         if self.validator is None:
@@ -716,6 +850,7 @@ def document_of(
         title=header.title,
         created=header.effective_time,
         service_start=mapping.ts(report.exam_time),
+        service_stop=mapping.service_end(report, mapping.ts(report.exam_time)),
         confidentiality=mapping.confidentiality(report),
         report=clean,
     )
@@ -780,7 +915,7 @@ def _withdrawn_note(withdrawn: int) -> str:
 
 
 _LISTED = ("n", "message_key", "status", "accession", "study_uid", "received", "deadline", "reason", "journal_id",
-           "document_id", "superseded_by")  # fmt: skip
+           "document_id", "superseded_by", "remark")  # fmt: skip
 
 
 def _rows(db: sqlite3.Connection, lock: Any, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -790,6 +925,27 @@ def _rows(db: sqlite3.Connection, lock: Any, statuses: tuple[str, ...]) -> list[
             f"SELECT {', '.join(_LISTED)} FROM waiting WHERE status IN ({marks}) ORDER BY n", statuses
         ).fetchall()
     return [dict(zip(_LISTED, r, strict=True)) for r in rows]
+
+
+def _counts(db: sqlite3.Connection, lock: Any) -> dict[str, int]:
+    with lock:
+        rows = db.execute(
+            "SELECT status, count(*) FROM waiting WHERE status IN ('waiting', 'expired', 'invalid') GROUP BY status"
+        ).fetchall()
+    found = dict(rows)
+    return {"waiting": int(found.get("waiting", 0)), "dead_letters": sum(int(found.get(d, 0)) for d in DEAD)}
+
+
+def held_report(path: Path | str, n: int) -> dict[str, Any] | None:
+    """Report ``n`` of the waiting table of a reports store, from another process (None: no such report)."""
+    if not 0 < n <= MAX_REPORT_NUMBER:
+        return None
+    db = _open(path)
+    try:
+        row = db.execute(f"SELECT {', '.join(_LISTED)} FROM waiting WHERE n = ?", (n,)).fetchone()
+        return dict(zip(_LISTED, row, strict=True)) if row else None
+    finally:
+        db.close()
 
 
 def held_reports(path: Path | str, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -805,6 +961,8 @@ def request_publication(path: Path | str, n: int, wait_for_study: float = WAIT_F
     """Ask the running engine to publish report ``n`` now (waiting, or a dead letter: it waits again, with a new
     deadline, and is published as soon as its study is known); returns its status before, or None when there is
     no such report or it is not held any more."""
+    if not 0 < n <= MAX_REPORT_NUMBER:
+        return None
     db = _open(path)
     try:
         row = db.execute("SELECT status FROM waiting WHERE n = ?", (n,)).fetchone()
@@ -823,5 +981,49 @@ def _open(path: Path | str) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    db.executescript(SCHEMA)
+    _create(db)
     return db
+
+
+def _create(db: sqlite3.Connection) -> None:
+    """The schema, on a new file or one written by an earlier version (its ``waiting`` table without ``remark``)."""
+    db.executescript(SCHEMA)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(waiting)")}
+    if "remark" not in columns:
+        db.execute("ALTER TABLE waiting ADD COLUMN remark TEXT NOT NULL DEFAULT ''")
+    db.executescript(INDEXES)
+
+
+def same_patient(report: model.Patient, source: model.Patient) -> bool:
+    """Whether a study (the archive's, an MPPS) is of the report's patient, so may make its catalog.
+
+    The identifiers decide, never the names: an INS both carry (same OID) must be the same, and then suffices; else
+    one patient identifier (IPP) of each must have the same value with assigning authorities that agree (the same
+    OID when both have one; else, when both name one, a common name: DICOM's single Issuer of Patient ID may hold
+    the HL7 namespace or the OID). A report or a study without any patient identifier matches nothing: it cannot be
+    shown to be the same patient (such a report waits, then is a dead letter an operator looks at)."""
+    mine = [i for i in report.ids if i.value]
+    theirs = [i for i in source.ids if i.value]
+    ins_mine = {i.issuer_oid: i.value.upper() for i in mine if _is_ins(i)}
+    ins_theirs = {i.issuer_oid: i.value.upper() for i in theirs if _is_ins(i)}
+    common = ins_mine.keys() & ins_theirs.keys()
+    if common:
+        return all(ins_mine[k] == ins_theirs[k] for k in common)
+    return any(
+        a.value == b.value and _authorities_agree(a, b)
+        for a in mine
+        if not _is_ins(a)
+        for b in theirs
+        if not _is_ins(b)
+    )
+
+
+def _is_ins(ident: model.Identifier) -> bool:
+    return ident.type == "INS" or ident.issuer_oid in model.INS_OIDS
+
+
+def _authorities_agree(a: model.Identifier, b: model.Identifier) -> bool:
+    if a.issuer_oid and b.issuer_oid:
+        return a.issuer_oid == b.issuer_oid
+    names_a, names_b = {a.issuer, a.issuer_oid} - {""}, {b.issuer, b.issuer_oid} - {""}
+    return not (names_a and names_b) or bool(names_a & names_b)

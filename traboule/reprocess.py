@@ -9,10 +9,10 @@ Why it works this way:
 
 * **Point to point.** The events go to the named channels' queues only, as a dead-letter replay does, not to
   their topics: the other subscribers (the worklist, the RIS status feed, a DMP) do not receive them again.
-* **Durable without the engine.** The command publishes to those queues itself and checkpoints only once the bus
-  confirmed; the queues are durable, so the engine need not run: its channels take the events when it starts (a
-  channel added to the configuration, once the engine restarts with it). Not through the journal's outbox: its
-  dispatcher publishes to topics, which would reach every subscriber.
+* **Durable without the engine.** The command sends to those queues itself (``Bus.send``) and checkpoints only
+  once the bus confirmed; the queues are durable, so the engine need not run: its channels take the events when it
+  starts (a channel added to the configuration, once the engine restarts with it). Not through the journal's
+  outbox: its dispatcher publishes to topics, which would reach every subscriber.
 * **Idempotency keys** ``<message key>:<index>~<generation>``: the generation hashes the event as today's
   inbound mapping makes it and the target channel's own mapping (its YAML file and tables). The same reprocess run
   twice, or resumed after a crash between a publish and its checkpoint, makes the same keys: consumers skip them
@@ -21,6 +21,11 @@ Why it works this way:
   event older than the latest one applied to the same order (a cancel received later, a performed step) is
   skipped as stale, so reprocessing an old message never brings back what a later one changed. Reprocess the
   whole range of an order's messages, not one in the middle.
+* **Patient identity as at ingest.** Each message goes through the registry's checks again
+  (``traboule.patient_identity``): merges resolved (a merged IPP's events name its survivor), an IPP given another
+  INS than the one recorded, or a report naming another patient's order, is refused (listed, nothing sent), an
+  identity source's patient update replaces the INS; what is sent is recorded. Refused messages (``rejected``
+  entries) are taken only when ``--status rejected`` says so, and are checked like the others.
 * **Reports** are re-sent as the document events they made, read from the inbound channel's reports store; their
   CDA is not built again with today's ``cda.yaml``: a new CDA would be a new version of the shared document.
 * **Dry run**: each message's events are applied, in order, to copies of the target channels' stores in a scratch
@@ -33,7 +38,6 @@ Why it works this way:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -53,13 +57,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from channels.orders import _topic as topic_of
 from traboule import hl7
-from traboule.bus import Bus, Delivery, make_bus, topic_matches
+from traboule.bus import Bus, Delivery, Item, make_bus, topic_matches
 from traboule.config import Config, resolve
 from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.journal import Journal, JournalEntry, Query
-from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain
+from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain, topic_of
+from traboule.patient_identity import PatientIdentities, identity_sources, mark_authoritative
 from traboule.runtime import channel_bindings, channel_class
 
 STATE_FILE = "reprocess.json"
@@ -77,6 +81,10 @@ class ReprocessError(Exception):
 
 class MessageFailed(Exception):
     """One message cannot be reprocessed (it no longer maps, its report made no document): reported, skipped."""
+
+
+class MessageRefused(MessageFailed):
+    """One message the patient identity checks refuse, as at ingest: reported as refused, nothing sent."""
 
 
 # -- selection --------------------------------------------------------------------------------------------------
@@ -164,6 +172,7 @@ class State:
     after: int = 0  # last journal id done
     done: int = 0
     failed: int = 0
+    refused: int = 0  # by the patient identity checks (counted among the failed too)
     events: int = 0
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     finished: str = ""
@@ -227,7 +236,8 @@ def plan(
     query = Query(
         ids=wanted_ids,
         ranges=ranges,
-        statuses=list(statuses) or (list(REPROCESSABLE) if wanted_ids or ranges else ["accepted"]),
+        # A refused message only when asked by name: its events never went anywhere.
+        statuses=list(statuses) or (["accepted", "duplicate"] if wanted_ids or ranges else ["accepted"]),
         types=list(types),
         channels=list(channels) or sorted(inbound),
         since=utc_bound(since) if since else "",
@@ -257,7 +267,7 @@ def plan(
             raise ReprocessError("no inbound HL7 channel (kind hl7-orders) in the configuration")
         found = targets(cfg, to)
         for entry_id in wanted_ids:
-            _check_named(journal, entry_id, inbound)
+            _check_named(journal, entry_id, inbound, query.statuses)
         query.upto = journal.last_id()
         state = State(query=dataclasses.asdict(query), to=[t.name for t in found])
     total = journal.count(query, after=state.after)
@@ -266,13 +276,20 @@ def plan(
     return Plan(query, found, state, total)
 
 
-def _check_named(journal: Journal, entry_id: int, inbound: dict[str, Any]) -> None:
-    """An id given alone must name an inbound HL7 message of a configured channel: said now, before any work."""
+def _check_named(journal: Journal, entry_id: int, inbound: dict[str, Any], statuses: list[str]) -> None:
+    """An id given alone must name an inbound HL7 message of a configured channel, of a selected status: said now,
+    before any work."""
     entry = journal.get(entry_id)
     if entry is None:
         raise ReprocessError(f"no journal entry {entry_id}")
     if entry.status not in REPROCESSABLE:
         raise ReprocessError(f"journal entry {entry_id} is {entry.status} (an outbound message): nothing to reprocess")
+    if entry.status not in statuses:
+        raise ReprocessError(
+            f"journal entry {entry_id} was {entry.status} when received ({entry.ack_code or 'no ACK'}): it is "
+            f"reprocessed only with --status {entry.status}, and checked again then",
+            2,
+        )
     if entry.channel not in inbound:
         raise ReprocessError(
             f"journal entry {entry_id} was received by channel {entry.channel!r}, which is not an inbound HL7 channel "
@@ -303,11 +320,14 @@ class Remapper:
             path = resolve(self.cfg, channel.get("mapping", "mappings/hl7_inbound.yaml"))
             mapping = self._mappings[entry.channel] = HL7InboundMapping(path)
         try:
-            payloads = mapping.map(hl7.parse(hl7.decode(entry.raw).text), [])
+            msg = hl7.parse(hl7.decode(entry.raw).text)
+            payloads = mapping.map(msg, [])
         except hl7.HL7Error as exc:
             raise MessageFailed(f"{exc.location}: {exc}" if exc.location else str(exc)) from None
         except MappingFailure as exc:
             raise MessageFailed(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
+        sources = identity_sources(channel.get("identity_sources"), entry.channel)
+        mark_authoritative(payloads, sources, (msg.header(3, 1), msg.header(4, 1)))
         return [(i, self._document(entry) if isinstance(p, Report) else p) for i, p in enumerate(payloads)]
 
     def _document(self, entry: JournalEntry) -> Document:
@@ -329,6 +349,24 @@ class Remapper:
         doc: Document = from_dict(Document, json.loads(row[0]))
         doc.action = doc.report.action = row[1]
         return doc
+
+
+def checked(identities: PatientIdentities, events: list[tuple[int, Payload]]) -> list[Payload]:
+    """A message's events through the patient identity checks of its ingest: merges resolved (in place), an IPP
+    given another INS or a report naming another patient's order refused (`MessageRefused`); its pairs are held
+    until `PatientIdentities.record` (or `release`). Returns the payloads to record once sent."""
+    payloads = [p for _, p in events]
+    identities.resolve_merged(payloads)
+    try:
+        identities.check(payloads)
+    except MappingFailure as exc:
+        raise MessageRefused(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
+    try:
+        identities.check_report(payloads)
+    except MappingFailure as exc:
+        identities.release(payloads)
+        raise MessageRefused(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
+    return payloads
 
 
 def fingerprint(channel: Any) -> str:
@@ -372,54 +410,12 @@ def deliveries(entry: JournalEntry, events: list[tuple[int, Payload]], target: T
 
 
 async def send_to_queues(bus: Bus, items: list[tuple[str, Delivery]]) -> None:
-    """Put deliveries on named queues (not on their topics), durably: returns once the bus confirmed them all.
-
-    Point to point, as a dead-letter replay is: into the embedded bus's rows of that queue (one transaction), or
-    through RabbitMQ's default exchange to ``<exchange>.<queue>`` with the topic in ``x-original-topic``, which
-    the consumer reads as the delivery's topic."""
-    if not items:
-        return
-    from traboule.embedded_bus import EmbeddedBus
-
-    if isinstance(bus, EmbeddedBus):
-        rows = [(q, d.topic, d.body, d.message_id, json.dumps(d.headers)) for q, d in items]
-
-        def insert() -> None:
-            db = bus._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT INTO messages (queue, topic, body, message_id, headers) VALUES (?, ?, ?, ?, ?)", rows
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
-        await bus._run(insert)
-        return
-    import aio_pika
-
-    from adapters.rabbitmq import TOPIC, RabbitMQBus
-
-    if not isinstance(bus, RabbitMQBus):
-        raise TypeError(f"cannot deliver to a queue of a {type(bus).__name__}")
-    _, channel = bus._live()
-    await asyncio.gather(
-        *(
-            channel.default_exchange.publish(
-                aio_pika.Message(
-                    body=d.body,
-                    message_id=d.message_id,
-                    headers={**d.headers, TOPIC: d.topic},
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key=bus.queue_name(q),
-                mandatory=False,
-            )
-            for q, d in items
-        )
-    )
+    """Put deliveries on named queues (not on their topics), durably: returns once the bus confirmed them all."""
+    by_queue: dict[str, list[Item]] = {}
+    for queue, d in items:
+        by_queue.setdefault(queue, []).append((d.topic, d.body, d.message_id, d.headers))
+    for queue, messages in by_queue.items():
+        await bus.send(queue, messages)
 
 
 @contextlib.contextmanager
@@ -447,6 +443,7 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
     out = out or sys.stdout
     state, state_path = chosen.state, Path(cfg.data_dir) / STATE_FILE
     remapper = Remapper(cfg)
+    identities = PatientIdentities(Path(cfg.data_dir) / "patients.sqlite")
     with _built(cfg, chosen.targets, copy_from=None) as built:
         for target in chosen.targets:
             target.fingerprint = fingerprint(built[target.name])
@@ -469,15 +466,24 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
                     if not entries:
                         break
                     items: list[tuple[str, Delivery]] = []
+                    sent: list[list[Payload]] = []
                     for entry in entries:
                         try:
                             events = remapper.events(entry)
+                            sent.append(checked(identities, events))
+                        except MessageRefused as exc:
+                            state.failed += 1
+                            state.refused += 1
+                            bar.write(f"journal entry {entry.id}: refused: {exc}", file=out)
+                            continue
                         except MessageFailed as exc:
                             state.failed += 1
                             bar.write(f"journal entry {entry.id}: not reprocessed: {exc}", file=out)
                             continue
                         items += [(t.queue, d) for t in chosen.targets for d in deliveries(entry, events, t)]
                     await send_to_queues(bus, items)
+                    for payloads in sent:  # sent: their pairs, owners and merges are the registry's
+                        identities.record(payloads)
                     state.after = entries[-1].id
                     state.done += len(entries)
                     state.events += len(items)
@@ -489,9 +495,11 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
                 state.save(state_path)
         finally:
             await bus.close()
+            identities.close()
     print(
         f"{state.done - state.failed} message(s) reprocessed into {', '.join(t.name for t in chosen.targets)}: "
         f"{state.events} event(s) queued; {state.failed} not reprocessed"
+        + (f" ({state.refused} refused by the patient identity checks)" if state.refused else "")
         + ("" if state.finished else f"; stopped after journal entry {state.after}: --resume continues"),
         file=out,
     )
@@ -651,6 +659,7 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
     """Print, per message, what a run would change; change nothing. Returns 1 when a message would fail."""
     out = out or sys.stdout
     remapper = Remapper(cfg)
+    identities = PatientIdentities(Path(cfg.data_dir) / "patients.sqlite")  # checked, nothing recorded
     counts = {"messages": 0, "changing": 0, "failed": 0}
     with _built(cfg, chosen.targets, copy_from=Path(cfg.data_dir)) as built:
         for target in chosen.targets:
@@ -668,13 +677,14 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
                     break
                 for entry in entries:
                     counts["messages"] += 1
-                    changed = await _preview(entry, remapper, journal, chosen.targets, built, say)
+                    changed = await _preview(entry, remapper, identities, journal, chosen.targets, built, say)
                     if changed is None:
                         counts["failed"] += 1
                     elif changed:
                         counts["changing"] += 1
                     bar.update(1)
                 after = entries[-1].id
+    identities.close()
     print(
         f"dry run: {counts['messages']} message(s), {counts['changing']} would change "
         f"{', '.join(t.name for t in chosen.targets)}, {counts['failed']} would fail; nothing was sent",
@@ -686,6 +696,7 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
 async def _preview(
     entry: JournalEntry,
     remapper: Remapper,
+    identities: PatientIdentities,
     journal: Journal,
     chosen: list[Target],
     built: dict[str, Any],
@@ -696,6 +707,10 @@ async def _preview(
     say(f"journal entry {entry.id}  {entry.message_type}  {entry.status}  {entry.received}  {entry.channel}")
     try:
         events = remapper.events(entry)
+        checked(identities, events)
+    except MessageRefused as exc:
+        say(f"  refused: {exc}")
+        return None
     except MessageFailed as exc:
         say(f"  fails: {exc}")
         return None

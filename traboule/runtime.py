@@ -19,7 +19,7 @@ import structlog
 
 from traboule import metrics
 from traboule.bus import Bus, make_bus
-from traboule.config import Config, ConfigError
+from traboule.config import DEFAULT_CHANNELS, Config, ConfigError
 from traboule.journal import Journal
 from traboule.mapping import MappingError
 
@@ -118,7 +118,55 @@ def preflight(config: Config) -> list[str]:
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 raise ConfigError(f"channel {name}: {exc}") from exc
             checked.append(f"{name} ({channel_config['kind']}, process {process_of(channel_config)})")
+    check_listeners(config)
     return checked
+
+
+# The adapters that listen, with the port they take when the configuration names none (their own defaults).
+LISTENERS = {"mllp-listener": ("MLLP", 2575), "mwl-scp": ("MWL", 11112), "mpps-scp": ("MPPS", 11113)}
+WILDCARDS = {"", "0.0.0.0", "::"}
+
+
+def check_listeners(config: Config) -> None:
+    """Refuse (``ConfigError``) two listeners on one address: MLLP listeners, DICOM SCPs and the processes' HTTP
+    ports, whichever channels and processes they belong to (a wildcard host overlaps every host). Only the first
+    would bind; the process of the other would stop with "address already in use" after the check said ok."""
+    # (host, port, what listens, the channel's name or "" for a process's HTTP port)
+    listening: list[tuple[str, int, str, str]] = [
+        (config.http_host, config.http_port_of(p), f"the HTTP port of process {p}", "") for p in config.processes()
+    ]
+    for channel_config in config.channels:
+        name = str(channel_config.get("name", "?"))
+        destinations = channel_config.get("destinations")
+        for endpoint in [channel_config.get("source"), *(destinations if isinstance(destinations, list) else [])]:
+            if not isinstance(endpoint, dict) or endpoint.get("adapter") not in LISTENERS:
+                continue
+            what, default_port = LISTENERS[endpoint["adapter"]]
+            try:
+                port = int(endpoint.get("port", default_port))
+            except (TypeError, ValueError):
+                continue  # the channel's own check says what is wrong with it
+            listening.append((str(endpoint.get("host", "127.0.0.1")), port, f"channel {name} ({what})", name))
+    defaults = {c["name"] for c in DEFAULT_CHANNELS}
+    clashes, with_default = [], []
+    for n, (host, port, owner, channel) in enumerate(listening):
+        for other_host, other_port, other, other_channel in listening[:n]:
+            same_host = host == other_host or host in WILDCARDS or other_host in WILDCARDS
+            if port != other_port or port == 0 or not same_host:
+                continue
+            clashes.append(f"{other} and {owner} both listen on {other_host}:{port}")
+            if channel and other_channel and channel != other_channel:
+                with_default += [c for c in (other_channel, channel) if c in defaults and c not in with_default]
+    if not clashes:
+        return
+    text = "; ".join(clashes) + ": only one can bind an address, give one of them another port"
+    if with_default:
+        text += (
+            f". {', '.join(with_default)}: default channel(s); a configuration written for the former defaults"
+            " sets `[engine] defaults = false` (only its own channels), or names its channel as the default one"
+            " to change that one rather than add another"
+        )
+    raise ConfigError(text)
 
 
 @dataclass(frozen=True)

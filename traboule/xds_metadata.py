@@ -13,8 +13,13 @@ the canonical report and the settings:
   unless configured).
 
 The attributes follow the DMP's CR-IMG DocumentEntry as the CI-SIS volets describe it (type, class, format by CDA
-level, confidentiality with masking, facility and practice setting, reference ids). The dataclasses below are the
-plain metadata ``adapters.xds`` encodes as ebRIM; they hold values, not XML.
+level, confidentiality with masking, facility and practice setting, reference ids). serviceStartTime and
+serviceStopTime are the serviceEvent's ``effectiveTime/low`` and ``high`` in UTC. eventCodeList holds what a DMP
+search filters on, from the serviceEvent's code translations: the CCAM act (``ccam_scheme``), the modality
+(JDV_ModaliteAcquisition_CISIS 1.2.250.1.213.1.1.5.618, as in the ANS DMP sample) and the anatomical region (the
+SNOMED CT translation from JDV_RegionAnatomique_CISIS, under that value set's OID 1.2.250.1.213.1.1.5.695: the
+scheme the ANS DRIMbox's FindDocuments searches regions by; ``region_scheme``). The dataclasses below are the plain
+metadata ``adapters.xds`` encodes as ebRIM; they hold values, not XML.
 """
 
 from __future__ import annotations
@@ -47,30 +52,9 @@ CONFIDENTIALITY_SCHEME = "2.16.840.1.113883.5.25"
 MASKING_SCHEME = "1.2.250.1.213.1.1.4.13"
 CONTENT_TYPE_SCHEME = "1.2.250.1.213.2.2"  # TRE_R209-TypeActivite
 MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
-
-# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
-CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
-FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
-FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
-CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
-# TRE_R209-TypeActivite
-MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
-
-# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
-CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
-FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
-FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
-CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
-# TRE_R209-TypeActivite
-MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
-
-# typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
-CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
-FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
-FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
-CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
-# TRE_R209-TypeActivite
-MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
+# JDV_RegionAnatomique_CISIS: the scheme the DRIMbox (ANS PoC, FindDocuments) searches regions by
+REGION_SCHEME = "1.2.250.1.213.1.1.5.695"
+SNOMED = "2.16.840.1.113883.6.96"  # the region translation of the CDA serviceEvent (JDV_RegionAnatomique_CISIS)
 
 # typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
 CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
@@ -217,7 +201,8 @@ class MetadataSettings:
     submission_author: Author | None = None  # None: the document's author
     timezone: tzinfo = field(default_factory=lambda: ZoneInfo("Europe/Paris"))  # CDA times without an offset
     ccam_scheme: str = "1.2.250.1.213.2.5"  # CCAM codingScheme in eventCodeList (NOS OID)
-    event_codes: bool = True  # modality and CCAM act from serviceEvent in eventCodeList
+    region_scheme: str = REGION_SCHEME  # anatomical region codingScheme in eventCodeList
+    event_codes: bool = True  # CCAM act, modality and anatomical region from serviceEvent in eventCodeList
 
     def __post_init__(self) -> None:
         if not _OID.match(self.source_id):
@@ -228,12 +213,15 @@ class MetadataSettings:
             }
         if self.default_content_type not in self.content_types:
             raise ValueError(f"default_content_type: {self.default_content_type!r} is not in content_types")
+        for key in ("ccam_scheme", "region_scheme"):
+            if not _OID.match(getattr(self, key)):
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not an OID (an eventCodeList codingScheme)")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MetadataSettings:
         """From a channel's table: ``source_id``, ``content_types`` (``{I = "03"}`` or ``{I = {code, display}}``),
         ``default_content_type``, ``submission_author = {person, institution}``, ``timezone``, ``ccam_scheme``,
-        ``event_codes``."""
+        ``region_scheme``, ``event_codes``."""
         types: dict[str, Coded] = {}
         for klass, value in (config.get("content_types") or {}).items():
             if isinstance(value, dict):
@@ -260,6 +248,7 @@ class MetadataSettings:
             submission_author=submission_author,
             timezone=zone,
             ccam_scheme=str(config.get("ccam_scheme", "1.2.250.1.213.2.5")),
+            region_scheme=str(config.get("region_scheme", REGION_SCHEME)),
             event_codes=bool(config.get("event_codes", True)),
         )
 
@@ -268,6 +257,8 @@ class MetadataSettings:
 
 
 def new_entry_uuid() -> str:
+    """A random entryUUID: a SubmissionSet's (each submission is a new one). A DocumentEntry's is stable,
+    ``traboule.document_ids.entry_uuid`` of its uniqueId (the MHD DocumentReference's too)."""
     return f"urn:uuid:{uuid.uuid4()}"
 
 
@@ -350,7 +341,7 @@ def document_entry(doc: model.Document, settings: MetadataSettings, entry_uuid: 
         service_start=utc(cda.attr("v3:documentationOf/v3:serviceEvent/v3:effectiveTime/v3:low", "value"), tz),
         service_stop=utc(cda.attr("v3:documentationOf/v3:serviceEvent/v3:effectiveTime/v3:high", "value"), tz),
         source_patient_info=cda.patient_info(),
-        event_codes=cda.event_codes(settings.ccam_scheme) if settings.event_codes else [],
+        event_codes=cda.event_codes(settings.ccam_scheme, settings.region_scheme) if settings.event_codes else [],
         reference_ids=_reference_ids(header, doc.report),
     )
     if not entry.legal_authenticator:
@@ -500,17 +491,25 @@ class _CDA:
             out.append(f"PID-8|{sex.get('code')}")
         return out
 
-    def event_codes(self, ccam_scheme: str) -> list[Coded]:
-        """The serviceEvent's modality (JDV_ModaliteAcquisition_CISIS) and CCAM act."""
+    def event_codes(self, ccam_scheme: str, region_scheme: str = REGION_SCHEME) -> list[Coded]:
+        """The serviceEvents' CCAM acts, modalities (JDV_ModaliteAcquisition_CISIS) and anatomical regions
+        (JDV_RegionAnatomique_CISIS: the SNOMED CT translation qualified 39111-0 "localisation anatomique"), each
+        once."""
         out: list[Coded] = []
         for t in self.root.findall("v3:documentationOf/v3:serviceEvent/v3:code/v3:translation", V3):
-            code, system = t.get("code", ""), t.get("codeSystem", "")
+            code, system = (t.get("code") or "").strip(), t.get("codeSystem", "")
             if not code:
                 continue
             if system in (DCM, MODALITY_SCHEME):
-                out.append(Coded(code, MODALITY_SCHEME, t.get("displayName") or code))
+                coded = Coded(code, MODALITY_SCHEME, t.get("displayName") or code)
             elif system in CCAM_OIDS:
-                out.append(Coded(code, ccam_scheme, t.get("displayName") or code))
+                coded = Coded(code, ccam_scheme, t.get("displayName") or code)
+            elif system in (SNOMED, REGION_SCHEME):
+                coded = Coded(code, region_scheme, t.get("displayName") or code)
+            else:
+                continue
+            if all((c.code, c.scheme) != (coded.code, coded.scheme) for c in out):
+                out.append(coded)
         return out
 
 

@@ -226,8 +226,11 @@ class FHIRChannel:
             self._log.warning("fhir.ins_kept", patient=stored["id"], refused=len(refused))
         if seq and newer > seq:
             # An earlier message applied late (a report published once its study came, a redelivery): its
-            # identifiers still join the union, whatever the order; the demographics stay the later message's.
-            merged = {k: v for k, v in stored.items() if k != "meta"} | {"identifier": merged["identifier"]}
+            # identifiers still join the union, whatever the order; the demographics stay the later message's,
+            # and ``meta.profile`` names the FR Core profiles the result conforms to (as `merge_patient` does).
+            merged = with_profiles(
+                {k: v for k, v in stored.items() if k != "meta"} | {"identifier": merged["identifier"]}
+            )
             seq = newer
         return f"Patient/{stored['id']}", self._write(merged, seq)
 

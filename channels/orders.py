@@ -20,7 +20,9 @@ AE; ``max_waiting``, default 5000: a warning above), see ``traboule.waiting_repo
 Patient identity (``traboule.patient_identity``): a message giving an IPP another INS than the recorded one is
 refused (AE, PID-3), unless it is a patient update (ADT^A08/A31) from an identity source, whose INS replaces it
 (``identity_sources = [{application = "GAM", facility = "CHU-LYON"}]``, MSH-3.1 / MSH-4.1; not set: every sender of
-ADT). At start, what the accepted messages after the registry's mark said is recorded again (a crash may have lost it).
+ADT). An order naming an accession number, order number or Study UID of another patient is refused (AE, PID-3): a
+patient change of an order is a merge in the identity system. At start, what the accepted messages after the registry's
+mark said is recorded again (a crash may have lost it).
 
 Topics published: ``order.<action>`` (new, change, cancel, status), ``patient.<action>`` (update, merge) and
 ``document.<action>`` (publish, replace, delete).
@@ -278,6 +280,7 @@ class OrdersChannel:
             notes.extend(self.identities.check(mapped))
             reserved = mapped
             self.identities.check_report(mapped)  # a report naming another patient's order or study: AE, PID-3
+            self.identities.check_order(mapped)  # an order whose keys are another patient's: AE, PID-3
             payloads = await self._prepare(mapped, entry.idempotency_key, notes)
             notes.extend(self.identities.resolve_merged(payloads))  # a deletion names the deleted version's patient
             if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings

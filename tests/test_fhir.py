@@ -749,3 +749,39 @@ async def test_fhir_paths_are_operation_outcomes_without_an_api(tmp_path: Path) 
         server.should_exit = True
         await server.task
         await runtime.stop()
+
+
+async def test_an_earlier_patient_event_applied_late_keeps_the_fr_core_profiles(tmp_path: Path) -> None:
+    """An earlier message applied after a later one (a redelivery): its identifiers join the union, the demographics
+    stay the later message's, and the Patient still names the FR Core profiles it conforms to."""
+    import dataclasses
+
+    from traboule.model import Envelope, PatientUpdate
+
+    cfg = engine_config(tmp_path)
+    cfg.channels.append({"name": "fhir", "kind": "fhir"})
+    runtime = Runtime(cfg)
+    await runtime.start()
+    channel = runtime.channel("fhir")
+    store: FHIRStore = channel.store  # type: ignore[attr-defined]
+    try:
+        later = order_of("orm_o01_ins_qualified.hl7").patient
+        earlier = dataclasses.replace(
+            later,
+            ids=[*later.ids, dataclasses.replace(later.ids[0], value="IPP9101")],
+            name=dataclasses.replace(later.name, family="ANCIEN"),
+        )
+        channel._apply([Envelope(PatientUpdate("update", later))], [20])  # type: ignore[attr-defined]
+        (stored,) = store.search("Patient", {})[1]
+        profiles = stored["meta"]["profile"]
+        assert any("fr-core-patient-ins" in p for p in profiles)
+        channel._apply([Envelope(PatientUpdate("update", earlier))], [10])  # type: ignore[attr-defined]
+        (patient,) = store.search("Patient", {})[1]
+        assert patient["meta"]["versionId"] == "2"  # the earlier message's identifier was added
+        assert "IPP9101" in [i["value"] for i in patient["identifier"]]
+        assert patient["name"] == stored["name"]  # the later message's demographics
+        assert patient["meta"]["profile"] == profiles
+        assert store.seq_of("Patient", patient["id"]) == 20
+        r4(patient)
+    finally:
+        await runtime.stop()

@@ -33,9 +33,12 @@ IPP = "urn:oid:1.2.250.1.999.1.1"
 IDS = ("IPP0001", "IPP0009", "PLC0001", "FIL0001", "ACC0001", "RP0001", "SPS0001", "1.2.250.1.999.1.2.20261125.1")
 
 
-def message(name: str, tag: str) -> bytes:
-    """A fixture message with its identifiers made unique to the test (the FHIR server lives for the session)."""
+def message(name: str, tag: str, *, ins: bool = True) -> bytes:
+    """A fixture message with its identifiers made unique to the test (the FHIR server lives for the session);
+    ``ins=False``: without the INS (one INS is one patient: several tagged patients cannot share it)."""
     text = fixture(name).decode("latin-1")
+    if not ins:
+        text = text.replace("~279035121518989^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS", "")
     for ident in IDS:
         text = text.replace(ident, f"{ident}.{tag}" if ident[0].isdigit() else f"{ident}-{tag}")
     return text.encode("latin-1")
@@ -158,8 +161,8 @@ async def test_server_down_then_back_gets_every_resource_once(
     tags = [new_tag() for _ in range(3)]
     try:
         for tag in tags:
-            await send(runtime, message("orm_o01_nw_latin1.hl7", tag))
-        await send(runtime, message("orm_o01_ca.hl7", tags[0]))
+            await send(runtime, message("orm_o01_nw_latin1.hl7", tag, ins=False))
+        await send(runtime, message("orm_o01_ca.hl7", tags[0], ins=False))
         store = fhir_store(runtime)
         await until(lambda: store.count("ServiceRequest") == 3 and "revoked" in _statuses(store))
         await asyncio.sleep(1.5)  # the destination is refused, retries, waits

@@ -4,6 +4,7 @@ version defines, a misspelt DICOM keyword, an attribute in the wrong level of a 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from traboule.cda import CDAMapping
 from traboule.dicom_mapping import SPS_ITEM, MWLMapping
 from traboule.hl7_mapping import HL7InboundMapping
 from traboule.mapping import MappingError
@@ -156,3 +158,149 @@ destinations = []
     out = check()
     assert out.returncode == 2
     assert f"mapping error: {mwl}:{sps_line}: StationName is not a Scheduled Procedure Step attribute" in out.stderr
+
+
+# --- values of the wrong shape: each is a MappingError naming file and line, never another exception ------------
+
+WRONG_SHAPES = {"a list": "[1]", "a mapping": "{a: 1}", "a number": "7", "null": "~"}
+_ENTRY = re.compile(r"^(?P<lead> *(?:- )?)(?P<key>[A-Za-z_]\w*):(?: |$)")
+
+
+def entries(text: str, *, within: str = "", top_level: bool = False) -> list[tuple[int, str]]:
+    """(line, key) of every ``key:`` of a YAML file (after the top-level ``within:`` line when given)."""
+    lines = text.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(f"{within}:")) + 1 if within else 0
+    found = [(n + 1, m) for n, line in enumerate(lines) if n >= start and (m := _ENTRY.match(line))]
+    return [(n, m["key"]) for n, m in found if not (top_level and m["lead"])]
+
+
+def replace_entry(text: str, line: int, value: str) -> str:
+    """The file with the value of the entry at ``line`` (the lines indented under it too) replaced by ``value``,
+    on that line: every line after it keeps its place relative to the next entry."""
+    lines = text.splitlines()
+    match = _ENTRY.match(lines[line - 1])
+    assert match is not None
+    end, column = line, len(match["lead"])
+    while end < len(lines) and (
+        not lines[end].strip()
+        or lines[end].lstrip().startswith("#")
+        or len(lines[end]) - len(lines[end].lstrip()) > column
+    ):
+        end += 1
+    return "\n".join([*lines[: line - 1], f"{match['lead']}{match['key']}: {value}", *lines[end:]]) + "\n"
+
+
+def shape_errors(
+    loader: type, path: Path, targets: list[tuple[int, str]]
+) -> dict[tuple[str, int, str], MappingError | None]:
+    """Load the file once per entry and wrong shape: (key, line, shape) → the MappingError, or None if it loaded."""
+    text = path.read_text(encoding="utf-8")
+    out: dict[tuple[str, int, str], MappingError | None] = {}
+    try:
+        for line, key in targets:
+            for shape, value in WRONG_SHAPES.items():
+                path.write_text(replace_entry(text, line, value), encoding="utf-8")
+                try:
+                    loader(path)
+                    out[(key, line, shape)] = None
+                except MappingError as exc:  # anything else fails the test with its traceback
+                    assert exc.file == str(path) and exc.line > 0, (key, shape, exc)
+                    out[(key, line, shape)] = exc
+    finally:
+        path.write_text(text, encoding="utf-8")
+    return out
+
+
+def test_every_mwl_rule_of_the_wrong_shape_is_refused_at_its_line(mappings: Path) -> None:
+    """A list, a mapping, a number or null where ``mwl.yaml`` wants a path, a literal or a list of items (``if:
+    [1]`` among them) is refused on that entry's line."""
+    mwl = mappings / "mwl.yaml"
+    targets = entries(mwl.read_text(encoding="utf-8"), within="attributes")
+    assert len(targets) > 50 and sum(key == "if" for _, key in targets) >= 4
+    errors = shape_errors(MWLMapping, mwl, targets)
+    assert [k for k, e in errors.items() if e is None] == []
+    assert [(k, e.line) for k, e in errors.items() if e and e.line != k[1]] == []
+    first_if = next(line for line, key in targets if key == "if")
+    error = errors[("if", first_if, "a list")]
+    assert error and error.reason == "expected a canonical path (order.* or step.*), not a list"
+
+
+def test_mwl_sections_of_the_wrong_shape_are_refused_at_their_line(mappings: Path) -> None:
+    mwl = mappings / "mwl.yaml"
+    text = mwl.read_text(encoding="utf-8")
+    line = edit(mwl, "version: 1", "version: [1]")
+    assert load_error(MWLMapping, mwl).line == line
+    mwl.write_text(text.replace("version: 1", "version: 1\ntables: 7"), encoding="utf-8")
+    error = load_error(MWLMapping, mwl)
+    assert (error.line, error.reason) == (line + 1, "'tables' must map names to CSV files")
+
+
+# What a plain value may mean where the loader takes it: a version is any text, an empty custodian is the
+# organization, a number is a (strange) pattern or link, an empty image link is no link.
+CDA_LOADS = {
+    ("version", "a number"),
+    ("version", "null"),
+    ("custodian", "null"),
+    ("practitioner_id", "a number"),
+    ("image_link", "a number"),
+    ("image_link", "null"),
+}
+HL7_LOADS = {("kind", "a number"), ("kind", "null"), ("version", "a number"), ("version", "null")}
+
+
+@pytest.mark.parametrize(
+    ("name", "loader", "loads", "elsewhere"),
+    [
+        ("cda.yaml", CDAMapping, CDA_LOADS, {}),
+        # No tables: the first rule naming one is refused, on its own line.
+        ("hl7_inbound.yaml", HL7InboundMapping, HL7_LOADS, {("tables", "null"): "unknown filter or table 'sex'"}),
+    ],
+)
+def test_top_level_sections_of_the_wrong_shape_are_refused_at_their_line(
+    mappings: Path, name: str, loader: type, loads: set[tuple[str, str]], elsewhere: dict[tuple[str, str], str]
+) -> None:
+    path = mappings / name
+    targets = entries(path.read_text(encoding="utf-8"), top_level=True)
+    assert len(targets) >= 10
+    errors = shape_errors(loader, path, targets)
+    assert {(key, shape) for (key, _, shape), e in errors.items() if e is None} == loads
+    for (key, line, shape), error in errors.items():
+        if error is None:
+            continue
+        if (key, shape) in elsewhere:
+            assert error.reason.startswith(elsewhere[(key, shape)]) and error.line != line
+        else:
+            assert error.line == line, (key, shape, error)
+
+
+@pytest.mark.parametrize(("name", "loader"), [("cda.yaml", CDAMapping), ("hl7_inbound.yaml", HL7InboundMapping)])
+def test_no_entry_of_the_wrong_shape_breaks_the_loader(mappings: Path, name: str, loader: type) -> None:
+    """Every entry at every level: the file loads, or is refused with its file and line (`shape_errors`)."""
+    path = mappings / name
+    targets = entries(path.read_text(encoding="utf-8"))
+    assert len(targets) > 20
+    errors = shape_errors(loader, path, targets)
+    assert sum(e is not None for e in errors.values()) > len(errors) / 2
+
+
+def test_cda_sections_missing_or_plain_name_their_line(mappings: Path) -> None:
+    cda = mappings / "cda.yaml"
+    text = cda.read_text(encoding="utf-8")
+    top = {key: line for line, key in entries(text, top_level=True)}
+    for section, what in (("tables", "CSV"), ("identifiers", "OIDs"), ("organization", "name"), ("custodian", "name")):
+        cda.write_text(replace_entry(text, top[section], "plain text"), encoding="utf-8")
+        error = load_error(CDAMapping, cda)
+        assert error.line == top[section] and what in error.reason, error
+    # A section left out: the document's first line (where it would go), never line 0.
+    for section, reason in (("identifiers", "identifiers: a mapping of"), ("tables", "tables: 'acts' is required")):
+        cda.write_text(re.sub(rf"(?m)^{section}:\n(  .*\n)+", "", text), encoding="utf-8")
+        error = load_error(CDAMapping, cda)
+        assert error.line == top["kind"] and error.reason.startswith(reason), error
+    cda.write_text(text, encoding="utf-8")
+    line = edit(cda, "practitioner_id: '^8?\\d{11}$'", "practitioner_id: ['^8?\\d{11}$']")
+    error = load_error(CDAMapping, cda)
+    assert (error.line, error.reason) == (line, "practitioner_id: expected text, not a list")
+    cda.write_text(text, encoding="utf-8")
+    line = edit(cda, "image_link: https", "image_link:\n  - https")
+    error = load_error(CDAMapping, cda)
+    assert (error.line, error.reason) == (line, "image_link: expected text, not a list")

@@ -124,8 +124,17 @@ async def test_reports_are_found_retrieved_superseded_and_withdrawn(api: tuple[R
     assert (await client.get(f"/DocumentReference/{current['id']}")).status_code == 410
     gone = await client.get(current["content"][0]["attachment"]["url"])
     assert gone.status_code == 404 and gone.json()["issue"][0]["code"] == "not-found"
-    (withdrawn,) = await search(client, "DiagnosticReport", **{"patient.identifier": INS})
+    # the report of the deleted set: entered-in-error, without the withdrawn text or a link to its bytes; found by
+    # no search, read 410 Gone, as the DocumentReference
+    await until(lambda: (store.get("DiagnosticReport", amended["id"]) or {}).get("status") == "entered-in-error")
+    assert await search(client, "DiagnosticReport", **{"patient.identifier": INS}) == []
+    assert await search(client, "DiagnosticReport", status="entered-in-error") == []
+    withdrawn = store.get("DiagnosticReport", amended["id"]) or {}
     assert withdrawn["status"] == "entered-in-error"
+    assert "conclusion" not in withdrawn and "presentedForm" not in withdrawn
+    DiagnosticReport.model_validate(withdrawn)
+    gone_report = await client.get(f"/DiagnosticReport/{amended['id']}")
+    assert gone_report.status_code == 410 and gone_report.json()["issue"][0]["code"] == "deleted"
 
 
 async def test_masked_report_carries_its_security_labels(api: tuple[Runtime, httpx.AsyncClient]) -> None:

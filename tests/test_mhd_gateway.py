@@ -601,3 +601,119 @@ async def test_document_reference_agrees_with_the_xds_metadata(gateway: Gateway)
 
 def _utc_dtm(value: str) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y%m%d%H%M%S")
+
+
+async def test_modifiers_chains_and_empty_values_are_refused_not_ignored(gateway: Gateway) -> None:
+    """Ignoring a modifier or a chain (lenient handling) would answer every patient's documents: a 400 instead, by
+    GET and POST; the chain through ``subject`` and the ``:Patient`` type modifier are the declared
+    ``patient.identifier``. An empty value is a 400 too (a string search on "" would match every author)."""
+    _, client, day = gateway
+    a2 = day["a2"]["id"]
+    ins_a = f"{INS_SYSTEM}|{A['ins']}"
+    cur = {"status": "current"}
+    refused = [
+        ({"patient.identifier:missing": "true"}, "not-supported"),
+        ({"related:identifier": "ACC0001"}, "not-supported"),
+        ({"author.family:exact": "BIDEAULT"}, "not-supported"),
+        ({"author.family:contains": "EAU"}, "not-supported"),
+        ({"identifier:of-type": "x"}, "not-supported"),
+        ({"status:not": "current"}, "not-supported"),
+        ({"subject.name": "x"}, "not-supported"),
+        ({"_has:Observation:subject:code": "x"}, "not-supported"),
+        ({"author.family": ""}, "invalid"),
+        ({"author.family": " "}, "invalid"),
+        ({"author.family": "bid,"}, "invalid"),
+        ({"patient.identifier": ""}, "invalid"),
+        ({"related": ""}, "invalid"),
+        ({"_id": ""}, "invalid"),
+    ]
+    for params, code in refused:
+        for how in ("GET", "POST"):
+            response = (
+                await client.get("/DocumentReference", params={**params, **cur})
+                if how == "GET"
+                else await client.post("/DocumentReference/_search", data={**params, **cur})
+            )
+            assert response.status_code == 400, (params, how, response.text)
+            issue = response.json()["issue"][0]
+            assert issue["code"] == code and issue["expression"] == list(params), (params, how)
+            validate(response.json())
+    for rtype in ("DiagnosticReport", "ServiceRequest", "ImagingStudy"):
+        response = await client.get(f"/{rtype}", params={"patient.identifier:missing": "true"})
+        assert response.status_code == 400, rtype
+    for alias in ("subject.identifier", "patient:Patient.identifier", "subject:Patient.identifier"):
+        found, bundle = await find(client, {alias: ins_a, **cur})
+        assert found == {a2}, alias
+        assert "patient.identifier=" in bundle["link"][0]["url"]
+        posted, _ = await find(client, {alias: ins_a, **cur}, "POST")
+        assert posted == {a2}, alias
+    found, _ = await find(client, {"subject:Patient": day["a2"]["subject"]["reference"].split("/")[1], **cur})
+    assert found == {a2}
+    (report,) = (await client.get("/DiagnosticReport", params={"subject.identifier": ins_a})).json()["entry"]
+    assert report["resource"]["status"] == "amended"
+    assert (await client.get("/Patient", params={"subject.identifier": ins_a})).status_code == 400  # not on Patient
+    # the parameters that only shape the answer still work beside them
+    response = await client.get(
+        "/DocumentReference",
+        params={"subject.identifier": ins_a, **cur, "_count": "1", "_offset": "0", "_format": "xml"},
+    )
+    assert response.status_code == 200 and etree.fromstring(response.content).tag == f"{FHIR_NS}Bundle"
+
+
+async def test_this_servers_absolute_references(gateway: Gateway) -> None:
+    """``patient`` / ``subject`` given as an absolute URL of this server: its ``Type/id`` tail is searched."""
+    _, client, day = gateway
+    base = str(client.base_url).rstrip("/")
+    a2, patient_a = day["a2"]["id"], day["a2"]["subject"]["reference"]
+    for name in ("patient", "subject"):
+        found, bundle = await find(client, {name: f"{base}/{patient_a}", "status": "current"})
+        assert found == {a2}, name
+        assert f"{base}/{patient_a}" not in bundle["link"][0]["url"]
+        found, _ = await find(client, {name: f"{base}/{patient_a},{base}/Patient/unknown", "status": "current"})
+        assert found == {a2}, name
+    (report,) = (await client.get("/DiagnosticReport", params={"subject": f"{base}/{patient_a}"})).json()["entry"]
+    assert report["resource"]["subject"]["reference"] == patient_a
+    elsewhere = await client.get("/DocumentReference", params={"patient": f"http://elsewhere.example/fhir/{patient_a}"})
+    assert elsewhere.status_code == 400
+
+
+async def test_answers_never_carry_what_xml_cannot(gateway: Gateway) -> None:
+    """Characters XML 1.0 cannot carry in an id or a parameter name: a well-formed XML OperationOutcome (ids that
+    are no FHIR id are not looked up nor echoed), never a 500."""
+    _, client, _ = gateway
+    strict = {"Prefer": "handling=strict"}
+    cases = [
+        ("/Patient/a%0Bb?_format=xml", {}, 404),
+        ("/DocumentReference/a%01b?_format=xml", {}, 404),
+        ("/Patient/%EF%BF%BE?_format=xml", {}, 404),
+        ("/Binary/a%01b?_format=xml", {}, 404),
+        ("/DocumentReference/" + "a" * 65 + "?_format=xml", {}, 404),
+        ("/DocumentReference?a%01b=1&_format=xml", strict, 400),
+        ("/DocumentReference?a%01b.c=1&_format=xml", {}, 400),
+        ("/DocumentReference?date=%01&_format=xml", {}, 400),
+        ("/DocumentReference?identifier=%01&_format=xml", {}, 200),
+        ("/DocumentReference?identifier=%ED%B3%BF&_format=xml", {}, 200),
+        ("/%01?_format=xml", {}, 404),
+    ]
+    for path, headers, status in cases:
+        response = await client.get(path, headers=headers)
+        assert response.status_code == status, (path, response.text)
+        root = etree.fromstring(response.content)  # well-formed
+        assert root.tag == f"{FHIR_NS}{'Bundle' if status == 200 else 'OperationOutcome'}", path
+        if status != 200:
+            assert b"a\x01b" not in response.content and b"a\x0bb" not in response.content
+            for expression in root.findall(f"{FHIR_NS}issue/{FHIR_NS}expression"):  # a name, only when plainly one
+                assert re.fullmatch(r"[A-Za-z0-9_.:\-]+", expression.get("value")), path
+    unknown = await client.get("/DocumentReference/a%01b")
+    assert unknown.status_code == 404 and "a\x01b" not in unknown.text and "\\x01" not in unknown.text
+    named = await client.get("/DocumentReference", params={"a\x01b": "1"}, headers=strict)
+    assert named.status_code == 400 and "expression" not in named.json()["issue"][0]
+    assert (
+        to_xml(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "invalid", "diagnostics": "a\x01b\ufffe\udcffc"}],
+            }
+        ).count("\ufffd".encode())
+        == 3
+    )

@@ -136,6 +136,7 @@ async def test_an_ipp_is_held_once_whatever_authority_names_it(api: tuple[Runtim
 
     def order(ipp: str, n: str) -> bytes:
         data = order_with_ipp_only().replace(b"IPP0001^^^CHU-LYON&1.2.250.1.999.1.1&ISO^PI", ipp.encode())
+        data = data.replace(b"20261125.1^", f"20261125.{int(n)}^".encode())  # its own study
         return data.replace(b"0001", n.encode())  # another order (placer, filler, accession, steps)
 
     async def stable(ipp: str, uid: str) -> None:
@@ -294,17 +295,18 @@ def test_registry_knows_whose_each_order_is_and_follows_merges(tmp_path: Path) -
     registry.record([merge("IPP0009", "IPP0001"), merge("IPP0010", "IPP0009")])
     registry.close()
     registry = PatientIdentities(tmp_path / "patients.sqlite")  # all of it on disk
-    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0010"]
+    # The survivor: its IPP and the INS the registry holds for it now (IPP0001's, given to it by the merges).
+    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0010", "279035121518989"]
     registry.check_report([report(model.Identifier("IPP0010", "CHU-LYON"), **acc1)])
     late = report(model.Identifier("IPP0001", "CHU-LYON"), **acc1)
     (note,) = registry.resolve_merged([late, merge("IPP0001", "IPP0002")])  # a merge message is left as it is
     assert note == "patient IPP0001 (CHU-LYON) was merged into IPP0010 (CHU-LYON): applied to the surviving patient"
-    assert [i.value for i in late.patient.ids] == ["IPP0010"]
+    assert [i.value for i in late.patient.ids] == ["IPP0010", "279035121518989"]
     assert registry.resolve_merged([report(model.Identifier("IPP0001", "OTHER"))]) == []  # another authority's
     # A merge the other way round makes IPP0009 a patient again (its own survivor no longer).
     registry.record([merge("IPP0009", "IPP0010")])
     assert registry.survivor(model.Identifier("IPP0009")) is None
-    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0009"]
+    assert [i.value for i in registry.survivor(model.Identifier("IPP0001")) or []] == ["IPP0009", "279035121518989"]
     # A merged IPP's message with another INS than the survivor's: the INS is kept, so the message is refused.
     survivor = patient(model.Identifier("IPP0020", "CHU-LYON"), "279035121518989").patient
     registry.record([model.PatientUpdate("merge", survivor, [model.Identifier("IPP0021", "CHU-LYON")])])
@@ -512,4 +514,108 @@ def test_the_rebuild_fills_what_a_crash_lost_and_leaves_a_later_correction(tmp_p
     registry.rebuild([(8, received, [order])], "ris-orders")
     assert [p.ins for p in registry.known(Pair("IPP0001", "", "", "1.2.250.1.213.1.4.10", ""))] == [OTHER_INS]
     assert [i.value for i in registry.owner("accession", "ACC1") or []] == ["IPP0001", OTHER_INS]
+    registry.close()
+
+
+async def test_a_merged_ipp_takes_its_survivors_ins_as_the_identity_system_last_gave_it(sourced: Runtime) -> None:
+    """A08 gives IPP1300 an INS, A40 merges IPP1200 into IPP1300, then the identity system corrects IPP1300's INS:
+    an order for IPP1200 without INS lands on IPP1300 with the corrected INS (the merge holds the surviving IPP,
+    not the INS it had then)."""
+    runtime = sourced
+    registry = runtime.channel("ris-orders").identities
+    first = adt(ins="279035121518989", control="MSG1301").replace(b"IPP0001^", b"IPP1300^")
+    assert ack_code((await send(runtime, first))[0]) == "AA"
+    merge = fixture("adt_a40_merge.hl7").replace(b"MSG0030", b"MSG1302").replace(b"IPP0009^", b"IPP1300^")
+    assert ack_code((await send(runtime, merge.replace(b"MRG|IPP0001^", b"MRG|IPP1200^")))[0]) == "AA"
+    corrected = adt(ins=OTHER_INS, control="MSG1303").replace(b"IPP0001^", b"IPP1300^")
+    assert ack_code((await send(runtime, corrected))[0]) == "AA"
+
+    order = order_with_ipp_only().replace(b"IPP0001^", b"IPP1200^").replace(b"MSG0001", b"MSG1304")
+    (ack,) = await send(runtime, order)
+    assert ack_code(ack) == "AA"
+    assert runtime.journal is not None
+    (entry,) = runtime.journal.recent(1)
+    assert "patient IPP1200 (CHU-LYON) was merged into IPP1300 (CHU-LYON)" in entry.warnings
+    await until(lambda: registry.owner("accession", "ACC0001") is not None)
+    assert [i.value for i in registry.owner("accession", "ACC0001") or []] == ["IPP1300", OTHER_INS]
+    # The old INS is no one's now; the corrected one is IPP1200's (IPP1300's) too.
+    old = order.replace(b"&ISO^PI|", b"&ISO^PI" + PID3_INS + b"|").replace(b"MSG1304", b"MSG1305")
+    assert b"279035121518989" in old
+    assert ack_code((await send(runtime, old))[0]) == "AE"
+    new = old.replace(b"279035121518989", OTHER_INS.encode()).replace(b"MSG1305", b"MSG1306")
+    assert ack_code((await send(runtime, new))[0]) == "AA"
+
+
+async def test_two_ipps_of_one_authority_never_share_an_ins_until_merged(tmp_path: Path) -> None:
+    """IPP0810 and IPP0910 of CHU-LYON are two patients: a message giving IPP0910 the INS IPP0810 holds is refused
+    (AE, PID-3), be it a report or an order; once the identity system merged them, IPP0910's messages are
+    IPP0810's."""
+    cfg = engine_config(tmp_path)
+    cfg.channels[0]["reports"] = {"validate": False}
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        registry = runtime.channel("ris-orders").identities
+        order = fixture("orm_o01_nw_latin1.hl7").replace(b"IPP0001^", b"IPP0810^")
+        assert ack_code((await send(runtime, order))[0]) == "AA"
+        report = fixture("oru_r01_report.hl7").replace(b"IPP0001^", b"IPP0910^")
+        for old in (b"PLC0001", b"FIL0001", b"ACC0001"):
+            report = report.replace(old, old[:3] + b"0910")
+        (refused,) = await send(runtime, report)
+        assert ack_code(refused) == "AE"
+        reason = hl7.unescape(refused.segment("ERR").field(8))  # type: ignore[union-attr]
+        assert reason.startswith("identity conflict: INS already belongs to another IPP of this authority")
+        assert "merge them in the patient identity system first" in reason
+        assert runtime.journal is not None
+        (entry,) = runtime.journal.recent(1)
+        assert entry.status == "rejected" and entry.error.startswith("PID-3: identity conflict")
+        assert registry.known(Pair("IPP0910", "", "", "1.2.250.1.213.1.4.10", "")) == []
+        second = order.replace(b"IPP0810^", b"IPP0910^").replace(b"0001", b"0911")  # its own numbers
+        second = second.replace(b"20261125.1^", b"20261125.911^")
+        assert ack_code((await send(runtime, second))[0]) == "AE"
+        assert ack_code((await send(runtime, second.replace(PID3_INS, b"")))[0]) == "AA"  # without INS: its own
+
+        merge = fixture("adt_a40_merge.hl7").replace(b"MSG0030", b"MSG0912").replace(b"IPP0009^", b"IPP0810^")
+        assert ack_code((await send(runtime, merge.replace(b"MRG|IPP0001^", b"MRG|IPP0910^")))[0]) == "AA"
+        assert ack_code((await send(runtime, report.replace(b"REP0001", b"REP0913")))[0]) == "AA"
+    finally:
+        await runtime.stop()
+
+
+def test_an_ins_reserved_for_an_ipp_is_refused_to_another_of_its_authority(tmp_path: Path) -> None:
+    """Two messages in flight giving one INS to two IPPs of one authority: the second is refused; an IPP of
+    another authority with that INS is not concerned."""
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+    registry.check([patient(model.Identifier("IPP0810", "CHU-LYON"), "279035121518989")])
+    with pytest.raises(MappingFailure, match="INS already belongs to another IPP of this authority"):
+        registry.check([patient(model.Identifier("IPP0910", "CHU-LYON"), "279035121518989")])
+    registry.check([patient(model.Identifier("HX10910", "HOP"), "279035121518989")])
+    registry.close()
+
+
+def test_two_orders_in_flight_never_give_one_exam_to_two_patients(tmp_path: Path) -> None:
+    """`check_order`: an order's keys are held for its patient from its check to its record; another patient's
+    order naming them meanwhile is refused, the same patient's goes through; released, they hold nothing."""
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+
+    def order(ipp: str, accession: str) -> model.ImagingOrder:
+        found = patient(model.Identifier(ipp, "CHU-LYON"))
+        found.accession_number = model.Identifier(accession)
+        return found
+
+    first = order("IPP1000", "ACC1000")
+    registry.check_order([first])  # in flight: its journal write not done
+    with pytest.raises(MappingFailure, match="accession number ACC1000 belongs to patient IPP1000") as refused:
+        registry.check_order([order("IPP1100", "ACC1000")])
+    assert refused.value.location == "PID-3" and "IPP1100 (CHU-LYON)" in refused.value.reason
+    again = order("IPP1000", "ACC1000")
+    registry.check_order([again])
+    registry.release([again])
+    registry.record([first])  # journaled: the owner is recorded
+    with pytest.raises(MappingFailure, match="patient identity system"):
+        registry.check_order([order("IPP1100", "ACC1000")])
+    refused_later = order("IPP1100", "ACC1101")
+    registry.check_order([refused_later])  # a key no one owns
+    registry.release([refused_later])  # not accepted after all: another patient may take it
+    registry.check_order([order("IPP1200", "ACC1101")])
     registry.close()

@@ -203,17 +203,23 @@ async def test_a_report_naming_another_patients_order_is_refused_and_never_linke
     assert diagnostic["subject"] == request["subject"]
     assert diagnostic["basedOn"] == [{"reference": f"ServiceRequest/{request['id']}"}]
 
-    # A patient known by the same INS under another IPP is the same patient: the INS says so.
+    # A patient known by the same INS under an IPP of another authority is the same patient: the INS says so.
     registry = runtime.channel("ris-orders").identities  # type: ignore[attr-defined]
     order = fixture("orm_o01_nw_latin1.hl7").replace(b"0001", b"0005")  # IPP0005 with the INS, ACC0005
     assert ack_code((await send(runtime, order))[0]) == "AA"
     await until(lambda: registry.owner("accession", "ACC0005") is not None)
     same_ins = fixture("oru_r01_pdf.hl7").replace(b"PLC0002", b"PLC0005").replace(b"FIL0002", b"FIL0005")
     same_ins = same_ins.replace(b"ACC0002", b"ACC0005").replace(b"REP0010", b"REP0015")
-    assert ack_code((await send(runtime, same_ins))[0]) == "AA"
+    # Under another IPP of the same authority: two patients until merged, the INS one of them only.
+    (ack,) = await send(runtime, same_ins)
+    assert ack_code(ack) == "AE" and "INS already belongs to another IPP of this authority" in err_text(ack)
+    hospital = same_ins.replace(CHU.replace("^PI", "").encode(), b"^^^HOP&1.2.250.1.71.4.2.1&ISO")
+    hospital = hospital.replace(b"IPP0001^^^HOP", b"HX10001^^^HOP").replace(b"REP0015", b"REP0017")
+    assert b"HX10001^^^HOP&1.2.250.1.71.4.2.1&ISO^PI" in hospital
+    assert ack_code((await send(runtime, hospital))[0]) == "AA"
     # Another INS (a valid key: another person) under yet another IPP: refused.
-    other = same_ins.replace(b"IPP0001^", b"IPP0006^").replace(b"279035121518989", b"279035121519088")
-    (ack,) = await send(runtime, other.replace(b"REP0015", b"REP0016"))
+    other = hospital.replace(b"HX10001^", b"HX10006^").replace(b"279035121518989", b"279035121519088")
+    (ack,) = await send(runtime, other.replace(b"REP0017", b"REP0016"))
     assert ack_code(ack) == "AE" and "patient mismatch" in err_text(ack)
 
 
@@ -285,7 +291,96 @@ async def test_an_archived_study_of_another_patient_is_not_published_as_the_orde
     assert imaging["basedOn"] == [{"reference": f"ServiceRequest/{request['id']}"}]
 
 
+# -- an order naming another patient's exam -------------------------------------------------------------------------
+
+
+def _reason(ack: hl7.Message) -> str:
+    """The error text of an ACK: ERR-8 (v2.5), else MSA-3 (v2.3.1)."""
+    msa = ack.segment("MSA")
+    return err_text(ack) or hl7.unescape(msa.field(3) if msa is not None else "")
+
+
+def _kim(name: str, ipp: str, control: str, n: int = 1000) -> bytes:
+    """A fixture for the exam whose numbers are ACC<n>, PLC<n>, FIL<n> and Study UID 1.2.3.<n>, on patient ``ipp``
+    (IPP only), sent as message ``control``."""
+    data = fixture(name).replace(PID3_INS, b"").replace(b"IPP0001^", f"{ipp}^".encode())
+    data = data.replace(ORDER_STUDY_UID, f"1.2.3.{n}".encode())
+    for old in (b"PLC0001", b"FIL0001", b"ACC0001"):
+        data = data.replace(old, old[:3] + str(n).encode())
+    msh, rest = data.split(b"\r", 1)
+    fields = msh.split(b"|")
+    fields[9] = control.encode()
+    return b"|".join(fields) + b"\r" + rest
+
+
+async def test_an_order_never_moves_another_patients_exam_to_a_new_patient(engine: Engine) -> None:
+    """Kim's exam (order, performed step, report) stays Kim's: an order (XO or NW) naming its accession number, order
+    numbers or Study UID for another patient is refused (AE, PID-3, both patients named in the ACK and the journal
+    only); the same patient's messages, a merged IPP's (its survivor's) and an order of new numbers go through."""
+    runtime = engine.runtime
+    registry = runtime.channel("ris-orders").identities  # type: ignore[attr-defined]
+    nw = "orm_o01_nw_latin1.hl7"
+    assert ack_code((await send(runtime, _kim(nw, "IPP1000", "K1")))[0]) == "AA"
+    await until(lambda: registry.owner("accession", "ACC1000") is not None)
+    modality = Modality(engine.mpps_port)
+    try:
+        performed = generate_uid()
+        assert await modality.create(performed, step("ACC1000", "IPP1000", "1.2.3.1000")) == 0x0000
+        assert int((await modality.set(performed, completed())).Status) == 0x0000
+    finally:
+        modality.close()
+    assert ack_code((await send(runtime, _kim("oru_r01_report.hl7", "IPP1000", "K2")))[0]) == "AA"
+    await until(lambda: engine.fhir.count("ServiceRequest") == 1 and engine.fhir.count("Patient") == 1)
+
+    with structlog.testing.capture_logs() as logs:
+        for name, control in (("orm_o01_xo_change.hl7", "K3"), (nw, "K4")):
+            (refused,) = await send(runtime, _kim(name, "IPP1100", control))
+            assert ack_code(refused) == "AE"
+            err = refused.segment("ERR")
+            assert err is not None and "PID^1^3" in "|".join(err.fields) and "205" in "|".join(err.fields)
+            reason = _reason(refused)
+            assert "patient mismatch" in reason and "IPP1000 (CHU-LYON)" in reason and "IPP1100 (CHU-LYON)" in reason
+            (entry,) = engine.journal(1)
+            assert entry.status == "rejected" and entry.error.startswith("PID-3: patient mismatch")
+            assert "through the patient identity system" in entry.error
+            assert "IPP1000" in entry.error and "IPP1100" in entry.error
+        # New numbers but Kim's Study UID: refused too.
+        study_only = _kim(nw, "IPP1100", "K5", 1101).replace(b"1.2.3.1101", b"1.2.3.1000")
+        (refused,) = await send(runtime, study_only)
+        assert ack_code(refused) == "AE" and "Study Instance UID 1.2.3.1000 belongs to" in _reason(refused)
+    assert not [e for e in logs if "IPP1" in repr(e)]  # no patient data logged
+    assert [e["error_location"] for e in logs if e["event"] == "message.rejected"] == ["PID-3"] * 3
+
+    # Nothing moved: the worklist, the ServiceRequest and the owners are Kim's; Kim's corrected report is taken.
+    await asyncio.sleep(0.3)
+    worklist = runtime.channel("worklist").store  # type: ignore[attr-defined]
+    assert not [ds for _, ds in worklist.all() if ds.PatientID == "IPP1100"]  # Kim's exam was performed
+    assert engine.fhir.count("Patient") == 1
+    (request,) = engine.fhir.search("ServiceRequest", {})[1]
+    subject = request["subject"]
+    assert [i.value for i in registry.owner("study", "1.2.3.1000") or []] == ["IPP1000"]
+    assert ack_code((await send(runtime, _kim("oru_r01_report_corrected.hl7", "IPP1000", "K6")))[0]) == "AA"
+
+    # The same patient re-sends (NW again, XO); an order of numbers nobody owns; a merge then the merged IPP's
+    # and the survivor's orders; the cancel.
+    assert ack_code((await send(runtime, _kim(nw, "IPP1000", "K7")))[0]) == "AA"
+    assert ack_code((await send(runtime, _kim("orm_o01_xo_change.hl7", "IPP1000", "K8")))[0]) == "AA"
+    assert ack_code((await send(runtime, _kim(nw, "IPP1100", "K9", 1101)))[0]) == "AA"
+    merge = fixture("adt_a40_merge.hl7").replace(b"MSG0030", b"K10").replace(b"IPP0009^", b"IPP1200^")
+    assert ack_code((await send(runtime, merge.replace(b"MRG|IPP0001^", b"MRG|IPP1000^")))[0]) == "AA"
+    assert ack_code((await send(runtime, _kim("orm_o01_xo_change.hl7", "IPP1000", "K11")))[0]) == "AA"
+    assert "was merged into IPP1200 (CHU-LYON)" in engine.journal(1)[0].warnings
+    assert ack_code((await send(runtime, _kim("orm_o01_xo_change.hl7", "IPP1200", "K12")))[0]) == "AA"
+    (refused,) = await send(runtime, _kim("orm_o01_xo_change.hl7", "IPP1100", "K13"))
+    assert ack_code(refused) == "AE" and "IPP1200 (CHU-LYON)" in _reason(refused)
+    assert ack_code((await send(runtime, _kim("orm_o01_ca.hl7", "IPP1200", "K14")))[0]) == "AA"
+    await until(lambda: engine.fhir.count("ServiceRequest") == 2)
+    _, requests = engine.fhir.search("ServiceRequest", {})
+    assert subject != next(r["subject"] for r in requests if "ACC1101" in json.dumps(r))  # IPP1100's own order
+
+
 # -- a merge anywhere in the life of an exam -------------------------------------------------------------------------
+
 
 STEPS = ["order", "mpps", "study", "report v1", "report v2", "deletion"]
 

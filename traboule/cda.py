@@ -110,12 +110,15 @@ class CDAMapping:
             "practitioner_id",
             "image_link",
         }
+        text = {"kind", "version", "description", "document_oid", "timezone", "practitioner_id", "image_link"}
         for key in doc:
             if key not in known:
                 raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
+            if key in text and not isinstance(doc[key], str):
+                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
         if doc.get("kind", "canonical-to-cda") != "canonical-to-cda":
             raise MappingError(self.path, line_of(doc, "kind"), "kind must be 'canonical-to-cda'")
-        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path)
+        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path, line_of(doc, "tables"))
         required_columns = {
             "acts": {"loinc", "loinc_display", "ccam", "ccam_display", "modality", "site_code", "site_display"},
             "modalities": {"display"},
@@ -124,7 +127,7 @@ class CDAMapping:
         }
         for name, columns in required_columns.items():
             table = self.tables.get(name)
-            line = line_of(doc.get("tables"), name) if "tables" in doc else line_of(doc)
+            line = line_of(doc.get("tables"), name) or line_of(doc, "tables")
             if table is None:
                 raise MappingError(self.path, line, f"tables: {name!r} is required")
             missing = columns - set(table.columns)
@@ -136,23 +139,34 @@ class CDAMapping:
         self.confidentiality_table: CodeTable = self.tables["confidentiality"]
         self.document_oid = self._oid(doc, "document_oid")
         self.timezone = self._timezone(doc)
-        ids = doc.get("identifiers") or Node()
+        ids = self._section(doc, "identifiers", "patient, placer and accession OIDs")
         self.patient_oid = self._oid(ids, "patient")
         self.placer_oid = self._oid(ids, "placer")
         self.accession_oid = self._oid(ids, "accession")
-        org = doc.get("organization") or Node()
+        org = self._section(doc, "organization", "id, name, facility_type and practice_setting")
         self.organization = self._org(org, "organization")
-        self.custodian = self._org(doc.get("custodian") or org, "custodian")
+        custodian = self._section(doc, "custodian", "id and name") if doc.get("custodian") else org
+        self.custodian = self._org(custodian, "custodian")
         self.facility_type = self._coded(org, "facility_type")
         self.practice_setting = self._coded(org, "practice_setting")
         self.author_role = self._coded(doc, "author_role")
+        pattern = doc.get("practitioner_id", r"^8?\d{11}$")
+        if not pattern:  # an empty pattern would take any id for an RPPS
+            raise MappingError(self.path, line_of(doc, "practitioner_id"), "practitioner_id: give a regular expression")
         try:
-            self.practitioner_id = re.compile(str(doc.get("practitioner_id", r"^8?\d{11}$")))
+            self.practitioner_id = re.compile(pattern)
         except re.error as exc:
             raise MappingError(self.path, line_of(doc, "practitioner_id"), f"practitioner_id: {exc}") from exc
         self.image_link = str(doc.get("image_link", "") or "")
 
     # -- load-time checks ------------------------------------------------------------------------------------
+
+    def _section(self, doc: Node, key: str, what: str) -> Node:
+        """A section that maps names to values: missing, empty or a plain value is refused at its line."""
+        node = doc.get(key)
+        if not isinstance(node, Node) or not node:
+            raise MappingError(self.path, line_of(doc, key), f"{key}: a mapping of {what} is required")
+        return node
 
     def _oid(self, node: Any, key: str) -> str:
         value = str(node.get(key, "") if isinstance(node, dict) else "")
@@ -168,13 +182,17 @@ class CDAMapping:
             raise MappingError(self.path, line_of(doc, "timezone"), f"unknown time zone {name!r}") from exc
 
     def _org(self, node: Any, what: str) -> Org:
-        if not isinstance(node, dict) or not str(node.get("id", "")).strip() or not node.get("name"):
-            raise MappingError(self.path, line_of(node), f"{what}: 'id' (idNat_Struct) and 'name' are required")
+        for key in ("id", "name"):
+            value = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                line = line_of(node, key)
+                raise MappingError(self.path, line, f"{what}: 'id' (idNat_Struct) and 'name' are required, as text")
         return Org(str(node["id"]), str(node["name"]))
 
     def _coded(self, node: Any, key: str) -> CodedValue:
         value = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(value, dict) or not value.get("code") or not value.get("display"):
+        texts = [value.get(k) for k in ("code", "display")] if isinstance(value, dict) else [None]
+        if not all(isinstance(t, str) and t for t in texts):
             raise MappingError(self.path, line_of(node, key), f"{key}: {{code: ..., display: ...}} is required")
         return CodedValue(str(value["code"]), str(value["display"]))
 
@@ -725,6 +743,11 @@ class _Builder:
         narrative = self.add(section, "text")
         for line in _lines(text) or [UNKNOWN]:
             self.text(narrative, "paragraph", line)
+
+
+def _shape(value: Any) -> str:
+    """What a YAML value is, for an error that expected text."""
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _not_before(end: str, start: str) -> bool:

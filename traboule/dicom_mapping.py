@@ -141,12 +141,15 @@ class MWLMapping:
         self.path = Path(path) if path else MAPPINGS_DIR / "mwl.yaml"
         doc = load_yaml(self.path)
         if not isinstance(doc, Node) or not isinstance(doc.get("attributes"), Node):
-            raise MappingError(self.path, getattr(doc, "line", 1), "expected 'attributes:' mapping keywords")
+            line = line_of(doc, "attributes") if isinstance(doc, Node) else 1
+            raise MappingError(self.path, line or 1, "expected 'attributes:' mapping keywords")
         known = {"kind", "version", "description", "tables", "attributes", "charset"}
         for key in doc:
             if key not in known:
                 raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
-        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path)
+            if key in ("kind", "version", "description", "charset") and not isinstance(doc[key], str):
+                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
+        self.tables = load_tables(doc.get("tables"), self.path.parent, self.path, line_of(doc, "tables"))
         self.attrs = self._attrs(doc["attributes"], "")
 
     def _attrs(self, node: Node, within: str) -> list[AttrRule]:
@@ -186,7 +189,9 @@ class MWLMapping:
                 rule.items.append(ItemRule(cond, self._attrs(item, keyword), _source(cond) if cond else None))
             return rule
         if not isinstance(spec, str):
-            raise MappingError(self.path, line, f"{keyword}: expected a canonical path or '=literal'")
+            raise MappingError(
+                self.path, line, f"{keyword}: expected a canonical path or '=literal', not {_shape(spec)}"
+            )
         if spec.startswith("="):
             rule.literal = spec[1:]
             return rule
@@ -196,7 +201,9 @@ class MWLMapping:
         rule.filters = compile_filters(filters, self.tables, self.path, line)
         return rule
 
-    def _path(self, text: str, line: int) -> list[str]:
+    def _path(self, text: Any, line: int) -> list[str]:
+        if not isinstance(text, str):
+            raise MappingError(self.path, line, f"expected a canonical path (order.* or step.*), not {_shape(text)}")
         parts = text.strip().split(".")
         if parts[0] not in ROOTS:
             raise MappingError(self.path, line, f"{text!r}: a source starts with one of {ROOTS} (or '=' literal)")
@@ -301,6 +308,11 @@ def _dataset(tree: list[Element]) -> Dataset:
     ds = to_dataset(tree)
     ds.SpecificCharacterSet = character_set(ds)
     return ds
+
+
+def _shape(value: Any) -> str:
+    """What a YAML value is, for an error that expected text."""
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _source(path: list[str]) -> Source:

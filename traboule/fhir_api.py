@@ -2,14 +2,17 @@
 IHE MHD Document Responder (ITI-67 Find Document References, ITI-68 Retrieve Document) for the French PDSm profile.
 
 * ``GET /fhir/metadata``: CapabilityStatement (what is really served: types, interactions, parameters, profiles).
-* ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing, 410 for a deleted DocumentReference; ETag
+* ``GET /fhir/{type}/{id}``: read (404 OperationOutcome when missing or not a FHIR id, 410 for a deleted
+  DocumentReference and the entered-in-error DiagnosticReport of a deleted document set; ETag
   ``W/"version"``). ``Binary``: the document's bytes with their own media type (ITI-68), the Binary resource when
   FHIR JSON / XML is asked for, 406 for an Accept neither satisfies, 404 once the document was deleted.
 * ``GET /fhir/{type}?...`` and ``POST /fhir/{type}/_search`` (form body, at most ``MAX_FORM_BYTES``): searchset
   Bundle with ``total``, paged by ``_count`` (default 20, at most 100) and ``_offset``, with ``self`` / ``next`` /
   ``previous`` links. A parameter the type does not support is ignored and left out of ``self`` (FHIR's default,
   ``Prefer: handling=lenient``); with ``Prefer: handling=strict`` it is a 400 OperationOutcome naming it. A
-  malformed value (a number, a date, more than 100 values in one search) is a 400 either way.
+  modifier or chain the type does not declare, an empty value, a malformed value (a number, a date, more than 100
+  values in one search) is a 400 either way. ``ALIASES``: other spellings of declared parameters; a reference
+  parameter given as an absolute URL of this server is its ``Type/id``.
 * JSON unless ``_format`` (``xml``, ``application/fhir+xml``...) or ``Accept: application/fhir+xml`` asks for XML.
 * Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method (read-only API).
 """
@@ -44,6 +47,20 @@ _NUMBER = re.compile(r"[0-9]{1,10}", re.ASCII)
 # What a Host header may hold (RFC 9110 7.2: host [":" port]); links are built from it, so anything else (a path,
 # a quote, a space) would be served back inside the Bundles: the server's own address is used instead.
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?", re.ASCII)
+# A FHIR id (R4 datatypes, id): anything else is no resource here, answered without being echoed.
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}", re.ASCII)
+# What a parameter name may be for it to be named back in an OperationOutcome's expression.
+_NAME = re.compile(r"[A-Za-z0-9_\-.:]{1,64}", re.ASCII)
+# Other spellings of a declared parameter: the chain through ``subject``, a type modifier naming the only type the
+# reference may point at (FHIR R4 search: chained parameters, the ``:[type]`` modifier).
+ALIASES = {
+    "subject.identifier": "patient.identifier",
+    "subject:Patient.identifier": "patient.identifier",
+    "patient:Patient.identifier": "patient.identifier",
+    "subject:Patient": "subject",
+    "patient:Patient": "patient",
+    "basedon:ServiceRequest": "basedon",
+}
 PARAM_DOCS = {
     "identifier": "system|value, value, |value or system| (DocumentReference: entryUUID or uniqueId)",
     "status": "ServiceRequest / DocumentReference status (active, revoked, completed / current, superseded ...)",
@@ -69,6 +86,20 @@ PARAM_DOCS = {
 }
 
 
+def _shown(text: str) -> str:
+    """A received name as diagnostics show it: quoted and escaped (``repr``), at most 80 characters."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def withdrawn(rtype: str, resource: dict[str, Any]) -> bool:
+    """A resource no search finds and a read answers 410: a deleted DocumentReference (PDSm), the DiagnosticReport
+    of a deleted document set (entered-in-error)."""
+    if rtype == "DiagnosticReport":
+        return resource.get("status") == "entered-in-error"
+    return rtype == "DocumentReference" and is_deleted(resource)
+
+
 class FHIRResponse(JSONResponse):
     media_type = FHIR_JSON
 
@@ -91,7 +122,7 @@ def outcome(
     fmt: str = "json",
 ) -> Response:
     issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": text}
-    if expression:
+    if expression and _NAME.fullmatch(expression):  # a received name is named back only when plainly a name
         issue["expression"] = [expression]
     return answer({"resourceType": "OperationOutcome", "issue": [issue]}, fmt, status, headers)
 
@@ -123,7 +154,8 @@ def capability_statement(base: str) -> dict[str, Any]:
                 "mode": "server",
                 "documentation": (
                     "Read-only. Search by GET [type]?... or POST [type]/_search (application/x-www-form-urlencoded). "
-                    "Unsupported search parameters are ignored unless the request says Prefer: handling=strict. "
+                    "Unsupported search parameters are ignored unless the request says Prefer: handling=strict; "
+                    "an unsupported modifier or chain (name:modifier, name.chain) is refused either way. "
                     "DocumentReference: IHE MHD Find Document References [ITI-67] (PDSm flux 05-b); the document "
                     "at content.attachment.url: Retrieve Document [ITI-68]. A deleted document is found by no search."
                 ),
@@ -241,11 +273,13 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         if fmt is None:
             return outcome(406, "not-supported", "_format: json or xml")
         if rtype not in SEARCH_PARAMS:
-            return outcome(404, "not-supported", f"resource type {rtype!r} is not served here", fmt=fmt)
+            return outcome(404, "not-supported", f"resource type {_shown(rtype)} is not served here", fmt=fmt)
+        if _ID.fullmatch(rid) is None:  # not a FHIR id: no such resource (and the id is not echoed)
+            return outcome(404, "not-found", f"no {rtype} has this id", fmt=fmt)
         resource = await asyncio.to_thread(store.get, rtype, rid)
         if resource is None:
             return outcome(404, "not-found", f"{rtype}/{rid} is not known", fmt=fmt)
-        if rtype == "DocumentReference" and is_deleted(resource):  # FHIR read of a deleted resource: 410
+        if withdrawn(rtype, resource):  # FHIR read of a deleted resource: 410
             return outcome(410, "deleted", f"{rtype}/{rid} was deleted", fmt=fmt)
         headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
         if rtype == "Binary":
@@ -286,13 +320,16 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
         if fmt is None:
             return outcome(406, "not-supported", "_format: json or xml", "_format")
         if rtype not in SEARCH_PARAMS or not SEARCH_PARAMS[rtype]:
-            return outcome(404, "not-supported", f"search of {rtype!r} is not served here", fmt=fmt)
+            return outcome(404, "not-supported", f"search of {_shown(rtype)} is not served here", fmt=fmt)
         strict = strict_handling(request)
+        declared = SEARCH_PARAMS[rtype]
+        base = base_of(request)
         params: dict[str, str | list[str]] = {}
         count, offset = DEFAULT_COUNT, 0
         for name, value in pairs:
             if name in IGNORED:
                 continue
+            name = ALIASES[name] if ALIASES.get(name) in declared else name
             if name in ("_count", "_offset"):
                 if _NUMBER.fullmatch(value) is None or int(value) > MAX_OFFSET:
                     return outcome(400, "invalid", f"{name} must be an integer from 0 to {MAX_OFFSET}", name, fmt=fmt)
@@ -302,11 +339,19 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
                 else:
                     offset = number
                 continue
-            if name != "_id" and name not in SEARCH_PARAMS[rtype]:
-                if strict:
-                    text = f"search parameter {name!r} is not supported for {rtype}"
+            if name != "_id" and name not in declared:
+                # FHIR R4 search, Modifiers: a server SHALL reject a search holding a parameter with a modifier it
+                # does not support (the specification's OperationOutcome example "searchfail": name:exact); an
+                # unsupported chain is refused alike: ignoring either would widen the search to every patient's
+                # resources. Only an unknown plain name is ignored (lenient, FHIR's default).
+                if strict or ":" in name or "." in name:
+                    text = f"search parameter {_shown(name)} is not supported for {rtype}"
                     return outcome(400, "not-supported", text, name, fmt=fmt)
                 continue  # lenient (FHIR's default): ignored, and left out of the self link
+            if "" in (v.strip() for v in value.split(",")):  # an empty value would match nothing or everything
+                return outcome(400, "invalid", f"{name}: a value is required", name, fmt=fmt)
+            if declared.get(name) == "reference" and name != "related":  # this server's URL: its Type/id tail
+                value = ",".join(v.removeprefix(f"{base}/") for v in value.split(","))
             if name in params:  # repeated: every occurrence must match (a date range: date=ge...&date=le...)
                 previous = params[name]
                 params[name] = [*([previous] if isinstance(previous, str) else previous), value]
@@ -316,7 +361,6 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
         except SearchError as exc:
             return outcome(400, exc.code, str(exc), exc.param, fmt=fmt)
-        base = base_of(request)
 
         def page(at: int) -> str:
             kept = [(k, x) for k, v in params.items() for x in ([v] if isinstance(v, str) else v)]

@@ -865,6 +865,8 @@ class FHIRMapping:
         }
         if not patient_ref:
             del diagnostic["subject"]
+        if doc.action == "delete":  # withdrawn: neither the deleted text nor a link to its (no longer served) bytes
+            del diagnostic["conclusion"], diagnostic["presentedForm"]
         diagnostic = {k: v for k, v in diagnostic.items() if v not in ([], "", None)}
         binary = {"resourceType": "Binary", "id": binary_id, "contentType": doc.media_type, "data": doc.content}
         return reference, diagnostic, binary

@@ -8,7 +8,8 @@ search parameters.
   ``subject`` / ``patient`` (the reference ``Patient/{id}``) and ``status`` of ServiceRequest, ``_tag`` (the
   ``meta.tag`` codes, e.g. ``urn:traboule:tags|unscheduled``); for DocumentReference the IHE MHD ITI-67 parameters
   (``_document_tokens``), names folded for string search, and ``deleted`` (PDSm's logical deletion: such an entry
-  is left out of every search, and its document is no longer served).
+  is left out of every search, and its document is no longer served). A DiagnosticReport ``entered-in-error`` (the
+  report of a deleted document set) is left out of every search too.
 
 * ``remote(type, id, version_id, location, pushed_at)``: which version of a resource a FHIR server holds, and
   under which ``Type/id`` there (written by the channel's FHIR server destination).
@@ -469,6 +470,11 @@ class FHIRStore:
                 where.append("(" + " OR ".join(ors) + ")")
         if rtype == "DocumentReference":  # PDSm: a deleted entry is found by no search
             where.append("r.id NOT IN (SELECT id FROM tokens WHERE type = 'DocumentReference' AND name = 'deleted')")
+        if rtype == "DiagnosticReport":  # nor the report of a deleted document set (entered-in-error)
+            where.append(
+                "r.id NOT IN (SELECT id FROM tokens WHERE type = 'DiagnosticReport' AND name = 'status' "
+                "AND value = 'entered-in-error')"
+            )
         sql_where = " AND ".join(where)
         with self._lock:
             total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {sql_where}", args).fetchone()[0]
@@ -488,6 +494,8 @@ class FHIRStore:
             return self._related(rtype, value)
         if kind == "string":  # FHIR string search: starts with, case and accents ignored
             folded = fold(value)
+            if not folded:  # an empty prefix would match every resource with the element
+                raise SearchError(name, f"{name}: a value is required", "invalid")
             return (
                 "r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? "
                 f"AND substr(p.value, 1, {len(folded)}) = ?)",

@@ -305,7 +305,9 @@ class HL7InboundMapping:
         for key in doc:
             if key not in known:
                 raise MappingError(file, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
-        self.tables = load_tables(doc.get("tables"), self.path.parent, file)
+            if key in ("kind", "version", "description") and not isinstance(doc[key], str):
+                raise MappingError(file, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
+        self.tables = load_tables(doc.get("tables"), self.path.parent, file, line_of(doc, "tables"))
         accept = doc.get("accept")
         if not isinstance(accept, Node) or not accept:
             raise MappingError(file, line_of(doc, "accept"), "'accept' must map message types to event kinds")
@@ -324,8 +326,10 @@ class HL7InboundMapping:
 
     # -- compile ---------------------------------------------------------------------------------------------
 
-    def _source(self, text: str, line: int) -> Source:
-        path, *filters = (p.strip() for p in str(text).split("|"))
+    def _source(self, text: Any, line: int) -> Source:
+        if not isinstance(text, str):
+            raise MappingError(self.path, line, f"expected an HL7 field path like PID-3.1, not {_shape(text)}")
+        path, *filters = (p.strip() for p in text.split("|"))
         getter, location = compile_path(path, self.path, line)
         return Source(getter, location, compile_filters(filters, self.tables, self.path, line))
 
@@ -341,6 +345,11 @@ class HL7InboundMapping:
         unknown = set(spec) - {"from", "required", "default", "keys", "table", "column", "check", "max", "too_long"}
         if unknown:
             raise MappingError(self.path, line, f"{target}: unknown option(s) {sorted(unknown)}")
+        for option in ("required", "default", "table", "column", "check", "max", "too_long"):
+            if option in spec and not isinstance(spec[option], str):
+                raise MappingError(self.path, line, f"{target}: {option} must be text, not {_shape(spec[option])}")
+        if not isinstance(spec.get("keys", []), list):
+            raise MappingError(self.path, line, f"{target}: 'keys' must be a list of paths")
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
         default = str(spec.get("default", ""))
         if "keys" in spec:
@@ -357,6 +366,8 @@ class HL7InboundMapping:
         sources = spec.get("from")
         if not sources:
             raise MappingError(self.path, line, f"{target}: no 'from' source")
+        if not isinstance(sources, str | list):
+            raise MappingError(self.path, line, f"{target}: 'from' must be a path or a list of paths")
         sources = [sources] if isinstance(sources, str) else list(sources)
         compiled = [self._source(s, line) for s in sources]
         if "table" in spec:
@@ -395,20 +406,26 @@ class HL7InboundMapping:
         (item_type,) = typing.get_args(hint)
         sub = spec.get("fields")
         if not isinstance(sub, Node):
-            raise MappingError(self.path, line, f"{target}: 'each' needs 'fields'")
+            raise MappingError(self.path, line_of(spec, "fields"), f"{target}: 'each' needs 'fields'")
         rules, nested = self._rules(item_type, sub)
         if nested:
             raise MappingError(self.path, line, f"{target}: nested 'each' is not supported")
-        over = str(spec["each"])
+        for option in ("each", "required"):
+            if not isinstance(spec.get(option, ""), str):
+                where = line_of(spec, option)
+                raise MappingError(self.path, where, f"{target}: {option} must be text, not {_shape(spec[option])}")
+        over = spec["each"]
         getter = None
         if "-" in over:
-            getter, _ = compile_path(over, self.path, line)
+            getter, _ = compile_path(over, self.path, line_of(spec, "each"))
             for rule in rules:
                 for source in [*rule.sources, *(rule.keys or [])]:
                     if source.location.startswith("."):  # relative to the repetition: PID-3 + .1 = PID-3.1
                         source.location = over + source.location
         elif not re.fullmatch(r"[A-Z][A-Z0-9]{2}", over):
-            raise MappingError(self.path, line, f"each: {over!r} is neither a segment name nor a field path")
+            raise MappingError(
+                self.path, line_of(spec, "each"), f"each: {over!r} is neither a segment name nor a field path"
+            )
         else:
             check_segment(over, self.path, line_of(spec, "each"))
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
@@ -442,10 +459,17 @@ class HL7InboundMapping:
         unknown = set(node) - {"table", "default", "conclusion", "text_types"}
         if unknown:
             raise MappingError(self.path, line, f"report_text: unknown key(s) {sorted(unknown)}")
+        for key in ("table", "default", "conclusion"):
+            if not isinstance(node.get(key, ""), str):
+                where = line_of(node, key)
+                raise MappingError(self.path, where, f"report_text: {key} must be text, not {_shape(node[key])}")
         table = self.tables.get(str(node.get("table", "")))
         if table is None or not {"section", "title"} <= set(table.columns):
-            raise MappingError(self.path, line, "report_text.table must name a declared table with 'section', 'title'")
+            where = line_of(node, "table")
+            raise MappingError(self.path, where, "report_text.table must name a declared table with 'section', 'title'")
         types = node.get("text_types", ["TX", "FT", "ST"])
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise MappingError(self.path, line, "report_text: text_types must be a list of HL7 data types")
         return ReportText(
             table, str(node.get("default", "")), str(node.get("conclusion", "19005-8")), [str(t) for t in types]
         )
@@ -568,6 +592,11 @@ class HL7InboundMapping:
 # order's steps), far below what would hold the event loop (each costs some microseconds; a 16 MiB message of
 # PID-3 repetitions took 13 s).
 MAX_EACH = 1000
+
+
+def _shape(value: Any) -> str:
+    """What a YAML value is, for an error that expected text."""
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _bounded(count: int, over: str, what: str) -> None:

@@ -13,15 +13,18 @@ journal; the owners of the IPP's orders take the new INS). An operator removes a
 
 *Never a document on the wrong patient.* Each accepted order records, per key it carries (accession number,
 placer and filler order numbers, Study Instance UID: their values), the patient it belongs to (IPP and INS); a
-report, a performed step or a study records the keys no order gave yet. A report (`check_report`), a performed
-step (`check_step`) or a stable study (`check_study`) naming a key of another patient is refused, the reason naming
-both patients (for the ACK and the journal, never the log). Two patients are the same when they share an INS of a
-kind (an INS of that kind that differs says two persons, whatever the IPP), else when their IPPs are the same.
+report, a performed step or a study records the keys no order gave yet. An order (`check_order`: a patient change of
+an order comes through the identity system, a merge), a report (`check_report`), a performed step (`check_step`) or
+a stable study (`check_study`) naming a key of another patient is refused, the reason naming both patients (for the
+ACK and the journal, never the log). Two IPPs of one assigning authority with different values are two patients until
+merged (`check` refuses a message giving an IPP the INS another IPP of its authority holds); otherwise two patients
+are the same when they share an INS of a kind (an INS of that kind that differs says two persons, whatever the IPP),
+else when their IPPs are the same.
 
-*Merges.* An accepted ADT^A40 records each merged IPP → the surviving patient's identifiers (and gives the survivor
-the merged IPP's recorded INS: one person). `resolve_merged`
-applies every later message naming a merged IPP to the survivor (its patient's identifiers replaced by the
-survivor's, a warning for the journal); the orders of a merged IPP belong to its survivor (merges are followed
+*Merges.* An accepted ADT^A40 records each merged IPP → the surviving IPP (and gives the survivor the merged IPP's
+recorded INS: one person). `resolve_merged` applies every later message naming a merged IPP to the survivor (its
+patient's identifiers replaced by the surviving IPP and the INS the registry holds for it now, a warning for the
+journal); the orders of a merged IPP belong to its survivor (merges are followed
 when patients are compared).
 
 Two IPPs are the same when their values are equal and their assigning authorities do not disagree (both OIDs
@@ -80,6 +83,7 @@ CREATE TABLE IF NOT EXISTS ins (
     recorded TEXT NOT NULL,
     PRIMARY KEY (ipp, ipp_oid, ipp_namespace, ins_oid)
 );
+CREATE INDEX IF NOT EXISTS ins_by_value ON ins (ins_oid, ins);
 CREATE TABLE IF NOT EXISTS owners (
     kind TEXT NOT NULL,          -- accession, placer, filler, study
     key TEXT NOT NULL,           -- its value
@@ -102,7 +106,7 @@ CREATE TABLE IF NOT EXISTS merges (
     ipp TEXT NOT NULL,
     ipp_oid TEXT NOT NULL,
     ipp_namespace TEXT NOT NULL,
-    survivor TEXT NOT NULL,      -- JSON: the surviving patient's identifiers
+    survivor TEXT NOT NULL,      -- JSON: the surviving IPP (its INS: the ins table's, read when resolved)
     recorded TEXT NOT NULL,
     PRIMARY KEY (ipp, ipp_oid, ipp_namespace)
 );
@@ -113,6 +117,12 @@ OWNERS_FLUSH = 0.05  # seconds the owners of order keys wait in memory to be wri
 WRITTEN_KEPT = 100_000  # owners remembered as written (to skip rewriting them for each message of an order)
 REBUILD_MARGIN = 512  # journal ids re-recorded before the mark: one group commit (messages may record out of order)
 MAX_MERGE_CHAIN = 16  # merged into a patient later merged itself...: followed this far
+_INS_NAMES = {  # the namespace of an INS by its OID (PID-3.4.1)
+    "1.2.250.1.213.1.4.8": "ASIP-SANTE-INS-NIR",
+    "1.2.250.1.213.1.4.9": "ASIP-SANTE-INS-NIA",
+    "1.2.250.1.213.1.4.10": "ASIP-SANTE-INS-NIR",
+    "1.2.250.1.213.1.4.11": "ASIP-SANTE-INS-NIR",
+}
 KEY_NAMES = {
     "accession": "accession number",
     "placer": "placer order number",
@@ -150,6 +160,11 @@ def same_ipp(a: Identifier, b: Identifier) -> bool:
         return a.issuer_oid == b.issuer_oid
     names_a, names_b = {a.issuer, a.issuer_oid} - {""}, {b.issuer, b.issuer_oid} - {""}
     return not (names_a and names_b) or bool(names_a & names_b)
+
+
+def same_authority(a: Identifier, b: Identifier) -> bool:
+    """Whether two local identifiers come from one assigning authority (`same_ipp`, whatever their values)."""
+    return same_ipp(Identifier("-", a.issuer, a.issuer_oid), Identifier("-", b.issuer, b.issuer_oid))
 
 
 def patient_of(payload: Any) -> Patient | None:
@@ -249,8 +264,12 @@ def _load(text: str) -> list[Identifier]:
 
 
 def same_patient(a: list[Identifier], b: list[Identifier]) -> bool:
-    """Whether two identities name one patient: a common INS says so and a different INS of one kind says not,
-    whatever the IPPs; else the same IPP."""
+    """Whether two identities name one patient: two IPPs of one assigning authority with different values say not
+    (two patients until merged), a common INS says so and a different INS of one kind says not; else the same
+    IPP."""
+    ipp_a, ipp_b = next((i for i in a if not _is_ins(i)), None), next((i for i in b if not _is_ins(i)), None)
+    if ipp_a and ipp_b and ipp_a.value != ipp_b.value and same_authority(ipp_a, ipp_b):
+        return False
     ins_a = {i.issuer_oid: i.value.upper() for i in a if _is_ins(i)}
     ins_b = {i.issuer_oid: i.value.upper() for i in b if _is_ins(i)}
     common = ins_a.keys() & ins_b.keys()
@@ -270,6 +289,9 @@ class PatientIdentities:
         self._db.executescript(SCHEMA)
         self._reserved: dict[str, dict[Pair, float]] = {}  # by IPP value: pairs checked, not yet recorded
         self._holders: dict[Pair, int] = {}  # how many messages in flight hold each reserved pair
+        # The keys of orders checked, not yet recorded: by key, per order in flight (its id), its patient and when.
+        self._keys_held: dict[tuple[str, str], dict[int, tuple[list[Identifier], float]]] = {}
+        self._keys_pruned = time.monotonic()
         # The owners of order keys are written by a thread of the event loop's pool on a connection of their own
         # (SQLite works without the interpreter lock: beside the ingest, not on its core), without an fsync each.
         self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -322,6 +344,14 @@ class PatientIdentities:
                 }
                 self._holders = {p: n for p, n in self._holders.items() if p in self._reserved.get(p.ipp, {})}
             held = [p for pair in pairs for p, at in self._reserved.get(pair.ipp, {}).items() if now - at < RESERVED]
+            # The INS reserved for other IPPs (messages in flight: a few, released once recorded).
+            given = {(p.ins_oid, p.ins) for p in pairs}
+            elsewhere = [
+                p
+                for by_ipp in self._reserved.values()
+                for p, at in by_ipp.items()
+                if (p.ins_oid, p.ins) in given and now - at < RESERVED
+            ]
         notes = []
         for pair in pairs:
             known = self.known(pair)
@@ -341,15 +371,41 @@ class PatientIdentities:
                     "PID-3",
                     code="205",
                 )
+            if self._held_by_another_ipp(pair, [*elsewhere, *pairs]):
+                raise MappingFailure(
+                    "identity conflict: INS already belongs to another IPP of this authority; merge them in the "
+                    "patient identity system first",
+                    "PID-3",
+                    code="205",
+                )
         with self._lock:
             for pair in pairs:
                 self._reserved.setdefault(pair.ipp, {})[pair] = now
                 self._holders[pair] = self._holders.get(pair, 0) + 1
         return notes
 
+    def _held_by_another_ipp(self, pair: Pair, held: list[Pair]) -> bool:
+        """Whether another IPP of the pair's assigning authority holds its INS (recorded, or reserved by a message
+        in flight), the two not merged into one another."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ins_oid = ? AND ins = ?",
+                (pair.ins_oid, pair.ins),
+            ).fetchall()
+        mine = Identifier(pair.ipp, pair.ipp_namespace, pair.ipp_oid)
+        for other in [*(Pair(*row) for row in rows), *(p for p in held if p.ins == pair.ins)]:
+            theirs = Identifier(other.ipp, other.ipp_namespace, other.ipp_oid)
+            if other.ins_oid != pair.ins_oid or other.ipp == pair.ipp or not same_authority(mine, theirs):
+                continue
+            if not same_patient(self.current([mine]), self.current([theirs])):
+                return True
+        return False
+
     def release(self, payloads: Iterable[Any]) -> None:
         """Stop holding the pairs `check` reserved for a message that was not accepted (refused, a duplicate, not
         stored): they hold nothing against the next messages."""
+        payloads = list(payloads)
+        self._release_keys(payloads)
         pairs = pairs_of(payloads)
         if pairs:
             with self._lock:
@@ -358,8 +414,26 @@ class PatientIdentities:
     # -- merges ------------------------------------------------------------------------------------------------
 
     def survivor(self, ipp: Identifier) -> list[Identifier] | None:
-        """The identifiers of the patient a merged IPP now is (merges followed to the last), or None."""
-        found: list[Identifier] | None = None
+        """The identifiers of the patient a merged IPP now is (merges followed to the last): the surviving IPP and
+        the INS the registry holds for it now; or None."""
+        head = self._surviving_ipp(ipp)
+        if head is None:
+            return None
+        ins = []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ipp = ? ORDER BY ins_oid",
+                (head.value,),
+            ).fetchall()
+        for row in rows:
+            if same_ipp(Identifier(row[0], row[2], row[1]), head):
+                ins.append(Identifier(row[4], _INS_NAMES.get(row[3], ""), row[3], "INS"))
+        return [head, *ins]
+
+    def _surviving_ipp(self, ipp: Identifier) -> Identifier | None:
+        """The IPP a merged IPP now is (merges followed to the last), or None. A merge recorded before the survivor
+        was kept as its IPP alone holds the survivor's INS of that time: only its IPP is read."""
+        found: Identifier | None = None
         seen: set[tuple[str, str, str]] = set()
         current = ipp
         for _ in range(MAX_MERGE_CHAIN):
@@ -368,11 +442,10 @@ class PatientIdentities:
             if row is None or (row[0], row[1], row[2]) in seen:
                 break
             seen.add((row[0], row[1], row[2]))
-            found = _load(row[3])
-            nxt = next((i for i in found if not _is_ins(i)), None)
+            nxt = next((i for i in _load(row[3]) if not _is_ins(i)), None)
             if nxt is None:
                 break
-            current = nxt
+            found = current = nxt
         return found
 
     def _merge_rows(self, value: str) -> list[tuple[str, str, str, str]]:
@@ -478,7 +551,7 @@ class PatientIdentities:
                 return kind, key, theirs, mine
         return None
 
-    def _refuse(self, payloads: Iterable[Any], what: str, location: str) -> None:
+    def _refuse(self, payloads: Iterable[Any], what: str, location: str, remedy: str = "") -> None:
         for payload in payloads:
             found = self.mismatch(payload)
             if found is None:
@@ -486,10 +559,70 @@ class PatientIdentities:
             kind, key, theirs, mine = found
             raise MappingFailure(
                 f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this {what} "
-                f"names patient {describe(mine)}; not linked (correct the patient or the order identifiers)",
+                f"names patient {describe(mine)}; "
+                + (remedy or "not linked (correct the patient or the order identifiers)"),
                 location,
                 code="205",
             )
+
+    def check_order(self, payloads: Iterable[Any]) -> None:
+        """Refuse (`MappingFailure`, PID-3) an order (new, change, cancel, status) whose accession number, placer or
+        filler order number or Study Instance UID belongs to another patient, recorded or named by an order in
+        flight: an order never moves an exam to another patient; the patient identity system does (a merge).
+        Otherwise its keys are held for its patient until `record` (or `release`)."""
+        remedy = (
+            "not applied (a patient change of an order comes through the patient identity system: merge the "
+            "patients there)"
+        )
+        orders = [p for p in payloads if isinstance(p, ImagingOrder)]
+        self._refuse(orders, "order", "PID-3", remedy)
+        now = time.monotonic()
+        for order in orders:
+            ids = _identity(order.patient)
+            if not ids:
+                continue
+            mine = self.current(ids)
+            with self._lock:
+                held = [
+                    (key, theirs)
+                    for key in keys_of(order)
+                    for holder, (theirs, at) in self._keys_held.get(key, {}).items()
+                    if holder != id(order) and now - at < RESERVED
+                ]
+            for (kind, key), theirs in held:
+                theirs = self.current(theirs)
+                if not same_patient(mine, theirs):
+                    raise MappingFailure(
+                        f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this "
+                        f"order names patient {describe(mine)}; {remedy}",
+                        "PID-3",
+                        code="205",
+                    )
+        with self._lock:
+            if now - self._keys_pruned > RESERVED:  # orders never recorded nor released (a fault of ours)
+                self._keys_pruned = now
+                self._keys_held = {
+                    k: fresh
+                    for k, by in self._keys_held.items()
+                    if (fresh := {h: v for h, v in by.items() if now - v[1] < RESERVED})
+                }
+            for order in orders:
+                ids = _identity(order.patient)
+                for key in keys_of(order) if ids else []:
+                    self._keys_held.setdefault(key, {})[id(order)] = (ids, now)
+
+    def _release_keys(self, payloads: list[Any]) -> None:
+        """The keys `check_order` held for these orders: recorded (or refused), they hold nothing more."""
+        with self._lock:
+            for payload in payloads:
+                if not isinstance(payload, ImagingOrder):
+                    continue
+                for key in keys_of(payload):
+                    by = self._keys_held.get(key)
+                    if by is not None:
+                        by.pop(id(payload), None)
+                        if not by:
+                            del self._keys_held[key]
 
     def check_report(self, payloads: Iterable[Any]) -> None:
         """Refuse (`MappingFailure`, PID-3) a report or document naming an order, accession number or study of
@@ -516,6 +649,7 @@ class PatientIdentities:
         payloads = list(payloads)
         self._record_pairs(payloads)
         self._record_owners(payloads, mark=(channel, journal_id) if channel and journal_id else None)
+        self._release_keys(payloads)  # their owners are seen now
         self._record_merges(payloads)
 
     def _record_pairs(self, payloads: list[Any]) -> None:
@@ -805,7 +939,7 @@ class PatientIdentities:
                             self._db.execute(
                                 "INSERT INTO merges VALUES (?, ?, ?, ?, ?) ON CONFLICT (ipp, ipp_oid, ipp_namespace)"
                                 " DO UPDATE SET survivor = excluded.survivor, recorded = excluded.recorded",
-                                (merged.value, merged.issuer_oid, merged.issuer, _dump(survivor), recorded),
+                                (merged.value, merged.issuer_oid, merged.issuer, _dump([head]), recorded),
                             )
                             # The merged IPP's INS are the survivor's (one person): a later message of either
                             # IPP with another INS is refused, not recorded for the survivor.

@@ -352,9 +352,10 @@ class Remapper:
 
 
 def checked(identities: PatientIdentities, events: list[tuple[int, Payload]]) -> list[Payload]:
-    """A message's events through the patient identity checks of its ingest: merges resolved (in place), an IPP
-    given another INS or a report naming another patient's order refused (`MessageRefused`); its pairs are held
-    until `PatientIdentities.record` (or `release`). Returns the payloads to record once sent."""
+    """A message's events through the patient identity checks of its ingest: merges resolved (in place); an IPP
+    given another INS, a report naming another patient's order or an order taking another patient's exam refused
+    (`MessageRefused`); its pairs are held until `PatientIdentities.record` (or `release`). Returns the payloads to
+    record once sent."""
     payloads = [p for _, p in events]
     identities.resolve_merged(payloads)
     try:
@@ -363,6 +364,7 @@ def checked(identities: PatientIdentities, events: list[tuple[int, Payload]]) ->
         raise MessageRefused(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
     try:
         identities.check_report(payloads)
+        identities.check_order(payloads)
     except MappingFailure as exc:
         identities.release(payloads)
         raise MessageRefused(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None

@@ -25,7 +25,7 @@ from lxml import etree
 from pydicom.uid import UID
 
 from traboule import model
-from traboule.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml
+from traboule.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml, shape
 
 V3 = "urn:hl7-org:v3"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -115,7 +115,7 @@ class CDAMapping:
             if key not in known:
                 raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
             if key in text and not isinstance(doc[key], str):
-                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
+                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {shape(doc[key])}")
         if doc.get("kind", "canonical-to-cda") != "canonical-to-cda":
             raise MappingError(self.path, line_of(doc, "kind"), "kind must be 'canonical-to-cda'")
         self.tables = load_tables(doc.get("tables"), self.path.parent, self.path, line_of(doc, "tables"))
@@ -743,11 +743,6 @@ class _Builder:
         narrative = self.add(section, "text")
         for line in _lines(text) or [UNKNOWN]:
             self.text(narrative, "paragraph", line)
-
-
-def _shape(value: Any) -> str:
-    """What a YAML value is, for an error that expected text."""
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _not_before(end: str, start: str) -> bool:

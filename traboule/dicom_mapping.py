@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 
 from traboule import model
 from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
-from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml
+from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml, shape
 from traboule.worklist import EncodedItem, dataset_columns, encode_item, item_columns
 
 _log = structlog.get_logger("traboule.dicom_mapping")
@@ -148,7 +148,7 @@ class MWLMapping:
             if key not in known:
                 raise MappingError(self.path, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
             if key in ("kind", "version", "description", "charset") and not isinstance(doc[key], str):
-                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
+                raise MappingError(self.path, line_of(doc, key), f"{key}: expected text, not {shape(doc[key])}")
         self.tables = load_tables(doc.get("tables"), self.path.parent, self.path, line_of(doc, "tables"))
         self.attrs = self._attrs(doc["attributes"], "")
 
@@ -190,7 +190,7 @@ class MWLMapping:
             return rule
         if not isinstance(spec, str):
             raise MappingError(
-                self.path, line, f"{keyword}: expected a canonical path or '=literal', not {_shape(spec)}"
+                self.path, line, f"{keyword}: expected a canonical path or '=literal', not {shape(spec)}"
             )
         if spec.startswith("="):
             rule.literal = spec[1:]
@@ -203,7 +203,7 @@ class MWLMapping:
 
     def _path(self, text: Any, line: int) -> list[str]:
         if not isinstance(text, str):
-            raise MappingError(self.path, line, f"expected a canonical path (order.* or step.*), not {_shape(text)}")
+            raise MappingError(self.path, line, f"expected a canonical path (order.* or step.*), not {shape(text)}")
         parts = text.strip().split(".")
         if parts[0] not in ROOTS:
             raise MappingError(self.path, line, f"{text!r}: a source starts with one of {ROOTS} (or '=' literal)")
@@ -308,11 +308,6 @@ def _dataset(tree: list[Element]) -> Dataset:
     ds = to_dataset(tree)
     ds.SpecificCharacterSet = character_set(ds)
     return ds
-
-
-def _shape(value: Any) -> str:
-    """What a YAML value is, for an error that expected text."""
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _source(path: list[str]) -> Source:

@@ -36,6 +36,7 @@ from traboule.mapping import (
     line_of,
     load_tables,
     load_yaml,
+    shape,
 )
 
 Scope = dict[str, list[Segment]]
@@ -306,7 +307,7 @@ class HL7InboundMapping:
             if key not in known:
                 raise MappingError(file, line_of(doc, key), f"unknown section {key!r} (expected {sorted(known)})")
             if key in ("kind", "version", "description") and not isinstance(doc[key], str):
-                raise MappingError(file, line_of(doc, key), f"{key}: expected text, not {_shape(doc[key])}")
+                raise MappingError(file, line_of(doc, key), f"{key}: expected text, not {shape(doc[key])}")
         self.tables = load_tables(doc.get("tables"), self.path.parent, file, line_of(doc, "tables"))
         accept = doc.get("accept")
         if not isinstance(accept, Node) or not accept:
@@ -328,7 +329,7 @@ class HL7InboundMapping:
 
     def _source(self, text: Any, line: int) -> Source:
         if not isinstance(text, str):
-            raise MappingError(self.path, line, f"expected an HL7 field path like PID-3.1, not {_shape(text)}")
+            raise MappingError(self.path, line, f"expected an HL7 field path like PID-3.1, not {shape(text)}")
         path, *filters = (p.strip() for p in text.split("|"))
         getter, location = compile_path(path, self.path, line)
         return Source(getter, location, compile_filters(filters, self.tables, self.path, line))
@@ -347,7 +348,7 @@ class HL7InboundMapping:
             raise MappingError(self.path, line, f"{target}: unknown option(s) {sorted(unknown)}")
         for option in ("required", "default", "table", "column", "check", "max", "too_long"):
             if option in spec and not isinstance(spec[option], str):
-                raise MappingError(self.path, line, f"{target}: {option} must be text, not {_shape(spec[option])}")
+                raise MappingError(self.path, line, f"{target}: {option} must be text, not {shape(spec[option])}")
         if not isinstance(spec.get("keys", []), list):
             raise MappingError(self.path, line, f"{target}: 'keys' must be a list of paths")
         required = str(spec.get("required", "")).lower() in ("true", "yes", "1")
@@ -413,7 +414,7 @@ class HL7InboundMapping:
         for option in ("each", "required"):
             if not isinstance(spec.get(option, ""), str):
                 where = line_of(spec, option)
-                raise MappingError(self.path, where, f"{target}: {option} must be text, not {_shape(spec[option])}")
+                raise MappingError(self.path, where, f"{target}: {option} must be text, not {shape(spec[option])}")
         over = spec["each"]
         getter = None
         if "-" in over:
@@ -462,7 +463,7 @@ class HL7InboundMapping:
         for key in ("table", "default", "conclusion"):
             if not isinstance(node.get(key, ""), str):
                 where = line_of(node, key)
-                raise MappingError(self.path, where, f"report_text: {key} must be text, not {_shape(node[key])}")
+                raise MappingError(self.path, where, f"report_text: {key} must be text, not {shape(node[key])}")
         table = self.tables.get(str(node.get("table", "")))
         if table is None or not {"section", "title"} <= set(table.columns):
             where = line_of(node, "table")
@@ -592,11 +593,6 @@ class HL7InboundMapping:
 # order's steps), far below what would hold the event loop (each costs some microseconds; a 16 MiB message of
 # PID-3 repetitions took 13 s).
 MAX_EACH = 1000
-
-
-def _shape(value: Any) -> str:
-    """What a YAML value is, for an error that expected text."""
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
 
 
 def _bounded(count: int, over: str, what: str) -> None:

@@ -85,6 +85,11 @@ def line_of(node: Any, key: str | None = None) -> int:
     return getattr(node, "line", 0)
 
 
+def shape(value: Any) -> str:
+    """What a YAML value is, for an error that expected text."""
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
+
+
 @dataclass
 class CodeTable:
     """A CSV code table: key column(s) → value column(s). ``*`` in a key column matches any value."""

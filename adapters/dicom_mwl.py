@@ -18,11 +18,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+from traboule.adapters.dicom_server import DicomServer, SCPLimits
 
-from adapters.dicom_server import DicomServer, SCPLimits
-from traboule import metrics
-from traboule.dicom_match import QueryError
-from traboule.worklist import ScanStopped, WorklistStore
+from traboule.app import metrics
+from traboule.stores.dicom_match import QueryError
+from traboule.stores.worklist import ScanStopped, WorklistStore
 
 PENDING = 0xFF00
 CANCEL = 0xFE00

@@ -818,7 +818,7 @@ class MLLPSender:
         await self.client.close()
 
     async def send(self, data: bytes) -> str:
-        from traboule import hl7
+        from traboule.formats import hl7
 
         async with self._lock:
             try:

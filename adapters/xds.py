@@ -1,6 +1,6 @@
 """IHE XDS.b client for the DMP: ITI-41 Provide and Register Document Set-b (to the repository) and ITI-57 Update
 Document Set (to the registry), over SOAP 1.2 with WS-Addressing, MTOM/XOP, a signed VIHF SAML 2.0 assertion and
-mutual TLS. Protocol I/O only: the metadata comes ready from ``traboule.xds_metadata``.
+mutual TLS. Protocol I/O only: the metadata comes ready from ``traboule.translate.xds_metadata``.
 
 * ebRIM 3.0: in every RegistryObject the Slots come first, then Name, Classifications, ExternalIdentifiers (the
   schema's sequence; the ANS DMP sample puts ``referenceIdList`` after its Classifications, which the XDS.b schema
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from lxml import etree
 from signxml import SignatureConstructionMethod, XMLSigner
 
-from traboule.xds_metadata import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
+from traboule.translate.xds_metadata import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
 
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"

@@ -23,14 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
 from lxml import etree  # noqa: E402
 from saxonche import PySaxonProcessor  # noqa: E402
 
-from traboule.cda_validation import COMPILED_SUFFIX, XSD, CDAValidator  # noqa: E402
+from traboule.formats.cda_validation import COMPILED_SUFFIX, XSD, CDAValidator  # noqa: E402
 
 STANDARDS = ROOT.parent / "shared" / "standards"
 

@@ -51,18 +51,19 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
-from adapters.mllp import MLLPClient  # noqa: E402
+from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
+from traboule.adapters.mllp import MLLPClient  # noqa: E402
+
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from traboule import hl7  # noqa: E402
-from traboule.fhir_mapping import FHIRMapping, key_identifier  # noqa: E402
-from traboule.fhir_store import FHIRStore  # noqa: E402
-from traboule.hl7_mapping import HL7InboundMapping  # noqa: E402
 from traboule.model import ImagingOrder  # noqa: E402
+from traboule.stores.fhir_store import FHIRStore  # noqa: E402
+from traboule.translate.fhir_mapping import FHIRMapping, key_identifier  # noqa: E402
+from traboule.translate.hl7_mapping import HL7InboundMapping  # noqa: E402
 
 TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
 IDS = ("MSG0001", "IPP0001", "PLC0001", "FIL0001", "ACC0001", "RP0001", "SPS0001")

@@ -28,7 +28,7 @@ from fuzz import generation_only, surface_main  # noqa: E402
 from hypothesis import given  # noqa: E402
 
 from tests.test_fuzz_dicom import ANSWER_WITHIN, Modality, ServedWorklist, identifiers, valid_query  # noqa: E402
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 
 def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:

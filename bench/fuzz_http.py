@@ -32,7 +32,7 @@ from tests.test_fuzz_http import (  # noqa: E402
     is_failure,
     request,
 )
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 
 def campaign(n: int = 10_000, *, quiet: bool = True) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from fuzz import generation_only, surface_main  # noqa: E402
 from hypothesis import given  # noqa: E402
 
 from tests.test_fuzz_mllp import Case, MLLPEngine, cases, exchange, problems, still_serving  # noqa: E402
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 CHECK_EVERY = 100  # inputs between two checks that a valid order is still accepted
 

@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
+from traboule.adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
 
 TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
 

@@ -24,15 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from adapters.dicom_mwl import WorklistSCP  # noqa: E402
-from adapters.worklist_files import WorklistFileWriter  # noqa: E402
+from traboule.adapters.dicom_mwl import WorklistSCP  # noqa: E402
+from traboule.adapters.worklist_files import WorklistFileWriter  # noqa: E402
+
 from traboule import model  # noqa: E402
-from traboule.dicom_mapping import MWLMapping  # noqa: E402
-from traboule.worklist import WorklistStore  # noqa: E402
+from traboule.stores.worklist import WorklistStore  # noqa: E402
+from traboule.translate.dicom_mapping import MWLMapping  # noqa: E402
 
 MODALITIES = ["CT", "MR", "US", "DX", "MG", "NM", "PT", "XA"]
 DAYS = 100

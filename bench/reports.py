@@ -3,7 +3,8 @@
 Three parts, each with its baseline side by side:
 
 1. In-process pipeline, one thread: HL7 decode + parse + map (``HL7InboundMapping``) then
-   ``ReportPublisher.prepare`` (CDA built by ``traboule.cda``, validated, stored in the publisher's SQLite), for
+   ``ReportPublisher.prepare`` (CDA built by ``traboule.translate.cda``, validated, stored in the publisher's
+   SQLite), for
    ``--reports`` distinct reports (unique MSH-10, placer, filler and accession numbers, built from
    ``fixtures/hl7/oru_r01_report.hl7`` by substitution; each report's study remembered beforehand). Validator:
    none, a ``CDAValidator`` in this process, a ``ProcessValidator`` (worker process). Reports/s, p50/p99 per
@@ -53,16 +54,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from adapters.mllp import MLLPClient  # noqa: E402
-from channels.orders import _idempotency_key  # noqa: E402
-from traboule import hl7, model  # noqa: E402
-from traboule.cda import CDAMapping  # noqa: E402
-from traboule.hl7_mapping import HL7InboundMapping  # noqa: E402
-from traboule.reports import ReportPublisher  # noqa: E402
+from traboule.adapters.mllp import MLLPClient  # noqa: E402
+from traboule.channels.orders import _idempotency_key  # noqa: E402
+
+from traboule import model  # noqa: E402
+from traboule.formats import hl7  # noqa: E402
+from traboule.stores.reports import ReportPublisher  # noqa: E402
+from traboule.translate.cda import CDAMapping  # noqa: E402
+from traboule.translate.hl7_mapping import HL7InboundMapping  # noqa: E402
 
 STANDARDS = ROOT.parent / "shared" / "standards"
 ORU = (ROOT / "fixtures" / "hl7" / "oru_r01_report.hl7").read_bytes().decode("utf-8")
@@ -268,7 +271,7 @@ def pipeline(label: str, validator: Any, ks: list[int], workdir: Path) -> dict[s
 
 
 def part1(args: argparse.Namespace, cache: Path, workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
-    from traboule.cda_validation import CDAValidator, ProcessValidator
+    from traboule.formats.cda_validation import CDAValidator, ProcessValidator
 
     n = args.reports + WARMUP
     results = []
@@ -369,9 +372,9 @@ def engine_process(conn: Any, settings: dict[str, Any]) -> None:
 
 
 async def _engine(conn: Any, s: dict[str, Any]) -> None:
-    from traboule.config import Config
+    from traboule.app.config import Config
+    from traboule.app.runtime import Runtime
     from traboule.model import Envelope
-    from traboule.runtime import Runtime
 
     cfg = Config(data_dir=s["data_dir"], log_level="warning", channels=copy.deepcopy(ORDERS_AND_WORKLIST))
     cfg.channels[1]["destinations"][0]["port"] = s["mwl_port"]
@@ -384,7 +387,7 @@ async def _engine(conn: Any, s: dict[str, Any]) -> None:
     runtime = Runtime(cfg)
     channel: Any = runtime.channel("ris-orders")
     if s["mode"] == "thread":  # the baseline: validation in a thread of the engine process
-        from traboule.cda_validation import CDAValidator
+        from traboule.formats.cda_validation import CDAValidator
 
         channel.reports.validator = CDAValidator(s["validators"], s["cache"])
     start = time.perf_counter()
@@ -570,7 +573,7 @@ def naive_once(validator: Any, xsd: Any, data: bytes, path: Path, schematrons: t
     from lxml import etree
     from saxonche import PySaxonProcessor
 
-    from traboule.cda_validation import COMPILED_SUFFIX
+    from traboule.formats.cda_validation import COMPILED_SUFFIX
 
     start = time.perf_counter()
     xsd.validate(etree.fromstring(data).getroottree())
@@ -589,7 +592,7 @@ def naive_once(validator: Any, xsd: Any, data: bytes, path: Path, schematrons: t
 def part3(args: argparse.Namespace, validator: Any, document: bytes, workdir: Path) -> dict[str, Any]:
     from lxml import etree
 
-    from traboule.cda_validation import XSD
+    from traboule.formats.cda_validation import XSD
 
     progress(f"part 3: validator cost per document ({args.runs} runs, naive {args.naive_runs})")
     path = workdir / "level3.xml"

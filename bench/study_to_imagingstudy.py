@@ -50,15 +50,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traboule import logging as tlog  # noqa: E402
+from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
+from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
+
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from tests.peer_orthanc import LUA, ORTHANC, PLUGINS  # noqa: E402
 from tests.test_archive import write_study  # noqa: E402
-from traboule.fhir_mapping import resource_id  # noqa: E402
+from traboule.translate.fhir_mapping import resource_id  # noqa: E402
 
 SERIES, PER_SERIES = 2, 50
 DCM = "http://dicom.nema.org/resources/ontology/DCM"

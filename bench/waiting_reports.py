@@ -40,13 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: a tree given there is the one measured
 
+from traboule.channels.waiting_reports import WaitingReports  # noqa: E402
+
 import traboule  # noqa: E402
-from traboule import hl7, model  # noqa: E402
-from traboule.cda import CDAMapping  # noqa: E402
-from traboule.hl7_mapping import HL7InboundMapping  # noqa: E402
-from traboule.journal import Journal, JournalEntry  # noqa: E402
-from traboule.reports import ReportPublisher, request_publication  # noqa: E402
-from traboule.waiting_reports import WaitingReports  # noqa: E402
+from traboule import model  # noqa: E402
+from traboule.formats import hl7  # noqa: E402
+from traboule.stores.journal import Journal, JournalEntry  # noqa: E402
+from traboule.stores.reports import ReportPublisher, request_publication  # noqa: E402
+from traboule.translate.cda import CDAMapping  # noqa: E402
+from traboule.translate.hl7_mapping import HL7InboundMapping  # noqa: E402
 
 FIXTURE = ROOT / "fixtures" / "hl7" / "oru_r01_report.hl7"
 

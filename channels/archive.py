@@ -28,14 +28,14 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from traboule.adapters.dicomweb import DicomJSON, DICOMwebClient, value
 
-from adapters.dicomweb import DicomJSON, DICOMwebClient, value
+from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery, PermanentError
-from traboule.health import DestinationHealth, channel_health
-from traboule.hl7_mapping import MappingFailure
-from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study, is_uid
-from traboule.patient_identity import PatientIdentities
+from traboule.stores.journal import JournalEntry, OutboxEvent
+from traboule.stores.patient_identity import PatientIdentities
+from traboule.translate.hl7_mapping import MappingFailure
 
 log = structlog.get_logger("traboule.channels.archive")
 
@@ -127,7 +127,7 @@ class ArchiveChannel:
         return [Route(self.webhook, self.notified, methods=["POST"])]
 
     def body_limits(self) -> dict[str, int]:
-        """The webhook's request body limit (``traboule.http``): a notification is a few hundred bytes."""
+        """The webhook's request body limit (``traboule.app.http``): a notification is a few hundred bytes."""
         return {self.webhook: WEBHOOK_MAX_BODY}
 
     async def notified(self, request: Request) -> JSONResponse:

@@ -43,23 +43,12 @@ import asyncio
 from typing import Any
 
 import structlog
+from traboule.channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_topic
 
-from channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_topic
-from traboule import metrics
+from traboule.app import metrics
+from traboule.app.config import resolve
+from traboule.app.health import channel_health
 from traboule.bus import Bus, Delivery
-from traboule.config import resolve
-from traboule.fhir_mapping import (
-    RECONCILED,
-    UNSCHEDULED,
-    FHIRMapping,
-    deleted_versions,
-    is_ins,
-    merge_patient,
-    resource_id,
-    with_profiles,
-)
-from traboule.fhir_store import FHIRStore
-from traboule.health import channel_health
 from traboule.model import (
     Document,
     Envelope,
@@ -70,6 +59,17 @@ from traboule.model import (
     PerformedStep,
     ScheduledStep,
     Study,
+)
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.fhir_mapping import (
+    RECONCILED,
+    UNSCHEDULED,
+    FHIRMapping,
+    deleted_versions,
+    is_ins,
+    merge_patient,
+    resource_id,
+    with_profiles,
 )
 
 log = structlog.get_logger("traboule.channels.fhir")
@@ -139,7 +139,7 @@ class FHIRChannel:
     def routes(self) -> list[Any]:
         if not self.api:
             return []
-        from traboule.fhir_api import routes
+        from traboule.app.fhir_api import routes
 
         return routes(self.store, self.base_url)
 

@@ -41,14 +41,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from traboule.adapters.fhir_client import (
+    FHIRClient,
+    FHIRServerError,
+    conditional_update,
+    identifier_search,
+    new_full_url,
+)
 
-from adapters.fhir_client import FHIRClient, FHIRServerError, conditional_update, identifier_search, new_full_url
-from traboule import journal, metrics
+from traboule.app import metrics
+from traboule.app.config import is_loopback
+from traboule.app.health import DestinationHealth
 from traboule.bus import Delivery, PermanentError
-from traboule.config import is_loopback
-from traboule.fhir_mapping import key_identifier
-from traboule.fhir_store import FHIRStore
-from traboule.health import DestinationHealth
+from traboule.stores import journal
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.fhir_mapping import key_identifier
 
 log = structlog.get_logger("traboule.channels.fhir_push")
 

@@ -40,11 +40,12 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from traboule.adapters.mllp import MLLPSender, NotAccepted
 
-from adapters.mllp import MLLPSender, NotAccepted
-from traboule import hl7, metrics
+from traboule.app import metrics
+from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
-from traboule.health import DestinationHealth, channel_health
+from traboule.formats import hl7
 from traboule.model import Document, Envelope, Identifier, Patient
 
 log = structlog.get_logger("traboule.channels.hl7_documents")

@@ -34,14 +34,15 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from traboule.adapters.mllp import MLLPSender, NotAccepted
 
-from adapters.mllp import MLLPSender, NotAccepted
-from traboule import hl7, metrics
+from traboule.app import metrics
+from traboule.app.config import resolve
+from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
-from traboule.config import resolve
-from traboule.health import DestinationHealth, channel_health
-from traboule.mapping import load_table
+from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
+from traboule.translate.mapping import load_table
 
 log = structlog.get_logger("traboule.channels.hl7_status")
 

@@ -8,7 +8,7 @@ Configuration::
     destinations = [{adapter = "mpps-scp", host = "127.0.0.1", port = 11113, ae_title = "TRABOULE"}]
     request_timeout = 20               # seconds a DICOM request waits for its journal write
 
-The ``mpps-scp`` entry also takes the SCP limits of ``adapters.dicom_server.SCPLimits`` (``max_associations``,
+The ``mpps-scp`` entry also takes the SCP limits of ``traboule.adapters.dicom_server.SCPLimits`` (``max_associations``,
 ``max_associations_per_peer``, ``acse_timeout``, ``dimse_timeout``, ``network_timeout``).
 
 Per request: check it against the instance's known state → merge (an N-SET carries only the changed attributes;
@@ -38,8 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-
-from adapters.dicom_mpps import (
+from traboule.adapters.dicom_mpps import (
     DUPLICATE_SOP_INSTANCE,
     INVALID_ATTRIBUTE_VALUE,
     MAY_NO_LONGER_BE_UPDATED,
@@ -49,12 +48,13 @@ from adapters.dicom_mpps import (
     SUCCESS,
     HandlerResult,
 )
-from adapters.dicom_server import SCPLimits
-from traboule import metrics
-from traboule.hl7_mapping import MappingFailure
-from traboule.journal import JournalEntry, OutboxEvent
+from traboule.adapters.dicom_server import SCPLimits
+
+from traboule.app import metrics
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
-from traboule.patient_identity import PatientIdentities
+from traboule.stores.journal import JournalEntry, OutboxEvent
+from traboule.stores.patient_identity import PatientIdentities
+from traboule.translate.hl7_mapping import MappingFailure
 
 log = structlog.get_logger("traboule.channels.mpps")
 

@@ -5,7 +5,7 @@ it produced (one transaction) → ACK. AA only once the journal write is on disk
 not ours (MSH, message type, charset); AE for what the mapping finds wrong (missing mandatory field, unknown code).
 Every message, accepted or not, is in the journal.
 
-Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboule.reports``): the CDA is built
+Reports (ORU^R01, MDM^T02/T10/T04) become documents before the answer (``traboule.stores.reports``): the CDA is built
 (``mappings/cda.yaml``) and, when the CI-SIS validators are available, validated; a report that cannot make a valid
 document is answered AE with the reason. Settings: ``reports = {cda_mapping = "mappings/cda.yaml", validate =
 "auto", validators = "", cache = ""}`` (``validate``: true requires the validators, "auto" uses them when found,
@@ -15,9 +15,9 @@ demand when neither knows a report's study (``archive``: the archive channel's D
 seconds), and keeps the orders it receives (procedure code, identifiers a report may lack), written in batches
 every half second off the ACK path. Reports are prepared one at a time on a thread of their own. A structured
 report whose study is still unknown is accepted and waits for it (``wait_for_study``, default "24h"; 0 refuses it,
-AE; ``max_waiting``, default 5000: a warning above), see ``traboule.waiting_reports``.
+AE; ``max_waiting``, default 5000: a warning above), see ``traboule.channels.waiting_reports``.
 
-Patient identity (``traboule.patient_identity``): a message giving an IPP another INS than the recorded one is
+Patient identity (``traboule.stores.patient_identity``): a message giving an IPP another INS than the recorded one is
 refused (AE, PID-3), unless it is a patient update (ADT^A08/A31) from an identity source, whose INS replaces it
 (``identity_sources = [{application = "GAM", facility = "CHU-LYON"}]``, MSH-3.1 / MSH-4.1; not set: every sender of
 ADT). An order naming an accession number, order number or Study UID of another patient is refused (AE, PID-3): a
@@ -40,16 +40,8 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-
-from adapters.mllp import MLLPListener, Refusal
-from traboule import hl7, metrics
-from traboule.config import resolve
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.journal import JournalEntry, OutboxEvent, Query
-from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
-from traboule.patient_identity import REBUILD_MARGIN, PatientIdentities, identity_sources, mark_authoritative
-from traboule.reports import Held, ReportPublisher, ReportRefused
-from traboule.waiting_reports import (
+from traboule.adapters.mllp import MLLPListener, Refusal
+from traboule.channels.waiting_reports import (
     ARCHIVE_RECHECK,
     ARCHIVE_TIMEOUT,
     MAX_WAITING,
@@ -58,6 +50,15 @@ from traboule.waiting_reports import (
     archive_settings,
     seconds,
 )
+
+from traboule.app import metrics
+from traboule.app.config import resolve
+from traboule.formats import hl7
+from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
+from traboule.stores.journal import JournalEntry, OutboxEvent, Query
+from traboule.stores.patient_identity import REBUILD_MARGIN, PatientIdentities, identity_sources, mark_authoritative
+from traboule.stores.reports import Held, ReportPublisher, ReportRefused
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 
 log = structlog.get_logger("traboule.channels.orders")
 
@@ -481,7 +482,7 @@ ORDER_FLUSH = 0.5  # seconds between two writes of the orders the reports may ne
 
 def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
     """The report publisher of an inbound channel, from its ``reports`` settings."""
-    from traboule.cda import CDAMapping
+    from traboule.translate.cda import CDAMapping
 
     settings = config.get("reports") or {}
     if not isinstance(settings, dict):
@@ -490,7 +491,7 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
     validate = settings.get("validate", "auto")
     validator = None
     if validate is not False and str(validate).lower() != "false":
-        from traboule.cda_validation import ProcessValidator
+        from traboule.formats.cda_validation import ProcessValidator
 
         configured = str(settings.get("validators", "") or os.environ.get("TRABOULE_CDA_VALIDATORS", ""))
         tree = resolve(runtime.config, configured) if configured else None

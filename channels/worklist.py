@@ -31,16 +31,16 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
+from traboule.adapters.dicom_mwl import WorklistSCP
+from traboule.adapters.dicom_server import SCPLimits
+from traboule.adapters.worklist_files import WorklistFileWriter
 
-from adapters.dicom_mwl import WorklistSCP
-from adapters.dicom_server import SCPLimits
-from adapters.worklist_files import WorklistFileWriter
-from traboule import metrics
+from traboule.app import metrics
+from traboule.app.config import resolve
 from traboule.bus import Delivery
-from traboule.config import resolve
-from traboule.dicom_mapping import MWLMapping, character_set
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep
-from traboule.worklist import Change, WorklistStore, as_dataset
+from traboule.stores.worklist import Change, WorklistStore, as_dataset
+from traboule.translate.dicom_mapping import MWLMapping, character_set
 
 log = structlog.get_logger("traboule.channels.worklist")
 

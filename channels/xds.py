@@ -2,7 +2,7 @@
 "Partage de documents de santé" profiles it.
 
 * ``document.publish`` → ITI-41 Provide and Register Document Set-b to the repository: a SubmissionSet with the
-  CDA's DocumentEntry (metadata from ``traboule.xds_metadata``), the CDA as an MTOM attachment.
+  CDA's DocumentEntry (metadata from ``traboule.translate.xds_metadata``), the CDA as an MTOM attachment.
 * ``document.replace`` → ITI-41 with the new version and an RPLC association to the entryUUID of the version it
   supersedes.
 * ``document.delete`` → ITI-57 Update Document Set to the registry: availabilityStatus Approved →
@@ -15,7 +15,8 @@ Not produced: the XAdES "document de signature" (a third DocumentEntry signing t
 the ANS samples carry. Whether the DMP requires it, and its exact profile (signature policy, references, which
 certificate), are not confirmed by a published ANS specification: only the ANS sample submissions carry it.
 
-A document version's entryUUID is derived from its uniqueId (``traboule.document_ids.entry_uuid``, UUID v5): the
+A document version's entryUUID is derived from its uniqueId (``traboule.translate.document_ids.entry_uuid``, UUID
+v5): the
 one its MHD DocumentReference carries, so a gateway sees one identity on both sides. It is kept in
 ``<data_dir>/<name>.sqlite`` before the first attempt, so that a retry resends the same entry and a replacement or
 deletion names the one registered (an entry already stored keeps its entryUUID). A replacement or deletion of a
@@ -86,14 +87,17 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import structlog
+from traboule.adapters import xds
 
-from adapters import xds
-from traboule import document_ids, hl7, journal, metrics
+from traboule.app import metrics
+from traboule.app.config import ConfigError, is_loopback
+from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery, PermanentError
-from traboule.config import ConfigError, is_loopback
-from traboule.health import DestinationHealth, channel_health
+from traboule.formats import hl7
 from traboule.model import Document, Envelope
-from traboule.xds_metadata import (
+from traboule.stores import journal
+from traboule.translate import document_ids
+from traboule.translate.xds_metadata import (
     Coded,
     DocumentEntry,
     MetadataError,

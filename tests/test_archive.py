@@ -12,14 +12,14 @@ import pytest
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from traboule.adapters.dicomweb import DICOMwebClient, DICOMwebError
 
-from adapters.dicomweb import DICOMwebClient, DICOMwebError
 from tests.peer_dcmtk import free_port, require_dcmtk
 from tests.test_flow import engine_config, until
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
-from traboule.http import create_app, serve
 from traboule.model import Envelope, Study
-from traboule.runtime import Runtime
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from traboule.adapters.rabbitmq import RabbitMQBus
 
-from adapters.rabbitmq import RabbitMQBus
 from tests.peer_rabbitmq import unique_name
 from traboule.bus import Delivery, PermanentError, one_by_one
-from traboule.embedded_bus import EmbeddedBus
+from traboule.bus.embedded import EmbeddedBus
 
 pytestmark = pytest.mark.timeout(30)  # the first RabbitMQ test also starts the broker (6-8 s)
 

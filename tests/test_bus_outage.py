@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import pytest
+from traboule.adapters.rabbitmq import BusUnavailableError, RabbitMQBus
 
-from adapters.rabbitmq import BusUnavailableError, RabbitMQBus
 from tests.peer_dcmtk import free_port
 from tests.peer_rabbitmq import RabbitMQNode, unique_name
 from tests.test_bus import Inbox
 from tests.test_flow import ack_code, engine_config, fixture, send, store, until
-from traboule.runtime import Runtime
+from traboule.app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,7 +167,7 @@ async def test_failed_attempts_are_logged_with_a_capped_backoff_and_no_password(
     url = f"amqp://traboule:s3cr3t-pw@127.0.0.1:{port}/?keyfile=/etc/traboule/key.pem"
     bus = RabbitMQBus(url, exchange=unique_name("x"), reconnect_min=0.05, reconnect_max=0.2)
     buses.append(bus)
-    with caplog.at_level(logging.WARNING, logger="adapters.rabbitmq"):
+    with caplog.at_level(logging.WARNING, logger="traboule.adapters.rabbitmq"):
         await bus.start()
         await asyncio.sleep(1.0)
         with pytest.raises(BusUnavailableError) as raised:

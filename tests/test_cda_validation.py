@@ -26,7 +26,7 @@ import pytest
 from lxml import etree
 
 from tests.conftest import ROOT, SHARED, shared_path
-from traboule.cda_validation import (
+from traboule.formats.cda_validation import (
     PROFILES,
     REQUEST_TIMEOUT,
     SERVER_IDLE,
@@ -265,7 +265,7 @@ def test_default_tree_is_the_environment_variable(monkeypatch: pytest.MonkeyPatc
 def _cli(*args: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     drop = {"TRABOULE_CDA_VALIDATORS", "TRABOULE_CDA_SERVER_IDLE"}
     env = {k: v for k, v in os.environ.items() if k not in drop} | (env or {})
-    command = [sys.executable, "-m", "traboule.cli", "cda", "validate", *map(str, args)]
+    command = [sys.executable, "-m", "traboule.app.cli", "cda", "validate", *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=100, check=False)
 
 

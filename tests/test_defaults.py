@@ -22,15 +22,15 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
-import traboule.http
+import traboule.app.http
 from tests.conftest import ROOT
 from tests.peer_dcmtk import findscu
 from tests.test_engine import cli, engine_ports, free_port_run
 from tests.test_http_limits import exchange, head, read_answer
 from tests.test_mpps import completed, in_progress
-from traboule.config import DEFAULT_CHANNELS, Config, ConfigError, load
-from traboule.http import create_app, serve
-from traboule.runtime import ProcessState, Runtime, check_listeners
+from traboule.app.config import DEFAULT_CHANNELS, Config, ConfigError, load
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import ProcessState, Runtime, check_listeners
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 REMOTE_KINDS = {"archive", "hl7-status", "xds", "hl7-documents"}
@@ -357,7 +357,7 @@ async def test_the_bodies_the_forwarder_holds_are_bounded_together(
 ) -> None:
     """Each body is read whole before it is forwarded: beyond FORWARD_BUFFER bytes for all requests in progress,
     503 with Retry-After, until the bodies held are sent on."""
-    monkeypatch.setattr(traboule.http, "FORWARD_BUFFER", 20_000)
+    monkeypatch.setattr(traboule.app.http, "FORWARD_BUFFER", 20_000)
     form = ("Content-Type: application/x-www-form-urlencoded", "Content-Length: 12000")
     body = b"identifier=x&unknown=".ljust(12000, b"y")
     async with forwarding(tmp_path) as cfg:
@@ -421,7 +421,7 @@ def default_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path / "var"), TRABOULE_LOG_FORMAT="json", **engine_ports())
     env.pop("TRABOULE_CONFIG", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "traboule.cli", "run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "traboule.app.cli", "run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 60

@@ -10,15 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
+from traboule.channels.worklist import assign_missing_ids
 
-from channels.worklist import assign_missing_ids
 from tests.conftest import ROOT, shared_path
-from traboule import dicom_mapping, hl7, model
-from traboule.dicom_encoding import SUPPORTED_VRS, UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
-from traboule.dicom_mapping import MWLMapping
-from traboule.dicom_match import element_values, normalize
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.worklist import (
+from traboule import model
+from traboule.formats import hl7
+from traboule.formats.dicom_encoding import SUPPORTED_VRS, UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
+from traboule.stores.dicom_match import element_values, normalize
+from traboule.stores.worklist import (
     ACCESSION_NUMBER,
     ISSUER_OF_PATIENT_ID,
     MODALITY,
@@ -37,6 +36,9 @@ from traboule.worklist import (
     encode_item,
     item_columns,
 )
+from traboule.translate import dicom_mapping
+from traboule.translate.dicom_mapping import MWLMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Invalid value for VR", "ignore:The value length", "ignore:The number of PN components"

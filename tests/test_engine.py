@@ -20,12 +20,12 @@ import pytest
 from tests.conftest import ROOT
 from tests.peer_dcmtk import findscu, free_port
 from tests.test_flow import engine_config, fixture, send, store, until
-from traboule import logging as tlog
-from traboule.http import create_app, serve
-from traboule.journal import Journal, JournalEntry, OutboxEvent
-from traboule.metrics import REGISTRY as metrics_registry
+from traboule.app import logging as tlog
+from traboule.app.http import create_app, serve
+from traboule.app.metrics import REGISTRY as metrics_registry
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
-from traboule.runtime import Runtime
+from traboule.stores.journal import Journal, JournalEntry, OutboxEvent
 
 
 async def test_journaled_events_reach_the_worklist_after_a_restart(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def engine_ports() -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "traboule.cli", *args]
+    command = [sys.executable, "-m", "traboule.app.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
@@ -147,7 +147,7 @@ def cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.Comp
 def running_engine(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path / "var"), TRABOULE_LOG_FORMAT="json", **engine_ports())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "traboule.cli", "run"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "traboule.app.cli", "run"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 20
     assert proc.stderr is not None
@@ -267,7 +267,7 @@ async def test_documented_custom_channel_runs(tmp_path: Path, monkeypatch: pytes
     """The example channel of docs/architecture.md, plugged in as a site would (by kind name)."""
     monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples"))
     monkeypatch.setitem(
-        __import__("traboule.runtime", fromlist=["BUILTIN_CHANNELS"]).BUILTIN_CHANNELS,
+        __import__("traboule.app.runtime", fromlist=["BUILTIN_CHANNELS"]).BUILTIN_CHANNELS,
         "audit",
         "audit_channel:AuditChannel",
     )
@@ -324,7 +324,7 @@ async def test_rejected_message_is_replayed_from_the_journal(tmp_path: Path) -> 
 
 def test_operations_guide_configuration_loads(tmp_path: Path) -> None:
     """The configuration example of docs/operations.md is valid as written."""
-    from traboule.config import load
+    from traboule.app.config import load
 
     text = (ROOT / "docs" / "operations.md").read_text()
     example = text.split("```toml", 1)[1].split("```", 1)[0]
@@ -359,8 +359,8 @@ async def test_journal_prune_keeps_the_entries_of_reports_waiting_for_their_stud
     """A waiting report writes its outcome into its message's entry (and is dropped when that entry is gone):
     `journal prune` keeps the entries the reports stores of the inbound channels still need, however old."""
     from tests.test_reports import report_of, study
-    from traboule.cda import CDAMapping
-    from traboule.reports import ReportPublisher, Waiting
+    from traboule.stores.reports import ReportPublisher, Waiting
+    from traboule.translate.cda import CDAMapping
 
     data = tmp_path / "var"
     data.mkdir()

@@ -17,17 +17,18 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from traboule.adapters.fhir_client import FHIRClient, FHIRServerError
 
-from adapters.fhir_client import FHIRClient, FHIRServerError
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, fixture, free_port, send, until
-from traboule import hl7, model
-from traboule.fhir_mapping import FR_CORE_PATIENT, FHIRMapping
-from traboule.fhir_store import FHIRStore
-from traboule.hl7_mapping import HL7InboundMapping
-from traboule.http import create_app, serve
-from traboule.mapping import MappingError
-from traboule.runtime import Runtime
+from traboule import model
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.fhir_mapping import FR_CORE_PATIENT, FHIRMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping
+from traboule.translate.mapping import MappingError
 
 INS_TEST = "urn:oid:1.2.250.1.213.1.4.10"
 ACCESSION = "urn:oid:1.2.250.1.999.1.4"
@@ -203,9 +204,9 @@ def test_store_versions_and_search(tmp_path: Path, mapping: FHIRMapping) -> None
 
 
 async def test_engine_serves_fhir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import traboule.runtime
+    import traboule.app.runtime
 
-    monkeypatch.setitem(traboule.runtime.BUILTIN_CHANNELS, "fhir", "channels.fhir:FHIRChannel")
+    monkeypatch.setitem(traboule.app.runtime.BUILTIN_CHANNELS, "fhir", "traboule.channels.fhir:FHIRChannel")
     cfg = engine_config(tmp_path)
     cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
     runtime = Runtime(cfg)
@@ -269,9 +270,9 @@ async def test_engine_serves_fhir(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 async def test_merge_deactivates_the_merged_patient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import traboule.runtime
+    import traboule.app.runtime
 
-    monkeypatch.setitem(traboule.runtime.BUILTIN_CHANNELS, "fhir", "channels.fhir:FHIRChannel")
+    monkeypatch.setitem(traboule.app.runtime.BUILTIN_CHANNELS, "fhir", "traboule.channels.fhir:FHIRChannel")
     cfg = engine_config(tmp_path)
     cfg.channels.append({"name": "fhir", "kind": "fhir"})
     runtime = Runtime(cfg)
@@ -574,7 +575,7 @@ async def test_fhir_client_puts_only_types_and_ids_in_its_paths(fhir_server_url:
 
 
 def test_a_thinner_message_keeps_what_is_known_and_an_ins_is_never_swapped(mapping: FHIRMapping) -> None:
-    from traboule.fhir_mapping import merge_patient
+    from traboule.translate.fhir_mapping import merge_patient
 
     full = mapping.patient(order_of("orm_o01_nw_latin1.hl7").patient)
     ipp_only = model.Patient(ids=[model.Identifier("IPP0001", "CHU-LYON", "1.2.250.1.999.1.1", "PI")])
@@ -701,7 +702,7 @@ async def test_a_merged_patient_keeps_its_fr_core_profiles(tmp_path: Path) -> No
 
 def test_by_subject_finds_deleted_document_references_too(tmp_path: Path) -> None:
     """What a merge moves: every resource of a subject, a deleted DocumentReference (found by no search) too."""
-    from traboule.fhir_mapping import deleted
+    from traboule.translate.fhir_mapping import deleted
 
     store = FHIRStore(str(tmp_path / "fhir.sqlite"))
     try:

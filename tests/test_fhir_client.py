@@ -8,8 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-
-from adapters.fhir_client import (
+from traboule.adapters.fhir_client import (
     FHIRClient,
     FHIRServerError,
     conditional_create,
@@ -18,6 +17,7 @@ from adapters.fhir_client import (
     new_full_url,
     outcome_text,
 )
+
 from tests.peer_dcmtk import free_port
 
 INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"  # French national health identifier (INS-NIR)

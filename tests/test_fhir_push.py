@@ -14,18 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from traboule.adapters.fhir_client import FHIRClient
 
-from adapters.fhir_client import FHIRClient
 from tests.conftest import ROOT
 from tests.peer_dcmtk import free_port, require_dcmtk
 from tests.peer_fhir_server import require_fhir_server, start_fhir_server, stop_fhir_server
 from tests.test_archive import write_study
 from tests.test_fhir import ACCESSION, INS_TEST, r4
 from tests.test_flow import engine_config, fixture, send, until
-from traboule.fhir_store import FHIRStore
-from traboule.http import create_app, serve
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope, Identifier, Patient, PerformedStep
-from traboule.runtime import Runtime
+from traboule.stores.fhir_store import FHIRStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,7 +130,7 @@ async def test_orders_cancel_and_merge_reach_the_server_once_each(
         )
         resend = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "traboule.cli", "--config", str(config), "fhir", "resend"],
+            [sys.executable, "-m", "traboule.app.cli", "--config", str(config), "fhir", "resend"],
             capture_output=True,
             text=True,
             cwd=ROOT,

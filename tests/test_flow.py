@@ -13,13 +13,13 @@ from typing import Any
 
 import pydicom
 import pytest
+from traboule.adapters.mllp import MLLPClient
 
-from adapters.mllp import MLLPClient
 from tests.conftest import ROOT, shared_path
 from tests.peer_dcmtk import findscu
-from traboule import hl7
-from traboule.config import Config
-from traboule.runtime import Runtime
+from traboule.app.config import Config
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
 
 FIXTURES = ROOT / "fixtures" / "hl7"
 

@@ -14,16 +14,17 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B.patient import Patient
+from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search
 
-from adapters.fhir_client import FHIRClient, conditional_update, identifier_search
 from tests.conftest import shared_path
 from tests.test_flow import engine_config, fixture, send, until
-from traboule import hl7, model
-from traboule.fhir_mapping import FHIRMapping, merge_patient
-from traboule.fhir_store import FHIRStore
-from traboule.hl7_mapping import HL7InboundMapping
-from traboule.mapping import MappingError
-from traboule.runtime import Runtime
+from traboule import model
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.fhir_mapping import FHIRMapping, merge_patient
+from traboule.translate.hl7_mapping import HL7InboundMapping
+from traboule.translate.mapping import MappingError
 
 CORE = "https://hl7.fr/ig/fhir/core/"
 PATIENT_PROFILE = CORE + "StructureDefinition/fr-core-patient|2.1.0"  # the version the checks below follow

@@ -30,11 +30,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import ModalityWorklistInformationFind
+from traboule.adapters.dicom_mwl import WorklistSCP
 
-from adapters.dicom_mwl import WorklistSCP
 from tests.peer_dcmtk import free_port, mwl_item
-from traboule.dicom_match import QueryError
-from traboule.worklist import WorklistStore
+from traboule.stores.dicom_match import QueryError
+from traboule.stores.worklist import WorklistStore
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about every invalid value it meets, by design
 

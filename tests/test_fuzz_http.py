@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
-from traboule.fhir_store import SEARCH_PARAMS, FHIRStore
-from traboule.http import create_app, serve
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope
-from traboule.runtime import Runtime
+from traboule.stores.fhir_store import SEARCH_PARAMS, FHIRStore
 
 ANSWER_WITHIN = 5.0  # seconds; the engine answers these in milliseconds, the margin is for a loaded 2-core machine
 WEBHOOK = "/archive/stable"

@@ -24,12 +24,12 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from traboule.adapters.mllp import END, MAX_UNFRAMED, START
 
-from adapters.mllp import END, MAX_UNFRAMED, START
 from tests.test_flow import engine_config, fixture, mllp_port
 from tests.test_fuzz_http import ServedEngine
-from traboule import hl7
-from traboule.runtime import Runtime
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
 
 ANSWER_WITHIN = 5.0  # seconds for a whole exchange; the listener answers in milliseconds, the margin is the machine's
 MAX_MESSAGE = 256 * 1024  # the fuzzed listener's max_message_size: small, so that going over it is cheap

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT, shared_path
-from traboule import hl7
+from traboule.formats import hl7
 
 ORM = (
     "MSH|^~\\&|RIS|CHU|TRABOULE|CHU|20261125083000||ORM^O01|C1|P|2.3.1\r"
@@ -216,7 +216,7 @@ def test_a_message_of_too_many_segments_is_refused() -> None:
     ],
 )
 def test_repetitions_and_orders_beyond_the_bound_are_refused(old: str, new: str, where: str) -> None:
-    from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+    from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 
     text = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1").replace(old, new, 1)
     with pytest.raises(MappingFailure) as exc:

@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from tests.test_flow import engine_config, free_port
-from traboule import config as config_mod
-from traboule.http import create_app, serve
-from traboule.runtime import Runtime
+from traboule.app import config as config_mod
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

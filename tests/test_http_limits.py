@@ -19,10 +19,10 @@ import pytest
 import structlog
 
 from tests.test_flow import engine_config, free_port
-from traboule import config as config_mod
-from traboule.config import HTTPLimits
-from traboule.http import create_app, serve
-from traboule.runtime import Runtime
+from traboule.app import config as config_mod
+from traboule.app.config import HTTPLimits
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 
 WEBHOOK = "/archive/stable"
 

@@ -72,7 +72,7 @@ def start_engine(tmp_path: Path) -> Iterator[Callable[..., dict[str, str]]]:
         env.update(ports or engine_ports())
         env["TRABOULE_CDA_VALIDATORS"] = str(TCC)
         env.pop("TRABOULE_CONFIG", None)
-        args = [sys.executable, "-m", "traboule.cli"]
+        args = [sys.executable, "-m", "traboule.app.cli"]
         if config:
             (tmp_path / "traboule.toml").write_text(config, encoding="utf-8")
             args += ["--config", str(tmp_path / "traboule.toml")]

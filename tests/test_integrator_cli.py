@@ -13,11 +13,12 @@ import pytest
 from lxml import etree
 
 from tests.conftest import ROOT
-from traboule import hl7, model
-from traboule.cda import CDAMapping
-from traboule.hl7_mapping import HL7InboundMapping
-from traboule.journal import Journal, JournalEntry
-from traboule.reports import ReportPublisher
+from traboule import model
+from traboule.formats import hl7
+from traboule.stores.journal import Journal, JournalEntry
+from traboule.stores.reports import ReportPublisher
+from traboule.translate.cda import CDAMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,7 +30,7 @@ STUDY_UID = "1.2.250.1.999.1.2.20261125.1"
 def cli(data_dir: Path, *args: str | Path) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRABOULE_CONFIG", "TRABOULE_AMQP_URL")}
     env["TRABOULE_DATA_DIR"] = str(data_dir)
-    command = [sys.executable, "-m", "traboule.cli", *map(str, args)]
+    command = [sys.executable, "-m", "traboule.app.cli", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=60, check=False)
 
 
@@ -162,7 +163,7 @@ def test_codes_unmapped_lists_codes_without_an_act_with_counts_and_an_example(tm
 
 
 def test_codes_unmapped_reads_the_journal_row_by_row(tmp_path: Path) -> None:
-    from traboule.code_usage import scan
+    from traboule.app.code_usage import scan
 
     order = (FIXTURES / "orm_o01_nw_latin1.hl7").read_bytes()
     entries = [(order.replace(b"CTTAP", f"LOC{i % 3}".encode()), "accepted", "ORM^O01") for i in range(300)]

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from traboule.adapters.mllp import MLLPClient
 
-from adapters.mllp import MLLPClient
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, mllp_port, store, until
-from traboule import logging as tlog
-from traboule.runtime import Runtime
+from traboule.app import logging as tlog
+from traboule.app.runtime import Runtime
 
 FIXTURES = ROOT / "fixtures" / "hl7"
 
@@ -114,7 +114,7 @@ def test_a_long_record_is_one_bounded_json_line(capsys: pytest.CaptureFixture[st
 
 _WRITER = """
 import logging, sys, structlog
-from traboule import logging as tlog
+from traboule.app import logging as tlog
 tlog.configure("json", "info")
 log = structlog.get_logger("w")
 std = logging.getLogger("lib")
@@ -204,8 +204,8 @@ async def test_a_forwarded_request_writes_no_line_of_the_http_client(
     import httpx
 
     from tests.test_engine import free_port_run
-    from traboule.config import Config
-    from traboule.http import create_app, serve
+    from traboule.app.config import Config
+    from traboule.app.http import create_app, serve
 
     cfg = Config(data_dir=str(tmp_path), http_port=free_port_run())
     cfg.channels = [c for c in cfg.channels if c["name"] == "fhir"]  # alone in its process: forwarded from main

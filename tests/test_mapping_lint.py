@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from traboule.cda import CDAMapping
-from traboule.dicom_mapping import SPS_ITEM, MWLMapping
-from traboule.hl7_mapping import HL7InboundMapping
-from traboule.mapping import MappingError
+from traboule.translate.cda import CDAMapping
+from traboule.translate.dicom_mapping import SPS_ITEM, MWLMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping
+from traboule.translate.mapping import MappingError
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ destinations = []
     )
 
     def check() -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "check"]
+        command = [sys.executable, "-m", "traboule.app.cli", "--config", str(config), "check"]
         return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=60)
 
     out = check()

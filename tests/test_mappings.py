@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, shared_path
-from traboule import hl7
-from traboule.cda import CDAMapping
-from traboule.dicom_mapping import MWLMapping
-from traboule.fhir_mapping import IDENTITY_STATUS_SYSTEM, INS_USES, FHIRMapping
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.mapping import MappingError
-from traboule.mapping_tests import fhirpath, json_pointer, run
+from traboule.formats import hl7
 from traboule.model import ImagingOrder
+from traboule.translate.cda import CDAMapping
+from traboule.translate.dicom_mapping import MWLMapping
+from traboule.translate.fhir_mapping import IDENTITY_STATUS_SYSTEM, INS_USES, FHIRMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.translate.mapping import MappingError
+from traboule.translate.mapping_tests import fhirpath, json_pointer, run
 
 MAPPINGS = ROOT / "mappings"
 
@@ -36,7 +36,7 @@ def test_shipped_mapping_tests_pass() -> None:
 
 def test_cda_cases_are_checked_by_the_ci_sis_validators(tmp_path: Path) -> None:
     """The shipped CDA cases pass the ANS validators; a case whose document fails them fails with their message."""
-    from traboule.cda_validation import CDAValidator
+    from traboule.formats.cda_validation import CDAValidator
 
     tree = shared_path("standards", "ans-testcontenucda")
     cases = tmp_path / "cases"
@@ -94,7 +94,11 @@ def test_fhir_and_cda_cases_report_the_failing_check_with_file_and_line(tmp_path
     (tmp_path / "missing.cda.yaml").write_text("input: [nowhere.hl7]\nxpath: {count(//*): '1'}\n")
     env = {k: v for k, v in os.environ.items() if k != "TRABOULE_CDA_VALIDATORS"}
     out = subprocess.run(
-        [sys.executable, "-m", "traboule.cli", "test", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env
+        [sys.executable, "-m", "traboule.app.cli", "test", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     assert out.returncode == 1
     fhir, cda = tmp_path / "case.fhir.yaml", tmp_path / "case.cda.yaml"
@@ -137,7 +141,7 @@ def test_traboule_test_command_reports_failures_with_file_and_line(tmp_path: Pat
     shutil.copy(MAPPINGS / "tests" / "orm_o01_nw_latin1.hl7", tmp_path / "case.hl7")
     (tmp_path / "case.expected.yaml").write_text("ack: AA\ncanonical:\n  accession_number.value: WRONG\n")
     out = subprocess.run(
-        [sys.executable, "-m", "traboule.cli", "test", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "traboule.app.cli", "test", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 1
     assert "case.expected.yaml:3: accession_number.value = 'ACC0001', expected 'WRONG'" in out.stdout
@@ -354,7 +358,7 @@ def test_check_reports_a_wrong_fhir_section_with_file_and_line(tmp_path: Path) -
     config.write_text(f'[engine]\ndefaults = false\n\n[[channels]]\nname = "fhir"\nkind = "fhir"\nmapping = "{path}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
     env["TRABOULE_DATA_DIR"] = str(tmp_path / "var")
-    command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "check"]
+    command = [sys.executable, "-m", "traboule.app.cli", "--config", str(config), "check"]
     ok = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout and "fhir" in ok.stdout

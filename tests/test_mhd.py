@@ -21,11 +21,11 @@ from fhir.resources.R4B.documentreference import DocumentReference
 
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_reports import study
-from traboule.fhir_mapping import is_deleted
-from traboule.fhir_store import FHIRStore
-from traboule.http import create_app, serve
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope
-from traboule.runtime import Runtime
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.fhir_mapping import is_deleted
 
 INS = "urn:oid:1.2.250.1.213.1.4.10|279035121518989"
 LOINC_CR = "http://loinc.org|18748-4"

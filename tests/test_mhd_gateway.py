@@ -8,7 +8,7 @@ cannot satisfy, 404 once deleted); unknown parameters are ignored (lenient) or r
 OperationOutcomes. Every served resource is validated with the fhir.resources R4B models, and the PDSm / MHD
 constraints those models cannot check (cardinalities, value sets, slices, contained references) are checked here,
 each with the profile's text it comes from. The DocumentReference agrees with the XDS metadata the DMP gets
-(`traboule.xds_metadata.document_entry` of the same document)."""
+(`traboule.translate.xds_metadata.document_entry` of the same document)."""
 
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ from tests.conftest import SHARED
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_reports import report_of, study
 from traboule import model
-from traboule.cda import read_header
-from traboule.document_ids import entry_uuid
-from traboule.fhir_mapping import is_deleted
-from traboule.fhir_store import FHIRStore
-from traboule.fhir_xml import to_xml
-from traboule.http import create_app, serve
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
+from traboule.formats.fhir_xml import to_xml
 from traboule.model import Envelope
-from traboule.runtime import Runtime
-from traboule.xds_metadata import MetadataSettings, document_entry
+from traboule.stores.fhir_store import FHIRStore
+from traboule.translate.cda import read_header
+from traboule.translate.document_ids import entry_uuid
+from traboule.translate.fhir_mapping import is_deleted
+from traboule.translate.xds_metadata import MetadataSettings, document_entry
 
 PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/pdsm-comprehensive-document-reference"
 MHD = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/IHE.MHD.Comprehensive.DocumentReference"
@@ -531,7 +531,7 @@ async def test_capability_statement_declares_what_is_served(gateway: Gateway) ->
 
 
 async def test_document_reference_agrees_with_the_xds_metadata(gateway: Gateway) -> None:
-    """The DMP's DocumentEntry (traboule.xds_metadata) and the DocumentReference of the same document version."""
+    """The DMP's DocumentEntry (translate.xds_metadata) and the DocumentReference of the same document version."""
     _, client, day = gateway
     settings = MetadataSettings(source_id="1.2.250.1.999.9")
     assert day["b1"]["context"]["period"] == {"start": "2026-11-25T13:30:00+01:00", "end": "2026-11-25T13:50:00+01:00"}

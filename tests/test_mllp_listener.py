@@ -15,11 +15,19 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from traboule.adapters.mllp import (
+    END,
+    EVICTION_LOG_BURST,
+    MAX_UNFRAMED,
+    MAX_UNFRAMED_RUNS,
+    START,
+    MLLPClient,
+    MLLPListener,
+)
 
-from adapters.mllp import END, EVICTION_LOG_BURST, MAX_UNFRAMED, MAX_UNFRAMED_RUNS, START, MLLPClient, MLLPListener
 from tests.test_flow import ack_code, engine_config, fixture, mllp_port
-from traboule import hl7
-from traboule.runtime import Runtime
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
 
 
 @contextlib.asynccontextmanager

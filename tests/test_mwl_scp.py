@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+from traboule.adapters.dicom_mwl import CANCEL, WorklistSCP
+from traboule.adapters.dicom_server import SCPLimits
+from traboule.channels.worklist import WorklistChannel
 
-from adapters.dicom_mwl import CANCEL, WorklistSCP
-from adapters.dicom_server import SCPLimits
-from channels.worklist import WorklistChannel
 from tests.peer_dcmtk import (
     FindResult,
     echoscu,
@@ -29,8 +29,8 @@ from tests.peer_dcmtk import (
     run_findscu,
     with_keys,
 )
-from traboule import metrics
-from traboule.worklist import WorklistStore
+from traboule.app import metrics
+from traboule.stores.worklist import WorklistStore
 
 pytestmark = pytest.mark.dcmtk
 

@@ -16,13 +16,14 @@ from fhir.resources.R4B.patient import Patient as FHIRPatient
 
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_reports import report_of, study
-from traboule import hl7, model
-from traboule.fhir_store import FHIRStore
-from traboule.hl7_mapping import MappingFailure
-from traboule.http import create_app, serve
+from traboule import model
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
+from traboule.formats import hl7
 from traboule.model import Envelope
-from traboule.patient_identity import Pair, PatientIdentities
-from traboule.runtime import Runtime
+from traboule.stores.fhir_store import FHIRStore
+from traboule.stores.patient_identity import Pair, PatientIdentities
+from traboule.translate.hl7_mapping import MappingFailure
 
 IPP = "urn:oid:1.2.250.1.999.1.1|IPP0001"
 INS = "urn:oid:1.2.250.1.213.1.4.10|279035121518989"
@@ -217,9 +218,9 @@ def test_a_pair_whose_message_was_never_journaled_stops_holding(
 ) -> None:
     import time
 
-    import traboule.patient_identity
+    import traboule.stores.patient_identity
 
-    monkeypatch.setattr(traboule.patient_identity, "RESERVED", 0.05)
+    monkeypatch.setattr(traboule.stores.patient_identity, "RESERVED", 0.05)
     ipp = model.Identifier("IPP0001", "CHU-LYON")
     registry = PatientIdentities(tmp_path / "patients.sqlite")
     registry.check([patient(ipp, "279035121518989")])  # then refused later (say, its report): never recorded
@@ -394,7 +395,7 @@ async def test_without_identity_sources_any_adt_corrects_and_orders_and_reports_
 
 
 def test_identity_sources_must_be_a_list_of_applications() -> None:
-    from traboule.patient_identity import identity_sources
+    from traboule.stores.patient_identity import identity_sources
 
     assert identity_sources(None, "x") is None
     assert identity_sources([{"application": "GAM"}], "x") == [("GAM", "")]
@@ -466,7 +467,7 @@ def test_patients_show_and_forget(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
-        command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "patients", *args]
+        command = [sys.executable, "-m", "traboule.app.cli", "--config", str(config), "patients", *args]
         return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
     shown = cli("show", "IPP0001")
@@ -493,7 +494,7 @@ def test_patients_show_and_forget(tmp_path: Path) -> None:
 def test_the_rebuild_fills_what_a_crash_lost_and_leaves_a_later_correction(tmp_path: Path) -> None:
     """`rebuild` (the orders channel's start): the accepted messages after the mark are recorded again (pairs,
     owners, merges), in journal order; an INS forgotten or changed after a message came is not brought back."""
-    from traboule.patient_identity import _now
+    from traboule.stores.patient_identity import _now
 
     ipp = model.Identifier("IPP0001", "CHU-LYON")
     order = patient(ipp, "279035121518989")

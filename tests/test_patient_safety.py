@@ -25,14 +25,14 @@ from tests.peer_dcmtk import require_dcmtk
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_mpps import Modality
 from tests.test_reports import report_of
-from traboule import hl7
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
-from traboule.fhir_store import FHIRStore
-from traboule.http import create_app, serve
-from traboule.journal import JournalEntry
+from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, ImagingOrder, Patient, Study
-from traboule.patient_identity import patient_of
-from traboule.runtime import Runtime
+from traboule.stores.fhir_store import FHIRStore
+from traboule.stores.journal import JournalEntry
+from traboule.stores.patient_identity import patient_of
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from traboule import cli as cli_mod
-from traboule import model, model_reference, runtime
-from traboule.scaffold import ScaffoldError, new_channel
+from traboule import model
+from traboule.app import cli as cli_mod
+from traboule.app import model_reference, runtime
+from traboule.app.scaffold import ScaffoldError, new_channel
 from traboule.testing import use_entry_points
 
 PLUGINS_DOC = ROOT / "docs" / "plugins.md"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "traboule.cli", *args]
+    command = [sys.executable, "-m", "traboule.app.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env or dict(os.environ), timeout=120)
 
 

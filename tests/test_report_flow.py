@@ -13,17 +13,17 @@ from typing import Any
 
 import httpx
 import pytest
+from traboule.adapters.mllp import MLLPListener
 
-from adapters.mllp import MLLPListener
 from tests.conftest import shared_path
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
 from tests.test_mpps import Ris
 from tests.test_reports import TCC, report_of, study
 from tests.test_xds import channel_config
 from tests.xds_endpoint import XDSEndpoint, make_pki
-from traboule.http import create_app, serve
+from traboule.app.http import create_app, serve
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope
-from traboule.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(180)
 INS = "urn:oid:1.2.250.1.213.1.4.10|279035121518989"
@@ -64,7 +64,7 @@ async def site(tmp_path: Path, validator: Any) -> AsyncIterator[tuple[Runtime, X
 
 @pytest.fixture(scope="module")
 def validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.cda_validation import CDAValidator
+    from traboule.formats.cda_validation import CDAValidator
 
     if not TCC.is_dir():
         pytest.skip(f"the CI-SIS validators are not beside the project ({TCC})")

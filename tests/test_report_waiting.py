@@ -23,8 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from traboule.channels.mpps import performed_step
+from traboule.channels.waiting_reports import seconds
 
-from channels.mpps import performed_step
 from tests.peer_dcmtk import require_dcmtk
 from tests.test_engine import cli
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
@@ -32,12 +33,11 @@ from tests.test_mpps import Modality
 from tests.test_reports import STUDY_UID, V3, report_of, study, validator  # noqa: F401 - the validator fixture
 from tests.test_supervision import Engine, engine_env
 from traboule import model
+from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
-from traboule.cda import CDAMapping
 from traboule.model import Envelope
-from traboule.reports import ReportPublisher, ReportRefused, Waiting, Withdrawn, request_publication
-from traboule.runtime import Runtime
-from traboule.waiting_reports import seconds
+from traboule.stores.reports import ReportPublisher, ReportRefused, Waiting, Withdrawn, request_publication
+from traboule.translate.cda import CDAMapping
 
 pytestmark = pytest.mark.timeout(180)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -560,8 +560,9 @@ def test_discard_and_reconcile_keep_a_journaled_report_whose_entry_was_pruned(tm
 async def test_an_outcome_whose_journal_entry_was_pruned_goes_out_with_a_fresh_entry(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from traboule import waiting_reports
-    from traboule.journal import Journal, JournalEntry
+    from traboule.channels import waiting_reports
+
+    from traboule.stores.journal import Journal, JournalEntry
 
     journal = Journal(tmp_path / "journal.sqlite")
     publisher = publisher_at(tmp_path)
@@ -609,8 +610,9 @@ async def test_a_wake_looks_only_at_the_reports_of_its_studies_and_the_rescan_on
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from traboule import waiting_reports
-    from traboule.journal import Journal, JournalEntry
+    from traboule.channels import waiting_reports
+
+    from traboule.stores.journal import Journal, JournalEntry
 
     journal = Journal(tmp_path / "journal.sqlite")
     publisher = Counting(CDAMapping(), tmp_path / "reports.sqlite")

@@ -19,12 +19,13 @@ from lxml import etree
 
 from tests.conftest import ROOT
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
-from traboule import hl7, model
+from traboule import model
+from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
-from traboule.cda import CDAMapping, DocumentIds, read_header
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure, ins_key_ok
+from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, Instance, Patient, Series, Study
-from traboule.runtime import Runtime
+from traboule.translate.cda import CDAMapping, DocumentIds, read_header
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure, ins_key_ok
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,7 +45,7 @@ def needs_validators() -> Path:
 
 @pytest.fixture(scope="session")
 def validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.cda_validation import CDAValidator
+    from traboule.formats.cda_validation import CDAValidator
 
     return CDAValidator(needs_validators(), tmp_path_factory.mktemp("cda-cache"))
 
@@ -355,7 +356,7 @@ async def test_teleradiology_answer_is_not_a_report(engine: tuple[Runtime, list[
 def test_broken_cda_mapping_names_file_and_line(tmp_path: Path, old: str, new: str, reason: str) -> None:
     import shutil
 
-    from traboule.mapping import MappingError
+    from traboule.translate.mapping import MappingError
 
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     path = tmp_path / "mappings" / "cda.yaml"
@@ -390,7 +391,7 @@ async def test_the_same_report_on_two_connections_at_once(engine: tuple[Runtime,
 
 
 def _publisher(tmp_path: Path) -> Any:
-    from traboule.reports import ReportPublisher
+    from traboule.stores.reports import ReportPublisher
 
     publisher = ReportPublisher(CDAMapping(), tmp_path / "reports.sqlite")
     publisher.remember_study(study())
@@ -442,7 +443,7 @@ def test_two_exams_in_one_message_are_refused_and_coded_rows_stay_out_of_the_tex
 
 
 def test_a_ready_document_with_a_doctype_is_refused() -> None:
-    from traboule.cda import CDAError
+    from traboule.translate.cda import CDAError
 
     evil = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
     evil += b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&e;</title></ClinicalDocument>'
@@ -461,7 +462,7 @@ def test_a_status_message_completes_the_order_summary_without_blanking_it(tmp_pa
 
 
 def test_a_replacement_of_an_unknown_or_older_version_is_refused(tmp_path: Path) -> None:
-    from traboule.reports import ReportRefused
+    from traboule.stores.reports import ReportRefused
 
     publisher = _publisher(tmp_path)
     first = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
@@ -549,7 +550,7 @@ def check_and_run(tmp_path: Path, channel: dict[str, Any]) -> tuple[str, str]:
     reasons = []
     for command in ("check", "run"):
         done = subprocess.run(
-            [sys.executable, "-m", "traboule.cli", "--config", str(path), command],
+            [sys.executable, "-m", "traboule.app.cli", "--config", str(path), command],
             capture_output=True,
             text=True,
             env=env,

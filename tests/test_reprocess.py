@@ -17,10 +17,10 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_flow import fixture, free_port, send, until
-from traboule import config as config_mod
-from traboule.journal import Journal, JournalEntry, OutboxEvent
+from traboule.app import config as config_mod
+from traboule.app.runtime import Runtime, channel_bindings
 from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
-from traboule.runtime import Runtime, channel_bindings
+from traboule.stores.journal import Journal, JournalEntry, OutboxEvent
 
 
 def write_config(
@@ -55,7 +55,7 @@ destinations = [{{adapter = "mwl-scp", host = "127.0.0.1", port = {free_port()},
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRABOULE_")}
-    command = [sys.executable, "-m", "traboule.cli", "--config", str(config), "journal", "reprocess", *args]
+    command = [sys.executable, "-m", "traboule.app.cli", "--config", str(config), "journal", "reprocess", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
 

@@ -30,7 +30,7 @@ class Engine:
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.env = env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "traboule.cli", *args, "run"],
+            [sys.executable, "-m", "traboule.app.cli", *args, "run"],
             env=env,
             cwd=ROOT,
             stderr=subprocess.PIPE,
@@ -297,8 +297,8 @@ def test_dlq_refuses_to_read_another_bus_than_the_engines_running_or_stopped(
 
 async def test_health_is_degraded_with_the_backlog_while_the_broker_is_unreachable(tmp_path: Path) -> None:
     from tests.test_flow import engine_config, fixture, send
-    from traboule.http import create_app, serve
-    from traboule.runtime import Runtime
+    from traboule.app.http import create_app, serve
+    from traboule.app.runtime import Runtime
 
     closed = free_port()  # nothing listens there: the broker is down for the whole test
     runtime = Runtime(engine_config(tmp_path, amqp_url=f"amqp://guest:guest@127.0.0.1:{closed}/"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_flow import ack_code, engine_config, fixture, send, store, until
-from traboule.hl7_mapping import HL7InboundMapping
-from traboule.mapping import MAPPINGS_DIR, MappingError
-from traboule.runtime import Runtime
+from traboule.app.runtime import Runtime
+from traboule.translate.hl7_mapping import HL7InboundMapping
+from traboule.translate.mapping import MAPPINGS_DIR, MappingError
 
 
 def order(accession: str = "ACC0001", patient_id: str = "IPP0001", description: str = "", control: str = "") -> bytes:
@@ -119,7 +119,7 @@ async def test_an_order_with_a_wrong_ins_key_goes_on_without_the_ins(runtime: Ru
 
 
 def test_a_valid_ins_is_kept_on_orders_and_adt() -> None:
-    from traboule import hl7
+    from traboule.formats import hl7
 
     mapping = HL7InboundMapping()
     for name in ("orm_o01_nw_latin1.hl7", "adt_a08_update.hl7"):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.sequence import Sequence
+from traboule.adapters.worklist_files import WorklistFileWriter, file_name, missing_for_wlmscpfs
 
-from adapters.worklist_files import WorklistFileWriter, file_name, missing_for_wlmscpfs
 from tests.peer_dcmtk import WlmServer, findscu, mwl_item, with_keys
 
 

@@ -17,9 +17,8 @@ from pydicom.dataset import Dataset
 
 from tests.peer_dcmtk import mwl_item
 from traboule import model
-from traboule.dicom_mapping import MWLMapping
-from traboule.dicom_match import QueryError, compile_query
-from traboule.worklist import (
+from traboule.stores.dicom_match import QueryError, compile_query
+from traboule.stores.worklist import (
     NOT_OFFERED,
     EncodedItem,
     ScanStopped,
@@ -28,6 +27,7 @@ from traboule.worklist import (
     encode_item,
     prefilter_sql,
 )
+from traboule.translate.dicom_mapping import MWLMapping
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")  # range and wild card query values
 

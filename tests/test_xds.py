@@ -22,20 +22,20 @@ import httpx
 import pytest
 from lxml import etree
 from signxml import XMLVerifier
+from traboule.adapters import xds
 
-from adapters import xds
 from tests.conftest import shared_path
 from tests.test_flow import fixture, until
 from tests.test_reports import STUDY_UID, V3, check_and_run, needs_validators, report_of, study
 from tests.xds_endpoint import PKI, RIM, Received, Reply, XDSEndpoint, make_pki
 from traboule import model
-from traboule.cda import CDAMapping, DocumentIds
-from traboule.config import Config, ConfigError
-from traboule.document_ids import entry_uuid
+from traboule.app.config import Config, ConfigError
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope, SharingFlag
-from traboule.reports import document_of
-from traboule.runtime import Runtime
-from traboule.xds_metadata import (
+from traboule.stores.reports import document_of
+from traboule.translate.cda import CDAMapping, DocumentIds
+from traboule.translate.document_ids import entry_uuid
+from traboule.translate.xds_metadata import (
     DELETED,
     Coded,
     MetadataError,
@@ -137,7 +137,7 @@ def test_every_csv_attribute_of_a_cr_img_is_sent_or_listed_as_not_sent() -> None
     ss = submission_set(entry, level3().report, SETTINGS, now=NOW)
     sent = {
         "mimeType": entry.mime_type,
-        "objectType": "stable",  # adapters.xds writes the stable DocumentEntry objectType
+        "objectType": "stable",  # traboule.adapters.xds writes the stable DocumentEntry objectType
         "uniqueId": entry.unique_id,
         "typeCode": entry.type_code,
         "classCode": entry.class_code,
@@ -416,7 +416,7 @@ def test_registry_answers_are_read_with_what_a_retry_can_change() -> None:
 
 @pytest.fixture(scope="module")
 def cda_validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.cda_validation import CDAValidator
+    from traboule.formats.cda_validation import CDAValidator
 
     return CDAValidator(needs_validators(), tmp_path_factory.mktemp("cda-cache"))
 

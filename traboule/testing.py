@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from traboule import runtime as runtime_mod
-from traboule.config import Config
+from traboule.app import runtime as runtime_mod
+from traboule.app.config import Config
+from traboule.app.runtime import Runtime
 from traboule.model import Envelope, Payload
-from traboule.runtime import Runtime
 
 GROUPS = {"traboule.channels": runtime_mod.BUILTIN_CHANNELS, "traboule.adapters": runtime_mod.BUILTIN_ADAPTERS}
 
@@ -80,7 +80,7 @@ async def publish(
 
 async def send_hl7(runtime: Runtime, *messages: bytes, channel: str = "ris-orders") -> list[bytes]:
     """Send HL7 v2 messages to the MLLP listener of an ``hl7-orders`` channel (see `engine_config`); the ACKs."""
-    from adapters.mllp import MLLPClient
+    from traboule.adapters.mllp import MLLPClient
 
     port = runtime.channel(channel).listener.port  # type: ignore[attr-defined]
     async with MLLPClient("127.0.0.1", port, timeout=10) as client:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from traboule import model
-from traboule.hl7 import HL7Error, Message, Segment, Separators, unescape
-from traboule.mapping import (
+from traboule.formats.hl7 import HL7Error, Message, Segment, Separators, unescape
+from traboule.translate.mapping import (
     MAPPINGS_DIR,
     CodeTable,
     MappingError,
@@ -722,7 +722,7 @@ def ins_key_ok(value: str) -> bool:
 
 def _from_ready_document(report: model.Report) -> None:
     """A ready CDA in the message: what the message lacks (accession, study, order, id) is read from its header."""
-    from traboule.cda import CDAError, decode_attachment, read_header
+    from traboule.translate.cda import CDAError, decode_attachment, read_header
 
     try:
         header = read_header(decode_attachment(report))

@@ -1,7 +1,7 @@
 """The message bus interface, and how to pick an implementation from configuration.
 
-Semantics every implementation keeps (RabbitMQ in ``adapters.rabbitmq``, the embedded SQLite bus in
-``traboule.embedded_bus``):
+Semantics every implementation keeps (RabbitMQ in ``traboule.adapters.rabbitmq``, the embedded SQLite bus in
+``traboule.bus.embedded``):
 
 * ``publish`` returns only once the message is durable (publisher confirm / committed row).
 * Topics are routed like an AMQP topic exchange: ``orders.new`` matches the binding ``orders.*`` and ``#``.
@@ -157,9 +157,9 @@ def make_bus(amqp_url: str, data_dir: str, *, exchange: str = "traboule", shared
     process's consumers, so consumers poll every 20 ms (an indexed query) instead of every 0.5 s.
     """
     if amqp_url:
-        from adapters.rabbitmq import RabbitMQBus
+        from traboule.adapters.rabbitmq import RabbitMQBus
 
         return RabbitMQBus(amqp_url, exchange=exchange)
-    from traboule.embedded_bus import EmbeddedBus
+    from traboule.bus.embedded import EmbeddedBus
 
     return EmbeddedBus(f"{data_dir}/bus.sqlite", poll_interval=0.02 if shared else 0.5)

@@ -30,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from traboule.fhir_mapping import MHD_DOCUMENT_REFERENCE, PDSM_DOCUMENT_REFERENCE, is_deleted
-from traboule.fhir_store import MAX_OFFSET, SEARCH_PARAMS, FHIRStore, SearchError
-from traboule.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
+from traboule.formats.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
+from traboule.stores.fhir_store import MAX_OFFSET, SEARCH_PARAMS, FHIRStore, SearchError
+from traboule.translate.fhir_mapping import MHD_DOCUMENT_REFERENCE, PDSM_DOCUMENT_REFERENCE, is_deleted
 
 FHIR_JSON = "application/fhir+json"
 FORM = "application/x-www-form-urlencoded"

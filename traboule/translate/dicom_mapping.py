@@ -7,7 +7,7 @@ date-time) and cut to the VR's maximum length. Every keyword is checked against 
 and against where PS3.4 Table K.6-1 puts it (in the Scheduled Procedure Step item or at the top level).
 
 Rendering produces an element tree (``(tag, VR, value)``, tags and VRs resolved at load), not a pydicom Dataset:
-`encoded_items`, the worklist consumer's path, encodes the tree with `traboule.dicom_encoding` and reads the
+`encoded_items`, the worklist consumer's path, encodes the tree with `traboule.formats.dicom_encoding` and reads the
 store's index columns from it, which costs a fraction of building and writing a Dataset (pydicom assigns and
 validates each attribute). `item` builds the Dataset from the same tree; both give the same bytes, and an item
 the fast encoder cannot write exactly goes through pydicom.
@@ -28,11 +28,20 @@ from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_f
 from pydicom.dataset import Dataset
 
 from traboule import model
-from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
-from traboule.mapping import MAPPINGS_DIR, MappingError, Node, compile_filters, line_of, load_tables, load_yaml, shape
-from traboule.worklist import EncodedItem, dataset_columns, encode_item, item_columns
+from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
+from traboule.stores.worklist import EncodedItem, dataset_columns, encode_item, item_columns
+from traboule.translate.mapping import (
+    MAPPINGS_DIR,
+    MappingError,
+    Node,
+    compile_filters,
+    line_of,
+    load_tables,
+    load_yaml,
+    shape,
+)
 
-_log = structlog.get_logger("traboule.dicom_mapping")
+_log = structlog.get_logger("traboule.translate.dicom_mapping")
 
 # PS3.5 Table 6.2-1 maximum lengths (characters) for the string VRs we write.
 MAX_LENGTH = {

@@ -17,32 +17,32 @@ from typing import Any, Protocol
 
 import structlog
 
-from traboule import metrics
+from traboule.app import metrics
+from traboule.app.config import DEFAULT_CHANNELS, Config, ConfigError
 from traboule.bus import Bus, make_bus
-from traboule.config import DEFAULT_CHANNELS, Config, ConfigError
-from traboule.journal import Journal
-from traboule.mapping import MappingError
+from traboule.stores.journal import Journal
+from traboule.translate.mapping import MappingError
 
-log = structlog.get_logger("traboule.runtime")
+log = structlog.get_logger("traboule.app.runtime")
 
 # Built-in kinds, also declared as entry points; listed here so a source checkout runs without installing.
 BUILTIN_CHANNELS = {
-    "hl7-orders": "channels.orders:OrdersChannel",
-    "worklist": "channels.worklist:WorklistChannel",
-    "archive": "channels.archive:ArchiveChannel",
-    "mpps": "channels.mpps:MPPSChannel",
-    "hl7-status": "channels.hl7_status:HL7StatusChannel",
-    "fhir": "channels.fhir:FHIRChannel",
-    "hl7-documents": "channels.hl7_documents:HL7DocumentsChannel",
-    "xds": "channels.xds:XDSChannel",
+    "hl7-orders": "traboule.channels.orders:OrdersChannel",
+    "worklist": "traboule.channels.worklist:WorklistChannel",
+    "archive": "traboule.channels.archive:ArchiveChannel",
+    "mpps": "traboule.channels.mpps:MPPSChannel",
+    "hl7-status": "traboule.channels.hl7_status:HL7StatusChannel",
+    "fhir": "traboule.channels.fhir:FHIRChannel",
+    "hl7-documents": "traboule.channels.hl7_documents:HL7DocumentsChannel",
+    "xds": "traboule.channels.xds:XDSChannel",
 }
 BUILTIN_ADAPTERS = {
-    "mllp-listener": "adapters.mllp:MLLPListener",
-    "mwl-scp": "adapters.dicom_mwl:WorklistSCP",
-    "worklist-files": "adapters.worklist_files:WorklistFileWriter",
-    "rabbitmq-bus": "adapters.rabbitmq:RabbitMQBus",
-    "mpps-scp": "adapters.dicom_mpps:MPPSSCP",
-    "mllp-sender": "adapters.mllp:MLLPClient",
+    "mllp-listener": "traboule.adapters.mllp:MLLPListener",
+    "mwl-scp": "traboule.adapters.dicom_mwl:WorklistSCP",
+    "worklist-files": "traboule.adapters.worklist_files:WorklistFileWriter",
+    "rabbitmq-bus": "traboule.adapters.rabbitmq:RabbitMQBus",
+    "mpps-scp": "traboule.adapters.dicom_mpps:MPPSSCP",
+    "mllp-sender": "traboule.adapters.mllp:MLLPClient",
 }
 
 

@@ -7,7 +7,7 @@ throughput. This encoder handles only what the mappings emit: string values, emp
 ISO_IR 100 or ISO_IR 192. Anything else raises `EncodingError`, and the caller falls back to pydicom.
 
 The input is an element tree: a list of ``(tag, VR, value)`` where value is a ``str``, ``None`` (zero length), or
-for SQ a list of item trees. `encode` returns exactly the bytes `traboule.worklist.encode_item` (pydicom
+for SQ a list of item trees. `encode` returns exactly the bytes `traboule.stores.worklist.encode_item` (pydicom
 ``write_dataset``: explicit VR little endian, no preamble, no file meta) writes for the equivalent dataset,
 `to_dataset`. tests/test_dicom_encoding.py checks that property on random trees. What has to match pydicom:
 

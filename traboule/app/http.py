@@ -7,9 +7,9 @@ answer too (their own routes, /health, /metrics), for an operator who wants one 
 
 Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
 ``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
-loopback only: the configuration refuses another address (``traboule.config``).
+loopback only: the configuration refuses another address (``traboule.app.config``).
 
-Limits (``[http]``, `traboule.config.HTTPLimits`): a request body longer than its route's limit is refused with
+Limits (``[http]``, `traboule.app.config.HTTPLimits`): a request body longer than its route's limit is refused with
 413 before it is read whole (Content-Length up front, then the streamed chunks counted), a body not received within
 ``body_timeout`` with 408, a request target or headers beyond ``max_header_bytes`` with 414 / 431; uvicorn bounds
 the connections (503 beyond), idle keep-alive, and the time to send a request's headers (`serve`). An exception in
@@ -37,10 +37,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
-from traboule import metrics
-from traboule.config import HTTPLimits, client_host
+from traboule.app import metrics
+from traboule.app.config import HTTPLimits, client_host
 
-log = structlog.get_logger("traboule.http")
+log = structlog.get_logger("traboule.app.http")
 
 # FHIR issue types (R4 valueset-issue-type) of the errors answered here, for the OperationOutcomes under /fhir.
 ISSUE_TYPES = {
@@ -130,7 +130,7 @@ def create_app(runtime: Any) -> Starlette:
         if contribute is not None:
             routes.extend(contribute())
     # The main process also answers, by forwarding, the routes of the other processes' channels.
-    from traboule.runtime import remote_routes
+    from traboule.app.runtime import remote_routes
 
     forwarded, remote_limits = remote_routes(runtime.config, runtime.process)
     forwarders: dict[str, Forward] = {}
@@ -167,15 +167,15 @@ ENGINE_ROUTES = ("/health", "/health/live", "/metrics", "/channels")  # create_a
 def check_routes(config: Any) -> None:
     """Refuse (``ConfigError``) two channels, whichever processes run them, or a channel and the engine, serving
     the same route (same path template, a method in common): on the one HTTP address only the first would ever
-    answer. Each channel with routes is built against a scratch folder, as ``traboule.runtime.preflight`` does."""
+    answer. Each channel with routes is built against a scratch folder, as ``traboule.app.runtime.preflight`` does."""
     import copy
     import re
     import tempfile
     from pathlib import Path
     from types import SimpleNamespace
 
-    from traboule.config import ConfigError
-    from traboule.runtime import channel_class, process_of
+    from traboule.app.config import ConfigError
+    from traboule.app.runtime import channel_class, process_of
 
     served: list[tuple[str, frozenset[str] | None, str, str]] = [(p, None, p, "the engine") for p in ENGINE_ROUTES]
     with tempfile.TemporaryDirectory(prefix="traboule-routes-") as scratch:

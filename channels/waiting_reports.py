@@ -1,7 +1,8 @@
 """Reports waiting for their study, the channel's side: settings, the archive read on demand, and the task that
 publishes them through the journal's outbox once their study is known.
 
-A structured report needs its study's DICOM object catalog. ``traboule.reports`` keeps a report whose study is not
+A structured report needs its study's DICOM object catalog. ``traboule.stores.reports`` keeps a report whose study
+is not
 known yet as *waiting* (durably, before the AA); this task then, on the engine's event loop:
 
 * publishes every waiting report whose study became known: a batch of archive ``study.*`` or MPPS ``procedure.*``
@@ -35,13 +36,13 @@ from concurrent.futures import Executor
 from typing import Any
 
 import structlog
+from traboule.adapters.dicomweb import DICOMwebClient, value
 
-from adapters.dicomweb import DICOMwebClient, value
-from traboule.journal import JournalEntry, OutboxEvent
 from traboule.model import Envelope, Study, content_key, is_uid
-from traboule.reports import ReportPublisher, ReportRefused
+from traboule.stores.journal import JournalEntry, OutboxEvent
+from traboule.stores.reports import ReportPublisher, ReportRefused
 
-log = structlog.get_logger("traboule.waiting_reports")
+log = structlog.get_logger("traboule.channels.waiting_reports")
 
 TICK = 2.0  # seconds between two looks at operator requests, deadlines and outcomes to journal
 RESCAN = 30.0  # seconds between two looks at every waiting report without a wake-up (when a catalog source changed)
@@ -90,7 +91,7 @@ class ArchiveReader:
             return None
 
     async def _study(self, study_uid: str, accession: str) -> Study | None:
-        from channels.archive import study_from_metadata
+        from traboule.channels.archive import study_from_metadata
 
         if is_uid(study_uid):
             match = {"StudyInstanceUID": study_uid}

@@ -60,7 +60,6 @@ from typing import Any
 
 import structlog
 
-from traboule.hl7_mapping import MappingFailure, ins_key_ok
 from traboule.model import (
     INS_OIDS,
     Document,
@@ -72,6 +71,7 @@ from traboule.model import (
     Report,
     Study,
 )
+from traboule.translate.hl7_mapping import MappingFailure, ins_key_ok
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ins (
@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS merges (
     PRIMARY KEY (ipp, ipp_oid, ipp_namespace)
 );
 """
-log = structlog.get_logger("traboule.patient_identity")
+log = structlog.get_logger("traboule.stores.patient_identity")
 RESERVED = 60.0  # seconds a checked pair holds until its message is journaled (a report's CDA takes seconds)
 OWNERS_FLUSH = 0.05  # seconds the owners of order keys wait in memory to be written together
 WRITTEN_KEPT = 100_000  # owners remembered as written (to skip rewriting them for each message of an order)

@@ -22,7 +22,8 @@ Why it works this way:
   skipped as stale, so reprocessing an old message never brings back what a later one changed. Reprocess the
   whole range of an order's messages, not one in the middle.
 * **Patient identity as at ingest.** Each message goes through the registry's checks again
-  (``traboule.patient_identity``): merges resolved (a merged IPP's events name its survivor), an IPP given another
+  (``traboule.stores.patient_identity``): merges resolved (a merged IPP's events name its survivor), an IPP given
+  another
   INS than the one recorded, or a report naming another patient's order, is refused (listed, nothing sent), an
   identity source's patient update replaces the INS; what is sent is recorded. Refused messages (``rejected``
   entries) are taken only when ``--status rejected`` says so, and are checked like the others.
@@ -57,14 +58,14 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from traboule import hl7
+from traboule.app.config import Config, resolve
+from traboule.app.runtime import channel_bindings, channel_class
 from traboule.bus import Bus, Delivery, Item, make_bus, topic_matches
-from traboule.config import Config, resolve
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.journal import Journal, JournalEntry, Query
+from traboule.formats import hl7
 from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain, topic_of
-from traboule.patient_identity import PatientIdentities, identity_sources, mark_authoritative
-from traboule.runtime import channel_bindings, channel_class
+from traboule.stores.journal import Journal, JournalEntry, Query
+from traboule.stores.patient_identity import PatientIdentities, identity_sources, mark_authoritative
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 
 STATE_FILE = "reprocess.json"
 REPROCESSABLE = ("accepted", "duplicate", "rejected")  # inbound messages; "undelivered" ones went out
@@ -623,7 +624,7 @@ def _readable(kind: str, content: Any) -> Any:
         return None
     if kind == "fhir":
         return {k: v for k, v in json.loads(content).items() if k != "meta"}
-    from traboule.worklist import decode_item
+    from traboule.stores.worklist import decode_item
 
     return _dataset(decode_item(bytes(content)))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 
 
 class MappingError(Exception):

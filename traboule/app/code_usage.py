@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traboule import hl7, model
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule import model
+from traboule.formats import hl7
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 
 MAX_CODES = 10_000  # distinct unmapped codes kept; beyond, they are counted in ``CodeUsage.dropped``
 KINDS = ("order", "report")
@@ -118,7 +119,7 @@ def _entries(journal: Path, since: str) -> Iterator[tuple[int, str, str, bytes]]
 
 def acts_file(cda_mapping: Path) -> Path:
     """The CSV of the acts table a CDA mapping names (``tables: acts:``), for messages that point at it."""
-    from traboule.mapping import load_yaml
+    from traboule.translate.mapping import load_yaml
 
     tables = load_yaml(cda_mapping).get("tables") or {}
     spec = tables.get("acts", "")

@@ -35,7 +35,7 @@ def names(kind: str) -> dict[str, str]:
 def new_channel(kind: str, parent: Path) -> Path:
     """Write the package folder ``parent/traboule-KIND``; refuses a kind the engine already has, or an existing
     folder (nothing is overwritten). Returns the folder."""
-    from traboule.runtime import installed
+    from traboule.app.runtime import installed
 
     n = names(kind)
     taken = installed("traboule.channels")

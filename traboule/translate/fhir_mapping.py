@@ -22,10 +22,10 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from traboule import model
-from traboule.cda import CDAError, read_header
-from traboule.document_ids import entry_uuid  # the DocumentEntry's entryUUID, the DMP's too
-from traboule.fhir_store import IS_DELETED, STUDY_UID_TYPE  # PDSm's deletion flag, referenceIdList type
-from traboule.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml
+from traboule.stores.fhir_store import IS_DELETED, STUDY_UID_TYPE  # PDSm's deletion flag, referenceIdList type
+from traboule.translate.cda import CDAError, read_header
+from traboule.translate.document_ids import entry_uuid  # the DocumentEntry's entryUUID, the DMP's too
+from traboule.translate.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 REQUEST_STATUS = {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
@@ -769,7 +769,7 @@ class FHIRMapping:
         """DocumentReference (IHE MHD Comprehensive, French PDSm: the XDS DocumentEntry's metadata), DiagnosticReport
         (one per document set) and Binary (the CDA bytes) of a published document version. Metadata the CDA holds
         (authors, authenticator, custodian, facility, practice setting, reference ids) is read from the document
-        itself, as an XDS source does (`traboule.xds_metadata` reads the same elements for the DMP)."""
+        itself, as an XDS source does (`traboule.translate.xds_metadata` reads the same elements for the DMP)."""
         data = base64.b64decode(doc.content)
         header = _cda_metadata(data)
         binary_id = resource_id("Binary", doc.id)
@@ -873,7 +873,7 @@ class FHIRMapping:
 
     def _related(self, doc: model.Document, header: dict[str, Any], request_refs: list[str]) -> list[dict[str, Any]]:
         """``context.related``: the XDS referenceIdList as PDSm slices it (accession number, order, Study Instance
-        UID, each typed by its CXi.5 URN), the same values `traboule.xds_metadata` sends, then the orders."""
+        UID, each typed by its CXi.5 URN), the same values `traboule.translate.xds_metadata` sends, then the orders."""
         report = doc.report
         related: list[dict[str, Any]] = []
         acc, acc_oid = header.get("accession") or report.accession_number.value, header.get("accession_oid", "")
@@ -1023,7 +1023,7 @@ def _cda_metadata(data: bytes) -> dict[str, Any]:
         "practice": coded(".//v3:performer/v3:assignedEntity/v3:representedOrganization/v3:standardIndustryClassCode"),
         "acts": acts,
     }
-    try:  # the reference ids as `traboule.xds_metadata` reads them for the DMP's referenceIdList
+    try:  # the reference ids as `traboule.translate.xds_metadata` reads them for the DMP's referenceIdList
         cda = read_header(data)
     except CDAError:
         cda = None

@@ -50,11 +50,12 @@ from typing import Any
 
 from lxml import etree
 
-from traboule import hl7, model
-from traboule.dicom_mapping import MWLMapping
-from traboule.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.mapping import MappingError, Node, line_of, load_yaml
+from traboule import model
+from traboule.formats import hl7
 from traboule.model import ImagingOrder
+from traboule.translate.dicom_mapping import MWLMapping
+from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.translate.mapping import MappingError, Node, line_of, load_yaml
 
 SUFFIXES = (".expected.yaml", ".fhir.yaml", ".cda.yaml")
 XPATH_NAMESPACES = {
@@ -209,7 +210,7 @@ class _Mappings:
 
     @property
     def cda(self) -> Any:
-        from traboule.cda import CDAMapping
+        from traboule.translate.cda import CDAMapping
 
         if self._cda is None:
             self._cda = CDAMapping(self.cda_path)
@@ -229,7 +230,7 @@ class _Inbound:
     before (the report publisher in a temporary store, without validation)."""
 
     def __init__(self, env: _Mappings, workdir: Path) -> None:
-        from traboule.reports import ReportPublisher
+        from traboule.stores.reports import ReportPublisher
 
         self.env = env
         self.publisher = ReportPublisher(env.cda, workdir / "reports.sqlite")
@@ -262,7 +263,7 @@ class _Inbound:
         return self._accept(payloads, model.content_key(str(item), text))
 
     def _accept(self, payloads: list[Any], key: str) -> tuple[str, str]:
-        from traboule.reports import ReportRefused
+        from traboule.stores.reports import ReportRefused
 
         try:
             self._publish(payloads, key)
@@ -322,9 +323,9 @@ def _load_case(file: Path, result: CaseResult) -> Node | None:
 
 def run_fhir_case(file: Path, env: _Mappings) -> CaseResult:
     """HL7 inputs and events → the FHIR channel (its own store in a temporary folder) → checks on its resources."""
-    from channels.fhir import FHIRChannel
     from traboule.bus import Delivery
-    from traboule.fhir_store import SEARCH_PARAMS
+    from traboule.channels.fhir import FHIRChannel
+    from traboule.stores.fhir_store import SEARCH_PARAMS
 
     result = CaseResult(file)
     spec = _load_case(file, result)

@@ -25,7 +25,16 @@ from lxml import etree
 from pydicom.uid import UID
 
 from traboule import model
-from traboule.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml, shape
+from traboule.translate.mapping import (
+    MAPPINGS_DIR,
+    CodeTable,
+    MappingError,
+    Node,
+    line_of,
+    load_tables,
+    load_yaml,
+    shape,
+)
 
 V3 = "urn:hl7-org:v3"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"

@@ -45,9 +45,9 @@ from typing import Any
 import structlog
 
 from traboule import model
-from traboule.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, placeholder_study, read_header
+from traboule.translate.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, placeholder_study, read_header
 
-log = structlog.get_logger("traboule.reports")
+log = structlog.get_logger("traboule.stores.reports")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sets (

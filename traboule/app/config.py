@@ -332,4 +332,4 @@ def resolve(base: Config, relative: str) -> Path:
     here = Path.cwd() / p
     if here.exists():
         return here
-    return Path(__file__).resolve().parent.parent / p
+    return Path(__file__).resolve().parents[2] / p

@@ -16,8 +16,8 @@ from typing import Any
 
 import uvloop
 
-from traboule import config as config_mod
-from traboule.mapping import MappingError
+from traboule.app import config as config_mod
+from traboule.translate.mapping import MappingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule import logging as tlog
-    from traboule.http import check_routes
-    from traboule.runtime import preflight
+    from traboule.app import logging as tlog
+    from traboule.app.http import check_routes
+    from traboule.app.runtime import preflight
 
     tlog.configure(cfg.log_format, cfg.log_level, cfg.log_patient_data)
     _raise_open_files_limit()
@@ -230,7 +230,7 @@ def _cannot_start(cfg: config_mod.Config, exc: BaseException) -> None:
     line otherwise. The text is a configuration or bind error (file, line, address): no message data."""
     text = f"cannot start: {exc}"
     if cfg.log_format == "json":
-        from traboule import logging as tlog
+        from traboule.app import logging as tlog
 
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         line = {"event": "engine.cannot_start", "level": "error", "timestamp": stamp, "message": text}
@@ -280,8 +280,8 @@ async def _watch_parent(stop: asyncio.Event) -> None:
 async def _run(cfg: config_mod.Config, process: str) -> None:
     import structlog
 
-    from traboule.http import create_app, serve
-    from traboule.runtime import ProcessState, Runtime
+    from traboule.app.http import create_app, serve
+    from traboule.app.runtime import ProcessState, Runtime
 
     log = structlog.get_logger("traboule").bind(process=process)
     stop = asyncio.Event()
@@ -373,7 +373,7 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
     command = [
         sys.executable,
         "-m",
-        "traboule.cli",
+        "traboule.app.cli",
         *(["--config", cfg.path] if cfg.path else []),
         "run",
         "--process",
@@ -496,7 +496,7 @@ def _same_bus(cfg: config_mod.Config) -> str | None:
 
 
 def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from adapters.mllp import MLLPClient
+    from traboule.adapters.mllp import MLLPClient
 
     to = args.to or _local(_mllp_address(cfg))
     if not to:
@@ -553,7 +553,7 @@ def _channel_db(cfg: config_mod.Config, name: str, suffix: str) -> Path:
 
 
 def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.worklist import WorklistStore
+    from traboule.stores.worklist import WorklistStore
 
     store = WorklistStore(str(_channel_db(cfg, args.channel, ".sqlite")))
     rows = list(store.all(limit=args.limit))
@@ -580,7 +580,7 @@ def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.journal import Journal
+    from traboule.stores.journal import Journal
 
     _channel_db(cfg, "journal", ".sqlite")
     journal = Journal(Path(cfg.data_dir) / "journal.sqlite")
@@ -652,7 +652,7 @@ def _held_reports(cfg: config_mod.Config) -> set[str]:
 
 
 def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -> int:
-    from adapters.mllp import MLLPClient
+    from traboule.adapters.mllp import MLLPClient
 
     to = args.to or _local(_mllp_address(cfg))
     host, _, port = to.rpartition(":")
@@ -678,8 +678,8 @@ def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -
 def _reprocess(cfg: config_mod.Config, journal: Any, args: argparse.Namespace) -> int:
     """``journal reprocess``: plan (selection, targets, checkpoint), then a dry run or a live run on the bus of the
     engine of this data folder (the engine need not run: the events wait in its channels' durable queues)."""
-    from traboule import logging as tlog
-    from traboule import reprocess
+    from traboule.app import logging as tlog
+    from traboule.app import reprocess
 
     tlog.configure(cfg.log_format, "warning", cfg.log_patient_data)  # the channels' own lines stay off stdout
     if args.resume and args.dry_run:
@@ -759,9 +759,9 @@ def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``fhir resend``: forget what the server holds and queue every resource for the running engine to push."""
-    from channels.fhir_push import push_message, push_topic
     from traboule.bus import make_bus
-    from traboule.fhir_store import FHIRStore
+    from traboule.channels.fhir_push import push_message, push_topic
+    from traboule.stores.fhir_store import FHIRStore
 
     channel = next((c for c in cfg.channels if c["name"] == args.channel and c["kind"] == "fhir"), None)
     if channel is None or not channel.get("destination"):
@@ -811,7 +811,7 @@ def _configuration_source(cfg: config_mod.Config) -> str:
 
 
 def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.runtime import installed
+    from traboule.app.runtime import installed
 
     print("installed channel kinds:")
     for name, target in sorted(installed("traboule.channels").items()):
@@ -829,8 +829,8 @@ def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule import logging as tlog
-    from traboule.mapping_tests import run
+    from traboule.app import logging as tlog
+    from traboule.translate.mapping_tests import run
 
     tlog.configure(cfg.log_format, "warning", cfg.log_patient_data)  # the channels' own lines would drown the results
     inbound, mwl, fhir, cda = args.inbound, args.mwl, args.fhir, args.cda
@@ -859,7 +859,7 @@ def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _test_validator(tree: Path | None) -> Any:
     """What makes the CDA validator of the 'valid' checks (None without a validator tree): the validation server of
     ``cda validate`` when it can run, so that the schematrons are compiled once across runs."""
-    from traboule.cda_validation import CDAValidator, ServedValidator, default_tree, server_address, server_idle
+    from traboule.formats.cda_validation import CDAValidator, ServedValidator, default_tree, server_address, server_idle
 
     tree = tree or default_tree()
     if tree is None:
@@ -871,8 +871,8 @@ def _test_validator(tree: Path | None) -> Any:
 
 def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """Build every channel (mappings, tables, certificates, settings) as ``run`` does before anything listens."""
-    from traboule.http import check_routes
-    from traboule.runtime import preflight
+    from traboule.app.http import check_routes
+    from traboule.app.runtime import preflight
 
     for checked in preflight(cfg):
         print(f"ok  {checked}")
@@ -885,8 +885,8 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     2 when the validator tree is missing or broken. ``cda export``: see ``_cda_export``."""
     if args.action == "export":
         return _cda_export(cfg, args)
-    from traboule import logging as tlog
-    from traboule.cda_validation import (
+    from traboule.app import logging as tlog
+    from traboule.formats.cda_validation import (
         UPSTREAM_REPO,
         CDAValidator,
         CDAValidatorError,
@@ -939,7 +939,7 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _cda_export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """A published CDA from the channel's reports store, to a file or standard output. Exit 1 when there is no
     such document (or no current version for the accession number), 2 when there is no store."""
-    from traboule.published import NotPublished, PublishedDocuments
+    from traboule.stores.published import NotPublished, PublishedDocuments
 
     names = [c["name"] for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
     channel = args.channel or (names[0] if names else "")
@@ -966,7 +966,7 @@ def _cda_export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_model(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``model``: the reference as text, as Markdown, or rewritten into a document's generated section."""
-    from traboule import model_reference
+    from traboule.app import model_reference
 
     if args.update:
         try:
@@ -982,7 +982,7 @@ def cmd_model(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``new channel NAME``: a plug-in package that installs beside the engine."""
-    from traboule.scaffold import ScaffoldError, names, new_channel
+    from traboule.app.scaffold import ScaffoldError, names, new_channel
 
     try:
         root = new_channel(args.name, args.dir)
@@ -999,8 +999,8 @@ def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``reports waiting`` lists the reports held for their study; ``reports publish N`` asks the running engine to
     publish one now (a dead letter waits again, with a new deadline) and prints what became of it."""
-    from traboule.reports import DEAD, held_report, held_reports, request_publication
-    from traboule.waiting_reports import seconds
+    from traboule.channels.waiting_reports import seconds
+    from traboule.stores.reports import DEAD, held_report, held_reports, request_publication
 
     channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
     channel = next((c for c in channels if c["name"] == (args.channel or c["name"])), None)
@@ -1043,7 +1043,7 @@ def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def _report_number(text: str) -> int:
     """A report's number in ``traboule reports waiting``: a whole number from 1 (argparse says so otherwise)."""
-    from traboule.reports import MAX_REPORT_NUMBER
+    from traboule.stores.reports import MAX_REPORT_NUMBER
 
     try:
         n = int(text)
@@ -1057,9 +1057,9 @@ def _report_number(text: str) -> int:
 def cmd_codes(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``codes unmapped``: one line per procedure code without a LOINC act, most frequent first. Exit 0 when every
     code has one, 1 when some have none."""
-    from traboule.cda import CDAMapping
-    from traboule.code_usage import acts_file, scan
-    from traboule.hl7_mapping import HL7InboundMapping
+    from traboule.app.code_usage import acts_file, scan
+    from traboule.translate.cda import CDAMapping
+    from traboule.translate.hl7_mapping import HL7InboundMapping
 
     since = ""
     if args.since:
@@ -1110,8 +1110,8 @@ def cmd_patients(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     import structlog
 
-    from traboule import logging as tlog
-    from traboule.patient_identity import PatientIdentities
+    from traboule.app import logging as tlog
+    from traboule.stores.patient_identity import PatientIdentities
 
     ipp = args.ipp.strip()
     if not ipp or len(ipp) > 250 or not ipp.isprintable():

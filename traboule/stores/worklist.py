@@ -2,7 +2,7 @@
 
 A query runs in two stages. SQL narrows the candidates with the keys that map to indexed columns (Scheduled
 Procedure Step start date, modality and station AE title, accession number, patient ID and name...); then
-`traboule.dicom_match` decides on the decoded datasets, so the SQL only has to be a superset, never exact.
+`traboule.stores.dicom_match` decides on the decoded datasets, so the SQL only has to be a superset, never exact.
 Rows whose columns cannot stand for the whole item (several SPS items, a multi-valued key) are flagged
 `exact = 0` and always become candidates, so the prefilter can never hide a match.
 
@@ -14,7 +14,7 @@ bytes themselves (no invalidation to get wrong: changed bytes are a different ke
 days, 8 modalities, 48 stations, "this day + CT + station AE" (11 matches, 17 return keys) takes ~1 ms warm
 and ~10 ms cold; a month for one station (604 matches) 50-70 ms warm. Writing a Dataset costs ~0.5 ms per item
 (pydicom encoding), outside the write lock; an `EncodedItem` (the MWL mapping's fast path, encoded by
-`traboule.dicom_encoding`) arrives with its bytes and index columns already computed.
+`traboule.formats.dicom_encoding`) arrives with its bytes and index columns already computed.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from traboule.dicom_encoding import UNSPLIT_VRS, Element, EncodingError
-from traboule.dicom_match import (
+from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element, EncodingError
+from traboule.stores.dicom_match import (
     AnyOf,
     CompiledQuery,
     Condition,
@@ -393,7 +393,7 @@ class WorklistStore:
     ) -> Iterator[Dataset]:
         """C-FIND: the response identifiers of the offered items matching `query`.
 
-        Raises `traboule.dicom_match.QueryError` at once (not on first iteration) for an unusable query. While
+        Raises `traboule.stores.dicom_match.QueryError` at once (not on first iteration) for an unusable query. While
         iterating, raises `ScanStopped` before examining one more item when `max_examined` (> 0) items were
         examined, when `time.monotonic()` passed `deadline`, or when `should_stop()` returns True; the candidate
         SQL is interrupted for the last two as well. So a scan that finds no match still stops on time.
@@ -482,7 +482,7 @@ _TEXT_COLUMN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "S
 
 
 def item_columns(elements: list[Element]) -> tuple[object, ...]:
-    """`dataset_columns` of the dataset an element tree stands for (`traboule.dicom_encoding.to_dataset`),
+    """`dataset_columns` of the dataset an element tree stands for (`traboule.formats.dicom_encoding.to_dataset`),
     computed on the tree. Raises `EncodingError` for values it cannot read like pydicom (the caller falls back)."""
     top = {elem[0]: elem for elem in elements}
     sps_elem = top.get(SPS_SEQUENCE)

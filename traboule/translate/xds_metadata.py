@@ -19,7 +19,7 @@ search filters on, from the serviceEvent's code translations: the CCAM act (``cc
 (JDV_ModaliteAcquisition_CISIS 1.2.250.1.213.1.1.5.618, as in the ANS DMP sample) and the anatomical region (the
 SNOMED CT translation from JDV_RegionAnatomique_CISIS, under that value set's OID 1.2.250.1.213.1.1.5.695: the
 scheme the ANS DRIMbox's FindDocuments searches regions by; ``region_scheme``). The dataclasses below are the plain
-metadata ``adapters.xds`` encodes as ebRIM; they hold values, not XML.
+metadata ``traboule.adapters.xds`` encodes as ebRIM; they hold values, not XML.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from lxml import etree
 
-from traboule import hl7, model
-from traboule.cda import CDAError, CDAHeader, read_header
+from traboule import model
+from traboule.formats import hl7
+from traboule.translate.cda import CDAError, CDAHeader, read_header
 
 V3 = {"v3": "urn:hl7-org:v3"}
 LOINC = "2.16.840.1.113883.6.1"
@@ -258,7 +259,7 @@ class MetadataSettings:
 
 def new_entry_uuid() -> str:
     """A random entryUUID: a SubmissionSet's (each submission is a new one). A DocumentEntry's is stable,
-    ``traboule.document_ids.entry_uuid`` of its uniqueId (the MHD DocumentReference's too)."""
+    ``traboule.translate.document_ids.entry_uuid`` of its uniqueId (the MHD DocumentReference's too)."""
     return f"urn:uuid:{uuid.uuid4()}"
 
 

@@ -56,7 +56,7 @@ import structlog
 from lxml import etree
 from saxonche import PySaxonApiError, PySaxonProcessor, PyXdmNode, PyXsltExecutable
 
-log = structlog.get_logger("traboule.cda")
+log = structlog.get_logger("traboule.translate.cda")
 
 UPSTREAM_REPO = "ansforge/interop-outil-cda-testcontenucda3.0-outil-validation-documents-cda"
 CDA_NS = "urn:hl7-org:v3"
@@ -525,7 +525,8 @@ class ServedValidator:
 
     Saxon-HE cannot save a compiled stylesheet (exporting one needs Saxon-EE) and its fast compilation fails at run
     time on these schematrons, so compiling them (~7 s, the structuration minimale's 10 MB of XSLT) cannot be
-    cached on disk. The first run starts ``python -m traboule.cda_validation serve`` in the background; later runs
+    cached on disk. The first run starts ``python -m traboule.formats.cda_validation serve`` in the background;
+    later runs
     hand their documents to it and get the report back in a fraction of a second. The server compiles in its own
     process and exits after ``idle`` seconds without a document (default :func:`server_idle`).
 
@@ -656,7 +657,8 @@ class ServedValidator:
         if not self.idle > 0:
             raise CDAValidatorError("a validation server needs an idle time above 0 s")
         _private_dir(Path(self.address).parent, create=True)
-        command = [sys.executable, "-m", "traboule.cda_validation", "serve", str(self.tree), str(self.cache_dir)]
+        module = "traboule.formats.cda_validation"
+        command = [sys.executable, "-m", module, "serve", str(self.tree), str(self.cache_dir)]
         log_path = self._log_path()
         with contextlib.suppress(OSError):
             if log_path.stat().st_size > MAX_SERVER_LOG:
@@ -1051,10 +1053,10 @@ def _worker_validate(data: bytes, source: str) -> CDAValidationReport:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m traboule.cda_validation serve TREE CACHE [--idle SECONDS]``: the validation server."""
+    """``python -m traboule.formats.cda_validation serve TREE CACHE [--idle SECONDS]``: the validation server."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m traboule.cda_validation")
+    parser = argparse.ArgumentParser(prog="python -m traboule.formats.cda_validation")
     sub = parser.add_subparsers(dest="command", required=True)
     server = sub.add_parser("serve", help="keep compiled schematrons for the command line's validations")
     server.add_argument("tree", type=Path)

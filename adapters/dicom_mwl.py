@@ -1,8 +1,10 @@
-"""DICOM Modality Worklist C-FIND SCP (and C-ECHO) serving a `WorklistStore`, with pynetdicom.
+"""DICOM Modality Worklist C-FIND SCP (and C-ECHO), with pynetdicom.
 
-One AE object is built once and its non-blocking server runs in pynetdicom's threads (one per association);
-each C-FIND streams the store's matches as Pending responses, then Success. Logs carry AE titles, counts and
-timings only: pynetdicom's own identifier logging (which would print patient names) is switched off.
+Protocol only: each C-FIND identifier is handed to ``find`` (the worklist store's ``find`` in the ``worklist``
+channel), whose matches are streamed as Pending responses, then Success; what matches is ``find``'s business. One
+AE object is built once and its non-blocking server runs in pynetdicom's threads (one per association). Logs carry
+AE titles, counts and timings only: pynetdicom's own identifier logging (which would print patient names) is
+switched off.
 
 Each C-FIND is bounded: at most `max_examined` items examined and `query_timeout` seconds, else it ends with
 A700 "Refused: Out of Resources"; a C-CANCEL, or the association going away, stops the scan itself (checked
@@ -12,17 +14,17 @@ before every candidate item, not only between matches), so a query that matches 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from traboule.adapters.dicom_server import DicomServer, SCPLimits
 
-from traboule.app import metrics
-from traboule.stores.dicom_match import QueryError
-from traboule.stores.worklist import ScanStopped, WorklistStore
+from traboule import metrics
+from traboule.errors import QueryError
+from traboule.formats.dicom_match import ScanStopped
 
 PENDING = 0xFF00
 CANCEL = 0xFE00
@@ -31,6 +33,23 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900  # what dcmtk's wlmscpfs answers for an unusa
 UNABLE_TO_PROCESS = 0xC001
 
 FindResult = tuple[int | Dataset, Dataset | None]
+
+
+class FindItems(Protocol):
+    """What a `WorklistSCP` asks for the response identifiers of the items matching ``query`` (the signature of
+    `traboule.stores.worklist.WorklistStore.find`). It raises `QueryError` at once (not on first iteration) for an
+    unusable query and, while iterating, `ScanStopped` before examining one more item once ``max_examined`` (> 0)
+    items were examined, ``time.monotonic()`` passed ``deadline`` or ``should_stop()`` returned True."""
+
+    def __call__(
+        self,
+        query: Dataset,
+        *,
+        case_insensitive_names: bool = False,
+        max_examined: int = 0,
+        deadline: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Dataset]: ...
 
 
 def _failure(status: int, comment: str, tag: int | None = None) -> Dataset:
@@ -48,7 +67,7 @@ def _failure(status: int, comment: str, tag: int | None = None) -> Dataset:
 class _FindGuard:
     """Whether a C-FIND must end early: a C-CANCEL for it arrived (PS3.7 9.3.2.3), or its association is gone.
 
-    Called by the store before each candidate item and by the handler before each response; cheap (a dict
+    Called by ``find`` before each candidate item and by the handler before each response; cheap (a dict
     lookup and a state read), and remembers its answer (pynetdicom forgets a C-CANCEL once it was reported)."""
 
     def __init__(self, event: evt.Event) -> None:
@@ -71,7 +90,7 @@ def _association_gone(assoc: Any) -> bool:
 
 
 class WorklistSCP(DicomServer):
-    """Modality Worklist Information Model - FIND SCP and Verification SCP.
+    """Modality Worklist Information Model - FIND SCP and Verification SCP, answering C-FIND with ``find``.
 
     Any calling AE title is accepted; the called AE title must be `ae_title`. `max_results` > 0 caps the
     number of matches sent for one query: the query then ends with Success and the log says "truncated".
@@ -84,7 +103,7 @@ class WorklistSCP(DicomServer):
 
     def __init__(
         self,
-        store: WorklistStore,
+        find: FindItems,
         *,
         ae_title: str = "TRABOULE",
         host: str = "127.0.0.1",
@@ -95,7 +114,7 @@ class WorklistSCP(DicomServer):
         query_timeout: float = 10.0,
         limits: SCPLimits | None = None,
     ) -> None:
-        self.store = store
+        self.find = find
         self.case_insensitive_names = case_insensitive_names
         self.max_results = max_results
         self.max_examined = max_examined
@@ -137,7 +156,7 @@ class WorklistSCP(DicomServer):
                 yield _failure(IDENTIFIER_DOES_NOT_MATCH, "the identifier cannot be decoded"), None
                 return
             try:
-                results = self.store.find(
+                results = self.find(
                     query,
                     case_insensitive_names=self.case_insensitive_names,
                     max_examined=self.max_examined,
@@ -150,7 +169,7 @@ class WorklistSCP(DicomServer):
                 bound.warning("mwl.invalid_query", key=str(exc.tag) if exc.tag is not None else None)
                 yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc), exc.tag), None
                 return
-            except Exception as exc:  # store unavailable...
+            except Exception as exc:  # the worklist unavailable...
                 outcome = "error"
                 bound.error("mwl.find_failed", error=type(exc).__name__)
                 yield _failure(UNABLE_TO_PROCESS, "the worklist query could not be processed"), None
@@ -176,7 +195,7 @@ class WorklistSCP(DicomServer):
                     )
                     yield _failure(OUT_OF_RESOURCES, comment), None
                     return
-                except Exception as exc:  # the store failed while streaming
+                except Exception as exc:  # the worklist failed while streaming
                     outcome = "error"
                     bound.error("mwl.find_failed", error=type(exc).__name__)
                     yield _failure(UNABLE_TO_PROCESS, "the worklist query failed while streaming"), None

@@ -10,18 +10,10 @@ from typing import Any
 
 import httpx
 
+from traboule.errors import DICOMwebError
 from traboule.model import is_uid
 
 DicomJSON = dict[str, dict[str, Any]]
-
-
-class DICOMwebError(Exception):
-    """The archive answered with an error or could not be reached; ``retryable`` for 5xx and network errors."""
-
-    def __init__(self, message: str, *, status: int = 0, retryable: bool = True):
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
 
 
 class DICOMwebClient:

@@ -20,28 +20,14 @@ from urllib.parse import quote
 
 import httpx
 
+from traboule.errors import FHIRServerError
+
 FHIR_JSON = "application/fhir+json"
 
 Resource = dict[str, Any]
 
 _TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}", re.ASCII)
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}", re.ASCII)  # the FHIR id datatype (R4 datatypes.html#id)
-
-
-class FHIRServerError(Exception):
-    """The FHIR server refused the request or could not be reached.
-
-    ``status`` is the HTTP status (0 when no response came back), ``operation_outcome`` the server's
-    OperationOutcome (None when the body was not one), ``retryable`` whether a later retry may succeed.
-    """
-
-    def __init__(
-        self, message: str, *, status: int = 0, operation_outcome: dict[str, Any] | None = None, retryable: bool
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.operation_outcome = operation_outcome
-        self.retryable = retryable
 
 
 def identifier_search(system: str, value: str) -> str:

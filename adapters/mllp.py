@@ -1,8 +1,9 @@
-"""MLLP (HL7 v2 over TCP, minimal lower layer protocol): a listener and a client. Framing only.
+"""MLLP (HL7 v2 over TCP, minimal lower layer protocol): a listener, a client and a sender. Framing only.
 
 A frame is ``0x0B message 0x1C 0x0D``. The listener hands each message's bytes to a handler and writes back the
 bytes the handler returns (the ACK), one message at a time per connection as HL7 original mode requires; many
-connections are served at once. No HL7 knowledge lives here.
+connections are served at once. The client returns each answer's bytes; the sender keeps a connection, reopens it
+and has each answer judged by a callable (`traboule.formats.hl7.read_ack` by default). No HL7 is read here.
 
 The listener holds what hostile or broken peers send within limits: connections in all and per peer address,
 bytes buffered across all connections, a deadline per frame (slow senders), per idle connection and per reply a
@@ -26,6 +27,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, cast
 
 import structlog
+
+from traboule.errors import NotAccepted
+from traboule.formats.hl7 import AckReading, read_ack
 
 START, END = b"\x0b", b"\x1c\x0d"
 SB, EB, CR = 0x0B, 0x1C, 0x0D  # the framing bytes as ints (what indexing bytes gives)
@@ -56,6 +60,7 @@ Refusal = Literal[
     "bad_end_block",
 ]
 RefusalHandler = Callable[[bytes, str, Refusal], Awaitable[bytes | None]]  # (bytes, peer, why) -> reply or None
+AckJudge = Callable[[bytes, bytes], AckReading]  # (message sent, answer) -> how the receiver answered
 
 BETWEEN_FRAMES = b"\r\n\x00\t "  # what senders put between frames (a line break after the end block is common)
 HEAD = 64 * 1024  # the first bytes of a refused message handed to the callbacks: enough for its MSH
@@ -778,19 +783,18 @@ class MLLPClient:
             self._writer = self._reader = None
 
 
-class NotAccepted(Exception):
-    """The receiver did not accept a message (AE/AR, an unreadable ACK, no answer, a broken connection)."""
-
-
 class MLLPSender:
-    """One kept MLLP connection to a receiver, one message at a time, each ACK checked.
+    """One kept MLLP connection to a receiver, one message at a time, each answer judged.
 
-    ``send`` returns the acknowledgment code (AA or CA) or raises ``NotAccepted``; after a transport failure the
-    connection is dropped and reopened by the next call.
+    ``send`` returns the acknowledgment code (AA or CA) or raises ``NotAccepted``; after a transport failure, or an
+    answer out of step with the messages (a late answer to an earlier one), the connection is dropped and reopened
+    by the next call. ``judge`` reads an answer: (message sent, answer) → `AckReading`; by default
+    `traboule.formats.hl7.read_ack` (HL7 v2 original mode: MSA-1, MSA-2 against MSH-10).
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0, judge: AckJudge = read_ack) -> None:
         self.client = MLLPClient(host, port, timeout=timeout)
+        self.judge = judge
         self._lock = asyncio.Lock()
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
@@ -818,37 +822,15 @@ class MLLPSender:
         await self.client.close()
 
     async def send(self, data: bytes) -> str:
-        from traboule.formats import hl7
-
         async with self._lock:
             try:
-                reply = await self.client.send(data)
+                answer = await self.client.send(data)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 await self.client.close()
                 raise NotAccepted(f"receiver unreachable or silent: {type(exc).__name__}: {exc}") from exc
-        try:
-            ack = hl7.parse(hl7.decode(reply).text)
-        except hl7.HL7Error as exc:
-            raise NotAccepted(f"unreadable ACK: {exc}") from exc
-        msa = ack.segment("MSA")
-        code = msa.field(1) if msa else ""
-        sent_id = _control_id(data)
-        if msa is not None and sent_id and msa.field(2) and msa.field(2) != sent_id:
-            # A late answer to an earlier message (after a timeout): this one's fate is unknown; start over.
+        reading = self.judge(data, answer)
+        if reading.out_of_step:  # this message's fate is unknown, and the next answers would be misread: start over
             await self.client.close()
-            raise NotAccepted(f"the ACK is for message {msa.field(2)!r}, not {sent_id!r}")
-        if code not in ("AA", "CA"):
-            text = msa.field(3) if msa else ""
-            err = ack.segment("ERR")
-            detail = text or (err.field(8) if err else "")
-            raise NotAccepted(f"receiver answered {code or 'no MSA'} {detail}".strip())
-        return code
-
-
-def _control_id(data: bytes) -> str:
-    """MSH-10 of an outgoing message, from its first segment (no full parse of a message that carries a CDA)."""
-    first = data.split(b"\r", 1)[0]
-    if not first.startswith(b"MSH") or len(first) < 4:
-        return ""
-    fields = first.split(first[3:4])
-    return fields[9].decode("latin-1") if len(fields) > 9 else ""
+        if not reading.accepted:
+            raise NotAccepted(reading.reason)
+        return reading.code

@@ -4,8 +4,9 @@ Topology, all durable: a topic exchange ``<exchange>``; per subscriber queue ``<
 topics; a direct exchange ``<exchange>.dlx`` routing to each queue's dead-letter queue ``<exchange>.<queue>.dlq``.
 
 Queue type and retries: queues are classic durable queues by default, and attempts are counted by the
-application, which republishes a failed message (after a short backoff) with ``x-attempt`` + 1 and then acks
-the original; after ``max_attempts`` it publishes it to ``<queue>.dlq`` with ``x-error`` and acks. Why not
+application, which applies the bus's retry policy (``traboule.bus.retry``, the embedded bus's too): it republishes
+a failed message (after its backoff) with ``x-attempt`` + 1 and then acks the original; after ``max_attempts`` it
+publishes it to ``<queue>.dlq`` with ``x-error`` and acks. Why not
 quorum queues with ``x-delivery-limit``: on the installed RabbitMQ (3.10) their ``x-delivery-count`` grows on
 *every* return, including the prefetched, never-handled messages returned at each graceful restart or
 connection loss (measured: +1 per channel close), so a message could be dead-lettered without its handler ever
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -46,9 +47,11 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from traboule.bus import BatchHandler, Delivery, Handler, Item, PermanentError, dlq_name, one_by_one
+from traboule.bus import BatchHandler, Delivery, Handler, Item, dlq_name, one_by_one
+from traboule.bus.retry import Retry, RetryPolicy, handed_alone
+from traboule.errors import BusUnavailableError
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("traboule.adapters.rabbitmq")
 
 ATTEMPT = "x-attempt"  # deliveries so far, including this one (absent on the first)
 TOPIC = "x-original-topic"  # what goes to one queue travels via the default exchange, which loses the topic
@@ -56,16 +59,12 @@ ERROR = "x-error"
 _INTERNAL = frozenset({ATTEMPT, TOPIC})
 
 
-class BusUnavailableError(ConnectionError):
-    """The broker is not connected (not yet, or lost and being reconnected) or the bus is closed: retry later."""
-
-
 @dataclass
 class _Subscription:
     name: str  # the broker's queue name
     topics: list[str]
     handler: BatchHandler
-    max_attempts: int
+    policy: RetryPolicy
     max_batch: int
     queue: AbstractQueue | None = None  # None until consumed on a connection
     buffer: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
@@ -175,11 +174,11 @@ class RabbitMQBus:
                 self._last_error = exc
                 self._first_attempt.set()
                 log.warning(
-                    "RabbitMQ %s unreachable (attempt %d): %s; retrying in %g s",
-                    self._redacted_url(),
-                    attempt,
-                    _describe(exc),
-                    delay,
+                    "rabbitmq.unreachable",
+                    broker=self._redacted_url(),
+                    attempt=attempt,
+                    error=_describe(exc),
+                    retry_in=delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max)
@@ -187,10 +186,10 @@ class RabbitMQBus:
             self._first_attempt.set()
             if attempt > 1:
                 log.info(
-                    "RabbitMQ %s connected after %d attempts (%.0f s)",
-                    self._redacted_url(),
-                    attempt,
-                    time.monotonic() - down_since,
+                    "rabbitmq.connected",
+                    broker=self._redacted_url(),
+                    attempts=attempt,
+                    down_s=round(time.monotonic() - down_since),
                 )
             return
 
@@ -231,14 +230,14 @@ class RabbitMQBus:
         if self._closing:
             return
         if self.connected:
-            log.warning("RabbitMQ %s connection lost: %s; reconnecting", self._redacted_url(), _describe(exc))
+            log.warning("rabbitmq.connection_lost", broker=self._redacted_url(), error=_describe(exc))
         if isinstance(exc, Exception):
             self._last_error = exc
         self._set_up(False)
 
     def _on_reconnected(self, _connection: Any) -> None:
         if not self._closing:
-            log.info("RabbitMQ %s reconnected", self._redacted_url())
+            log.info("rabbitmq.reconnected", broker=self._redacted_url())
             self._set_up(True)
 
     def _set_up(self, up: bool) -> None:
@@ -397,12 +396,11 @@ class RabbitMQBus:
         connection the subscription is recorded and starts on connection.
         """
         queue = _checked(self.queue_name(queue))
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+        policy = RetryPolicy(max_attempts, self.retry_backoff)
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         await self._ensure_started()
-        sub = _Subscription(queue, list(topics), handler, max_attempts, max_batch)
+        sub = _Subscription(queue, list(topics), handler, policy, max_batch)
         if self._connection is None:
             self._subscriptions.append(sub)  # the connector consumes it
             return
@@ -443,8 +441,8 @@ class RabbitMQBus:
             if first is None:
                 return []  # closing
         batch = [first]
-        if _attempt(first) > 1:
-            return batch  # a message that already failed is handed alone
+        if handed_alone(_attempt(first)):
+            return batch
         while len(batch) < sub.max_batch:
             try:
                 message = sub.buffer.get_nowait()
@@ -452,7 +450,7 @@ class RabbitMQBus:
                 break
             if message is None:
                 break  # closing (the flag is set before the sentinel is queued): _work stops
-            if _attempt(message) > 1:
+            if handed_alone(_attempt(message)):
                 sub.held = message
                 break
             batch.append(message)
@@ -463,15 +461,7 @@ class RabbitMQBus:
         try:
             await sub.handler([_delivery(message) for message in batch])
         except Exception as exc:
-            log.warning(
-                "batch handler for %s failed on %d deliveries (%s ... %s), handing each alone: %s: %s",
-                sub.name,
-                len(batch),
-                batch[0].message_id,
-                batch[-1].message_id,
-                type(exc).__name__,
-                exc,
-            )
+            sub.policy.log(sub.policy.after_batch_failure(exc), sub.name, [m.message_id or "" for m in batch])
             return False
         # One ack per message: ack(multiple=True) would also ack older messages of this channel that are
         # still unacked on purpose (originals of failed deliveries waiting for their retry).
@@ -498,46 +488,38 @@ class RabbitMQBus:
 
     def _settle_failed(self, sub: _Subscription, message: AbstractIncomingMessage, exc: Exception) -> None:
         if self._closing:  # closed from inside the handler: expected, the message comes back
-            log.info("%s from %s not acked: bus closed", message.message_id, sub.name)
+            log.info("bus.not_acked", queue=sub.name, message_id=message.message_id, reason="bus closed")
         else:
-            log.warning("settling %s from %s failed: %r", message.message_id, sub.name, exc)
+            log.warning("bus.settle_failed", queue=sub.name, message_id=message.message_id, error=_describe(exc))
 
     async def _handle(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
         delivery = _delivery(message)
-        attempt = delivery.attempt
         try:
             await sub.handler([delivery])
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "handler for %s failed on %s (attempt %d/%d): %s",
-                sub.name,
-                delivery.message_id,
-                attempt,
-                sub.max_attempts,
-                error,
-            )
-            if attempt >= sub.max_attempts or isinstance(exc, PermanentError):
-                await self._dead_letter(sub.name, delivery, error)
-                await message.ack()
-            else:
+            outcome = sub.policy.after_failure(exc, delivery.attempt)
+            sub.policy.log(outcome, sub.name, [delivery.message_id], delivery.attempt)
+            if isinstance(outcome, Retry):
                 # The original stays unacked (a prefetch slot) during the backoff, while the worker goes on.
-                task = asyncio.create_task(self._retry(sub.name, message, delivery))
+                task = asyncio.create_task(self._retry(sub.name, message, delivery, outcome))
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
+            else:
+                await self._dead_letter(sub.name, delivery, outcome.error)
+                await message.ack()
             return
         await message.ack()  # only now: the handler returned, so its work is done
 
-    async def _retry(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery) -> None:
-        await asyncio.sleep(self.retry_backoff * delivery.attempt)
-        headers = {**delivery.headers, ATTEMPT: str(delivery.attempt + 1)}
+    async def _retry(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery, retry: Retry) -> None:
+        await asyncio.sleep(retry.delay)
+        headers = {**delivery.headers, ATTEMPT: str(retry.attempt)}
         try:
             _, channel = self._live()
             # Copy first, ack second: a crash in between gives a duplicate, never a loss.
             await _to_queue(channel, queue, delivery.topic, delivery.body, delivery.message_id, headers)
             await message.ack()
         except Exception as exc:
-            log.warning("retrying %s on %s failed: %r", delivery.message_id, queue, exc)
+            log.warning("bus.retry_failed", queue=queue, message_id=delivery.message_id, error=_describe(exc))
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)  # same attempt number, handled again
 

@@ -1,6 +1,7 @@
 """IHE XDS.b client for the DMP: ITI-41 Provide and Register Document Set-b (to the repository) and ITI-57 Update
 Document Set (to the registry), over SOAP 1.2 with WS-Addressing, MTOM/XOP, a signed VIHF SAML 2.0 assertion and
-mutual TLS. Protocol I/O only: the metadata comes ready from ``traboule.translate.xds_metadata``.
+mutual TLS. Protocol I/O only: the metadata comes ready (``traboule.formats.xds`` values, made by
+``traboule.translate.xds_metadata``).
 
 * ebRIM 3.0: in every RegistryObject the Slots come first, then Name, Classifications, ExternalIdentifiers (the
   schema's sequence; the ANS DMP sample puts ``referenceIdList`` after its Classifications, which the XDS.b schema
@@ -32,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from lxml import etree
 from signxml import SignatureConstructionMethod, XMLSigner
 
-from traboule.translate.xds_metadata import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
+from traboule.errors import XDSError
+from traboule.formats.xds import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
 
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -89,24 +91,6 @@ PURPOSE_NORMAL = Coded("normal", "1.2.250.1.213.1.1.4.248", "Acces normal")
 TLS_CLIENT = "urn:oasis:names:tc:SAML:2.0:ac:classes:TLSClient"
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
-
-
-class XDSError(Exception):
-    """The repository or registry refused the request, or could not be reached.
-
-    ``retryable``: a later attempt may succeed. ``status``: the HTTP status (0 without an answer). ``codes``: the
-    RegistryErrorList error codes, or the SOAP fault code (``Sender``, ``Receiver``...). ``request``: the SOAP
-    envelope that was sent (for the journal).
-    """
-
-    def __init__(
-        self, message: str, *, retryable: bool, status: int = 0, codes: list[str] | None = None, request: bytes = b""
-    ) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.status = status
-        self.codes = codes or []
-        self.request = request
 
 
 @dataclass

@@ -59,7 +59,7 @@ from traboule.adapters.fhir_client import FHIRClient, conditional_update, identi
 from traboule.adapters.mllp import MLLPClient  # noqa: E402
 
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
-from traboule import hl7  # noqa: E402
+from traboule.formats import hl7  # noqa: E402
 from traboule.model import ImagingOrder  # noqa: E402
 from traboule.stores.fhir_store import FHIRStore  # noqa: E402
 from traboule.translate.fhir_mapping import FHIRMapping, key_identifier  # noqa: E402

@@ -157,7 +157,7 @@ def main() -> None:
             load(store, writer, mapping, 0, size, stations)
             loaded = time.perf_counter() - t0
             scp_port, wlm_port = free_port(), free_port()
-            scp = WorklistSCP(store, ae_title="TRABOULE", port=scp_port)
+            scp = WorklistSCP(store.find, ae_title="TRABOULE", port=scp_port)
             scp.start()
             wlm = subprocess.Popen(
                 ["wlmscpfs", "-s", "-csk", "-dfp", str(base / "wl"), str(wlm_port)],

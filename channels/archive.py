@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,12 @@ from starlette.routing import Route
 from traboule.adapters.dicomweb import DicomJSON, DICOMwebClient, value
 
 from traboule.app.health import DestinationHealth, channel_health
-from traboule.bus import Delivery, PermanentError
+from traboule.bus import Delivery
+from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.errors import MappingFailure, NotificationError, PermanentError
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study, is_uid
 from traboule.stores.journal import JournalEntry, OutboxEvent
 from traboule.stores.patient_identity import PatientIdentities
-from traboule.translate.hl7_mapping import MappingFailure
 
 log = structlog.get_logger("traboule.channels.archive")
 
@@ -43,15 +45,6 @@ NOTIFIED = "archive.stable"  # internal topic: a journaled notification waiting 
 STABLE = "study.stable"  # the canonical study, for the channels that care (FHIR, reports)
 WEBHOOK_MAX_BODY = 64 * 1024  # Orthanc's notification is ~200 bytes; room for archives that post more tags
 MAX_ACCESSION = 64  # SH is 16 characters (PS3.5 6.2); lenient for archives that store longer ones, but bounded
-
-
-class NotificationError(ValueError):
-    """A notification refused at the webhook: the field and why (never the value received)."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -88,14 +81,14 @@ def parse_notification(raw: bytes) -> Notification:
     return Notification(uid, accession)
 
 
-class ArchiveChannel:
+class ArchiveChannel(ConsumerChannel):
     kind = "archive"
+    accepts = (Study,)
+    max_attempts = Setting(int, 8, minimum=1)
+    webhook = Setting(str, "/archive/stable")
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.runtime = runtime
-        self.webhook: str = config.get("webhook", "/archive/stable")
-        self.max_attempts = int(config.get("max_attempts", 8))
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
         auth = (config["username"], config.get("password", "")) if config.get("username") else None
         self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
         self.archive = DestinationHealth(self.client.base_url)
@@ -103,11 +96,9 @@ class ArchiveChannel:
         self._log = log.bind(channel=self.name)
 
     @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [(config["name"], [NOTIFIED])]
-
-    async def start(self) -> None:
-        await self.runtime.bus.subscribe(self.name, [NOTIFIED], self.read_study, max_attempts=self.max_attempts)
+    def topics_of(cls, config: Mapping[str, Any]) -> list[str]:
+        """Its own internal topic, whatever the configuration says: the notifications its webhook journaled."""
+        return [NOTIFIED]
 
     async def stop(self) -> None:
         await self.client.close()
@@ -165,10 +156,10 @@ class ArchiveChannel:
         self._log.info("study.notified", message_id=entry.id, correlation_id=study_uid)
         return JSONResponse({"accepted": study_uid, "journal": entry.id}, status_code=202)
 
-    async def read_study(self, delivery: Delivery) -> None:
+    async def on_event(self, notice: Envelope, delivery: Delivery) -> None:
         """Read the notified study from the archive and publish it (an exception makes the bus retry)."""
-        notice = Envelope.from_json(delivery.body)
-        uid = notice.payload.study_instance_uid  # type: ignore[union-attr]
+        assert isinstance(notice.payload, Study)
+        uid = notice.payload.study_instance_uid
         if not is_uid(uid):  # journaled before the webhook checked it: reading it again cannot help
             raise PermanentError("the notified StudyInstanceUID is not a DICOM UID")
         try:
@@ -192,8 +183,7 @@ class ArchiveChannel:
         self.identities.record([study])  # its keys are its patient's, when no order said whose they are
         self._log.info(
             "study.read",
-            message_id=env.id,
-            correlation_id=uid,
+            message_id=env.id,  # the published event's (the notification's is bound)
             series=len(study.series),
             instances=len(instances),
             attempt=delivery.attempt,
@@ -222,9 +212,9 @@ class ArchiveChannel:
             return
         await self.runtime.journal.append(entry)
         if entry.status == "rejected":
-            self._log.warning("study.patient_mismatch", message_id=entry.id, correlation_id=uid)
+            self._log.warning("study.patient_mismatch", message_id=entry.id)
             raise PermanentError(f"the study's patient is not the patient of its order (journal entry {entry.id})")
-        self._log.warning("study.patient_merged", message_id=entry.id, correlation_id=uid)
+        self._log.warning("study.patient_merged", message_id=entry.id)
 
 
 def study_from_metadata(metadata: list[DicomJSON], *, endpoint: str = "") -> Study:

@@ -31,9 +31,10 @@ Idempotent: resource ids derive from identifiers and a redelivery changes nothin
 content); an event older (journal sequence) than the one that last wrote a resource does not overwrite it. A batch
 of events is one store transaction.
 
-Configuration: ``name``, ``mapping`` (default ``mappings/fhir.yaml``), ``topics`` (default ``order.#``,
-``patient.#``, ``procedure.#``, ``study.#``, ``document.#``), ``max_attempts``, ``max_batch``, ``api`` (serve
-``/fhir`` from this process), ``base_url`` (the public base URL of the API in links, when behind a proxy).
+Configuration (typed settings, ``traboule.channel.Setting``): ``name``, ``mapping`` (default ``mappings/fhir.yaml``),
+``topics`` (default ``order.#``, ``patient.#``, ``procedure.#``, ``study.#``, ``document.#``), ``max_attempts``,
+``max_batch``, ``api`` (serve ``/fhir`` from this process), ``base_url`` (the public base URL of the API in links,
+when behind a proxy).
 ``describe()`` counts the unscheduled ServiceRequests no order has taken over yet (``unscheduled``).
 """
 
@@ -43,12 +44,14 @@ import asyncio
 from typing import Any
 
 import structlog
-from traboule.channels.fhir_push import FHIRPush, Key, push_message, push_queue, push_topic
+from traboule.channels.fhir_push import FHIRPush
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.config import resolve
 from traboule.app.health import channel_health
 from traboule.bus import Bus, Delivery
+from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
+from traboule.formats.fhir_push import Key, push_message, push_queue, push_topic
 from traboule.model import (
     Document,
     Envelope,
@@ -74,25 +77,21 @@ from traboule.translate.fhir_mapping import (
 
 log = structlog.get_logger("traboule.channels.fhir")
 
-DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#", "study.#", "document.#"]
 # MPPS status → the scheduled-step status the request-status table is keyed on.
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
 
 
-class FHIRChannel:
+class FHIRChannel(BatchConsumerChannel):
     kind = "fhir"
+    topics = Setting(list, ["order.#", "patient.#", "procedure.#", "study.#", "document.#"])
+    api = Setting(bool, False)
+    base_url = Setting(str, "")
+    mapping_file = Setting(str, "mappings/fhir.yaml", key="mapping")
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.config = config
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 5))
-        self.max_batch = int(config.get("max_batch", 100))
-        self.api = bool(config.get("api", False))
-        self.base_url = str(config.get("base_url", ""))
-        self.mapping = FHIRMapping(resolve(runtime.config, config.get("mapping", "mappings/fhir.yaml")))
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
+        self.mapping = FHIRMapping(resolve(runtime.config, self.mapping_file))
         self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"), self.mapping.timezone)
         destination = config.get("destination")
         self.push = FHIRPush(self.name, destination, self.store, runtime, self.base_url) if destination else None
@@ -101,7 +100,7 @@ class FHIRChannel:
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        out = [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
+        out = super().bindings(config)
         if config.get("destination"):
             out.append((push_queue(config["name"]), [push_topic(config["name"])]))
         return out
@@ -109,9 +108,7 @@ class FHIRChannel:
     async def start(self) -> None:
         if self.push is not None:
             await self.runtime.bus.declare(push_queue(self.name), [push_topic(self.name)])
-        await self.runtime.bus.subscribe_batch(
-            self.name, self.topics, self.handle, max_attempts=self.max_attempts, max_batch=self.max_batch
-        )
+        await super().start()
         if self.push is not None:
             await self.push.start()
 
@@ -125,8 +122,7 @@ class FHIRChannel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "source": [f"bus:{t}" for t in self.topics],
+            **super().describe(),
             "mapping": str(self.mapping.path),
             "destinations": [f"fhir-store:{self.store.path}"]
             + (["http:/fhir"] if self.api else [])
@@ -143,8 +139,7 @@ class FHIRChannel:
 
         return routes(self.store, self.base_url)
 
-    async def handle(self, deliveries: list[Delivery]) -> None:
-        envelopes = [Envelope.from_json(d.body) for d in deliveries]
+    async def on_batch(self, envelopes: list[Envelope], deliveries: list[Delivery]) -> None:
         seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
         results = await asyncio.to_thread(self._apply, envelopes, seqs)
         if self.push is not None:
@@ -162,38 +157,35 @@ class FHIRChannel:
             await _publish_all(self.runtime.bus, items)
         for delivery, env, (outcome, changed, _) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
-            self._log.info(
-                f"fhir.{outcome}",
-                message_id=env.id,
-                correlation_id=env.correlation_id,
-                topic=delivery.topic,
-                changed=changed,
-                attempt=delivery.attempt,
-            )
+            with self.bound(env):
+                self._log.info(f"fhir.{outcome}", topic=delivery.topic, changed=changed, attempt=delivery.attempt)
 
     def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int, list[Key]]]:
         """Apply the events in one store transaction: per event (outcome, resources changed, resources concerned)."""
         results = []
         with self.store.transaction():
             for env, seq in zip(envelopes, seqs, strict=True):
-                payload = env.payload
-                self._touched = []
-                if isinstance(payload, ImagingOrder):
-                    changed = self._order(payload, seq)
-                elif isinstance(payload, PatientUpdate):
-                    changed = self._patient_update(payload, seq)
-                elif isinstance(payload, PerformedStep):
-                    changed = self._performed(payload, seq)
-                elif isinstance(payload, Study):
-                    changed = self._study(payload, seq)
-                elif isinstance(payload, Document):
-                    changed = self._document(payload, seq)
-                else:
-                    self._log.debug("fhir.ignored", kind=env.kind, message_id=env.id)
-                    results.append(("ignored", 0, []))
-                    continue
-                results.append(("applied" if changed else "unchanged", changed, list(dict.fromkeys(self._touched))))
+                with self.bound(env):  # the warnings of an event's rules carry its ids
+                    results.append(self._apply_one(env, seq))
         return results
+
+    def _apply_one(self, env: Envelope, seq: int) -> tuple[str, int, list[Key]]:
+        payload = env.payload
+        self._touched = []
+        if isinstance(payload, ImagingOrder):
+            changed = self._order(payload, seq)
+        elif isinstance(payload, PatientUpdate):
+            changed = self._patient_update(payload, seq)
+        elif isinstance(payload, PerformedStep):
+            changed = self._performed(payload, seq)
+        elif isinstance(payload, Study):
+            changed = self._study(payload, seq)
+        elif isinstance(payload, Document):
+            changed = self._document(payload, seq)
+        else:
+            self._log.debug("fhir.ignored", kind=env.kind)
+            return "ignored", 0, []
+        return ("applied" if changed else "unchanged"), changed, list(dict.fromkeys(self._touched))
 
     def _write(self, resource: dict[str, Any], seq: int) -> int:
         """Upsert into the store; the resource counts as concerned by the event (pushed) even when unchanged."""
@@ -525,9 +517,4 @@ def _set_system(ident: dict[str, Any], system: str) -> None:
 async def _publish_all(bus: Bus, items: list[tuple[str, bytes, str, dict[str, str]]]) -> None:
     if not items:
         return
-    publish_many = getattr(bus, "publish_many", None)
-    if publish_many is not None:
-        await publish_many(items)
-        return
-    for topic, body, message_id, headers in items:
-        await bus.publish(topic, body, message_id=message_id, headers=headers)
+    await bus.publish_many(items)

@@ -4,8 +4,8 @@ conditional updates on a FHIR R4 server (HAPI, medplum, Azure, Google...).
 How it flows:
 
 * The ``fhir`` channel, once an event's resources are committed to its store, publishes one *push message*
-  naming them (topic ``fhir.<channel>.push``, body a JSON list of ``[type, id]``) before the event is
-  acknowledged. A crash in between redelivers the event, which names the same resources again.
+  naming them (``traboule.formats.fhir_push``: topic ``fhir.<channel>.push``, body a JSON list of ``[type, id]``)
+  before the event is acknowledged. A crash in between redelivers the event, which names the same resources again.
 * This destination consumes them (queue ``<channel>.push``) and reads the **current** version of each resource
   at send time: a retry or a late redelivery always sends the latest state, never an older one, and a resource
   changed three times while the server was down is sent once.
@@ -43,37 +43,24 @@ from urllib.parse import urlsplit
 import structlog
 from traboule.adapters.fhir_client import (
     FHIRClient,
-    FHIRServerError,
     conditional_update,
     identifier_search,
     new_full_url,
 )
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth
-from traboule.bus import Delivery, PermanentError
-from traboule.stores import journal
-from traboule.stores.fhir_store import FHIRStore
+from traboule.bus import Delivery
+from traboule.errors import ConfigError, FHIRServerError, PermanentError
+from traboule.formats.fhir_push import Key, push_keys, push_queue, push_topic
+from traboule.stores import FHIRStore, journal
 from traboule.translate.fhir_mapping import key_identifier
 
 log = structlog.get_logger("traboule.channels.fhir_push")
 
-Key = tuple[str, str]  # (resource type, id)
 ORDER = {"Patient": 0, "ServiceRequest": 1, "ImagingStudy": 2, "DocumentReference": 3, "DiagnosticReport": 4}
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
-
-
-def push_topic(channel: str) -> str:
-    return f"fhir.{channel}.push"
-
-
-def push_queue(channel: str) -> str:
-    return f"{channel}.push"
-
-
-def push_message(keys: list[Key]) -> bytes:
-    return json.dumps([list(k) for k in keys]).encode()
 
 
 class FHIRPush:
@@ -86,10 +73,10 @@ class FHIRPush:
         document attachments (``Binary/{id}``, served by traboule) are sent with that absolute URL, or without a
         URL when it is not configured (a relative one would point at the server's own, missing, Binary)."""
         if config.get("adapter", "fhir-server") != "fhir-server":
-            raise ValueError(f"channel {channel}: destination adapter {config.get('adapter')!r} not supported")
+            raise ConfigError(f"channel {channel}: destination adapter {config.get('adapter')!r} not supported")
         base_url = str(config.get("base_url", ""))
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"channel {channel}: destination.base_url must be an http(s) URL, not {base_url!r}")
+            raise ConfigError(f"channel {channel}: destination.base_url must be an http(s) URL, not {base_url!r}")
         self.channel = channel
         self.public_base = public_base.rstrip("/")
         self.queue = push_queue(channel)
@@ -103,11 +90,11 @@ class FHIRPush:
         token_env = str(config.get("token_env", ""))
         host = urlsplit(base_url).hostname or ""
         if token_env and not base_url.startswith("https://") and not is_loopback(host):
-            raise ValueError(f"channel {channel}: a bearer token is sent over https only (base_url {base_url!r})")
+            raise ConfigError(f"channel {channel}: a bearer token is sent over https only (base_url {base_url!r})")
         if token_env:
             token = os.environ.get(token_env, "")
             if not token:
-                raise ValueError(f"channel {channel}: destination.token_env names {token_env}, which is not set")
+                raise ConfigError(f"channel {channel}: destination.token_env names {token_env}, which is not set")
             headers["Authorization"] = f"Bearer {token}"
         self.client = FHIRClient(
             base_url,
@@ -131,7 +118,7 @@ class FHIRPush:
     # -- consuming ----------------------------------------------------------------------------------------
 
     async def handle(self, deliveries: list[Delivery]) -> None:
-        groups = [[(str(t), str(i)) for t, i in json.loads(d.body)] for d in deliveries]
+        groups = [push_keys(d.body) for d in deliveries]
         chunk: list[Key] = []
         for keys in groups:
             if chunk and len(chunk) + len(keys) > self.max_bundle:

@@ -14,7 +14,7 @@ message the receiver does not accept (AE/AR, silence, a broken connection) is re
 0.5 s doubling to 30 s, for ``retry_window`` seconds while the next ones wait; then the attempt counts (the event
 goes back to the bus, and a later version of that document waits for it), and after ``max_attempts`` the event is
 dead-lettered and the feed moves on. Messages the receiver accepted are remembered by
-event id, so a redelivered event is not sent twice.
+event id (``traboule.stores.idempotency``, with the control id sent), so a redelivered event is not sent twice.
 
 Configuration::
 
@@ -34,23 +34,26 @@ Configuration::
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from datetime import datetime
 from typing import Any
 
 import structlog
-from traboule.adapters.mllp import MLLPSender, NotAccepted
+from traboule.adapters.mllp import MLLPSender
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
+from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.model import Document, Envelope, Identifier, Patient
+from traboule.stores.idempotency import AppliedKeys, Legacy
 
 log = structlog.get_logger("traboule.channels.hl7_documents")
 
-DEFAULT_TOPICS = ["document.#"]
+# The messages the receiver accepted, as kept before the idempotent-consumer table: moved into it at start.
+_SENT = Legacy("sent", key="event_id", at="sent_at", detail="control_id")
 CISIS_CDA_PROFILE = "2.1^CISIS_CDA_HL7_V2"  # MSH-21 of the volet "Transmission de document(s) CDA en HL7v2"
 ORC = {"publish": "NW", "replace": "RO", "delete": "CA"}
 OBX_STATUS = {"publish": "F", "replace": "C", "delete": "D"}
@@ -70,58 +73,39 @@ SHARING = {
 }
 
 
-class HL7DocumentsChannel:
+class HL7DocumentsChannel(ConsumerChannel):
     kind = "hl7-documents"
+    topics = Setting(list, ["document.#"])
+    accepts = (Document,)
+    max_attempts = Setting(int, 10, minimum=1)
+    retry_window = Setting(float, 60.0, minimum=0)
+    message = Setting(str, "ORU^R01", choices=("ORU^R01", "MDM"))
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.config = config
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 10))
-        self.retry_window = float(config.get("retry_window", 60))
-        self.message = str(config.get("message", "ORU^R01"))
-        if self.message not in ("ORU^R01", "MDM"):
-            raise ValueError(f"channel {self.name}: message must be ORU^R01 or MDM, not {self.message!r}")
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
         self.parties = hl7.Parties.from_config(config, receiver="DRIMBOX")
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         self.destination = DestinationHealth(self.sender.address)
-        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS sent (event_id TEXT PRIMARY KEY, control_id TEXT NOT NULL, sent_at TEXT)"
-        )
+        # Keyed by event id. What was sent decides what is sent again: a mark must survive a power cut.
+        self.sent = AppliedKeys.open(runtime.data_dir / f"{self.name}.sqlite", legacy=[_SENT])
+        self._db = self.sent.db
         # Documents whose message the receiver has not taken yet (back on the bus): their later versions wait.
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (document_id TEXT PRIMARY KEY)")
         self._log = log.bind(channel=self.name)
-
-    @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
-
-    async def start(self) -> None:
-        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
 
     async def stop(self) -> None:
         await self.sender.close()
         self._db.close()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "source": [f"bus:{t}" for t in self.topics],
-            "destinations": [self.sender.address],
-            "message": self.message,
-        }
+        return {**super().describe(), "destinations": [self.sender.address], "message": self.message}
 
     def health(self) -> dict[str, Any]:
         return channel_health(self.destination)
 
-    async def handle(self, delivery: Delivery) -> None:
-        env = Envelope.from_json(delivery.body)
-        if not isinstance(env.payload, Document):
-            return
-        if self._db.execute("SELECT 1 FROM sent WHERE event_id = ?", (env.id,)).fetchone():
+    async def on_event(self, env: Envelope, delivery: Delivery) -> None:
+        assert isinstance(env.payload, Document)
+        if self.sent.is_done(env.id):
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
         doc = env.payload
@@ -131,20 +115,17 @@ class HL7DocumentsChannel:
         control_id = self.sender.next_control_id("D")
         text = self.build(doc, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
         try:
-            code = await self._send_in_order(text.encode("utf-8"), env.id)
+            code = await self._send_in_order(text.encode("utf-8"))
         except NotAccepted:
             if doc.action != "delete":
                 self._db.execute("INSERT OR IGNORE INTO pending VALUES (?)", (doc.id,))
             raise
-        self._db.execute("DELETE FROM pending WHERE document_id = ?", (doc.id,))
-        self._db.execute(
-            "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)", (env.id, control_id, datetime.now().isoformat())
-        )
+        with self.sent.transaction():
+            self._db.execute("DELETE FROM pending WHERE document_id = ?", (doc.id,))
+            self.sent.mark_done(env.id, control_id)
         metrics.events_processed.labels(self.name, "sent").inc()
         self._log.info(
             "document.sent",
-            message_id=env.id,
-            correlation_id=env.correlation_id,
             control_id=control_id,
             action=env.payload.action,
             document_id=env.payload.id,
@@ -152,7 +133,7 @@ class HL7DocumentsChannel:
             attempt=delivery.attempt,
         )
 
-    async def _send_in_order(self, data: bytes, event_id: str) -> str:
+    async def _send_in_order(self, data: bytes) -> str:
         """Send, retrying in place for ``retry_window``; then raise ``NotAccepted`` (the bus counts an attempt)."""
         deadline = time.monotonic() + self.retry_window
         backoff = 0.5
@@ -166,7 +147,7 @@ class HL7DocumentsChannel:
                 if time.monotonic() + backoff > deadline:
                     raise
                 # Not the text: a receiver's ERR may quote the message's values.
-                self._log.warning("document.retry", message_id=event_id, error=type(exc).__name__, wait_s=backoff)
+                self._log.warning("document.retry", error=type(exc).__name__, wait_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 

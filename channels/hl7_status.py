@@ -24,29 +24,30 @@ A modality reports what the worklist gave it: accession number, Requested Proced
 order number without its issuer. So the channel also consumes ``order.*`` and keeps, per accession number, the
 order's placer / filler numbers with their issuers and the patient identifier (``<data_dir>/<name>.sqlite``), to
 fill ORC-2 / ORC-3 / PID-3 as the RIS knows them. Status messages already accepted by the RIS are remembered by
-idempotency key, so a redelivered event is not sent twice.
+idempotency key (``traboule.stores.idempotency``, with the control id sent), so a redelivered event is not sent
+twice.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 from typing import Any
 
 import structlog
-from traboule.adapters.mllp import MLLPSender, NotAccepted
+from traboule.adapters.mllp import MLLPSender
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.config import resolve
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
+from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
+from traboule.stores.idempotency import AppliedKeys, Legacy
 from traboule.translate.mapping import load_table
 
 log = structlog.get_logger("traboule.channels.hl7_status")
-
-DEFAULT_TOPICS = ["procedure.#", "order.#"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -56,71 +57,50 @@ CREATE TABLE IF NOT EXISTS orders (
     patient_id TEXT NOT NULL,
     study_uid TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS sent (
-    idempotency_key TEXT PRIMARY KEY,
-    control_id TEXT NOT NULL,
-    sent_at TEXT NOT NULL
-);
 """
+# The status messages the RIS accepted, as kept before the idempotent-consumer table: moved into it at start.
+_SENT = Legacy("sent", key="idempotency_key", at="sent_at", detail="control_id")
 
 
-class HL7StatusChannel:
+class HL7StatusChannel(ConsumerChannel):
     kind = "hl7-status"
+    topics = Setting(list, ["procedure.#", "order.#"])
+    accepts = (ImagingOrder, PerformedStep)
+    message = Setting(str, "ORM^O01", choices=("ORM^O01", "OMI^O23"))
+    status_table_file = Setting(str, "mappings/tables/procedure_status.csv", key="status_table")
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.config = config
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 5))
-        self.message = str(config.get("message", "ORM^O01"))
-        if self.message not in ("ORM^O01", "OMI^O23"):
-            raise ValueError(f"channel {self.name}: message must be ORM^O01 or OMI^O23, not {self.message!r}")
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
         self.parties = hl7.Parties.from_config(config, receiver="RIS")
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         self.destination = DestinationHealth(self.sender.address)
-        table_path = resolve(runtime.config, config.get("status_table", "mappings/tables/procedure_status.csv"))
+        table_path = resolve(runtime.config, self.status_table_file)
         self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
-        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # What was sent decides what is sent again: a mark must survive a power cut.
+        self.sent = AppliedKeys.open(runtime.data_dir / f"{self.name}.sqlite", legacy=[_SENT])
+        self._db = self.sent.db
         self._db.executescript(_SCHEMA)
         self._log = log.bind(channel=self.name)
-
-    @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
-
-    async def start(self) -> None:
-        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
 
     async def stop(self) -> None:
         await self.sender.close()
         self._db.close()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "source": [f"bus:{t}" for t in self.topics],
-            "destinations": [self.sender.address],
-            "message": self.message,
-        }
+        return {**super().describe(), "destinations": [self.sender.address], "message": self.message}
 
     def health(self) -> dict[str, Any]:
         return channel_health(self.destination)
 
     # -- events ----------------------------------------------------------------------------------------------
 
-    async def handle(self, delivery: Delivery) -> None:
-        env = Envelope.from_json(delivery.body)
+    async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         if isinstance(env.payload, ImagingOrder):
             self._remember(env.payload)
             return
-        if not isinstance(env.payload, PerformedStep):
-            return
-        if (
-            env.idempotency_key
-            and self._db.execute("SELECT 1 FROM sent WHERE idempotency_key = ?", (env.idempotency_key,)).fetchone()
-        ):
+        assert isinstance(env.payload, PerformedStep)
+        key = env.idempotency_key or env.id
+        if self.sent.is_done(key):
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
         control_id = self.sender.next_control_id("S")
@@ -131,19 +111,10 @@ class HL7StatusChannel:
             self.destination.failed(exc)
             raise
         self.destination.succeeded()
-        self._db.execute(
-            "INSERT OR IGNORE INTO sent VALUES (?, ?, ?)",
-            (env.idempotency_key or env.id, control_id, datetime.now().isoformat(timespec="milliseconds")),
-        )
+        self.sent.mark_done(key, control_id)
         metrics.events_processed.labels(self.name, "sent").inc()
         self._log.info(
-            "status.sent",
-            message_id=env.id,
-            correlation_id=env.correlation_id,
-            control_id=control_id,
-            status=env.payload.status,
-            ack=code,
-            attempt=delivery.attempt,
+            "status.sent", control_id=control_id, status=env.payload.status, ack=code, attempt=delivery.attempt
         )
 
     def _remember(self, order: ImagingOrder) -> None:

@@ -28,7 +28,6 @@ a duplicate and publishes nothing, so consumers see one event per status.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
@@ -50,11 +49,13 @@ from traboule.adapters.dicom_mpps import (
 )
 from traboule.adapters.dicom_server import SCPLimits
 
-from traboule.app import metrics
+from traboule import metrics
+from traboule.channel import ChannelRuntime, Setting, read_settings
+from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
 from traboule.stores.journal import JournalEntry, OutboxEvent
 from traboule.stores.patient_identity import PatientIdentities
-from traboule.translate.hl7_mapping import MappingFailure
+from traboule.stores.sqlite import Durability, open_database
 
 log = structlog.get_logger("traboule.channels.mpps")
 
@@ -107,18 +108,19 @@ def references_order(step: PerformedStep) -> bool:
 
 class MPPSChannel:
     kind = "mpps"
+    request_timeout = Setting(float, 20.0, minimum=0)
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         self.name: str = config["name"]
         self.config = config
         self.runtime = runtime
-        self.request_timeout = float(config.get("request_timeout", 20))
+        read_settings(self, config, self.name)
         if str(config.get("process", "main")) != "main":
-            raise ValueError(f"channel {self.name}: an mpps channel journals, it runs in the main process")
+            raise ConfigError(f"channel {self.name}: an mpps channel journals, it runs in the main process")
         self.scps: list[MPPSSCP] = []
         for dest in config.get("destinations", []):
             if dest.get("adapter") != "mpps-scp":
-                raise ValueError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
+                raise ConfigError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
             self.scps.append(
                 MPPSSCP(
                     self.handle,
@@ -128,9 +130,8 @@ class MPPSChannel:
                     limits=SCPLimits.from_config(dest, f"channel {self.name}: mpps-scp"),
                 )
             )
-        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # The state of each MPPS instance decides how the next request is answered: it must survive a power cut.
+        self._db = open_database(runtime.data_dir / f"{self.name}.sqlite", Durability.POWER_LOSS)
         self._db.executescript(_SCHEMA)
         self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # whose each order is; merges
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -36,6 +36,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -51,14 +52,16 @@ from traboule.channels.waiting_reports import (
     seconds,
 )
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.config import resolve
+from traboule.errors import ConfigError, MappingFailure, ReportRefused
 from traboule.formats import hl7
 from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
+from traboule.stores import ReportStore
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query
 from traboule.stores.patient_identity import REBUILD_MARGIN, PatientIdentities, identity_sources, mark_authoritative
-from traboule.stores.reports import Held, ReportPublisher, ReportRefused
-from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.stores.reports import Held, ReportPublisher
+from traboule.translate.hl7_mapping import HL7InboundMapping
 
 log = structlog.get_logger("traboule.channels.orders")
 
@@ -83,7 +86,7 @@ class OrdersChannel:
         self._log = log.bind(channel=self.name)
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
-        self.reports: ReportPublisher | None = None
+        self.reports: ReportStore | None = None
         if "report" in self.mapping.accept.values() and config.get("reports", {}) is not False:
             self.reports = make_publisher(config, runtime)
         # Reports wait here for their turn (validation is serial), not in the loop's default pool.
@@ -103,13 +106,19 @@ class OrdersChannel:
         if self.reports is not None:
             settings = config.get("reports") or {}
             # Checked here, not in start(): `traboule check` builds the channel without starting it.
-            self._archive_recheck = seconds(settings.get("archive_recheck", ARCHIVE_RECHECK), "reports.archive_recheck")
+            self._archive_recheck = seconds(
+                settings.get("archive_recheck", ARCHIVE_RECHECK), f"channel {self.name}: reports.archive_recheck"
+            )
             self._max_waiting = settings.get("max_waiting", MAX_WAITING)
             if isinstance(self._max_waiting, bool) or not isinstance(self._max_waiting, int) or self._max_waiting < 0:
-                raise ValueError(f"reports.max_waiting must be a whole number, not {self._max_waiting!r}")
+                raise ConfigError(
+                    f"channel {self.name}: reports.max_waiting must be a whole number, not {self._max_waiting!r}"
+                )
             archive = archive_settings(runtime.config, settings, self.name)
             if archive is not None:
-                timeout = seconds(settings.get("archive_timeout", ARCHIVE_TIMEOUT), "reports.archive_timeout")
+                timeout = seconds(
+                    settings.get("archive_timeout", ARCHIVE_TIMEOUT), f"channel {self.name}: reports.archive_timeout"
+                )
                 self._archive = ArchiveReader(archive, timeout)
 
     @classmethod
@@ -159,7 +168,8 @@ class OrdersChannel:
                 except (hl7.HL7Error, MappingFailure):  # a mapping changed since: it cannot say more now
                     continue
                 self.identities.resolve_merged(payloads)
-                mark_authoritative(payloads, self._identity_sources, (msg.header(3, 1), msg.header(4, 1)))
+                sender = (msg.header("sending_application", 1), msg.header("sending_facility", 1))
+                mark_authoritative(payloads, self._identity_sources, sender)
                 yield entry.id, entry.received, payloads
 
     async def stop(self) -> None:
@@ -240,128 +250,164 @@ class OrdersChannel:
             metrics.ack_seconds.labels(self.name).observe(time.perf_counter() - started)
             return reply
         if hl7.is_batch(decoded.text):
-            replies = [
-                await self._one(
-                    m.encode(decoded.codec), hl7.Decoded(m, decoded.codec, decoded.declared, decoded.warnings), peer
-                )
-                for m in hl7.split_batch(decoded.text)
-            ]
-            reply = _batch_ack(replies, decoded.codec)
+            replies = [await self._one(m.text.encode(m.codec), m, peer) for m in hl7.batch_messages(decoded)]
+            reply = hl7.batch_ack(replies, decoded.codec, datetime.now().strftime("%Y%m%d%H%M%S"))
         else:
             reply = await self._one(data, decoded, peer)
         metrics.ack_seconds.labels(self.name).observe(time.perf_counter() - started)
         return reply
 
     async def _one(self, data: bytes, decoded: hl7.Decoded, peer: str) -> bytes:
+        """One message in, its ACK out: tokenize → map and check → journal → answer.
+
+        The lines logged meanwhile, by the channel or what it calls, carry the channel and the message's correlation
+        id (bound once it is read) and, once it is journaled, its journal id (``message_id``).
+        """
         now = datetime.now().strftime("%Y%m%d%H%M%S")
-        entry = JournalEntry(
-            channel=self.name, raw=data, status="accepted", peer=peer, warnings="\n".join(decoded.warnings)
+        it = _Handling(
+            JournalEntry(
+                channel=self.name, raw=data, status="accepted", peer=peer, warnings="\n".join(decoded.warnings)
+            )
         )
-        msg: hl7.Message | None = None
-        events: list[OutboxEvent] = []
-        reserved: list[Payload] = []  # what the identity check let through: recorded once accepted, else released
-        error: hl7.AckError | None = None
-        code = "AA"
         # A large message is tokenized and mapped on a thread: the loop keeps answering the other connections
         # meanwhile (the interpreter switches threads every few ms), where it would stall for as long (~1 s for
         # 16 MiB of tiny segments).
         large = len(data) > LARGE_MESSAGE
         try:
-            msg = await asyncio.to_thread(hl7.parse, decoded.text) if large else hl7.parse(decoded.text)
-            entry.control_id = msg.control_id
-            entry.message_type = msg.message_type
-            entry.idempotency_key = _idempotency_key(msg)
-            entry.correlation_id = msg.control_id or entry.idempotency_key
-            notes: list[str] = []
-            mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
-            notes.extend(self.identities.resolve_merged(mapped))  # a merged IPP: its survivor's (warning journaled)
-            # An IPP given another INS than the one it was accepted with: AE, PID-3; unless an identity source's
-            # patient update says so (the INS replaced, a warning journaled).
-            mark_authoritative(mapped, self._identity_sources, (msg.header(3, 1), msg.header(4, 1)))
-            notes.extend(self.identities.check(mapped))
-            reserved = mapped
-            self.identities.check_report(mapped)  # a report naming another patient's order or study: AE, PID-3
-            self.identities.check_order(mapped)  # an order whose keys are another patient's: AE, PID-3
-            payloads = await self._prepare(mapped, entry.idempotency_key, notes)
-            notes.extend(self.identities.resolve_merged(payloads))  # a deletion names the deleted version's patient
-            if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
-                entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
-            for i, payload in enumerate(payloads):
-                env = Envelope(
-                    payload,
-                    source=self.name,
-                    idempotency_key=f"{entry.idempotency_key}:{i}",
-                    correlation_id=entry.correlation_id,
-                )
-                events.append(OutboxEvent(topic_of(payload), env.id, env.to_json()))
-        except hl7.HL7Error as exc:
-            code = "AR" if exc.reject else "AE"
-            error = hl7.AckError(str(exc), exc.location, exc.code)
-        except (MappingFailure, ReportRefused) as exc:
-            code = "AE"
-            error = hl7.AckError(exc.reason, exc.location, exc.code)
-        except Exception as exc:  # a fault of ours: still journaled and answered (AR: the sender tries again)
-            self._log.exception("message.failed", control_id=entry.control_id, error=type(exc).__name__)
-            code = "AR"
-            error = hl7.AckError(f"internal error ({type(exc).__name__}), send it again later", "", "207")
-        prepared = bool(events) and any(e.topic.startswith("document.") for e in events)
-        held = entry.idempotency_key in self._held  # a report kept waiting for its study: undone if not journaled
+            await self._tokenize(it, decoded.text, large)
+        except Exception as exc:
+            self._refuse(it, exc)
+        with structlog.contextvars.bound_contextvars(channel=self.name, correlation_id=it.entry.correlation_id):
+            if it.msg is not None and it.error is None:
+                try:
+                    await self._translate(it, it.msg, large)
+                except Exception as exc:
+                    self._refuse(it, exc)
+            self._settle(it)
+            if await self._journal(it):
+                with structlog.contextvars.bound_contextvars(message_id=it.entry.id):
+                    self._journaled(it)
+        ack = hl7.build_ack(
+            it.msg,
+            it.code,
+            control_id=self._next_control_id(),
+            timestamp=now,
+            error=it.error,
+            header=None if it.msg else hl7.peek_for_ack(decoded.text),
+        )
+        return ack.encode(decoded.codec, "replace")
+
+    async def _tokenize(self, it: _Handling, text: str, large: bool) -> None:
+        """The message's segments, and its identifiers in the journal entry (correlation id: MSH-10, else the
+        content's key)."""
+        msg = it.msg = await asyncio.to_thread(hl7.parse, text) if large else hl7.parse(text)
+        entry = it.entry
+        entry.control_id = msg.control_id
+        entry.message_type = msg.message_type
+        entry.idempotency_key = _idempotency_key(msg)
+        entry.correlation_id = msg.control_id or entry.idempotency_key
+
+    async def _translate(self, it: _Handling, msg: hl7.Message, large: bool) -> None:
+        """Map the message, check it against the patients' identities, make its documents: the events to publish."""
+        entry = it.entry
+        notes: list[str] = []
+        mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
+        self._check_identities(it, msg, mapped, notes)
+        payloads = await self._prepare(mapped, entry.idempotency_key, notes)
+        notes.extend(self.identities.resolve_merged(payloads))  # a deletion names the deleted version's patient
+        if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
+            entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
+        for i, payload in enumerate(payloads):
+            env = Envelope(
+                payload,
+                source=self.name,
+                idempotency_key=f"{entry.idempotency_key}:{i}",
+                correlation_id=entry.correlation_id,
+            )
+            it.events.append(OutboxEvent(topic_of(payload), env.id, env.to_json()))
+
+    def _check_identities(self, it: _Handling, msg: hl7.Message, mapped: list[Payload], notes: list[str]) -> None:
+        """Patient identity (warnings in ``notes``): a merged IPP becomes its survivor's; an IPP given another INS
+        than the one it was accepted with is refused (AE, PID-3), unless an identity source's patient update says so
+        (the INS replaced); a report or an order naming another patient's order, study or keys is refused (AE,
+        PID-3)."""
+        notes.extend(self.identities.resolve_merged(mapped))
+        sender = (msg.header("sending_application", 1), msg.header("sending_facility", 1))
+        mark_authoritative(mapped, self._identity_sources, sender)
+        notes.extend(self.identities.check(mapped))
+        it.reserved = mapped
+        self.identities.check_report(mapped)
+        self.identities.check_order(mapped)
+
+    def _refuse(self, it: _Handling, exc: Exception) -> None:
+        """The answer to a message a step could not take: AR or AE with the error for the ERR segment."""
+        if isinstance(exc, hl7.HL7Error):
+            it.code = "AR" if exc.reject else "AE"
+            it.error = hl7.AckError(str(exc), exc.location, exc.code)
+        elif isinstance(exc, MappingFailure | ReportRefused):
+            it.code = "AE"
+            it.error = hl7.AckError(exc.reason, exc.location, exc.code)
+        else:  # a fault of ours: still journaled and answered (AR: the sender tries again)
+            self._log.exception("message.failed", control_id=it.entry.control_id, error=type(exc).__name__)
+            it.code = "AR"
+            it.error = hl7.AckError(f"internal error ({type(exc).__name__}), send it again later", "", "207")
+
+    def _settle(self, it: _Handling) -> None:
+        """The journal entry's outcome; a refused message publishes nothing."""
+        entry = it.entry
+        it.held = entry.idempotency_key in self._held  # a report kept waiting for its study: undone if not journaled
         self._held.discard(entry.idempotency_key)
-        prepared = prepared or held
-        if error:
+        it.prepared = it.held or any(e.topic.startswith("document.") for e in it.events)
+        if it.error:
             entry.status = "rejected"
-            entry.error = f"{error.location}: {error.reason}" if error.location else error.reason
-            entry.ack_code = code
-            events = []
+            entry.error = f"{it.error.location}: {it.error.reason}" if it.error.location else it.error.reason
+            entry.ack_code = it.code
+            it.events = []
         else:
             entry.ack_code = "AA"
+
+    async def _journal(self, it: _Handling) -> bool:
+        """Write the message with its events, one transaction. False when the journal cannot be written: what was
+        made for the message is undone and the answer becomes AR (nothing is acknowledged)."""
+        entry = it.entry
         try:
-            await self.runtime.journal.append(entry, events)
-        except BaseException as exc:  # the journal is not writable (or the engine stops): nothing is acknowledged
-            if prepared and self.reports is not None:  # a document nobody will hear of: undo it
+            await self.runtime.journal.append(entry, it.events)
+        except BaseException as exc:  # the journal is not writable (or the engine stops)
+            if it.prepared and self.reports is not None:  # a document nobody will hear of: undo it
                 await asyncio.to_thread(self.reports.discard, entry.idempotency_key)
-            self.identities.release(reserved)
+            self.identities.release(it.reserved)
             if not isinstance(exc, Exception):
                 raise
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
             # AR, not AE: the message itself is fine, and senders resend after AR (many do not after AE).
-            code = "AR"
-            error = hl7.AckError("message not stored, send it again later", "", "207")
-            ack = hl7.build_ack(
-                msg,
-                code,
-                control_id=self._next_control_id(),
-                timestamp=now,
-                error=error,
-                raw_msh=_raw_msh(decoded.text),
-            )
-            return ack.encode(decoded.codec, "replace")
-        if held and entry.status == "accepted" and self.reports is not None:  # for the operator's listing, off the ACK
+            it.code = "AR"
+            it.error = hl7.AckError("message not stored, send it again later", "", "207")
+            return False
+        return True
+
+    def _journaled(self, it: _Handling) -> None:
+        """After the journal write: the patients' identities and the reports' listing follow it; counted, logged."""
+        entry, error = it.entry, it.error
+        if it.held and entry.status == "accepted" and self.reports is not None:  # for the operator's listing
             asyncio.get_running_loop().run_in_executor(
                 self._reports_thread, self.reports.journaled, entry.idempotency_key, entry.id
             )
         if entry.status == "accepted":  # journaled: its IPP-INS pairs are now the patient's
-            self.identities.record(reserved, channel=self.name, journal_id=entry.id)
+            self.identities.record(it.reserved, channel=self.name, journal_id=entry.id)
         else:  # refused or a duplicate: its pairs hold nothing against the next messages
-            self.identities.release(reserved)
+            self.identities.release(it.reserved)
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
             "message." + entry.status,
-            message_id=entry.id,
-            correlation_id=entry.correlation_id,
             control_id=entry.control_id,
             message_type=entry.message_type,
-            ack=code,
-            events=len(events),
+            ack=it.code,
+            events=len(it.events),
             # Where and why, never the reason's text: it may quote the message's values (the journal and the
             # ACK carry it; the log is read by people who may not see patient data).
             **({"error_location": error.location, "error_code": error.code} if error else {}),
             **({"warnings": len(entry.warnings.splitlines())} if entry.warnings else {}),
         )
-        ack = hl7.build_ack(
-            msg, code, control_id=self._next_control_id(), timestamp=now, error=error, raw_msh=_raw_msh(decoded.text)
-        )
-        return ack.encode(decoded.codec, "replace")
 
     async def _prepare(self, payloads: list[Payload], message_key: str, notes: list[str]) -> list[Payload]:
         """Reports become documents (CDA built and validated) before the answer, or wait for their study (said in
@@ -420,9 +466,8 @@ class OrdersChannel:
             ack_code="AR" if answered else "",
             error=f"{exc.location}: {exc}",
         )
-        text = data.decode("latin-1")
-        raw_msh = _raw_msh(text.lstrip("\ufeff\r\n "))
-        entry.control_id = raw_msh[10] if len(raw_msh) > 10 else ""
+        header = hl7.peek_for_ack(data.decode("latin-1").lstrip("\ufeff\r\n "))
+        entry.control_id = header.control_id
         try:
             await self.runtime.journal.append(entry)
         except Exception as exc:  # still answer: the sender must learn that nothing was stored
@@ -442,7 +487,7 @@ class OrdersChannel:
             control_id=self._next_control_id(),
             timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
             error=hl7.AckError(str(exc), exc.location, exc.code),
-            raw_msh=raw_msh,
+            header=header,
         )
         return ack.encode(codec, "replace")
 
@@ -470,6 +515,20 @@ class OrdersChannel:
         return reply if answered else None
 
 
+@dataclass
+class _Handling:
+    """One message on its way through `OrdersChannel._one`: what each step found."""
+
+    entry: JournalEntry
+    msg: hl7.Message | None = None  # None: it could not be tokenized (the ACK echoes what its MSH says)
+    events: list[OutboxEvent] = field(default_factory=list)
+    reserved: list[Payload] = field(default_factory=list)  # let through by the identity check: recorded or released
+    code: str = "AA"
+    error: hl7.AckError | None = None
+    held: bool = False  # a report kept waiting for its study, by this message
+    prepared: bool = False  # a document was made (or held): undone if the message is not journaled
+
+
 # One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by
 # the channels and engine restarts of the process.
 _VALIDATORS: dict[tuple[str, str], Any] = {}
@@ -486,7 +545,7 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
 
     settings = config.get("reports") or {}
     if not isinstance(settings, dict):
-        raise ValueError(f"channel {config['name']}: reports must be a table or false")
+        raise ConfigError(f"channel {config['name']}: reports must be a table or false")
     mapping = CDAMapping(resolve(runtime.config, settings.get("cda_mapping", "mappings/cda.yaml")))
     validate = settings.get("validate", "auto")
     validator = None
@@ -496,9 +555,9 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
         configured = str(settings.get("validators", "") or os.environ.get("TRABOULE_CDA_VALIDATORS", ""))
         tree = resolve(runtime.config, configured) if configured else None
         if tree is not None and not tree.is_dir():
-            raise ValueError(f"channel {config['name']}: reports.validators {tree} is not a directory")
+            raise ConfigError(f"channel {config['name']}: reports.validators {tree} is not a directory")
         if tree is None and validate is True:
-            raise ValueError(
+            raise ConfigError(
                 f"channel {config['name']}: reports.validate is true but the CI-SIS validators were not found "
                 "(set reports.validators or TRABOULE_CDA_VALIDATORS to a testContenuCDA tree)"
             )
@@ -516,25 +575,8 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
 def _idempotency_key(msg: hl7.Message) -> str:
     """Same content → same key. MSH-7 (time sent) is left out so that a resend of the same order matches."""
     fields = list(msg.msh.fields)
-    if len(fields) > 7:
-        fields[7] = ""
+    sent_at = hl7.MSH_FIELDS["date_time"]
+    if len(fields) > sent_at:
+        fields[sent_at] = ""
     body = "\r".join(s.name + "|" + "|".join(s.fields[1:]) for s in msg.segments[1:])
     return content_key("|".join(fields), body)
-
-
-def _raw_msh(text: str) -> list[str]:
-    """MSH fields of a message that could not be tokenized, when its delimiters are the usual ones."""
-    if not text.startswith("MSH|^~\\&") or len(text) < 4:
-        return []
-    first = text.replace("\n", "\r").split("\r", 1)[0]
-    parts = first.split(text[3])
-    return ["MSH", text[3], *parts[1:]]
-
-
-def _batch_ack(replies: list[bytes], codec: str) -> bytes:
-    """Answer a batch with a batch of ACKs (BHS ... BTS), one ACK per message, in order."""
-    now = datetime.now().strftime("%Y%m%d%H%M%S")
-    body = b"".join(replies)
-    head = f"BHS|^~\\&|||||{now}\r".encode(codec)
-    tail = f"BTS|{len(replies)}\r".encode(codec)
-    return head + body + tail

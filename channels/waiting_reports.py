@@ -38,9 +38,10 @@ from typing import Any
 import structlog
 from traboule.adapters.dicomweb import DICOMwebClient, value
 
+from traboule.errors import ConfigError, ReportRefused
 from traboule.model import Envelope, Study, content_key, is_uid
+from traboule.stores import Journal, ReportStore
 from traboule.stores.journal import JournalEntry, OutboxEvent
-from traboule.stores.reports import ReportPublisher, ReportRefused
 
 log = structlog.get_logger("traboule.channels.waiting_reports")
 
@@ -64,7 +65,7 @@ def seconds(setting: Any, what: str) -> float:
         return float(setting)
     match = _DURATION.fullmatch(setting) if isinstance(setting, str) else None
     if match is None:
-        raise ValueError(f'{what}: expected seconds or a duration such as "24h", not {setting!r}')
+        raise ConfigError(f'{what}: expected seconds or a duration such as "24h", not {setting!r}')
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
@@ -133,7 +134,7 @@ def archive_settings(runtime_config: Any, settings: dict[str, Any], channel: str
         return archives[0] if archives else None
     found = next((c for c in archives if c.get("name") == wanted), None)
     if found is None:
-        raise ValueError(f"channel {channel}: reports.archive {wanted!r} is not an archive channel")
+        raise ConfigError(f"channel {channel}: reports.archive {wanted!r} is not an archive channel")
     return found
 
 
@@ -143,8 +144,8 @@ class WaitingReports:
     def __init__(
         self,
         channel: str,
-        publisher: ReportPublisher,
-        journal: Any,
+        publisher: ReportStore,
+        journal: Journal,
         executor: Executor,
         archive: ArchiveReader | None = None,
         *,

@@ -35,9 +35,11 @@ from traboule.adapters.dicom_mwl import WorklistSCP
 from traboule.adapters.dicom_server import SCPLimits
 from traboule.adapters.worklist_files import WorklistFileWriter
 
-from traboule.app import metrics
+from traboule import metrics, stores
 from traboule.app.config import resolve
 from traboule.bus import Delivery
+from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
+from traboule.errors import ConfigError
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep
 from traboule.stores.worklist import Change, WorklistStore, as_dataset
 from traboule.translate.dicom_mapping import MWLMapping, character_set
@@ -45,22 +47,18 @@ from traboule.translate.dicom_mapping import MWLMapping, character_set
 log = structlog.get_logger("traboule.channels.worklist")
 
 REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
-DEFAULT_TOPICS = ["order.#", "patient.#", "procedure.#"]
 
 
-class WorklistChannel:
+class WorklistChannel(BatchConsumerChannel):
     kind = "worklist"
+    topics = Setting(list, ["order.#", "patient.#", "procedure.#"])
+    offer_started = Setting(bool, True)
+    assign_ids = Setting(bool, True, key="assign_missing_ids")
+    mapping_file = Setting(str, "mappings/mwl.yaml", key="mapping")
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.config = config
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 5))
-        self.offer_started = bool(config.get("offer_started", True))
-        self.assign_ids = bool(config.get("assign_missing_ids", True))
-        self.max_batch = int(config.get("max_batch", 100))
-        self.mapping = MWLMapping(resolve(runtime.config, config.get("mapping", "mappings/mwl.yaml")))
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
+        self.mapping = MWLMapping(resolve(runtime.config, self.mapping_file))
         self.store = WorklistStore(str(runtime.data_dir / f"{self.name}.sqlite"))
         self.scps: list[WorklistSCP] = []
         self.files: list[WorklistFileWriter] = []
@@ -69,7 +67,7 @@ class WorklistChannel:
             if adapter == "mwl-scp":
                 self.scps.append(
                     WorklistSCP(
-                        self.store,
+                        self.store.find,
                         ae_title=dest.get("ae_title", "TRABOULE"),
                         host=dest.get("host", "127.0.0.1"),
                         port=int(dest.get("port", 11112)),
@@ -83,22 +81,15 @@ class WorklistChannel:
             elif adapter == "worklist-files":
                 self.files.append(WorklistFileWriter(str(Path(dest["folder"]).absolute())))
             else:
-                raise ValueError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
+                raise ConfigError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
         self._log = log.bind(channel=self.name)
-
-    @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        """The queue this channel consumes: its name, bound to its topics."""
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
 
     async def start(self) -> None:
         for scp in self.scps:
             scp.start()
         for writer in self.files:
             await asyncio.to_thread(writer.sync, list(self.store.all()))
-        await self.runtime.bus.subscribe_batch(
-            self.name, self.topics, self.handle, max_attempts=self.max_attempts, max_batch=self.max_batch
-        )
+        await super().start()
         metrics.worklist_items.set(self.store.count())
 
     async def stop(self) -> None:
@@ -107,31 +98,28 @@ class WorklistChannel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "source": [f"bus:{t}" for t in self.topics],
+            **super().describe(),
             "mapping": str(self.mapping.path),
             "destinations": [f"mwl-scp://{s.ae_title}@{s.host}:{s.port}" for s in self.scps]
             + [f"worklist-files:{w.folder}" for w in self.files],
             "items": self.store.count(),
         }
 
-    async def handle(self, deliveries: list[Delivery]) -> None:
+    async def on_batch(self, envelopes: list[Envelope], deliveries: list[Delivery]) -> None:
         """Apply a batch of events in order, in one store transaction (one fsync for the batch)."""
-        envelopes = [Envelope.from_json(d.body) for d in deliveries]
         # The journal id the dispatcher put on each event: the order in which the RIS messages were received.
         seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
         results = await asyncio.to_thread(self._apply, envelopes, seqs)
         for delivery, env, (outcome, upserts, deletes) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
-            self._log.info(
-                f"worklist.{outcome}",
-                message_id=env.id,
-                correlation_id=env.correlation_id,
-                topic=delivery.topic,
-                upserts=upserts,
-                deletes=deletes,
-                attempt=delivery.attempt,
-            )
+            with self.bound(env):
+                self._log.info(
+                    f"worklist.{outcome}",
+                    topic=delivery.topic,
+                    upserts=upserts,
+                    deletes=deletes,
+                    attempt=delivery.attempt,
+                )
         metrics.worklist_items.set(self.store.count())
 
     def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int, int]]:
@@ -285,7 +273,7 @@ def assign_missing_ids(order: ImagingOrder) -> None:
 class _View:
     """The store as the events computed so far in a batch will leave it (their changes are not committed yet)."""
 
-    def __init__(self, store: WorklistStore):
+    def __init__(self, store: stores.WorklistStore):
         self.store = store
         self.changed: dict[str, Dataset | None] = {}  # None: deleted
 

@@ -79,7 +79,6 @@ import dataclasses
 import importlib.metadata
 import os
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,18 +88,20 @@ from urllib.parse import urlsplit
 import structlog
 from traboule.adapters import xds
 
-from traboule.app import metrics
-from traboule.app.config import ConfigError, is_loopback
+from traboule import metrics
+from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth, channel_health
-from traboule.bus import Delivery, PermanentError
+from traboule.bus import Delivery
+from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.errors import ConfigError, MetadataError, NotRegisteredYet, PermanentError
 from traboule.formats import hl7
 from traboule.model import Document, Envelope
 from traboule.stores import journal
+from traboule.stores.sqlite import Durability, open_database
 from traboule.translate import document_ids
 from traboule.translate.xds_metadata import (
     Coded,
     DocumentEntry,
-    MetadataError,
     MetadataSettings,
     deletion,
     submission,
@@ -108,7 +109,6 @@ from traboule.translate.xds_metadata import (
 
 log = structlog.get_logger("traboule.channels.xds")
 
-DEFAULT_TOPICS = ["document.#"]
 PROFESSION_SYSTEM = "1.2.250.1.71.1.2.7"  # TRE_G15-ProfessionSante
 SAVOIR_FAIRE_SYSTEM = "1.2.250.1.71.4.2.5"  # TRE_R38-SpecialiteOrdinale
 PROFESSIONS = {"10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-Dentiste", "50": "Sage-Femme", "60": "Infirmier"}
@@ -127,10 +127,6 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
-class NotRegisteredYet(Exception):
-    """A replacement or deletion names a document this channel has not registered (yet): the bus retries."""
-
-
 @dataclass
 class _Entry:
     unique_id: str
@@ -138,34 +134,43 @@ class _Entry:
     status: str
 
 
-class XDSChannel:
+class XDSChannel(ConsumerChannel):
     kind = "xds"
+    topics = Setting(list, ["document.#"])
+    accepts = (Document,)
+    max_attempts = Setting(int, 8, minimum=1)
+    retry_window = Setting(float, 300.0, minimum=0)
+    timeout = Setting(float, 30.0, minimum=0)
+    ca_file = Setting(str, "")
+    cert_file = Setting(str, "")
+    key_file = Setting(str, "")
+    lifetime = Setting(int, 300, minimum=1, key="vihf.lifetime")
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        self.name: str = config["name"]
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        super().__init__(config, runtime)
         vihf = config.get("vihf") or {}
         try:
-            self.max_attempts = int(config.get("max_attempts", 8))
-            self.retry_window = float(config.get("retry_window", 300))
-            self.repository = _url(config, "repository")
-            self.registry = _url(config, "registry")
+            self.repository = _url(config, "repository", self.name)
+            self.registry = _url(config, "registry", self.name)
             self.settings = MetadataSettings.from_config(config)
             for key in ("cert_file", "key_file", "structure_id", "secteur_activite"):
                 if not vihf.get(key):
-                    raise ValueError(f"vihf.{key} is needed (see the settings in channels/xds.py)")
+                    raise ConfigError(
+                        f"channel {self.name}: vihf.{key} is needed (see the settings in channels/xds.py)"
+                    )
             for key in ("cert_file", "key_file"):  # the DMP authenticates the structure by its TLS certificate
                 if not config.get(key):
-                    raise ValueError(f"{key} is needed: mutual TLS with the structure's authentication certificate")
+                    raise ConfigError(
+                        f"channel {self.name}: {key} is needed: mutual TLS with the structure's authentication "
+                        "certificate"
+                    )
             vihf = {**vihf, "lps_version": str(vihf.get("lps_version", "") or _version())}
             missing = [f"vihf.{k} ({LPS[k]})" for k in LPS if not str(vihf.get(k, "") or "").strip()]
             if missing:
-                raise ValueError(
-                    f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: the DMP requires the "
-                    "software's identity in the VIHF (see the settings in channels/xds.py)"
+                raise ConfigError(
+                    f"channel {self.name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: the "
+                    "DMP requires the software's identity in the VIHF (see the settings in channels/xds.py)"
                 )
-            self.lifetime = int(vihf.get("lifetime", 300))
             password = os.environ.get(str(vihf.get("key_password_env", "")), "")
             self.signer = xds.AssertionSigner(vihf["cert_file"], vihf["key_file"], password)
             self.roles = [
@@ -173,27 +178,16 @@ class XDSChannel:
                 for r in vihf.get("roles", [])
             ]
             self.client = xds.XDSClient(
-                timeout=float(config.get("timeout", 30)),
-                ca_file=str(config.get("ca_file", "")),
-                cert_file=str(config.get("cert_file", "")),
-                key_file=str(config.get("key_file", "")),
+                timeout=self.timeout, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
             )
         except (ValueError, KeyError, OSError) as exc:  # OSError: a certificate or key file missing or unreadable
             raise ConfigError(f"channel {self.name}: {exc}") from exc
         self.vihf = vihf
-        self._db = sqlite3.connect(str(runtime.data_dir / f"{self.name}.sqlite"), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # The entryUUID of each version is kept before the first attempt: a power cut must not lose it.
+        self._db = open_database(runtime.data_dir / f"{self.name}.sqlite", Durability.POWER_LOSS)
         self._db.executescript(_SCHEMA)
         self._log = log.bind(channel=self.name)
         self.destination = DestinationHealth(self.repository)
-
-    @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
-
-    async def start(self) -> None:
-        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
 
     async def stop(self) -> None:
         await self.client.close()
@@ -204,20 +198,17 @@ class XDSChannel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "source": [f"bus:{t}" for t in self.topics],
+            **super().describe(),
             "destinations": [self.repository, self.registry],
             "source_id": self.settings.source_id,
         }
 
     # -- events ----------------------------------------------------------------------------------------------
 
-    async def handle(self, delivery: Delivery) -> None:
-        env = Envelope.from_json(delivery.body)
+    async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         doc = env.payload
-        if not isinstance(doc, Document):
-            return
-        bound = self._log.bind(message_id=env.id, correlation_id=env.correlation_id, document=doc.id, action=doc.action)
+        assert isinstance(doc, Document)
+        bound = self._log.bind(document=doc.id, action=doc.action)
         if doc.report.flag("DESTDMP").split("^", 1)[0].strip().upper() == "N":
             metrics.events_processed.labels(self.name, "skipped").inc()
             bound.info("xds.skipped", reason="DESTDMP = N: not for the DMP")
@@ -374,9 +365,7 @@ class XDSChannel:
                 (_now(), env.payload.id),
             )
         metrics.events_processed.labels(self.name, "refused").inc()
-        self._log.error(
-            "xds.refused", transaction=transaction, message_id=delivery.message_id, error=error, journal_id=recorded.id
-        )
+        self._log.error("xds.refused", transaction=transaction, error=error, journal_id=recorded.id)
         raise PermanentError(f"{transaction} refused: {error} (journal entry {recorded.id})") from cause
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -428,12 +417,12 @@ def _roles(specialties: list[str]) -> list[Coded]:
     return []
 
 
-def _url(config: dict[str, Any], key: str) -> str:
+def _url(config: dict[str, Any], key: str, channel: str) -> str:
     """The endpoint: https (the VIHF and the documents must not travel in clear), http on loopback only."""
     url = str(config.get(key, ""))
     host = urlsplit(url).hostname or ""
     if not url.startswith("https://") and not (url.startswith("http://") and is_loopback(host)):
-        raise ValueError(f"{key} must be the https URL of the XDS.b endpoint, not {url!r}")
+        raise ConfigError(f"channel {channel}: {key} must be the https URL of the XDS.b endpoint, not {url!r}")
     return url
 
 

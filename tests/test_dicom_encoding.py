@@ -16,8 +16,8 @@ from tests.conftest import ROOT, shared_path
 from traboule import model
 from traboule.formats import hl7
 from traboule.formats.dicom_encoding import SUPPORTED_VRS, UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
-from traboule.stores.dicom_match import element_values, normalize
-from traboule.stores.worklist import (
+from traboule.formats.dicom_match import element_values, normalize
+from traboule.formats.worklist_item import (
     ACCESSION_NUMBER,
     ISSUER_OF_PATIENT_ID,
     MODALITY,
@@ -30,12 +30,12 @@ from traboule.stores.worklist import (
     SPS_STATUS,
     STATION_AET,
     STUDY_INSTANCE_UID,
-    _fully_converted,
     dataset_columns,
     decode_item,
     encode_item,
     item_columns,
 )
+from traboule.stores.worklist import _fully_converted
 from traboule.translate import dicom_mapping
 from traboule.translate.dicom_mapping import MWLMapping
 from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure

@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
 from tests.peer_dcmtk import mwl_item
-from traboule.stores.dicom_match import (
+from traboule.formats.dicom_match import (
     MAX_PATTERN_LENGTH,
     QueryError,
     WildcardPattern,
@@ -362,7 +362,7 @@ def test_a_key_with_too_many_values_is_refused_before_it_is_decoded() -> None:
     prefilter fail (C001)."""
     from pydicom.dataelem import RawDataElement
 
-    from traboule.stores.dicom_match import MAX_KEY_VALUES
+    from traboule.formats.dicom_match import MAX_KEY_VALUES
 
     for count, refusal in ((5_000, f"more than {MAX_KEY_VALUES} values"), (55_000, "longer than 65536 bytes")):
         many = RawDataElement(Tag(0x00100010), "PN", 0, b"\\".join([b"S*c*a*n"] * count), 0, False, True)

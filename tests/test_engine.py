@@ -22,8 +22,8 @@ from tests.peer_dcmtk import findscu, free_port
 from tests.test_flow import engine_config, fixture, send, store, until
 from traboule.app import logging as tlog
 from traboule.app.http import create_app, serve
-from traboule.app.metrics import REGISTRY as metrics_registry
 from traboule.app.runtime import Runtime
+from traboule.metrics import REGISTRY as metrics_registry
 from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
 from traboule.stores.journal import Journal, JournalEntry, OutboxEvent
 

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from traboule.adapters.dicom_mwl import WorklistSCP
 
 from tests.peer_dcmtk import free_port, mwl_item
-from traboule.stores.dicom_match import QueryError
+from traboule.formats.dicom_match import QueryError
 from traboule.stores.worklist import WorklistStore
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about every invalid value it meets, by design
@@ -192,7 +192,7 @@ class ServedWorklist:
             ],
             [],
         )
-        self.scp = WorklistSCP(self.store, ae_title=AET, port=free_port())
+        self.scp = WorklistSCP(self.store.find, ae_title=AET, port=free_port())
 
     def __enter__(self) -> ServedWorklist:
         self.scp.start()

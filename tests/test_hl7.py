@@ -222,3 +222,93 @@ def test_repetitions_and_orders_beyond_the_bound_are_refused(old: str, new: str,
     with pytest.raises(MappingFailure) as exc:
         HL7InboundMapping().map(hl7.parse(text))
     assert exc.value.location == where and "more than the 1000" in exc.value.reason
+
+
+# --- MSH fields by name ---------------------------------------------------------------------------------------
+
+# Raw field values without the delimiters, escapes or line breaks (what a field holds between two separators).
+_FIELD = st.text(alphabet=st.characters(blacklist_characters="|^~\\&#\r\n", blacklist_categories=("Cs",)), max_size=12)
+_NAMES = [name for name in hl7.MSH_FIELDS if name not in ("field_separator", "encoding_characters")]
+
+
+def test_msh_names_are_the_hl7_v2_5_field_numbers() -> None:
+    assert hl7.MSH_FIELDS["sending_application"] == 3 and hl7.MSH_FIELDS["control_id"] == 10
+    assert hl7.MSH_FIELDS["charset"] == 18 and hl7.MSH_FIELDS["profile"] == 21
+    assert sorted(hl7.MSH_FIELDS.values()) == list(range(1, 22))
+
+
+@given(st.lists(_FIELD, min_size=1, max_size=21), st.sampled_from("|#"))
+def test_msh_fields_are_read_by_name_as_sent(values: list[str], fsep: str) -> None:
+    line = fsep.join(["MSH", "^~\\&", *values])
+    by_number = {n: values[n - 3] if n - 3 < len(values) else "" for n in range(3, 22)}
+    msh = hl7.MSH.peek(line + "\rPID|1\r")
+    assert msh.field_separator == fsep and msh.encoding_characters == "^~\\&"
+    for name in _NAMES:
+        assert getattr(msh, name) == by_number[hl7.MSH_FIELDS[name]]
+    # The tokenizer's segment and the peek agree; Message.header reads the same field by name or number.
+    msg = hl7.parse(line + "\r")
+    for name in _NAMES:
+        assert getattr(hl7.MSH(msg.msh.fields), name) == getattr(msh, name)
+        assert msg.header(name) == msg.header(hl7.MSH_FIELDS[name]) == getattr(msh, name)
+
+
+@given(st.sampled_from(["\r", "\n", "\r\n"]), _FIELD)
+def test_msh_peek_stops_at_the_first_line_break(end: str, value: str) -> None:
+    msh = hl7.MSH.peek(f"MSH|^~\\&|A|B|C|D|2026||ORM^O01|{value}{end}PID|1|X|Y|Z|W|V|U|T|S|R|Q|P|O|N")
+    assert msh.control_id == value and msh.processing_id == "" and msh.profile == ""
+
+
+@pytest.mark.parametrize("text", ["", "MSH", "PID|1|2", "\rMSH|^~\\&|A"])
+def test_msh_peek_of_what_is_not_an_msh_has_no_fields(text: str) -> None:
+    assert hl7.MSH.peek(text).fields == [] and hl7.MSH.peek(text).control_id == ""
+
+
+def test_an_ack_echoes_only_an_msh_split_with_the_usual_delimiters() -> None:
+    usual = hl7.peek_for_ack("MSH|^~\\&|RIS|CHU|PACS|CHU|2026||ORM^O01|C7|P|2.5\rPID|broken")
+    assert usual.control_id == "C7" and usual.sending_application == "RIS"
+    assert hl7.peek_for_ack("MSH#^~\\&#RIS#CHU#PACS#CHU#2026##ORM^O01#C7#P#2.5\r").fields == []
+    ack = hl7.parse(hl7.build_ack(None, "AR", control_id="X9", timestamp="20261125090000", header=usual))
+    assert ack.header("receiving_application") == "RIS" and ack.header("sending_application") == "PACS"
+    assert ack.segment("MSA").fields[1:3] == ["AR", "C7"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("charset", ["", "ASCII", "8859/1", "8859/15", "UNICODE UTF-8", "UTF-8"])
+def test_decode_reads_the_charset_by_name(charset: str) -> None:
+    decoded = hl7.decode(f"MSH|^~\\&|A|B|C|D|2026||ADT^A08|1|P|2.5|||||FRA|{charset}|FR\rPID|1\r".encode())
+    assert decoded.declared == charset and decoded.codec == hl7.CHARSETS[charset]
+
+
+# --- ACKs read (the answers to what the engine sends) ----------------------------------------------------------
+
+SENT = b"MSH|^~\\&|TRABOULE|CHU|RIS|CHU|20261125100000||ORU^R01|MINE|P|2.5\rPID|1\r"
+
+
+def _answer(code: str, *, control_id: str = "MINE", error: hl7.AckError | None = None) -> bytes:
+    msg = hl7.parse(SENT.decode())
+    ack = hl7.build_ack(msg, code, control_id="R1", timestamp="20261125100001", error=error)
+    return ack.replace(f"MSA|{code}|MINE", f"MSA|{code}|{control_id}").encode()
+
+
+@pytest.mark.parametrize("code", ["AA", "CA"])
+def test_read_ack_accepts_aa_and_ca(code: str) -> None:
+    assert hl7.read_ack(SENT, _answer(code)) == hl7.AckReading(code, True)
+
+
+def test_read_ack_says_why_a_refusal_was_given() -> None:
+    refused = hl7.read_ack(SENT, _answer("AE", error=hl7.AckError("PID-3 empty", "PID-3", "101")))
+    assert (refused.code, refused.accepted, refused.out_of_step) == ("AE", False, False)
+    assert refused.reason == "receiver answered AE PID-3 empty"
+    no_msa = hl7.read_ack(SENT, b"MSH|^~\\&|RIS|CHU|TRABOULE|CHU|2026||ACK|R2|P|2.5\r")
+    assert not no_msa.accepted and no_msa.reason == "receiver answered no MSA"
+
+
+def test_read_ack_finds_an_answer_for_another_message_out_of_step() -> None:
+    late = hl7.read_ack(SENT, _answer("AA", control_id="EARLIER"))
+    assert not late.accepted and late.out_of_step and "'EARLIER', not 'MINE'" in late.reason
+
+
+@given(st.binary(max_size=200))
+def test_read_ack_of_any_bytes_is_a_reading_never_an_exception(answer: bytes) -> None:
+    reading = hl7.read_ack(SENT, b"MSH|^~\\&|" + answer)
+    assert reading.accepted == (reading.code in ("AA", "CA") and not reading.out_of_step)
+    assert reading.accepted or reading.reason

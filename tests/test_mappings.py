@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, shared_path
+from traboule.app.mapping_tests import fhirpath, json_pointer, run
 from traboule.formats import hl7
 from traboule.model import ImagingOrder
 from traboule.translate.cda import CDAMapping
@@ -19,7 +20,6 @@ from traboule.translate.dicom_mapping import MWLMapping
 from traboule.translate.fhir_mapping import IDENTITY_STATUS_SYSTEM, INS_USES, FHIRMapping
 from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
 from traboule.translate.mapping import MappingError
-from traboule.translate.mapping_tests import fhirpath, json_pointer, run
 
 MAPPINGS = ROOT / "mappings"
 

@@ -29,7 +29,7 @@ from tests.peer_dcmtk import (
     run_findscu,
     with_keys,
 )
-from traboule.app import metrics
+from traboule import metrics
 from traboule.stores.worklist import WorklistStore
 
 pytestmark = pytest.mark.dcmtk
@@ -74,7 +74,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorklistStore]:
 @pytest.fixture(scope="module")
 def scp(store: WorklistStore) -> Iterator[WorklistSCP]:
     require_dcmtk("findscu", "echoscu")
-    server = WorklistSCP(store, ae_title=AET, port=free_port())
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port())
     server.start()
     yield server
     server.stop()
@@ -159,7 +159,7 @@ def test_c_echo_succeeds_and_wrong_called_ae_is_rejected(scp: WorklistSCP) -> No
 
 def test_max_results_caps_the_matches(store: WorklistStore) -> None:
     require_dcmtk("findscu")
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), max_results=1)
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), max_results=1)
     server.start()
     try:
         assert len(findscu(server.port, AET, with_keys())) == 1
@@ -213,7 +213,7 @@ class SlowStore:
 
 def test_c_cancel_stops_the_stream() -> None:
     require_dcmtk("findscu")
-    server = WorklistSCP(SlowStore(), ae_title=AET, port=free_port())  # type: ignore[arg-type]
+    server = WorklistSCP(SlowStore().find, ae_title=AET, port=free_port())  # type: ignore[arg-type]
     server.start()
     try:
         result = run_findscu(server.port, AET, ["AccessionNumber"], extra=["--cancel", "2", "-v"])
@@ -263,7 +263,7 @@ def test_repeated_queries_from_findscu_and_on_one_open_association(scp: Worklist
 
 
 def test_stop_ends_open_associations(store: WorklistStore) -> None:
-    server = WorklistSCP(store, ae_title=AET, port=free_port())
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port())
     server.start()
     ae = AE(ae_title="MODALITY1")
     ae.add_requested_context(ModalityWorklistInformationFind)
@@ -292,7 +292,7 @@ def described_scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worklist
     items = [(f"h{i}#1", mwl_item(accession=f"H{i:04d}", description=DESCRIPTIONS[i % 2])) for i in range(37)]
     items.append(("hz#1", mwl_item(accession="HZZZZ", description="CONTROLE APRES TRAITEMENT, PROTOCOLE Z")))
     store.apply(items, [])
-    server = WorklistSCP(store, ae_title=AET, port=free_port())
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port())
     server.start()
     yield server
     server.stop()
@@ -378,7 +378,7 @@ def start_find(assoc: Association, query: Dataset, msg_id: int) -> tuple[list[in
 
 def test_a_query_over_its_item_budget_gets_out_of_resources(store: WorklistStore) -> None:
     require_dcmtk("findscu")
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), max_examined=2)
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), max_examined=2)
     server.start()
     try:
         result = run_findscu(server.port, AET, with_keys(), extra=["-d"])  # 3 offered items to examine
@@ -391,7 +391,7 @@ def test_a_query_over_its_item_budget_gets_out_of_resources(store: WorklistStore
 
 
 def test_a_query_over_its_time_budget_gets_out_of_resources(long_scan_store: WorklistStore) -> None:
-    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=0.2)
+    server = WorklistSCP(long_scan_store.find, ae_title=AET, port=free_port(), query_timeout=0.2)
     server.start()
     assoc = modality_association(server.port)
     try:
@@ -407,7 +407,7 @@ def test_a_query_over_its_time_budget_gets_out_of_resources(long_scan_store: Wor
 
 
 def test_c_cancel_ends_a_long_scan_that_has_no_match(long_scan_store: WorklistStore) -> None:
-    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=120)
+    server = WorklistSCP(long_scan_store.find, ae_title=AET, port=free_port(), query_timeout=120)
     server.start()
     assoc = modality_association(server.port)
     try:
@@ -424,7 +424,7 @@ def test_c_cancel_ends_a_long_scan_that_has_no_match(long_scan_store: WorklistSt
 
 
 def test_a_scan_stops_when_its_association_is_aborted(long_scan_store: WorklistStore) -> None:
-    server = WorklistSCP(long_scan_store, ae_title=AET, port=free_port(), query_timeout=120)
+    server = WorklistSCP(long_scan_store.find, ae_title=AET, port=free_port(), query_timeout=120)
     server.start()
     assoc = modality_association(server.port)
     try:
@@ -446,7 +446,7 @@ def test_silent_connections_and_idle_associations_do_not_lock_modalities_out(sto
     """pynetdicom's default allowed 10 associations, counting connections that never sent anything: 10 idle
     modalities, or a port scanner's 12 bare connections, refused everyone else ("local limit exceeded")."""
     require_dcmtk("findscu", "echoscu")
-    server = WorklistSCP(store, ae_title=AET, port=free_port())  # the default limits
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port())  # the default limits
     server.start()
     silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
     idle = [modality_association(server.port) for _ in range(10)]
@@ -474,7 +474,7 @@ def closed_after(sock: socket.socket, within: float) -> float:
 
 
 def test_a_connection_that_never_associates_is_closed_after_the_acse_timeout(store: WorklistStore) -> None:
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(acse_timeout=1))
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=SCPLimits(acse_timeout=1))
     server.start()
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as silent:
@@ -487,7 +487,7 @@ def test_a_connection_that_never_associates_is_closed_after_the_acse_timeout(sto
 
 
 def test_one_host_cannot_take_every_association(store: WorklistStore) -> None:
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations_per_peer=3))
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations_per_peer=3))
     server.start()
     greedy = [modality_association(server.port) for _ in range(3)]
     try:
@@ -512,7 +512,7 @@ def test_one_host_cannot_take_every_association(store: WorklistStore) -> None:
 def test_a_pdu_longer_than_the_message_budget_is_not_read(store: WorklistStore) -> None:
     """pynetdicom reads a PDU whole, trusting its header's length (up to 4 GiB): 100 MiB sent behind such a
     header went into the SCP's memory."""
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=64 * 1024))
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=64 * 1024))
     server.start()
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as greedy:
@@ -532,7 +532,7 @@ def test_a_pdu_longer_than_the_message_budget_is_not_read(store: WorklistStore) 
 def test_a_message_of_endless_fragments_ends_its_association(store: WorklistStore) -> None:
     """Each P-DATA PDU within the negotiated size, but a command that never ends: pynetdicom gathered its
     fragments in memory for ever."""
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=256 * 1024))
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=SCPLimits(max_message_bytes=256 * 1024))
     server.start()
     assoc = modality_association(server.port)
     try:
@@ -559,7 +559,7 @@ def test_a_message_of_endless_fragments_ends_its_association(store: WorklistStor
 def test_a_burst_of_connect_and_close_does_not_take_the_association_slots(store: WorklistStore) -> None:
     """A peer that connects and closes at once left pynetdicom's thread waiting out acse_timeout, still counted
     as an association: 300 such connections from one address refused everyone for 20 s."""
-    server = WorklistSCP(store, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations=16))
+    server = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=SCPLimits(max_associations=16))
     server.start()
     try:
         for _ in range(60):

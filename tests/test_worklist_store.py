@@ -17,16 +17,9 @@ from pydicom.dataset import Dataset
 
 from tests.peer_dcmtk import mwl_item
 from traboule import model
-from traboule.stores.dicom_match import QueryError, compile_query
-from traboule.stores.worklist import (
-    NOT_OFFERED,
-    EncodedItem,
-    ScanStopped,
-    WorklistStore,
-    dataset_columns,
-    encode_item,
-    prefilter_sql,
-)
+from traboule.formats.dicom_match import QueryError, ScanStopped, compile_query
+from traboule.formats.worklist_item import EncodedItem, dataset_columns, encode_item
+from traboule.stores.worklist import NOT_OFFERED, WorklistStore, prefilter_sql
 from traboule.translate.dicom_mapping import MWLMapping
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")  # range and wild card query values

@@ -31,12 +31,12 @@ from tests.xds_endpoint import PKI, RIM, Received, Reply, XDSEndpoint, make_pki
 from traboule import model
 from traboule.app.config import Config, ConfigError
 from traboule.app.runtime import Runtime
+from traboule.formats.xds import DELETED
 from traboule.model import Envelope, SharingFlag
 from traboule.stores.reports import document_of
 from traboule.translate.cda import CDAMapping, DocumentIds
 from traboule.translate.document_ids import entry_uuid
 from traboule.translate.xds_metadata import (
-    DELETED,
     Coded,
     MetadataError,
     MetadataSettings,

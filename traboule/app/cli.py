@@ -10,40 +10,73 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from traboule import stores
 from traboule.app import config as config_mod
-from traboule.translate.mapping import MappingError
+from traboule.errors import CDAValidatorError, MappingError, NotPublished, ScaffoldError
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except MappingError as exc:
+        print(f"mapping error: {exc}", file=sys.stderr)
+        return 2
+    except config_mod.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: a sub-command per row of ``SUBCOMMANDS`` (run by its ``COMMANDS`` handler)."""
     parser = argparse.ArgumentParser(prog="traboule", description="Imaging interoperability engine")
     parser.add_argument("--config", "-c", help="TOML configuration file (default: built-in, or $TRABOULE_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if add_arguments is not None:
+            add_arguments(command)
+    return parser
 
-    run = sub.add_parser("run", help="start the engine in the foreground")
+
+def _actions(command: argparse.ArgumentParser, dest: str = "action") -> Any:
+    """The sub-commands of a command group (``traboule journal show``...), one of which is required."""
+    return command.add_subparsers(dest=dest, required=True)
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--process",
         help="run only the channels of this process (started by the main process for each 'process' name)",
     )
 
-    send = sub.add_parser("send", help="send HL7 v2 files over MLLP and print each ACK")
+
+def _send_arguments(send: argparse.ArgumentParser) -> None:
     send.add_argument("files", nargs="+", type=Path)
     send.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
     send.add_argument("--timeout", type=float, default=30.0)
 
-    wl = sub.add_parser("worklist", help="worklist items")
-    wl_sub = wl.add_subparsers(dest="action", required=True)
-    wl_list = wl_sub.add_parser("list", help="list the items of a worklist channel")
+
+def _worklist_arguments(wl: argparse.ArgumentParser) -> None:
+    wl_list = _actions(wl).add_parser("list", help="list the items of a worklist channel")
     wl_list.add_argument("--channel", default="worklist")
     wl_list.add_argument("--limit", type=int, default=50)
 
-    jr = sub.add_parser("journal", help="the message journal")
-    jr_sub = jr.add_subparsers(dest="action", required=True)
+
+def _journal_arguments(jr: argparse.ArgumentParser) -> None:
+    jr_sub = _actions(jr)
     jr_show = jr_sub.add_parser("show", help="one journal entry, with its raw message")
     jr_show.add_argument("id", type=int)
     jr_list = jr_sub.add_parser("list", help="latest entries")
@@ -58,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "reprocess",
         help="map journaled messages again with today's mappings and deliver their events to chosen channels only",
     )
+    _reprocess_arguments(jr_reprocess)
+
+
+def _reprocess_arguments(jr_reprocess: argparse.ArgumentParser) -> None:
     jr_reprocess.add_argument("ids", nargs="*", help="journal ids or ranges: 12 10-20 30,31")
     jr_reprocess.add_argument("--type", action="append", default=[], help="message type: ORM^O01, or ORM for all")
     jr_reprocess.add_argument("--since", default="", help="received from (UTC date or date-time, included)")
@@ -74,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     jr_reprocess.add_argument("--resume", action="store_true", help="continue the interrupted run")
     jr_reprocess.add_argument("--max", type=int, default=0, help="stop after this many messages (then --resume)")
 
-    dlq = sub.add_parser("dlq", help="events a channel gave up on (dead-letter queue)")
-    dlq_sub = dlq.add_subparsers(dest="action", required=True)
+
+def _dlq_arguments(dlq: argparse.ArgumentParser) -> None:
+    dlq_sub = _actions(dlq)
     dlq_list = dlq_sub.add_parser("list", help="dead letters of a channel, with their error")
     dlq_list.add_argument("--channel", default="worklist")
     dlq_list.add_argument("--limit", type=int, default=50)
@@ -83,16 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     dlq_replay.add_argument("message_id")
     dlq_replay.add_argument("--channel", default="worklist")
 
-    fhir = sub.add_parser("fhir", help="the FHIR channel's server destination")
-    fhir_sub = fhir.add_subparsers(dest="action", required=True)
-    fhir_resend = fhir_sub.add_parser(
+
+def _fhir_arguments(fhir: argparse.ArgumentParser) -> None:
+    fhir_resend = _actions(fhir).add_parser(
         "resend", help="send every resource to the FHIR server again (after the server was restored or wiped)"
     )
     fhir_resend.add_argument("--channel", default="fhir")
 
-    sub.add_parser("channels", help="installed channel kinds and adapters, and the configured channels")
 
-    test = sub.add_parser("test", help="run mapping tests (input messages + expected canonical, DICOM, FHIR, CDA)")
+def _test_arguments(test: argparse.ArgumentParser) -> None:
     test.add_argument("path", nargs="?", type=Path, default=None)
     test.add_argument("--inbound", type=Path, help="HL7 inbound mapping (default: the configured one)")
     test.add_argument("--mwl", type=Path, help="MWL mapping (default: the configured one)")
@@ -102,23 +139,22 @@ def main(argv: list[str] | None = None) -> int:
         "--validators", type=Path, help="testContenuCDA tree for 'valid' checks (default: $TRABOULE_CDA_VALIDATORS)"
     )
 
-    sub.add_parser("check", help="load the configuration and every mapping; report errors with file and line")
 
-    codes = sub.add_parser("codes", help="procedure codes seen in the journal")
-    codes_sub = codes.add_subparsers(dest="action", required=True)
-    codes_unmapped = codes_sub.add_parser(
+def _codes_arguments(codes: argparse.ArgumentParser) -> None:
+    codes_unmapped = _actions(codes).add_parser(
         "unmapped", help="procedure codes of journaled orders and reports without a row in the CDA acts table"
     )
     codes_unmapped.add_argument("--since", help="only messages received since this date (YYYY-MM-DD or ISO 8601)")
     codes_unmapped.add_argument("--channel", help="only this inbound channel (default: every hl7-orders channel)")
 
-    model = sub.add_parser("model", help="the canonical model's reference: every Envelope and payload field")
+
+def _model_arguments(model: argparse.ArgumentParser) -> None:
     model.add_argument("--markdown", action="store_true", help="as Markdown (the section of docs/plugins.md)")
     model.add_argument("--update", type=Path, metavar="FILE", help="rewrite the generated section of FILE in place")
 
-    new = sub.add_parser("new", help="scaffold a plug-in package (see docs/plugins.md)")
-    new_sub = new.add_subparsers(dest="what", required=True)
-    new_channel = new_sub.add_parser(
+
+def _new_arguments(new: argparse.ArgumentParser) -> None:
+    new_channel = _actions(new, dest="what").add_parser(
         "channel", help="a channel kind: pyproject with its entry point, a documented module, README and a test"
     )
     new_channel.add_argument("name", help="the channel kind, lower-case words joined by '-' (e.g. audit-log)")
@@ -126,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", type=Path, default=Path("."), help="where the package folder traboule-NAME is made (default: here)"
     )
 
-    cda = sub.add_parser("cda", help="CDA documents (CI-SIS CR d'imagerie)")
-    cda_sub = cda.add_subparsers(dest="action", required=True)
+
+def _cda_arguments(cda: argparse.ArgumentParser) -> None:
+    cda_sub = _actions(cda)
     cda_validate = cda_sub.add_parser(
         "validate", help="validate CDA files with the ANS testContenuCDA XSD and schematrons; exit 0 when all pass"
     )
@@ -157,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     cda_export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     cda_export.add_argument("--channel", help="inbound channel that published it (default: the first with reports)")
 
-    rp = sub.add_parser("reports", help="structured reports accepted and waiting for their study, and dead letters")
-    rp_sub = rp.add_subparsers(dest="action", required=True)
+
+def _reports_arguments(rp: argparse.ArgumentParser) -> None:
+    rp_sub = _actions(rp)
     rp_waiting = rp_sub.add_parser("waiting", help="reports waiting for their study; dead letters (expired, invalid)")
     rp_waiting.add_argument("--all", action="store_true", help="every outcome: published, superseded, withdrawn too")
     rp_waiting.add_argument("--channel", help="inbound channel (default: the first with reports)")
@@ -169,27 +207,33 @@ def main(argv: list[str] | None = None) -> int:
     rp_publish.add_argument("--channel", help="inbound channel (default: the first with reports)")
     rp_publish.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the engine's outcome")
 
-    pt = sub.add_parser("patients", help="the patient identity registry: INS per IPP, owners of orders, merges")
-    pt_sub = pt.add_subparsers(dest="action", required=True)
+
+def _patients_arguments(pt: argparse.ArgumentParser) -> None:
+    pt_sub = _actions(pt)
     pt_show = pt_sub.add_parser("show", help="what the registry holds about an IPP (patient data: on this terminal)")
     pt_show.add_argument("ipp", help="the patient identifier (IPP) value")
     pt_forget = pt_sub.add_parser("forget", help="remove the INS recorded for an IPP (an operator's correction)")
     pt_forget.add_argument("ipp", help="the patient identifier (IPP) value")
 
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return COMMANDS[args.command](cfg, args)
-    except MappingError as exc:
-        print(f"mapping error: {exc}", file=sys.stderr)
-        return 2
-    except config_mod.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+
+# Sub-command → (its line in --help, what adds its arguments and actions), in the order --help lists them.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "run": ("start the engine in the foreground", _run_arguments),
+    "send": ("send HL7 v2 files over MLLP and print each ACK", _send_arguments),
+    "worklist": ("worklist items", _worklist_arguments),
+    "journal": ("the message journal", _journal_arguments),
+    "dlq": ("events a channel gave up on (dead-letter queue)", _dlq_arguments),
+    "fhir": ("the FHIR channel's server destination", _fhir_arguments),
+    "channels": ("installed channel kinds and adapters, and the configured channels", None),
+    "test": ("run mapping tests (input messages + expected canonical, DICOM, FHIR, CDA)", _test_arguments),
+    "check": ("load the configuration and every mapping; report errors with file and line", None),
+    "codes": ("procedure codes seen in the journal", _codes_arguments),
+    "model": ("the canonical model's reference: every Envelope and payload field", _model_arguments),
+    "new": ("scaffold a plug-in package (see docs/plugins.md)", _new_arguments),
+    "cda": ("CDA documents (CI-SIS CR d'imagerie)", _cda_arguments),
+    "reports": ("structured reports accepted and waiting for their study, and dead letters", _reports_arguments),
+    "patients": ("the patient identity registry: INS per IPP, owners of orders, merges", _patients_arguments),
+}
 
 
 def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -630,12 +674,14 @@ def _held_reports(cfg: config_mod.Config) -> set[str]:
     publish) and outcomes not yet written into their entries (a report whose entry is gone is dropped)."""
     import sqlite3
 
+    from traboule.stores.sqlite import Durability, open_database
+
     keys: set[str] = set()
     for channel in (c for c in cfg.channels if c["kind"] == "hl7-orders"):
         path = Path(cfg.data_dir) / f"{channel['name']}.reports.sqlite"
         if not path.is_file():
             continue
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        db = open_database(path, Durability.READ_ONLY, busy_timeout_s=30.0)
         try:
             rows = db.execute(
                 "SELECT message_key FROM waiting WHERE status IN ('waiting', 'expired', 'invalid') OR noted = 0"
@@ -651,12 +697,12 @@ def _held_reports(cfg: config_mod.Config) -> set[str]:
     return keys
 
 
-def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -> int:
+def _replay(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Namespace) -> int:
     from traboule.adapters.mllp import MLLPClient
 
     to = args.to or _local(_mllp_address(cfg))
     host, _, port = to.rpartition(":")
-    entries = [journal.get(i) for i in args.ids]  # type: ignore[attr-defined]
+    entries = [journal.get(i) for i in args.ids]
     missing = [i for i, e in zip(args.ids, entries, strict=True) if e is None]
     if missing or not port:
         print(f"no journal entry {missing}" if missing else "no MLLP listener configured: give --to", file=sys.stderr)
@@ -675,7 +721,7 @@ def _replay(cfg: config_mod.Config, journal: object, args: argparse.Namespace) -
     return asyncio.run(go())
 
 
-def _reprocess(cfg: config_mod.Config, journal: Any, args: argparse.Namespace) -> int:
+def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Namespace) -> int:
     """``journal reprocess``: plan (selection, targets, checkpoint), then a dry run or a live run on the bus of the
     engine of this data folder (the engine need not run: the events wait in its channels' durable queues)."""
     from traboule.app import logging as tlog
@@ -725,7 +771,7 @@ def _reprocess(cfg: config_mod.Config, journal: Any, args: argparse.Namespace) -
 
 
 def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.bus import make_bus
+    from traboule.app.bus_backend import make_bus
 
     refusal = _same_bus(cfg)
     if refusal:
@@ -759,8 +805,8 @@ def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``fhir resend``: forget what the server holds and queue every resource for the running engine to push."""
-    from traboule.bus import make_bus
-    from traboule.channels.fhir_push import push_message, push_topic
+    from traboule.app.bus_backend import make_bus
+    from traboule.formats.fhir_push import push_message, push_topic
     from traboule.stores.fhir_store import FHIRStore
 
     channel = next((c for c in cfg.channels if c["name"] == args.channel and c["kind"] == "fhir"), None)
@@ -830,7 +876,7 @@ def cmd_channels(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_test(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.app import logging as tlog
-    from traboule.translate.mapping_tests import run
+    from traboule.app.mapping_tests import run
 
     tlog.configure(cfg.log_format, "warning", cfg.log_patient_data)  # the channels' own lines would drown the results
     inbound, mwl, fhir, cda = args.inbound, args.mwl, args.fhir, args.cda
@@ -889,7 +935,6 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.formats.cda_validation import (
         UPSTREAM_REPO,
         CDAValidator,
-        CDAValidatorError,
         ServedValidator,
         default_tree,
         server_address,
@@ -939,7 +984,7 @@ def cmd_cda(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _cda_export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """A published CDA from the channel's reports store, to a file or standard output. Exit 1 when there is no
     such document (or no current version for the accession number), 2 when there is no store."""
-    from traboule.stores.published import NotPublished, PublishedDocuments
+    from traboule.stores.published import PublishedDocuments
 
     names = [c["name"] for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
     channel = args.channel or (names[0] if names else "")
@@ -982,7 +1027,7 @@ def cmd_model(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``new channel NAME``: a plug-in package that installs beside the engine."""
-    from traboule.app.scaffold import ScaffoldError, names, new_channel
+    from traboule.app.scaffold import names, new_channel
 
     try:
         root = new_channel(args.name, args.dir)

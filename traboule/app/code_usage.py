@@ -9,15 +9,16 @@ read row by row: memory grows with the number of distinct codes (capped), not wi
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from traboule import model
+from traboule.errors import MappingFailure
 from traboule.formats import hl7
-from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.stores.sqlite import Durability, open_database
+from traboule.translate.hl7_mapping import HL7InboundMapping
 
 MAX_CODES = 10_000  # distinct unmapped codes kept; beyond, they are counted in ``CodeUsage.dropped``
 KINDS = ("order", "report")
@@ -104,7 +105,7 @@ def _entries(journal: Path, since: str) -> Iterator[tuple[int, str, str, bytes]]
     """Accepted and refused messages, oldest first, one row at a time (a read-only connection)."""
     if not journal.is_file():
         raise FileNotFoundError(f"{journal} does not exist")
-    db = sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)
+    db = open_database(journal, Durability.READ_ONLY)
     try:
         rows = db.execute(
             "SELECT id, channel, message_type, raw FROM messages "

@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(Exception):
-    pass
-
+from traboule.errors import ConfigError
 
 # The whole local loop, on loopback, on the embedded bus: RIS orders, ADT and reports in; the worklist and MPPS for
 # modalities; FHIR resources (orders, performed steps, reports and their CDA) served on /fhir. What needs a remote

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -30,8 +31,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from traboule.errors import SearchError
 from traboule.formats.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
-from traboule.stores.fhir_store import MAX_OFFSET, SEARCH_PARAMS, FHIRStore, SearchError
+from traboule.stores import FHIRStore
+from traboule.stores.fhir_store import MAX_OFFSET, SEARCH_PARAMS
 from traboule.translate.fhir_mapping import MHD_DOCUMENT_REFERENCE, PDSM_DOCUMENT_REFERENCE, is_deleted
 
 FHIR_JSON = "application/fhir+json"
@@ -249,25 +252,121 @@ async def form_pairs(request: Request) -> list[tuple[str, str]] | Response:
         return outcome(400, "invalid", f"the form body is not {FORM} (UTF-8, at most {MAX_FORM_FIELDS} fields)")
 
 
-def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
-    """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
+@dataclass
+class Search:
+    """A search as this API runs it: the declared parameters kept (a repeated one as a list: every occurrence must
+    match), the page asked for, and the ``_format`` given among them (kept in the paging links)."""
 
-    def base_of(request: Request) -> str:
-        if base_url:
-            return base_url.rstrip("/")
+    rtype: str
+    params: dict[str, str | list[str]] = field(default_factory=dict)
+    count: int = DEFAULT_COUNT
+    offset: int = 0
+    form_format: str = ""
+
+
+def parse_search(rtype: str, pairs: list[tuple[str, str]], base: str, *, strict: bool) -> Search:
+    """The search ``pairs`` ask for ``rtype``: aliases resolved, ``_count`` / ``_offset`` read, a reference given as
+    this server's URL cut to its ``Type/id``, an unknown plain name dropped (unless ``strict``). Raises
+    ``SearchError`` (a 400) for a malformed page, an empty value, an undeclared modifier or chain."""
+    declared = SEARCH_PARAMS[rtype]
+    search = Search(rtype, form_format=next((v for k, v in pairs if k == "_format"), ""))
+    for name, value in pairs:
+        if name in IGNORED:
+            continue
+        name = ALIASES[name] if ALIASES.get(name) in declared else name
+        if name in ("_count", "_offset"):
+            if _NUMBER.fullmatch(value) is None or int(value) > MAX_OFFSET:
+                raise SearchError(name, f"{name} must be an integer from 0 to {MAX_OFFSET}", "invalid")
+            if name == "_count":
+                search.count = min(int(value), MAX_COUNT)
+            else:
+                search.offset = int(value)
+            continue
+        if name != "_id" and name not in declared:
+            # FHIR R4 search, Modifiers: a server SHALL reject a search holding a parameter with a modifier it
+            # does not support (the specification's OperationOutcome example "searchfail": name:exact); an
+            # unsupported chain is refused alike: ignoring either would widen the search to every patient's
+            # resources. Only an unknown plain name is ignored (lenient, FHIR's default).
+            if strict or ":" in name or "." in name:
+                raise SearchError(name, f"search parameter {_shown(name)} is not supported for {rtype}")
+            continue  # lenient (FHIR's default): ignored, and left out of the self link
+        if "" in (v.strip() for v in value.split(",")):  # an empty value would match nothing or everything
+            raise SearchError(name, f"{name}: a value is required", "invalid")
+        if declared.get(name) == "reference" and name != "related":  # this server's URL: its Type/id tail
+            value = ",".join(v.removeprefix(f"{base}/") for v in value.split(","))
+        previous = search.params.get(name)
+        if previous is None:
+            search.params[name] = value
+        else:  # repeated: every occurrence must match (a date range: date=ge...&date=le...)
+            search.params[name] = [*([previous] if isinstance(previous, str) else previous), value]
+    return search
+
+
+def page_url(base: str, search: Search, offset: int) -> str:
+    """The search's URL for the page at ``offset``: its kept parameters, ``_count``, ``_offset`` (and ``_format``)."""
+    kept = [(k, x) for k, v in search.params.items() for x in ([v] if isinstance(v, str) else v)]
+    query = [*kept, ("_count", str(search.count)), ("_offset", str(offset))]
+    if search.form_format:
+        query.append(("_format", search.form_format))
+    return f"{base}/{search.rtype}?{urlencode(query)}"
+
+
+def paging_links(base: str, search: Search, total: int) -> list[dict[str, str]]:
+    """A searchset's ``self`` link, then ``next`` and ``previous`` when there are such pages."""
+    count, offset = search.count, search.offset
+    links = [{"relation": "self", "url": page_url(base, search, offset)}]
+    if count and offset + count < total:
+        links.append({"relation": "next", "url": page_url(base, search, offset + count)})
+    if offset > 0:
+        links.append({"relation": "previous", "url": page_url(base, search, max(0, offset - count))})
+    return links
+
+
+def searchset(base: str, search: Search, total: int, found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The searchset Bundle of a page: ``total``, the paging links, an entry per resource found (none: no entry)."""
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": paging_links(base, search, total),
+        "entry": [
+            {
+                "fullUrl": f"{base}/{search.rtype}/{r['id']}",
+                "resource": absolute_urls(r, base),
+                "search": {"mode": "match"},
+            }
+            for r in found
+        ],
+    }
+    if not bundle["entry"]:
+        del bundle["entry"]
+    return bundle
+
+
+class FHIRApi:
+    """The ``/fhir`` interactions over a `FHIRStore`. ``base_url``: the public base (behind a proxy); default: from
+    the request."""
+
+    def __init__(self, store: FHIRStore, base_url: str = "") -> None:
+        self.store = store
+        self.base_url = base_url
+
+    def base_of(self, request: Request) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/")
         host = request.headers.get("host", "")
         if _HOST.fullmatch(host) is None:
             server_host, port = request.scope.get("server") or ("127.0.0.1", 80)
             host = f"[{server_host}]:{port}" if ":" in server_host else f"{server_host}:{port}"
         return f"{request.scope.get('scheme', 'http')}://{host}{request.scope.get('root_path', '')}/fhir"
 
-    async def metadata(request: Request) -> Response:
+    async def metadata(self, request: Request) -> Response:
         fmt = preferred_format(request)
         if fmt is None:
             return outcome(406, "not-supported", "_format: json or xml")
-        return answer(capability_statement(base_of(request)), fmt)
+        return answer(capability_statement(self.base_of(request)), fmt)
 
-    async def read(request: Request) -> Response:
+    async def read(self, request: Request) -> Response:
         rtype, rid = request.path_params["type"], request.path_params["id"]
         fmt = preferred_format(request)
         if fmt is None:
@@ -276,20 +375,20 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             return outcome(404, "not-supported", f"resource type {_shown(rtype)} is not served here", fmt=fmt)
         if _ID.fullmatch(rid) is None:  # not a FHIR id: no such resource (and the id is not echoed)
             return outcome(404, "not-found", f"no {rtype} has this id", fmt=fmt)
-        resource = await asyncio.to_thread(store.get, rtype, rid)
+        resource = await asyncio.to_thread(self.store.get, rtype, rid)
         if resource is None:
             return outcome(404, "not-found", f"{rtype}/{rid} is not known", fmt=fmt)
         if withdrawn(rtype, resource):  # FHIR read of a deleted resource: 410
             return outcome(410, "deleted", f"{rtype}/{rid} was deleted", fmt=fmt)
         headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
         if rtype == "Binary":
-            return await retrieve(request, resource, headers)
-        return answer(absolute_urls(resource, base_of(request)), fmt, headers=headers)
+            return await self.retrieve(request, resource, headers)
+        return answer(absolute_urls(resource, self.base_of(request)), fmt, headers=headers)
 
-    async def retrieve(request: Request, binary: dict[str, Any], headers: dict[str, str]) -> Response:
+    async def retrieve(self, request: Request, binary: dict[str, Any], headers: dict[str, str]) -> Response:
         """MHD ITI-68: the document itself, byte for byte, with its own media type; the Binary resource when FHIR
         JSON or XML is asked for (``_format`` or Accept)."""
-        if await asyncio.to_thread(store.withdrawn_binary, binary["id"]):
+        if await asyncio.to_thread(self.store.withdrawn_binary, binary["id"]):
             # PDSm (suppression logique): the document of a deleted entry is no longer served; MHD ITI-68
             # answers 404 Not Found for a document that is not available.
             return outcome(404, "not-found", f"Binary/{binary['id']} is not available: its document was deleted")
@@ -305,98 +404,38 @@ def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
             return outcome(406, "not-supported", f"the document is {content_type} only", headers=headers)
         return Response(base64.b64decode(binary["data"]), media_type=binary["contentType"], headers=headers)
 
-    async def search_get(request: Request) -> Response:
-        return await search(request, list(request.query_params.multi_items()), request.path_params["type"])
+    async def search_get(self, request: Request) -> Response:
+        return await self.search(request, list(request.query_params.multi_items()), request.path_params["type"])
 
-    async def search_post(request: Request) -> Response:
+    async def search_post(self, request: Request) -> Response:
         form = await form_pairs(request)
         if isinstance(form, Response):
             return form
-        return await search(request, [*request.query_params.multi_items(), *form], request.path_params["type"])
+        return await self.search(request, [*request.query_params.multi_items(), *form], request.path_params["type"])
 
-    async def search(request: Request, pairs: list[tuple[str, str]], rtype: str) -> Response:
-        form_format = next((v for k, v in pairs if k == "_format"), "")
-        fmt = preferred_format(request, form_format)
+    async def search(self, request: Request, pairs: list[tuple[str, str]], rtype: str) -> Response:
+        fmt = preferred_format(request, next((v for k, v in pairs if k == "_format"), ""))
         if fmt is None:
             return outcome(406, "not-supported", "_format: json or xml", "_format")
         if rtype not in SEARCH_PARAMS or not SEARCH_PARAMS[rtype]:
             return outcome(404, "not-supported", f"search of {_shown(rtype)} is not served here", fmt=fmt)
-        strict = strict_handling(request)
-        declared = SEARCH_PARAMS[rtype]
-        base = base_of(request)
-        params: dict[str, str | list[str]] = {}
-        count, offset = DEFAULT_COUNT, 0
-        for name, value in pairs:
-            if name in IGNORED:
-                continue
-            name = ALIASES[name] if ALIASES.get(name) in declared else name
-            if name in ("_count", "_offset"):
-                if _NUMBER.fullmatch(value) is None or int(value) > MAX_OFFSET:
-                    return outcome(400, "invalid", f"{name} must be an integer from 0 to {MAX_OFFSET}", name, fmt=fmt)
-                number = int(value)
-                if name == "_count":
-                    count = min(number, MAX_COUNT)
-                else:
-                    offset = number
-                continue
-            if name != "_id" and name not in declared:
-                # FHIR R4 search, Modifiers: a server SHALL reject a search holding a parameter with a modifier it
-                # does not support (the specification's OperationOutcome example "searchfail": name:exact); an
-                # unsupported chain is refused alike: ignoring either would widen the search to every patient's
-                # resources. Only an unknown plain name is ignored (lenient, FHIR's default).
-                if strict or ":" in name or "." in name:
-                    text = f"search parameter {_shown(name)} is not supported for {rtype}"
-                    return outcome(400, "not-supported", text, name, fmt=fmt)
-                continue  # lenient (FHIR's default): ignored, and left out of the self link
-            if "" in (v.strip() for v in value.split(",")):  # an empty value would match nothing or everything
-                return outcome(400, "invalid", f"{name}: a value is required", name, fmt=fmt)
-            if declared.get(name) == "reference" and name != "related":  # this server's URL: its Type/id tail
-                value = ",".join(v.removeprefix(f"{base}/") for v in value.split(","))
-            if name in params:  # repeated: every occurrence must match (a date range: date=ge...&date=le...)
-                previous = params[name]
-                params[name] = [*([previous] if isinstance(previous, str) else previous), value]
-            else:
-                params[name] = value
+        base = self.base_of(request)
         try:
-            total, found = await asyncio.to_thread(store.search, rtype, params, count, offset)
+            search = parse_search(rtype, pairs, base, strict=strict_handling(request))
+            total, found = await asyncio.to_thread(self.store.search, rtype, search.params, search.count, search.offset)
         except SearchError as exc:
             return outcome(400, exc.code, str(exc), exc.param, fmt=fmt)
+        return answer(searchset(base, search, total, found), fmt)
 
-        def page(at: int) -> str:
-            kept = [(k, x) for k, v in params.items() for x in ([v] if isinstance(v, str) else v)]
-            query = [*kept, ("_count", str(count)), ("_offset", str(at))]
-            if form_format:
-                query.append(("_format", form_format))
-            return f"{base}/{rtype}?{urlencode(query)}"
 
-        links = [{"relation": "self", "url": page(offset)}]
-        if count and offset + count < total:
-            links.append({"relation": "next", "url": page(offset + count)})
-        if offset > 0:
-            links.append({"relation": "previous", "url": page(max(0, offset - count))})
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": total,
-            "link": links,
-            "entry": [
-                {
-                    "fullUrl": f"{base}/{rtype}/{r['id']}",
-                    "resource": absolute_urls(r, base),
-                    "search": {"mode": "match"},
-                }
-                for r in found
-            ],
-        }
-        if not bundle["entry"]:
-            del bundle["entry"]
-        return answer(bundle, fmt)
-
+def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
+    """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
+    api = FHIRApi(store, base_url)
     return [
-        Route("/fhir/metadata", metadata, methods=["GET"]),
-        Route("/fhir/{type}/_search", search_post, methods=["POST"]),
-        Route("/fhir/{type}/{id}", read, methods=["GET"]),
-        Route("/fhir/{type}", search_get, methods=["GET"]),
+        Route("/fhir/metadata", api.metadata, methods=["GET"]),
+        Route("/fhir/{type}/_search", api.search_post, methods=["POST"]),
+        Route("/fhir/{type}/{id}", api.read, methods=["GET"]),
+        Route("/fhir/{type}", api.search_get, methods=["GET"]),
         Route("/fhir", Elsewhere()),  # last: every method of every path the routes above do not serve
         Route("/fhir/{rest:path}", Elsewhere()),
     ]

@@ -37,8 +37,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
-from traboule.app import metrics
+from traboule import metrics
 from traboule.app.config import HTTPLimits, client_host
+from traboule.channel import LimitsBodies, ServesHTTP
 
 log = structlog.get_logger("traboule.app.http")
 
@@ -126,9 +127,8 @@ def create_app(runtime: Any) -> Starlette:
     ]
     # A channel that serves HTTP (an API, a webhook) contributes its routes to the app of its process.
     for channel in runtime.channels:
-        contribute = getattr(channel, "routes", None)
-        if contribute is not None:
-            routes.extend(contribute())
+        if isinstance(channel, ServesHTTP):
+            routes.extend(channel.routes())
     # The main process also answers, by forwarding, the routes of the other processes' channels.
     from traboule.app.runtime import remote_routes
 
@@ -140,9 +140,8 @@ def create_app(runtime: Any) -> Starlette:
     limits: HTTPLimits = runtime.config.http_limits
     body_limits: dict[str, int] = dict(remote_limits)
     for channel in runtime.channels:  # a route's own limit (the archive webhook: 64 KiB), then the operator's
-        declared = getattr(channel, "body_limits", None)
-        if declared is not None:
-            body_limits.update(declared())
+        if isinstance(channel, LimitsBodies):
+            body_limits.update(channel.body_limits())
     body_limits.update(limits.body_limits)
     app = Starlette(routes=routes, exception_handlers={404: not_served, 405: not_served})
     app.state.http_limits = limits
@@ -174,8 +173,8 @@ def check_routes(config: Any) -> None:
     from pathlib import Path
     from types import SimpleNamespace
 
-    from traboule.app.config import ConfigError
     from traboule.app.runtime import channel_class, process_of
+    from traboule.errors import ConfigError
 
     served: list[tuple[str, frozenset[str] | None, str, str]] = [(p, None, p, "the engine") for p in ENGINE_ROUTES]
     with tempfile.TemporaryDirectory(prefix="traboule-routes-") as scratch:
@@ -186,7 +185,7 @@ def check_routes(config: Any) -> None:
         )
         for channel_config in config.channels:
             cls = channel_class(channel_config["kind"])
-            if not hasattr(cls, "routes"):
+            if not issubclass(cls, ServesHTTP):
                 continue
             owner = f"channel {channel_config['name']} (process {process_of(channel_config)})"
             for route in cls(copy.deepcopy(channel_config), probe).routes():

@@ -184,7 +184,7 @@ def configure(fmt: str = "console", level: str = "info", patient_data: bool = Fa
         logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
-    # Libraries (and our bus adapters) log through the standard library: render their records with the same
+    # Libraries (pynetdicom, aio-pika, uvicorn...) log through the standard library: render their records with the same
     # processors, so every line of the process is one JSON object with a level and a timestamp.
     foreign = [*processors, _add_suppressed]
     if not patient_data:

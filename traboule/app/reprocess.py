@@ -49,7 +49,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -58,34 +57,23 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from traboule.app.bus_backend import make_bus
 from traboule.app.config import Config, resolve
 from traboule.app.runtime import channel_bindings, channel_class
-from traboule.bus import Bus, Delivery, Item, make_bus, topic_matches
+from traboule.bus import Bus, Delivery, Item, topic_matches
+from traboule.channel import HasMapping, HasStore
+from traboule.errors import MappingFailure, MessageFailed, MessageRefused, ReprocessError
 from traboule.formats import hl7
 from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain, topic_of
-from traboule.stores.journal import Journal, JournalEntry, Query
+from traboule.stores import Journal, PatientRegistry
+from traboule.stores.journal import JournalEntry, Query
 from traboule.stores.patient_identity import PatientIdentities, identity_sources, mark_authoritative
-from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
+from traboule.stores.sqlite import Durability, open_database
+from traboule.translate.hl7_mapping import HL7InboundMapping
 
 STATE_FILE = "reprocess.json"
 REPROCESSABLE = ("accepted", "duplicate", "rejected")  # inbound messages; "undelivered" ones went out
 BATCH = 100  # messages per publish (one bus transaction) and checkpoint
-
-
-class ReprocessError(Exception):
-    """What was asked cannot be done; the text says what and why. ``code``: the command's exit code."""
-
-    def __init__(self, text: str, code: int = 1):
-        super().__init__(text)
-        self.code = code
-
-
-class MessageFailed(Exception):
-    """One message cannot be reprocessed (it no longer maps, its report made no document): reported, skipped."""
-
-
-class MessageRefused(MessageFailed):
-    """One message the patient identity checks refuse, as at ingest: reported as refused, nothing sent."""
 
 
 # -- selection --------------------------------------------------------------------------------------------------
@@ -328,7 +316,7 @@ class Remapper:
         except MappingFailure as exc:
             raise MessageFailed(f"{exc.location}: {exc.reason}" if exc.location else exc.reason) from None
         sources = identity_sources(channel.get("identity_sources"), entry.channel)
-        mark_authoritative(payloads, sources, (msg.header(3, 1), msg.header(4, 1)))
+        mark_authoritative(payloads, sources, (msg.header("sending_application", 1), msg.header("sending_facility", 1)))
         return [(i, self._document(entry) if isinstance(p, Report) else p) for i, p in enumerate(payloads)]
 
     def _document(self, entry: JournalEntry) -> Document:
@@ -336,7 +324,7 @@ class Remapper:
         path = Path(self.cfg.data_dir) / f"{entry.channel}.reports.sqlite"
         row = None
         if path.is_file():
-            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            db = open_database(path, Durability.READ_ONLY)
             try:
                 row = db.execute(
                     "SELECT d.document, m.action FROM messages m JOIN documents d ON d.id = m.document_id"
@@ -352,7 +340,7 @@ class Remapper:
         return doc
 
 
-def checked(identities: PatientIdentities, events: list[tuple[int, Payload]]) -> list[Payload]:
+def checked(identities: PatientRegistry, events: list[tuple[int, Payload]]) -> list[Payload]:
     """A message's events through the patient identity checks of its ingest: merges resolved (in place); an IPP
     given another INS, a report naming another patient's order or an order taking another patient's exam refused
     (`MessageRefused`); its pairs are held until `PatientIdentities.record` (or `release`). Returns the payloads to
@@ -374,12 +362,11 @@ def checked(identities: PatientIdentities, events: list[tuple[int, Payload]]) ->
 
 def fingerprint(channel: Any) -> str:
     """A channel's own mapping (YAML file and loaded tables), hashed; empty for a channel without one."""
-    mapping = getattr(channel, "mapping", None)
-    path = getattr(mapping, "path", None)
-    if path is None:
+    if not isinstance(channel, HasMapping):
         return ""
-    digest = hashlib.sha256(Path(path).read_bytes())
-    for name, table in sorted(getattr(mapping, "tables", {}).items()):
+    mapping = channel.mapping
+    digest = hashlib.sha256(Path(mapping.path).read_bytes())
+    for name, table in sorted(mapping.tables.items()):
         digest.update(json.dumps([name, table.keys, table.columns, table.rows], default=str).encode())
     return digest.hexdigest()[:16]
 
@@ -549,17 +536,17 @@ def _built(cfg: Config, chosen: list[Target], copy_from: Path | None) -> Iterato
                 _watch(scratch / f"{target.name}.sqlite", *OUTPUTS[target.kind])
         yield built
         for channel in built.values():
-            store = getattr(channel, "store", None)
-            with contextlib.suppress(Exception):
-                store.close()  # type: ignore[union-attr]
+            if isinstance(channel, HasStore):
+                with contextlib.suppress(Exception):
+                    channel.store.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _copy_store(source: Path, copy_to: Path) -> None:
     """A consistent copy of a live SQLite store (online backup: the engine may be writing)."""
-    src = sqlite3.connect(str(source), timeout=30)
-    dst = sqlite3.connect(str(copy_to))
+    src = open_database(source, Durability.READ_ONLY, busy_timeout_s=30.0)
+    dst = open_database(copy_to, Durability.CRASH)  # a scratch copy, rebuilt from the store at every run
     try:
         src.backup(dst)
     finally:
@@ -572,7 +559,7 @@ def _watch(path: Path, table: str, keys: tuple[str, ...], content: str) -> None:
     new_key = "json_array(" + ", ".join(f"NEW.{k}" for k in keys) + ")"
     old_key = "json_array(" + ", ".join(f"OLD.{k}" for k in keys) + ")"
     same = " AND ".join(f"{k} = NEW.{k}" for k in keys)
-    db = sqlite3.connect(str(path))
+    db = open_database(path, Durability.CRASH)
     try:
         # NOT EXISTS, not INSERT OR IGNORE: the conflict policy of the statement that fires a trigger overrides
         # the trigger's own (the stores' upserts would fail on a second change to the same row).
@@ -599,7 +586,7 @@ def _watch(path: Path, table: str, keys: tuple[str, ...], content: str) -> None:
 def _changes(path: Path, kind: str) -> list[tuple[str, Any, Any]]:
     """(what, before, after) of every row changed since the last call, as plain data (None: absent)."""
     table, keys, content = OUTPUTS[kind]
-    db = sqlite3.connect(str(path))
+    db = open_database(path, Durability.CRASH)
     try:
         found = []
         for key, old in db.execute("SELECT key, content FROM reprocess_before ORDER BY key").fetchall():
@@ -699,7 +686,7 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
 async def _preview(
     entry: JournalEntry,
     remapper: Remapper,
-    identities: PatientIdentities,
+    identities: PatientRegistry,
     journal: Journal,
     chosen: list[Target],
     built: dict[str, Any],

@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from traboule.app import metrics
-from traboule.app.config import DEFAULT_CHANNELS, Config, ConfigError
-from traboule.bus import Bus, make_bus
+from traboule import metrics, stores
+from traboule.app.bus_backend import make_bus
+from traboule.app.config import DEFAULT_CHANNELS, Config
+from traboule.bus import Bus
+from traboule.channel import Channel, ConsumesQueues, LimitsBodies, ReportsHealth, ServesHTTP
+from traboule.errors import ConfigError, MappingError
 from traboule.stores.journal import Journal
-from traboule.translate.mapping import MappingError
 
 log = structlog.get_logger("traboule.app.runtime")
 
@@ -48,20 +50,6 @@ BUILTIN_ADAPTERS = {
 
 DISPATCH_PAUSE = 0.01  # seconds
 DISPATCH_BATCH = 500
-
-
-class Channel(Protocol):
-    """What the runtime needs of a channel. A channel is built from its ``[[channels]]`` table."""
-
-    name: str
-
-    def __init__(self, config: dict[str, Any], runtime: Runtime) -> None: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def describe(self) -> dict[str, Any]: ...
 
 
 def _load(target: str) -> Any:
@@ -92,8 +80,7 @@ def process_of(channel_config: dict[str, Any]) -> str:
 def channel_bindings(channel_config: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """The bus queues a configured channel consumes (its class says, from its configuration)."""
     cls = channel_class(channel_config["kind"])
-    bindings = getattr(cls, "bindings", None)
-    return list(bindings(channel_config)) if bindings else []
+    return list(cls.bindings(channel_config)) if issubclass(cls, ConsumesQueues) else []
 
 
 def preflight(config: Config) -> list[str]:
@@ -184,7 +171,9 @@ def remote_routes(config: Config, process: str | None) -> tuple[list[RemoteRoute
     scratch folder (nothing listens), so a channel declares its routes once, in its ``routes()``."""
     if process != "main":
         return [], {}
-    remote = [c for c in config.channels if process_of(c) != "main" and hasattr(channel_class(c["kind"]), "routes")]
+    remote = [
+        c for c in config.channels if process_of(c) != "main" and issubclass(channel_class(c["kind"]), ServesHTTP)
+    ]
     found: list[RemoteRoute] = []
     limits: dict[str, int] = {}
     if not remote:
@@ -199,9 +188,8 @@ def remote_routes(config: Config, process: str | None) -> tuple[list[RemoteRoute
                 methods = getattr(route, "methods", None)
                 where = process_of(channel_config)
                 found.append(RemoteRoute(route.path, frozenset(methods) if methods else None, where))
-            declared = getattr(channel, "body_limits", None)
-            if declared is not None:
-                limits.update(declared())
+            if isinstance(channel, LimitsBodies):
+                limits.update(channel.body_limits())
     return found, limits
 
 
@@ -256,7 +244,7 @@ class Runtime:
         self.process = process
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal: Journal | None = None
+        self.journal: stores.Journal | None = None
         shared = process is not None and len(config.processes()) > 1
         self.bus: Bus = make_bus(config.amqp_url, str(self.data_dir), exchange=config.exchange, shared=shared)
         self.channels: list[Channel] = [
@@ -323,10 +311,9 @@ class Runtime:
                 problems.append("disk")
         channels: dict[str, Any] = {}
         for channel in self.channels:
-            report = getattr(channel, "health", None)
-            if report is None:
+            if not isinstance(channel, ReportsHealth):
                 continue
-            state = report()
+            state = channel.health()
             channels[channel.name] = state
             if state.get("state") not in (None, "ok", "unknown"):
                 problems.append(channel.name)
@@ -361,12 +348,7 @@ class Runtime:
                     await asyncio.sleep(DISPATCH_PAUSE)
                     continue
                 items = [(e.topic, e.body, e.event_id, {"journal-id": str(e.message_id)}) for e in events]
-                publish_many = getattr(self.bus, "publish_many", None)
-                if publish_many is not None:
-                    await publish_many(items)
-                else:
-                    for topic, body, event_id, headers in items:
-                        await self.bus.publish(topic, body, message_id=event_id, headers=headers)
+                await self.bus.publish_many(items)
                 await journal.events_published([e.id for e in events])
                 if failing:
                     failing = False

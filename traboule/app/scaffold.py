@@ -1,9 +1,9 @@
 """``traboule new channel NAME``: a channel plug-in package that installs beside the engine.
 
 It writes ``traboule-NAME/`` with a pyproject.toml declaring the kind in the ``traboule.channels`` entry point
-group, ``traboule_NAME/channel.py`` (a documented channel consuming bus topics into its own SQLite table,
-idempotent per event), a README, and a test that runs the channel in a real engine (``traboule.testing``) and
-passes as written. See docs/plugins.md.
+group, ``traboule_NAME/channel.py`` (a documented channel on ``traboule.channel.ConsumerChannel`` consuming bus
+topics into its own SQLite table, idempotent per event), a README, and a test that runs the channel in a real
+engine (``traboule.testing``) and passes as written. See docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from traboule.errors import ScaffoldError
+
 NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
-
-
-class ScaffoldError(Exception):
-    pass
 
 
 def names(kind: str) -> dict[str, str]:
@@ -94,7 +92,7 @@ README = """\
 
 A traboule channel plug-in: kind `{kind}`. It consumes events from the engine's bus
 (`order.#` by default) and records each one (event id, topic, payload kind, key) in its own SQLite table,
-`<data_dir>/<channel name>.sqlite`, once per event. Replace `handle` in `{package}/channel.py` with what your
+`<data_dir>/<channel name>.sqlite`, once per event. Replace `on_event` in `{package}/channel.py` with what your
 site needs; the engine's plug-in guide (traboule `docs/plugins.md`) says what a channel receives and must do.
 
 ## Install beside the engine
@@ -134,10 +132,16 @@ INIT = '''\
 CHANNEL = '''\
 """Channel ``{kind}``: bus events → one row per event in the channel's own SQLite table.
 
-A skeleton to make your own: ``handle`` is called once per delivery (at least once per event: after a crash or a
-failed attempt the same event comes again, so it records by event id and a second delivery changes nothing).
-Raising makes the bus retry with backoff, then dead-letter the event to ``<name>.dlq`` after ``max_attempts``
-(``traboule dlq list --channel <name>``); raise ``traboule.bus.PermanentError`` when a retry cannot help.
+A skeleton to make your own, on ``traboule.channel.ConsumerChannel``: the base binds the channel's queue to its
+``topics`` setting, subscribes with ``max_attempts``, decodes each delivery and calls ``on_event`` with the
+channel, the message id and the correlation id bound to every log line written meanwhile. ``on_event`` is called
+once per delivery (at least once per event: after a crash or a failed attempt the same event comes again, so it
+records by event id and a second delivery changes nothing). Raising makes the bus retry with backoff, then
+dead-letter the event to ``<name>.dlq`` after ``max_attempts`` (``traboule dlq list --channel <name>``); raise
+``traboule.bus.PermanentError`` when a retry cannot help.
+
+Settings are declared on the class with ``traboule.channel.Setting`` (type, default, allowed values, bounds): a
+wrong value stops ``traboule check`` and ``traboule run`` with ``channel NAME: KEY must be ...``.
 
 Configuration::
 
@@ -150,70 +154,49 @@ Configuration::
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from traboule.bus import Delivery
+from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
 from traboule.model import Envelope
+from traboule.stores.sqlite import Durability, open_database
 
 log = structlog.get_logger("{package}")
 
-DEFAULT_TOPICS = ["order.#"]
 
-
-class {cls}:
+class {cls}(ConsumerChannel):
     kind = "{kind}"
+    topics = Setting(list, ["order.#"])  # the default; the channel's ``topics`` setting replaces it
+    max_attempts = Setting(int, 5, minimum=1)
 
-    def __init__(self, config: dict[str, Any], runtime: Any):
-        """Built from the channel's [[channels]] table, in every engine process and by ``traboule check``: read and
-        check the settings here (a ValueError names the mistake); open nothing that listens until ``start``."""
-        self.name: str = config["name"]
-        self.runtime = runtime
-        self.topics: list[str] = list(config.get("topics", DEFAULT_TOPICS))
-        self.max_attempts = int(config.get("max_attempts", 5))
-        if not self.topics or self.max_attempts < 1:
-            raise ValueError(f"channel {{self.name}}: topics must not be empty and max_attempts must be >= 1")
-        self._db = sqlite3.connect(str(runtime.data_dir / f"{{self.name}}.sqlite"), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+    def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
+        """Built from the channel's [[channels]] table, in every engine process and by ``traboule check``: the base
+        reads and checks the settings; open only local files here, nothing that listens until ``start``."""
+        super().__init__(config, runtime)
+        # POWER_LOSS: a committed row survives a power cut (what was recorded decides what is recorded again).
+        self._db = open_database(runtime.data_dir / f"{{self.name}}.sqlite", Durability.POWER_LOSS)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events "
             "(event_id TEXT PRIMARY KEY, topic TEXT, kind TEXT, key TEXT, received TEXT)"
         )
-        self._log = log.bind(channel=self.name)
-
-    @classmethod
-    def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
-        """The bus queue(s) this channel consumes: the main process declares them before it publishes anything,
-        so no event is missed while this channel's process starts."""
-        return [(config["name"], list(config.get("topics", DEFAULT_TOPICS)))]
-
-    async def start(self) -> None:
-        await self.runtime.bus.subscribe(self.name, self.topics, self.handle, max_attempts=self.max_attempts)
 
     async def stop(self) -> None:
         self._db.close()
 
     def describe(self) -> dict[str, Any]:
         """What ``/channels`` and the start-up log show."""
-        return {{"kind": self.kind, "source": [f"bus:{{t}}" for t in self.topics], "destinations": ["sqlite:events"]}}
+        return {{**super().describe(), "destinations": ["sqlite:events"]}}
 
-    async def handle(self, delivery: Delivery) -> None:
-        env = Envelope.from_json(delivery.body)
+    async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         key = getattr(env.payload, "key", "")  # an ImagingOrder's placer / filler / accession key
         done = self._db.execute(
             "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)",
             (env.id, delivery.topic, env.kind, key, datetime.now(UTC).isoformat(timespec="milliseconds")),
         ).rowcount
-        # Ids only in logs: never patient data.
-        self._log.info(
-            "event.recorded" if done else "event.duplicate",
-            message_id=env.id,
-            correlation_id=env.correlation_id,
-            topic=delivery.topic,
-            attempt=delivery.attempt,
-        )
+        # Ids only in logs, never patient data: the channel, message id and correlation id are bound already.
+        log.info("event.recorded" if done else "event.duplicate", topic=delivery.topic, attempt=delivery.attempt)
 
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM events").fetchone()[0]

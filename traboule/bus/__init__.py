@@ -1,7 +1,7 @@
-"""The message bus interface, and how to pick an implementation from configuration.
+"""The message bus contract: what every implementation provides and guarantees.
 
 Semantics every implementation keeps (RabbitMQ in ``traboule.adapters.rabbitmq``, the embedded SQLite bus in
-``traboule.bus.embedded``):
+``traboule.bus.embedded``; the engine picks one at start-up, ``traboule.app.bus_backend``):
 
 * ``publish`` returns only once the message is durable (publisher confirm / committed row).
 * Topics are routed like an AMQP topic exchange: ``orders.new`` matches the binding ``orders.*`` and ``#``.
@@ -10,7 +10,7 @@ Semantics every implementation keeps (RabbitMQ in ``traboule.adapters.rabbitmq``
   growing with the attempt number) until ``max_attempts`` is reached, then moved to the queue's dead-letter
   queue ``<queue>.dlq`` with the handler's error in the ``x-error`` header. A handler raising
   :class:`PermanentError` says a retry cannot succeed (the peer refused the content): the delivery is
-  dead-lettered at once.
+  dead-lettered at once. Both buses apply the one policy of ``traboule.bus.retry``.
 
 Batch consumption (``subscribe_batch``), so that a consumer can commit many events in one transaction:
 
@@ -40,6 +40,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from traboule.errors import PermanentError as PermanentError  # part of the bus contract
+
 
 @dataclass
 class Delivery:
@@ -50,10 +52,6 @@ class Delivery:
     message_id: str
     headers: dict[str, str] = field(default_factory=dict)
     attempt: int = 1  # 1 on first delivery
-
-
-class PermanentError(Exception):
-    """Raised by a handler when retrying cannot help (e.g. a peer rejected the content): dead-letter now."""
 
 
 Item = tuple[str, bytes, str, dict[str, str] | None]  # a message to publish or send: topic, body, message_id, headers
@@ -93,6 +91,12 @@ class Bus(Protocol):
 
     async def publish(self, topic: str, body: bytes, *, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Publish durably; returns after the broker confirmed (or the row is committed)."""
+        ...
+
+    async def publish_many(self, items: Sequence[Item]) -> None:
+        """Publish ``items`` as ``publish`` would each, in one go (one transaction / confirms awaited together);
+        returns once all are durable. A failure may leave some of them published on RabbitMQ: publishing them again
+        may duplicate them, as a publish retried may."""
         ...
 
     async def send(self, queue: str, items: Sequence[Item]) -> None:
@@ -148,18 +152,3 @@ def _match(pat: list[str], words: list[str]) -> bool:
     if not words:
         return False
     return (head == "*" or head == words[0]) and _match(rest, words[1:])
-
-
-def make_bus(amqp_url: str, data_dir: str, *, exchange: str = "traboule", shared: bool = False) -> Bus:
-    """RabbitMQ when an AMQP URL is configured, otherwise the embedded durable bus.
-
-    ``shared``: other engine processes publish to the same embedded bus file; their publishes cannot wake this
-    process's consumers, so consumers poll every 20 ms (an indexed query) instead of every 0.5 s.
-    """
-    if amqp_url:
-        from traboule.adapters.rabbitmq import RabbitMQBus
-
-        return RabbitMQBus(amqp_url, exchange=exchange)
-    from traboule.bus.embedded import EmbeddedBus
-
-    return EmbeddedBus(f"{data_dir}/bus.sqlite", poll_interval=0.02 if shared else 0.5)

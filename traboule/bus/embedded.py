@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,18 +28,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import structlog
+
 from traboule.bus import (
     BatchHandler,
     Delivery,
     Handler,
     Item,
-    PermanentError,
     dlq_name,
     one_by_one,
     topic_matches,
 )
+from traboule.bus.retry import DeadLetter, Retry, RetryPolicy, handed_alone
+from traboule.errors import BusClosedError
+from traboule.stores.sqlite import Durability, open_database
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("traboule.bus.embedded")
 
 T = TypeVar("T")
 
@@ -75,10 +78,6 @@ CREATE INDEX IF NOT EXISTS dead_letters_by_queue ON dead_letters (queue, seq);
 """
 
 
-class BusClosedError(RuntimeError):
-    """The bus was closed (or not started); nothing more can be published or settled."""
-
-
 @dataclass
 class _Row:
     seq: int
@@ -93,13 +92,13 @@ class _Row:
 class _Consumer:
     queue: str
     handler: BatchHandler
-    max_attempts: int
+    policy: RetryPolicy
     max_batch: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     inflight: set[int] = field(default_factory=set)  # fetched, not yet settled: excluded from depth()
     acked: list[int] = field(default_factory=list)  # handler returned, row not deleted yet
-    failed: list[tuple[_Row, str, bool]] = field(default_factory=list)  # handler raised (error, permanent)
+    failed: list[tuple[_Row, Retry | DeadLetter]] = field(default_factory=list)  # handler raised: what next
 
 
 class EmbeddedBus:
@@ -163,10 +162,8 @@ class EmbeddedBus:
         await self.start()
 
     def _open(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a committed publish survives power loss, not only a crash
-        conn.execute("PRAGMA busy_timeout=5000")
+        # Autocommit (explicit BEGIN/COMMIT below); a committed publish survives power loss, not only a crash.
+        conn = open_database(self.path, Durability.POWER_LOSS, busy_timeout_s=5.0)
         conn.executescript(_SCHEMA)
         self._conn = conn
 
@@ -317,14 +314,13 @@ class EmbeddedBus:
         self, queue: str, topics: list[str], handler: BatchHandler, *, max_attempts: int = 5, max_batch: int = 100
     ) -> None:
         """Like ``subscribe``, handing the rows available at each fetch in lists of up to ``max_batch``."""
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+        policy = RetryPolicy(max_attempts, self.retry_backoff)
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if queue in self._consumers:
             raise RuntimeError(f"queue {queue!r} already has a consumer on this bus")
         await self.declare(queue, topics)
-        consumer = _Consumer(queue, handler, max_attempts, max_batch)
+        consumer = _Consumer(queue, handler, policy, max_batch)
         self._consumers[queue] = consumer
         consumer.task = asyncio.create_task(self._consume(consumer), name=f"embedded-bus:{queue}")
 
@@ -335,7 +331,7 @@ class EmbeddedBus:
             except BusClosedError:
                 return  # closed while settling: unsettled rows stay in the file and are delivered again
             except Exception:  # e.g. disk full: keep the consumer alive, the rows are still in the file
-                log.exception("embedded bus consumer for %s failed; retrying", consumer.queue)
+                log.exception("bus.consumer_failed", queue=consumer.queue, retry_in=self.poll_interval)
                 consumer.inflight.clear()
                 await asyncio.sleep(self.poll_interval)
 
@@ -372,15 +368,8 @@ class EmbeddedBus:
         try:
             await consumer.handler([_delivery(row) for row in rows])
         except Exception as exc:
-            log.warning(
-                "batch handler for %s failed on %d deliveries (%s ... %s), handing each alone: %s: %s",
-                consumer.queue,
-                len(rows),
-                rows[0].message_id,
-                rows[-1].message_id,
-                type(exc).__name__,
-                exc,
-            )
+            outcome = consumer.policy.after_batch_failure(exc)
+            consumer.policy.log(outcome, consumer.queue, [row.message_id for row in rows])
             return False
         consumer.acked.extend(row.seq for row in rows)
         return True
@@ -389,16 +378,9 @@ class EmbeddedBus:
         try:
             await consumer.handler([_delivery(row)])
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "handler for %s failed on %s (attempt %d/%d): %s",
-                consumer.queue,
-                row.message_id,
-                row.attempt,
-                consumer.max_attempts,
-                error,
-            )
-            consumer.failed.append((row, error, isinstance(exc, PermanentError)))
+            outcome = consumer.policy.after_failure(exc, row.attempt)
+            consumer.policy.log(outcome, consumer.queue, [row.message_id], row.attempt)
+            consumer.failed.append((row, outcome))
         else:
             # Settled in batches; if close() was called from inside this handler the file is closed by the
             # time it returns, so the settle fails and the row is delivered again by the next bus.
@@ -408,9 +390,9 @@ class EmbeddedBus:
         acked, consumer.acked = consumer.acked, []
         failed, consumer.failed = consumer.failed, []
         if acked or failed:
-            await self._run(self._apply, consumer.queue, acked, failed, consumer.max_attempts)
+            await self._run(self._apply, consumer.queue, acked, failed)
             consumer.inflight.difference_update(acked)
-            consumer.inflight.difference_update(row.seq for row, _, _ in failed)
+            consumer.inflight.difference_update(row.seq for row, _ in failed)
 
     def _fetch(self, queue: str, limit: int) -> tuple[list[_Row], float | None]:
         conn = self._db()
@@ -430,14 +412,14 @@ class EmbeddedBus:
             ).fetchone()
         return rows, next_at
 
-    def _apply(self, queue: str, acked: list[int], failed: list[tuple[_Row, str, bool]], max_attempts: int) -> None:
+    def _apply(self, queue: str, acked: list[int], failed: list[tuple[_Row, Retry | DeadLetter]]) -> None:
         conn = self._db()
         now = time.time()
         with _transaction(conn):
             conn.executemany("DELETE FROM messages WHERE seq = ?", [(seq,) for seq in acked])
-            for row, error, permanent in failed:
-                if permanent or row.attempt >= max_attempts:
-                    headers = {**row.headers, "x-error": error}
+            for row, outcome in failed:
+                if isinstance(outcome, DeadLetter):
+                    headers = {**row.headers, "x-error": outcome.error}
                     conn.execute(
                         "INSERT INTO dead_letters (queue, topic, body, message_id, headers, attempt, dead_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -455,7 +437,7 @@ class EmbeddedBus:
                 else:
                     conn.execute(
                         "UPDATE messages SET attempt = ?, available_at = ? WHERE seq = ?",
-                        (row.attempt + 1, now + self.retry_backoff * row.attempt, row.seq),
+                        (outcome.attempt, now + outcome.delay, row.seq),
                     )
 
     # -- inspection ------------------------------------------------------------------------------------
@@ -541,7 +523,7 @@ def _chunks(rows: list[_Row], size: int) -> Iterator[list[_Row]]:
     """Consecutive runs of up to ``size`` rows, in order; a row that already failed (attempt > 1) is alone."""
     chunk: list[_Row] = []
     for row in rows:
-        if row.attempt > 1:
+        if handed_alone(row.attempt):
             if chunk:
                 yield chunk
                 chunk = []

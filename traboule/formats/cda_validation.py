@@ -56,6 +56,8 @@ import structlog
 from lxml import etree
 from saxonche import PySaxonApiError, PySaxonProcessor, PyXdmNode, PyXsltExecutable
 
+from traboule.errors import CDAValidatorError
+
 log = structlog.get_logger("traboule.translate.cda")
 
 UPSTREAM_REPO = "ansforge/interop-outil-cda-testcontenucda3.0-outil-validation-documents-cda"
@@ -87,10 +89,6 @@ COMPILED_SUFFIX = ".traboule.xsl"
 CACHE_FORMAT = "1"
 WARNING_ROLES = frozenset({"warning", "warn", "info", "information"})
 ERROR_ROLES = frozenset({"error", "fatal"})
-
-
-class CDAValidatorError(Exception):
-    """The validator tree is missing or incomplete, or one of its schematrons does not compile."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from traboule.errors import EncodingError
+
 Value = str | None | list[list["Element"]]
 Element = tuple[int, str, Value]
 
@@ -50,10 +52,6 @@ _IS = re.compile(r"[+-]?[0-9]+")
 _ITEM = b"\xfe\xff\x00\xe0"
 _U16 = struct.Struct("<H").pack
 _U32 = struct.Struct("<I").pack
-
-
-class EncodingError(ValueError):
-    """The tree holds something this encoder does not write exactly as pydicom would: use pydicom instead."""
 
 
 def encode(elements: list[Element], charset: str | None = None) -> bytes:

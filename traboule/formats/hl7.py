@@ -3,15 +3,19 @@
 Written by hand on purpose: hl7apy's ``parse_message`` handles about 110 ORM messages/s and python-hl7 about
 2,500/s on the reference 2-core machine, while durable ingest must sustain thousands of orders/s. This module is a
 ``str.split`` tokenizer (about 100,000 messages/s) that keeps each field raw (escaped) and unescapes only the
-leaves a mapping reads. It also owns the charset policy (MSH-18) and the HL7 escape sequences.
+leaves a mapping reads. It also owns the charset policy (MSH-18), the HL7 escape sequences, the MSH fields by name
+(`MSH`), batches (FHS/BHS split, the batch of ACKs) and original-mode acknowledgements, built (`build_ack`) and read
+(`read_ack`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from traboule.errors import HL7Error
 
 # MSH-18 values (HL7 table 0211) we accept, and the Python codec that reads them.
 CHARSETS: dict[str, str] = {
@@ -26,17 +30,6 @@ CHARSETS: dict[str, str] = {
 BOM = b"\xef\xbb\xbf"
 
 
-class HL7Error(ValueError):
-    """Input that cannot be read as HL7 v2; carries what an ERR segment needs."""
-
-    def __init__(self, reason: str, *, location: str = "MSH", code: str = "102", reject: bool = True):
-        super().__init__(reason)
-        self.reason = reason
-        self.location = location  # e.g. "MSH-9" or "PID-3"
-        self.code = code  # HL7 table 0357 error code
-        self.reject = reject  # AR (True) or AE (False)
-
-
 @dataclass(frozen=True)
 class Separators:
     field: str = "|"
@@ -48,6 +41,66 @@ class Separators:
     @property
     def encoding_characters(self) -> str:
         return self.component + self.repetition + self.escape + self.subcomponent
+
+
+class _Field:
+    """MSH-n of an `MSH` view, raw (still escaped); "" when the segment stops before it."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __get__(self, view: Any, owner: type | None = None) -> str:
+        fields = view.fields
+        return fields[self.n] if self.n < len(fields) else ""
+
+
+class MSH:
+    """The fields of an MSH segment by their HL7 v2.5 names; ``fields[n]`` is MSH-n (MSH-1 is the field
+    separator itself). The one place that knows which MSH field is where."""
+
+    __slots__ = ("fields",)
+
+    field_separator = _Field(1)
+    encoding_characters = _Field(2)
+    sending_application = _Field(3)
+    sending_facility = _Field(4)
+    receiving_application = _Field(5)
+    receiving_facility = _Field(6)
+    date_time = _Field(7)
+    security = _Field(8)
+    message_type = _Field(9)
+    control_id = _Field(10)
+    processing_id = _Field(11)
+    version = _Field(12)
+    sequence_number = _Field(13)
+    continuation_pointer = _Field(14)
+    accept_ack_type = _Field(15)
+    application_ack_type = _Field(16)
+    country = _Field(17)
+    charset = _Field(18)
+    principal_language = _Field(19)
+    alternate_charset_scheme = _Field(20)
+    profile = _Field(21)
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = fields
+
+    @classmethod
+    def peek(cls, text: str) -> MSH:
+        """The MSH segment ``text`` starts with (its first line, CR or LF ended), split on its own field separator
+        without tokenizing the message: for bytes that may not parse (read as Latin-1, one character a byte). No
+        fields when ``text`` does not start with MSH."""
+        if not text.startswith("MSH") or len(text) < 4:
+            return cls([])
+        sep = text[3]
+        first = text.split("\r", 1)[0].split("\n", 1)[0]
+        return cls(["MSH", sep, *first.split(sep)[1:]])
+
+
+# MSH field names → numbers (``MSH_FIELDS["control_id"] == 10``).
+MSH_FIELDS: dict[str, int] = {name: f.n for name, f in vars(MSH).items() if isinstance(f, _Field)}
 
 
 @dataclass
@@ -81,10 +134,10 @@ def decode(data: bytes) -> Decoded:
         head = data[at + 1 :] if at >= 0 else b""
     if not head.startswith(b"MSH") or len(head) < 8:
         raise HL7Error("message does not start with an MSH segment", location="MSH", code="100")
-    sep = head[3:4]
     end = min((i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0), default=len(head))
-    msh = head[:end].split(sep)
-    declared = msh[17].decode("ascii", "replace").strip() if len(msh) > 17 else ""
+    # Read as Latin-1 (one character a byte) to split it; the charset name itself must be ASCII.
+    declared = MSH.peek(head[: max(end, 4)].decode("latin-1")).charset
+    declared = declared.encode("latin-1").decode("ascii", "replace").strip()
     # MSH-18 repeats (first repetition: the default character set); take its first component.
     repetition = head[5:6].decode("latin-1") or "~"
     component = head[4:5].decode("latin-1") or "^"
@@ -147,9 +200,9 @@ class Message:
     def msh(self) -> Segment:
         return self.segments[0]
 
-    def header(self, n: int, component: int = 0) -> str:
-        """An MSH field (or one of its components), unescaped."""
-        value = self.msh.field(n)
+    def header(self, field: int | str, component: int = 0) -> str:
+        """An MSH field (by number or by its `MSH` name), or one of its components, unescaped."""
+        value = self.msh.field(MSH_FIELDS[field] if isinstance(field, str) else field)
         if component:
             parts = value.split(self.separators.component)
             value = parts[component - 1] if component <= len(parts) else ""
@@ -158,16 +211,16 @@ class Message:
     @property
     def message_type(self) -> str:
         """``ORM^O01`` style type (MSH-9.1^MSH-9.2), whatever MSH-9.3 says."""
-        return f"{self.header(9, 1).strip()}^{self.header(9, 2).strip()}"
+        return f"{self.header('message_type', 1).strip()}^{self.header('message_type', 2).strip()}"
 
     @property
     def control_id(self) -> str:
-        return self.header(10).strip()
+        return self.header("control_id").strip()
 
     @property
     def version(self) -> str:
         """MSH-12.1, trimmed (``2.5^FRA^2.11`` → ``2.5``)."""
-        return self.header(12, 1).strip()
+        return self.header("version", 1).strip()
 
     def segment(self, name: str) -> Segment | None:
         return next((s for s in self.segments if s.name == name), None)
@@ -251,6 +304,18 @@ def split_batch(text: str) -> list[str]:
 
 def is_batch(text: str) -> bool:
     return text.startswith(("FHS", "BHS"))
+
+
+def batch_messages(batch: Decoded) -> list[Decoded]:
+    """The messages of a decoded FHS/BHS batch, each read as the batch was (its charset and warnings)."""
+    return [Decoded(m, batch.codec, batch.declared, batch.warnings) for m in split_batch(batch.text)]
+
+
+def batch_ack(acks: list[bytes], codec: str, timestamp: str) -> bytes:
+    """Answer a batch with a batch of ACKs (BHS ... BTS), one ACK per message, in order."""
+    head = f"BHS|^~\\&|||||{timestamp}\r".encode(codec)
+    tail = f"BTS|{len(acks)}\r".encode(codec)
+    return head + b"".join(acks) + tail
 
 
 # --- escape sequences (HL7 v2.5 §2.7) -------------------------------------------------------------------------
@@ -374,51 +439,87 @@ def build_ack(
     control_id: str,
     timestamp: str,
     error: AckError | None = None,
-    raw_msh: list[str] | None = None,
+    header: MSH | None = None,
 ) -> str:
     """An original-mode ACK (MSH + MSA [+ ERR]) answering ``msg``.
 
     Built by hand rather than with hl7apy: it is on the hot path (one per message) and its shape is fixed.
-    ``raw_msh`` serves when the message could not be tokenized but its MSH could be split.
+    ``header`` serves when the message could not be tokenized but its MSH could be split (`peek_for_ack`).
     """
     seps = msg.separators if msg else Separators()
-    f = msg.msh.fields if msg else (raw_msh or ["MSH", "|", "^~\\&"])
-
-    def get(n: int) -> str:
-        return f[n] if n < len(f) else ""
-
-    trigger = get(9).split(seps.component)[1] if seps.component in get(9) else ""
-    version = get(12) or "2.5"
+    h = MSH(msg.msh.fields) if msg else header or MSH([])
+    trigger = h.message_type.split(seps.component)[1] if seps.component in h.message_type else ""
+    version = h.version or "2.5"
     version_id = version.split(seps.component)[0].strip()
+    # MSH-1..18 of the answer: the applications swapped, the sender's processing id, version, country and charset.
     msh = [
         "MSH",
         seps.encoding_characters,
-        get(5),
-        get(6),
-        get(3),
-        get(4),
+        h.receiving_application,
+        h.receiving_facility,
+        h.sending_application,
+        h.sending_facility,
         timestamp,
         "",
         f"ACK{seps.component}{trigger}{seps.component}ACK" if trigger else "ACK",
         control_id,
-        get(11) or "P",
+        h.processing_id or "P",
         version,
         "",
         "",
         "",
         "",
-        get(17),
-        get(18),
+        h.country,
+        h.charset,
     ]
     while msh and msh[-1] == "":
         msh.pop()
     fs = seps.field
     lines = [fs.join(msh)]
     text = escape(error.reason, seps)[:200] if error else ""
-    lines.append(fs.join(["MSA", code, get(10), *([text] if text else [])]))
+    lines.append(fs.join(["MSA", code, h.control_id, *([text] if text else [])]))
     if error:
         lines.append(_err_segment(error, version_id, seps))
     return "\r".join(lines) + "\r"
+
+
+def peek_for_ack(text: str) -> MSH:
+    """What an ACK to ``text`` that could not be tokenized can echo: its MSH fields when its delimiters are the
+    usual ones (the ACK is written with them, so fields split with others would be misread); else none."""
+    return MSH.peek(text) if text.startswith("MSH|^~\\&") else MSH([])
+
+
+@dataclass(frozen=True)
+class AckReading:
+    """How a receiver answered a message we sent (`read_ack`)."""
+
+    code: str  # MSA-1: AA or CA accepted; AE, AR, CE, CR refused; "" when there is none to read
+    accepted: bool
+    reason: str = ""  # why not accepted, for the operator (may quote the receiver's text)
+    # The answer names another message (a late answer to an earlier one, after a timeout): the fate of this one is
+    # unknown and the connection's answers are out of step with its messages.
+    out_of_step: bool = False
+
+
+def read_ack(sent: bytes, answer: bytes) -> AckReading:
+    """Read the receiver's ``answer`` to the message ``sent``: MSA-1, MSA-2 against the sent MSH-10 (read from its
+    first line, without tokenizing a message that may carry a CDA), MSA-3 or ERR-8 when refused."""
+    try:
+        ack = parse(decode(answer).text)
+    except HL7Error as exc:
+        return AckReading("", False, f"unreadable ACK: {exc}")
+    msa = ack.segment("MSA")
+    code = msa.field(1) if msa else ""
+    sent_id = MSH.peek(sent.split(b"\r", 1)[0].decode("latin-1")).control_id
+    if msa is not None and sent_id and msa.field(2) and msa.field(2) != sent_id:
+        reason = f"the ACK is for message {msa.field(2)!r}, not {sent_id!r}"
+        return AckReading(code, False, reason, out_of_step=True)
+    if code not in ("AA", "CA"):
+        text = msa.field(3) if msa else ""
+        err = ack.segment("ERR")
+        detail = text or (err.field(8) if err else "")
+        return AckReading(code, False, f"receiver answered {code or 'no MSA'} {detail}".strip())
+    return AckReading(code, True)
 
 
 _ERROR_TEXT = {

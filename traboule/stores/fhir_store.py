@@ -1,5 +1,6 @@
-"""The FHIR resources traboule serves: SQLite (WAL, synchronous FULL), one row per resource plus an index of token
-search parameters.
+"""The FHIR resources traboule serves: SQLite (WAL, ``Durability.POWER_LOSS``), one row per resource plus an index
+of token search parameters. `SQLiteFHIRStore` implements `traboule.stores.FHIRStore` (whose docstring states the
+guarantees every backend keeps).
 
 * ``resources(type, id, version_id, last_updated, seq, json)``: the current version of each resource. ``seq`` is
   the journal sequence of the event that wrote it: an older event (a retry arriving after a newer change) does not
@@ -23,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sqlite3
 import threading
 import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+
+from traboule.errors import SearchError
+from traboule.formats.fhir_codes import IS_DELETED, STUDY_UID_TYPE
+from traboule.stores.sqlite import Durability, open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -109,25 +113,12 @@ SEARCH_PARAMS: dict[str, dict[str, str]] = {
     "Binary": {},  # read only: the documents' bytes (MHD ITI-68)
 }
 REFERENCE_TYPES = {"basedon": "ServiceRequest"}  # the resource a reference parameter points at, Patient otherwise
-# PDSm's logical deletion of a DocumentReference (extension PDSm_IsDeleted, with status superseded; flux 03 of
-# PDSm, "suppression logique"): such an entry is left out of every search.
-IS_DELETED = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/pdsm-ext-is-deleted"
-STUDY_UID_TYPE = "urn:ihe:iti:xds:2016:studyInstanceUID"  # a context.related identifier's type (XDS referenceIdList)
 TOKENS_VERSION = 2  # PRAGMA user_version: a store indexed by an older version has its tokens rebuilt at open
 _REFERENCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}", re.ASCII)
 # Values in one search (every comma-separated value of every parameter): each is one SQL clause, and SQLite
 # refuses an expression deeper than 1000 ("Expression tree is too large") -- a 500 for what is a bad request.
 MAX_SEARCH_VALUES = 100
 MAX_OFFSET = 10**9  # far beyond any store we hold, and well inside SQLite's 64-bit integers
-
-
-class SearchError(ValueError):
-    """A search the store does not support (names the parameter); ``code``: the OperationOutcome issue type."""
-
-    def __init__(self, param: str, reason: str, code: str = "not-supported"):
-        super().__init__(reason)
-        self.param = param
-        self.code = code
 
 
 def _content(resource: dict[str, Any]) -> str:
@@ -257,16 +248,16 @@ def utc_instant(value: str) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-class FHIRStore:
+class SQLiteFHIRStore:
+    """The FHIR resources of one ``fhir`` channel (`traboule.stores.FHIRStore`)."""
+
     def __init__(self, path: str, timezone: Any = None):
         """``timezone``: how a date or a zone-less time in a date search is read (local days); UTC when None."""
         self.path = path
         self.timezone = timezone or UTC
         self._lock = threading.RLock()
         self._depth = 0
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(path, Durability.POWER_LOSS, threads=True, busy_timeout_s=5.0)
         self._db.executescript(SCHEMA)
         self._reindex()
 
@@ -551,6 +542,9 @@ class FHIRStore:
                 (binary_id,),
             ).fetchone()
         return row is not None
+
+
+FHIRStore = SQLiteFHIRStore  # the name the fhir channel and the command line construct today
 
 
 def _token(value: str) -> tuple[str, list[str]]:

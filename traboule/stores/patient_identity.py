@@ -43,6 +43,9 @@ report for such an order would be checked against nothing), so each flush also w
 the orders channel whose owners it holds (`mark`), and the channel's start records again (`rebuild`) what the
 accepted messages journaled after it said (pairs, merges, owners; a crash between a journal write and its record
 loses them too): nothing the journal acknowledged is unknown to the checks.
+
+`PatientIdentities` implements `traboule.stores.PatientRegistry` (whose docstring states the guarantees every
+backend keeps).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from typing import Any
 
 import structlog
 
+from traboule.errors import MappingFailure
 from traboule.model import (
     INS_OIDS,
     Document,
@@ -71,7 +75,8 @@ from traboule.model import (
     Report,
     Study,
 )
-from traboule.translate.hl7_mapping import MappingFailure, ins_key_ok
+from traboule.stores.sqlite import Durability, open_database
+from traboule.translate.hl7_mapping import ins_key_ok
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ins (
@@ -280,12 +285,12 @@ def same_patient(a: list[Identifier], b: list[Identifier]) -> bool:
 
 
 class PatientIdentities:
+    """The patient identity registry of the engine's inbound channels (`traboule.stores.PatientRegistry`)."""
+
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(self.path, Durability.POWER_LOSS, threads=True, busy_timeout_s=10.0)
         self._db.executescript(SCHEMA)
         self._reserved: dict[str, dict[Pair, float]] = {}  # by IPP value: pairs checked, not yet recorded
         self._holders: dict[Pair, int] = {}  # how many messages in flight hold each reserved pair
@@ -294,8 +299,7 @@ class PatientIdentities:
         self._keys_pruned = time.monotonic()
         # The owners of order keys are written by a thread of the event loop's pool on a connection of their own
         # (SQLite works without the interpreter lock: beside the ingest, not on its core), without an fsync each.
-        self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer = open_database(self.path, Durability.CRASH, threads=True, busy_timeout_s=10.0)
         self._write_lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[str, str]] = {}  # owners recorded, not yet written: text, source
         self._flushing: dict[tuple[str, str], tuple[str, str]] = {}  # being written

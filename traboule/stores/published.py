@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class NotPublished(LookupError):
-    """No document for the id or accession number asked for; the text says what was looked for."""
+from traboule.errors import NotPublished
+from traboule.stores.sqlite import Durability, open_database
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class PublishedDocuments:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist")
-        self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        self._db = open_database(self.path, Durability.READ_ONLY)
 
     def close(self) -> None:
         self._db.close()

@@ -24,8 +24,9 @@ answered AE with the reason and journaled as rejected, so nothing is half-publis
   *invalid*: both are dead letters, published again on request (``request_publication``). Each outcome is written
   to the message's journal entry by the channel (``unnoted`` / ``noted``).
 
-State lives in ``<data_dir>/<channel>.reports.sqlite`` (WAL): sets, documents (with their bytes), known studies,
-performed steps and orders, waiting reports.
+State lives in ``<data_dir>/<channel>.reports.sqlite`` (WAL, ``Durability.POWER_LOSS``): sets, documents (with
+their bytes), known studies, performed steps and orders, waiting reports. `ReportPublisher` implements
+`traboule.stores.ReportStore` (whose docstring states the guarantees every backend keeps).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from typing import Any
 import structlog
 
 from traboule import model
-from traboule.translate.cda import CDAError, CDAMapping, DocumentIds, decode_attachment, placeholder_study, read_header
+from traboule.errors import CDAError, ReportRefused
+from traboule.stores.sqlite import Durability, open_database
+from traboule.translate.cda import CDAMapping, DocumentIds, decode_attachment, placeholder_study, read_header
 
 log = structlog.get_logger("traboule.stores.reports")
 
@@ -116,16 +119,6 @@ DEAD = ("expired", "invalid")  # dead letters: published again only on request
 MAX_REPORT_NUMBER = 2**63 - 1  # the largest row number SQLite has
 
 
-class ReportRefused(Exception):
-    """The report cannot be published; ``reason`` goes into the AE, ``location`` names the HL7 field."""
-
-    def __init__(self, reason: str, location: str = "", code: str = "101"):
-        super().__init__(reason)
-        self.reason = reason
-        self.location = location
-        self.code = code
-
-
 @dataclass
 class Held:
     """A report that made no document now (nothing to publish yet); ``note`` goes into its journal entry."""
@@ -147,7 +140,8 @@ class Withdrawn(Held):
 
 
 class ReportPublisher:
-    """Prepares the documents of one inbound channel (blocking calls: run them in a thread).
+    """Prepares the documents of one inbound channel (blocking calls: run them in a thread); the SQLite
+    `traboule.stores.ReportStore`.
 
     ``wait_for_study``: seconds a structured report waits for its study (0: refused at once, AE, as before)."""
 
@@ -162,9 +156,7 @@ class ReportPublisher:
         # One report at a time: two versions of a set (or the same message on two connections) must not interleave
         # between reading the set's current version and storing the next. Validation is serial anyway.
         self._prepare_lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(self.path, Durability.POWER_LOSS, threads=True, busy_timeout_s=5.0)
         _create(self._db)
         self.changes = 0  # catalog sources written (studies, performed steps): the waiting task rescans on a change
         # Whether a catalog source is of the report's patient; the orders channel gives its identity registry's
@@ -978,9 +970,7 @@ def request_publication(path: Path | str, n: int, wait_for_study: float = WAIT_F
 
 
 def _open(path: Path | str) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    db = open_database(path, Durability.POWER_LOSS, busy_timeout_s=30.0)
     _create(db)
     return db
 

@@ -1,8 +1,11 @@
 """The worklist store: MWL item datasets in SQLite, queried with exact PS3.4 C-FIND semantics.
 
+`SQLiteWorklistStore` implements `traboule.stores.WorklistStore` (whose docstring states the guarantees every
+backend keeps): ``Durability.POWER_LOSS``, a committed ``apply_batch`` is on disk when it returns.
+
 A query runs in two stages. SQL narrows the candidates with the keys that map to indexed columns (Scheduled
 Procedure Step start date, modality and station AE title, accession number, patient ID and name...); then
-`traboule.stores.dicom_match` decides on the decoded datasets, so the SQL only has to be a superset, never exact.
+`traboule.formats.dicom_match` decides on the decoded datasets, so the SQL only has to be a superset, never exact.
 Rows whose columns cannot stand for the whole item (several SPS items, a multi-valued key) are flagged
 `exact = 0` and always become candidates, so the prefilter can never hide a match.
 
@@ -14,7 +17,8 @@ bytes themselves (no invalidation to get wrong: changed bytes are a different ke
 days, 8 modalities, 48 stations, "this day + CT + station AE" (11 matches, 17 return keys) takes ~1 ms warm
 and ~10 ms cold; a month for one station (604 matches) 50-70 ms warm. Writing a Dataset costs ~0.5 ms per item
 (pydicom encoding), outside the write lock; an `EncodedItem` (the MWL mapping's fast path, encoded by
-`traboule.formats.dicom_encoding`) arrives with its bytes and index columns already computed.
+`traboule.formats.dicom_encoding`) arrives with its bytes and index columns already computed. The item's bytes and
+index columns are `traboule.formats.worklist_item`'s.
 """
 
 from __future__ import annotations
@@ -25,45 +29,44 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from io import BytesIO
-from typing import NamedTuple, TypeVar, cast
+from typing import NamedTuple
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 
-from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element, EncodingError
-from traboule.stores.dicom_match import (
+from traboule.formats.dicom_match import (
     AnyOf,
     CompiledQuery,
     Condition,
     Range,
+    ScanStopped,
     Single,
     Wildcard,
     compile_query,
-    parse_da,
-    stored_texts,
 )
+from traboule.formats.worklist_item import (
+    ACCESSION_NUMBER,
+    ISSUER_OF_PATIENT_ID,
+    MODALITY,
+    PATIENT_ID,
+    PATIENT_NAME,
+    REQUESTED_PROCEDURE_ID,
+    SPS_SEQUENCE,
+    SPS_START_DATE,
+    SPS_STATUS,
+    STATION_AET,
+    STUDY_INSTANCE_UID,
+    EncodedItem,
+    dataset_columns,
+    decode_item,
+    encode_item,
+)
+from traboule.stores.idempotency import AppliedKeys, done_keys
+from traboule.stores.sqlite import Durability, open_database
 
 # Items in these states are not offered to modalities (they are normally deleted on cancel anyway).
 NOT_OFFERED = ("CANCELLED", "COMPLETED", "DISCONTINUED")
-
-PATIENT_ID = 0x00100020
-ISSUER_OF_PATIENT_ID = 0x00100021
-PATIENT_NAME = 0x00100010
-ACCESSION_NUMBER = 0x00080050
-REQUESTED_PROCEDURE_ID = 0x00401001
-STUDY_INSTANCE_UID = 0x0020000D
-SPS_SEQUENCE = 0x00400100
-MODALITY = 0x00080060
-STATION_AET = 0x00400001
-SPS_START_DATE = 0x00400002
-SPS_START_TIME = 0x00400003
-SPS_STATUS = 0x00400020
 
 # Query key -> index column. Patient name switches to the folded column for case-insensitive matching.
 _ITEM_COLUMNS = {
@@ -117,20 +120,6 @@ CREATE TABLE IF NOT EXISTS order_seq (
 _BATCH = 256  # datasets fetched per short read transaction while a response streams
 
 
-def encode_item(ds: Dataset) -> bytes:
-    """Explicit VR little endian encoding of a dataset, without preamble or file meta."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
-def decode_item(data: bytes) -> Dataset:
-    """The inverse of `encode_item` (elements are converted lazily, on first access)."""
-    return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
-
-
 def _fully_converted(ds: Dataset) -> Dataset:
     """Convert every raw element now, so the dataset is only ever read afterwards (safe to share across threads)."""
     for elem in ds:  # iterating a Dataset converts each raw element in place
@@ -163,29 +152,6 @@ class _DecodedCache:
         return ds
 
 
-class EncodedItem:
-    """An item ready for the store: its bytes as `encode_item` writes them and its index columns as `_row` extracts
-    them (see `item_columns`), so that `apply` does not touch pydicom. `dataset` is the item as a pydicom Dataset,
-    built on first use (for callers that read or edit the item, e.g. a batch view or the worklist files)."""
-
-    __slots__ = ("_build", "_dataset", "columns", "data")
-
-    def __init__(self, data: bytes, columns: tuple[object, ...], build: Callable[[], Dataset]) -> None:
-        self.data = data
-        self.columns = columns  # _UPSERT's columns from status to exact
-        self._build = build
-        self._dataset: Dataset | None = None
-
-    @property
-    def dataset(self) -> Dataset:
-        if self._dataset is None:
-            self._dataset = self._build()
-        return self._dataset
-
-    def __repr__(self) -> str:
-        return f"EncodedItem({len(self.data)} bytes, columns={self.columns!r})"
-
-
 def as_dataset(item: Dataset | EncodedItem) -> Dataset:
     """The Dataset of an upsert value, whichever form it takes."""
     return item.dataset if isinstance(item, EncodedItem) else item
@@ -193,16 +159,6 @@ def as_dataset(item: Dataset | EncodedItem) -> Dataset:
 
 Item = Dataset | EncodedItem
 Change = tuple[list[tuple[str, Item]], list[str], str]  # upserts, deletes, idempotency key
-
-
-class ScanStopped(Exception):
-    """A C-FIND scan ended before its last candidate: `reason` is "max_examined", "deadline" or "stopped"
-    (the caller's `should_stop` said so); `examined` is the number of items examined until then."""
-
-    def __init__(self, reason: str, examined: int) -> None:
-        super().__init__(f"scan stopped ({reason}) after {examined} items")
-        self.reason = reason
-        self.examined = examined
 
 
 class _ScanLimits(NamedTuple):
@@ -227,7 +183,7 @@ class _ScanLimits(NamedTuple):
             raise ScanStopped(reason, examined)
 
 
-class WorklistStore:
+class SQLiteWorklistStore:
     """Durable MWL items keyed by the caller's key (e.g. order key + step), safe to use from many threads.
 
     Readers use a small pool of connections and never wait for the writer (SQLite WAL); writes are serialised.
@@ -239,16 +195,15 @@ class WorklistStore:
         self._write_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
+        self._applied = AppliedKeys(self._writer)  # the idempotent consumer's marks, in apply_batch's transaction
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue(maxsize=pool_size)
         self._cache = _DecodedCache(cache_size)
         self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: autocommit, so reads never leave a transaction open and writes say BEGIN.
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a committed apply() survives a power cut, not only a crash
-        return conn
+        # Autocommit: reads never leave a transaction open and writes say BEGIN. A committed apply() survives a
+        # power cut, not only a crash.
+        return open_database(self.path, Durability.POWER_LOSS, threads=True, busy_timeout_s=10.0)
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -301,12 +256,9 @@ class WorklistStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for rows, deletes, idempotency_key in encoded:
-                    if idempotency_key:
-                        seen = conn.execute("SELECT 1 FROM applied WHERE idempotency_key = ?", (idempotency_key,))
-                        if seen.fetchone() is not None:
-                            applied.append(False)
-                            continue
-                        conn.execute("INSERT INTO applied VALUES (?, ?)", (idempotency_key, now))
+                    if idempotency_key and not self._applied.mark_done(idempotency_key):
+                        applied.append(False)  # applied before, or earlier in this batch
+                        continue
                     conn.executemany(_UPSERT, [(*row, now) for row in rows])
                     conn.executemany("DELETE FROM items WHERE key = ?", [(key,) for key in deletes])
                     applied.append(True)
@@ -334,13 +286,10 @@ class WorklistStore:
 
     def applied(self, idempotency_keys: list[str]) -> set[str]:
         """Which of these idempotency keys were already applied."""
-        keys = [k for k in idempotency_keys if k]
-        if not keys:
+        if not any(idempotency_keys):
             return set()
         with self._reader() as conn:
-            marks = ",".join("?" * len(keys))
-            sql = f"SELECT idempotency_key FROM applied WHERE idempotency_key IN ({marks})"
-            return {r[0] for r in conn.execute(sql, keys)}
+            return done_keys(conn, idempotency_keys)
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -393,7 +342,7 @@ class WorklistStore:
     ) -> Iterator[Dataset]:
         """C-FIND: the response identifiers of the offered items matching `query`.
 
-        Raises `traboule.stores.dicom_match.QueryError` at once (not on first iteration) for an unusable query. While
+        Raises `traboule.formats.dicom_match.QueryError` at once (not on first iteration) for an unusable query. While
         iterating, raises `ScanStopped` before examining one more item when `max_examined` (> 0) items were
         examined, when `time.monotonic()` passed `deadline`, or when `should_stop()` returns True; the candidate
         SQL is interrupted for the last two as well. So a scan that finds no match still stops on time.
@@ -442,6 +391,9 @@ class WorklistStore:
             return [str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
 
 
+WorklistStore = SQLiteWorklistStore  # the name the worklist channel and the command line construct today
+
+
 _UPSERT = """
 INSERT INTO items (key, status, patient_id, issuer_of_patient_id, patient_name, patient_name_upper,
     accession_number, requested_procedure_id, study_uid, modality, station_aet, start_date, start_time,
@@ -467,95 +419,6 @@ def _row(key: str, item: Item) -> tuple[object, ...]:
     if isinstance(item, EncodedItem):
         return (key, *item.columns, item.data)
     return (key, *dataset_columns(item), encode_item(item))
-
-
-def dataset_columns(ds: Dataset) -> tuple[object, ...]:
-    """Index columns (status to exact, in `_UPSERT` order) exactly as the matcher normalizes values."""
-    sps_elem = ds.get(SPS_SEQUENCE)
-    sps_items = list(sps_elem.value) if sps_elem is not None and sps_elem.VR == "SQ" and sps_elem.value else []
-    sps = sps_items[0].get if sps_items else None
-    return _columns(ds.get, sps, len(sps_items), lambda elem, fold: stored_texts(elem, fold=fold))
-
-
-# VRs whose str values pydicom keeps as they are (UI stripped, PN tidied) and `element_values` returns as they are.
-_TEXT_COLUMN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
-
-
-def item_columns(elements: list[Element]) -> tuple[object, ...]:
-    """`dataset_columns` of the dataset an element tree stands for (`traboule.formats.dicom_encoding.to_dataset`),
-    computed on the tree. Raises `EncodingError` for values it cannot read like pydicom (the caller falls back)."""
-    top = {elem[0]: elem for elem in elements}
-    sps_elem = top.get(SPS_SEQUENCE)
-    sps_items = sps_elem[2] if sps_elem is not None and sps_elem[1] == "SQ" and sps_elem[2] else []
-    if not isinstance(sps_items, list):
-        raise EncodingError("the SPS sequence must be a list of items")
-    sps = {elem[0]: elem for elem in sps_items[0]}.get if sps_items else None
-    return _columns(top.get, sps, len(sps_items), lambda elem, fold: _tree_texts(*elem, fold=fold))
-
-
-_E = TypeVar("_E")
-
-
-def _columns(
-    top: Callable[[int], _E | None],
-    sps: Callable[[int], _E | None] | None,
-    sps_count: int,
-    texts: Callable[[_E, bool], list[str]],
-) -> tuple[object, ...]:
-    """The index columns of an item, whichever form it takes: `top` and `sps` find an element of the item and of
-    its first SPS item by tag (None when absent), `texts` gives an element's `stored_texts` (folded or not)."""
-    # Sequence matching may succeed on any SPS item, the columns describe only the first.
-    exact = sps_count == 1
-
-    def column(find: Callable[[int], _E | None] | None, tag: int, *, fold: bool = False) -> str | None:
-        nonlocal exact
-        elem = None if find is None else find(tag)
-        if elem is None:
-            return None
-        values = texts(elem, fold)
-        if len(values) > 1:
-            exact = False  # one column cannot hold several values: let the matcher decide
-        return values[0] if values else ""
-
-    start_date = column(sps, SPS_START_DATE)
-    if start_date:
-        with suppress(ValueError):
-            start_date = parse_da(start_date)  # legacy YYYY.MM.DD becomes comparable
-    status = column(sps, SPS_STATUS) or ""
-    return (
-        status,
-        column(top, PATIENT_ID),
-        column(top, ISSUER_OF_PATIENT_ID),
-        column(top, PATIENT_NAME),
-        column(top, PATIENT_NAME, fold=True),
-        column(top, ACCESSION_NUMBER),
-        column(top, REQUESTED_PROCEDURE_ID),
-        column(top, STUDY_INSTANCE_UID),
-        column(sps, MODALITY),
-        column(sps, STATION_AET),
-        start_date,
-        column(sps, SPS_START_TIME),
-        int(exact),
-    )
-
-
-class _TreeValues(NamedTuple):
-    """The part of a DataElement `stored_texts` reads, for a tree element's values."""
-
-    VR: str
-    value: list[str]
-
-
-def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
-    """`stored_texts` of a tree element."""
-    if value is None or value == "":
-        return []
-    if vr not in _TEXT_COLUMN_VRS or not isinstance(value, str):
-        raise EncodingError(f"({tag:08X}) {vr}: not a text value an index column can take from the tree")
-    values = [value] if vr in UNSPLIT_VRS else value.split("\\")
-    if vr == "UI":
-        values = [v.strip() for v in values]  # as pydicom's UID does
-    return stored_texts(cast(DataElement, _TreeValues(vr, values)), fold=fold)
 
 
 def _glob(pattern: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,10 +26,10 @@ from lxml import etree
 from pydicom.uid import UID
 
 from traboule import model
+from traboule.errors import CDAError, MappingError
 from traboule.translate.mapping import (
     MAPPINGS_DIR,
     CodeTable,
-    MappingError,
     Node,
     line_of,
     load_tables,
@@ -45,6 +46,8 @@ LOINC = "2.16.840.1.113883.6.1"
 DCM = "1.2.840.10008.2.16.4"
 SNOMED = "2.16.840.1.113883.6.96"
 CCAM = "1.2.250.1.215.300.1"
+CCAM_OIDS = (CCAM, "1.2.250.1.213.2.5")  # the CDA examples' and the NOS tables' CCAM OIDs
+CONFIDENTIALITY_SYSTEM = "2.16.840.1.113883.5.25"  # HL7 v3 Confidentiality (JDV_J08)
 DCMUID = "1.2.840.10008.2.6.1"
 IDNAT_PS = "1.2.250.1.71.4.2.1"
 IDNAT_STRUCT = "1.2.250.1.71.4.2.2"
@@ -58,21 +61,56 @@ LEVEL3_TEMPLATES = ("1.2.840.10008.9.1", "1.2.840.10008.9.20", "1.2.840.10008.9.
 CR_IMG_TEMPLATE = ("1.2.250.1.213.1.1.1.45", "2024.01")
 XDS_SD_TEMPLATE = "1.3.6.1.4.1.19376.1.2.20"
 
-# Sections of the volet that carry report text: code → (templateIds, code display, default title).
-TEXT_SECTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "18834-2": (("1.2.840.10008.9.4", "1.2.250.1.213.1.1.2.207"), "Examen comparatif", "Examen comparatif"),
-    "59776-5": (("2.16.840.1.113883.10.20.6.1.2", "1.2.250.1.213.1.1.2.208"), "Résultats de l'acte", "Résultats"),
-    "19005-8": (("1.2.840.10008.9.5", "1.2.250.1.213.1.1.2.209"), "Conclusions", "Conclusion"),
-    "55112-7": (("1.2.250.1.213.1.1.2.73",), "Commentaire", "Commentaire"),
+
+@dataclass(frozen=True)
+class SectionTemplate:
+    """A section of the volet: its templateIds, its code's display and system, its title (the display when empty)."""
+
+    templates: tuple[str, ...]
+    display: str
+    title: str = ""
+    system: str = LOINC
+
+
+CLINICAL, REQUEST, HISTORY, TECHNIQUE, COMPLICATIONS = "55752-0", "55115-0", "11329-0", "55111-9", "55109-3"
+CATALOG = "121181"  # DCM
+TEXT_SECTIONS = ("18834-2", "59776-5", "19005-8", "55112-7")  # the report's text, in the body's order
+# Every section the document holds: code → its template.
+SECTIONS: dict[str, SectionTemplate] = {
+    CLINICAL: SectionTemplate(("1.2.840.10008.9.2", "1.2.250.1.213.1.1.2.205"), "Informations cliniques"),
+    REQUEST: SectionTemplate(
+        ("1.2.840.10008.9.7", "1.2.250.1.213.1.1.2.211"), "Demande", "Justification de la demande d'examen"
+    ),
+    HISTORY: SectionTemplate(
+        ("2.16.840.1.113883.10.20.22.2.39", "1.2.250.1.213.1.1.2.213"),
+        "Historique médical",
+        "Antécédents médicaux / Antécédents chirurgicaux",
+    ),
+    TECHNIQUE: SectionTemplate(
+        ("1.2.840.10008.9.3", "1.2.250.1.213.1.1.2.206"), "Description de l'acte d'imagerie", "Technique d'imagerie"
+    ),
+    COMPLICATIONS: SectionTemplate(("2.16.840.1.113883.10.20.22.2.37", "1.2.250.1.213.1.1.2.214"), "Complications"),
+    CATALOG: SectionTemplate(
+        ("2.16.840.1.113883.10.20.6.1.1", "1.2.250.1.213.1.1.2.217"), "Catalogue d'objets DICOM", system=DCM
+    ),
+    "18834-2": SectionTemplate(("1.2.840.10008.9.4", "1.2.250.1.213.1.1.2.207"), "Examen comparatif"),
+    "59776-5": SectionTemplate(
+        ("2.16.840.1.113883.10.20.6.1.2", "1.2.250.1.213.1.1.2.208"), "Résultats de l'acte", "Résultats"
+    ),
+    "19005-8": SectionTemplate(("1.2.840.10008.9.5", "1.2.250.1.213.1.1.2.209"), "Conclusions", "Conclusion"),
+    "55112-7": SectionTemplate(("1.2.250.1.213.1.1.2.73",), "Commentaire"),
 }
-REQUEST, HISTORY, TECHNIQUE, COMPLICATIONS = "55115-0", "11329-0", "55111-9", "55109-3"
+# The entries' templateIds (DICOM / IHE, then CI-SIS).
+ENTRY_TEMPLATES = {
+    "procedure": ("1.2.840.10008.9.14", "1.2.250.1.213.1.1.3.153"),
+    "history": ("2.16.840.1.113883.10.20.6.2.13", "1.2.250.1.213.1.1.3.150"),
+    "study": ("1.2.840.10008.9.16", "1.2.250.1.213.1.1.3.155"),
+    "series": ("1.2.840.10008.9.17", "1.2.250.1.213.1.1.3.156"),
+    "instance": ("1.2.840.10008.9.18", "1.2.250.1.213.1.1.3.157"),
+}
 UNKNOWN = "Non renseigné"
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
-
-
-class CDAError(ValueError):
-    """The report lacks what the document needs (names what is missing and where it comes from)."""
 
 
 @dataclass
@@ -280,13 +318,11 @@ class CDAMapping:
         b = _Builder(root)
         b.add(root, "realmCode", code="FR")
         b.add(root, "typeId", root="2.16.840.1.113883.1.3", extension="POCD_HD000040")
-        for template in HEADER_TEMPLATES:
-            b.add(root, "templateId", root=template)
+        b.templates(root, HEADER_TEMPLATES)
         if pdf:
             b.add(root, "templateId", root=XDS_SD_TEMPLATE)
         else:
-            for template in LEVEL3_TEMPLATES:
-                b.add(root, "templateId", root=template)
+            b.templates(root, LEVEL3_TEMPLATES)
             b.add(root, "templateId", root=CR_IMG_TEMPLATE[0], extension=CR_IMG_TEMPLATE[1])
         b.add(root, "id", root=ids.id)
         code = b.add(root, "code", code=REPORT_CODE[0], displayName=REPORT_CODE[1], codeSystem=LOINC)
@@ -295,7 +331,7 @@ class CDAMapping:
         title = report.title or f"CR d'imagerie médicale - {act.code.display or report.procedure.display}"
         b.text(root, "title", title)
         b.add(root, "effectiveTime", value=created)
-        b.add(root, "confidentialityCode", code="N", displayName="Normal", codeSystem="2.16.840.1.113883.5.25")
+        b.add(root, "confidentialityCode", code="N", displayName="Normal", codeSystem=CONFIDENTIALITY_SYSTEM)
         b.add(root, "languageCode", code="fr-FR")
         b.add(root, "setId", root=ids.set_id)
         b.add(root, "versionNumber", value=str(ids.version))
@@ -381,9 +417,14 @@ class CDAMapping:
             assigned, "code", code=self.author_role.code, displayName=self.author_role.display, codeSystem=ROLE_SYSTEM
         )
         self._person(b, assigned, "assignedPerson", report.author.name)
-        org = b.add(assigned, "representedOrganization")
+        self._organization(b, assigned)
+
+    def _organization(self, b: _Builder, parent: etree._Element) -> etree._Element:
+        """The organisation the author acts for (idNat_Struct and name), as ``parent``'s representedOrganization."""
+        org = b.add(parent, "representedOrganization")
         b.add(org, "id", root=IDNAT_STRUCT, extension=self.organization.id)
         b.text(org, "name", self.organization.name)
+        return org
 
     def _person(self, b: _Builder, parent: etree._Element, tag: str, name: model.PersonName) -> None:
         if not name.family:
@@ -442,11 +483,8 @@ class CDAMapping:
         entity = b.add(performer, "assignedEntity")
         b.add(entity, "id", root=IDNAT_PS, extension=self.idnat_ps(report.author, "the author"))
         self._person(b, entity, "assignedPerson", report.author.name)
-        org = b.add(entity, "representedOrganization")
-        b.add(org, "id", root=IDNAT_STRUCT, extension=self.organization.id)
-        b.text(org, "name", self.organization.name)
         b.add(
-            org,
+            self._organization(b, entity),
             "standardIndustryClassCode",
             code=self.practice_setting.code,
             displayName=self.practice_setting.display,
@@ -496,63 +534,92 @@ class CDAMapping:
         study: model.Study,
         ids: DocumentIds,
     ) -> None:
+        """Informations cliniques, the act's section, then the report's text; section and entry ids are sub-OIDs of
+        the document's id, numbered in the document's order."""
         counter = iter(range(1, 10_000))
 
         def section_id() -> str:
             return f"{ids.id}.{next(counter)}"
 
-        # Informations cliniques: Demande + Historique médical (both required inside it).
-        clinical = b.section(
-            body, ("1.2.840.10008.9.2", "1.2.250.1.213.1.1.2.205"), section_id(), "55752-0", "Informations cliniques"
-        )
+        self._clinical_information(b, body, report, section_id)
+        self._imaging_act(b, body, report, act, study, section_id)
+        for code in TEXT_SECTIONS:  # Examen comparatif, Résultats, Conclusion, Commentaire
+            found = report.section(code)
+            if found is not None and found.text.strip():
+                b.narrative(b.section(body, code, section_id(), title=found.title), found.text)
+
+    def _clinical_information(
+        self, b: _Builder, body: etree._Element, report: model.Report, section_id: Callable[[], str]
+    ) -> None:
+        """Informations cliniques: Demande and Historique médical (both required inside it)."""
+        clinical = b.section(body, CLINICAL, section_id())
         b.add(clinical, "text")
         request = report.section(REQUEST)
-        demand = b.section(
-            b.add(clinical, "component"),
-            ("1.2.840.10008.9.7", "1.2.250.1.213.1.1.2.211"),
-            section_id(),
-            REQUEST,
-            "Demande",
-            title="Justification de la demande d'examen",
-            wrap=False,
-        )
+        demand = b.section(clinical, REQUEST, section_id())
         demand.set("classCode", "DOCSECT")
         demand.set("moodCode", "EVN")
         b.narrative(demand, request.text if request and request.text.strip() else UNKNOWN)
         self._history(b, clinical, report, section_id)
-        # One Acte-imagerie section per act (one act per report here), with its DICOM object catalog.
-        technique = report.section(TECHNIQUE)
-        section = b.section(
-            body,
-            ("1.2.840.10008.9.3", "1.2.250.1.213.1.1.2.206"),
-            section_id(),
-            TECHNIQUE,
-            "Description de l'acte d'imagerie",
-            title="Technique d'imagerie",
+
+    def _imaging_act(
+        self,
+        b: _Builder,
+        body: etree._Element,
+        report: model.Report,
+        act: model.ReportAct,
+        study: model.Study,
+        section_id: Callable[[], str],
+    ) -> None:
+        """One Acte-imagerie section per act (one act per report here): its narrative, its procedure entry, the
+        complications, the DICOM object catalog."""
+        section = b.section(body, TECHNIQUE, section_id())
+        site = (
+            self.acts.lookup((report.procedure.code,), "site_code") or "",
+            self.acts.lookup((report.procedure.code,), "site_display") or "",
         )
+        self._act_narrative(b, section, report, act, site[1])
+        started = self.ts(report.exam_time or study.started) or self.ts(report.report_time)
+        self._procedure(b, section, act, site, started, section_id)
+        complications = report.section(COMPLICATIONS)
+        if complications and complications.text.strip():
+            b.narrative(b.section(section, COMPLICATIONS, section_id()), complications.text)
+        self._catalog(b, section, report, study, section_id, started, act.modality)
+
+    def _act_narrative(
+        self, b: _Builder, section: etree._Element, report: model.Report, act: model.ReportAct, site_display: str
+    ) -> None:
+        """The act (code, modality, site: the targets of the entry's references), then the technique's text."""
         text = b.add(section, "text")
         line = b.add(text, "paragraph")
         b.text(line, "content", f"[LOINC {act.code.code}] {act.code.display}").set("ID", "acte-1")
         if act.modality:
             _append_text(line, " - ")
             b.text(line, "content", self._modality(act.modality)).set("ID", "acte-1-modalite")
-        site_code = self.acts.lookup((report.procedure.code,), "site_code") or ""
-        site_display = self.acts.lookup((report.procedure.code,), "site_display") or ""
         if site_display:
             _append_text(line, " - ")
             b.text(line, "content", site_display).set("ID", "acte-1-localisation")
+        technique = report.section(TECHNIQUE)
         if technique and technique.text.strip():
             for paragraph in _lines(technique.text):
                 b.text(text, "paragraph", paragraph)
+
+    def _procedure(
+        self,
+        b: _Builder,
+        section: etree._Element,
+        act: model.ReportAct,
+        site: tuple[str, str],
+        started: str,
+        section_id: Callable[[], str],
+    ) -> None:
+        """The act's procedure entry: LOINC code with its CCAM translation, the modality, the target site."""
         procedure = b.add(b.add(section, "entry"), "procedure", classCode="PROC", moodCode="EVN")
-        b.add(procedure, "templateId", root="1.2.840.10008.9.14")
-        b.add(procedure, "templateId", root="1.2.250.1.213.1.1.3.153")
+        b.templates(procedure, ENTRY_TEMPLATES["procedure"])
         b.add(procedure, "id", root=section_id())
         code = b.add(procedure, "code", code=act.code.code, displayName=act.code.display, codeSystem=LOINC)
         b.add(b.add(code, "originalText"), "reference", value="#acte-1")
         if act.ccam:
             b.add(code, "translation", code=act.ccam, codeSystem=CCAM)
-        started = self.ts(report.exam_time or study.started) or self.ts(report.report_time)
         b.add(procedure, "effectiveTime", value=started)
         if act.modality:
             method = b.add(
@@ -561,44 +628,19 @@ class CDAMapping:
             b.add(b.add(method, "originalText"), "reference", value="#acte-1-modalite")
         else:
             b.add(procedure, "methodCode", nullFlavor="UNK")
+        site_code, site_display = site
         if site_code:
-            site = b.add(procedure, "targetSiteCode", code=site_code, displayName=site_display, codeSystem=SNOMED)
-            b.add(b.add(site, "originalText"), "reference", value="#acte-1-localisation")
+            target = b.add(procedure, "targetSiteCode", code=site_code, displayName=site_display, codeSystem=SNOMED)
+            b.add(b.add(target, "originalText"), "reference", value="#acte-1-localisation")
         else:
             b.add(procedure, "targetSiteCode", nullFlavor="UNK")
-        complications = report.section(COMPLICATIONS)
-        if complications and complications.text.strip():
-            sub = b.section(
-                b.add(section, "component"),
-                ("2.16.840.1.113883.10.20.22.2.37", "1.2.250.1.213.1.1.2.214"),
-                section_id(),
-                COMPLICATIONS,
-                "Complications",
-                wrap=False,
-            )
-            b.narrative(sub, complications.text)
-        self._catalog(b, section, report, study, section_id, started, act.modality)
-        # Résultats, Examen comparatif, Conclusion, Commentaire: the report's text.
-        for code in ("18834-2", "59776-5", "19005-8", "55112-7"):
-            found = report.section(code)
-            if found is None or not found.text.strip():
-                continue
-            templates, display, title = TEXT_SECTIONS[code]
-            sec = b.section(body, templates, section_id(), code, display, title=found.title or title)
-            b.narrative(sec, found.text)
 
-    def _history(self, b: _Builder, clinical: etree._Element, report: model.Report, section_id: Any) -> None:
+    def _history(
+        self, b: _Builder, clinical: etree._Element, report: model.Report, section_id: Callable[[], str]
+    ) -> None:
         history = report.section(HISTORY)
         text = history.text if history and history.text.strip() else UNKNOWN
-        sec = b.section(
-            b.add(clinical, "component"),
-            ("2.16.840.1.113883.10.20.22.2.39", "1.2.250.1.213.1.1.2.213"),
-            section_id(),
-            HISTORY,
-            "Historique médical",
-            title="Antécédents médicaux / Antécédents chirurgicaux",
-            wrap=False,
-        )
+        sec = b.section(clinical, HISTORY, section_id())
         narrative = b.add(sec, "text")
         for ref, value in (("atcd-med", text), ("atcd-chir", UNKNOWN), ("ci", UNKNOWN)):
             b.text(b.add(narrative, "paragraph"), "content", value).set("ID", ref)
@@ -608,8 +650,7 @@ class CDAMapping:
             ("ci", "64100-1", "Contre-indications"),
         ):
             obs = b.add(b.add(sec, "entry"), "observation", classCode="OBS", moodCode="EVN")
-            b.add(obs, "templateId", root="2.16.840.1.113883.10.20.6.2.13")
-            b.add(obs, "templateId", root="1.2.250.1.213.1.1.3.150")
+            b.templates(obs, ENTRY_TEMPLATES["history"])
             b.add(obs, "id", root=section_id())
             b.add(obs, "code", code=code, displayName=display, codeSystem=LOINC)
             b.add(b.add(obs, "text"), "reference", value=f"#{ref}")
@@ -629,40 +670,38 @@ class CDAMapping:
         parent: etree._Element,
         report: model.Report,
         study: model.Study,
-        section_id: Any,
+        section_id: Callable[[], str],
         started: str,
         modality_hint: str,
     ) -> None:
-        sec = b.section(
-            b.add(parent, "component"),
-            ("2.16.840.1.113883.10.20.6.1.1", "1.2.250.1.213.1.1.2.217"),
-            section_id(),
-            "121181",
-            "Catalogue d'objets DICOM",
-            system=DCM,
-            wrap=False,
-        )
+        """The DICOM object catalog: the study, one series, one instance (the link to the images)."""
+        sec = b.section(parent, CATALOG, section_id())
         sec.set("classCode", "DOCSECT")
         sec.set("moodCode", "EVN")
-        text = b.add(sec, "text")
-        link = ""
-        if self.image_link:
-            link = self.image_link.replace("{study}", study.study_instance_uid).replace(
-                "{accession}", report.accession_number.value
-            )
         # The catalog points at the study rather than listing it: one series and one SOP instance carrying the
         # link to the images. The CI-SIS 2024.01 schematrons assert exactly one series per study act and one
         # instance per series (count() = 1), as in the ANS example, and the STD describes one "generic" series
         # with the viewer (IHE Invoke Image Display) URL. The narrative lists the whole study for the reader.
         series = _catalog_series(study, modality_hint)
-        instance = series.instances[0]
         modality = series.modality if series.modality in _CATALOG_MODALITIES else modality_hint or series.modality
+        sop_name = _sop_class_name(series.instances[0].sop_class_uid)
+        self._catalog_narrative(b, b.add(sec, "text"), study, modality, sop_name)
+        link = ""
+        if self.image_link:
+            link = self.image_link.replace("{study}", study.study_instance_uid).replace(
+                "{accession}", report.accession_number.value
+            )
         study_act = b.add(b.add(sec, "entry"), "act", classCode="ACT", moodCode="EVN")
-        b.add(study_act, "templateId", root="1.2.840.10008.9.16")
-        b.add(study_act, "templateId", root="1.2.250.1.213.1.1.3.155")
+        b.templates(study_act, ENTRY_TEMPLATES["study"])
         b.add(study_act, "id", root=study.study_instance_uid)
         b.add(study_act, "code", code="113014", displayName="Examen", codeSystem=DCM)
         b.add(study_act, "effectiveTime", value=started)
+        self._catalog_series_entry(b, study_act, series, modality, sop_name, started, link)
+
+    def _catalog_narrative(
+        self, b: _Builder, text: etree._Element, study: model.Study, modality: str, sop_name: str
+    ) -> None:
+        """The whole study for the reader, then the modality and SOP class the entries refer to."""
         b.text(
             text,
             "paragraph",
@@ -678,13 +717,24 @@ class CDAMapping:
         line = b.add(text, "paragraph")
         b.text(line, "content", self._modality(modality)).set("ID", "catalogue-modalite")
         _append_text(line, " : ")
-        sop_name = _sop_class_name(instance.sop_class_uid)
         b.text(line, "content", sop_name).set("ID", "catalogue-sop")
+
+    def _catalog_series_entry(
+        self,
+        b: _Builder,
+        study_act: etree._Element,
+        series: model.Series,
+        modality: str,
+        sop_name: str,
+        started: str,
+        link: str,
+    ) -> None:
+        """The series act of the study act, with its one instance observation (carrying ``link`` when set)."""
+        instance = series.instances[0]
         series_act = b.add(
             b.add(study_act, "entryRelationship", typeCode="COMP"), "act", classCode="ACT", moodCode="EVN"
         )
-        b.add(series_act, "templateId", root="1.2.840.10008.9.17")
-        b.add(series_act, "templateId", root="1.2.250.1.213.1.1.3.156")
+        b.templates(series_act, ENTRY_TEMPLATES["series"])
         b.add(series_act, "id", root=series.uid)
         code = b.add(series_act, "code", code="113015", displayName="Séries", codeSystem=DCM)
         qualifier = b.add(code, "qualifier")
@@ -694,8 +744,7 @@ class CDAMapping:
         obs = b.add(
             b.add(series_act, "entryRelationship", typeCode="COMP"), "observation", classCode="DGIMG", moodCode="EVN"
         )
-        b.add(obs, "templateId", root="1.2.840.10008.9.18")
-        b.add(obs, "templateId", root="1.2.250.1.213.1.1.3.157")
+        b.templates(obs, ENTRY_TEMPLATES["instance"])
         b.add(obs, "id", root=instance.uid)
         sop = b.add(obs, "code", code=instance.sop_class_uid, displayName=sop_name, codeSystem=DCMUID)
         b.add(b.add(sop, "originalText"), "reference", value="#catalogue-sop")
@@ -726,26 +775,19 @@ class _Builder:
             parent = self.add(parent, tag)
         return parent
 
-    def section(
-        self,
-        parent: etree._Element,
-        templates: tuple[str, ...],
-        section_id: str,
-        code: str,
-        display: str,
-        *,
-        title: str = "",
-        system: str = LOINC,
-        wrap: bool = True,
-    ) -> etree._Element:
-        """A ``section`` (inside a new ``component`` when ``wrap``) with its templateIds, id, code and title."""
-        holder = self.add(parent, "component") if wrap else parent
-        sec = self.add(holder, "section")
-        for template in templates:
-            self.add(sec, "templateId", root=template)
+    def templates(self, parent: etree._Element, roots: tuple[str, ...]) -> None:
+        for root in roots:
+            self.add(parent, "templateId", root=root)
+
+    def section(self, parent: etree._Element, code: str, section_id: str, *, title: str = "") -> etree._Element:
+        """The ``SECTIONS`` section ``code`` in a new ``component`` of ``parent``: its templateIds, id, code and
+        title (``title``, else the template's)."""
+        template = SECTIONS[code]
+        sec = self.add(self.add(parent, "component"), "section")
+        self.templates(sec, template.templates)
         self.add(sec, "id", root=section_id)
-        self.add(sec, "code", code=code, displayName=display, codeSystem=system)
-        self.text(sec, "title", title or display)
+        self.add(sec, "code", code=code, displayName=template.display, codeSystem=template.system)
+        self.text(sec, "title", title or template.title or template.display)
         return sec
 
     def narrative(self, section: etree._Element, text: str) -> None:

@@ -28,11 +28,11 @@ from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_f
 from pydicom.dataset import Dataset
 
 from traboule import model
-from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
-from traboule.stores.worklist import EncodedItem, dataset_columns, encode_item, item_columns
+from traboule.errors import EncodingError, MappingError
+from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element, encode, to_dataset
+from traboule.formats.worklist_item import EncodedItem, dataset_columns, encode_item, item_columns
 from traboule.translate.mapping import (
     MAPPINGS_DIR,
-    MappingError,
     Node,
     compile_filters,
     line_of,

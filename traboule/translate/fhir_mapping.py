@@ -22,10 +22,21 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from traboule import model
-from traboule.stores.fhir_store import IS_DELETED, STUDY_UID_TYPE  # PDSm's deletion flag, referenceIdList type
-from traboule.translate.cda import CDAError, read_header
+from traboule.errors import CDAError, MappingError
+from traboule.formats.fhir_codes import IS_DELETED, STUDY_UID_TYPE  # PDSm's deletion flag, referenceIdList type
+from traboule.translate import cda
+from traboule.translate.cda import CCAM_OIDS, FACILITY_SYSTEM, PRACTICE_SYSTEM, REPORT_CODE, read_header
 from traboule.translate.document_ids import entry_uuid  # the DocumentEntry's entryUUID, the DMP's too
-from traboule.translate.mapping import MAPPINGS_DIR, CodeTable, MappingError, Node, line_of, load_tables, load_yaml
+from traboule.translate.mapping import MAPPINGS_DIR, CodeTable, Node, line_of, load_tables, load_yaml
+from traboule.translate.xds_metadata import (
+    ACCESSION,
+    CLASS_OF_TYPE,
+    CLASS_SCHEME,
+    FORMAT_OF_LEVEL,
+    FORMAT_SCHEME,
+    MASKING_SCHEME,
+    ORDER,
+)
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 REQUEST_STATUS = {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
@@ -695,7 +706,6 @@ class FHIRMapping:
 
         ``status``: ``available`` for a study the archive holds; ``registered`` / ``cancelled`` for one a modality
         announced (MPPS) before any image reached the archive."""
-        dcm = "http://dicom.nema.org/resources/ontology/DCM"
         identifiers: list[dict[str, Any]] = [
             {"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}
         ]
@@ -714,7 +724,7 @@ class FHIRMapping:
             "meta": {"lastUpdated": now()},
             "identifier": identifiers,
             "status": status,
-            "modality": [{"system": dcm, "code": m} for m in study.modalities],
+            "modality": [{"system": DCM, "code": m} for m in study.modalities],
             "subject": {"reference": patient_ref},
             "basedOn": [{"reference": ref} for ref in based_on],
             "numberOfSeries": len(study.series) if study.series else None,
@@ -741,7 +751,7 @@ class FHIRMapping:
             resource["endpoint"] = [{"reference": "#wado"}]
         series = []
         for s in study.series:
-            item: dict[str, Any] = {"uid": s.uid, "modality": {"system": dcm, "code": s.modality or "OT"}}
+            item: dict[str, Any] = {"uid": s.uid, "modality": {"system": DCM, "code": s.modality or "OT"}}
             if s.number.isdigit():
                 item["number"] = int(s.number)
             if s.description:
@@ -773,6 +783,14 @@ class FHIRMapping:
         data = base64.b64decode(doc.content)
         header = _cda_metadata(data)
         binary_id = resource_id("Binary", doc.id)
+        attachment = self._attachment(doc, data, binary_id)
+        reference = self._document_reference(doc, header, attachment, patient_ref, request_refs)
+        diagnostic = self._diagnostic_report(doc, header, attachment, patient_ref, request_refs, study_ref)
+        binary = {"resourceType": "Binary", "id": binary_id, "contentType": doc.media_type, "data": doc.content}
+        return reference, diagnostic, binary
+
+    def _attachment(self, doc: model.Document, data: bytes, binary_id: str) -> dict[str, Any]:
+        """The document as an Attachment pointing at its Binary (DocumentReference.content, presentedForm)."""
         attachment = {
             "contentType": doc.media_type,
             "language": "fr-FR",
@@ -782,27 +800,21 @@ class FHIRMapping:
             "title": doc.title,
             "creation": self.date_time(doc.created),
         }
-        attachment = {k: v for k, v in attachment.items() if v not in ("", None)}
-        report = doc.report
-        context: dict[str, Any] = {"related": self._related(doc, header, request_refs)}
-        events = [{"coding": [{"system": DCM, "code": report.modality}]}] if report.modality else []
-        events += [{"coding": [{"system": CCAM, **act}]} for act in header.get("acts", [])]
-        if events:
-            context["event"] = events
-        period = {
-            "start": self.date_time(doc.service_start) if doc.service_start else "",
-            "end": self.date_time(doc.service_stop) if doc.service_stop else "",
-        }
-        if any(period.values()):
-            context["period"] = {k: v for k, v in period.items() if v}
-        if header.get("facility"):
-            context["facilityType"] = {"coding": [{"system": "urn:oid:1.2.250.1.71.4.2.4", **header["facility"]}]}
-        if header.get("practice"):
-            context["practiceSetting"] = {"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.9", **header["practice"]}]}
-        if patient_ref:  # PDSm: the same Patient as subject (MHD: the patient as the source knows it)
-            context["sourcePatientInfo"] = {"reference": patient_ref}
+        return {k: v for k, v in attachment.items() if v not in ("", None)}
+
+    def _document_reference(
+        self,
+        doc: model.Document,
+        header: dict[str, Any],
+        attachment: dict[str, Any],
+        patient_ref: str,
+        request_refs: list[str],
+    ) -> dict[str, Any]:
+        """The DocumentReference: the DocumentEntry's metadata, its participants contained; PDSm's deleted mark for a
+        deleted version."""
         contained, refs = _participants(header)
         master = _document_identifier(doc.id)
+        class_code, class_display = CLASS_OF_TYPE[REPORT_CODE[0]]
         reference: dict[str, Any] = {
             "resourceType": "DocumentReference",
             "id": resource_id("DocumentReference", master["system"], master["value"]),
@@ -812,11 +824,9 @@ class FHIRMapping:
             # MHD: the entryUUID is an identifier with use official (the uniqueId is the masterIdentifier).
             "identifier": [{"use": "official", "system": "urn:ietf:rfc:3986", "value": entry_uuid(doc.id)}],
             "status": "current",
-            "type": {
-                "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "CR d'imagerie médicale"}]
-            },
+            "type": {"coding": [{"system": "http://loinc.org", "code": REPORT_CODE[0], "display": REPORT_CODE[1]}]},
             "category": [
-                {"coding": [{"system": "urn:oid:1.2.250.1.213.1.1.4.1", "code": "10", "display": "Compte rendu"}]}
+                {"coding": [{"system": f"urn:oid:{CLASS_SCHEME}", "code": class_code, "display": class_display}]}
             ],
             "subject": {"reference": patient_ref},
             "date": self.date_time(doc.created) or now(),
@@ -828,10 +838,10 @@ class FHIRMapping:
             "content": [
                 {
                     "attachment": attachment,
-                    "format": {"system": "urn:oid:1.3.6.1.4.1.19376.1.2.3", "code": FORMAT_CODES[doc.level]},
+                    "format": {"system": f"urn:oid:{FORMAT_SCHEME}", "code": FORMAT_OF_LEVEL[doc.level][0]},
                 }
             ],
-            "context": context,
+            "context": self._document_context(doc, header, patient_ref, request_refs),
         }
         if doc.replaces:
             old = _document_identifier(doc.replaces)
@@ -840,8 +850,45 @@ class FHIRMapping:
         if not patient_ref:
             del reference["subject"]
         reference = {k: v for k, v in reference.items() if v not in ([], "", None)}
-        if doc.action == "delete":
-            reference = deleted(reference)
+        return deleted(reference) if doc.action == "delete" else reference
+
+    def _document_context(
+        self, doc: model.Document, header: dict[str, Any], patient_ref: str, request_refs: list[str]
+    ) -> dict[str, Any]:
+        """DocumentReference.context: reference ids and orders, events (modality, CCAM acts), the act's period,
+        facility type, practice setting, source patient."""
+        context: dict[str, Any] = {"related": self._related(doc, header, request_refs)}
+        modality = doc.report.modality
+        events = [{"coding": [{"system": DCM, "code": modality}]}] if modality else []
+        events += [{"coding": [{"system": CCAM, **act}]} for act in header.get("acts", [])]
+        if events:
+            context["event"] = events
+        period = {
+            "start": self.date_time(doc.service_start) if doc.service_start else "",
+            "end": self.date_time(doc.service_stop) if doc.service_stop else "",
+        }
+        if any(period.values()):
+            context["period"] = {k: v for k, v in period.items() if v}
+        if header.get("facility"):
+            context["facilityType"] = {"coding": [{"system": f"urn:oid:{FACILITY_SYSTEM}", **header["facility"]}]}
+        if header.get("practice"):
+            context["practiceSetting"] = {"coding": [{"system": f"urn:oid:{PRACTICE_SYSTEM}", **header["practice"]}]}
+        if patient_ref:  # PDSm: the same Patient as subject (MHD: the patient as the source knows it)
+            context["sourcePatientInfo"] = {"reference": patient_ref}
+        return context
+
+    def _diagnostic_report(
+        self,
+        doc: model.Document,
+        header: dict[str, Any],
+        attachment: dict[str, Any],
+        patient_ref: str,
+        request_refs: list[str],
+        study_ref: str,
+    ) -> dict[str, Any]:
+        """The DiagnosticReport of the document set: its status follows the version's action; a withdrawn one keeps
+        neither the deleted text nor a link to its (no longer served) bytes."""
+        report = doc.report
         set_ident = _document_identifier(doc.set_id)
         conclusion = report.section("19005-8")
         diagnostic: dict[str, Any] = {
@@ -865,11 +912,9 @@ class FHIRMapping:
         }
         if not patient_ref:
             del diagnostic["subject"]
-        if doc.action == "delete":  # withdrawn: neither the deleted text nor a link to its (no longer served) bytes
+        if doc.action == "delete":
             del diagnostic["conclusion"], diagnostic["presentedForm"]
-        diagnostic = {k: v for k, v in diagnostic.items() if v not in ([], "", None)}
-        binary = {"resourceType": "Binary", "id": binary_id, "contentType": doc.media_type, "data": doc.content}
-        return reference, diagnostic, binary
+        return {k: v for k, v in diagnostic.items() if v not in ([], "", None)}
 
     def _related(self, doc: model.Document, header: dict[str, Any], request_refs: list[str]) -> list[dict[str, Any]]:
         """``context.related``: the XDS referenceIdList as PDSm slices it (accession number, order, Study Instance
@@ -934,7 +979,6 @@ TAGS = "urn:traboule:tags"  # meta.tag codes of traboule's workflow (searchable:
 UNSCHEDULED = {"system": TAGS, "code": "unscheduled", "display": "Performed without a scheduled step"}
 RECONCILED = {"system": TAGS, "code": "reconciled", "display": "Replaced by the order sent later"}
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
-FORMAT_CODES = {3: "urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", 1: "urn:ihe:iti:xds-sd:pdf:2008"}
 
 
 def _v2_0203(code: str) -> dict[str, Any]:
@@ -1050,19 +1094,17 @@ MHD_DOCUMENT_REFERENCE = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/I
 # TRE_A07-StatutVisibiliteDocument (JDV_J110 in PDSm's securityLabel[visibilityStatus]; OID 1.2.250.1.213.1.1.4.13 in
 # XDS, JDV_J08): the masking codes of the sender's sharing instructions.
 VISIBILITY = "https://mos.esante.gouv.fr/NOS/TRE_A07-StatutVisibiliteDocument/FHIR/TRE-A07-StatutVisibiliteDocument"
-VISIBILITY_OID = "1.2.250.1.213.1.1.4.13"
+VISIBILITY_OID = MASKING_SCHEME
 VISIBILITY_CODES = {
     "MASQUE_PS": "Masqué aux professionnels de santé",
     "INVISIBLE_PATIENT": "Non visible par le patient",
     "INVISIBLE_REPRESENTANTS_LEGAUX": "Non visible par les représentants légaux du patient",
 }
 CONFIDENTIALITY_DISPLAY = {"N": "normal", "R": "restricted", "V": "very restricted"}  # v3-ConfidentialityClassification
-ACCESSION_TYPE = "urn:ihe:iti:xds:2013:accession"  # the CXi.5 identifier types PDSm and the DMP allow (JDV_J231)
-ORDER_TYPE = "urn:ihe:iti:xds:2013:order"
+ACCESSION_TYPE, ORDER_TYPE = ACCESSION, ORDER  # the CXi.5 identifier types PDSm and the DMP allow (JDV_J231)
 CCAM = "urn:oid:1.2.250.1.213.2.5"
-CCAM_OIDS = ("1.2.250.1.215.300.1", "1.2.250.1.213.2.5")  # the CDA examples' and the NOS tables' CCAM OIDs
-IDNAT_PS = "urn:oid:1.2.250.1.71.4.2.1"  # idNat_PS: 8 + RPPS (0 + ADELI ...)
-IDNAT_STRUCT = "urn:oid:1.2.250.1.71.4.2.2"  # idNat_Struct: 1 + FINESS, 3 + SIRET ...
+IDNAT_PS = f"urn:oid:{cda.IDNAT_PS}"  # idNat_PS: 8 + RPPS (0 + ADELI ...)
+IDNAT_STRUCT = f"urn:oid:{cda.IDNAT_STRUCT}"  # idNat_Struct: 1 + FINESS, 3 + SIRET ...
 RPPS, FINESS, SIRET = "http://rpps.fr", "http://finess.sante.gouv.fr", "https://sirene.fr"  # FR Core systems
 
 

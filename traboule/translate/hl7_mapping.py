@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from traboule import model
-from traboule.formats.hl7 import HL7Error, Message, Segment, Separators, unescape
+from traboule.errors import CDAError, HL7Error, MappingError, MappingFailure
+from traboule.formats.hl7 import Message, Segment, Separators, unescape
 from traboule.translate.mapping import (
     MAPPINGS_DIR,
     CodeTable,
-    MappingError,
     Node,
     compile_filters,
     line_of,
@@ -57,16 +57,6 @@ EVENT_KINDS = ("order", "patient-update", "patient-merge", "report")
 CHECKS = {
     "uid": model.is_uid,  # PS3.5 9.1
 }
-
-
-class MappingFailure(Exception):
-    """A message that the mapping cannot turn into a valid event (answered with AE)."""
-
-    def __init__(self, reason: str, location: str, code: str = "101"):
-        super().__init__(reason)
-        self.reason = reason
-        self.location = location
-        self.code = code
 
 
 def _pick(value: str, sep: str, index: int) -> str:
@@ -722,7 +712,7 @@ def ins_key_ok(value: str) -> bool:
 
 def _from_ready_document(report: model.Report) -> None:
     """A ready CDA in the message: what the message lacks (accession, study, order, id) is read from its header."""
-    from traboule.translate.cda import CDAError, decode_attachment, read_header
+    from traboule.translate.cda import decode_attachment, read_header
 
     try:
         header = read_header(decode_attachment(report))

@@ -16,17 +16,9 @@ from typing import Any
 
 import yaml
 
+from traboule.errors import MappingError
+
 MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
-
-
-class MappingError(Exception):
-    """A mapping file that cannot be used, with where and why."""
-
-    def __init__(self, file: str | Path, line: int, reason: str):
-        super().__init__(f"{file}:{line}: {reason}")
-        self.file = str(file)
-        self.line = line
-        self.reason = reason
 
 
 class Node(dict):

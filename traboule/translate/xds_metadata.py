@@ -18,8 +18,8 @@ serviceStopTime are the serviceEvent's ``effectiveTime/low`` and ``high`` in UTC
 search filters on, from the serviceEvent's code translations: the CCAM act (``ccam_scheme``), the modality
 (JDV_ModaliteAcquisition_CISIS 1.2.250.1.213.1.1.5.618, as in the ANS DMP sample) and the anatomical region (the
 SNOMED CT translation from JDV_RegionAnatomique_CISIS, under that value set's OID 1.2.250.1.213.1.1.5.695: the
-scheme the ANS DRIMbox's FindDocuments searches regions by; ``region_scheme``). The dataclasses below are the plain
-metadata ``traboule.adapters.xds`` encodes as ebRIM; they hold values, not XML.
+scheme the ANS DRIMbox's FindDocuments searches regions by; ``region_scheme``). The metadata made is
+`traboule.formats.xds`'s plain values, which ``traboule.adapters.xds`` encodes as ebRIM.
 """
 
 from __future__ import annotations
@@ -37,41 +37,49 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from lxml import etree
 
 from traboule import model
+from traboule.errors import CDAError, MetadataError
 from traboule.formats import hl7
-from traboule.translate.cda import CDAError, CDAHeader, read_header
+from traboule.formats.xds import (
+    Author,
+    Coded,
+    DocumentEntry,
+    StatusUpdate,
+    Submission,
+    SubmissionSet,
+    SubmittedDocument,
+)
+from traboule.translate.cda import (
+    CCAM_OIDS,
+    CONFIDENTIALITY_SYSTEM,
+    DCM,
+    IDNAT_PS,
+    IDNAT_STRUCT,
+    SNOMED,
+    CDAHeader,
+    read_header,
+)
+from traboule.translate.cda import V3 as V3_NAMESPACE
 
-V3 = {"v3": "urn:hl7-org:v3"}
-LOINC = "2.16.840.1.113883.6.1"
-DCM = "1.2.840.10008.2.16.4"
-CCAM_OIDS = ("1.2.250.1.215.300.1", "1.2.250.1.213.2.5")  # the CDA examples' and the NOS tables' CCAM OIDs
-IDNAT_PS = "1.2.250.1.71.4.2.1"
-IDNAT_STRUCT = "1.2.250.1.71.4.2.2"
+V3 = {"v3": V3_NAMESPACE}
 
+# The DocumentEntry's vocabulary (the MHD DocumentReference of `traboule.translate.fhir_mapping` carries the same).
 CLASS_SCHEME = "1.2.250.1.213.1.1.4.1"  # TRE_A03-ClasseDocument-CISIS
 FORMAT_SCHEME = "1.3.6.1.4.1.19376.1.2.3"  # TRE_A11-IheFormatCode
-CONFIDENTIALITY_SCHEME = "2.16.840.1.113883.5.25"
-MASKING_SCHEME = "1.2.250.1.213.1.1.4.13"
+CONFIDENTIALITY_SCHEME = CONFIDENTIALITY_SYSTEM  # the CDA's confidentialityCode
+MASKING_SCHEME = "1.2.250.1.213.1.1.4.13"  # the masking codes of the sharing instructions (JDV_J08)
 CONTENT_TYPE_SCHEME = "1.2.250.1.213.2.2"  # TRE_R209-TypeActivite
 MODALITY_SCHEME = "1.2.250.1.213.1.1.5.618"  # JDV_ModaliteAcquisition_CISIS, as in the ANS DMP sample
-# JDV_RegionAnatomique_CISIS: the scheme the DRIMbox (ANS PoC, FindDocuments) searches regions by
+# JDV_RegionAnatomique_CISIS: the scheme the DRIMbox (ANS PoC, FindDocuments) searches regions by; the CDA
+# serviceEvent's region translation is SNOMED CT.
 REGION_SCHEME = "1.2.250.1.213.1.1.5.695"
-SNOMED = "2.16.840.1.113883.6.96"  # the region translation of the CDA serviceEvent (JDV_RegionAnatomique_CISIS)
 
 # typeCode → classCode (NOS ASS_X04; 18748-4 → 10 from the DRIMbox PoC and the ANS XDM sample).
 CLASS_OF_TYPE = {"18748-4": ("10", "Compte rendu")}
-FORMAT_LEVEL3 = ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings")
-FORMAT_LEVEL1 = ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1")
-CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
-# MetaDMPMSS flag (TRV2) → DMP confidentialityCode (JDV_J08, 1.2.250.1.213.1.1.4.13).
-MASKING = {
-    "MASQUE_PS": ("MASQUE_PS", "Masqué aux professionnels de santé"),
-    "INVISIBLE_PATIENT": ("INVISIBLE_PATIENT", "Non visible par le patient"),
-    "INVISIBLE_REP_LEGAUX": ("INVISIBLE_REPRESENTANTS_LEGAUX", "Non visible par les représentants légaux du patient"),
-    "INVISIBLE_REPRESENTANTS_LEGAUX": (
-        "INVISIBLE_REPRESENTANTS_LEGAUX",
-        "Non visible par les représentants légaux du patient",
-    ),
+FORMAT_OF_LEVEL = {  # CDA level → formatCode: ASS_A11 (IMG-CR-IMG), ASS_A12 (PDF body)
+    3: ("urn:ihe:rad:CDA:ImagingReportStructuredHeadings:2013", "CDA Imaging Report with Structured Headings"),
+    1: ("urn:ihe:iti:xds-sd:pdf:2008", "Document à corps non structuré en Pdf/A-1"),
 }
+CONFIDENTIALITY = {"N": "Normal", "R": "Restreint", "V": "Très restreint"}  # JDV_J08
 # TRE_R209-TypeActivite displays of the codes TRV2 maps PV1-2 to (NOS JDV_J138 FHIR value set).
 ACTIVITY_TYPES = {
     "03": "Hospitalisation complète (non compris hospitalisation de semaine)",
@@ -85,105 +93,6 @@ CONTENT_TYPE_OF_CLASS = {"I": "03", "O": "07", "R": "19", "N": "97", "E": "07"} 
 ACCESSION = "urn:ihe:iti:xds:2013:accession"
 STUDY = "urn:ihe:iti:xds:2016:studyInstanceUID"
 ORDER = "urn:ihe:iti:xds:2013:order"
-APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
-DELETED = "urn:asip:ci-sis:2010:StatusType:Deleted"
-
-
-class MetadataError(ValueError):
-    """The document cannot make valid DMP metadata (names what is missing and where it is read from)."""
-
-
-# -- the metadata ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Coded:
-    """An XDS coded value: code, coding scheme (OID or URN) and display name."""
-
-    code: str
-    scheme: str
-    display: str
-
-
-@dataclass
-class Author:
-    """An XDS author: person (XCN), institutions (XON), roles, specialties (CWE ``code^display^scheme``)."""
-
-    person: str = ""
-    institutions: list[str] = field(default_factory=list)
-    roles: list[str] = field(default_factory=list)
-    specialties: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DocumentEntry:
-    """An XDSDocumentEntry (stable): every attribute traboule sends for a CR d'imagerie."""
-
-    entry_uuid: str
-    unique_id: str
-    hash: str  # SHA-1, lowercase hex, of the exact bytes sent
-    size: int
-    title: str
-    creation_time: str  # UTC DTM
-    patient_id: str  # CX: INS^^^&OID&ISO^NH
-    source_patient_id: str  # CX: IPP^^^&OID&ISO^PI
-    class_code: Coded
-    type_code: Coded
-    format_code: Coded
-    facility_type: Coded
-    practice_setting: Coded
-    confidentiality: list[Coded]
-    authors: list[Author]
-    legal_authenticator: str = ""  # XCN
-    mime_type: str = "text/xml"
-    language: str = "fr-FR"
-    service_start: str = ""
-    service_stop: str = ""
-    source_patient_info: list[str] = field(default_factory=list)
-    event_codes: list[Coded] = field(default_factory=list)
-    reference_ids: list[str] = field(default_factory=list)  # CXi
-
-
-@dataclass
-class SubmissionSet:
-    """An XDSSubmissionSet."""
-
-    entry_uuid: str
-    unique_id: str
-    source_id: str
-    submission_time: str  # UTC DTM
-    patient_id: str
-    content_type: Coded
-    authors: list[Author]
-    title: str = ""
-
-
-@dataclass
-class SubmittedDocument:
-    """A DocumentEntry with its bytes; ``replaces`` is the entryUUID of the version it supersedes (RPLC)."""
-
-    entry: DocumentEntry
-    content: bytes
-    replaces: str = ""
-
-
-@dataclass
-class Submission:
-    """ITI-41 Provide and Register Document Set-b: a SubmissionSet and its documents."""
-
-    submission_set: SubmissionSet
-    documents: list[SubmittedDocument]
-
-
-@dataclass
-class StatusUpdate:
-    """ITI-57 Update Document Set changing a DocumentEntry's availabilityStatus (the DMP's deletion)."""
-
-    submission_set: SubmissionSet
-    entry_uuid: str
-    new_status: str = DELETED
-    original_status: str = APPROVED
-    entry: DocumentEntry | None = None  # the entry as registered (not sent: its author names the VIHF subject)
 
 
 # -- settings ----------------------------------------------------------------------------------------------------
@@ -299,7 +208,7 @@ def document_entry(doc: model.Document, settings: MetadataSettings, entry_uuid: 
     if type_code.code not in CLASS_OF_TYPE:
         raise MetadataError(f"document {doc.id}: no classCode known for typeCode {type_code.code}")
     class_code = Coded(CLASS_OF_TYPE[type_code.code][0], CLASS_SCHEME, CLASS_OF_TYPE[type_code.code][1])
-    fmt = FORMAT_LEVEL1 if header.level == 1 else FORMAT_LEVEL3  # ASS_A12 (PDF body) / ASS_A11 (IMG-CR-IMG)
+    fmt = FORMAT_OF_LEVEL[1 if header.level == 1 else 3]
     format_code = Coded(fmt[0], FORMAT_SCHEME, fmt[1])
 
     confidentiality = []
@@ -502,13 +411,14 @@ class _CDA:
             if not code:
                 continue
             if system in (DCM, MODALITY_SCHEME):
-                coded = Coded(code, MODALITY_SCHEME, t.get("displayName") or code)
+                scheme = MODALITY_SCHEME
             elif system in CCAM_OIDS:
-                coded = Coded(code, ccam_scheme, t.get("displayName") or code)
+                scheme = ccam_scheme
             elif system in (SNOMED, REGION_SCHEME):
-                coded = Coded(code, region_scheme, t.get("displayName") or code)
+                scheme = region_scheme
             else:
                 continue
+            coded = Coded(code, scheme, t.get("displayName") or code)
             if all((c.code, c.scheme) != (coded.code, coded.scheme) for c in out):
                 out.append(coded)
         return out

@@ -33,7 +33,9 @@ events written as YAML), the FHIR channel's resources out, checked by JSON point
       count(//hl7:section): '5'
     valid: true
 
-Run with ``traboule test [PATH]``; the test suite runs the same files.
+Run with ``traboule test [PATH]``; the test suite runs the same files. The cases run the engine's parts as its
+channels do (the inbound mapping, the report publisher, the ``fhir`` channel's rules in a temporary store), so this
+runner sits with the command line, above the channels.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ from typing import Any
 from lxml import etree
 
 from traboule import model
+from traboule.errors import MappingError, MappingFailure, ReportRefused
 from traboule.formats import hl7
 from traboule.model import ImagingOrder
 from traboule.translate.dicom_mapping import MWLMapping
-from traboule.translate.hl7_mapping import HL7InboundMapping, MappingFailure
-from traboule.translate.mapping import MappingError, Node, line_of, load_yaml
+from traboule.translate.hl7_mapping import HL7InboundMapping
+from traboule.translate.mapping import Node, line_of, load_yaml
 
 SUFFIXES = (".expected.yaml", ".fhir.yaml", ".cda.yaml")
 XPATH_NAMESPACES = {
@@ -263,8 +266,6 @@ class _Inbound:
         return self._accept(payloads, model.content_key(str(item), text))
 
     def _accept(self, payloads: list[Any], key: str) -> tuple[str, str]:
-        from traboule.stores.reports import ReportRefused
-
         try:
             self._publish(payloads, key)
         except ReportRefused as exc:

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the engine (served on ``/metrics``)."""
+"""Prometheus metrics of the engine (served on ``/metrics`` by `traboule.app.http`).
+
+The counters live in the core so that every layer may count (the MWL SCP counts its queries), the composition
+root only serves them.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 `compile_query` parses the identifier once (wild cards to `WildcardPattern`s, ranges to integer bounds) so that a
 worklist scan pays only for the comparisons; `matches` and `build_response` are one-shot conveniences around it.
+A C-FIND that cannot be matched raises `QueryError`; a scan ended early by its bounds raises `ScanStopped`
+(what the MWL SCP answers as failure statuses).
 
 Conformance choices (the places where PS3.4 leaves room, or where we are lenient on purpose):
 * PN single value and wild card matching are case-sensitive unless `case_insensitive_names`; PN values compare
@@ -30,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
+
+from traboule.errors import QueryError
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -67,12 +71,14 @@ _DT_BOUND = r"\d{4}[\d.]*(?:[+-]\d{4})?"
 _DT_RANGE_RE = re.compile(rf"({_DT_BOUND})?-({_DT_BOUND})?")
 
 
-class QueryError(ValueError):
-    """The identifier cannot be matched (malformed range, date, time...): a C-FIND failure, not a crash."""
+class ScanStopped(Exception):
+    """A C-FIND scan ended before its last candidate: `reason` is "max_examined", "deadline" or "stopped"
+    (the caller's `should_stop` said so); `examined` is the number of items examined until then."""
 
-    def __init__(self, message: str, tag: int | None = None) -> None:
-        super().__init__(message)
-        self.tag = tag
+    def __init__(self, reason: str, examined: int) -> None:
+        super().__init__(f"scan stopped ({reason}) after {examined} items")
+        self.reason = reason
+        self.examined = examined
 
 
 def normalize(value: str, vr: str) -> str:

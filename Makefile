@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/traboule run
 
-## Install what the tests need (Python deps; dcmtk and rabbitmq-server via apt when root) and run them
+## Install what the tests need (Python deps; dcmtk, rabbitmq-server, orthanc, postgresql via apt when root) and run them
 test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
@@ -28,6 +28,7 @@ peers:
 	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
 	test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

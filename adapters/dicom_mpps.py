@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
+
 from traboule.adapters.dicom_server import DicomServer, SCPLimits
 
 SUCCESS = 0x0000

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
-from traboule.adapters.dicom_server import DicomServer, SCPLimits
 
 from traboule import metrics
+from traboule.adapters.dicom_server import DicomServer, SCPLimits
 from traboule.errors import QueryError
 from traboule.formats.dicom_match import ScanStopped
 

@@ -55,10 +55,9 @@ from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
+from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
 from traboule.adapters.mllp import MLLPClient  # noqa: E402
-
-from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from traboule.formats import hl7  # noqa: E402
 from traboule.model import ImagingOrder  # noqa: E402
 from traboule.stores.fhir_store import FHIRStore  # noqa: E402

@@ -28,10 +28,9 @@ from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
+from traboule import model  # noqa: E402
 from traboule.adapters.dicom_mwl import WorklistSCP  # noqa: E402
 from traboule.adapters.worklist_files import WorklistFileWriter  # noqa: E402
-
-from traboule import model  # noqa: E402
 from traboule.stores.worklist import WorklistStore  # noqa: E402
 from traboule.translate.dicom_mapping import MWLMapping  # noqa: E402
 

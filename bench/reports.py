@@ -58,10 +58,9 @@ from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
+from traboule import model  # noqa: E402
 from traboule.adapters.mllp import MLLPClient  # noqa: E402
 from traboule.channels.orders import _idempotency_key  # noqa: E402
-
-from traboule import model  # noqa: E402
 from traboule.formats import hl7  # noqa: E402
 from traboule.stores.reports import ReportPublisher  # noqa: E402
 from traboule.translate.cda import CDAMapping  # noqa: E402

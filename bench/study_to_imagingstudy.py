@@ -54,11 +54,10 @@ from traboule.app import logging as tlog  # noqa: E402
 
 tlog.configure("console", "warning")
 
-from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
-
 from tests.peer_fhir_server import SERVER_DIR, start_fhir_server, stop_fhir_server  # noqa: E402
 from tests.peer_orthanc import LUA, ORTHANC, PLUGINS  # noqa: E402
 from tests.test_archive import write_study  # noqa: E402
+from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search, new_full_url  # noqa: E402
 from traboule.translate.fhir_mapping import resource_id  # noqa: E402
 
 SERIES, PER_SERIES = 2, 50

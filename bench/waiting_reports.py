@@ -40,10 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: a tree given there is the one measured
 
-from traboule.channels.waiting_reports import WaitingReports  # noqa: E402
-
 import traboule  # noqa: E402
 from traboule import model  # noqa: E402
+from traboule.channels.waiting_reports import WaitingReports  # noqa: E402
 from traboule.formats import hl7  # noqa: E402
 from traboule.stores.journal import Journal, JournalEntry  # noqa: E402
 from traboule.stores.reports import ReportPublisher, request_publication  # noqa: E402

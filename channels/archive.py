@@ -29,8 +29,8 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from traboule.adapters.dicomweb import DicomJSON, DICOMwebClient, value
 
+from traboule.adapters.dicomweb import DicomJSON, DICOMwebClient, value
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, ConsumerChannel, Setting

@@ -44,13 +44,13 @@ import asyncio
 from typing import Any
 
 import structlog
-from traboule.channels.fhir_push import FHIRPush
 
 from traboule import metrics
 from traboule.app.config import resolve
 from traboule.app.health import channel_health
 from traboule.bus import Bus, Delivery
 from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
+from traboule.channels.fhir_push import FHIRPush
 from traboule.formats.fhir_push import Key, push_message, push_queue, push_topic
 from traboule.model import (
     Document,

@@ -41,14 +41,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+
+from traboule import metrics
 from traboule.adapters.fhir_client import (
     FHIRClient,
     conditional_update,
     identifier_search,
     new_full_url,
 )
-
-from traboule import metrics
 from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth
 from traboule.bus import Delivery

@@ -39,16 +39,15 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from traboule.adapters.mllp import MLLPSender
 
 from traboule import metrics
-from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
-from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.channel import ChannelRuntime, Setting
+from traboule.channels.hl7_sender import HL7SenderChannel
 from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.model import Document, Envelope, Identifier, Patient
-from traboule.stores.idempotency import AppliedKeys, Legacy
+from traboule.stores.idempotency import Legacy
 
 log = structlog.get_logger("traboule.channels.hl7_documents")
 
@@ -73,8 +72,10 @@ SHARING = {
 }
 
 
-class HL7DocumentsChannel(ConsumerChannel):
+class HL7DocumentsChannel(HL7SenderChannel):
     kind = "hl7-documents"
+    receiver = "DRIMBOX"
+    legacy_sent = _SENT
     topics = Setting(list, ["document.#"])
     accepts = (Document,)
     max_attempts = Setting(int, 10, minimum=1)
@@ -82,26 +83,10 @@ class HL7DocumentsChannel(ConsumerChannel):
     message = Setting(str, "ORU^R01", choices=("ORU^R01", "MDM"))
 
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
-        super().__init__(config, runtime)
-        self.parties = hl7.Parties.from_config(config, receiver="DRIMBOX")
-        self.sender = MLLPSender.from_config(self.name, config.get("destination"))
-        self.destination = DestinationHealth(self.sender.address)
-        # Keyed by event id. What was sent decides what is sent again: a mark must survive a power cut.
-        self.sent = AppliedKeys.open(runtime.data_dir / f"{self.name}.sqlite", legacy=[_SENT])
-        self._db = self.sent.db
+        super().__init__(config, runtime)  # marks keyed by event id
         # Documents whose message the receiver has not taken yet (back on the bus): their later versions wait.
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (document_id TEXT PRIMARY KEY)")
         self._log = log.bind(channel=self.name)
-
-    async def stop(self) -> None:
-        await self.sender.close()
-        self._db.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "destinations": [self.sender.address], "message": self.message}
-
-    def health(self) -> dict[str, Any]:
-        return channel_health(self.destination)
 
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         assert isinstance(env.payload, Document)

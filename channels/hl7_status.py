@@ -34,17 +34,16 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from traboule.adapters.mllp import MLLPSender
 
 from traboule import metrics
 from traboule.app.config import resolve
-from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
-from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
+from traboule.channel import ChannelRuntime, Setting
+from traboule.channels.hl7_sender import HL7SenderChannel
 from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
-from traboule.stores.idempotency import AppliedKeys, Legacy
+from traboule.stores.idempotency import Legacy
 from traboule.translate.mapping import load_table
 
 log = structlog.get_logger("traboule.channels.hl7_status")
@@ -62,8 +61,10 @@ CREATE TABLE IF NOT EXISTS orders (
 _SENT = Legacy("sent", key="idempotency_key", at="sent_at", detail="control_id")
 
 
-class HL7StatusChannel(ConsumerChannel):
+class HL7StatusChannel(HL7SenderChannel):
     kind = "hl7-status"
+    receiver = "RIS"
+    legacy_sent = _SENT
     topics = Setting(list, ["procedure.#", "order.#"])
     accepts = (ImagingOrder, PerformedStep)
     message = Setting(str, "ORM^O01", choices=("ORM^O01", "OMI^O23"))
@@ -71,26 +72,10 @@ class HL7StatusChannel(ConsumerChannel):
 
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         super().__init__(config, runtime)
-        self.parties = hl7.Parties.from_config(config, receiver="RIS")
-        self.sender = MLLPSender.from_config(self.name, config.get("destination"))
-        self.destination = DestinationHealth(self.sender.address)
         table_path = resolve(runtime.config, self.status_table_file)
         self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
-        # What was sent decides what is sent again: a mark must survive a power cut.
-        self.sent = AppliedKeys.open(runtime.data_dir / f"{self.name}.sqlite", legacy=[_SENT])
-        self._db = self.sent.db
         self._db.executescript(_SCHEMA)
         self._log = log.bind(channel=self.name)
-
-    async def stop(self) -> None:
-        await self.sender.close()
-        self._db.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "destinations": [self.sender.address], "message": self.message}
-
-    def health(self) -> dict[str, Any]:
-        return channel_health(self.destination)
 
     # -- events ----------------------------------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+
+from traboule import metrics
 from traboule.adapters.dicom_mpps import (
     DUPLICATE_SOP_INSTANCE,
     INVALID_ATTRIBUTE_VALUE,
@@ -48,8 +50,6 @@ from traboule.adapters.dicom_mpps import (
     HandlerResult,
 )
 from traboule.adapters.dicom_server import SCPLimits
-
-from traboule import metrics
 from traboule.channel import ChannelRuntime, Setting, read_settings
 from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid

@@ -41,7 +41,11 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+
+from traboule import metrics
 from traboule.adapters.mllp import MLLPListener, Refusal
+from traboule.app.config import resolve, seconds
+from traboule.channel import loggable_id
 from traboule.channels.waiting_reports import (
     ARCHIVE_RECHECK,
     ARCHIVE_TIMEOUT,
@@ -49,11 +53,7 @@ from traboule.channels.waiting_reports import (
     ArchiveReader,
     WaitingReports,
     archive_settings,
-    seconds,
 )
-
-from traboule import metrics
-from traboule.app.config import resolve
 from traboule.errors import ConfigError, MappingFailure, ReportRefused
 from traboule.formats import hl7
 from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
@@ -277,7 +277,8 @@ class OrdersChannel:
             await self._tokenize(it, decoded.text, large)
         except Exception as exc:
             self._refuse(it, exc)
-        with structlog.contextvars.bound_contextvars(channel=self.name, correlation_id=it.entry.correlation_id):
+        correlation_id = loggable_id(it.entry.correlation_id)
+        with structlog.contextvars.bound_contextvars(channel=self.name, correlation_id=correlation_id):
             if it.msg is not None and it.error is None:
                 try:
                     await self._translate(it, it.msg, large)

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from typing import Any
 
 import structlog
-from traboule.adapters.dicomweb import DICOMwebClient, value
 
+from traboule.adapters.dicomweb import DICOMwebClient, value
 from traboule.errors import ConfigError, ReportRefused
 from traboule.model import Envelope, Study, content_key, is_uid
 from traboule.stores import Journal, ReportStore
@@ -55,18 +54,6 @@ ARCHIVE_TIMEOUT = 5.0  # seconds an on-demand read of the archive may take (sear
 ARCHIVE_RECHECK = 300.0  # seconds between two reads of the archive for the same waiting report
 UNJOURNALED = 60.0  # seconds an outcome may wait for its message's journal entry before the report is dropped
 MAX_ACCESSION = 64
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", re.ASCII)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(setting: Any, what: str) -> float:
-    """A duration setting: a number of seconds, or a string such as ``"90s"``, ``"30m"``, ``"24h"``, ``"2d"``."""
-    if isinstance(setting, int | float) and not isinstance(setting, bool) and setting >= 0:
-        return float(setting)
-    match = _DURATION.fullmatch(setting) if isinstance(setting, str) else None
-    if match is None:
-        raise ConfigError(f'{what}: expected seconds or a duration such as "24h", not {setting!r}')
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
 class ArchiveReader:

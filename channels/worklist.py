@@ -31,11 +31,11 @@ from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
+
+from traboule import metrics, stores
 from traboule.adapters.dicom_mwl import WorklistSCP
 from traboule.adapters.dicom_server import SCPLimits
 from traboule.adapters.worklist_files import WorklistFileWriter
-
-from traboule import metrics, stores
 from traboule.app.config import resolve
 from traboule.bus import Delivery
 from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting

@@ -86,9 +86,9 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import structlog
-from traboule.adapters import xds
 
 from traboule import metrics
+from traboule.adapters import xds
 from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
@@ -180,6 +180,8 @@ class XDSChannel(ConsumerChannel):
             self.client = xds.XDSClient(
                 timeout=self.timeout, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
             )
+        except ConfigError:
+            raise  # already names the channel
         except (ValueError, KeyError, OSError) as exc:  # OSError: a certificate or key file missing or unreadable
             raise ConfigError(f"channel {self.name}: {exc}") from exc
         self.vihf = vihf

@@ -9,7 +9,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
-pytest_plugins = ["tests.peer_rabbitmq", "tests.peer_dcmtk", "tests.peer_orthanc", "tests.peer_fhir_server"]
+pytest_plugins = [
+    "tests.peer_rabbitmq",
+    "tests.peer_dcmtk",
+    "tests.peer_orthanc",
+    "tests.peer_fhir_server",
+    "tests.peer_postgres",
+]
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import pytest
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from traboule.adapters.dicomweb import DICOMwebClient, DICOMwebError
 
 from tests.peer_dcmtk import free_port, require_dcmtk
 from tests.test_flow import engine_config, until
+from traboule.adapters.dicomweb import DICOMwebClient, DICOMwebError
 from traboule.app.http import create_app, serve
 from traboule.app.runtime import Runtime
 from traboule.bus import Delivery

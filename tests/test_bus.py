@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from traboule.adapters.rabbitmq import RabbitMQBus
 
 from tests.peer_rabbitmq import unique_name
+from traboule.adapters.rabbitmq import RabbitMQBus
 from traboule.bus import Delivery, PermanentError, one_by_one
 from traboule.bus.embedded import EmbeddedBus
 

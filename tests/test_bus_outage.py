@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import structlog
-from traboule.adapters.rabbitmq import BusUnavailableError, RabbitMQBus
 
 from tests.peer_dcmtk import free_port
 from tests.peer_rabbitmq import RabbitMQNode, unique_name
 from tests.test_bus import Inbox
 from tests.test_flow import ack_code, engine_config, fixture, send, store, until
+from traboule.adapters.rabbitmq import BusUnavailableError, RabbitMQBus
 from traboule.app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(120)

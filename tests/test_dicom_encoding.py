@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
-from traboule.channels.worklist import assign_missing_ids
 
 from tests.conftest import ROOT, shared_path
 from traboule import model
+from traboule.channels.worklist import assign_missing_ids
 from traboule.formats import hl7
 from traboule.formats.dicom_encoding import SUPPORTED_VRS, UNSPLIT_VRS, Element, EncodingError, encode, to_dataset
 from traboule.formats.dicom_match import element_values, normalize

@@ -17,11 +17,11 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
-from traboule.adapters.fhir_client import FHIRClient, FHIRServerError
 
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, fixture, free_port, send, until
 from traboule import model
+from traboule.adapters.fhir_client import FHIRClient, FHIRServerError
 from traboule.app.http import create_app, serve
 from traboule.app.runtime import Runtime
 from traboule.formats import hl7

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
+from tests.peer_dcmtk import free_port
 from traboule.adapters.fhir_client import (
     FHIRClient,
     FHIRServerError,
@@ -17,8 +19,6 @@ from traboule.adapters.fhir_client import (
     new_full_url,
     outcome_text,
 )
-
-from tests.peer_dcmtk import free_port
 
 INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"  # French national health identifier (INS-NIR)
 INS_VALUE = str(uuid.uuid4().int)[:15]  # unique per run: the test server is shared by the session

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from traboule.adapters.fhir_client import FHIRClient
 
 from tests.conftest import ROOT
 from tests.peer_dcmtk import free_port, require_dcmtk
@@ -22,6 +21,7 @@ from tests.peer_fhir_server import require_fhir_server, start_fhir_server, stop_
 from tests.test_archive import write_study
 from tests.test_fhir import ACCESSION, INS_TEST, r4
 from tests.test_flow import engine_config, fixture, send, until
+from traboule.adapters.fhir_client import FHIRClient
 from traboule.app.http import create_app, serve
 from traboule.app.runtime import Runtime
 from traboule.model import Envelope, Identifier, Patient, PerformedStep

@@ -13,10 +13,10 @@ from typing import Any
 
 import pydicom
 import pytest
-from traboule.adapters.mllp import MLLPClient
 
 from tests.conftest import ROOT, shared_path
 from tests.peer_dcmtk import findscu
+from traboule.adapters.mllp import MLLPClient
 from traboule.app.config import Config
 from traboule.app.runtime import Runtime
 from traboule.formats import hl7

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B.patient import Patient
-from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search
 
 from tests.conftest import shared_path
 from tests.test_flow import engine_config, fixture, send, until
 from traboule import model
+from traboule.adapters.fhir_client import FHIRClient, conditional_update, identifier_search
 from traboule.app.runtime import Runtime
 from traboule.formats import hl7
 from traboule.stores.fhir_store import FHIRStore

@@ -30,9 +30,9 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import ModalityWorklistInformationFind
-from traboule.adapters.dicom_mwl import WorklistSCP
 
 from tests.peer_dcmtk import free_port, mwl_item
+from traboule.adapters.dicom_mwl import WorklistSCP
 from traboule.formats.dicom_match import QueryError
 from traboule.stores.worklist import WorklistStore
 

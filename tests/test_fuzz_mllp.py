@@ -24,10 +24,10 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from traboule.adapters.mllp import END, MAX_UNFRAMED, START
 
 from tests.test_flow import engine_config, fixture, mllp_port
 from tests.test_fuzz_http import ServedEngine
+from traboule.adapters.mllp import END, MAX_UNFRAMED, START
 from traboule.app.runtime import Runtime
 from traboule.formats import hl7
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from traboule.adapters.mllp import MLLPListener
 
 from tests.test_flow import ack_code, engine_config, fixture, send, until
 from tests.test_mpps import Ris
 from tests.test_reports import report_of, study
 from traboule import model
+from traboule.adapters.mllp import MLLPListener
 from traboule.app.runtime import Runtime
 from traboule.model import Envelope
 from traboule.translate.hl7_mapping import HL7InboundMapping
@@ -130,7 +130,6 @@ async def test_a_later_version_waits_for_an_original_the_receiver_has_not_taken(
 
 async def test_an_ack_for_another_message_is_not_taken_as_this_one() -> None:
     from traboule.adapters.mllp import MLLPSender, NotAccepted
-
     from traboule.formats import hl7
 
     async def stale(data: bytes, peer: str) -> bytes:  # answers as if to an earlier message

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from traboule.adapters.mllp import MLLPClient
 
 from tests.conftest import ROOT
 from tests.test_flow import engine_config, mllp_port, store, until
+from traboule.adapters.mllp import MLLPClient
 from traboule.app import logging as tlog
 from traboule.app.runtime import Runtime
 

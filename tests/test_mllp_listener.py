@@ -15,6 +15,8 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.test_flow import ack_code, engine_config, fixture, mllp_port
 from traboule.adapters.mllp import (
     END,
     EVICTION_LOG_BURST,
@@ -24,8 +26,6 @@ from traboule.adapters.mllp import (
     MLLPClient,
     MLLPListener,
 )
-
-from tests.test_flow import ack_code, engine_config, fixture, mllp_port
 from traboule.app.runtime import Runtime
 from traboule.formats import hl7
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from traboule.adapters.mllp import MLLPListener, MLLPSender
 
+from traboule.adapters.mllp import MLLPListener, MLLPSender
 from traboule.errors import NotAccepted
 from traboule.formats import hl7
 

@@ -19,12 +19,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
-from traboule.adapters.dicom_server import SCPLimits
-from traboule.adapters.mllp import MLLPListener
-from traboule.channels.mpps import MPPSChannel
 
 from tests.test_flow import engine_config, fixture, free_port, send, store, until
+from traboule.adapters.dicom_server import SCPLimits
+from traboule.adapters.mllp import MLLPListener
 from traboule.app.runtime import Runtime
+from traboule.channels.mpps import MPPSChannel
 from traboule.formats import hl7
 
 
@@ -337,9 +337,9 @@ async def test_unscheduled_step_is_journaled_listed_and_taken_over_by_the_order(
     the step's completion completes it."""
     from fhir.resources.R4B.imagingstudy import ImagingStudy
     from fhir.resources.R4B.servicerequest import ServiceRequest
-    from traboule.channels.mpps import UNSCHEDULED
 
     from traboule.app.http import create_app, serve
+    from traboule.channels.mpps import UNSCHEDULED
 
     cfg = engine_config(tmp_path)
     mpps_port = free_port()

@@ -15,9 +15,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
-from traboule.adapters.dicom_mwl import CANCEL, WorklistSCP
-from traboule.adapters.dicom_server import SCPLimits
-from traboule.channels.worklist import WorklistChannel
 
 from tests.peer_dcmtk import (
     FindResult,
@@ -30,6 +27,9 @@ from tests.peer_dcmtk import (
     with_keys,
 )
 from traboule import metrics
+from traboule.adapters.dicom_mwl import CANCEL, WorklistSCP
+from traboule.adapters.dicom_server import SCPLimits
+from traboule.channels.worklist import WorklistChannel
 from traboule.stores.worklist import WorklistStore
 
 pytestmark = pytest.mark.dcmtk

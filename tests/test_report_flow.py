@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from traboule.adapters.mllp import MLLPListener
 
 from tests.conftest import shared_path
 from tests.test_flow import ack_code, engine_config, fixture, free_port, send, until
@@ -21,6 +20,7 @@ from tests.test_mpps import Ris
 from tests.test_reports import TCC, report_of, study
 from tests.test_xds import channel_config
 from tests.xds_endpoint import XDSEndpoint, make_pki
+from traboule.adapters.mllp import MLLPListener
 from traboule.app.http import create_app, serve
 from traboule.app.runtime import Runtime
 from traboule.model import Envelope

@@ -23,8 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
-from traboule.channels.mpps import performed_step
-from traboule.channels.waiting_reports import seconds
 
 from tests.peer_dcmtk import require_dcmtk
 from tests.test_engine import cli
@@ -33,8 +31,10 @@ from tests.test_mpps import Modality
 from tests.test_reports import STUDY_UID, V3, report_of, study, validator  # noqa: F401 - the validator fixture
 from tests.test_supervision import Engine, engine_env
 from traboule import model
+from traboule.app.config import seconds
 from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
+from traboule.channels.mpps import performed_step
 from traboule.model import Envelope
 from traboule.stores.reports import ReportPublisher, ReportRefused, Waiting, Withdrawn, request_publication
 from traboule.translate.cda import CDAMapping
@@ -561,7 +561,6 @@ async def test_an_outcome_whose_journal_entry_was_pruned_goes_out_with_a_fresh_e
     from concurrent.futures import ThreadPoolExecutor
 
     from traboule.channels import waiting_reports
-
     from traboule.stores.journal import Journal, JournalEntry
 
     journal = Journal(tmp_path / "journal.sqlite")
@@ -611,7 +610,6 @@ async def test_a_wake_looks_only_at_the_reports_of_its_studies_and_the_rescan_on
     from concurrent.futures import ThreadPoolExecutor
 
     from traboule.channels import waiting_reports
-
     from traboule.stores.journal import Journal, JournalEntry
 
     journal = Journal(tmp_path / "journal.sqlite")

@@ -57,12 +57,50 @@ class SQLiteBackend:
         return PatientIdentities(self.folder / "patients.sqlite")
 
 
-BACKENDS: dict[str, Any] = {"sqlite": SQLiteBackend}  # name → factory(folder): one entry per backend
+class PostgresBackend:
+    """The stores PostgreSQL has, in one fresh database per test (the ``pg_url`` fixture). The URL is also written
+    into ``folder``, so that a child process given only the folder (``BACKENDS[name](folder)``) opens the same
+    database; a store without a PostgreSQL implementation skips its tests."""
+
+    name = "postgresql"
+    fixtures = ("pg_url",)  # what `backend` passes besides the folder
+
+    def __init__(self, folder: Path, pg_url: str | None = None) -> None:
+        self.folder = folder
+        if pg_url is None:
+            pg_url = (folder / "postgresql.url").read_text()
+        else:
+            (folder / "postgresql.url").write_text(pg_url)
+        self.url = pg_url
+
+    def journal(self) -> stores.Journal:
+        from traboule.stores.postgres.journal import PostgresJournal
+
+        return PostgresJournal(self.url)
+
+    def worklist(self) -> stores.WorklistStore:
+        from traboule.stores.postgres.worklist import PostgresWorklistStore
+
+        return PostgresWorklistStore(self.url)
+
+    def fhir(self) -> stores.FHIRStore:
+        pytest.skip("postgresql: fhir store not implemented yet")
+
+    def reports(self) -> stores.ReportStore:
+        pytest.skip("postgresql: reports store not implemented yet")
+
+    def registry(self) -> stores.PatientRegistry:
+        pytest.skip("postgresql: registry store not implemented yet")
+
+
+# name → factory(folder, **fixtures named by its ``fixtures``): one entry per backend
+BACKENDS: dict[str, Any] = {"sqlite": SQLiteBackend, "postgresql": PostgresBackend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> SQLiteBackend:
-    return BACKENDS[request.param](tmp_path)
+    factory = BACKENDS[request.param]
+    return factory(tmp_path, **{name: request.getfixturevalue(name) for name in getattr(factory, "fixtures", ())})
 
 
 PROTOCOLS = {

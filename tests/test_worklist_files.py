@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.sequence import Sequence
-from traboule.adapters.worklist_files import WorklistFileWriter, file_name, missing_for_wlmscpfs
 
 from tests.peer_dcmtk import WlmServer, findscu, mwl_item, with_keys
+from traboule.adapters.worklist_files import WorklistFileWriter, file_name, missing_for_wlmscpfs
 
 
 def test_written_file_is_a_dicom_file_like_dump2dcm_writes(tmp_path: Path) -> None:

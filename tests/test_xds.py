@@ -22,13 +22,13 @@ import httpx
 import pytest
 from lxml import etree
 from signxml import XMLVerifier
-from traboule.adapters import xds
 
 from tests.conftest import shared_path
 from tests.test_flow import fixture, until
 from tests.test_reports import STUDY_UID, V3, check_and_run, needs_validators, report_of, study
 from tests.xds_endpoint import PKI, RIM, Received, Reply, XDSEndpoint, make_pki
 from traboule import model
+from traboule.adapters import xds
 from traboule.app.config import Config, ConfigError
 from traboule.app.runtime import Runtime
 from traboule.formats.xds import DELETED

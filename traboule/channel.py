@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -31,7 +33,7 @@ from traboule.model import Envelope
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from traboule.stores.journal import Journal
+    from traboule.stores import Journal
     from traboule.translate.mapping import CodeTable
 
 T = TypeVar("T")
@@ -270,6 +272,17 @@ def read_settings(channel: object, config: Mapping[str, Any], name: str) -> None
 # -- consumers --------------------------------------------------------------------------------------------------
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,64}")
+
+
+def loggable_id(value: str) -> str:
+    """An identifier a sender chose (MSH-10, an event id), as a log line may carry it: itself when short and plain,
+    else a digest of it, so that a hostile value never reaches the log as it came (length, control characters)."""
+    if not value or _PLAIN_ID.fullmatch(value):
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 @contextmanager
 def delivery_context(channel: str, env: Envelope | None = None) -> Iterator[None]:
     """Bind the channel (and the event's message id and correlation id) to every log line written inside."""
@@ -277,7 +290,8 @@ def delivery_context(channel: str, env: Envelope | None = None) -> Iterator[None
         with structlog.contextvars.bound_contextvars(channel=channel):
             yield
         return
-    with structlog.contextvars.bound_contextvars(channel=channel, message_id=env.id, correlation_id=env.correlation_id):
+    ids = {"message_id": loggable_id(env.id), "correlation_id": loggable_id(env.correlation_id)}
+    with structlog.contextvars.bound_contextvars(channel=channel, **ids):
         yield
 
 
@@ -285,7 +299,9 @@ class _BusConsumer:
     """What the two consumer bases share: settings, topics, the queue's bindings, describe."""
 
     kind: ClassVar[str] = ""
-    topics = Setting(list, ["#"])  # a kind declares its own default topics
+    # A kind declares its own default topics; none is no default: "#" would also bind the engine's internal messages
+    # (a fhir channel's push messages...), which are not events and would end in the dead letters.
+    topics = Setting(list, [])
     max_attempts = Setting(int, 5, minimum=1)
 
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime) -> None:
@@ -299,7 +315,11 @@ class _BusConsumer:
     @classmethod
     def topics_of(cls, config: Mapping[str, Any]) -> list[str]:
         """The topics the channel's queue is bound to: its ``topics`` setting, else the kind's default."""
-        return cls.topics.read(config, str(config.get("name", "?")))
+        name = str(config.get("name", "?"))
+        topics = cls.topics.read(config, name)
+        if not topics:
+            raise ConfigError(f'channel {name}: topics must name what to consume (e.g. ["order.#"])')
+        return topics
 
     @classmethod
     def bindings(cls, config: dict[str, Any]) -> list[tuple[str, list[str]]]:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import uvloop
 
 from traboule import stores
 from traboule.app import config as config_mod
+from traboule.bus import Bus
 from traboule.errors import CDAValidatorError, MappingError, NotPublished, ScaffoldError
 
 
@@ -216,6 +217,12 @@ def _patients_arguments(pt: argparse.ArgumentParser) -> None:
     pt_forget.add_argument("ipp", help="the patient identifier (IPP) value")
 
 
+def _db_arguments(db: argparse.ArgumentParser) -> None:
+    db_sub = _actions(db)
+    db_sub.add_parser("upgrade", help="create or upgrade the PostgreSQL schema of every store, print their versions")
+    db_sub.add_parser("status", help="the schema version of each store: in the database and in this traboule")
+
+
 # Sub-command → (its line in --help, what adds its arguments and actions), in the order --help lists them.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None]] = {
     "run": ("start the engine in the foreground", _run_arguments),
@@ -233,6 +240,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | No
     "cda": ("CDA documents (CI-SIS CR d'imagerie)", _cda_arguments),
     "reports": ("structured reports accepted and waiting for their study, and dead letters", _reports_arguments),
     "patients": ("the patient identity registry: INS per IPP, owners of orders, merges", _patients_arguments),
+    "db": ("the PostgreSQL database ([database] url or TRABOULE_DATABASE_URL): schema versions", _db_arguments),
 }
 
 
@@ -626,8 +634,14 @@ def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from traboule.stores.journal import Journal
 
-    _channel_db(cfg, "journal", ".sqlite")
-    journal = Journal(Path(cfg.data_dir) / "journal.sqlite")
+    journal: stores.Journal
+    if cfg.database_url:  # the engine's journal is there
+        from traboule.stores.postgres.journal import PostgresJournal
+
+        journal = PostgresJournal(cfg.database_url)
+    else:
+        _channel_db(cfg, "journal", ".sqlite")
+        journal = Journal(Path(cfg.data_dir) / "journal.sqlite")
     try:
         if args.action == "show":
             entry = journal.get(args.id)
@@ -770,7 +784,8 @@ def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.N
         return 130
 
 
-def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+def _with_bus(cfg: config_mod.Config, work: Callable[[Bus], Awaitable[int]]) -> int:
+    """Run ``work`` with the running engine's bus (the same one, or exit 2 saying why), closed afterwards."""
     from traboule.app.bus_backend import make_bus
 
     refusal = _same_bus(cfg)
@@ -788,24 +803,30 @@ def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             except ConnectionError as exc:
                 print(f"cannot reach the bus {_bus_description(cfg)}: {exc}", file=sys.stderr)
                 return 2
-            if args.action == "list":
-                letters = await bus.dead_letters(args.channel, args.limit)
-                print(f"{len(letters)} dead letter(s) for channel {args.channel!r}")
-                for d in letters:
-                    print(f"{d.message_id}  {d.topic:14} attempts={d.attempt}  {d.headers.get('x-error', '')}")
-                return 0
-            replayed = await bus.replay_dead_letter(args.channel, args.message_id)
-            print("replayed" if replayed else f"no dead letter {args.message_id} for channel {args.channel!r}")
-            return 0 if replayed else 1
+            return await work(bus)
         finally:
             await bus.close()
 
     return asyncio.run(go())
 
 
+def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    async def work(bus: Bus) -> int:
+        if args.action == "list":
+            letters = await bus.dead_letters(args.channel, args.limit)
+            print(f"{len(letters)} dead letter(s) for channel {args.channel!r}")
+            for d in letters:
+                print(f"{d.message_id}  {d.topic:14} attempts={d.attempt}  {d.headers.get('x-error', '')}")
+            return 0
+        replayed = await bus.replay_dead_letter(args.channel, args.message_id)
+        print("replayed" if replayed else f"no dead letter {args.message_id} for channel {args.channel!r}")
+        return 0 if replayed else 1
+
+    return _with_bus(cfg, work)
+
+
 def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``fhir resend``: forget what the server holds and queue every resource for the running engine to push."""
-    from traboule.app.bus_backend import make_bus
     from traboule.formats.fhir_push import push_message, push_topic
     from traboule.stores.fhir_store import FHIRStore
 
@@ -813,34 +834,19 @@ def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     if channel is None or not channel.get("destination"):
         print(f"no fhir channel {args.channel!r} with a destination in the configuration", file=sys.stderr)
         return 1
-    refusal = _same_bus(cfg)
-    if refusal:
-        print(refusal, file=sys.stderr)
-        return 2
-    print(f"bus: {_bus_description(cfg)}", file=sys.stderr)
     store = FHIRStore(str(Path(cfg.data_dir) / f"{args.channel}.sqlite"))
 
-    async def go() -> int:
-        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
-        await bus.start()
-        try:
-            try:
-                await bus.wait_connected(10.0)
-            except ConnectionError as exc:
-                print(f"cannot reach the bus {_bus_description(cfg)}: {exc}", file=sys.stderr)
-                return 2
-            keys = store.forget_remote()
-            stamp = int(time.time())
-            for start in range(0, len(keys), 8):
-                chunk = keys[start : start + 8]
-                await bus.publish(push_topic(args.channel), push_message(chunk), message_id=f"resend-{stamp}-{start}")
-        finally:
-            await bus.close()
+    async def work(bus: Bus) -> int:
+        keys = store.forget_remote()
+        stamp = int(time.time())
+        for start in range(0, len(keys), 8):
+            chunk = keys[start : start + 8]
+            await bus.publish(push_topic(args.channel), push_message(chunk), message_id=f"resend-{stamp}-{start}")
         print(f"{len(keys)} resource(s) queued for {channel['destination'].get('base_url', '')}")
         return 0
 
     try:
-        return asyncio.run(go())
+        return _with_bus(cfg, work)
     finally:
         store.close()
 
@@ -923,6 +929,53 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     for checked in preflight(cfg):
         print(f"ok  {checked}")
     check_routes(cfg)
+    print(f"ok  database: {_database_use(cfg)}")
+    return 0
+
+
+def _database_use(cfg: config_mod.Config) -> str:
+    """Which database the stores would use (no password)."""
+    if not cfg.database_url:
+        return cfg.database_description
+    return (
+        f"journal on {cfg.database_description}; the other stores (worklist, FHIR, reports, patient registry) on"
+        f" sqlite files in {cfg.data_dir}"
+    )
+
+
+def cmd_db(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``db upgrade``: apply the pending schema migrations of every store, one line per store (exit 1 when the
+    database is newer than this traboule, 2 without a database). ``db status``: the versions, changing nothing."""
+    import psycopg
+
+    from traboule.stores.postgres import connect, migrations, redact
+
+    if not cfg.database_url:
+        print(
+            "no database configured ([database] url or TRABOULE_DATABASE_URL): the stores use SQLite files,"
+            " nothing to upgrade",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with connect(cfg.database_url) as conn:
+            if args.action == "status":
+                migrations.discover()
+                found = migrations.versions(conn)
+                for name, known in migrations.registered().items():
+                    state = "current" if found.get(name, 0) == known else "upgrade needed"
+                    if found.get(name, 0) > known:
+                        state = "newer than this traboule"
+                    print(f"{name:12} database {found.get(name, 0)}  traboule {known}  {state}")
+                return 0
+            for name, (before, after) in migrations.upgrade(conn).items():
+                print(f"{name:12} {before} -> {after}" if after != before else f"{name:12} {after} (current)")
+    except config_mod.ConfigError as exc:  # the database is newer than this traboule
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        print(f"database {redact(cfg.database_url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1044,7 +1097,7 @@ def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``reports waiting`` lists the reports held for their study; ``reports publish N`` asks the running engine to
     publish one now (a dead letter waits again, with a new deadline) and prints what became of it."""
-    from traboule.channels.waiting_reports import seconds
+    from traboule.app.config import seconds
     from traboule.stores.reports import DEAD, held_report, held_reports, request_publication
 
     channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
@@ -1221,6 +1274,7 @@ COMMANDS = {
     "codes": cmd_codes,
     "reports": cmd_reports,
     "patients": cmd_patients,
+    "db": cmd_db,
 }
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ replaced); ``enabled = false`` removes it; ``[engine] defaults = false`` starts 
 Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
 ``TRABOULE_HTTP_PORT``, ``TRABOULE_MLLP_PORT``, ``TRABOULE_MWL_PORT``, ``TRABOULE_MWL_AE_TITLE``,
 ``TRABOULE_MPPS_PORT``, ``TRABOULE_MPPS_AE_TITLE``, ``TRABOULE_LOG_FORMAT`` (``json`` | ``console``),
-``TRABOULE_LOG_LEVEL``, ``TRABOULE_CONFIG`` (the file).
+``TRABOULE_LOG_LEVEL``, ``TRABOULE_DATABASE_URL`` (a ``postgresql://`` URL: the stores PostgreSQL has go there;
+unset or blank: embedded SQLite files in the data folder), ``TRABOULE_CONFIG`` (the file).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from traboule.errors import ConfigError
+from traboule.stores.postgres import is_postgres_url, redact
 
 # The whole local loop, on loopback, on the embedded bus: RIS orders, ADT and reports in; the worklist and MPPS for
 # modalities; FHIR resources (orders, performed steps, reports and their CDA) served on /fhir. What needs a remote
@@ -102,6 +105,16 @@ class Config:
     restart_reset_after: float = 10.0
     # Free space the journal leaves on its disk: below it, messages are answered "not stored" (AR, 503...).
     min_free_disk_mb: int = 64
+    # ``[database] url``: a PostgreSQL database shared by several engine nodes; "" = SQLite files in data_dir.
+    # It may hold a password: print it through `database_description`, never as it is.
+    database_url: str = ""
+
+    @property
+    def database_description(self) -> str:
+        """Which database backend the stores use, fit for a message or a log (no password)."""
+        if self.database_url:
+            return f"postgresql ({redact(self.database_url)})"
+        return f"sqlite (files in {self.data_dir})"
 
     def processes(self) -> list[str]:
         """Process names of the configured channels, ``main`` first (it always exists: it holds the journal)."""
@@ -148,7 +161,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
 
 
 def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
-    known = {"engine", "bus", "http", "log", "channels"}
+    known = {"engine", "bus", "http", "log", "channels", "database"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
@@ -169,6 +182,12 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
                 raise ConfigError(f"{path}: [engine] {key} must be a number of seconds") from exc
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{path}: [engine] {key} must be a positive number of seconds")
+    database = doc.get("database", {})
+    if not isinstance(database, dict) or set(database) - {"url"}:
+        raise ConfigError(f"{path}: [database] has one key, url (a postgresql:// URL)")
+    if not isinstance(database.get("url", ""), str):
+        raise ConfigError(f"{path}: [database] url must be a string (postgresql://user:password@host:port/dbname)")
+    cfg.database_url = database.get("url", cfg.database_url).strip()
     bus = doc.get("bus", {})
     cfg.amqp_url = str(bus.get("amqp_url", cfg.amqp_url))
     cfg.exchange = str(bus.get("exchange", cfg.exchange))
@@ -248,6 +267,8 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     if "TRABOULE_AMQP_URL" in env:
         cfg.amqp_url = env["TRABOULE_AMQP_URL"]
     cfg.data_dir = env.get("TRABOULE_DATA_DIR", cfg.data_dir)
+    if env.get("TRABOULE_DATABASE_URL", "").strip():  # blank does not switch a configured database to SQLite
+        cfg.database_url = env["TRABOULE_DATABASE_URL"].strip()
     cfg.http_host = env.get("TRABOULE_HTTP_HOST", cfg.http_host)
     cfg.log_format = env.get("TRABOULE_LOG_FORMAT", cfg.log_format)
     cfg.log_level = env.get("TRABOULE_LOG_LEVEL", cfg.log_level)
@@ -296,6 +317,11 @@ def _check(cfg: Config) -> None:
         )
     if any(len(t) < 16 for t in cfg.api_tokens):
         raise ConfigError("API tokens must be at least 16 characters long (use e.g. `openssl rand -hex 24`)")
+    if cfg.database_url and not is_postgres_url(cfg.database_url):
+        raise ConfigError(
+            f"database url {redact(cfg.database_url)!r}: only PostgreSQL is supported"
+            " (postgresql://user:password@host:port/dbname)"
+        )
     if cfg.log_format not in ("json", "console"):
         raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
 
@@ -330,3 +356,17 @@ def resolve(base: Config, relative: str) -> Path:
     if here.exists():
         return here
     return Path(__file__).resolve().parents[2] / p
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", re.ASCII)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(setting: Any, what: str) -> float:
+    """A duration setting: a number of seconds, or a string such as ``"90s"``, ``"30m"``, ``"24h"``, ``"2d"``."""
+    if isinstance(setting, int | float) and not isinstance(setting, bool) and setting >= 0:
+        return float(setting)
+    match = _DURATION.fullmatch(setting) if isinstance(setting, str) else None
+    if match is None:
+        raise ConfigError(f'{what}: expected seconds or a duration such as "24h", not {setting!r}')
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]

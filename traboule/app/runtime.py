@@ -27,7 +27,8 @@ from traboule.stores.journal import Journal
 
 log = structlog.get_logger("traboule.app.runtime")
 
-# Built-in kinds, also declared as entry points; listed here so a source checkout runs without installing.
+# Built-in kinds, also declared as entry points; listed here too so that they resolve even when the installed
+# metadata is older than the source (an editable install made before a kind was added).
 BUILTIN_CHANNELS = {
     "hl7-orders": "traboule.channels.orders:OrdersChannel",
     "worklist": "traboule.channels.worklist:WorklistChannel",
@@ -45,6 +46,7 @@ BUILTIN_ADAPTERS = {
     "rabbitmq-bus": "traboule.adapters.rabbitmq:RabbitMQBus",
     "mpps-scp": "traboule.adapters.dicom_mpps:MPPSSCP",
     "mllp-sender": "traboule.adapters.mllp:MLLPClient",
+    "dicomweb-client": "traboule.adapters.dicomweb:DICOMwebClient",
 }
 
 
@@ -259,6 +261,15 @@ class Runtime:
     def journal_path(self) -> Path:
         return self.data_dir / "journal.sqlite"
 
+    def _open_journal(self) -> stores.Journal:
+        """The journal: on PostgreSQL when ``[database] url`` is set (its schema upgraded or, when newer than this
+        code, refused), else the SQLite file of the data folder."""
+        if self.config.database_url:
+            from traboule.stores.postgres.journal import PostgresJournal
+
+            return PostgresJournal(self.config.database_url)
+        return Journal(self.journal_path, min_free_bytes=self.config.min_free_disk_mb * 1024 * 1024)
+
     @property
     def owns_journal(self) -> bool:
         """The process that receives messages keeps the journal and publishes its outbox."""
@@ -266,7 +277,7 @@ class Runtime:
 
     async def start(self) -> None:
         if self.owns_journal:
-            self.journal = Journal(self.journal_path, min_free_bytes=self.config.min_free_disk_mb * 1024 * 1024)
+            self.journal = self._open_journal()
         await self.bus.start()
         if self.owns_journal:
             # Every consuming channel's queue, in this process or another, exists before the first event is

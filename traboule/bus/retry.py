@@ -8,7 +8,8 @@
 * A delivery that already failed (``attempt > 1``) is never put in a batch (:func:`handed_alone`).
 
 Each failure is one warning event (``bus.batch_failed`` / ``bus.delivery_failed``) naming the queue, the message
-ids and the outcome; the error is a free-text field, scrubbed as such by the logging set-up.
+ids, the outcome and the exception's type only: its text may quote what a remote system answered (an ACK's
+comment, an OperationOutcome) and so patient data; it goes to the dead letter's ``x-error`` header, not the log.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _error_type(error: str) -> str:
+    """The exception type of a `describe`d error, for the log (never its text)."""
+    return error.partition(":")[0]
+
+
 def handed_alone(attempt: int) -> bool:
     """A delivery that already failed is handed alone, never in a batch (its failures are counted one by one)."""
     return attempt > 1
@@ -95,7 +101,7 @@ class RetryPolicy:
                 deliveries=len(message_ids),
                 first_message_id=message_ids[0],
                 last_message_id=message_ids[-1],
-                error=outcome.error,
+                error_type=_error_type(outcome.error),
                 outcome="isolate",
             )
             return
@@ -110,6 +116,6 @@ class RetryPolicy:
             message_id=message_ids[0],
             attempt=attempt,
             max_attempts=self.max_attempts,
-            error=outcome.error,
+            error_type=_error_type(outcome.error),
             **fields,
         )

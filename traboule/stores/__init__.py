@@ -1,18 +1,19 @@
 """What the channels, the runtime and the HTTP API ask of each store, and the guarantees every backend keeps.
 
 One `typing.Protocol` per store, as narrow as its callers (channels/, traboule/app/); a backend implements it and
-passes ``tests/test_store_contracts.py`` (parametrised by backend). Today each has one backend, SQLite, opened
-through `traboule.stores.sqlite.open_database`:
+passes ``tests/test_store_contracts.py`` (parametrised by backend). SQLite (opened through
+`traboule.stores.sqlite.open_database`) implements every store; PostgreSQL (``traboule/stores/postgres/``, schema
+migrations in ``migrations.py``) implements the journal and the worklist store so far:
 
-============================  ==========================================================  =========================
-protocol                      SQLite implementation                                       file
-============================  ==========================================================  =========================
-`Journal`                     `traboule.stores.journal.SQLiteJournal`                     ``journal.sqlite``
-`WorklistStore`               `traboule.stores.worklist.SQLiteWorklistStore`              ``<channel>.sqlite``
-`FHIRStore`                   `traboule.stores.fhir_store.SQLiteFHIRStore`                ``<channel>.sqlite``
-`ReportStore`                 `traboule.stores.reports.ReportPublisher`                   ``<channel>.reports.sqlite``
-`PatientRegistry`             `traboule.stores.patient_identity.PatientIdentities`        ``patients.sqlite``
-============================  ==========================================================  =========================
+==================  ===================================================  ===================================
+protocol            SQLite implementation (file)                         PostgreSQL implementation
+==================  ===================================================  ===================================
+`Journal`           `journal.SQLiteJournal` (``journal.sqlite``)         `postgres.journal.PostgresJournal`
+`WorklistStore`     `worklist.SQLiteWorklistStore` (``<channel>``)       `postgres.worklist`
+`FHIRStore`         `fhir_store.SQLiteFHIRStore` (``<channel>``)         not yet
+`ReportStore`       `reports.ReportPublisher` (``<channel>.reports``)    not yet
+`PatientRegistry`   `patient_identity.PatientIdentities` (``patients``)  not yet
+==================  ===================================================  ===================================
 
 Common to all: "durable" means a commit that survives power loss (``Durability.POWER_LOSS``), and a method that
 writes has committed when it returns (unless it runs inside the store's ``transaction()``, which commits at its

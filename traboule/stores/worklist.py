@@ -458,29 +458,35 @@ def _column_sql(column: str, condition: Condition) -> tuple[str, list[object]] |
     return None
 
 
-def prefilter_sql(compiled: CompiledQuery) -> tuple[str, list[object]]:
-    """The rowids of the candidate items for a compiled query (a superset of the matches)."""
-    where: list[str] = []
-    params: list[object] = []
-
-    def add(column: str, condition: Condition) -> None:
-        part = _column_sql(column, condition)
-        if part is not None:
-            where.append(part[0])
-            params.extend(part[1])
-
+def prefilter_conditions(compiled: CompiledQuery) -> list[tuple[str, Condition]]:
+    """The (index column, condition) pairs of a compiled query, whatever the backend: its prefilter keeps, for
+    the rows with ``exact`` set, those satisfying each pair it can express (a superset of the matches; a pair it
+    cannot express is left out), and every offered row with ``exact`` unset."""
+    pairs: list[tuple[str, Condition]] = []
     for tag, condition in compiled.conditions.items():
         column = _ITEM_COLUMNS.get(tag)
         if column == "patient_name" and compiled.fold_names:
             column = "patient_name_upper"
         if column is not None:
-            add(column, condition)
+            pairs.append((column, condition))
     sps = compiled.sequences.get(SPS_SEQUENCE)
     if sps is not None:
         for tag, condition in sps.conditions.items():
             column = _SPS_COLUMNS.get(tag)
             if column is not None:
-                add(column, condition)
+                pairs.append((column, condition))
+    return pairs
+
+
+def prefilter_sql(compiled: CompiledQuery) -> tuple[str, list[object]]:
+    """The rowids of the candidate items for a compiled query (a superset of the matches)."""
+    where: list[str] = []
+    params: list[object] = []
+    for column, condition in prefilter_conditions(compiled):
+        part = _column_sql(column, condition)
+        if part is not None:
+            where.append(part[0])
+            params.extend(part[1])
     offered = f"status NOT IN ({','.join('?' * len(NOT_OFFERED))})"
     if not where:
         return f"SELECT rowid FROM items WHERE {offered}", list(NOT_OFFERED)

@@ -1,0 +1,229 @@
+"""What the PostgreSQL journal adds to the contract (tests/test_store_contracts.py): several nodes on one database
+(each a `PostgresJournal` on its own event loop in its own thread), group commit on the server, and an engine whose
+``[database] url`` puts its journal there."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.test_flow import ack_code, engine_config, fixture, send, store, until
+from traboule.app.runtime import Runtime
+from traboule.model import Envelope, Identifier, ImagingOrder, Patient, ScheduledStep
+from traboule.stores.journal import JournalEntry, OutboxEvent, Query
+from traboule.stores.postgres import connect
+from traboule.stores.postgres.journal import PostgresJournal
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _nodes(url: str, count: int, work) -> list:  # type: ignore[no-untyped-def]
+    """Run ``work(journal, node_number)`` on ``count`` nodes at once (a barrier lines up their first append)."""
+    results: list = [None] * count
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def node(n: int) -> None:
+        async def main() -> None:
+            journal = PostgresJournal(url)
+            try:
+                barrier.wait()
+                results[n] = await work(journal, n)
+            finally:
+                journal.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [], errors
+    return results
+
+
+def test_the_same_messages_on_two_nodes_are_accepted_once(pg_url: str) -> None:
+    """Each of 40 messages reaches both nodes at the same moment: one accepted (with its events), one duplicate."""
+
+    async def send_all(journal: PostgresJournal, n: int) -> list[JournalEntry]:
+        return await asyncio.gather(
+            *(
+                journal.append(
+                    JournalEntry("ris-orders", b"m%d" % i, "accepted", idempotency_key=f"k{i}", peer=f"node{n}"),
+                    [OutboxEvent("order.new", f"e{i}-node{n}", b"{}")],
+                )
+                for i in range(40)
+            )
+        )
+
+    first, second = _nodes(pg_url, 2, send_all)
+    for a, b in zip(first, second, strict=True):
+        assert sorted((a.status, b.status)) == ["accepted", "duplicate"], (a, b)
+        winner, loser = (a, b) if a.status == "accepted" else (b, a)
+        assert f"journal entry {winner.id}" in loser.warnings
+    journal = PostgresJournal(pg_url)
+    try:
+        events = journal.pending_events()
+        assert len(events) == 40 and len({e.event_id.split("-")[0] for e in events}) == 40  # one per message
+        assert journal.counts() == {"accepted": 40, "duplicate": 40}
+    finally:
+        journal.close()
+
+
+def test_ids_grow_in_commit_order_across_nodes(pg_url: str) -> None:
+    """Whatever the interleaving of two nodes' commits, no entry ever appears below one already visible: a reader
+    paging with ``after`` misses nothing."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        with connect(pg_url) as db:
+            after = 0
+            while not done.is_set() or after < 200:
+                rows = (
+                    db.execute("SELECT id FROM journal_messages WHERE id > %s ORDER BY id", (after,)).fetchall()
+                    if _has_table(db)
+                    else []
+                )
+                seen.extend(r[0] for r in rows)
+                after = seen[-1] if seen else 0
+                if done.is_set() and not rows:
+                    break
+
+    async def send(journal: PostgresJournal, n: int) -> None:
+        for i in range(20):
+            await asyncio.gather(
+                *(
+                    journal.append(JournalEntry("ch", b"x", "accepted", idempotency_key=f"{n}-{i}-{j}"))
+                    for j in range(5)
+                )
+            )
+
+    PostgresJournal(pg_url).close()  # the schema exists before the reader starts
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        _nodes(pg_url, 2, send)
+    finally:
+        done.set()
+        reader.join()
+    with connect(pg_url) as db:
+        everything = [r[0] for r in db.execute("SELECT id FROM journal_messages ORDER BY id")]
+    assert len(everything) == 200 and sorted(seen) == everything  # the reader saw every one, none skipped
+
+
+def _has_table(db) -> bool:  # type: ignore[no-untyped-def]
+    return bool(db.execute("SELECT to_regclass('journal_messages') IS NOT NULL").fetchone()[0])
+
+
+async def test_appends_of_one_loop_iteration_share_one_commit(pg_url: str) -> None:
+    """Rows written by one transaction share their ``xmin``: 50 concurrent appends, one or two commits."""
+    journal = PostgresJournal(pg_url)
+    try:
+        await journal.append(JournalEntry("ch", b"warm-up", "accepted", idempotency_key="w"))
+        written = await asyncio.gather(
+            *(journal.append(JournalEntry("ch", b"m", "accepted", idempotency_key=f"k{i}")) for i in range(50))
+        )
+        with connect(pg_url) as db:
+            (transactions,) = db.execute(
+                "SELECT count(DISTINCT xmin::text) FROM journal_messages WHERE id = ANY(%s)", ([e.id for e in written],)
+            ).fetchone()  # type: ignore[misc]
+        assert transactions == 1
+    finally:
+        journal.close()
+
+
+async def test_a_server_that_goes_away_fails_the_append_and_the_next_one_reconnects(pg_url: str) -> None:
+    """The sender is not acknowledged when the commit fails; the journal reconnects for the next message."""
+    journal = PostgresJournal(pg_url)
+    try:
+        await journal.append(JournalEntry("ch", b"before", "accepted", idempotency_key="a"))
+        with connect(pg_url) as db:  # every other connection of this database is cut
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        entry = JournalEntry("ch", b"lost", "accepted", idempotency_key="b")
+        with pytest.raises(Exception):  # noqa: B017 - psycopg's OperationalError, whatever its subclass
+            await journal.append(entry)
+        assert entry.status == "accepted" and entry.id == 0  # as given: nothing of it was stored
+        with pytest.raises(Exception):  # noqa: B017 - the blocking connection was cut as well
+            journal.outbox_depth()
+        assert journal.outbox_depth() == 0  # reconnected
+        again = await journal.append(JournalEntry("ch", b"lost", "accepted", idempotency_key="b"))
+        assert again.status == "accepted" and journal.accepted("b")
+    finally:
+        journal.close()
+
+
+async def test_every_selection_filter_in_postgresql_s_dialect(pg_url: str) -> None:
+    """`Query` writes SQLite's SQL; the journal translates it (placeholders, TRUE): each filter once."""
+    journal = PostgresJournal(pg_url)
+    try:
+        a = await journal.append(JournalEntry("ch", b"a", "accepted", message_type="ORM^O01", idempotency_key="a"))
+        b = await journal.append(JournalEntry("ch", b"b", "rejected", message_type="ORU^R01", idempotency_key="b"))
+        c = await journal.append(JournalEntry("x", b"c", "accepted", message_type="ORMX^O01", idempotency_key="c"))
+        assert [e.id for e in journal.select(Query(types=["ORM"]))] == [a.id]  # ORM, not ORMX
+        assert [e.id for e in journal.select(Query(types=["ORU^R01", "ORMX"]))] == [b.id, c.id]
+        assert [e.id for e in journal.select(Query(ids=[a.id, c.id], statuses=["accepted"]))] == [a.id, c.id]
+        assert [e.id for e in journal.select(Query(ranges=[(b.id, c.id)], channels=["x"]))] == [c.id]
+        assert journal.count(Query(since="2000-01-01", until="2999-01-01", upto=b.id)) == 2
+        assert journal.count(Query()) == 3 and journal.counts() == {"accepted": 2, "rejected": 1}
+        assert journal.prune("2999-01-01", keep=[]) == 3
+    finally:
+        journal.close()
+
+
+# -- the engine on PostgreSQL ([database] url) ---------------------------------------------------------------------
+
+
+async def test_an_engine_with_a_database_url_journals_there(tmp_path: Path, pg_url: str) -> None:
+    """One order through MLLP: acknowledged once in PostgreSQL, its events published from the database's outbox to
+    the worklist; nothing in a journal.sqlite. Then an event left in the outbox (a crash before publishing) reaches
+    the worklist when the engine starts again."""
+    cfg = engine_config(tmp_path)
+    cfg.database_url = pg_url
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        assert isinstance(runtime.journal, PostgresJournal)
+        (ack,) = await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        assert ack_code(ack) == "AA"
+        await until(lambda: store(runtime).count() == 1)
+        await runtime.wait_idle()
+    finally:
+        await runtime.stop()
+    assert not (tmp_path / "journal.sqlite").exists()
+    journal = PostgresJournal(pg_url)
+    try:
+        (entry,) = journal.recent()
+        assert entry.status == "accepted" and entry.message_type.startswith("ORM") and journal.outbox_depth() == 0
+        order = ImagingOrder(
+            placer_order_number=Identifier("PLC-PG", "RIS"),
+            accession_number=Identifier("ACC-PG"),
+            patient=Patient(ids=[Identifier("IPP9", "CHU")]),
+            steps=[ScheduledStep(step_id="S1", modality="CT", start="20261125100000")],
+        )
+        env = Envelope(order, idempotency_key="pg-crash-1")
+        await journal.append(
+            JournalEntry(channel="ris-orders", raw=b"MSH|...", status="accepted", idempotency_key="pg-crash-1"),
+            [OutboxEvent("order.new", env.id, env.to_json())],
+        )
+    finally:
+        journal.close()  # the process dies here: the event never reached the bus
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        await until(lambda: store(runtime).count() == 2)
+        assert store(runtime).keys_for_accession("ACC-PG")
+        await runtime.wait_idle()
+        assert runtime.journal is not None and runtime.journal.outbox_depth() == 0
+    finally:
+        await runtime.stop()

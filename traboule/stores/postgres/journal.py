@@ -1,0 +1,419 @@
+"""The journal on PostgreSQL: `PostgresJournal` implements `traboule.stores.Journal` for several engine nodes sharing
+one database, with the guarantees of `traboule.stores.journal.SQLiteJournal`.
+
+* Durable on return: ``append`` resolves once its transaction has committed with ``synchronous_commit`` on (the
+  commit is flushed to the server's WAL).
+* Group commit: the appends queued in one event-loop iteration, and those that arrive while a commit is in flight,
+  share the next transaction (one WAL flush for all of them). Appends and outbox confirmations go through an
+  asyncio connection, so the loop keeps serving while the server commits; the other calls of the protocol are
+  blocking, as the protocol states, on a second (blocking) connection.
+* One accepted entry per idempotency key across nodes: a unique index on the key of ``accepted`` rows, written with
+  ``INSERT ... ON CONFLICT DO NOTHING``. Two nodes appending the same message at once: the second insert waits for
+  the first transaction, finds the key taken and stores its entry as ``duplicate`` (no read-then-write race).
+* Ids grow in commit order across nodes too: every group commit holds an advisory lock (`LOCK_KEY`) from before
+  its first insert to its commit, so no node commits an id lower than one already visible (a reader paging with
+  ``after`` never skips an entry committed late). Events added with ``append_events`` take the next outbox ids when
+  they commit; they do not take that lock (it runs on the loop's thread, which a commit in flight needs).
+* The server's disk is not visible from a client: ``min_free_bytes`` is 0 and a full disk on the server (SQLSTATE
+  53100) raises `traboule.errors.DiskFull`, as the SQLite journal does for a full local disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from traboule.errors import DiskFull
+from traboule.stores.journal import _COLUMNS, PUBLISHED_DELAY, JournalEntry, OutboxEvent, Query
+from traboule.stores.postgres import async_connect, connect, migrations, redact
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection, Connection
+
+COMPONENT = "journal"
+LOCK_KEY = 0x6A6F_7572_6E61  # "journa": held by each group commit, so that ids grow in commit order
+
+migrations.register(
+    COMPONENT,
+    [
+        (
+            1,
+            """
+            CREATE TABLE journal_messages (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                received TEXT NOT NULL,
+                channel TEXT NOT NULL,
+                peer TEXT NOT NULL DEFAULT '',
+                control_id TEXT NOT NULL DEFAULT '',
+                message_type TEXT NOT NULL DEFAULT '',
+                status TEXT NOT NULL,
+                ack_code TEXT NOT NULL DEFAULT '',
+                error TEXT NOT NULL DEFAULT '',
+                warnings TEXT NOT NULL DEFAULT '',
+                idempotency_key TEXT NOT NULL DEFAULT '',
+                correlation_id TEXT NOT NULL DEFAULT '',
+                raw BYTEA NOT NULL
+            );
+            CREATE UNIQUE INDEX journal_messages_accepted_key ON journal_messages (idempotency_key)
+                WHERE status = 'accepted' AND idempotency_key <> '';
+            CREATE INDEX journal_messages_key ON journal_messages (idempotency_key);
+            CREATE INDEX journal_messages_status ON journal_messages (status, id);
+            CREATE INDEX journal_messages_received ON journal_messages (received);
+            CREATE TABLE journal_outbox (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                message_id BIGINT NOT NULL,
+                topic TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                body BYTEA NOT NULL
+            );
+            CREATE INDEX journal_outbox_message ON journal_outbox (message_id, id);
+            """,
+        )
+    ],
+)
+
+_SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM journal_messages"
+_INSERT = f"INSERT INTO journal_messages ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
+_INSERT_ACCEPTED = (
+    _INSERT + " ON CONFLICT (idempotency_key) WHERE status = 'accepted' AND idempotency_key <> ''"
+    " DO NOTHING RETURNING id"
+)
+_ACCEPTED_ID = "SELECT id FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted' LIMIT 1"
+_INSERT_EVENT = "INSERT INTO journal_outbox (message_id, topic, event_id, body) VALUES (%s, %s, %s, %s)"
+_EVENTS = "SELECT id, message_id, topic, event_id, body FROM journal_outbox"
+
+Pending = tuple[JournalEntry, list[OutboxEvent], "asyncio.Future[JournalEntry]"]
+
+
+class PostgresJournal:
+    """Durable message journal on PostgreSQL with group commit and a transactional outbox (`traboule.stores.Journal`).
+
+    ``url``: ``postgresql://user:password@host:port/dbname``; the schema is migrated (or refused when newer than
+    this code) when the journal opens."""
+
+    def __init__(self, url: str, *, max_batch: int = 512, min_free_bytes: int = 0):
+        self.url = url
+        self.max_batch = max_batch
+        self.min_free_bytes = min_free_bytes  # the server's disk is not visible from here: see the module docstring
+        try:
+            self._db: Connection = connect(url)
+        except psycopg.OperationalError as exc:  # an OSError: the engine says "cannot start" with the reason
+            raise ConnectionError(f"database {redact(url)}: {exc}".strip()) from exc
+        try:
+            migrations.check(self._db, COMPONENT)
+        except BaseException:
+            self._db.close()
+            raise
+        self._aconn: AsyncConnection | None = None
+        self._aconn_loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[Pending] = []
+        self._published: list[int] = []
+        self._deleting: list[int] = []  # confirmations in the commit in flight (still in the table until it ends)
+        self._flush_scheduled = False
+        self._flush_task: asyncio.Task[None] | None = None
+        self._published_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.outbox_ready = asyncio.Event()
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    async def append(self, entry: JournalEntry, events: list[OutboxEvent] | None = None) -> JournalEntry:
+        """Store a message (and its events, unless it is a duplicate); returns once its transaction committed."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[JournalEntry] = loop.create_future()
+        self._pending.append((entry, events or [], future))
+        self._schedule(loop)
+        result = await future
+        if events and result.status == "accepted":
+            self.outbox_ready.set()
+        return result
+
+    def append_events(self, idempotency_key: str, events: list[OutboxEvent], note: str = "") -> int:
+        """Add events (and a line to its warnings) to the accepted message with this idempotency key, in one
+        transaction; returns the message's id, or 0 when no accepted message has that key (nothing is written)."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        db = self._conn()
+        with _disk_full(), db.transaction():
+            row = db.execute(
+                "SELECT id, warnings FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted'"
+                " LIMIT 1 FOR UPDATE",
+                (idempotency_key,),
+            ).fetchone()
+            if row is None:
+                return 0
+            with db.cursor() as cur:
+                cur.executemany(_INSERT_EVENT, [(row[0], e.topic, e.event_id, e.body) for e in events])
+            if note:
+                db.execute(
+                    "UPDATE journal_messages SET warnings = %s WHERE id = %s", (f"{row[1]}\n{note}".strip(), row[0])
+                )
+        if events:
+            self.outbox_ready.set()
+        return int(row[0])
+
+    def disk_free(self, *, fresh: bool = False) -> int:
+        """The server's free space is not visible to a client: as much as a signed 64-bit number holds."""
+        return sys.maxsize
+
+    async def events_published(self, ids: list[int]) -> None:
+        """Forget outbox events the bus confirmed: the deletion rides along with the next group commit, or is
+        committed on its own after ``PUBLISHED_DELAY`` (losing it in a crash only republishes them)."""
+        self._published.extend(ids)
+        if not self._flush_scheduled and self._flush_task is None and self._published_timer is None:
+            loop = asyncio.get_running_loop()
+            self._published_timer = loop.call_later(PUBLISHED_DELAY, self._schedule, loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Two hops through the ready queue: the other connections woken in this loop iteration queue their
+        # writes first. A commit in flight takes what queued meanwhile when it ends.
+        if not self._flush_scheduled and self._flush_task is None:
+            self._flush_scheduled = True
+            loop.call_soon(loop.call_soon, self._start_flush, loop)
+
+    def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_scheduled = False
+        if self._flush_task is None and (self._pending or self._published) and not self._closed:
+            self._flush_task = loop.create_task(self._flush_all(), name="journal-commit")
+
+    async def _flush_all(self) -> None:
+        try:
+            while self._pending or self._published:
+                if self._published_timer is not None:
+                    self._published_timer.cancel()
+                    self._published_timer = None
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                published, self._published = self._published, []
+                saved = [(e.status, e.warnings, e.id) for e, _, _ in batch]
+                self._deleting = published
+                try:
+                    conn = await self._async_connection()
+                    with _disk_full():
+                        async with conn.transaction():
+                            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                            for entry, events, _ in batch:
+                                await self._insert(conn, entry, events)
+                            if published:
+                                await conn.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
+                except Exception as exc:  # server gone, disk full: every waiting sender gets the error
+                    self._deleting = []
+                    await self._drop_async_connection()
+                    self._published = published + self._published
+                    for (entry, _, future), (status, warnings, entry_id) in zip(batch, saved, strict=True):
+                        entry.status, entry.warnings, entry.id = status, warnings, entry_id
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not self._pending:
+                        break  # the confirmations wait for the next append or close
+                    continue
+                self._deleting = []
+                for entry, _, future in batch:
+                    if not future.done():
+                        future.set_result(entry)
+        finally:
+            self._published, self._deleting = self._deleting + self._published, []  # cancelled mid-commit
+            self._flush_task = None
+            if self._closed:
+                await self._drop_async_connection()
+
+    async def _insert(self, conn: AsyncConnection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
+        values = tuple(getattr(entry, c) for c in _COLUMNS)
+        if entry.status == "accepted" and entry.idempotency_key:
+            row = await (await conn.execute(_INSERT_ACCEPTED, values)).fetchone()
+            if row is None:  # the key is taken (by a committed entry, or one earlier in this batch)
+                seen = await (await conn.execute(_ACCEPTED_ID, (entry.idempotency_key,))).fetchone()
+                entry.status = "duplicate"
+                entry.warnings = (
+                    entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}"
+                ).strip()
+                values = tuple(getattr(entry, c) for c in _COLUMNS)
+            else:
+                entry.id = int(row[0])
+        if entry.status != "accepted" or not entry.idempotency_key:
+            row = await (await conn.execute(_INSERT + " RETURNING id", values)).fetchone()
+            entry.id = int(row[0]) if row else 0
+        if entry.status == "accepted" and events:
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_EVENT, [(entry.id, e.topic, e.event_id, e.body) for e in events])
+
+    async def _async_connection(self) -> AsyncConnection:
+        loop = asyncio.get_running_loop()
+        if self._aconn is not None and (self._aconn.closed or self._aconn_loop is not loop):
+            self._finish_async_connection()
+        if self._aconn is None:
+            self._aconn, self._aconn_loop = await async_connect(self.url), loop
+        return self._aconn
+
+    async def _drop_async_connection(self) -> None:
+        conn, self._aconn = self._aconn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def _finish_async_connection(self) -> None:
+        """Close the asyncio connection from blocking code (no commit is in flight on it)."""
+        conn, self._aconn = self._aconn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+    def close(self) -> None:
+        """Commit what was queued and close. A commit in flight finishes on its own (its senders get their
+        answers) and takes what was queued behind it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._published_timer is not None:
+            self._published_timer.cancel()
+            self._published_timer = None
+        if self._flush_task is None:
+            if self._pending or self._published:
+                self._flush_blocking()
+            self._finish_async_connection()
+        self._db.close()
+
+    def _conn(self) -> Connection:
+        """The blocking connection, opened again after the server cut it (the call that saw it cut has failed)."""
+        if self._db.closed and not self._closed:
+            self._db = connect(self.url)
+        return self._db
+
+    def _flush_blocking(self) -> None:
+        """The last group commit, on the blocking connection (close outside of a commit in flight)."""
+        db = self._conn()
+        batch, self._pending = self._pending, []
+        published, self._published = self._published, []
+        try:
+            with _disk_full(), db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                for entry, events, _ in batch:
+                    _insert_blocking(db, entry, events)
+                if published:
+                    db.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for entry, _, future in batch:
+            if not future.done():
+                future.set_result(entry)
+
+    # -- outbox ----------------------------------------------------------------------------------------------
+
+    def outbox_depth(self) -> int:
+        """Events journaled but not yet confirmed by the bus."""
+        row = self._conn().execute("SELECT count(*) FROM journal_outbox").fetchone()
+        return max(0, int(row[0] if row else 0) - len(self._published) - len(self._deleting))
+
+    def pending_events(self, limit: int = 500) -> list[OutboxEvent]:
+        published = {*self._published, *self._deleting}
+        rows = self._conn().execute(_EVENTS + " ORDER BY id LIMIT %s", (limit + len(published),)).fetchall()
+        return [_event(r) for r in rows if r[0] not in published][:limit]
+
+    def outbox_of(self, message_id: int) -> list[OutboxEvent]:
+        """The events of a message still in the outbox (not yet confirmed by the bus; published ones are gone)."""
+        rows = self._conn().execute(_EVENTS + " WHERE message_id = %s ORDER BY id", (message_id,)).fetchall()
+        return [_event(r) for r in rows]
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def prune(self, before: str, keep: Iterable[str] = ()) -> int:
+        """Forget messages received before ``before`` (ISO 8601, UTC) whose events all reached the bus, except
+        those whose idempotency key is in ``keep``; returns how many."""
+        cur = self._conn().execute(
+            "DELETE FROM journal_messages m WHERE received < %s"
+            " AND NOT EXISTS (SELECT 1 FROM journal_outbox o WHERE o.message_id = m.id)"
+            " AND NOT (idempotency_key = ANY(%s))",
+            (before, [k for k in keep if k]),
+        )
+        return int(cur.rowcount or 0)
+
+    def accepted(self, idempotency_key: str) -> bool:
+        """Whether a message with this idempotency key was accepted (its events are or were in the outbox)."""
+        return self._conn().execute(_ACCEPTED_ID, (idempotency_key,)).fetchone() is not None
+
+    def get(self, entry_id: int) -> JournalEntry | None:
+        row = self._conn().execute(_SELECT + " WHERE id = %s", (entry_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def recent(self, limit: int = 50, status: str | None = None) -> list[JournalEntry]:
+        """The latest entries, newest first (of one status when given)."""
+        if status:
+            rows = self._conn().execute(_SELECT + " WHERE status = %s ORDER BY id DESC LIMIT %s", (status, limit))
+        else:
+            rows = self._conn().execute(_SELECT + " ORDER BY id DESC LIMIT %s", (limit,))
+        return [_entry(r) for r in rows.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT status, count(*) FROM journal_messages GROUP BY status").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def last_id(self) -> int:
+        """The id of the latest entry (0 when the journal is empty)."""
+        row = self._conn().execute("SELECT COALESCE(MAX(id), 0) FROM journal_messages").fetchone()
+        return int(row[0] if row else 0)
+
+    def select(self, query: Query, *, after: int = 0, limit: int = 100) -> list[JournalEntry]:
+        """Entries matching ``query`` with an id above ``after``, in id order (page on with the last id)."""
+        where, args = _where(query)
+        rows = self._conn().execute(_SELECT + f" WHERE id > %s AND {where} ORDER BY id LIMIT %s", (after, *args, limit))
+        return [_entry(r) for r in rows.fetchall()]
+
+    def count(self, query: Query, *, after: int = 0) -> int:
+        where, args = _where(query)
+        row = self._conn().execute(f"SELECT count(*) FROM journal_messages WHERE id > %s AND {where}", (after, *args))
+        found = row.fetchone()
+        return int(found[0] if found else 0)
+
+
+def _insert_blocking(db: Connection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
+    """`PostgresJournal._insert` on the blocking connection."""
+    values = tuple(getattr(entry, c) for c in _COLUMNS)
+    if entry.status == "accepted" and entry.idempotency_key:
+        row = db.execute(_INSERT_ACCEPTED, values).fetchone()
+        if row is None:
+            seen = db.execute(_ACCEPTED_ID, (entry.idempotency_key,)).fetchone()
+            entry.status = "duplicate"
+            entry.warnings = (entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}").strip()
+            values = tuple(getattr(entry, c) for c in _COLUMNS)
+        else:
+            entry.id = int(row[0])
+    if entry.status != "accepted" or not entry.idempotency_key:
+        row = db.execute(_INSERT + " RETURNING id", values).fetchone()
+        entry.id = int(row[0]) if row else 0
+    if entry.status == "accepted" and events:
+        with db.cursor() as cur:
+            cur.executemany(_INSERT_EVENT, [(entry.id, e.topic, e.event_id, e.body) for e in events])
+
+
+def _where(query: Query) -> tuple[str, list[Any]]:
+    """`Query.where` in PostgreSQL's dialect: ``%s`` placeholders (its text holds no other ``?``), TRUE for all."""
+    where, args = query.where()
+    return ("TRUE" if where == "1" else where.replace("?", "%s")), args
+
+
+def _entry(row: tuple[Any, ...]) -> JournalEntry:
+    data = dict(zip(("id", *_COLUMNS), row, strict=True))
+    data["raw"] = bytes(data["raw"])
+    return JournalEntry(**data)
+
+
+def _event(row: tuple[Any, ...]) -> OutboxEvent:
+    return OutboxEvent(row[2], row[3], bytes(row[4]), int(row[0]), int(row[1]))
+
+
+@contextlib.contextmanager
+def _disk_full():  # type: ignore[no-untyped-def]
+    """The server's disk is full (SQLSTATE 53100): the same error as a full local disk."""
+    try:
+        yield
+    except psycopg.errors.DiskFull as exc:
+        raise DiskFull(f"the database server's disk is full: {exc}") from exc

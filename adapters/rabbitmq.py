@@ -12,16 +12,32 @@ quorum queues with ``x-delivery-limit``: on the installed RabbitMQ (3.10) their 
 connection loss (measured: +1 per channel close), so a message could be dead-lettered without its handler ever
 failing; broker-side dead-lettering also cannot record the handler's error, and a plain requeue has no backoff.
 Counting in the application gives exactly the embedded bus's behaviour (attempt numbers, backoff, ``x-error``)
-with any queue type: ``queue_type="quorum"`` is accepted for replicated clusters and changes nothing else.
+with any queue type. ``queue_type="quorum"`` (replicated clusters) declares every queue, dead-letter queues too,
+with ``x-queue-type: quorum``: ``x-delivery-count`` is ignored, so broker restarts, leader changes and consumer
+reconnections never count as attempts (docs/architecture.md, "The bus on a RabbitMQ cluster"). There, a
+subscriber queue also gets ``x-single-active-consumer`` (several engine nodes run the same channels: one
+consumer per queue at a time, the others standing by, so per-queue order holds across nodes) and a broker-side
+dead-letter route to its ``.dlq`` (``at-least-once``, ``reject-publish``), a safety net for whatever the broker
+itself would drop (the engine never rejects without requeue). On RabbitMQ >= 4.0, which gives quorum queues a
+default delivery limit of 20, every quorum queue is declared with ``x-delivery-limit: -1`` (unlimited); on 3.x
+no limit is set (3.x has none by default, and reads -1 as "drop at the first return"). Classic queues get no
+argument at all, as ever.
+
+Brokers: ``url`` may list several brokers of one cluster, comma-separated (``amqp://a:5672/,amqp://b:5672/``).
+The first connection tries them in turn; once connected, a lost connection makes the next reconnection attempt
+go to the next broker of the list, and so on round the list until one answers (aio-pika restores channels,
+queues and consumers there). Messages prefetched on the lost connection are dropped from the buffers unhandled
+(they can no longer be acked; the broker delivers them again).
 
 Availability: the engine must take orders while the broker is down (the journal holds them and the outbox
 publishes them later), so ``start`` never fails on an unreachable broker. It waits for one connection attempt
-(so a reachable broker is ready when it returns), then a background task retries with a capped exponential
-backoff (``reconnect_min`` → ``reconnect_max``). Until the first connection, ``declare`` and ``subscribe*`` are
-recorded and applied on connection, before anything can be published, so no event reaches the exchange before
-the queues it is routed to exist. ``publish`` and the inspection methods raise :class:`BusUnavailableError` at
-once while disconnected (the outbox dispatcher retries every second). Once connected, aio-pika's robust
-connection reconnects by itself and restores channels, queues, bindings and consumers, as before.
+per broker listed (so a reachable broker is ready when it returns), then a background task retries with a capped
+exponential backoff (``reconnect_min`` → ``reconnect_max``, per round of the list). Until the first connection,
+``declare`` and ``subscribe*`` are recorded and applied on connection, before anything can be published, so no
+event reaches the exchange before the queues it is routed to exist. ``publish`` and the inspection methods raise
+:class:`BusUnavailableError` at once while disconnected (the outbox dispatcher retries every second). Once
+connected, aio-pika's robust connection reconnects by itself and restores channels, queues, bindings and
+consumers, as before (on the next broker of the list, see above).
 """
 
 from __future__ import annotations
@@ -43,7 +59,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelNotFoundEntity
+from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
@@ -56,7 +72,9 @@ log = structlog.get_logger("traboule.adapters.rabbitmq")
 ATTEMPT = "x-attempt"  # deliveries so far, including this one (absent on the first)
 TOPIC = "x-original-topic"  # what goes to one queue travels via the default exchange, which loses the topic
 ERROR = "x-error"
-_INTERNAL = frozenset({ATTEMPT, TOPIC})
+DELIVERY_COUNT = "x-delivery-count"  # a quorum queue's count of returns (restarts too): not an attempt, not shown
+_INTERNAL = frozenset({ATTEMPT, TOPIC, DELIVERY_COUNT})
+_DEATH_PREFIXES = ("x-first-death-", "x-last-death-")  # the broker's dead-lettering notes (x-death is a table)
 
 
 @dataclass
@@ -78,7 +96,7 @@ class RabbitMQBus:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         exchange: str = "traboule",
         prefetch: int = 64,
         *,
@@ -90,7 +108,8 @@ class RabbitMQBus:
         reconnect_max: float = 30.0,
         publish_timeout: float = 30.0,
     ) -> None:
-        self.url = url
+        self.urls = _broker_urls(url)
+        self._current = 0  # index in ``urls`` of the broker connected to, or to be tried next
         self.exchange = exchange
         self.prefetch = prefetch
         self.retry_backoff = retry_backoff  # a failed delivery waits retry_backoff * attempt before the next
@@ -104,6 +123,7 @@ class RabbitMQBus:
         self._channel: AbstractChannel | None = None  # publisher confirms; declarations and publishing
         self._topic_exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
+        self._broker_version: tuple[int, ...] = ()  # from the connection's server properties; () when unknown
         self._declarations: list[tuple[str, list[str]]] = []  # declared before the first connection
         self._subscriptions: list[_Subscription] = []
         self._retries: set[asyncio.Task[None]] = set()
@@ -113,14 +133,25 @@ class RabbitMQBus:
         self._since = time.time()  # last change of ``connected`` (or creation)
         self._last_error: BaseException | None = None
         self._closing = False
+        self._failover: asyncio.Task[None] | None = None  # rotates the broker while reconnecting (several urls)
+
+    @property
+    def broker_version(self) -> tuple[int, ...]:
+        """The version of the broker connected to (last connected to), e.g. ``(3, 10, 8)``; () before that."""
+        return self._broker_version
+
+    @property
+    def url(self) -> str:
+        """The broker connected to (or tried next)."""
+        return self.urls[self._current]
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start connecting; idempotent. Never fails on an unreachable broker (see the module docstring).
 
-        Returns once the first attempt is over (at most ``connect_timeout``): connected when the broker is
-        reachable, otherwise connecting in the background (see ``connected``, ``wait_connected``).
+        Returns once the first attempt on each broker is over (at most ``connect_timeout`` + 1 s): connected when a
+        broker is reachable, otherwise connecting in the background (see ``connected``, ``wait_connected``).
         """
         if self._closing:
             raise BusUnavailableError("RabbitMQ bus is closed")
@@ -166,22 +197,26 @@ class RabbitMQBus:
         delay, attempt, down_since = self.reconnect_min, 0, time.monotonic()
         while not self._closing:
             attempt += 1
+            self._current = (attempt - 1) % len(self.urls)  # each broker in turn; the backoff grows per round
             try:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._last_error = exc
-                self._first_attempt.set()
+                round_over = self._current == len(self.urls) - 1  # every broker of the list failed
+                if round_over:
+                    self._first_attempt.set()
                 log.warning(
                     "rabbitmq.unreachable",
                     broker=self._redacted_url(),
                     attempt=attempt,
                     error=_describe(exc),
-                    retry_in=delay,
+                    retry_in=delay if round_over else 0,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.reconnect_max)
+                if round_over:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.reconnect_max)
                 continue
             self._first_attempt.set()
             if attempt > 1:
@@ -202,6 +237,7 @@ class RabbitMQBus:
             # Both bounds: aiormq's timeout covers the handshake, the outer one anything left unbounded.
             async with asyncio.timeout(self.connect_timeout + 1):
                 await connection.connect(timeout=self.connect_timeout)
+            self._broker_version = _server_version(connection)
             channel = await connection.channel(publisher_confirms=True)
             topic_exchange = await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             dlx = await channel.declare_exchange(f"{self.exchange}.dlx", aio_pika.ExchangeType.DIRECT, durable=True)
@@ -226,7 +262,7 @@ class RabbitMQBus:
         connection.reconnect_callbacks.add(self._on_reconnected)
         self._set_up(True)
 
-    def _on_connection_lost(self, _connection: Any, exc: BaseException | None = None) -> None:
+    def _on_connection_lost(self, connection: Any, exc: BaseException | None = None) -> None:
         if self._closing:
             return
         if self.connected:
@@ -234,8 +270,30 @@ class RabbitMQBus:
         if isinstance(exc, Exception):
             self._last_error = exc
         self._set_up(False)
+        for sub in self._subscriptions:  # delivered on the lost connection: no longer ackable, the broker redelivers
+            sub.held = None
+            _drain(sub.buffer)
+        if len(self.urls) > 1 and isinstance(connection, aio_pika.RobustConnection):
+            self._next_broker(connection)
+            if self._failover is None or self._failover.done():
+                self._failover = asyncio.create_task(self._fail_over(connection), name="rabbitmq-bus:failover")
 
-    def _on_reconnected(self, _connection: Any) -> None:
+    def _next_broker(self, connection: aio_pika.RobustConnection) -> None:
+        """Make aio-pika's next reconnection attempt go to the next broker of the list."""
+        self._current = (self._current + 1) % len(self.urls)
+        connection.url = URL(self.url)
+
+    async def _fail_over(self, connection: aio_pika.RobustConnection) -> None:
+        """While reconnecting, move on to the next broker at the pace of aio-pika's attempts (one per
+        ``reconnect_interval``), so that a broker that stays down is not retried for ever."""
+        while not self._closing and not self.connected and not connection.is_closed:
+            await asyncio.sleep(connection.reconnect_interval + 0.05)
+            if not self._closing and not self.connected and not connection.is_closed:
+                self._next_broker(connection)
+
+    def _on_reconnected(self, connection: Any) -> None:
+        if isinstance(connection, aio_pika.RobustConnection):
+            self._broker_version = _server_version(connection)
         if not self._closing:
             log.info("rabbitmq.reconnected", broker=self._redacted_url())
             self._set_up(True)
@@ -299,6 +357,9 @@ class RabbitMQBus:
             task.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
         self._up.clear()
+        if self._failover is not None:
+            self._failover.cancel()
+            await asyncio.gather(self._failover, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
 
@@ -374,13 +435,25 @@ class RabbitMQBus:
         await self._declare(self._channel, queue, topics)
 
     async def _declare(self, channel: AbstractChannel, queue: str, topics: list[str]) -> AbstractQueue:
-        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
-        dlq = await channel.declare_queue(dlq_name(queue), durable=True, arguments=arguments)
-        await dlq.bind(f"{self.exchange}.dlx", routing_key=dlq_name(queue))
-        declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
+        await self._declare_dlq(channel, queue)
+        declared = await channel.declare_queue(queue, durable=True, arguments=self.queue_arguments(queue))
         for topic in topics:
             await declared.bind(self.exchange, routing_key=topic)
         return declared
+
+    async def _declare_dlq(self, channel: AbstractChannel, queue: str) -> None:
+        dlq = await channel.declare_queue(
+            dlq_name(queue), durable=True, arguments=self.queue_arguments(queue, dlq=True)
+        )
+        await dlq.bind(f"{self.exchange}.dlx", routing_key=dlq_name(queue))
+
+    def queue_arguments(self, queue: str, *, dlq: bool = False) -> dict[str, Any]:
+        """The arguments ``queue`` (or its dead-letter queue) is declared with on the broker connected to: none
+        for classic queues, :func:`quorum_arguments` for quorum queues. A queue's arguments are fixed when it is
+        created: redeclaring an existing queue with other ones is refused (PRECONDITION_FAILED)."""
+        if self.queue_type != "quorum":
+            return {}
+        return quorum_arguments(self.exchange, queue, self.broker_version, dlq=dlq)
 
     async def subscribe(self, queue: str, topics: list[str], handler: Handler, *, max_attempts: int = 5) -> None:
         """Declare ``queue`` bound to ``topics`` and consume it; deliveries are handled one at a time, in order."""
@@ -505,8 +578,7 @@ class RabbitMQBus:
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
             else:
-                await self._dead_letter(sub.name, delivery, outcome.error)
-                await message.ack()
+                await self._park(sub.name, message, delivery, outcome.error)
             return
         await message.ack()  # only now: the handler returned, so its work is done
 
@@ -523,13 +595,53 @@ class RabbitMQBus:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)  # same attempt number, handled again
 
+    async def _park(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery, error: str) -> None:
+        """Dead-letter ``message``, then ack it. When the broker returns the dead letter (no ``.dlq`` bound to the
+        dead-letter exchange), the original stays unacked and a background task declares the ``.dlq`` and its
+        binding again and retries until it is confirmed (``bus.dead_letter_returned``)."""
+        try:
+            await self._dead_letter(queue, delivery, error)
+        except LookupError:
+            log.warning("bus.dead_letter_returned", queue=queue, message_id=delivery.message_id)
+            task = asyncio.create_task(self._dead_letter_later(queue, message, delivery, error))
+            self._retries.add(task)  # cancelled by close: the unacked original returns to the queue
+            task.add_done_callback(self._retries.discard)
+            return
+        await message.ack()
+
+    async def _dead_letter_later(
+        self, queue: str, message: AbstractIncomingMessage, delivery: Delivery, error: str
+    ) -> None:
+        delay = max(self.retry_backoff, 0.05)
+        while not self._closing:
+            await asyncio.sleep(delay)
+            if not _settleable(message):
+                return  # its channel is gone with a lost connection: the broker delivers the original again
+            try:
+                async with self._scratch_channel() as channel:  # a refused declaration closes only this channel
+                    await self._declare_dlq(channel, queue)
+                await self._dead_letter(queue, delivery, error)
+            except Exception as exc:  # returned again, refused, or disconnected: try again later
+                event = "bus.dead_letter_returned" if isinstance(exc, LookupError) else "bus.dead_letter_failed"
+                log.warning(event, queue=queue, message_id=delivery.message_id, error=_describe(exc))
+                delay = min(delay * 2, self.reconnect_max)
+                continue
+            with contextlib.suppress(Exception):  # not acked: delivered again, then dead-lettered twice (a duplicate)
+                await message.ack()
+            log.info("bus.dead_lettered", queue=queue, message_id=delivery.message_id)
+            return
+
     async def _dead_letter(self, queue: str, delivery: Delivery, error: str) -> None:
+        """Publish ``delivery`` to ``<queue>.dlq`` through the dead-letter exchange; returns once confirmed;
+        ``LookupError`` when the broker returns it as unroutable (nothing bound for ``<queue>.dlq``)."""
         self._live()
         assert self._dlx is not None
         headers = {**delivery.headers, ERROR: error[:4000], ATTEMPT: str(delivery.attempt), TOPIC: delivery.topic}
-        await self._dlx.publish(
-            _message(delivery.body, delivery.message_id, headers), routing_key=dlq_name(queue), mandatory=False
+        result = await self._dlx.publish(
+            _message(delivery.body, delivery.message_id, headers), routing_key=dlq_name(queue), mandatory=True
         )
+        if isinstance(result, DeliveredMessage):  # returned (basic.return) rather than routed
+            raise LookupError(f"no dead-letter queue bound for {queue!r}")
 
     # -- inspection ------------------------------------------------------------------------------------
 
@@ -595,6 +707,24 @@ class RabbitMQBus:
         return found
 
 
+def quorum_arguments(exchange: str, queue: str, broker_version: tuple[int, ...], *, dlq: bool) -> dict[str, Any]:
+    """A quorum queue's arguments: its type; on RabbitMQ >= 4.0 an unlimited delivery limit (4.0 defaults to
+    20, then drops the message; 3.x has no default and reads -1 as "drop at the first return"); for a subscriber
+    queue (not ``dlq``) one active consumer at a time and the broker's own dead-letter route to its ``.dlq``."""
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if broker_version >= (4, 0):
+        arguments["x-delivery-limit"] = -1
+    if not dlq:
+        arguments |= {
+            "x-single-active-consumer": True,
+            "x-dead-letter-exchange": f"{exchange}.dlx",
+            "x-dead-letter-routing-key": dlq_name(queue),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",  # at-least-once dead-lettering requires it
+        }
+    return arguments
+
+
 async def _to_queue(
     channel: AbstractChannel, queue: str, topic: str, body: bytes, message_id: str, headers: dict[str, str]
 ) -> None:
@@ -616,6 +746,29 @@ def _message(body: bytes, message_id: str, headers: dict[str, str]) -> aio_pika.
     )
 
 
+def _broker_urls(url: str | Sequence[str]) -> list[str]:
+    """The brokers of ``url``: one AMQP URL, several comma-separated, or a list; at least one."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise ValueError("no AMQP URL given")
+    return urls
+
+
+def _server_version(connection: aio_pika.RobustConnection) -> tuple[int, ...]:
+    """The broker's version from the AMQP ``connection.start`` server properties (``"3.10.8"`` → (3, 10, 8));
+    () when absent or unreadable."""
+    transport = connection.transport
+    properties = transport.connection.server_properties if transport is not None else {}
+    numbers = []
+    for part in _text((properties or {}).get("version")).split(".")[:3]:
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
 def _str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
     """AMQP header values as ``str`` (the protocol's ``Delivery.headers`` type); broker-added tables dropped."""
     out: dict[str, str] = {}
@@ -628,20 +781,53 @@ def _str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
 
 
 def _delivery(message: AbstractIncomingMessage) -> Delivery:
-    """The handler's (and dead-letter reader's) view of a message: original topic, attempt, no bookkeeping."""
+    """The handler's (and dead-letter reader's) view of a message: original topic, attempt, no bookkeeping.
+
+    A message the broker dead-lettered itself (a quorum queue's safety net) carries its original topic and the
+    broker's reason in ``x-death``: shown as its topic and, lacking the engine's ``x-error``, as its error."""
     headers = _str_headers(message.headers)
+    topic, reason = _death(message.headers)
+    if reason and ERROR not in headers:
+        headers[ERROR] = f"dead-lettered by the broker: {reason}"
     return Delivery(
-        topic=headers.get(TOPIC) or message.routing_key or "",
+        topic=headers.get(TOPIC) or topic or message.routing_key or "",
         body=message.body,
         message_id=message.message_id or "",
-        headers={k: v for k, v in headers.items() if k not in _INTERNAL},
+        headers={k: v for k, v in headers.items() if k not in _INTERNAL and not k.startswith(_DEATH_PREFIXES)},
         attempt=int(headers.get(ATTEMPT, "1")),
     )
+
+
+def _death(headers: dict[str, Any] | None) -> tuple[str, str]:
+    """The original routing key and the reason of the latest broker-side dead-lettering (``x-death``, newest
+    first), bounded; ``("", "")`` when the broker never dead-lettered the message."""
+    deaths = (headers or {}).get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return "", ""
+    latest = deaths[0]
+    keys = latest.get("routing-keys")
+    topic = _text(keys[0]) if isinstance(keys, list) and keys else ""
+    return topic[:255], _text(latest.get("reason"))[:64]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
 
 
 def _public(headers: dict[str, str] | None) -> dict[str, str]:
     """A sender's headers without this module's bookkeeping (a message sent is a first delivery)."""
     return {k: v for k, v in (headers or {}).items() if k not in _INTERNAL}
+
+
+def _settleable(message: AbstractIncomingMessage) -> bool:
+    """Whether ``message`` can still be acked: its channel is open (not closed with a lost connection)."""
+    try:
+        message.channel  # noqa: B018 - the property raises once the channel is closed
+    except ChannelInvalidStateError:
+        return False
+    return True
 
 
 def _attempt(message: AbstractIncomingMessage) -> int:

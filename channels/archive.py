@@ -36,8 +36,8 @@ from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
 from traboule.errors import MappingFailure, NotificationError, PermanentError
 from traboule.model import Envelope, Identifier, Instance, Patient, PersonName, Series, Study, is_uid
+from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent
-from traboule.stores.patient_identity import PatientIdentities
 
 log = structlog.get_logger("traboule.channels.archive")
 
@@ -92,7 +92,7 @@ class ArchiveChannel(ConsumerChannel):
         auth = (config["username"], config.get("password", "")) if config.get("username") else None
         self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
         self.archive = DestinationHealth(self.client.base_url)
-        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # whose each order is; merges
+        self.identities = stores_of(runtime).patients()  # whose each order is; merges
         self._log = log.bind(channel=self.name)
 
     @classmethod

@@ -63,7 +63,7 @@ from traboule.model import (
     ScheduledStep,
     Study,
 )
-from traboule.stores.fhir_store import FHIRStore
+from traboule.stores.factory import stores_of
 from traboule.translate.fhir_mapping import (
     RECONCILED,
     UNSCHEDULED,
@@ -92,7 +92,7 @@ class FHIRChannel(BatchConsumerChannel):
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         super().__init__(config, runtime)
         self.mapping = FHIRMapping(resolve(runtime.config, self.mapping_file))
-        self.store = FHIRStore(str(runtime.data_dir / f"{self.name}.sqlite"), self.mapping.timezone)
+        self.store = stores_of(runtime).fhir(self.name, self.mapping.timezone)
         destination = config.get("destination")
         self.push = FHIRPush(self.name, destination, self.store, runtime, self.base_url) if destination else None
         self._touched: list[Key] = []
@@ -124,7 +124,7 @@ class FHIRChannel(BatchConsumerChannel):
         return {
             **super().describe(),
             "mapping": str(self.mapping.path),
-            "destinations": [f"fhir-store:{self.store.path}"]
+            "destinations": [f"fhir-store:{getattr(self.store, 'path', '') or 'postgresql'}"]
             + (["http:/fhir"] if self.api else [])
             + ([self.push.base_url] if self.push else []),
             "resources": self.store.count(),

@@ -55,6 +55,7 @@ from traboule.bus import Delivery
 from traboule.errors import ConfigError, FHIRServerError, PermanentError
 from traboule.formats.fhir_push import Key, push_keys, push_queue, push_topic
 from traboule.stores import FHIRStore, journal
+from traboule.stores.factory import stores_of
 from traboule.translate.fhir_mapping import key_identifier
 
 log = structlog.get_logger("traboule.channels.fhir_push")
@@ -189,7 +190,7 @@ class FHIRPush:
             error=error,
             correlation_id=delivery.headers.get("correlation-id", ""),
         )
-        recorded = await asyncio.to_thread(journal.record, self.runtime.journal_path, entry)
+        recorded = await asyncio.to_thread(stores_of(self.runtime).record, entry)
         metrics.events_processed.labels(self.queue, "refused").inc()
         self._log.error(
             "fhir.push_refused",

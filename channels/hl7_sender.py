@@ -14,7 +14,8 @@ from traboule.adapters.mllp import MLLPSender
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.channel import ChannelRuntime, ConsumerChannel
 from traboule.formats import hl7
-from traboule.stores.idempotency import AppliedKeys, Legacy
+from traboule.stores.factory import stores_of
+from traboule.stores.idempotency import Legacy
 
 
 class HL7SenderChannel(ConsumerChannel):
@@ -29,7 +30,7 @@ class HL7SenderChannel(ConsumerChannel):
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         self.destination = DestinationHealth(self.sender.address)
         # What was sent decides what is sent again: a mark must survive a power cut.
-        self.sent = AppliedKeys.open(runtime.data_dir / f"{self.name}.sqlite", legacy=[self.legacy_sent])
+        self.sent = stores_of(runtime).applied_keys(self.name, legacy=[self.legacy_sent])
         self._db = self.sent.db
 
     async def stop(self) -> None:

@@ -53,8 +53,8 @@ from traboule.adapters.dicom_server import SCPLimits
 from traboule.channel import ChannelRuntime, Setting, read_settings
 from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
+from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent
-from traboule.stores.patient_identity import PatientIdentities
 from traboule.stores.sqlite import Durability, open_database
 
 log = structlog.get_logger("traboule.channels.mpps")
@@ -133,7 +133,7 @@ class MPPSChannel:
         # The state of each MPPS instance decides how the next request is answered: it must survive a power cut.
         self._db = open_database(runtime.data_dir / f"{self.name}.sqlite", Durability.POWER_LOSS)
         self._db.executescript(_SCHEMA)
-        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # whose each order is; merges
+        self.identities = stores_of(runtime).patients()  # whose each order is; merges
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._log = log.bind(channel=self.name)

@@ -58,9 +58,10 @@ from traboule.errors import ConfigError, MappingFailure, ReportRefused
 from traboule.formats import hl7
 from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
 from traboule.stores import ReportStore
+from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query
-from traboule.stores.patient_identity import REBUILD_MARGIN, PatientIdentities, identity_sources, mark_authoritative
-from traboule.stores.reports import Held, ReportPublisher
+from traboule.stores.patient_identity import REBUILD_MARGIN, identity_sources, mark_authoritative
+from traboule.stores.reports import Held
 from traboule.translate.hl7_mapping import HL7InboundMapping
 
 log = structlog.get_logger("traboule.channels.orders")
@@ -93,7 +94,7 @@ class OrdersChannel:
         self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
-        self.identities = PatientIdentities(runtime.data_dir / "patients.sqlite")  # INS accepted per IPP
+        self.identities = stores_of(runtime).patients()  # INS accepted per IPP
         # Whose patient updates replace an IPP's INS (MSH-3/MSH-4); not set: every ADT^A08/A31 the channel accepts.
         self._identity_sources = identity_sources(config.get("identity_sources"), self.name)
         if self.reports is not None:  # a report's catalog is its patient's, merges followed
@@ -540,7 +541,7 @@ LARGE_MESSAGE = 256 * 1024  # bytes: above, parsing and mapping leave the event 
 ORDER_FLUSH = 0.5  # seconds between two writes of the orders the reports may need
 
 
-def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
+def make_publisher(config: dict[str, Any], runtime: Any) -> ReportStore:
     """The report publisher of an inbound channel, from its ``reports`` settings."""
     from traboule.translate.cda import CDAMapping
 
@@ -568,9 +569,7 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportPublisher:
         else:
             log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")
     wait = seconds(settings.get("wait_for_study", "24h"), f"channel {config['name']}: reports.wait_for_study")
-    return ReportPublisher(
-        mapping, runtime.data_dir / f"{config['name']}.reports.sqlite", validator, wait_for_study=wait
-    )
+    return stores_of(runtime).reports(config["name"], mapping, validator, wait_for_study=wait)
 
 
 def _idempotency_key(msg: hl7.Message) -> str:

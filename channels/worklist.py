@@ -41,7 +41,8 @@ from traboule.bus import Delivery
 from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
 from traboule.errors import ConfigError
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep
-from traboule.stores.worklist import Change, WorklistStore, as_dataset
+from traboule.stores.factory import stores_of
+from traboule.stores.worklist import Change, as_dataset
 from traboule.translate.dicom_mapping import MWLMapping, character_set
 
 log = structlog.get_logger("traboule.channels.worklist")
@@ -59,7 +60,7 @@ class WorklistChannel(BatchConsumerChannel):
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         super().__init__(config, runtime)
         self.mapping = MWLMapping(resolve(runtime.config, self.mapping_file))
-        self.store = WorklistStore(str(runtime.data_dir / f"{self.name}.sqlite"))
+        self.store = stores_of(runtime).worklist(self.name)
         self.scps: list[WorklistSCP] = []
         self.files: list[WorklistFileWriter] = []
         for dest in config.get("destinations", []):

@@ -97,6 +97,7 @@ from traboule.errors import ConfigError, MetadataError, NotRegisteredYet, Perman
 from traboule.formats import hl7
 from traboule.model import Document, Envelope
 from traboule.stores import journal
+from traboule.stores.factory import stores_of
 from traboule.stores.sqlite import Durability, open_database
 from traboule.translate import document_ids
 from traboule.translate.xds_metadata import (
@@ -360,7 +361,7 @@ class XDSChannel(ConsumerChannel):
             error=error,
             correlation_id=env.correlation_id or delivery.headers.get("correlation-id", ""),
         )
-        recorded = await asyncio.to_thread(journal.record, self.runtime.journal_path, entry)
+        recorded = await asyncio.to_thread(stores_of(self.runtime).record, entry)
         if isinstance(env.payload, Document) and env.payload.action != "delete":
             self._db.execute(
                 "UPDATE entries SET status = 'refused', updated = ? WHERE unique_id = ? AND status = 'sending'",

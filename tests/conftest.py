@@ -11,6 +11,7 @@ SHARED = ROOT.parent / "shared"
 
 pytest_plugins = [
     "tests.peer_rabbitmq",
+    "tests.peer_rabbitmq_cluster",
     "tests.peer_dcmtk",
     "tests.peer_orthanc",
     "tests.peer_fhir_server",

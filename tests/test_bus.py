@@ -10,7 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
+import aio_pika
 import pytest
+import structlog.testing
 
 from tests.peer_rabbitmq import unique_name
 from traboule.adapters.rabbitmq import RabbitMQBus
@@ -459,3 +461,43 @@ async def test_one_by_one_hands_the_single_delivery_of_each_batch_to_the_handler
     with pytest.raises(ValueError):  # subscribe consumes with max_batch=1: a longer list is a bug
         await batch_handler([delivery, delivery])
     assert seen == [delivery]
+
+
+@pytest.mark.rabbitmq
+async def test_a_dead_letter_the_broker_returns_is_not_lost(rabbitmq_url: str, rabbitmq_exchange: str) -> None:
+    """RabbitMQ: with nothing bound for ``<queue>.dlq`` the dead letter comes back unroutable; the original stays
+    unacked until the bus has bound the dead-letter queue again and parked it there (never acked and lost)."""
+    bus = RabbitMQBus(rabbitmq_url, exchange=rabbitmq_exchange, retry_backoff=0.5, close_timeout=2)
+    await bus.start()
+    seen: list[int] = []
+
+    async def refusing(delivery: Delivery) -> None:
+        seen.append(delivery.attempt)
+        raise PermanentError("HTTP 422: invalid resource")
+
+    queue = unique_name("q")
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        await bus.subscribe(queue, ["orders.*"], refusing)
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(f"{bus.queue_name(queue)}.dlq", passive=True)
+        await dlq.unbind(f"{rabbitmq_exchange}.dlx", routing_key=dlq.name)  # as an operator's mistake would
+        with structlog.testing.capture_logs() as logs:
+            await bus.publish("orders.new", b"payload", message_id="m-1")
+            assert await eventually(lambda: asyncio.sleep(0, seen), bool) == [1]
+            returned = "bus.dead_letter_returned"
+            assert returned in await eventually(
+                lambda: asyncio.sleep(0, [e["event"] for e in logs]), lambda events: returned in events
+            )
+            assert await bus.dead_letters(queue) == []  # returned, not parked yet: the original is still unacked
+            dead = await eventually(lambda: bus.dead_letters(queue), bool)
+        assert [(d.message_id, d.attempt, d.headers) for d in dead] == [
+            ("m-1", 1, {"x-error": "PermanentError: HTTP 422: invalid resource"})
+        ]
+        assert "bus.dead_lettered" in [e["event"] for e in logs]
+        assert await eventually(lambda: bus.depth(queue), lambda n: n == 0) == 0
+        await asyncio.sleep(0.2)
+        assert seen == [1]  # parked once, never handed again
+    finally:
+        await connection.close()
+        await bus.close()

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.test_flow import ack_code, engine_config, fixture, send, store, until
@@ -227,3 +228,72 @@ async def test_an_engine_with_a_database_url_journals_there(tmp_path: Path, pg_u
         assert runtime.journal is not None and runtime.journal.outbox_depth() == 0
     finally:
         await runtime.stop()
+
+
+async def test_an_entry_the_server_refuses_fails_alone(pg_url: str) -> None:
+    """A value PostgreSQL refuses (here a NUL in an event id) fails only its own append: the group commit it was in
+    is committed again one entry at a time, on the asyncio path and at close (the blocking path)."""
+    journal = PostgresJournal(pg_url)
+    try:
+
+        def appends(tag: str) -> list[asyncio.Future[JournalEntry]]:
+            return [
+                asyncio.ensure_future(journal.append(JournalEntry("ch", b"ok", "accepted", idempotency_key=f"{tag}1"))),
+                asyncio.ensure_future(
+                    journal.append(
+                        JournalEntry("ch", b"bad", "accepted", idempotency_key=f"{tag}2"),
+                        [OutboxEvent("order.new", "e\x00", b"{}")],
+                    )
+                ),
+                asyncio.ensure_future(journal.append(JournalEntry("ch", b"ok", "rejected", control_id=f"{tag}3"))),
+            ]
+
+        first = await asyncio.gather(*appends("a"), return_exceptions=True)
+        assert isinstance(first[1], psycopg.DataError)
+        assert [e.status for e in (first[0], first[2])] == ["accepted", "rejected"]  # type: ignore[union-attr]
+        late = appends("b")
+        await asyncio.sleep(0)  # queued, not yet committing: close commits them
+        journal.close()
+        second = await asyncio.gather(*late, return_exceptions=True)
+        assert isinstance(second[1], psycopg.DataError)
+        assert [e.status for e in (second[0], second[2])] == ["accepted", "rejected"]  # type: ignore[union-attr]
+    finally:
+        journal.close()
+    journal = PostgresJournal(pg_url)
+    try:
+        assert journal.counts() == {"accepted": 2, "rejected": 2}
+        assert not journal.accepted("a2") and not journal.accepted("b2") and journal.outbox_depth() == 0
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("with_append", [False, True])
+async def test_confirmations_made_before_close_are_committed_with_a_commit_in_flight(
+    pg_url: str, with_append: bool
+) -> None:
+    """The bus confirmed an event, its deletion is being committed (or an append is) when the engine closes the
+    journal: once ``close`` returns the outbox is empty, without the loop running again."""
+    journal = PostgresJournal(pg_url)
+    appended: list[asyncio.Future[JournalEntry]] = []
+    try:
+        await journal.append(JournalEntry("ch", b"m", "accepted", idempotency_key="m"), [OutboxEvent("t", "e", b"{}")])
+        (event,) = journal.pending_events()
+        await journal.events_published([event.id])
+        if with_append:
+            appended.append(asyncio.ensure_future(journal.append(JournalEntry("ch", b"n", "rejected"))))
+        while journal._flush_task is None:  # the confirmation's own commit starts (after PUBLISHED_DELAY)
+            await asyncio.sleep(0.001)
+        if with_append:
+            await asyncio.sleep(0)
+            await journal.events_published([event.id + 1000])  # another one queued behind the commit in flight
+        else:
+            await asyncio.sleep(0)  # into the commit: connecting, locking or deleting
+    finally:
+        journal.close()
+    with connect(pg_url) as db:
+        row = db.execute("SELECT count(*) FROM journal_outbox").fetchone()
+    assert row == (0,) or (with_append and row == (1,))
+    assert [e.status for e in await asyncio.gather(*appended)] == (["rejected"] if with_append else [])
+    with connect(pg_url) as db:
+        assert db.execute("SELECT count(*) FROM journal_outbox").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM journal_messages").fetchone() == (2 if with_append else 1,)

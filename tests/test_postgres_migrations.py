@@ -156,9 +156,19 @@ def test_a_url_for_messages_has_no_password() -> None:
         "postgresql://traboule:***@db.example:5432/engine"
     )
     assert redact("postgresql://db/engine?user=x&password=s3cret&sslmode=require") == (
-        "postgresql://db/engine?user=x&password=***&sslmode=require"
+        "postgresql://x:***@db/engine?sslmode=require"
     )
     assert redact("postgresql://traboule@db/engine") == "postgresql://traboule@db/engine"
+    # what libpq reads as the password, not what a URL parser would: ? and # inside it, an sslpassword
+    assert redact("postgresql://u:pa?ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u:pa#ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u@h/db?sslpassword=KEYPW&sslmode=verify-full") == (
+        "postgresql://u@h/db?sslmode=verify-full"
+    )
+    assert redact("host=h1,h2 port=5432,5433 dbname=db user=u password=pw") == "postgresql://u:***@h1:5432,h2:5433/db"
+    for leaky in ("postgresql://u:pa?ss@h/db", "postgresql://u:pa#ss@h/db", "postgresql://u@h/db?sslpassword=KEYPW"):
+        assert "ss@" not in redact(leaky) and "KEYPW" not in redact(leaky) and "pa" not in redact(leaky).split("@")[0]
+    assert redact("postgresql://u:pw@h/db?options=%") == "postgresql://***"  # libpq cannot read it
 
 
 # -- configuration and command line -------------------------------------------------------------------------------
@@ -234,3 +244,34 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_check_tells_a_wrong_setting_from_a_database_out_of_reach(tmp_path: Path, pg_url: str) -> None:
+    """A database that does not answer is a warning (``run`` waits for it); one that answers "no such database" or
+    "no such role" is a configuration error (exit 2), the password never shown."""
+    from traboule.stores.factory import database_error
+
+    base, _ = pg_url.split("?", 1)[0].rsplit("/", 1)
+    host = base.split("@", 1)[1]
+    missing_db = f"postgresql://postgres:hidden-secret@{host}/no_such_database"
+    missing_role = f"postgresql://nobody_here:hidden-secret@{host}/postgres"
+    for url in (missing_db, missing_role):
+        with pytest.raises(psycopg.OperationalError) as raised:
+            connect(url)
+        assert isinstance(database_error(url, raised.value), ConfigError)
+        refused = _cli(tmp_path, "check", database_url=url)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "configuration error" in refused.stderr and "does not exist" in refused.stderr
+        assert "hidden-secret" not in refused.stdout + refused.stderr
+    down = f"postgresql://postgres:hidden-secret@127.0.0.1:{_closed_port()}/postgres"
+    with pytest.raises(psycopg.OperationalError) as raised:
+        connect(down)
+    assert type(database_error(down, raised.value)) is ConnectionError
+    for sqlstate, expected in (("3D000", ConfigError), ("28P01", ConfigError), ("42501", ConfigError)):
+        error = psycopg.errors.lookup(sqlstate)("refused")
+        assert isinstance(database_error(down, error), expected), sqlstate
+    assert type(database_error(down, psycopg.errors.lookup("08006")("gone"))) is ConnectionError
+    assert type(database_error(down, psycopg.errors.lookup("53300")("too many clients"))) is ConnectionError
+    unreachable = _cli(tmp_path, "check", database_url=down)
+    assert unreachable.returncode == 0 and "not reachable from here" in unreachable.stdout
+    assert "hidden-secret" not in unreachable.stdout + unreachable.stderr

@@ -84,13 +84,17 @@ class PostgresBackend:
         return PostgresWorklistStore(self.url)
 
     def fhir(self) -> stores.FHIRStore:
-        pytest.skip("postgresql: fhir store not implemented yet")
+        from traboule.stores.postgres.fhir_store import PostgresFHIRStore
+
+        return PostgresFHIRStore(self.url)
 
     def reports(self) -> stores.ReportStore:
         pytest.skip("postgresql: reports store not implemented yet")
 
     def registry(self) -> stores.PatientRegistry:
-        pytest.skip("postgresql: registry store not implemented yet")
+        from traboule.stores.postgres.patient_identity import PostgresPatientRegistry
+
+        return PostgresPatientRegistry(self.url)
 
 
 # name → factory(folder, **fixtures named by its ``fixtures``): one entry per backend
@@ -276,6 +280,47 @@ async def test_prune_keeps_what_the_outbox_and_the_caller_still_need(backend: SQ
         assert journal.prune(cutoff, keep=["kept"]) == 1
         assert sorted(e.raw for e in journal.recent()) == [b"kept", b"queued"]
         assert not journal.accepted("g")  # forgotten: a resend would be new
+    finally:
+        journal.close()
+
+
+async def test_a_nul_in_any_text_field_is_stored_as_is_and_fails_nobody_else(backend: SQLiteBackend) -> None:
+    """A hostile sender's NUL bytes (MSH-10 and the rest) are journaled exactly, without failing the entries
+    committed with them; keys that differ only by control characters stay different."""
+
+    def entry(key: str, status: str = "accepted", raw: bytes = b"MSH|\x00") -> JournalEntry:
+        return JournalEntry(
+            "ch\x00x", raw, status, peer="10.0.0.1\x00", control_id="A\x00B", message_type="ORM^O01\x00",
+            ack_code="AA", error="bad\x00\x01", warnings="w\x00", idempotency_key=key, correlation_id="c\x00\x01\x02",
+        )  # fmt: skip
+
+    journal = backend.journal()
+    try:
+        good = JournalEntry("ch", b"good", "accepted", idempotency_key="good")
+        written = await asyncio.gather(  # one group commit
+            journal.append(good, [_event("g1")]),
+            journal.append(entry("k\x00", raw=b"a"), [_event("n1")]),
+            journal.append(entry("k\x01\x01", raw=b"b")),  # what NUL is escaped to: another key
+            journal.append(entry("r\x00", "rejected")),
+            journal.append(entry("k\x00", raw=b"again")),
+        )
+        assert [e.status for e in written] == ["accepted", "accepted", "accepted", "rejected", "duplicate"]
+        assert journal.accepted("k\x00") and journal.accepted("k\x01\x01") and not journal.accepted("k")
+        assert journal.append_events("k\x00", [_event("n2")], "note\x00") == written[1].id
+    finally:
+        journal.close()
+    journal = backend.journal()
+    try:
+        stored = journal.get(written[1].id)
+        assert stored is not None and stored.raw == b"a" and stored.warnings == "w\x00\nnote\x00"
+        expected = entry("k\x00", raw=b"a")
+        for name in ("channel", "peer", "control_id", "message_type", "error", "idempotency_key", "correlation_id"):
+            assert getattr(stored, name) == getattr(expected, name), name
+        assert journal.get(written[3].id).idempotency_key == "r\x00"  # type: ignore[union-attr]
+        assert [e.id for e in journal.select(Query(channels=["ch\x00x"]))] == [e.id for e in written[1:]]
+        assert [e.event_id for e in journal.pending_events()] == ["g1", "n1", "n2"]
+        assert journal.prune("9999", keep=["k\x00"]) == 2  # not the kept key, not the ones with events queued
+        assert journal.accepted("k\x00") and not journal.accepted("k\x01\x01")
     finally:
         journal.close()
 

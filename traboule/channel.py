@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from traboule.stores import Journal
+    from traboule.stores.factory import StoreFactory
     from traboule.translate.mapping import CodeTable
 
 T = TypeVar("T")
@@ -42,7 +43,8 @@ T = TypeVar("T")
 class ChannelRuntime(Protocol):
     """What a channel may use of the engine process that runs it. At the start-up check (``traboule check``, and
     ``traboule run`` before anything listens) a channel is built against a scratch ``data_dir`` where ``bus`` and
-    ``journal`` are None: read settings and open local files in ``__init__``, connect and listen in ``start``."""
+    ``journal`` are None and ``stores`` opens SQLite files in that folder: read settings and open stores in
+    ``__init__``, connect and listen in ``start``."""
 
     config: Any  # the whole configuration (``traboule.app.config.Config``: the core does not import the app)
     data_dir: Path  # the channel's files go here, named after the channel (``<name>.sqlite``)
@@ -50,6 +52,7 @@ class ChannelRuntime(Protocol):
     journal: Journal | None  # in the main process only
     bus: Bus
     processes: dict[str, Any]
+    stores: StoreFactory  # where the channel's stores are (SQLite files or PostgreSQL): open them through it
 
 
 class Channel(Protocol):

@@ -263,6 +263,9 @@ def cmd_run(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         except (config_mod.ConfigError, MappingError) as exc:
             _cannot_start(cfg, exc)
             return 2
+        except ConnectionError as exc:  # the configured database does not answer
+            _cannot_start(cfg, exc)
+            return 1
     try:
         # uvloop: the MLLP ingest path is event-loop bound; measured ~15% more orders/s than asyncio's loop.
         uvloop.run(_run(cfg, process))
@@ -515,9 +518,12 @@ def _bus_description(cfg: config_mod.Config) -> str:
         return f"embedded {Path(cfg.data_dir).resolve() / 'bus.sqlite'}"
     from urllib.parse import urlsplit
 
-    url = urlsplit(cfg.amqp_url)
-    where = f"{url.scheme}://{url.hostname or 'localhost'}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
-    return f"rabbitmq {where}{url.path or '/'} exchange {cfg.exchange}"
+    brokers = []
+    for one in cfg.amqp_url.split(","):
+        url = urlsplit(one.strip())
+        where = f"{url.scheme}://{url.hostname or 'localhost'}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+        brokers.append(f"{where}{url.path or '/'}")
+    return f"rabbitmq {', '.join(brokers)} exchange {cfg.exchange}"
 
 
 def _mllp_address(cfg: config_mod.Config) -> str:
@@ -605,9 +611,11 @@ def _channel_db(cfg: config_mod.Config, name: str, suffix: str) -> Path:
 
 
 def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.stores.worklist import WorklistStore
+    from traboule.app.runtime import make_stores
 
-    store = WorklistStore(str(_channel_db(cfg, args.channel, ".sqlite")))
+    if not cfg.database_url:  # the worklist is a file of the data folder: say which (and that it exists)
+        _channel_db(cfg, args.channel, ".sqlite")
+    store = make_stores(cfg).worklist(args.channel)
     rows = list(store.all(limit=args.limit))
     print(f"{store.count()} item(s) in worklist {args.channel!r}")
     for key, ds in rows:
@@ -632,16 +640,11 @@ def cmd_worklist(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.stores.journal import Journal
+    from traboule.app.runtime import make_stores
 
-    journal: stores.Journal
-    if cfg.database_url:  # the engine's journal is there
-        from traboule.stores.postgres.journal import PostgresJournal
-
-        journal = PostgresJournal(cfg.database_url)
-    else:
+    if not cfg.database_url:  # the journal is a file of the data folder: say which (and that it exists)
         _channel_db(cfg, "journal", ".sqlite")
-        journal = Journal(Path(cfg.data_dir) / "journal.sqlite")
+    journal: stores.Journal = make_stores(cfg).journal()
     try:
         if args.action == "show":
             entry = journal.get(args.id)
@@ -795,7 +798,7 @@ def _with_bus(cfg: config_mod.Config, work: Callable[[Bus], Awaitable[int]]) -> 
     print(f"bus: {_bus_description(cfg)}", file=sys.stderr)
 
     async def go() -> int:
-        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
+        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type)
         await bus.start()
         try:
             try:
@@ -827,14 +830,14 @@ def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_fhir(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``fhir resend``: forget what the server holds and queue every resource for the running engine to push."""
+    from traboule.app.runtime import make_stores
     from traboule.formats.fhir_push import push_message, push_topic
-    from traboule.stores.fhir_store import FHIRStore
 
     channel = next((c for c in cfg.channels if c["name"] == args.channel and c["kind"] == "fhir"), None)
     if channel is None or not channel.get("destination"):
         print(f"no fhir channel {args.channel!r} with a destination in the configuration", file=sys.stderr)
         return 1
-    store = FHIRStore(str(Path(cfg.data_dir) / f"{args.channel}.sqlite"))
+    store = make_stores(cfg).fhir(args.channel)
 
     async def work(bus: Bus) -> int:
         keys = store.forget_remote()
@@ -924,23 +927,35 @@ def _test_validator(tree: Path | None) -> Any:
 def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """Build every channel (mappings, tables, certificates, settings) as ``run`` does before anything listens."""
     from traboule.app.http import check_routes
-    from traboule.app.runtime import preflight
+    from traboule.app.runtime import check_database, preflight
 
-    for checked in preflight(cfg):
+    for checked in preflight(cfg, database=False):
         print(f"ok  {checked}")
     check_routes(cfg)
+    if cfg.database_url and not cfg.amqp_url:
+        print(
+            "warn bus: [database] url without an AMQP URL: the embedded bus is this node's own, so this is one node"
+            " only; several nodes on one database need a shared RabbitMQ ([bus] amqp_url)"
+        )
+    try:
+        check_database(cfg)  # a schema newer than this traboule, two worklist (fhir) channels: ConfigError
+    except ConnectionError as exc:  # the configuration is valid; ``run`` will not start until the database answers
+        print(f"warn database: {_database_use(cfg)}: not reachable from here ({exc})")
+        return 0
     print(f"ok  database: {_database_use(cfg)}")
     return 0
 
 
 def _database_use(cfg: config_mod.Config) -> str:
-    """Which database the stores would use (no password)."""
+    """Which database each store would use (no password), from the engine's store factory."""
+    from traboule.app.runtime import make_stores
+
     if not cfg.database_url:
         return cfg.database_description
-    return (
-        f"journal on {cfg.database_description}; the other stores (worklist, FHIR, reports, patient registry) on"
-        f" sqlite files in {cfg.data_dir}"
-    )
+    where: dict[str, list[str]] = {}
+    for store, place in make_stores(cfg).describe().items():
+        where.setdefault(place, []).append(store)
+    return "; ".join(f"{', '.join(names)} on {place}" for place, names in where.items())
 
 
 def cmd_db(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -1209,17 +1224,18 @@ def cmd_patients(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     import structlog
 
     from traboule.app import logging as tlog
-    from traboule.stores.patient_identity import PatientIdentities
+    from traboule.app.runtime import make_stores
 
     ipp = args.ipp.strip()
     if not ipp or len(ipp) > 250 or not ipp.isprintable():
         print("give an IPP value (printable, at most 250 characters)", file=sys.stderr)
         return 2
-    path = Path(cfg.data_dir) / "patients.sqlite"
-    if not path.is_file():
+    factory = make_stores(cfg)
+    local = factory.describe()["patients"].startswith("sqlite")
+    if local and not (Path(cfg.data_dir) / "patients.sqlite").is_file():
         print(f"no patient identity registry in {cfg.data_dir} (no message received yet)", file=sys.stderr)
         return 1
-    identities = PatientIdentities(path)
+    identities = factory.patients()
     try:
         if args.action == "forget":
             pairs = identities.forget(ipp)

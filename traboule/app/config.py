@@ -5,7 +5,8 @@ A file's ``[[channels]]`` entry with a new name adds a channel; one with a defau
 keys merged over the default's: tables such as ``source`` or ``reports`` key by key, lists and other values
 replaced); ``enabled = false`` removes it; ``[engine] defaults = false`` starts from no channel at all.
 
-Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
+Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ; several brokers of one cluster comma-separated),
+``TRABOULE_AMQP_QUEUE_TYPE`` (``classic`` | ``quorum``), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
 ``TRABOULE_HTTP_PORT``, ``TRABOULE_MLLP_PORT``, ``TRABOULE_MWL_PORT``, ``TRABOULE_MWL_AE_TITLE``,
 ``TRABOULE_MPPS_PORT``, ``TRABOULE_MPPS_AE_TITLE``, ``TRABOULE_LOG_FORMAT`` (``json`` | ``console``),
 ``TRABOULE_LOG_LEVEL``, ``TRABOULE_DATABASE_URL`` (a ``postgresql://`` URL: the stores PostgreSQL has go there;
@@ -87,8 +88,9 @@ class HTTPLimits:
 @dataclass
 class Config:
     data_dir: str = "var"
-    amqp_url: str = ""
+    amqp_url: str = ""  # one AMQP URL, or the brokers of one cluster comma-separated (tried in turn)
     exchange: str = "traboule"
+    queue_type: str = "classic"  # RabbitMQ queues: "classic", or "quorum" (replicated on a cluster)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     log_format: str = "console"
@@ -189,8 +191,14 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: [database] url must be a string (postgresql://user:password@host:port/dbname)")
     cfg.database_url = database.get("url", cfg.database_url).strip()
     bus = doc.get("bus", {})
-    cfg.amqp_url = str(bus.get("amqp_url", cfg.amqp_url))
+    amqp_url = bus.get("amqp_url", cfg.amqp_url)
+    if isinstance(amqp_url, list):  # the brokers of one cluster
+        if not all(isinstance(u, str) and u.strip() and "," not in u for u in amqp_url):
+            raise ConfigError(f"{path}: [bus] amqp_url must be a URL or a list of URLs (the brokers of one cluster)")
+        amqp_url = ",".join(u.strip() for u in amqp_url)
+    cfg.amqp_url = str(amqp_url)
     cfg.exchange = str(bus.get("exchange", cfg.exchange))
+    cfg.queue_type = str(bus.get("queue_type", cfg.queue_type))
     http = doc.get("http", {})
     cfg.http_host = str(http.get("host", cfg.http_host))
     cfg.http_port = int(http.get("port", cfg.http_port))
@@ -266,6 +274,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     if "TRABOULE_AMQP_URL" in env:
         cfg.amqp_url = env["TRABOULE_AMQP_URL"]
+    cfg.queue_type = env.get("TRABOULE_AMQP_QUEUE_TYPE", cfg.queue_type).strip() or cfg.queue_type
     cfg.data_dir = env.get("TRABOULE_DATA_DIR", cfg.data_dir)
     if env.get("TRABOULE_DATABASE_URL", "").strip():  # blank does not switch a configured database to SQLite
         cfg.database_url = env["TRABOULE_DATABASE_URL"].strip()
@@ -324,6 +333,8 @@ def _check(cfg: Config) -> None:
         )
     if cfg.log_format not in ("json", "console"):
         raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
+    if cfg.queue_type not in ("classic", "quorum"):
+        raise ConfigError(f"[bus] queue_type {cfg.queue_type!r}: use 'classic' (the default) or 'quorum'")
 
 
 def client_host(host: str) -> str:

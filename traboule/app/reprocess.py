@@ -59,15 +59,16 @@ from typing import Any, TextIO
 
 from traboule.app.bus_backend import make_bus
 from traboule.app.config import Config, resolve
-from traboule.app.runtime import channel_bindings, channel_class
+from traboule.app.runtime import channel_bindings, channel_class, make_stores
 from traboule.bus import Bus, Delivery, Item, topic_matches
 from traboule.channel import HasMapping, HasStore
 from traboule.errors import MappingFailure, MessageFailed, MessageRefused, ReprocessError
 from traboule.formats import hl7
 from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain, topic_of
 from traboule.stores import Journal, PatientRegistry
+from traboule.stores.factory import SQLiteStores, StoreFactory
 from traboule.stores.journal import JournalEntry, Query
-from traboule.stores.patient_identity import PatientIdentities, identity_sources, mark_authoritative
+from traboule.stores.patient_identity import identity_sources, mark_authoritative
 from traboule.stores.sqlite import Durability, open_database
 from traboule.translate.hl7_mapping import HL7InboundMapping
 
@@ -433,12 +434,12 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
     out = out or sys.stdout
     state, state_path = chosen.state, Path(cfg.data_dir) / STATE_FILE
     remapper = Remapper(cfg)
-    identities = PatientIdentities(Path(cfg.data_dir) / "patients.sqlite")
+    identities = make_stores(cfg).patients()
     with _built(cfg, chosen.targets, copy_from=None) as built:
         for target in chosen.targets:
             target.fingerprint = fingerprint(built[target.name])
     with exclusive(cfg.data_dir):
-        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange)
+        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type)
         await bus.start()
         try:
             try:
@@ -512,6 +513,10 @@ class _ShadowRuntime:
     journal: Any = None
     bus: Any = None
     processes: dict[str, Any] = field(default_factory=dict)
+    stores: StoreFactory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stores = SQLiteStores(self.data_dir)  # the scratch copies: never the engine's stores
 
 
 @contextlib.contextmanager
@@ -649,7 +654,7 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
     """Print, per message, what a run would change; change nothing. Returns 1 when a message would fail."""
     out = out or sys.stdout
     remapper = Remapper(cfg)
-    identities = PatientIdentities(Path(cfg.data_dir) / "patients.sqlite")  # checked, nothing recorded
+    identities = make_stores(cfg).patients()  # checked, nothing recorded
     counts = {"messages": 0, "changing": 0, "failed": 0}
     with _built(cfg, chosen.targets, copy_from=Path(cfg.data_dir)) as built:
         for target in chosen.targets:

@@ -23,7 +23,7 @@ from traboule.app.config import DEFAULT_CHANNELS, Config
 from traboule.bus import Bus
 from traboule.channel import Channel, ConsumesQueues, LimitsBodies, ReportsHealth, ServesHTTP
 from traboule.errors import ConfigError, MappingError
-from traboule.stores.journal import Journal
+from traboule.stores.factory import PostgresStores, SQLiteStores, StoreFactory
 
 log = structlog.get_logger("traboule.app.runtime")
 
@@ -85,13 +85,45 @@ def channel_bindings(channel_config: dict[str, Any]) -> list[tuple[str, list[str
     return list(cls.bindings(channel_config)) if issubclass(cls, ConsumesQueues) else []
 
 
-def preflight(config: Config) -> list[str]:
+def make_stores(config: Config) -> StoreFactory:
+    """The stores of the configuration: PostgreSQL when ``[database] url`` is set (the stores it implements; see
+    `traboule.stores.factory`), else SQLite files in the data folder."""
+    min_free = config.min_free_disk_mb * 1024 * 1024
+    if config.database_url:
+        return PostgresStores(config.database_url, config.data_dir, min_free_bytes=min_free)
+    return SQLiteStores(config.data_dir, min_free_bytes=min_free)
+
+
+def check_database(config: Config) -> None:
+    """With ``[database] url``: the database answers (``ConnectionError``), none of its schemas is newer than this
+    code and the configuration fits it (``ConfigError``), nothing written. The database holds one worklist and one
+    FHIR store: two ``worklist`` (or ``fhir``) channels would share it, each applying part of the events."""
+    if not config.database_url:
+        return
+    for kind in ("worklist", "fhir"):
+        names = [str(c.get("name", "?")) for c in config.channels if c.get("kind") == kind]
+        if len(names) > 1:
+            raise ConfigError(
+                f"channels {', '.join(names)}: with [database] url every {kind} channel shares the database's one"
+                f" {kind} store; configure a single {kind} channel"
+            )
+    make_stores(config).check()
+
+
+def preflight(config: Config, *, database: bool = True) -> list[str]:
     """Build every configured channel, whichever process runs it, against a scratch data folder: a mapping,
     table, certificate or setting error stops the engine before anything listens (a worker that cannot start
     would otherwise restart in a loop behind a main process answering AA). Returns the channels checked.
 
-    Raises `MappingError` (file and line) or `ConfigError` naming the channel."""
+    The channels' stores are SQLite files in the scratch folder whatever the backend: the check never writes into
+    the engine's database; `check_database` reaches it (connection and schema versions) instead, unless
+    ``database`` is False (the caller reaches it itself).
+
+    Raises `MappingError` (file and line) or `ConfigError` naming the channel; ``ConnectionError`` when the
+    configured database cannot be reached."""
     checked = []
+    if database:
+        check_database(config)
     with tempfile.TemporaryDirectory(prefix="traboule-check-") as scratch:
         scratch_config = copy.deepcopy(config)
         scratch_config.data_dir = scratch
@@ -197,7 +229,7 @@ def remote_routes(config: Config, process: str | None) -> tuple[list[RemoteRoute
 
 @dataclass
 class _Probe:
-    """What a channel's constructor may read of its runtime, for `preflight`."""
+    """What a channel's constructor may read of its runtime, for `preflight`: its stores in the scratch folder."""
 
     config: Config
     data_dir: Path
@@ -205,6 +237,10 @@ class _Probe:
     journal: Any = None
     bus: Any = None
     processes: dict[str, Any] = field(default_factory=dict)
+    stores: StoreFactory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stores = SQLiteStores(self.data_dir)
 
 
 @dataclass
@@ -247,12 +283,16 @@ class Runtime:
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.journal: stores.Journal | None = None
+        self.stores: StoreFactory = make_stores(config)
         shared = process is not None and len(config.processes()) > 1
-        self.bus: Bus = make_bus(config.amqp_url, str(self.data_dir), exchange=config.exchange, shared=shared)
+        self.bus: Bus = make_bus(
+            config.amqp_url, str(self.data_dir), exchange=config.exchange, shared=shared, queue_type=config.queue_type
+        )
         self.channels: list[Channel] = [
             channel_class(c["kind"])(c, self) for c in config.channels if process is None or process_of(c) == process
         ]
         self._dispatcher: asyncio.Task | None = None
+        self.outbox_lease: Any = None  # the "outbox" lease of the journal's process (one dispatcher per database)
         self._stopping = asyncio.Event()
         self.started = False
         self.processes: dict[str, ProcessState] = {}  # the children of the main process, filled by its supervisor
@@ -262,17 +302,14 @@ class Runtime:
         return self.data_dir / "journal.sqlite"
 
     def _open_journal(self) -> stores.Journal:
-        """The journal: on PostgreSQL when ``[database] url`` is set (its schema upgraded or, when newer than this
-        code, refused), else the SQLite file of the data folder."""
-        if self.config.database_url:
-            from traboule.stores.postgres.journal import PostgresJournal
-
-            return PostgresJournal(self.config.database_url)
-        return Journal(self.journal_path, min_free_bytes=self.config.min_free_disk_mb * 1024 * 1024)
+        """The journal of the store factory: on PostgreSQL when ``[database] url`` is set (its schema upgraded or,
+        when newer than this code, refused), else the SQLite file of the data folder."""
+        return self.stores.journal()
 
     @property
     def owns_journal(self) -> bool:
-        """The process that receives messages keeps the journal and publishes its outbox."""
+        """The process that receives messages keeps the journal and publishes its outbox (while it holds the
+        "outbox" lease: one node of a shared database at a time)."""
         return self.process in (None, "main")
 
     async def start(self) -> None:
@@ -291,7 +328,8 @@ class Runtime:
                 "channel.started", channel=channel.name, process=self.process or "main", **_public(channel.describe())
             )
         if self.owns_journal:
-            self._dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
+            self.outbox_lease = self.stores.lease("outbox")
+            self._dispatcher = asyncio.create_task(self._lead_outbox(), name="outbox-lease")
         self.started = True
 
     async def stop(self) -> None:
@@ -303,6 +341,9 @@ class Runtime:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._dispatcher
+        if self.outbox_lease is not None:
+            with contextlib.suppress(Exception):
+                await self.outbox_lease.release()
         with contextlib.suppress(Exception):
             await self.bus.close()
         if self.journal:
@@ -315,6 +356,7 @@ class Runtime:
         body: dict[str, Any] = {"process": self.process or "main", "pid": os.getpid(), "bus": bus}
         problems = [] if bus.get("connected") else ["bus"]
         if self.journal is not None:
+            body["outbox"] = self.outbox_role
             body["outbox_pending"] = self.journal.outbox_depth()
             free, reserve = self.journal.disk_free(), self.journal.min_free_bytes
             body["disk"] = {"free_bytes": free, "reserve_bytes": reserve}
@@ -337,6 +379,36 @@ class Runtime:
 
     def channel(self, name: str) -> Channel:
         return next(c for c in self.channels if c.name == name)
+
+    @property
+    def outbox_role(self) -> str:
+        """``leader`` when this process publishes the outbox (it holds the "outbox" lease), else ``standby``."""
+        lease = self.outbox_lease
+        return "leader" if lease is not None and lease.held else "standby"
+
+    async def _lead_outbox(self) -> None:
+        """Run the outbox dispatcher while this node holds the "outbox" lease: one dispatcher per database, so each
+        event is published once whatever the number of nodes. Losing the lease stops it at once; gaining it
+        (again) starts it from the outbox as the database has it (``pending_events``)."""
+        lease = self.outbox_lease
+        while True:
+            try:
+                await lease.acquire()
+            except Exception as exc:  # the lease's own errors are retried inside; anything else: retry later
+                log.warning("outbox.lease_failed", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            log.info("outbox.leader")
+            dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
+            lost = asyncio.create_task(lease.lost(), name="outbox-lease-lost")
+            try:
+                await asyncio.wait({dispatcher, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (dispatcher, lost):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            log.warning("outbox.standby")
 
     async def _dispatch_outbox(self) -> None:
         """Publish journaled events in order; a bus outage only delays them (retried every second)."""

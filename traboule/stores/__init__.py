@@ -3,16 +3,17 @@
 One `typing.Protocol` per store, as narrow as its callers (channels/, traboule/app/); a backend implements it and
 passes ``tests/test_store_contracts.py`` (parametrised by backend). SQLite (opened through
 `traboule.stores.sqlite.open_database`) implements every store; PostgreSQL (``traboule/stores/postgres/``, schema
-migrations in ``migrations.py``) implements the journal and the worklist store so far:
+migrations in ``migrations.py``) implements all but the reports store so far (and ``postgres.idempotency`` the
+idempotent consumer):
 
 ==================  ===================================================  ===================================
 protocol            SQLite implementation (file)                         PostgreSQL implementation
 ==================  ===================================================  ===================================
 `Journal`           `journal.SQLiteJournal` (``journal.sqlite``)         `postgres.journal.PostgresJournal`
 `WorklistStore`     `worklist.SQLiteWorklistStore` (``<channel>``)       `postgres.worklist`
-`FHIRStore`         `fhir_store.SQLiteFHIRStore` (``<channel>``)         not yet
+`FHIRStore`         `fhir_store.SQLiteFHIRStore` (``<channel>``)         `postgres.fhir_store`
 `ReportStore`       `reports.ReportPublisher` (``<channel>.reports``)    not yet
-`PatientRegistry`   `patient_identity.PatientIdentities` (``patients``)  not yet
+`PatientRegistry`   `patient_identity.PatientIdentities` (``patients``)  `postgres.patient_identity`
 ==================  ===================================================  ===================================
 
 Common to all: "durable" means a commit that survives power loss (``Durability.POWER_LOSS``), and a method that

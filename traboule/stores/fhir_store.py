@@ -17,6 +17,8 @@ guarantees every backend keeps).
 
 ``upsert`` bumps ``meta.versionId`` only when the content (everything but ``meta``) changed, so a redelivery
 leaves the resource as it was. One connection behind a lock: safe to call from ``asyncio.to_thread``.
+`search_where` (the search SQL) and ``_tokens`` are shared with the PostgreSQL store
+(`traboule.stores.postgres.fhir_store`): both backends answer a search alike.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -440,33 +442,7 @@ class SQLiteFHIRStore:
         """Resources of ``rtype`` matching every parameter (a comma in a value means "or"; a parameter given
         several times, as a list, means "and", e.g. a date range); in insertion order.
         Tokens: ``system|value``, ``value`` (any system), ``|value`` (no system), ``system|`` (any value)."""
-        supported = SEARCH_PARAMS.get(rtype)
-        if supported is None:
-            raise SearchError("", f"resource type {rtype!r} is not served")
-        for param, number in (("_count", count), ("_offset", offset)):
-            if not 0 <= number <= MAX_OFFSET:
-                raise SearchError(param, f"{param} must be an integer from 0 to {MAX_OFFSET}", "invalid")
-        where, args = ["r.type = ?"], [rtype]
-        values = 0
-        for name, given in params.items():
-            for raw in [given] if isinstance(given, str) else given:
-                ors: list[str] = []
-                values += raw.count(",") + 1
-                if values > MAX_SEARCH_VALUES:
-                    raise SearchError(name, f"at most {MAX_SEARCH_VALUES} values in one search", "too-costly")
-                for value in raw.split(","):
-                    clause, clause_args = self._clause(rtype, name, value, supported)
-                    ors.append(clause)
-                    args.extend(clause_args)
-                where.append("(" + " OR ".join(ors) + ")")
-        if rtype == "DocumentReference":  # PDSm: a deleted entry is found by no search
-            where.append("r.id NOT IN (SELECT id FROM tokens WHERE type = 'DocumentReference' AND name = 'deleted')")
-        if rtype == "DiagnosticReport":  # nor the report of a deleted document set (entered-in-error)
-            where.append(
-                "r.id NOT IN (SELECT id FROM tokens WHERE type = 'DiagnosticReport' AND name = 'status' "
-                "AND value = 'entered-in-error')"
-            )
-        sql_where = " AND ".join(where)
+        sql_where, args = search_where(rtype, params, count, offset, self.timezone)
         with self._lock:
             total = self._db.execute(f"SELECT count(*) FROM resources r WHERE {sql_where}", args).fetchone()[0]
             rows = self._db.execute(
@@ -474,64 +450,6 @@ class SQLiteFHIRStore:
                 [*args, count, offset],
             ).fetchall()
         return total, [json.loads(r[0]) for r in rows]
-
-    def _clause(self, rtype: str, name: str, value: str, supported: dict[str, str]) -> tuple[str, list[str]]:
-        if name == "_id":
-            return "r.id = ?", [value]
-        kind = supported.get(name)
-        if kind is None:
-            raise SearchError(name, f"search parameter {name!r} is not supported for {rtype}")
-        if name == "related":
-            return self._related(rtype, value)
-        if kind == "string":  # FHIR string search: starts with, case and accents ignored
-            folded = fold(value)
-            if not folded:  # an empty prefix would match every resource with the element
-                raise SearchError(name, f"{name}: a value is required", "invalid")
-            return (
-                "r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? "
-                f"AND substr(p.value, 1, {len(folded)}) = ?)",
-                [rtype, name, folded],
-            )
-        if kind == "reference":
-            target = REFERENCE_TYPES.get(name, "Patient")
-            ref = value if "/" in value else f"{target}/{value}"
-            if not ref.startswith(f"{target}/"):
-                raise SearchError(name, f"{name}: only {target} references are supported")
-            token = "basedon" if name == "basedon" else "subject"
-            return (
-                f"r.id IN (SELECT id FROM tokens WHERE type = ? AND name = '{token}' AND value = ?)",
-                [rtype, ref],
-            )
-        if kind == "date" and name == "period":
-            return _period_clause(rtype, value, self.timezone)
-        if kind == "date":
-            return _date_clause(rtype, name, value, self.timezone)
-        token_sql, token_args = _token(value)
-        if name == "patient.identifier":
-            return (
-                "r.id IN (SELECT s.id FROM tokens s JOIN tokens p ON p.type = 'Patient' AND p.name = 'identifier' "
-                f"AND s.value = 'Patient/' || p.id WHERE s.type = ? AND s.name = 'subject' AND {token_sql})",
-                [rtype, *token_args],
-            )
-        return (
-            f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {token_sql})",
-            [rtype, name, *token_args],
-        )
-
-    def _related(self, rtype: str, value: str) -> tuple[str, list[str]]:
-        """``related``: a reference (``ServiceRequest/{id}``, or an absolute URL ending so) to a related resource,
-        else a token on the related identifiers (accession number, order, study UID)."""
-        tail = "/".join(value.rsplit("/", 2)[-2:]) if "://" in value and "|" not in value else value
-        if "|" not in tail and _REFERENCE.fullmatch(tail):
-            return (
-                "r.id IN (SELECT id FROM tokens WHERE type = ? AND name = 'related.reference' AND value = ?)",
-                [rtype, tail],
-            )
-        token_sql, token_args = _token(value)
-        return (
-            f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = 'related' AND {token_sql})",
-            [rtype, *token_args],
-        )
 
     def withdrawn_binary(self, binary_id: str) -> bool:
         """Whether the document a Binary holds was deleted (PDSm: the document itself is no longer served)."""
@@ -545,6 +463,109 @@ class SQLiteFHIRStore:
 
 
 FHIRStore = SQLiteFHIRStore  # the name the fhir channel and the command line construct today
+
+
+def search_where(
+    rtype: str,
+    params: dict[str, str | list[str]],
+    count: int,
+    offset: int,
+    zone: Any,
+    encode: Callable[[str], str] = str,
+) -> tuple[str, list[Any]]:
+    """The SQL condition (on ``resources r`` and the token table ``tokens``, ``?`` placeholders) and its arguments
+    for a search (see `SQLiteFHIRStore.search`); raises ``SearchError`` for a search the store does not serve.
+    ``encode``: how a backend stores token text (applied to every text argument; PostgreSQL escapes NUL)."""
+    supported = SEARCH_PARAMS.get(rtype)
+    if supported is None:
+        raise SearchError("", f"resource type {rtype!r} is not served")
+    for param, number in (("_count", count), ("_offset", offset)):
+        if not 0 <= number <= MAX_OFFSET:
+            raise SearchError(param, f"{param} must be an integer from 0 to {MAX_OFFSET}", "invalid")
+    where, args = ["r.type = ?"], [rtype]
+    values = 0
+    for name, given in params.items():
+        for raw in [given] if isinstance(given, str) else given:
+            ors: list[str] = []
+            values += raw.count(",") + 1
+            if values > MAX_SEARCH_VALUES:
+                raise SearchError(name, f"at most {MAX_SEARCH_VALUES} values in one search", "too-costly")
+            for value in raw.split(","):
+                clause, clause_args = _clause(rtype, name, value, supported, zone, encode)
+                ors.append(clause)
+                args.extend(clause_args)
+            where.append("(" + " OR ".join(ors) + ")")
+    if rtype == "DocumentReference":  # PDSm: a deleted entry is found by no search
+        where.append("r.id NOT IN (SELECT id FROM tokens WHERE type = 'DocumentReference' AND name = 'deleted')")
+    if rtype == "DiagnosticReport":  # nor the report of a deleted document set (entered-in-error)
+        where.append(
+            "r.id NOT IN (SELECT id FROM tokens WHERE type = 'DiagnosticReport' AND name = 'status' "
+            "AND value = 'entered-in-error')"
+        )
+    sql_where = " AND ".join(where)
+    return sql_where, [encode(a) if isinstance(a, str) else a for a in args]
+
+
+def _clause(
+    rtype: str, name: str, value: str, supported: dict[str, str], zone: Any, encode: Callable[[str], str]
+) -> tuple[str, list[str]]:
+    if name == "_id":
+        return "r.id = ?", [value]
+    kind = supported.get(name)
+    if kind is None:
+        raise SearchError(name, f"search parameter {name!r} is not supported for {rtype}")
+    if name == "related":
+        return _related(rtype, value)
+    if kind == "string":  # FHIR string search: starts with, case and accents ignored
+        folded = fold(value)
+        if not folded:  # an empty prefix would match every resource with the element
+            raise SearchError(name, f"{name}: a value is required", "invalid")
+        return (
+            "r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? "
+            f"AND substr(p.value, 1, {len(encode(folded))}) = ?)",
+            [rtype, name, folded],
+        )
+    if kind == "reference":
+        target = REFERENCE_TYPES.get(name, "Patient")
+        ref = value if "/" in value else f"{target}/{value}"
+        if not ref.startswith(f"{target}/"):
+            raise SearchError(name, f"{name}: only {target} references are supported")
+        token = "basedon" if name == "basedon" else "subject"
+        return (
+            f"r.id IN (SELECT id FROM tokens WHERE type = ? AND name = '{token}' AND value = ?)",
+            [rtype, ref],
+        )
+    if kind == "date" and name == "period":
+        return _period_clause(rtype, value, zone)
+    if kind == "date":
+        return _date_clause(rtype, name, value, zone)
+    token_sql, token_args = _token(value)
+    if name == "patient.identifier":
+        return (
+            "r.id IN (SELECT s.id FROM tokens s JOIN tokens p ON p.type = 'Patient' AND p.name = 'identifier' "
+            f"AND s.value = 'Patient/' || p.id WHERE s.type = ? AND s.name = 'subject' AND {token_sql})",
+            [rtype, *token_args],
+        )
+    return (
+        f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = ? AND {token_sql})",
+        [rtype, name, *token_args],
+    )
+
+
+def _related(rtype: str, value: str) -> tuple[str, list[str]]:
+    """``related``: a reference (``ServiceRequest/{id}``, or an absolute URL ending so) to a related resource,
+    else a token on the related identifiers (accession number, order, study UID)."""
+    tail = "/".join(value.rsplit("/", 2)[-2:]) if "://" in value and "|" not in value else value
+    if "|" not in tail and _REFERENCE.fullmatch(tail):
+        return (
+            "r.id IN (SELECT id FROM tokens WHERE type = ? AND name = 'related.reference' AND value = ?)",
+            [rtype, tail],
+        )
+    token_sql, token_args = _token(value)
+    return (
+        f"r.id IN (SELECT p.id FROM tokens p WHERE p.type = ? AND p.name = 'related' AND {token_sql})",
+        [rtype, *token_args],
+    )
 
 
 def _token(value: str) -> tuple[str, list[str]]:

@@ -14,6 +14,13 @@ one database, with the guarantees of `traboule.stores.journal.SQLiteJournal`.
   its first insert to its commit, so no node commits an id lower than one already visible (a reader paging with
   ``after`` never skips an entry committed late). Events added with ``append_events`` take the next outbox ids when
   they commit; they do not take that lock (it runs on the loop's thread, which a commit in flight needs).
+* Text as the SQLite journal keeps it: PostgreSQL ``text`` cannot hold NUL, so every text column is stored through
+  `traboule.stores.postgres.encode_text` (injective, identity on text without NUL or ``\\x01``) and decoded on read;
+  ``raw`` is exact ``bytea``. An entry the server still refuses (``DataError``) fails alone: the group commit it
+  was in is committed again one entry at a time.
+* Closing commits the confirmations made before it, even while a group commit is in flight (the loop cannot finish
+  that one while ``close`` runs: a commit holding only confirmations is ended and done again on the blocking
+  connection; one holding appends finishes on its own when the loop runs on).
 * The server's disk is not visible from a client: ``min_free_bytes`` is 0 and a full disk on the server (SQLSTATE
   53100) raises `traboule.errors.DiskFull`, as the SQLite journal does for a full local disk.
 """
@@ -30,13 +37,14 @@ import psycopg
 
 from traboule.errors import DiskFull
 from traboule.stores.journal import _COLUMNS, PUBLISHED_DELAY, JournalEntry, OutboxEvent, Query
-from traboule.stores.postgres import async_connect, connect, migrations, redact
+from traboule.stores.postgres import async_connect, connect, decode_text, encode_text, migrations, redact
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, Connection
 
 COMPONENT = "journal"
 LOCK_KEY = 0x6A6F_7572_6E61  # "journa": held by each group commit, so that ids grow in commit order
+PRUNE_BATCH = 5_000  # messages deleted per statement: a large prune never runs into the statement timeout
 
 migrations.register(
     COMPONENT,
@@ -117,6 +125,8 @@ class PostgresJournal:
         self._flush_scheduled = False
         self._flush_task: asyncio.Task[None] | None = None
         self._published_timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0  # appends in the group commit in flight
+        self._isolate = 0  # entries to commit one at a time (a batch the server refused as a whole)
         self._closed = False
         self.outbox_ready = asyncio.Event()
 
@@ -145,7 +155,7 @@ class PostgresJournal:
             row = db.execute(
                 "SELECT id, warnings FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted'"
                 " LIMIT 1 FOR UPDATE",
-                (idempotency_key,),
+                (encode_text(idempotency_key),),
             ).fetchone()
             if row is None:
                 return 0
@@ -153,7 +163,8 @@ class PostgresJournal:
                 cur.executemany(_INSERT_EVENT, [(row[0], e.topic, e.event_id, e.body) for e in events])
             if note:
                 db.execute(
-                    "UPDATE journal_messages SET warnings = %s WHERE id = %s", (f"{row[1]}\n{note}".strip(), row[0])
+                    "UPDATE journal_messages SET warnings = %s WHERE id = %s",
+                    (f"{row[1]}\n{encode_text(note)}".strip(), row[0]),
                 )
         if events:
             self.outbox_ready.set()
@@ -189,10 +200,12 @@ class PostgresJournal:
                 if self._published_timer is not None:
                     self._published_timer.cancel()
                     self._published_timer = None
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                size = 1 if self._isolate else self.max_batch
+                batch, self._pending = self._pending[:size], self._pending[size:]
+                self._isolate = max(0, self._isolate - len(batch))
                 published, self._published = self._published, []
                 saved = [(e.status, e.warnings, e.id) for e, _, _ in batch]
-                self._deleting = published
+                self._deleting, self._in_flight = published, len(batch)
                 try:
                     conn = await self._async_connection()
                     with _disk_full():
@@ -203,37 +216,44 @@ class PostgresJournal:
                             if published:
                                 await conn.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
                 except Exception as exc:  # server gone, disk full: every waiting sender gets the error
-                    self._deleting = []
-                    await self._drop_async_connection()
+                    self._deleting, self._in_flight = [], 0
                     self._published = published + self._published
-                    for (entry, _, future), (status, warnings, entry_id) in zip(batch, saved, strict=True):
+                    for (entry, _, _), (status, warnings, entry_id) in zip(batch, saved, strict=True):
                         entry.status, entry.warnings, entry.id = status, warnings, entry_id
+                    if isinstance(exc, psycopg.DataError) and len(batch) > 1:
+                        # one entry the server refuses (the transaction rolled back): again one at a time, so
+                        # that only its own sender gets the error
+                        self._pending, self._isolate = batch + self._pending, len(batch)
+                        continue
+                    await self._drop_async_connection()
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     if not self._pending:
                         break  # the confirmations wait for the next append or close
                     continue
-                self._deleting = []
+                self._deleting, self._in_flight = [], 0
                 for entry, _, future in batch:
                     if not future.done():
                         future.set_result(entry)
         finally:
             self._published, self._deleting = self._deleting + self._published, []  # cancelled mid-commit
+            self._in_flight = 0
             self._flush_task = None
             if self._closed:
                 await self._drop_async_connection()
 
     async def _insert(self, conn: AsyncConnection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
-        values = tuple(getattr(entry, c) for c in _COLUMNS)
+        values = _values(entry)
         if entry.status == "accepted" and entry.idempotency_key:
             row = await (await conn.execute(_INSERT_ACCEPTED, values)).fetchone()
             if row is None:  # the key is taken (by a committed entry, or one earlier in this batch)
-                seen = await (await conn.execute(_ACCEPTED_ID, (entry.idempotency_key,))).fetchone()
+                seen = await (await conn.execute(_ACCEPTED_ID, (encode_text(entry.idempotency_key),))).fetchone()
                 entry.status = "duplicate"
                 entry.warnings = (
                     entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}"
                 ).strip()
-                values = tuple(getattr(entry, c) for c in _COLUMNS)
+                values = _values(entry)
             else:
                 entry.id = int(row[0])
         if entry.status != "accepted" or not entry.idempotency_key:
@@ -277,7 +297,25 @@ class PostgresJournal:
             if self._pending or self._published:
                 self._flush_blocking()
             self._finish_async_connection()
+        else:
+            self._confirm_blocking()
         self._db.close()
+
+    def _confirm_blocking(self) -> None:
+        """Close during a group commit: the loop cannot finish it while ``close`` runs, so the confirmations are
+        committed here. A commit in flight holding only confirmations is ended (its session terminated: it rolls
+        back unless it had committed) and its deletions done again here; one holding appends (and what queued
+        behind it) finishes on its own when the loop runs on, with its confirmations."""
+        published, self._published = self._published, []
+        if not self._in_flight and not self._pending:
+            pid = self._aconn.info.backend_pid if self._aconn is not None and not self._aconn.closed else 0
+            published, self._deleting = self._deleting + published, []
+            if pid:
+                with contextlib.suppress(Exception):
+                    self._conn().execute("SELECT pg_terminate_backend(%s)", (pid,))
+        if published:
+            with contextlib.suppress(Exception):  # lost: those events are published again (consumers dedupe)
+                self._conn().execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
 
     def _conn(self) -> Connection:
         """The blocking connection, opened again after the server cut it (the call that saw it cut has failed)."""
@@ -290,6 +328,7 @@ class PostgresJournal:
         db = self._conn()
         batch, self._pending = self._pending, []
         published, self._published = self._published, []
+        saved = [(e.status, e.warnings, e.id) for e, _, _ in batch]
         try:
             with _disk_full(), db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
@@ -297,6 +336,21 @@ class PostgresJournal:
                     _insert_blocking(db, entry, events)
                 if published:
                     db.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
+        except psycopg.DataError as exc:
+            for (entry, _, _), (status, warnings, entry_id) in zip(batch, saved, strict=True):
+                entry.status, entry.warnings, entry.id = status, warnings, entry_id
+            if len(batch) + bool(published) <= 1:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for one in batch:  # one entry the server refuses: the others are committed without it
+                self._pending = [one]
+                self._flush_blocking()
+            if published:
+                self._published = published
+                self._flush_blocking()
+            return
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
@@ -328,17 +382,23 @@ class PostgresJournal:
     def prune(self, before: str, keep: Iterable[str] = ()) -> int:
         """Forget messages received before ``before`` (ISO 8601, UTC) whose events all reached the bus, except
         those whose idempotency key is in ``keep``; returns how many."""
-        cur = self._conn().execute(
-            "DELETE FROM journal_messages m WHERE received < %s"
-            " AND NOT EXISTS (SELECT 1 FROM journal_outbox o WHERE o.message_id = m.id)"
-            " AND NOT (idempotency_key = ANY(%s))",
-            (before, [k for k in keep if k]),
-        )
-        return int(cur.rowcount or 0)
+        kept = [encode_text(k) for k in keep if k]
+        total = 0
+        while True:  # in batches: each statement (and its WAL) stays small, whatever the journal's size
+            cur = self._conn().execute(
+                "DELETE FROM journal_messages WHERE id IN (SELECT m.id FROM journal_messages m WHERE received < %s"
+                " AND NOT EXISTS (SELECT 1 FROM journal_outbox o WHERE o.message_id = m.id)"
+                " AND NOT (idempotency_key = ANY(%s)) LIMIT %s)",
+                (before, kept, PRUNE_BATCH),
+            )
+            done = int(cur.rowcount or 0)
+            total += done
+            if done < PRUNE_BATCH:
+                return total
 
     def accepted(self, idempotency_key: str) -> bool:
         """Whether a message with this idempotency key was accepted (its events are or were in the outbox)."""
-        return self._conn().execute(_ACCEPTED_ID, (idempotency_key,)).fetchone() is not None
+        return self._conn().execute(_ACCEPTED_ID, (encode_text(idempotency_key),)).fetchone() is not None
 
     def get(self, entry_id: int) -> JournalEntry | None:
         row = self._conn().execute(_SELECT + " WHERE id = %s", (entry_id,)).fetchone()
@@ -376,14 +436,14 @@ class PostgresJournal:
 
 def _insert_blocking(db: Connection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
     """`PostgresJournal._insert` on the blocking connection."""
-    values = tuple(getattr(entry, c) for c in _COLUMNS)
+    values = _values(entry)
     if entry.status == "accepted" and entry.idempotency_key:
         row = db.execute(_INSERT_ACCEPTED, values).fetchone()
         if row is None:
-            seen = db.execute(_ACCEPTED_ID, (entry.idempotency_key,)).fetchone()
+            seen = db.execute(_ACCEPTED_ID, (encode_text(entry.idempotency_key),)).fetchone()
             entry.status = "duplicate"
             entry.warnings = (entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}").strip()
-            values = tuple(getattr(entry, c) for c in _COLUMNS)
+            values = _values(entry)
         else:
             entry.id = int(row[0])
     if entry.status != "accepted" or not entry.idempotency_key:
@@ -397,11 +457,17 @@ def _insert_blocking(db: Connection, entry: JournalEntry, events: list[OutboxEve
 def _where(query: Query) -> tuple[str, list[Any]]:
     """`Query.where` in PostgreSQL's dialect: ``%s`` placeholders (its text holds no other ``?``), TRUE for all."""
     where, args = query.where()
+    args = [encode_text(a) if isinstance(a, str) else a for a in args]
     return ("TRUE" if where == "1" else where.replace("?", "%s")), args
 
 
+def _values(entry: JournalEntry) -> tuple[Any, ...]:
+    """The entry's columns as stored: text through `encode_text` (PostgreSQL text holds no NUL), ``raw`` as is."""
+    return tuple(encode_text(v) if isinstance(v, str) else v for v in (getattr(entry, c) for c in _COLUMNS))
+
+
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
-    data = dict(zip(("id", *_COLUMNS), row, strict=True))
+    data = {k: decode_text(v) if isinstance(v, str) else v for k, v in zip(("id", *_COLUMNS), row, strict=True)}
     data["raw"] = bytes(data["raw"])
     return JournalEntry(**data)
 

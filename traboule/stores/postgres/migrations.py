@@ -8,6 +8,10 @@ new one. ``upgrade(conn)`` brings the database to the latest version of each com
 * each component's pending migrations run in one transaction with its new version: all of them or none;
 * every transaction holds an advisory lock (`LOCK_KEY`), so two nodes starting together do not both migrate: the
   second waits, then finds nothing left to do;
+* no statement timeout inside those transactions (an index on a large table takes what it takes); the wait for the
+  advisory lock is bounded by `LOCK_WAIT_MS` (another node migrating longer than that: `TimeoutError`, saying so),
+  a migration statement's wait for a table lock by the connection's ``lock_timeout`` (a busy table fails the
+  migration rather than stalling every node queued behind it: run ``traboule db upgrade`` at a quiet time);
 * a database whose version of a component is newer than this code knows is refused (``ConfigError``) before
   anything is changed: an older node must not write into a schema it does not understand.
 """
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 Migration = tuple[int, str]  # (version, SQL: one or more statements)
 
 LOCK_KEY = 0x7472_6162_6F75  # "trabou": the advisory lock every schema change holds
+LOCK_WAIT_MS = 600_000  # how long a node waits for another one's schema change before giving up
 
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS traboule_schema (
@@ -94,7 +99,7 @@ def upgrade(conn: psycopg.Connection, components: Iterable[str] | None = None) -
         if name not in _REGISTRY:
             raise KeyError(f"no migrations registered for {name!r} (known: {', '.join(sorted(_REGISTRY))})")
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        _lock(conn)
         conn.execute(_SCHEMA_TABLE)
         found = _recorded(conn)
     for name in names:  # refuse before changing anything
@@ -103,7 +108,7 @@ def upgrade(conn: psycopg.Connection, components: Iterable[str] | None = None) -
     result: dict[str, tuple[int, int]] = {}
     for name in names:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            _lock(conn)
             current = _recorded(conn).get(name, 0)  # another node may have migrated while we waited
             known = _REGISTRY[name][-1][0]
             if current > known:
@@ -127,6 +132,24 @@ def check(conn: psycopg.Connection, component: str) -> None:
     latest = _REGISTRY[component][-1][0]
     if versions(conn).get(component, 0) != latest:
         upgrade(conn, [component])
+
+
+def _lock(conn: psycopg.Connection) -> None:
+    """Inside a schema transaction: no statement timeout, then the advisory lock (waited for `LOCK_WAIT_MS` at
+    most, then the connection's own ``lock_timeout`` again for the migration statements)."""
+    import psycopg
+
+    lock_timeout = conn.execute("SHOW lock_timeout").fetchone()
+    conn.execute("SET LOCAL statement_timeout = 0")
+    conn.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+    except psycopg.errors.LockNotAvailable as exc:
+        raise TimeoutError(
+            f"another node has been changing the database schema for over {LOCK_WAIT_MS // 1000} s (it holds the"
+            " schema lock): wait for it to finish, or see pg_stat_activity for a stuck session"
+        ) from exc
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_timeout[0]) if lock_timeout else "0",))
 
 
 def _recorded(conn: psycopg.Connection) -> dict[str, int]:

@@ -1,0 +1,283 @@
+"""The PostgreSQL patient registry: the registry cases of ``tests/test_patient_identity.py`` run again on
+`PostgresPatientRegistry`, and what several nodes on one database need (a real PostgreSQL server,
+``tests/peer_postgres.py``).
+
+The shared cases (imported, so collected here) build ``PatientIdentities(path)``: the autouse
+``postgres_registry`` fixture makes that name, in their module, open the registry of this test's database instead
+(a reopen of the same path: the same database).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import tests.test_patient_identity as shared
+from tests.test_patient_identity import (
+    OTHER_INS,
+    patient,
+    test_a_pair_whose_message_was_never_journaled_stops_holding,
+    test_a_refused_or_duplicate_message_stops_holding_its_ins_at_once,
+    test_an_ins_reserved_for_an_ipp_is_refused_to_another_of_its_authority,
+    test_registry_holds_a_checked_pair_until_its_message_is_journaled,
+    test_registry_knows_whose_each_order_is_and_follows_merges,
+    test_registry_refuses_another_ins_for_a_recorded_ipp_after_a_restart,
+    test_the_rebuild_fills_what_a_crash_lost_and_leaves_a_later_correction,
+    test_two_orders_in_flight_never_give_one_exam_to_two_patients,
+)
+from traboule import model
+from traboule.errors import MappingFailure
+from traboule.stores import PatientRegistry
+from traboule.stores.patient_identity import Pair
+from traboule.stores.postgres.patient_identity import PostgresPatientRegistry
+
+pytestmark = pytest.mark.timeout(120)
+
+SHARED_CASES = [  # collected here: run on PostgreSQL through the autouse fixture below
+    test_a_pair_whose_message_was_never_journaled_stops_holding,
+    test_a_refused_or_duplicate_message_stops_holding_its_ins_at_once,
+    test_an_ins_reserved_for_an_ipp_is_refused_to_another_of_its_authority,
+    test_registry_holds_a_checked_pair_until_its_message_is_journaled,
+    test_registry_knows_whose_each_order_is_and_follows_merges,
+    test_registry_refuses_another_ins_for_a_recorded_ipp_after_a_restart,
+    test_the_rebuild_fills_what_a_crash_lost_and_leaves_a_later_correction,
+    test_two_orders_in_flight_never_give_one_exam_to_two_patients,
+]
+INS = "279035121518989"
+INS_OID = "1.2.250.1.213.1.4.10"
+
+
+@pytest.fixture(autouse=True)
+def postgres_registry(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``PatientIdentities(path)`` in the shared cases opens this test's PostgreSQL database."""
+    monkeypatch.setattr(shared, "PatientIdentities", lambda path: PostgresPatientRegistry(pg_url))
+    return pg_url
+
+
+@pytest.fixture
+def nodes(pg_url: str) -> Iterator[list[PostgresPatientRegistry]]:
+    """Two registries on one database: two engine nodes."""
+    opened = [PostgresPatientRegistry(pg_url), PostgresPatientRegistry(pg_url)]
+    yield opened
+    for registry in opened:
+        registry.close()
+
+
+def test_it_implements_the_protocol(nodes: list[PostgresPatientRegistry]) -> None:
+    assert isinstance(nodes[0], PatientRegistry)
+
+
+def test_two_nodes_checking_conflicting_ins_at_once_accept_exactly_one(pg_url: str) -> None:
+    """Many rounds: both nodes check the same IPP with different INS at the same moment; one is accepted, the
+    other refused, never both; the loser's INS stays refused once the winner recorded."""
+    registries = [PostgresPatientRegistry(pg_url) for _ in range(4)]
+    try:
+        for round_ in range(15):
+            ipp = model.Identifier("IPP0001", f"HOP{round_}", f"1.2.250.1.999.{round_}")  # one patient per authority
+            barrier = threading.Barrier(len(registries))
+            outcome: list[str | None] = [None] * len(registries)
+
+            def check(
+                i: int,
+                ipp: model.Identifier = ipp,
+                barrier: threading.Barrier = barrier,
+                outcome: list[str | None] = outcome,
+            ) -> None:
+                ins = INS if i % 2 == 0 else OTHER_INS
+                barrier.wait()
+                try:
+                    registries[i].check([patient(ipp, ins)])
+                    outcome[i] = ins
+                except MappingFailure:
+                    outcome[i] = "refused"
+
+            threads = [threading.Thread(target=check, args=(i,)) for i in range(len(registries))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            accepted = {o for o in outcome if o != "refused"}
+            assert len(accepted) == 1, outcome  # one INS only (the same one may be accepted twice)
+            (winner,) = accepted
+            i = outcome.index(winner)
+            registries[i].record([patient(ipp, winner)])
+            loser = OTHER_INS if winner == INS else INS
+            for registry in registries:
+                with pytest.raises(MappingFailure):
+                    registry.check([patient(ipp, loser)])
+            assert [p.ins for p in registries[1].known(Pair(ipp.value, ipp.issuer_oid, ipp.issuer, INS_OID, ""))] == [
+                winner
+            ]
+    finally:
+        for registry in registries:
+            registry.close()
+
+
+def test_two_nodes_giving_one_accession_to_two_patients_at_once_accept_one(pg_url: str) -> None:
+    registries = [PostgresPatientRegistry(pg_url) for _ in range(4)]
+    try:
+        barrier = threading.Barrier(len(registries))
+        outcome: list[bool] = [False] * len(registries)
+
+        def check(i: int) -> None:
+            order = patient(model.Identifier(f"IPP{i}", "CHU-LYON"))
+            order.accession_number = model.Identifier("ACC-SHARED")
+            barrier.wait()
+            try:
+                registries[i].check_order([order])
+                outcome[i] = True
+            except MappingFailure:
+                pass
+
+        threads = [threading.Thread(target=check, args=(i,)) for i in range(len(registries))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(outcome) == 1, outcome
+    finally:
+        for registry in registries:
+            registry.close()
+
+
+def test_a_merge_recorded_on_one_node_is_applied_by_the_next_check_of_another(
+    nodes: list[PostgresPatientRegistry],
+) -> None:
+    a, b = nodes
+    chu = model.Identifier("IPP0810", "CHU-LYON")
+    a.record([patient(chu, INS)])
+    # Before the merge: IPP0910 is another patient of the same authority, the INS is not its.
+    with pytest.raises(MappingFailure, match="another IPP of this authority"):
+        b.check([patient(model.Identifier("IPP0910", "CHU-LYON"), INS)])
+    order = patient(model.Identifier("IPP0910", "CHU-LYON"))
+    order.accession_number = model.Identifier("ACC0910")
+    b.record([order])
+    report = model.Report(patient=patient(chu).patient, accession_number=model.Identifier("ACC0910"))
+    with pytest.raises(MappingFailure):
+        b.check_report([report])
+    assert b.resolve_merged([patient(model.Identifier("IPP0910", "CHU-LYON"))]) == []
+
+    merge = model.PatientUpdate("merge", model.Patient(ids=[chu]), [model.Identifier("IPP0910", "CHU-LYON")])
+    a.record([merge])  # node A records the merge
+    b.check([patient(model.Identifier("IPP0910", "CHU-LYON"), INS)])  # node B: one person now
+    b.check_report([report])  # IPP0910's order is IPP0810's
+    late = patient(model.Identifier("IPP0910", "CHU-LYON"))
+    (note,) = b.resolve_merged([late])
+    assert "was merged into IPP0810 (CHU-LYON)" in note
+    assert [i.value for i in late.patient.ids] == ["IPP0810", INS]
+    assert b.same_patient(late.patient, patient(model.Identifier("IPP0910", "CHU-LYON")).patient)
+
+
+def test_an_identity_source_correction_on_one_node_is_seen_by_the_other(nodes: list[PostgresPatientRegistry]) -> None:
+    a, b = nodes
+    ipp = model.Identifier("IPP0001", "CHU-LYON")
+    order = patient(ipp, INS)
+    order.accession_number = model.Identifier("ACC1")
+    b.check([order])
+    b.check_order([order])
+    b.record([order], channel="ris-orders", journal_id=3)
+    update = model.PatientUpdate(patient=patient(ipp, OTHER_INS).patient, authoritative=True)
+    (note,) = a.check([update])
+    assert f"replaced by {OTHER_INS}" in note
+    a.record([update], channel="ris-orders", journal_id=2)
+    assert [i.value for i in b.owner("accession", "ACC1") or []] == ["IPP0001", OTHER_INS]
+    with pytest.raises(MappingFailure):
+        b.check([patient(ipp, INS)])
+    assert b.mark("ris-orders") == 3  # the highest of both nodes
+    shown = b.show("IPP0001")
+    assert [row["ins"] for row in shown["ins"]] == [OTHER_INS]
+    assert [row["action"] for row in shown["actions"]] == ["ins-changed"]
+    assert [row["key"] for row in shown["owners"]] == ["ACC1"]
+
+
+def test_forget_on_one_node_frees_the_ipp_for_every_node(nodes: list[PostgresPatientRegistry]) -> None:
+    a, b = nodes
+    ipp = model.Identifier("IPP0002", "CHU-LYON")
+    a.record([patient(ipp, INS)])
+    with pytest.raises(MappingFailure):
+        b.check([patient(ipp, OTHER_INS)])
+    assert [p.ins for p in b.forget("IPP0002")] == [INS]
+    assert b.forget("IPP0002") == []
+    a.check([patient(ipp, OTHER_INS)])
+    assert [row["action"] for row in a.show("IPP0002")["actions"]] == ["ins-forgotten"]
+
+
+def test_a_node_that_died_holds_its_reservations_no_longer_than_they_last(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import traboule.stores.patient_identity
+
+    monkeypatch.setattr(traboule.stores.patient_identity, "RESERVED", 0.2)
+    ipp = model.Identifier("IPP0003", "CHU-LYON")
+    dead = PostgresPatientRegistry(pg_url)
+    dead.check([patient(ipp, INS)])
+    dead.close()  # never records nor releases
+    alive = PostgresPatientRegistry(pg_url)
+    try:
+        with pytest.raises(MappingFailure):
+            alive.check([patient(ipp, OTHER_INS)])
+        time.sleep(0.3)
+        alive.check([patient(ipp, OTHER_INS)])
+    finally:
+        alive.close()
+
+
+def test_nul_characters_and_backslashes_in_identifiers_round_trip(nodes: list[PostgresPatientRegistry]) -> None:
+    a, b = nodes
+    ipp = model.Identifier("IPP\x00\\0", "CHU\\LYON")
+    order = patient(ipp, INS)
+    order.accession_number = model.Identifier("ACC\x00")
+    a.check([order])
+    a.check_order([order])
+    a.record([order], channel="ch\x00", journal_id=5)
+    assert [i.value for i in b.owner("accession", "ACC\x00") or []] == ["IPP\x00\\0", INS]
+    assert b.owner("accession", "ACC") is None
+    assert b.known(Pair("IPP\x00\\0", "", "", INS_OID, "")) == [Pair("IPP\x00\\0", "", "CHU\\LYON", INS_OID, INS)]
+    assert b.known(Pair("IPP\x00\\\x00", "", "", INS_OID, "")) == []
+    assert b.mark("ch\x00") == 5
+    other = patient(model.Identifier("IPP9", "CHU-LYON"))
+    other.accession_number = model.Identifier("ACC\x00")
+    with pytest.raises(MappingFailure, match="belongs to patient IPP"):
+        b.check_order([other])
+
+
+def _ins(n: int) -> str:
+    """A valid INS-NIR (its check key computed) per number."""
+    body = 1790375000000 + n
+    return f"{body}{97 - body % 97:02d}"
+
+
+def test_check_latency(nodes: list[PostgresPatientRegistry]) -> None:
+    """The checks run per message at ingest: a few indexed look-ups on the server, about a millisecond each on a
+    local server (printed with ``-s``)."""
+    registry = nodes[0]
+
+    def order(i: int) -> model.ImagingOrder:
+        found = patient(model.Identifier(f"IPP{i}", "CHU-LYON"), _ins(i))
+        found.accession_number = model.Identifier(f"ACC{i}")
+        found.placer_order_number = model.Identifier(f"PLC{i}", "RIS")
+        return found
+
+    def report(i: int) -> model.Report:
+        return model.Report(patient=order(i).patient, accession_number=model.Identifier(f"ACC{i}"))
+
+    for i in range(200):
+        registry.record([order(i)], channel="ris-orders", journal_id=i + 1)
+    timings = {}
+    for name, call in (
+        ("check", lambda i: registry.check([order(i)])),
+        ("check_order", lambda i: registry.check_order([order(i)])),
+        ("check_report", lambda i: registry.check_report([report(i)])),
+        ("resolve_merged", lambda i: registry.resolve_merged([order(i)])),
+        ("record (known patient and order)", lambda i: registry.record([order(i)], channel="ris-orders")),
+        ("record (new order)", lambda i: registry.record([order(1000 + i)], channel="ris-orders")),
+    ):
+        started = time.perf_counter()
+        for i in range(200):
+            call(i)
+        timings[name] = (time.perf_counter() - started) / 200 * 1000
+    print("per call (ms):", {k: round(v, 3) for k, v in timings.items()})
+    assert timings["check"] < 20 and timings["check_order"] < 20 and timings["check_report"] < 20

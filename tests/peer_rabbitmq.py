@@ -21,6 +21,16 @@ from pathlib import Path
 
 import pytest
 
+
+def server_log_tail(base: Path, lines: int = 40) -> str:
+    """The last lines of a node's console output and log (for a start-up failure's message)."""
+    chunks = []
+    for path in (base / "server.out", base / "log" / "rabbit.log"):
+        if path.exists():
+            chunks.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(chunks)
+
+
 RABBITMQ_BIN = Path(os.environ.get("TRABOULE_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 STARTUP_TIMEOUT = 60.0  # seconds; a normal boot takes 6-8 s on 2 cores, slow CI machines need headroom
 STOP_TIMEOUT = 20.0
@@ -63,11 +73,7 @@ class RabbitMQNode:
         )
 
     def log_tail(self, lines: int = 40) -> str:
-        chunks = []
-        for path in (self.base / "server.out", self.base / "log" / "rabbit.log"):
-            if path.exists():
-                chunks.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(chunks)
+        return server_log_tail(self.base, lines)
 
     def start(self) -> None:
         out = (self.base / "server.out").open("wb")

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.peer_rabbitmq import RABBITMQ_BIN, STARTUP_TIMEOUT, _epmd_binary, _free_port, _node_env, _terminate_group
+from tests.peer_rabbitmq import (
+    RABBITMQ_BIN,
+    STARTUP_TIMEOUT,
+    _epmd_binary,
+    _free_port,
+    _node_env,
+    _terminate_group,
+    server_log_tail,
+)
 
 SIZE = 3
 
@@ -58,11 +66,7 @@ class ClusterNode:
         )
 
     def log_tail(self, lines: int = 40) -> str:
-        chunks = []
-        for path in (self.base / "server.out", self.base / "log" / "rabbit.log"):
-            if path.exists():
-                chunks.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(chunks)
+        return server_log_tail(self.base, lines)
 
     def spawn(self) -> None:
         """Start ``rabbitmq-server`` in a new session (a process group we own), not waiting for it."""

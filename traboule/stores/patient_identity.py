@@ -284,7 +284,62 @@ def same_patient(a: list[Identifier], b: list[Identifier]) -> bool:
     return any(same_ipp(x, y) for x in ipps_a for y in b if not _is_ins(y))
 
 
-class PatientIdentities:
+class IdentityRules:
+    """The registry's rules that read only its lookups (``survivor``, ``_refuse``): the same on every backend."""
+
+    def survivor(self, ipp: Identifier) -> list[Identifier] | None:
+        raise NotImplementedError
+
+    def _refuse(self, payloads: Iterable[Any], what: str, location: str) -> None:
+        raise NotImplementedError
+
+    def resolve_merged(self, payloads: Iterable[Any]) -> list[str]:
+        """Apply to the surviving patient the payloads naming a merged IPP: their patient's identifiers become the
+        survivor's (with the message's INS the survivor does not have). Returns the warnings to journal, one per
+        payload changed. A merge message itself is left as it is."""
+        notes = []
+        for payload in payloads:
+            if isinstance(payload, PatientUpdate) and payload.action == "merge":
+                continue
+            patient = patient_of(payload)
+            ipp = _ipp(patient) if patient is not None else None
+            if patient is None or ipp is None:
+                continue
+            survivor = self.survivor(ipp)
+            if not survivor:
+                continue
+            # The message's INS stays unless the survivor has it: another of a kind the survivor has is refused
+            # (`check`: one patient, one INS of a kind), never dropped.
+            held = {(i.issuer_oid, i.value.upper()) for i in survivor if _is_ins(i)}
+            extra = [i for i in _ins(patient) if (i.issuer_oid, i.value.upper()) not in held]
+            patient.ids = [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in survivor] + extra
+            notes.append(
+                f"patient {describe([ipp])} was merged into {describe(survivor[:1])}: applied to the surviving patient"
+            )
+        return notes
+
+    def current(self, ids: list[Identifier]) -> list[Identifier]:
+        """The identifiers of the patient ``ids`` is now: the survivor's when its IPP was merged."""
+        ipp = next((i for i in ids if not _is_ins(i)), None)
+        survivor = self.survivor(ipp) if ipp is not None else None
+        return survivor or ids
+
+    def check_report(self, payloads: Iterable[Any]) -> None:
+        """Refuse (`MappingFailure`, PID-3) a report or document naming an order, accession number or study of
+        another patient."""
+        self._refuse((p for p in payloads if isinstance(p, Report | Document)), "report", "PID-3")
+
+    def check_step(self, step: PerformedStep) -> None:
+        """Refuse (`MappingFailure`) a performed step whose patient is not the one of the order it names."""
+        self._refuse([step], "performed step", "PatientID")
+
+    def check_study(self, study: Study) -> None:
+        """Refuse (`MappingFailure`) a study whose patient is not the one of the order of its accession number or
+        Study Instance UID."""
+        self._refuse([study], "study", "PatientID")
+
+
+class PatientIdentities(IdentityRules):
     """The patient identity registry of the engine's inbound channels (`traboule.stores.PatientRegistry`)."""
 
     def __init__(self, path: str | Path):
@@ -467,31 +522,6 @@ class PatientIdentities:
                     self._merges.setdefault(row[0], []).append(row)
             return self._merges.get(value, [])
 
-    def resolve_merged(self, payloads: Iterable[Any]) -> list[str]:
-        """Apply to the surviving patient the payloads naming a merged IPP: their patient's identifiers become the
-        survivor's (with the message's INS the survivor does not have). Returns the warnings to journal, one per
-        payload changed. A merge message itself is left as it is."""
-        notes = []
-        for payload in payloads:
-            if isinstance(payload, PatientUpdate) and payload.action == "merge":
-                continue
-            patient = patient_of(payload)
-            ipp = _ipp(patient) if patient is not None else None
-            if patient is None or ipp is None:
-                continue
-            survivor = self.survivor(ipp)
-            if not survivor:
-                continue
-            # The message's INS stays unless the survivor has it: another of a kind the survivor has is refused
-            # (`check`: one patient, one INS of a kind), never dropped.
-            held = {(i.issuer_oid, i.value.upper()) for i in survivor if _is_ins(i)}
-            extra = [i for i in _ins(patient) if (i.issuer_oid, i.value.upper()) not in held]
-            patient.ids = [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in survivor] + extra
-            notes.append(
-                f"patient {describe([ipp])} was merged into {describe(survivor[:1])}: applied to the surviving patient"
-            )
-        return notes
-
     # -- owners of order keys -----------------------------------------------------------------------------------
 
     def owner(self, kind: str, key: str) -> list[Identifier] | None:
@@ -523,12 +553,6 @@ class PatientIdentities:
             # A report's, step's or study's word: only for a key the table does not hold yet.
             found.update({k: text for k, (text, _) in pending.items() if k not in found})
         return found
-
-    def current(self, ids: list[Identifier]) -> list[Identifier]:
-        """The identifiers of the patient ``ids`` is now: the survivor's when its IPP was merged."""
-        ipp = next((i for i in ids if not _is_ins(i)), None)
-        survivor = self.survivor(ipp) if ipp is not None else None
-        return survivor or ids
 
     def same_patient(self, a: Patient, b: Patient) -> bool:
         """Whether two canonical patients are one (`same_patient`), merges followed: a merged IPP is its
@@ -627,20 +651,6 @@ class PatientIdentities:
                         by.pop(id(payload), None)
                         if not by:
                             del self._keys_held[key]
-
-    def check_report(self, payloads: Iterable[Any]) -> None:
-        """Refuse (`MappingFailure`, PID-3) a report or document naming an order, accession number or study of
-        another patient."""
-        self._refuse((p for p in payloads if isinstance(p, Report | Document)), "report", "PID-3")
-
-    def check_step(self, step: PerformedStep) -> None:
-        """Refuse (`MappingFailure`) a performed step whose patient is not the one of the order it names."""
-        self._refuse([step], "performed step", "PatientID")
-
-    def check_study(self, study: Study) -> None:
-        """Refuse (`MappingFailure`) a study whose patient is not the one of the order of its accession number or
-        Study Instance UID."""
-        self._refuse([study], "study", "PatientID")
 
     # -- recording ----------------------------------------------------------------------------------------------
 

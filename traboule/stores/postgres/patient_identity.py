@@ -51,14 +51,10 @@ import structlog
 from traboule.errors import MappingFailure
 from traboule.model import (
     INS_OIDS,
-    Document,
     Identifier,
     ImagingOrder,
     Patient,
     PatientUpdate,
-    PerformedStep,
-    Report,
-    Study,
 )
 from traboule.stores import patient_identity as sqlite_registry
 from traboule.stores.patient_identity import (
@@ -66,6 +62,7 @@ from traboule.stores.patient_identity import (
     _SOURCES,
     KEY_NAMES,
     MAX_MERGE_CHAIN,
+    IdentityRules,
     Pair,
     _authoritative,
     _changed_note,
@@ -225,7 +222,7 @@ def _locks(payloads: list[Any]) -> list[str]:
     return names
 
 
-class PostgresPatientRegistry:
+class PostgresPatientRegistry(IdentityRules):
     """The patient identity registry of every node on the database at ``url`` (`traboule.stores.PatientRegistry`).
     The schema is created or upgraded when it opens."""
 
@@ -453,29 +450,6 @@ class PostgresPatientRegistry:
             found = current = nxt
         return found
 
-    def resolve_merged(self, payloads: Iterable[Any]) -> list[str]:
-        """Apply to the surviving patient the payloads naming a merged IPP: their patient's identifiers become the
-        survivor's (with the message's INS the survivor does not have). Returns the warnings to journal, one per
-        payload changed. A merge message itself is left as it is."""
-        notes = []
-        for payload in payloads:
-            if isinstance(payload, PatientUpdate) and payload.action == "merge":
-                continue
-            patient = patient_of(payload)
-            ipp = _ipp(patient) if patient is not None else None
-            if patient is None or ipp is None:
-                continue
-            survivor = self.survivor(ipp)
-            if not survivor:
-                continue
-            held = {(i.issuer_oid, i.value.upper()) for i in survivor if _is_ins(i)}
-            extra = [i for i in _ins(patient) if (i.issuer_oid, i.value.upper()) not in held]
-            patient.ids = [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in survivor] + extra
-            notes.append(
-                f"patient {describe([ipp])} was merged into {describe(survivor[:1])}: applied to the surviving patient"
-            )
-        return notes
-
     # -- owners of order keys -----------------------------------------------------------------------------------
 
     def owner(self, kind: str, key: str) -> list[Identifier] | None:
@@ -492,12 +466,6 @@ class PostgresPatientRegistry:
         )
         wanted = set(keys)
         return {(k, v): text for kind, key, text in rows if (k := _d(kind), v := _d(key)) in wanted}
-
-    def current(self, ids: list[Identifier]) -> list[Identifier]:
-        """The identifiers of the patient ``ids`` is now: the survivor's when its IPP was merged."""
-        ipp = next((i for i in ids if not _is_ins(i)), None)
-        survivor = self.survivor(ipp) if ipp is not None else None
-        return survivor or ids
 
     def same_patient(self, a: Patient, b: Patient) -> bool:
         """Whether two canonical patients are one, merges followed: a merged IPP is its survivor."""
@@ -597,20 +565,6 @@ class PostgresPatientRegistry:
         if rows:
             with db.cursor() as cur:
                 cur.executemany("DELETE FROM patients_keys_held WHERE holder = %s AND kind = %s AND key = %s", rows)
-
-    def check_report(self, payloads: Iterable[Any]) -> None:
-        """Refuse (`MappingFailure`, PID-3) a report or document naming an order, accession number or study of
-        another patient."""
-        self._refuse((p for p in payloads if isinstance(p, Report | Document)), "report", "PID-3")
-
-    def check_step(self, step: PerformedStep) -> None:
-        """Refuse (`MappingFailure`) a performed step whose patient is not the one of the order it names."""
-        self._refuse([step], "performed step", "PatientID")
-
-    def check_study(self, study: Study) -> None:
-        """Refuse (`MappingFailure`) a study whose patient is not the one of the order of its accession number or
-        Study Instance UID."""
-        self._refuse([study], "study", "PatientID")
 
     # -- recording ----------------------------------------------------------------------------------------------
 

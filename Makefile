@@ -21,7 +21,7 @@ test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-## Debian packages of the real peers used by the tests (installed only when missing and running as root)
+## Debian packages of the real peers used by the tests (haproxy checks deploy/; installed only when missing and running as root)
 peers:
 	@missing=""; \
 	command -v findscu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
@@ -29,6 +29,7 @@ peers:
 	test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

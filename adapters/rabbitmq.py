@@ -23,11 +23,34 @@ default delivery limit of 20, every quorum queue is declared with ``x-delivery-l
 no limit is set (3.x has none by default, and reads -1 as "drop at the first return"). Classic queues get no
 argument at all, as ever.
 
+Partitions (``partitions`` >= 2, ``[bus] partitions``): ordering per patient with patients in parallel, on
+what RabbitMQ ships. A subscriber is then a consistent-hash exchange ``<queue>.hash`` (plugin
+``rabbitmq_consistent_hash_exchange``, hashing the ``partition-key`` header) bound to the topic exchange by the
+subscriber's topics, and ``partitions`` queues ``<queue>.p0`` ... bound to it with the same weight, each with
+``x-single-active-consumer`` (and the queue type's arguments, dead letters going to the subscriber's one
+``<queue>.dlq``). Every engine node consumes every partition, each on its own channel with its own worker: one
+node at a time is active per partition (the first to subscribe it; RabbitMQ 3.10 has no balancing of active
+consumers), the partitions run concurrently and each keeps its order. A message without the header hashes like
+every other keyless one: they all go to one partition. Within a partition, a delivery that fails is not
+republished at the tail (its key's later messages would overtake it): it stays unacked and is tried again in
+place after its backoff, while the messages of its key (the same header value) that come meanwhile are set
+aside, unacked, and handed over after it, in order; the other keys go on. The attempt number of a retry in place
+is kept in memory (a redelivery after a crash starts again from its header). A key's messages set aside take
+prefetch slots: a key with more than ``prefetch`` messages waiting stalls its partition until its failing message
+is settled. A message that could not be settled while its channel is open (its dead letter not published) is held
+in place too, at the same attempt. When the broker closes a partition's channel alone (``consumer_timeout``, which
+an event held in place for long reaches; a channel error), aio-pika reopens it while single active consumer may
+give the partition to another node: everything delivered on the closed channel is forgotten (held keys, messages
+set aside, buffered ones), and a message the worker still holds is skipped without calling the handler. Changing
+``partitions`` on a running site re-spreads the keys: see docs/operations.md. A subscriber exists in one mode
+only: declaring or subscribing it raises :class:`ConfigError` when the broker holds the other one (its single
+queue while partitioned, its consistent-hash exchange while not), which would consume every event twice.
+
 Brokers: ``url`` may list several brokers of one cluster, comma-separated (``amqp://a:5672/,amqp://b:5672/``).
 The first connection tries them in turn; once connected, a lost connection makes the next reconnection attempt
 go to the next broker of the list, and so on round the list until one answers (aio-pika restores channels,
 queues and consumers there). Messages prefetched on the lost connection are dropped from the buffers unhandled
-(they can no longer be acked; the broker delivers them again).
+(they can no longer be acked; the broker delivers them again), and one already taken from them is skipped.
 
 Availability: the engine must take orders while the broker is down (the journal holds them and the outbox
 publishes them later), so ``start`` never fails on an unreachable broker. It waits for one connection attempt
@@ -45,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,9 +87,9 @@ from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from traboule.bus import BatchHandler, Delivery, Handler, Item, dlq_name, one_by_one
+from traboule.bus import PARTITION_KEY, BatchHandler, Delivery, Handler, Item, dlq_name, one_by_one
 from traboule.bus.retry import Retry, RetryPolicy, handed_alone
-from traboule.errors import BusUnavailableError
+from traboule.errors import BusUnavailableError, ConfigError
 
 log = structlog.get_logger("traboule.adapters.rabbitmq")
 
@@ -77,18 +101,39 @@ _INTERNAL = frozenset({ATTEMPT, TOPIC, DELIVERY_COUNT})
 _DEATH_PREFIXES = ("x-first-death-", "x-last-death-")  # the broker's dead-lettering notes (x-death is a table)
 
 
+@dataclass(frozen=True)
+class _Due:
+    """Put in a partition's buffer when the backoff of its held ``message`` (the first of ``key``) is over."""
+
+    key: str
+    message: AbstractIncomingMessage
+    attempt: int  # the attempt number of the next try
+
+
+_Buffered = AbstractIncomingMessage | _Due | None  # None: the bus is closing
+
+
 @dataclass
 class _Subscription:
-    name: str  # the broker's queue name
+    name: str  # the broker's queue name (a partition's own queue when partitioned)
     topics: list[str]
     handler: BatchHandler
     policy: RetryPolicy
     max_batch: int
+    base: str = ""  # the subscriber's queue name: its dead-letter queue is ``<base>.dlq`` ("" = ``name``)
+    partition: int | None = None  # the partition consumed (None: the subscriber's one queue)
     queue: AbstractQueue | None = None  # None until consumed on a connection
-    buffer: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
-    held: AbstractIncomingMessage | None = None  # taken from the buffer, to start the next batch
+    buffer: asyncio.Queue[_Buffered] = field(default_factory=asyncio.Queue)
+    held: AbstractIncomingMessage | _Due | None = None  # taken from the buffer, to start the next batch
     consumer_tag: str | None = None
     worker: asyncio.Task[None] | None = None
+    # Partitions only: per key, the messages held back behind the key's failing one (first), in queue order.
+    blocked: dict[str, deque[AbstractIncomingMessage]] = field(default_factory=dict)
+
+    @property
+    def dead_letters(self) -> str:
+        """The subscriber queue whose ``.dlq`` takes this subscription's dead letters."""
+        return self.base or self.name
 
 
 class RabbitMQBus:
@@ -107,7 +152,10 @@ class RabbitMQBus:
         reconnect_min: float = 1.0,
         reconnect_max: float = 30.0,
         publish_timeout: float = 30.0,
+        partitions: int = 1,
     ) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
         self.urls = _broker_urls(url)
         self._current = 0  # index in ``urls`` of the broker connected to, or to be tried next
         self.exchange = exchange
@@ -119,6 +167,7 @@ class RabbitMQBus:
         self.reconnect_min = reconnect_min  # first connection: delay after the first failure, doubled up to max
         self.reconnect_max = reconnect_max
         self.publish_timeout = publish_timeout  # bounds a publish caught by a connection loss or a blocked broker
+        self.partitions = partitions  # >= 2: each subscriber is that many queues behind a consistent-hash exchange
         self._connection: AbstractRobustConnection | None = None  # set once connected and intents applied
         self._channel: AbstractChannel | None = None  # publisher confirms; declarations and publishing
         self._topic_exchange: AbstractExchange | None = None
@@ -134,6 +183,7 @@ class RabbitMQBus:
         self._last_error: BaseException | None = None
         self._closing = False
         self._failover: asyncio.Task[None] | None = None  # rotates the broker while reconnecting (several urls)
+        self._partitioned: set[str] = set()  # subscriber queues whose consistent-hash exchange was seen
 
     @property
     def broker_version(self) -> tuple[int, ...]:
@@ -202,6 +252,13 @@ class RabbitMQBus:
                 await self._connect_once()
             except asyncio.CancelledError:
                 raise
+            except ConfigError as exc:  # the broker holds the other mode's topology: nothing is consumed
+                self._last_error = exc
+                self._first_attempt.set()
+                log.error("rabbitmq.topology_conflict", broker=self._redacted_url(), error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                continue
             except Exception as exc:
                 self._last_error = exc
                 round_over = self._current == len(self.urls) - 1  # every broker of the list failed
@@ -244,14 +301,18 @@ class RabbitMQBus:
             # Recorded in order; calls made meanwhile append to these lists and are applied by the same loops.
             while self._declarations:
                 queue, topics = self._declarations[0]
+                await self._check_mode(connection, queue)
                 await self._declare(channel, queue, topics)
                 self._declarations.pop(0)
             while (sub := next((s for s in self._subscriptions if s.queue is None), None)) is not None:
                 consumed.append(sub)
+                if sub.partition is None or sub.partition == 0:
+                    await self._check_mode(connection, sub.dead_letters)
                 await self._consume(connection, sub)
         except BaseException:
             for sub in consumed:  # consumed on the connection being closed: start afresh on the next one
-                sub.queue, sub.consumer_tag = None, None
+                sub.queue, sub.consumer_tag, sub.held = None, None, None
+                sub.blocked.clear()
                 _drain(sub.buffer)  # unacked, so the broker redelivers them
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -272,6 +333,7 @@ class RabbitMQBus:
         self._set_up(False)
         for sub in self._subscriptions:  # delivered on the lost connection: no longer ackable, the broker redelivers
             sub.held = None
+            sub.blocked.clear()  # in their queue order, before anything newer
             _drain(sub.buffer)
         if len(self.urls) > 1 and isinstance(connection, aio_pika.RobustConnection):
             self._next_broker(connection)
@@ -400,11 +462,13 @@ class RabbitMQBus:
         queue = _checked(self.queue_name(queue))
         await self._ensure_started()
         _, channel = self._live()
+        if self.partitions >= 2:
+            await self._check_partitioned(queue)
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await asyncio.gather(
                     *(
-                        _to_queue(channel, queue, topic, body, mid, _public(headers))
+                        self._to_subscriber(channel, queue, topic, body, mid, _public(headers))
                         for topic, body, mid, headers in items
                     )
                 )
@@ -412,6 +476,34 @@ class RabbitMQBus:
             raise BusUnavailableError(
                 self._unavailable(f"gave no publisher confirm within {self.publish_timeout:g} s")
             ) from None
+
+    async def _check_partitioned(self, queue: str) -> None:
+        """``LookupError`` unless subscriber ``queue``'s consistent-hash exchange exists (checked on a scratch
+        channel: publishing to a missing exchange would close the publishing channel). Checked once per queue:
+        an exchange seen is remembered (a subscriber's topology is not deleted under a running engine)."""
+        if queue in self._partitioned:
+            return
+        async with self._scratch_channel() as channel:
+            try:
+                await channel.declare_exchange(hash_exchange_name(queue), passive=True)
+            except ChannelNotFoundEntity:
+                raise LookupError(f"no queue {queue!r} on the broker: declare it first") from None
+        self._partitioned.add(queue)
+
+    async def _to_subscriber(
+        self, channel: AbstractChannel, queue: str, topic: str, body: bytes, message_id: str, headers: dict[str, str]
+    ) -> None:
+        """Put one message on subscriber ``queue`` only: its one queue, or the partition its key hashes to
+        (through its consistent-hash exchange, checked beforehand by ``_check_partitioned``)."""
+        if self.partitions < 2:
+            await _to_queue(channel, queue, topic, body, message_id, headers)
+            return
+        exchange = await channel.get_exchange(hash_exchange_name(queue), ensure=False)
+        result = await exchange.publish(
+            _message(body, message_id, {**headers, TOPIC: topic}), routing_key=topic, mandatory=True
+        )
+        if isinstance(result, DeliveredMessage):  # returned: no partition bound
+            raise LookupError(f"no partition of {queue!r} on the broker: declare it first")
 
     # -- consuming -------------------------------------------------------------------------------------
 
@@ -432,13 +524,62 @@ class RabbitMQBus:
             self._declarations.append((queue, list(topics)))
             return
         assert self._channel is not None  # during a reconnection, aio-pika's robust channel waits for it
+        await self._check_mode(self._connection, queue)
         await self._declare(self._channel, queue, topics)
 
-    async def _declare(self, channel: AbstractChannel, queue: str, topics: list[str]) -> AbstractQueue:
+    async def _check_mode(self, connection: AbstractRobustConnection, queue: str) -> None:
+        """:class:`ConfigError` when the broker holds subscriber ``queue`` in the other mode: its one queue while
+        this bus is partitioned, or its consistent-hash exchange while it is not. Both bound to the topic exchange,
+        every event would be consumed twice (once per mode): the engine refuses to go on until one is deleted."""
+        if self.partitions >= 2:
+            other, kind = queue, "queue"
+            found = await _exists(connection, lambda channel: channel.declare_queue(queue, passive=True))
+        else:
+            other, kind = hash_exchange_name(queue), "exchange"
+            found = await _exists(connection, lambda channel: channel.declare_exchange(other, passive=True))
+        if found:
+            mode = f"partitions = {self.partitions}" if self.partitions >= 2 else "partitions = 1"
+            raise ConfigError(
+                f"RabbitMQ holds the {kind} {other!r}, left by engine nodes run with another [bus] partitions, while "
+                f"this node runs with {mode}: both would consume every event of {queue!r}. Set the same [bus] "
+                "partitions on every node and delete what the other setting declared (docs/operations.md)"
+            )
+
+    async def _declare(self, channel: AbstractChannel, queue: str, topics: list[str]) -> None:
+        """The subscriber ``queue`` with everything it needs: its one queue, or its partitions."""
+        if self.partitions < 2:
+            await self._declare_queue(channel, queue, topics)
+            return
+        await self._declare_partitioning(channel, queue, topics)
+        for partition in range(self.partitions):
+            await self._declare_partition(channel, queue, partition)
+
+    async def _declare_queue(self, channel: AbstractChannel, queue: str, topics: list[str]) -> AbstractQueue:
         await self._declare_dlq(channel, queue)
         declared = await channel.declare_queue(queue, durable=True, arguments=self.queue_arguments(queue))
         for topic in topics:
             await declared.bind(self.exchange, routing_key=topic)
+        return declared
+
+    async def _declare_partitioning(self, channel: AbstractChannel, queue: str, topics: list[str]) -> None:
+        """The dead-letter queue of subscriber ``queue`` and its consistent-hash exchange, bound to the topic
+        exchange by ``topics`` and hashing the ``partition-key`` header."""
+        await self._declare_dlq(channel, queue)
+        hashing = await channel.declare_exchange(
+            hash_exchange_name(queue),
+            aio_pika.ExchangeType.X_CONSISTENT_HASH,
+            durable=True,
+            arguments={"hash-header": PARTITION_KEY},
+        )
+        for topic in topics:
+            await hashing.bind(self.exchange, routing_key=topic)
+
+    async def _declare_partition(self, channel: AbstractChannel, queue: str, partition: int) -> AbstractQueue:
+        """Partition ``partition`` of subscriber ``queue``: its own queue (one active consumer), bound with the
+        weight 1 to the subscriber's consistent-hash exchange, its dead letters going to ``<queue>.dlq``."""
+        arguments = {**self.queue_arguments(queue), "x-single-active-consumer": True}
+        declared = await channel.declare_queue(partition_name(queue, partition), durable=True, arguments=arguments)
+        await declared.bind(hash_exchange_name(queue), routing_key="1")
         return declared
 
     async def _declare_dlq(self, channel: AbstractChannel, queue: str) -> None:
@@ -473,30 +614,61 @@ class RabbitMQBus:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         await self._ensure_started()
-        sub = _Subscription(queue, list(topics), handler, policy, max_batch)
+        if self.partitions < 2:
+            subs = [_Subscription(queue, list(topics), handler, policy, max_batch)]
+        else:  # one consumer per partition, each with its own channel, worker and order
+            subs = [
+                _Subscription(partition_name(queue, p), list(topics), handler, policy, max_batch, queue, p)
+                for p in range(self.partitions)
+            ]
         if self._connection is None:
-            self._subscriptions.append(sub)  # the connector consumes it
+            self._subscriptions.extend(subs)  # the connector consumes them
             return
-        try:
-            await self._consume(self._connection, sub)
-        except BaseException:
-            if sub.worker is not None:
-                sub.worker.cancel()
-            raise
-        self._subscriptions.append(sub)
+        await self._check_mode(self._connection, queue)
+        for sub in subs:
+            try:
+                await self._consume(self._connection, sub)
+            except BaseException:
+                if sub.worker is not None:
+                    sub.worker.cancel()
+                raise
+            self._subscriptions.append(sub)
 
     async def _consume(self, connection: AbstractRobustConnection, sub: _Subscription) -> None:
         # A channel per subscription: its own prefetch window, and a channel error cannot stop the others.
         channel = await connection.channel()
+        # A channel closed alone (the broker's consumer_timeout, a channel error) is reopened by aio-pika, and the
+        # partition may meanwhile have gone to another node's consumer: forget what was delivered on it.
+        channel.close_callbacks.add(lambda _channel, exc=None: self._on_channel_closed(sub, exc))
         await channel.set_qos(prefetch_count=max(self.prefetch, sub.max_batch))
-        sub.queue = await self._declare(channel, sub.name, sub.topics)
+        if sub.partition is None:
+            sub.queue = await self._declare_queue(channel, sub.name, sub.topics)
+        else:
+            await self._declare_partitioning(channel, sub.base, sub.topics)
+            sub.queue = await self._declare_partition(channel, sub.base, sub.partition)
         if sub.worker is None:
             sub.worker = asyncio.create_task(self._work(sub), name=f"rabbitmq-bus:{sub.name}")
         sub.consumer_tag = await sub.queue.consume(sub.buffer.put, no_ack=False)
 
+    def _on_channel_closed(self, sub: _Subscription, exc: BaseException | None) -> None:
+        """``sub``'s channel closed (alone, or with the connection): the messages delivered on it can no longer be
+        settled and the broker delivers them again, perhaps to another node (single active consumer). Held keys,
+        messages set aside and buffered ones are dropped unhandled; a backoff ending later finds nothing to resume,
+        and a message the worker holds is skipped (``_handle_one``, ``_handle_batch``)."""
+        if self._closing:
+            return  # closing: the buffer holds the worker's stop sentinel
+        if sub.blocked:  # events held in place: they go back to the queue, perhaps to another node
+            log.warning("bus.channel_closed", queue=sub.name, error=_describe(exc), held_keys=len(sub.blocked))
+        sub.held = None
+        sub.blocked.clear()
+        _drain(sub.buffer)
+
     async def _work(self, sub: _Subscription) -> None:
         while not self._closing:
             batch = await self._next_batch(sub)
+            if isinstance(batch, _Due):
+                await self._resume(sub, batch)
+                continue
             if not batch or self._closing:
                 return  # unacked: the broker redelivers them when the channel closes
             if len(batch) > 1 and await self._handle_batch(sub, batch):
@@ -504,15 +676,19 @@ class RabbitMQBus:
             for message in batch:  # one at a time: a single delivery, or the messages of a batch that failed
                 if self._closing:
                     return
-                await self._handle_one(sub, message)
+                if not self._held_back(sub, message):  # behind one of its key that failed just now
+                    await self._handle_one(sub, message)
 
-    async def _next_batch(self, sub: _Subscription) -> list[AbstractIncomingMessage]:
-        """The next message (waiting for it), then those already buffered behind it, up to ``max_batch``."""
+    async def _next_batch(self, sub: _Subscription) -> list[AbstractIncomingMessage] | _Due:
+        """The next message (waiting for it), then those already buffered behind it, up to ``max_batch``; or a
+        held key whose backoff is over. Messages of a held key are set aside behind it (partitions only)."""
         first, sub.held = sub.held, None
-        if first is None:
+        while first is None or (not isinstance(first, _Due) and self._held_back(sub, first)):
             first = await sub.buffer.get()
             if first is None:
                 return []  # closing
+        if isinstance(first, _Due):
+            return first
         batch = [first]
         if handed_alone(_attempt(first)):
             return batch
@@ -523,14 +699,53 @@ class RabbitMQBus:
                 break
             if message is None:
                 break  # closing (the flag is set before the sentinel is queued): _work stops
-            if handed_alone(_attempt(message)):
+            if isinstance(message, _Due) or handed_alone(_attempt(message)):
                 sub.held = message
                 break
-            batch.append(message)
+            if not self._held_back(sub, message):
+                batch.append(message)
         return batch
 
+    def _held_back(self, sub: _Subscription, message: AbstractIncomingMessage) -> bool:
+        """Whether ``message`` waits behind a failing message of its key (partitions only), set aside if so; a
+        message whose channel closed is dropped instead (True): the broker delivers it again."""
+        waiting = sub.blocked.get(_partition_key(message)) if sub.partition is not None else None
+        if waiting is None:
+            return False
+        if _settleable(message):
+            waiting.append(message)
+        return True
+
+    async def _resume(self, sub: _Subscription, due: _Due) -> None:
+        """Try a held key's failing message again, then hand its messages set aside behind it over one by one,
+        in order, until one fails again (the key is held again) or none is left (the key is free)."""
+        waiting = sub.blocked.get(due.key)
+        if not waiting or waiting[0] is not due.message:
+            return  # stale: the connection was lost since (the broker delivers them all again)
+        attempt: int | None = due.attempt
+        while waiting and not self._closing:
+            settled = await self._handle_one(sub, waiting[0], attempt)
+            if settled is None:  # not settled, put back (its channel is gone, most likely): the rest follows it
+                if sub.blocked.get(due.key) is waiting:
+                    del sub.blocked[due.key]
+                waiting.popleft()
+                for message in waiting:  # in order, behind it; refused too when their channel is gone
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
+                return
+            if not settled:
+                return  # failed again and held: a new backoff
+            waiting.popleft()
+            attempt = None
+        if not waiting and sub.blocked.get(due.key) is waiting:
+            del sub.blocked[due.key]
+
     async def _handle_batch(self, sub: _Subscription, batch: list[AbstractIncomingMessage]) -> bool:
-        """Hand ``batch`` over as one list and ack it; False (nothing settled) when the handler raised."""
+        """Hand ``batch`` over as one list and ack it; False (nothing settled) when the handler raised. Messages
+        whose channel closed meanwhile are left out (not handed over): the broker delivers them again."""
+        batch = [message for message in batch if _settleable(message)]
+        if not batch:
+            return True
         try:
             await sub.handler([_delivery(message) for message in batch])
         except Exception as exc:
@@ -550,14 +765,32 @@ class RabbitMQBus:
                 break
         return True
 
-    async def _handle_one(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
+    async def _handle_one(
+        self, sub: _Subscription, message: AbstractIncomingMessage, attempt: int | None = None
+    ) -> bool | None:
+        """Handle ``message`` alone (as ``attempt`` when given: a retry in place); True once it is settled (acked
+        or dead-lettered), False when it waits for a retry, None when it could not be settled (put back).
+
+        A message whose channel is closed is skipped without calling the handler (None): the broker delivers it
+        again, maybe to another node that owns its partition now. In a partition, a message that could not be
+        settled while its channel is open (the dead-letter publish failed) is held in place with its key, as a
+        retry at the same attempt: a nack would let its key's later prefetched messages overtake it."""
+        if not _settleable(message):
+            log.info("bus.stale_delivery", queue=sub.name, message_id=message.message_id)
+            return None
         try:
-            await self._handle(sub, message)
+            return await self._handle(sub, message, attempt)
         except Exception as exc:  # e.g. the connection dropped while settling: the broker redelivers
             self._settle_failed(sub, message, exc)
-            if not self._closing:
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)  # same attempt number, handled again
+            if self._closing or not _settleable(message):
+                return None  # the channel is gone: the broker delivers it again
+            if sub.partition is not None:
+                number = attempt if attempt is not None else _attempt(message)
+                self._hold(sub, message, Retry(_describe(exc), number, max(self.retry_backoff, 0.05)))
+                return False
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)  # same attempt number, handled again
+            return None
 
     def _settle_failed(self, sub: _Subscription, message: AbstractIncomingMessage, exc: Exception) -> None:
         if self._closing:  # closed from inside the handler: expected, the message comes back
@@ -565,8 +798,10 @@ class RabbitMQBus:
         else:
             log.warning("bus.settle_failed", queue=sub.name, message_id=message.message_id, error=_describe(exc))
 
-    async def _handle(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, sub: _Subscription, message: AbstractIncomingMessage, attempt: int | None = None) -> bool:
         delivery = _delivery(message)
+        if attempt is not None:
+            delivery.attempt = attempt
         try:
             await sub.handler([delivery])
         except Exception as exc:
@@ -574,13 +809,34 @@ class RabbitMQBus:
             sub.policy.log(outcome, sub.name, [delivery.message_id], delivery.attempt)
             if isinstance(outcome, Retry):
                 # The original stays unacked (a prefetch slot) during the backoff, while the worker goes on.
+                if sub.partition is not None:  # with its key's later messages held behind it, tried again in place
+                    self._hold(sub, message, outcome)
+                    return False
                 task = asyncio.create_task(self._retry(sub.name, message, delivery, outcome))
                 self._retries.add(task)
                 task.add_done_callback(self._retries.discard)
-            else:
-                await self._park(sub.name, message, delivery, outcome.error)
-            return
+                return False
+            await self._park(sub.dead_letters, message, delivery, outcome.error)
+            return True
         await message.ack()  # only now: the handler returned, so its work is done
+        return True
+
+    def _hold(self, sub: _Subscription, message: AbstractIncomingMessage, retry: Retry) -> None:
+        """Hold ``message``'s key: its later messages wait behind it, unacked, while the other keys go on; once
+        the backoff is over the worker tries it again (``_Due``). Not republished, so that nothing of the key
+        can overtake it; the attempt number lives here meanwhile (a redelivery starts again from its header)."""
+        key = _partition_key(message)
+        waiting = sub.blocked.setdefault(key, deque())
+        if not waiting or waiting[0] is not message:
+            waiting.appendleft(message)
+
+        async def due() -> None:
+            await asyncio.sleep(retry.delay)
+            sub.buffer.put_nowait(_Due(key, message, retry.attempt))
+
+        task = asyncio.create_task(due())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def _retry(self, queue: str, message: AbstractIncomingMessage, delivery: Delivery, retry: Retry) -> None:
         await asyncio.sleep(retry.delay)
@@ -658,15 +914,21 @@ class RabbitMQBus:
                 await channel.close()
 
     async def depth(self, queue: str) -> int:
-        """Ready messages in ``queue`` (unacked in-flight ones excluded); 0 when it does not exist."""
+        """Ready messages in ``queue`` (unacked in-flight ones excluded), over all its partitions when
+        partitioned; 0 when it does not exist."""
         queue = self.queue_name(queue)
-        async with self._scratch_channel() as channel:
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-            except ChannelNotFoundEntity:
-                return 0
-            assert declared.declaration_result.message_count is not None
-            return declared.declaration_result.message_count
+        names = [queue] if self.partitions < 2 else [partition_name(queue, p) for p in range(self.partitions)]
+        total = 0
+        while names:  # one channel for all, unless a missing queue closes it: then a new one for the rest
+            async with self._scratch_channel() as channel:
+                while names:
+                    try:
+                        declared = await channel.declare_queue(names.pop(0), passive=True)
+                    except ChannelNotFoundEntity:
+                        break
+                    assert declared.declaration_result.message_count is not None
+                    total += declared.declaration_result.message_count
+        return total
 
     async def dead_letters(self, queue: str, limit: int = 100) -> list[Delivery]:
         """Messages parked in ``<queue>.dlq``, oldest first, left in place (read with basic.get, not acked)."""
@@ -690,6 +952,8 @@ class RabbitMQBus:
         await self._ensure_started()
         _, publisher = self._live()
         found = False
+        if self.partitions >= 2:
+            await self._check_partitioned(queue)
         async with self._scratch_channel() as channel:
             try:
                 dlq = await channel.declare_queue(dlq_name(queue), passive=True)
@@ -700,11 +964,21 @@ class RabbitMQBus:
                     continue  # stays unacked until the channel closes, so the scan cannot see it twice
                 dead = _delivery(message)
                 headers = {k: v for k, v in dead.headers.items() if k != ERROR}
-                # Back on its queue, then acked: a queue deleted meanwhile raises and the dead letter stays.
-                await _to_queue(publisher, queue, dead.topic, dead.body, dead.message_id, headers)
+                # Back on its queue (its partition), then acked: a queue deleted meanwhile raises and it stays.
+                await self._to_subscriber(publisher, queue, dead.topic, dead.body, dead.message_id, headers)
                 await message.ack()
                 found = True
         return found
+
+
+def partition_name(queue: str, partition: int) -> str:
+    """The broker's queue of partition ``partition`` (0-based) of subscriber queue ``queue``."""
+    return f"{queue}.p{partition}"
+
+
+def hash_exchange_name(queue: str) -> str:
+    """The consistent-hash exchange spreading subscriber ``queue``'s messages over its partitions."""
+    return f"{queue}.hash"
 
 
 def quorum_arguments(exchange: str, queue: str, broker_version: tuple[int, ...], *, dlq: bool) -> dict[str, Any]:
@@ -821,6 +1095,20 @@ def _public(headers: dict[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (headers or {}).items() if k not in _INTERNAL}
 
 
+async def _exists(connection: AbstractRobustConnection, declare: Any) -> bool:
+    """Whether the passive declaration ``declare(channel)`` finds its queue or exchange, on a scratch channel
+    (a missing one closes the channel)."""
+    channel = await connection.channel()
+    try:
+        await declare(channel)
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return True
+
+
 def _settleable(message: AbstractIncomingMessage) -> bool:
     """Whether ``message`` can still be acked: its channel is open (not closed with a lost connection)."""
     try:
@@ -832,6 +1120,11 @@ def _settleable(message: AbstractIncomingMessage) -> bool:
 
 def _attempt(message: AbstractIncomingMessage) -> int:
     return int(_str_headers(message.headers).get(ATTEMPT, "1"))
+
+
+def _partition_key(message: AbstractIncomingMessage) -> str:
+    """The message's ordering key (``partition-key`` header); "" when it has none (one key for all of those)."""
+    return _text((message.headers or {}).get(PARTITION_KEY))[:64]
 
 
 def _checked(queue: str) -> str:
@@ -857,7 +1150,7 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-def _drain(buffer: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+def _drain(buffer: asyncio.Queue[_Buffered]) -> None:
     while True:
         try:
             buffer.get_nowait()

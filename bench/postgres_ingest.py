@@ -15,6 +15,10 @@ engine (the outbox lease's checks, measured over one more pause) and the script'
 subtracted from the transactions; the WAL counters are the whole cluster's, autovacuum included. The readings come
 from sessions on the ``postgres`` database, which do not count in the engine's.
 
+CPU per order, for both stores: the engine's main process (the MLLP loop), its worker processes (the worklist),
+the PostgreSQL server (all its processes) and this client, read from /proc around each phase. The machine's cores
+bound the rate: with 2 cores, 2 ms of CPU per order in all is at most 1,000 orders/s.
+
     .venv/bin/python bench/postgres_ingest.py [--messages 3000] [--wait-idle 0]
 
 ``--wait-idle S`` waits up to S seconds for no pytest process on the machine before measuring (and says whether
@@ -44,6 +48,30 @@ from tests.peer_postgres import run_postgres
 SETTLE = 11.0  # seconds: idle backends publish their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
 DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
 WAL_COUNTERS = ("wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync")
+
+
+def cpu_seconds(root: int) -> tuple[float, float]:
+    """CPU time (user + system) of process ``root`` and of its descendants alive now, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        spent[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    below = 0.0
+    for pid in spent:
+        up = parent.get(pid, 0)
+        while up and up != root:
+            up = parent.get(up, 0)
+        if up == root and pid != root:
+            below += spent[pid]
+    return spent.get(root, 0.0), below
 
 
 def pytest_running() -> bool:
@@ -104,10 +132,14 @@ async def run_engine(
     database: str,
     caught_up: Callable[[Path, int], Awaitable[None]],
     between: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[list[tuple[str, int, float, float, float]], dict[int, float], list[float]]:
+    server_pid: int = 0,
+) -> tuple[list[tuple[str, int, float, float, float]], dict[int, float], list[float], dict[int, list[float]]]:
     """Warm-up, then ``messages`` orders over 1 and over 8 connections; ``between`` runs before and after each, and
-    once more with the engine idle (``marks``: when each ``between`` returned)."""
+    once more with the engine idle (``marks``: when each ``between`` returned). ``cpu``: per phase, the CPU seconds
+    of the engine's main process, of its worker processes, of the database server (``server_pid`` and its
+    processes) and of this client, from the first order sent to the last one on the worklist."""
     rows = []
+    cpu: dict[int, list[float]] = {}
     end_to_end: dict[int, float] = {}
     marks: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,10 +162,14 @@ async def run_engine(
                     await between()
                 marks.append(time.monotonic())
                 started = time.perf_counter()
+                before = [*cpu_seconds(engine.pid), sum(cpu_seconds(server_pid)) if server_pid else 0.0]
+                client = time.process_time()
                 elapsed, lat = await mi.drive(port, conns, messages, f"c{conns}-")
                 done += messages
                 await caught_up(Path(tmp), done)
                 end_to_end[conns] = messages / (time.perf_counter() - started)
+                after = [*cpu_seconds(engine.pid), sum(cpu_seconds(server_pid)) if server_pid else 0.0]
+                cpu[conns] = [a - b for a, b in zip(after, before, strict=True)] + [time.process_time() - client]
                 rows.append(mi.row(name, conns, messages, elapsed, lat))
             if between:  # after the last phase, then once more: that pause measures the idle engine
                 for _ in range(2):
@@ -142,7 +178,7 @@ async def run_engine(
         finally:
             engine.terminate()
             engine.wait(30)
-    return rows, end_to_end, marks
+    return rows, end_to_end, marks, cpu
 
 
 async def main() -> None:
@@ -166,7 +202,7 @@ async def main() -> None:
             busy.append(pytest_running())
             await mi.until_worklist(tmp / "worklist.sqlite", count)
 
-        sqlite_rows, sqlite_e2e, _ = await run_engine("sqlite", args.messages, "", sqlite_caught_up)
+        sqlite_rows, sqlite_e2e, _, sqlite_cpu = await run_engine("sqlite", args.messages, "", sqlite_caught_up)
 
         counters = PgCounters(server.admin_url, url, dbname)
         readings: list[dict[str, float]] = []
@@ -180,7 +216,10 @@ async def main() -> None:
             readings.append(counters.read())
 
         database = f'\n[database]\nurl = "{url}"\n'
-        pg_rows, pg_e2e, marks = await run_engine("postgresql", args.messages, database, pg_caught_up, settle_and_read)
+        assert server.process is not None
+        pg_rows, pg_e2e, marks, pg_cpu = await run_engine(
+            "postgresql", args.messages, database, pg_caught_up, settle_and_read, server.process.pid
+        )
         # The running engine left idle for one pause: what it does on its own (the outbox lease's checks), per second.
         # Only its transactions: the WAL of that pause is mostly autovacuum catching up with the phases' writes.
         seconds, quiet = marks[3] - marks[2], diff(readings[3], readings[2])
@@ -196,6 +235,13 @@ async def main() -> None:
     for conns in (1, 8):
         ratio = rate["postgresql", conns] / rate["sqlite", conns]
         print(f"ratio PostgreSQL / SQLite at {conns} connection(s): {ratio:.2f}")
+
+    print("\nCPU ms per order, first order sent to last one on the worklist (2 cores: 2 ms per order = 1,000/s)")
+    print(f"{'stores':12} {'conns':>5} {'engine':>8} {'workers':>8} {'server':>8} {'client':>8} {'total':>8}")
+    for name, spent in (("sqlite", sqlite_cpu), ("postgresql", pg_cpu)):
+        for conns in (1, 8):
+            cells = [v * 1000 / args.messages for v in spent[conns]]
+            print(f"{name:12} {conns:>5} " + " ".join(f"{v:>8.2f}" for v in [*cells, sum(cells)]))
 
     print(f"\nPostgreSQL work per order (idle engine subtracted: {fmt_rate(idle)})")
     print(f"{'conns':>5} " + " ".join(f"{k:>13}" for k in DB_COUNTERS + WAL_COUNTERS if k in readings[0]))

@@ -84,18 +84,17 @@ class HL7DocumentsChannel(HL7SenderChannel):
 
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         super().__init__(config, runtime)  # marks keyed by event id
-        # Documents whose message the receiver has not taken yet (back on the bus): their later versions wait.
-        self._db.execute("CREATE TABLE IF NOT EXISTS pending (document_id TEXT PRIMARY KEY)")
         self._log = log.bind(channel=self.name)
 
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         assert isinstance(env.payload, Document)
-        if self.sent.is_done(env.id):
+        if await self.state_call(self.state.is_done, env.id):
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
         doc = env.payload
         waits_for = doc.replaces if doc.action == "replace" else doc.id if doc.action == "delete" else ""
-        if waits_for and self._db.execute("SELECT 1 FROM pending WHERE document_id = ?", (waits_for,)).fetchone():
+        # A document whose message the receiver has not taken yet (back on the bus) holds its later versions back.
+        if waits_for and await self.state_call(self.state.is_pending, waits_for):
             raise NotAccepted(f"{doc.action} of {doc.id} waits for {waits_for}, not taken by the receiver yet")
         control_id = self.sender.next_control_id("D")
         text = self.build(doc, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
@@ -103,11 +102,9 @@ class HL7DocumentsChannel(HL7SenderChannel):
             code = await self._send_in_order(text.encode("utf-8"))
         except NotAccepted:
             if doc.action != "delete":
-                self._db.execute("INSERT OR IGNORE INTO pending VALUES (?)", (doc.id,))
+                await self.state_call(self.state.set_pending, doc.id)
             raise
-        with self.sent.transaction():
-            self._db.execute("DELETE FROM pending WHERE document_id = ?", (doc.id,))
-            self.sent.mark_done(env.id, control_id)
+        await self.state_call(self.state.mark_done, env.id, control_id, clear_pending=doc.id)  # one transaction
         metrics.events_processed.labels(self.name, "sent").inc()
         self._log.info(
             "document.sent",

@@ -3,12 +3,18 @@ of the MSH and the marks of what the receiver accepted.
 
 `HL7SenderChannel` is the base of ``hl7-status`` (procedure status to the RIS) and ``hl7-documents`` (CDA reports
 to a DRIMbox feed): both consume bus events, turn each into one message, send it and mark the event done once the
-receiver acknowledged it (at least once: a crash between the ACK and the mark sends the message again).
+receiver acknowledged it (at least once: a crash between the ACK and the mark sends the message again). The marks
+and the channel's own rows (known orders, pending documents) are its `traboule.stores.SenderState`: in
+``<data_dir>/<name>.sqlite``, or the PostgreSQL database every node shares. Its calls go through `state_call`: in a
+worker thread when the store allows it (always on PostgreSQL: a slow or unreachable server never stalls the event
+loop, nor the bus connection's heartbeats it serves).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from traboule.adapters.mllp import MLLPSender
 from traboule.app.health import DestinationHealth, channel_health
@@ -16,6 +22,8 @@ from traboule.channel import ChannelRuntime, ConsumerChannel
 from traboule.formats import hl7
 from traboule.stores.factory import stores_of
 from traboule.stores.idempotency import Legacy
+
+T = TypeVar("T")
 
 
 class HL7SenderChannel(ConsumerChannel):
@@ -30,12 +38,18 @@ class HL7SenderChannel(ConsumerChannel):
         self.sender = MLLPSender.from_config(self.name, config.get("destination"))
         self.destination = DestinationHealth(self.sender.address)
         # What was sent decides what is sent again: a mark must survive a power cut.
-        self.sent = stores_of(runtime).applied_keys(self.name, legacy=[self.legacy_sent])
-        self._db = self.sent.db
+        self.state = stores_of(runtime).sender_state(self.name, legacy=[self.legacy_sent])
 
     async def stop(self) -> None:
         await self.sender.close()
-        self._db.close()
+        self.state.close()
+
+    async def state_call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)``, a method of the channel's state: in a worker thread when the store may be
+        called from one (its ``threads``), else on the event loop (a SQLite connection opened for this thread)."""
+        if getattr(self.state, "threads", False):
+            return await asyncio.to_thread(call, *args, **kwargs)
+        return call(*args, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "destinations": [self.sender.address], "message": self.message}

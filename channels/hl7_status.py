@@ -22,7 +22,8 @@ next time) and the bus retries with backoff, then dead-letters after ``max_attem
 
 A modality reports what the worklist gave it: accession number, Requested Procedure ID, SPS ID, often the placer
 order number without its issuer. So the channel also consumes ``order.*`` and keeps, per accession number, the
-order's placer / filler numbers with their issuers and the patient identifier (``<data_dir>/<name>.sqlite``), to
+order's placer / filler numbers with their issuers and the patient identifier (the channel's
+`traboule.stores.SenderState`: ``<data_dir>/<name>.sqlite``, or the PostgreSQL database every node shares), to
 fill ORC-2 / ORC-3 / PID-3 as the RIS knows them. Status messages already accepted by the RIS are remembered by
 idempotency key (``traboule.stores.idempotency``, with the control id sent), so a redelivered event is not sent
 twice.
@@ -44,19 +45,11 @@ from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.model import Envelope, Identifier, ImagingOrder, PerformedStep
 from traboule.stores.idempotency import Legacy
+from traboule.stores.sender_state import KnownOrder
 from traboule.translate.mapping import load_table
 
 log = structlog.get_logger("traboule.channels.hl7_status")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS orders (
-    accession TEXT PRIMARY KEY,
-    placer TEXT NOT NULL,
-    filler TEXT NOT NULL,
-    patient_id TEXT NOT NULL,
-    study_uid TEXT NOT NULL
-);
-"""
 # The status messages the RIS accepted, as kept before the idempotent-consumer table: moved into it at start.
 _SENT = Legacy("sent", key="idempotency_key", at="sent_at", detail="control_id")
 
@@ -74,61 +67,57 @@ class HL7StatusChannel(HL7SenderChannel):
         super().__init__(config, runtime)
         table_path = resolve(runtime.config, self.status_table_file)
         self.status_table = load_table("procedure_status", str(table_path), table_path.parent, table_path, 0)
-        self._db.executescript(_SCHEMA)
         self._log = log.bind(channel=self.name)
 
     # -- events ----------------------------------------------------------------------------------------------
 
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         if isinstance(env.payload, ImagingOrder):
-            self._remember(env.payload)
+            await self._remember(env.payload)
             return
         assert isinstance(env.payload, PerformedStep)
         key = env.idempotency_key or env.id
-        if self.sent.is_done(key):
+        if await self.state_call(self.state.is_done, key):
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
         control_id = self.sender.next_control_id("S")
-        text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
+        known = await self.state_call(self.state.known_order, env.payload.accession_number) or KnownOrder()
+        text = self.build(env.payload, control_id, datetime.now().strftime("%Y%m%d%H%M%S"), known)
         try:
             code = await self.sender.send(text.encode("utf-8"))
         except NotAccepted as exc:  # the bus retries, then dead-letters
             self.destination.failed(exc)
             raise
         self.destination.succeeded()
-        self.sent.mark_done(key, control_id)
+        await self.state_call(self.state.mark_done, key, control_id)
         metrics.events_processed.labels(self.name, "sent").inc()
         self._log.info(
             "status.sent", control_id=control_id, status=env.payload.status, ack=code, attempt=delivery.attempt
         )
 
-    def _remember(self, order: ImagingOrder) -> None:
+    async def _remember(self, order: ImagingOrder) -> None:
         accession = order.accession_number.value
         if not accession:
             return
         primary = order.patient.primary_id
-        self._db.execute(
-            "INSERT INTO orders VALUES (?, ?, ?, ?, ?) ON CONFLICT(accession) DO UPDATE SET placer = excluded.placer,"
-            " filler = excluded.filler, patient_id = excluded.patient_id, study_uid = excluded.study_uid",
-            (
-                accession,
-                _ei(order.placer_order_number),
-                _ei(order.filler_order_number),
-                _cx(primary) if primary else "",
-                order.study_instance_uid,
-            ),
+        known = KnownOrder(
+            _ei(order.placer_order_number),
+            _ei(order.filler_order_number),
+            _cx(primary) if primary else "",
+            order.study_instance_uid,
         )
+        await self.state_call(self.state.remember_order, accession, known)
 
     # -- message ---------------------------------------------------------------------------------------------
 
-    def build(self, step: PerformedStep, control_id: str, timestamp: str) -> str:
+    def build(self, step: PerformedStep, control_id: str, timestamp: str, known: KnownOrder | None = None) -> str:
         """The status message, built by hand: its shape is fixed and it is sent for every performed step
-        (hl7apy would cost a parse-validate round per message for no gain); values go through ``hl7.escape``."""
+        (hl7apy would cost a parse-validate round per message for no gain); values go through ``hl7.escape``.
+        ``known``: what the RIS said of the step's order (read from the state when not given)."""
         e = hl7.escape
-        known = self._db.execute(
-            "SELECT placer, filler, patient_id, study_uid FROM orders WHERE accession = ?", (step.accession_number,)
-        ).fetchone()
-        placer, filler, patient_id, study_uid = known or ("", "", "", "")
+        if known is None:
+            known = self.state.known_order(step.accession_number) or KnownOrder()
+        placer, filler, patient_id, study_uid = known.placer, known.filler, known.patient_id, known.study_uid
         placer = placer or e(step.placer_order_number)
         filler = filler or e(step.filler_order_number)
         primary = step.patient.primary_id

@@ -12,9 +12,15 @@ The ``mpps-scp`` entry also takes the SCP limits of ``traboule.adapters.dicom_se
 ``max_associations_per_peer``, ``acse_timeout``, ``dimse_timeout``, ``network_timeout``).
 
 Per request: check it against the instance's known state → merge (an N-SET carries only the changed attributes;
-the last known attribute list of each MPPS instance is kept in ``<data_dir>/<name>.sqlite``) → canonical
+the last known attribute list of each MPPS instance is kept in the ``mpps_states`` store: ``<data_dir>/<name>.sqlite``,
+or the PostgreSQL database every node shares, so an N-SET may reach another node than its N-CREATE) → canonical
 ``PerformedStep`` → journal the raw attribute list (Explicit VR Little Endian) with its event in one transaction
-→ only then answer Success. Every request is journaled, refused ones as ``rejected`` with the reason.
+→ save the instance's new state → only then answer Success. Every request is journaled, refused ones as
+``rejected`` with the reason. The instance is held from the check to the save (`traboule.stores.MPPSStates.hold`):
+two requests for one instance, on one node or two, never both apply. A hold waits for another node's a few seconds
+at most (PostgreSQL: 5 s), then the request is answered 0110H (the modality sends it again); a request past
+``request_timeout`` is answered 0110H too, and the next request of the channel starts only once its hold has ended
+(the state store's waits, save and commit run off the event loop).
 
 Rules (PS3.4 F.7.2): N-CREATE of a known instance → 0111H duplicate SOP instance; N-CREATE not IN PROGRESS →
 0106H; N-SET of an unknown instance → 0112H; N-SET of an instance already COMPLETED or DISCONTINUED → 0110H with
@@ -28,7 +34,6 @@ a duplicate and publishes nothing, so consumers see one event per status.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
 
@@ -55,21 +60,12 @@ from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
 from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent
-from traboule.stores.sqlite import Durability, open_database
+from traboule.stores.mpps_state import HeldInstance
 
 log = structlog.get_logger("traboule.channels.mpps")
 
 FINAL_STATUSES = {"COMPLETED", "DISCONTINUED"}
 STATUSES = {"IN PROGRESS", *FINAL_STATUSES}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS mpps (
-    uid TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    dataset BLOB NOT NULL,
-    updated TEXT NOT NULL
-);
-"""
 
 
 def encode(ds: Dataset) -> bytes:
@@ -131,8 +127,7 @@ class MPPSChannel:
                 )
             )
         # The state of each MPPS instance decides how the next request is answered: it must survive a power cut.
-        self._db = open_database(runtime.data_dir / f"{self.name}.sqlite", Durability.POWER_LOSS)
-        self._db.executescript(_SCHEMA)
+        self.states = stores_of(runtime).mpps_states(self.name)
         self.identities = stores_of(runtime).patients()  # whose each order is; merges
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
@@ -147,7 +142,7 @@ class MPPSChannel:
     async def stop(self) -> None:
         for scp in self.scps:
             scp.stop()
-        self._db.close()
+        self.states.close()
         self.identities.close()
 
     def describe(self) -> dict[str, Any]:
@@ -173,15 +168,17 @@ class MPPSChannel:
 
     async def process(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
         assert self._lock is not None
-        async with self._lock:  # one request at a time: state check, journal write and state update together
-            return await self._process(kind, uid, attributes)
+        # One request at a time: state check, journal write and state update together; and the instance held for
+        # this request on every node.
+        async with self._lock, self.states.hold(uid) as held:
+            return await self._process(kind, uid, attributes, held)
 
-    async def _process(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+    async def _process(self, kind: str, uid: str, attributes: Dataset, held: HeldInstance) -> HandlerResult:
         raw = encode(attributes)
         entry = JournalEntry(
             channel=self.name, raw=raw, status="accepted", control_id=uid, message_type=f"N-{kind.upper()}"
         )
-        row = self._db.execute("SELECT status, dataset FROM mpps WHERE uid = ?", (uid,)).fetchone()
+        row = held.current
         refusal: tuple[int, str, int | None] | None = None
         merged = attributes
         if kind == "create":
@@ -192,14 +189,14 @@ class MPPSChannel:
                 refusal = (INVALID_ATTRIBUTE_VALUE, "N-CREATE status must be IN PROGRESS", None)
         elif row is None:
             refusal = (NO_SUCH_SOP_INSTANCE, "unknown MPPS instance", None)
-        elif row[0] in FINAL_STATUSES:
+        elif row.status in FINAL_STATUSES:
             refusal = (
                 PROCESSING_FAILURE,
                 "Performed Procedure Step object may no longer be updated",
                 MAY_NO_LONGER_BE_UPDATED,
             )
         else:
-            merged = decode(row[1])
+            merged = decode(row.dataset)
             for elem in attributes:  # N-SET replaces whole attributes (sequences included)
                 merged[elem.tag] = elem
         status = str(merged.get("PerformedProcedureStepStatus", "") or "")
@@ -251,13 +248,7 @@ class MPPSChannel:
             return (code, comment) if error_id is None else (code, comment, error_id)
         if step is not None:  # the keys it names now belong to its patient, when no order said whose they are
             self.identities.record([step])
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        self._db.execute(
-            "INSERT INTO mpps VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(uid) DO UPDATE SET status = excluded.status, dataset = excluded.dataset,"
-            " updated = excluded.updated",
-            (uid, status, encode(merged), now),
-        )
+        await asyncio.to_thread(held.save, status, encode(merged))  # a statement: off the event loop
         return SUCCESS
 
 

@@ -288,7 +288,7 @@ class OrdersChannel:
             self._settle(it)
             if await self._journal(it):
                 with structlog.contextvars.bound_contextvars(message_id=it.entry.id):
-                    self._journaled(it)
+                    await self._journaled(it)
         ack = hl7.build_ack(
             it.msg,
             it.code,
@@ -314,9 +314,11 @@ class OrdersChannel:
         entry = it.entry
         notes: list[str] = []
         mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
-        self._check_identities(it, msg, mapped, notes)
+        await self._identities(self._check_identities, it, msg, mapped, notes)
         payloads = await self._prepare(mapped, entry.idempotency_key, notes)
-        notes.extend(self.identities.resolve_merged(payloads))  # a deletion names the deleted version's patient
+        fresh = [p for p in payloads if not any(p is m for m in mapped)]  # the mapped ones are resolved already
+        if fresh:  # a deletion names the deleted version's patient
+            notes.extend(await self._identities(self.identities.resolve_merged, fresh))
         if notes:  # values the mapping cut to fit: said in the journal entry, beside the charset warnings
             entry.warnings = "\n".join([*filter(None, [entry.warnings]), *notes])
         for i, payload in enumerate(payloads):
@@ -327,6 +329,13 @@ class OrdersChannel:
                 correlation_id=entry.correlation_id,
             )
             it.events.append(OutboxEvent(topic_of(payload), env.id, env.to_json()))
+
+    async def _identities(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """A call of the patient registry: on a thread when it waits for a database server (``off_loop``), so that
+        the loop serves the other connections meanwhile; on the loop otherwise (SQLite: no hop)."""
+        if self.identities.off_loop:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        return call(*args, **kwargs)
 
     def _check_identities(self, it: _Handling, msg: hl7.Message, mapped: list[Payload], notes: list[str]) -> None:
         """Patient identity (warnings in ``notes``): a merged IPP becomes its survivor's; an IPP given another INS
@@ -377,7 +386,7 @@ class OrdersChannel:
         except BaseException as exc:  # the journal is not writable (or the engine stops)
             if it.prepared and self.reports is not None:  # a document nobody will hear of: undo it
                 await asyncio.to_thread(self.reports.discard, entry.idempotency_key)
-            self.identities.release(it.reserved)
+            await self._identities(self.identities.release, it.reserved)
             if not isinstance(exc, Exception):
                 raise
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
@@ -387,7 +396,7 @@ class OrdersChannel:
             return False
         return True
 
-    def _journaled(self, it: _Handling) -> None:
+    async def _journaled(self, it: _Handling) -> None:
         """After the journal write: the patients' identities and the reports' listing follow it; counted, logged."""
         entry, error = it.entry, it.error
         if it.held and entry.status == "accepted" and self.reports is not None:  # for the operator's listing
@@ -395,9 +404,9 @@ class OrdersChannel:
                 self._reports_thread, self.reports.journaled, entry.idempotency_key, entry.id
             )
         if entry.status == "accepted":  # journaled: its IPP-INS pairs are now the patient's
-            self.identities.record(it.reserved, channel=self.name, journal_id=entry.id)
+            await self._identities(self.identities.record, it.reserved, channel=self.name, journal_id=entry.id)
         else:  # refused or a duplicate: its pairs hold nothing against the next messages
-            self.identities.release(it.reserved)
+            await self._identities(self.identities.release, it.reserved)
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
             "message." + entry.status,

@@ -24,6 +24,7 @@ transaction: each event's changes are computed on the store as the earlier event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 from pathlib import Path
@@ -121,7 +122,9 @@ class WorklistChannel(BatchConsumerChannel):
                     deletes=deletes,
                     attempt=delivery.attempt,
                 )
-        metrics.worklist_items.set(self.store.count())
+        # Off the loop: the store's database may be slow to answer; the batch is applied whatever a metric says.
+        with contextlib.suppress(Exception):
+            metrics.worklist_items.set(await asyncio.to_thread(self.store.count))
 
     def _apply(self, envelopes: list[Envelope], seqs: list[int]) -> list[tuple[str, int, int]]:
         """Compute every event's changes against the store as the earlier events of the batch leave it, mirror

@@ -17,12 +17,16 @@ certificate), are not confirmed by a published ANS specification: only the ANS s
 
 A document version's entryUUID is derived from its uniqueId (``traboule.translate.document_ids.entry_uuid``, UUID
 v5): the
-one its MHD DocumentReference carries, so a gateway sees one identity on both sides. It is kept in
-``<data_dir>/<name>.sqlite`` before the first attempt, so that a retry resends the same entry and a replacement or
-deletion names the one registered (an entry already stored keeps its entryUUID). A replacement or deletion of a
-document not registered yet (its publication still in retry) is retried. A redelivered event of a document already
-registered is skipped; a retry whose first attempt was registered although its answer was lost
-(``XDSDuplicateUniqueIdInRegistry``) counts as registered.
+one its MHD DocumentReference carries, so a gateway sees one identity on both sides. It is kept in the channel's
+`traboule.stores.SubmissionStore` (``<data_dir>/<name>.sqlite``, or the PostgreSQL database every node shares)
+before the first attempt, so that a retry resends the same entry and a replacement or deletion names the one
+registered (an entry already stored keeps its entryUUID). A replacement or deletion of a document not registered
+yet (its publication still in retry) is retried. A redelivered event of a document already registered is skipped;
+a retry whose first attempt was registered although its answer was lost (``XDSDuplicateUniqueIdInRegistry``)
+counts as registered. A document is worked on by one delivery at a time, on every node (``claim``): a delivery
+that finds it claimed goes back to the bus (``HeldElsewhere``) and is retried every 2 s without counting an attempt,
+however long the other delivery's own retries last. The store's calls run in a worker thread: a slow or unreachable
+database never stalls the event loop.
 
 Failures: transport errors, HTTP 5xx / 429, SOAP ``Receiver`` faults, busy registries and unreadable 2xx answers are
 retried in place (backoff 0.5 s doubling to 30 s) for ``retry_window``, keeping the order of the documents; then the
@@ -80,8 +84,8 @@ import importlib.metadata
 import os
 import re
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -93,12 +97,13 @@ from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
-from traboule.errors import ConfigError, MetadataError, NotRegisteredYet, PermanentError
+from traboule.errors import ConfigError, HeldElsewhere, MetadataError, NotRegisteredYet, PermanentError
 from traboule.formats import hl7
 from traboule.model import Document, Envelope
 from traboule.stores import journal
 from traboule.stores.factory import stores_of
-from traboule.stores.sqlite import Durability, open_database
+from traboule.stores.mpps_state import begin_in_thread, run_to_end
+from traboule.stores.submissions import Submission
 from traboule.translate import document_ids
 from traboule.translate.xds_metadata import (
     Coded,
@@ -115,24 +120,6 @@ SAVOIR_FAIRE_SYSTEM = "1.2.250.1.71.4.2.5"  # TRE_R38-SpecialiteOrdinale
 PROFESSIONS = {"10": "Médecin", "21": "Pharmacien", "40": "Chirurgien-Dentiste", "50": "Sage-Femme", "60": "Infirmier"}
 # The software's identity the DMP requires in the VIHF: setting → VIHF attribute.
 LPS = {"lps_id": "LPS_ID", "lps_version": "LPS_Version", "lps_homologation": "LPS_ID_HOMOLOGATION_DMP"}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    unique_id TEXT PRIMARY KEY,         -- XDSDocumentEntry.uniqueId (the CDA id)
-    entry_uuid TEXT NOT NULL UNIQUE,    -- the entryUUID traboule gave it
-    set_id TEXT NOT NULL,
-    status TEXT NOT NULL,               -- sending | registered | replaced | deleted | refused | skipped
-    submission_set TEXT NOT NULL DEFAULT '',  -- uniqueId of the SubmissionSet that registered it
-    updated TEXT NOT NULL
-);
-"""
-
-
-@dataclass
-class _Entry:
-    unique_id: str
-    entry_uuid: str
-    status: str
 
 
 class XDSChannel(ConsumerChannel):
@@ -187,14 +174,13 @@ class XDSChannel(ConsumerChannel):
             raise ConfigError(f"channel {self.name}: {exc}") from exc
         self.vihf = vihf
         # The entryUUID of each version is kept before the first attempt: a power cut must not lose it.
-        self._db = open_database(runtime.data_dir / f"{self.name}.sqlite", Durability.POWER_LOSS)
-        self._db.executescript(_SCHEMA)
+        self.submissions = stores_of(runtime).submissions(self.name)
         self._log = log.bind(channel=self.name)
         self.destination = DestinationHealth(self.repository)
 
     async def stop(self) -> None:
         await self.client.close()
-        self._db.close()
+        self.submissions.close()
 
     def health(self) -> dict[str, Any]:
         return channel_health(self.destination)
@@ -216,11 +202,25 @@ class XDSChannel(ConsumerChannel):
             metrics.events_processed.labels(self.name, "skipped").inc()
             bound.info("xds.skipped", reason="DESTDMP = N: not for the DMP")
             if doc.action != "delete":  # remembered, so that a later version knows it has no original there
-                self._db.execute(
-                    "INSERT OR IGNORE INTO entries VALUES (?, ?, ?, 'skipped', '', ?)",
-                    (doc.id, f"skipped:{doc.id}", doc.set_id, _now()),
-                )
+                await asyncio.to_thread(self.submissions.skip, doc.id, doc.set_id)
             return
+        async with self._claim(doc.id) as mine:
+            if not mine:  # another delivery of this document is in progress (here or on another node)
+                raise HeldElsewhere(f"document {doc.id} is being sent by another delivery: retried later")
+            await self._submit(doc, env, delivery, bound)
+
+    @asynccontextmanager
+    async def _claim(self, unique_id: str) -> AsyncIterator[bool]:
+        """The store's claim of a document, taken and released in a worker thread; a delivery cancelled while it is
+        taken releases it before it goes."""
+        claim = self.submissions.claim(unique_id)
+        mine = await begin_in_thread(claim.__enter__, lambda _: claim.__exit__(None, None, None))
+        try:
+            yield mine
+        finally:
+            await run_to_end(asyncio.to_thread(claim.__exit__, None, None, None))
+
+    async def _submit(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
         deadline = time.monotonic() + self.retry_window
         backoff, retrying = 0.5, delivery.attempt > 1
         while True:  # in place, in order: a replacement or deletion must not overtake what it refers to
@@ -243,13 +243,13 @@ class XDSChannel(ConsumerChannel):
                 backoff, retrying = min(backoff * 2, 30.0), True
 
     async def _provide(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any) -> None:
-        row = self.entry(doc.id)
+        row = await asyncio.to_thread(self.entry, doc.id)
         if row is not None and row.status != "sending":
             metrics.events_processed.labels(self.name, "duplicate").inc()
             return
         replaces = ""
         if doc.replaces:
-            old = self.entry(doc.replaces)
+            old = await asyncio.to_thread(self.entry, doc.replaces)
             if old is None or old.status == "sending":
                 raise NotRegisteredYet(f"document {doc.id} replaces {doc.replaces}, not registered by {self.name} yet")
             if old.status in ("refused", "skipped"):  # never in the DMP (refused, or not for it): a first version
@@ -257,11 +257,10 @@ class XDSChannel(ConsumerChannel):
                 doc = dataclasses.replace(doc, replaces="")
             else:
                 replaces = old.entry_uuid
-        entry_uuid = row.entry_uuid if row else document_ids.entry_uuid(doc.id)  # stable: the MHD one too
-        if row is None:
-            self._db.execute(
-                "INSERT INTO entries VALUES (?, ?, ?, 'sending', '', ?)", (doc.id, entry_uuid, doc.set_id, _now())
-            )
+        # stable: the MHD one too; an entry already stored keeps its own
+        entry_uuid = (
+            await asyncio.to_thread(self.submissions.begin, doc.id, document_ids.entry_uuid(doc.id), doc.set_id)
+        ).entry_uuid
         try:
             request_submission = submission(doc, self.settings, entry_uuid, replaces=replaces)
         except MetadataError as exc:
@@ -278,16 +277,7 @@ class XDSChannel(ConsumerChannel):
             else:
                 await self._failed(exc, env, delivery, "ITI-41", request, bound)
         ss = request_submission.submission_set.unique_id
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(
-            "UPDATE entries SET status = 'registered', submission_set = ?, updated = ? WHERE unique_id = ?",
-            (ss, _now(), doc.id),
-        )
-        if doc.replaces:
-            self._db.execute(
-                "UPDATE entries SET status = 'replaced', updated = ? WHERE unique_id = ?", (_now(), doc.replaces)
-            )
-        self._db.execute("COMMIT")
+        await asyncio.to_thread(self.submissions.registered, doc.id, ss, replaced=doc.replaces)
         metrics.events_processed.labels(self.name, "delivered").inc()
         bound.info(
             "xds.registered",
@@ -299,7 +289,7 @@ class XDSChannel(ConsumerChannel):
         )
 
     async def _delete(self, doc: Document, env: Envelope, delivery: Delivery, bound: Any, retrying: bool) -> None:
-        row = self.entry(doc.id)
+        row = await asyncio.to_thread(self.entry, doc.id)
         if row is not None and row.status in ("refused", "skipped"):  # never in the DMP: nothing to delete there
             bound.info("xds.delete_unsent")
             return
@@ -324,7 +314,7 @@ class XDSChannel(ConsumerChannel):
                 bound.warning("xds.already_deleted", codes=exc.codes, entry_uuid=row.entry_uuid)
             else:
                 await self._failed(exc, env, delivery, "ITI-57", request, bound)
-        self._db.execute("UPDATE entries SET status = 'deleted', updated = ? WHERE unique_id = ?", (_now(), doc.id))
+        await asyncio.to_thread(self.submissions.deleted, doc.id)
         metrics.events_processed.labels(self.name, "delivered").inc()
         bound.info("xds.deleted", entry_uuid=row.entry_uuid, attempt=delivery.attempt)
 
@@ -363,22 +353,16 @@ class XDSChannel(ConsumerChannel):
         )
         recorded = await asyncio.to_thread(stores_of(self.runtime).record, entry)
         if isinstance(env.payload, Document) and env.payload.action != "delete":
-            self._db.execute(
-                "UPDATE entries SET status = 'refused', updated = ? WHERE unique_id = ? AND status = 'sending'",
-                (_now(), env.payload.id),
-            )
+            await asyncio.to_thread(self.submissions.refused, env.payload.id)
         metrics.events_processed.labels(self.name, "refused").inc()
         self._log.error("xds.refused", transaction=transaction, error=error, journal_id=recorded.id)
         raise PermanentError(f"{transaction} refused: {error} (journal entry {recorded.id})") from cause
 
     # -- state ---------------------------------------------------------------------------------------------------
 
-    def entry(self, unique_id: str) -> _Entry | None:
+    def entry(self, unique_id: str) -> Submission | None:
         """What this channel registered under ``unique_id`` (its entryUUID and status)."""
-        found = self._db.execute(
-            "SELECT unique_id, entry_uuid, status FROM entries WHERE unique_id = ?", (unique_id,)
-        ).fetchone()
-        return _Entry(*found) if found else None
+        return self.submissions.get(unique_id)
 
     # -- VIHF --------------------------------------------------------------------------------------------------
 
@@ -435,7 +419,3 @@ def _version() -> str:
         return importlib.metadata.version("traboule")
     except importlib.metadata.PackageNotFoundError:
         return ""
-
-
-def _now() -> str:
-    return datetime.now().isoformat(timespec="milliseconds")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +28,36 @@ def _no_cda_validators_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRABOULE_CDA_VALIDATORS", raising=False)
 
 
+BACKENDS = ("sqlite", "postgresql")  # the store backends a flow test runs on (test ids)
+
+
+def database_url_of(backend: str, request: pytest.FixtureRequest) -> str:
+    """The engine's ``[database] url`` for ``backend``: "" (SQLite files in the data folder) or the URL of a fresh
+    PostgreSQL database for this test (fixture ``pg_url``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown store backend {backend!r}")
+    return str(request.getfixturevalue("pg_url")) if backend == "postgresql" else ""
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A test that takes this fixture runs once per store backend (ids ``sqlite``, ``postgresql``): the
+    ``[database] url`` to give its engine (`database_url_of`)."""
+    return database_url_of(request.param, request)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, skipping the test with a clear reason when the folder is absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} is absent: the reference corpus and standards (../shared) are not beside this clone")
     return path
+
+
+@pytest.fixture(scope="session")
+def cda_validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One CI-SIS validator for the whole run: compiling the ANS schematrons takes seconds, so the tests that
+    validate in this process share it (skipped with a clear reason when ../shared is absent)."""
+    from traboule.formats.cda_validation import CDAValidator
+
+    return CDAValidator(shared_path("standards", "ans-testcontenucda"), tmp_path_factory.mktemp("cda-cache"))

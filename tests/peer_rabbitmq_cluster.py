@@ -5,8 +5,9 @@ one HOME (the Erlang cookie) and one epmd on loopback, on a port of their own, s
 the single-node fixture of ``tests.peer_rabbitmq`` (its own epmd port) is disturbed. The first node boots alone;
 the two others boot together and join it through classic-config peer discovery
 (``cluster_formation.classic_config.nodes``), which a node applies on its first boot only: a node killed and
-started again rejoins from its own state. A test may ``kill(i)`` a node (SIGKILL, as a crash) and ``start(i)`` it
-again; every process is stopped by PID (process group) at the end of the session.
+started again rejoins from its own state. Every node runs the ``rabbitmq_consistent_hash_exchange`` plugin (the
+bus's partitions). A test may ``kill(i)`` a node (SIGKILL, as a crash) and ``start(i)`` it again; every process
+is stopped by PID (process group) at the end of the session.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.peer_rabbitmq import (
 )
 
 SIZE = 3
+PLUGINS = ("rabbitmq_consistent_hash_exchange",)  # shipped with RabbitMQ; enabled on every node from its first boot
 
 
 @dataclass
@@ -192,7 +194,8 @@ def run_cluster(base: Path) -> Iterator[RabbitMQCluster]:
         env = _node_env(node_base, amqp_port, dist_port, epmd_port)
         env.update(HOME=str(base), RABBITMQ_NODENAME=name)  # one cookie for all nodes and rabbitmqctl
         (node_base / "rabbitmq-env.conf").write_text("")
-        (node_base / "enabled_plugins").write_text("[].\n")
+        # The consistent-hash exchange spreads a partitioned subscriber's messages over its queues.
+        (node_base / "enabled_plugins").write_text(f"[{', '.join(PLUGINS)}].\n")
         seed = None if i == 0 else nodes[0].name
         (node_base / "rabbitmq.conf").write_text(_config(amqp_port, seed))
         nodes.append(ClusterNode(i, node_base, name, amqp_port, env))

@@ -3,6 +3,7 @@ same answers as SQLite for the same resources (the store and the ``/fhir`` API),
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -416,3 +417,50 @@ def test_an_index_built_by_an_older_version_is_rebuilt_at_open(pg_url: str) -> N
         assert store.search("Patient", {"identifier": "urn:a|V1"})[0] == 1
     finally:
         store.close()
+
+
+# -- a server restart ---------------------------------------------------------------------------------------------
+
+
+async def _api_answers(store: PostgresFHIRStore, paths: list[str]) -> list[httpx.Response]:
+    """The /fhir API's answers to GETs of ``paths`` (``POST``: a search by form)."""
+    transport = httpx.ASGITransport(app=Starlette(routes=routes(store, "http://fhir.example")))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        return [
+            await client.post("/fhir/Patient/_search", data={"identifier": "V1"})
+            if path == "POST"
+            else await client.get(path)
+            for path in paths
+        ]
+
+
+def test_the_first_reads_and_write_after_a_server_restart_succeed() -> None:
+    """Four pooled reader connections (and the writer) from before a restart of the server: none fails a call
+    after it (each is found gone and replaced); while the server is down a read fails at once, it does not hang, and
+    the /fhir API answers 503."""
+    from tests.test_ha import private_postgres, start_postgres, stop_postgres
+
+    with private_postgres() as server:
+        store = PostgresFHIRStore(server.url(server.create_database()), pool_size=4)
+        try:
+            store.upsert(_patient("p1", ("urn:a", "V1")), 1)
+            held = [store._readers.acquire() for _ in range(4)]  # four connections open at once, then idle
+            for conn in held:
+                store._readers.release(conn)
+            assert store._readers.idle == 4 and store.count() == 1
+            stop_postgres(server)
+            with pytest.raises(psycopg.OperationalError):
+                store.get("Patient", "p1")
+            # The /fhir API says so: 503 transient with Retry-After, an OperationOutcome (JSON or XML), not a 500.
+            paths = ["/fhir/Patient/p1", "/fhir/Patient?identifier=V1", "/fhir/Patient/p1?_format=xml", "POST"]
+            for path, response in zip(paths, asyncio.run(_api_answers(store, paths)), strict=True):
+                assert response.status_code == 503 and response.headers["retry-after"] == "5", path
+                assert "transient" in response.text and "OperationOutcome" in response.text
+            start_postgres(server)
+            for _ in range(10):
+                assert (store.get("Patient", "p1") or {}).get("id") == "p1"
+                assert store.search("Patient", {"identifier": "urn:a|V1"})[0] == 1
+            assert store.upsert(_patient("p2", ("urn:a", "V2")), 2) is True  # the writer's session replaced too
+            assert store.count("Patient") == 2
+        finally:
+            store.close()

@@ -1,6 +1,7 @@
 """End to end: RIS orders over a real MLLP socket → journal → bus → worklist, queried with dcmtk findscu.
 
-Runs on the embedded bus and on a real RabbitMQ broker.
+Runs on each store backend (SQLite files in the data folder, a PostgreSQL database) with the embedded bus, and on
+SQLite with a real RabbitMQ broker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import BACKENDS, ROOT, database_url_of, shared_path
 from tests.peer_dcmtk import findscu
 from traboule.adapters.mllp import MLLPClient
 from traboule.app.config import Config
@@ -41,8 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule") -> Config:
-    cfg = Config(data_dir=str(data_dir), amqp_url=amqp_url, exchange=exchange)
+def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule", database_url: str = "") -> Config:
+    cfg = Config(data_dir=str(data_dir), amqp_url=amqp_url, exchange=exchange, database_url=database_url)
     # The orders → worklist flow; a test adds the other channels it needs (test_defaults runs the whole default set).
     cfg.channels = [cfg.channel("ris-orders"), cfg.channel("worklist")]
     cfg.channels[0]["source"]["port"] = free_port()
@@ -52,13 +53,18 @@ def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule"
     return cfg
 
 
-@pytest.fixture(params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.fixture(params=[*BACKENDS, pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
-    amqp_url, exchange = "", "traboule"
+    """The orders → worklist engine on each store backend with the embedded bus (``sqlite``, ``postgresql``), and
+    on SQLite with a real RabbitMQ broker (``rabbitmq``)."""
+    amqp_url, exchange, database_url = "", "traboule", ""
     if request.param == "rabbitmq":
         amqp_url = request.getfixturevalue("rabbitmq_url")
         exchange = f"traboule-{tmp_path.name}"
-    runtime = Runtime(engine_config(tmp_path, amqp_url, exchange))
+    else:
+        database_url = database_url_of(request.param, request)
+    runtime = Runtime(engine_config(tmp_path, amqp_url, exchange, database_url))
+    assert runtime.stores.backend == ("postgresql" if database_url else "sqlite")
     await runtime.start()
     try:
         yield runtime
@@ -275,9 +281,9 @@ async def test_missing_identifiers_are_assigned_once(engine: Runtime) -> None:
     assert store(engine).get(key).StudyInstanceUID == first.StudyInstanceUID
 
 
-async def test_retried_order_does_not_undo_a_later_cancel(tmp_path: Path) -> None:
+async def test_retried_order_does_not_undo_a_later_cancel(tmp_path: Path, database_url: str) -> None:
     """NW fails once and is retried after the CA was applied: the cancelled order must not come back."""
-    runtime = Runtime(engine_config(tmp_path))
+    runtime = Runtime(engine_config(tmp_path, database_url=database_url))
     channel: Any = runtime.channel("worklist")
     original, failed = channel._changes, []
 

@@ -2,7 +2,7 @@
 (worklist C-FIND with findscu, MPPS with its performed series), a structured ORU report; the item is on the
 worklist then gone, the ServiceRequest completed, the CR d'imagerie validated by the CI-SIS validators and found on
 the pull API (MHD) by the INS that only the report carried. Then the same with an archive (a real Orthanc), the
-report before or after the study."""
+report before or after the study. The loop runs on each store backend (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -62,16 +62,20 @@ REPORT = ROOT / "fixtures" / "hl7" / "oru_r01_report.hl7"  # PID-3 carries the I
 
 @pytest.fixture
 def start_engine(tmp_path: Path) -> Iterator[Callable[..., dict[str, str]]]:
-    """``traboule run`` with the defaults (plus an optional file), the CI-SIS validators found by the environment."""
+    """``traboule run`` with the defaults (plus an optional file and a database URL), the CI-SIS validators found by
+    the environment."""
     if not TCC.is_dir():
         pytest.skip(f"the CI-SIS validators are not beside the project ({TCC})")
     procs: list[subprocess.Popen[str]] = []
 
-    def start(config: str = "", ports: dict[str, str] | None = None) -> dict[str, str]:
+    def start(config: str = "", ports: dict[str, str] | None = None, database_url: str = "") -> dict[str, str]:
         env = dict(os.environ, TRABOULE_DATA_DIR=str(tmp_path / "var"), TRABOULE_LOG_FORMAT="json")
         env.update(ports or engine_ports())
         env["TRABOULE_CDA_VALIDATORS"] = str(TCC)
         env.pop("TRABOULE_CONFIG", None)
+        env.pop("TRABOULE_DATABASE_URL", None)
+        if database_url:  # every process of the engine (and each `traboule` command of the test) on PostgreSQL
+            env["TRABOULE_DATABASE_URL"] = database_url
         args = [sys.executable, "-m", "traboule.app.cli"]
         if config:
             (tmp_path / "traboule.toml").write_text(config, encoding="utf-8")
@@ -165,10 +169,12 @@ def the_report_on_mhd(http: httpx.Client) -> bytes:
 
 @pytest.mark.parametrize("report_first", [False, True], ids=["exam-then-report", "report-then-exam"])
 def test_order_worklist_mpps_report_with_no_configuration(
-    start_engine: Callable[..., dict[str, str]], tmp_path: Path, report_first: bool
+    start_engine: Callable[..., dict[str, str]], tmp_path: Path, report_first: bool, database_url: str
 ) -> None:
+    """The loop on each store backend: SQLite files in the data folder, or a PostgreSQL database (``[database] url``,
+    the embedded bus) that every process of the engine and each ``traboule`` command reaches."""
     require_dcmtk("findscu")
-    env = start_engine()
+    env = start_engine(database_url=database_url)
     with httpx.Client(base_url=f"http://127.0.0.1:{env['TRABOULE_HTTP_PORT']}", timeout=10, trust_env=False) as http:
         channels = {c["name"]: c for c in http.get("/channels").json()}
         assert channels["ris-orders"]["validation"] == "on"  # every CDA passes the validators or is not published
@@ -202,8 +208,13 @@ def test_order_worklist_mpps_report_with_no_configuration(
         assert {i["value"] for i in patient["identifier"]} == {"IPP0001", "279035121518989"}
         assert [r["id"] for r in search(http, "ServiceRequest", **{"patient.identifier": INS})] == [request["id"]]
         assert len(search(http, "ImagingStudy", **{"patient.identifier": "IPP0001"})) == 1
+    # Where the stores are: SQLite files in the data folder, or every one in PostgreSQL (the embedded bus's file only).
+    files = sorted(p.name for p in (tmp_path / "var").glob("*.sqlite"))
+    assert (files == ["bus.sqlite"]) if database_url else ("journal.sqlite" in files), files
 
 
+# On SQLite only: the loop above already runs every store on PostgreSQL; what this test adds is the archive (Orthanc,
+# its webhook, the DICOMweb study), which goes through the same stores. On PostgreSQL too it would add ~30 s.
 @pytest.mark.parametrize("report_first", [False, True], ids=["study-then-report", "report-then-study"])
 def test_with_an_archive_in_either_arrival_order(
     start_engine: Callable[..., dict[str, str]],

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,10 @@ def test_shipped_mapping_tests_pass() -> None:
     assert [n for r in results for n in r.notes if "'valid' not checked: no CI-SIS validators" in n]
 
 
-def test_cda_cases_are_checked_by_the_ci_sis_validators(tmp_path: Path) -> None:
+def test_cda_cases_are_checked_by_the_ci_sis_validators(tmp_path: Path, cda_validator: Any) -> None:
     """The shipped CDA cases pass the ANS validators; a case whose document fails them fails with their message."""
     from traboule.formats.cda_validation import CDAValidator
 
-    tree = shared_path("standards", "ans-testcontenucda")
     cases = tmp_path / "cases"
     shutil.copytree(MAPPINGS / "tests", cases)
     skeleton = shared_path("standards", "derived", "skeleton_IMG-CR-IMG_N1_minimal.xml").read_text(encoding="utf-8")
@@ -54,7 +54,7 @@ def test_cda_cases_are_checked_by_the_ci_sis_validators(tmp_path: Path) -> None:
     made: list[CDAValidator] = []
 
     def validator() -> CDAValidator:
-        made.append(CDAValidator(tree, tmp_path / "cache"))
+        made.append(cda_validator)  # the run's one validator: compiling the schematrons takes seconds
         return made[-1]
 
     results = {r.file.name: r for r in run(cases, validator=validator)}

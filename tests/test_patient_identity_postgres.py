@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 import tests.test_patient_identity as shared
@@ -32,7 +33,14 @@ from traboule import model
 from traboule.errors import MappingFailure
 from traboule.stores import PatientRegistry
 from traboule.stores.patient_identity import Pair
-from traboule.stores.postgres.patient_identity import PostgresPatientRegistry
+from traboule.stores.postgres import APPLICATION_NAME
+from traboule.stores.postgres.patient_identity import (
+    _RECORD_CALL,
+    LOCK_CLASS,
+    POOL_SIZE,
+    PostgresPatientRegistry,
+    _lock_id,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -281,3 +289,156 @@ def test_check_latency(nodes: list[PostgresPatientRegistry]) -> None:
         timings[name] = (time.perf_counter() - started) / 200 * 1000
     print("per call (ms):", {k: round(v, 3) for k, v in timings.items()})
     assert timings["check"] < 20 and timings["check_order"] < 20 and timings["check_report"] < 20
+
+
+def test_one_registry_serves_many_threads_at_once_on_a_bounded_pool(pg_url: str) -> None:
+    """The channels call the registry from threads (``off_loop``): eight at once on one registry, each checking and
+    recording orders of its own while all of them race for one accession per round with different patients. Each
+    round gives that accession to exactly one patient, every other order is accepted and recorded, and the registry
+    never holds more connections than its pool."""
+    registry = PostgresPatientRegistry(pg_url)
+    threads_count, rounds = 8, 6
+    assert registry.off_loop
+    try:
+        barrier = threading.Barrier(threads_count)
+        winners: list[list[int]] = [[] for _ in range(rounds)]
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for r in range(rounds):
+                    mine = patient(model.Identifier(f"IPP-T{n}", "CHU-LYON"), _ins(n))
+                    mine.accession_number = model.Identifier(f"ACC-{n}-{r}")
+                    registry.resolve_merged([mine])
+                    registry.check([mine])
+                    registry.check_order([mine])
+                    registry.record([mine], channel="ris-orders", journal_id=r * threads_count + n + 1)
+                    shared_order = patient(model.Identifier(f"IPP-T{n}", "CHU-LYON"), _ins(n))
+                    shared_order.accession_number = model.Identifier(f"ACC-SHARED-{r}")
+                    barrier.wait()
+                    try:
+                        registry.check([shared_order])
+                        registry.check_order([shared_order])
+                    except MappingFailure:
+                        registry.release([shared_order])
+                        continue
+                    winners[r].append(n)
+                    registry.record([shared_order], channel="ris-orders", journal_id=1000 + r)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(threads_count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert [len(w) for w in winners] == [1] * rounds, winners
+        for r, (n,) in enumerate(winners):
+            assert registry.owner("accession", f"ACC-SHARED-{r}")[0].value == f"IPP-T{n}"  # type: ignore[index]
+        for n in range(threads_count):
+            for r in range(rounds):
+                assert registry.owner("accession", f"ACC-{n}-{r}")[0].value == f"IPP-T{n}"  # type: ignore[index]
+        assert registry.mark("ris-orders") == 1000 + rounds - 1
+        with psycopg.connect(pg_url, autocommit=True, application_name="the test") as db:
+            held = db.execute("SELECT count(*) FROM patients_keys_held").fetchone()
+            reserved = db.execute("SELECT count(*) FROM patients_reserved").fetchone()
+            sessions = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+                (APPLICATION_NAME,),
+            ).fetchone()
+        assert held == (0,) and reserved == (0,)  # recorded or released: nothing stays held
+        assert sessions is not None and 1 <= sessions[0] <= POOL_SIZE
+    finally:
+        registry.close()
+
+
+def test_an_order_the_single_statement_check_cannot_settle_gets_the_full_check(
+    nodes: list[PostgresPatientRegistry],
+) -> None:
+    """The usual order is checked by one statement; one whose key is recorded with other identifiers of the same
+    patient (a report named the IPP alone), or whose IPP was merged, is checked in full: accepted when it is the
+    same patient, refused when it is another."""
+    a, b = nodes
+    ipp = model.Identifier("IPP-F1", "CHU-LYON")
+    report = model.Report(patient=model.Patient(ids=[ipp]), accession_number=model.Identifier("ACC-F1"))
+    a.record([report])
+    same = patient(ipp, INS)  # the same IPP, its INS now known: another owner text, the same patient
+    same.accession_number = model.Identifier("ACC-F1")
+    b.check([same])
+    b.check_order([same])
+    b.record([same], channel="ris-orders", journal_id=1)
+    other = patient(model.Identifier("IPP-F2", "CHU-LYON"))
+    other.accession_number = model.Identifier("ACC-F1")
+    with pytest.raises(MappingFailure, match="belongs to patient"):
+        a.check_order([other])
+    merge = model.PatientUpdate(
+        patient=model.Patient(ids=[ipp]), action="merge", merged_ids=[model.Identifier("IPP-F3", "CHU-LYON")]
+    )
+    a.record([merge])
+    merged = patient(model.Identifier("IPP-F3", "CHU-LYON"))  # merged into IPP-F1: its orders are IPP-F1's
+    merged.accession_number = model.Identifier("ACC-F1")
+    b.check_order([merged])
+
+
+def test_a_record_that_adds_a_pair_commits_durably_and_one_of_owners_only_does_not(pg_url: str) -> None:
+    """``patients_record`` (the usual record in one statement) turns ``synchronous_commit`` on for its
+    transaction when it writes a new IPP-INS pair, off when it writes owners only (see the module docstring)."""
+    registry = PostgresPatientRegistry(pg_url)  # creates the schema
+    registry.close()
+    pair = ["IPP-D1"], ["1.2.3"], ["CHU"], [INS_OID], [INS]
+    owners = ["accession"], ["ACC-D1"], ['[["IPP-D1", "CHU", "1.2.3", ""]]'], ["order"]
+    args = (LOCK_CLASS, [1, 2], *pair, "node", "2026-01-01T00:00:00Z", *owners, ["ris-orders"], [7], [], [], [])
+    with psycopg.connect(pg_url) as db:  # one transaction per block, committed or rolled back by the test
+        for expected in ("on", "off"):  # a new pair, then the same again (owners only)
+            (added,) = db.execute(_RECORD_CALL, args).fetchone()  # type: ignore[misc]
+            (setting,) = db.execute("SHOW synchronous_commit").fetchone()  # type: ignore[misc]
+            assert (added, setting) == (expected == "on", expected)
+            db.commit()
+        assert db.execute("SELECT journal_id FROM patients_marks").fetchall() == [(7,)]
+
+
+def test_records_arriving_while_one_commits_share_the_next_commit(pg_url: str) -> None:
+    """`record` is a group commit across threads: while one record waits on the server (here for a lock another
+    session holds on its accession number), the records of the other threads queue, then commit together in one
+    transaction, and every caller returns once its own record is written."""
+    registry = PostgresPatientRegistry(pg_url)
+    try:
+        orders = []
+        for n in range(8):
+            order = patient(model.Identifier(f"IPP-B{n}", "CHU-LYON"))
+            order.accession_number = model.Identifier(f"ACC-B{n}")
+            orders.append(order)
+        with psycopg.connect(pg_url) as blocker:  # a transaction holding the first order's lock
+            blocker.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, _lock_id("key:accession|ACC-B0")))
+            errors: list[BaseException] = []
+
+            def record(n: int) -> None:
+                try:
+                    registry.record([orders[n]], channel="ris-orders", journal_id=n + 1)
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=record, args=(0,))]
+            threads[0].start()
+            deadline = time.monotonic() + 10
+            while not registry._writing and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads += [threading.Thread(target=record, args=(n,)) for n in range(1, 8)]
+            for thread in threads[1:]:
+                thread.start()
+            while len(registry._queue) < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(registry._queue) == 7 and all(t.is_alive() for t in threads)  # all waiting
+            blocker.commit()
+        for thread in threads:
+            thread.join(10)
+        assert errors == []
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            rows = db.execute("SELECT key, xmin::text FROM patients_owners ORDER BY key").fetchall()
+        assert [key for key, _ in rows] == [f"ACC-B{n}" for n in range(8)]
+        assert len({xmin for key, xmin in rows if key != "ACC-B0"}) == 1  # the seven queued: one transaction
+        assert rows[0][1] != rows[1][1]
+        assert registry.mark("ris-orders") == 8
+    finally:
+        registry.close()

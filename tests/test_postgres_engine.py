@@ -69,8 +69,8 @@ async def test_an_order_lands_in_the_database_s_journal_and_worklist_and_findscu
         requests = db.execute("SELECT count(*) FROM fhir_resources WHERE type = 'ServiceRequest'").fetchone()
     assert [(s, t[:3]) for s, t in journaled] == [("accepted", "ORM")] and items == [("ACC0001",)]
     assert requests == (1,)
-    # In the data folder: the embedded bus and the reports store (no PostgreSQL implementation) only.
-    assert sorted(p.name for p in tmp_path.glob("*.sqlite")) == ["bus.sqlite", "ris-orders.reports.sqlite"]
+    # In the data folder: the embedded bus only (the reports store is in PostgreSQL too).
+    assert sorted(p.name for p in tmp_path.glob("*.sqlite")) == ["bus.sqlite"]
     with connect(pg_url) as db:
         owners = db.execute("SELECT count(*) FROM patients_owners").fetchone()
     assert owners is not None and owners[0] > 0  # the order's keys and their patient, for every node's checks

@@ -281,8 +281,8 @@ async def test_confirmations_made_before_close_are_committed_with_a_commit_in_fl
         await journal.events_published([event.id])
         if with_append:
             appended.append(asyncio.ensure_future(journal.append(JournalEntry("ch", b"n", "rejected"))))
-        while journal._flush_task is None:  # the confirmation's own commit starts (after PUBLISHED_DELAY)
-            await asyncio.sleep(0.001)
+        while journal._flush_task is None:  # the confirmation's own commit starts (after PUBLISHED_DELAY): seen at
+            await asyncio.sleep(0)  # once, a commit of one round trip may end within a millisecond
         if with_append:
             await asyncio.sleep(0)
             await journal.events_published([event.id + 1000])  # another one queued behind the commit in flight
@@ -297,3 +297,46 @@ async def test_confirmations_made_before_close_are_committed_with_a_commit_in_fl
     with connect(pg_url) as db:
         assert db.execute("SELECT count(*) FROM journal_outbox").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM journal_messages").fetchone() == (2 if with_append else 1,)
+
+
+async def test_one_group_commit_keeps_each_entry_s_events_and_finds_duplicates_within_it(pg_url: str) -> None:
+    """The entries of one group commit go out together (one statement, entries and events): an accepted entry keeps
+    its events in order, a second one with its key in the same commit is a duplicate without events (stored right
+    after, in a transaction of its own), a refused entry and an accepted one without a key are stored as they are,
+    in the one transaction."""
+    journal = PostgresJournal(pg_url)
+    try:
+        await journal.append(JournalEntry("ch", b"warm-up", "accepted", idempotency_key="w"))
+        first, again, refused, keyless = await asyncio.gather(
+            journal.append(
+                JournalEntry("ch", b"a", "accepted", idempotency_key="k"),
+                [OutboxEvent("order.new", "e1", b"one"), OutboxEvent("order.change", "e2", b"\x00two")],
+            ),
+            journal.append(JournalEntry("ch", b"a", "accepted", idempotency_key="k"), [OutboxEvent("t", "e3", b"3")]),
+            journal.append(JournalEntry("ch", b"bad", "rejected", idempotency_key="r", error="MSH-9: unknown")),
+            journal.append(JournalEntry("ch", b"b", "accepted"), [OutboxEvent("order.new", "e4", b"four")]),
+        )
+        assert (first.status, again.status, refused.status, keyless.status) == (
+            "accepted",
+            "duplicate",
+            "rejected",
+            "accepted",
+        )
+        assert f"same message as journal entry {first.id}" in again.warnings
+        assert len({first.id, again.id, refused.id, keyless.id}) == 4 and 0 not in (again.id, refused.id)
+        assert [(e.topic, e.event_id, e.body) for e in journal.outbox_of(first.id)] == [
+            ("order.new", "e1", b"one"),
+            ("order.change", "e2", b"\x00two"),
+        ]
+        assert journal.outbox_of(again.id) == [] and journal.outbox_of(refused.id) == []
+        assert [e.event_id for e in journal.outbox_of(keyless.id)] == ["e4"]
+        assert journal.get(again.id).status == "duplicate"  # type: ignore[union-attr]
+        with connect(pg_url) as db:
+            (transactions,) = db.execute(
+                "SELECT count(DISTINCT xmin::text) FROM journal_messages WHERE id = ANY(%s)",
+                ([first.id, refused.id, keyless.id],),
+            ).fetchone()  # type: ignore[misc]
+        assert transactions == 1  # the duplicate: one more, after them
+        assert again.id > max(first.id, refused.id, keyless.id)
+    finally:
+        journal.close()

@@ -297,6 +297,46 @@ async def test_a_consumer_reconnection_does_not_count_as_an_attempt(
     assert await consumer.dead_letters(queue) == []
 
 
+async def test_a_batch_caught_by_a_connection_loss_is_not_handed_over_again_on_the_dead_channel(
+    rabbitmq_cluster: RabbitMQCluster, make_bus: MakeBus
+) -> None:
+    """The connection is lost while a batch is being handled, and the batch then fails: its messages are not
+    handed over one by one (they can no longer be acked, so handling them would only run them once more); they
+    come again on the new connection, each handled once more."""
+    urls = rabbitmq_cluster.urls()
+    publisher = await make_bus(urls[:1])
+    consumer = await make_bus(urls[2:])  # its connections are the only ones on node 2
+    queue = unique_name("q")
+    await consumer.declare(queue, ["orders.*"])
+    await publisher.publish_many([("orders.new", b"x", f"m-{n}", None) for n in range(5)])
+    calls: list[list[str]] = []
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(deliveries: list[Delivery]) -> None:
+        calls.append([d.message_id for d in deliveries])
+        if len(calls) == 1:  # the first batch waits for the connection loss, then fails
+            held.set()
+            await release.wait()
+            raise ConnectionError("peer down")
+
+    await consumer.subscribe_batch(queue, ["orders.*"], handler)
+    assert await eventually(lambda: asyncio.sleep(0, held.is_set()), bool)
+    since = consumer.state()["since"]
+    result = await asyncio.to_thread(rabbitmq_cluster.nodes[2].ctl, "close_all_connections", "--global", "test")
+    assert result.returncode == 0, result.stderr
+    assert await eventually(lambda: asyncio.sleep(0, consumer.connected and consumer.state()["since"] != since), bool)
+    release.set()
+    handled = await eventually(
+        lambda: asyncio.sleep(0, [m for batch in calls[1:] for m in batch]), lambda ids: len(set(ids)) == 5
+    )
+    first = set(calls[0])
+    assert first and sorted(handled) == sorted(f"m-{n}" for n in range(5)), calls
+    await asyncio.sleep(0.5)
+    counts = {m: sum(batch.count(m) for batch in calls) for m in (f"m-{n}" for n in range(5))}
+    assert counts == {m: 2 if m in first else 1 for m in counts}, calls  # the failed batch, then once again
+    assert await eventually(lambda: consumer.depth(queue), lambda n: n == 0) == 0
+
+
 async def test_killing_the_queue_leader_under_publishes_loses_no_confirmed_message(
     rabbitmq_cluster: RabbitMQCluster, make_bus: MakeBus
 ) -> None:
@@ -374,3 +414,24 @@ def test_the_cluster_settings_reach_the_bus(tmp_path: Path) -> None:
     toml.write_text('[bus]\namqp_url = ["amqp://a/,amqp://b/"]\n')
     with pytest.raises(ConfigError, match="list of URLs"):
         config.load(str(toml), env={})
+
+
+def test_the_partitions_setting_reaches_the_bus(tmp_path: Path) -> None:
+    """``[bus] partitions`` (or ``TRABOULE_AMQP_PARTITIONS``) gives each subscriber that many queues; 1, one queue
+    per subscriber as before, stays the default; anything but a whole number from 1 to 64 is refused."""
+    toml = tmp_path / "traboule.toml"
+    toml.write_text('[bus]\namqp_url = "amqp://a/"\nqueue_type = "quorum"\npartitions = 8\n')
+    cfg = config.load(str(toml), env={})
+    bus = bus_backend.make_bus(cfg.amqp_url, str(tmp_path), queue_type=cfg.queue_type, partitions=cfg.partitions)
+    assert isinstance(bus, RabbitMQBus) and (bus.partitions, bus.queue_type) == (8, "quorum")
+    assert config.load(None, env={"TRABOULE_AMQP_PARTITIONS": "4"}).partitions == 4
+    assert config.load(None, env={}).partitions == 1
+    assert RabbitMQBus("amqp://a/").partitions == 1
+    for bad in ("0", "65", "-2", "true", '"4"', "2.5"):
+        toml.write_text(f"[bus]\npartitions = {bad}\n")
+        with pytest.raises(ConfigError, match="partitions"):
+            config.load(str(toml), env={})
+    with pytest.raises(ConfigError, match="PARTITIONS"):
+        config.load(None, env={"TRABOULE_AMQP_PARTITIONS": "many"})
+    with pytest.raises(ValueError, match="partitions"):
+        RabbitMQBus("amqp://a/", partitions=0)

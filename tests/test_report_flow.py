@@ -63,12 +63,8 @@ async def site(tmp_path: Path, validator: Any) -> AsyncIterator[tuple[Runtime, X
 
 
 @pytest.fixture(scope="module")
-def validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.formats.cda_validation import CDAValidator
-
-    if not TCC.is_dir():
-        pytest.skip(f"the CI-SIS validators are not beside the project ({TCC})")
-    return CDAValidator(TCC, tmp_path_factory.mktemp("cda-cache"))
+def validator(cda_validator: Any) -> Any:
+    return cda_validator
 
 
 async def test_a_report_reaches_the_dmp_the_drimbox_and_the_pull_api(

@@ -44,10 +44,8 @@ def needs_validators() -> Path:
 
 
 @pytest.fixture(scope="session")
-def validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.formats.cda_validation import CDAValidator
-
-    return CDAValidator(needs_validators(), tmp_path_factory.mktemp("cda-cache"))
+def validator(cda_validator: Any) -> Any:
+    return cda_validator
 
 
 def report_of(data: bytes) -> model.Report:

@@ -24,11 +24,19 @@ from traboule.stores.journal import Journal, JournalEntry, OutboxEvent
 
 
 def write_config(
-    tmp_path: Path, *, fhir: bool, inbound: Path | None = None, name: str = "traboule.toml", amqp_url: str = ""
+    tmp_path: Path,
+    *,
+    fhir: bool,
+    inbound: Path | None = None,
+    name: str = "traboule.toml",
+    amqp_url: str = "",
+    database_url: str = "",
 ) -> Path:
     """An explicit configuration (no defaults): orders over MLLP, the worklist, and the FHIR channel if asked."""
     mapping = inbound or ROOT / "mappings" / "hl7_inbound.yaml"
     bus = f'[bus]\namqp_url = "{amqp_url}"\nexchange = "traboule-{tmp_path.name}"\n' if amqp_url else ""
+    if database_url:
+        bus += f'[database]\nurl = "{database_url}"\n'
     text = f"""
 [engine]
 defaults = false
@@ -311,6 +319,20 @@ async def test_a_report_is_reprocessed_as_the_document_it_made(tmp_path: Path) -
     (reference,) = (json.loads(j) for (j,) in documents)
     assert reference["masterIdentifier"]["value"].endswith(made)  # the same version, not a new one
     assert rows(var / "ris-orders.reports.sqlite", "SELECT COUNT(*) FROM documents") == [(1,)]
+
+
+async def test_a_report_is_reprocessed_from_the_shared_reports_store_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    before = write_config(tmp_path, fhir=False, database_url=pg_url)
+    await receive(before, fixture("orm_o01_nw_latin1.hl7"), fixture("oru_r01_pdf.hl7"))
+    assert not (tmp_path / "var" / "ris-orders.reports.sqlite").exists()  # the document is in the database
+
+    with_fhir = write_config(tmp_path, fhir=True, name="with-fhir.toml", database_url=pg_url)
+    out = cli(with_fhir, "--type", "ORU", "--to", "fhir")
+    assert out.returncode == 0, out.stderr
+    ((topic, headers),) = rows(
+        tmp_path / "var" / "bus.sqlite", "SELECT topic, headers FROM messages WHERE queue = 'fhir'"
+    )
+    assert topic == "document.publish" and json.loads(headers)["journal-id"] == "2"
 
 
 async def test_reprocessing_checks_the_patient_identity_as_at_ingest(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import inspect
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,11 @@ from traboule import model, stores
 from traboule.errors import MappingFailure, SearchError
 from traboule.stores.fhir_store import SQLiteFHIRStore
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query, SQLiteJournal
+from traboule.stores.mpps_state import MPPSInstance, SQLiteMPPSStates
 from traboule.stores.patient_identity import PatientIdentities
 from traboule.stores.reports import Held, ReportPublisher
+from traboule.stores.sender_state import KnownOrder, SQLiteSenderState
+from traboule.stores.submissions import SQLiteSubmissions, Submission
 from traboule.stores.worklist import SQLiteWorklistStore
 from traboule.translate.cda import CDAMapping
 
@@ -55,6 +59,15 @@ class SQLiteBackend:
 
     def registry(self) -> stores.PatientRegistry:
         return PatientIdentities(self.folder / "patients.sqlite")
+
+    def mpps_states(self, channel: str = "mpps") -> stores.MPPSStates:
+        return SQLiteMPPSStates(self.folder / f"{channel}.sqlite")
+
+    def submissions(self, channel: str = "dmp") -> stores.SubmissionStore:
+        return SQLiteSubmissions(self.folder / f"{channel}.sqlite")
+
+    def sender_state(self, channel: str = "drimbox") -> stores.SenderState:
+        return SQLiteSenderState.open(self.folder / f"{channel}.sqlite")
 
 
 class PostgresBackend:
@@ -89,12 +102,29 @@ class PostgresBackend:
         return PostgresFHIRStore(self.url)
 
     def reports(self) -> stores.ReportStore:
-        pytest.skip("postgresql: reports store not implemented yet")
+        from traboule.stores.postgres.reports import PostgresReportStorage
+
+        return ReportPublisher(CDAMapping(), PostgresReportStorage(self.url, "ris-orders"))  # no CDA validator
 
     def registry(self) -> stores.PatientRegistry:
         from traboule.stores.postgres.patient_identity import PostgresPatientRegistry
 
         return PostgresPatientRegistry(self.url)
+
+    def mpps_states(self, channel: str = "mpps") -> stores.MPPSStates:
+        from traboule.stores.postgres.mpps_state import PostgresMPPSStates
+
+        return PostgresMPPSStates(self.url, channel)
+
+    def submissions(self, channel: str = "dmp") -> stores.SubmissionStore:
+        from traboule.stores.postgres.submissions import PostgresSubmissions
+
+        return PostgresSubmissions(self.url, channel)
+
+    def sender_state(self, channel: str = "drimbox") -> stores.SenderState:
+        from traboule.stores.postgres.sender_state import PostgresSenderState
+
+        return PostgresSenderState(self.url, channel)
 
 
 # name → factory(folder, **fixtures named by its ``fixtures``): one entry per backend
@@ -113,6 +143,9 @@ PROTOCOLS = {
     "fhir": stores.FHIRStore,
     "reports": stores.ReportStore,
     "registry": stores.PatientRegistry,
+    "mpps_states": stores.MPPSStates,
+    "submissions": stores.SubmissionStore,
+    "sender_state": stores.SenderState,
 }
 
 
@@ -588,3 +621,170 @@ def test_the_registry_keeps_whose_each_order_is_across_a_close(backend: SQLiteBa
             registry.check_order([_order("IPP2", "ACC1")])
     finally:
         registry.close()
+
+
+# -- channel states: MPPS instances, XDS submissions, HL7 sender state -------------------------------------------
+
+
+async def test_an_mpps_hold_commits_its_save_at_the_end_and_nothing_when_it_raises(backend: SQLiteBackend) -> None:
+    states = backend.mpps_states()
+    try:
+        async with states.hold("1.2.3") as held:
+            assert held.current is None
+            held.save("IN PROGRESS", b"created")
+            assert held.current == MPPSInstance("IN PROGRESS", b"created")
+        with pytest.raises(RuntimeError):
+            async with states.hold("1.2.3") as held:
+                held.save("COMPLETED", b"set")
+                raise RuntimeError("the journal refused the request")
+        assert states.get("1.2.3") == MPPSInstance("IN PROGRESS", b"created")
+        assert states.get("9.9") is None
+    finally:
+        states.close()
+    again = backend.mpps_states()  # a restart, or another node
+    other_channel = backend.mpps_states("mpps-2")
+    try:
+        async with again.hold("1.2.3") as held:
+            assert held.current == MPPSInstance("IN PROGRESS", b"created")
+        assert other_channel.get("1.2.3") is None  # each channel its own instances
+    finally:
+        again.close()
+        other_channel.close()
+
+
+async def test_a_second_hold_of_an_instance_waits_and_reads_what_the_first_saved(backend: SQLiteBackend) -> None:
+    """Two stores on the same data (two nodes): the second N-SET is checked against the state the first left; the
+    event loop runs on while it waits."""
+    first, second = backend.mpps_states(), backend.mpps_states()
+    seen: list[MPPSInstance | None] = []
+
+    async def set_on_the_other_node() -> None:
+        async with second.hold("1.2.3") as held:
+            seen.append(held.current)
+
+    try:
+        async with first.hold("1.2.3") as held:
+            held.save("IN PROGRESS", b"created")
+            other = asyncio.create_task(set_on_the_other_node())
+            started = time.monotonic()
+            await asyncio.sleep(0.5)
+            assert time.monotonic() - started < 1.5  # the loop was not blocked by the waiting hold
+            assert seen == []  # waiting for the first hold
+            held.save("COMPLETED", b"completed")
+        await asyncio.wait_for(other, 15)
+        assert seen == [MPPSInstance("COMPLETED", b"completed")]
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_hold_cancelled_during_the_wait_then_another_hold_commits_for_good(backend: SQLiteBackend) -> None:
+    """A request times out while its hold waits for another node's (the channel cancels it) and the next request of
+    the channel holds another instance: the channel's lock is let go only once the store's connection is out of the
+    cancelled hold, so the next holds commit for good (another store on the same data reads them) and nothing of
+    the cancelled one is kept."""
+    mine, other = backend.mpps_states(), backend.mpps_states()
+    reader: stores.MPPSStates | None = None
+    lock = asyncio.Lock()  # the channel's: one request at a time
+
+    async def request(uid: str) -> None:
+        async with lock, mine.hold(uid) as held:
+            await asyncio.to_thread(held.save, "IN PROGRESS", uid.encode())
+
+    try:
+        async with other.hold("1.2.3"):
+            timed_out = asyncio.create_task(request("1.2.3"))
+            await asyncio.sleep(0.3)
+            timed_out.cancel()  # still waiting for the other node's hold
+            following = asyncio.create_task(request("1.2.4"))
+            await asyncio.sleep(0.3)
+        await asyncio.wait_for(following, 15)
+        with pytest.raises(asyncio.CancelledError):
+            await timed_out
+        await asyncio.wait_for(request("1.2.5"), 15)
+        reader = backend.mpps_states()
+        assert reader.get("1.2.4") == MPPSInstance("IN PROGRESS", b"1.2.4")
+        assert reader.get("1.2.5") == MPPSInstance("IN PROGRESS", b"1.2.5")
+        assert reader.get("1.2.3") is None
+    finally:
+        for store in (mine, other, reader):
+            if store is not None:
+                store.close()
+
+
+def test_a_submission_keeps_its_first_entry_uuid_and_follows_its_statuses(backend: SQLiteBackend) -> None:
+    store = backend.submissions()
+    try:
+        assert store.get("1.2.3.1") is None
+        assert store.begin("1.2.3.1", "urn:uuid:a", "set") == Submission("1.2.3.1", "urn:uuid:a", "sending")
+        assert store.begin("1.2.3.1", "urn:uuid:b", "set").entry_uuid == "urn:uuid:a"  # a retry: the same entry
+        store.registered("1.2.3.1", "1.2.9.1")
+        assert not store.refused("1.2.3.1")  # registered: not refused afterwards
+        store.begin("1.2.3.2", "urn:uuid:c", "set")
+        store.registered("1.2.3.2", "1.2.9.2", replaced="1.2.3.1")
+        store.begin("1.2.3.3", "urn:uuid:d", "set")
+        assert store.refused("1.2.3.3")
+        store.skip("1.2.3.4", "set")
+        store.skip("1.2.3.2", "set")  # stored already: unchanged
+        store.deleted("1.2.3.2")
+    finally:
+        store.close()
+    store = backend.submissions()
+    other_channel = backend.submissions("dmp-2")
+    try:
+        found = [store.get(f"1.2.3.{n}") for n in range(1, 5)]
+        assert [(s.status if s else None) for s in found] == ["replaced", "deleted", "refused", "skipped"]
+        assert found[1] is not None and found[1].entry_uuid == "urn:uuid:c"
+        assert other_channel.get("1.2.3.1") is None
+    finally:
+        store.close()
+        other_channel.close()
+
+
+def test_a_document_is_claimed_by_one_caller_at_a_time(backend: SQLiteBackend) -> None:
+    a, b = backend.submissions(), backend.submissions()
+    try:
+        with a.claim("1.2.3.1") as mine:
+            assert mine
+            with a.claim("1.2.3.1") as again, b.claim("1.2.3.1") as elsewhere:
+                assert not again and not elsewhere
+            with b.claim("1.2.3.2") as other_document:
+                assert other_document
+        with b.claim("1.2.3.1") as mine:  # released at the end of the block
+            assert mine
+        with pytest.raises(RuntimeError), a.claim("1.2.3.1"):
+            raise RuntimeError("the registry failed")
+        with b.claim("1.2.3.1") as mine:  # released when the block raises too
+            assert mine
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_sender_marks_once_and_clears_its_pending_document_in_the_same_transaction(backend: SQLiteBackend) -> None:
+    state = backend.sender_state()
+    try:
+        assert not state.is_done("event-1") and state.detail("event-1") is None
+        state.set_pending("doc-1")
+        state.set_pending("doc-1")  # twice: still one
+        assert state.is_pending("doc-1") and not state.is_pending("doc-2")
+        with pytest.raises(ValueError):  # no mark: the pending document stays (both or neither)
+            state.mark_done("", "D0001", clear_pending="doc-1")
+        assert state.is_pending("doc-1")
+        assert state.mark_done("event-1", "D0001", clear_pending="doc-1")
+        assert not state.is_pending("doc-1") and state.is_done("event-1")
+        assert not state.mark_done("event-1", "D0002")  # the first mark is kept
+        state.remember_order("ACC1", KnownOrder("P1^RIS", "F1^PACS", "IPP1^^^CHU^PI", "1.2.3"))
+        state.remember_order("ACC1", KnownOrder("P2^RIS", "F1^PACS", "IPP1^^^CHU^PI", "1.2.3"))
+        assert state.known_order("ACC2") is None
+    finally:
+        state.close()
+    state, other = backend.sender_state(), backend.sender_state()  # a restart; another store on the same data
+    try:
+        assert other.detail("event-1") == "D0001" and not other.mark_done("event-1", "D0003")
+        assert state.known_order("ACC1") == KnownOrder("P2^RIS", "F1^PACS", "IPP1^^^CHU^PI", "1.2.3")
+        other.set_pending("doc-2")
+        assert state.is_pending("doc-2")
+    finally:
+        state.close()
+        other.close()

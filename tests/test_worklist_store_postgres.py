@@ -373,3 +373,56 @@ def test_an_item_the_columns_cannot_describe_is_always_a_candidate(store: Postgr
     store.apply([("two#1", _dataset_with_two_steps()), ("one#1", mwl_item(accession="ONE"))], [])
     assert accessions(store.find(modality_query(Modality="US"))) == ["TWO"]  # its second step's modality
     assert accessions(store.find(modality_query(ScheduledProcedureStepStartDate="20240315"))) == ["ONE", "TWO"]
+
+
+# -- connections --------------------------------------------------------------------------------------------------
+
+
+def test_the_first_finds_and_apply_after_a_server_restart_succeed() -> None:
+    """Four pooled reader connections (and the writer) from before a restart of the server: no C-FIND's read and
+    no apply fails after it; while the server is down a read fails at once, it does not hang."""
+    from tests.test_ha import private_postgres, start_postgres, stop_postgres
+
+    with private_postgres() as server:
+        store = PostgresWorklistStore(server.url(server.create_database()), pool_size=4)
+        try:
+            store.apply([("o1#1", mwl_item(accession="A1"))], [], "event-1")
+            held = [store._readers.acquire() for _ in range(4)]
+            for conn in held:
+                store._readers.release(conn)
+            assert store._readers.idle == 4
+            stop_postgres(server)
+            with pytest.raises(psycopg.OperationalError):
+                store.count()
+            start_postgres(server)
+            for _ in range(10):
+                assert accessions(store.find(modality_query())) == ["A1"]
+                assert accessions(store.find(modality_query(), deadline=time.monotonic() + 30)) == ["A1"]
+            assert store.apply([("o2#1", mwl_item(accession="A2"))], [], "event-2") is True
+            assert store.count() == 2 and store.applied(["event-1", "event-2"]) == {"event-1", "event-2"}
+        finally:
+            store.close()
+
+
+def test_the_reader_pool_is_bounded(pg_url: str) -> None:
+    """At most ``size`` connections are open at once: one more read waits for one to be handed back, or fails with
+    _PoolTimeout (an OperationalError: the database is unavailable for now) after ``wait_s``."""
+    from traboule.stores.postgres.pool import ReaderPool, _PoolTimeout
+
+    pool = ReaderPool(pg_url, size=2, wait_s=0.3)
+    try:
+        held = [pool.acquire(), pool.acquire()]
+        started = time.monotonic()
+        with pytest.raises(_PoolTimeout):
+            pool.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        assert 0.25 < time.monotonic() - started < 5
+        threading.Timer(0.2, pool.release, (held.pop(),)).start()
+        assert pool.read(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)  # waited for the one released
+        with pytest.raises(psycopg.errors.DivisionByZero):  # a statement's own error: raised, not retried
+            pool.read(lambda conn: conn.execute("SELECT 1/0").fetchone())
+        assert pool.idle == 1  # its session lives on: kept
+        pool.release(held.pop())
+        assert pool.idle == 2
+    finally:
+        pool.close()
+    assert pool.idle == 0

@@ -25,7 +25,7 @@ from signxml import XMLVerifier
 
 from tests.conftest import shared_path
 from tests.test_flow import fixture, until
-from tests.test_reports import STUDY_UID, V3, check_and_run, needs_validators, report_of, study
+from tests.test_reports import STUDY_UID, V3, check_and_run, report_of, study
 from tests.xds_endpoint import PKI, RIM, Received, Reply, XDSEndpoint, make_pki
 from traboule import model
 from traboule.adapters import xds
@@ -412,13 +412,6 @@ def test_registry_answers_are_read_with_what_a_retry_can_change() -> None:
         with pytest.raises(xds.XDSError) as raised:
             xds.read_response(status, "application/soap+xml", body)
         assert (raised.value.retryable, raised.value.codes) == (retryable, codes), body
-
-
-@pytest.fixture(scope="module")
-def cda_validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from traboule.formats.cda_validation import CDAValidator
-
-    return CDAValidator(needs_validators(), tmp_path_factory.mktemp("cda-cache"))
 
 
 def test_region_event_code_and_exam_end_reach_the_cda_and_the_metadata(

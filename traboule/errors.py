@@ -5,7 +5,8 @@
     ├── Refused                       a message (or query) is refused: reason, location, code
     │   HL7Error, MappingFailure, ReportRefused, CDAError, MetadataError, QueryError, SearchError, NotificationError
     ├── DeliveryError                 a remote system did not take (or give) a message
-    │   PermanentError, NotAccepted, NotRegisteredYet, RemoteError: DICOMwebError, XDSError, FHIRServerError
+    │   PermanentError, NotAccepted, NotRegisteredYet, HeldElsewhere, RemoteError: DICOMwebError, XDSError,
+    │   FHIRServerError
     ├── Unavailable                   nothing can be stored or moved now: DiskFull, BusClosedError, BusUnavailableError
     ├── CommandError                  an operator command cannot do what was asked
     │   ReprocessError, MessageFailed (MessageRefused), ScaffoldError, NotPublished
@@ -20,7 +21,8 @@ What each branch means to an operator:
   destination's rules refuse (``MetadataError``) is dead-lettered. Nothing of a refused message is published.
 * delivery: the bus retries the message with a growing backoff, then dead-letters it (``traboule dlq``);
   ``PermanentError`` dead-letters it at once (the DMP and FHIR server channels raise it for a ``RemoteError`` that
-  is not ``retryable``).
+  is not ``retryable``); ``HeldElsewhere`` (another delivery is working on the same document) is retried without
+  counting an attempt, never dead-lettered.
 * unavailable: the sender is told to send again later and the bus retries; nothing acknowledged is lost.
 * command: the CLI prints the text and exits non-zero (a message that fails a reprocess is reported and skipped).
 * ``CDAValidatorError``: the ANS CDA validators are missing or broken (``traboule cda validate`` exits 2).
@@ -163,6 +165,11 @@ class NotRegisteredYet(DeliveryError):
     """A replacement or deletion names a document this channel has not registered (yet): the bus retries."""
 
 
+class HeldElsewhere(DeliveryError):
+    """Another delivery, on this node or another, is working on the same item (an XDS document's claim): the bus
+    retries later without counting an attempt, however long the holder's own retries last."""
+
+
 class RemoteError(DeliveryError):
     """A remote system answered with an error or could not be reached.
 
@@ -266,3 +273,8 @@ class NotPublished(CommandError, LookupError):
 
 class EncodingError(TrabouleError, ValueError):
     """The tree holds something this encoder does not write exactly as pydicom would: use pydicom instead."""
+
+
+class ReportConflict(TrabouleError):
+    """Another writer (a node) changed a report's document set, or took its message key or document id, between
+    the read a preparation started from and its write: nothing was written; prepare again from the new state."""

@@ -221,6 +221,16 @@ def _db_arguments(db: argparse.ArgumentParser) -> None:
     db_sub = _actions(db)
     db_sub.add_parser("upgrade", help="create or upgrade the PostgreSQL schema of every store, print their versions")
     db_sub.add_parser("status", help="the schema version of each store: in the database and in this traboule")
+    db_migrate = db_sub.add_parser(
+        "migrate", help="copy an embedded site's SQLite stores into the PostgreSQL database (resumable)"
+    )
+    db_migrate.add_argument("--from", dest="source", help="the data folder (default: the configured one)")
+    db_migrate.add_argument("--to", dest="url", help="postgresql://... (default: [database] url)")
+    db_migrate.add_argument("--force", action="store_true", help="even while an engine runs on the data folder")
+    db_migrate.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    db_migrate.add_argument("--batch-size", type=int, default=2000, help="rows per transaction (default 2000)")
+    db_migrate.add_argument("--worklist", default="", help="the worklist channel to move, when there are several")
+    db_migrate.add_argument("--fhir", default="", help="the fhir channel to move, when there are several")
 
 
 # Sub-command → (its line in --help, what adds its arguments and actions), in the order --help lists them.
@@ -240,7 +250,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | No
     "cda": ("CDA documents (CI-SIS CR d'imagerie)", _cda_arguments),
     "reports": ("structured reports accepted and waiting for their study, and dead letters", _reports_arguments),
     "patients": ("the patient identity registry: INS per IPP, owners of orders, merges", _patients_arguments),
-    "db": ("the PostgreSQL database ([database] url or TRABOULE_DATABASE_URL): schema versions", _db_arguments),
+    "db": (
+        "the PostgreSQL database ([database] url or TRABOULE_DATABASE_URL): schema versions, migration from SQLite",
+        _db_arguments,
+    ),
 }
 
 
@@ -691,26 +704,19 @@ def _held_reports(cfg: config_mod.Config) -> set[str]:
     publish) and outcomes not yet written into their entries (a report whose entry is gone is dropped)."""
     import sqlite3
 
-    from traboule.stores.sqlite import Durability, open_database
+    from traboule.app.runtime import make_stores
+    from traboule.stores.reports import kept_messages
 
     keys: set[str] = set()
     for channel in (c for c in cfg.channels if c["kind"] == "hl7-orders"):
         path = Path(cfg.data_dir) / f"{channel['name']}.reports.sqlite"
-        if not path.is_file():
+        if not cfg.database_url and not path.is_file():
             continue
-        db = open_database(path, Durability.READ_ONLY, busy_timeout_s=30.0)
         try:
-            rows = db.execute(
-                "SELECT message_key FROM waiting WHERE status IN ('waiting', 'expired', 'invalid') OR noted = 0"
-                " UNION SELECT superseded_by FROM waiting WHERE noted = 0 AND superseded_by != ''"
-            ).fetchall()
+            with contextlib.closing(make_stores(cfg).reports(channel["name"], None)) as store:  # no CDA mapping
+                keys.update(kept_messages(store))
         except sqlite3.Error as exc:
-            if "no such table" not in str(exc):
-                raise OSError(f"{path}: unreadable ({exc})") from exc
-            rows = []  # a store from before reports could wait
-        finally:
-            db.close()
-        keys.update(row[0] for row in rows)
+            raise OSError(f"{path}: unreadable ({exc})") from exc
     return keys
 
 
@@ -798,7 +804,9 @@ def _with_bus(cfg: config_mod.Config, work: Callable[[Bus], Awaitable[int]]) -> 
     print(f"bus: {_bus_description(cfg)}", file=sys.stderr)
 
     async def go() -> int:
-        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type)
+        bus = make_bus(
+            cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type, partitions=cfg.partitions
+        )
         await bus.start()
         try:
             try:
@@ -965,6 +973,8 @@ def cmd_db(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     from traboule.stores.postgres import connect, migrations, redact
 
+    if args.action == "migrate":
+        return _db_migrate(cfg, args)
     if not cfg.database_url:
         print(
             "no database configured ([database] url or TRABOULE_DATABASE_URL): the stores use SQLite files,"
@@ -991,6 +1001,82 @@ def cmd_db(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     except psycopg.Error as exc:
         print(f"database {redact(cfg.database_url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _db_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``db migrate``: the data folder's stores copied into the database (`traboule.stores.migrate`), progress on
+    stderr, then each store's rows in the folder and in the database. Exit 0 when every count matches, 1 when one
+    does not or the migration is refused, 2 without a database URL, 130 when interrupted (run it again)."""
+    import dataclasses
+    import sqlite3
+
+    import psycopg
+
+    from traboule.stores import migrate
+    from traboule.stores.postgres import redact
+
+    url = args.url or cfg.database_url
+    source = Path(args.source or cfg.data_dir)
+    if not url:
+        print("no database: give --to postgresql://... ([database] url or TRABOULE_DATABASE_URL)", file=sys.stderr)
+        return 2
+    engine = _last_engine(dataclasses.replace(cfg, data_dir=str(source)))
+    if engine is not None and engine["running"] and not args.force:
+        print(
+            f"refused: an engine is running on {source} (pid {engine.get('pid')}): stop it first, so that nothing"
+            " changes during the copy (--force to copy anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    shown: dict[str, float] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if args.quiet or (done < total and now - shown.get(step, 0.0) < 0.5):
+            return
+        shown[step] = now
+        print(f"{step}: {done}/{total}", file=sys.stderr, flush=True)
+
+    try:
+        report = migrate.migrate(
+            source,
+            url,
+            channels={k: v for k, v in (("worklist", args.worklist), ("fhir", args.fhir)) if v},
+            batch_size=max(1, args.batch_size),
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: what was copied is kept; run the same command again to finish", file=sys.stderr)
+        return 130
+    except migrate.MigrationError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        text = " ".join(str(exc).replace(url, redact(url)).split())
+        print(f"database {redact(url)}: {type(exc).__name__}: {text} (run the same command again)", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, OSError) as exc:  # a source file unreadable
+        print(f"cannot read {source}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for count in report.counts:
+        state = "ok" if count.source == count.destination else "MISMATCH"
+        print(f"{count.step:20} source {count.source:>9}  database {count.destination:>9}  {state}")
+    queued, dead = migrate.pending_deliveries(source)
+    if queued or dead:
+        print(
+            f"note: the embedded bus of {source} holds {queued} deliveries not yet consumed and {dead} dead letters;"
+            " they are not in the database (a node keeping the embedded bus finds them there)",
+            file=sys.stderr,
+        )
+    left = [p.name for p in report.left if p.name != "bus.sqlite"]
+    if left:
+        print(f"not read (not moved to the database): {', '.join(left)}", file=sys.stderr)
+    if report.mismatches:
+        names = ", ".join(c.step for c in report.mismatches)
+        print(f"count mismatch ({names}): the database does not hold what {source} holds", file=sys.stderr)
+        return 1
+    print(f"migrated {source} to {redact(url)}: {report.copied} rows copied by this run")
     return 0
 
 
@@ -1112,18 +1198,27 @@ def cmd_new(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """``reports waiting`` lists the reports held for their study; ``reports publish N`` asks the running engine to
     publish one now (a dead letter waits again, with a new deadline) and prints what became of it."""
-    from traboule.app.config import seconds
-    from traboule.stores.reports import DEAD, held_report, held_reports, request_publication
+    from traboule.app.runtime import make_stores
 
     channels = [c for c in cfg.channels if c["kind"] == "hl7-orders" and c.get("reports", {}) is not False]
     channel = next((c for c in channels if c["name"] == (args.channel or c["name"])), None)
     if channel is None:
         print("no inbound channel with reports of that name in the configuration", file=sys.stderr)
         return 2
-    path = _channel_db(cfg, channel["name"], ".reports.sqlite")
+    if not cfg.database_url:  # the reports store is a file of the data folder: say which (and that it exists)
+        _channel_db(cfg, channel["name"], ".reports.sqlite")
+    with contextlib.closing(make_stores(cfg).reports(channel["name"], None)) as store:  # no CDA mapping needed
+        return _reports_command(store, channel, args)
+
+
+def _reports_command(store: Any, channel: dict[str, Any], args: argparse.Namespace) -> int:
+    """``cmd_reports`` on the channel's open reports store (its SQLite file, or PostgreSQL with [database] url)."""
+    from traboule.app.config import seconds
+    from traboule.stores.reports import DEAD, held_report, held_reports, request_publication
+
     if args.action == "waiting":
         statuses = ("waiting", *DEAD) + (("published", "superseded", "withdrawn") if args.all else ())
-        rows = held_reports(path, statuses)
+        rows = held_reports(store, statuses)
         print(f"{len(rows)} report(s)")
         for r in rows:
             deadline = datetime.fromtimestamp(r["deadline"], UTC).isoformat(timespec="minutes")
@@ -1134,13 +1229,13 @@ def cmd_reports(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             )
         return 0
     wait = seconds((channel.get("reports") or {}).get("wait_for_study", "24h"), "reports.wait_for_study")
-    before = request_publication(path, args.id, wait)
+    before = request_publication(store, args.id, wait)
     if before is None or before not in ("waiting", *DEAD):
         print(f"no waiting report {args.id}" + (f" (it is {before})" if before else ""), file=sys.stderr)
         return 1
     deadline = time.monotonic() + args.wait
     while True:
-        row = held_report(path, args.id)
+        row = held_report(store, args.id)
         if row is None or row["status"] != "waiting" or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -27,6 +27,8 @@ from typing import Any
 from traboule.errors import ConfigError
 from traboule.stores.postgres import is_postgres_url, redact
 
+MAX_PARTITIONS = 64  # [bus] partitions: each is a queue (a Raft group on quorum queues) per subscriber
+
 # The whole local loop, on loopback, on the embedded bus: RIS orders, ADT and reports in; the worklist and MPPS for
 # modalities; FHIR resources (orders, performed steps, reports and their CDA) served on /fhir. What needs a remote
 # system (archive, RIS status messages, FHIR server, DMP, DRIMbox) is added by a configuration file.
@@ -91,6 +93,7 @@ class Config:
     amqp_url: str = ""  # one AMQP URL, or the brokers of one cluster comma-separated (tried in turn)
     exchange: str = "traboule"
     queue_type: str = "classic"  # RabbitMQ queues: "classic", or "quorum" (replicated on a cluster)
+    partitions: int = 1  # RabbitMQ: queues per subscriber (>= 2: per-patient order, patients in parallel)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     log_format: str = "console"
@@ -199,6 +202,10 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     cfg.amqp_url = str(amqp_url)
     cfg.exchange = str(bus.get("exchange", cfg.exchange))
     cfg.queue_type = str(bus.get("queue_type", cfg.queue_type))
+    partitions = bus.get("partitions", cfg.partitions)
+    if not isinstance(partitions, int) or isinstance(partitions, bool):
+        raise ConfigError(f"{path}: [bus] partitions must be a whole number (1, the default, or 2 to {MAX_PARTITIONS})")
+    cfg.partitions = partitions
     http = doc.get("http", {})
     cfg.http_host = str(http.get("host", cfg.http_host))
     cfg.http_port = int(http.get("port", cfg.http_port))
@@ -275,6 +282,11 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     if "TRABOULE_AMQP_URL" in env:
         cfg.amqp_url = env["TRABOULE_AMQP_URL"]
     cfg.queue_type = env.get("TRABOULE_AMQP_QUEUE_TYPE", cfg.queue_type).strip() or cfg.queue_type
+    if env.get("TRABOULE_AMQP_PARTITIONS", "").strip():
+        try:
+            cfg.partitions = int(env["TRABOULE_AMQP_PARTITIONS"])
+        except ValueError:
+            raise ConfigError("environment: TRABOULE_AMQP_PARTITIONS must be a whole number") from None
     cfg.data_dir = env.get("TRABOULE_DATA_DIR", cfg.data_dir)
     if env.get("TRABOULE_DATABASE_URL", "").strip():  # blank does not switch a configured database to SQLite
         cfg.database_url = env["TRABOULE_DATABASE_URL"].strip()
@@ -335,6 +347,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"log format {cfg.log_format!r}: use 'json' or 'console'")
     if cfg.queue_type not in ("classic", "quorum"):
         raise ConfigError(f"[bus] queue_type {cfg.queue_type!r}: use 'classic' (the default) or 'quorum'")
+    if not 1 <= cfg.partitions <= MAX_PARTITIONS:
+        raise ConfigError(f"[bus] partitions {cfg.partitions}: use 1 (the default) to {MAX_PARTITIONS}")
 
 
 def client_host(host: str) -> str:

@@ -15,29 +15,38 @@ IHE MHD Document Responder (ITI-67 Find Document References, ITI-68 Retrieve Doc
   parameter given as an absolute URL of this server is its ``Type/id``.
 * JSON unless ``_format`` (``xml``, ``application/fhir+xml``...) or ``Accept: application/fhir+xml`` asks for XML.
 * Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method (read-only API).
+* The store's database cannot answer now (PostgreSQL down or restarting, its connections all busy): 503
+  OperationOutcome ``transient`` with ``Retry-After`` (`RETRY_AFTER_S`), never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from traboule.errors import SearchError
+from traboule.bus.retry import database_unavailable
+from traboule.errors import SearchError, Unavailable
 from traboule.formats.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
 from traboule.stores import FHIRStore
 from traboule.stores.fhir_store import MAX_OFFSET, SEARCH_PARAMS
 from traboule.translate.fhir_mapping import MHD_DOCUMENT_REFERENCE, PDSM_DOCUMENT_REFERENCE, is_deleted
 
+log = structlog.get_logger("traboule.app.fhir_api")
+
 FHIR_JSON = "application/fhir+json"
+RETRY_AFTER_S = 5  # what a 503 (the store's database out of reach) tells a client to wait before trying again
 FORM = "application/x-www-form-urlencoded"
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
@@ -343,6 +352,37 @@ def searchset(base: str, search: Search, total: int, found: list[dict[str, Any]]
     return bundle
 
 
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store's database cannot answer now (a later attempt may), not that the request or
+    the code is wrong."""
+    return database_unavailable(exc) or isinstance(exc, Unavailable | ConnectionError | TimeoutError)
+
+
+Endpoint = Callable[["FHIRApi", Request], Awaitable[Response]]
+
+
+def transient_failures(endpoint: Endpoint) -> Endpoint:
+    """``endpoint``, answering 503 ``transient`` with ``Retry-After`` when the store's database cannot answer."""
+
+    @functools.wraps(endpoint)
+    async def guarded(api: FHIRApi, request: Request) -> Response:
+        try:
+            return await endpoint(api, request)
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            log.warning("fhir_api.store_unavailable", error=type(exc).__name__)
+            return outcome(
+                503,
+                "transient",
+                "the FHIR store cannot be reached now: try again later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                fmt=preferred_format(request) or "json",
+            )
+
+    return guarded
+
+
 class FHIRApi:
     """The ``/fhir`` interactions over a `FHIRStore`. ``base_url``: the public base (behind a proxy); default: from
     the request."""
@@ -366,6 +406,7 @@ class FHIRApi:
             return outcome(406, "not-supported", "_format: json or xml")
         return answer(capability_statement(self.base_of(request)), fmt)
 
+    @transient_failures
     async def read(self, request: Request) -> Response:
         rtype, rid = request.path_params["type"], request.path_params["id"]
         fmt = preferred_format(request)
@@ -404,9 +445,11 @@ class FHIRApi:
             return outcome(406, "not-supported", f"the document is {content_type} only", headers=headers)
         return Response(base64.b64decode(binary["data"]), media_type=binary["contentType"], headers=headers)
 
+    @transient_failures
     async def search_get(self, request: Request) -> Response:
         return await self.search(request, list(request.query_params.multi_items()), request.path_params["type"])
 
+    @transient_failures
     async def search_post(self, request: Request) -> Response:
         form = await form_pairs(request)
         if isinstance(form, Response):

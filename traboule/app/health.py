@@ -4,12 +4,26 @@ A channel keeps one `DestinationHealth` per remote system it sends to and report
 runtime turns a destination that is ``down`` into a ``degraded`` engine (HTTP 503 on /health). A refusal of one
 message (an AE, a 4xx) says nothing of the destination's availability: only transport failures (refused
 connection, timeout, 5xx) put it ``down``. No value from a message is kept here: exception type names only.
+
+`Probe` runs a blocking check of /health (queries to the stores' database) off the event loop: one at a time, for
+at most ``PROBE_DEADLINE_S`` per request, its answer kept ``PROBE_TTL_S``. /health answers within the deadline
+whatever the database does (a host that drops packets would otherwise hold the loop, and the MLLP ACKs, for the
+connect timeout), and a flood of /health requests costs one query at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+PROBE_DEADLINE_S = 2.0  # how long /health waits for its database probe before saying "unknown"
+PROBE_TTL_S = 1.0  # how long a probe's answer serves the next /health requests
 
 
 def _now() -> str:
@@ -83,3 +97,57 @@ def is_unavailability(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@dataclass(frozen=True)
+class Probed(Generic[T]):
+    """A probe's answer: its ``value``, or the ``error`` (an exception type name) it raised, or neither when it did
+    not finish within the deadline (``timed_out``). ``age_s``: how old the answer is (0 for a fresh one)."""
+
+    value: T | None = None
+    error: str = ""
+    timed_out: bool = False
+    age_s: float = 0.0
+
+
+class Probe(Generic[T]):
+    """``check`` (blocking) run in a worker thread: one run at a time, awaited at most ``deadline`` seconds from its
+    start, its answer kept ``ttl`` seconds. A run past the deadline goes on in its thread (nothing can stop a
+    blocked socket read); the callers meanwhile get ``timed_out`` without starting another, and its answer, when
+    it comes, serves the next ones."""
+
+    def __init__(self, check: Callable[[], T], *, deadline: float = PROBE_DEADLINE_S, ttl: float = PROBE_TTL_S):
+        self.check, self.deadline, self.ttl = check, deadline, ttl
+        self._running: asyncio.Future[T] | None = None
+        self._started = 0.0
+        self._last: Probed[T] | None = None
+        self._at = 0.0
+
+    async def get(self) -> Probed[T]:
+        """The latest answer younger than ``ttl``, else the answer of the run in progress (started now when none
+        is), or ``timed_out`` when it does not come by its deadline."""
+        now = time.monotonic()
+        if self._last is not None and now - self._at < self.ttl:
+            return Probed(self._last.value, self._last.error, age_s=now - self._at)
+        if self._running is None:
+            self._started = now
+            self._running = asyncio.ensure_future(asyncio.to_thread(self.check))
+            self._running.add_done_callback(self._done)
+        left = self._started + self.deadline - now
+        running = self._running
+        if left > 0:
+            await asyncio.wait({running}, timeout=left)  # neither cancels the run nor raises its error
+        if not running.done():
+            return Probed(timed_out=True)
+        return self._answer(running)
+
+    def _answer(self, run: asyncio.Future[T]) -> Probed[T]:
+        if run.cancelled():
+            return Probed(error="CancelledError")
+        error = run.exception()
+        return Probed(error=type(error).__name__) if error is not None else Probed(run.result())
+
+    def _done(self, run: asyncio.Future[T]) -> None:
+        self._last, self._at = self._answer(run), time.monotonic()
+        if self._running is run:
+            self._running = None

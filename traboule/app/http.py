@@ -88,7 +88,7 @@ def create_app(runtime: Any) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         """The truth for a monitor: 200 only when every process, the bus and every destination are fine; 503 with
         the same body when starting or degraded (the engine still accepts and journals: see ``problems``)."""
-        body = runtime.health()
+        body = await runtime.health_report()
         if runtime.processes:  # the main process answers for its children too
             body["processes"] = await _children_health(runtime)
             failing = [n for n, p in body["processes"].items() if p.get("status") != "ok"]

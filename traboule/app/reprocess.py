@@ -61,10 +61,11 @@ from traboule.app.bus_backend import make_bus
 from traboule.app.config import Config, resolve
 from traboule.app.runtime import channel_bindings, channel_class, make_stores
 from traboule.bus import Bus, Delivery, Item, topic_matches
+from traboule.bus.partition import partition_headers
 from traboule.channel import HasMapping, HasStore
 from traboule.errors import MappingFailure, MessageFailed, MessageRefused, ReprocessError
 from traboule.formats import hl7
-from traboule.model import Document, Envelope, Payload, Report, content_key, from_dict, plain, topic_of
+from traboule.model import Document, Envelope, Payload, Report, content_key, plain, topic_of
 from traboule.stores import Journal, PatientRegistry
 from traboule.stores.factory import SQLiteStores, StoreFactory
 from traboule.stores.journal import JournalEntry, Query
@@ -321,23 +322,14 @@ class Remapper:
         return [(i, self._document(entry) if isinstance(p, Report) else p) for i, p in enumerate(payloads)]
 
     def _document(self, entry: JournalEntry) -> Document:
-        """The document event the report made when it was received (its version, its CDA)."""
-        path = Path(self.cfg.data_dir) / f"{entry.channel}.reports.sqlite"
-        row = None
-        if path.is_file():
-            db = open_database(path, Durability.READ_ONLY)
-            try:
-                row = db.execute(
-                    "SELECT d.document, m.action FROM messages m JOIN documents d ON d.id = m.document_id"
-                    " WHERE m.message_key = ?",
-                    (entry.idempotency_key,),
-                ).fetchone()
-            finally:
-                db.close()
-        if row is None:
+        """The document event the report made when it was received (its version, its CDA), from the channel's
+        reports store on either backend."""
+        from traboule.stores.reports import document_made
+
+        with contextlib.closing(make_stores(self.cfg).reports(entry.channel, None)) as store:  # no CDA mapping
+            doc = document_made(store, entry.idempotency_key)
+        if doc is None:
             raise MessageFailed("the report made no document (refused when received?): send it again instead")
-        doc: Document = from_dict(Document, json.loads(row[0]))
-        doc.action = doc.report.action = row[1]
         return doc
 
 
@@ -393,7 +385,9 @@ def deliveries(entry: JournalEntry, events: list[tuple[int, Payload]], target: T
         topic = topic_of(payload)
         if target.takes(topic):
             env = envelope(entry, index, payload, target)
-            out.append(Delivery(topic, env.to_json(), env.id, {"journal-id": str(entry.id), "reprocess": "1"}))
+            body = env.to_json()
+            headers = {"journal-id": str(entry.id), "reprocess": "1", **partition_headers(body)}  # its patient's order
+            out.append(Delivery(topic, body, env.id, headers))
     return out
 
 
@@ -439,7 +433,9 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
         for target in chosen.targets:
             target.fingerprint = fingerprint(built[target.name])
     with exclusive(cfg.data_dir):
-        bus = make_bus(cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type)
+        bus = make_bus(
+            cfg.amqp_url, cfg.data_dir, exchange=cfg.exchange, queue_type=cfg.queue_type, partitions=cfg.partitions
+        )
         await bus.start()
         try:
             try:

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -20,7 +21,9 @@ import structlog
 from traboule import metrics, stores
 from traboule.app.bus_backend import make_bus
 from traboule.app.config import DEFAULT_CHANNELS, Config
+from traboule.app.health import Probe, Probed
 from traboule.bus import Bus
+from traboule.bus.partition import partition_headers
 from traboule.channel import Channel, ConsumesQueues, LimitsBodies, ReportsHealth, ServesHTTP
 from traboule.errors import ConfigError, MappingError
 from traboule.stores.factory import PostgresStores, SQLiteStores, StoreFactory
@@ -52,6 +55,10 @@ BUILTIN_ADAPTERS = {
 
 DISPATCH_PAUSE = 0.01  # seconds
 DISPATCH_BATCH = 500
+OUTBOX_POLL = 1.0  # seconds between two looks at an empty outbox: this process's own appends wake it at once
+# The same on a database shared by several nodes: the events the other nodes journal cannot wake this one (an
+# indexed look at an empty outbox, ten a second, on the leader only).
+SHARED_OUTBOX_POLL = 0.1
 
 
 def _load(target: str) -> Any:
@@ -286,7 +293,12 @@ class Runtime:
         self.stores: StoreFactory = make_stores(config)
         shared = process is not None and len(config.processes()) > 1
         self.bus: Bus = make_bus(
-            config.amqp_url, str(self.data_dir), exchange=config.exchange, shared=shared, queue_type=config.queue_type
+            config.amqp_url,
+            str(self.data_dir),
+            exchange=config.exchange,
+            shared=shared,
+            queue_type=config.queue_type,
+            partitions=config.partitions,
         )
         self.channels: list[Channel] = [
             channel_class(c["kind"])(c, self) for c in config.channels if process is None or process_of(c) == process
@@ -296,6 +308,7 @@ class Runtime:
         self._stopping = asyncio.Event()
         self.started = False
         self.processes: dict[str, ProcessState] = {}  # the children of the main process, filled by its supervisor
+        self._health_probe: Probe[dict[str, Any]] = Probe(self._stores_state)  # /health's queries, off the loop
 
     @property
     def journal_path(self) -> Path:
@@ -350,26 +363,64 @@ class Runtime:
             self.journal.close()
 
     def health(self) -> dict[str, Any]:
-        """This process's state: ``ok``, ``degraded`` (the bus unreachable, a destination failing) or ``starting``;
-        the bus, the outbox backlog and each channel's destinations. Cheap: it runs on the ingest loop."""
-        bus = self.bus.state()
-        body: dict[str, Any] = {"process": self.process or "main", "pid": os.getpid(), "bus": bus}
-        problems = [] if bus.get("connected") else ["bus"]
+        """This process's state: ``ok``, ``degraded`` (the bus or the journal's database unreachable, a destination
+        failing) or ``starting``; the bus, the outbox backlog and each channel's destinations. The stores are asked
+        here and now (blocking); /health asks `health_report`, which never holds the event loop."""
+        return self._health_body(Probed(self._stores_state()))
+
+    async def health_report(self) -> dict[str, Any]:
+        """`health` for /health: on PostgreSQL the stores are asked off the event loop (`traboule.app.health.Probe`:
+        one probe at a time, awaited at most ``PROBE_DEADLINE_S``, its answer kept ``PROBE_TTL_S``), so that a
+        database host that does not answer never holds the ingest loop; past the deadline ``database`` is
+        ``unknown`` and among the problems. SQLite's files are on the local disk: asked at once."""
+        if getattr(self.stores, "backend", "") != "postgresql":
+            return self.health()
+        return self._health_body(await self._health_probe.get())
+
+    def _stores_state(self) -> dict[str, Any]:
+        """What /health asks the stores (blocking: queries to their database): the outbox backlog, each channel's
+        health."""
+        state: dict[str, Any] = {}
         if self.journal is not None:
-            body["outbox"] = self.outbox_role
-            body["outbox_pending"] = self.journal.outbox_depth()
-            free, reserve = self.journal.disk_free(), self.journal.min_free_bytes
-            body["disk"] = {"free_bytes": free, "reserve_bytes": reserve}
-            if free < reserve:
-                problems.append("disk")
+            try:
+                state["outbox_pending"] = self.journal.outbox_depth()
+            except Exception as exc:  # the journal's database does not answer (PostgreSQL down): said, not a 500
+                state["database"] = {"connected": False, "error": type(exc).__name__}
         channels: dict[str, Any] = {}
         for channel in self.channels:
             if not isinstance(channel, ReportsHealth):
                 continue
-            state = channel.health()
-            channels[channel.name] = state
-            if state.get("state") not in (None, "ok", "unknown"):
-                problems.append(channel.name)
+            try:
+                channels[channel.name] = channel.health()
+            except Exception as exc:  # its store does not answer (the database down): said, not a 500
+                channels[channel.name] = {"state": "down", "error": type(exc).__name__}
+        state["channels"] = channels
+        return state
+
+    def _health_body(self, probed: Probed[dict[str, Any]]) -> dict[str, Any]:
+        """The /health body from the stores' answer (`_stores_state`), or from its absence (no answer in time)."""
+        bus = self.bus.state()
+        body: dict[str, Any] = {"process": self.process or "main", "pid": os.getpid(), "bus": bus}
+        problems = [] if bus.get("connected") else ["bus"]
+        state = probed.value or {}
+        if probed.value is None:  # the probe found no answer by its deadline (or failed as a whole)
+            body["database"] = {"connected": "unknown", "error": probed.error or "timeout"}
+            problems.append("database")
+        if self.journal is not None:
+            body["outbox"] = self.outbox_role
+            if "outbox_pending" in state:
+                body["outbox_pending"] = state["outbox_pending"]
+            if "database" in state:
+                body["database"] = state["database"]
+                problems.append("database")
+            free, reserve = self.journal.disk_free(), self.journal.min_free_bytes
+            body["disk"] = {"free_bytes": free, "reserve_bytes": reserve}
+            if free < reserve:
+                problems.append("disk")
+        channels: dict[str, Any] = state.get("channels", {})
+        for name, channel_state in channels.items():
+            if channel_state.get("state") not in (None, "ok", "unknown"):
+                problems.append(name)
         if channels:
             body["channels"] = channels
         body["status"] = "starting" if not self.started else ("degraded" if problems else "ok")
@@ -414,28 +465,43 @@ class Runtime:
         """Publish journaled events in order; a bus outage only delays them (retried every second)."""
         assert self.journal is not None
         journal = self.journal
+        shared = getattr(self.stores, "backend", "") == "postgresql"
+        poll = SHARED_OUTBOX_POLL if shared else OUTBOX_POLL
+
+        async def read(query: Callable[..., Any], *args: Any) -> Any:
+            """A read of the journal: on PostgreSQL off the loop (a database host that stops answering must not
+            hold the ingest loop); SQLite's local file is read at once."""
+            return await asyncio.to_thread(query, *args) if shared else query(*args)
+
         failing = False
         while True:
             try:
                 if not self.bus.connected:  # the bus says when it is back: no publish attempt (and log) per second
-                    metrics.outbox_pending.set(journal.outbox_depth())
+                    metrics.outbox_pending.set(await read(journal.outbox_depth))
                     await asyncio.sleep(0.5)
                     continue
-                events = journal.pending_events(DISPATCH_BATCH)
+                events = await read(journal.pending_events, DISPATCH_BATCH)
                 metrics.outbox_pending.set(len(events))
                 if not events:
                     journal.outbox_ready.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(journal.outbox_ready.wait(), 1.0)
+                        await asyncio.wait_for(journal.outbox_ready.wait(), poll)
                     # A short pause lets a burst accumulate: one bus commit for many events instead of one each.
                     await asyncio.sleep(DISPATCH_PAUSE)
                     continue
-                items = [(e.topic, e.body, e.event_id, {"journal-id": str(e.message_id)}) for e in events]
+                # The patient's key, on every bus and setting: it routes to a partition wherever a node consumes
+                # partitioned (RabbitMQ), whatever this node's own [bus] partitions says.
+                items = [
+                    (e.topic, e.body, e.event_id, {"journal-id": str(e.message_id), **partition_headers(e.body)})
+                    for e in events
+                ]
+                if self.outbox_lease is not None and not await self.outbox_lease.confirm():
+                    return  # another node may hold the lease now: it publishes these (see Lease.confirm)
                 await self.bus.publish_many(items)
                 await journal.events_published([e.id for e in events])
                 if failing:
                     failing = False
-                    log.info("outbox.publishing_again", pending=journal.outbox_depth())
+                    log.info("outbox.publishing_again", pending=await read(journal.outbox_depth))
                 if len(events) < DISPATCH_BATCH:
                     # Under a steady stream, gather for a moment: one bus commit for many events rather than one
                     # commit (and one thread hand-off) for each.

@@ -29,6 +29,25 @@ Batch consumption (``subscribe_batch``), so that a consumer can commit many even
   hands the same deliveries over again.
 * ``subscribe(handler)`` is the per-delivery case (``max_batch=1``) and behaves exactly as described above.
 
+Ordering per key (the ``partition-key`` header, :data:`PARTITION_KEY`; the engine's events carry a digest of
+their patient, ``traboule.bus.partition``):
+
+* A subscriber receives the messages of one key in the order they were published, one at a time, on the engine
+  node consuming them; a message counts as handled once its handler returned (or it was dead-lettered). When the
+  key's partition moves to another node (the active node, its connection or its channel lost), the new node gets
+  the messages not yet acknowledged first, in order; the old node hands nothing more over, but a handler it had
+  already called may still be running: the same message can then be handled on both nodes at once.
+* A delivery that fails holds back the later messages of its key only: they wait, unhandled, until it succeeds
+  or is dead-lettered, while other keys go on. Once a delivery is dead-lettered, its key's later messages are
+  handled (a replay delivers it after them).
+* Who keeps it: RabbitMQ with ``partitions`` >= 2 (a queue per partition, one active consumer each, retries in
+  place). Without partitions, both buses deliver a queue in publish order, one delivery at a time (the embedded
+  bus is one process; RabbitMQ's quorum queues have one active consumer across nodes), but a failed delivery is
+  retried *after* the messages behind it, which then overtake it: there, the order holds while nothing fails.
+* Delivery stays at least once: a message may come again (a crash, a connection loss, a publish retried), even
+  after later messages of its key; its first delivery keeps the order, so a handler idempotent by message id
+  (a copy already handled is skipped) applies each message once and in order.
+
 Point to point (``send``): messages put on one named queue, not routed by topic, so that no other subscriber
 receives them (a reprocess delivering to the channels it names, as a dead-letter replay does). The consumer sees
 them as any delivery, with the topic given; durable as ``publish`` is.
@@ -54,6 +73,7 @@ class Delivery:
     attempt: int = 1  # 1 on first delivery
 
 
+PARTITION_KEY = "partition-key"  # header: messages with the same value are handled in publish order
 Item = tuple[str, bytes, str, dict[str, str] | None]  # a message to publish or send: topic, body, message_id, headers
 Handler = Callable[[Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]

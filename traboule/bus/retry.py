@@ -6,6 +6,13 @@
   then, or at once for a :class:`~traboule.bus.PermanentError`, :class:`DeadLetter` to ``<queue>.dlq`` with the
   error in the ``x-error`` header.
 * A delivery that already failed (``attempt > 1``) is never put in a batch (:func:`handed_alone`).
+* The engine's own database unreachable (:func:`database_unavailable`: a PostgreSQL connection refused or cut, the
+  server shutting down): :class:`Retry` every `UNAVAILABLE_DELAY` seconds at the same attempt, never dead-lettered:
+  the delivery waits for the database as long as it is down (an acknowledged order's event is applied once it is
+  back, not parked for an operator).
+* Another delivery working on the same item (`HeldElsewhere`: an XDS document claimed by a delivery in its own
+  retry loop, here or on another node): :class:`Retry` every `HELD_ELSEWHERE_DELAY` seconds at the same attempt,
+  never dead-lettered: the holder's retries may last minutes, this one waits its turn.
 
 Each failure is one warning event (``bus.batch_failed`` / ``bus.delivery_failed``) naming the queue, the message
 ids, the outcome and the exception's type only: its text may quote what a remote system answered (an ACK's
@@ -20,9 +27,16 @@ from typing import Literal
 
 import structlog
 
-from traboule.errors import PermanentError
+from traboule.errors import HeldElsewhere, PermanentError
 
 log = structlog.get_logger("traboule.bus")
+
+UNAVAILABLE_DELAY = 1.0  # seconds between attempts of a delivery waiting for the engine's database
+HELD_ELSEWHERE_DELAY = 2.0  # seconds between attempts of a delivery waiting for another one to end
+# SQLSTATE classes of a database that cannot serve now (connection exception, insufficient resources, operator
+# intervention: shut down, starting up); a query cancelled by its timeout (57014) or a lock not granted counts an
+# attempt as any other failure.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,22 @@ def _error_type(error: str) -> str:
     return error.partition(":")[0]
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is psycopg's ``OperationalError`` saying that the engine's PostgreSQL
+    database cannot serve now (no SQLSTATE: the connection refused or cut; or one of `_UNAVAILABLE_SQLSTATES`: the
+    server shutting down or starting, out of connections or disk): a later attempt may. Recognised by class name and
+    module, so that the bus imports no database driver."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is short; bounded all the same
+        if seen is None:
+            return False
+        if any(c.__name__ == "OperationalError" and c.__module__.startswith("psycopg") for c in type(seen).__mro__):
+            state = str(getattr(seen, "sqlstate", None) or "")
+            return not state or state.startswith(_UNAVAILABLE_SQLSTATES)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def handed_alone(attempt: int) -> bool:
     """A delivery that already failed is handed alone, never in a batch (its failures are counted one by one)."""
     return attempt > 1
@@ -88,6 +118,10 @@ class RetryPolicy:
         error = describe(exc)
         if isinstance(exc, PermanentError):
             return DeadLetter(error, "permanent")
+        if database_unavailable(exc):  # not counted: it waits for the database however long it is down
+            return Retry(error, attempt, max(self.backoff * attempt, UNAVAILABLE_DELAY))
+        if isinstance(exc, HeldElsewhere):  # not counted: it waits for the other delivery however long it takes
+            return Retry(error, attempt, max(self.backoff * attempt, HELD_ELSEWHERE_DELAY))
         if attempt >= self.max_attempts:
             return DeadLetter(error, "max_attempts")
         return Retry(error, attempt + 1, self.backoff * attempt)

@@ -3,8 +3,8 @@
 One `typing.Protocol` per store, as narrow as its callers (channels/, traboule/app/); a backend implements it and
 passes ``tests/test_store_contracts.py`` (parametrised by backend). SQLite (opened through
 `traboule.stores.sqlite.open_database`) implements every store; PostgreSQL (``traboule/stores/postgres/``, schema
-migrations in ``migrations.py``) implements all but the reports store so far (and ``postgres.idempotency`` the
-idempotent consumer):
+migrations in ``migrations.py``) implements every one too (and ``postgres.idempotency`` the idempotent consumer;
+the reports store's rules are ``ReportPublisher``'s on both, over ``reports.ReportStorage``):
 
 ==================  ===================================================  ===================================
 protocol            SQLite implementation (file)                         PostgreSQL implementation
@@ -12,8 +12,11 @@ protocol            SQLite implementation (file)                         Postgre
 `Journal`           `journal.SQLiteJournal` (``journal.sqlite``)         `postgres.journal.PostgresJournal`
 `WorklistStore`     `worklist.SQLiteWorklistStore` (``<channel>``)       `postgres.worklist`
 `FHIRStore`         `fhir_store.SQLiteFHIRStore` (``<channel>``)         `postgres.fhir_store`
-`ReportStore`       `reports.ReportPublisher` (``<channel>.reports``)    not yet
+`ReportStore`       `reports.ReportPublisher` (``<channel>.reports``)    `postgres.reports`
 `PatientRegistry`   `patient_identity.PatientIdentities` (``patients``)  `postgres.patient_identity`
+`MPPSStates`        `mpps_state.SQLiteMPPSStates` (``<channel>``)        `postgres.mpps_state`
+`SubmissionStore`   `submissions.SQLiteSubmissions` (``<channel>``)      `postgres.submissions`
+`SenderState`       `sender_state.SQLiteSenderState` (``<channel>``)     `postgres.sender_state`
 ==================  ===================================================  ===================================
 
 Common to all: "durable" means a commit that survives power loss (``Durability.POWER_LOSS``), and a method that
@@ -26,7 +29,7 @@ never a half-applied change. A store is used from the event loop's thread and fr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -36,11 +39,23 @@ if TYPE_CHECKING:
 
     from traboule import model
     from traboule.stores.journal import JournalEntry, OutboxEvent, Query
+    from traboule.stores.mpps_state import HeldInstance, MPPSInstance
     from traboule.stores.patient_identity import Pair
     from traboule.stores.reports import Held
+    from traboule.stores.sender_state import KnownOrder
+    from traboule.stores.submissions import Submission
     from traboule.stores.worklist import Change, Item
 
-__all__ = ["FHIRStore", "Journal", "PatientRegistry", "ReportStore", "WorklistStore"]
+__all__ = [
+    "FHIRStore",
+    "Journal",
+    "MPPSStates",
+    "PatientRegistry",
+    "ReportStore",
+    "SenderState",
+    "SubmissionStore",
+    "WorklistStore",
+]
 
 
 @runtime_checkable
@@ -229,6 +244,9 @@ class ReportStore(Protocol):
     * Waiting reports: ``publish_waiting`` publishes one whose study is known (the row and the document in one
       transaction), ``expire`` turns those past their deadline into dead letters, ``unnoted`` lists the outcomes
       not yet written to their journal entries until ``noted``; ``scan`` pages through them in row order.
+    * Several stores of one channel on one database (nodes) never number one version twice nor lose one, and a
+      message prepared by two of them at once makes one version; a waiting report is published by one of them
+      (``publish_waiting`` of the others: None); ``requested`` hands each ask to one.
     * Blocking calls, serialised: run them in a thread.
     """
 
@@ -286,8 +304,11 @@ class PatientRegistry(Protocol):
       written, and ``rebuild`` records again what the journal holds after it, so nothing the journal acknowledged
       is unknown to the checks after a restart.
     * ``same_patient`` and ``resolve_merged`` follow merges (a merged IPP is its survivor).
-    * Thread-safe; ``close`` writes what is held in memory.
+    * Thread-safe; ``close`` writes what is held in memory. ``off_loop``: its calls wait for a database server
+      (PostgreSQL), so an asyncio caller makes them on a thread; False (SQLite), they are made on the loop.
     """
+
+    off_loop: bool
 
     def check(self, payloads: Iterable[Any]) -> list[str]: ...
 
@@ -314,5 +335,87 @@ class PatientRegistry(Protocol):
     def forget(self, ipp: str) -> list[Pair]: ...
 
     def show(self, ipp: str) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class MPPSStates(Protocol):
+    """The state of each MPPS instance of one ``mpps`` channel (status, merged attribute list), keyed by its SOP
+    Instance UID.
+
+    * ``async with hold(uid) as held`` yields the instance (``held.current``: None when unknown) and keeps it to the
+      caller until the block ends: another hold of the same instance, by another store on the same data (another
+      node), waits until then and reads what this one saved. ``held.save`` writes the new state, committed when
+      the block ends without raising (rolled back when it raises). The caller checks, journals and saves in one
+      hold, so two requests for one instance never both apply. The waits run off the event loop.
+    * One hold at a time per store; ``get`` reads the committed state.
+    """
+
+    def get(self, uid: str) -> MPPSInstance | None: ...
+
+    def hold(self, uid: str) -> AbstractAsyncContextManager[HeldInstance]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SubmissionStore(Protocol):
+    """The document versions one ``xds`` channel submitted: entryUUID and status by uniqueId.
+
+    * ``begin`` stores a version as ``sending`` with its entryUUID, unless it is stored already: the stored one
+      comes back (an entry keeps the entryUUID it was first given). ``skip`` stores a version not for the
+      registry (``skipped``), unless stored already.
+    * ``registered`` marks a version registered and the one it replaces ``replaced``, in one transaction;
+      ``deleted`` marks it deleted; ``refused`` marks a ``sending`` version refused (False, nothing changed, in
+      any other status).
+    * ``claim(uid)`` yields True when the caller has the document to itself until the block ends, False at once
+      when another caller, of this store or of another one on the same data (another node), has it: two callers
+      never submit one version at the same time.
+    """
+
+    def get(self, unique_id: str) -> Submission | None: ...
+
+    def claim(self, unique_id: str) -> AbstractContextManager[bool]: ...
+
+    def begin(self, unique_id: str, entry_uuid: str, set_id: str) -> Submission: ...
+
+    def skip(self, unique_id: str, set_id: str) -> None: ...
+
+    def registered(self, unique_id: str, submission_set: str, replaced: str = "") -> None: ...
+
+    def deleted(self, unique_id: str) -> None: ...
+
+    def refused(self, unique_id: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SenderState(Protocol):
+    """What one HL7 v2 sender channel keeps: the marks of the events its receiver accepted (as
+    `traboule.stores.idempotency.AppliedKeys`), the orders it has seen by accession number, the documents whose
+    message the receiver has not taken yet.
+
+    * ``mark_done`` keeps the first mark (False when the key was marked already, by this store or another on the
+      same data); with ``clear_pending`` it also forgets that pending document, in the same transaction: both or
+      neither.
+    * ``remember_order`` replaces what was known of an accession number; ``set_pending`` of a pending document and
+      a clear of one not pending change nothing.
+    """
+
+    def is_done(self, key: str) -> bool: ...
+
+    def detail(self, key: str) -> str | None: ...
+
+    def mark_done(self, key: str, detail: str = "", *, clear_pending: str = "") -> bool: ...
+
+    def remember_order(self, accession: str, order: KnownOrder) -> None: ...
+
+    def known_order(self, accession: str) -> KnownOrder | None: ...
+
+    def set_pending(self, document_id: str) -> None: ...
+
+    def is_pending(self, document_id: str) -> bool: ...
 
     def close(self) -> None: ...

@@ -13,14 +13,17 @@ factory method      `SQLiteStores` (file in the data folder)      `PostgresStore
 ``record``          ``journal.sqlite``                            PostgreSQL (the journal's tables)
 ``worklist``        ``<channel>.sqlite``                          PostgreSQL (`PostgresWorklistStore`)
 ``fhir``            ``<channel>.sqlite``                          PostgreSQL (`PostgresFHIRStore`)
-``reports``         ``<channel>.reports.sqlite``                  SQLite ``<channel>.reports.sqlite``
+``reports``         ``<channel>.reports.sqlite``                  PostgreSQL (`PostgresReportStorage`)
 ``patients``        ``patients.sqlite``                           PostgreSQL (`PostgresPatientRegistry`)
-``applied_keys``    ``<channel>.sqlite``                          SQLite ``<channel>.sqlite``
+``applied_keys``    ``<channel>.sqlite``                          PostgreSQL (`PostgresAppliedKeys`)
+``sender_state``    ``<channel>.sqlite``                          PostgreSQL (`PostgresSenderState`)
+``mpps_states``     ``<channel>.sqlite``                          PostgreSQL (`PostgresMPPSStates`)
+``submissions``     ``<channel>.sqlite``                          PostgreSQL (`PostgresSubmissions`)
 ==================  ============================================  =========================================
 
-The reports store has no PostgreSQL implementation yet. The sent-message marks (``applied_keys``) stay in SQLite on
-purpose: the ``hl7-status`` and ``hl7-documents`` channels keep tables of their own in the same file and change
-them in one transaction with the marks.
+``sender_state`` (the ``hl7-status`` and ``hl7-documents``
+channels) holds the channel's marks and its own tables on one connection, so that a change and a mark commit in one
+transaction on either backend.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from traboule.stores import FHIRStore, Journal, PatientRegistry, ReportStore, WorklistStore
+    from traboule.stores import (
+        FHIRStore,
+        Journal,
+        MPPSStates,
+        PatientRegistry,
+        ReportStore,
+        SenderState,
+        SubmissionStore,
+        WorklistStore,
+    )
     from traboule.stores.idempotency import AppliedKeys, Legacy
     from traboule.stores.journal import JournalEntry
 
@@ -44,6 +56,11 @@ POSTGRES_COMPONENTS = {
     "worklist": ("worklist", "worklist"),
     "fhir": ("fhir_store", "fhir"),
     "patients": ("patient_identity", "patients"),
+    "reports": ("reports", "reports"),
+    "applied_keys": ("idempotency", "applied_keys"),
+    "sender_state": ("sender_state", "sender_state"),
+    "mpps_states": ("mpps_state", "mpps_state"),
+    "submissions": ("submissions", "submissions"),
 }
 
 
@@ -67,6 +84,12 @@ class StoreFactory(Protocol):
     def patients(self) -> PatientRegistry: ...
 
     def applied_keys(self, channel: str, *, legacy: Sequence[Legacy] = ()) -> AppliedKeys: ...
+
+    def sender_state(self, channel: str, *, legacy: Sequence[Legacy] = ()) -> SenderState: ...
+
+    def mpps_states(self, channel: str) -> MPPSStates: ...
+
+    def submissions(self, channel: str) -> SubmissionStore: ...
 
     def lease(self, name: str) -> Any:
         """The lease ``name`` (work that runs on one node at a time, e.g. the outbox dispatcher): ``acquire()``,
@@ -134,6 +157,21 @@ class SQLiteStores:
 
         return AppliedKeys.open(self.data_dir / f"{channel}.sqlite", legacy=legacy)
 
+    def sender_state(self, channel: str, *, legacy: Sequence[Legacy] = ()) -> SenderState:
+        from traboule.stores.sender_state import SQLiteSenderState
+
+        return SQLiteSenderState(self.applied_keys(channel, legacy=legacy))
+
+    def mpps_states(self, channel: str) -> MPPSStates:
+        from traboule.stores.mpps_state import SQLiteMPPSStates
+
+        return SQLiteMPPSStates(self.data_dir / f"{channel}.sqlite")
+
+    def submissions(self, channel: str) -> SubmissionStore:
+        from traboule.stores.submissions import SQLiteSubmissions
+
+        return SQLiteSubmissions(self.data_dir / f"{channel}.sqlite")
+
     def lease(self, name: str) -> Any:
         """One node: the lease is always held."""
         from traboule.stores.postgres.lease import LocalLease
@@ -145,13 +183,14 @@ class SQLiteStores:
 
     def describe(self) -> dict[str, str]:
         where = f"sqlite (files in {self.data_dir})"
-        return {store: where for store in ("journal", "worklist", "fhir", "reports", "patients", "applied_keys")}
+        stored = ("journal", "worklist", "fhir", "reports", "patients", "applied_keys", "sender_state")
+        return {store: where for store in (*stored, "mpps_states", "submissions")}
 
 
 class PostgresStores(SQLiteStores):
-    """The journal (with ``record``), the worklist, the FHIR store and the patient registry in the PostgreSQL
-    database at ``url``, shared by every node that names it; the reports and the sent-message marks in SQLite files
-    of ``data_dir``, as `SQLiteStores` keeps them.
+    """The journal (with ``record``), the worklist, the FHIR store, the patient registry, the reports and the
+    channels' own states (sent-message marks, MPPS instances, XDS submissions) in the PostgreSQL database at ``url``,
+    shared by every node that names it.
 
     The database holds one worklist and one FHIR store: every ``worklist`` (``fhir``) channel of the database shares
     it (the engine refuses two channels of either kind on one database at its start-up check)."""
@@ -202,6 +241,42 @@ class PostgresStores(SQLiteStores):
         from traboule.stores.postgres.patient_identity import PostgresPatientRegistry
 
         return PostgresPatientRegistry(self.url)
+
+    def reports(
+        self, channel: str, mapping: Any, validator: Any = None, *, wait_for_study: float | None = None
+    ) -> ReportStore:
+        """The reports of ``channel`` in the tables every node running it shares (the same rules as on SQLite:
+        `ReportPublisher` on a `PostgresReportStorage`); this node is its host and data folder."""
+        import socket
+
+        from traboule.stores.postgres.reports import PostgresReportStorage
+        from traboule.stores.reports import WAIT_FOR_STUDY, ReportPublisher
+
+        wait = WAIT_FOR_STUDY if wait_for_study is None else wait_for_study
+        node = f"{socket.gethostname()}:{self.data_dir.resolve()}"
+        storage = PostgresReportStorage(self.url, channel, node=node)
+        return ReportPublisher(mapping, storage, validator, wait_for_study=wait)
+
+    def applied_keys(self, channel: str, *, legacy: Sequence[Legacy] = ()) -> AppliedKeys:
+        """The marks of ``channel`` in the table every node shares (a fresh database has no ``legacy`` table)."""
+        from traboule.stores.postgres.idempotency import PostgresAppliedKeys
+
+        return PostgresAppliedKeys(self.url, channel)  # type: ignore[return-value]
+
+    def sender_state(self, channel: str, *, legacy: Sequence[Legacy] = ()) -> SenderState:
+        from traboule.stores.postgres.sender_state import PostgresSenderState
+
+        return PostgresSenderState(self.url, channel)
+
+    def mpps_states(self, channel: str) -> MPPSStates:
+        from traboule.stores.postgres.mpps_state import PostgresMPPSStates
+
+        return PostgresMPPSStates(self.url, channel)
+
+    def submissions(self, channel: str) -> SubmissionStore:
+        from traboule.stores.postgres.submissions import PostgresSubmissions
+
+        return PostgresSubmissions(self.url, channel)
 
     def lease(self, name: str) -> Any:
         """The lease ``name`` shared by every node of the database (a session advisory lock)."""

@@ -13,6 +13,11 @@ with `traboule.stores.sqlite.open_database` at ``Durability.POWER_LOSS``: a mark
 worklist store's ``applied (idempotency_key, applied_at)`` is the same table without ``detail``, and is used as it
 is. A table an earlier version kept under another name (``sent``...) is named in ``legacy`` and its rows are
 moved into ``applied`` when the database is opened, so an engine upgraded in place sends nothing twice.
+
+With ``[database] url`` the store factory gives `traboule.stores.postgres.idempotency.PostgresAppliedKeys`
+instead: the same API and the same guarantee (a mark and the consumer's own writes made on its connection inside
+``transaction()`` commit together or not at all), in one table every node shares. The HL7 sender channels reach
+their marks through `traboule.stores.sender_state`, which keeps their own tables on the marks' connection.
 """
 
 from __future__ import annotations

@@ -287,6 +287,8 @@ def same_patient(a: list[Identifier], b: list[Identifier]) -> bool:
 class IdentityRules:
     """The registry's rules that read only its lookups (``survivor``, ``_refuse``): the same on every backend."""
 
+    off_loop = False  # see `traboule.stores.PatientRegistry`
+
     def survivor(self, ipp: Identifier) -> list[Identifier] | None:
         raise NotImplementedError
 

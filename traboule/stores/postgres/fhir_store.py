@@ -14,8 +14,10 @@ and a committed transaction of one node is seen by the next call of every other.
   CONFLICT DO NOTHING``, which waits for another node's insert of the same resource), then decides as SQLite does:
   two nodes writing one resource at once end with the higher ``seq``, whatever the order of their commits.
 * ``transaction()`` is one PostgreSQL transaction on the store's writer connection (it nests; other writers of the
-  store wait). Reads from another thread use a small pool of autocommit connections, never wait, and see committed
-  data only; reads from inside the transaction see its writes. ``search`` is one statement (total and page from
+  store wait). Reads from another thread use a bounded pool of autocommit connections (`pool_size`, ``MAX_READERS``
+  by default: `traboule.stores.postgres.pool`), never wait for the writer, and see committed data only; a read
+  whose pooled connection the server had closed (a restart) is run once more on a new one. Reads from inside the
+  transaction see its writes. ``search`` is one statement (total and page from
   one snapshot). A deadlock between two nodes is retried for a call made outside ``transaction()``; inside one it
   is raised to the caller (the event is redelivered).
 * PostgreSQL text cannot hold a NUL character: every text stored or compared (types, ids, token systems and values,
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 import random
 import re
 import threading
@@ -42,6 +43,7 @@ from psycopg import errors
 from traboule.stores.fhir_store import TOKENS_VERSION, _content, _tokens, search_where
 from traboule.stores.postgres import connect, decode_text, encode_text
 from traboule.stores.postgres.migrations import check, register
+from traboule.stores.postgres.pool import MAX_READERS, ReaderPool, begin
 
 COMPONENT = "fhir"
 
@@ -117,15 +119,16 @@ class PostgresFHIRStore:
     """The FHIR resources of one ``fhir`` channel (`traboule.stores.FHIRStore`) in the PostgreSQL database at
     ``url``, shared by every node that opens it; the schema is created or upgraded on open."""
 
-    def __init__(self, url: str, timezone: Any = None, *, pool_size: int = 8) -> None:
-        """``timezone``: how a date or a zone-less time in a date search is read (local days); UTC when None."""
+    def __init__(self, url: str, timezone: Any = None, *, pool_size: int = MAX_READERS) -> None:
+        """``timezone``: how a date or a zone-less time in a date search is read (local days); UTC when None.
+        ``pool_size``: the reader connections open at most (a read waits for one beyond)."""
         self.url = url
         self.timezone = timezone or UTC
         self._lock = threading.RLock()
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
         self._closed = False
-        self._idle: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue(maxsize=pool_size)
+        self._readers = ReaderPool(url, size=pool_size, name="FHIR store")
         self._writer = connect(url)
         try:
             check(self._writer, COMPONENT)
@@ -154,41 +157,23 @@ class PostgresFHIRStore:
 
     # -- connections -------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _reader(self) -> Iterator[psycopg.Connection]:
-        """The connection a read uses: the writer for the thread inside `transaction` (it sees its own writes),
-        else an autocommit connection of the pool (committed data only, never waiting for the writer)."""
+    def _read(self, body: Callable[[psycopg.Connection], T]) -> T:
+        """``body`` on the writer for the thread inside `transaction` (it sees its own writes), else on a connection
+        of the reader pool (committed data only, never waiting for the writer; replayed once on a new connection
+        when the pooled one's session was gone: `traboule.stores.postgres.pool`)."""
         if self._owner == threading.get_ident():
             with self._lock:
-                yield self._writer
-            return
+                return body(self._writer)
         if self._closed:
             raise RuntimeError("the FHIR store is closed")
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = connect(self.url)
-        try:
-            yield conn
-        finally:
-            if self._closed or conn.broken or conn.closed:
-                conn.close()
-            else:
-                try:
-                    self._idle.put_nowait(conn)
-                except queue.Full:
-                    conn.close()
+        return self._readers.read(body)
 
     def close(self) -> None:
         """Close every connection (a connection in use by a read is closed when handed back)."""
         with self._lock:
             self._closed = True
             self._writer.close()
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                break
+        self._readers.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -203,11 +188,12 @@ class PostgresFHIRStore:
                 return
             if self._closed:
                 raise RuntimeError("the FHIR store is closed")
-            if self._writer.broken or self._writer.closed:
-                self._writer = connect(self.url)  # the server restarted: a new session
+            # A new session when the server ended the writer's (a restart), found before anything was sent.
+            self._writer, tx = begin(self._writer, self.url)
             self._depth, self._owner = 1, threading.get_ident()
             try:
-                with self._writer.transaction():
+                with contextlib.ExitStack() as stack:
+                    stack.push(tx)
                     yield
             finally:
                 self._depth, self._owner = 0, None
@@ -264,12 +250,10 @@ class PostgresFHIRStore:
     # -- reads -------------------------------------------------------------------------------------------------
 
     def _one(self, sql: str, params: tuple[Any, ...] | list[Any]) -> tuple[Any, ...] | None:
-        with self._reader() as conn:
-            return conn.execute(sql, params).fetchone()
+        return self._read(lambda conn: conn.execute(sql, params).fetchone())
 
     def _all(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
-        with self._reader() as conn:
-            return conn.execute(sql, params, prepare=False).fetchall()
+        return self._read(lambda conn: conn.execute(sql, params, prepare=False).fetchall())
 
     def get(self, rtype: str, rid: str) -> dict[str, Any] | None:
         row = self._one("SELECT json FROM fhir_resources WHERE type = %s AND id = %s", (_enc(rtype), _enc(rid)))

@@ -10,13 +10,15 @@ name) of a database all channels and nodes share:
 * ``mark_done`` is ``INSERT ... ON CONFLICT DO NOTHING``: two nodes marking one key at once get exactly one True
   (the second insert waits for the first's transaction, then finds the key taken);
 * ``transaction()`` opens a transaction on the connection (the consumer's own writes on it and the marks are kept
-  together or not at all). A connection given to the constructor is used as it is (autocommit, as
-  `traboule.stores.postgres.connect` makes, writes each mark at once outside a transaction) and closed by
-  ``close`` as the SQLite one is.
+  together or not at all: the guarantee of the SQLite store; `traboule.stores.postgres.sender_state` writes the
+  HL7 senders' own tables on this connection for that). A connection given to the constructor is used as it is
+  (autocommit, as `traboule.stores.postgres.connect` makes, writes each mark at once outside a transaction) and
+  closed by ``close`` as the SQLite one is.
 
 PostgreSQL text cannot hold a NUL character: a key with one is refused by ``mark_done`` (``ValueError``) and is
 never done; a NUL in ``detail`` is kept as U+FFFD. No legacy table exists on PostgreSQL (a fresh database).
-Not thread-safe: one caller at a time, as the SQLite store.
+Not thread-safe: one caller at a time, as the SQLite store. The store factory's ``applied_keys(channel)`` gives
+this store (consumer: the channel's name) when the engine runs on PostgreSQL.
 """
 
 from __future__ import annotations

@@ -6,14 +6,21 @@ one database, with the guarantees of `traboule.stores.journal.SQLiteJournal`.
 * Group commit: the appends queued in one event-loop iteration, and those that arrive while a commit is in flight,
   share the next transaction (one WAL flush for all of them). Appends and outbox confirmations go through an
   asyncio connection, so the loop keeps serving while the server commits; the other calls of the protocol are
-  blocking, as the protocol states, on a second (blocking) connection.
+  blocking, as the protocol states, on a second (blocking) connection. A group commit is one statement, in one round
+  trip: ``journal_append`` (a function of the schema, migration 2) takes the lock, writes each entry with its
+  events and deletes the confirmed events, in its own transaction; only entries whose key turns out taken cost
+  one more transaction (stored as ``duplicate``).
 * One accepted entry per idempotency key across nodes: a unique index on the key of ``accepted`` rows, written with
   ``INSERT ... ON CONFLICT DO NOTHING``. Two nodes appending the same message at once: the second insert waits for
   the first transaction, finds the key taken and stores its entry as ``duplicate`` (no read-then-write race).
 * Ids grow in commit order across nodes too: every group commit holds an advisory lock (`LOCK_KEY`) from before
   its first insert to its commit, so no node commits an id lower than one already visible (a reader paging with
   ``after`` never skips an entry committed late). Events added with ``append_events`` take the next outbox ids when
-  they commit; they do not take that lock (it runs on the loop's thread, which a commit in flight needs).
+  they commit; they do not take that lock (it runs on the loop's thread, which a commit in flight needs). The lock
+  is global on purpose: the sequence hands out ids to every node, so any two group commits may interleave their
+  ids, and no narrower key (per channel, per key) orders them. It costs little: it is taken inside the commit's one
+  statement, a node has one group commit in flight at a time (uncontended on one node), and across nodes it
+  serialises group commits, not messages (a commit carries every append queued meanwhile).
 * Text as the SQLite journal keeps it: PostgreSQL ``text`` cannot hold NUL, so every text column is stored through
   `traboule.stores.postgres.encode_text` (injective, identity on text without NUL or ``\\x01``) and decoded on read;
   ``raw`` is exact ``bytea``. An entry the server still refuses (``DataError``) fails alone: the group commit it
@@ -45,6 +52,50 @@ if TYPE_CHECKING:
 COMPONENT = "journal"
 LOCK_KEY = 0x6A6F_7572_6E61  # "journa": held by each group commit, so that ids grow in commit order
 PRUNE_BATCH = 5_000  # messages deleted per statement: a large prune never runs into the statement timeout
+
+# A group commit in one statement (its own transaction, one round trip): the lock, then each entry with its events
+# (``e_first``/``e_count``: where they are in the ``e_*`` arrays), then the confirmed events deleted. One id per
+# entry, in order; NULL for an accepted entry whose key is taken (by a committed entry or one earlier in the call):
+# nothing is written for it, the caller stores it as a duplicate.
+_APPEND_FUNCTION = """
+CREATE FUNCTION journal_append(
+    lock_key bigint, m_received text[], m_channel text[], m_peer text[], m_control_id text[], m_message_type text[],
+    m_status text[], m_ack_code text[], m_error text[], m_warnings text[], m_key text[], m_correlation_id text[],
+    m_raw bytea[], e_first int4[], e_count int4[], e_topic text[], e_event_id text[], e_body bytea[],
+    published bigint[]
+) RETURNS SETOF bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    FOR i IN 1 .. coalesce(array_length(m_status, 1), 0) LOOP
+        new_id := NULL;
+        IF m_status[i] = 'accepted' AND m_key[i] <> '' THEN
+            INSERT INTO journal_messages (received, channel, peer, control_id, message_type, status, ack_code, error,
+                                          warnings, idempotency_key, correlation_id, raw)
+            VALUES (m_received[i], m_channel[i], m_peer[i], m_control_id[i], m_message_type[i], m_status[i],
+                    m_ack_code[i], m_error[i], m_warnings[i], m_key[i], m_correlation_id[i], m_raw[i])
+            ON CONFLICT (idempotency_key) WHERE status = 'accepted' AND idempotency_key <> '' DO NOTHING
+            RETURNING id INTO new_id;
+        ELSE
+            INSERT INTO journal_messages (received, channel, peer, control_id, message_type, status, ack_code, error,
+                                          warnings, idempotency_key, correlation_id, raw)
+            VALUES (m_received[i], m_channel[i], m_peer[i], m_control_id[i], m_message_type[i], m_status[i],
+                    m_ack_code[i], m_error[i], m_warnings[i], m_key[i], m_correlation_id[i], m_raw[i])
+            RETURNING id INTO new_id;
+        END IF;
+        IF new_id IS NOT NULL AND m_status[i] = 'accepted' AND e_count[i] > 0 THEN
+            INSERT INTO journal_outbox (message_id, topic, event_id, body)
+                SELECT new_id, e_topic[j], e_event_id[j], e_body[j]
+                FROM generate_series(e_first[i], e_first[i] + e_count[i] - 1) AS j ORDER BY j;
+        END IF;
+        RETURN NEXT new_id;
+    END LOOP;
+    IF cardinality(published) > 0 THEN
+        DELETE FROM journal_outbox WHERE id = ANY(published);
+    END IF;
+END $$;
+"""
 
 migrations.register(
     COMPONENT,
@@ -81,7 +132,8 @@ migrations.register(
             );
             CREATE INDEX journal_outbox_message ON journal_outbox (message_id, id);
             """,
-        )
+        ),
+        (2, _APPEND_FUNCTION),
     ],
 )
 
@@ -94,6 +146,11 @@ _INSERT_ACCEPTED = (
 _ACCEPTED_ID = "SELECT id FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted' LIMIT 1"
 _INSERT_EVENT = "INSERT INTO journal_outbox (message_id, topic, event_id, body) VALUES (%s, %s, %s, %s)"
 _EVENTS = "SELECT id, message_id, topic, event_id, body FROM journal_outbox"
+_APPEND = (
+    "SELECT * FROM journal_append(%s, %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::int4[], %b::int4[], %b::text[],"
+    " %b::text[], %b::bytea[], %b::bigint[])"
+)
 
 Pending = tuple[JournalEntry, list[OutboxEvent], "asyncio.Future[JournalEntry]"]
 
@@ -209,12 +266,18 @@ class PostgresJournal:
                 try:
                     conn = await self._async_connection()
                     with _disk_full():
-                        async with conn.transaction():
-                            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-                            for entry, events, _ in batch:
-                                await self._insert(conn, entry, events)
-                            if published:
-                                await conn.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
+                        cur = await conn.execute(_APPEND, _append_args(batch, published))  # one round trip
+                        taken = []
+                        for (entry, events, _), (entry_id,) in zip(batch, await cur.fetchall(), strict=True):
+                            if entry_id is None:  # the key is taken (by a committed entry or one before it)
+                                taken.append((entry, events))
+                            else:
+                                entry.id = int(entry_id)
+                        if taken:  # stored as duplicates, in a transaction of their own (ids in commit order)
+                            async with conn.transaction():
+                                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                                for entry, events in taken:
+                                    await self._insert(conn, entry, events)
                 except Exception as exc:  # server gone, disk full: every waiting sender gets the error
                     self._deleting, self._in_flight = [], 0
                     self._published = published + self._published
@@ -432,6 +495,36 @@ class PostgresJournal:
         row = self._conn().execute(f"SELECT count(*) FROM journal_messages WHERE id > %s AND {where}", (after, *args))
         found = row.fetchone()
         return int(found[0] if found else 0)
+
+
+def _append_args(batch: list[Pending], published: list[int]) -> tuple[Any, ...]:
+    """The arguments of ``journal_append`` for a group commit: the entries' columns, their events, the confirmed
+    events to delete."""
+    columns: list[list[Any]] = [[] for _ in _COLUMNS]
+    first, count, topics, event_ids, bodies = [], [], [], [], []
+    for entry, events, _ in batch:
+        for column, value in zip(columns, _values(entry), strict=True):
+            column.append(value)
+        first.append(len(topics) + 1)
+        count.append(len(events))
+        topics += [e.topic for e in events]
+        event_ids += [e.event_id for e in events]
+        bodies += [e.body for e in events]
+    by_name = dict(zip(_COLUMNS, columns, strict=True))
+    order = ("received", "channel", "peer", "control_id", "message_type", "status", "ack_code", "error", "warnings")
+    return (
+        LOCK_KEY,
+        *(by_name[c] for c in order),
+        by_name["idempotency_key"],
+        by_name["correlation_id"],
+        by_name["raw"],
+        first,
+        count,
+        topics,
+        event_ids,
+        bodies,
+        published,
+    )
 
 
 def _insert_blocking(db: Connection, entry: JournalEntry, events: list[OutboxEvent]) -> None:

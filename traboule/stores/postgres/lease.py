@@ -11,6 +11,11 @@ advisory lock held on a connection of its own.
   the work goes on.
 * A node that dies (even ``kill -9``) closes its socket: the server ends its session and the lock is free for the
   next retry of another node (about a second).
+* Fencing: the holder calls `Lease.confirm` right before each piece of its work (each batch the outbox dispatcher
+  publishes): the server says whether this session still holds the lock. A session the server ended (an
+  administrator, a network cut noticed by the server) stops the work before the next batch rather than at the next
+  check, while another node may already hold the lease: two holders overlap by one batch at most, not by a check
+  interval.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ RETRY = 1.0  # seconds between two attempts of a node that does not hold the lea
 CHECK_INTERVAL = 1.0  # seconds between two checks of the holder's connection
 CHECK_TIMEOUT = 3.0  # a check slower than this loses the lease
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 3}
+
+
+# This session holds the advisory lock (classid, objid) of the two-int key space (objsubid 2).
+_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"
+    " AND objsubid = 2 AND classid::bigint = (%s::bigint & 4294967295) AND objid::bigint = (%s::bigint & 4294967295))"
+)
 
 
 def lease_key(name: str) -> tuple[int, int]:
@@ -95,6 +107,32 @@ class Lease:
         if self._held:
             await self._lost.wait()
 
+    async def confirm(self) -> bool:
+        """Whether this node still holds the lease, as the server says now (its session still holds the lock);
+        when not, the lease is lost (``held`` false, `lost` returns). Bounded by `CHECK_TIMEOUT`."""
+        conn = self._conn
+        if not self._held or conn is None or conn.closed:
+            return False
+        try:
+            cur = await asyncio.wait_for(conn.execute(_HELD, self.key), CHECK_TIMEOUT)
+            row = await cur.fetchone()
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            await self._lose(type(exc).__name__)
+            return False
+        if not (row and row[0]):  # cannot happen while the session lives; said all the same
+            await self._lose("not held")
+            return False
+        return True
+
+    async def _lose(self, error: str) -> None:
+        """The lease is lost (found by `confirm`): the periodic check stops, the connection is closed."""
+        log.warning("lease.lost", lease=self.name, error=error)
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+        self._set_lost()
+        await self._drop()
+
     async def _check(self) -> None:
         while True:
             await asyncio.sleep(CHECK_INTERVAL)
@@ -147,6 +185,9 @@ class LocalLease:
 
     async def acquire(self) -> None:
         return None
+
+    async def confirm(self) -> bool:
+        return True
 
     async def lost(self) -> None:
         await asyncio.Event().wait()  # never

@@ -17,12 +17,20 @@ database is the truth, nothing is kept in memory.
   checking conflicting INS for one IPP at the same moment are serialised, the second sees the first's reservation
   and is refused. `record` writes the pairs, the owners, the channel's `mark` and the merges and drops the
   message's reservations in one transaction, so a check on another node sees either the reservation or the row.
-* Checks read the database: a few indexed look-ups, a transaction for those that reserve (``check``,
-  ``check_order``, committed without waiting for the WAL flush: a reservation lost in a crash held a message that
-  was not answered). On a local server with a loaded 2-core machine: ``check_report`` 0.3-1.2 ms, ``check``
-  1-1.5 ms, ``check_order`` 2-3 ms, ``record`` of a known order 1-2 ms. Merges are looked up per IPP value, no
-  cache between calls (only within one call): a merge committed by a node is applied by the next check of every
-  node.
+* Round trips: the usual message costs one statement per call, a function of the schema (``patients_*``, migration
+  2) that takes the locks, reads and writes in its own transaction (each statement of a volatile function sees
+  what committed before it, the locks taken first): `check` of pairs recorded or reserved exactly as the message
+  gives them, or nowhere (``patients_reserve``); `check_order` of one order whose keys no other patient's
+  identifiers name, recorded or held (``patients_hold``); `record` without an identity source's update or a merge
+  (``patients_record``, a group commit: the records other threads make while one is in flight share the next
+  statement, and the marks' row is updated once for them); `resolve_merged` reads the merges of every IPP named in
+  one statement. The two check functions write nothing and answer false when they see anything else (another INS,
+  another patient's identifiers, a merge): the check then runs in full, in a pipelined transaction (its reads sent
+  together: two round trips) with the decision made in Python, like the other calls (merges, corrections,
+  `forget`, `rebuild`). Merges are looked up per IPP value, no cache between calls (only within one call): a merge
+  committed by a node is applied by the next check of every node.
+* Checks committed without waiting for the WAL flush: a reservation lost in a crash held a message that was not
+  answered.
 * Durability: a record that writes an INS pair, a change of INS or a merge commits with ``synchronous_commit`` on
   before it returns. A record that only writes owners (nearly every order) commits with ``synchronous_commit``
   off (no WAL flush of its own: the next durable commit of any node, the journal's, flushes it): a crash of the
@@ -30,11 +38,14 @@ database is the truth, nothing is kept in memory.
   `rebuild` records them again from the journal.
 * PostgreSQL text cannot hold a NUL character: identifiers and keys are stored with ``\\`` and NUL escaped
   (``\\\\``, ``\\0``); the patients' identifiers are JSON (NUL escaped by JSON itself).
-* Thread-safe: one connection per registry, its calls serialised.
+* Thread-safe, with a pool of connections (`POOL_SIZE`, opened as needed): a call takes one for its duration, so
+  calls from several threads run at once (``off_loop``: the channels make them on threads, never on the event
+  loop, which serves the other connections meanwhile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -47,6 +58,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.pq import TransactionStatus
 
 from traboule.errors import MappingFailure
 from traboule.model import (
@@ -87,6 +99,102 @@ from traboule.stores.postgres import connect, migrations, redact
 
 COMPONENT = "patients"
 LOCK_CLASS = 0x7061_7469  # "pati": the first key of the registry's advisory locks (the second: what is locked)
+POOL_SIZE = 8  # connections per registry: the calls of as many threads at once
+
+# The usual message in one statement each (one round trip, one implicit transaction; the statements of a volatile
+# function each see what committed before them, the advisory locks taken first): `check` of pairs all known or
+# reserved as they are, `check_order` of keys no other patient names, `record` without an identity source's
+# update or a merge. The first two answer false, writing nothing, when they see anything else: the checks then run
+# in full (`PostgresPatientRegistry._check_all`, `_check_order_all`).
+_FUNCTIONS = """
+CREATE FUNCTION patients_reserve(
+    lock_class int4, locks int4[], p_ipp text[], p_ipp_oid text[], p_ipp_ns text[], p_ins_oid text[], p_ins text[],
+    p_node text, p_seconds float8
+) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(lock_class, k) FROM unnest(locks) AS k;
+    IF EXISTS (
+        SELECT 1 FROM (
+            SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM patients_reserved
+            WHERE (ipp = ANY(p_ipp) OR (ins_oid = ANY(p_ins_oid) AND ins = ANY(p_ins))) AND expires > now()
+            UNION ALL
+            SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM patients_ins
+            WHERE ipp = ANY(p_ipp) OR (ins_oid = ANY(p_ins_oid) AND ins = ANY(p_ins))
+        ) AS seen
+        WHERE (ipp, ipp_oid, ipp_namespace, ins_oid, ins) NOT IN (
+            SELECT * FROM unnest(p_ipp, p_ipp_oid, p_ipp_ns, p_ins_oid, p_ins))
+    ) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO patients_reserved (ipp, ipp_oid, ipp_namespace, ins_oid, ins, node, expires)
+        SELECT u.*, p_node, now() + p_seconds * interval '1 second'
+        FROM unnest(p_ipp, p_ipp_oid, p_ipp_ns, p_ins_oid, p_ins) AS u;
+    RETURN true;
+END $$;
+
+CREATE FUNCTION patients_hold(
+    lock_class int4, locks int4[], p_kind text[], p_key text[], p_holder text, p_patient text, p_ipp text,
+    p_seconds float8
+) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(lock_class, k) FROM unnest(locks) AS k;
+    IF EXISTS (SELECT 1 FROM patients_merges WHERE ipp = p_ipp)
+        OR EXISTS (
+            SELECT 1 FROM patients_owners o JOIN unnest(p_kind, p_key) AS u(kind, key)
+                ON o.kind = u.kind AND o.key = u.key
+            WHERE o.patient <> p_patient)
+        OR EXISTS (
+            SELECT 1 FROM patients_keys_held h JOIN unnest(p_kind, p_key) AS u(kind, key)
+                ON h.kind = u.kind AND h.key = u.key
+            WHERE h.expires > now() AND h.holder <> p_holder AND h.patient <> p_patient)
+    THEN
+        RETURN false;
+    END IF;
+    INSERT INTO patients_keys_held
+        SELECT u.kind, u.key, p_holder, p_patient, now() + p_seconds * interval '1 second'
+        FROM unnest(p_kind, p_key) AS u(kind, key)
+        ON CONFLICT (kind, key, holder) DO UPDATE SET patient = excluded.patient, expires = excluded.expires;
+    RETURN true;
+END $$;
+
+CREATE FUNCTION patients_record(
+    lock_class int4, locks int4[], p_ipp text[], p_ipp_oid text[], p_ipp_ns text[], p_ins_oid text[], p_ins text[],
+    p_node text, p_recorded text, o_kind text[], o_key text[], o_patient text[], o_source text[], m_channel text[],
+    m_id bigint[], r_holder text[], r_kind text[], r_key text[]
+) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    added bigint := 0;
+    n bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_class, k) FROM unnest(locks) AS k;
+    FOR i IN 1 .. coalesce(array_length(p_ipp, 1), 0) LOOP
+        INSERT INTO patients_ins (ipp, ipp_oid, ipp_namespace, ins_oid, ins, recorded)
+            VALUES (p_ipp[i], p_ipp_oid[i], p_ipp_ns[i], p_ins_oid[i], p_ins[i], p_recorded) ON CONFLICT DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        added := added + n;
+        DELETE FROM patients_reserved WHERE id = (
+            SELECT id FROM patients_reserved WHERE ipp = p_ipp[i] AND ipp_oid = p_ipp_oid[i]
+                AND ipp_namespace = p_ipp_ns[i] AND ins_oid = p_ins_oid[i] AND ins = p_ins[i] AND node = p_node
+            LIMIT 1);
+    END LOOP;
+    -- durable (the commit waits for the WAL flush) when it wrote a pair; owners only: see the module docstring
+    PERFORM set_config('synchronous_commit', CASE WHEN added > 0 THEN 'on' ELSE 'off' END, true);
+    FOR i IN 1 .. coalesce(array_length(o_kind, 1), 0) LOOP
+        INSERT INTO patients_owners VALUES (o_kind[i], o_key[i], o_patient[i], o_source[i], p_recorded)
+            ON CONFLICT (kind, key) DO UPDATE SET
+                patient = excluded.patient, source = excluded.source, recorded = excluded.recorded
+            WHERE excluded.source = 'order' AND patients_owners.patient <> excluded.patient;
+    END LOOP;
+    INSERT INTO patients_marks
+        SELECT channel, max(id) FROM unnest(m_channel, m_id) AS m(channel, id) GROUP BY channel ORDER BY channel
+        ON CONFLICT (channel) DO UPDATE SET journal_id = GREATEST(patients_marks.journal_id, excluded.journal_id);
+    DELETE FROM patients_keys_held h USING unnest(r_holder, r_kind, r_key) AS r(holder, kind, key)
+        WHERE h.holder = r.holder AND h.kind = r.kind AND h.key = r.key;
+    RETURN added > 0;
+END $$;
+"""
 
 migrations.register(
     COMPONENT,
@@ -154,7 +262,8 @@ migrations.register(
                 PRIMARY KEY (kind, key, holder)
             );
             """,
-        )
+        ),
+        (2, _FUNCTIONS),
     ],
 )
 log = structlog.get_logger("traboule.stores.postgres.patient_identity")
@@ -181,6 +290,14 @@ _MARK = (
 _HOLD = (
     "INSERT INTO patients_keys_held VALUES (%s, %s, %s, %s, now() + %s * interval '1 second')"
     " ON CONFLICT (kind, key, holder) DO UPDATE SET patient = excluded.patient, expires = excluded.expires"
+)
+_RESERVE_CALL = (
+    "SELECT patients_reserve(%s, %b::int4[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %s, %s)"
+)
+_HOLD_CALL = "SELECT patients_hold(%s, %b::int4[], %b::text[], %b::text[], %s, %s, %s, %s)"
+_RECORD_CALL = (
+    "SELECT patients_record(%s, %b::int4[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %s, %s,"
+    " %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[], %b::text[])"
 )
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
@@ -222,23 +339,133 @@ def _locks(payloads: list[Any]) -> list[str]:
     return names
 
 
+def _ask_owners(db: psycopg.Connection, keys: list[tuple[str, str]]) -> psycopg.Cursor[Any] | None:
+    """Ask for the recorded owners of these order keys (read by `_owners_read`; in a pipeline, no round trip yet)."""
+    if not keys:
+        return None
+    return db.execute(
+        "SELECT kind, key, patient FROM patients_owners WHERE key = ANY(%s) AND kind = ANY(%s)",
+        ([_e(k) for _, k in keys], sorted({_e(kind) for kind, _ in keys})),
+    )
+
+
+def _owners_read(asked: psycopg.Cursor[Any] | None, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The owners `_ask_owners` asked for: their patients' identifiers (JSON) by key."""
+    if asked is None:
+        return {}
+    wanted = set(keys)
+    return {(k, v): text for kind, key, text in asked.fetchall() if (k := _d(kind), v := _d(key)) in wanted}
+
+
+def _owner_rows(payloads: list[Any]) -> list[tuple[str, str, str, str]]:
+    """(kind, key, patient, source) of the owners of the keys the payloads name."""
+    rows = []
+    for payload in payloads:
+        if isinstance(payload, PatientUpdate):
+            continue
+        patient = patient_of(payload)
+        ids = _identity(patient) if patient is not None else []
+        if not ids:
+            continue
+        source = _SOURCES.get(type(payload), "report")
+        text = _dump(ids)
+        rows += [(_e(kind), _e(key), text, source) for kind, key in keys_of(payload)]
+    return rows
+
+
+def _lock_keys(names: Iterable[str]) -> list[int]:
+    """The advisory lock keys of these names, in the one order every node takes them."""
+    return sorted({_lock_id(name) for name in names})
+
+
+def _raise_mismatch(
+    found: tuple[str, str, list[Identifier], list[Identifier]] | None, what: str, location: str, remedy: str = ""
+) -> None:
+    """Refuse (`MappingFailure`) what names a key of another patient (``found``: `mismatch`'s answer)."""
+    if found is not None:
+        kind, key, theirs, mine = found
+        raise MappingFailure(
+            f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this {what} "
+            f"names patient {describe(mine)}; "
+            + (remedy or "not linked (correct the patient or the order identifiers)"),
+            location,
+            code="205",
+        )
+
+
+class _Recording:
+    """One `record` waiting for its group commit: the rows it writes (stored form), its outcome."""
+
+    __slots__ = ("done", "error", "held", "lead", "locks", "marks", "owners", "pairs")
+
+    def __init__(
+        self,
+        locks: list[str],
+        pairs: list[tuple[str, ...]],
+        owners: list[tuple[str, str, str, str]],
+        marks: list[tuple[str, int]],
+        held: list[tuple[str, str, str]],
+    ) -> None:
+        self.locks, self.pairs, self.owners, self.marks, self.held = locks, pairs, owners, marks, held
+        self.done = threading.Event()
+        self.lead = False  # woken to write the next group commit
+        self.error: Exception | None = None
+
+
+def _record_args(batch: list[_Recording], node: str) -> tuple[Any, ...]:
+    """The arguments of ``patients_record`` for these records (one transaction)."""
+
+    def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+        return [list(c) for c in zip(*rows, strict=True)] or [[] for _ in range(width)]
+
+    return (
+        LOCK_CLASS,
+        _lock_keys(name for r in batch for name in r.locks),
+        *columns([p for r in batch for p in r.pairs], 5),
+        node,
+        _now(),
+        *columns([o for r in batch for o in r.owners], 4),
+        *columns([m for r in batch for m in r.marks], 2),
+        *columns([h for r in batch for h in r.held], 3),
+    )
+
+
+class _Session:
+    """One call's connection (from the registry's pool) and the survivors it looked up."""
+
+    __slots__ = ("db", "survivors")
+
+    def __init__(self, db: psycopg.Connection) -> None:
+        self.db = db
+        self.survivors: dict[tuple[str, str, str], list[Identifier] | None] = {}
+
+
 class PostgresPatientRegistry(IdentityRules):
     """The patient identity registry of every node on the database at ``url`` (`traboule.stores.PatientRegistry`).
     The schema is created or upgraded when it opens."""
 
-    def __init__(self, url: str) -> None:
+    off_loop = True  # its calls wait for the server: the channels make them on a thread, not the event loop
+
+    def __init__(self, url: str, *, connections: int = POOL_SIZE) -> None:
         self.url = url
         self._node = uuid.uuid4().hex[:16]  # what this registry reserves is its own
-        self._lock = threading.RLock()
-        self._db = self._connect()
-        try:
-            migrations.check(self._db, COMPONENT)
-        except BaseException:
-            self._db.close()
-            raise
-        self._pruned = time.monotonic()
+        self._size = max(1, connections)
+        self._free = threading.Condition()  # guards the pool: ``_idle``, ``_open``, ``_closed``
+        self._idle: list[psycopg.Connection] = []
+        self._open = 1
         self._closed = False
-        self._survivors: dict[tuple[str, str, str], list[Identifier] | None] | None = None  # `_memo`
+        self._local = threading.local()  # the session of the call running on each thread
+        db = self._connect()
+        try:
+            migrations.check(db, COMPONENT)
+        except BaseException:
+            db.close()
+            raise
+        self._idle.append(db)
+        self._pruned = time.monotonic()
+        self._queue_lock = threading.Lock()  # guards ``_queue`` and ``_writing`` (`_record_together`)
+        self._queue: list[_Recording] = []
+        self._writing = False
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -246,53 +473,97 @@ class PostgresPatientRegistry(IdentityRules):
         except psycopg.OperationalError as exc:  # an OSError: the engine says "cannot start" with the reason
             raise ConnectionError(f"database {redact(self.url)}: {exc}".strip()) from exc
 
-    def _conn(self) -> psycopg.Connection:
-        if self._closed:
-            raise RuntimeError("the patient registry is closed")
-        if self._db.broken or self._db.closed:
-            self._db = self._connect()  # the server restarted: a new session
-        return self._db
+    def _acquire(self) -> psycopg.Connection:
+        """A connection of the pool for one call: an idle one, a new one below the pool's size, or the next one
+        given back."""
+        with self._free:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the patient registry is closed")
+                if self._idle:
+                    db: psycopg.Connection | None = self._idle.pop()
+                    break
+                if self._open < self._size:
+                    self._open += 1
+                    db = None
+                    break
+                self._free.wait()
+        if db is not None and not db.broken and not db.closed:
+            return db
+        if db is not None:  # the server restarted: a new session
+            with contextlib.suppress(Exception):
+                db.close()
+        try:
+            return self._connect()
+        except BaseException:
+            with self._free:
+                self._open -= 1
+                self._free.notify()
+            raise
+
+    def _give_back(self, db: psycopg.Connection) -> None:
+        healthy = not db.broken and not db.closed and db.info.transaction_status == TransactionStatus.IDLE
+        with self._free:
+            if healthy and not self._closed:
+                self._idle.append(db)
+            else:
+                self._open -= 1
+                with contextlib.suppress(Exception):
+                    db.close()
+            self._free.notify()
+
+    @contextmanager
+    def _session(self) -> Iterator[_Session]:
+        """The connection and the merges' memo of the call running on this thread (one per outermost call: the
+        survivors looked up during a call are remembered until it returns, the next call reads the database
+        again)."""
+        session: _Session | None = getattr(self._local, "session", None)
+        if session is not None:
+            yield session
+            return
+        session = self._local.session = _Session(self._acquire())
+        try:
+            yield session
+        finally:
+            self._local.session = None
+            self._give_back(session.db)
+
+    def _memo(self) -> dict[tuple[str, str, str], list[Identifier] | None] | None:
+        session: _Session | None = getattr(self._local, "session", None)
+        return session.survivors if session is not None else None
 
     def _rows(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._conn().execute(sql, params).fetchall()
+        with self._session() as session:
+            return session.db.execute(sql, params).fetchall()
 
     @contextmanager
     def _transaction(self, locks: Iterable[str] = (), *, durable: bool = True) -> Iterator[psycopg.Connection]:
         """One transaction holding the advisory locks of ``locks`` (taken in one order on every node, in one
-        statement); the reads made meanwhile (`known`, `current`...) run in it, merges looked up once per IPP.
-        ``durable`` False: committed without waiting for the server's WAL flush (what a crash may lose)."""
-        with self._lock, self._memo():
-            db = self._conn()
-            with db.transaction():
-                if not durable:
-                    db.execute("SET LOCAL synchronous_commit = off")
-                keys = sorted({_lock_id(name) for name in locks})
-                if keys:  # a function scan yields its rows in order: the locks are taken in that order
+        statement), in pipeline mode: its statements go out together, a round trip only where a result is read;
+        the reads made meanwhile (`known`, `current`...) run in it, merges looked up once per IPP. ``durable``
+        False: committed without waiting for the server's WAL flush (what a crash may lose)."""
+        with self._session() as session:
+            db = session.db
+            with db.pipeline(), db.transaction():
+                keys = _lock_keys(locks)
+                if keys or not durable:  # a function scan yields its rows in order: the locks are taken in that order
                     db.execute(
-                        "SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k", (LOCK_CLASS, keys)
-                    ).fetchall()
+                        "SELECT set_config('synchronous_commit', %s, true),"
+                        " (SELECT count(pg_advisory_xact_lock(%s, k)) FROM unnest(%s::int4[]) AS k)",
+                        ("on" if durable else "off", LOCK_CLASS, keys),
+                    )
                 yield db
 
-    @contextmanager
-    def _memo(self) -> Iterator[None]:
-        """The survivors looked up during one call are remembered until it returns (a check asks for the same IPP
-        several times); the next call reads the database again."""
-        with self._lock:
-            if self._survivors is not None:
-                yield
-                return
-            self._survivors = {}
-            try:
-                yield
-            finally:
-                self._survivors = None
-
     def close(self) -> None:
-        """Close the connection (everything is written already)."""
-        with self._lock:
+        """Close the connections (everything is written already; one in use closes when its call returns)."""
+        with self._free:
             self._closed = True
-            self._db.close()
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._free.notify_all()
+        for db in idle:
+            with contextlib.suppress(Exception):
+                db.close()
 
     def known(self, pair: Pair) -> list[Pair]:
         """The recorded INS of this kind for the same IPP."""
@@ -307,63 +578,90 @@ class PostgresPatientRegistry(IdentityRules):
         """Refuse (`MappingFailure`, PID-3) a message giving an IPP another INS than the one it was accepted
         with or reserved for by a message in flight on any node; otherwise reserve its pairs until `record` (or
         `release`). A patient update from an identity source (``authoritative``) replaces the INS instead:
-        returns the warnings to journal, one per INS it changes."""
+        returns the warnings to journal, one per INS it changes. A message whose pairs are all recorded or
+        reserved as they are (or nowhere), not from an identity source: one statement (``patients_reserve``)."""
         payloads = list(payloads)
         pairs = pairs_of(payloads)
         if not pairs:
             return []
+        if not any(_authoritative(p) for p in payloads):
+            self._judge(pairs, set(), [], [])  # the message against itself
+            self._prune_now_and_then()
+            rows = [_pair_row(p) for p in pairs]
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            args = (LOCK_CLASS, _lock_keys(_locks(payloads)), *columns, self._node, float(sqlite_registry.RESERVED))
+            if self._call(_RESERVE_CALL, args):
+                return []
+        return self._check_all(payloads, pairs)
+
+    def _check_all(self, payloads: list[Any], pairs: list[Pair]) -> list[str]:
+        """`check` with everything it may need read: the recorded and reserved pairs of its IPPs and INS."""
         ruling = set(pairs_of(p for p in payloads if _authoritative(p)))
         with self._transaction(_locks(payloads), durable=False) as db:  # a reservation lost in a crash: its
             self._prune(db)  # message was not answered either
             given = {(p.ins_oid, p.ins) for p in pairs}
             by = ([_e(p.ipp) for p in pairs], [_e(o) for o, _ in given], [_e(i) for _, i in given])  # the indexes
-            reserved = db.execute(
+            asked = db.execute(  # both reads in one round trip (pipeline)
                 f"SELECT {_PAIR} FROM patients_reserved WHERE (ipp = ANY(%s) OR (ins_oid = ANY(%s) AND ins = ANY(%s)))"
                 " AND expires > now()",
                 by,
-            ).fetchall()
-            recorded = list(
-                map(
-                    _pair,
-                    db.execute(
-                        f"SELECT {_PAIR} FROM patients_ins"
-                        " WHERE ipp = ANY(%s) OR (ins_oid = ANY(%s) AND ins = ANY(%s))",
-                        by,
-                    ),
-                )
             )
-            ipps = {p.ipp for p in pairs}
-            held = [p for p in map(_pair, reserved) if p.ipp in ipps]
-            elsewhere = [p for p in map(_pair, reserved) if (p.ins_oid, p.ins) in given]  # other IPPs in flight
-            notes = []
-            for pair in pairs:
-                known = [p for p in recorded if p.same_ipp(pair)]
-                if pair in ruling:  # the identity system's word: only the message itself may not contradict it
-                    changed = [p for p in known if p.ins != pair.ins]
-                    if changed:
-                        notes.append(_changed_note(pair, changed))
-                    known, against = [], pairs
-                else:
-                    against = [*held, *pairs]
-                if [p for p in [*known, *against] if p.same_ipp(pair) and p.ins != pair.ins]:
-                    kind = INS_OIDS.get(pair.ins_oid, "INS")
-                    raise MappingFailure(
-                        f"identity conflict: this patient identifier was accepted with another {kind}; the INS is "
-                        "not replaced (correct the identity, or merge, in the patient identity system)",
-                        "PID-3",
-                        code="205",
-                    )
-                holders = [p for p in recorded if (p.ins_oid, p.ins) == (pair.ins_oid, pair.ins)]
-                if self._held_by_another_ipp(pair, [*holders, *elsewhere, *pairs]):
-                    raise MappingFailure(
-                        "identity conflict: INS already belongs to another IPP of this authority; merge them in the "
-                        "patient identity system first",
-                        "PID-3",
-                        code="205",
-                    )
+            ins_rows = db.execute(
+                f"SELECT {_PAIR} FROM patients_ins WHERE ipp = ANY(%s) OR (ins_oid = ANY(%s) AND ins = ANY(%s))", by
+            )
+            reserved = list(map(_pair, asked.fetchall()))
+            recorded = list(map(_pair, ins_rows.fetchall()))
+            notes = self._judge(pairs, ruling, reserved, recorded)
             with db.cursor() as cur:
                 cur.executemany(_RESERVE, [(*_pair_row(p), self._node, float(sqlite_registry.RESERVED)) for p in pairs])
         return notes
+
+    def _judge(self, pairs: list[Pair], ruling: set[Pair], reserved: list[Pair], recorded: list[Pair]) -> list[str]:
+        """`check`'s verdict on a message's ``pairs`` (``ruling``: an identity source's) against the pairs
+        ``reserved`` for messages in flight and ``recorded`` for their IPPs and INS: refused (`MappingFailure`), or
+        the warnings of the INS it changes."""
+        given = {(p.ins_oid, p.ins) for p in pairs}
+        ipps = {p.ipp for p in pairs}
+        held = [p for p in reserved if p.ipp in ipps]
+        elsewhere = [p for p in reserved if (p.ins_oid, p.ins) in given]  # other IPPs in flight
+        notes = []
+        for pair in pairs:
+            known = [p for p in recorded if p.same_ipp(pair)]
+            if pair in ruling:  # the identity system's word: only the message itself may not contradict it
+                changed = [p for p in known if p.ins != pair.ins]
+                if changed:
+                    notes.append(_changed_note(pair, changed))
+                known, against = [], pairs
+            else:
+                against = [*held, *pairs]
+            if [p for p in [*known, *against] if p.same_ipp(pair) and p.ins != pair.ins]:
+                kind = INS_OIDS.get(pair.ins_oid, "INS")
+                raise MappingFailure(
+                    f"identity conflict: this patient identifier was accepted with another {kind}; the INS is "
+                    "not replaced (correct the identity, or merge, in the patient identity system)",
+                    "PID-3",
+                    code="205",
+                )
+            holders = [p for p in recorded if (p.ins_oid, p.ins) == (pair.ins_oid, pair.ins)]
+            if self._held_by_another_ipp(pair, [*holders, *elsewhere, *pairs]):
+                raise MappingFailure(
+                    "identity conflict: INS already belongs to another IPP of this authority; merge them in the "
+                    "patient identity system first",
+                    "PID-3",
+                    code="205",
+                )
+        return notes
+
+    def _call(self, sql: str, args: tuple[Any, ...]) -> bool:
+        """One statement (a function of the schema: its own transaction), its boolean answer."""
+        with self._session() as session:
+            row = session.db.execute(sql, args).fetchone()
+        return bool(row and row[0])
+
+    def _prune_now_and_then(self) -> None:
+        if time.monotonic() - self._pruned > sqlite_registry.RESERVED:
+            with self._session() as session:
+                self._prune(session.db)
 
     def _prune(self, db: psycopg.Connection) -> None:
         """Forget expired reservations now and then (messages refused later or never stored, a node that died)."""
@@ -410,7 +708,7 @@ class PostgresPatientRegistry(IdentityRules):
     def survivor(self, ipp: Identifier) -> list[Identifier] | None:
         """The identifiers of the patient a merged IPP now is (merges followed to the last): the surviving IPP and
         the INS the registry holds for it now; or None."""
-        memo, key = self._survivors, (ipp.value, ipp.issuer, ipp.issuer_oid)
+        memo, key = self._memo(), (ipp.value, ipp.issuer, ipp.issuer_oid)
         if memo is not None and key in memo:
             found = memo[key]
             return None if found is None else [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in found]
@@ -428,6 +726,32 @@ class PostgresPatientRegistry(IdentityRules):
                 None if result is None else [Identifier(i.value, i.issuer, i.issuer_oid, i.type) for i in result]
             )
         return result
+
+    def resolve_merged(self, payloads: Iterable[Any]) -> list[str]:
+        """`IdentityRules.resolve_merged`, the merges of the payloads' IPPs read in one statement."""
+        payloads = list(payloads)
+        with self._session() as session:
+            ipps = [ipp for p in payloads if (patient := patient_of(p)) is not None and (ipp := _ipp(patient))]
+            self._no_merges(self._ask_merges(session.db, ipps), ipps)
+            return super().resolve_merged(payloads)
+
+    @staticmethod
+    def _ask_merges(db: psycopg.Connection, ipps: list[Identifier]) -> psycopg.Cursor[Any] | None:
+        """Ask for the merges naming these IPP values (read by `_no_merges`; in a pipeline, no round trip yet)."""
+        values = sorted({_e(i.value) for i in ipps})
+        if not values:
+            return None
+        return db.execute("SELECT ipp, ipp_namespace, ipp_oid FROM patients_merges WHERE ipp = ANY(%s)", (values,))
+
+    def _no_merges(self, asked: psycopg.Cursor[Any] | None, ipps: list[Identifier]) -> None:
+        """The IPPs no merge names have no survivor: remembered for the call (`survivor` looks up the others)."""
+        memo = self._memo()
+        if asked is None or memo is None:
+            return
+        merged = [Identifier(*map(_d, row)) for row in asked.fetchall()]
+        for ipp in ipps:
+            if not any(same_ipp(m, ipp) for m in merged):
+                memo[(ipp.value, ipp.issuer, ipp.issuer_oid)] = None
 
     def _surviving_ipp(self, ipp: Identifier) -> Identifier | None:
         found: Identifier | None = None
@@ -458,19 +782,13 @@ class PostgresPatientRegistry(IdentityRules):
         return _load(text) if text is not None else None
 
     def _owner_texts(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        if not keys:
-            return {}
-        rows = self._rows(
-            "SELECT kind, key, patient FROM patients_owners WHERE key = ANY(%s) AND kind = ANY(%s)",
-            ([_e(k) for _, k in keys], sorted({_e(kind) for kind, _ in keys})),
-        )
-        wanted = set(keys)
-        return {(k, v): text for kind, key, text in rows if (k := _d(kind), v := _d(key)) in wanted}
+        with self._session() as session:
+            return _owners_read(_ask_owners(session.db, keys), keys)
 
     def same_patient(self, a: Patient, b: Patient) -> bool:
         """Whether two canonical patients are one, merges followed: a merged IPP is its survivor."""
         ids_a, ids_b = _local(a) + _ins(a), _local(b) + _ins(b)
-        with self._memo():
+        with self._session():
             return bool(ids_a and ids_b) and same_patient(self.current(ids_a), self.current(ids_b))
 
     def mismatch(self, payload: Any) -> tuple[str, str, list[Identifier], list[Identifier]] | None:
@@ -481,8 +799,13 @@ class PostgresPatientRegistry(IdentityRules):
         ids = _identity(patient)
         if not ids:
             return None
+        return self._mismatch(payload, ids, self._owner_texts(keys_of(payload)))
+
+    def _mismatch(
+        self, payload: Any, ids: list[Identifier], owners: dict[tuple[str, str], str]
+    ) -> tuple[str, str, list[Identifier], list[Identifier]] | None:
+        """`mismatch` with the owners of the payload's keys read already."""
         keys = keys_of(payload)
-        owners = self._owner_texts(keys)
         if not owners:
             return None
         mine = self.current(ids)
@@ -495,24 +818,18 @@ class PostgresPatientRegistry(IdentityRules):
         return None
 
     def _refuse(self, payloads: Iterable[Any], what: str, location: str, remedy: str = "") -> None:
-        with self._memo():
+        with self._session():
             found = next((f for f in map(self.mismatch, payloads) if f is not None), None)
-        if found is not None:
-            kind, key, theirs, mine = found
-            raise MappingFailure(
-                f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this {what} "
-                f"names patient {describe(mine)}; "
-                + (remedy or "not linked (correct the patient or the order identifiers)"),
-                location,
-                code="205",
-            )
+        _raise_mismatch(found, what, location, remedy)
 
     def _holder(self, order: Any) -> str:
         return f"{self._node}:{id(order)}"
 
     def check_order(self, payloads: Iterable[Any]) -> None:
         """Refuse (`MappingFailure`, PID-3) an order whose keys belong to another patient, recorded or named by an
-        order in flight on any node; otherwise its keys are held for its patient until `record` (or `release`)."""
+        order in flight on any node; otherwise its keys are held for its patient until `record` (or `release`).
+        Two round trips: the locks, the owners, merges and holds of its keys and IPP asked at once, then the holds
+        written and committed."""
         remedy = (
             "not applied (a patient change of an order comes through the patient identity system: merge the "
             "patients there)"
@@ -520,24 +837,58 @@ class PostgresPatientRegistry(IdentityRules):
         orders = [p for p in payloads if isinstance(p, ImagingOrder)]
         if not orders:
             return
+        if len(orders) == 1 and (ipp := _ipp(orders[0].patient)) is not None and (keys := keys_of(orders[0])):
+            # keys no other patient names, its IPP merged nowhere: one statement (``patients_hold``)
+            self._prune_now_and_then()
+            args = (
+                LOCK_CLASS,
+                _lock_keys(_locks(orders)),
+                [_e(kind) for kind, _ in keys],
+                [_e(key) for _, key in keys],
+                self._holder(orders[0]),
+                _dump(_identity(orders[0].patient)),
+                _e(ipp.value),
+                float(sqlite_registry.RESERVED),
+            )
+            if self._call(_HOLD_CALL, args):
+                return
+        self._check_order_all(orders, remedy)
+
+    def _check_order_all(self, orders: list[ImagingOrder], remedy: str) -> None:
+        """`check_order` with everything it may need read: owners and holds of the keys, merges of the IPPs."""
+        keys = list(dict.fromkeys(k for order in orders for k in keys_of(order)))
+        ipps = [ipp for order in orders if (ipp := _ipp(order.patient)) is not None]
         with self._transaction(_locks(orders), durable=False) as db:  # a hold lost in a crash: its message too
             self._prune(db)
-            self._refuse(orders, "order", "PID-3", remedy)
-            holds = []
-            for order in orders:
-                ids = _identity(order.patient)
-                keys = keys_of(order)
-                if not ids or not keys:
-                    continue
-                mine = self.current(ids)
-                rows = db.execute(
+            asked_owners = _ask_owners(db, keys)
+            asked_merges = self._ask_merges(db, ipps)
+            asked_holds = (
+                db.execute(
                     "SELECT kind, key, holder, patient FROM patients_keys_held WHERE kind = ANY(%s) AND key = ANY(%s)"
                     " AND expires > now()",
                     (sorted({_e(kind) for kind, _ in keys}), [_e(k) for _, k in keys]),
-                ).fetchall()
-                for kind, key, holder, text in rows:
-                    kind, key = _d(kind), _d(key)
-                    if (kind, key) not in keys or holder == self._holder(order):
+                )
+                if keys
+                else None
+            )
+            owners = _owners_read(asked_owners, keys)
+            self._no_merges(asked_merges, ipps)
+            held = [(_d(kind), _d(key), holder, text) for kind, key, holder, text in asked_holds or ()]
+            found = None
+            for order in orders:
+                ids = _identity(order.patient)
+                if ids and (found := self._mismatch(order, ids, owners)) is not None:
+                    break
+            _raise_mismatch(found, "order", "PID-3", remedy)
+            holds = []
+            for order in orders:
+                ids = _identity(order.patient)
+                mine_keys = keys_of(order)
+                if not ids or not mine_keys:
+                    continue
+                mine = self.current(ids)
+                for kind, key, holder, text in held:
+                    if (kind, key) not in mine_keys or holder == self._holder(order):
                         continue
                     theirs = self.current(_load(text))
                     if not same_patient(mine, theirs):
@@ -549,19 +900,23 @@ class PostgresPatientRegistry(IdentityRules):
                         )
                 text = _dump(ids)
                 reserved = float(sqlite_registry.RESERVED)
-                holds += [(_e(kind), _e(key), self._holder(order), text, reserved) for kind, key in keys]
+                holds += [(_e(kind), _e(key), self._holder(order), text, reserved) for kind, key in mine_keys]
             if holds:
                 with db.cursor() as cur:
                     cur.executemany(_HOLD, holds)
 
-    def _release_keys(self, db: psycopg.Connection, payloads: list[Any]) -> None:
-        """The keys `check_order` held on this node for these orders: recorded (or refused), they hold nothing."""
-        rows = [
+    def _held_rows(self, payloads: list[Any]) -> list[tuple[str, str, str]]:
+        """(holder, kind, key) of what `check_order` held on this node for these orders."""
+        return [
             (self._holder(p), _e(kind), _e(key))
             for p in payloads
             if isinstance(p, ImagingOrder)
             for kind, key in keys_of(p)
         ]
+
+    def _release_keys(self, db: psycopg.Connection, payloads: list[Any]) -> None:
+        """The keys `check_order` held on this node for these orders: recorded (or refused), they hold nothing."""
+        rows = self._held_rows(payloads)
         if rows:
             with db.cursor() as cur:
                 cur.executemany("DELETE FROM patients_keys_held WHERE holder = %s AND kind = %s AND key = %s", rows)
@@ -572,9 +927,22 @@ class PostgresPatientRegistry(IdentityRules):
         """Remember what a journaled (accepted) message says, in one transaction: its IPP-INS pairs (an identity
         source's replacing the recorded ones), the owners of the order keys it names (an order's replaces what a
         report, step or study recorded; those only fill a key no one gave), the channel's `mark`, its merges; the
-        message's reservations end with it."""
+        message's reservations end with it. Without an identity source's update or a merge (nearly every message):
+        one statement (``patients_record``), shared by the records of the other threads arriving meanwhile (a group
+        commit: they return together once it committed), durable when it adds a pair."""
         payloads = list(payloads)
         mark = (channel, journal_id) if channel and journal_id else None
+        if not any(_authoritative(p) or (isinstance(p, PatientUpdate) and p.action == "merge") for p in payloads):
+            self._record_together(
+                _Recording(
+                    _locks(payloads),
+                    list(map(_pair_row, pairs_of(payloads))),
+                    _owner_rows(payloads),
+                    [(_e(mark[0]), mark[1])] if mark else [],
+                    self._held_rows(payloads),
+                )
+            )
+            return
         with self._transaction(_locks(payloads)) as db:
             durable = self._record_pairs(db, payloads)
             self._record_owners(db, payloads, mark)
@@ -582,6 +950,55 @@ class PostgresPatientRegistry(IdentityRules):
             durable = self._record_merges(db, payloads) or durable
             if not durable:  # owners only: see the module docstring
                 db.execute("SET LOCAL synchronous_commit = off")
+
+    def _record_together(self, mine: _Recording) -> None:
+        """Write ``mine`` with the records queued meanwhile, in one statement: the first thread to find no commit in
+        flight writes what is queued, the others wait for it; then it hands the queue to the next one waiting."""
+        with self._queue_lock:
+            self._queue.append(mine)
+            lead = not self._writing
+            self._writing = True
+        if not lead:
+            mine.done.wait()
+            if not mine.lead:
+                if mine.error is not None:
+                    raise mine.error
+                return
+        with self._queue_lock:  # leading: what queued up to now, its own record among them
+            batch, self._queue = self._queue, []
+        try:
+            self._write_records(batch)
+        except BaseException:  # interrupted: the others were not written either
+            for recording in batch:
+                recording.error = recording.error or RuntimeError("the record was interrupted")
+            raise
+        finally:
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].lead = True  # the next commit is the first waiter's
+                    self._queue[0].done.set()
+                else:
+                    self._writing = False
+            for recording in batch:
+                if recording is not mine:
+                    recording.done.set()
+        if mine.error is not None:
+            raise mine.error
+
+    def _write_records(self, batch: list[_Recording]) -> None:
+        """One statement for them all; when it fails with more than one, each alone (only its own caller gets the
+        error)."""
+        try:
+            self._call(_RECORD_CALL, _record_args(batch, self._node))
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            for recording in batch:
+                try:
+                    self._call(_RECORD_CALL, _record_args([recording], self._node))
+                except Exception as one:
+                    recording.error = one
 
     def _record_pairs(self, db: psycopg.Connection, payloads: list[Any]) -> bool:
         """The pairs of the payloads (in the caller's transaction); whether one was written or changed."""
@@ -604,8 +1021,8 @@ class PostgresPatientRegistry(IdentityRules):
                     [(*_pair_row(p), recorded) for p in pairs],
                 )
         self._release(db, given)
-        if (pairs or replaced) and self._survivors:
-            self._survivors.clear()  # a survivor's INS may have changed
+        if (pairs or replaced) and (memo := self._memo()):
+            memo.clear()  # a survivor's INS may have changed
         return bool(pairs or replaced)
 
     def _rewrite(self, db: psycopg.Connection, old: Pair, ins: str, action: str, detail: str) -> None:
@@ -746,17 +1163,7 @@ class PostgresPatientRegistry(IdentityRules):
     def _record_owners(self, db: psycopg.Connection, payloads: list[Any], mark: tuple[str, int] | None) -> None:
         """The owners of the keys the payloads name, and the channel's mark (in the caller's transaction)."""
         recorded = _now()
-        rows = []
-        for payload in payloads:
-            if isinstance(payload, PatientUpdate):
-                continue
-            patient = patient_of(payload)
-            ids = _identity(patient) if patient is not None else []
-            if not ids:
-                continue
-            source = _SOURCES.get(type(payload), "report")
-            text = _dump(ids)
-            rows += [(_e(kind), _e(key), text, source, recorded) for kind, key in keys_of(payload)]
+        rows = [(*row, recorded) for row in _owner_rows(payloads)]
         with db.cursor() as cur:
             if rows:
                 cur.executemany(_OWNER, rows)
@@ -797,6 +1204,6 @@ class PostgresPatientRegistry(IdentityRules):
                             " ON CONFLICT DO NOTHING",
                             (_e(head.value), _e(head.issuer_oid), _e(head.issuer), _e(p.ins_oid), _e(p.ins), recorded),
                         )
-        if merges and self._survivors:
-            self._survivors.clear()
+        if merges and (memo := self._memo()):
+            memo.clear()
         return bool(merges)

@@ -14,7 +14,10 @@ and a committed ``apply_batch`` is seen by the next ``find`` of every node.
 * ``apply_batch`` runs in one transaction; an idempotency key is claimed with ``INSERT ... ON CONFLICT DO
   NOTHING`` in that transaction, so two nodes applying the same event at once apply it once (the second waits
   for the first's commit, then finds the key taken). A deadlock between two nodes' batches is retried whole.
-  Writes of one store are serialised; reads use a small pool of autocommit connections and never wait for them.
+  Writes of one store are serialised; reads use a bounded pool of autocommit connections (``pool_size``,
+  ``MAX_READERS`` by default: `traboule.stores.postgres.pool`) and never wait for the writer. A read whose pooled
+  connection the server had closed (a restart) is run once more on a new one; a write is not (its commit outcome
+  is unknown: the error is raised, the event redelivered), but a writer found gone at ``BEGIN`` is replaced.
 * ``find`` takes the candidate ids in one statement (bounded by ``max_examined``), then reads the items by
   batches of ids, one short statement each: no transaction stays open while a response streams to a slow peer.
   ``deadline`` and ``should_stop`` cancel the candidate statement itself (a watcher thread, server-side cancel).
@@ -27,11 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import psycopg
 from psycopg import errors
@@ -50,6 +53,7 @@ from traboule.formats.dicom_match import (
 from traboule.formats.worklist_item import EncodedItem, dataset_columns, decode_item, encode_item
 from traboule.stores.postgres import connect
 from traboule.stores.postgres.migrations import check, register
+from traboule.stores.postgres.pool import MAX_READERS, ReaderPool, begin
 from traboule.stores.worklist import (
     NOT_OFFERED,
     Change,
@@ -60,6 +64,7 @@ from traboule.stores.worklist import (
 )
 
 COMPONENT = "worklist"
+T = TypeVar("T")
 
 _MIGRATIONS = [
     (
@@ -138,7 +143,8 @@ class PostgresWorklistStore:
     """Durable MWL items keyed by the caller's key, in the PostgreSQL database at ``url``, safe from many threads
     and shared by every node that opens the same database. The schema is created or upgraded on open."""
 
-    def __init__(self, url: str, *, cache_size: int = 4096, pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, cache_size: int = 4096, pool_size: int = MAX_READERS) -> None:
+        """``pool_size``: the reader connections open at most (a read waits for one beyond)."""
         self.url = url
         self._write_lock = threading.Lock()
         self._writer = connect(url)
@@ -151,30 +157,17 @@ class PostgresWorklistStore:
         except BaseException:
             self._writer.close()
             raise
-        self._idle: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue(maxsize=pool_size)
+        self._readers = ReaderPool(url, size=pool_size, name="worklist store")
         self._cache = _DecodedCache(cache_size)
         self._watcher = _Watcher()
         self._closed = False
 
-    @contextlib.contextmanager
-    def _reader(self) -> Iterator[psycopg.Connection]:
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = connect(self.url)
-        try:
-            yield conn
-        finally:
-            self._release(conn)
-
-    def _release(self, conn: psycopg.Connection) -> None:
-        if self._closed or conn.broken or conn.closed:
-            conn.close()
-            return
-        try:
-            self._idle.put_nowait(conn)
-        except queue.Full:
-            conn.close()
+    def _read(self, body: Callable[[psycopg.Connection], T]) -> T:
+        """``body`` on a connection of the reader pool, replayed once on a new connection when the pooled one's
+        session was gone (a server restart: `traboule.stores.postgres.pool`)."""
+        if self._closed:
+            raise RuntimeError("the worklist store is closed")
+        return self._readers.read(body)
 
     def close(self) -> None:
         """Close every connection (connections in use are closed when handed back)."""
@@ -182,11 +175,7 @@ class PostgresWorklistStore:
         self._watcher.close()
         with self._write_lock:
             self._writer.close()
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                break
+        self._readers.close()
 
     # -- writes ----------------------------------------------------------------------------------------------
 
@@ -205,9 +194,10 @@ class PostgresWorklistStore:
                 with self._write_lock:
                     if self._closed:
                         raise RuntimeError("the worklist store is closed")
-                    if self._writer.broken or self._writer.closed:
-                        self._writer = connect(self.url)  # the server restarted: a new session
-                    with self._writer.transaction():
+                    # A new session when the server ended the writer's, found before anything was sent.
+                    self._writer, tx = begin(self._writer, self.url)
+                    with contextlib.ExitStack() as stack:
+                        stack.push(tx)
                         return _apply(self._writer, encoded, ordered_seqs)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == _RETRIES:
@@ -227,13 +217,16 @@ class PostgresWorklistStore:
 
     def _lookup(self, sql: str, keys: list[str]) -> list[tuple[object, ...]]:
         wanted = [k for k in dict.fromkeys(keys) if k and "\x00" not in k]  # no stored key holds a NUL
-        rows: list[tuple[object, ...]] = []
         if not wanted:
-            return rows
-        with self._reader() as conn:
+            return []
+
+        def body(conn: psycopg.Connection) -> list[tuple[object, ...]]:
+            found: list[tuple[object, ...]] = []
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                rows += conn.execute(sql, (wanted[start : start + _LOOKUP_CHUNK],)).fetchall()
-        return rows
+                found += conn.execute(sql, (wanted[start : start + _LOOKUP_CHUNK],)).fetchall()
+            return found
+
+        return self._read(body)
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -241,8 +234,8 @@ class PostgresWorklistStore:
         """The stored item (a fresh copy the caller may modify), or None."""
         if "\x00" in key:
             return None
-        with self._reader() as conn:
-            row = conn.execute("SELECT dataset FROM worklist_items WHERE key = %s", (key,)).fetchone()
+        sql = "SELECT dataset FROM worklist_items WHERE key = %s"
+        row = self._read(lambda conn: conn.execute(sql, (key,)).fetchone())
         return None if row is None else decode_item(row[0])
 
     def keys_for_patient(self, patient_id: str, issuer: str) -> list[str]:
@@ -270,19 +263,16 @@ class PostgresWorklistStore:
         return self._keys(sql, (_like_literal(prefix) + "%",))
 
     def _keys(self, sql: str, params: tuple[object, ...]) -> list[str]:
-        with self._reader() as conn:
-            return [r[0] for r in conn.execute(sql, params, prepare=False)]
+        return self._read(lambda conn: [r[0] for r in conn.execute(sql, params, prepare=False)])
 
     def count(self) -> int:
-        with self._reader() as conn:
-            row = conn.execute("SELECT count(*) FROM worklist_items").fetchone()
+        row = self._read(lambda conn: conn.execute("SELECT count(*) FROM worklist_items").fetchone())
         return int(row[0]) if row else 0
 
     def all(self, limit: int | None = None) -> Iterator[tuple[str, Dataset]]:
         """Every item as (key, fresh dataset), in key order."""
         sql = "SELECT id FROM worklist_items ORDER BY key" + (" LIMIT %s" if limit is not None else "")
-        with self._reader() as conn:
-            ids = [r[0] for r in conn.execute(sql, () if limit is None else (limit,))]
+        ids = self._read(lambda conn: [r[0] for r in conn.execute(sql, () if limit is None else (limit,))])
         for key, blob in self._fetch(ids):
             yield key, decode_item(blob)
 
@@ -326,28 +316,21 @@ class PostgresWorklistStore:
     def _candidates(self, sql: str, params: list[object], limits: _ScanLimits) -> list[int]:
         """The candidate ids, the statement cancelled when the deadline passes or ``should_stop`` says so."""
         if limits.deadline is None and limits.should_stop is None:
-            with self._reader() as conn:
-                return [r[0] for r in conn.execute(sql, params, prepare=False)]
-        conn = self._idle_or_new()
+            return self._read(lambda conn: [r[0] for r in conn.execute(sql, params, prepare=False)])
+        return self._read(lambda conn: self._watched(conn, sql, params, limits))
+
+    def _watched(self, conn: psycopg.Connection, sql: str, params: list[object], limits: _ScanLimits) -> list[int]:
+        """The candidate statement on ``conn``, cancelled by the watcher when the scan must stop (then `ScanStopped`
+        says why: not replayed)."""
         token = self._watcher.start(conn, limits)
-        cancelled = False
         try:
             return [r[0] for r in conn.execute(sql, params, prepare=False)]
         except errors.QueryCanceled:
             limits.check(0)  # cancelled by the watcher: say why
             raise
         finally:
-            cancelled = self._watcher.stop(token)
-            if cancelled:
+            if self._watcher.stop(token):
                 conn.close()  # a cancel may still be in flight: never hand this session to another query
-            else:
-                self._release(conn)
-
-    def _idle_or_new(self) -> psycopg.Connection:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            return connect(self.url)
 
     def _fetch(self, ids: list[int]) -> Iterator[tuple[str, bytes]]:
         """(key, dataset bytes) for ids, in their order, one short statement per batch. Rows deleted meanwhile are
@@ -355,8 +338,7 @@ class PostgresWorklistStore:
         sql = "SELECT id, key, dataset FROM worklist_items WHERE id = ANY(%s)"
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
-            with self._reader() as conn:
-                found = {r[0]: (r[1], r[2]) for r in conn.execute(sql, (batch,))}
+            found = self._read(lambda conn, batch=batch: {r[0]: (r[1], r[2]) for r in conn.execute(sql, (batch,))})
             for item_id in batch:
                 if item_id in found:
                     yield found[item_id]
@@ -365,8 +347,7 @@ class PostgresWorklistStore:
         """PostgreSQL's plan for the prefilter of `query` (to check which index serves a query)."""
         compiled = compile_query(query, case_insensitive_names=case_insensitive_names)
         sql, params = prefilter_sql(compiled, None)
-        with self._reader() as conn:
-            return [str(r[0]) for r in conn.execute("EXPLAIN " + sql, params, prepare=False)]
+        return self._read(lambda conn: [str(r[0]) for r in conn.execute("EXPLAIN " + sql, params, prepare=False)])
 
 
 class _Watcher:

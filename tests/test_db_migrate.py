@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from traboule import model
 from traboule.app.config import Config
 from traboule.app.runtime import Runtime
 from traboule.stores import migrate
+from traboule.stores.factory import PostgresStores
 from traboule.stores.fhir_store import SQLiteFHIRStore
 from traboule.stores.journal import SCHEMA as JOURNAL_SCHEMA
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query, SQLiteJournal
@@ -491,6 +493,7 @@ def test_a_database_holding_other_data_is_refused(site: Path, pg_url: str) -> No
         conn.execute("INSERT INTO journal_messages (received, channel, status, raw) VALUES ('x', 'c', 'accepted', '')")
     with pytest.raises(migrate.MigrationError, match=r"journal\.messages: the database already holds 1 rows"):
         migrate.migrate(site, pg_url)
+    PostgresStores(pg_url, site).check()  # refused before marking it: its engines still start
 
 
 def test_the_command_shows_progress_checks_counts_and_never_prints_the_password(
@@ -532,3 +535,207 @@ def test_the_command_shows_progress_checks_counts_and_never_prints_the_password(
     unreachable = "postgresql://postgres:s3cret-Pw@127.0.0.1:9/none"
     failed = cli("db", "migrate", "--from", str(data_dir), "--to", unreachable, env=env)
     assert failed.returncode == 1 and "s3cret-Pw" not in failed.stdout + failed.stderr
+
+
+def _sqlite_file(path: Path, script: str) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(script)
+        db.commit()
+    finally:
+        db.close()
+
+
+_APPLIED = (
+    "CREATE TABLE applied (idempotency_key TEXT PRIMARY KEY, applied_at TEXT NOT NULL,"
+    " detail TEXT NOT NULL DEFAULT '') WITHOUT ROWID;"
+)
+
+
+def test_sender_files_of_earlier_versions_move_and_an_unknown_file_fails_the_command(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The previous release's hl7-status (``applied`` + ``orders``) and hl7-documents (``applied`` + ``pending``)
+    files, the oldest ``sent`` tables (moved into the marks as the SQLite store's own upgrade does; a key marked
+    in both kept once, its ``applied`` row first); a file no step reads fails the command."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    _sqlite_file(
+        data_dir / "hl7-status.sqlite",
+        _APPLIED + "INSERT INTO applied VALUES ('ev-1', '2026-01-01T00:00:00+00:00', 'MSG1');"
+        "CREATE TABLE orders (accession TEXT PRIMARY KEY, placer TEXT NOT NULL, filler TEXT NOT NULL,"
+        " patient_id TEXT NOT NULL, study_uid TEXT NOT NULL);"
+        "INSERT INTO orders VALUES ('ACC1', 'P1', 'F1', 'IPP1', '1.2.3');",
+    )
+    _sqlite_file(
+        data_dir / "hl7-documents.sqlite",
+        _APPLIED + "INSERT INTO applied VALUES ('doc-1', '2026-01-01T00:00:00+00:00', 'MSG2');"
+        "CREATE TABLE pending (document_id TEXT PRIMARY KEY); INSERT INTO pending VALUES ('doc-2');"
+        "CREATE TABLE sent (event_id TEXT PRIMARY KEY, sent_at TEXT, control_id TEXT);"
+        "INSERT INTO sent VALUES ('doc-1', '2025-01-01T00:00:00+00:00', 'OLD'), ('doc-0', NULL, 'MSG0'), ('', '', '');",
+    )
+    _sqlite_file(
+        data_dir / "status-old.sqlite",
+        "CREATE TABLE sent (idempotency_key TEXT PRIMARY KEY, sent_at TEXT, control_id TEXT);"
+        "INSERT INTO sent VALUES ('ev-9', '2024-05-01T10:00:00+00:00', 'MSG9');",
+    )
+    report = migrate.migrate(data_dir, pg_url)
+    assert not report.mismatches and report.unread == [], report.counts
+    counts = {c.step: c.source for c in report.counts if c.path is not None}
+    assert counts == {
+        "hl7_sender.marks[hl7-documents]": 2,
+        "hl7_sender.orders[hl7-documents]": 0,
+        "hl7_sender.pending[hl7-documents]": 1,
+        "hl7_sender.marks[hl7-status]": 1,
+        "hl7_sender.orders[hl7-status]": 1,
+        "hl7_sender.pending[hl7-status]": 0,
+        "hl7_sender.marks[status-old]": 1,
+        "hl7_sender.orders[status-old]": 0,
+        "hl7_sender.pending[status-old]": 0,
+    }
+    for channel, marks in (
+        ("hl7-status", {"ev-1": "MSG1"}),
+        ("hl7-documents", {"doc-1": "MSG2", "doc-0": "MSG0"}),
+        ("status-old", {"ev-9": "MSG9"}),
+    ):
+        state = PostgresSenderState(pg_url, channel)
+        try:
+            assert {key: state.detail(key) for key in marks} == marks
+        finally:
+            state.close()
+    state = PostgresSenderState(pg_url, "hl7-status")
+    try:
+        assert state.known_order("ACC1") == KnownOrder("P1", "F1", "IPP1", "1.2.3")
+    finally:
+        state.close()
+    state = PostgresSenderState(pg_url, "hl7-documents")
+    try:
+        assert state.is_pending("doc-2")
+    finally:
+        state.close()
+
+    # A SQLite file no step reads: the command fails and names it.
+    _sqlite_file(data_dir / "mystery.sqlite", "CREATE TABLE things (x TEXT); INSERT INTO things VALUES ('a');")
+    env = dict(os.environ)
+    env.pop("TRABOULE_DATABASE_URL", None)
+    done = cli("db", "migrate", "--from", str(data_dir), "--to", pg_url, "--quiet", env=env)
+    assert done.returncode == 1 and "mystery.sqlite" in done.stderr and "not migrated" in done.stderr
+
+
+def test_a_half_migrated_database_refuses_an_engine_and_a_second_run(site: Path, pg_url: str, tmp_path: Path) -> None:
+    """A migration stopped midway: the PostgreSQL stores' start-up check refuses (finish the migration first);
+    a run while another holds the database is refused; once finished, the check passes."""
+    from traboule.errors import ConfigError
+
+    def stop(step: str, batches: int) -> None:
+        if step == "worklist.items":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate.migrate(site, pg_url, batch_size=1, after_batch=stop)
+    stores = PostgresStores(pg_url, tmp_path)
+    with pytest.raises(ConfigError, match=r"finish `traboule db migrate`"):
+        stores.check()
+    # Stopped between two steps (the journal done, nothing else started): still unfinished.
+    with connect(pg_url) as conn:
+        conn.execute("DELETE FROM traboule_migration WHERE step LIKE 'worklist.%'")
+        conn.execute("DELETE FROM worklist_items")
+    with pytest.raises(ConfigError, match=r"finish `traboule db migrate`"):
+        stores.check()
+    with connect(pg_url) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (migrate.LOCK_KEY,))
+        with pytest.raises(migrate.MigrationError, match="another traboule db migrate is running"):
+            migrate.migrate(site, pg_url)
+    report = migrate.migrate(site, pg_url)
+    assert not report.mismatches
+    stores.check()
+
+
+def test_an_engine_of_another_user_counts_as_running(tmp_path: Path) -> None:
+    """``engine.json`` naming a live process this user may not signal (the service account's engine): running."""
+    from traboule.app import cli as cli_mod
+
+    if os.geteuid() != 0:
+        (tmp_path / "engine.json").write_text(json.dumps({"pid": 1}), encoding="utf-8")
+        info = cli_mod._last_engine(Config(data_dir=str(tmp_path)))
+        assert info is not None and info["running"] is True
+        return
+    # As root every process may be signalled: ask as another user (nobody) about a process of root's.
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        (folder / "engine.json").write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+        (folder / "engine.json").chmod(0o644)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child, as nobody: its answer on the pipe
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                info = cli_mod._last_engine(Config(data_dir=str(folder)))
+                os.write(write, repr(None if info is None else info["running"]).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        with os.fdopen(read) as answer:
+            assert answer.read() == "True"
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_deliveries_queued_in_the_embedded_bus_refuse_the_command(site: Path, pg_url: str, tmp_path: Path) -> None:
+    data_dir = _copy(site, tmp_path)
+    db = sqlite3.connect(data_dir / "bus.sqlite")
+    db.execute(
+        "INSERT INTO messages (queue, topic, body, message_id, headers) VALUES ('worklist', 'order.created', x'7b7d',"
+        " 'ev-1', '{}')"
+    )
+    db.commit()
+    db.close()
+    env = dict(os.environ)
+    env.pop("TRABOULE_DATABASE_URL", None)
+    refused = cli("db", "migrate", "--from", str(data_dir), "--to", pg_url, "--quiet", env=env)
+    assert refused.returncode == 1 and "1 deliveries not yet consumed" in refused.stderr
+    assert "--ignore-bus" in refused.stderr
+    with connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('journal_messages')").fetchone() == (None,)
+    done = cli("db", "migrate", "--from", str(data_dir), "--to", pg_url, "--quiet", "--ignore-bus", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "1 deliveries not yet consumed" in done.stderr
+
+
+def test_a_source_changed_between_two_runs_is_refused(site: Path, pg_url: str, tmp_path: Path) -> None:
+    """A row changed in place under a key already copied (the run stopped, the file written to, the same command
+    again): the resumed run would not see it, so it refuses."""
+    data_dir = _copy(site, tmp_path)
+
+    def stop(step: str, batches: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate.migrate(data_dir, pg_url, batch_size=2, after_batch=stop)
+    db = sqlite3.connect(data_dir / "journal.sqlite")
+    db.execute("UPDATE messages SET error = 'changed' WHERE id = 1")
+    db.commit()
+    db.close()
+    with pytest.raises(migrate.MigrationError, match=r"journal\.messages: .* changed since .* new database"):
+        migrate.migrate(data_dir, pg_url)
+
+
+def test_an_id_taken_in_the_database_during_a_migration_is_refused(site: Path, pg_url: str) -> None:
+    """A journal id written into the database between two runs (by a node that should not have started): the resumed
+    run refuses instead of skipping the source row under it."""
+
+    def stop(step: str, batches: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate.migrate(site, pg_url, batch_size=2, after_batch=stop)
+    with connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO journal_messages (id, received, channel, status, raw) OVERRIDING SYSTEM VALUE"
+            " VALUES (4, 'x', 'c', 'accepted', '')"
+        )
+    with pytest.raises(migrate.MigrationError, match=r"journal\.messages: the database holds rows with ids"):
+        migrate.migrate(site, pg_url)

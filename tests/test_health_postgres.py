@@ -127,6 +127,30 @@ async def test_a_probe_runs_one_at_a_time_within_its_deadline_and_its_answer_is_
     assert (await Probe(failing).get()).error == "ConnectionRefusedError"
 
 
+async def test_a_probe_answers_in_time_while_the_default_executor_is_saturated() -> None:
+    """The flows' blocking calls (the patient registry waiting for a group commit) may fill the loop's default
+    executor under load: the probe runs in a thread of its own, so it answers within its deadline all the same."""
+    loop, release = asyncio.get_running_loop(), threading.Event()
+    blockers = [loop.run_in_executor(None, release.wait, 10) for _ in range(64)]  # more than the executor's threads
+    try:
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(asyncio.to_thread(lambda: "queued"))
+        probe = Probe(threading.get_ident, deadline=0.5, ttl=0.2)
+        started = time.monotonic()
+        answer = await probe.get()
+        assert not answer.timed_out and answer.error == "", answer
+        assert time.monotonic() - started < 0.5
+        assert answer.value != threading.get_ident()  # off the loop's thread
+        assert not waiting.done()  # the default executor is still saturated: nothing of it ran
+        probe.close()
+        await asyncio.sleep(0.3)  # older than the ttl: asked again, but closed
+        assert (await probe.get()).error == "ProbeClosed"
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
+    assert await waiting == "queued"
+
+
 async def test_health_answers_within_its_deadline_and_mllp_goes_on_while_the_database_drops_packets(
     tmp_path: Path, postgres_server: object, pg_url: str
 ) -> None:

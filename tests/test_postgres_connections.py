@@ -12,6 +12,7 @@ import pytest
 from traboule.stores.postgres import (
     IDLE_IN_TRANSACTION_MS,
     LOCK_TIMEOUT_MS,
+    SERVER_KEEPALIVES,
     STATEMENT_TIMEOUT_MS,
     async_connect,
     connect,
@@ -71,6 +72,49 @@ def test_connections_have_tcp_keepalives(pg_url: str) -> None:
     assert (values["keepalives_interval"], values["keepalives_count"]) == ("5", "3")
     if "tcp_user_timeout" in values and psycopg.pq.version() >= 120000:
         assert values["tcp_user_timeout"] == "30000"
+
+
+_KEEPALIVE_NAMES = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")
+_SERVER_KEEPALIVES = "SELECT " + ", ".join(f"current_setting('{name}')" for name in _KEEPALIVE_NAMES)
+
+
+def test_the_server_notices_a_silent_node_in_seconds(pg_url: str) -> None:
+    """The server's side of each session has its own keepalives and user timeout (a host lost without closing its
+    sockets: its session, and the outbox lease it holds, end in seconds, not after 2 hours), set per session by a
+    role that is not a superuser, blocking or asyncio."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS traboule_node")
+        admin.execute("CREATE ROLE traboule_node LOGIN NOSUPERUSER")
+    try:
+        url = pg_url.replace("postgresql://postgres@", "postgresql://traboule_node@")
+        assert url != pg_url
+        expected = tuple(str(SERVER_KEEPALIVES[name]) for name in _KEEPALIVE_NAMES)  # seconds; ms for the last
+        assert expected == ("5", "1", "3", "10000")
+        with connect(url) as conn:
+            role = conn.execute("SELECT usename, usesuper FROM pg_user WHERE usename = current_user").fetchone()
+            assert role == ("traboule_node", False)
+            assert conn.execute(_SERVER_KEEPALIVES).fetchone() == expected
+
+        async def show() -> tuple[str, ...]:
+            aconn = await async_connect(url)
+            try:
+                return await (await aconn.execute(_SERVER_KEEPALIVES)).fetchone()  # type: ignore[return-value]
+            finally:
+                await aconn.close()
+
+        assert asyncio.run(show()) == expected
+        with psycopg.connect(pg_url) as plain:  # what a session gets without them: the OS's (hours)
+            assert plain.execute(_SERVER_KEEPALIVES).fetchone() != expected
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("DROP ROLE IF EXISTS traboule_node")
+
+
+def test_a_url_keeps_its_own_server_keepalives(pg_url: str) -> None:
+    url = _with_options(pg_url, "-c tcp_keepalives_idle=60 --tcp-user-timeout=0 -c search_path=public")
+    with connect(url) as conn:
+        assert conn.execute(_SERVER_KEEPALIVES).fetchone() == ("60", "1", "3", "0")
+        assert conn.execute(_SETTINGS).fetchone()[::4] == ("on", "public")  # type: ignore[index]
 
 
 def test_a_session_idle_in_a_transaction_is_ended(pg_url: str) -> None:

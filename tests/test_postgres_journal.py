@@ -301,8 +301,8 @@ async def test_confirmations_made_before_close_are_committed_with_a_commit_in_fl
 
 async def test_one_group_commit_keeps_each_entry_s_events_and_finds_duplicates_within_it(pg_url: str) -> None:
     """The entries of one group commit go out together (one statement, entries and events): an accepted entry keeps
-    its events in order, a second one with its key in the same commit is a duplicate without events (stored right
-    after, in a transaction of its own), a refused entry and an accepted one without a key are stored as they are,
+    its events in order, a second one with its key in the same commit is a duplicate without events (with the
+    SQLite journal's warning), a refused entry and an accepted one without a key are stored as they are: all of them
     in the one transaction."""
     journal = PostgresJournal(pg_url)
     try:
@@ -334,9 +334,111 @@ async def test_one_group_commit_keeps_each_entry_s_events_and_finds_duplicates_w
         with connect(pg_url) as db:
             (transactions,) = db.execute(
                 "SELECT count(DISTINCT xmin::text) FROM journal_messages WHERE id = ANY(%s)",
-                ([first.id, refused.id, keyless.id],),
+                ([first.id, again.id, refused.id, keyless.id],),
             ).fetchone()  # type: ignore[misc]
-        assert transactions == 1  # the duplicate: one more, after them
-        assert again.id > max(first.id, refused.id, keyless.id)
+        assert transactions == 1  # the duplicate too: no second transaction after the batch committed
+        assert first.id < again.id < refused.id < keyless.id  # in the order of the appends
+    finally:
+        journal.close()
+
+
+async def test_a_batch_of_new_and_duplicate_keys_is_one_transaction_and_one_answer(pg_url: str) -> None:
+    """Keys already committed and keys new, in one group commit: every row of it written by one transaction (they
+    share their ``xmin``), every sender answered from it, the duplicates stored with the SQLite journal's warning and
+    without their events."""
+    journal = PostgresJournal(pg_url)
+    try:
+        old = [await journal.append(JournalEntry("ch", b"m", "accepted", idempotency_key=f"o{i}")) for i in range(3)]
+        written = await asyncio.gather(
+            *(
+                journal.append(
+                    JournalEntry("ch", b"m", "accepted", idempotency_key=f"{k}{i}"), [OutboxEvent("t", k, b"")]
+                )
+                for i in range(3)
+                for k in ("o", "n")
+            ),
+        )
+        with connect(pg_url) as db:
+            (transactions,) = db.execute(
+                "SELECT count(DISTINCT xmin::text) FROM journal_messages WHERE id = ANY(%s)", ([e.id for e in written],)
+            ).fetchone()  # type: ignore[misc]
+        assert transactions == 1
+        assert [e.status for e in written] == ["duplicate", "accepted"] * 3
+        assert [e.id for e in written] == sorted(e.id for e in written) and min(e.id for e in written) > old[-1].id
+        for seen, again in zip(old, written[::2], strict=True):
+            assert again.warnings == f"same message as journal entry {seen.id}"
+            assert journal.get(again.id).warnings == again.warnings  # type: ignore[union-attr]
+        assert journal.counts() == {"accepted": 6, "duplicate": 3}
+        assert [(e.message_id, e.event_id) for e in journal.pending_events()] == [(e.id, "n") for e in written[1::2]]
+    finally:
+        journal.close()
+
+
+async def test_a_refused_entry_leaves_the_rest_of_its_batch_journaled_once(pg_url: str) -> None:
+    """A ``DataError`` in one entry rolls its group commit back as a whole: the others, committed again one at a
+    time, are journaled once each (a keyed entry is not its own duplicate, a keyless one not stored twice, their
+    events not queued twice), and so on the blocking path of ``close``."""
+    journal = PostgresJournal(pg_url)
+    try:
+        for tag in ("a", "b"):
+
+            def appends(tag: str = tag) -> list[asyncio.Future[JournalEntry]]:
+                return [
+                    asyncio.ensure_future(
+                        journal.append(
+                            JournalEntry("ch", b"k", "accepted", idempotency_key=f"{tag}k"),
+                            [OutboxEvent("t", f"{tag}1", b"")],
+                        )
+                    ),
+                    asyncio.ensure_future(
+                        journal.append(JournalEntry("ch", b"k", "accepted", idempotency_key=f"{tag}k"))
+                    ),
+                    asyncio.ensure_future(
+                        journal.append(JournalEntry("ch", b"bad", "accepted"), [OutboxEvent("t", "\x00", b"")])
+                    ),
+                    asyncio.ensure_future(
+                        journal.append(JournalEntry("ch", b"free", "accepted"), [OutboxEvent("t", f"{tag}2", b"")])
+                    ),
+                ]
+
+            futures = appends()
+            if tag == "b":
+                await asyncio.sleep(0)  # queued, not yet committing: close commits them
+                journal.close()
+            keyed, again, bad, free = await asyncio.gather(*futures, return_exceptions=True)
+            assert isinstance(bad, psycopg.DataError)
+            assert (keyed.status, again.status, free.status) == ("accepted", "duplicate", "accepted")  # type: ignore[union-attr]
+            assert again.warnings == f"same message as journal entry {keyed.id}"  # type: ignore[union-attr]
+    finally:
+        journal.close()
+    with connect(pg_url) as db:
+        rows = db.execute("SELECT raw, status, count(*) FROM journal_messages GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        events = db.execute("SELECT event_id FROM journal_outbox ORDER BY id").fetchall()
+    assert rows == [(b"free", "accepted", 2), (b"k", "accepted", 2), (b"k", "duplicate", 2)]
+    assert [e for (e,) in events] == ["a1", "a2", "b1", "b2"]
+
+
+async def test_a_database_of_the_previous_schema_is_upgraded_in_place(pg_url: str) -> None:
+    """A database migrated to version 2 (the group commit that left duplicates to the caller) and holding entries
+    is brought to version 3 when the journal opens: its entries stay, a message sent again is their duplicate."""
+    from traboule.stores.postgres import migrations
+    from traboule.stores.postgres.journal import _APPEND_FUNCTION, COMPONENT
+
+    with connect(pg_url) as db:
+        migrations.upgrade(db, [COMPONENT])
+        with db.transaction():  # back to version 2: its function in place of version 3's
+            db.execute("DROP FUNCTION journal_append")
+            db.execute(_APPEND_FUNCTION.encode())
+            db.execute("UPDATE traboule_schema SET version = 2 WHERE component = %s", (COMPONENT,))
+            (kept,) = db.execute(
+                "INSERT INTO journal_messages (received, channel, status, idempotency_key, raw)"
+                " VALUES ('2026-01-01T00:00:00Z', 'ch', 'accepted', 'k', 'm') RETURNING id"
+            ).fetchone()  # type: ignore[misc]
+        assert db.execute("SELECT pg_get_function_result('journal_append'::regproc)").fetchone() == ("SETOF bigint",)
+    journal = PostgresJournal(pg_url)
+    try:
+        assert migrations.versions(journal._db)[COMPONENT] == 3
+        again = await journal.append(JournalEntry("ch", b"m", "accepted", idempotency_key="k"))
+        assert (again.status, again.warnings) == ("duplicate", f"same message as journal entry {kept}")
     finally:
         journal.close()

@@ -206,11 +206,11 @@ def test_the_database_url_comes_from_the_file_and_the_environment_wins(tmp_path:
 def test_db_upgrade_creates_the_schema_once_and_says_so(tmp_path: Path, pg_url: str) -> None:
     first = _cli(tmp_path, "db", "upgrade", database_url=pg_url)
     assert first.returncode == 0, first.stderr
-    assert re.search(r"^journal\s+0 -> 2$", first.stdout, re.M), first.stdout
+    assert re.search(r"^journal\s+0 -> 3$", first.stdout, re.M), first.stdout
     again = _cli(tmp_path, "db", "upgrade", database_url=pg_url)
-    assert again.returncode == 0 and re.search(r"^journal\s+2 \(current\)$", again.stdout, re.M), again.stdout
+    assert again.returncode == 0 and re.search(r"^journal\s+3 \(current\)$", again.stdout, re.M), again.stdout
     status = _cli(tmp_path, "db", "status", database_url=pg_url)
-    assert re.search(r"^journal\s+database 2\s+traboule 2\s+current$", status.stdout, re.M), status.stdout
+    assert re.search(r"^journal\s+database 3\s+traboule 3\s+current$", status.stdout, re.M), status.stdout
     listed = _cli(tmp_path, "journal", "list", database_url=pg_url)  # the journal commands read the database
     assert listed.returncode == 0 and listed.stdout == "", listed.stderr
     with connect(pg_url) as db:

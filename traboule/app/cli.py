@@ -231,6 +231,9 @@ def _db_arguments(db: argparse.ArgumentParser) -> None:
     db_migrate.add_argument("--batch-size", type=int, default=2000, help="rows per transaction (default 2000)")
     db_migrate.add_argument("--worklist", default="", help="the worklist channel to move, when there are several")
     db_migrate.add_argument("--fhir", default="", help="the fhir channel to move, when there are several")
+    db_migrate.add_argument(
+        "--ignore-bus", action="store_true", help="even with deliveries queued in the embedded bus (they stay there)"
+    )
 
 
 # Sub-command → (its line in --help, what adds its arguments and actions), in the order --help lists them.
@@ -519,6 +522,8 @@ def _last_engine(cfg: config_mod.Config) -> dict[str, Any] | None:
         return None
     try:
         os.kill(int(info["pid"]), 0)
+        info["running"] = True
+    except PermissionError:  # a process of another user (the engine's service account): it runs
         info["running"] = True
     except (OSError, ValueError, KeyError, TypeError):
         info["running"] = False
@@ -1029,6 +1034,15 @@ def _db_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    queued, dead = migrate.pending_deliveries(source)
+    if queued and not args.ignore_bus:
+        print(
+            f"refused: the embedded bus of {source} holds {queued} deliveries not yet consumed, which the database"
+            " does not take: let the engine drain them first (start it, wait for the bus to empty, stop it), or"
+            " --ignore-bus to leave them in bus.sqlite",
+            file=sys.stderr,
+        )
+        return 1
     shown: dict[str, float] = {}
 
     def progress(step: str, done: int, total: int) -> None:
@@ -1062,19 +1076,24 @@ def _db_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     for count in report.counts:
         state = "ok" if count.source == count.destination else "MISMATCH"
         print(f"{count.step:20} source {count.source:>9}  database {count.destination:>9}  {state}")
-    queued, dead = migrate.pending_deliveries(source)
     if queued or dead:
         print(
             f"note: the embedded bus of {source} holds {queued} deliveries not yet consumed and {dead} dead letters;"
             " they are not in the database (a node keeping the embedded bus finds them there)",
             file=sys.stderr,
         )
-    left = [p.name for p in report.left if p.name != "bus.sqlite"]
-    if left:
-        print(f"not read (not moved to the database): {', '.join(left)}", file=sys.stderr)
+    if report.others:
+        print(f"left out (not chosen): {', '.join(p.name for p in report.others)}", file=sys.stderr)
     if report.mismatches:
         names = ", ".join(c.step for c in report.mismatches)
         print(f"count mismatch ({names}): the database does not hold what {source} holds", file=sys.stderr)
+        return 1
+    if report.unread:
+        print(
+            f"not migrated: {', '.join(p.name for p in report.unread)} in {source} holds no store the migration"
+            " knows (an unknown or unreadable file): its data is not in the database",
+            file=sys.stderr,
+        )
         return 1
     print(f"migrated {source} to {redact(url)}: {report.copied} rows copied by this run")
     return 0

@@ -8,14 +8,19 @@ connection, timeout, 5xx) put it ``down``. No value from a message is kept here:
 `Probe` runs a blocking check of /health (queries to the stores' database) off the event loop: one at a time, for
 at most ``PROBE_DEADLINE_S`` per request, its answer kept ``PROBE_TTL_S``. /health answers within the deadline
 whatever the database does (a host that drops packets would otherwise hold the loop, and the MLLP ACKs, for the
-connect timeout), and a flood of /health requests costs one query at a time.
+connect timeout), and a flood of /health requests costs one query at a time. The check runs in a thread of the
+probe's own, never in the loop's default executor: the flows' blocking calls (the patient registry waiting for a
+group commit) may fill that one under load, and a probe queued behind them would miss its deadline and report a
+busy node's database ``unknown`` (taking the node out of the load balancer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -111,10 +116,11 @@ class Probed(Generic[T]):
 
 
 class Probe(Generic[T]):
-    """``check`` (blocking) run in a worker thread: one run at a time, awaited at most ``deadline`` seconds from its
-    start, its answer kept ``ttl`` seconds. A run past the deadline goes on in its thread (nothing can stop a
-    blocked socket read); the callers meanwhile get ``timed_out`` without starting another, and its answer, when
-    it comes, serves the next ones."""
+    """``check`` (blocking) run in a thread of the probe's own (a one-thread executor, shared with nothing else):
+    one run at a time, awaited at most ``deadline`` seconds from its start, its answer kept ``ttl`` seconds. A run
+    past the deadline goes on in its thread (nothing can stop a blocked socket read); the callers meanwhile get
+    ``timed_out`` without starting another, and its answer, when it comes, serves the next ones. `close` ends the
+    thread (once a run in progress returns); a closed probe answers ``error`` ``ProbeClosed``."""
 
     def __init__(self, check: Callable[[], T], *, deadline: float = PROBE_DEADLINE_S, ttl: float = PROBE_TTL_S):
         self.check, self.deadline, self.ttl = check, deadline, ttl
@@ -122,6 +128,13 @@ class Probe(Generic[T]):
         self._started = 0.0
         self._last: Probed[T] | None = None
         self._at = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop the probe's thread: no new run; one in progress ends in its own time (not waited for)."""
+        self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def get(self) -> Probed[T]:
         """The latest answer younger than ``ttl``, else the answer of the run in progress (started now when none
@@ -130,8 +143,11 @@ class Probe(Generic[T]):
         if self._last is not None and now - self._at < self.ttl:
             return Probed(self._last.value, self._last.error, age_s=now - self._at)
         if self._running is None:
+            if self._closed:
+                return Probed(error="ProbeClosed")
             self._started = now
-            self._running = asyncio.ensure_future(asyncio.to_thread(self.check))
+            context = contextvars.copy_context()  # as asyncio.to_thread does: the caller's log context
+            self._running = asyncio.get_running_loop().run_in_executor(self._executor, context.run, self.check)
             self._running.add_done_callback(self._done)
         left = self._started + self.deadline - now
         running = self._running

@@ -359,6 +359,7 @@ class Runtime:
                 await self.outbox_lease.release()
         with contextlib.suppress(Exception):
             await self.bus.close()
+        self._health_probe.close()
         if self.journal:
             self.journal.close()
 

@@ -292,7 +292,7 @@ class PostgresStores(SQLiteStores):
 
         import psycopg
 
-        from traboule.stores.postgres import connect, migrations
+        from traboule.stores.postgres import connect, migrations, redact
 
         for module, _ in POSTGRES_COMPONENTS.values():
             importlib.import_module(f"traboule.stores.postgres.{module}")  # registers its migrations
@@ -300,8 +300,20 @@ class PostgresStores(SQLiteStores):
         try:
             with connect(self.url) as conn:
                 found = migrations.versions(conn)
+                unfinished = conn.execute("SELECT to_regclass('traboule_migration')").fetchone()
+                if unfinished and unfinished[0]:  # a `traboule db migrate` ran: is every step of it done?
+                    unfinished = conn.execute(
+                        "SELECT EXISTS (SELECT 1 FROM traboule_migration WHERE NOT done)"
+                    ).fetchone()
         except psycopg.Error as exc:
             raise database_error(self.url, exc) from exc
+        if unfinished and unfinished[0]:
+            from traboule.errors import ConfigError
+
+            raise ConfigError(
+                f"database {redact(self.url)}: a migration from an embedded site into it is unfinished: finish"
+                " `traboule db migrate` (the same command again) before an engine starts on it"
+            )
         for _, component in POSTGRES_COMPONENTS.values():
             if found.get(component, 0) > known[component]:
                 raise migrations._too_new(component, found[component], known[component])

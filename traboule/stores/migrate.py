@@ -9,7 +9,11 @@ key. `migrate` runs every step of `STEPS` in order:
   key), ``batch_size`` rows per PostgreSQL transaction (``executemany``). Each transaction also records, in the
   table ``traboule_migration``, the last key it copied: a run stopped anywhere (a crash, Ctrl-C, the server gone)
   loses at most its open transaction, and the same command again starts after the last committed key, so nothing
-  is copied twice. A table that holds rows the migration did not write is refused (migrate into a new database);
+  is copied twice. A table that holds rows the migration did not write, or an id it is to copy, is refused
+  (migrate into a new database). Each step's progress row keeps a digest of the source rows copied (`_chain`): a
+  later run reads them again and refuses a source changed since. A run holds a session advisory lock
+  (`LOCK_KEY`: one run at a time) and a progress row of its own (`RUN_STEP`), done once every step is: the
+  PostgreSQL stores' start-up check refuses a database with a row not done;
 * ids are kept: journal entries and outbox events keep their ids (the patient registry's marks name journal ids,
   readers page by id), worklist items and FHIR resources their insertion order (what a C-FIND and a search return
   first); each identity sequence then continues after the highest id copied;
@@ -22,14 +26,17 @@ Rows are copied rather than replayed through the store APIs: an API writes the p
 and ``lastUpdated`` per FHIR upsert, new ids, new ``recorded`` times), and a copy keeps what the site holds.
 
 The embedded bus is not in the database: its queued deliveries stay in ``bus.sqlite`` (`pending_deliveries` says
-how many), for a node that keeps the embedded bus. A store that gets a PostgreSQL implementation adds its steps:
-`register` for a store kept in one file of the folder, `register_per_channel` for one each channel keeps in a file
-of its own.
+how many: the command refuses while there are any, unless told to leave them), for a node that keeps the embedded
+bus. Every other SQLite file of the folder no step reads is in `Report.unread` (the command fails on it).
+
+A store that gets a PostgreSQL implementation adds its steps: `register` for a store kept in one file of the
+folder, `register_per_channel` for one each channel keeps in a file of its own.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -53,8 +60,11 @@ CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} (
     after TEXT,                    -- the key of the last source row copied (NULL: none yet)
     copied BIGINT NOT NULL,        -- rows copied so far
     done BOOLEAN NOT NULL DEFAULT false
-)
+);
+ALTER TABLE {PROGRESS_TABLE} ADD COLUMN IF NOT EXISTS fingerprint TEXT  -- digest of the source rows copied
 """
+RUN_STEP = "*"  # the progress row of the whole run: done once every step is (a node refuses to start before)
+LOCK_KEY = 0x6D69_6772_6174  # "migrat": the session advisory lock a run holds (one run at a time per database)
 # Files of a data folder that are not a channel's worklist or FHIR store.
 _NAMED = {"journal.sqlite", "patients.sqlite", "bus.sqlite"}
 
@@ -117,6 +127,19 @@ class TableCopy:
     derive: Derive | None = None
     scope: tuple[str, Any] | None = None  # (column, value): the destination rows that are this step's (a channel's)
     then: Callable[[psycopg.Connection], None] | None = None  # more to do once every row is copied
+    chain: str = field(default="", init=False)  # the `_chain` of the source rows copied so far
+
+    def rows_upto(self, db: sqlite3.Connection, last: Key) -> Iterator[tuple[Any, ...]]:
+        """The source rows up to the key ``last`` (included), in key order, as `copy_batch` reads them."""
+        if last is None or not _has_table(db, self.source_table):
+            return iter(())
+        return iter(
+            db.execute(
+                f"SELECT {self.key}, {', '.join(self.columns)} FROM {self.source_table} WHERE {self.key} <= ?"
+                f" ORDER BY {self.key}",
+                (last,),
+            )
+        )
 
     def count_source(self, db: sqlite3.Connection) -> int:
         if not _has_table(db, self.source_table):
@@ -140,6 +163,7 @@ class TableCopy:
         ).fetchall()
         if not rows:
             return 0, after
+        self.chain = _chain(self.chain, rows)
         values = [self.convert(tuple(row)) for row in rows]
         marks = ", ".join(f"%s::{self.casts[c]}" if c in self.casts else "%s" for c in self.target)
         sql = (
@@ -150,6 +174,12 @@ class TableCopy:
         )
         with conn.cursor() as cur:
             cur.executemany(sql, values)
+            if self.keep_key and self.on_conflict and cur.rowcount != len(values):
+                # an id of the source taken already: rows the migration did not write (a node ran on the database)
+                raise MigrationError(
+                    f"{self.name}: the database holds rows with ids this migration was to copy, which it did not"
+                    " write: migrate into a new database (and start no engine on it before the migration ends)"
+                )
         if self.derive is not None:
             self.derive(conn, values)
         return len(rows), rows[-1][0]
@@ -163,6 +193,13 @@ class TableCopy:
             )
         if self.then is not None:
             self.then(conn)
+
+
+def _chain(chain: str, rows: Iterator[Any] | Sequence[Any]) -> str:
+    """``chain`` followed by ``rows``: a digest of every source row copied, in order, whatever the batches."""
+    for row in rows:
+        chain = hashlib.sha256((chain + repr(tuple(row))).encode()).hexdigest()
+    return chain
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
@@ -352,6 +389,10 @@ class PerChannel:
     suffix: str
     tables: frozenset[str]
     make: ChannelSteps
+    match: Callable[[set[str]], bool] | None = None  # instead of ``tables``: whether a file's tables are this store's
+
+    def matches(self, tables: set[str]) -> bool:
+        return self.match(tables) if self.match is not None else self.tables <= tables
 
 
 PER_CHANNEL: list[PerChannel] = []
@@ -376,18 +417,105 @@ def _mpps_steps(channel: str, path: Path) -> list[Step]:
     ]  # fmt: skip
 
 
+@dataclass
+class MarksCopy:
+    """An HL7 sender channel's marks into ``applied_keys`` (the channel as consumer): the rows of ``applied`` and,
+    from a file an earlier version wrote, those of its ``sent`` table (``legacy``: its key, time and detail
+    columns) whose key ``applied`` does not hold, as `traboule.stores.idempotency.AppliedKeys` moves them on open.
+    Either table may be absent; keys in text order."""
+
+    name: str
+    store: str
+    channel: str
+    applied: tuple[str, str] | None  # (time column, detail column or "''"), None: no ``applied`` table
+    legacy: tuple[str, str, str] | None  # (key, time, detail) column expressions of ``sent``; None: no such table
+    chain: str = field(default="", init=False)
+
+    def rows_upto(self, db: sqlite3.Connection, last: Key) -> Iterator[tuple[Any, ...]]:
+        if last is None:
+            return iter(())
+        return iter(db.execute(f"SELECT k, at, detail FROM ({self._union()}) WHERE k <= ? ORDER BY k", (last,)))
+
+    def _union(self) -> str:
+        parts = []
+        if self.applied is not None:
+            parts.append(
+                f"SELECT idempotency_key AS k, {self.applied[0]} AS at, {self.applied[1]} AS detail FROM applied"
+            )
+        if self.legacy is not None:
+            key, at, detail = self.legacy
+            skip = f" AND {key} NOT IN (SELECT idempotency_key FROM applied)" if self.applied else ""
+            parts.append(
+                f"SELECT {key} AS k, min({at}) AS at, min({detail}) AS detail FROM sent"
+                f" WHERE {key} IS NOT NULL AND {key} != ''{skip} GROUP BY {key}"
+            )
+        return " UNION ALL ".join(parts) or "SELECT NULL AS k, NULL AS at, NULL AS detail WHERE 0"
+
+    def count_source(self, db: sqlite3.Connection) -> int:
+        return int(db.execute(f"SELECT count(*) FROM ({self._union()})").fetchone()[0])
+
+    def count_destination(self, conn: psycopg.Connection) -> int:
+        row = conn.execute("SELECT count(*) FROM applied_keys WHERE consumer = %s", (self.channel,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def copy_batch(self, db: sqlite3.Connection, conn: psycopg.Connection, after: Key, limit: int) -> tuple[int, Key]:
+        where, args = ("", ()) if after is None else (" WHERE k > ?", (after,))
+        rows = db.execute(
+            f"SELECT k, at, detail FROM ({self._union()}){where} ORDER BY k LIMIT ?", (*args, limit)
+        ).fetchall()
+        if not rows:
+            return 0, after
+        self.chain = _chain(self.chain, rows)
+        values = [
+            (self.channel, _no_nul(self.name, k), str(at or ""), str(detail or "").replace("\x00", "\ufffd"))
+            for k, at, detail in rows
+        ]
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO applied_keys (consumer, idempotency_key, applied_at, detail)"
+                " VALUES (%s, %s, COALESCE(NULLIF(%s::text, '')::timestamptz, now()), %s) ON CONFLICT DO NOTHING",
+                values,
+            )
+        return len(rows), rows[-1][0]
+
+    def finish(self, conn: psycopg.Connection) -> None:
+        pass
+
+
+def _columns(path: Path, table: str) -> set[str]:
+    with closing(open_database(path, Durability.READ_ONLY)) as db:
+        return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _marks_step(channel: str, path: Path) -> MarksCopy:
+    """The marks step of a sender file: its ``applied`` table, its ``sent`` table (an earlier version's: hl7-status
+    keyed ``idempotency_key``, hl7-documents ``event_id``, each with ``sent_at`` and ``control_id``), or both."""
+    tables = _tables(path)
+    applied = None
+    if "applied" in tables:
+        applied = ("applied_at", "detail" if "detail" in _columns(path, "applied") else "''")
+    legacy = None
+    if "sent" in tables:
+        cols = _columns(path, "sent")
+        key = next((c for c in ("idempotency_key", "event_id") if c in cols), None)
+        if key is None:
+            raise MigrationError(f"{path}: its table sent has neither idempotency_key nor event_id")
+        legacy = (
+            key,
+            "coalesce(sent_at, '')" if "sent_at" in cols else "''",
+            "coalesce(control_id, '')" if "control_id" in cols else "''",
+        )
+    return MarksCopy(f"hl7_sender.marks[{channel}]", f"file:{path.name}", channel, applied, legacy)
+
+
 def _sender_steps(channel: str, path: Path) -> list[Step]:
     """An HL7 sender channel's marks, known orders and pending documents (`traboule.stores.sender_state` →
-    ``applied_keys`` with the channel as consumer, ``hl7_known_orders``, ``hl7_pending_documents``)."""
+    ``applied_keys`` with the channel as consumer, ``hl7_known_orders``, ``hl7_pending_documents``). A file of an
+    earlier version lacks some tables (hl7-status: ``applied`` and ``orders``; hl7-documents: ``applied`` and
+    ``pending``; the oldest: ``sent`` alone): a missing table copies no row."""
     ch, source = _text(channel), f"file:{path.name}"
-    name = f"hl7_sender.marks[{channel}]"
     return [
-        TableCopy(
-            name, source, "applied", "idempotency_key", ("applied_at", "detail"),
-            "applied_keys", ("consumer", "idempotency_key", "applied_at", "detail"),
-            lambda row: (channel, _no_nul(name, row[0]), row[1], str(row[2]).replace("\x00", "\ufffd")),
-            casts={"applied_at": "timestamptz"}, scope=("consumer", channel),
-        ),
+        _marks_step(channel, path),
         TableCopy(
             f"hl7_sender.orders[{channel}]", source, "orders", "rowid",
             ("accession", "placer", "filler", "patient_id", "study_uid"),
@@ -487,10 +615,17 @@ def _report_steps(channel: str, path: Path) -> list[Step]:
     ]  # fmt: skip
 
 
+def _is_sender(tables: set[str]) -> bool:
+    """A sender channel's file, of this version or an earlier one (``applied`` or the oldest ``sent``; its other
+    tables optional), not a worklist's (which has an ``applied`` table too) nor another store's."""
+    others = {"items", "resources", "mpps", "entries", "sets"}
+    return bool(tables & {"applied", "sent"}) and not tables & others
+
+
 PER_CHANNEL.extend(
     [
         PerChannel(".sqlite", frozenset({"mpps"}), _mpps_steps),
-        PerChannel(".sqlite", frozenset({"applied", "orders", "pending"}), _sender_steps),
+        PerChannel(".sqlite", frozenset({"applied"}), _sender_steps, _is_sender),
         PerChannel(".sqlite", frozenset({"entries"}), _xds_steps),
         PerChannel(".reports.sqlite", frozenset({"sets", "documents", "messages", "waiting"}), _report_steps),
     ]
@@ -510,6 +645,7 @@ class Sources:
     data_dir: Path
     channels: dict[str, str] = field(default_factory=dict)
     paths: dict[str, Path | None] = field(default_factory=dict)
+    others: list[Path] = field(default_factory=list)  # the worklist or FHIR stores not chosen (not moved)
 
     def __post_init__(self) -> None:
         if not self.data_dir.is_dir():
@@ -533,6 +669,7 @@ class Sources:
                 if path not in candidates:
                     raise MigrationError(f"{path} is not a {store} channel's store")
                 self.paths[store] = path
+                self.others += [p for p in candidates if p != path]
             elif len(candidates) > 1:
                 names = ", ".join(p.stem for p in candidates)
                 raise MigrationError(
@@ -558,7 +695,7 @@ class Sources:
             suffix = ".reports.sqlite" if path.name.endswith(".reports.sqlite") else ".sqlite"
             tables = _tables(path)
             for kind in PER_CHANNEL:
-                if kind.suffix == suffix and kind.tables <= tables:
+                if kind.suffix == suffix and kind.matches(tables):
                     steps += kind.make(path.name.removesuffix(suffix), path)
         return steps
 
@@ -605,6 +742,12 @@ class Report:
     counts: list[Count] = field(default_factory=list)
     copied: int = 0  # rows copied by this run
     left: list[Path] = field(default_factory=list)  # the folder's SQLite files no step read
+    others: list[Path] = field(default_factory=list)  # of those, the worklist or FHIR stores not chosen
+
+    @property
+    def unread(self) -> list[Path]:
+        """The files left that are neither the embedded bus nor a store left out by choice: data not moved."""
+        return [p for p in self.left if p.name != "bus.sqlite" and p not in self.others]
 
     @property
     def mismatches(self) -> list[Count]:
@@ -633,10 +776,24 @@ def migrate(
     steps = [*STEPS, *sources.channel_steps()]
     if not any(sources.path(step.store) for step in steps):
         raise MigrationError(f"{sources.data_dir} holds no traboule store (journal.sqlite, patients.sqlite...)")
-    report = Report(left=sources.left(steps))
+    report = Report(left=sources.left(steps), others=list(sources.others))
     with connect(url) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        if not row or not row[0]:
+            raise MigrationError("another traboule db migrate is running on this database: wait for it to end")
         migrations.upgrade(conn)
         conn.execute(_PROGRESS_SCHEMA)
+        if conn.execute(f"SELECT 1 FROM {PROGRESS_TABLE} WHERE step = %s", (RUN_STEP,)).fetchone() is None:
+            for step in steps:  # a database in use: refused before anything marks it (its nodes would not start)
+                if sources.path(step.store) is not None and (found := step.count_destination(conn)):
+                    raise MigrationError(
+                        f"{step.name}: the database already holds {found} rows this migration did not write:"
+                        " migrate into a new database"
+                    )
+            conn.execute(
+                f"INSERT INTO {PROGRESS_TABLE} (step, source, copied) VALUES (%s, %s, 0)",
+                (RUN_STEP, str(sources.data_dir.resolve())),
+            )
         for step in steps:
             path = sources.path(step.store)
             if path is None:
@@ -646,6 +803,7 @@ def migrate(
                 total = step.count_source(db)
                 report.copied += _run(step, db, conn, str(path.resolve()), total, batch_size, progress, after_batch)
                 report.counts.append(Count(step.name, total, step.count_destination(conn), path))
+        conn.execute(f"UPDATE {PROGRESS_TABLE} SET done = true WHERE step = %s", (RUN_STEP,))
     return report
 
 
@@ -669,9 +827,13 @@ def _run(
     progress: Progress | None,
     after_batch: Callable[[str, int], None] | None,
 ) -> int:
-    """One step, batch after batch, each with its progress row in one transaction; returns the rows copied."""
+    """One step, batch after batch, each with its progress row in one transaction; returns the rows copied.
+
+    A step with a ``chain`` (`TableCopy`) keeps, in its progress row, the digest of the source rows it copied
+    (`_chain`); a later run reads those rows again and refuses when they differ: rows changed in place under keys
+    already copied would not be seen."""
     row = conn.execute(
-        f"SELECT source, after, copied, done FROM {PROGRESS_TABLE} WHERE step = %s", (step.name,)
+        f"SELECT source, after, copied, done, fingerprint FROM {PROGRESS_TABLE} WHERE step = %s", (step.name,)
     ).fetchone()
     if row is None:
         found = step.count_destination(conn)
@@ -684,7 +846,15 @@ def _run(
     else:
         if row[0] != source:
             raise MigrationError(f"{step.name}: the database holds a migration from {row[0]}, not from {source}")
+        rows_upto = getattr(step, "rows_upto", None)
+        if rows_upto is not None and row[4] is not None and _chain("", rows_upto(db, _key(row[1]))) != row[4]:
+            raise MigrationError(
+                f"{step.name}: {source} changed since the migration into this database began (rows copied"
+                " by an earlier run were written to since): start over into a new database"
+            )
         after, done, finished = _key(row[1]), int(row[2]), bool(row[3])
+    if hasattr(step, "chain"):
+        step.chain = "" if row is None else str(row[4] or "")
     if progress is not None:
         progress(step.name, done, total)
     if finished:
@@ -695,10 +865,10 @@ def _run(
             n, last = step.copy_batch(db, conn, after, batch_size)
             if n == 0:
                 step.finish(conn)
-                _save(conn, step.name, source, after, done, finished=True)
+                _save(conn, step.name, source, after, done, finished=True, mark=getattr(step, "chain", ""))
                 break
             done, after = done + n, last
-            _save(conn, step.name, source, after, done, finished=False)
+            _save(conn, step.name, source, after, done, finished=False, mark=getattr(step, "chain", ""))
         copied += n
         batches += 1
         if progress is not None:
@@ -708,11 +878,15 @@ def _run(
     return copied
 
 
-def _save(conn: psycopg.Connection, step: str, source: str, after: Key, done: int, *, finished: bool) -> None:
+def _save(
+    conn: psycopg.Connection, step: str, source: str, after: Key, done: int, *, finished: bool, mark: str = ""
+) -> None:
+    """The step's progress (``mark``: the digest of the rows copied so far)."""
     conn.execute(
-        f"INSERT INTO {PROGRESS_TABLE} (step, source, after, copied, done) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (step) DO UPDATE SET after = excluded.after, copied = excluded.copied, done = excluded.done",
-        (step, source, None if after is None else json.dumps(after), done, finished),
+        f"INSERT INTO {PROGRESS_TABLE} (step, source, after, copied, done, fingerprint)"
+        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (step) DO UPDATE SET after = excluded.after,"
+        " copied = excluded.copied, done = excluded.done, fingerprint = excluded.fingerprint",
+        (step, source, None if after is None else json.dumps(after), done, finished, mark or None),
     )
 
 

@@ -2,11 +2,14 @@
 
 `connect` and `async_connect` are the one way a store opens a connection, as `traboule.stores.sqlite.open_database`
 is for SQLite: ``application_name`` ``traboule`` (what ``pg_stat_activity`` shows), statement, lock and
-idle-in-transaction timeouts and TCP keepalives (unless the URL sets them: its own ``options`` are kept, ours are
-appended), and ``synchronous_commit = on`` always, whatever the URL or the server's defaults say, checked with
-``SHOW`` once connected: a commit is durable (flushed to the server's WAL) when it returns, the PostgreSQL
-counterpart of ``Durability.POWER_LOSS``. Connections are in autocommit mode by default: a store opens its
-transactions itself (``with conn.transaction():``), so their extent is visible where they are written.
+idle-in-transaction timeouts and TCP keepalives on both sides, the client's (libpq) and the server's
+(``tcp_keepalives_*`` and ``tcp_user_timeout`` of the session, so that the server ends the session of a host lost
+without closing its sockets, and frees its locks, in about 10 s), unless the URL sets them (its own ``options`` are
+kept, ours are appended for what they do not set), and ``synchronous_commit = on`` always, whatever the URL or
+the server's defaults say, checked with ``SHOW`` once connected: a commit is durable (flushed to the server's WAL)
+when it returns, the PostgreSQL counterpart of ``Durability.POWER_LOSS``. Connections are in autocommit mode by
+default: a store opens its transactions itself (``with conn.transaction():``), so their extent is visible where
+they are written.
 
 The schema of each store is versioned by `traboule.stores.postgres.migrations`. `redact` gives a URL fit for a
 message or a log line (no password).
@@ -30,6 +33,15 @@ CONNECT_TIMEOUT_S = 10
 # TCP keepalives: a peer gone without closing (a frozen VM, a partition) is noticed in about 25 s, not 2 hours.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 TCP_USER_TIMEOUT_MS = 30_000  # unacknowledged data on the socket for this long: the connection is dead (libpq ≥ 12)
+# The server's side of each session (settable per session by any role): a node whose host is gone without closing
+# its sockets (power loss, frozen VM, partition) has its session, and the locks it holds (the outbox relay's lease),
+# ended in about 10 s rather than after the OS's 2 hours of TCP keepalive idle time.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": 5,
+    "tcp_keepalives_interval": 1,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms
+}
 # Always in force, whatever the URL and the server's defaults (``ALTER DATABASE ... SET`` included): appended last
 # to the startup ``options``, so it wins over the URL's own ``-c synchronous_commit``.
 ENFORCED = "-c synchronous_commit=on"
@@ -37,8 +49,8 @@ ENFORCED = "-c synchronous_commit=on"
 
 def _params(url: str) -> dict[str, object]:
     """The connection parameters added to ``url``: ``synchronous_commit=on`` always; the statement, lock and
-    idle-in-transaction timeouts, keepalives, ``application_name`` and ``connect_timeout`` unless the URL sets them
-    itself (its own ``options`` are kept, ours appended)."""
+    idle-in-transaction timeouts, keepalives (the client's and the server's), ``application_name`` and
+    ``connect_timeout`` unless the URL sets them itself (its own ``options`` are kept, ours appended)."""
     from psycopg import pq
     from psycopg.conninfo import conninfo_to_dict
 
@@ -55,12 +67,15 @@ def _params(url: str) -> dict[str, object]:
         params["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
     own = str(given.get("options") or "")
     options = [own] if own.strip() else []
+    # what the URL's options set (``-c name=value``, ``-cname=value`` or ``--name=value``): never overridden
+    named = {m.replace("-", "_").lower() for m in re.findall(r"(?:-c\s*|--)([A-Za-z0-9_.-]+)\s*=", own)}
     for name, value in (
         ("statement_timeout", STATEMENT_TIMEOUT_MS),
         ("lock_timeout", LOCK_TIMEOUT_MS),
         ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_MS),
+        *SERVER_KEEPALIVES.items(),
     ):
-        if name not in own and name.replace("_", "-") not in own:
+        if name not in named:
             options.append(f"-c {name}={value}")
     options.append(ENFORCED)
     params["options"] = " ".join(options)

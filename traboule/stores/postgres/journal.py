@@ -7,12 +7,14 @@ one database, with the guarantees of `traboule.stores.journal.SQLiteJournal`.
   share the next transaction (one WAL flush for all of them). Appends and outbox confirmations go through an
   asyncio connection, so the loop keeps serving while the server commits; the other calls of the protocol are
   blocking, as the protocol states, on a second (blocking) connection. A group commit is one statement, in one round
-  trip: ``journal_append`` (a function of the schema, migration 2) takes the lock, writes each entry with its
-  events and deletes the confirmed events, in its own transaction; only entries whose key turns out taken cost
-  one more transaction (stored as ``duplicate``).
+  trip and one transaction: ``journal_append`` (a function of the schema, migration 3) takes the lock, writes each
+  entry with its events (an accepted entry whose key turns out taken as ``duplicate``, without its events) and
+  deletes the confirmed events. The senders of a group commit are all answered from that one commit: none is
+  acknowledged for an entry that did not commit, none refused for one that did.
 * One accepted entry per idempotency key across nodes: a unique index on the key of ``accepted`` rows, written with
   ``INSERT ... ON CONFLICT DO NOTHING``. Two nodes appending the same message at once: the second insert waits for
-  the first transaction, finds the key taken and stores its entry as ``duplicate`` (no read-then-write race).
+  the first transaction, finds the key taken and stores its entry as ``duplicate`` (no read-then-write race), with
+  the warning the SQLite journal writes (``same message as journal entry <id>``).
 * Ids grow in commit order across nodes too: every group commit holds an advisory lock (`LOCK_KEY`) from before
   its first insert to its commit, so no node commits an id lower than one already visible (a reader paging with
   ``after`` never skips an entry committed late). Events added with ``append_events`` take the next outbox ids when
@@ -24,7 +26,7 @@ one database, with the guarantees of `traboule.stores.journal.SQLiteJournal`.
 * Text as the SQLite journal keeps it: PostgreSQL ``text`` cannot hold NUL, so every text column is stored through
   `traboule.stores.postgres.encode_text` (injective, identity on text without NUL or ``\\x01``) and decoded on read;
   ``raw`` is exact ``bytea``. An entry the server still refuses (``DataError``) fails alone: the group commit it
-  was in is committed again one entry at a time.
+  was in rolled back as a whole and is committed again one entry at a time.
 * Closing commits the confirmations made before it, even while a group commit is in flight (the loop cannot finish
   that one while ``close`` runs: a commit holding only confirmations is ended and done again on the blocking
   connection; one holding appends finishes on its own when the loop runs on).
@@ -53,10 +55,10 @@ COMPONENT = "journal"
 LOCK_KEY = 0x6A6F_7572_6E61  # "journa": held by each group commit, so that ids grow in commit order
 PRUNE_BATCH = 5_000  # messages deleted per statement: a large prune never runs into the statement timeout
 
-# A group commit in one statement (its own transaction, one round trip): the lock, then each entry with its events
-# (``e_first``/``e_count``: where they are in the ``e_*`` arrays), then the confirmed events deleted. One id per
-# entry, in order; NULL for an accepted entry whose key is taken (by a committed entry or one earlier in the call):
-# nothing is written for it, the caller stores it as a duplicate.
+# Migration 2 (replaced by migration 3, kept as applied): a group commit in one statement (its own transaction, one
+# round trip): the lock, then each entry with its events (``e_first``/``e_count``: where they are in the ``e_*``
+# arrays), then the confirmed events deleted. One id per entry, in order; NULL for an accepted entry whose key is
+# taken: nothing was written for it, the caller stored it as a duplicate in a second transaction.
 _APPEND_FUNCTION = """
 CREATE FUNCTION journal_append(
     lock_key bigint, m_received text[], m_channel text[], m_peer text[], m_control_id text[], m_message_type text[],
@@ -93,6 +95,67 @@ BEGIN
     END LOOP;
     IF cardinality(published) > 0 THEN
         DELETE FROM journal_outbox WHERE id = ANY(published);
+    END IF;
+END $$;
+"""
+
+# Migration 3: the group commit stores the duplicates itself (before, the caller stored them in a second
+# transaction, after the first had committed). One row per entry, in order: its id, its status (``duplicate`` for
+# an accepted entry whose key is taken, by a committed entry or one earlier in the call) and, for a duplicate, its
+# warnings as stored (the SQLite journal's line added).
+_APPEND_FUNCTION_3 = """
+DROP FUNCTION journal_append(
+    bigint, text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], bytea[], int4[],
+    int4[], text[], text[], bytea[], bigint[]
+);
+CREATE FUNCTION journal_append(
+    lock_key bigint, m_received text[], m_channel text[], m_peer text[], m_control_id text[], m_message_type text[],
+    m_status text[], m_ack_code text[], m_error text[], m_warnings text[], m_key text[], m_correlation_id text[],
+    m_raw bytea[], e_first int4[], e_count int4[], e_topic text[], e_event_id text[], e_body bytea[],
+    published bigint[]
+) RETURNS TABLE (entry_id bigint, entry_status text, entry_warnings text) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    seen bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    FOR i IN 1 .. coalesce(array_length(m_status, 1), 0) LOOP
+        entry_id := NULL;
+        entry_status := m_status[i];
+        entry_warnings := NULL;
+        IF m_status[i] = 'accepted' AND m_key[i] <> '' THEN
+            INSERT INTO journal_messages (received, channel, peer, control_id, message_type, status, ack_code, error,
+                                          warnings, idempotency_key, correlation_id, raw)
+            VALUES (m_received[i], m_channel[i], m_peer[i], m_control_id[i], m_message_type[i], m_status[i],
+                    m_ack_code[i], m_error[i], m_warnings[i], m_key[i], m_correlation_id[i], m_raw[i])
+            ON CONFLICT (idempotency_key) WHERE status = 'accepted' AND idempotency_key <> '' DO NOTHING
+            RETURNING journal_messages.id INTO entry_id;
+            IF entry_id IS NULL THEN  -- the key is taken: the entry is stored as a duplicate, without its events
+                SELECT m.id INTO seen FROM journal_messages m
+                    WHERE m.idempotency_key = m_key[i] AND m.status = 'accepted' LIMIT 1;
+                entry_status := 'duplicate';
+                entry_warnings := btrim(
+                    m_warnings[i] || E'\n' || 'same message as journal entry ' || coalesce(seen::text, '?'),
+                    E' \t\n\r\x0b\x0c'
+                );
+            END IF;
+        END IF;
+        IF entry_id IS NULL THEN
+            INSERT INTO journal_messages (received, channel, peer, control_id, message_type, status, ack_code, error,
+                                          warnings, idempotency_key, correlation_id, raw)
+            VALUES (m_received[i], m_channel[i], m_peer[i], m_control_id[i], m_message_type[i], entry_status,
+                    m_ack_code[i], m_error[i], coalesce(entry_warnings, m_warnings[i]), m_key[i],
+                    m_correlation_id[i], m_raw[i])
+            RETURNING journal_messages.id INTO entry_id;
+        END IF;
+        IF entry_status = 'accepted' AND e_count[i] > 0 THEN
+            INSERT INTO journal_outbox (message_id, topic, event_id, body)
+                SELECT entry_id, e_topic[j], e_event_id[j], e_body[j]
+                FROM generate_series(e_first[i], e_first[i] + e_count[i] - 1) AS j ORDER BY j;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF cardinality(published) > 0 THEN
+        DELETE FROM journal_outbox WHERE journal_outbox.id = ANY(published);
     END IF;
 END $$;
 """
@@ -134,15 +197,11 @@ migrations.register(
             """,
         ),
         (2, _APPEND_FUNCTION),
+        (3, _APPEND_FUNCTION_3),
     ],
 )
 
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM journal_messages"
-_INSERT = f"INSERT INTO journal_messages ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
-_INSERT_ACCEPTED = (
-    _INSERT + " ON CONFLICT (idempotency_key) WHERE status = 'accepted' AND idempotency_key <> ''"
-    " DO NOTHING RETURNING id"
-)
 _ACCEPTED_ID = "SELECT id FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted' LIMIT 1"
 _INSERT_EVENT = "INSERT INTO journal_outbox (message_id, topic, event_id, body) VALUES (%s, %s, %s, %s)"
 _EVENTS = "SELECT id, message_id, topic, event_id, body FROM journal_outbox"
@@ -267,25 +326,15 @@ class PostgresJournal:
                     conn = await self._async_connection()
                     with _disk_full():
                         cur = await conn.execute(_APPEND, _append_args(batch, published))  # one round trip
-                        taken = []
-                        for (entry, events, _), (entry_id,) in zip(batch, await cur.fetchall(), strict=True):
-                            if entry_id is None:  # the key is taken (by a committed entry or one before it)
-                                taken.append((entry, events))
-                            else:
-                                entry.id = int(entry_id)
-                        if taken:  # stored as duplicates, in a transaction of their own (ids in commit order)
-                            async with conn.transaction():
-                                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-                                for entry, events in taken:
-                                    await self._insert(conn, entry, events)
+                        _stored(batch, await cur.fetchall())
                 except Exception as exc:  # server gone, disk full: every waiting sender gets the error
                     self._deleting, self._in_flight = [], 0
                     self._published = published + self._published
                     for (entry, _, _), (status, warnings, entry_id) in zip(batch, saved, strict=True):
                         entry.status, entry.warnings, entry.id = status, warnings, entry_id
                     if isinstance(exc, psycopg.DataError) and len(batch) > 1:
-                        # one entry the server refuses (the transaction rolled back): again one at a time, so
-                        # that only its own sender gets the error
+                        # one entry the server refuses (the one transaction rolled back, nothing of the batch was
+                        # stored): again one at a time, so that only its own sender gets the error
                         self._pending, self._isolate = batch + self._pending, len(batch)
                         continue
                     await self._drop_async_connection()
@@ -305,26 +354,6 @@ class PostgresJournal:
             self._flush_task = None
             if self._closed:
                 await self._drop_async_connection()
-
-    async def _insert(self, conn: AsyncConnection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
-        values = _values(entry)
-        if entry.status == "accepted" and entry.idempotency_key:
-            row = await (await conn.execute(_INSERT_ACCEPTED, values)).fetchone()
-            if row is None:  # the key is taken (by a committed entry, or one earlier in this batch)
-                seen = await (await conn.execute(_ACCEPTED_ID, (encode_text(entry.idempotency_key),))).fetchone()
-                entry.status = "duplicate"
-                entry.warnings = (
-                    entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}"
-                ).strip()
-                values = _values(entry)
-            else:
-                entry.id = int(row[0])
-        if entry.status != "accepted" or not entry.idempotency_key:
-            row = await (await conn.execute(_INSERT + " RETURNING id", values)).fetchone()
-            entry.id = int(row[0]) if row else 0
-        if entry.status == "accepted" and events:
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_EVENT, [(entry.id, e.topic, e.event_id, e.body) for e in events])
 
     async def _async_connection(self) -> AsyncConnection:
         loop = asyncio.get_running_loop()
@@ -393,12 +422,8 @@ class PostgresJournal:
         published, self._published = self._published, []
         saved = [(e.status, e.warnings, e.id) for e, _, _ in batch]
         try:
-            with _disk_full(), db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-                for entry, events, _ in batch:
-                    _insert_blocking(db, entry, events)
-                if published:
-                    db.execute("DELETE FROM journal_outbox WHERE id = ANY(%s)", (published,))
+            with _disk_full():
+                _stored(batch, db.execute(_APPEND, _append_args(batch, published)).fetchall())
         except psycopg.DataError as exc:
             for (entry, _, _), (status, warnings, entry_id) in zip(batch, saved, strict=True):
                 entry.status, entry.warnings, entry.id = status, warnings, entry_id
@@ -527,24 +552,20 @@ def _append_args(batch: list[Pending], published: list[int]) -> tuple[Any, ...]:
     )
 
 
+def _stored(batch: list[Pending], rows: list[tuple[Any, ...]]) -> None:
+    """What ``journal_append`` stored for each entry of a group commit: its id, and for an accepted entry whose key
+    was taken its status ``duplicate`` and its warnings."""
+    for (entry, _, _), (entry_id, status, warnings) in zip(batch, rows, strict=True):
+        entry.id = int(entry_id)
+        if status == "duplicate" and entry.status != "duplicate":
+            entry.status, entry.warnings = "duplicate", decode_text(warnings)
+
+
 def _insert_blocking(db: Connection, entry: JournalEntry, events: list[OutboxEvent]) -> None:
-    """`PostgresJournal._insert` on the blocking connection."""
-    values = _values(entry)
-    if entry.status == "accepted" and entry.idempotency_key:
-        row = db.execute(_INSERT_ACCEPTED, values).fetchone()
-        if row is None:
-            seen = db.execute(_ACCEPTED_ID, (encode_text(entry.idempotency_key),)).fetchone()
-            entry.status = "duplicate"
-            entry.warnings = (entry.warnings + f"\nsame message as journal entry {seen[0] if seen else '?'}").strip()
-            values = _values(entry)
-        else:
-            entry.id = int(row[0])
-    if entry.status != "accepted" or not entry.idempotency_key:
-        row = db.execute(_INSERT + " RETURNING id", values).fetchone()
-        entry.id = int(row[0]) if row else 0
-    if entry.status == "accepted" and events:
-        with db.cursor() as cur:
-            cur.executemany(_INSERT_EVENT, [(entry.id, e.topic, e.event_id, e.body) for e in events])
+    """One entry (and its events) through ``journal_append`` on a blocking connection, in the caller's transaction
+    (which may hold `LOCK_KEY` already: the lock is taken again by the same session) or in its own."""
+    batch: list[Any] = [(entry, events, None)]
+    _stored(batch, db.execute(_APPEND, _append_args(batch, [])).fetchall())
 
 
 def _where(query: Query) -> tuple[str, list[Any]]:

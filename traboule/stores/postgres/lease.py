@@ -11,6 +11,10 @@ advisory lock held on a connection of its own.
   the work goes on.
 * A node that dies (even ``kill -9``) closes its socket: the server ends its session and the lock is free for the
   next retry of another node (about a second).
+* A node whose host is lost without closing its socket (power loss, frozen VM, network partition): the server's
+  side of the session has keepalives and a user timeout of its own (`traboule.stores.postgres.SERVER_KEEPALIVES`,
+  set on every connection): the server ends the session, and the lock is free, about 10 s after the host went
+  silent (not the OS's 2 hours); the next retry of another node takes the lease.
 * Fencing: the holder calls `Lease.confirm` right before each piece of its work (each batch the outbox dispatcher
   publishes): the server says whether this session still holds the lock. A session the server ended (an
   administrator, a network cut noticed by the server) stops the work before the next batch rather than at the next

@@ -84,7 +84,7 @@ class OutboxEvent:
 PUBLISHED_DELAY = 0.05  # seconds
 
 
-_COLUMNS = (
+COLUMNS = (  # the columns of a journal entry, in the order both backends store them
     "received",
     "channel",
     "peer",
@@ -264,8 +264,8 @@ class SQLiteJournal:
                 entry.status = "duplicate"
                 entry.warnings = (entry.warnings + f"\nsame message as journal entry {seen[0]}").strip()
         cur = db.execute(
-            f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            tuple(getattr(entry, c) for c in _COLUMNS),
+            f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            tuple(getattr(entry, c) for c in COLUMNS),
         )
         entry.id = int(cur.lastrowid or 0)
         if entry.status == "accepted":
@@ -438,8 +438,8 @@ def record(path: str | Path, entry: JournalEntry) -> JournalEntry:
     try:
         db.executescript(SCHEMA)
         cur = db.execute(
-            f"INSERT INTO messages ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            tuple(getattr(entry, c) for c in _COLUMNS),
+            f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            tuple(getattr(entry, c) for c in COLUMNS),
         )
         entry.id = int(cur.lastrowid or 0)
     finally:

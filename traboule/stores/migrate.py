@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from traboule.errors import CommandError
+from traboule.stores.journal import COLUMNS as JOURNAL_COLUMNS
 from traboule.stores.sqlite import Durability, open_database
 
 if TYPE_CHECKING:
@@ -277,20 +278,6 @@ def _escaped(count: int, convert: Callable[[Any], Any] = _registry_text) -> Conv
     return lambda row: (*(convert(v) for v in row[1 : 1 + count]), *row[1 + count :])
 
 
-_JOURNAL_COLUMNS = (
-    "received",
-    "channel",
-    "peer",
-    "control_id",
-    "message_type",
-    "status",
-    "ack_code",
-    "error",
-    "warnings",
-    "idempotency_key",
-    "correlation_id",
-    "raw",
-)
 _ITEM_COLUMNS = (
     "key",
     "status",
@@ -312,8 +299,8 @@ _ITEM_COLUMNS = (
 
 STEPS: list[Step] = [
     TableCopy(
-        "journal.messages", "journal", "messages", "id", _JOURNAL_COLUMNS,
-        "journal_messages", ("id", *_JOURNAL_COLUMNS), _journal_message, keep_key=True, identity="id",
+        "journal.messages", "journal", "messages", "id", JOURNAL_COLUMNS,
+        "journal_messages", ("id", *JOURNAL_COLUMNS), _journal_message, keep_key=True, identity="id",
     ),
     TableCopy(
         "journal.outbox", "journal", "outbox", "id", ("message_id", "topic", "event_id", "body"),

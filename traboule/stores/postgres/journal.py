@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from traboule.errors import DiskFull
-from traboule.stores.journal import _COLUMNS, PUBLISHED_DELAY, JournalEntry, OutboxEvent, Query
+from traboule.stores.journal import COLUMNS, PUBLISHED_DELAY, JournalEntry, OutboxEvent, Query
 from traboule.stores.postgres import async_connect, connect, decode_text, encode_text, migrations, redact
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ migrations.register(
     ],
 )
 
-_SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM journal_messages"
+_SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM journal_messages"
 _ACCEPTED_ID = "SELECT id FROM journal_messages WHERE idempotency_key = %s AND status = 'accepted' LIMIT 1"
 _INSERT_EVENT = "INSERT INTO journal_outbox (message_id, topic, event_id, body) VALUES (%s, %s, %s, %s)"
 _EVENTS = "SELECT id, message_id, topic, event_id, body FROM journal_outbox"
@@ -525,7 +525,7 @@ class PostgresJournal:
 def _append_args(batch: list[Pending], published: list[int]) -> tuple[Any, ...]:
     """The arguments of ``journal_append`` for a group commit: the entries' columns, their events, the confirmed
     events to delete."""
-    columns: list[list[Any]] = [[] for _ in _COLUMNS]
+    columns: list[list[Any]] = [[] for _ in COLUMNS]
     first, count, topics, event_ids, bodies = [], [], [], [], []
     for entry, events, _ in batch:
         for column, value in zip(columns, _values(entry), strict=True):
@@ -535,7 +535,7 @@ def _append_args(batch: list[Pending], published: list[int]) -> tuple[Any, ...]:
         topics += [e.topic for e in events]
         event_ids += [e.event_id for e in events]
         bodies += [e.body for e in events]
-    by_name = dict(zip(_COLUMNS, columns, strict=True))
+    by_name = dict(zip(COLUMNS, columns, strict=True))
     order = ("received", "channel", "peer", "control_id", "message_type", "status", "ack_code", "error", "warnings")
     return (
         LOCK_KEY,
@@ -577,11 +577,11 @@ def _where(query: Query) -> tuple[str, list[Any]]:
 
 def _values(entry: JournalEntry) -> tuple[Any, ...]:
     """The entry's columns as stored: text through `encode_text` (PostgreSQL text holds no NUL), ``raw`` as is."""
-    return tuple(encode_text(v) if isinstance(v, str) else v for v in (getattr(entry, c) for c in _COLUMNS))
+    return tuple(encode_text(v) if isinstance(v, str) else v for v in (getattr(entry, c) for c in COLUMNS))
 
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
-    data = {k: decode_text(v) if isinstance(v, str) else v for k, v in zip(("id", *_COLUMNS), row, strict=True)}
+    data = {k: decode_text(v) if isinstance(v, str) else v for k, v in zip(("id", *COLUMNS), row, strict=True)}
     data["raw"] = bytes(data["raw"])
     return JournalEntry(**data)
 

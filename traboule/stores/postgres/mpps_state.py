@@ -35,22 +35,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 import psycopg
 import structlog
 from psycopg.pq import TransactionStatus
 
 from traboule.stores.mpps_state import HeldInstance, MPPSInstance, begin_in_thread, run_to_end
-from traboule.stores.postgres import connect, decode_text, encode_text, migrations, redact
-from traboule.stores.postgres.pool import connection_lost
+from traboule.stores.postgres import decode_text, encode_text, migrations
+from traboule.stores.postgres.pool import OwnSession
 
 log = structlog.get_logger("traboule.stores.postgres.mpps_state")
-T = TypeVar("T")
 
 COMPONENT = "mpps_state"
 migrations.register(
@@ -80,50 +77,17 @@ def lock_key(channel: str, uid: str) -> tuple[int, int]:
     return LOCK_CLASS, value - (1 << 32) if value >= 1 << 31 else value
 
 
-class PostgresMPPSStates:
+class PostgresMPPSStates(OwnSession):
     """The MPPS instances of ``channel`` in the database at ``url``; the schema is created or upgraded when it
     opens. One hold at a time per store (the channel serialises its requests)."""
+
+    reconnect_event = "database.mpps_state_reconnecting"
 
     def __init__(self, url: str, channel: str) -> None:
         self.url = url
         self.channel = encode_text(channel)
         self._name = channel
-        self._lock = threading.RLock()  # the connection is used by one thread at a time
-        self._db = self._connect()
-        try:
-            migrations.check(self._db, COMPONENT)
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _connect(self) -> psycopg.Connection:
-        try:
-            return connect(self.url)
-        except psycopg.OperationalError as exc:
-            raise ConnectionError(f"database {redact(self.url)}: {exc}".strip()) from exc
-
-    def _replace(self) -> psycopg.Connection:
-        """A new session instead of the current one, which is closed (its server-side transaction, if any, ends
-        with it)."""
-        with contextlib.suppress(Exception):
-            self._db.close()
-        self._db = self._connect()
-        return self._db
-
-    def _session(self, body: Callable[[psycopg.Connection], T]) -> T:
-        """``body(connection)``, once more on a new session when the current one is found gone (``body`` must
-        leave nothing done when it fails: a read, or a transaction it rolls back). Under the store's lock."""
-        with self._lock:
-            db = self._db
-            if db.broken or db.closed:  # found gone before: a new session
-                db = self._replace()
-            try:
-                return body(db)
-            except Exception as exc:
-                if not connection_lost(exc, db):
-                    raise
-                log.info("database.mpps_state_reconnecting", error=type(exc).__name__)
-                return body(self._replace())
+        self._open_session(COMPONENT)
 
     def get(self, uid: str) -> MPPSInstance | None:
         return self._session(lambda db: self._read(db, uid))

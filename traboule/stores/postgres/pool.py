@@ -166,3 +166,58 @@ def begin(conn: psycopg.Connection, url: str) -> tuple[psycopg.Connection, psyco
         tx = conn.transaction()
         tx.__enter__()
     return conn, tx
+
+
+class OwnSession:
+    """A store's own connection (the MPPS states, the XDS submissions): used by one thread at a time under
+    ``_lock``, replaced by a new session when it is found gone. A subclass calls `_open_session` in its
+    ``__init__`` and names its reconnect log event in ``reconnect_event``."""
+
+    url: str
+    reconnect_event = "database.reconnecting"
+    _db: psycopg.Connection
+    _lock: threading.RLock
+
+    def _open_session(self, component: str) -> None:
+        """Connect and check that the schema of ``component`` is one this code knows (closed again if not)."""
+        from traboule.stores.postgres import migrations
+
+        self._lock = threading.RLock()  # the connection is used by one thread at a time
+        self._db = self._connect()
+        try:
+            migrations.check(self._db, component)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _connect(self) -> psycopg.Connection:
+        from traboule.stores.postgres import redact
+
+        try:
+            return connect(self.url)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"database {redact(self.url)}: {exc}".strip()) from exc
+
+    def _replace(self) -> psycopg.Connection:
+        """A new session instead of the current one, which is closed (its server-side transaction, if any, ends
+        with it)."""
+        with contextlib.suppress(Exception):
+            self._db.close()
+        self._db = self._connect()
+        return self._db
+
+    def _session(self, body: Callable[[psycopg.Connection], T]) -> T:
+        """``body(connection)`` under the store's lock, once more on a new session when the current one is found
+        gone (``body`` must be harmless to run again: a read, an idempotent write, or a transaction it rolls back
+        when it fails)."""
+        with self._lock:
+            db = self._db
+            if db.broken or db.closed:  # found gone before: a new session
+                db = self._replace()
+            try:
+                return body(db)
+            except Exception as exc:
+                if not connection_lost(exc, db):
+                    raise
+                log.info(self.reconnect_event, error=type(exc).__name__)
+                return body(self._replace())

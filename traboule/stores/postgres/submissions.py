@@ -26,22 +26,15 @@ the store's lock (the channel calls it from worker threads). Text is stored thro
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import psycopg
-import structlog
 
-from traboule.stores.postgres import connect, decode_text, encode_text, migrations, redact
-from traboule.stores.postgres.pool import connection_lost
+from traboule.stores.postgres import decode_text, encode_text, migrations
+from traboule.stores.postgres.pool import OwnSession
 from traboule.stores.submissions import SKIPPED_PREFIX, Claims, Submission
-
-log = structlog.get_logger("traboule.stores.postgres.submissions")
-T = TypeVar("T")
 
 COMPONENT = "submissions"
 migrations.register(
@@ -73,49 +66,17 @@ def lock_key(channel: str, unique_id: str) -> tuple[int, int]:
     return LOCK_CLASS, value - (1 << 32) if value >= 1 << 31 else value
 
 
-class PostgresSubmissions:
+class PostgresSubmissions(OwnSession):
     """The submissions of ``channel`` in the database at ``url``; the schema is created or upgraded when it opens."""
+
+    reconnect_event = "database.submissions_reconnecting"
 
     def __init__(self, url: str, channel: str) -> None:
         self.url = url
         self._name = channel
         self.channel = encode_text(channel)
         self._claims = Claims()
-        self._lock = threading.RLock()  # the connection is used by one thread at a time
-        self._db = self._connect()
-        try:
-            migrations.check(self._db, COMPONENT)
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _connect(self) -> psycopg.Connection:
-        try:
-            return connect(self.url)
-        except psycopg.OperationalError as exc:
-            raise ConnectionError(f"database {redact(self.url)}: {exc}".strip()) from exc
-
-    def _replace(self) -> psycopg.Connection:
-        """A new session instead of the current one, which is closed."""
-        with contextlib.suppress(Exception):
-            self._db.close()
-        self._db = self._connect()
-        return self._db
-
-    def _session(self, body: Callable[[psycopg.Connection], T]) -> T:
-        """``body(connection)`` under the store's lock, once more on a new session when the current one is found
-        gone (``body`` is a read, a claim or an idempotent write: replaying it is harmless)."""
-        with self._lock:
-            db = self._db
-            if db.broken or db.closed:  # found gone before: a new session
-                db = self._replace()
-            try:
-                return body(db)
-            except Exception as exc:
-                if not connection_lost(exc, db):
-                    raise
-                log.info("database.submissions_reconnecting", error=type(exc).__name__)
-                return body(self._replace())
+        self._open_session(COMPONENT)
 
     def get(self, unique_id: str) -> Submission | None:
         row = self._session(

@@ -21,7 +21,7 @@ test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-## Debian packages of the real peers used by the tests (haproxy checks deploy/; installed only when missing and running as root)
+## Debian packages of the real peers used by the tests (haproxy checks deploy/; chromium drives the console; installed only when missing and running as root)
 peers:
 	@missing=""; \
 	command -v findscu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
@@ -30,6 +30,8 @@ peers:
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

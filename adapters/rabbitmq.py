@@ -970,6 +970,22 @@ class RabbitMQBus:
                 found = True
         return found
 
+    async def discard_dead_letter(self, queue: str, message_id: str) -> bool:
+        """Remove the dead letter(s) with ``message_id`` from ``<queue>.dlq`` (acked, not published anywhere)."""
+        queue = self.queue_name(queue)
+        await self._ensure_started()
+        found = False
+        async with self._scratch_channel() as channel:
+            try:
+                dlq = await channel.declare_queue(dlq_name(queue), passive=True)
+            except ChannelNotFoundEntity:
+                return False
+            while (message := await dlq.get(no_ack=False, fail=False)) is not None:
+                if message.message_id == message_id:  # the others stay unacked until the channel closes
+                    await message.ack()
+                    found = True
+        return found
+
 
 def partition_name(queue: str, partition: int) -> str:
     """The broker's queue of partition ``partition`` (0-based) of subscriber queue ``queue``."""

@@ -19,10 +19,14 @@ CPU per order, for both stores: the engine's main process (the MLLP loop), its w
 the PostgreSQL server (all its processes) and this client, read from /proc around each phase. The machine's cores
 bound the rate: with 2 cores, 2 ms of CPU per order in all is at most 1,000 orders/s.
 
-    .venv/bin/python bench/postgres_ingest.py [--messages 3000] [--wait-idle 0]
+    .venv/bin/python bench/postgres_ingest.py [--messages 3000] [--patients 1] [--statements] [--wait-idle 0]
 
-``--wait-idle S`` waits up to S seconds for no pytest process on the machine before measuring (and says whether
-one ran during the measurements).
+``--patients N``: the orders name N patients in turn (order i: patient i mod N, its own IPP, INS and Study Instance
+UID; every order its own accession, placer and filler numbers), on both stores alike. 1 (the default) is the load
+of bench/mllp_ingest.py: one patient, one study. ``--statements``: the server runs with ``pg_stat_statements`` and
+the script prints, per phase, the statements the engine sent per order (calls, rows, server time), the costliest
+first. ``--stores postgresql`` skips the SQLite run. ``--wait-idle S`` waits up to S seconds for no pytest process
+on the machine before measuring (and says whether one ran during the measurements).
 """
 
 from __future__ import annotations
@@ -48,6 +52,26 @@ from tests.peer_postgres import run_postgres
 SETTLE = 11.0  # seconds: idle backends publish their statistics within 10 s (PGSTAT_IDLE_INTERVAL)
 DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
 WAL_COUNTERS = ("wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync")
+
+
+def patient_messages(patients: int) -> Callable[[int, int, str], bytes]:
+    """bench/mllp_ingest.py's ``message`` naming ``patients`` patients in turn (each order of a connection the next
+    patient): IPP ``IPP<n>``, a valid NIR of its own (13 digits and their key), Study Instance UID ``...1.<n>``."""
+    template = mi.message
+
+    def message(conn: int, i: int, phase: str = "") -> bytes:
+        data = template(conn, i, phase)
+        if patients <= 1:
+            return data
+        n = (conn * 7919 + i) % patients  # connections start on different patients
+        nir = 2790351215189 + n * 10  # same sex, birth year and month: another commune / order number
+        return (
+            data.replace(b"IPP0001^", f"IPP{n:06d}^".encode())
+            .replace(b"279035121518989^", f"{nir}{97 - nir % 97:02d}^".encode())
+            .replace(b"1.2.250.1.999.1.2.20261125.1^", f"1.2.250.1.999.1.2.20261125.1.{n}^".encode())
+        )
+
+    return message
 
 
 def cpu_seconds(root: int) -> tuple[float, float]:
@@ -77,6 +101,37 @@ def cpu_seconds(root: int) -> tuple[float, float]:
 def pytest_running() -> bool:
     found = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, check=False)
     return bool(found.stdout.strip())
+
+
+class Statements:
+    """What ``pg_stat_statements`` counted for the engine's database: a snapshot per reading, diffed per phase."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def read(self) -> dict[str, tuple[float, float, float]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT query, sum(calls), sum(rows), sum(total_exec_time) FROM pg_stat_statements"
+                " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) GROUP BY query"
+            ).fetchall()
+        return {q: (float(c), float(r), float(t)) for q, c, r, t in rows}
+
+    @staticmethod
+    def report(after: dict[str, tuple[float, float, float]], before: dict[str, tuple[float, float, float]], n: int):
+        delta = {
+            q: tuple(a - b for a, b in zip(v, before.get(q, (0.0, 0.0, 0.0)), strict=True)) for q, v in after.items()
+        }
+        own = ("pg_stat", "count(*) FROM worklist_items")  # the script's own statements
+        delta = {q: v for q, v in delta.items() if v[0] > 0 and not any(o in q for o in own)}
+        calls = sum(v[0] for v in delta.values())
+        spent = sum(v[2] for v in delta.values())
+        print(f"      statements per order {calls / n:.2f}, server execution {spent / n:.3f} ms per order")
+        for q, (c, r, t) in sorted(delta.items(), key=lambda kv: -kv[1][2])[:12]:
+            text = " ".join(q.split())[:90]
+            print(f"      {c / n:7.2f} calls {r / n:7.2f} rows {t / n:7.3f} ms  {text}")
 
 
 class PgCounters:
@@ -165,7 +220,7 @@ async def run_engine(
                 before = [*cpu_seconds(engine.pid), sum(cpu_seconds(server_pid)) if server_pid else 0.0]
                 client = time.process_time()
                 elapsed, lat = await mi.drive(port, conns, messages, f"c{conns}-")
-                done += messages
+                done += messages // conns * conns  # what was sent: an equal share per connection
                 await caught_up(Path(tmp), done)
                 end_to_end[conns] = messages / (time.perf_counter() - started)
                 after = [*cpu_seconds(engine.pid), sum(cpu_seconds(server_pid)) if server_pid else 0.0]
@@ -185,14 +240,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--wait-idle", type=float, default=0.0, help="seconds to wait for no pytest on the machine")
+    parser.add_argument("--patients", type=int, default=1, help="patients the orders name in turn (1: one patient)")
+    parser.add_argument("--statements", action="store_true", help="count the statements (pg_stat_statements)")
+    parser.add_argument("--stores", default="sqlite,postgresql", help="which stores to measure")
     args = parser.parse_args()
+    stores = args.stores.split(",")
+    mi.message = patient_messages(args.patients)  # (mi.drive looks it up in its module at each order)
 
     deadline = time.monotonic() + args.wait_idle
     while pytest_running() and time.monotonic() < deadline:
         await asyncio.sleep(5)
     busy = [pytest_running()]
 
-    with run_postgres() as server:
+    settings = {"shared_preload_libraries": "pg_stat_statements"} if args.statements else None
+    with run_postgres(settings=settings) as server:
         with psycopg.connect(server.admin_url, autocommit=True) as conn:
             pg_version = conn.execute("SHOW server_version").fetchone()
         dbname = server.create_database()
@@ -202,7 +263,13 @@ async def main() -> None:
             busy.append(pytest_running())
             await mi.until_worklist(tmp / "worklist.sqlite", count)
 
-        sqlite_rows, sqlite_e2e, _, sqlite_cpu = await run_engine("sqlite", args.messages, "", sqlite_caught_up)
+        sqlite_rows: list[tuple[str, int, float, float, float]] = []
+        sqlite_e2e: dict[int, float] = {}
+        sqlite_cpu: dict[int, list[float]] = {}
+        if "sqlite" in stores:
+            sqlite_rows, sqlite_e2e, _, sqlite_cpu = await run_engine("sqlite", args.messages, "", sqlite_caught_up)
+        statements = Statements(url) if args.statements else None
+        seen: list[dict[str, tuple[float, float, float]]] = []
 
         counters = PgCounters(server.admin_url, url, dbname)
         readings: list[dict[str, float]] = []
@@ -214,6 +281,8 @@ async def main() -> None:
         async def settle_and_read() -> None:
             await asyncio.sleep(SETTLE)
             readings.append(counters.read())
+            if statements is not None:
+                seen.append(statements.read())
 
         database = f'\n[database]\nurl = "{url}"\n'
         assert server.process is not None
@@ -226,20 +295,22 @@ async def main() -> None:
         idle = {"xact_commit": (quiet["xact_commit"] - quiet["own_polls"]) / seconds}
 
     rows = sqlite_rows + pg_rows
-    print(f"PostgreSQL {pg_version[0] if pg_version else '?'}, {args.messages} orders per row")
+    load = "one patient, one study" if args.patients <= 1 else f"{args.patients} patients in turn"
+    print(f"PostgreSQL {pg_version[0] if pg_version else '?'}, {args.messages} orders per row, {load}")
     print(f"{'stores':12} {'conns':>5} {'orders/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'e2e/s':>7}")
     e2e = {"sqlite": sqlite_e2e, "postgresql": pg_e2e}
     for name, conns, rate, p50, p99 in rows:
         print(f"{name:12} {conns:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {e2e[name][conns]:>7.0f}")
     rate = {(r[0], r[1]): r[2] for r in rows}
     for conns in (1, 8):
-        ratio = rate["postgresql", conns] / rate["sqlite", conns]
-        print(f"ratio PostgreSQL / SQLite at {conns} connection(s): {ratio:.2f}")
+        if ("sqlite", conns) in rate:
+            ratio = rate["postgresql", conns] / rate["sqlite", conns]
+            print(f"ratio PostgreSQL / SQLite at {conns} connection(s): {ratio:.2f}")
 
     print("\nCPU ms per order, first order sent to last one on the worklist (2 cores: 2 ms per order = 1,000/s)")
     print(f"{'stores':12} {'conns':>5} {'engine':>8} {'workers':>8} {'server':>8} {'client':>8} {'total':>8}")
     for name, spent in (("sqlite", sqlite_cpu), ("postgresql", pg_cpu)):
-        for conns in (1, 8):
+        for conns in sorted(spent):
             cells = [v * 1000 / args.messages for v in spent[conns]]
             print(f"{name:12} {conns:>5} " + " ".join(f"{v:>8.2f}" for v in [*cells, sum(cells)]))
 
@@ -259,6 +330,8 @@ async def main() -> None:
             if any(work.get(f"{t}.{op}", 0.0) / args.messages >= 0.01 for op in ("ins", "upd", "del"))
         ]
         print(f"      rows inserted/updated/deleted per order by table: {', '.join(per_table)}")
+        if len(seen) > i + 1:
+            Statements.report(seen[i + 1], seen[i], args.messages)
     print(f"\npytest seen on the machine during the measurements: {'yes' if any(busy) else 'no'}")
 
 

@@ -119,6 +119,10 @@ class FHIRPush:
     # -- consuming ----------------------------------------------------------------------------------------
 
     async def handle(self, deliveries: list[Delivery]) -> None:
+        with metrics.delivering(self.queue, len(deliveries)):
+            await self._handle(deliveries)
+
+    async def _handle(self, deliveries: list[Delivery]) -> None:
         groups = [push_keys(d.body) for d in deliveries]
         chunk: list[Key] = []
         for keys in groups:

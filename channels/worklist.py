@@ -139,6 +139,7 @@ class WorklistChannel(BatchConsumerChannel):
         done = self.store.applied([e.idempotency_key for e in envelopes])
         latest = self.store.order_seqs([k for e in envelopes if (k := sequence_key(e.payload))])
         view = _View(self.store)
+        view.prefetch([e.payload.key + "#" for e in envelopes if isinstance(e.payload, ImagingOrder)])
         changes: list[Change] = []
         results: list[tuple[str, int, int]] = []
         for env, seq in zip(envelopes, seqs, strict=True):
@@ -280,6 +281,13 @@ class _View:
     def __init__(self, store: stores.WorklistStore):
         self.store = store
         self.changed: dict[str, Dataset | None] = {}  # None: deleted
+        self.prefixed: dict[str, list[str]] = {}  # the store's keys per prefix, read for the whole batch
+
+    def prefetch(self, prefixes: list[str]) -> None:
+        """Read the store's keys of these prefixes at once (a store with ``keys_with_prefixes``: one statement)."""
+        many = getattr(self.store, "keys_with_prefixes", None)
+        if many is not None and prefixes:
+            self.prefixed = many(prefixes)
 
     def apply(self, upserts: list[tuple[str, Dataset]], deletes: list[str]) -> None:
         for key, ds in upserts:
@@ -294,7 +302,8 @@ class _View:
         return self.store.get(key)
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        keys = set(self.store.keys_with_prefix(prefix))
+        stored = self.prefixed.get(prefix)
+        keys = set(self.store.keys_with_prefix(prefix) if stored is None else stored)
         for key, ds in self.changed.items():
             if key.startswith(prefix):
                 (keys.add if ds is not None else keys.discard)(key)

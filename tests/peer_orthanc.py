@@ -104,9 +104,6 @@ def orthanc(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for server in servers:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=5)
+        # SIGKILL, not SIGTERM: its database is a throwaway folder, and a polite stop waits ~3 s for its servers.
+        server.process.kill()
+        server.process.wait(timeout=10)

@@ -97,8 +97,9 @@ def _run_as() -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def run_postgres() -> Iterator[PostgresServer]:
-    """Start a temporary cluster and stop it (by PID) on exit, also on errors."""
+def run_postgres(*, settings: dict[str, str] | None = None) -> Iterator[PostgresServer]:
+    """Start a temporary cluster and stop it (by PID) on exit, also on errors. ``settings``: server settings added
+    to (or replacing) the defaults below, e.g. ``{"shared_preload_libraries": "pg_stat_statements"}`` for a bench."""
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin (apt install postgresql)")
@@ -131,7 +132,7 @@ def run_postgres() -> Iterator[PostgresServer]:
             "synchronous_commit": "on",
             "max_connections": "200",
             "logging_collector": "off",
-        }
+        } | (settings or {})
         server.process = subprocess.Popen(
             [str(bin_dir / "postgres"), "-D", str(data), "-p", str(server.port)]
             + [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")],

@@ -1,7 +1,11 @@
 """CDA validation with the ANS testContenuCDA validators: the official examples and our skeletons pass, broken
 documents fail with the validator's own message, and ``traboule cda validate`` exits accordingly.
 
-One validator for the whole module (its cache in the session's temp dir): compiling the schematrons costs ~10 s.
+The tests of content share the run's one validator on the ANS tree (``cda_validator``, tests/conftest.py):
+compiling its schematrons costs ~10 s. The tests of the command's exit codes and of the validation server (kept
+between runs, idle connections, idle exit, whom it answers) are about processes and sockets: they run on a small
+tree laid out as the ANS one (its XSD and Schematron engine, one-rule schematrons at the paths the validator runs),
+which a server compiles in well under a second.
 """
 
 from __future__ import annotations
@@ -64,15 +68,46 @@ def tree() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cda-validators")
+def validator(cda_validator: CDAValidator) -> CDAValidator:
+    """The run's one validator on the ANS tree, every schematron compiled."""
+    cda_validator.compile_all()
+    return cda_validator
 
 
 @pytest.fixture(scope="session")
-def validator(tree: Path, cache: Path) -> CDAValidator:
-    v = CDAValidator(tree, cache)
-    v.compile_all()
-    return v
+def cache(validator: CDAValidator) -> Path:
+    return validator.cache_dir
+
+
+# One-rule schematrons for the small tree: the volet's is the ANS one's FR-DICOM-Conclusion rule, with its message.
+MINI_SCH = """<?xml version="1.0" encoding="UTF-8"?>
+<schema xmlns="http://purl.oclc.org/dsdl/schematron" xmlns:cda="urn:hl7-org:v3" queryBinding="xslt2">
+  <ns prefix="cda" uri="urn:hl7-org:v3"/>
+  <pattern id="mini">{rule}</pattern>
+</schema>
+"""
+MINI_PROFILE_RULE = '<rule context="cda:ClinicalDocument"><assert test="cda:id">an identifier</assert></rule>'
+MINI_VOLET_RULE = """
+    <rule context="cda:ClinicalDocument/cda:component/cda:structuredBody">
+      <assert test="count(cda:component/cda:section[cda:templateId/@root='1.2.250.1.213.1.1.2.209'])=1">
+        [CI-SIS_IMG-CR-IMG] Erreur de conformité au modèle : La section "FR-DICOM-Conclusion"
+        (1.2.250.1.213.1.1.2.209) doit être présente.
+      </assert>
+    </rule>"""
+
+
+@pytest.fixture(scope="session")
+def mini_tree(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tree laid out as the ANS one (its ``infrastructure/`` XSD and ``schematrons/moteur/``) whose schematrons,
+    at the paths of ``PROFILES`` and ``VOLETS``, hold one rule each: for the processes, not the content."""
+    root = tmp_path_factory.mktemp("mini-tree")
+    shutil.copytree(tree / "infrastructure", root / "infrastructure")
+    shutil.copytree(tree / "schematrons" / "moteur", root / "schematrons" / "moteur")
+    for sch in PROFILES:
+        (root / "schematrons" / sch).parent.mkdir(parents=True, exist_ok=True)
+        (root / "schematrons" / sch).write_text(MINI_SCH.format(rule=MINI_PROFILE_RULE), encoding="utf-8")
+    (root / "schematrons" / CR_IMG_SCH).write_text(MINI_SCH.format(rule=MINI_VOLET_RULE), encoding="utf-8")
+    return root
 
 
 def standard(*parts: str) -> Path:
@@ -269,8 +304,9 @@ def _cli(*args: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=100, check=False)
 
 
-def test_cli_exit_codes(validator: CDAValidator, tree: Path, cache: Path, tmp_path: Path) -> None:
-    # In this process: each run compiles the schematrons again (~7 s).
+def test_cli_exit_codes(mini_tree: Path, tmp_path: Path) -> None:
+    # In this process: each run compiles the schematrons again (~7 s on the ANS tree, hence the small one).
+    tree, cache = mini_tree, tmp_path / "cache"
     bad = tmp_path / "no-conclusion.xml"
     bad.write_bytes(cut("<!-- FR-DICOM-Conclusion", "</component>"))
     good = standard(*N1)
@@ -286,7 +322,8 @@ def test_cli_exit_codes(validator: CDAValidator, tree: Path, cache: Path, tmp_pa
     assert "@ /ClinicalDocument/component/structuredBody" in failing.stdout
 
 
-def test_cli_keeps_compiled_schematrons_in_a_server_between_runs(tree: Path, cache: Path, tmp_path: Path) -> None:
+def test_cli_keeps_compiled_schematrons_in_a_server_between_runs(mini_tree: Path, tmp_path: Path) -> None:
+    tree, cache = mini_tree, tmp_path / "cache"
     served = ServedValidator(tree, cache)
     served.stop()  # none left by an earlier run
     bad = tmp_path / "no-conclusion.xml"
@@ -303,7 +340,10 @@ def test_cli_keeps_compiled_schematrons_in_a_server_between_runs(tree: Path, cac
         assert "cda.server.started" not in second.stderr and "cda.schematron.compiled" not in second.stderr
         assert f"OK {good} (IMG-CR-IMG level 3;" in second.stdout
         assert f"FAIL {bad} (IMG-CR-IMG level 3;" in second.stdout and "FR-DICOM-Conclusion" in second.stdout
-        assert took < 5.0  # compiling alone takes ~7 s
+        assert took < 5.0
+        # The second run's documents went to the first run's server, which compiled each schematron once, at start.
+        compiled = (cache / "validation-server.log").read_text().count("cda.schematron.compiled")
+        assert compiled == len(PROFILES) + 1, compiled
         assert served.running()
         stop = _cli("--stop", "--validators", tree, "--cache", cache)
         assert stop.returncode == 0, stop.stderr
@@ -350,23 +390,21 @@ NOT_PARSED = {"document": None, "xml_error": "", "xsd_errors": [], "findings": [
 
 
 @pytest.fixture(scope="module")
-def served(tree: Path, cache: Path) -> Iterator[ServedValidator]:
-    """A validation server on the session's cache, stopped at the end (and checked gone)."""
-    server = ServedValidator(tree, cache, idle=120)
+def served(mini_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedValidator]:
+    """A validation server of the small tree, stopped at the end (and checked gone)."""
+    server = ServedValidator(mini_tree, tmp_path_factory.mktemp("served-cache"), idle=120)
     yield server
     server.stop()
     assert not server.running()
 
 
 @pytest.fixture
-def open_cache(validator: CDAValidator) -> Iterator[Path]:
-    """A cache another user can traverse (pytest's own temp dirs are root's alone), holding a copy of the compiled
-    tree: a server there compiles but does not generate the XSLT again."""
+def open_cache(mini_tree: Path) -> Iterator[Path]:
+    """A cache another user can traverse (pytest's own temp dirs are root's alone), for a server of the small tree."""
     path = Path(tempfile.mkdtemp(prefix="cda-open-", dir="/tmp"))
     path.chmod(0o755)
-    shutil.copytree(validator.work, path / validator.work.name)
     yield path
-    ServedValidator(validator.tree, path).stop()
+    ServedValidator(mini_tree, path).stop()
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -552,8 +590,8 @@ def test_clients_are_served_concurrently(served: ServedValidator) -> None:
 
 
 @needs_root
-def test_the_server_answers_only_its_user(tree: Path, open_cache: Path) -> None:
-    served = ServedValidator(tree, open_cache, idle=60)
+def test_the_server_answers_only_its_user(mini_tree: Path, open_cache: Path) -> None:
+    served = ServedValidator(mini_tree, open_cache, idle=60)
     assert served.validate(standard(*N1).read_bytes()).valid
     servers = Path(served.address).parent
     try:
@@ -592,8 +630,8 @@ def test_server_idle_time_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
         assert server_idle() == SERVER_IDLE
 
 
-def test_the_server_exits_after_the_idle_time_of_the_environment(tree: Path, open_cache: Path) -> None:
-    good = standard(*N1)
+def test_the_server_exits_after_the_idle_time_of_the_environment(mini_tree: Path, open_cache: Path) -> None:
+    good, tree = standard(*N1), mini_tree
     proc = _cli(good, "--validators", tree, "--cache", open_cache, env={"TRABOULE_CDA_SERVER_IDLE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "cda.server.started" in proc.stderr and "idle=1.0" in proc.stderr

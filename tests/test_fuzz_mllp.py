@@ -174,10 +174,23 @@ def problems(journal: sqlite3.Connection, case: Case, outcome: Outcome) -> list[
     return found
 
 
-def still_serving(engine: MLLPEngine) -> bool:
+class Serving:
+    """Whether a valid order still gets its AA; falsy otherwise, its repr saying what came back instead."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+    def __bool__(self) -> bool:
+        return [code for code, _ in self.outcome.codes] == ["AA"]
+
+    def __repr__(self) -> str:
+        o = self.outcome
+        return f"Serving(answers={o.answers!r}, closed={o.closed}, ms={o.ms:.0f})"
+
+
+def still_serving(engine: MLLPEngine) -> Serving:
     valid = Case((START + fixture("orm_o01_nw_latin1.hl7").replace(b"MSG0001", CONTROL_ID.encode()) + END,), 1)
-    outcome = exchange(engine.port, valid)
-    return [code for code, _ in outcome.codes] == ["AA"]
+    return Serving(exchange(engine.port, valid))
 
 
 # -- what peers send -----------------------------------------------------------------------------------------------

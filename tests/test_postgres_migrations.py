@@ -26,11 +26,12 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def component(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A component name of this test only; its registration is forgotten afterwards."""
+def component() -> Iterator[str]:
+    """A component name of this test only; its registration is forgotten afterwards (a plain pop: monkeypatch
+    would put it back when it undoes its own changes, and later tests would migrate it)."""
     name = f"demo_{uuid.uuid4().hex[:8]}"
     yield name
-    monkeypatch.delitem(migrations._REGISTRY, name, raising=False)
+    migrations._REGISTRY.pop(name, None)
 
 
 @pytest.fixture

@@ -308,3 +308,26 @@ async def test_the_engine_holds_a_report_in_postgresql_and_publishes_it_when_its
     finally:
         await runtime.stop()
     assert not list((tmp_path / "node").glob("*.reports.sqlite"))
+
+
+def test_orders_remembered_by_two_nodes_at_once_are_merged_not_overwritten(pg_url: str) -> None:
+    """A batch of orders is read, merged and written in a few statements: an accession another node inserts
+    between this node's read and its insert is read again and merged with it."""
+    a, b = PostgresReportStorage(pg_url, "ris-orders"), PostgresReportStorage(pg_url, "ris-orders")
+    calls: list[int] = []
+
+    def merge(stored: Any, summary: Any) -> Any:
+        if not calls:  # after node A's read, before its insert: node B inserts A3 and commits
+            with ThreadPoolExecutor(1) as other:
+                other.submit(b.remember, [("A3", {"b": 2})], [], [], lambda s, n: {**s, **n}).result(30)
+        calls.append(1)
+        return {**stored, **summary}
+
+    try:
+        a.remember([("A1", {"x": 1})], [], [], merge)
+        a.remember([("A0", {"x": 1}), ("A0", {"y": 2}), ("A1", {"y": 2}), ("A3", {"a": 1})], [], [], merge)
+        assert a.order("A0") == {"x": 1, "y": 2} and a.order("A1") == {"x": 1, "y": 2}
+        assert a.order("A3") == {"b": 2, "a": 1} == b.order("A3")
+    finally:
+        a.close()
+        b.close()

@@ -88,10 +88,11 @@ def engine_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def fast_restarts(tmp_path: Path, reset_after: float = 60.0) -> Path:
-    """Short restart delays, and the worker as the only child (the fhir channel disabled: one start less each)."""
+    """Short restart delays (0.05 s doubling up to 0.5 s), and the worker as the only child (the fhir channel
+    disabled: one start less each)."""
     config = tmp_path / "traboule.toml"
     config.write_text(
-        f"[engine]\nrestart_backoff = 0.3\nrestart_backoff_max = 5\nrestart_reset_after = {reset_after}\n"
+        f"[engine]\nrestart_backoff = 0.05\nrestart_backoff_max = 0.5\nrestart_reset_after = {reset_after}\n"
         '\n[[channels]]\nname = "fhir"\nenabled = false\n',
         encoding="utf-8",
     )
@@ -159,17 +160,17 @@ def _alive(pid: int) -> bool:
 
 def test_restart_delay_starts_again_after_a_healthy_period(tmp_path: Path, engines: list[Engine]) -> None:
     env = engine_env(tmp_path)
-    engine = Engine(env, "--config", str(fast_restarts(tmp_path, reset_after=0.5)))
+    engine = Engine(env, "--config", str(fast_restarts(tmp_path, reset_after=0.2)))
     engines.append(engine)
     engine.wait_for("engine.ready", process="main")
-    for crash in range(1, 5):
+    for crash in range(1, 4):  # without the reset, the delays would be 0.05, 0.1, 0.2
         pid = engine.events("process.started", "worker")[-1]["pid"]
         until(lambda: engine.health().json()["processes"]["worker"]["state"] == "ready")
-        time.sleep(0.8)  # healthy for longer than restart_reset_after
+        time.sleep(0.3)  # healthy for longer than restart_reset_after
         os.kill(pid, signal.SIGKILL)
         engine.wait_for("process.started", count=crash + 1, process="worker")
     delays = [e["restart_in"] for e in engine.events("process.exited", "worker")]
-    assert delays == [0.3, 0.3, 0.3, 0.3]
+    assert delays == [0.05, 0.05, 0.05]
 
 
 def test_a_crash_loop_backs_off_up_to_the_cap(tmp_path: Path, engines: list[Engine]) -> None:
@@ -183,7 +184,7 @@ def test_a_crash_loop_backs_off_up_to_the_cap(tmp_path: Path, engines: list[Engi
         engine.wait_for("process.started", count=crash + 1, process="worker")
     delays = [e["restart_in"] for e in engine.events("process.exited", "worker")]
     assert {e["process"] for e in engine.events("process.started")} == {"worker"}  # fhir disabled by the file
-    assert delays == [0.3, 0.6, 1.2, 2.4, 4.8]
+    assert delays == [0.05, 0.1, 0.2, 0.4, 0.5]  # doubling, then the cap
 
 
 def test_health_is_503_naming_the_worker_while_it_is_down(tmp_path: Path, engines: list[Engine]) -> None:

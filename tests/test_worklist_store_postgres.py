@@ -249,6 +249,29 @@ def test_wild_cards_become_like_patterns_matching_literal_percent_and_underscore
     assert store.keys_with_prefix("a_%") == ["a_%1"] and store.keys_with_prefix("a_") == ["a_%1", "a_x3"]
 
 
+def test_keys_of_several_prefixes_in_one_statement_are_those_of_each_prefix(store: PostgresWorklistStore) -> None:
+    keys = ["o1#1", "o1#2", "o10#1", "o1$", "o2#1", "a_%1", "ab%2", "é#1", "\U0010ffff#1"]
+    store.apply([(k, mwl_item()) for k in keys], [], "prefixes")
+    store.apply([("o2#1", mwl_item())], ["o2#1"], "")
+    prefixes = ["o1#", "o10#", "o2#", "a_%", "é#", "zz", "\U0010ffff", "n\x00", "o1#"]
+    found = store.keys_with_prefixes(prefixes)
+    assert found == {p: store.keys_with_prefix(p) for p in prefixes}
+    assert found["o1#"] == ["o1#1", "o1#2"] and found["o2#"] == [] and found["\U0010ffff"] == ["\U0010ffff#1"]
+
+
+def test_a_batch_deleting_then_upserting_a_key_applies_them_in_order(store: PostgresWorklistStore) -> None:
+    store.apply([("k#1", mwl_item(accession="A"))], [])
+    changes = [
+        ([("k#2", mwl_item(accession="B"))], ["k#1"], "e1"),
+        ([("k#1", mwl_item(accession="C"))], [], "e2"),
+        ([("k#3", mwl_item(accession="D"))], [], "e1"),  # claimed earlier in the batch: skipped
+        ([], ["k#2"], "e3"),
+    ]
+    assert store.apply_batch(changes, {"k": 3}) == [True, True, False, True]
+    assert store.keys_with_prefix("k#") == ["k#1"] and store.get("k#1").AccessionNumber == "C"
+    assert store.order_seqs(["k"]) == {"k": 3} and store.applied(["e1", "e2", "e3", "e4"]) == {"e1", "e2", "e3"}
+
+
 def test_nul_characters_are_stored_and_queried_without_the_prefilter(store: PostgresWorklistStore) -> None:
     """PostgreSQL text holds no NUL: such an index value is left to the matcher, on both sides."""
     store.apply([("nul", mwl_item(accession="N", patient_id="P\x001")), ("x", mwl_item(accession="X"))], [])

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, ove
 
 import structlog
 
+from traboule import metrics
 from traboule.bus import Bus, Delivery
 from traboule.errors import ConfigError
 from traboule.model import Envelope
@@ -358,7 +359,7 @@ class ConsumerChannel(_BusConsumer):
         env = Envelope.from_json(delivery.body)
         if self.accepts and not isinstance(env.payload, self.accepts):
             return
-        with delivery_context(self.name, env):
+        with delivery_context(self.name, env), metrics.delivering(self.name):
             await self.on_event(env, delivery)
 
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
@@ -379,7 +380,7 @@ class BatchConsumerChannel(_BusConsumer):
 
     async def handle(self, deliveries: list[Delivery]) -> None:
         envelopes = [Envelope.from_json(d.body) for d in deliveries]
-        with delivery_context(self.name):
+        with delivery_context(self.name), metrics.delivering(self.name, len(deliveries)):
             await self.on_batch(envelopes, deliveries)
 
     async def on_batch(self, envelopes: list[Envelope], deliveries: list[Delivery]) -> None:

@@ -7,7 +7,8 @@
     ├── DeliveryError                 a remote system did not take (or give) a message
     │   PermanentError, NotAccepted, NotRegisteredYet, HeldElsewhere, RemoteError: DICOMwebError, XDSError,
     │   FHIRServerError
-    ├── Unavailable                   nothing can be stored or moved now: DiskFull, BusClosedError, BusUnavailableError
+    ├── Unavailable                   nothing can be stored or moved now: DiskFull, BusClosedError, BusUnavailableError,
+    │                                 ConsoleBusy
     ├── CommandError                  an operator command cannot do what was asked
     │   ReprocessError, MessageFailed (MessageRefused), ScaffoldError, NotPublished
     └── CDAValidatorError, EncodingError
@@ -227,6 +228,11 @@ class Unavailable(TrabouleError):
 class DiskFull(Unavailable, OSError):
     """The data folder's disk has less free space than the journal keeps in reserve: nothing more is stored (the
     sender is told "not stored, send it again later") while the stores behind it can still write."""
+
+
+class ConsoleBusy(Unavailable):
+    """The operations console's threads have as many jobs as they take, running or waiting: answered 503 with
+    Retry-After (the engine's other work goes on)."""
 
 
 class BusClosedError(Unavailable, RuntimeError):

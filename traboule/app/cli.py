@@ -85,6 +85,20 @@ def _journal_arguments(jr: argparse.ArgumentParser) -> None:
     jr_list.add_argument("--limit", type=int, default=20)
     jr_prune = jr_sub.add_parser("prune", help="forget messages older than some days (their events delivered)")
     jr_prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    jr_search = jr_sub.add_parser(
+        "search", help="entries by time, status, type, channel, MSH-10, accession number, patient id or text"
+    )
+    jr_search.add_argument("--since", default="", help="ISO 8601 UTC (2026-03-01 or 2026-03-01T08:00:00Z), included")
+    jr_search.add_argument("--until", default="", help="ISO 8601 UTC, excluded")
+    jr_search.add_argument("--status", action="append", default=[], help="accepted, duplicate, rejected, undelivered")
+    jr_search.add_argument("--type", action="append", default=[], help="message type: ORM^O01, or ORM for all")
+    jr_search.add_argument("--channel", action="append", default=[])
+    jr_search.add_argument("--control-id", default="", help="MSH-10, exact")
+    jr_search.add_argument("--accession", default="", help="accession, placer or filler order number, exact")
+    jr_search.add_argument("--patient", default="", help="patient identifier (IPP or INS), exact")
+    jr_search.add_argument("--text", default="", help="text of the raw message, any case (3 characters or more)")
+    jr_search.add_argument("--limit", type=int, default=20)
+    jr_search.add_argument("--before", type=int, default=0, help="entries with a lower id (the next page)")
     jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
     jr_replay.add_argument("ids", type=int, nargs="+")
     jr_replay.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
@@ -217,6 +231,11 @@ def _patients_arguments(pt: argparse.ArgumentParser) -> None:
     pt_forget.add_argument("ipp", help="the patient identifier (IPP) value")
 
 
+def _alerts_arguments(alerts: argparse.ArgumentParser) -> None:
+    al_list = _actions(alerts).add_parser("list", help="open incidents, then the latest resolved ones")
+    al_list.add_argument("--limit", type=int, default=50)
+
+
 def _db_arguments(db: argparse.ArgumentParser) -> None:
     db_sub = _actions(db)
     db_sub.add_parser("upgrade", help="create or upgrade the PostgreSQL schema of every store, print their versions")
@@ -253,6 +272,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | No
     "cda": ("CDA documents (CI-SIS CR d'imagerie)", _cda_arguments),
     "reports": ("structured reports accepted and waiting for their study, and dead letters", _reports_arguments),
     "patients": ("the patient identity registry: INS per IPP, owners of orders, merges", _patients_arguments),
+    "alerts": ("alert incidents of the [alerts] rules (open and recent)", _alerts_arguments),
     "db": (
         "the PostgreSQL database ([database] url or TRABOULE_DATABASE_URL): schema versions, migration from SQLite",
         _db_arguments,
@@ -396,6 +416,8 @@ async def _run(cfg: config_mod.Config, process: str) -> None:
         )
         await stop.wait()
     log.info("engine.stopping")
+    if runtime.alerts is not None:  # before the children stop: their stopping is no incident
+        await runtime.alerts.stop()
     await asyncio.gather(*children, return_exceptions=True)
     if watcher is not None:
         watcher.cancel()
@@ -440,7 +462,10 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
     import httpx
     import structlog
 
+    from traboule import metrics
+
     log = structlog.get_logger("traboule").bind(process=state.name)
+    restarts = metrics.process_restarts.labels(state.name)  # shown at 0 from the start
     command = [
         sys.executable,
         "-m",
@@ -486,6 +511,7 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
         if ready_at is not None and time.monotonic() - ready_at >= cfg.restart_reset_after:
             delay = cfg.restart_backoff  # it ran well for a while: this crash is not part of a crash loop
         state.last_exit, state.restarts = child.returncode, state.restarts + 1
+        restarts.inc()
         state.set("restarting")
         log.error("process.exited", pid=child.pid, returncode=child.returncode, restart_in=delay)
         with contextlib.suppress(TimeoutError):
@@ -692,6 +718,8 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             return _replay(cfg, journal, args)
         elif args.action == "reprocess":
             return _reprocess(cfg, journal, args)
+        elif args.action == "search":
+            return _search(cfg, args)
         else:
             for entry in journal.recent(args.limit, args.status):
                 print(
@@ -700,6 +728,47 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
                 )
     finally:
         journal.close()
+    return 0
+
+
+def _search(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``journal search``: the index brought up to date first when no engine runs (its indexer does otherwise)."""
+    from traboule.app.journal_indexer import KeyReader, catch_up
+    from traboule.app.runtime import make_stores
+    from traboule.stores.journal_search import SearchQuery
+
+    query = SearchQuery(
+        since=args.since,
+        until=args.until,
+        statuses=args.status,
+        types=args.type,
+        channels=args.channel,
+        control_id=args.control_id,
+        accession=args.accession,
+        patient=args.patient,
+        text=args.text,
+    )
+    search = make_stores(cfg).journal_search()
+    try:
+        engine = _last_engine(cfg)
+        if not (engine and engine["running"]):
+            done = catch_up(search, KeyReader(cfg))
+            if done:
+                print(f"{done} journal entries indexed", file=sys.stderr)
+        try:
+            page = search.search(query, before=args.before, limit=args.limit)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    finally:
+        search.close()
+    for entry in page.entries:
+        print(
+            f"{entry.id:>8} {entry.received} {entry.channel:12} {entry.message_type:8} "
+            f"{entry.control_id:20} {entry.status:11} {entry.ack_code} {entry.error.partition(chr(10))[0]}"
+        )
+    if page.next_before:
+        print(f"more: --before {page.next_before}", file=sys.stderr)
     return 0
 
 
@@ -944,6 +1013,9 @@ def cmd_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     for checked in preflight(cfg, database=False):
         print(f"ok  {checked}")
+    if cfg.alerts is not None:  # its rules and notifiers were checked as the configuration loaded
+        notifiers = ", ".join(sorted(cfg.alerts.notifiers)) or "-"
+        print(f"ok  alerts: {len(cfg.alerts.rules)} rule(s), notifiers {notifiers}")
     check_routes(cfg)
     if cfg.database_url and not cfg.amqp_url:
         print(
@@ -969,6 +1041,23 @@ def _database_use(cfg: config_mod.Config) -> str:
     for store, place in make_stores(cfg).describe().items():
         where.setdefault(place, []).append(store)
     return "; ".join(f"{', '.join(names)} on {place}" for place, names in where.items())
+
+
+def cmd_alerts(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """``alerts list``: the open incidents, then the latest resolved ones, one per line."""
+    from traboule.app.alerts import list_incidents
+    from traboule.app.runtime import make_stores
+
+    found = list_incidents(make_stores(cfg), max(1, args.limit))
+    rules = len(cfg.alerts.rules) if cfg.alerts is not None else 0
+    print(f"{sum(i['state'] == 'open' for i in found)} open incident(s); {rules} rule(s) configured")
+    for i in found:
+        until = i["resolved"] or "-"
+        print(
+            f"{i['state']:8} {i['opened']}  {until:25}  {i['duration_s']:>7}s  {i['rule']}  {i['channel']}"
+            f"  value={i['last_value']:g}  notified={','.join(i['notified']) or '-'}  {i['id']}"
+        )
+    return 0
 
 
 def cmd_db(cfg: config_mod.Config, args: argparse.Namespace) -> int:
@@ -1404,6 +1493,7 @@ COMMANDS = {
     "codes": cmd_codes,
     "reports": cmd_reports,
     "patients": cmd_patients,
+    "alerts": cmd_alerts,
     "db": cmd_db,
 }
 

@@ -9,17 +9,21 @@ Environment variables: ``TRABOULE_AMQP_URL`` (selects RabbitMQ; several brokers 
 ``TRABOULE_AMQP_QUEUE_TYPE`` (``classic`` | ``quorum``), ``TRABOULE_DATA_DIR``, ``TRABOULE_HTTP_HOST``,
 ``TRABOULE_HTTP_PORT``, ``TRABOULE_MLLP_PORT``, ``TRABOULE_MWL_PORT``, ``TRABOULE_MWL_AE_TITLE``,
 ``TRABOULE_MPPS_PORT``, ``TRABOULE_MPPS_AE_TITLE``, ``TRABOULE_LOG_FORMAT`` (``json`` | ``console``),
-``TRABOULE_LOG_LEVEL``, ``TRABOULE_DATABASE_URL`` (a ``postgresql://`` URL: the stores PostgreSQL has go there;
+``TRABOULE_LOG_LEVEL``, ``TRABOULE_CONSOLE_SECRET`` (the console's session key, ``[console] secret``),
+``TRABOULE_DATABASE_URL`` (a ``postgresql://`` URL: the stores PostgreSQL has go there;
 unset or blank: embedded SQLite files in the data folder), ``TRABOULE_CONFIG`` (the file).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,44 @@ class HTTPLimits:
     max_header_bytes: int = 16 * 1024  # request line and headers (h11 max incomplete event size): 400 beyond
 
 
+ROLES = ("read", "operate", "admin")  # what a token may do, each role allowing what the ones before it do
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """One access token of the HTTP API and the console: its ``name`` (for the console and the audit), its ``role``
+    (`ROLES`), and the token itself (``token``) or only its SHA-256 in hex (``token_sha256``)."""
+
+    name: str
+    role: str = "admin"
+    token: str = ""
+    token_sha256: str = ""
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the token in hex (what a ``token_sha256`` entry holds)."""
+        return self.token_sha256 or hashlib.sha256(self.token.encode()).hexdigest()
+
+    def allows(self, needed: str) -> bool:
+        """Whether this token's role allows what ``needed`` (a role of `ROLES`) may do."""
+        return ROLES.index(self.role) >= ROLES.index(needed)
+
+
+def find_token(tokens: Sequence[ApiToken], presented: str | bytes) -> ApiToken | None:
+    """The token entry ``presented`` is (the role lookup of the API and the console), or None. Compared with every
+    entry, each in constant time: no early exit that a timing could reveal."""
+    raw = presented.encode() if isinstance(presented, str) else presented
+    digest = hashlib.sha256(raw).hexdigest().encode()
+    found = None
+    for entry in tokens:
+        same = hmac.compare_digest(raw, entry.token.encode()) if entry.token else False
+        same |= hmac.compare_digest(digest, entry.token_sha256.encode()) if entry.token_sha256 else False
+        if same and found is None:
+            found = entry
+    return found
+
+
 @dataclass
 class Config:
     data_dir: str = "var"
@@ -100,6 +142,11 @@ class Config:
     log_level: str = "info"
     log_patient_data: bool = False
     api_tokens: list[str] = field(default_factory=list)  # bearer tokens of the HTTP API (none: loopback only)
+    # ``[http] tokens`` entries given as tables (name, role, token or token_sha256); the plain strings above are
+    # admin tokens named by position (`access_tokens`).
+    named_tokens: list[ApiToken] = field(default_factory=list)
+    console_secret: str = ""  # ``[console] secret``: the key signing console sessions ("" = a file in data_dir)
+    console_session_hours: float = 8.0  # ``[console] session_hours``: a console login lasts this long
     http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
     path: str = ""
@@ -113,6 +160,8 @@ class Config:
     # ``[database] url``: a PostgreSQL database shared by several engine nodes; "" = SQLite files in data_dir.
     # It may hold a password: print it through `database_description`, never as it is.
     database_url: str = ""
+    # ``[alerts]``: rules and notifiers (`traboule.app.alerts.AlertsConfig`); None: no alerting.
+    alerts: Any = None
 
     @property
     def database_description(self) -> str:
@@ -135,9 +184,17 @@ class Config:
         names = self.processes()
         return self.http_port + (names.index(process) if process in names else 0)
 
+    def access_tokens(self) -> list[ApiToken]:
+        """Every token with its name and role: the plain strings first (admin, named ``token-1``, ``token-2``...
+        by position), then the table entries. Empty: no access control (loopback only)."""
+        plain = [ApiToken(f"token-{n}", "admin", token=t) for n, t in enumerate(self.api_tokens, 1)]
+        return plain + list(self.named_tokens)
+
     def api_headers(self) -> dict[str, str]:
-        """What the engine's own processes send each other's HTTP API (the first bearer token, if any)."""
-        return {"Authorization": f"Bearer {self.api_tokens[0]}"} if self.api_tokens else {}
+        """What the engine's own processes send each other's HTTP API (the first token given in clear, if any)."""
+        clear = [t.token for t in self.access_tokens() if t.token and t.role == "admin"]
+        clear += [t.token for t in self.access_tokens() if t.token]
+        return {"Authorization": f"Bearer {clear[0]}"} if clear else {}
 
     def channel(self, name: str) -> dict[str, Any]:
         for ch in self.channels:
@@ -166,7 +223,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
 
 
 def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
-    known = {"engine", "bus", "http", "log", "channels", "database"}
+    known = {"engine", "bus", "http", "log", "channels", "database", "console", "alerts"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
@@ -210,9 +267,23 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     cfg.http_host = str(http.get("host", cfg.http_host))
     cfg.http_port = int(http.get("port", cfg.http_port))
     tokens = http.get("tokens", [])
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise ConfigError(f"{path}: [http] tokens must be a list of strings")
-    cfg.api_tokens = [t.strip() for t in tokens if t.strip()]
+    if not isinstance(tokens, list) or not all(isinstance(t, str | dict) for t in tokens):
+        raise ConfigError(
+            f'{path}: [http] tokens must be a list of strings or of tables {{ name = "...", token = "..." or '
+            'token_sha256 = "<hex>", role = "read" | "operate" | "admin" }'
+        )
+    cfg.api_tokens = [t.strip() for t in tokens if isinstance(t, str) and t.strip()]
+    cfg.named_tokens = [_named_token(t, path) for t in tokens if isinstance(t, dict)]
+    console = doc.get("console", {})
+    if not isinstance(console, dict) or set(console) - {"secret", "session_hours"}:
+        raise ConfigError(f"{path}: [console] has two keys, secret and session_hours")
+    if not isinstance(console.get("secret", ""), str):
+        raise ConfigError(f"{path}: [console] secret must be a string (e.g. `openssl rand -hex 32`)")
+    cfg.console_secret = console.get("secret", cfg.console_secret).strip()
+    hours = console.get("session_hours", cfg.console_session_hours)
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= 24 * 30:
+        raise ConfigError(f"{path}: [console] session_hours must be a number of hours (0 to 720)")
+    cfg.console_session_hours = float(hours)
     for key, default in vars(cfg.http_limits).items():  # the numbers; body_limits below
         if key in http and key != "body_limits":
             number, kind = http[key], type(default)
@@ -235,6 +306,33 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: [[channels]] must be an array of tables")
     base = cfg.channels if engine.get("defaults", True) else []
     cfg.channels = merge_channels(base, channels, path)
+    if "alerts" in doc:  # checked against the channels: a rule names one
+        from traboule.app.alerts import parse as parse_alerts
+
+        try:
+            cfg.alerts = parse_alerts(doc["alerts"], cfg.channels)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _named_token(entry: dict[str, Any], path: str) -> ApiToken:
+    """One ``[http] tokens`` table: ``name``, ``role`` and ``token`` or ``token_sha256`` (hex)."""
+    where = f"{path}: [http] tokens entry {entry.get('name')!r}"
+    unknown = set(entry) - {"name", "token", "token_sha256", "role"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (name, token or token_sha256, role)")
+    name, role = entry.get("name"), entry.get("role", "admin")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+        raise ConfigError(f"{where}: name must be 1 to 64 letters, digits, '.', '_', '@' or '-'")
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role must be one of {list(ROLES)}")
+    token, digest = entry.get("token", ""), entry.get("token_sha256", "")
+    if not isinstance(token, str) or not isinstance(digest, str) or bool(token.strip()) == bool(digest.strip()):
+        raise ConfigError(f"{where}: give either token or token_sha256 (one of them, a string)")
+    digest = digest.strip().lower()
+    if digest and not _SHA256_HEX.fullmatch(digest):
+        raise ConfigError(f"{where}: token_sha256 must be 64 hexadecimal digits (`printf %s TOKEN | sha256sum`)")
+    return ApiToken(name, role, token=token.strip(), token_sha256=digest)
 
 
 def merge_channels(base: list[dict[str, Any]], entries: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
@@ -294,8 +392,9 @@ def _apply_env(cfg: Config, env: dict[str, str]) -> None:
     cfg.log_format = env.get("TRABOULE_LOG_FORMAT", cfg.log_format)
     cfg.log_level = env.get("TRABOULE_LOG_LEVEL", cfg.log_level)
     tokens = [t.strip() for t in env.get("TRABOULE_API_TOKENS", "").split(",") if t.strip()]
-    if tokens:  # an empty or blank variable does not remove the file's tokens
+    if tokens:  # an empty or blank variable does not remove the file's tokens (the tables stay in any case)
         cfg.api_tokens = tokens
+    cfg.console_secret = env.get("TRABOULE_CONSOLE_SECRET", "").strip() or cfg.console_secret
     try:
         if "TRABOULE_HTTP_PORT" in env:
             cfg.http_port = int(env["TRABOULE_HTTP_PORT"])
@@ -331,13 +430,23 @@ def _check(cfg: Config) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{cfg.path or 'config'}: channel names must be unique: {sorted(dupes)}")
-    if not cfg.api_tokens and not is_loopback(cfg.http_host):
+    if not cfg.access_tokens() and not is_loopback(cfg.http_host):
         raise ConfigError(
             f"the HTTP API would listen on {cfg.http_host} without access control: set bearer tokens "
             "(TRABOULE_API_TOKENS=token1,token2 or [http] tokens = [...]) or keep http host on 127.0.0.1"
         )
-    if any(len(t) < 16 for t in cfg.api_tokens):
+    if any(t.token and len(t.token) < 16 for t in cfg.access_tokens()):
         raise ConfigError("API tokens must be at least 16 characters long (use e.g. `openssl rand -hex 24`)")
+    token_names = [t.name for t in cfg.access_tokens()]
+    if len(set(token_names)) != len(token_names):
+        raise ConfigError(f"[http] tokens: two tokens have the same name ({token_names})")
+    if cfg.access_tokens() and not cfg.api_headers() and len(cfg.processes()) > 1:
+        raise ConfigError(
+            "[http] tokens: the engine's processes call each other's HTTP API with a token given in clear: add one "
+            "(token = ...), or run every channel in the main process"
+        )
+    if cfg.console_secret and len(cfg.console_secret) < 16:
+        raise ConfigError("[console] secret must be at least 16 characters long (use e.g. `openssl rand -hex 32`)")
     if cfg.database_url and not is_postgres_url(cfg.database_url):
         raise ConfigError(
             f"database url {redact(cfg.database_url)!r}: only PostgreSQL is supported"

@@ -7,7 +7,9 @@ answer too (their own routes, /health, /metrics), for an operator who wants one 
 
 Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
 ``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
-loopback only: the configuration refuses another address (``traboule.app.config``).
+loopback only: the configuration refuses another address (``traboule.app.config``). The operations console
+(``/console``, `traboule.app.console`) is the exception: a browser sends no bearer header, so its pages check the
+console's own signed session cookie (a token pasted into its login form) instead.
 
 Limits (``[http]``, `traboule.app.config.HTTPLimits`): a request body longer than its route's limit is refused with
 413 before it is read whole (Content-Length up front, then the streamed chunks counted), a body not received within
@@ -21,7 +23,6 @@ serves is an OperationOutcome 404 / 405 under ``/fhir`` (with or without a FHIR 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import re
 from typing import Any
@@ -38,7 +39,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from traboule import metrics
-from traboule.app.config import HTTPLimits, client_host
+from traboule.app.config import ApiToken, HTTPLimits, client_host, find_token
 from traboule.channel import LimitsBodies, ServesHTTP
 
 log = structlog.get_logger("traboule.app.http")
@@ -103,6 +104,11 @@ def create_app(runtime: Any) -> Starlette:
         return JSONResponse({"process": runtime.process or "main", "pid": os.getpid(), "started": runtime.started})
 
     async def prometheus(request: Request) -> Response:
+        if runtime.owns_journal:  # the bus queues of every configured channel, counted once (by main)
+            from traboule.app.runtime import channel_bindings
+
+            queues = [q for c in runtime.config.channels for q, _ in channel_bindings(c)]
+            await metrics.measure_queues(runtime.bus, queues)
         if len(runtime.config.processes()) == 1 or runtime.process != "main":
             return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(await _all_metrics(runtime)), media_type=CONTENT_TYPE_LATEST)
@@ -125,6 +131,12 @@ def create_app(runtime: Any) -> Starlette:
         Route("/metrics", prometheus),
         Route("/channels", channels),
     ]
+    if runtime.owns_journal:  # the operations console reads the journal: served by the process that keeps it
+        from traboule.app.console import console_mount
+
+        # Before every channel route: whatever is under /console is the console's (its pages, else its 404), so
+        # BearerTokens' pass-through for /console never reaches a channel's route (check_routes refuses them too).
+        routes.append(console_mount(runtime))
     # A channel that serves HTTP (an API, a webhook) contributes its routes to the app of its process.
     for channel in runtime.channels:
         if isinstance(channel, ServesHTTP):
@@ -154,9 +166,13 @@ def create_app(runtime: Any) -> Starlette:
         timeout=limits.body_timeout,
         max_header_bytes=limits.max_header_bytes,
     )
-    if runtime.config.api_tokens:
-        app.add_middleware(BearerTokens, tokens=runtime.config.api_tokens)
+    if runtime.config.access_tokens():
+        app.add_middleware(BearerTokens, tokens=runtime.config.access_tokens(), console=runtime.owns_journal)
     app.add_middleware(CatchAll)
+    if runtime.owns_journal:  # outermost: console security headers on every answer (413, 500...), Host check
+        from traboule.app.console.guard import ConsoleGuard
+
+        app.add_middleware(ConsoleGuard, open=not runtime.config.access_tokens())
     return app
 
 
@@ -191,6 +207,11 @@ def check_routes(config: Any) -> None:
             for route in cls(copy.deepcopy(channel_config), probe).routes():
                 methods = getattr(route, "methods", None)
                 template = re.sub(r"\{[^}]*\}", "{}", route.path)  # /fhir/{type} and /fhir/{kind} take the same
+                if template.rstrip("/") == "/console" or template.startswith("/console/"):
+                    raise ConfigError(
+                        f"route {route.path} of {owner} is under /console, the operations console's: give it "
+                        "another path"
+                    )
                 served.append((template, frozenset(methods) if methods else None, route.path, owner))
     for n, (template, methods, path, owner) in enumerate(served):
         for earlier, earlier_methods, _, other in served[:n]:
@@ -462,25 +483,38 @@ def _forwarded_headers(scope: dict[str, Any], main_address: str) -> list[tuple[b
 
 
 class BearerTokens:
-    """ASGI middleware: a request without a valid bearer token gets 401 (an OperationOutcome under /fhir)."""
+    """ASGI middleware: a request without a valid bearer token gets 401 (an OperationOutcome under /fhir). The
+    token found (`ApiToken`: name, role) is put in the request's state as ``token``.
 
-    def __init__(self, app: Any, tokens: list[str]) -> None:
+    ``console``: ``/console`` and what is under it go through without a bearer token, to the console's own check
+    of its session cookie (`traboule.app.console.auth`). Only the console answers there: its Mount comes before
+    every channel route (`create_app`) and `check_routes` refuses a channel route under /console."""
+
+    def __init__(self, app: Any, tokens: list[ApiToken], console: bool = False) -> None:
         self.app = app
-        self.tokens = [t.encode() for t in tokens]
+        self.tokens = list(tokens)
+        self.console = console
 
-    def _allowed(self, scope: dict[str, Any]) -> bool:
+    def _token(self, scope: dict[str, Any]) -> ApiToken | None:
         for name, value in scope.get("headers") or []:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() != b"bearer":
-                    return False
-                token = token.strip()
-                # Compare with every token, in constant time each: no early exit that a timing could reveal.
-                return any([hmac.compare_digest(token, known) for known in self.tokens])
-        return False
+                    return None
+                return find_token(self.tokens, token.strip())
+        return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self._allowed(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self.console and (path == "/console" or path.startswith("/console/")):
+            await self.app(scope, receive, send)
+            return
+        token = self._token(scope)
+        if token is not None:
+            scope.setdefault("state", {})["token"] = token
             await self.app(scope, receive, send)
             return
         response = error_response(

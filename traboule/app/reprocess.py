@@ -34,7 +34,9 @@ Why it works this way:
   of the canonical event against the one the journal's outbox still holds (published events leave the outbox,
   so for most messages there is nothing left to compare the event with).
 * **Resume**: ``<data_dir>/reprocess.json`` keeps the selection, the target channels, the highest journal id the
-  run covers (what arrived later is not its business) and the last id done.
+  run covers (what arrived later is not its business) and the last id done; for a run asked from the console,
+  who asked (``operator``: the token's name) and why (``reason``). A run ends with the log line
+  ``reprocess.run`` (operator, targets, counts; never the reason).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
+
 from traboule.app.bus_backend import make_bus
 from traboule.app.config import Config, resolve
 from traboule.app.runtime import channel_bindings, channel_class, make_stores
@@ -72,6 +76,8 @@ from traboule.stores.journal import JournalEntry, Query
 from traboule.stores.patient_identity import identity_sources, mark_authoritative
 from traboule.stores.sqlite import Durability, open_database
 from traboule.translate.hl7_mapping import HL7InboundMapping
+
+log = structlog.get_logger("traboule.app.reprocess")
 
 STATE_FILE = "reprocess.json"
 REPROCESSABLE = ("accepted", "duplicate", "rejected")  # inbound messages; "undelivered" ones went out
@@ -167,6 +173,8 @@ class State:
     events: int = 0
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     finished: str = ""
+    operator: str = ""  # who asked: the console token's name ("" from the command line)
+    reason: str = ""  # why, as they said it (not logged: it may name a patient)
 
     @classmethod
     def load(cls, path: Path) -> State | None:
@@ -214,6 +222,8 @@ def plan(
     until: str,
     to: list[str],
     resume: bool,
+    operator: str = "",
+    reason: str = "",
 ) -> Plan:
     """Check the selection and the targets and say what a run (or the resumed one) covers."""
     inbound = inbound_channels(cfg)
@@ -260,7 +270,7 @@ def plan(
         for entry_id in wanted_ids:
             _check_named(journal, entry_id, inbound, query.statuses)
         query.upto = journal.last_id()
-        state = State(query=dataclasses.asdict(query), to=[t.name for t in found])
+        state = State(query=dataclasses.asdict(query), to=[t.name for t in found], operator=operator, reason=reason)
     total = journal.count(query, after=state.after)
     if total == 0 and not resume:
         raise ReprocessError("no journal entry matches the selection")
@@ -483,6 +493,16 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
         finally:
             await bus.close()
             identities.close()
+    log.info(
+        "reprocess.run",
+        operator=state.operator or "command line",
+        to=state.to,
+        done=state.done,
+        failed=state.failed,
+        refused=state.refused,
+        events=state.events,
+        finished=bool(state.finished),
+    )
     print(
         f"{state.done - state.failed} message(s) reprocessed into {', '.join(t.name for t in chosen.targets)}: "
         f"{state.events} event(s) queued; {state.failed} not reprocessed"

@@ -305,6 +305,8 @@ class Runtime:
         ]
         self._dispatcher: asyncio.Task | None = None
         self.outbox_lease: Any = None  # the "outbox" lease of the journal's process (one dispatcher per database)
+        self.journal_indexer: Any = None  # keeps the journal's search index (`stores.journal_search()`) up to date
+        self.alerts: Any = None  # evaluates the [alerts] rules (`traboule.app.alerts.AlertEngine`)
         self._stopping = asyncio.Event()
         self.started = False
         self.processes: dict[str, ProcessState] = {}  # the children of the main process, filled by its supervisor
@@ -343,10 +345,21 @@ class Runtime:
         if self.owns_journal:
             self.outbox_lease = self.stores.lease("outbox")
             self._dispatcher = asyncio.create_task(self._lead_outbox(), name="outbox-lease")
+            from traboule.app.journal_indexer import JournalIndexer
+
+            self.journal_indexer = JournalIndexer(self.stores, self.config)  # the journal's search index
+            self.journal_indexer.start()
+            if self.config.alerts is not None and self.config.alerts.rules:
+                from traboule.app.alerts import AlertEngine
+
+                self.alerts = AlertEngine(self, self.config.alerts)  # one node evaluates: the "alerts" lease
+                self.alerts.start()
         self.started = True
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self.alerts is not None:  # first: channels stopping are no incident
+            await self.alerts.stop()
         for channel in reversed(self.channels):
             with contextlib.suppress(Exception):
                 await channel.stop()
@@ -357,6 +370,8 @@ class Runtime:
         if self.outbox_lease is not None:
             with contextlib.suppress(Exception):
                 await self.outbox_lease.release()
+        if self.journal_indexer is not None:
+            await self.journal_indexer.stop()
         with contextlib.suppress(Exception):
             await self.bus.close()
         self._health_probe.close()

@@ -148,6 +148,11 @@ class Bus(Protocol):
         """Move a dead letter back onto ``queue`` as a fresh delivery; False when there is none by that id."""
         ...
 
+    async def discard_dead_letter(self, queue: str, message_id: str) -> bool:
+        """Remove the dead letter(s) with ``message_id`` from ``<queue>.dlq`` for good (an operator decided it is not
+        to be delivered; keeping what it was is the caller's business); False when there is none by that id."""
+        ...
+
     async def depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting in-flight ones)."""
         ...

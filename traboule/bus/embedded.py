@@ -504,6 +504,17 @@ class EmbeddedBus:
                 conn.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
         return bool(rows)
 
+    async def discard_dead_letter(self, queue: str, message_id: str) -> bool:
+        """Delete the dead letter(s) with ``message_id`` from ``<queue>.dlq``; False when there is none by that id."""
+        await self.start()
+        return await self._run(self._discard, dlq_name(queue), message_id)
+
+    def _discard(self, dlq: str, message_id: str) -> bool:
+        conn = self._db()
+        with _transaction(conn):
+            gone = conn.execute("DELETE FROM dead_letters WHERE queue = ? AND message_id = ?", (dlq, message_id))
+        return gone.rowcount > 0
+
 
 def _check(items: Sequence[Item]) -> None:
     for topic, body, message_id, headers in items:

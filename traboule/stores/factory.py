@@ -19,6 +19,8 @@ factory method      `SQLiteStores` (file in the data folder)      `PostgresStore
 ``sender_state``    ``<channel>.sqlite``                          PostgreSQL (`PostgresSenderState`)
 ``mpps_states``     ``<channel>.sqlite``                          PostgreSQL (`PostgresMPPSStates`)
 ``submissions``     ``<channel>.sqlite``                          PostgreSQL (`PostgresSubmissions`)
+``journal_search``  ``journal.index`` (rebuilt, not migrated)     PostgreSQL (`PostgresJournalSearch`)
+``incidents``       ``alerts.sqlite``                             PostgreSQL (`PostgresIncidents`)
 ==================  ============================================  =========================================
 
 ``sender_state`` (the ``hl7-status`` and ``hl7-documents``
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
         WorklistStore,
     )
     from traboule.stores.idempotency import AppliedKeys, Legacy
+    from traboule.stores.incidents import IncidentStore
     from traboule.stores.journal import JournalEntry
+    from traboule.stores.journal_search import JournalSearch
 
 __all__ = ["PostgresStores", "SQLiteStores", "StoreFactory", "stores_of"]
 
@@ -61,6 +65,8 @@ POSTGRES_COMPONENTS = {
     "sender_state": ("sender_state", "sender_state"),
     "mpps_states": ("mpps_state", "mpps_state"),
     "submissions": ("submissions", "submissions"),
+    "journal_search": ("journal_index", "journal_search"),
+    "incidents": ("incidents", "incidents"),
 }
 
 
@@ -90,6 +96,15 @@ class StoreFactory(Protocol):
     def mpps_states(self, channel: str) -> MPPSStates: ...
 
     def submissions(self, channel: str) -> SubmissionStore: ...
+
+    def journal_search(self) -> JournalSearch:
+        """The journal's search index (`traboule.stores.journal_search`), read and brought up to date by the
+        engine's indexer; its calls block (run them in a thread)."""
+        ...
+
+    def incidents(self) -> IncidentStore:
+        """The alerting engine's incidents and queued notifications (`traboule.stores.incidents`); its calls block."""
+        ...
 
     def lease(self, name: str) -> Any:
         """The lease ``name`` (work that runs on one node at a time, e.g. the outbox dispatcher): ``acquire()``,
@@ -172,6 +187,16 @@ class SQLiteStores:
 
         return SQLiteSubmissions(self.data_dir / f"{channel}.sqlite")
 
+    def journal_search(self) -> JournalSearch:
+        from traboule.stores.journal_index import SQLiteJournalSearch
+
+        return SQLiteJournalSearch(self.data_dir / "journal.index", self.journal_path)
+
+    def incidents(self) -> IncidentStore:
+        from traboule.stores.incidents import SQLiteIncidents
+
+        return SQLiteIncidents(self.data_dir / "alerts.sqlite")
+
     def lease(self, name: str) -> Any:
         """One node: the lease is always held."""
         from traboule.stores.postgres.lease import LocalLease
@@ -184,7 +209,7 @@ class SQLiteStores:
     def describe(self) -> dict[str, str]:
         where = f"sqlite (files in {self.data_dir})"
         stored = ("journal", "worklist", "fhir", "reports", "patients", "applied_keys", "sender_state")
-        return {store: where for store in (*stored, "mpps_states", "submissions")}
+        return {store: where for store in (*stored, "mpps_states", "submissions", "journal_search", "incidents")}
 
 
 class PostgresStores(SQLiteStores):
@@ -277,6 +302,16 @@ class PostgresStores(SQLiteStores):
         from traboule.stores.postgres.submissions import PostgresSubmissions
 
         return PostgresSubmissions(self.url, channel)
+
+    def journal_search(self) -> JournalSearch:
+        from traboule.stores.postgres.journal_index import PostgresJournalSearch
+
+        return PostgresJournalSearch(self.url)
+
+    def incidents(self) -> IncidentStore:
+        from traboule.stores.postgres.incidents import PostgresIncidents
+
+        return PostgresIncidents(self.url)
 
     def lease(self, name: str) -> Any:
         """The lease ``name`` shared by every node of the database (a session advisory lock)."""

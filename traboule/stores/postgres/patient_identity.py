@@ -17,7 +17,12 @@ database is the truth, nothing is kept in memory.
   checking conflicting INS for one IPP at the same moment are serialised, the second sees the first's reservation
   and is refused. `record` writes the pairs, the owners, the channel's `mark` and the merges and drops the
   message's reservations in one transaction, so a check on another node sees either the reservation or the row.
-* Round trips: the usual message costs one statement per call, a function of the schema (``patients_*``, migration
+* Round trips: the usual message's checks are one statement, `admit` (``patients_admit``, migration 3): what
+  `resolve_merged`, `check`, `check_report` and `check_order` would decide of a message of orders and patient
+  updates naming no merged IPP, whose pairs and keys are its patient's or nobody's, with all their locks at once;
+  it declines (writes nothing) otherwise, and the channel makes those calls. A key whose recorded owner is this
+  very patient is not held (another patient's order naming it is refused by the owner already). Otherwise one
+  statement per call, a function of the schema (``patients_*``, migration
   2) that takes the locks, reads and writes in its own transaction (each statement of a volatile function sees
   what committed before it, the locks taken first): `check` of pairs recorded or reserved exactly as the message
   gives them, or nowhere (``patients_reserve``); `check_order` of one order whose keys no other patient's
@@ -196,6 +201,64 @@ BEGIN
 END $$;
 """
 
+# The usual message's checks in one statement (`PostgresPatientRegistry.admit`): what `resolve_merged`, `check` and
+# `check_order` decide of a message naming no merged IPP, whose pairs and order keys are the patient's or nobody's,
+# with every lock of the three taken at once (one order). Answers false, writing nothing, otherwise: the channel then
+# makes the three calls. A key whose owner is recorded as this very patient is not held (another patient's order
+# naming it is refused by that owner already, and an owner is only ever replaced by the same patient's).
+_ADMIT = """
+CREATE FUNCTION patients_admit(
+    lock_class int4, locks int4[], p_merged text[], p_ipp text[], p_ipp_oid text[], p_ipp_ns text[],
+    p_ins_oid text[], p_ins text[], p_node text, p_kind text[], p_key text[], p_holder text, p_patient text,
+    p_seconds float8
+) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    owner text;
+    owned boolean[] := '{}';
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(lock_class, k) FROM unnest(locks) AS k;
+    IF EXISTS (SELECT 1 FROM patients_merges WHERE ipp = ANY(p_merged)) THEN
+        RETURN false;
+    END IF;
+    IF cardinality(p_ipp) > 0 AND EXISTS (
+        SELECT 1 FROM (
+            SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM patients_reserved
+            WHERE (ipp = ANY(p_ipp) OR (ins_oid = ANY(p_ins_oid) AND ins = ANY(p_ins))) AND expires > now()
+            UNION ALL
+            SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM patients_ins
+            WHERE ipp = ANY(p_ipp) OR (ins_oid = ANY(p_ins_oid) AND ins = ANY(p_ins))
+        ) AS seen
+        WHERE (ipp, ipp_oid, ipp_namespace, ins_oid, ins) NOT IN (
+            SELECT * FROM unnest(p_ipp, p_ipp_oid, p_ipp_ns, p_ins_oid, p_ins))
+    ) THEN
+        RETURN false;
+    END IF;
+    -- key by key (a handful): index lookups whatever the tables' sizes
+    FOR i IN 1 .. coalesce(cardinality(p_kind), 0) LOOP
+        SELECT patient INTO owner FROM patients_owners WHERE kind = p_kind[i] AND key = p_key[i];
+        IF FOUND AND owner <> p_patient THEN
+            RETURN false;
+        END IF;
+        owned := owned || FOUND;
+        IF EXISTS (
+            SELECT 1 FROM patients_keys_held WHERE kind = p_kind[i] AND key = p_key[i] AND expires > now()
+                AND holder <> p_holder AND patient <> p_patient
+        ) THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    INSERT INTO patients_reserved (ipp, ipp_oid, ipp_namespace, ins_oid, ins, node, expires)
+        SELECT u.*, p_node, now() + p_seconds * interval '1 second'
+        FROM unnest(p_ipp, p_ipp_oid, p_ipp_ns, p_ins_oid, p_ins) AS u;
+    INSERT INTO patients_keys_held
+        SELECT u.kind, u.key, p_holder, p_patient, now() + p_seconds * interval '1 second'
+        FROM unnest(p_kind, p_key, owned) AS u(kind, key, owned) WHERE NOT u.owned
+        ON CONFLICT (kind, key, holder) DO UPDATE SET patient = excluded.patient, expires = excluded.expires;
+    RETURN true;
+END $$;
+"""
+
 migrations.register(
     COMPONENT,
     [
@@ -264,6 +327,7 @@ migrations.register(
             """,
         ),
         (2, _FUNCTIONS),
+        (3, _ADMIT),
     ],
 )
 log = structlog.get_logger("traboule.stores.postgres.patient_identity")
@@ -293,6 +357,10 @@ _HOLD = (
 )
 _RESERVE_CALL = (
     "SELECT patients_reserve(%s, %b::int4[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %s, %s)"
+)
+_ADMIT_CALL = (
+    "SELECT patients_admit(%s, %b::int4[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
+    " %s, %b::text[], %b::text[], %s, %s, %s)"
 )
 _HOLD_CALL = "SELECT patients_hold(%s, %b::int4[], %b::text[], %b::text[], %s, %s, %s, %s)"
 _RECORD_CALL = (
@@ -593,6 +661,52 @@ class PostgresPatientRegistry(IdentityRules):
             if self._call(_RESERVE_CALL, args):
                 return []
         return self._check_all(payloads, pairs)
+
+    def admit(self, payloads: Iterable[Any]) -> bool:
+        """`resolve_merged`, `check`, `check_report` and `check_order` of the usual message in one statement
+        (``patients_admit``): a message of orders (one at most, with its IPP and keys) and patient updates, from
+        no identity source, naming no merged IPP, whose pairs are recorded or reserved as they are (or nowhere) and
+        whose order keys are its patient's or nobody's: its pairs reserved and its keys held, True. False, having
+        written nothing, for anything else: the caller makes the four calls (in that order), which decide."""
+        payloads = list(payloads)
+        orders = [p for p in payloads if isinstance(p, ImagingOrder)]
+        usual = all(
+            isinstance(p, ImagingOrder)
+            or (isinstance(p, PatientUpdate) and p.action != "merge" and not _authoritative(p))
+            for p in payloads
+        )
+        if not usual or len(orders) > 1:
+            return False
+        keys: list[tuple[str, str]] = []
+        holder = patient = ""
+        if orders:
+            if _ipp(orders[0].patient) is None or not (keys := keys_of(orders[0])):
+                return False
+            holder, patient = self._holder(orders[0]), _dump(_identity(orders[0].patient))
+        pairs = pairs_of(payloads)
+        try:
+            self._judge(pairs, set(), [], [])  # the message against itself
+        except MappingFailure:
+            return False  # said by `check`, after `resolve_merged`
+        ipps = sorted({_e(ipp.value) for p in payloads if (q := patient_of(p)) is not None and (ipp := _ipp(q))})
+        if not ipps and not pairs and not keys:
+            return True  # nothing the four calls would look at
+        self._prune_now_and_then()
+        rows = [_pair_row(p) for p in pairs]
+        columns = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in range(5)]
+        args = (
+            LOCK_CLASS,
+            _lock_keys(_locks(payloads)),
+            ipps,
+            *columns,
+            self._node,
+            [_e(kind) for kind, _ in keys],
+            [_e(key) for _, key in keys],
+            holder,
+            patient,
+            float(sqlite_registry.RESERVED),
+        )
+        return self._call(_ADMIT_CALL, args)
 
     def _check_all(self, payloads: list[Any], pairs: list[Pair]) -> list[str]:
         """`check` with everything it may need read: the recorded and reserved pairs of its IPPs and INS."""

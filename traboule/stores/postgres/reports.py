@@ -251,22 +251,47 @@ class PostgresReportStorage:
         step_rows = sorted((ch, _enc(u), _enc(s), _enc(a), text) for u, s, a, text in steps)
 
         def body(conn: psycopg.Connection) -> None:
-            for accession, summary in order_rows:  # merged with the stored one under its row lock
-                conn.execute(
-                    "INSERT INTO report_orders (channel, accession, orders) VALUES (%s, %s, '{}')"
-                    " ON CONFLICT DO NOTHING",
-                    (ch, accession),
-                )
-                row = conn.execute(
-                    "SELECT orders FROM report_orders WHERE channel = %s AND accession = %s FOR UPDATE",
-                    (ch, accession),
-                ).fetchone()
-                stored = json.loads(row[0]) if row else {}
-                merged = merge(stored, summary) if stored else summary
-                conn.execute(
-                    "UPDATE report_orders SET orders = %s WHERE channel = %s AND accession = %s",
-                    (json.dumps(merged, ensure_ascii=False), ch, accession),
-                )
+            # The batch's orders merged with the stored ones under their row locks: one read of them all, the
+            # updates of those stored (pipelined), one insert of the others; an accession another node inserted
+            # meanwhile (not inserted here) is read, locked and merged again.
+            pending: dict[str, list[dict[str, Any]]] = {}
+            for accession, summary in order_rows:
+                pending.setdefault(accession, []).append(summary)
+            while pending:
+                stored = {
+                    accession: json.loads(text)
+                    for accession, text in conn.execute(
+                        "SELECT accession, orders FROM report_orders WHERE channel = %s AND accession = ANY(%s)"
+                        " ORDER BY accession FOR UPDATE",
+                        (ch, list(pending)),
+                    )
+                }
+                merged = {}
+                for accession, summaries in pending.items():
+                    current = stored.get(accession) or {}
+                    for summary in summaries:
+                        current = merge(current, summary) if current else summary
+                    merged[accession] = json.dumps(current, ensure_ascii=False)
+                old = [a for a in pending if a in stored]
+                if old:  # one statement per row (its key's index), sent together
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "UPDATE report_orders SET orders = %s WHERE channel = %s AND accession = %s",
+                            [(merged[a], ch, a) for a in old],
+                        )
+                new = [a for a in pending if a not in stored]
+                inserted: set[str] = set()
+                if new:
+                    inserted = {
+                        row[0]
+                        for row in conn.execute(
+                            "INSERT INTO report_orders (channel, accession, orders)"
+                            " SELECT %s, a, o FROM unnest(%s::text[], %s::text[]) AS u(a, o)"
+                            " ON CONFLICT DO NOTHING RETURNING accession",
+                            (ch, new, [merged[a] for a in new]),
+                        )
+                    }
+                pending = {a: pending[a] for a in new if a not in inserted}
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO report_studies (channel, uid, accession, study) VALUES (%s, %s, %s, %s)"

@@ -21,20 +21,16 @@ store's lock: the channels call it from worker threads. Text is stored through
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import psycopg
-import structlog
 
-from traboule.stores.postgres import connect, decode_text, encode_text, migrations, redact
+from traboule.stores.postgres import decode_text, encode_text, migrations
 from traboule.stores.postgres.idempotency import PostgresAppliedKeys
-from traboule.stores.postgres.pool import connection_lost
+from traboule.stores.postgres.pool import OwnSession
 from traboule.stores.sender_state import KnownOrder
 
-log = structlog.get_logger("traboule.stores.postgres.sender_state")
 T = TypeVar("T")
 
 COMPONENT = "sender_state"
@@ -66,58 +62,39 @@ migrations.register(
 )
 
 
-class PostgresSenderState:
+class PostgresSenderState(OwnSession):
     """The state of the sender channel ``channel`` in the database at ``url``; the schemas (``applied_keys``,
     ``sender_state``) are created or upgraded when it opens. Safe from worker threads: calls are serialised."""
 
     threads = True
+    reconnect_event = "database.sender_state_reconnecting"
 
     def __init__(self, url: str, channel: str) -> None:
         self.url = url
         self._name = channel
         self.channel = encode_text(channel)
-        self._lock = threading.RLock()  # the connection is used by one thread at a time
-        self.keys = self._open()
-
-    def _open(self) -> PostgresAppliedKeys:
+        self._open_session(COMPONENT)
         try:
-            db = connect(self.url)
-        except psycopg.OperationalError as exc:
-            raise ConnectionError(f"database {redact(self.url)}: {exc}".strip()) from exc
-        try:
-            migrations.check(db, COMPONENT)
-            return PostgresAppliedKeys(db, self._name)
+            self.keys = PostgresAppliedKeys(self._db, self._name)
         except BaseException:
-            db.close()
+            self._db.close()
             raise
 
-    def _replace(self) -> PostgresAppliedKeys:
-        """A new session instead of the current one, which is closed."""
-        with contextlib.suppress(Exception):
-            self.keys.close()
-        self.keys = self._open()
-        return self.keys
+    def _replace(self) -> psycopg.Connection:
+        """A new session, and the marks' store on it."""
+        db = super()._replace()
+        self.keys = PostgresAppliedKeys(db, self._name)
+        return db
 
-    def _session(self, body: Callable[[PostgresAppliedKeys], T]) -> T:
-        """``body(keys)`` under the store's lock, once more on a new session when the current one is found gone
-        (``body`` is a read or an idempotent write: replaying it is harmless)."""
-        with self._lock:
-            keys = self.keys
-            if keys.db.broken or keys.db.closed:  # found gone before: a new session
-                keys = self._replace()
-            try:
-                return body(keys)
-            except Exception as exc:
-                if not connection_lost(exc, keys.db):
-                    raise
-                log.info("database.sender_state_reconnecting", error=type(exc).__name__)
-                return body(self._replace())
+    def _marks(self, body: Callable[[PostgresAppliedKeys], T]) -> T:
+        """``body(keys)`` on the current session (see `OwnSession._session`)."""
+        return self._session(lambda _db: body(self.keys))
 
     def is_done(self, key: str) -> bool:
-        return self._session(lambda keys: keys.is_done(key))
+        return self._marks(lambda keys: keys.is_done(key))
 
     def detail(self, key: str) -> str | None:
-        return self._session(lambda keys: keys.detail(key))
+        return self._marks(lambda keys: keys.detail(key))
 
     def mark_done(self, key: str, detail: str = "", *, clear_pending: str = "") -> bool:
         def mark(keys: PostgresAppliedKeys) -> bool:
@@ -129,11 +106,11 @@ class PostgresSenderState:
                     )
                 return keys.mark_done(key, detail)
 
-        return self._session(mark)
+        return self._marks(mark)
 
     def remember_order(self, accession: str, order: KnownOrder) -> None:
         values = (accession, order.placer, order.filler, order.patient_id, order.study_uid)
-        self._session(
+        self._marks(
             lambda keys: keys.db.execute(
                 "INSERT INTO hl7_known_orders (channel, accession, placer, filler, patient_id, study_uid)"
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (channel, accession) DO UPDATE SET"
@@ -144,7 +121,7 @@ class PostgresSenderState:
         )
 
     def known_order(self, accession: str) -> KnownOrder | None:
-        row = self._session(
+        row = self._marks(
             lambda keys: keys.db.execute(
                 "SELECT placer, filler, patient_id, study_uid FROM hl7_known_orders"
                 " WHERE channel = %s AND accession = %s",
@@ -154,7 +131,7 @@ class PostgresSenderState:
         return KnownOrder(*(decode_text(v) for v in row)) if row else None
 
     def set_pending(self, document_id: str) -> None:
-        self._session(
+        self._marks(
             lambda keys: keys.db.execute(
                 "INSERT INTO hl7_pending_documents (channel, document_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 (self.channel, encode_text(document_id)),
@@ -162,7 +139,7 @@ class PostgresSenderState:
         )
 
     def is_pending(self, document_id: str) -> bool:
-        row = self._session(
+        row = self._marks(
             lambda keys: keys.db.execute(
                 "SELECT 1 FROM hl7_pending_documents WHERE channel = %s AND document_id = %s",
                 (self.channel, encode_text(document_id)),
@@ -172,4 +149,4 @@ class PostgresSenderState:
 
     def close(self) -> None:
         with self._lock:
-            self.keys.close()
+            self._db.close()

@@ -11,9 +11,11 @@ and a committed ``apply_batch`` is seen by the next ``find`` of every node.
   ``worklist`` migrations (`traboule.stores.postgres.migrations`). Text columns use the ``"C"`` collation: keys
   sort bytewise as SQLite's BINARY collation does, and the B-tree indexes serve equality, date ranges and
   ``LIKE 'prefix%'`` alike.
-* ``apply_batch`` runs in one transaction; an idempotency key is claimed with ``INSERT ... ON CONFLICT DO
-  NOTHING`` in that transaction, so two nodes applying the same event at once apply it once (the second waits
-  for the first's commit, then finds the key taken). A deadlock between two nodes' batches is retried whole.
+* ``apply_batch`` runs in one transaction; the batch's idempotency keys are claimed with one ``INSERT ... ON
+  CONFLICT DO NOTHING RETURNING`` in that transaction, so two nodes applying the same event at once apply it once
+  (the second waits for the first's commit, then finds the key taken); the claimed changes' writes and the order
+  sequences then go out together (pipeline). A deadlock between two nodes' batches is retried whole.
+  ``keys_with_prefixes`` reads the keys of a batch's orders in one statement.
   Writes of one store are serialised; reads use a bounded pool of autocommit connections (``pool_size``,
   ``MAX_READERS`` by default: `traboule.stores.postgres.pool`) and never wait for the writer. A read whose pooled
   connection the server had closed (a restart) is run once more on a new one; a write is not (its commit outcome
@@ -132,9 +134,12 @@ ON CONFLICT (key) DO UPDATE SET
     modality = excluded.modality, station_aet = excluded.station_aet, start_date = excluded.start_date,
     start_time = excluded.start_time, exact = excluded.exact, dataset = excluded.dataset, updated = now()
 """
-_CLAIM = "INSERT INTO worklist_applied (idempotency_key) VALUES (%s) ON CONFLICT DO NOTHING"
-_SEQ = (
-    "INSERT INTO worklist_order_seq (order_key, seq) VALUES (%s, %s)"
+_CLAIM = (  # a batch's keys at once: those it inserts come back
+    "INSERT INTO worklist_applied (idempotency_key) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING"
+    " RETURNING idempotency_key"
+)
+_SEQS = (  # one row per order key (a dict's): no row is affected twice
+    "INSERT INTO worklist_order_seq (order_key, seq) SELECT * FROM unnest(%s::text[], %s::bigint[])"
     " ON CONFLICT (order_key) DO UPDATE SET seq = GREATEST(worklist_order_seq.seq, excluded.seq)"
 )
 
@@ -261,6 +266,28 @@ class PostgresWorklistStore:
         # A literal LIKE prefix is a range scan of the key index (collation "C"); planned with its value.
         sql = "SELECT key FROM worklist_items WHERE key LIKE %s ORDER BY key"
         return self._keys(sql, (_like_literal(prefix) + "%",))
+
+    def keys_with_prefixes(self, prefixes: list[str]) -> dict[str, list[str]]:
+        """`keys_with_prefix` of several prefixes in one statement (a batch's orders): a range scan of the key index
+        per prefix (collation "C": the keys starting with ``p`` are those from ``p`` up to ``p`` with its last
+        character's successor, excluded)."""
+        wanted = sorted({p for p in prefixes if p and "\x00" not in p and _successor(p[-1])})
+        found: dict[str, list[str]] = {p: [] for p in prefixes}
+        if not wanted:
+            return found
+        highs = [p[:-1] + _successor(p[-1]) for p in wanted]
+        # One range scan of the key index per prefix (a LATERAL kept apart by OFFSET 0): a join would be planned
+        # once for any prefixes (prepared) and may scan far more.
+        sql = (
+            "SELECT r.lo, w.key FROM unnest(%s::text[], %s::text[]) AS r(lo, hi) CROSS JOIN LATERAL"
+            " (SELECT key FROM worklist_items WHERE key >= r.lo AND key < r.hi ORDER BY key OFFSET 0) AS w"
+        )
+        for prefix, key in self._read(lambda conn: conn.execute(sql, (wanted, highs)).fetchall()):
+            found[str(prefix)].append(str(key))
+        for prefix in prefixes:
+            if prefix not in wanted and prefix:  # a NUL, or no successor: the one-prefix lookup
+                found[prefix] = self.keys_with_prefix(prefix)
+        return found
 
     def _keys(self, sql: str, params: tuple[object, ...]) -> list[str]:
         return self._read(lambda conn: [r[0] for r in conn.execute(sql, params, prepare=False)])
@@ -407,24 +434,41 @@ _Encoded = list[tuple[list[tuple[object, ...]], list[str], str]]  # rows to upse
 
 
 def _apply(conn: psycopg.Connection, encoded: _Encoded, seqs: list[tuple[str, int]]) -> list[bool]:
-    """The body of `PostgresWorklistStore.apply_batch`, inside its transaction."""
+    """The body of `PostgresWorklistStore.apply_batch`, inside its transaction: the batch's idempotency keys claimed
+    in one statement (sorted: one lock order across nodes), then the claimed changes' upserts and deletes, in
+    order, and the sequences, sent together (pipeline: one round trip)."""
+    keys = sorted({key for _, _, key in encoded if key})
+    claimed: set[str] = set()
+    if keys:
+        claimed = {row[0] for row in conn.execute(_CLAIM, (keys,)).fetchall()}
     applied: list[bool] = []
-    with conn.cursor() as cur:
+    with conn.pipeline(), conn.cursor() as cur:
+        upserts: list[tuple[object, ...]] = []
         for rows, deletes, idempotency_key in encoded:
             if idempotency_key:
-                cur.execute(_CLAIM, (idempotency_key,))
-                if cur.rowcount != 1:
+                if idempotency_key not in claimed:
                     applied.append(False)  # applied before (by any node), or earlier in this batch
                     continue
-            if rows:
-                cur.executemany(_UPSERT, rows)
+                claimed.discard(idempotency_key)
+            upserts += rows
             deletes = [k for k in deletes if not (isinstance(k, str) and "\x00" in k)]  # never stored: absent
             if deletes:
+                if upserts:  # the upserts before it first: same order as the changes
+                    cur.executemany(_UPSERT, upserts)
+                    upserts = []
                 cur.execute("DELETE FROM worklist_items WHERE key = ANY(%s)", (deletes,))
             applied.append(True)
+        if upserts:
+            cur.executemany(_UPSERT, upserts)
         if seqs:
-            cur.executemany(_SEQ, seqs)
+            cur.execute(_SEQS, ([k for k, _ in seqs], [v for _, v in seqs]))
     return applied
+
+
+def _successor(char: str) -> str:
+    """The next character UTF-8 can hold ("" for the last code point and the one before the surrogates)."""
+    n = ord(char) + 1
+    return "" if n > 0x10FFFF or 0xD800 <= n <= 0xDFFF else chr(n)
 
 
 def _row(key: str, item: Item) -> tuple[object, ...]:

@@ -1,0 +1,199 @@
+"""What the console reads from the journal, off the event loop.
+
+The console opens its own journal (``runtime.stores.journal()``: SQLite file or PostgreSQL) and its search index
+(``runtime.stores.journal_search()``, `traboule.stores.journal_search`) in each of its `WORKERS` threads, and runs
+every query (and renders every large page) there: a page never holds the loop that acknowledges messages, and a
+SQLite connection stays on the thread that opened it. At most `QUEUED` jobs wait for a thread: beyond,
+`ConsoleBusy` (the console answers 503 with Retry-After), so one operator's heavy requests cannot queue up
+everyone else's forever. Until the store factory has a search index, `JournalScan` answers the same contract from the
+journal itself (time, status, type, channel, MSH-10 and text; not accession or patient: those need the index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from traboule.errors import ConsoleBusy
+from traboule.stores.journal import JournalEntry, Query
+from traboule.stores.journal_search import MAX_LIMIT, MIN_TEXT, SearchPage, SearchQuery
+
+T = TypeVar("T")
+
+STATUSES = ("accepted", "duplicate", "rejected", "undelivered")
+SCAN_WINDOW = 2000  # journal ids read per query by `JournalScan`
+SCAN_MAX = 100_000  # journal ids `JournalScan` looks through for one page at most (then it offers the next page)
+LOCATION = re.compile(r"([A-Z][A-Z0-9]{2}(?:-\d{1,3}(?:\.\d{1,3}){0,2})?)(?::|$)")  # PID-3, MSH-9.2: an error's start
+CODE = re.compile(r"[A-Z]{2}")  # an ACK code (AE, AR)
+WORKERS = 2  # console threads
+QUEUED = 8  # console jobs running or waiting at most (beyond: `ConsoleBusy`)
+RETRY_AFTER = 5  # seconds a refused request is told to wait
+
+
+class JournalScan:
+    """`traboule.stores.journal_search.JournalSearch` over the journal alone, newest first, in windows of ids."""
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+
+    def search(self, query: SearchQuery, *, before: int = 0, limit: int = 50) -> SearchPage:
+        if query.accession or query.patient:
+            raise ValueError("searching by accession number or patient needs the journal's search index")
+        text = query.text.strip().lower()
+        if query.text and len(text) < MIN_TEXT:
+            raise ValueError(f"a text search needs at least {MIN_TEXT} characters")
+        limit = max(1, min(limit, MAX_LIMIT))
+        high = (before - 1) if before > 0 else self.journal.last_id()
+        found: list[JournalEntry] = []
+        scanned = 0
+        while high >= 1 and scanned < SCAN_MAX:
+            low = max(1, high - SCAN_WINDOW + 1)
+            selection = Query(
+                ranges=[(low, high)],
+                statuses=query.statuses,
+                types=query.types,
+                channels=query.channels,
+                since=query.since,
+                until=query.until,
+            )
+            for entry in reversed(self.journal.select(selection, after=low - 1, limit=SCAN_WINDOW)):
+                if query.control_id and entry.control_id != query.control_id:
+                    continue
+                if text and text not in entry.raw.decode("latin-1").lower():
+                    continue
+                found.append(entry)
+                if len(found) == limit:
+                    return SearchPage(found, next_before=entry.id if entry.id > 1 else 0)
+            scanned += high - low + 1
+            high = low - 1
+        return SearchPage(found, next_before=high + 1 if high >= 1 else 0)
+
+    def keys_of(self, message_id: int) -> dict[str, list[str]]:
+        return {}
+
+
+class Reader:
+    """The console's journal and search index, one of each per console thread (`run`)."""
+
+    def __init__(self, runtime: Any, workers: int = WORKERS, queued: int = QUEUED) -> None:
+        self.runtime = runtime
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="console")
+        self._local = threading.local()
+        self.queued = queued
+        self.pending = 0  # jobs submitted and not finished (a request gone does not end its job)
+        self._lock = threading.Lock()
+        self.indexed = hasattr(runtime.stores, "journal_search")
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` on a console thread; `ConsoleBusy` when `queued` jobs are already running or waiting."""
+        with self._lock:
+            if self.pending >= self.queued:
+                raise ConsoleBusy()
+            self.pending += 1
+        context = contextvars.copy_context()
+
+        def job() -> T:
+            try:
+                return context.run(work, *args)
+            finally:
+                with self._lock:
+                    self.pending -= 1
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    @property
+    def journal(self) -> Any:
+        """This console thread's own journal connection (on a console thread only)."""
+        journal = getattr(self._local, "journal", None)
+        if journal is None:
+            journal = self._local.journal = self.runtime.stores.journal()
+        return journal
+
+    @property
+    def index(self) -> Any:
+        """The search index, or `JournalScan` until the store factory has one (on a console thread only)."""
+        search = getattr(self._local, "search", None)
+        if search is None:
+            search = self.runtime.stores.journal_search() if self.indexed else JournalScan(self.journal)
+            self._local.search = search
+        return search
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- on the console's thread -------------------------------------------------------------------------------
+
+    def search(self, query: SearchQuery, before: int, limit: int) -> SearchPage:
+        return self.index.search(query, before=before, limit=limit)
+
+    def entry(self, message_id: int) -> tuple[JournalEntry | None, dict[str, list[str]]]:
+        entry = self.journal.get(message_id)
+        keys = self.index.keys_of(message_id) if entry is not None else {}
+        return entry, keys
+
+    def activity(self, channels: list[str]) -> dict[str, Any]:
+        """Journal entries per channel and status, received in the last hour and in the last 24 hours, the outbox
+        backlog and each channel's last rejection of the day (``rejected``). Each window starts at the first journal
+        id received at or after its start (found by bisection on ids), so that every count is a range of the
+        (status, id) index."""
+        now = datetime.now(UTC)
+        out: dict[str, Any] = {"outbox": self.journal.outbox_depth(), "windows": {}}
+        last = self.journal.last_id()
+        for window, delta in (("hour", timedelta(hours=1)), ("day", timedelta(days=1))):
+            after = self._first_id_since((now - delta).isoformat(timespec="milliseconds"), last) - 1
+            counts: dict[str, dict[str, int]] = {}
+            for channel in channels:
+                counts[channel] = {
+                    s: self.journal.count(Query(statuses=[s], channels=[channel]), after=after) for s in STATUSES
+                }
+            out["windows"][window] = counts
+        # The last day's most recent rejection per channel: where and which code, never the error's text (it may
+        # quote the message's values); found by bisection on ids with the same counts.
+        out["rejected"] = {
+            channel: self._last_rejected(channel, after, last) for channel in channels if counts[channel]["rejected"]
+        }
+        return out
+
+    def _last_rejected(self, channel: str, after: int, last: int) -> dict[str, Any] | None:
+        """The id, time, HL7 location and ACK code of ``channel``'s last rejected entry with an id above ``after``."""
+
+        def found(low: int, high: int) -> bool:
+            return self.journal.count(Query(statuses=["rejected"], channels=[channel], upto=high), after=low - 1) > 0
+
+        low, high = after + 1, last
+        if low > high or not found(low, high):
+            return None
+        while low < high:  # the answer is in [low, high]
+            middle = (low + high + 1) // 2
+            if found(middle, high):
+                low = middle
+            else:
+                high = middle - 1
+        entry = self.journal.get(low)
+        if entry is None:
+            return None
+        where = LOCATION.match(entry.error)
+        return {
+            "id": entry.id,
+            "received": entry.received,
+            "location": where.group(1) if where else "",
+            "code": entry.ack_code if CODE.fullmatch(entry.ack_code) else "",
+        }
+
+    def _first_id_since(self, since: str, last: int) -> int:
+        """The lowest journal id received at or after ``since`` (``last + 1`` when none)."""
+        low, high = 0, last  # invariant: entries up to ``low`` are older; the answer is in (low, high + 1]
+        while low < high:
+            middle = (low + high) // 2
+            following = self.journal.select(Query(), after=middle, limit=1)
+            if not following or following[0].id > high or following[0].received >= since:
+                high = middle
+            else:
+                low = following[0].id
+        return low + 1

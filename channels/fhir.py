@@ -149,14 +149,20 @@ class FHIRChannel(BatchConsumerChannel):
                     push_topic(self.name),
                     push_message(touched),
                     f"{env.id}.push",
-                    {"correlation-id": env.correlation_id, "journal-id": d.headers.get("journal-id", "")},
+                    {
+                        "correlation-id": env.correlation_id,
+                        "idempotency-key": env.idempotency_key,
+                        "journal-id": d.headers.get("journal-id", ""),
+                    },
                 )
                 for d, env, (_, _, touched) in zip(deliveries, envelopes, results, strict=True)
                 if touched
             ]
             await _publish_all(self.runtime.bus, items)
-        for delivery, env, (outcome, changed, _) in zip(deliveries, envelopes, results, strict=True):
+        for delivery, env, (outcome, changed, touched) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
+            kinds = ", ".join(sorted({k[0] for k in touched}))  # resource types: no id (an IPP may be one)
+            self.note(env, f"{outcome}: {changed} resource(s) changed" + (f" ({kinds})" if kinds else ""))
             with self.bound(env):
                 self._log.info(f"fhir.{outcome}", topic=delivery.topic, changed=changed, attempt=delivery.attempt)
 

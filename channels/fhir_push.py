@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,6 +53,7 @@ from traboule.adapters.fhir_client import (
 from traboule.app.config import is_loopback
 from traboule.app.health import DestinationHealth
 from traboule.bus import Delivery
+from traboule.channel import recording
 from traboule.errors import ConfigError, FHIRServerError, PermanentError
 from traboule.formats.fhir_push import Key, push_keys, push_queue, push_topic
 from traboule.stores import FHIRStore, journal
@@ -119,8 +121,17 @@ class FHIRPush:
     # -- consuming ----------------------------------------------------------------------------------------
 
     async def handle(self, deliveries: list[Delivery]) -> None:
-        with metrics.delivering(self.queue, len(deliveries)):
+        items = [
+            (d.headers.get("idempotency-key", ""), d.headers.get("correlation-id", ""), d.attempt) for d in deliveries
+        ]
+        notes: dict[str, tuple[str, str]] = {}
+        self._answers: list[str] = []  # what the server answered, for the delivery log
+        with (
+            metrics.delivering(self.queue, len(deliveries)),
+            recording(self.runtime, self.queue, items, notes, self.max_attempts),
+        ):
             await self._handle(deliveries)
+            notes.update((key, ("applied", "; ".join(self._answers))) for key, _, _ in items)
 
     async def _handle(self, deliveries: list[Delivery]) -> None:
         groups = [push_keys(d.body) for d in deliveries]
@@ -165,6 +176,7 @@ class FHIRPush:
                 raise  # several messages: the bus hands each alone, to isolate the one refused
             self.destination.succeeded()
             await asyncio.to_thread(self._remember, sent, response)
+            self._answers.append(answered(response))
             self._log.info(
                 "fhir.pushed",
                 message_ids=[d.message_id for d in deliveries],
@@ -262,6 +274,24 @@ class FHIRPush:
             if server_ref:
                 rows.append((key[0], key[1], version, server_ref))
         self.store.set_remote(rows)
+
+
+_ANSWERED = re.compile(r"[A-Z][A-Za-z]{1,40}/[A-Za-z0-9.-]{1,64}(?:/_history/[A-Za-z0-9.-]{1,64})?$")
+
+
+def answered(response: dict[str, Any]) -> str:
+    """What a transaction's answer says was written (``Patient/12/_history/3 201 Created``...), each location
+    kept only when it is a plain FHIR reference, at most 10 of them: for the delivery log."""
+    said = []
+    entries = response.get("entry") or []
+    for entry in entries[:10]:
+        answer = (entry or {}).get("response") or {}
+        location = str(answer.get("location", "") or "")
+        found = _ANSWERED.search(location.strip())
+        status = str(answer.get("status", "") or "")[:3]
+        said.append(" ".join(p for p in (found.group(0) if found else "", status) if p))
+    more = f" (+{len(entries) - 10})" if len(entries) > 10 else ""
+    return ", ".join(said) + more
 
 
 def _references(value: Any) -> list[str]:

@@ -90,6 +90,7 @@ class HL7DocumentsChannel(HL7SenderChannel):
         assert isinstance(env.payload, Document)
         if await self.state_call(self.state.is_done, env.id):
             metrics.events_processed.labels(self.name, "duplicate").inc()
+            self.note(env, "document message already sent", "duplicate")
             return
         doc = env.payload
         waits_for = doc.replaces if doc.action == "replace" else doc.id if doc.action == "delete" else ""
@@ -106,6 +107,7 @@ class HL7DocumentsChannel(HL7SenderChannel):
             raise
         await self.state_call(self.state.mark_done, env.id, control_id, clear_pending=doc.id)  # one transaction
         metrics.events_processed.labels(self.name, "sent").inc()
+        self.note(env, f"{doc.action} of document {doc.id} sent, ACK {code}")
         self._log.info(
             "document.sent",
             control_id=control_id,

@@ -74,11 +74,13 @@ class HL7StatusChannel(HL7SenderChannel):
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
         if isinstance(env.payload, ImagingOrder):
             await self._remember(env.payload)
+            self.note(env, "order remembered for the status messages")
             return
         assert isinstance(env.payload, PerformedStep)
         key = env.idempotency_key or env.id
         if await self.state_call(self.state.is_done, key):
             metrics.events_processed.labels(self.name, "duplicate").inc()
+            self.note(env, "status message already sent", "duplicate")
             return
         control_id = self.sender.next_control_id("S")
         known = await self.state_call(self.state.known_order, env.payload.accession_number) or KnownOrder()
@@ -91,6 +93,7 @@ class HL7StatusChannel(HL7SenderChannel):
         self.destination.succeeded()
         await self.state_call(self.state.mark_done, key, control_id)
         metrics.events_processed.labels(self.name, "sent").inc()
+        self.note(env, f"{self.message} {env.payload.status} sent, ACK {code}")
         self._log.info(
             "status.sent", control_id=control_id, status=env.payload.status, ack=code, attempt=delivery.attempt
         )

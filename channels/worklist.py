@@ -51,6 +51,9 @@ log = structlog.get_logger("traboule.channels.worklist")
 REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
 
 
+_LOGGED = {"duplicate": "duplicate"}  # a worklist outcome → the delivery log's (stale: applied, as a no-op)
+
+
 class WorklistChannel(BatchConsumerChannel):
     kind = "worklist"
     topics = Setting(list, ["order.#", "patient.#", "procedure.#"])
@@ -114,6 +117,7 @@ class WorklistChannel(BatchConsumerChannel):
         results = await asyncio.to_thread(self._apply, envelopes, seqs)
         for delivery, env, (outcome, upserts, deletes) in zip(deliveries, envelopes, results, strict=True):
             metrics.events_processed.labels(self.name, outcome).inc()
+            self.note(env, f"{outcome}: {upserts} item(s) written, {deletes} removed", _LOGGED.get(outcome, "applied"))
             with self.bound(env):
                 self._log.info(
                     f"worklist.{outcome}",

@@ -201,6 +201,7 @@ class XDSChannel(ConsumerChannel):
         if doc.report.flag("DESTDMP").split("^", 1)[0].strip().upper() == "N":
             metrics.events_processed.labels(self.name, "skipped").inc()
             bound.info("xds.skipped", reason="DESTDMP = N: not for the DMP")
+            self.note(env, "skipped: DESTDMP = N")
             if doc.action != "delete":  # remembered, so that a later version knows it has no original there
                 await asyncio.to_thread(self.submissions.skip, doc.id, doc.set_id)
             return
@@ -246,6 +247,7 @@ class XDSChannel(ConsumerChannel):
         row = await asyncio.to_thread(self.entry, doc.id)
         if row is not None and row.status != "sending":
             metrics.events_processed.labels(self.name, "duplicate").inc()
+            self.note(env, f"document {doc.id} already {row.status}", "duplicate")
             return
         replaces = ""
         if doc.replaces:
@@ -279,6 +281,7 @@ class XDSChannel(ConsumerChannel):
         ss = request_submission.submission_set.unique_id
         await asyncio.to_thread(self.submissions.registered, doc.id, ss, replaced=doc.replaces)
         metrics.events_processed.labels(self.name, "delivered").inc()
+        self.note(env, f"ITI-41 registered: document {doc.id}, submission set {ss}")
         bound.info(
             "xds.registered",
             entry_uuid=entry_uuid,

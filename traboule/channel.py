@@ -10,15 +10,19 @@
   built; a wrong value is a `ConfigError` naming the channel and the setting (``traboule check`` prints it).
 * `ConsumerChannel` / `BatchConsumerChannel`: the base of a channel that consumes bus topics (its queue is named
   after it, bound to its ``topics`` setting, consumed with ``max_attempts``); each delivery is decoded and handled
-  with the channel, the message id and the correlation id bound to every log line (structlog contextvars).
+  with the channel, the message id and the correlation id bound to every log line (structlog contextvars), and its
+  outcome recorded in the delivery log (`traboule.stores.delivery_log`: applied, duplicate, error, dead_letter),
+  with the short detail the channel gave with `note`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -28,8 +32,10 @@ import structlog
 
 from traboule import metrics
 from traboule.bus import Bus, Delivery
+from traboule.bus.retry import DeadLetter, RetryPolicy
 from traboule.errors import ConfigError
 from traboule.model import Envelope
+from traboule.stores.delivery_log import DeliveryRecord, DeliveryRecorder
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -299,8 +305,78 @@ def delivery_context(channel: str, env: Envelope | None = None) -> Iterator[None
         yield
 
 
+_RECORDER_LOCK = threading.Lock()
+
+
+def delivery_recorder(runtime: Any) -> DeliveryRecorder | None:
+    """The recorder writing to the delivery log of ``runtime``'s stores (one per store factory: per process), None
+    when its stores have no delivery log (a tool or a test double)."""
+    stores = getattr(runtime, "stores", None)
+    if stores is None or not hasattr(stores, "delivery_log"):
+        return None
+    with _RECORDER_LOCK:
+        recorder = getattr(stores, "_delivery_recorder", None)
+        if recorder is None:
+            recorder = DeliveryRecorder(stores.delivery_log)
+            try:
+                stores._delivery_recorder = recorder
+            except AttributeError:  # a factory that takes no attribute: no log
+                return None
+        return recorder
+
+
+def record_deliveries(
+    runtime: Any,
+    channel: str,
+    items: Sequence[tuple[str, str, int]],
+    notes: dict[str, tuple[str, str]],
+    error: BaseException | None,
+    max_attempts: int,
+) -> None:
+    """Record the outcome of deliveries ``[(key, correlation id, attempt)]`` handled by ``channel`` (never raises):
+    ``applied`` or what the channel noted (``notes``: key → (outcome, detail), taken out), else ``error`` with the
+    exception's class, ``dead_letter`` when the bus dead-letters a single delivery after this failure."""
+    try:
+        recorder = delivery_recorder(runtime)
+        for key, correlation_id, attempt in items:
+            outcome, detail = notes.pop(key, ("applied", ""))
+            if error is not None:
+                final = (
+                    len(items) == 1
+                    and isinstance(error, Exception)
+                    and isinstance(RetryPolicy(max_attempts).after_failure(error, attempt), DeadLetter)
+                )
+                outcome = "dead_letter" if final else "error"
+                detail = f"{type(error).__name__} (attempt {attempt})" + (f"; {detail}" if detail else "")
+            if recorder is not None:
+                recorder.add(DeliveryRecord(key, correlation_id, channel, outcome, detail))
+    except Exception as exc:  # a log for people: never the delivery's outcome
+        structlog.get_logger("traboule.channel").warning("delivery_log.record_failed", error=type(exc).__name__)
+
+
+@contextmanager
+def recording(
+    runtime: Any,
+    channel: str,
+    items: Sequence[tuple[str, str, int]],
+    notes: dict[str, tuple[str, str]],
+    max_attempts: int,
+) -> Iterator[None]:
+    """`record_deliveries` of what the block does (the engine stopping is no outcome)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        for key, _, _ in items:
+            notes.pop(key, None)
+        raise
+    except BaseException as exc:
+        record_deliveries(runtime, channel, items, notes, exc, max_attempts)
+        raise
+    record_deliveries(runtime, channel, items, notes, None, max_attempts)
+
+
 class _BusConsumer:
-    """What the two consumer bases share: settings, topics, the queue's bindings, describe."""
+    """What the two consumer bases share: settings, topics, the queue's bindings, describe, `note`."""
 
     kind: ClassVar[str] = ""
     # A kind declares its own default topics; none is no default: "#" would also bind the engine's internal messages
@@ -315,6 +391,7 @@ class _BusConsumer:
         self.runtime = runtime
         read_settings(self, config, self.name)
         self.topics = self.topics_of(config)
+        self._notes: dict[str, tuple[str, str]] = {}
 
     @classmethod
     def topics_of(cls, config: Mapping[str, Any]) -> list[str]:
@@ -340,6 +417,16 @@ class _BusConsumer:
         """The log context of one event (for a batch consumer's per-event work)."""
         return delivery_context(self.name, env)
 
+    def note(self, env: Envelope, detail: str, outcome: str = "applied") -> None:
+        """What the delivery log says of ``env`` once handled: a short ``detail`` (kinds, counts, versions, codes;
+        never patient data) and the ``outcome`` (``applied`` or ``duplicate``; a raised exception makes it an
+        error whatever was noted)."""
+        self._notes[env.idempotency_key] = (outcome, detail)
+
+    def recording(self, envelopes: Sequence[Envelope], deliveries: Sequence[Delivery]) -> AbstractContextManager[None]:
+        items = [(e.idempotency_key, e.correlation_id, d.attempt) for e, d in zip(envelopes, deliveries, strict=True)]
+        return recording(self.runtime, self.name, items, self._notes, self.max_attempts)
+
 
 class ConsumerChannel(_BusConsumer):
     """A channel consuming its topics one delivery at a time (``bus.subscribe``).
@@ -359,7 +446,7 @@ class ConsumerChannel(_BusConsumer):
         env = Envelope.from_json(delivery.body)
         if self.accepts and not isinstance(env.payload, self.accepts):
             return
-        with delivery_context(self.name, env), metrics.delivering(self.name):
+        with delivery_context(self.name, env), metrics.delivering(self.name), self.recording([env], [delivery]):
             await self.on_event(env, delivery)
 
     async def on_event(self, env: Envelope, delivery: Delivery) -> None:
@@ -380,7 +467,11 @@ class BatchConsumerChannel(_BusConsumer):
 
     async def handle(self, deliveries: list[Delivery]) -> None:
         envelopes = [Envelope.from_json(d.body) for d in deliveries]
-        with delivery_context(self.name), metrics.delivering(self.name, len(deliveries)):
+        with (
+            delivery_context(self.name),
+            metrics.delivering(self.name, len(deliveries)),
+            self.recording(envelopes, deliveries),
+        ):
             await self.on_batch(envelopes, deliveries)
 
     async def on_batch(self, envelopes: list[Envelope], deliveries: list[Delivery]) -> None:

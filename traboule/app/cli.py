@@ -714,6 +714,11 @@ def cmd_journal(cfg: config_mod.Config, args: argparse.Namespace) -> int:
                 f"{journal.prune(before, keep=held)} message(s) received before {before} forgotten"
                 + (f"; the entries of {len(held)} report message(s) held for their study kept" if held else "")
             )
+            deliveries = make_stores(cfg).delivery_log()
+            try:
+                print(f"{deliveries.prune(before)} delivery log row(s) recorded before {before} forgotten")
+            finally:
+                deliveries.close()
         elif args.action == "replay":
             return _replay(cfg, journal, args)
         elif args.action == "reprocess":

@@ -21,6 +21,7 @@ factory method      `SQLiteStores` (file in the data folder)      `PostgresStore
 ``submissions``     ``<channel>.sqlite``                          PostgreSQL (`PostgresSubmissions`)
 ``journal_search``  ``journal.index`` (rebuilt, not migrated)     PostgreSQL (`PostgresJournalSearch`)
 ``incidents``       ``alerts.sqlite``                             PostgreSQL (`PostgresIncidents`)
+``delivery_log``    ``deliveries.sqlite``                         PostgreSQL (`PostgresDeliveryLog`)
 ==================  ============================================  =========================================
 
 ``sender_state`` (the ``hl7-status`` and ``hl7-documents``
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
         SubmissionStore,
         WorklistStore,
     )
+    from traboule.stores.delivery_log import DeliveryLog
     from traboule.stores.idempotency import AppliedKeys, Legacy
     from traboule.stores.incidents import IncidentStore
     from traboule.stores.journal import JournalEntry
@@ -67,6 +69,7 @@ POSTGRES_COMPONENTS = {
     "submissions": ("submissions", "submissions"),
     "journal_search": ("journal_index", "journal_search"),
     "incidents": ("incidents", "incidents"),
+    "delivery_log": ("delivery_log", "delivery_log"),
 }
 
 
@@ -104,6 +107,10 @@ class StoreFactory(Protocol):
 
     def incidents(self) -> IncidentStore:
         """The alerting engine's incidents and queued notifications (`traboule.stores.incidents`); its calls block."""
+        ...
+
+    def delivery_log(self) -> DeliveryLog:
+        """What each destination did with each message (`traboule.stores.delivery_log`); its calls block."""
         ...
 
     def lease(self, name: str) -> Any:
@@ -197,6 +204,11 @@ class SQLiteStores:
 
         return SQLiteIncidents(self.data_dir / "alerts.sqlite")
 
+    def delivery_log(self) -> DeliveryLog:
+        from traboule.stores.delivery_log import SQLiteDeliveryLog
+
+        return SQLiteDeliveryLog(self.data_dir / "deliveries.sqlite")
+
     def lease(self, name: str) -> Any:
         """One node: the lease is always held."""
         from traboule.stores.postgres.lease import LocalLease
@@ -209,7 +221,10 @@ class SQLiteStores:
     def describe(self) -> dict[str, str]:
         where = f"sqlite (files in {self.data_dir})"
         stored = ("journal", "worklist", "fhir", "reports", "patients", "applied_keys", "sender_state")
-        return {store: where for store in (*stored, "mpps_states", "submissions", "journal_search", "incidents")}
+        return {
+            store: where
+            for store in (*stored, "mpps_states", "submissions", "journal_search", "incidents", "delivery_log")
+        }
 
 
 class PostgresStores(SQLiteStores):
@@ -312,6 +327,11 @@ class PostgresStores(SQLiteStores):
         from traboule.stores.postgres.incidents import PostgresIncidents
 
         return PostgresIncidents(self.url)
+
+    def delivery_log(self) -> DeliveryLog:
+        from traboule.stores.postgres.delivery_log import PostgresDeliveryLog
+
+        return PostgresDeliveryLog(self.url)
 
     def lease(self, name: str) -> Any:
         """The lease ``name`` shared by every node of the database (a session advisory lock)."""

@@ -27,7 +27,8 @@ and ``lastUpdated`` per FHIR upsert, new ids, new ``recorded`` times), and a cop
 
 The embedded bus is not in the database: its queued deliveries stay in ``bus.sqlite`` (`pending_deliveries` says
 how many: the command refuses while there are any, unless told to leave them), for a node that keeps the embedded
-bus. Every other SQLite file of the folder no step reads is in `Report.unread` (the command fails on it).
+bus. The delivery log (``deliveries.sqlite``, an operator's log) is not moved: the database's starts empty. Every
+other SQLite file of the folder no step reads is in `Report.unread` (the command fails on it).
 
 A store that gets a PostgreSQL implementation adds its steps: `register` for a store kept in one file of the
 folder, `register_per_channel` for one each channel keeps in a file of its own.
@@ -67,7 +68,8 @@ ALTER TABLE {PROGRESS_TABLE} ADD COLUMN IF NOT EXISTS fingerprint TEXT  -- diges
 RUN_STEP = "*"  # the progress row of the whole run: done once every step is (a node refuses to start before)
 LOCK_KEY = 0x6D69_6772_6174  # "migrat": the session advisory lock a run holds (one run at a time per database)
 # Files of a data folder that are not a channel's worklist or FHIR store.
-_NAMED = {"journal.sqlite", "patients.sqlite", "bus.sqlite"}
+_NAMED = {"journal.sqlite", "patients.sqlite", "bus.sqlite", "deliveries.sqlite"}
+DELIVERY_LOG = "deliveries.sqlite"  # an operator's log (`traboule.stores.delivery_log`): not moved, not reported
 
 
 # The migration cannot go on (a destination holding other data, a source the database cannot hold): an operator
@@ -689,7 +691,7 @@ class Sources:
     def left(self, steps: Sequence[Step]) -> list[Path]:
         """The SQLite files of the folder none of ``steps`` reads (the embedded bus, stores not migrated)."""
         used = {self.path(step.store) for step in steps}
-        return [p for p in sorted(self.data_dir.glob("*.sqlite")) if p not in used]
+        return [p for p in sorted(self.data_dir.glob("*.sqlite")) if p not in used and p.name != DELIVERY_LOG]
 
 
 def _tables(path: Path) -> set[str]:

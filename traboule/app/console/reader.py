@@ -20,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import structlog
+
 from traboule.errors import ConsoleBusy
 from traboule.stores.journal import JournalEntry, Query
 from traboule.stores.journal_search import MAX_LIMIT, MIN_TEXT, SearchPage, SearchQuery
 
 T = TypeVar("T")
+log = structlog.get_logger("traboule.app.console")
 
 STATUSES = ("accepted", "duplicate", "rejected", "undelivered")
 SCAN_WINDOW = 2000  # journal ids read per query by `JournalScan`
@@ -124,6 +127,14 @@ class Reader:
             self._local.search = search
         return search
 
+    @property
+    def deliveries(self) -> Any:
+        """This console thread's delivery log (`traboule.stores.delivery_log`; on a console thread only)."""
+        log = getattr(self._local, "deliveries", None)
+        if log is None:
+            log = self._local.deliveries = self.runtime.stores.delivery_log()
+        return log
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -136,6 +147,16 @@ class Reader:
         entry = self.journal.get(message_id)
         keys = self.index.keys_of(message_id) if entry is not None else {}
         return entry, keys
+
+    def destinations(self, entry: JournalEntry) -> list[Any] | None:
+        """What each destination recorded of ``entry`` (`DeliveryLog.of`), None when the log cannot be read."""
+        if not entry.idempotency_key or not hasattr(self.runtime.stores, "delivery_log"):
+            return []
+        try:
+            return list(self.deliveries.of(entry.idempotency_key, entry.correlation_id))
+        except Exception as exc:  # the page shows the message without it
+            log.warning("console.delivery_log_unreadable", error=type(exc).__name__)
+            return None
 
     def activity(self, channels: list[str]) -> dict[str, Any]:
         """Journal entries per channel and status, received in the last hour and in the last 24 hours, the outbox

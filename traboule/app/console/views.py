@@ -256,10 +256,12 @@ class Console:
         def view() -> Any:
             shown = lay_out(entry)
             self.mapper.events(entry, shown)
-            return shown
+            return shown, self.reader.destinations(entry)
 
-        shown = await self.reader.run(view)
-        return await self.render_off_loop(request, "message.html", identity, entry=entry, keys=keys, view=shown)
+        shown, destinations = await self.reader.run(view)
+        return await self.render_off_loop(
+            request, "message.html", identity, entry=entry, keys=keys, view=shown, destinations=destinations
+        )
 
     async def message_raw(self, request: Request) -> Response:
         """The journaled bytes of one message, as a download (never rendered by the browser)."""

@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -134,6 +135,17 @@ class WorklistReader:
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
         self.data_dir = Path(runtime.config.data_dir)
+        self._local = threading.local()
+
+    def _store(self, channel: str) -> Any:
+        """This console thread's worklist store of ``channel`` (PostgreSQL), kept open: its cache of decoded items
+        serves the next requests (a new store per request decoded every item again, ~1 ms each)."""
+        stores = getattr(self._local, "stores", None)
+        if stores is None:
+            stores = self._local.stores = {}
+        if channel not in stores:
+            stores[channel] = self.runtime.stores.worklist(channel)
+        return stores[channel]
 
     def channels(self) -> list[str]:
         return [str(c["name"]) for c in self.runtime.config.channels if c["kind"] == "worklist"]
@@ -143,14 +155,10 @@ class WorklistReader:
         compiled = compile_query(query)
         found: list[Dataset] = []
         if getattr(self.runtime.stores, "backend", "") == "postgresql":
-            store = self.runtime.stores.worklist(channel)
-            try:
-                for response in store.find(query, max_examined=MAX_EXAMINED):
-                    found.append(response)
-                    if len(found) > MAX_ITEMS:
-                        break
-            finally:
-                store.close()
+            for response in self._store(channel).find(query, max_examined=MAX_EXAMINED):
+                found.append(response)
+                if len(found) > MAX_ITEMS:
+                    break
         else:
             path = self.data_dir / f"{channel}.sqlite"
             if not path.is_file():
@@ -168,6 +176,8 @@ class WorklistReader:
                         item = decode_item(bytes(blob))
                         if compiled.matches(item):
                             found.append(compiled.response(item))
+                            if len(found) > MAX_ITEMS:  # enough to say "more": decode no further
+                                break
                     if len(found) > MAX_ITEMS:
                         break
             finally:

@@ -80,10 +80,17 @@ async def receive(config: Path, *messages: bytes) -> None:
 
 
 async def drained(runtime: Runtime, timeout: float = 10.0) -> None:
-    """Every queue of the engine's channels is empty (on either bus)."""
+    """Every queue of the engine's channels is empty (on either bus), and on the embedded bus nothing is in flight
+    either (``depth`` does not count a delivery being handled: stopping then would cut its handling short)."""
     queues = [q for c in runtime.config.channels for q, _ in channel_bindings(c)]
+    consumers = getattr(runtime.bus, "_consumers", {})
     deadline = asyncio.get_running_loop().time() + timeout
-    while any([await runtime.bus.depth(q) for q in queues]):
+
+    async def busy() -> bool:
+        waiting = any([await runtime.bus.depth(q) for q in queues])
+        return waiting or any(getattr(consumers.get(q), "inflight", None) for q in queues)
+
+    while await busy():
         assert asyncio.get_running_loop().time() < deadline, "queues not drained in time"
         await asyncio.sleep(0.05)
 

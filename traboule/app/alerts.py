@@ -34,13 +34,14 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -58,6 +59,8 @@ from traboule.app.alert_notifiers import (
 from traboule.errors import ConfigError
 from traboule.stores.incidents import Incident, IncidentStore
 from traboule.stores.journal import Query
+
+T = TypeVar("T")
 
 log = structlog.get_logger("traboule.app.alerts")
 
@@ -612,6 +615,9 @@ class AlertEngine:
         self.lease: Any = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Held by each read of ``journal`` in a thread and by its close: a cancelled task's thread may still be
+        # reading when the engine stops, and closing a SQLite connection in use from another thread may crash.
+        self._reading = threading.Lock()
 
     def start(self) -> None:
         self.lease = self.runtime.stores.lease("alerts")
@@ -631,7 +637,7 @@ class AlertEngine:
         for opened in (self.store, self.journal):
             if opened is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(opened.close)
+                    await asyncio.to_thread(self._locked, opened.close)
         self.store = self.journal = self.machine = None
 
     async def _lead(self) -> None:
@@ -702,7 +708,7 @@ class AlertEngine:
         rules = self.config.rules
         targets_of = {r.name: targets(r, channels) for r in rules}
         from_journal = [r for r in rules if r.kind in ("rejected_rate", "silence")]
-        readings = await asyncio.to_thread(journal_readings, self.journal, from_journal, targets_of, now)
+        readings = await asyncio.to_thread(self._locked, journal_readings, self.journal, from_journal, targets_of, now)
         queues = consuming_queues(channels)
         health: dict[str, Any] | None = None
         for rule in rules:
@@ -734,6 +740,11 @@ class AlertEngine:
                     FAILING.discard((rule.name, channel))
                 readings.append(Reading(rule, channel, value))
         return readings
+
+    def _locked(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` holding the journal's reading lock (in a worker thread)."""
+        with self._reading:
+            return call(*args)
 
     async def _outbox_depth(self) -> int:
         """The outbox backlog as the process holding the journal counts it (events confirmed by the bus but not

@@ -88,7 +88,7 @@ class SQLiteJournalSearch:
     def __init__(self, index_path: str | Path, journal_path: str | Path) -> None:
         self.index_path = Path(index_path)
         self.journal_path = Path(journal_path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held by every use of either connection: `close` never cuts one short
         self._db = open_database(self.index_path, Durability.CRASH, threads=True)
         self._db.executescript(SCHEMA)
         self._journal: sqlite3.Connection | None = None
@@ -239,6 +239,10 @@ class SQLiteJournalSearch:
         return int(row[0]) if row else 0
 
     def unindexed(self, limit: int = 1000) -> list[JournalEntry]:
+        with self._lock:  # a `close` from another thread waits: closing a connection in use may crash SQLite
+            return self._unindexed(limit)
+
+    def _unindexed(self, limit: int) -> list[JournalEntry]:
         db = self._messages()
         if db is None:
             return []
@@ -289,16 +293,21 @@ class SQLiteJournalSearch:
         self._write([(message_id, {})], bare=message_id)
 
     def lag(self) -> int:
-        db = self._messages()
-        if db is None:
-            return 0
-        (last,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
-        return max(0, int(last) - self.last_indexed())
+        with self._lock:
+            db = self._messages()
+            if db is None:
+                return 0
+            (last,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+            return max(0, int(last) - self.last_indexed())
 
     def _write(self, done: list[tuple[int, dict[str, list[str]]]], bare: int = 0) -> None:
         """`index`; ``bare``: an entry indexed without its MSH-10 (`skip`)."""
         if not done:
             return
+        with self._lock:
+            self._write_locked(done, bare)
+
+    def _write_locked(self, done: list[tuple[int, dict[str, list[str]]]], bare: int) -> None:
         db = self._messages()
         if db is None:
             return

@@ -56,6 +56,7 @@ from traboule.app.alert_notifiers import (
     deliver_due,
     redacted_webhook_urls,
 )
+from traboule.app.leadership import while_leading
 from traboule.errors import ConfigError
 from traboule.stores.incidents import Incident, IncidentStore
 from traboule.stores.journal import Query
@@ -547,10 +548,15 @@ def journal_readings(
                 if rule.kind == "rejected_rate":
                     since = (moment - timedelta(seconds=rule.window)).isoformat(timespec="milliseconds")
                     start = _first_id_since(journal, since)
-                    # rejected first: messages journaled between the two counts add to the received ones only
-                    rejected = journal.count(Query(channels=[channel], statuses=["rejected"], since=since), after=start)
+                    # Both counts up to one id (ids grow in commit order): the same messages, whatever arrives between.
+                    upto = journal.last_id()
+                    rejected = journal.count(
+                        Query(channels=[channel], statuses=["rejected"], since=since, upto=upto), after=start
+                    )
                     received = journal.count(
-                        Query(channels=[channel], statuses=["accepted", "duplicate", "rejected"], since=since),
+                        Query(
+                            channels=[channel], statuses=["accepted", "duplicate", "rejected"], since=since, upto=upto
+                        ),
                         after=start,
                     )
                     value = min(1.0, rejected / received) if received >= rule.min_count else 0.0
@@ -641,23 +647,7 @@ class AlertEngine:
         self.store = self.journal = self.machine = None
 
     async def _lead(self) -> None:
-        while True:
-            try:
-                await self.lease.acquire()
-            except Exception as exc:
-                log.warning("alerts.lease_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
-                continue
-            work = asyncio.create_task(self._run(), name="alerts-run")
-            lost = asyncio.create_task(self.lease.lost(), name="alerts-lease-lost")
-            try:
-                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (work, lost):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                await self._close()
+        await while_leading(self.lease, self._run, "alerts", after=self._close)
 
     async def _run(self) -> None:
         delivery = asyncio.create_task(self._deliver(), name="alerts-delivery")

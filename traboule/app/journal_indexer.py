@@ -35,6 +35,7 @@ import structlog
 
 from traboule import metrics
 from traboule.app.config import Config, resolve
+from traboule.app.leadership import while_leading
 from traboule.formats import hl7
 from traboule.model import Identifier
 from traboule.stores.journal import JournalEntry
@@ -223,22 +224,7 @@ class JournalIndexer:
 
     async def _lead(self) -> None:
         """Index while this node holds the lease (always on SQLite)."""
-        while True:
-            try:
-                await self.lease.acquire()
-            except Exception as exc:
-                log.warning("journal_index.lease_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
-                continue
-            work = asyncio.create_task(self._run(), name="journal-indexer-run")
-            lost = asyncio.create_task(self.lease.lost(), name="journal-index-lease-lost")
-            try:
-                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (work, lost):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+        await while_leading(self.lease, self._run, "journal_index")
 
     async def _run(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from traboule import metrics, stores
 from traboule.app.bus_backend import make_bus
 from traboule.app.config import DEFAULT_CHANNELS, Config
 from traboule.app.health import Probe, Probed
+from traboule.app.leadership import while_leading
 from traboule.bus import Bus
 from traboule.bus.partition import partition_headers
 from traboule.channel import Channel, ConsumesQueues, LimitsBodies, ReportsHealth, ServesHTTP
@@ -457,25 +458,15 @@ class Runtime:
         """Run the outbox dispatcher while this node holds the "outbox" lease: one dispatcher per database, so each
         event is published once whatever the number of nodes. Losing the lease stops it at once; gaining it
         (again) starts it from the outbox as the database has it (``pending_events``)."""
-        lease = self.outbox_lease
-        while True:
-            try:
-                await lease.acquire()
-            except Exception as exc:  # the lease's own errors are retried inside; anything else: retry later
-                log.warning("outbox.lease_failed", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
-                continue
+
+        async def lead() -> None:
             log.info("outbox.leader")
-            dispatcher = asyncio.create_task(self._dispatch_outbox(), name="outbox-dispatcher")
-            lost = asyncio.create_task(lease.lost(), name="outbox-lease-lost")
-            try:
-                await asyncio.wait({dispatcher, lost}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (dispatcher, lost):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            await self._dispatch_outbox()
+
+        async def standby() -> None:
             log.warning("outbox.standby")
+
+        await while_leading(self.outbox_lease, lead, "outbox", after=standby)
 
     async def _dispatch_outbox(self) -> None:
         """Publish journaled events in order; a bus outage only delays them (retried every second)."""

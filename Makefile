@@ -21,7 +21,7 @@ test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-## Debian packages of the real peers used by the tests (haproxy checks deploy/; chromium drives the console; installed only when missing and running as root)
+## Debian packages of the real peers used by the tests (haproxy checks deploy/; chromium drives the console; rsyslog is the audit repository; installed only when missing and running as root)
 peers:
 	@missing=""; \
 	command -v findscu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
@@ -32,6 +32,8 @@ peers:
 	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	test -x /usr/sbin/rsyslogd || missing="$$missing rsyslog"; \
+	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

@@ -1,9 +1,10 @@
 """DICOM Modality Performed Procedure Step SCP (N-CREATE, N-SET) and Verification SCP, with pynetdicom.
 
-Protocol only: each request is handed to ``handler(kind, sop_instance_uid, attribute_list)`` (``kind`` is
-``"create"`` or ``"set"``), which returns the DIMSE status to answer (an int, or ``(status, error_comment)``, or
-``(status, error_comment, error_id)``). Whether an instance exists, may still be updated or was journaled is the
-handler's business: it holds the state. The handler runs in pynetdicom's association thread and may block.
+Protocol only: each request is handed to ``handler(kind, sop_instance_uid, attribute_list, peer)`` (``kind`` is
+``"create"`` or ``"set"``; ``peer`` the `Peer` that sent it: calling AE title, address, TLS certificate subject),
+which returns the DIMSE status to answer (an int, or ``(status, error_comment)``, or ``(status, error_comment,
+error_id)``). Whether an instance exists, may still be updated or was journaled is the handler's business: it holds
+the state. The handler runs in pynetdicom's association thread and may block.
 
 Logs carry AE titles, SOP instance UIDs and statuses only: pynetdicom's identifier logging is switched off.
 """
@@ -18,7 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 
-from traboule.adapters.dicom_server import DicomServer, SCPLimits
+from traboule.adapters.dicom_server import DicomServer, Peer, SCPLimits, peer_of
 
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
@@ -31,7 +32,7 @@ MISSING_ATTRIBUTE = 0x0120
 MAY_NO_LONGER_BE_UPDATED = 0xA710
 
 HandlerResult = int | tuple[int, str] | tuple[int, str, int]
-MPPSHandler = Callable[[str, str, Dataset], HandlerResult]
+MPPSHandler = Callable[[str, str, Dataset, Peer], HandlerResult]
 
 
 def status_dataset(status: int, comment: str = "", error_id: int | None = None) -> Dataset:
@@ -60,9 +61,11 @@ class MPPSSCP(DicomServer):
         host: str = "127.0.0.1",
         port: int = 11113,
         limits: SCPLimits | None = None,
+        **security: Any,
     ) -> None:
         self.handler = handler
-        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits)
+        # ssl_context, allowed_subjects, ae_certificates, on_peer_refused: see DicomServer.
+        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits, **security)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -91,7 +94,7 @@ class MPPSSCP(DicomServer):
             bound.warning("mpps.undecodable", error=type(exc).__name__)
             return status_dataset(PROCESSING_FAILURE, "the attribute list could not be decoded"), None
         try:
-            result = self.handler(kind, uid, attributes)
+            result = self.handler(kind, uid, attributes, peer_of(event.assoc))
         except Exception as exc:
             bound.error("mpps.handler_failed", error=type(exc).__name__)
             return status_dataset(PROCESSING_FAILURE, "the request could not be processed"), None

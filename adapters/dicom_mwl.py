@@ -9,6 +9,12 @@ switched off.
 Each C-FIND is bounded: at most `max_examined` items examined and `query_timeout` seconds, else it ends with
 A700 "Refused: Out of Resources"; a C-CANCEL, or the association going away, stops the scan itself (checked
 before every candidate item, not only between matches), so a query that matches nothing still stops at once.
+
+After each C-FIND, ``on_query(peer, identifier, patients, outcome)`` (when given) hears who asked (`Peer`: calling AE
+title, address, TLS certificate subject), the identifier's bytes as received, the (PatientID, IssuerOfPatientID) of
+the items returned (each once, at most `MAX_AUDITED_PATIENTS`) and the outcome (``success``, ``truncated``,
+``cancelled``, ``association_gone``, ``invalid_query``, ``out_of_resources``, ``error``): the worklist channel
+audits it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
 from traboule import metrics
-from traboule.adapters.dicom_server import DicomServer, SCPLimits
+from traboule.adapters.dicom_server import DicomServer, Peer, SCPLimits, peer_of
 from traboule.errors import QueryError
 from traboule.formats.dicom_match import ScanStopped
 
@@ -33,6 +39,8 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900  # what dcmtk's wlmscpfs answers for an unusa
 UNABLE_TO_PROCESS = 0xC001
 
 FindResult = tuple[int | Dataset, Dataset | None]
+MAX_AUDITED_PATIENTS = 1000  # distinct patients handed to on_query for one C-FIND; the rest are counted only
+QueryHook = Callable[[Peer, bytes, list[tuple[str, str]], str], None]
 
 
 class FindItems(Protocol):
@@ -83,6 +91,11 @@ class _FindGuard:
         return self.reason is not None
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value)
+
+
 def _association_gone(assoc: Any) -> bool:
     # Sta6 is "association established and ready for data transfer" (PS3.8 9.2); during a C-FIND, any other
     # state means the peer aborted, asked to release, or its connection dropped (A-P-ABORT, Sta1).
@@ -95,7 +108,7 @@ class WorklistSCP(DicomServer):
     Any calling AE title is accepted; the called AE title must be `ae_title`. `max_results` > 0 caps the
     number of matches sent for one query: the query then ends with Success and the log says "truncated".
     `max_examined` and `query_timeout` (seconds) bound the work of one query (0: no bound); beyond, A700.
-    `limits` bounds what callers may hold (associations, timeouts: see `SCPLimits`).
+    `limits` bounds what callers may hold (associations, timeouts: see `SCPLimits`). `on_query`: see the module.
     """
 
     contexts = (ModalityWorklistInformationFind, Verification)
@@ -113,13 +126,17 @@ class WorklistSCP(DicomServer):
         max_examined: int = 50_000,
         query_timeout: float = 10.0,
         limits: SCPLimits | None = None,
+        on_query: QueryHook | None = None,
+        **security: Any,
     ) -> None:
         self.find = find
         self.case_insensitive_names = case_insensitive_names
         self.max_results = max_results
         self.max_examined = max_examined
         self.query_timeout = query_timeout
-        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits)
+        self.on_query = on_query
+        # ssl_context, allowed_subjects, ae_certificates, on_peer_refused: see DicomServer.
+        super().__init__(ae_title=ae_title, host=host, port=port, limits=limits, **security)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -147,6 +164,7 @@ class WorklistSCP(DicomServer):
         bound = self._log.bind(calling_aet=event.assoc.requestor.ae_title)
         guard = _FindGuard(event)
         count, outcome = 0, "success"
+        patients: dict[tuple[str, str], None] = {}  # returned, in order, each once
         try:
             try:
                 query = event.identifier
@@ -202,6 +220,8 @@ class WorklistSCP(DicomServer):
                     return
                 if response is None or guard():
                     break
+                if self.on_query is not None and len(patients) < MAX_AUDITED_PATIENTS:
+                    patients[(_text(response, "PatientID"), _text(response, "IssuerOfPatientID"))] = None
                 yield PENDING, response
                 count += 1
                 if self.max_results and count >= self.max_results:
@@ -221,3 +241,13 @@ class WorklistSCP(DicomServer):
                 results=count,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
+            if self.on_query is not None:
+                self._report(event, list(patients), outcome)
+
+    def _report(self, event: evt.Event, patients: list[tuple[str, str]], outcome: str) -> None:
+        try:
+            identifier = event.request.Identifier
+            raw = identifier.getvalue() if identifier is not None else b""
+            self.on_query(peer_of(event.assoc), bytes(raw), patients, outcome)  # type: ignore[misc]
+        except Exception as exc:  # the audit must not change the answer
+            self._log.error("mwl.query_hook_failed", error=type(exc).__name__)

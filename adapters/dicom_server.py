@@ -11,17 +11,26 @@ anything. A connection that never sends its A-ASSOCIATE-RQ is closed when the AR
 ``acse_timeout``) expires; an established one that goes quiet, after ``network_timeout``. A PDU that stops halfway
 is not covered by either: the DUL thread blocks in ``recv`` with no timeout, for ever, so the socket gets one here
 (``acse_timeout`` until the association is accepted, ``network_timeout`` after).
+
+DICOM TLS (PS3.15 Annex B, the BCP 195 profile): given a server ``ssl.SSLContext`` (`traboule.tls.server_context`),
+the listener speaks TLS only. pynetdicom's own server does the handshake in its accepting thread, with no time bound:
+one peer that connects and stays silent would stop every other connection. Here the accepting thread only wraps the
+socket; the handshake runs in the connection's own thread, bounded by ``tls_handshake_timeout``. A client
+certificate subject outside ``allowed_subjects`` is refused before any DICOM byte is read; a calling AE title bound
+to a subject by ``ae_certificates`` is answered A-ASSOCIATE-RJ (permanent, calling AE title not recognised) when the
+certificate shown is not that subject's. Each refusal is logged and handed to ``on_peer_refused``.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import structlog
@@ -29,6 +38,9 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
+
+from traboule.errors import ConfigError
+from traboule.tls import TLSSettings, normalise_subject, subject_allowed, subject_of
 
 # pynetdicom's DUL thread polls its socket and queues every `_run_loop_delay` seconds (1 ms) when idle: measured
 # 0.15 of a core for 12 connections that never send anything, 1.2 cores (of this machine's 2) for 64. Polling every
@@ -53,6 +65,7 @@ class SCPLimits:
     dimse_timeout: float = 30.0  # seconds to wait for a DIMSE message
     network_timeout: float = 30.0  # seconds an association may stay silent, or a PDU stall mid-way
     max_message_bytes: int = 4 * 1024 * 1024  # one DIMSE message (command + data set), all its PDUs together
+    tls_handshake_timeout: float = 10.0  # seconds a TLS peer has to complete its handshake
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any], where: str) -> SCPLimits:
@@ -72,18 +85,122 @@ class SCPLimits:
         return cls(**values)
 
 
-class _GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, plus a cap on the connections open from one IP address.
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of an association: its calling AE title (empty before its A-ASSOCIATE-RQ), IP
+    address and TLS client certificate subject (RFC 4514, "" without TLS or without a certificate)."""
 
-    Checked at accept time (before any thread is started for the connection) and counted on the sockets
+    ae_title: str
+    address: str
+    cert_subject: str = ""
+
+
+def peer_of(assoc: Any) -> Peer:
+    """The peer of a pynetdicom association (acceptor side)."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    calling = getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title or ""
+    if isinstance(calling, bytes):
+        calling = calling.decode("ascii", "replace")
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    address = ""
+    with suppress(Exception):
+        address = str(assoc.requestor.address or "")
+    return Peer(str(calling).strip(), address, getattr(sock, "traboule_subject", ""))
+
+
+PeerRefused = Callable[[Peer, str], None]  # (the peer, a fixed reason text)
+
+
+@dataclass(frozen=True)
+class SCPSecurity:
+    """The TLS of one SCP entry: ``tls = true | { ... }`` (`traboule.tls.TLSSettings`, over the ``[tls]``
+    defaults) and ``ae_certificates = { CT01 = "CN=ct01.example" }`` (a calling AE title → the subject its client
+    certificate must have; AE titles not listed are not bound)."""
+
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    ae_certificates: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any], where: str, base: TLSSettings | None = None) -> SCPSecurity:
+        tls = TLSSettings.from_config(entry.get("tls"), where, base)
+        tls.check_server(where)
+        raw = entry.get("ae_certificates", {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f'{where}: ae_certificates must be a table {{ CT01 = "CN=ct01.example" }}')
+        bound: dict[str, str] = {}
+        for ae_title, subject in raw.items():
+            if not isinstance(ae_title, str) or not 0 < len(ae_title.strip()) <= 16:
+                raise ConfigError(f"{where}: ae_certificates: {ae_title!r} is not an AE title (1 to 16 characters)")
+            if not isinstance(subject, str) or "=" not in subject:
+                raise ConfigError(f"{where}: ae_certificates.{ae_title} must be a subject (CN=...), not {subject!r}")
+            bound[ae_title.strip()] = normalise_subject(subject)
+        if bound and (not tls.enabled or tls.client_certs == "none"):
+            raise ConfigError(f'{where}: ae_certificates needs tls with client_certs = "required" (or "optional")')
+        return cls(tls, bound)
+
+
+class _GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, plus a cap on the connections open from one IP address, and the TLS handshake
+    moved out of the accepting thread.
+
+    The cap is checked at accept time (before any thread is started for the connection) and counted on the sockets
     themselves: one closed by any path, or collected, stops counting, so no path can leak a slot.
     """
 
-    def __init__(self, *args: Any, per_peer: int = 0, on_refused: Callable[[str, int], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        per_peer: int = 0,
+        on_refused: Callable[[str, int], None],
+        handshake_timeout: float = 10.0,
+        allowed_subjects: Sequence[str] = (),
+        on_handshake_refused: Callable[[Peer, str, BaseException | None], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.per_peer = per_peer
         self.on_refused = on_refused
+        self.handshake_timeout = handshake_timeout
+        self.allowed_subjects = tuple(allowed_subjects)
+        self.on_handshake_refused = on_handshake_refused
         self._open: dict[str, weakref.WeakSet[socket.socket]] = {}
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            # No handshake here (see the module's docstring): process_request_thread does it.
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
+        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        try:
+            sock.settimeout(self.handshake_timeout)
+            sock.do_handshake()
+            subject = subject_of(sock.getpeercert())
+        except ssl.SSLCertVerificationError as exc:
+            self._refuse(Peer("", host), f"client certificate refused: {exc.verify_message or 'not verified'}", exc)
+            return False
+        except (OSError, ValueError) as exc:  # not TLS, a protocol error, silence past the timeout, a reset
+            self._refuse(Peer("", host), "TLS handshake failed", exc)
+            return False
+        sock.traboule_subject = subject  # type: ignore[attr-defined]
+        if not subject_allowed(subject, self.allowed_subjects):
+            self._refuse(Peer("", host, subject), "client certificate subject not allowed", None)
+            return False
+        return True
+
+    def _refuse(self, peer: Peer, reason: str, exc: BaseException | None) -> None:
+        if self.on_handshake_refused is not None:
+            with suppress(Exception):
+                self.on_handshake_refused(peer, reason, exc)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # Called by the accepting thread only: no lock needed.
@@ -101,16 +218,36 @@ class _GuardedServer(ThreadedAssociationServer):
 
 
 class DicomServer:
-    """Base of the SCPs: ``start()`` / ``stop()``; any calling AE title, the called AE title must be ``ae_title``."""
+    """Base of the SCPs: ``start()`` / ``stop()``; any calling AE title, the called AE title must be ``ae_title``.
+
+    With ``ssl_context`` the listener speaks TLS only; ``allowed_subjects`` (client certificate subjects admitted,
+    empty: any the context accepts) and ``ae_certificates`` (calling AE title → the subject it must show) are
+    checked as the module says; ``on_peer_refused(peer, reason)`` hears of each certificate refused.
+    """
 
     contexts: tuple[str, ...] = ()  # abstract syntaxes served
     name = "dicom"  # prefix of the log events
 
-    def __init__(self, *, ae_title: str, host: str, port: int, limits: SCPLimits | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        limits: SCPLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        allowed_subjects: Sequence[str] = (),
+        ae_certificates: Mapping[str, str] | None = None,
+        on_peer_refused: PeerRefused | None = None,
+    ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
         self.limits = limits or SCPLimits()
+        self.ssl_context = ssl_context
+        self.allowed_subjects = tuple(allowed_subjects)
+        self.ae_certificates = {k.strip(): v for k, v in (ae_certificates or {}).items()}
+        self.on_peer_refused = on_peer_refused
         self._server: _GuardedServer | None = None
         self._ae = self._build_ae()
         self._log = structlog.get_logger(f"traboule.adapters.{self.name}").bind(ae_title=ae_title)
@@ -161,8 +298,12 @@ class DicomServer:
                 (self.host, self.port),
                 evt_handlers=handlers,
                 server_class=_GuardedServer,
+                ssl_context=self.ssl_context,
                 per_peer=self.limits.max_associations_per_peer,
                 on_refused=self._on_refused,
+                handshake_timeout=self.limits.tls_handshake_timeout,
+                allowed_subjects=self.allowed_subjects,
+                on_handshake_refused=self._on_handshake_refused,
             )
         except OSError as exc:  # socketserver's message does not say where
             where = f"{self.host}:{self.port}"
@@ -171,7 +312,14 @@ class DicomServer:
         threading.Thread(target=make_target(server.serve_forever), name=f"{self.name}-acceptor", daemon=True).start()
         self._server = server
         self.port = int(server.server_address[1])
-        self._log.info(f"{self.name}.listening", host=self.host, port=self.port, **_limits_fields(self.limits))
+        self._log.info(
+            f"{self.name}.listening",
+            host=self.host,
+            port=self.port,
+            tls=self.ssl_context is not None,
+            **({"ae_certificates": sorted(self.ae_certificates)} if self.ae_certificates else {}),
+            **_limits_fields(self.limits),
+        )
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
@@ -212,6 +360,8 @@ class DicomServer:
 
     def _on_requested(self, event: evt.Event) -> None:
         event.assoc.traboule_requested = True
+        if self.ae_certificates and self._refuse_unbound(event.assoc):
+            return
         # The A-ASSOCIATE-RQ is in: from its answer on, every PDU goes through the DUL loop at full speed.
         event.assoc.dul._run_loop_delay = _POLL_ASSOCIATED
         sock = event.assoc.dul.socket
@@ -225,16 +375,69 @@ class DicomServer:
         if sock is not None:
             sock.traboule_pending = 0  # type: ignore[attr-defined]
 
-    def _on_refused(self, host: str, open_now: int) -> None:
+    def _refuse_unbound(self, assoc: Any) -> bool:
+        """Reject the association (A-ASSOCIATE-RJ, permanent, calling AE title not recognised) when its calling AE
+        title is bound to a certificate subject the peer did not show; True when rejected."""
+        peer = peer_of(assoc)
+        required = self.ae_certificates.get(peer.ae_title)
+        if required is None or subject_allowed(peer.cert_subject, (required,)):
+            return False
+        # As pynetdicom rejects one itself: the A-ASSOCIATE-RJ is sent, then the association ends once the peer
+        # closes the connection (or ARTIM, acse_timeout, expires).
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        self._log.warning(
+            f"{self.name}.certificate_refused",
+            calling_aet=peer.ae_title,
+            peer=peer.address,
+            subject=peer.cert_subject or None,
+            reason="calling AE title bound to another certificate",
+        )
+        self._notify_refused(peer, "calling AE title not bound to the client certificate")
+        assoc.kill()
+        return True
+
+    def _on_handshake_refused(self, peer: Peer, reason: str, exc: BaseException | None) -> None:
+        # Called in the connection's thread. A certificate refused is audited; a handshake that failed otherwise
+        # (plain TCP, a port scan, a load balancer's TCP check) is only logged, at most once per peer per interval.
+        certificate = exc is None or isinstance(exc, ssl.SSLCertVerificationError)
+        if certificate:
+            self._notify_refused(peer, reason)
+        refused = self._throttle(("tls-certificate:" if certificate else "tls:") + peer.address)
+        if refused is None:
+            return
+        self._log.warning(
+            f"{self.name}.tls_refused",
+            peer=peer.address,
+            reason=reason,
+            **({"subject": peer.cert_subject} if peer.cert_subject else {}),
+            **({"error": type(exc).__name__} if exc is not None and not certificate else {}),
+            refused=refused,
+        )
+
+    def _notify_refused(self, peer: Peer, reason: str) -> None:
+        if self.on_peer_refused is not None:
+            try:
+                self.on_peer_refused(peer, reason)
+            except Exception as exc:
+                self._log.error(f"{self.name}.refusal_hook_failed", error=type(exc).__name__)
+
+    def _throttle(self, key: str) -> int | None:
+        """None when ``key`` was logged less than an interval ago; else the refusals since (this one included)."""
         now = time.monotonic()
         if len(self._refusals) > 1024:  # many addresses (an IPv6 range): forget the old ones
             self._refusals.clear()
-        last, refused = self._refusals.get(host, (float("-inf"), 0))
+        last, refused = self._refusals.get(key, (float("-inf"), 0))
         refused += 1
         if now - last < _REFUSAL_LOG_INTERVAL:
-            self._refusals[host] = (last, refused)
+            self._refusals[key] = (last, refused)
+            return None
+        self._refusals[key] = (now, 0)
+        return refused
+
+    def _on_refused(self, host: str, open_now: int) -> None:
+        refused = self._throttle(host)
+        if refused is None:
             return
-        self._refusals[host] = (now, 0)
         self._log.warning(
             f"{self.name}.connection_refused",
             peer=host,

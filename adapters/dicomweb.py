@@ -12,19 +12,29 @@ import httpx
 
 from traboule.errors import DICOMwebError
 from traboule.model import is_uid
+from traboule.tls import TLSSettings, client_context
 
 DicomJSON = dict[str, dict[str, Any]]
 
 
 class DICOMwebClient:
     def __init__(
-        self, base_url: str, *, timeout: float = 30.0, auth: tuple[str, str] | None = None, token: str = ""
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        auth: tuple[str, str] | None = None,
+        token: str = "",
+        tls: TLSSettings | None = None,
     ) -> None:
+        """``tls``: the archive's TLS settings for an https base URL (`traboule.tls.client_context`: the engine's
+        TLS profile, the CAs trusted, a client certificate); the system's CAs without it."""
         self.base_url = base_url.rstrip("/")
         headers = {"Accept": "application/dicom+json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._client = httpx.AsyncClient(timeout=timeout, auth=auth, headers=headers)
+        verify = client_context(tls or TLSSettings())
+        self._client = httpx.AsyncClient(timeout=timeout, auth=auth, headers=headers, verify=verify)
 
     async def close(self) -> None:
         await self._client.aclose()

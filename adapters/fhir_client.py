@@ -13,7 +13,6 @@ backoff); not retryable for other 4xx (dead-letter), with the server's ``Operati
 from __future__ import annotations
 
 import re
-import ssl
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from traboule.errors import FHIRServerError
+from traboule.tls import TLSSettings, client_context
 
 FHIR_JSON = "application/fhir+json"
 
@@ -113,15 +113,15 @@ class FHIRClient:
         ca_file: str = "",
         cert_file: str = "",
         key_file: str = "",
+        tls: TLSSettings | None = None,
     ) -> None:
-        """``ca_file``: the CA bundle to trust (system CAs otherwise); ``cert_file`` (+ ``key_file``): the client
-        certificate for mutual TLS."""
+        """``tls``: the destination's TLS settings (`traboule.tls.client_context`: the engine's TLS profile, the CAs
+        trusted, the client certificate for mutual TLS); without it, ``ca_file`` (the CA bundle to trust, system
+        CAs otherwise) and ``cert_file`` (+ ``key_file``, the client certificate) make them."""
         self.base_url = base_url.rstrip("/")
         all_headers = {"Accept": FHIR_JSON, **(headers or {})}
-        tls = ssl.create_default_context(cafile=ca_file or None)
-        if cert_file:
-            tls.load_cert_chain(cert_file, key_file or None)
-        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth, verify=tls)
+        tls = tls or TLSSettings(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth, verify=client_context(tls))
 
     async def close(self) -> None:
         await self._client.aclose()

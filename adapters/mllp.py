@@ -15,12 +15,24 @@ Framing (HL7 MLLP release 2): a frame is ``0x0B content 0x1C 0x0D``, its content
 0x0B nor 0x1C (HL7 escapes control characters in text). So a 0x0B inside a frame is the start of a new frame
 (the bytes before it, a frame cut short, are refused unanswered: ``frame_interrupted``), and a 0x1C not followed by
 0x0D is an error, never guessed past (``bad_end_block``, see ``_Connection._parse``).
+
+TLS (``traboule.tls``): a listener given a server context speaks TLS only. It accepts connections itself and hands
+each to the loop with the context (``connect_accepted_socket``), which completes the handshake before the connection
+exists for the limits above; handshakes under way have a budget of their own (``max_connections`` in all,
+``max_connections_per_peer`` per address) and each is bounded by ``ssl_handshake_timeout``, so silent peers hold no
+slot for long. A handshake that fails (a plain TCP peer, an old protocol version, a cipher outside BCP 195, a client
+certificate the CA did not sign or that expired) or a client certificate subject outside ``allowed_subjects`` closes
+the connection (``connection.tls_refused``: peer, reason, and the subject only when refused for it). The served
+connection's client certificate subject is in ``traboule.tls.peer_subject`` while its handler runs. The client and
+the sender take a client context (the server's certificate checked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,6 +42,7 @@ import structlog
 
 from traboule.errors import NotAccepted
 from traboule.formats.hl7 import AckReading, read_ack
+from traboule.tls import TLSSettings, client_context, peer_subject, server_context, subject_allowed, subject_of
 
 START, END = b"\x0b", b"\x1c\x0d"
 SB, EB, CR = 0x0B, 0x1C, 0x0D  # the framing bytes as ints (what indexing bytes gives)
@@ -73,6 +86,7 @@ LINGER = 2.0  # seconds a refused peer still sending is read (and ignored) for, 
 END_WAIT = 1.0
 EVICTION_LOG_BURST = 10  # connection.evicted lines per EVICTION_LOG_WINDOW seconds; the rest counted in the next line
 EVICTION_LOG_WINDOW = 60.0
+MAX_SUBJECT_LOGGED = 256  # characters of a refused client certificate's subject written to the log
 
 
 class _Throttle:
@@ -120,6 +134,9 @@ class MLLPListener:
     * ``frame_timeout``: seconds from a frame's first byte to its end block (a sender trickling bytes is refused);
       ``idle_timeout``: seconds without a message between two; ``write_timeout``: seconds a reply may wait for a
       peer that does not read it. Each closes the connection.
+    * ``ssl`` (a server context, `traboule.tls.server_context`): TLS only; ``ssl_handshake_timeout``: seconds a
+      handshake may take; ``allowed_subjects``: the client certificate subjects admitted (empty: any the context
+      accepts). ``tls``: the settings the context was made from (for `traboule.tls.CertificateReloader`).
     """
 
     LIMITS = {  # the settings above, as a channel's source table spells them, and their type
@@ -131,6 +148,7 @@ class MLLPListener:
         "max_connections_per_peer": int,
         "max_buffered_bytes": int,
         "evict_idle_after": float,
+        "ssl_handshake_timeout": float,
     }
 
     def __init__(
@@ -154,6 +172,10 @@ class MLLPListener:
         on_oversize: OversizeHandler | None = None,
         on_refused: RefusalHandler | None = None,
         name: str = "mllp",
+        ssl: ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float = 10.0,
+        allowed_subjects: tuple[str, ...] = (),
+        tls: TLSSettings | None = None,
     ):
         self.handler = handler
         self.host = host
@@ -169,8 +191,16 @@ class MLLPListener:
         self.on_oversize = on_oversize
         self.on_refused = on_refused
         self.name = name
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
+        self.allowed_subjects = allowed_subjects
+        self.tls = tls
+        self.tls_refusals = 0  # connections closed for their handshake or certificate subject, since the start
         self.buffered = 0  # bytes held across all connections, exact (see _Connection.held)
         self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None  # TLS: the listening socket, accepted from by _accept
+        self._accepter: asyncio.Task[None] | None = None
+        self._handshakes: dict[asyncio.Task[None], str] = {}  # TLS: handshakes under way, their peer's address
         self._watcher: asyncio.Task[None] | None = None
         self._connections: set[_Connection] = set()
         self._per_peer: dict[str, int] = {}
@@ -178,6 +208,7 @@ class MLLPListener:
         self.refusals = 0  # newcomers closed at once (every connection busy), since the start
         self._evict_log = _Throttle(EVICTION_LOG_BURST, EVICTION_LOG_WINDOW)
         self._refuse_log = _Throttle(EVICTION_LOG_BURST, EVICTION_LOG_WINDOW)
+        self._tls_log = _Throttle(EVICTION_LOG_BURST, EVICTION_LOG_WINDOW)
 
     @classmethod
     def from_config(
@@ -188,9 +219,15 @@ class MLLPListener:
         *,
         on_oversize: OversizeHandler | None = None,
         on_refused: RefusalHandler | None = None,
+        tls_defaults: TLSSettings | None = None,
     ) -> MLLPListener:
-        """From a channel's ``source = {adapter = "mllp-listener", host, port, <limits>}``; absent limits default."""
+        """From a channel's ``source = {adapter = "mllp-listener", host, port, <limits>, tls}``; absent limits
+        default. ``tls``: true (``tls_defaults``, the ``[tls]`` table), false, or a table overriding them."""
         src = source or {}
+        where = f"channel {channel}: source"
+        tls = TLSSettings.from_config(src.get("tls"), where, tls_defaults)
+        if tls.enabled:
+            tls.check_server(where)
         limits: dict[str, Any] = {}
         for key, kind in cls.LIMITS.items():
             if key in src:
@@ -207,6 +244,9 @@ class MLLPListener:
             on_oversize=on_oversize,
             on_refused=on_refused,
             name=channel,
+            ssl=server_context(tls) if tls.enabled else None,
+            allowed_subjects=tls.allowed_subjects,
+            tls=tls if tls.enabled else None,
             **limits,
         )
 
@@ -214,26 +254,107 @@ class MLLPListener:
     def connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes under way (not yet connections)."""
+        return len(self._handshakes)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self.ssl is not None:
+            family = (await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM))[0][0]
+            self._socket = socket.create_server((self.host, self.port), family=family, backlog=128)
+            self._socket.setblocking(False)
+            self.port = self._socket.getsockname()[1]
+            self._accepter = asyncio.create_task(self._accept(), name=f"{self.name}-mllp-accept")
+        else:
+            self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
         self._watcher = asyncio.create_task(self._watch(), name=f"{self.name}-mllp-timeouts")
-        log.info("listening", adapter=self.name, host=self.host, port=self.port)
+        log.info("listening", adapter=self.name, host=self.host, port=self.port, tls=self.ssl is not None)
 
     async def stop(self) -> None:
-        if self._server:
-            self._server.close()
+        if self._server or self._socket:
+            if self._server:
+                self._server.close()
+            if self._accepter is not None:
+                self._accepter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._accepter
+                self._accepter = None
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
             if self._watcher is not None:
                 self._watcher.cancel()
-            tasks = [c.task for c in self._connections if c.task is not None]
+            tasks = [*self._handshakes, *(c.task for c in self._connections if c.task is not None)]
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+            if self._server:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
+
+    # -- TLS: accepting and handshakes -------------------------------------------------------------------------
+
+    async def _accept(self) -> None:
+        """Accept connections and start each one's handshake, within the handshake budget."""
+        loop = asyncio.get_running_loop()
+        assert self._socket is not None
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self._socket)
+            except OSError as exc:  # out of file descriptors, a connection reset before accept...
+                log.warning("accept.failed", adapter=self.name, error=type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            host, peer = str(address[0]), f"{address[0]}:{address[1]}"
+            pending = list(self._handshakes.values())
+            limit = ""
+            if pending.count(host) >= self.max_connections_per_peer:
+                limit = "max_connections_per_peer"
+            elif len(pending) >= self.max_connections:
+                limit = "max_connections"
+            if limit:
+                sock.close()
+                self._tls_refused(peer, "handshakes_" + limit)
+                continue
+            task = asyncio.create_task(self._handshake(sock, peer), name=f"{self.name}-mllp-handshake")
+            self._handshakes[task] = host
+            task.add_done_callback(self._handshakes.pop)
+
+    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+        """One connection's handshake: on success the loop calls the connection's ``connection_made``."""
+        assert self.ssl is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _Connection(self), sock, ssl=self.ssl, ssl_handshake_timeout=self.ssl_handshake_timeout
+            )
+            return
+        except ssl.SSLCertVerificationError as exc:  # the client certificate: expired, another CA...
+            reason = str(exc.verify_message or exc.reason or "certificate_verify_failed")
+        except ssl.SSLError as exc:  # not TLS (a plain MLLP peer), a version or cipher refused, no certificate
+            reason = str(exc.reason or type(exc).__name__)
+        except ConnectionAbortedError:  # the loop aborts a handshake longer than ssl_handshake_timeout
+            reason = "handshake_timeout"
+        except OSError as exc:  # the peer left during the handshake
+            reason = type(exc).__name__
+        with contextlib.suppress(OSError):
+            sock.close()
+        self._tls_refused(peer, reason)
+
+    def _tls_refused(self, peer: str, reason: str, subject: str = "") -> None:
+        self.tls_refusals += 1
+        unlogged = self._tls_log.allow(asyncio.get_running_loop().time())
+        if unlogged is None:  # a flood of handshakes is not a flood of lines
+            return
+        shown = {"subject": "".join(c if c.isprintable() else "?" for c in subject[:MAX_SUBJECT_LOGGED])}
+        level = log.info if reason in ("ConnectionResetError", "BrokenPipeError") else log.warning
+        extra = shown if subject else {}
+        level("connection.tls_refused", adapter=self.name, peer=peer, reason=reason, unlogged=unlogged, **extra)
 
     def _admit(self, conn: _Connection) -> str:
         """Register a new connection, or say which limit refuses it (at a limit, an idle connection makes room)."""
@@ -342,6 +463,8 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.drained: asyncio.Future[None] | None = None  # pending while the transport's write buffer is full
         self.task: asyncio.Task[None] | None = None
+        self.secure = listener.ssl is not None  # TLS: connection_made comes once the handshake is done
+        self.subject = ""  # TLS: the client certificate's subject ("" without one)
 
     @property
     def idle(self) -> bool:
@@ -356,6 +479,13 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # not an asyncio.Transport subclass under uvloop
         peername = transport.get_extra_info("peername") or ("?", 0)
         self.host, self.peer = str(peername[0]), f"{peername[0]}:{peername[1]}"
+        if self.secure:
+            self.subject = subject_of(transport.get_extra_info("peercert"))
+            if not subject_allowed(self.subject, self.listener.allowed_subjects):
+                self.listener._tls_refused(self.peer, "subject_not_allowed", self.subject)
+                self.closed = True
+                transport.close()
+                return
         refused = self.listener._admit(self)
         if refused:
             listener = self.listener
@@ -410,7 +540,7 @@ class _Connection(asyncio.Protocol):
             self._account()
         self.eof = self.refused = True  # the peer sent all it will: answer what is queued, then close
         self._wake()
-        return True  # keep the transport open for the answers
+        return not self.secure  # keep the transport open for the answers (TLS cannot: a close_notify ends it)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -637,9 +767,10 @@ class _Connection(asyncio.Protocol):
     # -- answering -------------------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        transport = self.transport
-        assert transport is not None
         try:
+            peer_subject.set(self.subject)  # this task's context: what the handler and its callees read
+            transport = self.transport
+            assert transport is not None
             await self._answer_queue()
             if self.refused and not (self.eof or self.closed or transport.is_closing()):
                 await self._linger()
@@ -746,10 +877,20 @@ class _Connection(asyncio.Protocol):
 class MLLPClient:
     """Sends messages over one MLLP connection and returns each reply (the ACK)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 30.0,
+        ssl: ssl.SSLContext | None = None,
+        server_hostname: str = "",
+    ):
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.ssl = ssl  # a client context (`traboule.tls.client_context`): TLS, the server's certificate checked
+        self.server_hostname = server_hostname  # the name checked in it when not ``host``
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -761,8 +902,11 @@ class MLLPClient:
         await self.close()
 
     async def connect(self) -> None:
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "server_hostname": self.server_hostname or self.host}
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=64 * 1024 * 1024), self.timeout
+            asyncio.open_connection(self.host, self.port, limit=64 * 1024 * 1024, **tls), self.timeout
         )
 
     async def send(self, message: bytes) -> bytes:
@@ -779,7 +923,7 @@ class MLLPClient:
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
+                await asyncio.wait_for(self._writer.wait_closed(), self.timeout)  # TLS: the peer's close_notify
             self._writer = self._reader = None
 
 
@@ -792,22 +936,41 @@ class MLLPSender:
     `traboule.formats.hl7.read_ack` (HL7 v2 original mode: MSA-1, MSA-2 against MSH-10).
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0, judge: AckJudge = read_ack) -> None:
-        self.client = MLLPClient(host, port, timeout=timeout)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        judge: AckJudge = read_ack,
+        ssl: ssl.SSLContext | None = None,
+        server_hostname: str = "",
+    ) -> None:
+        self.client = MLLPClient(host, port, timeout=timeout, ssl=ssl, server_hostname=server_hostname)
         self.judge = judge
         self._lock = asyncio.Lock()
         self._counter = 0
         self._prefix = uuid.uuid4().hex[:8]
 
     @classmethod
-    def from_config(cls, channel: str, destination: dict[str, Any] | None) -> MLLPSender:
-        """From a channel's ``destination = {adapter = "mllp-sender", host, port, timeout}`` (host and port needed)."""
+    def from_config(
+        cls, channel: str, destination: dict[str, Any] | None, tls_defaults: TLSSettings | None = None
+    ) -> MLLPSender:
+        """From a channel's ``destination = {adapter = "mllp-sender", host, port, timeout, tls}`` (host and port
+        needed). ``tls``: true (``tls_defaults``, the ``[tls]`` table), false, or a table overriding them."""
         dest = destination or {}
         if dest.get("adapter", "mllp-sender") != "mllp-sender":
             raise ValueError(f"channel {channel}: destination adapter {dest.get('adapter')!r} not supported")
         if not dest.get("host") or not dest.get("port"):
             raise ValueError(f"channel {channel}: destination needs host and port (the receiver's MLLP listener)")
-        return cls(str(dest["host"]), int(dest["port"]), timeout=float(dest.get("timeout", 10)))
+        tls = TLSSettings.from_config(dest.get("tls"), f"channel {channel}: destination", tls_defaults)
+        return cls(
+            str(dest["host"]),
+            int(dest["port"]),
+            timeout=float(dest.get("timeout", 10)),
+            ssl=client_context(tls) if tls.enabled else None,
+            server_hostname=tls.server_name,
+        )
 
     def next_control_id(self, tag: str = "") -> str:
         """A fresh MSH-10 for a message to this receiver (unique across restarts: a random prefix)."""
@@ -816,7 +979,8 @@ class MLLPSender:
 
     @property
     def address(self) -> str:
-        return f"mllp://{self.client.host}:{self.client.port}"
+        scheme = "mllps" if self.client.ssl is not None else "mllp"
+        return f"{scheme}://{self.client.host}:{self.client.port}"
 
     async def close(self) -> None:
         await self.client.close()

@@ -35,6 +35,7 @@ from signxml import SignatureConstructionMethod, XMLSigner
 
 from traboule.errors import XDSError
 from traboule.formats.xds import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
+from traboule.tls import TLSSettings, client_context
 
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -542,13 +543,20 @@ def _request(
 
 
 class XDSClient:
-    """Sends XDS.b requests over mutual TLS (``cert_file`` + ``key_file``, trusting ``ca_file``)."""
+    """Sends XDS.b requests over mutual TLS (``tls``: `traboule.tls.client_context` of the destination's settings;
+    without it, ``cert_file`` + ``key_file``, trusting ``ca_file``)."""
 
-    def __init__(self, *, timeout: float = 30.0, ca_file: str = "", cert_file: str = "", key_file: str = "") -> None:
-        tls = ssl.create_default_context(cafile=ca_file or None)
-        if cert_file:
-            tls.load_cert_chain(cert_file, key_file or None)
-        self._client = httpx.AsyncClient(timeout=timeout, verify=tls)
+    def __init__(
+        self,
+        *,
+        timeout: float = 30.0,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        tls: TLSSettings | None = None,
+    ) -> None:
+        tls = tls or TLSSettings(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        self._client = httpx.AsyncClient(timeout=timeout, verify=client_context(tls))
 
     async def close(self) -> None:
         await self._client.aclose()

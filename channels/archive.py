@@ -15,6 +15,7 @@ into the archive's URL; anything else is a 400 naming the field. Configuration::
     dicomweb = "http://127.0.0.1:8042/dicom-web"   # any DICOMweb base URL
     webhook = "/archive/stable"                      # path on this process's HTTP port
     # username / password (basic auth) or token (bearer) when the archive asks for them
+    # tls = { ca_file = "...", cert_file = "...", key_file = "..." }  # an https archive: over the [tls] defaults
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from traboule.adapters.dicomweb import DicomJSON, DICOMwebClient, value
+from traboule.app.config import destination_tls
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
@@ -90,7 +92,8 @@ class ArchiveChannel(ConsumerChannel):
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime):
         super().__init__(config, runtime)
         auth = (config["username"], config.get("password", "")) if config.get("username") else None
-        self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""))
+        tls = destination_tls(config, f"channel {self.name}", getattr(runtime.config, "tls", None))
+        self.client = DICOMwebClient(config["dicomweb"], auth=auth, token=config.get("token", ""), tls=tls)
         self.archive = DestinationHealth(self.client.base_url)
         self.identities = stores_of(runtime).patients()  # whose each order is; merges
         self._log = log.bind(channel=self.name)

@@ -137,7 +137,7 @@ class FHIRChannel(BatchConsumerChannel):
             return []
         from traboule.app.fhir_api import routes
 
-        return routes(self.store, self.base_url)
+        return routes(self.store, self.base_url, self.runtime)  # the runtime: its audit trail
 
     async def on_batch(self, envelopes: list[Envelope], deliveries: list[Delivery]) -> None:
         seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]

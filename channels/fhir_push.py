@@ -27,8 +27,11 @@ dead-lettered at once (``traboule dlq replay`` sends the then-current state agai
 Configuration (the channel's ``destination`` table)::
 
     destination = {adapter = "fhir-server", base_url = "https://fhir.example.org/fhir/R4", timeout = 10,
-                   token_env = "FHIR_TOKEN", ca_file = "", cert_file = "", key_file = "",
+                   token_env = "FHIR_TOKEN", tls = { ca_file = "", cert_file = "", key_file = "" },
                    max_bundle = 50, retry_window = 300, max_attempts = 12}
+
+``tls``: the server's TLS settings over the ``[tls]`` defaults (`traboule.app.config.destination_tls`; the older
+``ca_file`` / ``cert_file`` / ``key_file`` keys of the destination are still read).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from traboule.adapters.fhir_client import (
     identifier_search,
     new_full_url,
 )
-from traboule.app.config import is_loopback
+from traboule.app.config import destination_tls, is_loopback
 from traboule.app.health import DestinationHealth
 from traboule.bus import Delivery
 from traboule.channel import recording
@@ -103,9 +106,7 @@ class FHIRPush:
             base_url,
             timeout=float(config.get("timeout", 10)),
             headers=headers,
-            ca_file=str(config.get("ca_file", "")),
-            cert_file=str(config.get("cert_file", "")),
-            key_file=str(config.get("key_file", "")),
+            tls=destination_tls(config, f"channel {channel}: destination", getattr(runtime.config, "tls", None)),
         )
         self._log = log.bind(channel=channel, destination=base_url)
         self.destination = DestinationHealth(base_url)

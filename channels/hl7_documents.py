@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from traboule import metrics
+from traboule import audit, metrics
 from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, Setting
 from traboule.channels.hl7_sender import HL7SenderChannel
@@ -101,10 +101,12 @@ class HL7DocumentsChannel(HL7SenderChannel):
         text = self.build(doc, control_id, datetime.now().strftime("%Y%m%d%H%M%S"))
         try:
             code = await self._send_in_order(text.encode("utf-8"))
-        except NotAccepted:
+        except NotAccepted as exc:
+            self._audit(doc, control_id, type(exc).__name__)
             if doc.action != "delete":
                 await self.state_call(self.state.set_pending, doc.id)
             raise
+        self._audit(doc, control_id)
         await self.state_call(self.state.mark_done, env.id, control_id, clear_pending=doc.id)  # one transaction
         metrics.events_processed.labels(self.name, "sent").inc()
         self.note(env, f"{doc.action} of document {doc.id} sent, ACK {code}")
@@ -115,6 +117,31 @@ class HL7DocumentsChannel(HL7SenderChannel):
             document_id=env.payload.id,
             ack=code,
             attempt=delivery.attempt,
+        )
+
+    def _audit(self, doc: Document, control_id: str, failure: str = "") -> None:
+        """The document sent on the audit trail (Export, no IHE transaction: the CI-SIS volet "Transmission de
+        document(s) CDA en HL7v2" names none), to the receiver's host; not accepted within ``retry_window``: a minor
+        failure (the bus retries it) naming the error's class only."""
+        host = self.sender.client.host
+        receiver = f"{self.parties.receiving_application}^{self.parties.receiving_facility}"
+        audit.trail_of(self.runtime).record(
+            audit.exported(
+                destination=audit.actor(host, host, user_name=receiver),
+                patients=audit.patients_of(doc.report.patient),
+                objects=(
+                    audit.object_ref("document", doc.id),
+                    audit.object_ref("message", control_id),
+                    *(
+                        [audit.object_ref("accession", doc.report.accession_number.value)]
+                        if doc.report.accession_number.value
+                        else []
+                    ),
+                ),
+                transaction="",
+                outcome=audit.Outcome.MINOR_FAILURE if failure else audit.Outcome.SUCCESS,
+                description=f"not accepted: {failure}" if failure else "",
+            )
         )
 
     async def _send_in_order(self, data: bytes) -> str:

@@ -35,7 +35,7 @@ class HL7SenderChannel(ConsumerChannel):
     def __init__(self, config: dict[str, Any], runtime: ChannelRuntime) -> None:
         super().__init__(config, runtime)
         self.parties = hl7.Parties.from_config(config, receiver=self.receiver)
-        self.sender = MLLPSender.from_config(self.name, config.get("destination"))
+        self.sender = MLLPSender.from_config(self.name, config.get("destination"), runtime.config.tls)
         self.destination = DestinationHealth(self.sender.address)
         # What was sent decides what is sent again: a mark must survive a power cut.
         self.state = stores_of(runtime).sender_state(self.name, legacy=[self.legacy_sent])

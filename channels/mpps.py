@@ -9,7 +9,9 @@ Configuration::
     request_timeout = 20               # seconds a DICOM request waits for its journal write
 
 The ``mpps-scp`` entry also takes the SCP limits of ``traboule.adapters.dicom_server.SCPLimits`` (``max_associations``,
-``max_associations_per_peer``, ``acse_timeout``, ``dimse_timeout``, ``network_timeout``).
+``max_associations_per_peer``, ``acse_timeout``, ``dimse_timeout``, ``network_timeout``, ``tls_handshake_timeout``),
+``tls`` and ``ae_certificates`` (DICOM TLS: `traboule.channels.dicom_security`). Each request accepted is recorded on
+the audit trail (RAD-6 / RAD-7 Procedure Record: the calling AE, the patient, the MPPS instance and its study).
 
 Per request: check it against the instance's known state → merge (an N-SET carries only the changed attributes;
 the last known attribute list of each MPPS instance is kept in the ``mpps_states`` store: ``<data_dir>/<name>.sqlite``,
@@ -54,8 +56,11 @@ from traboule.adapters.dicom_mpps import (
     SUCCESS,
     HandlerResult,
 )
-from traboule.adapters.dicom_server import SCPLimits
+from traboule.adapters.dicom_server import Peer, SCPLimits
+from traboule.audit import ObjectRef, PatientRef, trail_of
+from traboule.audit import performed_step as audited_step
 from traboule.channel import ChannelRuntime, Setting, read_settings
+from traboule.channels.dicom_security import SCPCertificates, actor_of
 from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
 from traboule.stores.factory import stores_of
@@ -114,6 +119,7 @@ class MPPSChannel:
         if str(config.get("process", "main")) != "main":
             raise ConfigError(f"channel {self.name}: an mpps channel journals, it runs in the main process")
         self.scps: list[MPPSSCP] = []
+        self.certificates = SCPCertificates(runtime)  # TLS: each SCP's context, its files reloaded
         for dest in config.get("destinations", []):
             if dest.get("adapter") != "mpps-scp":
                 raise ConfigError(f"channel {self.name}: destination adapter {dest.get('adapter')!r} not supported")
@@ -124,6 +130,9 @@ class MPPSChannel:
                     host=dest.get("host", "127.0.0.1"),
                     port=int(dest.get("port", 11113)),
                     limits=SCPLimits.from_config(dest, f"channel {self.name}: mpps-scp"),
+                    **self.certificates.security(
+                        dest, f"channel {self.name}: mpps-scp", f"{self.name}:mpps-scp:{dest.get('port', 11113)}"
+                    ),
                 )
             )
         # The state of each MPPS instance decides how the next request is answered: it must survive a power cut.
@@ -138,10 +147,12 @@ class MPPSChannel:
         self._lock = asyncio.Lock()
         for scp in self.scps:
             scp.start()
+        self.certificates.start()
 
     async def stop(self) -> None:
         for scp in self.scps:
             scp.stop()
+        await self.certificates.stop()
         self.states.close()
         self.identities.close()
 
@@ -154,11 +165,11 @@ class MPPSChannel:
 
     # -- requests (called in pynetdicom's threads) -----------------------------------------------------------
 
-    def handle(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+    def handle(self, kind: str, uid: str, attributes: Dataset, peer: Peer | None = None) -> HandlerResult:
         """Hand the request to the event loop (the journal lives there) and wait for its answer."""
         if self._loop is None:
             return PROCESSING_FAILURE, "not started"
-        future = asyncio.run_coroutine_threadsafe(self.process(kind, uid, attributes), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self.process(kind, uid, attributes, peer), self._loop)
         try:
             return future.result(self.request_timeout)
         except Exception as exc:
@@ -166,14 +177,36 @@ class MPPSChannel:
             self._log.error("mpps.failed", sop_instance_uid=uid, error=type(exc).__name__)
             return PROCESSING_FAILURE, "the request could not be stored"
 
-    async def process(self, kind: str, uid: str, attributes: Dataset) -> HandlerResult:
+    async def process(self, kind: str, uid: str, attributes: Dataset, peer: Peer | None = None) -> HandlerResult:
         assert self._lock is not None
         # One request at a time: state check, journal write and state update together; and the instance held for
         # this request on every node.
         async with self._lock, self.states.hold(uid) as held:
-            return await self._process(kind, uid, attributes, held)
+            result, step = await self._process(kind, uid, attributes, held)
+        if step is not None:  # accepted, journaled and its state committed
+            self._audit(kind, uid, step, peer)
+        return result
 
-    async def _process(self, kind: str, uid: str, attributes: Dataset, held: HeldInstance) -> HandlerResult:
+    def _audit(self, kind: str, uid: str, step: PerformedStep, peer: Peer | None) -> None:
+        """RAD-6 (N-CREATE) / RAD-7 (N-SET) accepted: a Procedure Record event on the audit trail."""
+        objects = [ObjectRef("mpps", uid)]
+        if step.study_instance_uid:
+            objects.append(ObjectRef("study", step.study_instance_uid))
+        if step.accession_number:
+            objects.append(ObjectRef("accession", step.accession_number))
+        trail_of(self.runtime).record(
+            audited_step(
+                "C" if kind == "create" else "U",
+                source=actor_of(peer or Peer("", "")),
+                patients=[PatientRef(i.value, i.issuer) for i in step.patient.ids if i.value],
+                objects=objects,
+            )
+        )
+
+    async def _process(
+        self, kind: str, uid: str, attributes: Dataset, held: HeldInstance
+    ) -> tuple[HandlerResult, PerformedStep | None]:
+        """The answer to one request, and its performed step when it was accepted."""
         raw = encode(attributes)
         entry = JournalEntry(
             channel=self.name, raw=raw, status="accepted", control_id=uid, message_type=f"N-{kind.upper()}"
@@ -231,7 +264,7 @@ class MPPSChannel:
             await self.runtime.journal.append(entry, events)
         except Exception as exc:
             self._log.error("journal.write_failed", error=str(exc), sop_instance_uid=uid)
-            return PROCESSING_FAILURE, "request not stored, send it again later"
+            return (PROCESSING_FAILURE, "request not stored, send it again later"), None
         metrics.messages_received.labels(self.name, entry.status).inc()
         self._log.info(
             "mpps." + entry.status,
@@ -245,11 +278,11 @@ class MPPSChannel:
         )
         if refusal is not None:
             code, comment, error_id = refusal
-            return (code, comment) if error_id is None else (code, comment, error_id)
+            return ((code, comment) if error_id is None else (code, comment, error_id)), None
         if step is not None:  # the keys it names now belong to its patient, when no order said whose they are
             self.identities.record([step])
         await asyncio.to_thread(held.save, status, encode(merged))  # a statement: off the event loop
-        return SUCCESS
+        return SUCCESS, step
 
 
 def _text(ds: Dataset, keyword: str) -> str:

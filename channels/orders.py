@@ -42,9 +42,10 @@ from typing import Any
 
 import structlog
 
-from traboule import metrics
+from traboule import audit, metrics
 from traboule.adapters.mllp import MLLPListener, Refusal
 from traboule.app.config import resolve, seconds
+from traboule.app.tls_reload import watch_certificates
 from traboule.channel import loggable_id
 from traboule.channels.waiting_reports import (
     ARCHIVE_RECHECK,
@@ -56,12 +57,24 @@ from traboule.channels.waiting_reports import (
 )
 from traboule.errors import ConfigError, MappingFailure, ReportRefused
 from traboule.formats import hl7
-from traboule.model import Envelope, ImagingOrder, Payload, PerformedStep, Report, Study, content_key, topic_of
+from traboule.model import (
+    Document,
+    Envelope,
+    ImagingOrder,
+    PatientUpdate,
+    Payload,
+    PerformedStep,
+    Report,
+    Study,
+    content_key,
+    topic_of,
+)
 from traboule.stores import ReportStore
 from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query
 from traboule.stores.patient_identity import REBUILD_MARGIN, identity_sources, mark_authoritative
 from traboule.stores.reports import Held
+from traboule.tls import CertificateReloader, peer_subject
 from traboule.translate.hl7_mapping import HL7InboundMapping
 
 log = structlog.get_logger("traboule.channels.orders")
@@ -83,6 +96,7 @@ class OrdersChannel:
             self.handle,
             on_oversize=self.handle_oversize,
             on_refused=self.handle_refused,
+            tls_defaults=runtime.config.tls,
         )
         self._log = log.bind(channel=self.name)
         self._counter = 0
@@ -94,6 +108,7 @@ class OrdersChannel:
         self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
+        self._certificates: asyncio.Task[None] | None = None  # TLS: the listener's files reloaded when they change
         self.identities = stores_of(runtime).patients()  # INS accepted per IPP
         # Whose patient updates replace an IPP's INS (MSH-3/MSH-4); not set: every ADT^A08/A31 the channel accepts.
         self._identity_sources = identity_sources(config.get("identity_sources"), self.name)
@@ -153,6 +168,12 @@ class OrdersChannel:
                 )
                 self._waiting.start()
         await self.listener.start()
+        if self.listener.ssl is not None and self.listener.tls is not None:
+            reloader = CertificateReloader(self.listener.ssl, self.listener.tls)
+            interval = self.runtime.config.tls_reload_interval
+            self._certificates = asyncio.create_task(
+                watch_certificates({self.name: reloader}, interval), name=f"{self.name}-certificates"
+            )
 
     def _journaled_since_mark(self) -> Any:
         """(journal id, reception time, payloads) of the channel's accepted messages after the registry's mark (less
@@ -174,6 +195,8 @@ class OrdersChannel:
                 yield entry.id, entry.received, payloads
 
     async def stop(self) -> None:
+        if self._certificates is not None:
+            self._certificates.cancel()
         await self.listener.stop()
         self.identities.close()  # the owners of the last orders written
         if self._flusher is not None:
@@ -289,6 +312,10 @@ class OrdersChannel:
             if await self._journal(it):
                 with structlog.contextvars.bound_contextvars(message_id=it.entry.id):
                     await self._journaled(it)
+                try:  # durable now: on the audit trail (which never raises; a fault here must not cost the ACK)
+                    self._audit(it, peer)
+                except Exception as exc:
+                    self._log.error("audit.not_recorded", error=type(exc).__name__, control_id=it.entry.control_id)
         ack = hl7.build_ack(
             it.msg,
             it.code,
@@ -314,6 +341,7 @@ class OrdersChannel:
         entry = it.entry
         notes: list[str] = []
         mapped = await asyncio.to_thread(self.mapping.map, msg, notes) if large else self.mapping.map(msg, notes)
+        it.mapped = mapped  # for the audit trail, once journaled
         await self._identities(self._check_identities, it, msg, mapped, notes)
         payloads = await self._prepare(mapped, entry.idempotency_key, notes)
         fresh = [p for p in payloads if not any(p is m for m in mapped)]  # the mapped ones are resolved already
@@ -329,6 +357,7 @@ class OrdersChannel:
                 correlation_id=entry.correlation_id,
             )
             it.events.append(OutboxEvent(topic_of(payload), env.id, env.to_json()))
+        it.payloads = payloads
 
     async def _identities(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """A call of the patient registry: on a thread when it waits for a database server (``off_loop``), so that
@@ -425,6 +454,36 @@ class OrdersChannel:
             **({"warnings": len(entry.warnings.splitlines())} if entry.warnings else {}),
         )
 
+    def _audit(self, it: _Handling, peer: str) -> None:
+        """The journaled message on the audit trail (IHE ATNA): an Order Record (ORM/OMI) or a Patient Record
+        (ADT, ORU/MDM) received, its action from the canonical events it made (a merge: D for the merged
+        identifiers, U for the survivor); a refused one as a minor failure with its ACK and error codes only. Built
+        from what the handling already holds: no parsing here."""
+        msg = it.msg
+        sender = f"{msg.header('sending_application', 1)}^{msg.header('sending_facility', 1)}" if msg else "^"
+        source = audit.actor(sender, _address(peer), peer_subject.get())
+        message = (audit.object_ref("message", it.entry.control_id),) if it.entry.control_id else ()
+        trail = audit.trail_of(self.runtime)
+        if it.error is not None:
+            kind, action = _MESSAGE_KINDS.get(it.entry.message_type.split("^", 1)[0], ("order", "C"))
+            patients = audit.patients_of(*(p.patient for p in it.mapped if hasattr(p, "patient")))
+            trail.record(
+                audit.message_received(
+                    kind,
+                    action,
+                    source=source,
+                    patients=patients,
+                    objects=message,
+                    outcome=audit.Outcome.MINOR_FAILURE,
+                    description=_refusal(it.code, it.error.code),
+                )
+            )
+            return
+        for kind, action, patients, objects in _audited(it.mapped, it.payloads):
+            trail.record(
+                audit.message_received(kind, action, source=source, patients=patients, objects=(*message, *objects))
+            )
+
     async def _prepare(self, payloads: list[Payload], message_key: str, notes: list[str]) -> list[Payload]:
         """Reports become documents (CDA built and validated) before the answer, or wait for their study (said in
         ``notes``, the journal entry's warnings); orders are remembered for them."""
@@ -488,6 +547,19 @@ class OrdersChannel:
             await self.runtime.journal.append(entry)
         except Exception as exc:  # still answer: the sender must learn that nothing was stored
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
+        else:
+            sender = f"{header.sending_application.split('^', 1)[0]}^{header.sending_facility.split('^', 1)[0]}"
+            audit.trail_of(self.runtime).record(
+                audit.message_received(
+                    "order",
+                    "C",
+                    source=audit.actor(sender, _address(peer), peer_subject.get()),
+                    patients=(),
+                    objects=(audit.object_ref("message", entry.control_id),) if entry.control_id else (),
+                    outcome=audit.Outcome.MINOR_FAILURE,
+                    description=_refusal(entry.ack_code or "AR", exc.code),
+                )
+            )
         metrics.messages_received.labels(self.name, "rejected").inc()
         self._log.info(
             "message.rejected",
@@ -543,6 +615,8 @@ class _Handling:
     error: hl7.AckError | None = None
     held: bool = False  # a report kept waiting for its study, by this message
     prepared: bool = False  # a document was made (or held): undone if the message is not journaled
+    mapped: list[Payload] = field(default_factory=list)  # what the mapping made of it (the audit's patients)
+    payloads: list[Payload] = field(default_factory=list)  # what it publishes (documents made of reports)
 
 
 # One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by
@@ -584,6 +658,76 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportStore:
             log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")
     wait = seconds(settings.get("wait_for_study", "24h"), f"channel {config['name']}: reports.wait_for_study")
     return stores_of(runtime).reports(config["name"], mapping, validator, wait_for_study=wait)
+
+
+# The audit's kind and action of a refused message, by MSH-9.1 (what a message of that type usually is).
+_MESSAGE_KINDS: dict[str, tuple[Any, audit.Action]] = {
+    "ORM": ("order", "C"),
+    "OMI": ("order", "C"),
+    "OMG": ("order", "C"),
+    "ADT": ("patient", "U"),
+    "ORU": ("report", "C"),
+    "MDM": ("report", "C"),
+}
+_ORDER_ACTIONS: dict[str, audit.Action] = {"new": "C", "change": "U", "status": "U", "cancel": "D"}
+_DOCUMENT_ACTIONS: dict[str, audit.Action] = {"publish": "C", "replace": "U", "delete": "D"}
+
+
+def _audited(mapped: list[Payload], payloads: list[Payload]) -> list[tuple[Any, audit.Action, Any, Any]]:
+    """(kind, action, patients, objects) of what an accepted message made, one per kind and action: its orders
+    (accession, placer and filler numbers), patient updates and merges, reports (the documents made of them, or
+    the report's own id while it waits for its study)."""
+    groups: dict[tuple[str, audit.Action], tuple[list[Any], list[audit.ObjectRef]]] = {}
+
+    def add(kind: str, action: audit.Action, patient: Any, objects: list[audit.ObjectRef]) -> None:
+        patients, refs = groups.setdefault((kind, action), ([], []))
+        if patient is not None:
+            patients.append(patient)
+        refs.extend(o for o in objects if o.value and o not in refs)
+
+    documents = [p for p in payloads if isinstance(p, Document)]
+    for payload in mapped:
+        if isinstance(payload, ImagingOrder):
+            add(
+                "order",
+                _ORDER_ACTIONS.get(payload.action, "U"),
+                payload.patient,
+                [
+                    audit.object_ref("accession", payload.accession_number.value),
+                    audit.object_ref("order", payload.placer_order_number.value),
+                    audit.object_ref("order", payload.filler_order_number.value),
+                ],
+            )
+        elif isinstance(payload, PatientUpdate):
+            if payload.action == "merge":
+                patients, _ = groups.setdefault(("patient", "D"), ([], []))
+                patients.append(payload.merged_ids)
+            add("patient", "U", payload.patient, [])
+        elif isinstance(payload, Report) and not documents:  # kept waiting for its study: no document yet
+            add("report", "C", payload.patient, [audit.object_ref("document", payload.document_id)])
+    for doc in documents:
+        doc_objects = [
+            audit.object_ref("document", doc.id),
+            audit.object_ref("accession", doc.report.accession_number.value),
+        ]
+        add("report", _DOCUMENT_ACTIONS.get(doc.action, "U"), doc.report.patient, doc_objects)
+    out = []
+    for (kind, action), (patients, objects) in groups.items():
+        ids = (i for p in patients for i in (p if isinstance(p, list) else p.ids))  # a patient's, or merged ids
+        out.append((kind, action, audit.patient_refs((i.value, i.issuer_oid or i.issuer) for i in ids), tuple(objects)))
+    return out
+
+
+def _address(peer: str) -> str:
+    """The address of an MLLP peer ``host:port``."""
+    return peer.rsplit(":", 1)[0]
+
+
+def _refusal(code: str, error_code: str) -> str:
+    """A refusal as the audit trail describes it: the ACK code and the HL7 error code, never the reason's text (it
+    may quote the message's values)."""
+    error = error_code if error_code.isdigit() and len(error_code) <= 4 else ""
+    return f"message refused: {code if code in ('AE', 'AR') else 'AR'}" + (f", HL7 error {error}" if error else "")
 
 
 def _idempotency_key(msg: hl7.Message) -> str:

@@ -19,6 +19,9 @@ wlmscpfs or Orthanc. Rules (the business part, kept here and not in the adapters
 Each event is applied once (idempotent consumer keyed on the event's idempotency key), in the same
 transaction as the change, so a redelivery changes nothing. Events come in batches (in order) and a batch is one
 transaction: each event's changes are computed on the store as the earlier events of the batch leave it.
+
+An ``mwl-scp`` destination may speak DICOM TLS (``tls``, ``ae_certificates``: `traboule.channels.dicom_security`);
+each C-FIND it answers is recorded on the audit trail (RAD-5: the caller, the query, the patients returned).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from pydicom.dataset import Dataset
 
 from traboule import metrics, stores
 from traboule.adapters.dicom_mwl import WorklistSCP
-from traboule.adapters.dicom_server import SCPLimits
+from traboule.adapters.dicom_server import Peer, SCPLimits
 from traboule.adapters.worklist_files import WorklistFileWriter
 from traboule.app.config import resolve
+from traboule.audit import Outcome, PatientRef, queried, trail_of
 from traboule.bus import Delivery
 from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
+from traboule.channels.dicom_security import SCPCertificates, actor_of
 from traboule.errors import ConfigError
 from traboule.model import Envelope, ImagingOrder, Patient, PatientUpdate, PerformedStep, ScheduledStep
 from traboule.stores.factory import stores_of
@@ -52,6 +57,13 @@ REMOVED_STATUSES = {"CANCELLED", "DISCONTINUED", "COMPLETED"}
 
 
 _LOGGED = {"duplicate": "duplicate"}  # a worklist outcome → the delivery log's (stale: applied, as a no-op)
+# A C-FIND's outcome (adapters/dicom_mwl.py) → the audit's; the others are a success.
+_QUERY_OUTCOMES = {
+    "invalid_query": Outcome.MINOR_FAILURE,
+    "out_of_resources": Outcome.SERIOUS_FAILURE,
+    "error": Outcome.SERIOUS_FAILURE,
+}
+MAX_AUDITED_QUERY = 16 * 1024  # bytes of a C-FIND identifier kept in its audit event; a larger one is described
 
 
 class WorklistChannel(BatchConsumerChannel):
@@ -66,6 +78,7 @@ class WorklistChannel(BatchConsumerChannel):
         self.mapping = MWLMapping(resolve(runtime.config, self.mapping_file))
         self.store = stores_of(runtime).worklist(self.name)
         self.scps: list[WorklistSCP] = []
+        self.certificates = SCPCertificates(runtime)  # TLS: each SCP's context, its files reloaded
         self.files: list[WorklistFileWriter] = []
         for dest in config.get("destinations", []):
             adapter = dest.get("adapter")
@@ -81,6 +94,10 @@ class WorklistChannel(BatchConsumerChannel):
                         max_examined=int(dest.get("max_examined", 50_000)),
                         query_timeout=float(dest.get("query_timeout", 10.0)),
                         limits=SCPLimits.from_config(dest, f"channel {self.name}: mwl-scp"),
+                        on_query=self._audit_query,
+                        **self.certificates.security(
+                            dest, f"channel {self.name}: mwl-scp", f"{self.name}:mwl-scp:{dest.get('port', 11112)}"
+                        ),
                     )
                 )
             elif adapter == "worklist-files":
@@ -89,9 +106,27 @@ class WorklistChannel(BatchConsumerChannel):
                 raise ConfigError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
         self._log = log.bind(channel=self.name)
 
+    def _audit_query(self, peer: Peer, identifier: bytes, patients: list[tuple[str, str]], outcome: str) -> None:
+        """IHE RAD-5 (Modality Worklist Provided): who asked, the query (its identifier, Explicit or Implicit VR as
+        received) and the patients of the items returned. Called in the SCP's thread; recording never blocks."""
+        query: bytes | str = identifier
+        if len(identifier) > MAX_AUDITED_QUERY:
+            query = f"C-FIND identifier of {len(identifier)} bytes (over {MAX_AUDITED_QUERY}: not kept)"
+        trail_of(self.runtime).record(
+            queried(
+                requestor=actor_of(peer),
+                query=query,
+                patients=[PatientRef(value, issuer) for value, issuer in patients if value],
+                transaction="RAD-5",
+                outcome=_QUERY_OUTCOMES.get(outcome, Outcome.SUCCESS),
+                description="" if outcome in ("success", "truncated") else outcome,
+            )
+        )
+
     async def start(self) -> None:
         for scp in self.scps:
             scp.start()
+        self.certificates.start()
         for writer in self.files:
             await asyncio.to_thread(writer.sync, list(self.store.all()))
         await super().start()
@@ -100,6 +135,7 @@ class WorklistChannel(BatchConsumerChannel):
     async def stop(self) -> None:
         for scp in self.scps:
             scp.stop()
+        await self.certificates.stop()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -48,7 +48,7 @@ Configuration::
     timeout = 30
     ca_file = "igc-sante-roots.pem"    # CAs trusted for the server certificate (system CAs when empty)
     cert_file = "auth.pem"             # the structure's authentication certificate (IGC-Santé ORG), PEM
-    key_file = "auth.key"
+    key_file = "auth.key"              # (or all three in tls = { ca_file, cert_file, key_file, min_version... })
     source_id = "1.2.250.1.999.1.1.8121"   # OID of the submitting system (SubmissionSet.sourceId)
     content_types = {I = "03", O = "07", R = "19", N = "97", E = "07"}  # PV1-2 → contentTypeCode (TRE_R209)
     default_content_type = "O"
@@ -91,9 +91,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from traboule import metrics
+from traboule import audit, metrics
 from traboule.adapters import xds
-from traboule.app.config import is_loopback
+from traboule.app.config import destination_tls, is_loopback
 from traboule.app.health import DestinationHealth, channel_health
 from traboule.bus import Delivery
 from traboule.channel import ChannelRuntime, ConsumerChannel, Setting
@@ -146,12 +146,15 @@ class XDSChannel(ConsumerChannel):
                     raise ConfigError(
                         f"channel {self.name}: vihf.{key} is needed (see the settings in channels/xds.py)"
                     )
+            defaults = getattr(runtime.config, "tls", None)
+            table = config.get("tls") if isinstance(config.get("tls"), dict) else {}
             for key in ("cert_file", "key_file"):  # the DMP authenticates the structure by its TLS certificate
-                if not config.get(key):
+                if not (config.get(key) or table.get(key) or getattr(defaults, key, "")):
                     raise ConfigError(
                         f"channel {self.name}: {key} is needed: mutual TLS with the structure's authentication "
                         "certificate"
                     )
+            tls = destination_tls(config, f"channel {self.name}", defaults)
             vihf = {**vihf, "lps_version": str(vihf.get("lps_version", "") or _version())}
             missing = [f"vihf.{k} ({LPS[k]})" for k in LPS if not str(vihf.get(k, "") or "").strip()]
             if missing:
@@ -165,9 +168,7 @@ class XDSChannel(ConsumerChannel):
                 Coded(str(r["code"]), str(r.get("system", "")), str(r.get("display", r["code"])))
                 for r in vihf.get("roles", [])
             ]
-            self.client = xds.XDSClient(
-                timeout=self.timeout, ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
-            )
+            self.client = xds.XDSClient(timeout=self.timeout, tls=tls)
         except ConfigError:
             raise  # already names the channel
         except (ValueError, KeyError, OSError) as exc:  # OSError: a certificate or key file missing or unreadable
@@ -277,8 +278,10 @@ class XDSChannel(ConsumerChannel):
             if row is not None and "XDSDuplicateUniqueIdInRegistry" in exc.codes:
                 bound.warning("xds.already_registered", codes=exc.codes, entry_uuid=entry_uuid)
             else:
+                self._audit_export(doc, request_submission.submission_set.unique_id, exc)
                 await self._failed(exc, env, delivery, "ITI-41", request, bound)
         ss = request_submission.submission_set.unique_id
+        self._audit_export(doc, ss)
         await asyncio.to_thread(self.submissions.registered, doc.id, ss, replaced=doc.replaces)
         metrics.events_processed.labels(self.name, "delivered").inc()
         self.note(env, f"ITI-41 registered: document {doc.id}, submission set {ss}")
@@ -360,6 +363,27 @@ class XDSChannel(ConsumerChannel):
         metrics.events_processed.labels(self.name, "refused").inc()
         self._log.error("xds.refused", transaction=transaction, error=error, journal_id=recorded.id)
         raise PermanentError(f"{transaction} refused: {error} (journal entry {recorded.id})") from cause
+
+    def _audit_export(self, doc: Document, submission_set: str, failure: xds.XDSError | None = None) -> None:
+        """An ITI-41 submission on the audit trail (Export): the document and its submission set, to the repository's
+        host; a failed one (retried: minor failure; refused for good: serious) with the HTTP status and the registry's
+        error codes only."""
+        outcome, description = audit.Outcome.SUCCESS, ""
+        if failure is not None:
+            outcome = audit.Outcome.MINOR_FAILURE if failure.retryable else audit.Outcome.SERIOUS_FAILURE
+            codes = ",".join(failure.codes)[:200]
+            description = f"ITI-41 not registered: HTTP {failure.status}" + (f", {codes}" if codes else "")
+        host = urlsplit(self.repository).hostname or ""
+        audit.trail_of(self.runtime).record(
+            audit.exported(
+                destination=audit.actor(host, host),
+                patients=audit.patients_of(doc.report.patient),
+                objects=(audit.object_ref("document", doc.id), audit.object_ref("submission-set", submission_set)),
+                transaction="ITI-41",
+                outcome=outcome,
+                description=audit.bounded(description),
+            )
+        )
 
     # -- state ---------------------------------------------------------------------------------------------------
 

@@ -86,9 +86,12 @@ def test_only_hashed_tokens_need_a_single_process(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_console(tmp_path: Path, database_url: str = "") -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+async def open_console(
+    tmp_path: Path, database_url: str = "", query_timeout: float = 10.0
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
     """An engine (orders → worklist) with an admin and a read token, and a client of its HTTP app."""
     cfg = engine_config(tmp_path, database_url=database_url)
+    cfg.console_query_timeout = query_timeout
     cfg.api_tokens = [ADMIN]
     cfg.named_tokens = [ApiToken("ris-team", "read", token=READER)]
     runtime = Runtime(cfg)
@@ -538,3 +541,80 @@ async def test_opening_a_4_mib_message_does_not_hold_the_event_loop(
     assert page.status_code == 200 and len(page.content) < 2_000_000  # was about 85 MiB
     assert '<table class="segment">' in page.text and 'id="segments-not-shown"' in page.text
     assert max(stalls) < 0.5, max(stalls)
+
+
+def test_the_console_stores_carry_its_statement_timeout_in_their_url(tmp_path: Path) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from traboule.app.console.reader import bounded_stores
+    from traboule.stores.factory import PostgresStores, SQLiteStores
+
+    sqlite = SQLiteStores(tmp_path)
+    assert bounded_stores(sqlite, 2.5) is sqlite  # no statement timeout on SQLite
+    for url in (
+        "postgresql://traboule:s3cret@db.example:5433/engine?options=-c%20search_path%3Dris&sslmode=prefer",
+        "host=db.example port=5433 dbname=engine user=traboule password=s3cret options='-c search_path=ris'",
+    ):
+        engine = PostgresStores(url, tmp_path)
+        console = bounded_stores(engine, 2.5)
+        assert engine.url == url and console is not engine  # the engine's own connections keep theirs
+        given = conninfo_to_dict(console.url)
+        assert given["options"] == "-c search_path=ris -c statement_timeout=2500"  # after the URL's own: it wins
+        assert (given["host"], given["port"], given["dbname"], given["password"]) == (
+            "db.example",
+            "5433",
+            "engine",
+            "s3cret",
+        )
+    assert config_mod.load(str(_console_toml(tmp_path, 'query_timeout = "90s"')), env={}).console_query_timeout == 90
+    assert config_mod.Config().console_query_timeout == 10
+    for bad in ("0", "-1", '"forever"', "7200"):
+        with pytest.raises(config_mod.ConfigError, match="query_timeout"):
+            config_mod.load(str(_console_toml(tmp_path, f"query_timeout = {bad}")), env={})
+
+
+def _console_toml(folder: Path, line: str) -> Path:
+    path = folder / "traboule.toml"
+    path.write_text(f"[console]\n{line}\n")
+    return path
+
+
+async def test_a_console_query_over_its_timeout_answers_504_and_ingest_waits_on(tmp_path: Path, pg_url: str) -> None:
+    """On PostgreSQL the console's connections run each statement with ``[console] query_timeout``: a search held
+    up (another session holds the journal's table) is cancelled after it and answered 504 "narrow the search",
+    while a message arriving meanwhile waits, on the engine's own connections, and is accepted."""
+    import time
+
+    from traboule.stores.postgres import connect
+
+    async with open_console(tmp_path, pg_url, query_timeout=0.5) as (runtime, client):
+        await login(client, ADMIN)
+        assert (await client.get("/console/messages")).status_code == 200
+        reader = console_of(client).reader
+
+        def statement_timeout(url: str) -> str:
+            with contextlib.closing(connect(url)) as db:
+                row = db.execute("SHOW statement_timeout").fetchone()
+            return str(row[0]) if row else ""
+
+        assert statement_timeout(reader.stores.url) == "500ms"
+        assert statement_timeout(runtime.stores.url) == "30s"  # the engine's default, not the console's
+
+        holder = await asyncio.to_thread(connect, pg_url, autocommit=False)
+        try:
+            await asyncio.to_thread(holder.execute, "LOCK TABLE journal_messages IN ACCESS EXCLUSIVE MODE")
+            ingest = asyncio.ensure_future(send(runtime, EVIL.encode()))  # waits for the lock
+            started = time.monotonic()
+            slow = await client.get("/console/messages", params={"text": "EVIL"})
+            elapsed = time.monotonic() - started
+            assert not ingest.done()
+        finally:
+            await asyncio.to_thread(holder.rollback)
+            holder.close()
+        assert slow.status_code == 504, slow.text[-600:]
+        assert "narrow the search" in slow.text and slow.headers["x-frame-options"] == "DENY"
+        assert 0.4 < elapsed < 5, elapsed  # cancelled after its 0.5 s, not the engine's 30 s
+        (ack,) = await ingest
+        assert ack.segment("MSA") is not None and ack.segment("MSA").field(1) == "AA"
+        french = await client.get("/console/messages", params={"text": "EVIL"}, headers={"Accept-Language": "fr"})
+        assert french.status_code == 200 and "Rechercher" in french.text  # the same connections serve on

@@ -1,10 +1,11 @@
 """The operations console in a real browser: Debian's chromium driven headless by selenium against a running engine
-(``traboule run``), an order sent over MLLP, found and opened, in English and French. A screenshot of each page is
-saved under var/console-screenshots/ for a person to look at."""
+(``traboule run``), an order sent over MLLP, found and opened, in English and French; an alert incident seen opening
+and resolving. A screenshot of each page is saved under var/console-screenshots/ for a person to look at."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -34,10 +35,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A real engine, one process: the RIS orders channel, an admin token and a read-only one."""
-    folder = tmp_path_factory.mktemp("console")
+@contextlib.contextmanager
+def running_engine(folder: Path, extra: str = "") -> Iterator[dict[str, Any]]:
+    """A real engine, one process: the RIS orders channel, an admin token and a read-only one (``extra``: more
+    configuration, appended)."""
     http, mllp = free_port(), free_port()
     config = folder / "traboule.toml"
     config.write_text(
@@ -45,7 +46,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         f'[http]\nport = {http}\ntokens = ["{ADMIN}", {{ name = "ris-team", token = "{READER}", role = "read" }}]\n'
         f'[[channels]]\nname = "ris-orders"\nkind = "hl7-orders"\nsource = {{ adapter = "mllp-listener", '
         f'host = "127.0.0.1", port = {mllp} }}\n'
-        '[[channels]]\nname = "fhir"\nkind = "fhir"\n'  # a channel events can be reprocessed into
+        '[[channels]]\nname = "fhir"\nkind = "fhir"\n' + extra  # a channel events can be reprocessed into
     )
     log = folder / "engine.log"
     env = dict(os.environ, TRABOULE_CONFIG=str(config), TRABOULE_LOG_FORMAT="json")
@@ -62,6 +63,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with running_engine(tmp_path_factory.mktemp("console")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +270,70 @@ def test_reprocess_with_a_dry_run_and_replay_a_dead_letter(engine: dict[str, Any
     follow(driver, driver.find_element(By.CSS_SELECTOR, "button.replay"))
     assert "Replayed" in driver.find_element(By.ID, "done").text
     shot(driver, "12-dead-letter-replayed")
+
+
+def test_an_alert_incident_opens_and_resolves(tmp_path: Path, browser: Any) -> None:
+    """A ``dead_letters`` rule evaluated every second: an event the FHIR channel cannot read is dead-lettered, the
+    incident opens (dashboard banner, alerts page: rule and channel); the operator discards the letter from the
+    console and the incident resolves. An engine of its own: the other tests leave dead letters on its FHIR queue."""
+    from selenium.webdriver.common.by import By
+
+    from traboule.bus.embedded import EmbeddedBus
+
+    alerting = (
+        '[alerts]\ninterval = "1s"\n'
+        f'[alerts.notify.ops]\nkind = "webhook"\nurl = "http://127.0.0.1:{free_port()}/hook"\ntimeout = "1s"\n'
+        '[[alerts.rule]]\nname = "fhir-dead-letters"\nkind = "dead_letters"\nchannel = "fhir"\n'
+        'for = "1s"\nclear = "1s"\nnotify = ["ops"]\n'
+    )
+    with running_engine(tmp_path, alerting) as engine:
+        base, driver, var = engine["base"], browser, engine["var"]
+
+        async def dead_letter() -> None:  # dead-lettered after its attempts (about 2 s on the embedded bus)
+            bus = EmbeddedBus(str(var / "bus.sqlite"))
+            try:
+                await bus.send("fhir", [("order.new", b'{"broken": "event"}', "broken-alert-1", {})])
+            finally:
+                await bus.close()
+
+        driver.delete_all_cookies()
+        log_in(driver, base, ADMIN)
+        driver.get(f"{base}/console/alerts")
+        assert driver.find_elements(By.ID, "none-open")  # nothing open before the cause
+        asyncio.run(dead_letter())
+
+        def reload_until(path: str, selector: str, timeout: float = 15.0) -> list[Any]:
+            """Load ``path`` again until ``selector`` finds something (the engine evaluates every second)."""
+            deadline = time.monotonic() + timeout
+            while True:
+                driver.get(f"{base}{path}")
+                found = driver.find_elements(By.CSS_SELECTOR, selector)
+                if found:
+                    return found
+                assert time.monotonic() < deadline, f"{selector} not on {path}: {driver.page_source[-1500:]}"
+                time.sleep(0.2)
+
+        banner = reload_until("/console/", "#alerts-banner")[0]
+        assert banner.text.endswith(": 1")
+        row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "table.channels tr") if "fhir" in r.text)
+        assert row.find_element(By.CSS_SELECTOR, "td.open-alerts").text == "1"
+        shot(driver, "13-alert-banner")
+        follow(driver, banner.find_element(By.TAG_NAME, "a"))
+        assert driver.current_url.endswith("/console/alerts")
+        cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#open-incidents tr.incident td")]
+        assert cells[:3] == ["fhir-dead-letters", "fhir", "dead_letters"], cells
+        assert cells[4] == ""  # not resolved
+        shot(driver, "14-alert-open")
+
+        # The fix: the operator discards the letter (with a reason) from the console.
+        letter = reload_until("/console/dead-letters/fhir", "article.letter")[0]
+        assert "broken-alert-1" in letter.text
+        letter.find_element(By.NAME, "reason").send_keys("a test event, nothing to deliver")
+        follow(driver, letter.find_element(By.CSS_SELECTOR, "button.discard"))
+
+        resolved = reload_until("/console/alerts", "#resolved-incidents tr.incident.state-resolved")
+        cells = [c.text for c in resolved[0].find_elements(By.TAG_NAME, "td")]
+        assert cells[:3] == ["fhir-dead-letters", "fhir", "dead_letters"], cells
+        assert cells[4]  # resolved at
+        assert driver.find_elements(By.ID, "none-open")
+        shot(driver, "15-alert-resolved")

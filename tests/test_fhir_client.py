@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 
 from tests.peer_dcmtk import free_port
+from tests.tls_pki import PKI, pki  # noqa: F401 (fixture)
 from traboule.adapters.fhir_client import (
     FHIRClient,
     FHIRServerError,
@@ -19,6 +22,8 @@ from traboule.adapters.fhir_client import (
     new_full_url,
     outcome_text,
 )
+from traboule.app.config import destination_tls
+from traboule.tls import TLSSettings, server_context
 
 INS_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"  # French national health identifier (INS-NIR)
 INS_VALUE = str(uuid.uuid4().int)[:15]  # unique per run: the test server is shared by the session
@@ -168,3 +173,48 @@ async def test_timeout_is_retryable() -> None:
         server.close()
     assert caught.value.retryable is True
     assert "timeout" in str(caught.value)
+
+
+async def _tls_front(url: str, settings: TLSSettings) -> tuple[asyncio.Server, str]:
+    """A TLS front for the FHIR test server at ``url`` (which serves plain HTTP): the bytes of each TLS connection
+    piped to it. Returns the server and the https base URL."""
+    target = httpx.URL(url)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(settings))
+    port = server.sockets[0].getsockname()[1]
+    return server, f"https://localhost:{port}{target.path}"
+
+
+async def test_tls_settings_of_the_destination(fhir_server_url: str, pki: PKI) -> None:  # noqa: F811
+    """``tls = { ca_file }`` of the destination (over the ``[tls]`` defaults) reaches a server of that CA and
+    refuses one of another; the older ``ca_file`` key of the destination still works."""
+    served = TLSSettings(enabled=True, cert_file=str(pki.server.cert), key_file=str(pki.server.key))
+    server, url = await _tls_front(fhir_server_url, served)
+    try:
+        for destination in ({"tls": {"ca_file": str(pki.ca)}}, {"ca_file": str(pki.ca)}):
+            tls = destination_tls({"base_url": url, **destination}, "channel fhir: destination", TLSSettings())
+            async with FHIRClient(url, timeout=5.0, tls=tls) as client:
+                found = await client.search("Patient", {"identifier": f"urn:oid:1.2.3|{uuid.uuid4().hex}"})
+                assert found["resourceType"] == "Bundle"
+        trusting_another = destination_tls({"tls": {"ca_file": str(pki.other_ca)}}, "destination", TLSSettings())
+        async with FHIRClient(url, timeout=5.0, tls=trusting_another) as client:
+            with pytest.raises(FHIRServerError) as caught:
+                await client.search("Patient", {"identifier": "x|y"})
+            assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value) or "ConnectError" in str(caught.value)
+        # Nothing on the destination: the [tls] defaults' CA.
+        defaults = TLSSettings(ca_file=str(pki.ca))
+        async with FHIRClient(url, timeout=5.0, tls=destination_tls({}, "destination", defaults)) as client:
+            assert (await client.search("Patient", {"identifier": "x|y"}))["resourceType"] == "Bundle"
+    finally:
+        server.close()

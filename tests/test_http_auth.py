@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.test_flow import engine_config, free_port
 from traboule.app import config as config_mod
+from traboule.app.config import ApiToken
 from traboule.app.http import create_app, serve
 from traboule.app.runtime import Runtime
 
@@ -42,6 +46,7 @@ def test_short_tokens_are_refused() -> None:
 async def test_requests_without_a_valid_token_get_401_and_nothing_else(tmp_path: Path) -> None:
     cfg = engine_config(tmp_path)
     cfg.api_tokens = [TOKEN]
+    cfg.http_limits.max_auth_failures = 100  # 15 refusals here; the limit has its own test
     cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
     runtime = Runtime(cfg)
     await runtime.start()
@@ -87,3 +92,103 @@ async def test_a_request_without_a_token_is_refused_before_its_body_is_read(tmp_
         server.should_exit = True
         await server.task
         await runtime.stop()
+
+
+READER = "reader-token-0123456789abcdef"
+OPERATOR = "operator-token-0123456789abcdef"
+
+
+class Trail:
+    """An audit trail keeping the events recorded on it."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def record(self, event: Any) -> None:
+        self.events.append(event)
+
+
+@contextlib.asynccontextmanager
+async def api_with_roles(tmp_path: Path, max_auth_failures: int = 10) -> AsyncIterator[tuple[Runtime, Any, Trail]]:
+    """An engine with an admin, a read and an operate token, the archive webhook and the FHIR API, its audit trail
+    recording, and its HTTP app (called in process: each test client chooses its address)."""
+    cfg = engine_config(tmp_path)
+    cfg.api_tokens = [TOKEN]
+    cfg.named_tokens = [ApiToken("viewer", "read", token=READER), ApiToken("feeder", "operate", token=OPERATOR)]
+    cfg.http_limits.max_auth_failures = max_auth_failures
+    cfg.channels.append({"name": "archive", "kind": "archive", "dicomweb": f"http://127.0.0.1:{free_port()}/dw"})
+    cfg.channels.append({"name": "fhir", "kind": "fhir", "api": True})
+    runtime = Runtime(cfg)
+    trail = Trail()
+    runtime.audit = trail  # type: ignore[attr-defined]
+    await runtime.start()
+    try:
+        yield runtime, create_app(runtime), trail
+    finally:
+        await runtime.stop()
+
+
+def client_at(app: Any, address: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=10)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+STABLE = {"StudyInstanceUID": "1.2.250.1.59.3.1"}
+
+
+async def test_roles_are_enforced_on_the_api_and_every_refusal_is_audited(tmp_path: Path) -> None:
+    async with api_with_roles(tmp_path) as (runtime, app, trail), client_at(app, "10.1.2.3") as client:
+        # read: every GET, and a FHIR search by POST
+        for path in ("/health/live", "/channels", "/metrics", "/fhir/metadata", "/fhir/Patient?identifier=x"):
+            assert (await client.get(path, headers=bearer(READER))).status_code == 200, path
+        search = await client.post("/fhir/Patient/_search", data={"identifier": "x"}, headers=bearer(READER))
+        assert search.status_code == 200, search.text
+        # a write needs operate: the archive's feed...
+        refused = await client.post("/archive/stable", json=STABLE, headers=bearer(READER))
+        assert refused.status_code == 403
+        assert refused.json() == {"error": "this request needs a token with role operate"}
+        assert runtime.journal is not None and runtime.journal.recent(5) == []
+        # ... and any other method under /fhir (an OperationOutcome there)
+        outcome = await client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=bearer(READER))
+        assert outcome.status_code == 403 and outcome.json()["issue"][0]["code"] == "forbidden"
+        assert "operate" in outcome.json()["issue"][0]["diagnostics"]
+        for token in (OPERATOR, TOKEN):  # operate and admin may
+            assert (await client.post("/archive/stable", json=STABLE, headers=bearer(token))).status_code == 202
+        assert (await client.get("/channels")).status_code == 401
+        assert (await client.get("/channels", headers=bearer("x" * 32))).status_code == 401
+
+    failures = [e for e in trail.events if e.kind == "user-authentication"]
+    assert [(e.requestor.user_id, e.requestor.address, e.description) for e in failures] == [
+        ("viewer", "10.1.2.3", "token role does not allow the request"),
+        ("viewer", "10.1.2.3", "token role does not allow the request"),
+        ("anonymous", "10.1.2.3", "no bearer token"),
+        ("anonymous", "10.1.2.3", "bearer token not recognised"),
+    ]
+    recorded = repr([e.as_dict() for e in trail.events])
+    assert READER not in recorded and "x" * 32 not in recorded  # never the token presented
+
+
+async def test_an_address_with_too_many_refusals_gets_429_and_others_go_on(tmp_path: Path) -> None:
+    async with (
+        api_with_roles(tmp_path, max_auth_failures=3) as (_runtime, app, trail),
+        client_at(app, "10.0.0.66") as guesser,
+        client_at(app, "10.0.0.7") as neighbour,
+    ):
+        for _ in range(20):  # requests that pass are not counted
+            assert (await guesser.get("/channels", headers=bearer(READER))).status_code == 200
+        for n in range(3):
+            assert (await guesser.get("/channels", headers=bearer(f"guess-{n}-0123456789abcdef"))).status_code == 401
+        blocked = await guesser.get("/fhir/metadata", headers=bearer("guess-3-0123456789abcdef"))
+        assert blocked.status_code == 429 and blocked.json()["resourceType"] == "OperationOutcome"
+        assert 0 < int(blocked.headers["retry-after"]) <= 61
+        # While blocked, even the right token is not checked: a right guess would not be told apart.
+        assert (await guesser.get("/channels", headers=bearer(READER))).status_code == 429
+        # Another address goes on, its own refusals counted apart.
+        assert (await neighbour.get("/channels", headers=bearer("wrong-0123456789abcdef"))).status_code == 401
+        assert (await neighbour.get("/channels", headers=bearer(READER))).status_code == 200
+    addresses = [e.requestor.address for e in trail.events if e.kind == "user-authentication"]
+    assert addresses == ["10.0.0.66"] * 3 + ["10.0.0.7"]  # the blocked requests do not flood the trail

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-CORE = {"model", "errors", "metrics", "channel", "bus", "formats", "translate", "stores"}
+CORE = {"model", "errors", "metrics", "channel", "tls", "audit", "bus", "formats", "translate", "stores"}
 ABOVE_CORE = {"app", "channels", "adapters"}
 NOT_FOR_ADAPTERS = {"app", "channels", "stores", "translate"}
 SOURCES = {

@@ -779,3 +779,24 @@ async def test_an_outage_longer_than_the_bus_backoff_is_waited_out_in_place(
     await until(lambda: len(endpoint.accepted()) == 1, timeout=40)
     assert [r.answered for r in endpoint.received] == ["http:503"] * 4 + ["success"]
     assert await engine.bus.dead_letters("dmp") == []
+
+
+async def test_the_tls_table_and_the_tls_defaults_configure_the_dmp_client(
+    tmp_path: Path, pki: PKI, endpoint: XDSEndpoint
+) -> None:
+    """``tls = { cert_file, key_file }`` on the channel, the CA from the ``[tls]`` defaults: the same mutual TLS as
+    the older top-level keys."""
+    from traboule.tls import TLSSettings
+
+    config = channel_config(pki, endpoint)
+    for key in ("ca_file", "cert_file", "key_file"):
+        del config[key]
+    config["tls"] = {"cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+    runtime = Runtime(Config(data_dir=str(tmp_path), channels=[config], tls=TLSSettings(ca_file=str(pki.ca))))
+    await runtime.start()
+    try:
+        await publish(runtime, level3(1))
+        (received,) = await answered(endpoint, 1)
+    finally:
+        await runtime.stop()
+    assert received.errors == [] and received.answered == "success" and received.signature_valid

@@ -39,6 +39,11 @@ journal_index_lag = Gauge(
     "Journal entries not in the search index yet (the journal's last id less the last indexed; on the node indexing)",
     registry=REGISTRY,
 )
+audit_queue_depth = Gauge(
+    "traboule_audit_queue_depth",
+    "Audit messages waiting for the audit record repository (on the node's main process, which sends them)",
+    registry=REGISTRY,
+)
 mwl_queries = Counter("traboule_mwl_queries", "MWL C-FIND queries answered", registry=REGISTRY)
 alerts_open = Gauge(
     "traboule_alerts_open", "Alert incidents open (on the node evaluating the rules)", registry=REGISTRY

@@ -10,6 +10,10 @@ Secrets (a bearer token, header values, an SMTP password, a webhook URL's query 
 configuration or the environment and are never logged: a failure logs the notifier's name and the error's type
 only, and httpx's own request lines (debug level) show a webhook's URL as ``scheme://host:port/path``. The body
 holds rule and channel names, numbers and times: no patient data.
+
+TLS (an https webhook, SMTPS or STARTTLS) uses the engine's TLS profile (`traboule.tls.client_context`) with the
+notifier's ``tls`` settings over the ``[tls]`` defaults: the CAs trusted (the system's when none), a client
+certificate, the minimum version.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import contextlib
 import json
 import logging
 import smtplib
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ import structlog
 
 from traboule import metrics
 from traboule.stores.incidents import IncidentStore, Notification
+from traboule.tls import TLSSettings, client_context
 
 log = structlog.get_logger("traboule.app.alerts")
 
@@ -48,6 +52,7 @@ class WebhookNotifier:
     url: str = field(repr=False)  # its query or user part may hold a token: never logged (`where` is)
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # may hold a secret: never logged
     timeout: float = 10.0
+    tls: TLSSettings = field(default_factory=TLSSettings, repr=False)  # an https URL's
 
     @property
     def where(self) -> str:
@@ -55,7 +60,11 @@ class WebhookNotifier:
         return safe_url(self.url)
 
     async def send(self, body: dict[str, Any], client: httpx.AsyncClient) -> None:
-        answer = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
+        if urlsplit(self.url).scheme.lower() == "https":  # its own TLS settings: a client of its own
+            async with httpx.AsyncClient(verify=client_context(self.tls), follow_redirects=False) as own:
+                answer = await own.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
+        else:
+            answer = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
         if not 200 <= answer.status_code < 300:
             raise ConnectionError(f"HTTP {answer.status_code}")
 
@@ -75,6 +84,7 @@ class SMTPNotifier:
     password: str = field(default="", repr=False)  # never logged
     timeout: float = 10.0
     subject_prefix: str = "[traboule]"
+    tls_settings: TLSSettings = field(default_factory=TLSSettings, repr=False)  # of SMTPS or STARTTLS
 
     async def send(self, body: dict[str, Any], client: httpx.AsyncClient | None = None) -> None:
         await asyncio.to_thread(self._send, message(body, self))
@@ -82,13 +92,13 @@ class SMTPNotifier:
     def _send(self, mail: EmailMessage) -> None:
         if self.tls:
             connection: smtplib.SMTP = smtplib.SMTP_SSL(
-                self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
+                self.host, self.port, timeout=self.timeout, context=client_context(self.tls_settings)
             )
         else:
             connection = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
         with connection as smtp:
             if self.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=client_context(self.tls_settings))
             if self.username:
                 smtp.login(self.username, self.password)
             smtp.send_message(mail)

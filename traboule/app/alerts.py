@@ -180,8 +180,11 @@ KIND_KEYS = {
 }
 
 
-def parse(section: Any, channels: Sequence[dict[str, Any]], env: dict[str, str] | None = None) -> AlertsConfig:
-    """The ``[alerts]`` table, checked against the configured ``channels`` (``ConfigError`` saying what is wrong)."""
+def parse(
+    section: Any, channels: Sequence[dict[str, Any]], env: dict[str, str] | None = None, tls: Any = None
+) -> AlertsConfig:
+    """The ``[alerts]`` table, checked against the configured ``channels`` (``ConfigError`` saying what is wrong).
+    ``tls``: the ``[tls]`` defaults (`traboule.tls.TLSSettings`) a notifier's ``tls`` table goes over."""
     from traboule.app.config import seconds
 
     env = dict(os.environ if env is None else env)
@@ -210,7 +213,7 @@ def parse(section: Any, channels: Sequence[dict[str, Any]], env: dict[str, str] 
     notify = section.get("notify", {})
     if not isinstance(notify, dict) or not all(isinstance(v, dict) for v in notify.values()):
         raise ConfigError('[alerts.notify.<name>] must be tables (kind = "webhook" or "smtp")')
-    cfg.notifiers = {name: _notifier(str(name), table, env) for name, table in notify.items()}
+    cfg.notifiers = {name: _notifier(str(name), table, env, tls) for name, table in notify.items()}
     rules = section.get("rule", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ConfigError("[[alerts.rule]] must be an array of tables")
@@ -287,8 +290,9 @@ def _rule(table: dict[str, Any], n: int, channels: set[str], cfg: AlertsConfig, 
     return Rule(**rule)
 
 
-def _notifier(name: str, table: dict[str, Any], env: dict[str, str]) -> Notifier:
+def _notifier(name: str, table: dict[str, Any], env: dict[str, str], tls_defaults: Any = None) -> Notifier:
     from traboule.app.config import seconds
+    from traboule.tls import TLSSettings
 
     what = f"[alerts.notify.{name}]"
     kind = table.get("kind")
@@ -309,7 +313,7 @@ def _notifier(name: str, table: dict[str, Any], env: dict[str, str]) -> Notifier
         return value
 
     if kind == "webhook":
-        allowed = {"kind", "url", "timeout", "bearer", "bearer_env", "headers"}
+        allowed = {"kind", "url", "timeout", "bearer", "bearer_env", "headers", "tls"}
         if set(table) - allowed:
             raise ConfigError(
                 f"{what}: unknown key(s) {sorted(set(table) - allowed)} (a webhook takes {sorted(allowed)})"
@@ -329,7 +333,10 @@ def _notifier(name: str, table: dict[str, Any], env: dict[str, str]) -> Notifier
             if _CONTROL.search(bearer):
                 raise ConfigError(f"{what}: bearer: the token holds a line break or another control character")
             headers["Authorization"] = f"Bearer {bearer}"
-        return WebhookNotifier(name, url, headers, timeout)
+        if "tls" in table and not isinstance(table["tls"], dict):
+            raise ConfigError(f"{what}: tls = {{ ca_file = ..., ... }} (the TLS settings of an https url)")
+        settings = TLSSettings.from_config(table.get("tls", True), what, tls_defaults)
+        return WebhookNotifier(name, url, headers, timeout, tls=settings)
     if kind == "smtp":
         allowed = {
             "kind",
@@ -363,6 +370,10 @@ def _notifier(name: str, table: dict[str, Any], env: dict[str, str]) -> Notifier
             raise ConfigError(f"{what}: to must be an e-mail address or a list of them")
         starttls = table.get("starttls", False)
         tls = table.get("tls", port == SMTPS_PORT and starttls is not True)
+        # tls = { ca_file = ... }: the TLS settings, of TLS from the first byte, or of STARTTLS with starttls = true
+        settings = TLSSettings.from_config(tls if isinstance(tls, dict) else True, what, tls_defaults)
+        if isinstance(tls, dict):
+            tls = starttls is not True
         plaintext = table.get("allow_plaintext_password", False)
         for key, flag in (("starttls", starttls), ("tls", tls), ("allow_plaintext_password", plaintext)):
             if not isinstance(flag, bool):
@@ -392,6 +403,7 @@ def _notifier(name: str, table: dict[str, Any], env: dict[str, str]) -> Notifier
             password=password,
             timeout=timeout,
             subject_prefix=str(table.get("subject_prefix", "[traboule]")),
+            tls_settings=settings,
         )
     raise ConfigError(f'{what}: kind {kind!r}: "webhook" or "smtp"')
 

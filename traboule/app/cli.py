@@ -476,7 +476,9 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
         state.name,
     ]
     env = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid())})
-    host, token = config_mod.client_host(cfg.http_host), cfg.api_headers()
+    from traboule.app.http import internal_client, internal_url
+
+    token = cfg.api_headers()
     delay = cfg.restart_backoff
     while not stop.is_set():
         child = await asyncio.create_subprocess_exec(*command, env=env)
@@ -484,10 +486,10 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
         state.set("starting")
         log.info("process.started", pid=child.pid)
         waiter = asyncio.create_task(child.wait())
-        async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
+        async with internal_client(cfg, timeout=1.0, headers=token) as client:  # https with [http] tls
             while not waiter.done() and not stop.is_set():
                 with contextlib.suppress(httpx.HTTPError, ValueError):
-                    answer = await client.get(f"http://{host}:{state.port}/health/live")
+                    answer = await client.get(internal_url(cfg, state.port, "/health/live"))
                     if answer.status_code == 200 and answer.json().get("pid") == child.pid:
                         state.set("ready")
                         ready_at = time.monotonic()

@@ -24,12 +24,13 @@ import os
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from traboule.errors import ConfigError
 from traboule.stores.postgres import is_postgres_url, redact
+from traboule.tls import TLSSettings
 
 MAX_PARTITIONS = 64  # [bus] partitions: each is a queue (a Raft group on quorum queues) per subscriber
 
@@ -89,6 +90,37 @@ class HTTPLimits:
     max_connections: int = 1000
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 16 * 1024  # request line and headers (h11 max incomplete event size): 400 beyond
+    # Failed bearer-token checks (missing, unknown, a role that does not allow the request) of one client address
+    # within a minute: beyond, that address gets 429 for auth_block seconds, whatever token it sends.
+    max_auth_failures: int = 10
+    auth_block: float = 60.0
+
+
+@dataclass
+class AuditConfig:
+    """``[audit]``: the audit trail (IHE ATNA, see docs/operations.md). ``enabled``: record events at all (the local
+    file ``file`` in the data folder always; the queue ``audit.sqlite`` when a repository is set). ``repository``:
+    the audit record repository as ``host:port`` ("" = the local file only). ``transport``: ``tls`` (RFC 5425) or
+    ``tcp`` (plain, for a laboratory). ``tls``: the client TLS settings (over ``[tls]``). ``source_id``: the
+    AuditSourceID ("" = the host name). ``enterprise_site_id``: the AuditEnterpriseSiteID. ``ae_title``: the engine's
+    UserID in the messages ("" = the AE title of its first DICOM SCP, else ``traboule``)."""
+
+    enabled: bool = True
+    repository: str = ""
+    transport: str = "tls"
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    source_id: str = ""
+    enterprise_site_id: str = ""
+    ae_title: str = ""
+    file: str = "audit.log"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The repository's host and port; None without one."""
+        if not self.repository:
+            return None
+        host, _, port = self.repository.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 ROLES = ("read", "operate", "admin")  # what a token may do, each role allowing what the ones before it do
@@ -147,6 +179,8 @@ class Config:
     named_tokens: list[ApiToken] = field(default_factory=list)
     console_secret: str = ""  # ``[console] secret``: the key signing console sessions ("" = a file in data_dir)
     console_session_hours: float = 8.0  # ``[console] session_hours``: a console login lasts this long
+    # ``[console] query_timeout``: seconds a console query may run on PostgreSQL (its statement timeout)
+    console_query_timeout: float = 10.0
     http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     channels: list[dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CHANNELS))
     path: str = ""
@@ -162,6 +196,15 @@ class Config:
     database_url: str = ""
     # ``[alerts]``: rules and notifiers (`traboule.app.alerts.AlertsConfig`); None: no alerting.
     alerts: Any = None
+    # ``[tls]``: the defaults every ``tls`` setting of a listener or client starts from (`traboule.tls.TLSSettings`,
+    # not enabled by itself: a listener's ``tls = true`` turns it on with these files).
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    # ``[tls] reload_interval``: seconds between two checks of the TLS listeners' certificate and key files (a
+    # changed file is loaded without a restart, `traboule.app.tls_reload`).
+    tls_reload_interval: float = 60.0
+    # ``[http] tls``: HTTPS on every process's HTTP port (and the engine's own calls between them over it).
+    http_tls: TLSSettings = field(default_factory=TLSSettings)
+    audit: AuditConfig = field(default_factory=AuditConfig)  # ``[audit]``: the audit trail
 
     @property
     def database_description(self) -> str:
@@ -189,6 +232,11 @@ class Config:
         by position), then the table entries. Empty: no access control (loopback only)."""
         plain = [ApiToken(f"token-{n}", "admin", token=t) for n, t in enumerate(self.api_tokens, 1)]
         return plain + list(self.named_tokens)
+
+    @property
+    def api_scheme(self) -> str:
+        """``https`` when the HTTP API is served over TLS (``[http] tls``), else ``http``."""
+        return "https" if self.http_tls.enabled else "http"
 
     def api_headers(self) -> dict[str, str]:
         """What the engine's own processes send each other's HTTP API (the first token given in clear, if any)."""
@@ -223,7 +271,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
 
 
 def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
-    known = {"engine", "bus", "http", "log", "channels", "database", "console", "alerts"}
+    known = {"engine", "bus", "http", "log", "channels", "database", "console", "alerts", "tls", "audit"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}] (expected one of {sorted(known)})")
@@ -263,9 +311,20 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     if not isinstance(partitions, int) or isinstance(partitions, bool):
         raise ConfigError(f"{path}: [bus] partitions must be a whole number (1, the default, or 2 to {MAX_PARTITIONS})")
     cfg.partitions = partitions
+    tls_table = doc.get("tls", {})
+    if isinstance(tls_table, dict) and "reload_interval" in tls_table:
+        tls_table = dict(tls_table)
+        cfg.tls_reload_interval = seconds(tls_table.pop("reload_interval"), f"{path}: [tls] reload_interval")
+        if cfg.tls_reload_interval <= 0:
+            raise ConfigError(f"{path}: [tls] reload_interval must be above 0")
+    cfg.tls = TLSSettings.from_config(tls_table, f"{path}: [tls]", TLSSettings())
+    cfg.tls = replace(cfg.tls, enabled=False)  # the defaults; each listener or client turns TLS on
+    cfg.audit = _audit_config(doc.get("audit", {}), path, cfg.tls)
     http = doc.get("http", {})
     cfg.http_host = str(http.get("host", cfg.http_host))
     cfg.http_port = int(http.get("port", cfg.http_port))
+    cfg.http_tls = TLSSettings.from_config(http.get("tls"), f"{path}: [http]", cfg.tls)
+    cfg.http_tls.check_server(f"{path}: [http]")
     tokens = http.get("tokens", [])
     if not isinstance(tokens, list) or not all(isinstance(t, str | dict) for t in tokens):
         raise ConfigError(
@@ -275,8 +334,8 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     cfg.api_tokens = [t.strip() for t in tokens if isinstance(t, str) and t.strip()]
     cfg.named_tokens = [_named_token(t, path) for t in tokens if isinstance(t, dict)]
     console = doc.get("console", {})
-    if not isinstance(console, dict) or set(console) - {"secret", "session_hours"}:
-        raise ConfigError(f"{path}: [console] has two keys, secret and session_hours")
+    if not isinstance(console, dict) or set(console) - {"secret", "session_hours", "query_timeout"}:
+        raise ConfigError(f"{path}: [console] has three keys, secret, session_hours and query_timeout")
     if not isinstance(console.get("secret", ""), str):
         raise ConfigError(f"{path}: [console] secret must be a string (e.g. `openssl rand -hex 32`)")
     cfg.console_secret = console.get("secret", cfg.console_secret).strip()
@@ -284,6 +343,10 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
     if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= 24 * 30:
         raise ConfigError(f"{path}: [console] session_hours must be a number of hours (0 to 720)")
     cfg.console_session_hours = float(hours)
+    timeout = seconds(console.get("query_timeout", cfg.console_query_timeout), f"{path}: [console] query_timeout")
+    if not 0.001 <= timeout <= 3600:
+        raise ConfigError(f'{path}: [console] query_timeout must be a duration of 1 ms to 1 h (seconds, or "10s")')
+    cfg.console_query_timeout = timeout
     for key, default in vars(cfg.http_limits).items():  # the numbers; body_limits below
         if key in http and key != "body_limits":
             number, kind = http[key], type(default)
@@ -310,9 +373,38 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
         from traboule.app.alerts import parse as parse_alerts
 
         try:
-            cfg.alerts = parse_alerts(doc["alerts"], cfg.channels)
+            cfg.alerts = parse_alerts(doc["alerts"], cfg.channels, tls=cfg.tls)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _audit_config(section: Any, path: str, tls: TLSSettings) -> AuditConfig:
+    """The ``[audit]`` section (see `AuditConfig`)."""
+    where = f"{path}: [audit]"
+    keys = {"enabled", "repository", "transport", "tls", "source_id", "enterprise_site_id", "ae_title", "file"}
+    if not isinstance(section, dict) or set(section) - keys:
+        unknown = sorted(set(section) - keys) if isinstance(section, dict) else section
+        raise ConfigError(f"{where}: unknown setting {unknown} (known: {', '.join(sorted(keys))})")
+    audit = AuditConfig()
+    if not isinstance(section.get("enabled", True), bool):
+        raise ConfigError(f"{where}: enabled must be true or false")
+    audit.enabled = section.get("enabled", True)
+    for key in ("repository", "source_id", "enterprise_site_id", "ae_title", "file", "transport"):
+        value = section.get(key, getattr(audit, key))
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{where}: {key} must be a string on one line")
+        setattr(audit, key, value.strip())
+    if audit.transport not in ("tls", "tcp"):
+        raise ConfigError(f'{where}: transport must be "tls" (RFC 5425) or "tcp" (plain, for a laboratory)')
+    if audit.repository:
+        host, _, port = audit.repository.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f'{where}: repository must be "host:port" (e.g. "arr.example.org:6514")')
+    if not audit.file or "/" in audit.file or audit.file in (".", ".."):
+        raise ConfigError(f"{where}: file must be a file name in the data folder (audit.log)")
+    audit.tls = TLSSettings.from_config(section.get("tls", True), f"{where} tls", tls)
+    audit.tls = replace(audit.tls, enabled=audit.transport == "tls")
+    return audit
 
 
 def _named_token(entry: dict[str, Any], path: str) -> ApiToken:
@@ -458,6 +550,28 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"[bus] queue_type {cfg.queue_type!r}: use 'classic' (the default) or 'quorum'")
     if not 1 <= cfg.partitions <= MAX_PARTITIONS:
         raise ConfigError(f"[bus] partitions {cfg.partitions}: use 1 (the default) to {MAX_PARTITIONS}")
+
+
+def destination_tls(table: dict[str, Any], where: str, base: TLSSettings | None = None) -> TLSSettings:
+    """The TLS settings of an outbound client's destination (a FHIR server, the DMP, a DICOMweb archive, an alert
+    webhook...): its ``tls = { ... }`` table over the ``[tls]`` defaults (``base``), with the older top-level keys
+    ``ca_file``, ``cert_file``, ``key_file`` still read as aliases of the table's (the table wins). Enabled: the
+    context is used for every ``https://`` URL of the destination (a plain ``http://`` one has no TLS)."""
+    value = table.get("tls", True)
+    if value is False:
+        raise ConfigError(f"{where}: tls = false is not supported for an outbound client: use an http:// URL")
+    aliases = {k: table[k] for k in ("ca_file", "cert_file", "key_file") if k in table}
+    for key, path in aliases.items():
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}: {key} must be a string, not {path!r}")
+    aliases = {k: v for k, v in aliases.items() if v}
+    if "cert_file" in aliases and "key_file" not in aliases:  # the key in the certificate's PEM, as before
+        aliases["key_file"] = aliases["cert_file"]
+    if value is True:
+        value = aliases or True
+    elif isinstance(value, dict):
+        value = {**aliases, **value}
+    return TLSSettings.from_config(value, where, base)
 
 
 def client_host(host: str) -> str:

@@ -17,13 +17,21 @@ IHE MHD Document Responder (ITI-67 Find Document References, ITI-68 Retrieve Doc
 * Anything else under ``/fhir``: 404 OperationOutcome, 405 for another method (read-only API).
 * The store's database cannot answer now (PostgreSQL down or restarting, its connections all busy): 503
   OperationOutcome ``transient`` with ``Retry-After`` (`RETRY_AFTER_S`), never a 500.
+
+Audit trail (IHE ATNA, `traboule.audit`): a search that answers is a Query (``ITI-67`` for DocumentReference) with
+the query and the patients of the page's resources; a read a Patient Record read; a document retrieved (``Binary``)
+an Export ``ITI-68``. The requestor is the bearer token's name and role (``anonymous`` without tokens) and the
+client's address: in a process the main one forwards to, the ``X-Forwarded-For`` it sets when the request comes
+from loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
+import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +44,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from traboule import audit
+from traboule.app.config import is_loopback
 from traboule.bus.retry import database_unavailable
 from traboule.errors import SearchError, Unavailable
 from traboule.formats.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
@@ -387,9 +397,26 @@ class FHIRApi:
     """The ``/fhir`` interactions over a `FHIRStore`. ``base_url``: the public base (behind a proxy); default: from
     the request."""
 
-    def __init__(self, store: FHIRStore, base_url: str = "") -> None:
+    def __init__(self, store: FHIRStore, base_url: str = "", runtime: Any = None) -> None:
         self.store = store
         self.base_url = base_url
+        self.runtime = runtime  # its audit trail (`traboule.audit.trail_of`), read at each record
+
+    def requestor(self, request: Request) -> audit.Actor:
+        """Who asked, for the audit trail: the bearer token's name and role, the client's address."""
+        token = getattr(request.state, "token", None)
+        address = request.client.host if request.client else ""
+        if getattr(self.runtime, "process", None) not in (None, "main") and is_loopback(address):
+            # Served for the main process, which sets X-Forwarded-For to the client it saw (`traboule.app.http`).
+            forwarded = request.headers.get("x-forwarded-for", "").strip()
+            with contextlib.suppress(ValueError):
+                address = str(ipaddress.ip_address(forwarded))
+        if token is None:
+            return audit.actor("anonymous", address)
+        return audit.actor(token.name, address, user_name=token.role)
+
+    def record(self, event: audit.AuditEvent) -> None:
+        audit.trail_of(self.runtime).record(event)
 
     def base_of(self, request: Request) -> str:
         if self.base_url:
@@ -423,7 +450,20 @@ class FHIRApi:
             return outcome(410, "deleted", f"{rtype}/{rid} was deleted", fmt=fmt)
         headers = {"ETag": f'W/"{resource.get("meta", {}).get("versionId", "1")}"'}
         if rtype == "Binary":
-            return await self.retrieve(request, resource, headers)
+            response = await self.retrieve(request, resource, headers)
+            if response.status_code == 200:  # MHD ITI-68: the document left the engine
+                actor = self.requestor(request)
+                patients = await asyncio.to_thread(patients_in, self.store, [resource])
+                objects = (audit.object_ref("resource", f"Binary/{rid}"),)
+                self.record(
+                    audit.exported(
+                        destination=actor, requestor=actor, patients=patients, objects=objects, transaction="ITI-68"
+                    )
+                )
+            return response
+        patients = await asyncio.to_thread(patients_in, self.store, [resource])
+        objects = (audit.object_ref("resource", f"{rtype}/{rid}"),)
+        self.record(audit.read(requestor=self.requestor(request), patients=patients, objects=objects))
         return answer(absolute_urls(resource, self.base_of(request)), fmt, headers=headers)
 
     async def retrieve(self, request: Request, binary: dict[str, Any], headers: dict[str, str]) -> Response:
@@ -468,12 +508,52 @@ class FHIRApi:
             total, found = await asyncio.to_thread(self.store.search, rtype, search.params, search.count, search.offset)
         except SearchError as exc:
             return outcome(400, exc.code, str(exc), exc.param, fmt=fmt)
+        patients = await asyncio.to_thread(patients_in, self.store, found) if found else ()
+        self.record(
+            audit.queried(
+                requestor=self.requestor(request),
+                query=page_url("", search, search.offset).lstrip("/")[: audit.MAX_DETAIL],
+                patients=patients,
+                transaction="ITI-67" if rtype == "DocumentReference" else "",
+            )
+        )
         return answer(searchset(base, search, total, found), fmt)
 
 
-def routes(store: FHIRStore, base_url: str = "") -> list[Route]:
-    """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request."""
-    api = FHIRApi(store, base_url)
+def patients_in(store: FHIRStore, resources: list[dict[str, Any]]) -> tuple[audit.PatientRef, ...]:
+    """The patients of resources, for the audit trail: a Patient's identifiers, else those of the Patient a
+    resource's ``subject`` names (read from the store, each once; its reference when it cannot be read)."""
+    pairs: list[tuple[str, str]] = []
+    references: dict[str, None] = {}
+    for resource in resources:
+        if resource.get("resourceType") == "Patient":
+            pairs += _identifiers(resource)
+            continue
+        reference = str((resource.get("subject") or {}).get("reference") or "")
+        if reference.startswith("Patient/"):
+            references.setdefault(reference)
+    for reference in list(references)[: audit.MAX_REFS]:
+        try:
+            patient = store.get("Patient", reference.removeprefix("Patient/"))
+        except Exception:  # the store out of reach now: the answer was made; the trail names the reference
+            patient = None
+        pairs += _identifiers(patient) if patient else [(reference, "")]
+    return audit.patient_refs(pairs)
+
+
+def _identifiers(patient: dict[str, Any]) -> list[tuple[str, str]]:
+    """(value, assigning authority) of a Patient's identifiers: the system, an OID without its ``urn:oid:``."""
+    out = []
+    for ident in patient.get("identifier") or []:
+        if isinstance(ident, dict):
+            out.append((str(ident.get("value") or ""), str(ident.get("system") or "").removeprefix("urn:oid:")))
+    return out
+
+
+def routes(store: FHIRStore, base_url: str = "", runtime: Any = None) -> list[Route]:
+    """The ``/fhir`` routes. ``base_url``: the public base (behind a proxy); default: from the request. ``runtime``:
+    whose audit trail records the reads and searches (none: nothing recorded)."""
+    api = FHIRApi(store, base_url, runtime)
     return [
         Route("/fhir/metadata", api.metadata, methods=["GET"]),
         Route("/fhir/{type}/_search", api.search_post, methods=["POST"]),

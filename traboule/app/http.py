@@ -6,10 +6,18 @@ processes (the ``/fhir`` API of the ``fhir`` process...) by forwarding them to t
 answer too (their own routes, /health, /metrics), for an operator who wants one process alone.
 
 Access control: with API tokens configured (``TRABOULE_API_TOKENS`` or ``[http] tokens``), every request needs
-``Authorization: Bearer <token>``; without one it gets 401 and nothing else. Without tokens the API is served on
-loopback only: the configuration refuses another address (``traboule.app.config``). The operations console
-(``/console``, `traboule.app.console`) is the exception: a browser sends no bearer header, so its pages check the
-console's own signed session cookie (a token pasted into its login form) instead.
+``Authorization: Bearer <token>``; without one it gets 401 and nothing else, with a token whose role does not allow
+the request 403 (`role_needed`: ``read`` to read, ``operate`` to change anything). Each refusal is an audit event
+(``authentication_failed``), and an address with too many of them in a minute gets 429 for a while (`BearerTokens`).
+Without tokens the API is served on loopback only: the configuration refuses another address
+(``traboule.app.config``). The operations console (``/console``, `traboule.app.console`) is the exception: a browser
+sends no bearer header, so its pages check the console's own signed session cookie (a token pasted into its login
+form) instead.
+
+HTTPS (``[http] tls``): every process's port serves TLS (`serve`), with client certificates when asked; a client
+certificate whose subject is not allowed gets 403 (`ClientCertificates`). The engine's processes then call each
+other over HTTPS on the same address, trusting the configured CA and showing the engine's own certificate when
+client certificates are required (`internal_client`).
 
 Limits (``[http]``, `traboule.app.config.HTTPLimits`): a request body longer than its route's limit is refused with
 413 before it is read whole (Content-Length up front, then the streamed chunks counted), a body not received within
@@ -23,8 +31,12 @@ serves is an OperationOutcome 404 / 405 under ``/fhir`` (with or without a FHIR 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import re
+import ssl
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -38,20 +50,32 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
-from traboule import metrics
+from traboule import audit, metrics
 from traboule.app.config import ApiToken, HTTPLimits, client_host, find_token
 from traboule.channel import LimitsBodies, ServesHTTP
+from traboule.tls import (
+    CertificateReloader,
+    TLSSettings,
+    client_context,
+    normalise_subject,
+    peer_subject,
+    server_context,
+    subject_allowed,
+    subject_of,
+)
 
 log = structlog.get_logger("traboule.app.http")
 
 # FHIR issue types (R4 valueset-issue-type) of the errors answered here, for the OperationOutcomes under /fhir.
 ISSUE_TYPES = {
     401: "login",
+    403: "forbidden",
     404: "not-found",
     405: "not-supported",
     408: "timeout",
     413: "too-long",
     414: "too-long",
+    429: "throttled",
     431: "too-long",
     500: "exception",
     502: "transient",
@@ -157,6 +181,8 @@ def create_app(runtime: Any) -> Starlette:
     body_limits.update(limits.body_limits)
     app = Starlette(routes=routes, exception_handlers={404: not_served, 405: not_served})
     app.state.http_limits = limits
+    app.state.http_tls = runtime.config.http_tls
+    app.state.tls_reload_interval = getattr(runtime.config, "tls_reload_interval", 60.0)
     app.state.forwarders = list(forwarders.values())
     # Added innermost first: CatchAll wraps everything, a request without a token is refused before its body is read.
     app.add_middleware(
@@ -167,7 +193,11 @@ def create_app(runtime: Any) -> Starlette:
         max_header_bytes=limits.max_header_bytes,
     )
     if runtime.config.access_tokens():
-        app.add_middleware(BearerTokens, tokens=runtime.config.access_tokens(), console=runtime.owns_journal)
+        app.add_middleware(
+            BearerTokens, tokens=runtime.config.access_tokens(), console=runtime.owns_journal, runtime=runtime
+        )
+    if runtime.config.http_tls.enabled:
+        app.add_middleware(ClientCertificates, settings=runtime.config.http_tls, runtime=runtime)
     app.add_middleware(CatchAll)
     if runtime.owns_journal:  # outermost: console security headers on every answer (413, 500...), Host check
         from traboule.app.console.guard import ConsoleGuard
@@ -246,15 +276,14 @@ async def not_served(request: Request, exc: Exception) -> Response:
 async def _children_health(runtime: Any) -> dict[str, Any]:
     """Each child process: its supervisor's view, and its own /health when it answers (1 s at most)."""
     config = runtime.config
-    host, token = client_host(config.http_host), config.api_headers()
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=1.0, headers=token) as client:
+    async with internal_client(config, timeout=1.0, headers=config.api_headers()) as client:
         for name, state in runtime.processes.items():
             report: dict[str, Any] = state.as_dict()
             report["status"] = "starting" if state.state == "starting" else "down"
             if state.state == "ready":
                 try:
-                    answer = (await client.get(f"http://{host}:{state.port}/health")).json()
+                    answer = (await client.get(internal_url(config, state.port, "/health"))).json()
                     if answer.get("pid", state.pid) == state.pid:  # not an orphan of an earlier run
                         report.update({k: v for k, v in answer.items() if k != "process"})
                     else:
@@ -269,12 +298,11 @@ async def _all_metrics(runtime: Any) -> Any:
     """Every process's metrics as one registry to render: each sample labelled with its ``process``, and
     ``traboule_process_up`` saying which child answered (a child down has no samples meanwhile)."""
     config = runtime.config
-    host, token = client_host(config.http_host), config.api_headers()
     children = config.processes()[1:]
 
     async def scrape(client: httpx.AsyncClient, name: str) -> str | None:
         try:
-            async with client.stream("GET", f"http://{host}:{config.http_port_of(name)}/metrics") as answer:
+            async with client.stream("GET", internal_url(config, config.http_port_of(name), "/metrics")) as answer:
                 if answer.status_code != 200:
                     return None
                 body = b""
@@ -286,7 +314,7 @@ async def _all_metrics(runtime: Any) -> Any:
         except httpx.HTTPError:
             return None
 
-    async with httpx.AsyncClient(timeout=CHILD_METRICS_TIMEOUT, headers=token, trust_env=False) as client:
+    async with internal_client(config, timeout=CHILD_METRICS_TIMEOUT, headers=config.api_headers()) as client:
         texts = await asyncio.gather(*(scrape(client, name) for name in children))
     families: dict[str, Metric] = {}
 
@@ -350,7 +378,7 @@ class Forward:
             # slow uploads make every other forwarded request wait, then answer 504).
             size = self.runtime.config.http_limits.max_connections
             limits = httpx.Limits(max_connections=size, max_keepalive_connections=FORWARD_KEEPALIVE)
-            self._client = httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False, limits=limits)
+            self._client = internal_client(self.runtime.config, timeout=FORWARD_TIMEOUT, limits=limits)
         return self._client
 
     async def aclose(self) -> None:
@@ -385,7 +413,10 @@ class Forward:
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
         url = httpx.URL(
-            scheme="http", host=client_host(config.http_host), port=config.http_port_of(self.process), raw_path=target
+            scheme=config.api_scheme,
+            host=client_host(config.http_host),
+            port=config.http_port_of(self.process),
+            raw_path=target,
         )
         if url.raw_path != target:  # httpx would send another path than the one matched: not ours to send
             refusal = error_response(path, 400, "request target not served", {"Connection": "close"})
@@ -482,27 +513,65 @@ def _forwarded_headers(scope: dict[str, Any], main_address: str) -> list[tuple[b
     return headers
 
 
+def role_needed(method: str, path: str) -> str:
+    """The token role (`traboule.app.config.ROLES`) a request of the API needs: ``read`` to read (GET, HEAD, a FHIR
+    search by ``POST [type]/_search``), ``operate`` for anything else, which changes something (the archive's
+    webhook feeds the engine: a write). No route of the API changes the configuration: none needs ``admin``."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "read"
+    if method == "POST" and path.startswith("/fhir/") and path.endswith("/_search"):
+        return "read"
+    return "operate"
+
+
+def client_address(scope: dict[str, Any]) -> str:
+    """The client's IP address as this server saw it (no proxy header is trusted)."""
+    client = scope.get("client") or ("", 0)
+    return str(client[0] or "")
+
+
 class BearerTokens:
-    """ASGI middleware: a request without a valid bearer token gets 401 (an OperationOutcome under /fhir). The
-    token found (`ApiToken`: name, role) is put in the request's state as ``token``.
+    """ASGI middleware: a request without a valid bearer token gets 401 (an OperationOutcome under /fhir), one whose
+    token's role does not allow it (`role_needed`) 403 naming the role needed. The token found (`ApiToken`: name,
+    role) is put in the request's state as ``token``.
+
+    Each refusal is recorded on the runtime's audit trail (``authentication_failed``: the token's name or
+    ``anonymous``, the client address, a fixed reason; never the token presented) and counted against the client
+    address: after ``max_auth_failures`` within a minute (`HTTPLimits`), that address gets 429 with Retry-After
+    for ``auth_block`` seconds, its token not even checked (a right guess then would tell the guesser). Requests
+    that pass are not counted; other addresses go on. At most 10,000 addresses are remembered (the oldest
+    forgotten).
 
     ``console``: ``/console`` and what is under it go through without a bearer token, to the console's own check
     of its session cookie (`traboule.app.console.auth`). Only the console answers there: its Mount comes before
     every channel route (`create_app`) and `check_routes` refuses a channel route under /console."""
 
-    def __init__(self, app: Any, tokens: list[ApiToken], console: bool = False) -> None:
+    def __init__(
+        self,
+        app: Any,
+        tokens: list[ApiToken],
+        console: bool = False,
+        runtime: Any = None,
+        limits: HTTPLimits | None = None,
+    ) -> None:
+        from traboule.app.console.auth import LoginLimiter
+
         self.app = app
         self.tokens = list(tokens)
         self.console = console
+        self.runtime = runtime
+        limits = limits or getattr(getattr(runtime, "config", None), "http_limits", None) or HTTPLimits()
+        self.limiter = LoginLimiter(failures=limits.max_auth_failures, window=60.0, block=limits.auth_block)
 
-    def _token(self, scope: dict[str, Any]) -> ApiToken | None:
+    def _token(self, scope: dict[str, Any]) -> tuple[ApiToken | None, bool]:
+        """The token entry presented (or None), and whether a bearer token was presented at all."""
         for name, value in scope.get("headers") or []:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                if scheme.lower() != b"bearer":
-                    return None
-                return find_token(self.tokens, token.strip())
-        return None
+                if scheme.lower() != b"bearer" or not token.strip():
+                    return None, False
+                return find_token(self.tokens, token.strip()), True
+        return None, False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -512,18 +581,107 @@ class BearerTokens:
         if self.console and (path == "/console" or path.startswith("/console/")):
             await self.app(scope, receive, send)
             return
-        token = self._token(scope)
-        if token is not None:
+        address = client_address(scope)
+        wait = self.limiter.refused_for(address)
+        if wait:
+            text = "too many refused requests from this address: try again later"
+            await error_response(path, 429, text, headers={"Retry-After": str(wait)})(scope, receive, send)
+            return
+        token, presented = self._token(scope)
+        needed = role_needed(scope.get("method", "GET"), path)
+        if token is not None and token.allows(needed):
             scope.setdefault("state", {})["token"] = token
             await self.app(scope, receive, send)
             return
-        response = error_response(
-            scope.get("path", ""),
-            401,
-            "a valid bearer token is required",
-            headers={"WWW-Authenticate": 'Bearer realm="traboule"'},
-        )
-        await response(scope, receive, send)
+        if token is None:
+            reason = "bearer token not recognised" if presented else "no bearer token"
+            user = audit.Actor(user_id="anonymous", address=address, cert_subject=peer_subject.get())
+            status, text = 401, "a valid bearer token is required"
+            headers = {"WWW-Authenticate": 'Bearer realm="traboule"'}
+        else:
+            reason = "token role does not allow the request"
+            user = audit.Actor(token.name, address=address, cert_subject=peer_subject.get(), user_name=token.role)
+            status, text, headers = 403, f"this request needs a token with role {needed}", {}
+        audit.trail_of(self.runtime).record(audit.authentication_failed(user=user, reason=reason))
+        if self.limiter.failed(address):
+            log.warning("http.address_blocked", address=address, seconds=self.limiter.block)
+        await error_response(path, status, text, headers=headers)(scope, receive, send)
+
+
+class ClientCertificates:
+    """ASGI middleware of an HTTPS server (``[http] tls``): the subject of the client's certificate (`serve` puts
+    it in the request's state) is the request's `traboule.tls.peer_subject`; with ``allowed_subjects``, a subject
+    not in the list (or no certificate) gets 403 and an audit event. The engine's own certificate is always
+    admitted: the engine's processes show it when they call each other (`internal_client`)."""
+
+    def __init__(self, app: Any, settings: TLSSettings, runtime: Any = None) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.allowed = tuple(settings.allowed_subjects)
+        if self.allowed and settings.cert_file:
+            try:
+                self.allowed += (certificate_subject(settings.cert_file),)
+            except (OSError, ValueError) as exc:  # the server context loads it: unreadable, start fails there
+                log.warning("http.own_certificate_unread", error=type(exc).__name__)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        subject = str((scope.get("state") or {}).get("tls_subject", ""))
+        if self.allowed and not subject_allowed(subject, self.allowed):
+            user = audit.Actor(user_id="anonymous", address=client_address(scope), cert_subject=subject)
+            reason = "client certificate subject not allowed"
+            audit.trail_of(self.runtime).record(audit.authentication_failed(user=user, reason=reason))
+            log.warning("http.certificate_refused", address=client_address(scope))
+            text = "this client certificate is not allowed here"
+            await error_response(scope.get("path", ""), 403, text)(scope, receive, send)
+            return
+        token = peer_subject.set(subject)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            peer_subject.reset(token)
+
+
+def certificate_subject(cert_file: str) -> str:
+    """The subject of the (first) certificate of a PEM file, as `traboule.tls.subject_of` writes it."""
+    from cryptography import x509
+
+    with open(cert_file, "rb") as fh:
+        cert = x509.load_pem_x509_certificate(fh.read())
+    return normalise_subject(cert.subject.rfc4514_string())
+
+
+@functools.lru_cache(maxsize=8)
+def _internal_context(settings: TLSSettings) -> ssl.SSLContext:
+    shown = settings.client_certs != "none"  # the engine's certificate, when its ports ask for one
+    client = replace(
+        settings,
+        cert_file=settings.cert_file if shown else "",
+        key_file=settings.key_file if shown else "",
+        key_password=settings.key_password if shown else "",
+        client_certs="none",
+        allowed_subjects=(),
+        verify=True,
+    )
+    return client_context(client)
+
+
+def internal_client(config: Any, **kwargs: Any) -> httpx.AsyncClient:
+    """A client of the engine's own processes' HTTP ports (`internal_url`): over HTTPS (``[http] tls``) it trusts
+    the configured CA (``ca_file``; the system's CAs when empty) and checks the certificate names the address it
+    connects to; it shows the engine's certificate when the ports require client certificates. Proxy variables of
+    the environment are ignored: these calls stay on the machine."""
+    verify: ssl.SSLContext | bool = _internal_context(config.http_tls) if config.http_tls.enabled else True
+    return httpx.AsyncClient(verify=verify, trust_env=False, **kwargs)
+
+
+def internal_url(config: Any, port: int, path: str) -> str:
+    """The URL of ``path`` on one of the engine's processes' HTTP ports (http or https as served)."""
+    host = client_host(config.http_host)
+    host = f"[{host}]" if ":" in host else host
+    return f"{config.api_scheme}://{host}:{port}{path}"
 
 
 class _BodyRefused(Exception):
@@ -649,12 +807,18 @@ class CatchAll:
                 await error_response(scope.get("path", ""), 500, "internal error")(scope, receive, send)
 
 
-async def serve(app: Starlette, host: str, port: int, limits: HTTPLimits | None = None) -> Any:
+async def serve(
+    app: Starlette, host: str, port: int, limits: HTTPLimits | None = None, tls: TLSSettings | None = None
+) -> Any:
     """Start uvicorn inside the running event loop; returns the server (call ``should_exit`` to stop).
-    ``limits``: the app's (`create_app`) by default."""
+    ``limits`` and ``tls`` (HTTPS when enabled): the app's (`create_app`) by default. Over HTTPS the server's
+    ``tls_context`` is the `traboule.tls.server_context` it serves (BCP 195 profile, client certificates as
+    ``client_certs`` says), its files checked every ``[tls] reload_interval`` seconds while it runs
+    (`traboule.app.tls_reload`: a renewed certificate is served to the next connections, no restart)."""
     import uvicorn
 
     limits = limits or getattr(app.state, "http_limits", None) or HTTPLimits()
+    tls = tls or getattr(app.state, "http_tls", None) or TLSSettings()
     config = uvicorn.Config(
         app,
         host=host,
@@ -667,14 +831,38 @@ async def serve(app: Starlette, host: str, port: int, limits: HTTPLimits | None 
         http=_h11_with_header_deadline(limits.header_timeout),
         limit_concurrency=limits.max_connections,
         # No proxy header is trusted, from 127.0.0.1 either: that is where the main process forwards from, and any
-        # local client too. The scheme is the one served (http); behind a proxy, links come from a channel's
+        # local client too. The scheme is the one served (http or https); behind a proxy, links come from a channel's
         # ``base_url``.
         proxy_headers=False,
         timeout_keep_alive=limits.keep_alive_timeout,
         h11_max_incomplete_event_size=limits.max_header_bytes,
     )
+    context = server_context(tls) if tls.enabled else None
+    if context is not None:
+        # uvicorn builds its own context from file names, without the engine's profile: the config is loaded here
+        # and its context replaced (Server.serve does not load a loaded config again).
+        config.load()
+        config.ssl = context
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(), name="http")
+    server.tls_context = context  # type: ignore[attr-defined]
+
+    async def run() -> None:
+        watch = None
+        if context is not None:
+            from traboule.app.tls_reload import watch_certificates
+
+            interval = float(getattr(app.state, "tls_reload_interval", 60.0))
+            reloader = CertificateReloader(context, tls)
+            watch = asyncio.create_task(watch_certificates({"http": reloader}, interval), name="http-certificates")
+        try:
+            await server.serve()
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+
+    task = asyncio.create_task(run(), name="http")
     while not server.started:
         if task.done():
             task.result()  # raises the bind error
@@ -684,7 +872,8 @@ async def serve(app: Starlette, host: str, port: int, limits: HTTPLimits | None 
 
 
 def _h11_with_header_deadline(timeout: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request line and headers are not in within ``timeout``.
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not in within ``timeout``,
+    and giving the requests of a TLS connection the subject of the client's certificate (state ``tls_subject``).
 
     uvicorn times out an idle keep-alive connection, but not one that sends nothing, or a header a byte at a time:
     with ``limit_concurrency`` set, a client holding that many such sockets would get every other request a 503."""
@@ -708,6 +897,10 @@ def _h11_with_header_deadline(timeout: float) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:  # made after the handshake: the client's certificate is known
+                subject = subject_of(ssl_object.getpeercert())
+                self.app_state = {**self.app_state, "tls_subject": subject}  # this connection's requests' state
             self._arm()
 
         def handle_events(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from traboule import metrics, stores
+from traboule.app.audit_trail import AuditTrail
 from traboule.app.bus_backend import make_bus
 from traboule.app.config import DEFAULT_CHANNELS, Config
 from traboule.app.health import Probe, Probed
@@ -301,6 +302,9 @@ class Runtime:
             queue_type=config.queue_type,
             partitions=config.partitions,
         )
+        # The audit trail (`traboule.audit.trail_of(runtime)`): every process records; the main one sends.
+        self._audit_trail = AuditTrail(config, relay=process in (None, "main")) if config.audit.enabled else None
+        self.audit: Any = self._audit_trail  # what `trail_of` reads (a test may put another trail there)
         self.channels: list[Channel] = [
             channel_class(c["kind"])(c, self) for c in config.channels if process is None or process_of(c) == process
         ]
@@ -355,10 +359,16 @@ class Runtime:
 
                 self.alerts = AlertEngine(self, self.config.alerts)  # one node evaluates: the "alerts" lease
                 self.alerts.start()
+        if self._audit_trail is not None:
+            await self._audit_trail.start()
+            if self.owns_journal:
+                self._audit_trail.started(self.config)
         self.started = True
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._audit_trail is not None and self.owns_journal and self.started:
+            self._audit_trail.stopping()
         if self.alerts is not None:  # first: channels stopping are no incident
             await self.alerts.stop()
         for channel in reversed(self.channels):
@@ -378,6 +388,8 @@ class Runtime:
         self._health_probe.close()
         if self.journal:
             self.journal.close()
+        if self._audit_trail is not None:  # last: what the channels recorded while stopping is written too
+            await self._audit_trail.close()
 
     def health(self) -> dict[str, Any]:
         """This process's state: ``ok``, ``degraded`` (the bus or the journal's database unreachable, a destination

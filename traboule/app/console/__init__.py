@@ -18,11 +18,15 @@ scripts and other origins, ``X-Frame-Options: DENY`` and ``Cache-Control: no-sto
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from starlette.responses import PlainTextResponse
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
@@ -30,7 +34,7 @@ from traboule.app.console.actions import Actions
 from traboule.app.console.alerts import AlertsPage
 from traboule.app.console.auth import Sessions, load_secret
 from traboule.app.console.guard import SECURITY_HEADERS, secured
-from traboule.app.console.reader import RETRY_AFTER
+from traboule.app.console.reader import RETRY_AFTER, timed_out
 from traboule.app.console.views import Console
 from traboule.app.console.worklist import WorklistPage
 from traboule.errors import ConsoleBusy
@@ -38,15 +42,18 @@ from traboule.errors import ConsoleBusy
 __all__ = ["SECURITY_HEADERS", "console_mount"]
 
 HERE = Path(__file__).parent
+log = structlog.get_logger("traboule.app.console")
 
 
 class SecurityHeaders:
     """ASGI wrapper of the console's router: every response gets `SECURITY_HEADERS` (over any the page set itself;
-    `traboule.app.console.guard.ConsoleGuard` adds them again outside, to what other layers answer), and a
-    request the console's threads cannot take (`ConsoleBusy`) gets 503 with Retry-After."""
+    `traboule.app.console.guard.ConsoleGuard` adds them again outside, to what other layers answer), a request
+    the console's threads cannot take (`ConsoleBusy`) gets 503 with Retry-After, and one whose database query ran
+    over ``[console] query_timeout`` (`timed_out`) gets ``too_long``'s page (504, "narrow the search")."""
 
-    def __init__(self, app: Router) -> None:
+    def __init__(self, app: Router, too_long: Callable[[Request], Response] | None = None) -> None:
         self.app = app
+        self.too_long = too_long
 
     @property
     def routes(self) -> list[Any]:  # for url_path_for through the Mount
@@ -72,6 +79,16 @@ class SecurityHeaders:
                 headers={"Retry-After": str(RETRY_AFTER)},
             )
             await busy(scope, receive, send)
+        except Exception as exc:
+            if started or not timed_out(exc):
+                raise
+            endpoint = getattr(scope.get("endpoint"), "__name__", "")
+            log.warning("console.query_timeout", page=endpoint, error=type(exc).__name__)
+            answer: Response = PlainTextResponse("the query took too long: narrow the search\n", status_code=504)
+            if self.too_long is not None:
+                with contextlib.suppress(Exception):  # the page cannot be rendered: the plain answer
+                    answer = self.too_long(Request(scope, receive))
+            await answer(scope, receive, send)
 
 
 def console_mount(runtime: Any) -> Mount:
@@ -88,6 +105,12 @@ def console_mount(runtime: Any) -> Mount:
     actions = Actions(console)
     worklist = WorklistPage(console)
     alerts = AlertsPage(console)
+
+    def too_long(request: Request) -> Response:
+        """The page of a request whose query ran over the console's statement timeout."""
+        identity = console.sessions.identity(request)
+        return console.render(request, "error.html", identity, status=504, error="query_timeout")
+
     router = Router(
         routes=[
             Route("/", console.dashboard, name="dashboard"),
@@ -110,4 +133,4 @@ def console_mount(runtime: Any) -> Mount:
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ]
     )
-    return Mount("/console", app=SecurityHeaders(router), name="console")
+    return Mount("/console", app=SecurityHeaders(router, too_long), name="console")

@@ -28,6 +28,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from traboule import audit
 from traboule.app import reprocess
 from traboule.app.console.audit import RECENT, Audit
 from traboule.app.console.auth import Identity
@@ -311,6 +312,15 @@ class Actions:
         if confirm:
             state = chosen.state
             log.info("console.reprocessed", token=identity.name, to=asked["to"], done=state.done, failed=state.failed)
+            self.console.record(
+                audit.operator_action(
+                    "U",
+                    operator=self.console.requestor(request, identity),
+                    what="reprocess",
+                    objects=(audit.object_ref("journal-entry", asked["ids"]),),
+                    outcome=audit.Outcome.SUCCESS if code == 0 and not state.failed else audit.Outcome.MINOR_FAILURE,
+                )
+            )
         return render(
             request,
             "reprocess_result.html",
@@ -412,6 +422,14 @@ class Actions:
             if message_id and await bus.replay_dead_letter(queue, message_id):
                 replayed += 1
                 log.info("console.dead_letter_replayed", token=identity.name, queue=queue, message_id=message_id)
+                self.console.record(
+                    audit.operator_action(
+                        "U",
+                        operator=self.console.requestor(request, identity),
+                        what="dead-letter-replay",
+                        objects=(audit.object_ref("bus-message", f"{queue}/{message_id}"),),
+                    )
+                )
         return self._back(request, queue, "replayed" if replayed else "missing", replayed)
 
     async def discard(self, request: Request) -> Response:
@@ -458,7 +476,34 @@ class Actions:
         letters = recorded
         gone = await bus.discard_dead_letter(queue, message_id)
         log.info("console.dead_letter_discarded", token=identity.name, queue=queue, message_id=message_id)
+        if gone:
+            self.console.record(
+                audit.operator_action(
+                    "D",
+                    operator=self.console.requestor(request, identity),
+                    what="dead-letter-discard",
+                    objects=(audit.object_ref("bus-message", f"{queue}/{message_id}"),),
+                    patients=await asyncio.to_thread(_patients_of_letters, letters),
+                )
+            )
         return self._back(request, queue, "discarded" if gone else "missing", len(letters) if gone else 0)
+
+
+def _patients_of_letters(letters: list[Delivery]) -> tuple[audit.PatientRef, ...]:
+    """The patients of dead letters holding canonical events (an order's, a document's report's), for the audit
+    trail; none for a body that is not one."""
+    from traboule.model import Envelope
+
+    patients = []
+    for letter in letters:
+        try:
+            payload = Envelope.from_json(letter.body).payload
+        except Exception:  # not an event of ours: it names no patient we can read
+            continue
+        patient = getattr(payload, "patient", None) or getattr(getattr(payload, "report", None), "patient", None)
+        if patient is not None:
+            patients.append(patient)
+    return audit.patients_of(*patients)
 
 
 def _kept(letter: Delivery) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from traboule.app import alerts
+from traboule.app.console.reader import timed_out
 
 log = structlog.get_logger("traboule.app.console")
 
@@ -27,10 +28,11 @@ def open_by_channel(stores: Any) -> dict[str, int]:
         store.close()
 
 
-async def open_counts(runtime: Any) -> dict[str, int] | None:
-    """`open_by_channel` of a running engine, None when the incidents cannot be read (the page says so)."""
+async def open_counts(stores: Any) -> dict[str, int] | None:
+    """`open_by_channel` of a running engine's ``stores`` (the console's: `traboule.app.console.reader.Reader.stores`),
+    None when the incidents cannot be read (the page says so)."""
     try:
-        return await asyncio.to_thread(open_by_channel, runtime.stores)
+        return await asyncio.to_thread(open_by_channel, stores)
     except Exception as exc:  # a database down: the dashboard still shows
         log.warning("console.incidents_unreadable", error=type(exc).__name__)
         return None
@@ -60,9 +62,11 @@ class AlertsPage:
         if identity is None:
             return self.console.to_login(request)
         try:
-            found = await alerts.incidents(self.runtime, limit=LISTED)
+            found = await asyncio.to_thread(alerts.list_incidents, self.console.reader.stores, LISTED)
             error = ""
         except Exception as exc:  # the incidents' database unreachable: said on the page
+            if timed_out(exc):  # the console's answer to a query over its time (`traboule.app.console`)
+                raise
             found, error = [], type(exc).__name__
             log.warning("console.incidents_unreadable", error=error)
         for incident in found:

@@ -87,6 +87,7 @@ LABELS: dict[str, dict[str, str]] = {
         "no_index": "This engine has no journal search index yet: search by time, status, type, channel, MSH-10 "
         "or text.",
         "not_found": "No such message in the journal.",
+        "query_timeout": "The query took too long: narrow the search (a shorter period, more filters) and try again.",
         "language": "Français",
         "worklist": "Worklist",
         "scheduled_date": "Scheduled date",
@@ -268,6 +269,8 @@ LABELS: dict[str, dict[str, str]] = {
         "no_index": "Ce moteur n'a pas encore d'index de recherche du journal : recherchez par date, statut, type, "
         "canal, MSH-10 ou texte.",
         "not_found": "Ce message n'est pas dans le journal.",
+        "query_timeout": "La requête a pris trop de temps : affinez la recherche (une période plus courte, plus de "
+        "filtres) et réessayez.",
         "language": "English",
         "worklist": "Liste de travail",
         "scheduled_date": "Date prévue",

@@ -25,6 +25,7 @@ MAX_FIELDS = 200 * 1024  # characters of field values laid out at most, over all
 MAX_VALUE = 2000  # characters of one field value shown at most
 MAX_EVENTS = 50  # canonical events shown at most
 MAX_EVENT = 100_000  # characters of one event's JSON shown at most
+MAX_PATIENT_IDS = 20  # PID-3 repetitions read for the audit trail at most
 
 
 @dataclass
@@ -60,6 +61,7 @@ class MessageView:
     hidden_segments: int = 0  # segments not laid out (`MAX_SEGMENTS`, `MAX_FIELDS`)
     hidden_text: int = 0  # characters of the raw text not shown (`MAX_SHOWN`)
     hidden_events: int = 0
+    patients: list[tuple[str, str]] = field(default_factory=list)  # PID-3: (id, authority), for the audit trail
 
 
 @functools.lru_cache(maxsize=512)
@@ -96,6 +98,7 @@ def lay_out(entry: JournalEntry) -> MessageView:
     view = MessageView(decoded.text[:MAX_SHOWN], decoded.codec, decoded.declared, decoded.warnings)
     view.hidden_text = max(0, len(decoded.text) - MAX_SHOWN)
     view.version = message.version
+    view.patients = patient_ids(message)
     budget = MAX_FIELDS
     for shown, segment in enumerate(message.segments):
         if shown >= MAX_SEGMENTS or budget <= 0:
@@ -116,6 +119,22 @@ def lay_out(entry: JournalEntry) -> MessageView:
             fields.append(FieldView(f"{segment.name}-{n}", name, value))
         view.segments.append(SegmentView(segment.name, fields))
     return view
+
+
+def patient_ids(message: hl7.Message) -> list[tuple[str, str]]:
+    """PID-3 as (id, assigning authority: PID-3.4's universal id, else its namespace), `MAX_PATIENT_IDS` at most."""
+    pid = message.segment("PID")
+    if pid is None:
+        return []
+    seps = message.separators
+    out = []
+    for repetition in pid.field(3).split(seps.repetition, MAX_PATIENT_IDS)[:MAX_PATIENT_IDS]:
+        parts = repetition.split(seps.component, 4)
+        authority = (parts[3] if len(parts) > 3 else "").split(seps.subcomponent, 2)
+        if parts[0]:
+            chosen = authority[1] if len(authority) > 1 and authority[1] else authority[0]
+            out.append((hl7.unescape(parts[0], seps), hl7.unescape(chosen, seps)))
+    return out
 
 
 class Mapper:

@@ -1,18 +1,24 @@
 """What the console reads from the journal, off the event loop.
 
-The console opens its own journal (``runtime.stores.journal()``: SQLite file or PostgreSQL) and its search index
-(``runtime.stores.journal_search()``, `traboule.stores.journal_search`) in each of its `WORKERS` threads, and runs
+The console opens its own journal (``stores.journal()``: SQLite file or PostgreSQL) and its search index
+(``stores.journal_search()``, `traboule.stores.journal_search`) in each of its `WORKERS` threads, and runs
 every query (and renders every large page) there: a page never holds the loop that acknowledges messages, and a
 SQLite connection stays on the thread that opened it. At most `QUEUED` jobs wait for a thread: beyond,
 `ConsoleBusy` (the console answers 503 with Retry-After), so one operator's heavy requests cannot queue up
 everyone else's forever. Until the store factory has a search index, `JournalScan` answers the same contract from the
 journal itself (time, status, type, channel, MSH-10 and text; not accession or patient: those need the index).
+
+On PostgreSQL every store the console opens (journal, search index, delivery log, worklist, reports, incidents) comes
+from `Reader.stores`, `bounded_stores` of the engine's: its connections run each statement with the
+``statement_timeout`` of ``[console] query_timeout`` (10 s by default), the engine's own connections keep theirs. A
+query cancelled by it (`timed_out`) gets a page asking to narrow the search (HTTP 504), not a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import re
 import threading
 from collections.abc import Callable
@@ -37,6 +43,36 @@ CODE = re.compile(r"[A-Z]{2}")  # an ACK code (AE, AR)
 WORKERS = 2  # console threads
 QUEUED = 8  # console jobs running or waiting at most (beyond: `ConsoleBusy`)
 RETRY_AFTER = 5  # seconds a refused request is told to wait
+QUERY_TIMEOUT = 10.0  # seconds a console query may run on PostgreSQL (``[console] query_timeout``)
+QUERY_CANCELED = "57014"  # the SQLSTATE of a statement cancelled (by its statement_timeout)
+
+
+def bounded_stores(stores: Any, timeout_s: float) -> Any:
+    """``stores`` for the console: on PostgreSQL a copy whose connections run each statement with a
+    ``statement_timeout`` of ``timeout_s`` (``-c statement_timeout=`` in the startup ``options`` of its URL, after
+    the URL's own, so that it wins over them; `traboule.stores.postgres.connect` adds its own default only when the
+    URL sets none); on SQLite ``stores`` itself. The engine's stores, and the connections of ingest, are untouched."""
+    if getattr(stores, "backend", "") != "postgresql":
+        return stores
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    own = str(conninfo_to_dict(stores.url).get("options") or "").strip()
+    setting = f"-c statement_timeout={max(1, round(timeout_s * 1000))}"
+    bounded = copy.copy(stores)
+    bounded.url = make_conninfo(stores.url, options=f"{own} {setting}".strip())
+    return bounded
+
+
+def timed_out(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a statement the database cancelled (SQLSTATE 57014:
+    its ``statement_timeout``)."""
+    for _ in range(8):  # a store may wrap the driver's error once or twice
+        if exc is None:
+            return False
+        if getattr(exc, "sqlstate", None) == QUERY_CANCELED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class JournalScan:
@@ -86,12 +122,14 @@ class Reader:
 
     def __init__(self, runtime: Any, workers: int = WORKERS, queued: int = QUEUED) -> None:
         self.runtime = runtime
+        self.timeout = float(getattr(runtime.config, "console_query_timeout", QUERY_TIMEOUT))
+        self.stores = bounded_stores(runtime.stores, self.timeout)  # what every console read opens
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="console")
         self._local = threading.local()
         self.queued = queued
         self.pending = 0  # jobs submitted and not finished (a request gone does not end its job)
         self._lock = threading.Lock()
-        self.indexed = hasattr(runtime.stores, "journal_search")
+        self.indexed = hasattr(self.stores, "journal_search")
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` on a console thread; `ConsoleBusy` when `queued` jobs are already running or waiting."""
@@ -115,7 +153,7 @@ class Reader:
         """This console thread's own journal connection (on a console thread only)."""
         journal = getattr(self._local, "journal", None)
         if journal is None:
-            journal = self._local.journal = self.runtime.stores.journal()
+            journal = self._local.journal = self.stores.journal()
         return journal
 
     @property
@@ -123,7 +161,7 @@ class Reader:
         """The search index, or `JournalScan` until the store factory has one (on a console thread only)."""
         search = getattr(self._local, "search", None)
         if search is None:
-            search = self.runtime.stores.journal_search() if self.indexed else JournalScan(self.journal)
+            search = self.stores.journal_search() if self.indexed else JournalScan(self.journal)
             self._local.search = search
         return search
 
@@ -132,7 +170,7 @@ class Reader:
         """This console thread's delivery log (`traboule.stores.delivery_log`; on a console thread only)."""
         log = getattr(self._local, "deliveries", None)
         if log is None:
-            log = self._local.deliveries = self.runtime.stores.delivery_log()
+            log = self._local.deliveries = self.stores.delivery_log()
         return log
 
     def close(self) -> None:
@@ -150,7 +188,7 @@ class Reader:
 
     def destinations(self, entry: JournalEntry) -> list[Any] | None:
         """What each destination recorded of ``entry`` (`DeliveryLog.of`), None when the log cannot be read."""
-        if not entry.idempotency_key or not hasattr(self.runtime.stores, "delivery_log"):
+        if not entry.idempotency_key or not hasattr(self.stores, "delivery_log"):
             return []
         try:
             return list(self.deliveries.of(entry.idempotency_key, entry.correlation_id))

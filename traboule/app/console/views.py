@@ -12,6 +12,7 @@ from jinja2 import Environment
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from traboule import audit
 from traboule.app.console.alerts import open_counts
 from traboule.app.console.auth import Identity, LoginLimiter, Sessions
 from traboule.app.console.labels import LABELS, LANGUAGES, language
@@ -82,6 +83,14 @@ class Console:
         if request.query_params.get("lang") in LANGUAGES:
             response.set_cookie("lang", lang, path="/console", max_age=365 * 86400, samesite="strict")
         return response
+
+    def record(self, event: audit.AuditEvent) -> None:
+        """An event on the engine's audit trail (IHE ATNA)."""
+        audit.trail_of(self.runtime).record(event)
+
+    def requestor(self, request: Request, identity: Identity) -> audit.Actor:
+        """Who is looking, for the audit trail: the session's token name and role, the browser's address."""
+        return audit.actor(identity.name, request.client.host if request.client else "", user_name=identity.role)
 
     def to_login(self, request: Request) -> Response:
         return RedirectResponse(self.path(request, "login"), status_code=303)
@@ -154,7 +163,7 @@ class Console:
         local = {c.name for c in runtime.channels}
         names = [str(c["name"]) for c in runtime.config.channels]
         activity = await self.reader.run(self.reader.activity, names)
-        incidents = await open_counts(runtime)
+        incidents = await open_counts(self.reader.stores)
         rows = []
         for cfg in runtime.config.channels:
             name, process = str(cfg["name"]), str(cfg.get("process", "main"))
@@ -202,6 +211,12 @@ class Console:
                 page = await self.reader.run(self.reader.search, query, before_id, PAGE)
             except ValueError as exc:  # a query the index refuses (too short a text...): said on the form
                 errors.append(str(exc))
+        if page is not None and page.entries:  # patient data shown: the search on the audit trail
+            # The page's rows do not give their patients (that would read each one's keys): the patient searched
+            # for, when the search names one.
+            patients = audit.patient_refs([(params["patient"], "")]) if params["patient"] else ()
+            shown = urlencode({k: v for k, v in params.items() if v})
+            self.record(audit.queried(requestor=self.requestor(request, identity), query=shown, patients=patients))
         channels = [str(c["name"]) for c in self.runtime.config.channels]
         return self.render(
             request,
@@ -259,6 +274,13 @@ class Console:
             return shown, self.reader.destinations(entry)
 
         shown, destinations = await self.reader.run(view)
+        self.record(
+            audit.read(
+                requestor=self.requestor(request, identity),
+                patients=audit.patient_refs(shown.patients),
+                objects=_message_objects(entry),
+            )
+        )
         return await self.render_off_loop(
             request, "message.html", identity, entry=entry, keys=keys, view=shown, destinations=destinations
         )
@@ -269,9 +291,13 @@ class Console:
         if identity is None:
             return self.to_login(request)
         message_id = int(request.path_params["message_id"])
-        entry, _ = await self.reader.run(self.reader.entry, message_id) if message_id < 2**63 else (None, {})
+        entry, keys = await self.reader.run(self.reader.entry, message_id) if message_id < 2**63 else (None, {})
         if entry is None:
             return self.render(request, "error.html", identity, status=404, error="not_found")
+        patients = audit.patient_refs((value, "") for value in keys.get("patient", []))  # indexed: ids, no authority
+        self.record(
+            audit.read(requestor=self.requestor(request, identity), patients=patients, objects=_message_objects(entry))
+        )
         return Response(
             entry.raw,
             media_type="application/octet-stream",
@@ -288,6 +314,11 @@ def utc(text: str) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _message_objects(entry: Any) -> tuple[audit.ObjectRef, ...]:
+    """A journaled message for the audit trail: its MSH-10, else its journal id."""
+    return (audit.object_ref("message", entry.control_id or f"journal:{entry.id}"),)
 
 
 def _health_error(health: dict[str, Any]) -> str:

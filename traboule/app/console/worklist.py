@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from lxml import etree
 from pydicom.dataset import Dataset
 
+from traboule import audit
 from traboule.app.console.labels import LABELS, language
 from traboule.formats.dicom_match import QueryError, ScanStopped, compile_query
 from traboule.formats.worklist_item import decode_item
@@ -132,8 +134,11 @@ def row_of(response: Dataset) -> dict[str, str]:
 class WorklistReader:
     """What the worklist page reads (on the console's thread)."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, stores: Any = None) -> None:
+        """``stores``: the store factory read (the console's, `traboule.app.console.reader.Reader.stores`: its
+        statement timeout); the engine's by default."""
         self.runtime = runtime
+        self.stores = runtime.stores if stores is None else stores
         self.data_dir = Path(runtime.config.data_dir)
         self._local = threading.local()
 
@@ -144,7 +149,7 @@ class WorklistReader:
         if stores is None:
             stores = self._local.stores = {}
         if channel not in stores:
-            stores[channel] = self.runtime.stores.worklist(channel)
+            stores[channel] = self.stores.worklist(channel)
         return stores[channel]
 
     def channels(self) -> list[str]:
@@ -154,7 +159,7 @@ class WorklistReader:
         """The items of ``channel`` matching ``query``, by date and time (at most `MAX_ITEMS`; True: more)."""
         compiled = compile_query(query)
         found: list[Dataset] = []
-        if getattr(self.runtime.stores, "backend", "") == "postgresql":
+        if getattr(self.stores, "backend", "") == "postgresql":
             for response in self._store(channel).find(query, max_examined=MAX_EXAMINED):
                 found.append(response)
                 if len(found) > MAX_ITEMS:
@@ -194,12 +199,12 @@ class WorklistReader:
         out: dict[str, list[ShownDocument]] = {}
         wanted = [a for a in dict.fromkeys(accessions) if a]
         xds = [str(c["name"]) for c in self.runtime.config.channels if c["kind"] == "xds"]
-        postgres = getattr(self.runtime.stores, "backend", "") == "postgresql"
+        postgres = getattr(self.stores, "backend", "") == "postgresql"
         for cfg in self.runtime.config.channels:
             if cfg["kind"] != "hl7-orders" or not wanted:
                 continue
             if postgres:
-                with contextlib.closing(self.runtime.stores.reports(cfg["name"], None)) as store:
+                with contextlib.closing(self.stores.reports(cfg["name"], None)) as store:
                     for accession in wanted:
                         for status, event in _versions(store, accession):
                             out.setdefault(accession, []).append(self._shown(status, event, xds))
@@ -250,8 +255,8 @@ class WorklistReader:
 
     def _submission(self, channel: str, doc_id: str) -> str:
         """The status the ``xds`` channel recorded for a document version ("" when none)."""
-        if getattr(self.runtime.stores, "backend", "") == "postgresql":
-            with contextlib.closing(self.runtime.stores.submissions(channel)) as store:
+        if getattr(self.stores, "backend", "") == "postgresql":
+            with contextlib.closing(self.stores.submissions(channel)) as store:
                 found = store.get(doc_id)
             return found.status if found else ""
         path = self.data_dir / f"{channel}.sqlite"
@@ -335,11 +340,32 @@ class WorklistPage:
 
     def __init__(self, console: Any) -> None:
         self.console = console
-        self.reader = WorklistReader(console.runtime)
+        self.reader = WorklistReader(console.runtime, console.reader.stores)
 
     def _read(self, channel: str, filters: dict[str, str]) -> tuple[list[dict[str, str]], bool, dict[str, Any]]:
         rows, more = self.reader.items(channel, query_of(filters))
         return rows, more, self.reader.documents([r["accession"] for r in rows])
+
+    def _audit(
+        self,
+        request: Any,
+        identity: Any,
+        channel: str,
+        filters: dict[str, str],
+        rows: list[dict[str, str]],
+        documents: dict[str, list[ShownDocument]],
+    ) -> None:
+        """The page on the audit trail: the worklist query with the patients of its items; the documents shown, a
+        read of each one's patient(s) and ids."""
+        who = self.console.requestor(request, identity)
+        query = urlencode({"channel": channel, **{k: v for k, v in filters.items() if v}})
+        patients = audit.patient_refs((r["patient_id"], r["issuer"]) for r in rows)
+        self.console.record(audit.queried(requestor=who, query=query, patients=patients))
+        if not documents:
+            return
+        owners = audit.patient_refs((r["patient_id"], r["issuer"]) for r in rows if r["accession"] in documents)
+        shown = [audit.object_ref("document", d.id) for versions in documents.values() for d in versions]
+        self.console.record(audit.read(requestor=who, patients=owners, objects=shown[: audit.MAX_REFS]))
 
     async def page(self, request: Any) -> Any:
         identity = self.console.sessions.identity(request)
@@ -360,6 +386,8 @@ class WorklistPage:
                 errors.append(str(exc))
             except ScanStopped:  # more candidates than MAX_EXAMINED: said on the form
                 errors.append(LABELS[language(request)]["too_many_candidates"])
+        if rows:
+            self._audit(request, identity, channel, filters, rows, documents)
         return self.console.render(
             request,
             "worklist.html",

@@ -1,0 +1,403 @@
+"""The engine's audit trail (`AuditTrail`): recorded events to the local file, the durable queue, the repository.
+
+``record(event)`` puts the event in a bounded buffer and returns. A writer thread, every `FLUSH_S`, encodes the
+buffered events (`traboule.audit.message.encode`) and appends them to the local file (``[audit] file``,
+``audit.log`` in the data folder: one JSON line per event with its XML, mode 0600, fsync'd per batch), then, when
+an audit record repository is configured, to the queue ``audit.sqlite`` (`traboule.stores.audit_queue`). In the
+main process a relay task sends the queued messages to the repository over syslog (`traboule.adapters.syslog`)
+and marks them delivered once written: at least once, in order, after any outage of the repository or restart of
+the engine. Every process of a node records through its own trail into the same file and queue; the main
+process's relay sends them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from traboule import metrics
+from traboule.adapters.syslog import SyslogSender, format_message
+from traboule.app.config import AuditConfig, Config
+from traboule.audit import AuditEvent, application_activity, configuration_changed
+from traboule.audit.message import AuditSource, encode, event_time
+from traboule.stores.audit_queue import FILE as QUEUE_FILE
+from traboule.stores.audit_queue import AuditQueue
+from traboule.tls import client_context
+
+log = structlog.get_logger("traboule.app.audit_trail")
+
+FLUSH_S = 0.05  # the writer's batch interval
+MAX_PENDING = 10_000  # events the buffer holds at most while the disk does not take them (beyond: dropped, logged)
+MAX_UNQUEUED = 100_000  # messages in the file kept for a queue that fails (beyond: in the file only, logged)
+RELAY_BATCH = 500  # messages sent in one write (each write waits `syslog.SETTLE` for a reset)
+RELAY_POLL_S = 1.0  # how often the relay looks at an empty queue (the other processes' messages cannot wake it)
+MIN_BACKOFF_S = 1.0  # first pause after the repository failed, doubled up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 30.0
+STOP_DRAIN_S = 3.0  # at stop, how long the relay may still send what is queued (the rest waits for the next run)
+PRUNE_EVERY_S = 600.0
+CONFIG_HASH_FILE = "audit-config.sha256"
+
+
+def audit_source(config: Config) -> AuditSource:
+    """The engine's identity in its audit messages, from ``[audit]`` and the channels (the first DICOM SCP's AE
+    title when ``[audit] ae_title`` is not set)."""
+    settings = config.audit
+    host = socket.gethostname()
+    ae_title = settings.ae_title
+    if not ae_title:
+        for channel in config.channels:
+            for endpoint in channel.get("destinations") or []:
+                if isinstance(endpoint, dict) and str(endpoint.get("adapter", "")).endswith("-scp"):
+                    ae_title = str(endpoint.get("ae_title", ""))
+                    break
+            if ae_title:
+                break
+    return AuditSource(
+        source_id=settings.source_id or host,
+        enterprise_site_id=settings.enterprise_site_id,
+        ae_title=ae_title,
+        host_name=host,
+    )
+
+
+class AuditTrail:
+    """The audit trail of one engine process (``runtime.audit``). ``relay``: this process sends the queue to the
+    repository (the main process)."""
+
+    def __init__(self, config: Config, *, relay: bool) -> None:
+        self.settings: AuditConfig = config.audit
+        self.source = audit_source(config)
+        self.data_dir = Path(config.data_dir)
+        self.path = self.data_dir / self.settings.file
+        self.address = self.settings.address
+        self.relays = relay and self.address is not None
+        self.ssl_context = (
+            client_context(self.settings.tls) if self.address is not None and self.settings.transport == "tls" else None
+        )
+        self._pending: list[AuditEvent] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._written = threading.Condition(self._lock)
+        self._recorded = 0  # events taken in by `record` (and not dropped)
+        self._done = 0  # of those, written to the file (and the queue)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._fd: int | None = None
+        self._queue: AuditQueue | None = None
+        self._unqueued: list[tuple[float, int, bytes]] = []  # in the file, not yet in the queue (a failed put)
+        self._failing = False
+        self.dropped = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queued: asyncio.Event | None = None
+        self._relay: asyncio.Task | None = None
+        self._sender: SyslogSender | None = None
+        self.repository_down = False
+        self._stopping = False
+
+    # -- recording (any thread, never blocks, never raises) --------------------------------------------------------
+
+    def record(self, event: AuditEvent) -> None:
+        try:
+            with self._lock:
+                if self._closing and self._thread is None:
+                    return
+                if len(self._pending) >= MAX_PENDING:
+                    self.dropped += 1
+                    if self.dropped == 1 or self.dropped % 1000 == 0:
+                        log.error("audit.dropped", dropped=self.dropped)
+                    return
+                self._pending.append(event)
+                self._recorded += 1
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                    self._thread.start()
+        except Exception:  # recording never fails its caller
+            return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what was recorded so far is in the file and the queue (blocking); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._recorded
+            self._wake.set()
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._written.wait(min(left, FLUSH_S))
+        return True
+
+    # -- the writer thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            with self._lock:
+                events, self._pending = self._pending, []
+                closing = self._closing
+            if events or self._unqueued:
+                try:
+                    self._write(events)
+                except Exception as exc:  # a bug: said, and the thread goes on (the events are lost)
+                    log.error("audit.writer_failed", error=type(exc).__name__, events=len(events))
+                    with self._lock:
+                        self._done += len(events)
+            if closing and not events:
+                with self._lock:
+                    if not self._pending:
+                        self._thread = None
+                        return
+
+    def _write(self, events: list[AuditEvent]) -> None:
+        """Encode and append ``events`` to the file, then to the queue. A batch the file refuses goes back to the
+        buffer, retried next time; messages the queue refuses are retried on their own (they are in the file)."""
+        lines, queued = [], []
+        for event in events:
+            try:
+                xml = encode(event, self.source)
+            except Exception as exc:  # a bug, not data: said, and the event kept as data in the file
+                log.error("audit.encode_failed", kind=event.kind, error=type(exc).__name__)
+                xml = b""
+            lines.append(self._line(event, xml))
+            if xml:
+                queued.append((event.at, int(event.outcome), xml))
+        try:
+            if lines:
+                self._append(b"".join(lines))
+        except Exception as exc:
+            self._failed("file", exc)
+            with self._lock:
+                self._pending[:0] = events
+            time.sleep(FLUSH_S * 10)
+            return
+        self._enqueue(queued)
+        with self._lock:  # in the file, and in the queue unless it failed (then retried on its own)
+            self._done += len(events)
+            self._written.notify_all()
+
+    def _enqueue(self, queued: list[tuple[float, int, bytes]]) -> None:
+        if self.address is None:
+            self._recovered()
+            return
+        self._unqueued.extend(queued)
+        try:
+            if self._queue is None:
+                self._queue = AuditQueue(self.data_dir / QUEUE_FILE)
+            self._queue.put(self._unqueued)
+        except Exception as exc:
+            self._failed("queue", exc)
+            if len(self._unqueued) > MAX_UNQUEUED:  # only in the file from here on
+                log.error("audit.not_queued", messages=len(self._unqueued) - MAX_UNQUEUED)
+                del self._unqueued[: len(self._unqueued) - MAX_UNQUEUED]
+            time.sleep(FLUSH_S * 10)
+            return
+        self._unqueued = []
+        self._recovered()
+        if self._loop is not None and self._queued is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                self._loop.call_soon_threadsafe(self._queued.set)
+
+    def _failed(self, where: str, exc: Exception) -> None:
+        if not self._failing:  # once until it works again
+            log.error("audit.write_failed", to=where, error=type(exc).__name__)
+            self._failing = True
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.info("audit.writing_again")
+            self._failing = False
+
+    def _line(self, event: AuditEvent, xml: bytes) -> bytes:
+        record = {
+            "at": event_time(event.at),
+            "kind": event.kind,
+            "action": event.action,
+            "outcome": int(event.outcome),
+            "transaction": event.transaction,
+            "pid": os.getpid(),
+            "xml": xml.decode("utf-8"),
+        }
+        if not xml:
+            record["event"] = event.as_dict()
+        return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+    def _append(self, data: bytes) -> None:
+        if self._fd is not None and self._moved():  # rotated: a new file where the old one was
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+            raise
+
+    def _moved(self) -> bool:
+        assert self._fd is not None
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return True
+
+    # -- the relay (main process) ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the relay (in the process that sends, with a repository configured)."""
+        if not self.relays or self._relay is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._queued = asyncio.Event()
+        assert self.address is not None
+        host, port = self.address
+        self._sender = SyslogSender(host, port, self.ssl_context, server_name=self.settings.tls.server_name)
+        self._relay = asyncio.create_task(self._run_relay(), name="audit-relay")
+
+    def _queue_now(self) -> AuditQueue:
+        if self._queue is None:
+            self._queue = AuditQueue(self.data_dir / QUEUE_FILE)
+        return self._queue
+
+    async def _send_some(self) -> int:
+        """Send the oldest queued messages once; how many (0: the queue is empty). Raises when the repository
+        does not take them."""
+        assert self._sender is not None
+        queue = await asyncio.to_thread(self._queue_now)
+        batch = await asyncio.to_thread(queue.take, RELAY_BATCH)
+        if not batch:
+            metrics.audit_queue_depth.set(0)
+            return 0
+        pid = str(os.getpid())
+        messages = [
+            format_message(q.message, at=q.at, hostname=self.source.host_name, procid=pid, failed=q.outcome != 0)
+            for q in batch
+        ]
+        await self._sender.send(messages)
+        await asyncio.to_thread(queue.done, [q.id for q in batch])
+        metrics.audit_queue_depth.set(await asyncio.to_thread(queue.depth))
+        return len(batch)
+
+    async def _run_relay(self) -> None:
+        assert self._queued is not None
+        backoff = MIN_BACKOFF_S
+        pruned = time.monotonic()
+        repository = self.settings.repository
+        while True:
+            try:
+                sent = await self._send_some()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self.repository_down:  # once per outage, not per message
+                    self.repository_down = True
+                    log.warning("audit.repository_down", repository=repository, error=type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    metrics.audit_queue_depth.set(await asyncio.to_thread(self._queue_now().depth))
+                if self._stopping:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            if self.repository_down:
+                self.repository_down = False
+                log.info("audit.repository_back", repository=repository)
+            backoff = MIN_BACKOFF_S
+            if time.monotonic() - pruned > PRUNE_EVERY_S:
+                pruned = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._queue_now().prune)
+            if not sent:
+                if self._stopping:
+                    return
+                self._queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), RELAY_POLL_S)
+
+    async def close(self) -> None:
+        """Write what was recorded (file and queue), send what the repository takes within `STOP_DRAIN_S` (the
+        rest stays queued for the next run), stop."""
+        await asyncio.to_thread(self.flush)
+        if self._relay is not None:
+            assert self._queued is not None
+            self._stopping = True
+            self._queued.set()
+            done, _ = await asyncio.wait({self._relay}, timeout=STOP_DRAIN_S)
+            if not done:
+                self._relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._relay
+            self._relay = None
+        if self._sender is not None:
+            await self._sender.close()
+        with self._lock:
+            self._closing = True
+            self._wake.set()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                self._queue.close()
+            self._queue = None
+
+    # -- events of the engine itself -------------------------------------------------------------------------------
+
+    def started(self, config: Config) -> None:
+        """Record the engine's start, and a configuration change when its digest differs from the last start's
+        (kept in ``audit-config.sha256`` in the data folder; none recorded on the very first start)."""
+        self.record(application_activity("start"))
+        digest = config_digest(config)
+        path = self.data_dir / CONFIG_HASH_FILE
+        try:
+            previous = path.read_text().strip() if path.exists() else ""
+            if previous != digest:
+                if previous:
+                    self.record(configuration_changed(by=None, what=config.path or "configuration"))
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(digest + "\n")
+                os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("audit.config_digest_failed", error=type(exc).__name__)
+
+    def stopping(self) -> None:
+        self.record(application_activity("stop"))
+
+
+def config_digest(config: Config) -> str:
+    """SHA-256 of the configuration as loaded (every setting, the channels and the mappings' names; not the file's
+    path)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, set | frozenset):
+            return sorted(map(str, value))
+        return type(value).__name__  # an object without a stable text of its own
+
+    try:
+        data = {k: v for k, v in dataclasses.asdict(config).items() if k != "path"}
+        text = json.dumps(data, sort_keys=True, default=plain)
+    except Exception:
+        text = Path(config.path).read_text() if config.path else repr(config.channels)
+    return hashlib.sha256(text.encode()).hexdigest()

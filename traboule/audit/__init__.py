@@ -1,0 +1,384 @@
+"""The audit trail: who did what with which patient's data, as IHE ATNA / DICOM PS3.15 Annex A.5 audit messages.
+
+Code that handles patient data records an `AuditEvent` made by one of the constructors below on the engine's
+`AuditTrail` (``trail_of(runtime).record(event)``). Recording never blocks and never raises: the trail writes the
+event to a local append-only file and a durable queue, from which the engine sends it to the audit record
+repository (syslog over TLS, RFC 5424 / RFC 5425) when one is configured, later if the repository is down.
+
+The constructors speak of what happened (an order received, a document exported, a query answered); the encoding
+into the DICOM audit message (event codes, participant roles, object type codes) is `traboule.audit.message`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Literal, Protocol
+
+Action = Literal["C", "R", "U", "D", "E"]  # create, read, update, delete, execute (PS3.15 EventActionCode)
+
+
+class Outcome(IntEnum):
+    """EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4  # e.g. a message refused (AE/AR), an authentication that failed
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """A participant: a peer system or person, or the engine itself.
+
+    ``user_id``: what the peer calls itself (the token's name, the calling AE title, the sending application
+    ``MSH-3^MSH-4``, a destination's host). ``address``: its IP address (or host name). ``cert_subject``: the subject
+    of its TLS client certificate, when it showed one. ``user_name``: a readable name or role (``operate``)."""
+
+    user_id: str
+    address: str = ""
+    cert_subject: str = ""
+    user_name: str = ""
+    ae_title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRef:
+    """One identifier of a patient: the value and its assigning authority (PID-3.4: an OID or a namespace)."""
+
+    value: str
+    authority: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """Another object the event is about: ``kind`` is ``order`` (placer/filler order number), ``accession``,
+    ``study`` (Study Instance UID), ``document`` (a document's unique id), ``submission-set``, ``message``
+    (MSH-10), ``query`` (``detail`` = the query's text or bytes), ``resource`` (a FHIR ``Type/id``), ``mpps``
+    (the SOP Instance UID) or ``configuration`` (a file or a setting)."""
+
+    kind: str
+    value: str
+    detail: bytes = b""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited event, before encoding. ``kind``: ``patient-record``, ``order-record``, ``export``, ``import``,
+    ``query``, ``application-activity``, ``security-alert``, ``user-authentication``. ``transaction``: the IHE
+    transaction when there is one (``RAD-2``, ``RAD-5``, ``ITI-41``, ``ITI-67``, ``ITI-68``...)."""
+
+    kind: str
+    action: Action
+    outcome: Outcome = Outcome.SUCCESS
+    requestor: Actor | None = None  # who asked (the source of a message, the querier, the token holder)
+    destination: Actor | None = None  # where data went (an export's repository), when it is not the engine
+    patients: tuple[PatientRef, ...] = ()
+    objects: tuple[ObjectRef, ...] = ()
+    transaction: str = ""
+    description: str = ""  # EventOutcomeDescription: why it failed (no patient data)
+    subtype: str = ""  # application-activity: start / stop; security-alert: what (configuration, node-auth...)
+    at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as JSON-able data (what the durable queue keeps before encoding)."""
+        return {
+            "kind": self.kind,
+            "action": self.action,
+            "outcome": int(self.outcome),
+            "requestor": _actor(self.requestor),
+            "destination": _actor(self.destination),
+            "patients": [[p.value, p.authority] for p in self.patients],
+            "objects": [[o.kind, o.value, o.detail.hex()] for o in self.objects],
+            "transaction": self.transaction,
+            "description": self.description,
+            "subtype": self.subtype,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEvent:
+        return cls(
+            kind=data["kind"],
+            action=data["action"],
+            outcome=Outcome(data["outcome"]),
+            requestor=Actor(**data["requestor"]) if data.get("requestor") else None,
+            destination=Actor(**data["destination"]) if data.get("destination") else None,
+            patients=tuple(PatientRef(v, a) for v, a in data.get("patients", ())),
+            objects=tuple(ObjectRef(k, v, bytes.fromhex(d)) for k, v, d in data.get("objects", ())),
+            transaction=data.get("transaction", ""),
+            description=data.get("description", ""),
+            subtype=data.get("subtype", ""),
+            at=data.get("at", time.time()),
+        )
+
+
+def _actor(actor: Actor | None) -> dict[str, str] | None:
+    if actor is None:
+        return None
+    return {
+        "user_id": actor.user_id,
+        "address": actor.address,
+        "cert_subject": actor.cert_subject,
+        "user_name": actor.user_name,
+        "ae_title": actor.ae_title,
+    }
+
+
+# -- constructors: what happened ---------------------------------------------------------------------------------
+
+
+def message_received(
+    kind: Literal["order", "patient", "report"],
+    action: Action,
+    *,
+    source: Actor,
+    patients: Sequence[PatientRef],
+    objects: Sequence[ObjectRef] = (),
+    outcome: Outcome = Outcome.SUCCESS,
+    transaction: str = "",
+    description: str = "",
+) -> AuditEvent:
+    """An HL7 message received: an order (ORM/OMI: Order Record), a patient update or merge (ADT: Patient
+    Record), a report (ORU/MDM: Patient Record, the report's ids as objects). ``objects`` name the message (MSH-10)
+    and its order, accession, study or document ids."""
+    event_kind = "order-record" if kind == "order" else "patient-record"
+    return AuditEvent(
+        kind=event_kind,
+        action=action,
+        outcome=outcome,
+        requestor=source,
+        patients=tuple(patients),
+        objects=tuple(objects),
+        transaction=transaction,
+        description=description,
+    )
+
+
+def exported(
+    *,
+    destination: Actor,
+    patients: Sequence[PatientRef],
+    objects: Sequence[ObjectRef],
+    transaction: str,
+    requestor: Actor | None = None,
+    outcome: Outcome = Outcome.SUCCESS,
+    description: str = "",
+) -> AuditEvent:
+    """Documents or data that left the engine: a DMP / XDS.b submission (ITI-41), a document fed to a DRIMbox, a
+    document retrieved through MHD (ITI-68: ``requestor`` is who retrieved it, ``destination`` the same peer)."""
+    return AuditEvent(
+        kind="export",
+        action="R",
+        outcome=outcome,
+        requestor=requestor,
+        destination=destination,
+        patients=tuple(patients),
+        objects=tuple(objects),
+        transaction=transaction,
+        description=description,
+    )
+
+
+def queried(
+    *,
+    requestor: Actor,
+    query: bytes | str,
+    patients: Sequence[PatientRef] = (),
+    transaction: str = "",
+    outcome: Outcome = Outcome.SUCCESS,
+    description: str = "",
+) -> AuditEvent:
+    """A query that may return patient data (an MWL C-FIND, a FHIR search, a console search): the query itself
+    and the patients of what was returned."""
+    text = query.encode(errors="backslashreplace") if isinstance(query, str) else query
+    return AuditEvent(
+        kind="query",
+        action="E",
+        outcome=outcome,
+        requestor=requestor,
+        patients=tuple(patients),
+        objects=(ObjectRef("query", transaction or "query", text),),
+        transaction=transaction,
+        description=description,
+    )
+
+
+def read(
+    *,
+    requestor: Actor,
+    patients: Sequence[PatientRef],
+    objects: Sequence[ObjectRef] = (),
+    transaction: str = "",
+    outcome: Outcome = Outcome.SUCCESS,
+) -> AuditEvent:
+    """One object with patient data read: a FHIR read, a message opened in the console (Patient Record, R)."""
+    return AuditEvent(
+        kind="patient-record",
+        action="R",
+        outcome=outcome,
+        requestor=requestor,
+        patients=tuple(patients),
+        objects=tuple(objects),
+        transaction=transaction,
+    )
+
+
+def performed_step(
+    action: Action,
+    *,
+    source: Actor,
+    patients: Sequence[PatientRef],
+    objects: Sequence[ObjectRef],
+    outcome: Outcome = Outcome.SUCCESS,
+    description: str = "",
+) -> AuditEvent:
+    """An MPPS N-CREATE / N-SET received from a modality (Procedure Record, RAD-6 / RAD-7)."""
+    return AuditEvent(
+        kind="procedure-record",
+        action=action,
+        outcome=outcome,
+        requestor=source,
+        patients=tuple(patients),
+        objects=tuple(objects),
+        transaction="RAD-6" if action == "C" else "RAD-7",
+        description=description,
+    )
+
+
+def application_activity(subtype: Literal["start", "stop"], *, by: Actor | None = None) -> AuditEvent:
+    """The engine (or one of its processes) started or stopped."""
+    return AuditEvent(kind="application-activity", action="E", requestor=by, subtype=subtype)
+
+
+def configuration_changed(*, by: Actor | None, what: str, outcome: Outcome = Outcome.SUCCESS) -> AuditEvent:
+    """The configuration, a mapping or a certificate changed (Security Alert)."""
+    return AuditEvent(
+        kind="security-alert",
+        action="E",
+        outcome=outcome,
+        requestor=by,
+        objects=(ObjectRef("configuration", what),),
+        subtype="configuration",
+    )
+
+
+def authentication_failed(*, user: Actor, reason: str) -> AuditEvent:
+    """A login or bearer token refused, a TLS peer refused (wrong CA, expired, subject not allowed) — ``reason`` is
+    a fixed text, never the presented secret."""
+    return AuditEvent(
+        kind="user-authentication",
+        action="E",
+        outcome=Outcome.MINOR_FAILURE,
+        requestor=user,
+        description=reason,
+        subtype="login",
+    )
+
+
+def node_authentication_failed(*, peer: Actor, reason: str) -> AuditEvent:
+    """A TLS handshake or a certificate refused (Security Alert, node authentication)."""
+    return AuditEvent(
+        kind="security-alert",
+        action="E",
+        outcome=Outcome.MINOR_FAILURE,
+        requestor=peer,
+        description=reason,
+        subtype="node-authentication",
+    )
+
+
+def operator_action(
+    action: Action,
+    *,
+    operator: Actor,
+    what: Literal["reprocess", "dead-letter-replay", "dead-letter-discard"],
+    objects: Sequence[ObjectRef],
+    patients: Sequence[PatientRef] = (),
+    outcome: Outcome = Outcome.SUCCESS,
+    description: str = "",
+) -> AuditEvent:
+    """An operator's action on received data (Patient Record, ``subtype`` = ``what``): journaled messages
+    reprocessed (U; objects ``journal-entry``: the journal ids, ``1-3,7``), a dead letter replayed (U) or discarded
+    (D; objects ``bus-message``: the bus message id). ``description``: the operator's reason is not put here (it may
+    name a patient)."""
+    return AuditEvent(
+        kind="patient-record",
+        action=action,
+        outcome=outcome,
+        requestor=operator,
+        patients=tuple(patients),
+        objects=tuple(objects),
+        description=description,
+        subtype=what,
+    )
+
+
+# -- received values, bounded -------------------------------------------------------------------------------------
+
+MAX_VALUE = 256  # characters of one identifier or actor field an event keeps (received values are hostile)
+MAX_DETAIL = 4096  # bytes of an object's detail (a query's text) kept
+MAX_REFS = 100  # patients an event names at most
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def bounded(value: Any, limit: int = MAX_VALUE) -> str:
+    """A received value as an event keeps it: text, at most ``limit`` characters, control characters as ``?``."""
+    text = value if isinstance(value, str) else str(value)
+    text = text[:limit]
+    return text if text.isprintable() else _CONTROL.sub("?", text)
+
+
+def actor(user_id: Any, address: Any = "", cert_subject: Any = "", user_name: Any = "", ae_title: Any = "") -> Actor:
+    """An `Actor` of received values, each `bounded`."""
+    return Actor(bounded(user_id), bounded(address), bounded(cert_subject), bounded(user_name), bounded(ae_title))
+
+
+def object_ref(kind: str, value: Any, detail: bytes = b"") -> ObjectRef:
+    """An `ObjectRef` of a received id (`bounded`; ``detail`` cut to `MAX_DETAIL` bytes)."""
+    return ObjectRef(kind, bounded(value), detail[:MAX_DETAIL])
+
+
+def patient_refs(ids: Iterable[tuple[Any, Any]]) -> tuple[PatientRef, ...]:
+    """(value, authority) pairs as `PatientRef` s: `bounded`, empty values left out, each once, `MAX_REFS` at
+    most."""
+    out: dict[PatientRef, None] = {}
+    for value, authority in ids:
+        if value:
+            out.setdefault(PatientRef(bounded(value), bounded(authority or "")))
+            if len(out) >= MAX_REFS:
+                break
+    return tuple(out)
+
+
+def patients_of(*patients: Any) -> tuple[PatientRef, ...]:
+    """The identifiers of canonical patients (``traboule.model.Patient``: ``ids`` with ``value``, ``issuer``,
+    ``issuer_oid``) as `PatientRef` s: the authority is the issuer's OID, else its namespace."""
+    return patient_refs((i.value, i.issuer_oid or i.issuer) for p in patients for i in p.ids)
+
+
+# -- the trail -------------------------------------------------------------------------------------------------
+
+
+class AuditTrail(Protocol):
+    """Where events are recorded. ``record`` returns at once and never raises."""
+
+    def record(self, event: AuditEvent) -> None: ...
+
+
+class NullTrail:
+    """The trail of code run without an engine (tests of one component, commands that audit nothing)."""
+
+    def record(self, event: AuditEvent) -> None:
+        return None
+
+
+NULL_TRAIL = NullTrail()
+
+
+def trail_of(owner: Any) -> AuditTrail:
+    """The audit trail of a runtime (its ``audit`` attribute), or one that records nothing."""
+    return getattr(owner, "audit", None) or NULL_TRAIL

@@ -10,11 +10,12 @@ Each C-FIND is bounded: at most `max_examined` items examined and `query_timeout
 A700 "Refused: Out of Resources"; a C-CANCEL, or the association going away, stops the scan itself (checked
 before every candidate item, not only between matches), so a query that matches nothing still stops at once.
 
-After each C-FIND, ``on_query(peer, identifier, patients, outcome)`` (when given) hears who asked (`Peer`: calling AE
-title, address, TLS certificate subject), the identifier's bytes as received, the (PatientID, IssuerOfPatientID) of
-the items returned (each once, at most `MAX_AUDITED_PATIENTS`) and the outcome (``success``, ``truncated``,
-``cancelled``, ``association_gone``, ``invalid_query``, ``out_of_resources``, ``error``): the worklist channel
-audits it.
+After each C-FIND, ``on_query(peer, identifier, patients, outcome, sop_class=..., transfer_syntax=...)`` (when
+given) hears who asked (`Peer`: calling AE title, address, TLS certificate subject), the identifier's bytes as
+received, the (PatientID, IssuerOfPatientID) of the items returned (each once, at most `MAX_AUDITED_PATIENTS`), the
+outcome (``success``, ``truncated``, ``cancelled``, ``association_gone``, ``invalid_query``, ``out_of_resources``,
+``error``), the C-FIND's SOP Class UID and the transfer syntax UID of its presentation context (the identifier's
+encoding): the worklist channel audits it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,21 @@ UNABLE_TO_PROCESS = 0xC001
 
 FindResult = tuple[int | Dataset, Dataset | None]
 MAX_AUDITED_PATIENTS = 1000  # distinct patients handed to on_query for one C-FIND; the rest are counted only
-QueryHook = Callable[[Peer, bytes, list[tuple[str, str]], str], None]
+
+
+class QueryHook(Protocol):
+    """``on_query``: see the module."""
+
+    def __call__(
+        self,
+        peer: Peer,
+        identifier: bytes,
+        patients: list[tuple[str, str]],
+        outcome: str,
+        *,
+        sop_class: str,
+        transfer_syntax: str,
+    ) -> None: ...
 
 
 class FindItems(Protocol):
@@ -248,6 +263,14 @@ class WorklistSCP(DicomServer):
         try:
             identifier = event.request.Identifier
             raw = identifier.getvalue() if identifier is not None else b""
-            self.on_query(peer_of(event.assoc), bytes(raw), patients, outcome)  # type: ignore[misc]
+            context = getattr(event, "context", None)
+            self.on_query(  # type: ignore[misc]
+                peer_of(event.assoc),
+                bytes(raw),
+                patients,
+                outcome,
+                sop_class=str(getattr(context, "abstract_syntax", "") or ModalityWorklistInformationFind),
+                transfer_syntax=str(getattr(context, "transfer_syntax", "") or ""),
+            )
         except Exception as exc:  # the audit must not change the answer
             self._log.error("mwl.query_hook_failed", error=type(exc).__name__)

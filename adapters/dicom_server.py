@@ -18,7 +18,10 @@ one peer that connects and stays silent would stop every other connection. Here 
 socket; the handshake runs in the connection's own thread, bounded by ``tls_handshake_timeout``. A client
 certificate subject outside ``allowed_subjects`` is refused before any DICOM byte is read; a calling AE title bound
 to a subject by ``ae_certificates`` is answered A-ASSOCIATE-RJ (permanent, calling AE title not recognised) when the
-certificate shown is not that subject's. Each refusal is logged and handed to ``on_peer_refused``.
+certificate shown is not that subject's. Each refusal is logged; those for the client certificate (none returned, not
+verified, subject not allowed, AE title bound to another) are handed to ``on_peer_refused`` too. A peer address
+opening connections faster than ``max_handshakes_per_second`` (after a ``handshake_burst``) has the next ones closed
+on accept, before their handshake and their thread.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from traboule.adapters.mllp import NO_CERTIFICATE, NO_CERTIFICATE_REASONS, SUBJECT_NOT_ALLOWED, AcceptRate
 from traboule.errors import ConfigError
 from traboule.tls import TLSSettings, normalise_subject, subject_allowed, subject_of
 
@@ -66,6 +70,10 @@ class SCPLimits:
     network_timeout: float = 30.0  # seconds an association may stay silent, or a PDU stall mid-way
     max_message_bytes: int = 4 * 1024 * 1024  # one DIMSE message (command + data set), all its PDUs together
     tls_handshake_timeout: float = 10.0  # seconds a TLS peer has to complete its handshake
+    # TLS: connections taken on from one IP address a second, and at once after a quiet spell; more are closed on
+    # accept, before their handshake (each costs CPU and a thread before the peer's certificate is known).
+    max_handshakes_per_second: float = 20.0
+    handshake_burst: int = 40
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any], where: str) -> SCPLimits:
@@ -151,7 +159,8 @@ class _GuardedServer(ThreadedAssociationServer):
         self,
         *args: Any,
         per_peer: int = 0,
-        on_refused: Callable[[str, int], None],
+        on_refused: Callable[[str, str, int], None],
+        rate: AcceptRate | None = None,
         handshake_timeout: float = 10.0,
         allowed_subjects: Sequence[str] = (),
         on_handshake_refused: Callable[[Peer, str, BaseException | None], None] | None = None,
@@ -159,6 +168,7 @@ class _GuardedServer(ThreadedAssociationServer):
     ) -> None:
         self.per_peer = per_peer
         self.on_refused = on_refused
+        self.rate = rate
         self.handshake_timeout = handshake_timeout
         self.allowed_subjects = tuple(allowed_subjects)
         self.on_handshake_refused = on_handshake_refused
@@ -188,12 +198,16 @@ class _GuardedServer(ThreadedAssociationServer):
         except ssl.SSLCertVerificationError as exc:
             self._refuse(Peer("", host), f"client certificate refused: {exc.verify_message or 'not verified'}", exc)
             return False
+        except ssl.SSLError as exc:
+            reason = NO_CERTIFICATE if exc.reason in NO_CERTIFICATE_REASONS else "TLS handshake failed"
+            self._refuse(Peer("", host), reason, exc)
+            return False
         except (OSError, ValueError) as exc:  # not TLS, a protocol error, silence past the timeout, a reset
             self._refuse(Peer("", host), "TLS handshake failed", exc)
             return False
         sock.traboule_subject = subject  # type: ignore[attr-defined]
         if not subject_allowed(subject, self.allowed_subjects):
-            self._refuse(Peer("", host, subject), "client certificate subject not allowed", None)
+            self._refuse(Peer("", host, subject), SUBJECT_NOT_ALLOWED, None)
             return False
         return True
 
@@ -205,11 +219,14 @@ class _GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # Called by the accepting thread only: no lock needed.
         host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        if self.rate is not None and (limit := self.rate.take(host, time.monotonic())):
+            self.on_refused(host, limit, -1)
+            return False  # socketserver closes the connection
         peer = self._open.setdefault(host, weakref.WeakSet())
         open_now = sum(1 for sock in list(peer) if sock.fileno() != -1)
         if self.per_peer and open_now >= self.per_peer:
-            self.on_refused(host, open_now)
-            return False  # socketserver closes the connection
+            self.on_refused(host, "max_associations_per_peer", open_now)
+            return False
         peer.add(request)
         if len(self._open) > 1024:
             for gone in [h for h, socks in self._open.items() if all(s.fileno() == -1 for s in list(socks))]:
@@ -301,6 +318,11 @@ class DicomServer:
                 ssl_context=self.ssl_context,
                 per_peer=self.limits.max_associations_per_peer,
                 on_refused=self._on_refused,
+                rate=(
+                    AcceptRate(self.limits.max_handshakes_per_second, self.limits.handshake_burst)
+                    if self.ssl_context is not None
+                    else None
+                ),
                 handshake_timeout=self.limits.tls_handshake_timeout,
                 allowed_subjects=self.allowed_subjects,
                 on_handshake_refused=self._on_handshake_refused,
@@ -399,7 +421,11 @@ class DicomServer:
     def _on_handshake_refused(self, peer: Peer, reason: str, exc: BaseException | None) -> None:
         # Called in the connection's thread. A certificate refused is audited; a handshake that failed otherwise
         # (plain TCP, a port scan, a load balancer's TCP check) is only logged, at most once per peer per interval.
-        certificate = exc is None or isinstance(exc, ssl.SSLCertVerificationError)
+        certificate = (
+            exc is None
+            or isinstance(exc, ssl.SSLCertVerificationError)
+            or (isinstance(exc, ssl.SSLError) and exc.reason in NO_CERTIFICATE_REASONS)
+        )
         if certificate:
             self._notify_refused(peer, reason)
         refused = self._throttle(("tls-certificate:" if certificate else "tls:") + peer.address)
@@ -434,15 +460,16 @@ class DicomServer:
         self._refusals[key] = (now, 0)
         return refused
 
-    def _on_refused(self, host: str, open_now: int) -> None:
-        refused = self._throttle(host)
+    def _on_refused(self, host: str, limit: str, open_now: int) -> None:
+        refused = self._throttle(f"{limit}:{host}")
         if refused is None:
             return
         self._log.warning(
             f"{self.name}.connection_refused",
             peer=host,
-            open_connections=open_now,
-            limit=self.limits.max_associations_per_peer,
+            reason=limit,
+            limit=getattr(self.limits, limit),
+            **({"open_connections": open_now} if open_now >= 0 else {}),
             refused=refused,
         )
 

@@ -12,7 +12,7 @@ import httpx
 
 from traboule.errors import DICOMwebError
 from traboule.model import is_uid
-from traboule.tls import TLSSettings, client_context
+from traboule.tls import TLSSettings, http_client_options
 
 DicomJSON = dict[str, dict[str, Any]]
 
@@ -27,14 +27,15 @@ class DICOMwebClient:
         token: str = "",
         tls: TLSSettings | None = None,
     ) -> None:
-        """``tls``: the archive's TLS settings for an https base URL (`traboule.tls.client_context`: the engine's
-        TLS profile, the CAs trusted, a client certificate); the system's CAs without it."""
+        """``tls``: the archive's TLS settings for an https base URL (`traboule.tls.http_client_options`: the
+        engine's TLS profile, the CAs trusted, a client certificate, the ``server_name`` sent and checked); the
+        system's CAs without it."""
         self.base_url = base_url.rstrip("/")
         headers = {"Accept": "application/dicom+json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        verify = client_context(tls or TLSSettings())
-        self._client = httpx.AsyncClient(timeout=timeout, auth=auth, headers=headers, verify=verify)
+        options = http_client_options(tls or TLSSettings())
+        self._client = httpx.AsyncClient(timeout=timeout, auth=auth, headers=headers, **options)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from traboule.errors import FHIRServerError
-from traboule.tls import TLSSettings, client_context
+from traboule.tls import TLSSettings, http_client_options
 
 FHIR_JSON = "application/fhir+json"
 
@@ -115,13 +115,14 @@ class FHIRClient:
         key_file: str = "",
         tls: TLSSettings | None = None,
     ) -> None:
-        """``tls``: the destination's TLS settings (`traboule.tls.client_context`: the engine's TLS profile, the CAs
-        trusted, the client certificate for mutual TLS); without it, ``ca_file`` (the CA bundle to trust, system
-        CAs otherwise) and ``cert_file`` (+ ``key_file``, the client certificate) make them."""
+        """``tls``: the destination's TLS settings (`traboule.tls.http_client_options`: the engine's TLS profile, the
+        CAs trusted, the client certificate for mutual TLS, the ``server_name`` sent and checked); without it,
+        ``ca_file`` (the CA bundle to trust, system CAs otherwise) and ``cert_file`` (+ ``key_file``, the client
+        certificate) make them."""
         self.base_url = base_url.rstrip("/")
         all_headers = {"Accept": FHIR_JSON, **(headers or {})}
         tls = tls or TLSSettings(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth, verify=client_context(tls))
+        self._client = httpx.AsyncClient(timeout=timeout, headers=all_headers, auth=auth, **http_client_options(tls))
 
     async def close(self) -> None:
         await self._client.aclose()

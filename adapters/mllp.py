@@ -20,10 +20,13 @@ TLS (``traboule.tls``): a listener given a server context speaks TLS only. It ac
 each to the loop with the context (``connect_accepted_socket``), which completes the handshake before the connection
 exists for the limits above; handshakes under way have a budget of their own (``max_connections`` in all,
 ``max_connections_per_peer`` per address) and each is bounded by ``ssl_handshake_timeout``, so silent peers hold no
-slot for long. A handshake that fails (a plain TCP peer, an old protocol version, a cipher outside BCP 195, a client
-certificate the CA did not sign or that expired) or a client certificate subject outside ``allowed_subjects`` closes
-the connection (``connection.tls_refused``: peer, reason, and the subject only when refused for it). The served
-connection's client certificate subject is in ``traboule.tls.peer_subject`` while its handler runs. The client and
+slot for long; they have a rate too (``max_handshakes_per_second`` per address, ``max_handshakes_per_second_total``
+in all), since each costs the loop CPU before the peer's certificate is known. A handshake that fails (a plain TCP
+peer, an old protocol version, a cipher outside BCP 195, a client certificate the CA did not sign or that expired) or
+a client certificate subject outside ``allowed_subjects`` closes the connection (``connection.tls_refused``: peer,
+reason, and the subject only when refused for it); one refused for its client certificate (none, not verified,
+subject not allowed) goes to ``on_tls_refused`` as well (the channel audits it). The served connection's client
+certificate subject is in ``traboule.tls.peer_subject`` while its handler runs. The client and
 the sender take a client context (the server's certificate checked).
 """
 
@@ -73,6 +76,7 @@ Refusal = Literal[
     "bad_end_block",
 ]
 RefusalHandler = Callable[[bytes, str, Refusal], Awaitable[bytes | None]]  # (bytes, peer, why) -> reply or None
+TLSRefusalHandler = Callable[[str, str, str], None]  # (peer IP address, certificate subject or "", fixed reason)
 AckJudge = Callable[[bytes, bytes], AckReading]  # (message sent, answer) -> how the receiver answered
 
 BETWEEN_FRAMES = b"\r\n\x00\t "  # what senders put between frames (a line break after the end block is common)
@@ -87,6 +91,10 @@ END_WAIT = 1.0
 EVICTION_LOG_BURST = 10  # connection.evicted lines per EVICTION_LOG_WINDOW seconds; the rest counted in the next line
 EVICTION_LOG_WINDOW = 60.0
 MAX_SUBJECT_LOGGED = 256  # characters of a refused client certificate's subject written to the log
+# The reasons given to on_tls_refused besides "client certificate refused: <OpenSSL's verification error>".
+NO_CERTIFICATE = "no client certificate"
+SUBJECT_NOT_ALLOWED = "client certificate subject not allowed"
+NO_CERTIFICATE_REASONS = ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED")  # OpenSSL's, for the first
 
 
 class _Throttle:
@@ -107,6 +115,51 @@ class _Throttle:
             return unlogged
         self._unlogged += 1
         return None
+
+
+class AcceptRate:
+    """Token buckets bounding how fast connections are taken on: ``per_address`` a second from one address (up to
+    ``burst`` at once after a quiet spell) and, when ``total`` is set, ``total`` a second from all addresses (up to
+    one second's worth at once). `take` spends a token of both, or names the limit that refuses (a refused attempt
+    spends nothing, so a peer that paces itself always gets in). Memory is bounded: past ``max_addresses`` buckets,
+    the full ones are forgotten (a full bucket is a new one) and then the least recently used, down to half.
+    Not thread-safe: one caller (an event loop, an accepting thread)."""
+
+    def __init__(self, per_address: float, burst: float, total: float = 0.0, max_addresses: int = 4096) -> None:
+        self.per_address, self.burst, self.total = per_address, max(1.0, burst), total
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted), least recent first
+        self._all, self._all_since = total, float("-inf")
+
+    def take(self, address: str, now: float) -> str:
+        """Empty when admitted; else the limit: ``max_handshakes_per_second`` or ``..._per_second_total``."""
+        tokens, since = self._buckets.pop(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - since) * self.per_address)
+        refused = ""
+        if tokens < 1:
+            refused = "max_handshakes_per_second"
+        elif self.total > 0:
+            self._all = min(self.total, self._all + (now - self._all_since) * self.total)
+            self._all_since = now
+            if self._all < 1:
+                refused = "max_handshakes_per_second_total"
+            else:
+                self._all -= 1
+        self._buckets[address] = (tokens if refused else tokens - 1, now)  # the most recent last
+        if len(self._buckets) > self.max_addresses:
+            self._forget(now)
+        return refused
+
+    def _forget(self, now: float) -> None:
+        rate, burst = self.per_address, self.burst
+        full = [a for a, (tokens, since) in self._buckets.items() if tokens + (now - since) * rate >= burst]
+        for address in full:
+            del self._buckets[address]
+        for address in list(self._buckets)[: max(0, len(self._buckets) - self.max_addresses // 2)]:
+            del self._buckets[address]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 _CLOSE = "close"  # a queue item that only ends the connection
@@ -137,6 +190,14 @@ class MLLPListener:
     * ``ssl`` (a server context, `traboule.tls.server_context`): TLS only; ``ssl_handshake_timeout``: seconds a
       handshake may take; ``allowed_subjects``: the client certificate subjects admitted (empty: any the context
       accepts). ``tls``: the settings the context was made from (for `traboule.tls.CertificateReloader`).
+    * ``max_handshakes_per_second`` (with a ``handshake_burst``) per peer address and
+      ``max_handshakes_per_second_total`` in all: how fast TLS connections are taken on (`AcceptRate`). A handshake
+      costs the loop about a millisecond and a half of CPU, paid before the peer's certificate is known; beyond the
+      rate a newcomer is closed at once, before its handshake (``connection.tls_refused``).
+    * ``on_tls_refused(address, subject, reason)``: hears of each connection refused for its client certificate (none
+      returned, not verified, subject not allowed), not of other failed handshakes (plain TCP, a port scan), nor of
+      those refused by a limit. ``reason`` is one of fixed texts (see ``_handshake``); ``subject`` is "" but for a
+      subject not allowed.
     """
 
     LIMITS = {  # the settings above, as a channel's source table spells them, and their type
@@ -149,6 +210,9 @@ class MLLPListener:
         "max_buffered_bytes": int,
         "evict_idle_after": float,
         "ssl_handshake_timeout": float,
+        "max_handshakes_per_second": float,
+        "handshake_burst": int,
+        "max_handshakes_per_second_total": float,
     }
 
     def __init__(
@@ -176,6 +240,10 @@ class MLLPListener:
         ssl_handshake_timeout: float = 10.0,
         allowed_subjects: tuple[str, ...] = (),
         tls: TLSSettings | None = None,
+        max_handshakes_per_second: float = 20.0,
+        handshake_burst: int = 40,
+        max_handshakes_per_second_total: float = 100.0,
+        on_tls_refused: TLSRefusalHandler | None = None,
     ):
         self.handler = handler
         self.host = host
@@ -195,7 +263,13 @@ class MLLPListener:
         self.ssl_handshake_timeout = ssl_handshake_timeout
         self.allowed_subjects = allowed_subjects
         self.tls = tls
+        self.max_handshakes_per_second = max_handshakes_per_second
+        self.handshake_burst = handshake_burst
+        self.max_handshakes_per_second_total = max_handshakes_per_second_total
+        self.on_tls_refused = on_tls_refused
+        self._rate = AcceptRate(max_handshakes_per_second, handshake_burst, max_handshakes_per_second_total)
         self.tls_refusals = 0  # connections closed for their handshake or certificate subject, since the start
+        self.rate_refusals = 0  # of them: closed before their handshake, over the handshake rate
         self.buffered = 0  # bytes held across all connections, exact (see _Connection.held)
         self._server: asyncio.Server | None = None
         self._socket: socket.socket | None = None  # TLS: the listening socket, accepted from by _accept
@@ -220,6 +294,7 @@ class MLLPListener:
         on_oversize: OversizeHandler | None = None,
         on_refused: RefusalHandler | None = None,
         tls_defaults: TLSSettings | None = None,
+        on_tls_refused: TLSRefusalHandler | None = None,
     ) -> MLLPListener:
         """From a channel's ``source = {adapter = "mllp-listener", host, port, <limits>, tls}``; absent limits
         default. ``tls``: true (``tls_defaults``, the ``[tls]`` table), false, or a table overriding them."""
@@ -247,6 +322,7 @@ class MLLPListener:
             ssl=server_context(tls) if tls.enabled else None,
             allowed_subjects=tls.allowed_subjects,
             tls=tls if tls.enabled else None,
+            on_tls_refused=on_tls_refused,
             **limits,
         )
 
@@ -311,6 +387,12 @@ class MLLPListener:
                 await asyncio.sleep(0.1)
                 continue
             host, peer = str(address[0]), f"{address[0]}:{address[1]}"
+            rated = self._rate.take(host, loop.time())
+            if rated:  # before anything else: a flood costs an accept and a close
+                sock.close()
+                self.rate_refusals += 1
+                self._tls_refused(peer, rated)
+                continue
             pending = list(self._handshakes.values())
             limit = ""
             if pending.count(host) >= self.max_connections_per_peer:
@@ -329,6 +411,7 @@ class MLLPListener:
         """One connection's handshake: on success the loop calls the connection's ``connection_made``."""
         assert self.ssl is not None
         loop = asyncio.get_running_loop()
+        certificate = ""  # the reason for on_tls_refused, when refused for the client certificate
         try:
             await loop.connect_accepted_socket(
                 lambda: _Connection(self), sock, ssl=self.ssl, ssl_handshake_timeout=self.ssl_handshake_timeout
@@ -336,8 +419,10 @@ class MLLPListener:
             return
         except ssl.SSLCertVerificationError as exc:  # the client certificate: expired, another CA...
             reason = str(exc.verify_message or exc.reason or "certificate_verify_failed")
+            certificate = f"client certificate refused: {reason}"  # OpenSSL's fixed texts
         except ssl.SSLError as exc:  # not TLS (a plain MLLP peer), a version or cipher refused, no certificate
             reason = str(exc.reason or type(exc).__name__)
+            certificate = NO_CERTIFICATE if reason in NO_CERTIFICATE_REASONS else ""
         except ConnectionAbortedError:  # the loop aborts a handshake longer than ssl_handshake_timeout
             reason = "handshake_timeout"
         except OSError as exc:  # the peer left during the handshake
@@ -345,6 +430,16 @@ class MLLPListener:
         with contextlib.suppress(OSError):
             sock.close()
         self._tls_refused(peer, reason)
+        if certificate:
+            self._certificate_refused(peer.rpartition(":")[0], "", certificate)
+
+    def _certificate_refused(self, host: str, subject: str, reason: str) -> None:
+        if self.on_tls_refused is None:
+            return
+        try:
+            self.on_tls_refused(host, subject, reason)
+        except Exception as exc:
+            log.error("connection.tls_refusal_hook_failed", adapter=self.name, error=type(exc).__name__)
 
     def _tls_refused(self, peer: str, reason: str, subject: str = "") -> None:
         self.tls_refusals += 1
@@ -483,6 +578,7 @@ class _Connection(asyncio.Protocol):
             self.subject = subject_of(transport.get_extra_info("peercert"))
             if not subject_allowed(self.subject, self.listener.allowed_subjects):
                 self.listener._tls_refused(self.peer, "subject_not_allowed", self.subject)
+                self.listener._certificate_refused(self.host, self.subject, SUBJECT_NOT_ALLOWED)
                 self.closed = True
                 transport.close()
                 return

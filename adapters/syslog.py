@@ -9,6 +9,15 @@ TLS is the transport: the caller gives the client ``ssl.SSLContext`` (``traboule
 TCP with the same framing (RFC 6587 octet counting) only when the caller passes no context, for a laboratory; UDP
 is not offered: it loses messages without saying so.
 
+Syslog has no application acknowledgement. `SyslogSender.send` returns once the repository's TCP stack
+acknowledged every byte of the batch: asyncio's buffers empty (write buffer limits 0; under TLS the SSL transport's
+and the raw transport's buffers polled), then, on Linux, the socket's
+send queue polled (``ioctl(TIOCOUTQ)``: bytes not yet acknowledged by the peer) until it is empty, and the
+connection not reset (``TCP_INFO``) — with ``TCP_USER_TIMEOUT`` on the socket so that a repository that stopped
+answering (powered off, a firewall dropping packets) breaks the connection instead of holding it. Over TLS the
+counts are of the ciphertext on the raw socket: the same proof. "Delivered" means no more than that: the bytes
+reached the repository host's TCP stack; whether its syslog daemon then stored them, syslog cannot tell.
+
 Protocol I/O only: what to send, and what to do when it fails, is the caller's (`SyslogSender.send` raises).
 """
 
@@ -18,9 +27,13 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import ssl
+import struct
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 FACILITY_AUTHPRIV = 10
 SEVERITY_WARNING = 4
@@ -28,8 +41,11 @@ SEVERITY_NOTICE = 5
 MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
 CONNECT_TIMEOUT = 10.0  # seconds to open the connection (and finish the TLS handshake)
-WRITE_TIMEOUT = 10.0  # seconds for the repository to take one batch
-SETTLE = 0.1  # seconds a written batch must leave the connection open to count as taken (a round trip)
+WRITE_TIMEOUT = 30.0  # seconds for the repository to acknowledge one batch (256 KiB at ~70 kbit/s)
+SETTLE = 0.1  # where the send queue cannot be read (not Linux): seconds a written batch must leave the connection
+# open to count as taken (a round trip)
+ACK_POLL = 0.005  # first pause between two looks at the send queue (doubled up to 0.1 s)
+TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8  # tcpi_state values (linux/tcp_states.h)
 
 _PRINTUSASCII = re.compile(r"[^!-~]", re.ASCII)
 
@@ -82,10 +98,11 @@ class SyslogSender:
 
     ``ssl_context``: TLS (RFC 5425); None: plain TCP (only when configured so explicitly). ``server_name``: the
     name checked in the receiver's certificate (default: ``host``). `send` writes framed messages and returns once
-    the connection took them; any failure closes the connection and raises (``OSError``, ``TimeoutError``,
-    ``ssl.SSLError``). The receiver never answers: the connection is watched for its end (a receiver that stopped
-    closes it, or resets it when written to), before a batch is written and for ``settle`` seconds after, so that
-    a batch written into a connection the other side had already closed is reported as not sent.
+    the receiver's TCP stack acknowledged all of them (see the module), within ``write_timeout`` seconds; any
+    failure or timeout closes the connection and raises (``OSError``, ``TimeoutError``, ``ssl.SSLError``): the
+    caller keeps the batch and sends it again. The receiver never answers: the connection is also watched for its
+    end (a receiver that stopped closes it, or resets it when written to). ``settle``: where the send queue cannot
+    be read (not Linux), how long a written batch must leave the connection open to count as taken.
     """
 
     def __init__(
@@ -122,6 +139,15 @@ class SyslogSender:
         )
         self._writer = writer
         self._watch = asyncio.create_task(self._until_closed(reader), name="syslog-watch")
+        if self.ssl_context is None:  # drain() waits for an empty user-space buffer, not for 64 KiB
+            # (Not under TLS: asyncio's SSL transport stays paused at a 0 low-water mark; `_acknowledged` polls
+            # its buffers, and the raw transport's, instead.)
+            with contextlib.suppress(Exception):
+                writer.transport.set_write_buffer_limits(0)
+        raw = _raw_socket(writer)
+        if raw is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):  # unacknowledged data older than this breaks the connection
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000))
 
     @staticmethod
     async def _until_closed(reader: asyncio.StreamReader) -> None:
@@ -143,16 +169,36 @@ class SyslogSender:
         assert self._writer is not None
         try:
             self._writer.write(b"".join(frame(m) for m in messages))
-            await asyncio.wait_for(self._writer.drain(), self.write_timeout)
-            # A receiver that went away before the write answers it with a reset: wait that long before saying
-            # the batch was taken (syslog has no acknowledgement; the caller sends it again on an error).
-            await asyncio.sleep(self.settle)
+            await asyncio.wait_for(self._acknowledged(self._writer), self.write_timeout)
         except BaseException:
             await self.close()
             raise
         if not self.connected:
             await self.close()
             raise ConnectionResetError("the syslog receiver closed the connection during the write")
+
+    async def _acknowledged(self, writer: asyncio.StreamWriter) -> None:
+        """Until every byte written is acknowledged by the receiver's TCP stack (see the module); raises when the
+        connection broke meanwhile."""
+        await writer.drain()
+        transports = _transports(writer)
+        raw = _raw_socket(writer)
+        if raw is None or not hasattr(_termios, "TIOCOUTQ"):
+            # No send queue to read: a receiver that went away answers the write with a reset; wait that long.
+            await asyncio.sleep(self.settle)
+            return
+        pause = ACK_POLL
+        while True:
+            if not self.connected:
+                raise ConnectionResetError("the syslog receiver closed the connection during the write")
+            buffered = sum(t.get_write_buffer_size() for t in transports)
+            if not buffered and _unacknowledged(raw) == 0:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        # An empty send queue is also what a reset leaves (the queue purged): the connection must still be up.
+        if _tcp_state(raw) not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, None):
+            raise ConnectionResetError("the syslog receiver reset the connection during the write")
 
     async def close(self) -> None:
         writer, watch = self._writer, self._watch
@@ -165,3 +211,39 @@ class SyslogSender:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+
+try:  # Linux: the send queue of a socket (SIOCOUTQ)
+    import fcntl as _fcntl
+    import termios as _termios
+except ImportError:  # pragma: no cover - not POSIX
+    _fcntl = _termios = None  # type: ignore[assignment]
+
+
+def _transports(writer: asyncio.StreamWriter) -> list[asyncio.BaseTransport]:
+    """The writer's transport and, under TLS, the raw transport beneath it (its ciphertext buffer)."""
+    out: list[Any] = [writer.transport]
+    raw = getattr(getattr(writer.transport, "_ssl_protocol", None), "_transport", None)
+    if raw is not None and hasattr(raw, "get_write_buffer_size"):
+        out.append(raw)
+    return out
+
+
+def _raw_socket(writer: asyncio.StreamWriter) -> Any:
+    if sys.platform != "linux":
+        return None
+    return writer.get_extra_info("socket")
+
+
+def _unacknowledged(sock: Any) -> int:
+    """Bytes in the socket's send queue: not sent yet, or sent and not acknowledged by the peer (TIOCOUTQ)."""
+    data = _fcntl.ioctl(sock.fileno(), _termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", data)[0])
+
+
+def _tcp_state(sock: Any) -> int | None:
+    """The connection's TCP state (``tcpi_state``, the first byte of ``TCP_INFO``), None when unknown."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except (OSError, AttributeError):
+        return None

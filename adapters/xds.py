@@ -35,7 +35,7 @@ from signxml import SignatureConstructionMethod, XMLSigner
 
 from traboule.errors import XDSError
 from traboule.formats.xds import Author, Coded, DocumentEntry, StatusUpdate, Submission, SubmissionSet
-from traboule.tls import TLSSettings, client_context
+from traboule.tls import TLSSettings, http_client_options
 
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -543,7 +543,7 @@ def _request(
 
 
 class XDSClient:
-    """Sends XDS.b requests over mutual TLS (``tls``: `traboule.tls.client_context` of the destination's settings;
+    """Sends XDS.b requests over mutual TLS (``tls``: `traboule.tls.http_client_options` of the destination's settings;
     without it, ``cert_file`` + ``key_file``, trusting ``ca_file``)."""
 
     def __init__(
@@ -556,7 +556,7 @@ class XDSClient:
         tls: TLSSettings | None = None,
     ) -> None:
         tls = tls or TLSSettings(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        self._client = httpx.AsyncClient(timeout=timeout, verify=client_context(tls))
+        self._client = httpx.AsyncClient(timeout=timeout, **http_client_options(tls))
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from traboule.adapters.dicom_server import Peer, SCPSecurity
-from traboule.app.tls_reload import watch_certificates
+from traboule.app.tls_reload import start_watch
 from traboule.audit import Actor, node_authentication_failed, trail_of
-from traboule.tls import CertificateReloader, TLSSettings, server_context
+from traboule.tls import TLSSettings, server_context
 
 
 def actor_of(peer: Peer) -> Actor:
@@ -47,8 +48,8 @@ class SCPCertificates:
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
-        self.reloaders: dict[str, CertificateReloader] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.watched: dict[str, tuple[ssl.SSLContext, TLSSettings]] = {}  # SCP name -> its context and settings
+        self._tasks: list[asyncio.Task[None]] = []
 
     def security(self, entry: Mapping[str, Any], where: str, name: str) -> dict[str, Any]:
         """ConfigError names a bad setting (a file that cannot be read, ``ae_certificates`` without client
@@ -59,7 +60,7 @@ class SCPCertificates:
         context = None
         if tls.tls.enabled:
             context = server_context(tls.tls)
-            self.reloaders[name] = CertificateReloader(context, tls.tls)
+            self.watched[name] = (context, tls.tls)
         return {
             "ssl_context": context,
             "allowed_subjects": tls.tls.allowed_subjects if context is not None else (),
@@ -68,13 +69,16 @@ class SCPCertificates:
         }
 
     def start(self) -> None:
-        if self.reloaders and self._task is None:
+        if self.watched and not self._tasks:
             interval = float(getattr(getattr(self.runtime, "config", None), "tls_reload_interval", 60.0))
-            self._task = asyncio.create_task(watch_certificates(self.reloaders, interval), name="scp-certificates")
+            for name, (context, settings) in self.watched.items():
+                if (task := start_watch(name, context, settings, interval)) is not None:
+                    self._tasks.append(task)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -124,7 +124,7 @@ class HL7DocumentsChannel(HL7SenderChannel):
         document(s) CDA en HL7v2" names none), to the receiver's host; not accepted within ``retry_window``: a minor
         failure (the bus retries it) naming the error's class only."""
         host = self.sender.client.host
-        receiver = f"{self.parties.receiving_application}^{self.parties.receiving_facility}"
+        receiver = f"{self.parties.receiving_application}|{self.parties.receiving_facility}"
         audit.trail_of(self.runtime).record(
             audit.exported(
                 destination=audit.actor(host, host, user_name=receiver),

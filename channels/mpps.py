@@ -59,10 +59,11 @@ from traboule.adapters.dicom_mpps import (
 from traboule.adapters.dicom_server import Peer, SCPLimits
 from traboule.audit import ObjectRef, PatientRef, trail_of
 from traboule.audit import performed_step as audited_step
-from traboule.channel import ChannelRuntime, Setting, read_settings
+from traboule.channel import ChannelRuntime, Setting, delivery_recorder, read_settings
 from traboule.channels.dicom_security import SCPCertificates, actor_of
 from traboule.errors import ConfigError, MappingFailure
 from traboule.model import Envelope, Identifier, Instance, Patient, PerformedStep, PersonName, Series, is_uid
+from traboule.stores.delivery_log import DeliveryRecord
 from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent
 from traboule.stores.mpps_state import HeldInstance
@@ -282,7 +283,26 @@ class MPPSChannel:
         if step is not None:  # the keys it names now belong to its patient, when no order said whose they are
             self.identities.record([step])
         await asyncio.to_thread(held.save, status, encode(merged))  # a statement: off the event loop
+        self._record(entry, status)
         return SUCCESS, step
+
+    def _record(self, entry: JournalEntry, status: str) -> None:
+        """The delivery log of an accepted request, keyed as its journal entry (the console's message page): the
+        request, the step's status and the answer; a duplicate status published nothing. Handed to the recorder's
+        thread: never waits, never raises."""
+        try:
+            recorder = delivery_recorder(self.runtime)
+            if recorder is None or not entry.idempotency_key:
+                return
+            duplicate = entry.status == "duplicate"
+            detail = f"{entry.message_type} {status}, answered {entry.ack_code}"
+            detail += ", status unchanged: nothing published" if duplicate else f", published {topic_of(status)}"
+            if UNSCHEDULED in entry.warnings.splitlines():
+                detail += ", unscheduled"
+            outcome = "duplicate" if duplicate else "applied"
+            recorder.add(DeliveryRecord(entry.idempotency_key, entry.correlation_id, self.name, outcome, detail))
+        except Exception as exc:  # a log for people: never the request's answer
+            self._log.warning("delivery_log.record_failed", error=type(exc).__name__)
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -45,8 +45,8 @@ import structlog
 from traboule import audit, metrics
 from traboule.adapters.mllp import MLLPListener, Refusal
 from traboule.app.config import resolve, seconds
-from traboule.app.tls_reload import watch_certificates
-from traboule.channel import loggable_id
+from traboule.app.tls_reload import start_watch
+from traboule.channel import delivery_recorder, loggable_id
 from traboule.channels.waiting_reports import (
     ARCHIVE_RECHECK,
     ARCHIVE_TIMEOUT,
@@ -70,11 +70,12 @@ from traboule.model import (
     topic_of,
 )
 from traboule.stores import ReportStore
+from traboule.stores.delivery_log import DeliveryRecord
 from traboule.stores.factory import stores_of
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query
 from traboule.stores.patient_identity import REBUILD_MARGIN, identity_sources, mark_authoritative
 from traboule.stores.reports import Held
-from traboule.tls import CertificateReloader, peer_subject
+from traboule.tls import peer_subject
 from traboule.translate.hl7_mapping import HL7InboundMapping
 
 log = structlog.get_logger("traboule.channels.orders")
@@ -90,6 +91,11 @@ class OrdersChannel:
         self.config = config
         self.runtime = runtime
         self.mapping = HL7InboundMapping(resolve(runtime.config, config.get("mapping", "mappings/hl7_inbound.yaml")))
+
+        def tls_refused(address: str, subject: str, reason: str) -> None:  # a client certificate refused: audited
+            peer = audit.Actor(user_id=address or subject, address=address, cert_subject=subject)
+            audit.trail_of(runtime).record(audit.node_authentication_failed(peer=peer, reason=reason))
+
         self.listener = MLLPListener.from_config(
             self.name,
             config.get("source"),
@@ -97,6 +103,7 @@ class OrdersChannel:
             on_oversize=self.handle_oversize,
             on_refused=self.handle_refused,
             tls_defaults=runtime.config.tls,
+            on_tls_refused=tls_refused,
         )
         self._log = log.bind(channel=self.name)
         self._counter = 0
@@ -168,12 +175,9 @@ class OrdersChannel:
                 )
                 self._waiting.start()
         await self.listener.start()
-        if self.listener.ssl is not None and self.listener.tls is not None:
-            reloader = CertificateReloader(self.listener.ssl, self.listener.tls)
+        if self.listener.tls is not None:
             interval = self.runtime.config.tls_reload_interval
-            self._certificates = asyncio.create_task(
-                watch_certificates({self.name: reloader}, interval), name=f"{self.name}-certificates"
-            )
+            self._certificates = start_watch(self.name, self.listener.ssl, self.listener.tls, interval)
 
     def _journaled_since_mark(self) -> Any:
         """(journal id, reception time, payloads) of the channel's accepted messages after the registry's mark (less
@@ -195,8 +199,11 @@ class OrdersChannel:
                 yield entry.id, entry.received, payloads
 
     async def stop(self) -> None:
-        if self._certificates is not None:
-            self._certificates.cancel()
+        certificates, self._certificates = self._certificates, None
+        if certificates is not None:
+            certificates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await certificates
         await self.listener.stop()
         self.identities.close()  # the owners of the last orders written
         if self._flusher is not None:
@@ -453,6 +460,7 @@ class OrdersChannel:
             **({"error_location": error.location, "error_code": error.code} if error else {}),
             **({"warnings": len(entry.warnings.splitlines())} if entry.warnings else {}),
         )
+        self._record_reports(it)
 
     def _audit(self, it: _Handling, peer: str) -> None:
         """The journaled message on the audit trail (IHE ATNA): an Order Record (ORM/OMI) or a Patient Record
@@ -460,7 +468,7 @@ class OrdersChannel:
         identifiers, U for the survivor); a refused one as a minor failure with its ACK and error codes only. Built
         from what the handling already holds: no parsing here."""
         msg = it.msg
-        sender = f"{msg.header('sending_application', 1)}^{msg.header('sending_facility', 1)}" if msg else "^"
+        sender = f"{msg.header('sending_application', 1)}|{msg.header('sending_facility', 1)}" if msg else "|"
         source = audit.actor(sender, _address(peer), peer_subject.get())
         message = (audit.object_ref("message", it.entry.control_id),) if it.entry.control_id else ()
         trail = audit.trail_of(self.runtime)
@@ -548,7 +556,7 @@ class OrdersChannel:
         except Exception as exc:  # still answer: the sender must learn that nothing was stored
             self._log.error("journal.write_failed", error=str(exc), control_id=entry.control_id)
         else:
-            sender = f"{header.sending_application.split('^', 1)[0]}^{header.sending_facility.split('^', 1)[0]}"
+            sender = f"{header.sending_application.split('^', 1)[0]}|{header.sending_facility.split('^', 1)[0]}"
             audit.trail_of(self.runtime).record(
                 audit.message_received(
                     "order",
@@ -601,6 +609,36 @@ class OrdersChannel:
         error = hl7.HL7Error(reason, location="MSH", code=code)
         reply = await self._reject(data, peer, error, codec="latin-1", answered=answered)
         return reply if answered else None
+
+    def _record_reports(self, it: _Handling) -> None:
+        """The delivery log of a journaled message with reports, keyed by its idempotency key (the console's message
+        page): the CDA each report made (id, version, its CI-SIS validation), that it waits for its study, or why it
+        was refused (codes and counts only). Handed to the recorder's thread: never waits, never raises."""
+        try:
+            reports = [p for p in it.mapped if isinstance(p, Report)]
+            key, entry = it.entry.idempotency_key, it.entry
+            recorder = delivery_recorder(self.runtime) if reports and key else None
+            if recorder is None:
+                return
+            checked = "valid" if self.reports is not None and self.reports.validator is not None else "not validated"
+            rows: list[tuple[str, str]] = []
+            if it.error is not None:
+                reason = it.error.reason.partition("CDA not valid: ")[2]
+                count = f", CDA not valid: {reason.count('; ') + 1} error(s)" if reason else ""
+                rows.append(("error", f"report refused ({it.code}, error code {it.error.code}){count}"))
+            else:
+                outcome = "duplicate" if entry.status == "duplicate" else "applied"
+                documents = [p for p in it.payloads if isinstance(p, Document)]
+                for doc in documents:
+                    made = f"CDA {doc.id} version {doc.version} ({doc.action})"
+                    rows.append((outcome, made if doc.action == "delete" else f"{made}; CI-SIS validation: {checked}"))
+                for report in reports[len(documents) :]:  # held: nothing published now
+                    waits = f"waiting for its study; CI-SIS validation: {checked}"
+                    rows.append((outcome, "waiting versions withdrawn" if report.action == "delete" else waits))
+            for outcome, detail in rows:
+                recorder.add(DeliveryRecord(key, entry.correlation_id, self.name, outcome, detail))
+        except Exception as exc:  # a log for people: never the message's outcome
+            self._log.warning("delivery_log.record_failed", error=type(exc).__name__)
 
 
 @dataclass
@@ -677,13 +715,19 @@ def _audited(mapped: list[Payload], payloads: list[Payload]) -> list[tuple[Any, 
     """(kind, action, patients, objects) of what an accepted message made, one per kind and action: its orders
     (accession, placer and filler numbers), patient updates and merges, reports (the documents made of them, or
     the report's own id while it waits for its study)."""
-    groups: dict[tuple[str, audit.Action], tuple[list[Any], list[audit.ObjectRef]]] = {}
+    # Per group, the objects in a dict (each once, in order) and at most MAX_REFS of them: an order of 1,000
+    # procedures costs linear time before its ACK, and the event keeps only MAX_REFS anyway.
+    groups: dict[tuple[str, audit.Action], tuple[list[Any], dict[audit.ObjectRef, None]]] = {}
 
     def add(kind: str, action: audit.Action, patient: Any, objects: list[audit.ObjectRef]) -> None:
-        patients, refs = groups.setdefault((kind, action), ([], []))
+        patients, refs = groups.setdefault((kind, action), ([], {}))
         if patient is not None:
             patients.append(patient)
-        refs.extend(o for o in objects if o.value and o not in refs)
+        for o in objects:
+            if len(refs) >= audit.MAX_REFS:
+                break
+            if o.value:
+                refs.setdefault(o)
 
     documents = [p for p in payloads if isinstance(p, Document)]
     for payload in mapped:
@@ -700,7 +744,7 @@ def _audited(mapped: list[Payload], payloads: list[Payload]) -> list[tuple[Any, 
             )
         elif isinstance(payload, PatientUpdate):
             if payload.action == "merge":
-                patients, _ = groups.setdefault(("patient", "D"), ([], []))
+                patients, _ = groups.setdefault(("patient", "D"), ([], {}))
                 patients.append(payload.merged_ids)
             add("patient", "U", payload.patient, [])
         elif isinstance(payload, Report) and not documents:  # kept waiting for its study: no document yet

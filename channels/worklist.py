@@ -41,7 +41,7 @@ from traboule.adapters.dicom_mwl import WorklistSCP
 from traboule.adapters.dicom_server import Peer, SCPLimits
 from traboule.adapters.worklist_files import WorklistFileWriter
 from traboule.app.config import resolve
-from traboule.audit import Outcome, PatientRef, queried, trail_of
+from traboule.audit import IMPLICIT_VR_LITTLE_ENDIAN, MAX_REFS, Outcome, PatientRef, queried, trail_of
 from traboule.bus import Delivery
 from traboule.channel import BatchConsumerChannel, ChannelRuntime, Setting
 from traboule.channels.dicom_security import SCPCertificates, actor_of
@@ -63,7 +63,7 @@ _QUERY_OUTCOMES = {
     "out_of_resources": Outcome.SERIOUS_FAILURE,
     "error": Outcome.SERIOUS_FAILURE,
 }
-MAX_AUDITED_QUERY = 16 * 1024  # bytes of a C-FIND identifier kept in its audit event; a larger one is described
+MWL_FIND = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND (the audited query's object)
 
 
 class WorklistChannel(BatchConsumerChannel):
@@ -106,20 +106,30 @@ class WorklistChannel(BatchConsumerChannel):
                 raise ConfigError(f"channel {self.name}: destination adapter {adapter!r} not supported here")
         self._log = log.bind(channel=self.name)
 
-    def _audit_query(self, peer: Peer, identifier: bytes, patients: list[tuple[str, str]], outcome: str) -> None:
-        """IHE RAD-5 (Modality Worklist Provided): who asked, the query (its identifier, Explicit or Implicit VR as
-        received) and the patients of the items returned. Called in the SCP's thread; recording never blocks."""
-        query: bytes | str = identifier
-        if len(identifier) > MAX_AUDITED_QUERY:
-            query = f"C-FIND identifier of {len(identifier)} bytes (over {MAX_AUDITED_QUERY}: not kept)"
+    def _audit_query(
+        self,
+        peer: Peer,
+        identifier: bytes,
+        patients: list[tuple[str, str]],
+        outcome: str,
+        *,
+        sop_class: str = MWL_FIND,
+        transfer_syntax: str = "",
+    ) -> None:
+        """IHE RAD-5 (Modality Worklist Provided): who asked, the query in the DICOM form of PS3.15 A.5.3.12 (the
+        SOP Class UID, the identifier's bytes and the transfer syntax they are encoded in; a query over
+        `traboule.audit.MAX_QUERY` bytes is described, not kept) and the patients of the items returned (the first
+        `traboule.audit.MAX_REFS`). Called in the SCP's thread; recording never blocks."""
         trail_of(self.runtime).record(
             queried(
                 requestor=actor_of(peer),
-                query=query,
-                patients=[PatientRef(value, issuer) for value, issuer in patients if value],
+                query=identifier,
+                patients=[PatientRef(value, issuer) for value, issuer in patients[:MAX_REFS] if value],
                 transaction="RAD-5",
                 outcome=_QUERY_OUTCOMES.get(outcome, Outcome.SUCCESS),
                 description="" if outcome in ("success", "truncated") else outcome,
+                sop_class=sop_class or MWL_FIND,
+                transfer_syntax=transfer_syntax or IMPLICIT_VR_LITTLE_ENDIAN,
             )
         )
 

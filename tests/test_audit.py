@@ -7,10 +7,12 @@ import asyncio
 import base64
 import inspect
 import json
+import socket
 import stat
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,10 @@ def every_event(text: str) -> Iterator[audit.AuditEvent]:
     yield audit.exported(destination=actor(text), patients=[], objects=[], transaction=text, requestor=actor(text))
     yield audit.queried(requestor=actor(text), query=text, patients=patients(text), transaction="RAD-5")
     yield audit.queried(requestor=actor(text), query=text.encode("utf-8", "surrogatepass"), transaction=text)
+    yield audit.queried(
+        requestor=actor(text), query=text.encode("utf-8", "surrogatepass"), patients=patients(text),
+        transaction="RAD-5", sop_class=text, transfer_syntax=text,
+    )  # fmt: skip
     yield audit.read(requestor=actor(text), patients=patients(text), objects=objects(text), transaction=text)
     yield audit.performed_step("C", source=actor(text), patients=patients(text), objects=objects(text))
     yield audit.performed_step("U", source=actor(text), patients=[], objects=[], description=text)
@@ -129,7 +135,7 @@ def test_every_event_encodes_to_a_schema_valid_message(text: str) -> None:
             assert len(xml) < MAX_MESSAGE
             valid(xml)
             count += 1
-    assert count == 2 * 26
+    assert count == 2 * 27
 
 
 def test_an_order_message_names_its_participants_and_patient() -> None:
@@ -434,3 +440,270 @@ async def test_the_queue_survives_an_engine_restart(tmp_path: Path, pki: PKI) ->
     assert set(users(messages)) >= {f"queued-{n}" for n in range(30)}
     assert event_ids(messages)[:2] == ["110100", "110106"]  # in order: the first run's start, then its exports
     assert AuditQueue(data_dir / "audit.sqlite").depth() == 0
+
+
+# -- bounds, query forms, floods, delivery ------------------------------------------------------------------------
+
+
+def test_an_mwl_query_has_the_dicom_form_and_an_iti_query_the_transaction_form() -> None:
+    identifier = b"\x10\x00\x10\x00\x00\x00\x00\x00"  # (0010,0010) empty, Implicit VR Little Endian
+    event = audit.queried(
+        requestor=Actor("CT01", "10.0.0.9", ae_title="CT01"),
+        query=identifier,
+        transaction="RAD-5",
+        sop_class="1.2.840.10008.5.1.4.31",
+        transfer_syntax="1.2.840.10008.1.2.1",
+    )
+    (obj,) = valid(encode(event, AuditSource("s"))).findall("ParticipantObjectIdentification")
+    assert obj.get("ParticipantObjectID") == "1.2.840.10008.5.1.4.31"
+    assert (obj.get("ParticipantObjectTypeCode"), obj.get("ParticipantObjectTypeCodeRole")) == ("2", "3")
+    assert obj.find("ParticipantObjectIDTypeCode").attrib == {
+        "csd-code": "110181",
+        "codeSystemName": "DCM",
+        "originalText": "SOP Class UID",
+    }
+    assert base64.b64decode(obj.findtext("ParticipantObjectQuery")) == identifier
+    (detail,) = obj.findall("ParticipantObjectDetail")
+    assert detail.get("type") == "TransferSyntax"
+    assert base64.b64decode(detail.get("value")) == b"1.2.840.10008.1.2.1"
+    search = audit.queried(requestor=Actor("app"), query="Patient?identifier=1", transaction="ITI-78")
+    (obj,) = valid(encode(search, AuditSource("s"))).findall("ParticipantObjectIdentification")
+    assert obj.get("ParticipantObjectTypeCodeRole") == "24"
+    assert obj.find("ParticipantObjectIDTypeCode").get("codeSystemName") == "IHE Transactions"
+
+
+def test_events_are_bounded_when_made_to_what_the_repository_receives() -> None:
+    many = [PatientRef(f"P{n}" + "x" * 1000, "1.2.3") for n in range(1000)]
+    big = audit.queried(
+        requestor=Actor("CT01"), query=b"\x00" * 16_384, patients=many, sop_class="1.2.840.10008.5.1.4.31"
+    )
+    assert len(big.patients) == audit.MAX_REFS and all(len(p.value) <= audit.MAX_VALUE for p in big.patients)
+    (query,) = big.objects
+    assert query.detail == b"C-FIND identifier of 16384 bytes (over 4096: not kept)" and not query.transfer_syntax
+    direct = audit.AuditEvent(
+        "patient-record", "R", requestor=Actor("u" * 10_000, "a\x00b"), patients=tuple(many),
+        objects=tuple(ObjectRef("order", "o" * 5000, b"d" * 9000) for _ in range(500)),
+        description="d" * 100_000,
+    )  # fmt: skip
+    assert len(direct.patients) == len(direct.objects) == audit.MAX_REFS
+    assert direct.requestor == Actor("u" * audit.MAX_VALUE, "a?b")
+    assert all(len(o.value) == audit.MAX_VALUE and len(o.detail) == audit.MAX_VALUE for o in direct.objects)
+    assert len(direct.description) == audit.MAX_TEXT
+    root = valid(encode(direct, AuditSource("s")))  # the encoder keeps them all: the same limit
+    assert len(root.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCode='1']")) == audit.MAX_REFS
+
+
+def test_a_message_control_id_is_a_detail_of_each_patient() -> None:
+    event = audit.message_received(
+        "patient", "U", source=Actor("GAM|CHU"), patients=[PatientRef("1", "1.2.3"), PatientRef("2", "NS")],
+        objects=[ObjectRef("message", "MSG-42")],
+    )  # fmt: skip
+    root = valid(encode(event, AuditSource("s")))
+    patients = root.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCode='1']")
+    assert len(patients) == 2
+    for patient in patients:
+        (detail,) = patient.findall("ParticipantObjectDetail")
+        assert detail.get("type") == "MSH-10" and base64.b64decode(detail.get("value")) == b"MSG-42"
+    assert root.find("ActiveParticipant[@UserIsRequestor='true']").get("UserID") == "GAM|CHU"
+
+
+def test_the_throttle_passes_the_first_refusal_and_summarises_the_rest() -> None:
+    throttle = trail_module.Throttle(interval=60, keys=2)
+    refused = [audit.node_authentication_failed(peer=Actor("x", f"10.0.0.{n}"), reason="unknown CA") for n in range(4)]
+    assert throttle.admit(refused[0], 0.0) == (True, [])
+    for t in range(1, 100):
+        assert throttle.admit(refused[0], float(t) / 10) == (False, [])
+    assert throttle.admit(refused[1], 1.0) == (True, [])
+    login = audit.authentication_failed(user=Actor("bob", "10.0.0.0"), reason="bad token")
+    admitted, due = throttle.admit(login, 2.0)  # a third key: the oldest (10.0.0.0's refusals) summarised now
+    assert admitted and [e.description for e in due] == [
+        "99 more refusals of the same kind from this address: unknown CA"
+    ]
+    assert due[0].requestor == refused[0].requestor and due[0].subtype == "node-authentication"
+    assert throttle.admit(login, 3.0)[0] is False
+    assert [e.description for e in throttle.due(62.5)] == [
+        "1 more refusals of the same kind from this address: bad token"
+    ]
+    assert throttle.admit(login, 63.0)[0] is True  # a new interval: the first passes again
+    assert not trail_module.Throttle.applies(audit.configuration_changed(by=None, what="x"))  # a success: not
+    assert not trail_module.Throttle.applies(audit.read(requestor=Actor("u"), patients=[]))
+
+
+async def test_a_refusal_flood_is_summarised_and_never_pushes_out_patient_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trail_module, "MAX_PENDING", 100)
+    monkeypatch.setattr(trail_module, "MAX_SECURITY_PENDING", 10)
+    dropped_before = metrics_value("traboule_audit_dropped_total")
+    trail = AuditTrail(Config(data_dir=str(tmp_path)), relay=False)
+    trail._throttle = trail_module.Throttle(interval=0.5)
+    for _ in range(500):  # one address, one reason: one event, then a summary
+        trail.record(audit.node_authentication_failed(peer=Actor("x", "10.9.9.9"), reason="unknown CA"))
+    assert await asyncio.to_thread(trail.flush)
+    (tmp_path / "audit.log").rename(tmp_path / "first.log")
+    (tmp_path / "audit.log").mkdir()  # the disk refuses: the buffer fills
+    for n in range(2000):  # a flood from many addresses: not throttled, held to the security budget
+        trail.record(audit.authentication_failed(user=Actor("x", f"10.1.{n // 250}.{n % 250}"), reason="bad token"))
+    for n in range(40):
+        trail.record(audit.read(requestor=Actor(f"user-{n}"), patients=[PatientRef(str(n), "1.2.3")]))
+    # Held to the budget (10), give or take the batch the failing writer holds while new ones come (a few more).
+    assert trail.dropped >= 2000 - 50 and trail.health()["state"] == "degraded"
+    assert metrics_value("traboule_audit_dropped_total") - dropped_before >= trail.dropped
+    (tmp_path / "audit.log").rmdir()  # the disk takes them again
+    await asyncio.sleep(0.6)  # the first address's interval ended: its summary is due
+    assert await asyncio.to_thread(trail.flush)
+    await trail.close()
+    dropped = trail.dropped
+    trail.record(audit.application_activity("stop"))  # after close: counted as dropped
+    assert trail.dropped == dropped + 1
+    assert metrics_value("traboule_audit_dropped_total") - dropped_before >= trail.dropped
+    first = [etree.fromstring(line["xml"].encode()) for line in read_file(tmp_path / "first.log")]
+    later = [(line["kind"], etree.fromstring(line["xml"].encode())) for line in read_file(tmp_path / "audit.log")]
+    assert len(first) == 1  # the first refusal only
+    reads = [x for k, x in later if k == "patient-record"]
+    assert {x.find("ActiveParticipant[@UserIsRequestor='true']").get("UserID") for x in reads} == {
+        f"user-{n}" for n in range(40)
+    }  # every patient-data event kept
+    logins = [x for k, x in later if k == "user-authentication"]
+    assert 1 <= len(logins) <= 50
+    (summary,) = [x for k, x in later if k == "security-alert"]
+    assert summary.findtext("EventIdentification/EventOutcomeDescription") == (
+        "499 more refusals of the same kind from this address: unknown CA"
+    )
+    assert summary.find("ActiveParticipant").get("NetworkAccessPointID") == "10.9.9.9"
+
+
+def metrics_value(name: str) -> float:
+    from traboule.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_relay_batches_are_capped_in_bytes_and_the_depth_comes_from_the_ids(tmp_path: Path) -> None:
+    queue = AuditQueue(tmp_path / "audit.sqlite")
+    queue.put([(float(n), 0, b"x" * 100_000) for n in range(10)])
+    assert len(queue.take(500, 256 * 1024)) == 2
+    assert len(queue.take(500)) == 10
+    queue.put([(11.0, 0, b"y" * 300_000)])
+    first = queue.take(500, 256 * 1024)
+    queue.done([q.id for q in queue.take(10)])
+    assert queue.depth() == 1
+    assert len(queue.take(500, 256 * 1024)) == 1  # one larger message goes alone
+    queue.done([q.id for q in queue.take(500)])
+    assert queue.depth() == 0 and len(first) == 2
+    queue.close()
+
+
+async def test_a_batch_counts_as_sent_only_once_the_receiver_acknowledged_it() -> None:
+    """A receiver that takes the connection but never reads (as a host that stopped answering): before, the batch
+    went into the kernel's buffer and counted as sent; now the sender waits for the peer's acknowledgement and
+    fails after its timeout (the relay keeps the batch)."""
+    from traboule.adapters.syslog import SyslogSender
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    sender = SyslogSender("127.0.0.1", port, None, write_timeout=1.0)
+    try:
+        messages = [format_message(b"<AuditMessage/>" + b" " * 60_000, at=0, hostname="h")] * 16
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await sender.send(messages)
+        assert time.monotonic() - started >= 1.0
+        peer, _ = listener.accept()
+        peer.close()
+        got = bytearray()
+
+        def read_all() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while chunk := conn.recv(65536):
+                    got.extend(chunk)
+
+        reader = asyncio.get_running_loop().run_in_executor(None, read_all)
+        await sender.send(messages[:4])  # a receiver that reads: acknowledged, sent
+        await sender.close()
+        await reader
+        assert got == b"".join(frame(m) for m in messages[:4])
+    finally:
+        await sender.close()
+        listener.close()
+
+
+def test_a_worklist_c_find_is_audited_with_its_sop_class_and_transfer_syntax(tmp_path: Path) -> None:
+    """A real C-FIND (pynetdicom SCU, Explicit VR Little Endian only) to the worklist SCP: the channel's audit event
+    names the MWL FIND SOP class and the presentation context's transfer syntax, and decodes as sent."""
+    from types import SimpleNamespace
+
+    from pydicom.dataset import Dataset
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+    from tests.peer_dcmtk import free_port as dicom_port
+    from tests.peer_dcmtk import mwl_item
+    from traboule.adapters.dicom_mwl import WorklistSCP
+    from traboule.channels.worklist import WorklistChannel
+    from traboule.stores.worklist import WorklistStore
+
+    store = WorklistStore(str(tmp_path / "worklist.sqlite"))
+    store.apply([("o1#1", mwl_item())], [])
+    recorded: list[audit.AuditEvent] = []
+    channel = SimpleNamespace(runtime=SimpleNamespace(audit=SimpleNamespace(record=recorded.append)))
+    scp = WorklistSCP(
+        store.find, ae_title="TRABOULE", port=dicom_port(), on_query=WorklistChannel._audit_query.__get__(channel)
+    )
+    scp.start()
+    try:
+        scu = AE(ae_title="CT01")
+        scu.add_requested_context(ModalityWorklistInformationFind, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="TRABOULE")
+        assert assoc.is_established
+        query = Dataset()
+        query.PatientName = ""
+        query.PatientID = ""
+        query.IssuerOfPatientID = ""
+        answers = [status.Status for status, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)]
+        assoc.release()
+        assert answers[-1] == 0x0000 and answers.count(0xFF00) == 1
+        deadline = time.monotonic() + 5
+        while not recorded and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        scp.stop()
+        store.close()
+    [event] = recorded
+    [ref] = event.objects
+    assert (ref.value, ref.transfer_syntax) == ("1.2.840.10008.5.1.4.31", ExplicitVRLittleEndian)
+    assert len(event.patients) == 1
+    (obj,) = valid(encode(event, AuditSource("s"))).findall(
+        "ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']"
+    )
+    assert obj.get("ParticipantObjectID") == "1.2.840.10008.5.1.4.31"
+    assert obj.find("ParticipantObjectIDTypeCode").get("csd-code") == "110181"
+    detail = obj.find("ParticipantObjectDetail[@type='TransferSyntax']")
+    assert base64.b64decode(detail.get("value")).decode() == ExplicitVRLittleEndian
+    identifier = read_dataset(
+        BytesIO(base64.b64decode(obj.findtext("ParticipantObjectQuery"))), is_implicit_VR=False, is_little_endian=True
+    )
+    assert "PatientID" in identifier and "IssuerOfPatientID" in identifier
+
+
+async def test_a_close_that_stops_waiting_leaves_the_writer_its_own_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trail_module, "CLOSE_WAIT_S", 0.2)
+    monkeypatch.setattr(trail_module, "CLOSE_FLUSH_S", 0.2)
+    (tmp_path / "audit.log").mkdir()  # the disk refuses: the writer keeps its events and retries
+    trail = AuditTrail(Config(data_dir=str(tmp_path)), relay=False)
+    trail.record(audit.application_activity("stop"))
+    await trail.close()
+    thread = trail._thread
+    assert thread is not None and thread.is_alive() and trail._abandoned
+    (tmp_path / "audit.log").rmdir()  # the disk takes it again: the writer writes, closes its file, ends
+    await asyncio.to_thread(thread.join, 5.0)
+    assert not thread.is_alive() and trail._fd is None
+    assert [line["kind"] for line in read_file(tmp_path / "audit.log")] == ["application-activity"]

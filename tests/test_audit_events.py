@@ -89,7 +89,7 @@ async def test_an_order_its_cancel_and_a_merge_are_recorded_with_their_patients(
         (new,) = trail.of("order-record")
         assert new.action == "C" and new.outcome == audit.Outcome.SUCCESS
         assert new.requestor is not None
-        assert (new.requestor.user_id, new.requestor.address) == ("RIS^CHU-LYON", "127.0.0.1")
+        assert (new.requestor.user_id, new.requestor.address) == ("RIS|CHU-LYON", "127.0.0.1")
         assert new.requestor.cert_subject == ""  # plain TCP: no client certificate
         assert {IPP, INS} <= set(new.patients)
         assert {("message", "MSG0001"), ("accession", "ACC0001"), ("order", "PLC0001"), ("order", "FIL0001")} <= (
@@ -104,7 +104,7 @@ async def test_an_order_its_cancel_and_a_merge_are_recorded_with_their_patients(
         merged, survivor = trail.of("patient-record")
         assert merged.action == "D" and merged.patients == (IPP,)
         assert survivor.action == "U" and audit.PatientRef("IPP0009", "1.2.250.1.999.1.1") in survivor.patients
-        assert merged.requestor is not None and merged.requestor.user_id == "GAM^CHU-LYON"
+        assert merged.requestor is not None and merged.requestor.user_id == "GAM|CHU-LYON"
 
 
 async def test_refused_messages_are_minor_failures_without_patient_data(engine: Runtime) -> None:
@@ -198,7 +198,9 @@ async def test_fhir_search_read_and_mhd_retrieve_name_the_token_and_the_client(
         (export,) = trail.of("export")
         assert export.transaction == "ITI-68" and export.requestor == export.destination
         assert export.requestor is not None and export.requestor.user_id == "pacs-gateway"
-        assert objects(export) == {("resource", reference["content"][0]["attachment"]["url"].rsplit("/fhir/", 1)[1])}
+        binary = ("resource", reference["content"][0]["attachment"]["url"].rsplit("/fhir/", 1)[1])
+        assert objects(export) == {binary, ("document", "1.2.250.1.999.1.2.3.4.1.1")}  # from its DocumentReference
+        assert {IPP, INS} <= set(export.patients)
 
         assert (await client.get("/ServiceRequest", params={"patient.identifier": "nobody"})).json()["total"] == 0
         assert trail.of("query")[-1].patients == ()  # nothing shown: no patient named
@@ -304,7 +306,7 @@ async def test_a_document_fed_to_a_drimbox_is_an_export_to_its_host(tmp_path: Pa
             await until(lambda: bool(trail.of("export")))
             (export,) = trail.of("export")
             assert export.transaction == "" and export.outcome == audit.Outcome.SUCCESS
-            assert export.destination == audit.Actor("127.0.0.1", "127.0.0.1", user_name="DRIMBOX^")
+            assert export.destination == audit.Actor("127.0.0.1", "127.0.0.1", user_name="DRIMBOX|")
             assert ("document", doc.id) in objects(export) and INS in export.patients
             (sent,) = receiver.accepted()
             assert ("message", sent.control_id) in objects(export)

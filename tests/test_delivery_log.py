@@ -4,16 +4,27 @@ bases (and the channels' notes), shown on the console's message page."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import html
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from tests.test_console import ADMIN, login, open_console
-from tests.test_flow import fixture, send, until
+from tests.test_flow import ack_code, engine_config, fixture, free_port, send, store, until
+from tests.test_mpps import Modality, Ris, in_progress
+from tests.test_reports import TCC, study
+from traboule.adapters.mllp import MLLPListener
+from traboule.app.http import create_app
+from traboule.app.runtime import Runtime
 from traboule.bus import Delivery
 from traboule.channel import ConsumerChannel
 from traboule.errors import PermanentError
@@ -180,3 +191,169 @@ def test_what_a_fhir_server_answered_is_said_in_plain_references_only() -> None:
     assert answered(response) == (
         "Patient/12/_history/3 201, ServiceRequest/a-1/_history/1 200, 200, , " + ", ".join(["200"] * 6) + " (+4)"
     )
+
+
+@contextlib.asynccontextmanager
+async def engine_with(
+    tmp_path: Path, *channels: dict[str, Any], reports: dict[str, Any] | None = None, database_url: str = ""
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    """An engine (orders, with ``reports`` settings → worklist; and ``channels``), an admin token and a client of
+    its HTTP app (console and /fhir)."""
+    cfg = engine_config(tmp_path, database_url=database_url)
+    cfg.api_tokens = [ADMIN]
+    if reports is not None:
+        cfg.channels[0]["reports"] = reports
+    cfg.channels.extend(channels)
+    runtime = Runtime(cfg)
+    await runtime.start()
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield runtime, client
+    finally:
+        await runtime.stop()
+
+
+def destinations(page: httpx.Response) -> list[tuple[str, str, str]]:
+    """(outcome, channel, text of the rest) of each row of a message page's destinations table."""
+    assert page.status_code == 200, page.text
+    table = re.search(r'<table id="destinations">(.*?)</table>', page.text, re.S)
+    assert table, page.text
+    rows = re.findall(r'<tr class="outcome-(\w+)"><td>([\w.-]+)</td>(.*?)</tr>', table.group(1), re.S)
+    return [(o, c, " ".join(html.unescape(re.sub(r"<[^>]+>", " ", rest)).split())) for o, c, rest in rows]
+
+
+async def rows_of(runtime: Runtime, key: str, count: int) -> list[DeliveryRecord]:
+    """The delivery log's rows of ``key`` once there are ``count``."""
+    log = runtime.stores.delivery_log()
+    try:
+        await until(lambda: len(log.of(key)) >= count, timeout=20)
+        return log.of(key)
+    finally:
+        log.close()
+
+
+def entry_of(runtime: Runtime, message_type: str) -> Any:
+    assert runtime.journal is not None
+    found = [e for e in runtime.journal.recent(50) if e.message_type.startswith(message_type)]
+    assert found, message_type
+    return found[0]  # the newest
+
+
+@pytest.mark.timeout(180)
+async def test_a_report_shows_its_document_on_the_message_page_and_its_sharing_on_the_documents_page(
+    tmp_path: Path, database_url: str, cda_validator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_log, "FLUSH_S", 0.05)
+    drimbox = Ris()
+    drimbox.listener = MLLPListener(drimbox.handle, port=0, name="drimbox")
+    await drimbox.listener.start()
+    reports = {"validate": True, "validators": str(TCC), "cache": str(cda_validator.cache_dir)}
+    feed = {"adapter": "mllp-sender", "host": "127.0.0.1", "port": drimbox.listener.port}
+    fhir = {"name": "fhir", "kind": "fhir", "api": True}
+    try:
+        async with engine_with(
+            tmp_path,
+            fhir,
+            {"name": "drimbox", "kind": "hl7-documents", "destination": feed},
+            reports=reports,
+            database_url=database_url,
+        ) as (runtime, client):
+            assert ack_code((await send(runtime, fixture("orm_o01_nw_latin1.hl7")))[0]) == "AA"
+            # Before its study: accepted, waiting.
+            assert ack_code((await send(runtime, fixture("oru_r01_report.hl7")))[0]) == "AA"
+            first = entry_of(runtime, "ORU")
+            (waiting,) = await rows_of(runtime, first.idempotency_key, 1)
+            assert (waiting.channel, waiting.outcome) == ("ris-orders", "applied")
+            assert waiting.detail == "waiting for its study; CI-SIS validation: valid"
+            env = Envelope(study())
+            await runtime.bus.publish("study.stable", env.to_json(), message_id=env.id)  # published: fed
+            await until(lambda: len(drimbox.accepted()) == 1, timeout=30)
+            # The correction, its study known: a document at once.
+            assert ack_code((await send(runtime, fixture("oru_r01_report_corrected.hl7")))[0]) == "AA"
+            await until(lambda: len(drimbox.accepted()) == 2, timeout=30)
+            second = entry_of(runtime, "ORU")
+            assert second.id != first.id
+            made = [r for r in await rows_of(runtime, second.idempotency_key, 2) if r.channel == "ris-orders"]
+            (row,) = made
+            match = re.fullmatch(r"CDA (\S+) version 2 \(replace\); CI-SIS validation: valid", row.detail)
+            assert match and row.outcome == "applied", row.detail
+            current = match.group(1)
+
+            await login(client, ADMIN)
+            shown = destinations(await client.get(f"/console/messages/{second.id}"))
+            assert ("applied", "ris-orders") in [(o, c) for o, c, _ in shown]
+            assert any(c == "ris-orders" and "CI-SIS validation: valid" in d for _, c, d in shown), shown
+            assert any(c == "drimbox" and f"document {current} sent, ACK AA" in d for _, c, d in shown), shown
+
+            # The documents page: each version fed to the DRIMbox; MHD retrievals counted.
+            docs = await client.get("/console/worklist", params={"date": ""})
+            assert docs.status_code == 200, docs.text
+            fed = re.findall(r'<dt>(\w+)</dt><dd class="fed-(\w+)">([^<]*)</dd>', docs.text)
+            assert [(d, w) for d, w, _ in fed] == [
+                ("drimbox", "sent_ack"),
+                ("MHD", "not_retrieved"),
+                ("drimbox", "sent_ack"),
+                ("MHD", "not_retrieved"),
+            ], fed
+            assert fed[0][2].startswith("sent, ACK AA at 20")
+            bearer = {"Authorization": f"Bearer {ADMIN}"}
+            found = await client.get("/fhir/DocumentReference", params={"status": "current"}, headers=bearer)
+            (reference,) = [e["resource"] for e in found.json().get("entry", [])]
+            url = reference["content"][0]["attachment"]["url"]
+            binary = url[url.index("/fhir/") :]
+            for _ in range(2):
+                assert (await client.get(binary, headers=bearer)).status_code == 200
+            await rows_of(runtime, current, 2)
+            docs = await client.get("/console/worklist", params={"date": ""})
+            fed = re.findall(r'<dt>(\w+)</dt><dd class="fed-(\w+)">([^<]*)</dd>', docs.text)
+            assert (fed[1][1], fed[3][1]) == ("retrieved_times", "not_retrieved"), fed  # the current version only
+            assert fed[1][2].startswith("retrieved 2 time(s), last at 20"), fed
+            french = await client.get("/console/worklist", params={"date": "", "lang": "fr"})
+            assert "envoyé, ACK AA le 20" in french.text and "récupéré 2 fois, la dernière le 20" in french.text
+
+            # A report that cannot make a document: refused, said by its codes only.
+            bad = fixture("oru_r01_report.hl7").decode().replace("801234567890&", "&")  # an author without RPPS
+            assert ack_code((await send(runtime, bad.encode()))[0]) == "AE"
+            refused = entry_of(runtime, "ORU")
+            assert refused.status == "rejected"
+            (row,) = await rows_of(runtime, refused.idempotency_key, 1)
+            assert (row.channel, row.outcome, row.detail) == (
+                "ris-orders",
+                "error",
+                "report refused (AE, error code 101)",
+            )
+    finally:
+        await drimbox.listener.stop()
+
+
+async def test_an_mpps_request_shows_its_outcome_on_its_message_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery_log, "FLUSH_S", 0.05)
+    port = free_port()
+    mpps = {"name": "mpps", "kind": "mpps", "destinations": [{"adapter": "mpps-scp", "port": port}]}
+    async with engine_with(tmp_path, mpps) as (runtime, client):
+        await send(runtime, fixture("orm_o01_nw_latin1.hl7"))
+        await until(lambda: store(runtime).count() == 1)
+        ((_, item),) = list(store(runtime).all())
+        uid = generate_uid()
+        modality = await asyncio.to_thread(Modality, port)
+        try:
+            assert await modality.create(uid, in_progress(item)) == 0x0000
+            again = Dataset()
+            again.PerformedProcedureStepStatus = "IN PROGRESS"  # no change of status: journaled as a duplicate
+            assert (await modality.set(uid, again)).Status == 0x0000
+        finally:
+            modality.close()
+        created = entry_of(runtime, "N-CREATE")
+        assert created.idempotency_key == f"mpps|{uid}|IN PROGRESS"
+        logged = await rows_of(runtime, created.idempotency_key, 3)  # the worklist's row, then the two requests'
+        rows = [r for r in logged if r.channel == "mpps"]
+        assert [(r.outcome, r.detail) for r in rows] == [
+            ("applied", "N-CREATE IN PROGRESS, answered 0x0000, published procedure.in-progress"),
+            ("duplicate", "N-SET IN PROGRESS, answered 0x0000, status unchanged: nothing published"),
+        ]
+        await login(client, ADMIN)
+        shown = destinations(await client.get(f"/console/messages/{created.id}"))
+        assert [(o, c) for o, c, _ in shown if c == "mpps"] == [("applied", "mpps"), ("duplicate", "mpps")], shown

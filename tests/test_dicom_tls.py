@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,6 +19,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from pynetdicom import AE
@@ -32,6 +35,7 @@ from tests.tls_pki import (
     pki,  # noqa: F401 (fixture)
 )
 from traboule.adapters.dicom_mwl import WorklistSCP
+from traboule.adapters.dicom_server import SCPLimits
 from traboule.app.runtime import Runtime
 from traboule.audit import AuditEvent, Outcome
 from traboule.channels.mpps import MPPSChannel
@@ -236,6 +240,20 @@ def test_a_client_certificate_from_another_ca_or_expired_is_refused_and_audited(
     assert event.requestor is not None and event.requestor.address == HOST
 
 
+def test_tls_without_a_client_certificate_is_refused_and_audited(
+    pki: PKI,  # noqa: F811
+    worklist: WorklistChannel,
+    events: RecordingTrail,
+) -> None:
+    require_dcmtk("echoscu")
+    args = ["echoscu", "-to", "5", "-ta", "5", "+tla", "+cf", str(pki.ca), "+px", "-aet", "MODALITY1", "-aec", AET]
+    result = subprocess.run([*args, HOST, str(scp_port(worklist))], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    [event] = wait_for(lambda: events.of("security-alert", "node-authentication"))
+    assert event.description == "no client certificate" and event.outcome == Outcome.MINOR_FAILURE
+    assert event.requestor is not None and (event.requestor.address, event.requestor.cert_subject) == (HOST, "")
+
+
 def test_an_ae_title_bound_to_a_certificate_is_accepted_with_it_only(
     pki: PKI,  # noqa: F811
     worklist: WorklistChannel,
@@ -293,6 +311,74 @@ def test_allowed_subjects_admit_only_those_certificates(pki: PKI, tmp_path: Path
     finally:
         scp.stop()
         store.close()
+
+
+def test_a_burst_of_connections_from_one_address_is_closed_before_its_handshake(pki: PKI, tmp_path: Path) -> None:  # noqa: F811
+    require_dcmtk("echoscu")
+    store = WorklistStore(str(tmp_path / "worklist.sqlite"))
+    limits = SCPLimits(max_handshakes_per_second=0.5, handshake_burst=2, tls_handshake_timeout=5)
+    context = server_context(base_tls(pki, enabled=True))
+    scp = WorklistSCP(store.find, ae_title=AET, port=free_port(), limits=limits, ssl_context=context)
+    scp.start()
+    started = time.monotonic()
+    sockets = [socket.create_connection((HOST, scp.port)) for _ in range(4)]
+    try:
+        assert echo(pki, scp.port, pki.ris).returncode != 0  # no token left for this address
+
+        def closed_at_once(sock: socket.socket) -> bool:
+            sock.settimeout(0.5)
+            try:
+                return sock.recv(1) == b""
+            except ConnectionResetError:
+                return True
+            except TimeoutError:  # waiting for its handshake
+                return False
+
+        # The burst (two) wait for their handshake; the next ones are closed on accept.
+        assert [closed_at_once(s) for s in sockets] == [False, False, True, True]
+        time.sleep(max(0.0, started + 2.2 - time.monotonic()))  # one token back
+        assert echo(pki, scp.port, pki.ris).returncode == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+        scp.stop()
+        store.close()
+
+
+async def test_renewed_scp_certificates_are_served_without_a_restart(pki: PKI, tmp_path: Path) -> None:  # noqa: F811
+    cert, key = tmp_path / "scp.pem", tmp_path / "scp.key"
+    shutil.copy(pki.server.cert, cert)
+    shutil.copy(pki.server.key, key)
+    tls = base_tls(pki, cert_file=str(cert), key_file=str(key))
+    runtime = SimpleNamespace(config=SimpleNamespace(path=None, tls=tls, tls_reload_interval=0.1), data_dir=tmp_path)
+    entry = {"adapter": "mwl-scp", "port": free_port(), "tls": True}
+    channel = WorklistChannel({"name": "worklist", "destinations": [entry]}, runtime)
+    [scp] = channel.scps
+    context = client_context(TLSSettings(cert_file=str(pki.ris.cert), key_file=str(pki.ris.key), ca_file=str(pki.ca)))
+
+    def served() -> bytes:
+        with (
+            socket.create_connection((HOST, scp.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            return sock.getpeercert(binary_form=True) or b""
+
+    scp.start()
+    channel.certificates.start()
+    try:
+        before = await asyncio.to_thread(served)
+        renewed = pki.issue("scp-renewed", "localhost", server=True, days=400)
+        shutil.copy(renewed.key, key)
+        shutil.copy(renewed.cert, cert)
+        deadline = time.monotonic() + 5
+        while (after := await asyncio.to_thread(served)) == before:
+            assert time.monotonic() < deadline, "the renewed certificate is not served"
+            await asyncio.sleep(0.1)
+        assert after == x509.load_pem_x509_certificate(renewed.cert.read_bytes()).public_bytes(Encoding.DER)
+    finally:
+        await channel.certificates.stop()
+        scp.stop()
+        channel.store.close()
 
 
 def test_tls_settings_of_an_scp_entry_are_checked(pki: PKI, tmp_path: Path) -> None:  # noqa: F811
@@ -422,7 +508,7 @@ def test_mpps_channel_reads_its_tls_entry(pki: PKI, tmp_path: Path) -> None:  # 
     try:
         [scp] = channel.scps
         assert scp.ssl_context is not None and scp.allowed_subjects == ("CN=ct01.example",)
-        assert list(channel.certificates.reloaders) == [f"mpps:mpps-scp:{entry['port']}"]
+        assert list(channel.certificates.watched) == [f"mpps:mpps-scp:{entry['port']}"]
     finally:
         channel.states.close()
         channel.identities.close()

@@ -192,3 +192,59 @@ async def test_an_address_with_too_many_refusals_gets_429_and_others_go_on(tmp_p
         assert (await neighbour.get("/channels", headers=bearer(READER))).status_code == 200
     addresses = [e.requestor.address for e in trail.events if e.kind == "user-authentication"]
     assert addresses == ["10.0.0.66"] * 3 + ["10.0.0.7"]  # the blocked requests do not flood the trail
+
+
+def internal(**more: str) -> dict[str, str]:
+    """The headers of one of the engine's internal calls (this run's secret, `traboule.app.http.internal_secret`)."""
+    from traboule.app.http import INTERNAL_HEADER, internal_secret
+
+    return {INTERNAL_HEADER.decode(): internal_secret(), **more}
+
+
+async def test_a_local_guesser_cannot_lock_the_internal_calls_out(tmp_path: Path) -> None:
+    """Every local process connects from 127.0.0.1, as the main process does: bad tokens from one block 127.0.0.1,
+    but the internal calls (this run's secret) are neither refused nor counted; a wrong secret is a plain request."""
+    from traboule.app.http import INTERNAL_HEADER
+
+    async with (
+        api_with_roles(tmp_path, max_auth_failures=3) as (_runtime, app, trail),
+        client_at(app, "127.0.0.1") as local,
+    ):
+        for n in range(3):
+            assert (await local.get("/channels", headers=bearer(f"guess-{n}-0123456789abcdef"))).status_code == 401
+        assert (await local.get("/health/live", headers=bearer(TOKEN))).status_code == 429
+        for _ in range(20):  # the supervisor's readiness checks go on
+            assert (await local.get("/health/live", headers=internal(**bearer(TOKEN)))).status_code == 200
+        # An internal call with a wrong token is refused (the token is still checked), never blocked nor counted.
+        assert (await local.get("/channels", headers=internal(**bearer("bad-0123456789abcdef")))).status_code == 401
+        forged = {INTERNAL_HEADER.decode(): "0" * 43, **bearer(TOKEN)}
+        assert (await local.get("/health/live", headers=forged)).status_code == 429
+    refusals = [e for e in trail.events if e.kind == "user-authentication"]
+    assert len(refusals) == 4
+
+
+async def test_x_forwarded_for_is_believed_only_from_the_main_process(tmp_path: Path) -> None:
+    """The FHIR API records the client's address; a request's X-Forwarded-For names another one only on a request
+    of the main process (this run's secret), never from another local process."""
+    async with api_with_roles(tmp_path) as (_runtime, app, trail), client_at(app, "127.0.0.1") as local:
+        spoofed = {"X-Forwarded-For": "10.6.6.6", **bearer(READER)}
+        assert (await local.get("/fhir/Patient?identifier=x", headers=spoofed)).status_code == 200
+        assert (await local.get("/fhir/Patient?identifier=y", headers=internal(**spoofed))).status_code == 200
+        wrong = {"X-Traboule-Internal": "x" * 43, **spoofed}
+        assert (await local.get("/fhir/Patient?identifier=z", headers=wrong)).status_code == 200
+    queries = [e for e in trail.events if e.kind == "query"]
+    assert [e.requestor.address for e in queries] == ["127.0.0.1", "10.6.6.6", "127.0.0.1"]
+    assert {e.requestor.user_id for e in queries} == {"viewer"}
+
+
+def test_a_forwarded_request_carries_the_secret_and_never_the_clients_own() -> None:
+    from traboule.app.http import INTERNAL_HEADER, _forwarded_headers, internal_secret
+
+    scope = {
+        "headers": [(b"host", b"engine.example"), (INTERNAL_HEADER, b"guessed"), (b"x-forwarded-for", b"10.6.6.6")],
+        "client": ("10.1.2.3", 40000),
+        "scheme": "https",
+    }
+    headers = _forwarded_headers(scope, "127.0.0.1:8080")
+    assert [v for k, v in headers if k == INTERNAL_HEADER] == [internal_secret().encode()]
+    assert [v for k, v in headers if k == b"x-forwarded-for"] == [b"10.1.2.3"]

@@ -42,10 +42,12 @@ class Trail:
 
 
 @contextlib.asynccontextmanager
-async def https_engine(tmp_path: Path, tls: TLSSettings) -> AsyncIterator[tuple[Runtime, int]]:
+async def https_engine(tmp_path: Path, tls: TLSSettings, **limits: Any) -> AsyncIterator[tuple[Runtime, int]]:
     cfg = engine_config(tmp_path)
     cfg.api_tokens = [TOKEN]
     cfg.http_tls = tls
+    for name, value in limits.items():  # [http] limits
+        setattr(cfg.http_limits, name, value)
     runtime = Runtime(cfg)
     runtime.audit = Trail()  # type: ignore[attr-defined]
     await runtime.start()
@@ -194,11 +196,18 @@ def dual_use_certificate(pki: PKI, name: str) -> Pair:  # noqa: F811
 def test_a_running_engine_over_https_collects_its_children_metrics(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     """The default engine (main, worker, fhir processes) with HTTPS and client certificates required, only the RIS
     subject allowed: the main process supervises its children, gathers their /metrics and forwards /fhir to the
-    fhir process, all over HTTPS with its own certificate."""
-    engine = dual_use_certificate(pki, "engine.example")
+    fhir process, all over HTTPS with its own certificate. Renewed on disk with another subject, that certificate
+    is reloaded by every process, as a server and as the client of the others: the calls between them go on."""
+    import shutil
+
+    first = dual_use_certificate(pki, "engine.example")
+    renewed = dual_use_certificate(pki, "engine-renewed.example")
+    engine = Pair(tmp_path / "engine.pem", tmp_path / "engine.key", first.subject)
+    shutil.copy(first.cert, engine.cert)
+    shutil.copy(first.key, engine.key)
     config = tmp_path / "traboule.toml"
     config.write_text(
-        f'[tls]\nca_file = "{pki.ca}"\n'
+        f'[tls]\nca_file = "{pki.ca}"\nreload_interval = 0.2\n'
         f'[http]\ntokens = ["{TOKEN}"]\n'
         f'tls = {{ cert_file = "{engine.cert}", key_file = "{engine.key}", client_certs = "required", '
         'allowed_subjects = ["CN=ris.example"] }\n'
@@ -237,6 +246,28 @@ def test_a_running_engine_over_https_collects_its_children_metrics(tmp_path: Pat
             assert modality.get(worker).status_code == 403
         with httpx.Client(timeout=5) as plain, pytest.raises(httpx.HTTPError):
             plain.get(worker.replace("https:", "http:"))
+
+        def reloads(listener: str) -> int:
+            lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            return sum(1 for e in lines if e.get("event") == "tls.reloaded" and e.get("listener") == listener)
+
+        shutil.copy(renewed.key, engine.key)
+        shutil.copy(renewed.cert, engine.cert)
+        deadline = time.monotonic() + 20
+        while reloads("http") < 3 or reloads("http-client") < 3:  # main, worker, fhir: server and client contexts
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        with httpx.Client(verify=client_ssl(pki, pki.ris), timeout=10, headers=BEARER) as client:
+            metrics = client.get(f"{base}/metrics")
+            assert 'traboule_process_up{process="fhir"} 1.0' in metrics.text
+            health = client.get(f"{base}/health").json()
+            assert {p["status"] for p in health["processes"].values()} == {"ok"}, health
+            assert client.get(f"{base}/fhir/metadata").status_code == 200
+        # The engine's own subject is the renewed one now: admitted by a child, the former one no more.
+        with httpx.Client(verify=client_ssl(pki, renewed), timeout=10, headers=BEARER) as now:
+            assert now.get(worker).status_code == 200
+        with httpx.Client(verify=client_ssl(pki, first), timeout=10, headers=BEARER) as before:
+            assert before.get(worker).status_code == 403
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -347,3 +378,154 @@ def test_an_smtp_notifier_takes_a_tls_table(pki: PKI) -> None:  # noqa: F811
     assert notifier(port=25).tls_settings.min_version == "1.3"  # the [tls] defaults
     with pytest.raises(config_mod.ConfigError, match="unknown tls setting"):
         notifier(port=465, tls={"cafile": str(pki.ca)})
+
+
+async def test_silent_tls_peers_are_closed_after_the_header_timeout(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    """TCP connections that never start their handshake hold a descriptor for ``header_timeout`` at most (not
+    asyncio's 60 s), a normal client is served meanwhile, and one address cannot hold more handshakes than its
+    share of ``max_connections`` (a tenth): beyond, its connections are closed at once."""
+    import asyncio
+
+    async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+        with contextlib.suppress(ConnectionError):
+            return await asyncio.wait_for(reader.read(1), seconds) == b""
+        return True
+
+    async with https_engine(tmp_path, server_tls(pki), header_timeout=2.0, max_connections=50) as (_runtime, port):
+        started = time.monotonic()
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        async with httpx.AsyncClient(verify=client_ssl(pki), timeout=5) as client:
+            answer = await client.get(f"https://127.0.0.1:{port}/health/live", headers=BEARER)
+            assert answer.status_code == 200
+        assert time.monotonic() - started < 2.0  # served while the silent ones were held
+        for reader, _writer in silent:
+            assert await closed_within(reader, 5.0)
+        assert time.monotonic() - started < 8.0  # the header timeout, not asyncio's 60 s
+        # Five handshakes per address (a tenth of 50): the sixth silent connection is closed at once.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        reader, _writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_within(reader, 0.5)
+        for _reader, writer in [*silent, *held]:
+            writer.close()
+
+
+async def test_the_internal_client_shows_the_renewed_certificate(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    """Client certificates required: the engine's processes call each other with its own certificate. Renewed on
+    disk (another subject), the internal client context is reloaded with the server's: the next internal
+    connection shows the new one, and calls between processes go on."""
+    import asyncio
+    import shutil
+
+    from traboule.app.http import internal_client, internal_context, internal_url
+    from traboule.tls import server_context
+
+    first, renewed = dual_use_certificate(pki, "engine-a.example"), dual_use_certificate(pki, "engine-b.example")
+    cert, key = tmp_path / "engine.pem", tmp_path / "engine.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    tls = TLSSettings(
+        enabled=True,
+        cert_file=str(cert),
+        key_file=str(key),
+        ca_file=str(pki.ca),
+        client_certs="required",
+        allowed_subjects=("CN=ris.example",),
+    )
+    # A peer of the engine's internal client that says which certificate it was shown.
+    shown: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from traboule.tls import subject_of
+
+        shown.append(subject_of(writer.get_extra_info("peercert")))
+        writer.close()
+
+    peer = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(tls))
+    peer_port = peer.sockets[0].getsockname()[1]
+
+    async def subject_shown() -> str:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", peer_port, ssl=internal_context(tls))
+        writer.close()
+        for _ in range(50):
+            if shown:
+                return shown.pop()
+            await asyncio.sleep(0.02)
+        raise AssertionError("the peer saw no connection")
+
+    cfg = engine_config(tmp_path)
+    cfg.api_tokens = [TOKEN]
+    cfg.http_tls = tls
+    cfg.tls_reload_interval = 0.1
+    cfg.http_port = free_port()
+    runtime = Runtime(cfg)
+    await runtime.start()
+    server = await serve(create_app(runtime), "127.0.0.1", cfg.http_port)
+    try:
+        assert await subject_shown() == first.subject
+        async with internal_client(cfg, timeout=5, headers=BEARER) as client:
+            assert (await client.get(internal_url(cfg, cfg.http_port, "/channels"))).status_code == 200
+        shutil.copy(renewed.key, key)
+        shutil.copy(renewed.cert, cert)
+        for _ in range(50):
+            if await subject_shown() == renewed.subject:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the internal client never showed the renewed certificate")
+        async with internal_client(cfg, timeout=5, headers=BEARER) as client:
+            assert (await client.get(internal_url(cfg, cfg.http_port, "/channels"))).status_code == 200
+        # The renewed subject is the engine's own now: admitted without the internal secret too.
+        async with httpx.AsyncClient(verify=client_ssl(pki, renewed), timeout=5, headers=BEARER) as engine:
+            assert (await engine.get(f"https://127.0.0.1:{cfg.http_port}/channels")).status_code == 200
+    finally:
+        server.should_exit = True
+        await server.task
+        await runtime.stop()
+        peer.close()
+
+
+async def test_refused_certificate_subjects_are_counted_like_bad_tokens(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    """An address that keeps presenting a subject not allowed gets 429 after ``max_auth_failures`` refusals (not
+    audited any more), like one guessing tokens; the RIS, another subject from the same address, is blocked with it
+    (the count is the address's), and an internal call carrying the run's secret is not."""
+    from traboule.app.http import INTERNAL_HEADER, internal_secret
+
+    tls = server_tls(pki, ca_file=str(pki.ca), client_certs="required", allowed_subjects=("CN=ris.example",))
+    async with https_engine(tmp_path, tls, max_auth_failures=3) as (runtime, port):
+        url = f"https://127.0.0.1:{port}/channels"
+        async with httpx.AsyncClient(verify=client_ssl(pki, pki.modality), timeout=10, headers=BEARER) as modality:
+            assert [(await modality.get(url)).status_code for _ in range(4)] == [403, 403, 403, 429]
+            internal = {INTERNAL_HEADER.decode(): internal_secret()}
+            assert (await modality.get(url, headers=internal)).status_code == 200
+            forged = {INTERNAL_HEADER.decode(): "not-the-secret"}
+            assert (await modality.get(url, headers=forged)).status_code == 429
+        async with httpx.AsyncClient(verify=client_ssl(pki, pki.ris), timeout=10, headers=BEARER) as ris:
+            answer = await ris.get(url)
+            assert answer.status_code == 429 and 0 < int(answer.headers["retry-after"]) <= 61
+        refusals = [e for e in runtime.audit.events if e.kind == "user-authentication"]  # type: ignore[attr-defined]
+        assert len(refusals) == 3
+
+
+async def test_tls_connections_are_taken_on_at_a_bounded_rate(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beyond its burst, an address's next connections are closed on accept, before any handshake; it gets in
+    again at the rate (here 2 a second after a burst of 3)."""
+    import asyncio
+
+    from traboule.app import http
+
+    monkeypatch.setattr(http, "HANDSHAKE_RATE", (2.0, 3, 0.0))
+    async with https_engine(tmp_path, server_tls(pki), header_timeout=5.0) as (_runtime, port):
+        for _ in range(3):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(1), 1.0) == b""  # not the 5 s handshake timeout
+        writer.close()
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(verify=client_ssl(pki), timeout=5) as client:
+            assert (await client.get(f"https://127.0.0.1:{port}/health/live", headers=BEARER)).status_code == 200

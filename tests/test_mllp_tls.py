@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.test_flow import ack_code, engine_config, fixture, mllp_port
 from tests.tls_pki import PKI, Pair, make_pki
-from traboule.adapters.mllp import END, START, MLLPClient, MLLPListener, MLLPSender
+from traboule.adapters.mllp import END, START, AcceptRate, MLLPClient, MLLPListener, MLLPSender
 from traboule.app.runtime import Runtime
+from traboule.audit import AuditEvent, Outcome
 from traboule.errors import NotAccepted
 from traboule.formats import hl7
 from traboule.stores.journal import Query
@@ -79,6 +80,29 @@ def refusals(logs: list[dict[str, Any]]) -> list[str]:
     return [e["reason"] for e in logs if e["event"] == "connection.tls_refused"]
 
 
+class Recording:
+    """The engine's audit trail, with what is recorded on it also kept here."""
+
+    def __init__(self, trail: Any) -> None:
+        self.trail, self.events = trail, list[AuditEvent]()
+
+    def record(self, event: AuditEvent) -> None:
+        self.events.append(event)
+        self.trail.record(event)
+
+    def __getattr__(self, name: str) -> Any:  # start, flush, close...
+        return getattr(self.trail, name)
+
+    def alerts(self) -> list[AuditEvent]:
+        return [e for e in self.events if e.kind == "security-alert" and e.subtype == "node-authentication"]
+
+
+def recording(engine: Runtime) -> Recording:
+    trail = Recording(engine.audit)
+    engine.audit = trail
+    return trail
+
+
 async def until(predicate: Any, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -89,6 +113,7 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
 async def test_an_order_over_tls_is_answered_aa_and_plain_tcp_gets_nothing(tmp_path: Path, pki: PKI) -> None:
     async with tls_engine(tmp_path, pki) as engine:
         port = mllp_port(engine)
+        trail = recording(engine)
         with structlog.testing.capture_logs() as logs:
             assert await send_order(port, client(pki)) == "AA"
             # A plain MLLP client: its frame is not a TLS handshake; no ACK, the connection is closed.
@@ -102,6 +127,7 @@ async def test_an_order_over_tls_is_answered_aa_and_plain_tcp_gets_nothing(tmp_p
         assert refusals(logs) == ["WRONG_VERSION_NUMBER"]  # OpenSSL's reason for bytes that are no TLS record
         (event,) = [e for e in logs if e["event"] == "connection.tls_refused"]
         assert event["peer"].startswith("127.0.0.1:") and "subject" not in event
+        assert trail.alerts() == []  # not a certificate refused: logged, not audited (a port scan, a TCP check)
         assert engine.journal is not None
         # Only the TLS order: the plain one never reached the channel.
         assert engine.journal.count(Query(channels=["ris-orders"])) == 1
@@ -134,6 +160,7 @@ async def test_mutual_tls_admits_only_allowed_subjects_signed_by_the_ca(tmp_path
     tls = {"client_certs": "required", "allowed_subjects": ["CN=ris.example", "CN=other.example,O=CHU"]}
     async with tls_engine(tmp_path, pki, tls) as engine:
         port = mllp_port(engine)
+        trail = recording(engine)
         with structlog.testing.capture_logs() as logs:
             assert await send_order(port, client(pki, pki.ris)) == "AA"
             for pair in (None, pki.stranger, pki.expired, pki.modality):
@@ -152,6 +179,65 @@ async def test_mutual_tls_admits_only_allowed_subjects_signed_by_the_ca(tmp_path
         assert events[3]["subject"] == "CN=ct01.example,O=traboule tests"  # the subject, nothing else of it
         assert not any("subject" in e for e in events[:3])
         assert engine.journal is not None and engine.journal.count(Query(channels=["ris-orders"])) == 1
+        # Each certificate refused is a node-authentication failure on the audit trail, with a fixed text.
+        alerts = trail.alerts()
+        assert [e.description for e in alerts] == [
+            "no client certificate",
+            "client certificate refused: unable to get local issuer certificate",
+            "client certificate refused: certificate has expired",
+            "client certificate subject not allowed",
+        ]
+        assert all(e.outcome == Outcome.MINOR_FAILURE for e in alerts)
+        peers = [(e.requestor.user_id, e.requestor.address, e.requestor.cert_subject) for e in alerts if e.requestor]
+        assert peers == [("127.0.0.1", "127.0.0.1", "")] * 3 + [("127.0.0.1", "127.0.0.1", pki.modality.subject)]
+
+
+def test_accept_rate_per_address_in_all_and_bounded_in_memory() -> None:
+    rate = AcceptRate(per_address=2, burst=3, total=5)
+    assert [rate.take("a", 0.0) for _ in range(4)] == ["", "", "", "max_handshakes_per_second"]
+    assert rate.take("a", 0.5) == ""  # a token back every half second
+    assert rate.take("a", 0.5) == "max_handshakes_per_second"
+    assert [rate.take("a", 0.75) for _ in range(5)] == ["max_handshakes_per_second"] * 5  # refusals spend nothing:
+    assert rate.take("a", 1.0) == ""  # the peer that waits gets in on time
+    # In all: 5 a second, one second's worth at once, however many addresses share them.
+    assert [rate.take(h, 1.0) for h in "bbbcc"] == ["", "", "", "", "max_handshakes_per_second_total"]
+    assert rate.take("d", 1.25) == ""
+    # Memory: at most max_addresses buckets; the most recent addresses keep theirs (spent tokens included).
+    many = AcceptRate(per_address=2, burst=3, max_addresses=8)
+    for i in range(100):
+        assert many.take(f"h{i}", 0.0) == ""
+    assert len(many) <= 8
+    assert [many.take("h99", 0.0) for _ in range(3)] == ["", "", "max_handshakes_per_second"]
+
+
+async def test_a_burst_of_handshakes_from_one_address_is_refused_while_a_paced_client_gets_in(
+    tmp_path: Path, pki: PKI
+) -> None:
+    source = {"max_handshakes_per_second": 2, "handshake_burst": 3}
+    async with tls_engine(tmp_path, pki, True, **source) as engine:
+        port = mllp_port(engine)
+        listener: MLLPListener = engine.channel("ris-orders").listener  # type: ignore[attr-defined]
+
+        async def handshake(local: str = "127.0.0.1") -> bool:
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=client(pki), local_addr=(local, 0)), 5
+                )
+            except (OSError, asyncio.IncompleteReadError):  # closed before the handshake: reset, or EOF
+                return False
+            writer.close()
+            return True
+
+        with structlog.testing.capture_logs() as logs:
+            admitted = sum(await asyncio.gather(*(handshake() for _ in range(12))))
+            assert admitted in (3, 4)  # the burst (and a token back if the twelve took over half a second)
+            assert listener.rate_refusals == 12 - admitted
+            assert await handshake("127.0.0.2")  # another address has its own bucket
+            for i in range(3):  # a client that keeps to the rate always gets in
+                await asyncio.sleep(0.6)
+                assert await send_order(port, client(pki), ORDER.replace(b"MSG0001", b"PACED%d" % i)) == "AA"
+        assert "max_handshakes_per_second" in refusals(logs)
+        assert listener.rate_refusals == 12 - admitted
 
 
 async def test_the_handler_reads_the_client_subject_and_the_sender_speaks_tls(pki: PKI) -> None:

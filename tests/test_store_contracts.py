@@ -24,6 +24,7 @@ from tests.peer_dcmtk import mwl_item
 from tests.test_flow import fixture
 from traboule import model, stores
 from traboule.errors import MappingFailure, SearchError
+from traboule.formats.fhir_codes import IS_DELETED
 from traboule.stores.fhir_store import SQLiteFHIRStore
 from traboule.stores.journal import JournalEntry, OutboxEvent, Query, SQLiteJournal
 from traboule.stores.mpps_state import MPPSInstance, SQLiteMPPSStates
@@ -533,6 +534,42 @@ def test_fhir_readers_never_see_half_a_transaction(backend: SQLiteBackend) -> No
         writer.close()
         reader.close()
     assert errors == [] and totals and set(totals) <= {0, 2}
+
+
+def _document(rid: str, binary: str, unique_id: str, **more: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "DocumentReference",
+        "id": rid,
+        "masterIdentifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{unique_id}"},
+        "status": "current",
+        "subject": {"reference": "Patient/p1"},
+        "content": [{"attachment": {"contentType": "text/xml", "url": f"Binary/{binary}"}}],
+        **more,
+    }
+
+
+def test_fhir_a_binary_leads_to_its_document_reference(backend: SQLiteBackend) -> None:
+    store = backend.fhir()
+    try:
+        store.upsert(_document("d1", "b1", "1.2.3.1"))
+        store.upsert(_document("d2", "b2", "1.2.3.2"))
+        store.upsert({"resourceType": "Binary", "id": "b1", "contentType": "text/xml", "data": "PHgvPg=="})
+        found = store.document_of_binary("b1")
+        assert found is not None and found["id"] == "d1" and found["subject"] == {"reference": "Patient/p1"}
+        assert found["masterIdentifier"]["value"] == "urn:oid:1.2.3.1"
+        assert store.document_of_binary("b3") is None
+        assert store.document_of_binary("b1\x00") is None and store.document_of_binary("") is None
+        # A deleted document (PDSm: found by no search) still leads from its Binary; its latest version is given.
+        extension = [{"url": IS_DELETED, "valueBoolean": True}]
+        store.upsert(_document("d2", "b2", "1.2.3.2", status="superseded", extension=extension))
+        assert store.search("DocumentReference", {"_id": "d2"})[0] == 0
+        latest = store.document_of_binary("b2")
+        assert latest is not None and latest["status"] == "superseded" and latest["meta"]["versionId"] == "2"
+        # Pointed at by two DocumentReferences: the one stored last.
+        store.upsert(_document("d3", "b1", "1.2.3.3"))
+        assert (store.document_of_binary("b1") or {}).get("id") == "d3"
+    finally:
+        store.close()
 
 
 # -- reports ------------------------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ audit_queue_depth = Gauge(
     "Audit messages waiting for the audit record repository (on the node's main process, which sends them)",
     registry=REGISTRY,
 )
+audit_dropped = Counter(
+    "traboule_audit_dropped",
+    "Audit events lost: the trail's buffer full (the disk not taking them) or recorded after the trail closed",
+    registry=REGISTRY,
+)
 mwl_queries = Counter("traboule_mwl_queries", "MWL C-FIND queries answered", registry=REGISTRY)
 alerts_open = Gauge(
     "traboule_alerts_open", "Alert incidents open (on the node evaluating the rules)", registry=REGISTRY

@@ -36,7 +36,7 @@ import structlog
 
 from traboule import metrics
 from traboule.stores.incidents import IncidentStore, Notification
-from traboule.tls import TLSSettings, client_context
+from traboule.tls import TLSSettings, client_context, http_client_options
 
 log = structlog.get_logger("traboule.app.alerts")
 
@@ -61,7 +61,7 @@ class WebhookNotifier:
 
     async def send(self, body: dict[str, Any], client: httpx.AsyncClient) -> None:
         if urlsplit(self.url).scheme.lower() == "https":  # its own TLS settings: a client of its own
-            async with httpx.AsyncClient(verify=client_context(self.tls), follow_redirects=False) as own:
+            async with httpx.AsyncClient(follow_redirects=False, **http_client_options(self.tls)) as own:
                 answer = await own.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
         else:
             answer = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)

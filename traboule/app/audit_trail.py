@@ -5,9 +5,15 @@ buffered events (`traboule.audit.message.encode`) and appends them to the local 
 ``audit.log`` in the data folder: one JSON line per event with its XML, mode 0600, fsync'd per batch), then, when
 an audit record repository is configured, to the queue ``audit.sqlite`` (`traboule.stores.audit_queue`). In the
 main process a relay task sends the queued messages to the repository over syslog (`traboule.adapters.syslog`)
-and marks them delivered once written: at least once, in order, after any outage of the repository or restart of
-the engine. Every process of a node records through its own trail into the same file and queue; the main
-process's relay sends them all.
+and marks them delivered once the repository's TCP stack acknowledged every byte (`SyslogSender.send`): at least
+once, in order, after any outage of the repository or restart of the engine. Every process of a node records
+through its own trail into the same file and queue; the main process's relay sends them all.
+
+A flood of refusals cannot fill the trail: failed security-alert and user-authentication events are throttled per
+(requestor address, kind and subtype, description) — the first passes, the next ones within `THROTTLE_S` are
+counted, and one summary event per key and interval says how many ("N more refusals of the same kind from this
+address"); the keys are bounded (`THROTTLE_KEYS`, the oldest summarised early). Security events also have their own
+small budget in the buffer (`MAX_SECURITY_PENDING`): they never push out patient-data events.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ import structlog
 from traboule import metrics
 from traboule.adapters.syslog import SyslogSender, format_message
 from traboule.app.config import AuditConfig, Config
-from traboule.audit import AuditEvent, application_activity, configuration_changed
+from traboule.audit import AuditEvent, Outcome, application_activity, configuration_changed
 from traboule.audit.message import AuditSource, encode, event_time
 from traboule.stores.audit_queue import FILE as QUEUE_FILE
 from traboule.stores.audit_queue import AuditQueue
@@ -39,13 +46,22 @@ log = structlog.get_logger("traboule.app.audit_trail")
 
 FLUSH_S = 0.05  # the writer's batch interval
 MAX_PENDING = 10_000  # events the buffer holds at most while the disk does not take them (beyond: dropped, logged)
+MAX_SECURITY_PENDING = 500  # of those, security events at most (the rest is for patient-data events)
+SECURITY_KINDS = frozenset({"security-alert", "user-authentication"})
+THROTTLE_S = 60.0  # a failed security event's key: one passes, the next ones summarised once per interval
+THROTTLE_KEYS = 4096  # keys the throttle remembers (beyond: the oldest summarised at once and forgotten)
+DEGRADED_S = 60.0  # /health says the trail is degraded this long after an event was dropped
 MAX_UNQUEUED = 100_000  # messages in the file kept for a queue that fails (beyond: in the file only, logged)
-RELAY_BATCH = 500  # messages sent in one write (each write waits `syslog.SETTLE` for a reset)
+RELAY_BATCH = 500  # messages sent in one write at most
+RELAY_BATCH_BYTES = 256 * 1024  # bytes of messages in one write at most (one message larger goes alone)
 RELAY_POLL_S = 1.0  # how often the relay looks at an empty queue (the other processes' messages cannot wake it)
 MIN_BACKOFF_S = 1.0  # first pause after the repository failed, doubled up to MAX_BACKOFF_S
 MAX_BACKOFF_S = 30.0
+CLOSE_FLUSH_S = 10.0  # at close, how long to wait for what was recorded to be written before stopping the relay
+CLOSE_WAIT_S = 5.0  # at close, how long to wait for the writer (then it finishes, and closes its file, alone)
 STOP_DRAIN_S = 3.0  # at stop, how long the relay may still send what is queued (the rest waits for the next run)
 PRUNE_EVERY_S = 600.0
+DEPTH_EVERY_S = 5.0  # how often the relay refreshes the queue depth gauge while it sends
 CONFIG_HASH_FILE = "audit-config.sha256"
 
 
@@ -71,6 +87,69 @@ def audit_source(config: Config) -> AuditSource:
     )
 
 
+class Throttle:
+    """Failed security events per key (requestor address, kind, subtype, description): `admit` says whether an
+    event passes (the first of its key in an interval of ``interval`` seconds) or is only counted; `due` gives the
+    summary events of intervals that ended (and of keys forgotten when more than ``keys`` are held). Not
+    thread-safe: the trail calls it under its lock."""
+
+    def __init__(self, interval: float = THROTTLE_S, keys: int = THROTTLE_KEYS) -> None:
+        self.interval = interval
+        self.keys = keys
+        # key -> [interval's start (monotonic), the first event, events counted since]; oldest interval first
+        self._held: OrderedDict[tuple[str, ...], list[Any]] = OrderedDict()
+
+    @staticmethod
+    def applies(event: AuditEvent) -> bool:
+        return event.kind in SECURITY_KINDS and event.outcome != Outcome.SUCCESS
+
+    @staticmethod
+    def _key(event: AuditEvent) -> tuple[str, ...]:
+        who = event.requestor
+        address = (who.address or who.user_id) if who is not None else ""
+        return (address, event.kind, event.subtype, event.description)
+
+    def admit(self, event: AuditEvent, now: float) -> tuple[bool, list[AuditEvent]]:
+        """(whether ``event`` is recorded, summaries due now)."""
+        due = self.due(now)
+        key = self._key(event)
+        held = self._held.get(key)
+        if held is not None:
+            held[2] += 1
+            return False, due
+        self._held[key] = [now, event, 0]
+        while len(self._held) > self.keys:
+            _, (_, first, count) = self._held.popitem(last=False)
+            if count:
+                due.append(self.summary(first, count))
+        return True, due
+
+    def due(self, now: float) -> list[AuditEvent]:
+        """The summaries of the intervals ended by ``now`` (their keys forgotten: the next event passes)."""
+        out = []
+        while self._held:
+            key, (start, first, count) = next(iter(self._held.items()))
+            if now - start < self.interval:
+                break
+            del self._held[key]
+            if count:
+                out.append(self.summary(first, count))
+        return out
+
+    def flush(self) -> list[AuditEvent]:
+        """Every summary still counting (at close)."""
+        out = [self.summary(first, count) for _, first, count in self._held.values() if count]
+        self._held.clear()
+        return out
+
+    @staticmethod
+    def summary(first: AuditEvent, count: int) -> AuditEvent:
+        text = f"{count} more refusals of the same kind from this address"
+        if first.description:
+            text += f": {first.description}"
+        return dataclasses.replace(first, description=text, at=time.time())
+
+
 class AuditTrail:
     """The audit trail of one engine process (``runtime.audit``). ``relay``: this process sends the queue to the
     repository (the main process)."""
@@ -86,6 +165,8 @@ class AuditTrail:
             client_context(self.settings.tls) if self.address is not None and self.settings.transport == "tls" else None
         )
         self._pending: list[AuditEvent] = []
+        self._pending_security = 0  # of `_pending`, security events (`MAX_SECURITY_PENDING` at most)
+        self._throttle = Throttle()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._written = threading.Condition(self._lock)
@@ -93,11 +174,15 @@ class AuditTrail:
         self._done = 0  # of those, written to the file (and the queue)
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._abandoned = False  # close() gave up waiting for the writer: the thread closes its own resources
         self._fd: int | None = None
         self._queue: AuditQueue | None = None
         self._unqueued: list[tuple[float, int, bytes]] = []  # in the file, not yet in the queue (a failed put)
         self._failing = False
-        self.dropped = 0
+        self.dropped = 0  # events lost (buffer full, or recorded after close)
+        self.throttled = 0  # failed security events counted in a summary instead of recorded one by one
+        self._dropped_at = 0.0  # monotonic time of the last drop (/health: degraded for `DEGRADED_S`)
+        self._depth_at = 0.0  # when the queue depth gauge was last refreshed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queued: asyncio.Event | None = None
         self._relay: asyncio.Task | None = None
@@ -111,19 +196,55 @@ class AuditTrail:
         try:
             with self._lock:
                 if self._closing and self._thread is None:
+                    self._drop()
                     return
-                if len(self._pending) >= MAX_PENDING:
-                    self.dropped += 1
-                    if self.dropped == 1 or self.dropped % 1000 == 0:
-                        log.error("audit.dropped", dropped=self.dropped)
-                    return
-                self._pending.append(event)
-                self._recorded += 1
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                    self._thread.start()
+                if Throttle.applies(event):
+                    admitted, summaries = self._throttle.admit(event, time.monotonic())
+                    if not admitted:
+                        self.throttled += 1
+                    for summary in summaries:
+                        self._take(summary)
+                    if not admitted:
+                        return
+                self._take(event)
         except Exception:  # recording never fails its caller
             return
+
+    def _take(self, event: AuditEvent) -> None:
+        """``event`` into the buffer, within its budget (else dropped); called under the lock."""
+        security = event.kind in SECURITY_KINDS
+        if security:
+            full = self._pending_security >= MAX_SECURITY_PENDING
+        else:
+            full = len(self._pending) - self._pending_security >= MAX_PENDING - MAX_SECURITY_PENDING
+        if full:
+            self._drop()
+            return
+        self._pending.append(event)
+        self._pending_security += security
+        self._recorded += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self._dropped_at = time.monotonic()
+        with contextlib.suppress(Exception):
+            metrics.audit_dropped.inc()
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit.dropped", dropped=self.dropped)
+
+    def health(self) -> dict[str, Any]:
+        """The trail's state for /health: ``degraded`` while events are being dropped (one dropped in the last
+        `DEGRADED_S` seconds), else ``ok``; the counts of dropped and throttled events, the repository's state."""
+        dropping = self.dropped and time.monotonic() - self._dropped_at < DEGRADED_S
+        out: dict[str, Any] = {"state": "degraded" if dropping else "ok", "dropped": self.dropped}
+        if self.throttled:
+            out["throttled"] = self.throttled
+        if self.relays:
+            out["repository"] = "down" if self.repository_down else "ok"
+        return out
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what was recorded so far is in the file and the queue (blocking); False after ``timeout``."""
@@ -145,7 +266,10 @@ class AuditTrail:
             self._wake.wait(FLUSH_S)
             self._wake.clear()
             with self._lock:
+                for summary in self._throttle.flush() if self._closing else self._throttle.due(time.monotonic()):
+                    self._take(summary)
                 events, self._pending = self._pending, []
+                self._pending_security = 0
                 closing = self._closing
             if events or self._unqueued:
                 try:
@@ -156,9 +280,13 @@ class AuditTrail:
                         self._done += len(events)
             if closing and not events:
                 with self._lock:
-                    if not self._pending:
-                        self._thread = None
-                        return
+                    if self._pending:
+                        continue
+                    self._thread = None
+                    abandoned = self._abandoned
+                if abandoned:  # close() stopped waiting: the thread's resources are its own to close
+                    self._release()
+                return
 
     def _write(self, events: list[AuditEvent]) -> None:
         """Encode and append ``events`` to the file, then to the queue. A batch the file refuses goes back to the
@@ -180,6 +308,7 @@ class AuditTrail:
             self._failed("file", exc)
             with self._lock:
                 self._pending[:0] = events
+                self._pending_security = sum(e.kind in SECURITY_KINDS for e in self._pending)
             time.sleep(FLUSH_S * 10)
             return
         self._enqueue(queued)
@@ -282,7 +411,7 @@ class AuditTrail:
         does not take them."""
         assert self._sender is not None
         queue = await asyncio.to_thread(self._queue_now)
-        batch = await asyncio.to_thread(queue.take, RELAY_BATCH)
+        batch = await asyncio.to_thread(queue.take, RELAY_BATCH, RELAY_BATCH_BYTES)
         if not batch:
             metrics.audit_queue_depth.set(0)
             return 0
@@ -291,10 +420,17 @@ class AuditTrail:
             format_message(q.message, at=q.at, hostname=self.source.host_name, procid=pid, failed=q.outcome != 0)
             for q in batch
         ]
-        await self._sender.send(messages)
+        await self._sender.send(messages)  # returns once the repository's TCP stack acknowledged every byte
         await asyncio.to_thread(queue.done, [q.id for q in batch])
-        metrics.audit_queue_depth.set(await asyncio.to_thread(queue.depth))
+        await self._refresh_depth(queue)
         return len(batch)
+
+    async def _refresh_depth(self, queue: AuditQueue, *, now: bool = False) -> None:
+        """The queue depth gauge, at most every `DEPTH_EVERY_S` unless ``now``."""
+        if not now and time.monotonic() - self._depth_at < DEPTH_EVERY_S:
+            return
+        self._depth_at = time.monotonic()
+        metrics.audit_queue_depth.set(await asyncio.to_thread(queue.depth))
 
     async def _run_relay(self) -> None:
         assert self._queued is not None
@@ -311,7 +447,7 @@ class AuditTrail:
                     self.repository_down = True
                     log.warning("audit.repository_down", repository=repository, error=type(exc).__name__)
                 with contextlib.suppress(Exception):
-                    metrics.audit_queue_depth.set(await asyncio.to_thread(self._queue_now().depth))
+                    await self._refresh_depth(await asyncio.to_thread(self._queue_now))
                 if self._stopping:
                     return
                 await asyncio.sleep(backoff)
@@ -335,7 +471,7 @@ class AuditTrail:
     async def close(self) -> None:
         """Write what was recorded (file and queue), send what the repository takes within `STOP_DRAIN_S` (the
         rest stays queued for the next run), stop."""
-        await asyncio.to_thread(self.flush)
+        await asyncio.to_thread(self.flush, CLOSE_FLUSH_S)
         if self._relay is not None:
             assert self._queued is not None
             self._stopping = True
@@ -353,7 +489,16 @@ class AuditTrail:
             self._wake.set()
             thread = self._thread
         if thread is not None:
-            await asyncio.to_thread(thread.join, 5.0)
+            await asyncio.to_thread(thread.join, CLOSE_WAIT_S)
+        with self._lock:
+            if self._thread is not None:  # still writing (a slow disk): it closes the file and queue itself
+                self._abandoned = True
+                log.warning("audit.writer_still_running")
+                return
+        self._release()
+
+    def _release(self) -> None:
+        """Close the file and the queue (by close(), or by the writer thread once close() stopped waiting)."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

@@ -475,8 +475,10 @@ async def _supervise(cfg: config_mod.Config, state: Any, stop: asyncio.Event) ->
         "--process",
         state.name,
     ]
-    env = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid())})
-    from traboule.app.http import internal_client, internal_url
+    from traboule.app.http import INTERNAL_SECRET_VARIABLE, internal_client, internal_secret, internal_url
+
+    # The child believes this run's internal calls by their secret (`traboule.app.http.InternalCalls`).
+    env = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid()), INTERNAL_SECRET_VARIABLE: internal_secret()})
 
     token = cfg.api_headers()
     delay = cfg.restart_backoff

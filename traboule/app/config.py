@@ -317,6 +317,8 @@ def _apply_file(cfg: Config, doc: dict[str, Any], path: str) -> None:
         cfg.tls_reload_interval = seconds(tls_table.pop("reload_interval"), f"{path}: [tls] reload_interval")
         if cfg.tls_reload_interval <= 0:
             raise ConfigError(f"{path}: [tls] reload_interval must be above 0")
+    if isinstance(tls_table, dict) and "verify" in tls_table:  # it would turn off every client's server check
+        raise ConfigError(f"{path}: [tls] verify is not a default: set tls = {{ verify = false }} on one destination")
     cfg.tls = TLSSettings.from_config(tls_table, f"{path}: [tls]", TLSSettings())
     cfg.tls = replace(cfg.tls, enabled=False)  # the defaults; each listener or client turns TLS on
     cfg.audit = _audit_config(doc.get("audit", {}), path, cfg.tls)

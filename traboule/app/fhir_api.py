@@ -20,9 +20,10 @@ IHE MHD Document Responder (ITI-67 Find Document References, ITI-68 Retrieve Doc
 
 Audit trail (IHE ATNA, `traboule.audit`): a search that answers is a Query (``ITI-67`` for DocumentReference) with
 the query and the patients of the page's resources; a read a Patient Record read; a document retrieved (``Binary``)
-an Export ``ITI-68``. The requestor is the bearer token's name and role (``anonymous`` without tokens) and the
-client's address: in a process the main one forwards to, the ``X-Forwarded-For`` it sets when the request comes
-from loopback.
+an Export ``ITI-68`` naming the document's patient and unique id (from its DocumentReference). The requestor is the
+bearer token's name and role (``anonymous`` without tokens) and the client's address: in a process the main one
+forwards to, the ``X-Forwarded-For`` it sets, believed only on a request carrying this run's internal secret
+(`traboule.app.http.InternalCalls`; anyone else's is ignored: the address recorded is the one connected from).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from traboule import audit
-from traboule.app.config import is_loopback
 from traboule.bus.retry import database_unavailable
 from traboule.errors import SearchError, Unavailable
 from traboule.formats.fhir_xml import FHIR_XML, JSON_FORMATS, XML_FORMATS, to_xml
@@ -406,8 +406,9 @@ class FHIRApi:
         """Who asked, for the audit trail: the bearer token's name and role, the client's address."""
         token = getattr(request.state, "token", None)
         address = request.client.host if request.client else ""
-        if getattr(self.runtime, "process", None) not in (None, "main") and is_loopback(address):
-            # Served for the main process, which sets X-Forwarded-For to the client it saw (`traboule.app.http`).
+        if getattr(request.state, "internal", False):
+            # Forwarded by the main process (this run's secret: `traboule.app.http.InternalCalls`), which sets
+            # X-Forwarded-For to the client it saw; from anyone else the header is not believed.
             forwarded = request.headers.get("x-forwarded-for", "").strip()
             with contextlib.suppress(ValueError):
                 address = str(ipaddress.ip_address(forwarded))
@@ -453,13 +454,14 @@ class FHIRApi:
             response = await self.retrieve(request, resource, headers)
             if response.status_code == 200:  # MHD ITI-68: the document left the engine
                 actor = self.requestor(request)
-                patients = await asyncio.to_thread(patients_in, self.store, [resource])
-                objects = (audit.object_ref("resource", f"Binary/{rid}"),)
+                patients, objects = await asyncio.to_thread(retrieved, self.store, rid)
                 self.record(
                     audit.exported(
                         destination=actor, requestor=actor, patients=patients, objects=objects, transaction="ITI-68"
                     )
                 )
+            if response.status_code == 200:  # counted for the console's documents page
+                await asyncio.to_thread(record_retrieve, self.runtime, self.store, rid)
             return response
         patients = await asyncio.to_thread(patients_in, self.store, [resource])
         objects = (audit.object_ref("resource", f"{rtype}/{rid}"),)
@@ -541,6 +543,35 @@ def patients_in(store: FHIRStore, resources: list[dict[str, Any]]) -> tuple[audi
     return audit.patient_refs(pairs)
 
 
+def retrieved(store: FHIRStore, binary_id: str) -> tuple[tuple[audit.PatientRef, ...], tuple[audit.ObjectRef, ...]]:
+    """What an ITI-68 retrieve of ``Binary/<binary_id>`` names: the patient of the DocumentReference that points at
+    it and the document's unique id (`FHIRStore.document_of_binary`), with the Binary. When they cannot be read (no
+    such DocumentReference, the store out of reach now), the Binary alone: the document was served already."""
+    objects = [audit.object_ref("resource", f"Binary/{binary_id}")]
+    try:
+        reference = store.document_of_binary(binary_id)
+        if reference is None:
+            return (), tuple(objects)
+        unique_id = document_unique_id(reference)
+        if unique_id:
+            objects.append(audit.object_ref("document", unique_id))
+        return patients_in(store, [reference]), tuple(objects)
+    except Exception:
+        return (), tuple(objects)
+
+
+def document_unique_id(reference: dict[str, Any]) -> str:
+    """The XDS uniqueId of a DocumentReference's ``masterIdentifier``: ``urn:oid:`` taken off an OID (RFC 3986
+    system), ``root^extension`` for an identifier under an OID system, the value otherwise."""
+    master = reference.get("masterIdentifier")
+    if not isinstance(master, dict):
+        return ""
+    system, value = str(master.get("system") or ""), str(master.get("value") or "")
+    if system.startswith("urn:oid:") and value:
+        return f"{system.removeprefix('urn:oid:')}^{value}"
+    return value.removeprefix("urn:oid:")
+
+
 def _identifiers(patient: dict[str, Any]) -> list[tuple[str, str]]:
     """(value, assigning authority) of a Patient's identifiers: the system, an OID without its ``urn:oid:``."""
     out = []
@@ -548,6 +579,22 @@ def _identifiers(patient: dict[str, Any]) -> list[tuple[str, str]]:
         if isinstance(ident, dict):
             out.append((str(ident.get("value") or ""), str(ident.get("system") or "").removeprefix("urn:oid:")))
     return out
+
+
+def record_retrieve(runtime: Any, store: FHIRStore, binary_id: str) -> None:
+    """An ITI-68 retrieve in the delivery log (channel ``mhd``, keyed by the document's unique id, no correlation
+    id): the console counts them per document. Blocks on the store (call it in a thread); never raises."""
+    from traboule.channel import delivery_recorder
+    from traboule.stores.delivery_log import DeliveryRecord
+
+    try:
+        reference = store.document_of_binary(binary_id)
+        unique_id = document_unique_id(reference) if reference is not None else ""
+        recorder = delivery_recorder(runtime) if unique_id else None
+        if recorder is not None:
+            recorder.add(DeliveryRecord(unique_id, "", "mhd", "applied", f"retrieved Binary/{binary_id}"))
+    except Exception as exc:  # a log for people: the document was served already
+        structlog.get_logger("traboule.fhir").warning("delivery_log.record_failed", error=type(exc).__name__)
 
 
 def routes(store: FHIRStore, base_url: str = "", runtime: Any = None) -> list[Route]:

@@ -15,9 +15,18 @@ sends no bearer header, so its pages check the console's own signed session cook
 form) instead.
 
 HTTPS (``[http] tls``): every process's port serves TLS (`serve`), with client certificates when asked; a client
-certificate whose subject is not allowed gets 403 (`ClientCertificates`). The engine's processes then call each
-other over HTTPS on the same address, trusting the configured CA and showing the engine's own certificate when
-client certificates are required (`internal_client`).
+certificate whose subject is not allowed gets 403 (`ClientCertificates`), counted with the refused tokens. The
+handshakes are the server's own business (`TLSAcceptor`): each bounded by ``header_timeout``, at most
+``max_connections`` under way, a tenth of them per client address, taken on at a bounded rate (`HANDSHAKE_RATE`). The
+engine's processes then call each other over HTTPS on the same address, trusting the configured CA and showing the
+engine's own certificate when client certificates are required (`internal_client`; that client context reloads a renewed
+certificate as the server does).
+
+Internal calls (the supervisor's readiness checks, /health and /metrics gathering, forwarded requests) carry this
+run's secret (`internal_secret`: made by the main process, given to its children in their environment) in
+``X-Traboule-Internal``; `InternalCalls` marks such a request ``internal`` and removes the header from every
+request. An internal request is never counted nor refused by the failed-authentication limiter, passes the client
+certificate allow-list, and is the only one whose ``X-Forwarded-For`` a child believes (`traboule.app.fhir_api`).
 
 Limits (``[http]``, `traboule.app.config.HTTPLimits`): a request body longer than its route's limit is refused with
 413 before it is read whole (Content-Length up front, then the streamed chunks counted), a body not received within
@@ -32,10 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import hmac
 import os
 import re
+import secrets
+import socket
 import ssl
+import time
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -52,12 +64,12 @@ from starlette.routing import Match, Route
 
 from traboule import audit, metrics
 from traboule.app.config import ApiToken, HTTPLimits, client_host, find_token
+from traboule.app.rate_limit import LoginLimiter
 from traboule.channel import LimitsBodies, ServesHTTP
 from traboule.tls import (
-    CertificateReloader,
     TLSSettings,
+    certificate_subject,
     client_context,
-    normalise_subject,
     peer_subject,
     server_context,
     subject_allowed,
@@ -106,7 +118,16 @@ HOP_BY_HOP = {
 NOT_FORWARDED = HOP_BY_HOP | {b"date", b"server"}
 # Request headers a client's own value of is never passed on: Host and the proxy headers are set by `Forward`;
 # expect: 100-continue is this server's business (it answers when the body is read); the length is the body's.
-NOT_FROM_CLIENT = {b"host", b"forwarded", b"x-real-ip", b"expect", b"content-length"}
+NOT_FROM_CLIENT = {b"host", b"forwarded", b"x-real-ip", b"expect", b"content-length", b"x-traboule-internal"}
+# This run's secret of the internal calls (`internal_secret`): the header carrying it, the children's variable.
+INTERNAL_HEADER = b"x-traboule-internal"
+INTERNAL_SECRET_VARIABLE = "TRABOULE_INTERNAL_SECRET"
+# TLS handshakes under way (`TLSAcceptor`): at most max_connections in all, this fraction of them per address.
+HANDSHAKES_PER_ADDRESS = 0.1
+# How fast TLS connections are taken on (`traboule.adapters.mllp.AcceptRate`): per address a second, that address's
+# burst after a quiet spell, all addresses a second. A handshake costs the loop about a millisecond of CPU; a
+# browser opens a few connections, a reverse proxy more, and keep-alive spares the handshakes of later requests.
+HANDSHAKE_RATE = (50.0, 100, 500.0)
 
 
 def create_app(runtime: Any) -> Starlette:
@@ -184,6 +205,11 @@ def create_app(runtime: Any) -> Starlette:
     app.state.http_tls = runtime.config.http_tls
     app.state.tls_reload_interval = getattr(runtime.config, "tls_reload_interval", 60.0)
     app.state.forwarders = list(forwarders.values())
+    # One count of refused requests per client address: bad bearer tokens and refused certificate subjects alike.
+    limiter = LoginLimiter(failures=limits.max_auth_failures, window=60.0, block=limits.auth_block)
+    app.state.auth_limiter = limiter
+    own = OwnSubject(runtime.config.http_tls.cert_file if runtime.config.http_tls.enabled else "")
+    app.state.own_subject = own  # recomputed when `serve` reloads a renewed certificate
     # Added innermost first: CatchAll wraps everything, a request without a token is refused before its body is read.
     app.add_middleware(
         RequestLimits,
@@ -194,10 +220,17 @@ def create_app(runtime: Any) -> Starlette:
     )
     if runtime.config.access_tokens():
         app.add_middleware(
-            BearerTokens, tokens=runtime.config.access_tokens(), console=runtime.owns_journal, runtime=runtime
+            BearerTokens,
+            tokens=runtime.config.access_tokens(),
+            console=runtime.owns_journal,
+            runtime=runtime,
+            limiter=limiter,
         )
     if runtime.config.http_tls.enabled:
-        app.add_middleware(ClientCertificates, settings=runtime.config.http_tls, runtime=runtime)
+        app.add_middleware(
+            ClientCertificates, settings=runtime.config.http_tls, runtime=runtime, limiter=limiter, own=own
+        )
+    app.add_middleware(InternalCalls)
     app.add_middleware(CatchAll)
     if runtime.owns_journal:  # outermost: console security headers on every answer (413, 500...), Host check
         from traboule.app.console.guard import ConsoleGuard
@@ -493,7 +526,8 @@ def _target_refused(scope: dict[str, Any]) -> str | None:
 
 def _forwarded_headers(scope: dict[str, Any], main_address: str) -> list[tuple[bytes, bytes]]:
     """The headers a forwarded request carries: the client's end-to-end ones, without any proxy header it sent,
-    and ``Host``, ``X-Forwarded-For`` / ``-Proto`` as this server knows them."""
+    and ``Host``, ``X-Forwarded-For`` / ``-Proto`` as this server knows them, with this run's secret
+    (`internal_secret`)."""
     received = scope.get("headers") or []
     # Headers a Connection header names are of that connection only (RFC 9110 7.6.1).
     named = {n.strip().lower() for k, v in received if k == b"connection" for n in v.split(b",")}
@@ -510,6 +544,7 @@ def _forwarded_headers(scope: dict[str, Any], main_address: str) -> list[tuple[b
     if client[0]:
         headers.append((b"x-forwarded-for", str(client[0]).encode()))
     headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
+    headers.append((INTERNAL_HEADER, internal_secret().encode()))  # the child believes X-Forwarded-For on it
     return headers
 
 
@@ -537,10 +572,11 @@ class BearerTokens:
 
     Each refusal is recorded on the runtime's audit trail (``authentication_failed``: the token's name or
     ``anonymous``, the client address, a fixed reason; never the token presented) and counted against the client
-    address: after ``max_auth_failures`` within a minute (`HTTPLimits`), that address gets 429 with Retry-After
-    for ``auth_block`` seconds, its token not even checked (a right guess then would tell the guesser). Requests
-    that pass are not counted; other addresses go on. At most 10,000 addresses are remembered (the oldest
-    forgotten).
+    address (``limiter``, shared with `ClientCertificates`): after ``max_auth_failures`` within a minute
+    (`HTTPLimits`), that address gets 429 with Retry-After for ``auth_block`` seconds, its token not even checked
+    (a right guess then would tell the guesser). Requests that pass are not counted; other addresses go on; an
+    internal call (`InternalCalls`) is neither counted nor refused for its address, so no local process can lock
+    the main process out of its children. At most 10,000 addresses are remembered (the oldest forgotten).
 
     ``console``: ``/console`` and what is under it go through without a bearer token, to the console's own check
     of its session cookie (`traboule.app.console.auth`). Only the console answers there: its Mount comes before
@@ -553,15 +589,14 @@ class BearerTokens:
         console: bool = False,
         runtime: Any = None,
         limits: HTTPLimits | None = None,
+        limiter: LoginLimiter | None = None,
     ) -> None:
-        from traboule.app.console.auth import LoginLimiter
-
         self.app = app
         self.tokens = list(tokens)
         self.console = console
         self.runtime = runtime
         limits = limits or getattr(getattr(runtime, "config", None), "http_limits", None) or HTTPLimits()
-        self.limiter = LoginLimiter(failures=limits.max_auth_failures, window=60.0, block=limits.auth_block)
+        self.limiter = limiter or LoginLimiter(failures=limits.max_auth_failures, window=60.0, block=limits.auth_block)
 
     def _token(self, scope: dict[str, Any]) -> tuple[ApiToken | None, bool]:
         """The token entry presented (or None), and whether a bearer token was presented at all."""
@@ -582,10 +617,10 @@ class BearerTokens:
             await self.app(scope, receive, send)
             return
         address = client_address(scope)
-        wait = self.limiter.refused_for(address)
+        internal = is_internal(scope)
+        wait = 0 if internal else self.limiter.refused_for(address)
         if wait:
-            text = "too many refused requests from this address: try again later"
-            await error_response(path, 429, text, headers={"Retry-After": str(wait)})(scope, receive, send)
+            await too_many_refusals(path, wait)(scope, receive, send)
             return
         token, presented = self._token(scope)
         needed = role_needed(scope.get("method", "GET"), path)
@@ -603,39 +638,61 @@ class BearerTokens:
             user = audit.Actor(token.name, address=address, cert_subject=peer_subject.get(), user_name=token.role)
             status, text, headers = 403, f"this request needs a token with role {needed}", {}
         audit.trail_of(self.runtime).record(audit.authentication_failed(user=user, reason=reason))
-        if self.limiter.failed(address):
+        if not internal and self.limiter.failed(address):
             log.warning("http.address_blocked", address=address, seconds=self.limiter.block)
         await error_response(path, status, text, headers=headers)(scope, receive, send)
+
+
+def too_many_refusals(path: str, wait: int) -> Response:
+    """The 429 of an address with too many refused requests lately (``wait``: seconds left)."""
+    text = "too many refused requests from this address: try again later"
+    return error_response(path, 429, text, headers={"Retry-After": str(wait)})
 
 
 class ClientCertificates:
     """ASGI middleware of an HTTPS server (``[http] tls``): the subject of the client's certificate (`serve` puts
     it in the request's state) is the request's `traboule.tls.peer_subject`; with ``allowed_subjects``, a subject
-    not in the list (or no certificate) gets 403 and an audit event. The engine's own certificate is always
-    admitted: the engine's processes show it when they call each other (`internal_client`)."""
+    not in the list (or no certificate) gets 403 and an audit event, and counts as a refusal of its address in
+    ``limiter`` (the one of `BearerTokens`): an address refused too often gets 429 for a while, unaudited. The
+    engine's own certificate (``own``, its current subject) is always admitted, and so is an internal call
+    (`InternalCalls`): the engine's processes show that certificate when they call each other (`internal_client`),
+    the renewed one as soon as they reloaded it."""
 
-    def __init__(self, app: Any, settings: TLSSettings, runtime: Any = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        settings: TLSSettings,
+        runtime: Any = None,
+        limiter: LoginLimiter | None = None,
+        own: OwnSubject | None = None,
+    ) -> None:
         self.app = app
         self.runtime = runtime
         self.allowed = tuple(settings.allowed_subjects)
-        if self.allowed and settings.cert_file:
-            try:
-                self.allowed += (certificate_subject(settings.cert_file),)
-            except (OSError, ValueError) as exc:  # the server context loads it: unreadable, start fails there
-                log.warning("http.own_certificate_unread", error=type(exc).__name__)
+        self.own = own or OwnSubject(settings.cert_file)
+        limits = getattr(getattr(runtime, "config", None), "http_limits", None) or HTTPLimits()
+        self.limiter = limiter or LoginLimiter(failures=limits.max_auth_failures, window=60.0, block=limits.auth_block)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         subject = str((scope.get("state") or {}).get("tls_subject", ""))
-        if self.allowed and not subject_allowed(subject, self.allowed):
-            user = audit.Actor(user_id="anonymous", address=client_address(scope), cert_subject=subject)
+        allowed = (*self.allowed, self.own.subject) if self.own.subject else self.allowed
+        if self.allowed and not is_internal(scope) and not subject_allowed(subject, allowed):
+            path, address = scope.get("path", ""), client_address(scope)
+            wait = self.limiter.refused_for(address)
+            if wait:
+                await too_many_refusals(path, wait)(scope, receive, send)
+                return
+            user = audit.Actor(user_id="anonymous", address=address, cert_subject=subject)
             reason = "client certificate subject not allowed"
             audit.trail_of(self.runtime).record(audit.authentication_failed(user=user, reason=reason))
-            log.warning("http.certificate_refused", address=client_address(scope))
+            log.warning("http.certificate_refused", address=address)
+            if self.limiter.failed(address):
+                log.warning("http.address_blocked", address=address, seconds=self.limiter.block)
             text = "this client certificate is not allowed here"
-            await error_response(scope.get("path", ""), 403, text)(scope, receive, send)
+            await error_response(path, 403, text)(scope, receive, send)
             return
         token = peer_subject.set(subject)
         try:
@@ -644,19 +701,66 @@ class ClientCertificates:
             peer_subject.reset(token)
 
 
-def certificate_subject(cert_file: str) -> str:
-    """The subject of the (first) certificate of a PEM file, as `traboule.tls.subject_of` writes it."""
-    from cryptography import x509
+class OwnSubject:
+    """The subject of the engine's own HTTPS certificate (``cert_file``), read at start and again by `refresh`
+    (`serve` calls it when it reloads a renewed certificate); the previous one kept while the file cannot be read."""
 
-    with open(cert_file, "rb") as fh:
-        cert = x509.load_pem_x509_certificate(fh.read())
-    return normalise_subject(cert.subject.rfc4514_string())
+    def __init__(self, cert_file: str) -> None:
+        self.cert_file = cert_file
+        self.subject = ""
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.cert_file:
+            return
+        try:
+            self.subject = certificate_subject(self.cert_file)
+        except (OSError, ValueError) as exc:  # the server context loads it: unreadable, start fails there
+            log.warning("http.own_certificate_unread", error=type(exc).__name__)
 
 
-@functools.lru_cache(maxsize=8)
-def _internal_context(settings: TLSSettings) -> ssl.SSLContext:
-    shown = settings.client_certs != "none"  # the engine's certificate, when its ports ask for one
-    client = replace(
+_secret = ""
+
+
+def internal_secret() -> str:
+    """This run's secret of the engine's internal calls: made by the main process at its first call, read by a
+    child from its environment (``TRABOULE_INTERNAL_SECRET``, set by the supervisor)."""
+    global _secret
+    if not _secret:
+        _secret = os.environ.get(INTERNAL_SECRET_VARIABLE, "") or secrets.token_urlsafe(32)
+    return _secret
+
+
+def is_internal(scope: dict[str, Any]) -> bool:
+    """Whether `InternalCalls` found this run's secret on the request."""
+    return bool((scope.get("state") or {}).get("internal"))
+
+
+class InternalCalls:
+    """ASGI middleware: a request whose ``X-Traboule-Internal`` is this run's secret (`internal_secret`) comes
+    from one of the engine's own processes: its state gets ``internal = True`` (`is_internal`). The header is
+    removed from every request, right or wrong, so nothing behind this sees it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers") or []
+            presented = [v for k, v in headers if k == INTERNAL_HEADER]
+            if presented:
+                scope["headers"] = [(k, v) for k, v in headers if k != INTERNAL_HEADER]
+                secret = internal_secret().encode()
+                internal = len(presented) == 1 and hmac.compare_digest(presented[0], secret)
+                scope["state"] = {**(scope.get("state") or {}), "internal": internal}
+        await self.app(scope, receive, send)
+
+
+def internal_settings(settings: TLSSettings) -> TLSSettings:
+    """The client side of the HTTPS settings ``settings``: the configured CA, and the engine's certificate when its
+    ports ask for one."""
+    shown = settings.client_certs != "none"
+    return replace(
         settings,
         cert_file=settings.cert_file if shown else "",
         key_file=settings.key_file if shown else "",
@@ -665,16 +769,30 @@ def _internal_context(settings: TLSSettings) -> ssl.SSLContext:
         allowed_subjects=(),
         verify=True,
     )
-    return client_context(client)
+
+
+_internal_contexts: dict[TLSSettings, ssl.SSLContext] = {}
+
+
+def internal_context(settings: TLSSettings) -> ssl.SSLContext:
+    """The one client context of the internal calls under ``settings`` (made at the first call): `serve` reloads
+    its files when they change, so every internal client, the long-lived forwarding ones included, shows the
+    renewed certificate to its next connections."""
+    ctx = _internal_contexts.get(settings)
+    if ctx is None:
+        ctx = _internal_contexts[settings] = client_context(internal_settings(settings))
+    return ctx
 
 
 def internal_client(config: Any, **kwargs: Any) -> httpx.AsyncClient:
     """A client of the engine's own processes' HTTP ports (`internal_url`): over HTTPS (``[http] tls``) it trusts
     the configured CA (``ca_file``; the system's CAs when empty) and checks the certificate names the address it
-    connects to; it shows the engine's certificate when the ports require client certificates. Proxy variables of
-    the environment are ignored: these calls stay on the machine."""
-    verify: ssl.SSLContext | bool = _internal_context(config.http_tls) if config.http_tls.enabled else True
-    return httpx.AsyncClient(verify=verify, trust_env=False, **kwargs)
+    connects to; it shows the engine's certificate when the ports require client certificates. Every request
+    carries this run's secret (`internal_secret`; `Forward` adds it itself). Proxy variables of the environment are
+    ignored: these calls stay on the machine."""
+    verify: ssl.SSLContext | bool = internal_context(config.http_tls) if config.http_tls.enabled else True
+    headers = {**dict(kwargs.pop("headers", None) or {}), INTERNAL_HEADER.decode(): internal_secret()}
+    return httpx.AsyncClient(verify=verify, trust_env=False, headers=headers, **kwargs)
 
 
 def internal_url(config: Any, port: int, path: str) -> str:
@@ -813,8 +931,10 @@ async def serve(
     """Start uvicorn inside the running event loop; returns the server (call ``should_exit`` to stop).
     ``limits`` and ``tls`` (HTTPS when enabled): the app's (`create_app`) by default. Over HTTPS the server's
     ``tls_context`` is the `traboule.tls.server_context` it serves (BCP 195 profile, client certificates as
-    ``client_certs`` says), its files checked every ``[tls] reload_interval`` seconds while it runs
-    (`traboule.app.tls_reload`: a renewed certificate is served to the next connections, no restart)."""
+    ``client_certs`` says), its connections accepted and their handshakes bounded by `TLSAcceptor` (the server's
+    ``acceptor``); its files, and those of the internal client context (`internal_context`), are checked every
+    ``[tls] reload_interval`` seconds while it runs (`traboule.app.tls_reload`: a renewed certificate is served
+    and shown to the next connections, no restart)."""
     import uvicorn
 
     limits = limits or getattr(app.state, "http_limits", None) or HTTPLimits()
@@ -838,29 +958,47 @@ async def serve(
         h11_max_incomplete_event_size=limits.max_header_bytes,
     )
     context = server_context(tls) if tls.enabled else None
+    server: Any
     if context is not None:
         # uvicorn builds its own context from file names, without the engine's profile: the config is loaded here
         # and its context replaced (Server.serve does not load a loaded config again).
         config.load()
         config.ssl = context
-    server = uvicorn.Server(config)
-    server.tls_context = context  # type: ignore[attr-defined]
+        family = (await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][0]
+        listening = socket.create_server((host, port), family=family, backlog=config.backlog)
+        listening.setblocking(False)
+        acceptor = TLSAcceptor(
+            listening,
+            context,
+            handshake_timeout=limits.header_timeout,
+            max_handshakes=limits.max_connections,
+            per_address=max(1, int(limits.max_connections * HANDSHAKES_PER_ADDRESS)),
+            rate=HANDSHAKE_RATE,
+        )
+        server = _https_server(config, acceptor)
+    else:
+        server = uvicorn.Server(config)
+    server.tls_context = context
 
     async def run() -> None:
-        watch = None
+        watches: list[asyncio.Task[None] | None] = []
         if context is not None:
-            from traboule.app.tls_reload import watch_certificates
+            from traboule.app.tls_reload import start_watch
 
             interval = float(getattr(app.state, "tls_reload_interval", 60.0))
-            reloader = CertificateReloader(context, tls)
-            watch = asyncio.create_task(watch_certificates({"http": reloader}, interval), name="http-certificates")
+            own = getattr(app.state, "own_subject", None)
+            on_reload = own.refresh if isinstance(own, OwnSubject) else None
+            watches.append(start_watch("http", context, tls, interval, on_reload=on_reload))
+            client = internal_settings(tls)
+            watches.append(start_watch("http-client", internal_context(tls), client, interval))
         try:
             await server.serve()
         finally:
-            if watch is not None:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
+            for watch in watches:
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
 
     task = asyncio.create_task(run(), name="http")
     while not server.started:
@@ -869,6 +1007,139 @@ async def serve(
         await asyncio.sleep(0.01)
     server.task = task  # type: ignore[attr-defined]
     return server
+
+
+def _https_server(config: Any, acceptor: TLSAcceptor) -> Any:
+    """A uvicorn server whose connections come from ``acceptor`` (its listening socket, its handshake bounds)
+    rather than from ``loop.create_server``, which has neither a limit on handshakes nor one shorter than 60 s."""
+    import uvicorn
+
+    class HTTPSServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await self.lifespan.startup()  # lifespan "off": nothing to start
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+                return config.http_protocol_class(  # type: ignore[no-any-return]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+                )
+
+            acceptor.start(create_protocol)
+            self.servers = [acceptor]  # type: ignore[list-item]  # closed and awaited by uvicorn's shutdown
+            self.started = True
+
+    server = HTTPSServer(config)
+    server.acceptor = acceptor  # type: ignore[attr-defined]
+    return server
+
+
+class TLSAcceptor:
+    """The listening socket of an HTTPS port: accepts connections itself and hands each to the loop with the TLS context
+    (``connect_accepted_socket``), so that a handshake is bounded: ``handshake_timeout`` seconds each (the ``[http]
+    header_timeout``), ``max_handshakes`` under way in all and ``per_address`` from one client address, and taken on
+    at most at ``rate`` (per address a second, its burst, all addresses a second: `AcceptRate`); a connection beyond
+    is closed at once, before its handshake. A silent or slow peer thus holds a descriptor for ``handshake_timeout``
+    at most, and one address cannot take every slot nor the loop's time. A handshake that fails (not TLS, a version
+    or cipher refused, a client certificate refused) closes the connection (``http.tls_refused``, at most one line a
+    second, with the number of the others: ``unlogged``). Once done, the connection is uvicorn's
+    (``limit_concurrency``, header deadline...). Closed and awaited like an ``asyncio.Server``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ctx: ssl.SSLContext,
+        handshake_timeout: float,
+        max_handshakes: int,
+        per_address: int,
+        rate: tuple[float, int, float] = HANDSHAKE_RATE,
+    ) -> None:
+        from traboule.adapters.mllp import AcceptRate
+
+        self.socket = sock
+        self.ctx = ctx
+        self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self.per_address = per_address
+        self.refusals = 0  # connections closed before or during their handshake, since the start
+        self._handshakes: dict[asyncio.Task[None], str] = {}  # handshakes under way, their client's address
+        self._task: asyncio.Task[None] | None = None
+        self._protocol: Any = None
+        self._logged_at = 0.0
+        self._unlogged = 0
+        self._rate = AcceptRate(*rate)
+
+    @property
+    def port(self) -> int:
+        return int(self.socket.getsockname()[1])
+
+    @property
+    def handshakes(self) -> int:
+        return len(self._handshakes)
+
+    def start(self, protocol: Any) -> None:
+        self._protocol = protocol
+        self._task = asyncio.create_task(self._accept(), name="http-accept")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.socket.close()
+        for task in self._handshakes:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        tasks = [t for t in (self._task, *self._handshakes) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self.socket)
+            except OSError as exc:  # out of file descriptors, a connection reset before accept...
+                log.warning("http.accept_failed", error=type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            host = str(address[0])
+            pending = list(self._handshakes.values())
+            refused = self._rate.take(host, loop.time())
+            if pending.count(host) >= self.per_address or len(pending) >= self.max_handshakes:
+                refused = "too_many_handshakes"
+            if refused:
+                sock.close()
+                self._refused(host, refused)
+                continue
+            task = asyncio.create_task(self._handshake(sock, host), name="http-handshake")
+            self._handshakes[task] = host
+            task.add_done_callback(self._handshakes.pop)
+
+    async def _handshake(self, sock: socket.socket, host: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                self._protocol, sock, ssl=self.ctx, ssl_handshake_timeout=self.handshake_timeout
+            )
+            return
+        except ssl.SSLCertVerificationError as exc:  # the client certificate: expired, another CA...
+            reason = str(exc.verify_message or exc.reason or "certificate_verify_failed")
+        except ssl.SSLError as exc:  # not TLS, a version or cipher refused, no certificate
+            reason = str(exc.reason or type(exc).__name__)
+        except ConnectionAbortedError:  # the loop aborts a handshake longer than ssl_handshake_timeout
+            reason = "handshake_timeout"
+        except (OSError, TimeoutError) as exc:  # the peer left during the handshake
+            reason = type(exc).__name__
+        with contextlib.suppress(OSError):
+            sock.close()
+        self._refused(host, reason)
+
+    def _refused(self, host: str, reason: str) -> None:
+        self.refusals += 1
+        now = time.monotonic()
+        if now - self._logged_at < 1.0:  # a flood of handshakes is not a flood of lines
+            self._unlogged += 1
+            return
+        self._logged_at, unlogged, self._unlogged = now, self._unlogged, 0
+        reason = "".join(c if c.isprintable() else "?" for c in reason[:80])
+        log.warning("http.tls_refused", address=host, reason=reason, unlogged=unlogged)
 
 
 def _h11_with_header_deadline(timeout: float) -> type:

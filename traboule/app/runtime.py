@@ -452,6 +452,11 @@ class Runtime:
                 problems.append(name)
         if channels:
             body["channels"] = channels
+        trail = getattr(self, "_audit_trail", None)
+        if trail is not None:  # events dropped (a flood, a stalled disk): the audit trail is incomplete
+            body["audit"] = trail.health()
+            if body["audit"].get("state") != "ok":
+                problems.append("audit")
         body["status"] = "starting" if not self.started else ("degraded" if problems else "ok")
         if problems:
             body["problems"] = problems

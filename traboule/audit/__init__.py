@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import islice
 from typing import Any, Literal, Protocol
 
 Action = Literal["C", "R", "U", "D", "E"]  # create, read, update, delete, execute (PS3.15 EventActionCode)
@@ -35,7 +36,7 @@ class Actor:
     """A participant: a peer system or person, or the engine itself.
 
     ``user_id``: what the peer calls itself (the token's name, the calling AE title, the sending application
-    ``MSH-3^MSH-4``, a destination's host). ``address``: its IP address (or host name). ``cert_subject``: the subject
+    ``MSH-3|MSH-4``, a destination's host). ``address``: its IP address (or host name). ``cert_subject``: the subject
     of its TLS client certificate, when it showed one. ``user_name``: a readable name or role (``operate``)."""
 
     user_id: str
@@ -58,11 +59,13 @@ class ObjectRef:
     """Another object the event is about: ``kind`` is ``order`` (placer/filler order number), ``accession``,
     ``study`` (Study Instance UID), ``document`` (a document's unique id), ``submission-set``, ``message``
     (MSH-10), ``query`` (``detail`` = the query's text or bytes), ``resource`` (a FHIR ``Type/id``), ``mpps``
-    (the SOP Instance UID) or ``configuration`` (a file or a setting)."""
+    (the SOP Instance UID) or ``configuration`` (a file or a setting). A DICOM query (C-FIND) is a ``query`` whose
+    ``value`` is the SOP Class UID and ``transfer_syntax`` the UID its identifier (``detail``) is encoded in."""
 
     kind: str
     value: str
     detail: bytes = b""
+    transfer_syntax: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,21 @@ class AuditEvent:
     subtype: str = ""  # application-activity: start / stop; security-alert: what (configuration, node-auth...)
     at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        # Bounded here, whoever builds the event (a constructor, a caller, `from_dict`, `dataclasses.replace`):
+        # values to MAX_VALUE characters, patients and objects to MAX_REFS each, a query's detail to MAX_QUERY
+        # bytes and another object's to MAX_VALUE. What is kept is what the repository receives (the encoder uses
+        # the same limits).
+        setattr_ = object.__setattr__
+        setattr_(self, "kind", bounded(self.kind, 64))
+        setattr_(self, "requestor", _bounded_actor(self.requestor))
+        setattr_(self, "destination", _bounded_actor(self.destination))
+        setattr_(self, "patients", tuple(_bounded_patient(p) for p in tuple(self.patients)[:MAX_REFS]))
+        setattr_(self, "objects", tuple(_bounded_object(o) for o in tuple(self.objects)[:MAX_REFS]))
+        setattr_(self, "transaction", bounded(self.transaction, 32))
+        setattr_(self, "description", bounded(self.description, MAX_TEXT))
+        setattr_(self, "subtype", bounded(self.subtype, 64))
+
     def as_dict(self) -> dict[str, Any]:
         """The event as JSON-able data (what the durable queue keeps before encoding)."""
         return {
@@ -92,7 +110,7 @@ class AuditEvent:
             "requestor": _actor(self.requestor),
             "destination": _actor(self.destination),
             "patients": [[p.value, p.authority] for p in self.patients],
-            "objects": [[o.kind, o.value, o.detail.hex()] for o in self.objects],
+            "objects": [[o.kind, o.value, o.detail.hex(), o.transfer_syntax] for o in self.objects],
             "transaction": self.transaction,
             "description": self.description,
             "subtype": self.subtype,
@@ -108,7 +126,7 @@ class AuditEvent:
             requestor=Actor(**data["requestor"]) if data.get("requestor") else None,
             destination=Actor(**data["destination"]) if data.get("destination") else None,
             patients=tuple(PatientRef(v, a) for v, a in data.get("patients", ())),
-            objects=tuple(ObjectRef(k, v, bytes.fromhex(d)) for k, v, d in data.get("objects", ())),
+            objects=tuple(ObjectRef(o[0], o[1], bytes.fromhex(o[2]), *o[3:4]) for o in data.get("objects", ())),
             transaction=data.get("transaction", ""),
             description=data.get("description", ""),
             subtype=data.get("subtype", ""),
@@ -151,8 +169,8 @@ def message_received(
         action=action,
         outcome=outcome,
         requestor=source,
-        patients=tuple(patients),
-        objects=tuple(objects),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=tuple(islice(objects, MAX_REFS)),
         transaction=transaction,
         description=description,
     )
@@ -176,8 +194,8 @@ def exported(
         outcome=outcome,
         requestor=requestor,
         destination=destination,
-        patients=tuple(patients),
-        objects=tuple(objects),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=tuple(islice(objects, MAX_REFS)),
         transaction=transaction,
         description=description,
     )
@@ -191,17 +209,30 @@ def queried(
     transaction: str = "",
     outcome: Outcome = Outcome.SUCCESS,
     description: str = "",
+    sop_class: str = "",
+    transfer_syntax: str = "",
 ) -> AuditEvent:
     """A query that may return patient data (an MWL C-FIND, a FHIR search, a console search): the query itself
-    and the patients of what was returned."""
-    text = query.encode(errors="backslashreplace") if isinstance(query, str) else query
+    and the patients of what was returned (the first `MAX_REFS`). A DICOM query gives its ``sop_class`` (the
+    C-FIND's SOP Class UID) and the ``transfer_syntax`` of its identifier (``query``, the identifier's bytes;
+    default Implicit VR Little Endian): the repository can decode it (PS3.15 A.5.3.12). A query over `MAX_QUERY`
+    bytes is kept as a description of itself (its size), not cut."""
+    text = query.encode(errors="backslashreplace") if isinstance(query, str) else bytes(query)
+    if len(text) > MAX_QUERY:
+        what = "C-FIND identifier" if sop_class else "query"
+        text = f"{what} of {len(text)} bytes (over {MAX_QUERY}: not kept)".encode()
+        sop_class = transfer_syntax = ""  # no longer the dataset: the text form
+    if sop_class:
+        ref = ObjectRef("query", sop_class, text, transfer_syntax or IMPLICIT_VR_LITTLE_ENDIAN)
+    else:
+        ref = ObjectRef("query", transaction or "query", text)
     return AuditEvent(
         kind="query",
         action="E",
         outcome=outcome,
         requestor=requestor,
-        patients=tuple(patients),
-        objects=(ObjectRef("query", transaction or "query", text),),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=(ref,),
         transaction=transaction,
         description=description,
     )
@@ -221,8 +252,8 @@ def read(
         action="R",
         outcome=outcome,
         requestor=requestor,
-        patients=tuple(patients),
-        objects=tuple(objects),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=tuple(islice(objects, MAX_REFS)),
         transaction=transaction,
     )
 
@@ -242,8 +273,8 @@ def performed_step(
         action=action,
         outcome=outcome,
         requestor=source,
-        patients=tuple(patients),
-        objects=tuple(objects),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=tuple(islice(objects, MAX_REFS)),
         transaction="RAD-6" if action == "C" else "RAD-7",
         description=description,
     )
@@ -310,8 +341,8 @@ def operator_action(
         action=action,
         outcome=outcome,
         requestor=operator,
-        patients=tuple(patients),
-        objects=tuple(objects),
+        patients=tuple(islice(patients, MAX_REFS)),
+        objects=tuple(islice(objects, MAX_REFS)),
         description=description,
         subtype=what,
     )
@@ -320,8 +351,11 @@ def operator_action(
 # -- received values, bounded -------------------------------------------------------------------------------------
 
 MAX_VALUE = 256  # characters of one identifier or actor field an event keeps (received values are hostile)
-MAX_DETAIL = 4096  # bytes of an object's detail (a query's text) kept
-MAX_REFS = 100  # patients an event names at most
+MAX_TEXT = 1024  # characters of an outcome description
+MAX_QUERY = 4096  # bytes of a query kept (a larger one: described by its size); of another object's detail: MAX_VALUE
+MAX_DETAIL = MAX_QUERY  # (the former name)
+MAX_REFS = 40  # patients, and other objects, an event names at most (each): what the repository receives
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -338,8 +372,35 @@ def actor(user_id: Any, address: Any = "", cert_subject: Any = "", user_name: An
 
 
 def object_ref(kind: str, value: Any, detail: bytes = b"") -> ObjectRef:
-    """An `ObjectRef` of a received id (`bounded`; ``detail`` cut to `MAX_DETAIL` bytes)."""
-    return ObjectRef(kind, bounded(value), detail[:MAX_DETAIL])
+    """An `ObjectRef` of a received id (`bounded`; ``detail`` cut to `MAX_QUERY` bytes for a query, `MAX_VALUE`
+    for another object)."""
+    return ObjectRef(kind, bounded(value), bytes(detail[: MAX_QUERY if kind == "query" else MAX_VALUE]))
+
+
+def _bounded_actor(who: Actor | None) -> Actor | None:
+    if who is None:
+        return None
+    fields = (who.user_id, who.address, who.cert_subject, who.user_name, who.ae_title)
+    if all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in fields):
+        return who
+    return actor(*fields)
+
+
+def _bounded_patient(patient: PatientRef) -> PatientRef:
+    value, authority = patient.value, patient.authority
+    if all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in (value, authority)):
+        return patient
+    return PatientRef(bounded(value), bounded(authority))
+
+
+def _bounded_object(ref: ObjectRef) -> ObjectRef:
+    limit = MAX_QUERY if ref.kind == "query" else MAX_VALUE
+    fields = (ref.kind, ref.value, ref.transfer_syntax)
+    if len(ref.detail) <= limit and all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in fields):
+        return ref
+    return ObjectRef(
+        bounded(ref.kind, 64), bounded(ref.value), bytes(ref.detail[:limit]), bounded(ref.transfer_syntax, 64)
+    )
 
 
 def patient_refs(ids: Iterable[tuple[Any, Any]]) -> tuple[PatientRef, ...]:

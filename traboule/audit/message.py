@@ -25,12 +25,12 @@ from typing import NamedTuple
 
 from lxml import etree
 
-from traboule.audit import Actor, AuditEvent, ObjectRef, PatientRef
+from traboule.audit import MAX_QUERY, MAX_REFS, MAX_TEXT, MAX_VALUE, Actor, AuditEvent, ObjectRef, PatientRef
 
-MAX_VALUE = 256  # characters of an identifier, a name, a code
-MAX_TEXT = 1024  # characters of an outcome description
-MAX_QUERY = 4096  # bytes of a query kept, before base64 (of another object's detail: MAX_VALUE)
-MAX_PARTICIPANTS = 40  # patients, and other objects, named by one message (each)
+# MAX_VALUE: characters of an identifier, a name, a code; MAX_TEXT: of an outcome description; MAX_QUERY: bytes of
+# a query kept, before base64 (of another object's detail: MAX_VALUE). The events are bounded the same way when
+# they are made (`traboule.audit.AuditEvent`): what an event holds is what the repository receives.
+MAX_PARTICIPANTS = MAX_REFS  # patients, and other objects, named by one message (each)
 MAX_MESSAGE = 64 * 1024  # bytes an encoded message stays under (what an audit repository must accept)
 
 
@@ -132,6 +132,8 @@ OBJECT_TYPES = {
     "bus-message": ObjectType("2", "", Code("BUSMSG", LOCAL, "Bus Message Id")),
 }
 QUERY_ROLE = "24"  # ParticipantObjectTypeCodeRole: Query
+REPORT_ROLE = "3"  # ParticipantObjectTypeCodeRole: Report (a DICOM query's object, PS3.15 A.5.3.12)
+SOP_CLASS_UID = dcm("110181", "SOP Class UID")
 
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 # What XML 1.0 cannot carry: C0 controls but tab, newline and carriage return, lone surrogates, U+FFFE and U+FFFF.
@@ -299,6 +301,10 @@ def _object(
 def _other(root: etree._Element, ref: ObjectRef, event: AuditEvent) -> None:
     value = clean(ref.value)
     detail = bytes(ref.detail[: MAX_QUERY if ref.kind == "query" else MAX_VALUE])
+    if ref.kind == "query" and ref.transfer_syntax:  # a DICOM query (PS3.15 A.5.3.12): the SOP class, its dataset
+        syntax = clean(ref.transfer_syntax, 64).encode("ascii", "replace")
+        _object(root, value, "2", REPORT_ROLE, SOP_CLASS_UID, query=detail, details=(("TransferSyntax", syntax),))
+        return
     if ref.kind == "query":
         transaction = clean(event.transaction or ref.value)
         id_type = (
@@ -346,8 +352,14 @@ def build(event: AuditEvent, source: AuditSource) -> etree._Element:
         attrs = {"AuditEnterpriseSiteID": clean(source.enterprise_site_id), **attrs}
     audit_source = etree.SubElement(root, "AuditSourceIdentification", attrs)
     etree.SubElement(audit_source, "AuditSourceTypeCode", {"csd-code": "4"})  # Application Server process
+    # The HL7 v2 message an event is about (MSH-10) also on each patient's object (ITI-8 / ITI-30 style).
+    msh10 = tuple(
+        ("MSH-10", clean(ref.value).encode("utf-8", "replace"))
+        for ref in event.objects[:MAX_PARTICIPANTS]
+        if ref.kind == "message" and ref.value
+    )[:1]
     for patient in event.patients[:MAX_PARTICIPANTS]:
-        _object(root, patient_id(patient), "1", "1", PATIENT_NUMBER)
+        _object(root, patient_id(patient), "1", "1", PATIENT_NUMBER, details=msh10)
     for ref in event.objects[:MAX_PARTICIPANTS]:
         _other(root, ref, event)
     return root

@@ -190,6 +190,9 @@ class FHIRStore(Protocol):
       "and"), in the order they were first stored; tokens as ``system|value``, ``value``, ``|value``, ``system|``.
       A parameter the store does not support raises ``SearchError`` (never a silent match-all). A deleted
       DocumentReference (PDSm) and an ``entered-in-error`` DiagnosticReport are found by no search.
+    * ``document_of_binary`` finds the DocumentReference whose attachment is ``Binary/<id>`` (the newest when
+      several are; a deleted one too), None when none is: one indexed lookup (the audit of an MHD retrieve
+      names the document's patient and unique id by it).
     * Remote copies: ``set_remote`` records the version a FHIR server holds (it never goes back), ``unpushed`` counts
       resources whose current version no server has, ``forget_remote`` forgets them all (returns every resource).
     * Safe from worker threads (``asyncio.to_thread``); calls are serialised.
@@ -224,6 +227,8 @@ class FHIRStore(Protocol):
     ) -> tuple[int, list[dict[str, Any]]]: ...
 
     def withdrawn_binary(self, binary_id: str) -> bool: ...
+
+    def document_of_binary(self, binary_id: str) -> dict[str, Any] | None: ...
 
     def close(self) -> None: ...
 

@@ -71,14 +71,22 @@ class AuditQueue:
                 raise
             self._db.execute("COMMIT")
 
-    def take(self, n: int) -> list[Queued]:
-        """The ``n`` oldest messages not delivered yet (they stay queued until `done`)."""
+    def take(self, n: int, max_bytes: int = 0) -> list[Queued]:
+        """The ``n`` oldest messages not delivered yet (they stay queued until `done`); with ``max_bytes``, only as
+        many as fit in that many bytes of messages (the first one always)."""
+        out: list[Queued] = []
+        size = 0
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, at, outcome, message FROM audit_queue WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
                 (n,),
-            ).fetchall()
-        return [Queued(row[0], row[1], row[2], bytes(row[3])) for row in rows]
+            )
+            for row in rows:
+                size += len(row[3])
+                if max_bytes and out and size > max_bytes:
+                    break
+                out.append(Queued(row[0], row[1], row[2], bytes(row[3])))
+        return out
 
     def done(self, ids: Sequence[int]) -> None:
         """Mark messages delivered."""
@@ -98,9 +106,15 @@ class AuditQueue:
             self._db.execute("COMMIT")
 
     def depth(self) -> int:
-        """Messages not delivered yet."""
+        """Messages not delivered yet, from the ids (two index look-ups, whatever the backlog: no count): rows are
+        appended in id order and delivered oldest first, so the waiting ones are the ids from the oldest waiting
+        to the last."""
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM audit_queue WHERE delivered_at IS NULL").fetchone()[0]
+            oldest = self._db.execute("SELECT min(id) FROM audit_queue WHERE delivered_at IS NULL").fetchone()[0]
+            if oldest is None:
+                return 0
+            last = self._db.execute("SELECT max(id) FROM audit_queue").fetchone()[0]
+        return int(last) - int(oldest) + 1
 
     def prune(self, keep_s: float = KEEP_DELIVERED_S) -> int:
         """Forget the messages delivered more than ``keep_s`` seconds ago; how many."""

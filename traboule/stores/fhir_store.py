@@ -461,6 +461,18 @@ class SQLiteFHIRStore:
             ).fetchone()
         return row is not None
 
+    def document_of_binary(self, binary_id: str) -> dict[str, Any] | None:
+        """The DocumentReference whose attachment is ``Binary/<binary_id>`` (the newest when several; deleted or
+        not), None when none is: the ``binary`` token (indexed), then the resource by its key."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.json FROM tokens b JOIN resources r ON r.type = b.type AND r.id = b.id "
+                "WHERE b.type = 'DocumentReference' AND b.name = 'binary' AND b.value = ? "
+                "ORDER BY r.rowid DESC LIMIT 1",
+                (binary_id,),
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
 
 FHIRStore = SQLiteFHIRStore  # the name the fhir channel and the command line construct today
 

@@ -8,10 +8,11 @@ the writer and never writes); on PostgreSQL it reads the shared tables through t
 asked to apply.
 
 The documents are the versions the inbound channels' reports stores keep for each accession number shown (on
-SQLite, read-only like `traboule.stores.published`), with the sender's sharing instructions and, where an ``xds``
-channel recorded it, the DMP submission status. Each CDA is shown from its own narrative (section titles and
-text of the body, parsed with lxml without network or entities), never as raw XML; every value is text for the
-templates to escape.
+SQLite, read-only like `traboule.stores.published`), with the sender's sharing instructions, where an ``xds``
+channel recorded it the DMP submission status, and from the delivery log what each ``hl7-documents`` channel (DRIMbox
+feed) sent with the ACK and how often the ``/fhir`` API served it (MHD ITI-68, channel ``mhd``). Each CDA is shown
+from its own narrative (section titles and text of the body, parsed with lxml without network or entities), never
+as raw XML; every value is text for the templates to escape.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from traboule.app.console.labels import LABELS, language
 from traboule.formats.dicom_match import QueryError, ScanStopped, compile_query
 from traboule.formats.worklist_item import decode_item
 from traboule.model import plain
+from traboule.stores.delivery_log import MAX_ROWS
 from traboule.stores.sqlite import Durability, open_database
 from traboule.stores.worklist import prefilter_sql
 
@@ -66,6 +68,8 @@ class ShownDocument:
     shared: list[tuple[str, str]]  # (xds channel, status) where recorded
     sections: list[Section]
     problem: str = ""
+    # (destination, what: not_shared | sent_ack | not_retrieved | retrieved_times | retrieved_many, its values)
+    fed: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
 
 def query_of(filters: dict[str, str]) -> Dataset:
@@ -199,6 +203,7 @@ class WorklistReader:
         out: dict[str, list[ShownDocument]] = {}
         wanted = [a for a in dict.fromkeys(accessions) if a]
         xds = [str(c["name"]) for c in self.runtime.config.channels if c["kind"] == "xds"]
+        made: dict[str, str] = {}  # document id → key of the message that made it
         postgres = getattr(self.stores, "backend", "") == "postgresql"
         for cfg in self.runtime.config.channels:
             if cfg["kind"] != "hl7-orders" or not wanted:
@@ -208,6 +213,7 @@ class WorklistReader:
                     for accession in wanted:
                         for status, event in _versions(store, accession):
                             out.setdefault(accession, []).append(self._shown(status, event, xds))
+                    made.update(_made_by(store.storage, cfg["name"], out))
                 continue
             path = self.data_dir / f"{cfg['name']}.reports.sqlite"
             if not path.is_file():
@@ -222,9 +228,39 @@ class WorklistReader:
                     ).fetchall()
                     for status, text in rows:
                         out.setdefault(accession, []).append(self._shown(status, json.loads(text), xds))
+                made.update(_made_by(db, "", out))
             finally:
                 db.close()
+        self._fed(out, made)
         return out
+
+    def _fed(self, documents: dict[str, list[ShownDocument]], made: dict[str, str]) -> None:
+        """What the delivery log says of each document's other destinations: each ``hl7-documents`` channel (its
+        last "sent, ACK" row among the rows of the message that made the document, ``made``: document id →
+        message key) and, with a ``/fhir`` API, the MHD retrievals (rows of channel ``mhd`` keyed by the id)."""
+        feeds = [str(c["name"]) for c in self.runtime.config.channels if c["kind"] == "hl7-documents"]
+        mhd = any(c["kind"] == "fhir" and c.get("api") for c in self.runtime.config.channels)
+        shown = [d for versions in documents.values() for d in versions]
+        if not shown or not (feeds or mhd) or not hasattr(self.stores, "delivery_log"):
+            return
+        with contextlib.closing(self.stores.delivery_log()) as log:
+            for doc in shown:
+                rows = log.of(made[doc.id]) if doc.id in made else []
+                for feed in feeds:
+                    sent = [r for r in rows if r.channel == feed and f"document {doc.id} sent, ACK" in r.detail]
+                    if sent:
+                        ack = sent[-1].detail.rpartition("ACK ")[2][:4]
+                        doc.fed.append((feed, "sent_ack", {"ack": ack, "at": sent[-1].at}))
+                    else:
+                        doc.fed.append((feed, "not_shared", {}))
+                if mhd:
+                    retrieved = [r for r in log.of(doc.id) if r.channel == "mhd" and r.key == doc.id]
+                    if not retrieved:
+                        doc.fed.append(("MHD", "not_retrieved", {}))
+                    elif len(retrieved) >= MAX_ROWS:  # the log answers its oldest rows first, that many at most
+                        doc.fed.append(("MHD", "retrieved_many", {"n": str(len(retrieved))}))
+                    else:
+                        doc.fed.append(("MHD", "retrieved_times", {"n": str(len(retrieved)), "at": retrieved[-1].at}))
 
     def _shown(self, status: str, event: dict[str, Any], xds: list[str]) -> ShownDocument:
         report = event.get("report") or {}
@@ -268,6 +304,20 @@ class WorklistReader:
             except sqlite3.OperationalError:  # the channel has not made its table yet
                 return ""
         return f"{row[0]} ({row[1]})" if row else ""
+
+
+def _made_by(db: Any, channel: str, documents: dict[str, list[ShownDocument]]) -> dict[str, str]:
+    """Document id → idempotency key of the message that made it, for the documents shown: from a reports file
+    (``channel`` empty) or the PostgreSQL reports storage of ``channel``."""
+    ids = [d.id for versions in documents.values() for d in versions if d.id]
+    if not ids:
+        return {}
+    if channel:
+        sql = "SELECT document_id, message_key FROM report_messages WHERE channel = %s AND document_id = ANY(%s)"
+        return {str(i): str(k) for i, k in db._all(sql, (channel, ids))}
+    marks = ",".join("?" * len(ids))
+    sql = f"SELECT document_id, message_key FROM messages WHERE document_id IN ({marks})"
+    return {str(i): str(k) for i, k in db.execute(sql, ids).fetchall()}
 
 
 def _versions(store: Any, accession: str) -> list[tuple[str, dict[str, Any]]]:

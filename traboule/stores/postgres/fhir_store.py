@@ -359,6 +359,17 @@ class PostgresFHIRStore:
         )
         return row is not None
 
+    def document_of_binary(self, binary_id: str) -> dict[str, Any] | None:
+        """The DocumentReference whose attachment is ``Binary/<binary_id>`` (the newest when several; deleted or
+        not), None when none is: the ``binary`` token (indexed), then the resource by its key."""
+        row = self._one(
+            "SELECT r.json FROM fhir_tokens b JOIN fhir_resources r ON r.type = b.type AND r.id = b.id"
+            " WHERE b.type = 'DocumentReference' AND b.name = 'binary' AND b.value = %s"
+            " ORDER BY r.row_id DESC LIMIT 1",
+            (_enc(binary_id),),
+        )
+        return None if row is None else json.loads(row[0])
+
 
 def _token_rows(resource: dict[str, Any]) -> list[tuple[Any, ...]]:
     rtype, rid = _enc(resource["resourceType"]), _enc(resource["id"])

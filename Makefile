@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# Test processes in parallel (pytest-xdist); most tests wait on sockets, peers and subprocesses, so two workers
+# on two cores take about half the time of one. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench peers fhir-peer clean
 
@@ -19,7 +22,7 @@ run: $(STAMP)
 ## Install what the tests need (Python deps; dcmtk, rabbitmq-server, orthanc, postgresql via apt when root) and run them
 test: $(STAMP) peers fhir-peer
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 ## Debian packages of the real peers used by the tests (haproxy checks deploy/; chromium drives the console; rsyslog is the audit repository; installed only when missing and running as root)
 peers:

@@ -86,3 +86,18 @@ def cda_validator(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from traboule.formats.cda_validation import CDAValidator
 
     return CDAValidator(shared_path("standards", "ans-testcontenucda"), tmp_path_factory.mktemp("cda-cache"))
+
+
+# Run in parallel (pytest-xdist, ``-n 2 --dist loadgroup``: the Makefile's test command), the tests of a peer that is
+# costly to start once per worker go to one worker: the three-node RabbitMQ cluster (tens of seconds and three
+# Erlang VMs), the browser.
+_GROUPS = {"rabbitmq_cluster": "rabbitmq-cluster", "console_browser": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for fixture, group in _GROUPS.items():
+            if fixture in names or (item.module is not None and item.module.__name__.endswith(f"test_{fixture}")):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

@@ -304,6 +304,19 @@ async def test_a_start_with_another_configuration_is_a_security_alert(tmp_path: 
     assert (tmp_path / "audit-config.sha256").read_text().strip() == trail_module.config_digest(cfg)
 
 
+async def test_an_edited_mapping_file_is_a_configuration_change(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path)
+    mapping = tmp_path / "mwl.yaml"
+    mapping.write_text((ROOT / "mappings" / "mwl.yaml").read_text())
+    worklist = next(ch for ch in cfg.channels if ch.get("kind") == "worklist")
+    worklist["mapping"] = str(mapping)
+    assert mapping in trail_module.mapping_files(cfg)
+    before = trail_module.config_digest(cfg)
+    assert trail_module.config_digest(cfg) == before  # stable
+    mapping.write_text(mapping.read_text() + "\n# an integrator's edit\n")
+    assert trail_module.config_digest(cfg) != before
+
+
 # -- with a real rsyslog over TLS --------------------------------------------------------------------------------
 
 

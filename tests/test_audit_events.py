@@ -209,6 +209,17 @@ async def test_fhir_search_read_and_mhd_retrieve_name_the_token_and_the_client(
 # -- the console ----------------------------------------------------------------------------------------------------
 
 
+async def test_a_refused_console_login_is_an_authentication_failure_without_the_token(tmp_path: Path) -> None:
+    async with open_console(tmp_path) as (runtime, client):
+        with recording(runtime) as trail:
+            refused = await login(client, "not-a-token-of-this-engine")
+            assert refused.status_code == 401
+            (failed,) = trail.of("user-authentication")
+            assert failed.outcome == audit.Outcome.MINOR_FAILURE and failed.description == "console login refused"
+            assert failed.requestor == audit.Actor("anonymous", "127.0.0.1")
+            assert "not-a-token" not in repr(failed.as_dict())
+
+
 async def test_console_message_page_and_search_name_the_operator(tmp_path: Path) -> None:
     async with open_console(tmp_path) as (runtime, client):
         await send(runtime, fixture("orm_o01_nw_latin1.hl7"))

@@ -62,6 +62,17 @@ EXAMPLES = sorted(p.name for p in EXAMPLES_DIR.glob("IMG_CR_IMG_2024.01*.xml")) 
 ]
 
 
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short temporary folder: a validation server's socket lives under the cache folders the tests make in it, and
+    a Unix socket's path has 108 bytes at most (pytest's own folders are longer under a parallel run)."""
+    path = Path(tempfile.mkdtemp(prefix="cda-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tree() -> Path:
     return shared_path("standards", "ans-testcontenucda")

@@ -35,7 +35,7 @@ import structlog
 
 from traboule import metrics
 from traboule.adapters.syslog import SyslogSender, format_message
-from traboule.app.config import AuditConfig, Config
+from traboule.app.config import AuditConfig, Config, resolve
 from traboule.audit import AuditEvent, Outcome, application_activity, configuration_changed
 from traboule.audit.message import AuditSource, encode, event_time
 from traboule.stores.audit_queue import FILE as QUEUE_FILE
@@ -531,9 +531,48 @@ class AuditTrail:
         self.record(application_activity("stop"))
 
 
+MAPPING_SUFFIXES = (".yaml", ".yml", ".csv", ".toml", ".json")
+MAX_DIGESTED_FILES = 200  # files of a configuration whose content counts in its digest
+
+
+def mapping_files(config: Config) -> list[Path]:
+    """The files the channels name (mappings, code tables, CDA mappings...) and the code tables beside each mapping
+    (``tables/*.csv``): an integrator editing one changes what the engine does with patient data."""
+    found: dict[Path, None] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value.endswith(MAPPING_SUFFIXES) and len(found) < MAX_DIGESTED_FILES:
+            path = resolve(config, value)
+            if path.is_file():
+                found[path] = None
+                tables = path.parent / "tables"
+                if tables.is_dir():
+                    for table in sorted(tables.glob("*.csv"))[:MAX_DIGESTED_FILES]:
+                        found[table] = None
+
+    walk(config.channels)
+    return list(found)[:MAX_DIGESTED_FILES]
+
+
 def config_digest(config: Config) -> str:
-    """SHA-256 of the configuration as loaded (every setting, the channels and the mappings' names; not the file's
-    path)."""
+    """SHA-256 of the configuration as loaded (every setting, the channels, and the content of the mapping files and
+    code tables they name; not the file's path)."""
+    digest = hashlib.sha256(_settings_text(config).encode())
+    for path in mapping_files(config):
+        try:
+            digest.update(f"\n{path.name}\n".encode() + hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            digest.update(f"\n{path.name}\n-".encode())
+    return digest.hexdigest()
+
+
+def _settings_text(config: Config) -> str:
 
     def plain(value: Any) -> Any:
         if isinstance(value, set | frozenset):
@@ -542,7 +581,6 @@ def config_digest(config: Config) -> str:
 
     try:
         data = {k: v for k, v in dataclasses.asdict(config).items() if k != "path"}
-        text = json.dumps(data, sort_keys=True, default=plain)
+        return json.dumps(data, sort_keys=True, default=plain)
     except Exception:
-        text = Path(config.path).read_text() if config.path else repr(config.channels)
-    return hashlib.sha256(text.encode()).hexdigest()
+        return Path(config.path).read_text() if config.path else repr(config.channels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import sqlite3
+import time
 from pathlib import Path
 
 
@@ -54,7 +55,24 @@ def open_database(
         return db
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=not threads, timeout=busy_timeout_s)
-    db.execute("PRAGMA journal_mode=WAL")
+    _wal(db, busy_timeout_s)
     db.execute(f"PRAGMA synchronous={durability.value}")
     db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     return db
+
+
+def _wal(db: sqlite3.Connection, wait_s: float) -> None:
+    """Switch to WAL. On a new file, two connections opening it at once race for the switch and SQLite answers the
+    loser ``database is locked`` at once, without its busy handler: try again, for as long as a statement would wait
+    (a file already in WAL mode answers at once)."""
+    deadline = time.monotonic() + wait_s
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)

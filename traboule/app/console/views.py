@@ -134,6 +134,8 @@ class Console:
         opened = self.sessions.login(form.get("token", "")[:1024])
         if opened is None:
             log.warning("console.login_refused", peer=peer, blocked=self.limiter.refused_for(peer) > 0)
+            refused = audit.authentication_failed(user=audit.actor("anonymous", peer), reason="console login refused")
+            self.record(refused)
             return self.render(request, "login.html", None, status=401, error="token_refused")
         self.limiter.succeeded(peer)
         log.info("console.login", token=opened[0].name, role=opened[0].role, peer=peer)

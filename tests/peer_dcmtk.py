@@ -8,7 +8,6 @@ on the datasets a real modality received, bytes and character set included.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from tests import ports
+
 HOST = "127.0.0.1"
 
 
@@ -32,11 +33,7 @@ def require_dcmtk(*tools: str) -> None:
         pytest.skip(f"dcmtk not installed ({', '.join(missing)} not on PATH): apt-get install dcmtk")
 
 
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+free_port = ports.free_port  # one allocator for every test (tests/ports.py)
 
 
 class DcmtkError(RuntimeError):

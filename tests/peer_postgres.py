@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests import ports
 
 POSTGRES_BIN = os.environ.get("TRABOULE_POSTGRES_BIN", "")  # a bin folder; default: the newest Debian version
 STARTUP_TIMEOUT = 30.0  # seconds; initdb + start take ~1.5 s on 2 cores
@@ -39,10 +40,7 @@ def _bin_dir() -> Path | None:
     return found[-1].parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_free_port = ports.free_port  # one allocator for every test (tests/ports.py)
 
 
 @dataclass

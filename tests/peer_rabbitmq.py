@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests import ports
 
 
 def server_log_tail(base: Path, lines: int = 40) -> str:
@@ -36,10 +37,7 @@ STARTUP_TIMEOUT = 60.0  # seconds; a normal boot takes 6-8 s on 2 cores, slow CI
 STOP_TIMEOUT = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_free_port = ports.free_port  # one allocator for every test (tests/ports.py)
 
 
 def _epmd_binary() -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import ports
 from tests.tls_pki import PKI
 
 RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
@@ -118,7 +119,4 @@ class RSyslog:
         ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = ports.free_port  # one allocator for every test (tests/ports.py)

@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from tests.conftest import ROOT
+from tests.ports import free_port
 from traboule.app import logging as tlog
 from traboule.app.config import Config
 from traboule.app.runtime import Runtime
@@ -25,7 +26,6 @@ from traboule.errors import ConfigError, NotAccepted
 from traboule.model import Document, Envelope, Identifier, ImagingOrder, Patient, PerformedStep, ScheduledStep
 from traboule.stores.idempotency import AppliedKeys, Legacy
 from traboule.stores.worklist import WorklistStore
-from traboule.testing import free_port
 
 
 class Tap(ConsumerChannel):

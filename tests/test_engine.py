@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import ports
 from tests.conftest import ROOT
 from tests.peer_dcmtk import findscu, free_port
 from tests.test_flow import engine_config, fixture, send, store, until
@@ -113,19 +113,7 @@ async def test_json_logs_carry_ids_but_no_patient_data(tmp_path: Path, capsys: p
 def free_port_run(count: int = 3) -> int:
     """A free port p with p + 1 ... p + count - 1 free too: each child process serves HTTP on the next port (the
     default engine has three processes: main, worker, fhir)."""
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for offset in range(1, count):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port + offset))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no run of {count} free ports")
+    return ports.free_port_run(count)
 
 
 def engine_ports() -> dict[str, str]:

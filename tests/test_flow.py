@@ -7,7 +7,6 @@ SQLite with a real RabbitMQ broker.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from tests import ports
 from tests.conftest import BACKENDS, ROOT, database_url_of, shared_path
 from tests.peer_dcmtk import findscu
 from traboule.adapters.mllp import MLLPClient
@@ -36,10 +36,7 @@ CT_QUERY = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = ports.free_port  # one allocator for every test (tests/ports.py)
 
 
 def engine_config(data_dir: Path, amqp_url: str = "", exchange: str = "traboule", database_url: str = "") -> Config:

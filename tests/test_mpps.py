@@ -287,7 +287,8 @@ async def test_health_names_the_ris_while_it_cannot_be_reached(engine: Engine) -
     try:
         assert await modality.create(generate_uid(), in_progress(item)) == 0x0000
         await until(lambda: len(ris.accepted()) == 1)
-        assert runtime.health()["channels"]["ris-status"]["state"] == "ok"
+        # The RIS has the message before the sender reads its ACK and says so in its health: wait for that too.
+        await until(lambda: runtime.health()["channels"]["ris-status"]["state"] == "ok")
         await ris.listener.stop()  # the RIS goes away
         assert await modality.create(generate_uid(), in_progress(item)) == 0x0000
         await until(lambda: runtime.health()["channels"]["ris-status"]["state"] == "down")

@@ -153,44 +153,7 @@ async def test_tls_1_1_is_refused(tmp_path: Path, pki: PKI) -> None:  # noqa: F8
 def dual_use_certificate(pki: PKI, name: str) -> Pair:  # noqa: F811
     """A server certificate for 127.0.0.1 that may also authenticate as a client (both extended key usages): what
     the engine shows its own ports when they require client certificates."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_cert, ca_key = pki._ca_signer
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    subject = x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "traboule tests"), x509.NameAttribute(NameOID.COMMON_NAME, name)]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = pki.folder / f"{name}.pem", pki.folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Pair(cert_path, key_path, f"CN={name},O=traboule tests")
+    return pki.issue(name, name, server=True, client_too=True)
 
 
 def test_a_running_engine_over_https_collects_its_children_metrics(tmp_path: Path, pki: PKI) -> None:  # noqa: F811

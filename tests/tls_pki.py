@@ -38,9 +38,10 @@ class PKI:
     server_expired: Pair
     folder: Path
 
-    def issue(self, name: str, cn: str, *, server: bool = False, days: int = 30) -> Pair:
-        """Another certificate from the test CA (e.g. a renewed server certificate for the reload test)."""
-        return _issue(self.folder, name, cn, self._ca_signer, server=server, days=days)
+    def issue(self, name: str, cn: str, *, server: bool = False, client_too: bool = False, days: int = 30) -> Pair:
+        """Another certificate from the test CA (e.g. a renewed server certificate for the reload test); a server one
+        with ``client_too`` may also authenticate as a client (both extended key usages)."""
+        return _issue(self.folder, name, cn, self._ca_signer, server=server, client_too=client_too, days=days)
 
     @property
     def _ca_signer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -88,6 +89,7 @@ def _issue(
     signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     *,
     server: bool = False,
+    client_too: bool = False,
     days: int = 30,
     expired: bool = False,
 ) -> Pair:
@@ -115,7 +117,11 @@ def _issue(
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                if server and client_too
+                else [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)

@@ -460,8 +460,8 @@ class FHIRApi:
                         destination=actor, requestor=actor, patients=patients, objects=objects, transaction="ITI-68"
                     )
                 )
-            if response.status_code == 200:  # counted for the console's documents page
-                await asyncio.to_thread(record_retrieve, self.runtime, self.store, rid)
+                unique_id = next((o.value for o in objects if o.kind == "document"), "")
+                record_retrieve(self.runtime, unique_id, rid)  # counted for the console's documents page
             return response
         patients = await asyncio.to_thread(patients_in, self.store, [resource])
         objects = (audit.object_ref("resource", f"{rtype}/{rid}"),)
@@ -581,15 +581,14 @@ def _identifiers(patient: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def record_retrieve(runtime: Any, store: FHIRStore, binary_id: str) -> None:
-    """An ITI-68 retrieve in the delivery log (channel ``mhd``, keyed by the document's unique id, no correlation
-    id): the console counts them per document. Blocks on the store (call it in a thread); never raises."""
+def record_retrieve(runtime: Any, unique_id: str, binary_id: str) -> None:
+    """An ITI-68 retrieve of the document ``unique_id`` (found by `retrieved`) in the delivery log (channel ``mhd``,
+    keyed by that id, no correlation id): the console counts them per document. Hands the row to the process's
+    recorder (written off the loop); never raises."""
     from traboule.channel import delivery_recorder
     from traboule.stores.delivery_log import DeliveryRecord
 
     try:
-        reference = store.document_of_binary(binary_id)
-        unique_id = document_unique_id(reference) if reference is not None else ""
         recorder = delivery_recorder(runtime) if unique_id else None
         if recorder is not None:
             recorder.add(DeliveryRecord(unique_id, "", "mhd", "applied", f"retrieved Binary/{binary_id}"))

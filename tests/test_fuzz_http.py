@@ -57,7 +57,7 @@ class ServedEngine:
 
     def __enter__(self) -> ServedEngine:
         if self.data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="traboule-fuzz-")
+            self._tmp = tempfile.TemporaryDirectory(prefix="traboule-fuzz-", ignore_cleanup_errors=True)
             self.data_dir = Path(self._tmp.name)
         self.thread.start()
         try:

@@ -6,15 +6,22 @@ and engine do not share an interpreter. Also reports the end-to-end rate: from t
 on the worklist. Side by side, the same load against a bare MLLP listener that ACKs without parsing or journaling
 (the cost of the socket round trip alone) gives the ratio.
 
-    .venv/bin/python bench/mllp_ingest.py [--messages 4000]
+Also measured in the same run: the disk's rate of small synchronous writes (a 1 KiB append and ``fsync``, the floor of
+a durable ACK at one connection), the CPU time per order of each process (engine main, its worklist worker, this
+client; from /proc), and with ``--profile`` (needs ``py-spy``: ``pip install py-spy``) the engine main process's
+profile at eight connections, its top functions by own and inclusive samples.
+
+    .venv/bin/python bench/mllp_ingest.py [--messages 4000] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -131,6 +138,69 @@ async def until_worklist(db: Path, count: int, timeout: float = 120) -> None:
     raise TimeoutError(f"worklist did not reach {count} items")
 
 
+def fsync_rate(folder: str, seconds: float = 2.0) -> float:
+    """Appends of 1 KiB each followed by ``fsync``, per second, in ``folder`` (the engine's data folder's disk)."""
+    path = Path(folder) / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            os.write(fd, b"x" * 1024)
+            os.fsync(fd)
+            count += 1
+        return count / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The engine's child processes (its worklist worker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
+    spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    if not Path(spy).exists():
+        print("--profile: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return None
+    command = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(raw: str, top: int = 25) -> None:
+    """py-spy's raw stacks summed: the functions with the most samples of their own, and inclusive."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if "/" in f else f for f in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    print(f"\nprofile of the engine's main process at 8 connections ({total} samples, all threads)")
+    print("own samples:")
+    for name, count in own.most_common(top):
+        print(f"  {count / total * 100:5.1f}%  {name}")
+    print("inclusive:")
+    for name, count in inclusive.most_common(top + 10)[10:]:
+        print(f"  {count / total * 100:5.1f}%  {name}")
+
+
 def row(name: str, conns: int, n: int, elapsed: float, lat: list[float]) -> tuple[str, int, float, float, float]:
     lat.sort()
     p99 = lat[int(len(lat) * 0.99) - 1]
@@ -151,10 +221,14 @@ async def bare_listener(port: int) -> MLLPListener:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--profile", action="store_true", help="py-spy profile of the engine at 8 connections")
     args = parser.parse_args()
     rows = []
     end_to_end: dict[int, float] = {}
+    cpu: dict[int, tuple[float, float, float]] = {}
+    profile = ""
     with tempfile.TemporaryDirectory() as tmp:
+        disk = fsync_rate(tmp)
         port = free_port()
         config = Path(tmp) / "traboule.toml"
         config.write_text(CONFIG.format(data_dir=tmp, mllp_port=port, mwl_port=free_port()))
@@ -166,17 +240,29 @@ async def main() -> None:
             await wait_port(port)
             await drive(port, 1, 200, "w")  # warm-up
             done = 200
+            workers = children(engine.pid)
+            spy = None
             for conns in (1, 8):
                 await until_worklist(Path(tmp) / "worklist.sqlite", done)
+                if conns == 8 and args.profile:
+                    spy = start_profile(engine.pid, Path(tmp) / "profile.txt")
+                before = (cpu_seconds(engine.pid), sum(map(cpu_seconds, workers)), time.process_time())
                 started = time.perf_counter()
                 elapsed, lat = await drive(port, conns, args.messages, f"c{conns}-")
                 done += args.messages
                 await until_worklist(Path(tmp) / "worklist.sqlite", done)
                 end_to_end[conns] = args.messages / (time.perf_counter() - started)
+                after = (cpu_seconds(engine.pid), sum(map(cpu_seconds, workers)), time.process_time())
+                cpu[conns] = tuple((a - b) / args.messages * 1000 for a, b in zip(after, before, strict=True))
                 rows.append(row("traboule (journal fsync)", conns, args.messages, elapsed, lat))
+            if spy is not None:
+                spy.send_signal(2)  # py-spy writes its file on SIGINT
+                spy.wait(30)
         finally:
             engine.terminate()
             engine.wait(30)
+        if (Path(tmp) / "profile.txt").exists():
+            profile = (Path(tmp) / "profile.txt").read_text()
     bare_port = free_port()
     listener = await bare_listener(bare_port)
     for conns in (1, 8):
@@ -193,6 +279,12 @@ async def main() -> None:
         print(f"ratio traboule / bare at {conns} connection(s): {ours[conns] / bare[conns]:.2f}")
     for conns in (1, 8):
         print(f"end to end at {conns} connection(s) (sent -> on the worklist): {end_to_end[conns]:.0f} orders/s")
+    print(f"disk: {disk:.0f} fsync'd 1 KiB appends/s; ratio orders/s at 1 connection / fsyncs/s: {ours[1] / disk:.2f}")
+    print(f"{'CPU ms per order':34} {'conns':>5} {'engine':>8} {'worker':>8} {'client':>8}")
+    for conns, (main_ms, worker_ms, client_ms) in cpu.items():
+        print(f"{'':34} {conns:>5} {main_ms:>8.3f} {worker_ms:>8.3f} {client_ms:>8.3f}")
+    if profile:
+        print_profile(profile)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import json.encoder
 import os
 import socket
 import threading
@@ -63,6 +64,36 @@ STOP_DRAIN_S = 3.0  # at stop, how long the relay may still send what is queued 
 PRUNE_EVERY_S = 600.0
 DEPTH_EVERY_S = 5.0  # how often the relay refreshes the queue depth gauge while it sends
 CONFIG_HASH_FILE = "audit-config.sha256"
+_json = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII as it is (json.dumps, ensure_ascii=False)
+_JSON_ESCAPED = bytes(range(0x20)) + b"\\"  # what a JSON string escapes, but the double quote
+
+
+def _line(event: AuditEvent, xml: bytes, pid: int) -> bytes:
+    """The file's line of ``event``: ``{"at", "kind", "action", "outcome", "transaction", "pid", "xml"}`` as
+    ``json.dumps(..., ensure_ascii=False)`` writes them (a lone surrogate as its escape), ``event``
+    (`AuditEvent.as_dict`) too when there is no XML. Formatted here rather than by ``json.dumps``: its encoder and
+    its escaping of the XML, made once per event, were most of the line's cost."""
+    kind, action, transaction = event.kind, event.action, event.transaction
+    if xml and type(kind) is str and type(action) is str and type(transaction) is str:
+        head = (
+            f'{{"at": "{event_time(event.at)}", "kind": {_json(kind)}, "action": {_json(action)}, '
+            f'"outcome": {int(event.outcome)}, "transaction": {_json(transaction)}, "pid": {pid}, "xml": '
+        ).encode("utf-8", "backslashreplace")
+        if len(xml.translate(None, _JSON_ESCAPED)) == len(xml):  # only quotes to escape (UTF-8 is kept as it is)
+            return b'%s"%s"}\n' % (head, xml.replace(b'"', b'\\"'))
+        return b"%s%s}\n" % (head, _json(xml.decode("utf-8")).encode("utf-8"))
+    record = {
+        "at": event_time(event.at),
+        "kind": kind,
+        "action": action,
+        "outcome": int(event.outcome),
+        "transaction": transaction,
+        "pid": pid,
+        "xml": xml.decode("utf-8"),
+    }
+    if not xml:
+        record["event"] = event.as_dict()
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 def audit_source(config: Config) -> AuditSource:
@@ -266,10 +297,12 @@ class AuditTrail:
             self._wake.wait(FLUSH_S)
             self._wake.clear()
             with self._lock:
-                for summary in self._throttle.flush() if self._closing else self._throttle.due(time.monotonic()):
-                    self._take(summary)
                 events, self._pending = self._pending, []
                 self._pending_security = 0
+                # The summaries due go in the emptied buffer (written next time): taken before, they met the
+                # security budget still full of the events a failed write had put back, and were dropped.
+                for summary in self._throttle.flush() if self._closing else self._throttle.due(time.monotonic()):
+                    self._take(summary)
                 closing = self._closing
             if events or self._unqueued:
                 try:
@@ -292,14 +325,16 @@ class AuditTrail:
         """Encode and append ``events`` to the file, then to the queue. A batch the file refuses goes back to the
         buffer, retried next time; messages the queue refuses are retried on their own (they are in the file)."""
         lines, queued = [], []
+        pid = os.getpid()
+        queues = self.address is not None
         for event in events:
             try:
                 xml = encode(event, self.source)
             except Exception as exc:  # a bug, not data: said, and the event kept as data in the file
                 log.error("audit.encode_failed", kind=event.kind, error=type(exc).__name__)
                 xml = b""
-            lines.append(self._line(event, xml))
-            if xml:
+            lines.append(_line(event, xml, pid))
+            if xml and queues:
                 queued.append((event.at, int(event.outcome), xml))
         try:
             if lines:
@@ -347,20 +382,6 @@ class AuditTrail:
         if self._failing:
             log.info("audit.writing_again")
             self._failing = False
-
-    def _line(self, event: AuditEvent, xml: bytes) -> bytes:
-        record = {
-            "at": event_time(event.at),
-            "kind": event.kind,
-            "action": event.action,
-            "outcome": int(event.outcome),
-            "transaction": event.transaction,
-            "pid": os.getpid(),
-            "xml": xml.decode("utf-8"),
-        }
-        if not xml:
-            record["event"] = event.as_dict()
-        return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
 
     def _append(self, data: bytes) -> None:
         if self._fd is not None and self._moved():  # rotated: a new file where the old one was

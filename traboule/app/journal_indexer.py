@@ -11,12 +11,13 @@ read twice and united:
   the accession number elsewhere), for the messages of ``hl7-orders`` channels that still map, unless the channel
   runs the shipped mapping (it reads the keys from those very fields).
 
-The indexer runs in the process that keeps the journal, as a background task: it wakes every `POLL` seconds, reads
-the entries not indexed yet and indexes them in a worker thread (never on the event loop), at most half of one
-core while it catches up (an upgrade on a large journal: it sleeps as long as each batch took). On a database
-shared by several nodes one of them indexes at a time (the ``journal-index`` lease); indexing twice changes
-nothing. Keys are read from the first ``KEY_PREFIX`` bytes of each message (`JournalSearch.unindexed`; the keyed
-segments come first), by batches of at most ``BATCH_BYTES``. An entry the index refuses is indexed without keys
+The indexer runs as a background task of one process (`traboule.app.runtime.indexing_process`: the second process
+of the configuration when there are several, off the one that answers the senders; else main): it wakes every
+`POLL` seconds, reads the entries not indexed yet and indexes them in a worker thread (never on the event loop), at
+most half of one core while it catches up (an upgrade on a large journal: it sleeps as long as each batch took).
+On a database shared by several nodes one of them indexes at a time (the ``journal-index`` lease); indexing twice
+changes nothing. Keys are read from the first ``KEY_PREFIX`` bytes of each message (`JournalSearch.unindexed`; the
+keyed segments come first), by batches of at most ``BATCH_BYTES``. An entry the index refuses is indexed without keys
 and logged (``journal_index.entry_skipped``: its id and the error's type), never retried forever; a database that
 fails is retried. The gauge ``traboule_journal_index_lag`` (journal ids not indexed yet) shows an index that stands
 still.

@@ -208,6 +208,14 @@ class RemoteRoute:
     process: str
 
 
+def indexing_process(config: Config) -> str:
+    """The process that keeps the journal's search index: the second of the configuration when there are several
+    (reading every message's keys is work of its own: off the receiving process's core and interpreter, which
+    answer the senders), else main. It reads the journal's file (or database) as any reader does."""
+    names = config.processes()
+    return names[1] if len(names) > 1 else "main"
+
+
 def remote_routes(config: Config, process: str | None) -> tuple[list[RemoteRoute], dict[str, int]]:
     """The routes (and their request body limits) that channels of the other processes serve, for the main
     process to answer them on its own port. Learnt as `preflight` does, by building those channels against a
@@ -350,15 +358,16 @@ class Runtime:
         if self.owns_journal:
             self.outbox_lease = self.stores.lease("outbox")
             self._dispatcher = asyncio.create_task(self._lead_outbox(), name="outbox-lease")
-            from traboule.app.journal_indexer import JournalIndexer
-
-            self.journal_indexer = JournalIndexer(self.stores, self.config)  # the journal's search index
-            self.journal_indexer.start()
             if self.config.alerts is not None and self.config.alerts.rules:
                 from traboule.app.alerts import AlertEngine
 
                 self.alerts = AlertEngine(self, self.config.alerts)  # one node evaluates: the "alerts" lease
                 self.alerts.start()
+        if self.process is None or self.process == indexing_process(self.config):
+            from traboule.app.journal_indexer import JournalIndexer
+
+            self.journal_indexer = JournalIndexer(self.stores, self.config)  # the journal's search index
+            self.journal_indexer.start()
         if self._audit_trail is not None:
             await self._audit_trail.start()
             if self.owns_journal:

@@ -377,26 +377,30 @@ def object_ref(kind: str, value: Any, detail: bytes = b"") -> ObjectRef:
     return ObjectRef(kind, bounded(value), bytes(detail[: MAX_QUERY if kind == "query" else MAX_VALUE]))
 
 
+def _fits(fields: tuple[Any, ...], limit: int = MAX_VALUE) -> bool:
+    """Whether each of ``fields`` is text of at most ``limit`` printable characters (what `bounded` keeps as it is).
+    One join and one test rather than one per field: every event made checks its actors, patients and objects."""
+    try:
+        return "".join(fields).isprintable() and max(map(len, fields)) <= limit
+    except TypeError:  # not text
+        return False
+
+
 def _bounded_actor(who: Actor | None) -> Actor | None:
     if who is None:
         return None
     fields = (who.user_id, who.address, who.cert_subject, who.user_name, who.ae_title)
-    if all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in fields):
-        return who
-    return actor(*fields)
+    return who if _fits(fields) else actor(*fields)
 
 
 def _bounded_patient(patient: PatientRef) -> PatientRef:
     value, authority = patient.value, patient.authority
-    if all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in (value, authority)):
-        return patient
-    return PatientRef(bounded(value), bounded(authority))
+    return patient if _fits((value, authority)) else PatientRef(bounded(value), bounded(authority))
 
 
 def _bounded_object(ref: ObjectRef) -> ObjectRef:
     limit = MAX_QUERY if ref.kind == "query" else MAX_VALUE
-    fields = (ref.kind, ref.value, ref.transfer_syntax)
-    if len(ref.detail) <= limit and all(isinstance(f, str) and len(f) <= MAX_VALUE and f.isprintable() for f in fields):
+    if len(ref.detail) <= limit and _fits((ref.kind, ref.value, ref.transfer_syntax)):
         return ref
     return ObjectRef(
         bounded(ref.kind, 64), bounded(ref.value), bytes(ref.detail[:limit]), bounded(ref.transfer_syntax, 64)

@@ -9,6 +9,10 @@ use the current attribute names (``csd-code``, ``codeSystemName``, ``originalTex
 Every value comes from the network in the end (a calling AE title, a sending application, a query): characters XML
 cannot carry are replaced by U+FFFD, each value is cut to a bound (`MAX_VALUE`, `MAX_TEXT`, `MAX_QUERY`) and an
 event names at most `MAX_PARTICIPANTS` patients and objects, so that a message stays under `MAX_MESSAGE` bytes.
+
+The message is written as text (`render`), escaped as libxml2 escapes (`escape_attribute`, `escape_text`): the
+bytes of the lxml tree it replaced, for a fraction of the cost (bench/audit_encode.py); the parts that depend only
+on the engine and on constant codes are kept once made.
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import NamedTuple
-
-from lxml import etree
 
 from traboule.audit import MAX_QUERY, MAX_REFS, MAX_TEXT, MAX_VALUE, Actor, AuditEvent, ObjectRef, PatientRef
 
@@ -97,6 +100,7 @@ TRANSACTIONS = {
     "ITI-78": "Mobile Patient Demographics Query",
 }
 
+SECURITY_ALERT = EVENT_IDS["security-alert"]  # the EventID of an event of an unknown kind
 SOURCE = dcm("110153", "Source Role ID")
 DESTINATION = dcm("110152", "Destination Role ID")
 APPLICATION = dcm("110150", "Application")
@@ -135,6 +139,7 @@ QUERY_ROLE = "24"  # ParticipantObjectTypeCodeRole: Query
 REPORT_ROLE = "3"  # ParticipantObjectTypeCodeRole: Report (a DICOM query's object, PS3.15 A.5.3.12)
 SOP_CLASS_UID = dcm("110181", "SOP Class UID")
 
+_HL7_DELIMITERS = re.compile(r"[\\|^&~]")
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 # What XML 1.0 cannot carry: C0 controls but tab, newline and carriage return, lone surrogates, U+FFFE and U+FFFF.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -162,6 +167,8 @@ def clean(value: object, limit: int = MAX_VALUE) -> str:
 
 def hl7_escape(value: str) -> str:
     """A CX component: the HL7 v2 delimiters in ``value`` escaped."""
+    if _HL7_DELIMITERS.search(value) is None:
+        return value
     out = value.replace("\\", "\\E\\")
     for char, escape in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
         out = out.replace(char, escape)
@@ -180,19 +187,63 @@ def patient_id(patient: PatientRef) -> str:
     return f"{value}^^^{hl7_escape(authority)}"[: MAX_VALUE * 2]
 
 
+_second: tuple[int, str] = (-1, "")  # the last second `event_time` wrote, and its text up to the milliseconds
+
+
 def event_time(at: float) -> str:
     """EventDateTime (xs:dateTime, UTC, milliseconds); a time that cannot be one is now."""
-    if not isinstance(at, int | float) or not math.isfinite(at) or not 0 <= at < 253402300800:
+    global _second
+    plain = type(at) is float and 0.0 <= at < 253402300800.0  # (NaN fails the comparison)
+    if not plain and (not isinstance(at, int | float) or not math.isfinite(at) or not 0 <= at < 253402300800):
         at = time.time()
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(at * 1000) % 1000:03d}Z"
+    # The second as `datetime.fromtimestamp` gives it (the time rounded to the microsecond, half to even): its text
+    # is made once a second.
+    second = int(at)
+    if at - second >= 0.999999:
+        fraction, whole = math.modf(at)
+        second = int(whole) + (round(fraction * 1e6) >= 1_000_000)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{cached[1]}{int(at * 1000) % 1000:03d}Z"
 
 
-def _code(parent: etree._Element, tag: str, code: Code) -> etree._Element:
-    return etree.SubElement(
-        parent,
-        tag,
-        {"csd-code": clean(code.code), "codeSystemName": clean(code.system), "originalText": clean(code.text)},
-    )
+# The message is written as text, not built as an lxml tree and serialised: building the elements was nearly all
+# of an event's cost (~100 µs, on the ingest process's interpreter). The escaping below is what libxml2 writes
+# (attribute values: & < > " and tab, newline, carriage return as references; text: & < > and carriage return), so
+# that the bytes are the ones the tree gave (tests/test_audit_encoding.py checks them against it).
+_ATTR_SPECIAL = re.compile('[&<>"\t\n\r]')
+_TEXT_SPECIAL = re.compile("[&<>\r]")
+# A value that needs neither `clean` nor escaping (the common case: one search, then the value as it is).
+_ATTR_PLAIN = re.compile('[^\x00-\x1f&<>"\ud800-\udfff\ufffe\uffff]*')
+
+
+def escape_attribute(text: str) -> str:
+    """``text`` (XML characters) as an attribute value between double quotes, as libxml2 writes it."""
+    if _ATTR_SPECIAL.search(text) is None:
+        return text
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return text.replace("\t", "&#9;").replace("\n", "&#10;").replace("\r", "&#13;")
+
+
+def escape_text(text: str) -> str:
+    """``text`` (XML characters) as element content, as libxml2 writes it."""
+    if _TEXT_SPECIAL.search(text) is None:
+        return text
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+
+
+def _attr(value: object, limit: int = MAX_VALUE) -> str:
+    """A received value `clean` and escaped as an attribute value."""
+    if type(value) is str and len(value) <= limit and _ATTR_PLAIN.fullmatch(value) is not None:
+        return value
+    return escape_attribute(clean(value, limit))
+
+
+@lru_cache(maxsize=1024)
+def _code(tag: str, code: Code) -> str:
+    system, text = _attr(code.system), _attr(code.text)
+    return f'<{tag} csd-code="{_attr(code.code)}" codeSystemName="{system}" originalText="{text}"/>'
 
 
 def _address_type(address: str) -> str:
@@ -203,108 +254,119 @@ def _address_type(address: str) -> str:
     return "2"  # IP address
 
 
-def _participant(
-    root: etree._Element, actor: Actor, *, requestor: bool, roles: tuple[Code, ...] = ()
-) -> etree._Element:
-    attrs = {"UserID": clean(actor.user_id or actor.address or actor.ae_title or "unknown")}
+def _element(tag: str, attrs: str, children: str) -> str:
+    return f"<{tag}{attrs}>{children}</{tag}>" if children else f"<{tag}{attrs}/>"
+
+
+def _access_point(address: str) -> str:
+    """NetworkAccessPointID and its type code (a `clean`, stripped, non-empty address) as attributes."""
+    return f' NetworkAccessPointID="{escape_attribute(address)}" NetworkAccessPointTypeCode="{_address_type(address)}"'
+
+
+@lru_cache(maxsize=1024)
+def _participant(actor: Actor, requestor: bool, roles: tuple[Code, ...] = ()) -> str:
+    attrs = f' UserID="{_attr(actor.user_id or actor.address or actor.ae_title or "unknown")}"'
     if actor.ae_title:
-        attrs["AlternativeUserID"] = "AETITLES=" + clean(actor.ae_title)
+        attrs += f' AlternativeUserID="{escape_attribute("AETITLES=" + clean(actor.ae_title))}"'
     name = actor.user_name or actor.cert_subject
     if name:
-        attrs["UserName"] = clean(name)
-    attrs["UserIsRequestor"] = "true" if requestor else "false"
+        attrs += f' UserName="{_attr(name)}"'
+    attrs += ' UserIsRequestor="true"' if requestor else ' UserIsRequestor="false"'
     address = clean(actor.address).strip()
     if address:
-        attrs["NetworkAccessPointID"] = address
-        attrs["NetworkAccessPointTypeCode"] = _address_type(address)
-    element = etree.SubElement(root, "ActiveParticipant", attrs)
-    for role in roles:
-        _code(element, "RoleIDCode", role)
-    return element
+        attrs += (
+            f' NetworkAccessPointID="{escape_attribute(address)}" NetworkAccessPointTypeCode="{_address_type(address)}"'
+        )
+    return _element("ActiveParticipant", attrs, "".join(_code("RoleIDCode", role) for role in roles))
 
 
-def _engine(root: etree._Element, source: AuditSource, *, requestor: bool, roles: tuple[Code, ...]) -> None:
-    attrs = {
-        "UserID": clean(source.ae_title or source.process or "traboule"),
-        "AlternativeUserID": str(os.getpid()),
-        "UserIsRequestor": "true" if requestor else "false",
-    }
+@lru_cache(maxsize=64)
+def _engine(source: AuditSource, requestor: bool, roles: tuple[Code, ...], pid: int) -> str:
+    attrs = f' UserID="{_attr(source.ae_title or source.process or "traboule")}" AlternativeUserID="{pid}"'
+    attrs += ' UserIsRequestor="true"' if requestor else ' UserIsRequestor="false"'
     host = clean(source.host_name).strip()
     if host:
-        attrs["NetworkAccessPointID"] = host
-        attrs["NetworkAccessPointTypeCode"] = _address_type(host)
-    element = etree.SubElement(root, "ActiveParticipant", attrs)
-    for role in roles:
-        _code(element, "RoleIDCode", role)
+        attrs += _access_point(host)
+    return _element("ActiveParticipant", attrs, "".join(_code("RoleIDCode", role) for role in roles))
 
 
-def _participants(root: etree._Element, event: AuditEvent, source: AuditSource) -> None:
+def _participants(out: list[str], event: AuditEvent, source: AuditSource) -> None:
     """Who took part, with the roles PS3.15 A.5.3 gives them for the event's kind."""
     requestor, destination = event.requestor, event.destination
+    pid = os.getpid()
     if event.kind == "application-activity":
-        _engine(root, source, requestor=requestor is None, roles=(APPLICATION,))
+        out.append(_engine(source, requestor is None, (APPLICATION,), pid))
         if requestor is not None:
-            _participant(root, requestor, requestor=True, roles=(LAUNCHER,))
+            out.append(_participant(requestor, True, (LAUNCHER,)))
         return
     if event.kind in ("security-alert", "user-authentication"):
         if requestor is not None:
-            _participant(root, requestor, requestor=True)
-        _engine(root, source, requestor=requestor is None, roles=(APPLICATION,))
+            out.append(_participant(requestor, True))
+        out.append(_engine(source, requestor is None, (APPLICATION,), pid))
         return
     if event.kind == "export" or (event.kind == "patient-record" and event.action == "R"):
         # Data left the engine: the engine is the source, the peer it went to the destination.
-        _engine(root, source, requestor=requestor is None, roles=(SOURCE,))
+        out.append(_engine(source, requestor is None, (SOURCE,), pid))
         target = destination or requestor
         if target is not None:
-            _participant(root, target, requestor=target == requestor, roles=(DESTINATION,))
+            out.append(_participant(target, target == requestor, (DESTINATION,)))
         if requestor is not None and requestor != target:
-            _participant(root, requestor, requestor=True)
+            out.append(_participant(requestor, True))
         return
     # Data came in (a message, an MPPS, an import) or a query was asked: the peer is the source.
     if requestor is not None:
-        _participant(root, requestor, requestor=True, roles=(SOURCE,))
-    _engine(root, source, requestor=requestor is None, roles=() if destination else (DESTINATION,))
+        out.append(_participant(requestor, True, (SOURCE,)))
+    out.append(_engine(source, requestor is None, () if destination else (DESTINATION,), pid))
     if destination is not None:
-        _participant(root, destination, requestor=False, roles=(DESTINATION,))
+        out.append(_participant(destination, False, (DESTINATION,)))
+
+
+@lru_cache(maxsize=256)
+def _object_type(type_code: str, role: str, id_type: Code) -> str:
+    """What follows a ParticipantObjectID: the type code, the role, the ID type code element."""
+    role_attr = f' ParticipantObjectTypeCodeRole="{role}"' if role else ""
+    return f' ParticipantObjectTypeCode="{type_code}"{role_attr}>{_code("ParticipantObjectIDTypeCode", id_type)}'
 
 
 def _object(
-    root: etree._Element,
     object_id: str,
     type_code: str,
     role: str,
     id_type: Code,
     *,
-    name: str = "",
     query: bytes | None = None,
-    details: tuple[tuple[str, bytes], ...] = (),
-    mpps: str = "",
-) -> None:
-    attrs = {"ParticipantObjectID": object_id, "ParticipantObjectTypeCode": type_code}
-    if role:
-        attrs["ParticipantObjectTypeCodeRole"] = role
-    element = etree.SubElement(root, "ParticipantObjectIdentification", attrs)
-    _code(element, "ParticipantObjectIDTypeCode", id_type)
+    details: str = "",
+    mpps: bool = False,
+) -> str:
+    """A ParticipantObjectIdentification; ``object_id`` is `clean` (the name when there is no query, the MPPS UID
+    of its description for ``mpps``), ``details`` the ParticipantObjectDetail elements already written."""
+    escaped = escape_attribute(object_id)
     if query is not None:
-        etree.SubElement(element, "ParticipantObjectQuery").text = base64.b64encode(query).decode("ascii")
-    else:  # the schema of A.5.1 asks for a name or a query
-        etree.SubElement(element, "ParticipantObjectName").text = name or object_id
-    for kind, value in details:
-        etree.SubElement(
-            element, "ParticipantObjectDetail", {"type": clean(kind), "value": base64.b64encode(value).decode("ascii")}
-        )
-    if mpps:
-        description = etree.SubElement(element, "ParticipantObjectDescription")
-        etree.SubElement(description, "MPPS", {"UID": mpps})
+        named = f"<ParticipantObjectQuery>{base64.b64encode(query).decode('ascii')}</ParticipantObjectQuery>"
+    else:  # the schema of A.5.1 asks for a name or a query (text escapes less than an attribute: maybe nothing)
+        name = object_id if escaped is object_id else escape_text(object_id)
+        named = f"<ParticipantObjectName>{name}</ParticipantObjectName>"
+    description = (
+        f'<ParticipantObjectDescription><MPPS UID="{escaped}"/></ParticipantObjectDescription>'
+        if mpps and object_id
+        else ""
+    )
+    return (
+        f'<ParticipantObjectIdentification ParticipantObjectID="{escaped}"{_object_type(type_code, role, id_type)}'
+        f"{named}{details}{description}</ParticipantObjectIdentification>"
+    )
 
 
-def _other(root: etree._Element, ref: ObjectRef, event: AuditEvent) -> None:
+def _detail(kind: str, value: bytes) -> str:
+    return f'<ParticipantObjectDetail type="{_attr(kind)}" value="{base64.b64encode(value).decode("ascii")}"/>'
+
+
+def _other(ref: ObjectRef, event: AuditEvent) -> str:
     value = clean(ref.value)
     detail = bytes(ref.detail[: MAX_QUERY if ref.kind == "query" else MAX_VALUE])
     if ref.kind == "query" and ref.transfer_syntax:  # a DICOM query (PS3.15 A.5.3.12): the SOP class, its dataset
         syntax = clean(ref.transfer_syntax, 64).encode("ascii", "replace")
-        _object(root, value, "2", REPORT_ROLE, SOP_CLASS_UID, query=detail, details=(("TransferSyntax", syntax),))
-        return
+        return _object(value, "2", REPORT_ROLE, SOP_CLASS_UID, query=detail, details=_detail("TransferSyntax", syntax))
     if ref.kind == "query":
         transaction = clean(event.transaction or ref.value)
         id_type = (
@@ -312,66 +374,68 @@ def _other(root: etree._Element, ref: ObjectRef, event: AuditEvent) -> None:
             if transaction in TRANSACTIONS or re.fullmatch(r"[A-Z]{2,5}-\d{1,4}", transaction)
             else Code("10", "RFC-3881", "Search Criteria")
         )
-        _object(root, value, "2", QUERY_ROLE, id_type, query=detail)
-        return
+        return _object(value, "2", QUERY_ROLE, id_type, query=detail)
     kind = OBJECT_TYPES.get(ref.kind) or ObjectType("2", "", Code(clean(ref.kind) or "object", LOCAL, "Object"))
-    details = ((("sha256" if ref.kind == "configuration" else "detail"), detail),) if detail else ()
-    _object(
-        root, value, kind.type_code, kind.role, kind.id_type, details=details, mpps=value if ref.kind == "mpps" else ""
-    )
+    details = _detail("sha256" if ref.kind == "configuration" else "detail", detail) if detail else ""
+    return _object(value, kind.type_code, kind.role, kind.id_type, details=details, mpps=ref.kind == "mpps")
 
 
-def build(event: AuditEvent, source: AuditSource) -> etree._Element:
-    """The ``AuditMessage`` element of ``event`` (see `encode`)."""
-    root = etree.Element("AuditMessage")
-    identification = etree.SubElement(
-        root,
-        "EventIdentification",
-        {
-            "EventActionCode": event.action if event.action in ("C", "R", "U", "D", "E") else "E",
-            "EventDateTime": event_time(event.at),
-            "EventOutcomeIndicator": str(int(event.outcome)),
-        },
-    )
-    _code(identification, "EventID", EVENT_IDS.get(event.kind, dcm("110113", "Security Alert")))
+@lru_cache(maxsize=64)
+def _audit_source(source: AuditSource) -> str:
+    attrs = f' AuditSourceID="{_attr(source.source_id or source.host_name or "traboule")}"'
+    if source.enterprise_site_id:
+        attrs = f' AuditEnterpriseSiteID="{_attr(source.enterprise_site_id)}"' + attrs
+    # AuditSourceTypeCode 4: Application Server process
+    return f'<AuditSourceIdentification{attrs}><AuditSourceTypeCode csd-code="4"/></AuditSourceIdentification>'
+
+
+def _identification(event: AuditEvent) -> str:
+    action = event.action if event.action in ("C", "R", "U", "D", "E") else "E"
+    parts = [
+        f'<EventIdentification EventActionCode="{action}" EventDateTime="{event_time(event.at)}"'
+        f' EventOutcomeIndicator="{int(event.outcome)}">',
+        _code("EventID", EVENT_IDS.get(event.kind, SECURITY_ALERT)),
+    ]
     subtype = SUBTYPES.get((event.kind, event.subtype))
     if subtype is not None:
-        _code(identification, "EventTypeCode", subtype)
+        parts.append(_code("EventTypeCode", subtype))
     transaction = clean(event.transaction, 32).strip()
     if transaction:
-        _code(
-            identification,
-            "EventTypeCode",
-            Code(transaction, "IHE Transactions", TRANSACTIONS.get(transaction, transaction)),
+        parts.append(
+            _code("EventTypeCode", Code(transaction, "IHE Transactions", TRANSACTIONS.get(transaction, transaction)))
         )
     if event.description:
-        etree.SubElement(identification, "EventOutcomeDescription").text = clean(event.description, MAX_TEXT)
-    _participants(root, event, source)
-    attrs = {"AuditSourceID": clean(source.source_id or source.host_name or "traboule")}
-    if source.enterprise_site_id:
-        attrs = {"AuditEnterpriseSiteID": clean(source.enterprise_site_id), **attrs}
-    audit_source = etree.SubElement(root, "AuditSourceIdentification", attrs)
-    etree.SubElement(audit_source, "AuditSourceTypeCode", {"csd-code": "4"})  # Application Server process
+        parts.append(
+            f"<EventOutcomeDescription>{escape_text(clean(event.description, MAX_TEXT))}</EventOutcomeDescription>"
+        )
+    parts.append("</EventIdentification>")
+    return "".join(parts)
+
+
+def render(event: AuditEvent, source: AuditSource) -> str:
+    """The DICOM audit message of ``event`` as text (what `encode` gives, decoded)."""
+    parts = ["<AuditMessage>", _identification(event)]
+    _participants(parts, event, source)
+    parts.append(_audit_source(source))
+    head = len(parts)
     # The HL7 v2 message an event is about (MSH-10) also on each patient's object (ITI-8 / ITI-30 style).
-    msh10 = tuple(
-        ("MSH-10", clean(ref.value).encode("utf-8", "replace"))
-        for ref in event.objects[:MAX_PARTICIPANTS]
-        if ref.kind == "message" and ref.value
-    )[:1]
+    msh10 = next((ref.value for ref in event.objects[:MAX_PARTICIPANTS] if ref.kind == "message" and ref.value), None)
+    details = _detail("MSH-10", clean(msh10).encode("utf-8", "replace")) if msh10 is not None else ""
     for patient in event.patients[:MAX_PARTICIPANTS]:
-        _object(root, patient_id(patient), "1", "1", PATIENT_NUMBER, details=msh10)
+        parts.append(_object(patient_id(patient), "1", "1", PATIENT_NUMBER, details=details))
     for ref in event.objects[:MAX_PARTICIPANTS]:
-        _other(root, ref, event)
-    return root
+        parts.append(_other(ref, event))
+    parts.append("</AuditMessage>")
+    text = "".join(parts)
+    if len(text) * 4 < MAX_MESSAGE:  # under the bound however many bytes a character takes
+        return text
+    size = len(text.encode("utf-8"))
+    while size >= MAX_MESSAGE and len(parts) > head + 1:  # the last participant objects left out
+        size -= len(parts.pop(-2).encode("utf-8"))
+    return "".join(parts)
 
 
 def encode(event: AuditEvent, source: AuditSource) -> bytes:
     """The DICOM audit message (PS3.15 A.5.1) of ``event`` reported by ``source``: UTF-8 XML, no declaration, under
     `MAX_MESSAGE` bytes (the last participant objects are left out of a message that would be larger)."""
-    root = build(event, source)
-    xml = etree.tostring(root, encoding="UTF-8", xml_declaration=False)
-    objects = root.findall("ParticipantObjectIdentification")
-    while len(xml) >= MAX_MESSAGE and objects:
-        root.remove(objects.pop())
-        xml = etree.tostring(root, encoding="UTF-8", xml_declaration=False)
-    return xml
+    return render(event, source).encode("utf-8")

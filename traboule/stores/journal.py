@@ -247,11 +247,7 @@ class SQLiteJournal:
         self._committing = True
         loop = asyncio.get_running_loop()
         done = loop.run_in_executor(self._commits, self._commit, batch, published)
-        done.add_done_callback(
-            lambda f: self._committed(
-                batch, published, f.exception() if not f.cancelled() else RuntimeError("journal is closed")
-            )
-        )
+        done.add_done_callback(lambda f: self._committed(batch, published, _outcome(f)))
 
     def _commit(
         self, batch: list[tuple[JournalEntry, list[OutboxEvent], asyncio.Future[JournalEntry]]], published: list[int]
@@ -481,6 +477,13 @@ class Query:
             clauses.append("id <= ?")
             args.append(self.upto)
         return " AND ".join(clauses) or "1", args
+
+
+def _outcome(done: asyncio.Future[Exception | None]) -> BaseException | None:
+    """What a commit on the thread ended with: the error it returned or raised, None when it is on disk."""
+    if done.cancelled():
+        return RuntimeError("journal is closed")
+    return done.exception() or done.result()
 
 
 def record(path: str | Path, entry: JournalEntry) -> JournalEntry:

@@ -15,15 +15,19 @@ the message-level ones (MSH, PID, PV1...).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib
+import linecache
 import re
 import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from traboule import model
 from traboule.errors import CDAError, HL7Error, MappingError, MappingFailure
@@ -160,11 +164,43 @@ def compile_path(text: str, file: Path, line: int) -> tuple[Getter, str]:
     return getter, f"{seg}-{fld}" + (f".{comp}" if comp else "")
 
 
+class PathSpec(NamedTuple):
+    """A field path taken apart, for the compiled form (``seg`` empty: relative to the iterated repetition)."""
+
+    seg: str
+    seg_index: int  # 0-based
+    seg_filter: tuple[int, int, str] | None  # OBX(3.1=X): field, component (1-based), value
+    field: int
+    rep_index: int  # 0-based
+    rep_filter: tuple[int, str] | None  # (5=INS): component (1-based), value
+    comp: int  # 1-based
+    sub: int  # 1-based
+    inline: bool  # False: read through the getter (MSH-1/MSH-2, index 0)
+
+
+def path_spec(text: str) -> PathSpec:
+    """``text`` taken apart (a path ``compile_path`` accepted)."""
+    rel = _RELATIVE.match(text)
+    if rel:
+        return PathSpec("", 0, None, 0, 0, None, int(rel["comp"]) or 1, int(rel["sub"] or 0) or 1, True)
+    m = _PATH.match(text)
+    assert m is not None
+    seg, fld = m["seg"], int(m["field"])
+    seg_index, rep_index = int(m["si"] or 1) - 1, int(m["rep"] or 1) - 1
+    seg_filter = (int(m["sf"]), int(m["sc"] or 0) or 1, m["sv"]) if m["sf"] else None
+    rep_filter = (int(m["rc"]) or 1, m["rv"]) if m["rc"] else None
+    # Index 0 ("PID-3[0]") reads the last one through the getter's negative index: left to the getter.
+    inline = not ((seg == "MSH" and fld <= 2) or seg_index < 0 or rep_index < 0)
+    comp, sub = int(m["comp"] or 0) or 1, int(m["sub"] or 0) or 1
+    return PathSpec(seg, seg_index, seg_filter, fld, rep_index, rep_filter, comp, sub, inline)
+
+
 @dataclass
 class Source:
     getter: Getter
     location: str
     filters: list[Callable[[str], str]]
+    spec: PathSpec | None = None
 
     def read(self, scope: Scope, seps: Separators, current: str) -> str:
         value = self.getter(scope, seps, current)
@@ -272,9 +308,13 @@ def _set(obj: Any, path: list[str], value: Any) -> None:
 
 
 class HL7InboundMapping:
-    """Compiled ``hl7_inbound.yaml``: turns a tokenized message into a canonical payload."""
+    """Compiled ``hl7_inbound.yaml``: turns a tokenized message into a canonical payload.
 
-    def __init__(self, path: Path | str | None = None):
+    The rules are checked, then compiled at load into one Python function per section (``_Compiler``).
+    ``compiled=False`` keeps the rule-by-rule interpreter instead: the reference the compiled form is tested against.
+    A rule's ``too_long`` is read per message; anything else changed in the rules after load is not seen."""
+
+    def __init__(self, path: Path | str | None = None, *, compiled: bool = True):
         self.path = Path(path) if path else MAPPINGS_DIR / "hl7_inbound.yaml"
         doc = load_yaml(self.path)
         file = self.path
@@ -314,6 +354,7 @@ class HL7InboundMapping:
         self.merge = self._section(doc, "merge", model.PatientUpdate, required=False)
         self.report = self._section(doc, "report", model.Report, required="report" in self.accept.values())
         self.report_text = self._report_text(doc) if "report" in self.accept.values() else None
+        self.program = _Compiler(self).program() if compiled else self._interpreted()
 
     # -- compile ---------------------------------------------------------------------------------------------
 
@@ -322,7 +363,7 @@ class HL7InboundMapping:
             raise MappingError(self.path, line, f"expected an HL7 field path like PID-3.1, not {shape(text)}")
         path, *filters = (p.strip() for p in text.split("|"))
         getter, location = compile_path(path, self.path, line)
-        return Source(getter, location, compile_filters(filters, self.tables, self.path, line))
+        return Source(getter, location, compile_filters(filters, self.tables, self.path, line), path_spec(path))
 
     def _rule(self, cls: type, target: str, spec: Any, line: int) -> FieldRule:
         parts = target.split(".")
@@ -483,24 +524,22 @@ class HL7InboundMapping:
         seps = msg.separators
         if kind == "report":
             return [self._report(msg, notes)]
-        patient = self._fill(model.Patient(), self.patient, header, seps, notes)
+        program = self.program
+        patient = program.patient(header, seps, notes)
         _drop_invalid_ins(patient, notes)
         if kind != "order":
-            update = model.PatientUpdate(action="merge" if kind == "patient-merge" else "update", patient=patient)
-            if kind == "patient-merge":
-                self._fill(update, self.merge, header, seps, notes)
-                if not update.merged_ids:
-                    raise MappingFailure("merge without the prior patient identifier", "MRG-1")
+            if kind != "patient-merge":
+                return [model.PatientUpdate(action="update", patient=patient)]
+            update = program.merge(header, seps, notes, "merge", patient)
+            if not update.merged_ids:
+                raise MappingFailure("merge without the prior patient identifier", "MRG-1")
             return [update]
         if not groups:
             raise MappingFailure("order message without an ORC segment", "ORC", code="100")
         _bounded(len(groups), "ORC", "orders")
         orders = []
         for group in groups:
-            scope = _scope(header, group)
-            order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps, notes)
-            if self.steps:
-                order.steps = self._each_segments(self.steps, scope, seps, notes)
+            order = program.order(_scope(header, group), seps, notes, patient)
             if not order.key:  # nothing would tie a later change or cancel to this order
                 raise MappingFailure("order has no placer, filler or accession number", "ORC-2")
             orders.append(order)
@@ -517,8 +556,8 @@ class HL7InboundMapping:
             raise MappingFailure(
                 f"one report per message: the OBR segments carry {len(accessions)} accession numbers", "OBR-18"
             )
-        patient = self._fill(model.Patient(), self.patient, scope, seps, notes)
-        report = self._fill(model.Report(patient=patient), self.report, scope, seps, notes)
+        patient = self.program.patient(scope, seps, notes)
+        report = self.program.report(scope, seps, notes, patient)
         report.observations = [observation(seg, seps) for seg in scope.get("OBX", [])]
         assert self.report_text is not None
         self.report_text.apply(report)
@@ -526,6 +565,27 @@ class HL7InboundMapping:
             _from_ready_document(report)
         check_report(report, self.report_text.conclusion)
         return report
+
+    # -- the interpreted form (the reference of the compiled one) -----------------------------------------------
+
+    def _interpreted(self) -> Program:
+        def patient(scope: Scope, seps: Separators, notes: list[str] | None) -> model.Patient:
+            return self._fill(model.Patient(), self.patient, scope, seps, notes)
+
+        def order(scope: Scope, seps: Separators, notes: list[str] | None, patient: model.Patient) -> Any:
+            order = self._fill(model.ImagingOrder(patient=patient), self.order, scope, seps, notes)
+            if self.steps:
+                order.steps = self._each_segments(self.steps, scope, seps, notes)
+            return order
+
+        def merge(scope: Scope, seps: Separators, notes: list[str] | None, action: str, patient: model.Patient) -> Any:
+            update = model.PatientUpdate(action=action, patient=patient)  # type: ignore[arg-type]
+            return self._fill(update, self.merge, scope, seps, notes)
+
+        def report(scope: Scope, seps: Separators, notes: list[str] | None, patient: model.Patient) -> Any:
+            return self._fill(model.Report(patient=patient), self.report, scope, seps, notes)
+
+        return Program(patient, order, merge, report, "")
 
     def _fill(
         self, obj: Any, section: tuple[list, list], scope: Scope, seps: Separators, notes: list[str] | None = None
@@ -613,6 +673,534 @@ def _scope(header: Scope, group: list[Segment]) -> Scope:
     return scope
 
 
+# -- the compiled form -----------------------------------------------------------------------------------------
+#
+# Each section becomes one generated Python function (source text compiled once at load with ``compile()``):
+# every field read is a few bytecodes on local variables (the segment's field list fetched once per function, a
+# field read by several rules split once), filters and table lookups are inlined, and the payload is built by one
+# constructor call with keywords. Specialised closures were the alternative; they still pay a call per rule and
+# per source and a setattr per value, the cost the interpreter spends its time on (bench/mapping.py measures both).
+# The generated text holds only identifiers and integers of our own: attribute names (checked against the model's
+# dataclass fields at load) and positions. Every value that comes from the mapping file (segment names, filter
+# values, messages, locations, table contents) reaches the code as a constant of its namespace, never as source.
+
+
+class Program(NamedTuple):
+    """A mapping's sections as functions of ``(scope, separators, notes, ...)``."""
+
+    patient: Callable[[Scope, Separators, list[str] | None], model.Patient]
+    order: Callable[[Scope, Separators, list[str] | None, model.Patient], model.ImagingOrder]
+    merge: Callable[[Scope, Separators, list[str] | None, str, model.Patient], model.PatientUpdate]
+    report: Callable[[Scope, Separators, list[str] | None, model.Patient], model.Report]
+    source: str  # the generated Python ("" for the interpreted form)
+
+
+def _refuse_check(location: str, value: str, check: str) -> None:
+    raise MappingFailure(f"{location} value {value[:70]!r} is not a valid {check}", location, "102")
+
+
+def _not_in_table(where: str, key: tuple[str, ...], table: str, location: str) -> None:
+    raise MappingFailure(f"{where} value {'/'.join(key)!r} is not in table {table}", location, code="103")
+
+
+def _scan(rows: list[tuple[tuple[str, ...], str]], key: tuple[str, ...], known: dict, limit: int) -> str | None:
+    """The value of the first '*' row ``key`` matches (``CodeTable.lookup`` past its exact rows), remembered in
+    ``known`` (the rule's exact keys) for short keys while it holds fewer than ``limit``: ``NW`` with any status
+    is looked up once."""
+    for pattern, value in rows:
+        if all(p == "*" or p == k for p, k in zip(pattern, key, strict=True)):
+            if len(known) < limit and sum(map(len, key)) <= 64:
+                known[key] = value
+            return value
+    return None
+
+
+def _identifier(name: str) -> str:
+    if not name.isidentifier():  # model field names: anything else never reaches the generated source
+        raise ValueError(f"not an attribute name: {name!r}")
+    return name
+
+
+_UNSET = dataclasses.MISSING
+
+
+def _leaf_default(f: dataclasses.Field) -> Any:
+    if f.default is not _UNSET:
+        return f.default
+    return f.default_factory() if f.default_factory is not _UNSET else _UNSET
+
+
+class _Frame:
+    """Where the generated code reads segments: field lists fetched once at the top of the function, and in an
+    ``each: SEGMENT`` loop the iterated segment's. A field read by several sources is split into components once
+    (lazily: a fallback source may never be read)."""
+
+    def __init__(
+        self, c: _Compiler, sources: list[Source], base: int, parent: _Frame | None = None, over: str = ""
+    ) -> None:
+        self.c = c
+        self.base = base  # the indentation of the function's (or the loop's) body: code there always runs
+        self.parent = parent
+        self.filled: set[str] = set()  # caches filled by code that always runs before what is written next
+        self.over = over  # the segment of this loop ("" for the function's frame)
+        self.setup: list[str] = []  # lines run first (at the function's top, or at each turn of the loop)
+        self.fields: dict[tuple[str, int], str] = {}
+        self.caches: dict[tuple[Any, ...], str] = {}
+        self.item = c.name("_seg") if over else ""
+        self.fields_var = c.name("_fi") if over else ""
+        read = [s.spec for s in sources if s.spec and s.spec.inline and s.spec.seg]
+        keys = Counter(_cache_key(spec) for spec in read)
+        self.shared = {k for k, n in keys.items() if n > 1}
+        self.needs: dict[tuple[Any, ...], set[tuple[int, int]]] = {}  # shared field → (component, sub) read
+        for spec in read:
+            if _cache_key(spec) in self.shared:
+                self.needs.setdefault(_cache_key(spec), set()).add((spec.comp, spec.sub))
+        self.lists: dict[str, str] = {}
+
+    def owns(self, seg: str) -> bool:
+        return self.parent is None or seg == self.over
+
+    def fields_of(self, seg: str, index: int) -> str:
+        if self.parent is not None and seg != self.over:
+            return self.parent.fields_of(seg, index)
+        if self.over:
+            return self.fields_var if index == 0 else "_E"  # the loop's scope holds this one segment only
+        var = self.fields.get((seg, index))
+        if var is None:
+            var = self.fields[(seg, index)] = self.c.name("_f")
+            k = self.c.const(seg)
+            cond = f"(_g := scope.get({k}))" + (f" and len(_g) > {index}" if index else "")
+            self.setup.append(f"{var} = _g[{index}].fields if {cond} else _E")
+            self.setup.append(f"{var}n = len({var})")
+        return var
+
+    def raw(self, seg: str, index: int, field: int) -> str:
+        """Expression: the raw field (``Segment.field``)."""
+        fields_var = self.fields_of(seg, index)
+        if fields_var == "_E":
+            return "''"
+        return f"({fields_var}[{field}] if {fields_var}n > {field} else '')"
+
+    def segments_of(self, seg: str) -> str:
+        """Expression: the segments of that name in scope (a sequence, maybe empty)."""
+        if self.parent is not None and seg != self.over:
+            return self.parent.segments_of(seg)
+        var = self.lists.get(seg)
+        if var is None:
+            var = self.lists[seg] = self.c.name("_l")
+            if self.over:
+                self.setup.append(f"{var} = ({self.item},) if {self.item} is not None else _E")
+            else:
+                self.setup.append(f"{var} = scope.get({self.c.const(seg)}) or _E")
+        return var
+
+    def cache_of(self, key: tuple[Any, ...]) -> tuple[str, set[tuple[int, int]], _Frame] | None:
+        """For a field several sources read: the variable of its components (None until read), the
+        (component, subcomponent) pairs read, each kept in ``{var}_{comp}_{sub}``, and the frame that owns it."""
+        if not self.owns(key[0]):
+            assert self.parent is not None
+            return self.parent.cache_of(key)
+        if key not in self.shared:
+            return None
+        var = self.caches.get(key)
+        if var is None:
+            var = self.caches[key] = self.c.name("_c")
+            self.setup.append(f"{var} = None")
+        return var, self.needs[key], self
+
+    def scope_of(self, seg: str) -> str:
+        """The scope a getter reads ``seg`` from (in an ``each: SEGMENT`` loop: the iterated segment alone)."""
+        if self.over and seg == self.over:
+            k = self.c.const(seg)
+            return f"(scope if {self.item} is None else {{**scope, {k}: [{self.item}]}})"
+        return self.parent.scope_of(seg) if self.parent is not None else "scope"
+
+
+def _cache_key(spec: PathSpec | None) -> tuple[Any, ...]:
+    """What a path reads before its component: paths alike there share one split."""
+    assert spec is not None
+    return (spec.seg, spec.seg_index, spec.seg_filter, spec.field, spec.rep_index, spec.rep_filter)
+
+
+def _sources(rules: list[FieldRule]) -> list[Source]:
+    return [s for rule in rules for s in (*rule.sources, *(rule.keys or []))]
+
+
+# Generated source → its code object: a mapping loaded again (a reprocess, the console) skips compile() (~20 ms).
+_COMPILED: dict[str, Any] = {}
+
+
+class _Compiler:
+    """Writes and compiles the functions of a ``Program``."""
+
+    def __init__(self, mapping: HL7InboundMapping) -> None:
+        self.mapping = mapping
+        self.ns: dict[str, Any] = {
+            "MappingFailure": MappingFailure,
+            "_unescape": unescape,
+            "_bounded": _bounded,
+            "_refuse_check": _refuse_check,
+            "_not_in_table": _not_in_table,
+            "_scan": _scan,
+            "_E": (),
+            "_NONE": [None],
+        }
+        self._consts: dict[tuple[type, Any], str] = {}
+        self._n = 0
+        self.lines: list[str] = []
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    def const(self, value: Any) -> str:
+        """A name in the namespace holding ``value``."""
+        try:
+            key: tuple[type, Any] | None = (type(value), value)
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._consts:
+            return self._consts[key]
+        name = self.name("_k")
+        self.ns[name] = value
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def emit(self, indent: int, text: str) -> None:
+        self.lines.append("    " * indent + text)
+
+    # -- program ---------------------------------------------------------------------------------------------
+
+    def program(self) -> Program:
+        m = self.mapping
+        self.function("patient", model.Patient, m.patient, ())
+        self.function("order", model.ImagingOrder, m.order, ("patient",), m.steps)
+        self.function("merge", model.PatientUpdate, m.merge, ("action", "patient"))
+        self.function("report", model.Report, m.report, ("patient",))
+        source = "\n".join(self.lines) + "\n"
+        code = _COMPILED.get(source)
+        if code is None:
+            if len(_COMPILED) >= 16:
+                _COMPILED.clear()
+            filename = f"<compiled {m.path.name} {hashlib.sha256(source.encode()).hexdigest()[:12]}>"
+            code = _COMPILED[source] = compile(source, filename, "exec")
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for tracebacks
+        exec(code, self.ns)
+        ns = self.ns
+        return Program(ns["patient"], ns["order"], ns["merge"], ns["report"], source)
+
+    def function(
+        self, name: str, cls: type, section: tuple[list, list], presets: tuple[str, ...], steps: EachRule | None = None
+    ) -> None:
+        rules, eaches = section
+        # What the function's frame reads: an `each: SEGMENT` loop reads its segment from its own frame.
+        sources = _sources(rules)
+        for each in [*eaches, *([steps] if steps else [])]:
+            over = "" if each.getter is not None and each is not steps else each.over
+            sources += [s for s in _sources(each.rules) if not (s.spec and s.spec.seg == over)]
+        frame = _Frame(self, sources, 1)
+        outer, self.lines = self.lines, []
+        assigned: list[tuple[list[str], str, bool]] = []  # target, variable, set only when not empty
+        for rule in rules:
+            assigned.append((rule.target, self.rule(rule, frame, 1, None, None), True))
+        for each in eaches:
+            assigned.append((each.target.split("."), self.each(each, frame, 1), False))
+        if steps is not None:
+            assigned.append((["steps"], self.each(steps, frame, 1, segments=True), False))
+        self.construct("_obj", cls, assigned, presets, 1)
+        self.emit(1, "return _obj")
+        body, self.lines = self.lines, outer
+        params = "".join(f", {_identifier(p)}" for p in presets)
+        self.emit(0, f"def {name}(scope, seps, notes{params}):")
+        for line in ("_R = seps.repetition", "_C = seps.component", "_S = seps.subcomponent", "_X = seps.escape"):
+            self.emit(1, line)
+        for line in frame.setup:
+            self.emit(1, line)
+        self.lines.extend(body)
+        self.emit(0, "")
+
+    # -- building the payload ----------------------------------------------------------------------------------
+
+    def construct(
+        self, var: str, cls: type, assigned: list[tuple[list[str], str, bool]], presets: tuple[str, ...], ind: int
+    ) -> None:
+        """``var = cls(...)``: values go to the constructor; what must be set afterwards (an attribute given by the
+        caller, a nested default that is not its class's plain instance) is set after, as ``_set`` would."""
+        tree: dict[str, Any] = {}
+        after: list[tuple[list[str], str, bool]] = []
+        for target, value, conditional in assigned:
+            if target[0] in presets:
+                after.append((target, value, conditional))
+                continue
+            node = tree
+            for part in target[:-1]:
+                node = node.setdefault(part, {})
+            node[target[-1]] = (value, conditional, target)
+        args = [f"{_identifier(p)}={p}" for p in presets]
+        args += self.arguments(cls, tree, after)
+        self.emit(ind, f"{var} = {self.const(cls)}({', '.join(args)})")
+        for target, value, conditional in after:
+            attribute = ".".join(_identifier(p) for p in target)
+            assignment = f"{var}.{attribute} = {value}"
+            self.emit(ind, f"if {value}: {assignment}" if conditional else assignment)
+
+    def arguments(self, cls: type, tree: dict[str, Any], after: list[tuple[list[str], str, bool]]) -> list[str]:
+        declared = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        args = []
+        for attr, node in tree.items():
+            f = declared[attr]
+            if isinstance(node, tuple):
+                value, conditional, target = node
+                default = _leaf_default(f)
+                if not conditional or default == "":
+                    args.append(f"{_identifier(attr)}={value}")
+                elif default is _UNSET:
+                    after.append((target, value, conditional))
+                else:
+                    args.append(f"{_identifier(attr)}={value} or {self.const(default)}")
+                continue
+            sub = hints[attr]
+            factory = f.default_factory
+            if factory is not _UNSET and is_dataclass(sub) and factory() == sub():  # type: ignore[misc,operator]
+                inner = self.arguments(sub, node, after)  # type: ignore[arg-type]
+                args.append(f"{_identifier(attr)}={self.const(sub)}({', '.join(inner)})")
+            else:
+                after.extend(_leaves(node))
+        return args
+
+    # -- rules -------------------------------------------------------------------------------------------------
+
+    def rule(self, rule: FieldRule, frame: _Frame, ind: int, current: str | None, parts: str | None) -> str:
+        """Code computing ``FieldRule.value``; returns the variable holding it."""
+        v = self.name("_v")
+        if rule.keys is not None and rule.table is not None:
+            keys = []
+            for source in rule.keys:
+                k = self.name("_key")
+                self.read(source, k, ind, frame, current, parts)
+                keys.append(k)
+            key = f"({', '.join(keys)},)"
+            exact, scan = rule.table.index(rule.column)
+            self.emit(ind, f"{v} = {self.const(exact)}.get({key})")
+            self.emit(ind, f"if {v} is None:")
+            if scan:
+                limit = len(exact) + 1024
+                self.emit(ind + 1, f"{v} = _scan({self.const(scan)}, {key}, {self.const(exact)}, {limit})")
+                self.emit(ind + 1, f"if {v} is None:")
+                ind += 1
+            if rule.required:
+                where = "/".join(k.location for k in rule.keys)
+                args = f"{self.const(where)}, {key}, {self.const(rule.table.name)}, {self.const(rule.keys[0].location)}"
+                self.emit(ind + 1, f"if {' or '.join(keys)}: _not_in_table({args})")
+            self.emit(ind + 1, f"{v} = ''")
+            ind -= 1 if scan else 0
+        else:
+            if not rule.sources:
+                self.emit(ind, f"{v} = ''")
+            for i, source in enumerate(rule.sources):
+                at = ind
+                if i:  # first non-empty wins (a value, once found, stays non-empty: checks raise, cuts keep max > 0)
+                    self.emit(ind, f"if not {v}:")
+                    at = ind + 1
+                self.read(source, v, at, frame, current, parts)
+                if rule.check or rule.max_length:
+                    self.emit(at, f"if {v}:")
+                    location = self.const(source.location)
+                    if rule.check:
+                        test, check = self.const(CHECKS[rule.check]), self.const(rule.check)
+                        self.emit(at + 1, f"if not {test}({v}): _refuse_check({location}, {v}, {check})")
+                    if rule.max_length:
+                        cut = self.const(rule._too_long)  # reads the rule's too_long when called
+                        self.emit(at + 1, f"if len({v}) > {int(rule.max_length)}: {v} = {cut}({v}, {location}, notes)")
+        if rule.required:
+            tried_sources = rule.keys or rule.sources
+            where = tried_sources[0].location if tried_sources else ""
+            tried = ", ".join(s.location for s in tried_sources if s.location)
+            reason = f"{'.'.join(rule.target)} is required: {tried} empty or unmapped"
+            self.emit(ind, f"if not {v}: raise MappingFailure({self.const(reason)}, {self.const(where)})")
+        if rule.default:
+            self.emit(ind, f"if not {v}: {v} = {self.const(rule.default)}")
+        return v
+
+    def read(self, source: Source, out: str, ind: int, frame: _Frame, current: str | None, parts: str | None) -> None:
+        """Code computing ``Source.read`` into ``out``."""
+        spec = source.spec
+        if spec is None or not spec.inline:
+            scope = frame.scope_of(spec.seg if spec else "")
+            self.emit(ind, f"{out} = {self.const(source.getter)}({scope}, seps, {current or repr('')})")
+            self.emit(ind, f"if {out}:")
+            self.emit(ind + 1, f"{out} = {out}.strip()")
+            self.filters(source, out, ind + 1)
+            return
+        k = spec.comp - 1
+        cached = frame.cache_of(_cache_key(spec)) if spec.seg else None
+        if cached is not None:  # split once, every part read made at once: then each read is one line
+            cache, needs, owner = cached
+            if cache not in owner.filled:
+                self.emit(ind, f"if {cache} is None:")
+                self.repetition(spec, frame, ind + 1)
+                self.emit(ind + 1, f"{cache} = _x.split(_C)")
+                self.emit(ind + 1, f"{cache}n = len({cache})")
+                for comp, sub in sorted(needs):
+                    part = f"{cache}[{comp - 1}] if {cache}n > {comp - 1} else ''" if comp > 1 else f"{cache}[0]"
+                    self.emit(ind + 1, f"_x = {part}")
+                    self.emit(ind + 1, "if _x:")
+                    self.pick("_x", "_S", sub - 1, ind + 2)
+                    self.emit(ind + 2, "_x = (_unescape(_x, seps) if _X in _x else _x).strip()")
+                    self.emit(ind + 1, f"{cache}_{comp}_{sub} = _x")
+                if ind == owner.base:
+                    owner.filled.add(cache)
+            self.emit(ind, f"{out} = {cache}_{spec.comp}_{spec.sub}")
+            self.filters(source, out, ind)
+            return
+        self.emit(ind, f"{out} = ''")
+        if not spec.seg:  # relative to the repetition iterated (outside an `each` over a field: always empty)
+            if current is None:
+                return
+            if parts is not None:
+                self.emit(ind, f"_x = {parts}[0]" if k == 0 else f"_x = {parts}[{k}] if len({parts}) > {k} else ''")
+            else:
+                self.emit(ind, f"_x = {current}")
+                self.pick("_x", "_C", k, ind)
+        else:
+            self.repetition(spec, frame, ind)
+            self.emit(ind, "if _x:")
+            ind += 1
+            self.pick("_x", "_C", k, ind)
+        self.emit(ind, "if _x:")
+        ind += 1
+        self.pick("_x", "_S", spec.sub - 1, ind)
+        self.emit(ind, f"{out} = (_unescape(_x, seps) if _X in _x else _x).strip()")
+        self.filters(source, out, ind)
+
+    def repetition(self, spec: PathSpec, frame: _Frame, ind: int) -> None:
+        """``_x`` = the repetition a path reads (the getter's segment, field and repetition choice)."""
+        if spec.seg_filter is None:
+            self.emit(ind, f"_x = {frame.raw(spec.seg, spec.seg_index, spec.field)}")
+        else:  # the first segment whose field f, component c is v
+            f, c, v = spec.seg_filter
+            self.emit(ind, "_x = ''")
+            self.emit(ind, f"for _g in {frame.segments_of(spec.seg)}:")
+            self.emit(ind + 1, f"_y = _g.fields[{f}] if len(_g.fields) > {f} else ''")
+            self.leaf("_y", c, ind + 1)
+            self.emit(ind + 1, f"if _y == {self.const(v)}:")
+            self.emit(ind + 2, f"_x = _g.fields[{spec.field}] if len(_g.fields) > {spec.field} else ''")
+            self.emit(ind + 2, "break")
+        if spec.rep_filter is None:
+            self.pick("_x", "_R", spec.rep_index, ind)
+        else:  # the first repetition whose component c is v
+            c, v = spec.rep_filter
+            self.emit(ind, "_w = ''")
+            self.emit(ind, "for _y in _x.split(_R):")
+            self.emit(ind + 1, "_x = _y")
+            self.leaf("_y", c, ind + 1)
+            self.emit(ind + 1, f"if _y == {self.const(v)}:")
+            self.emit(ind + 2, "_w = _x")
+            self.emit(ind + 2, "break")
+            self.emit(ind, "_x = _w")
+
+    def leaf(self, var: str, comp: int, ind: int) -> None:
+        """``var`` = its component ``comp`` (1-based), first subcomponent, unescaped (``_leaf`` without strip)."""
+        self.pick(var, "_C", comp - 1, ind)
+        self.emit(ind, f"if {var}:")
+        self.pick(var, "_S", 0, ind + 1)
+        self.emit(ind + 1, f"{var} = _unescape({var}, seps) if _X in {var} else {var}")
+
+    def pick(self, var: str, sep: str, index: int, ind: int) -> None:
+        """``var`` = its part ``index`` (0-based) split by ``sep``, "" past the end (``_pick``)."""
+        if index == 0:
+            self.emit(ind, f"if {sep} in {var}: {var} = {var}.partition({sep})[0]")
+        else:
+            self.emit(ind, f"{var} = {var}.split({sep})")
+            self.emit(ind, f"{var} = {var}[{index}] if len({var}) > {index} else ''")
+
+    def filters(self, source: Source, out: str, ind: int) -> None:
+        for f in source.filters:
+            self.emit(ind, f"if {out}:")
+            spec = getattr(f, "table_filter", None)
+            if spec is None:
+                self.emit(ind + 1, f"{out} = {self.const(f)}({out})")
+                continue
+            table, column, strict = spec
+            missing = "''" if strict else out
+            if len(table.keys) != 1:  # a composite-key table as a filter finds nothing
+                self.emit(ind + 1, f"{out} = {missing}")
+                continue
+            exact, scan = table.index(column)
+            codes = {key[0]: value for key, value in exact.items()}
+            fallback: str | None = None
+            for key, value in scan:  # in file order: the first '*' row answers every code not listed before it
+                if key[0] == "*":
+                    fallback = value
+                    break
+                codes.setdefault(key[0], value)
+            codes.update({key[0]: value for key, value in exact.items()})
+            default = self.const(fallback) if fallback is not None else missing
+            self.emit(ind + 1, f"{out} = {self.const(codes)}.get({out}, {default})")
+
+    # -- each ----------------------------------------------------------------------------------------------------
+
+    def each(self, each: EachRule, frame: _Frame, ind: int, segments: bool = False) -> str:
+        """Code computing ``_each_items`` (``_each_segments`` with ``segments``, as ``steps`` is read whatever it
+        names); returns the variable holding the list."""
+        items = self.name("_items")
+        self.emit(ind, f"{items} = []")
+        if each.getter is not None and not segments:
+            seg, _, rest = each.over.partition("-")
+            number = re.match(r"\d+", rest)
+            # `scope.get(seg)` finds nothing for anything but a segment name: no item then.
+            if re.fullmatch(r"[A-Z][A-Z0-9]{2}", seg) and number:
+                fields_var = frame.fields_of(seg, 0)
+                n = int(number[0])
+                raw, current = self.name("_raw"), self.name("_rep")
+                self.emit(ind, f"if {fields_var}:")
+                self.emit(ind + 1, f"{raw} = {frame.raw(seg, 0, n)}")
+                self.emit(ind + 1, f"_bounded({raw}.count(_R) + 1, {self.const(each.over)}, 'repetitions')")
+                self.emit(ind + 1, f"for {current} in {raw}.split(_R):")
+                self.emit(ind + 2, f"if not {current}.strip(_C + _S + ' '): continue")
+                parts = None
+                if sum(1 for s in _sources(each.rules) if s.spec and s.spec.inline and not s.spec.seg) > 1:
+                    parts = self.name("_parts")
+                    self.emit(ind + 2, f"{parts} = {current}.split(_C)")
+                values = [(r.target, self.rule(r, frame, ind + 2, current, parts), False) for r in each.rules]
+                self.construct("_item", each.item_type, values, (), ind + 2)
+                self.emit(ind + 2, f"{items}.append(_item)")
+            if each.required:
+                reason = f"{each.over} is empty but required (maps to {each.target})"
+                self.emit(ind, f"if not {items}: raise MappingFailure({self.const(reason)}, {self.const(each.over)})")
+            return items
+        over = self.const(each.over)
+        loop = _Frame(self, _sources(each.rules), ind + 1, frame, each.over)
+        segments = self.name("_segs")
+        self.emit(ind, f"{segments} = scope.get({over}) or _NONE")
+        self.emit(ind, f"_bounded(len({segments}), {over}, 'segments')")
+        self.emit(ind, f"for {loop.item} in {segments}:")
+        self.emit(ind + 1, f"{loop.fields_var} = {loop.item}.fields if {loop.item} is not None else _E")
+        self.emit(ind + 1, f"{loop.fields_var}n = len({loop.fields_var})")
+        outer, self.lines = self.lines, []
+        values = [(r.target, self.rule(r, loop, ind + 1, None, None), False) for r in each.rules]
+        self.construct("_item", each.item_type, values, (), ind + 1)
+        self.emit(ind + 1, f"{items}.append(_item)")
+        body, self.lines = self.lines, outer
+        for line in loop.setup:
+            self.emit(ind + 1, line)
+        self.lines.extend(body)
+        return items
+
+
+def _leaves(node: dict[str, Any]) -> list[tuple[list[str], str, bool]]:
+    out = []
+    for value in node.values():
+        if isinstance(value, tuple):
+            out.append((value[2], value[0], value[1]))
+        else:
+            out.extend(_leaves(value))
+    return out
+
+
 # -- reports ---------------------------------------------------------------------------------------------------
 
 
@@ -660,17 +1248,20 @@ class ReportText:
 def observation(seg: Segment, seps: Separators) -> model.Observation:
     """An OBX row: OBX-5 repetitions joined line by line (FT/TX formatting ``\\.br\\`` as newlines); for ED, the
     media type from type/subtype and the data as received."""
-    value_type = seg.field(2).strip()
-    code = seg.field(3)
+    fields = seg.fields
+    n = len(fields)
+    value_type = fields[2].strip() if n > 2 else ""
+    code = (fields[3] if n > 3 else "").split(seps.component)  # CE/CWE: code ^ text ^ system, as `_leaf` reads
+    code_value, display, system = (_first_sub(code[i], seps) if i < len(code) else "" for i in range(3))
     obs = model.Observation(
         value_type=value_type,
-        code=_leaf(code, 1, 0, seps),
-        display=_leaf(code, 2, 0, seps),
-        system=_leaf(code, 3, 0, seps),
-        sub_id=seg.field(4),
-        status=seg.field(11).strip(),
+        code=code_value,
+        display=display,
+        system=system,
+        sub_id=fields[4] if n > 4 else "",
+        status=fields[11].strip() if n > 11 else "",
     )
-    raw = seg.field(5)
+    raw = fields[5] if n > 5 else ""
     if value_type == "ED":
         parts = raw.split(seps.repetition)[0].split(seps.component)
         part = lambda i: parts[i].strip() if len(parts) > i else ""  # noqa: E731
@@ -687,6 +1278,15 @@ def observation(seg: Segment, seps: Separators) -> model.Observation:
         lines.append(unescape(rep, seps))  # \\.br\\ becomes a newline
     obs.text = "\n".join(lines)
     return obs
+
+
+def _first_sub(component: str, seps: Separators) -> str:
+    """A component's first subcomponent, unescaped (``_leaf`` of an already picked component)."""
+    if not component:
+        return component
+    if seps.subcomponent in component:
+        component = component.partition(seps.subcomponent)[0]
+    return unescape(component, seps) if seps.escape in component else component
 
 
 MEDIA_TYPES = {

@@ -105,6 +105,14 @@ class CodeTable:
             )
         return None if row is None else row.get(column, "")
 
+    def index(self, column: str) -> tuple[dict[tuple[str, ...], str], list[tuple[tuple[str, ...], str]]]:
+        """``lookup`` precomputed for one column: the exact keys' values, and in file order the rows a key without an
+        exact row may still match (those with a ``*``). Read once when a mapping is compiled."""
+        exact = {key: row.get(column, "") for key, row in self._exact.items()}
+        keyed = ((tuple(row[k] for k in self.keys), row) for row in self.rows)
+        scan = [(key, row.get(column, "")) for key, row in keyed if key not in exact]
+        return exact, scan
+
 
 def load_table(name: str, spec: Any, base: Path, file: Path, line: int) -> CodeTable:
     """``spec`` is a CSV path, or ``{file: path, keys: [col, ...]}``; default key is the first column."""
@@ -233,4 +241,5 @@ def _table_filter(table: CodeTable, column: str, strict: bool) -> Callable[[str]
             return "" if strict else value
         return found
 
+    apply.table_filter = (table, column, strict)  # type: ignore[attr-defined]  # what a compiled mapping inlines
     return apply

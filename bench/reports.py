@@ -7,16 +7,20 @@ Three parts, each with its baseline side by side:
    SQLite), for
    ``--reports`` distinct reports (unique MSH-10, placer, filler and accession numbers, built from
    ``fixtures/hl7/oru_r01_report.hl7`` by substitution; each report's study remembered beforehand). Validator:
-   none, a ``CDAValidator`` in this process, a ``ProcessValidator`` (worker process). Reports/s, p50/p99 per
-   report, and the split: map, CDA build, validation, the publisher's SQLite calls, the rest.
+   none, a ``CDAValidator`` in this process, a ``ProcessValidator`` (one worker process). Reports/s, p50/p99 per
+   report, and the split: map, CDA build, validation, the publisher's SQLite calls, the rest. Then the same pipeline
+   on N + 1 threads with a ``ProcessValidator`` of N processes (each of ``--processes``), as the orders channel runs
+   it: reports/s and reports/s per core.
 2. End to end over MLLP: a ``Runtime`` (``ORDERS_AND_WORKLIST``: the channels measured, all in one spawned engine
    process on uvloop, embedded bus, fresh data dir) with reports validation off, on (``ProcessValidator``, warmed at
-   start, as ``make_publisher`` builds it) and, for the ratio, on with a ``CDAValidator`` in the engine process
+   start, as ``make_publisher`` builds it, with ``reports.validation_processes`` = each of ``--processes``, default
+   1, 2 and the cores the bench may use) and, for the ratio, on with a ``CDAValidator`` in the engine process
    (validation in a thread of the engine: what the worker process avoids). The studies are announced with
-   ``study.stable`` events first. Reports sent on 1 and 4 connections with ``MLLPClient``: reports/s and ACK p50/p99
-   (every ACK must be AA). Then ORM^O01 orders paced at ``--order-interval`` on their own connection: ACK p50/p99
-   alone and while reports flow on another connection (and alone on an engine with ``reports = false``, the
-   orders-only baseline).
+   ``study.stable`` events first. Reports sent on 1 and 4 connections (and 2N with N validation processes when
+   that is more) with ``MLLPClient``: reports/s, reports/s per core (the validation processes, at most the cores)
+   and ACK p50/p99 (every ACK must be AA). Then ORM^O01 orders paced at ``--order-interval`` on their own
+   connection: ACK p50/p99 alone and while reports flow on another connection (and alone on an engine with
+   ``reports = false``, the orders-only baseline).
 3. The validator's cost per document, for the level-3 CDA traboule generates: XSD and each schematron (p50/p99
    over ``--runs``), against the naive way of bench/cda_validate.py (a fresh Saxon processor and a stylesheet
    compile per schematron per document, ``--naive-runs``), with the ratio.
@@ -25,7 +29,7 @@ The schematron cache (copy of the validator tree + generated XSLT) goes to a tem
 ``--cache`` names one; every temporary directory and process this script starts is removed or stopped at the end.
 
     .venv/bin/python bench/reports.py [--reports 200] [--orders 200] [--runs 50] [--naive-runs 3] \\
-        [--validators ../shared/standards/ans-testcontenucda] [--cache DIR] [--skip 2,3]
+        [--validators ../shared/standards/ans-testcontenucda] [--cache DIR] [--processes 1,2,4] [--skip 2,3]
 """
 
 from __future__ import annotations
@@ -181,9 +185,10 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def time_methods(obj: Any, names: Iterable[str]) -> list[float]:
-    """Per-call seconds of the named methods of ``obj`` (instance attributes shadow the bound methods)."""
-    times: list[float] = []
+def time_methods(obj: Any, names: Iterable[str], times: list[float] | None = None) -> list[float]:
+    """Per-call seconds of the named methods of ``obj`` (instance attributes shadow the bound methods), appended to
+    ``times`` when given."""
+    times = [] if times is None else times
     for name in names:
         call = getattr(obj, name)
 
@@ -207,7 +212,8 @@ def pipeline(label: str, validator: Any, ks: list[int], workdir: Path) -> dict[s
     timed_validator = Timed(validator, "validate") if validator is not None else None
     publisher = ReportPublisher(mapping, workdir / f"{label.split()[0]}.reports.sqlite", timed_validator)  # type: ignore[arg-type]
     # The publisher's SQLite work per report: set lookup/creation, study and order look-ups, the stored version.
-    sql = time_methods(publisher, ("_set_for", "_store", "study_for", "order_for"))
+    sql = time_methods(publisher, ("_set_for", "study_for", "order_for"))
+    time_methods(publisher.storage, ("store",), sql)
     inbound = HL7InboundMapping()
     for k in ks:
         publisher.remember_study(study(k))
@@ -287,7 +293,7 @@ def part1(args: argparse.Namespace, cache: Path, workdir: Path) -> tuple[list[di
     results.append(pipeline("CDAValidator (in process)", in_process, list(range(n + 1, 2 * n + 1)), workdir))
 
     progress("part 1: ProcessValidator (worker process, compiling the schematrons there)")
-    worker = ProcessValidator(args.validators, cache)
+    worker = ProcessValidator(args.validators, cache, processes=1)
     try:
         start = time.perf_counter()
         startup["worker_compile"] = worker.compile_all()
@@ -295,7 +301,47 @@ def part1(args: argparse.Namespace, cache: Path, workdir: Path) -> tuple[list[di
         results.append(pipeline("ProcessValidator (worker)", worker, list(range(2 * n + 1, 3 * n + 1)), workdir))
     finally:
         worker.close()
+    counts = [int(c) for c in args.processes.replace(",", " ").split()]
+    base = 3 * n
+    for count in counts:
+        progress(f"part 1: ProcessValidator x{count}, {count + 1} threads (as the orders channel runs them)")
+        pool = ProcessValidator(args.validators, cache, processes=count)
+        try:
+            pool.warm()
+            ks = list(range(base + 1, base + n + max(0, 2 * count - WARMUP) + 1))
+            base += len(ks)
+            startup.setdefault("parallel", []).append(parallel_pipeline(pool, ks, workdir))
+        finally:
+            pool.close()
     return results, startup, in_process
+
+
+def parallel_pipeline(validator: Any, ks: list[int], workdir: Path) -> dict[str, Any]:
+    """Map + prepare ``ks`` on ``processes + 1`` threads (the orders channel's reports threads), each report a set
+    of its own: reports/s once the first WARMUP (one per thread at least) are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    publisher = ReportPublisher(CDAMapping(), workdir / f"parallel-{validator.processes}.reports.sqlite", validator)
+    inbound = HL7InboundMapping()
+    publisher.remember([study(k) for k in ks])
+    messages = {k: report_message(k) for k in ks}
+
+    def one(k: int) -> None:
+        msg = hl7.parse(hl7.decode(messages[k]).text)
+        (report,) = inbound.map(msg)
+        doc = publisher.prepare(report, _idempotency_key(msg))
+        assert doc.action == "publish" and doc.version == 1 and doc.level == 3, (doc.action, doc.version)
+
+    warm = max(WARMUP, 2 * validator.processes)
+    try:
+        with ThreadPoolExecutor(publisher.parallel + 1) as threads:
+            list(threads.map(one, ks[:warm]))
+            started = time.perf_counter()
+            list(threads.map(one, ks[warm:]))
+            elapsed = time.perf_counter() - started
+    finally:
+        publisher.close()
+    return {"processes": validator.processes, "n": len(ks) - warm, "rate": (len(ks) - warm) / elapsed}
 
 
 def print_part1(results: list[dict[str, Any]], startup: dict[str, Any], reports: int) -> None:
@@ -331,6 +377,15 @@ def print_part1(results: list[dict[str, Any]], startup: dict[str, Any], reports:
                 f"of which the worker's own validation p50 {ms(pct(r['worker'], 50), 0)} ms, "
                 f"IPC + pickling p50 {ms(pct(ipc, 50), 0)} ms"
             )
+    cores = len(os.sched_getaffinity(0))
+    if startup.get("parallel"):
+        print(f"\n   the same pipeline, N validation processes, N + 1 threads (per core: reports/s / min(N, {cores}))")
+        one = startup["parallel"][0]["rate"] if startup["parallel"][0]["processes"] == 1 else None
+        for r in startup["parallel"]:
+            ratio = f"   x{r['rate'] / one:.2f} of one process" if one else ""
+            per_core = r["rate"] / min(r["processes"], cores)
+            rate = r["rate"]
+            print(f"   ProcessValidator x{r['processes']:<3} {rate:9.1f} reports/s {per_core:7.1f} per core{ratio}")
     compile_in = sum(startup["compile"].values())
     compile_worker = sum(startup["worker_compile"].values())
     cache = "empty cache: copy tree, schematron → XSLT, Saxon compile" if startup["cold_cache"] else "--cache given"
@@ -383,6 +438,8 @@ async def _engine(conn: Any, s: dict[str, Any]) -> None:
         cfg.channels[0]["reports"] = {"validate": False}
     else:
         cfg.channels[0]["reports"] = {"validate": True, "validators": s["validators"], "cache": s["cache"]}
+        if s["mode"] == "process":
+            cfg.channels[0]["reports"]["validation_processes"] = s["processes"]
     runtime = Runtime(cfg)
     channel: Any = runtime.channel("ris-orders")
     if s["mode"] == "thread":  # the baseline: validation in a thread of the engine process
@@ -409,8 +466,7 @@ async def _engine(conn: Any, s: dict[str, Any]) -> None:
                 raise TimeoutError("the studies did not reach the report publisher")
             await asyncio.sleep(0.05)
         validator = channel.reports.validator if channel.reports is not None else None
-        pool = getattr(validator, "_pool", None)
-        pids = list(getattr(pool, "_processes", {}) or {})
+        pids = list(getattr(validator, "pids", []))
         conn.send(("ready", channel.listener.port, started, pids))
         await stop.wait()
         conn.recv()
@@ -462,13 +518,19 @@ async def paced_orders(port: int, first: int, interval: float, count: int, stop:
     return latencies
 
 
-async def engine_run(mode: str, args: argparse.Namespace, cache: Path, base_k: int) -> dict[str, Any]:
-    """Start an engine in ``mode`` (disabled | off | process | thread), drive it, stop it; rows of results."""
+async def engine_run(
+    mode: str, args: argparse.Namespace, cache: Path, base_k: int, processes: int = 1
+) -> dict[str, Any]:
+    """Start an engine in ``mode`` (disabled | off | process | thread; ``processes``: the validation processes of
+    ``process``), drive it, stop it; rows of results."""
     n = args.reports
     runs = {"disabled": [], "thread": ["concurrent"]}.get(mode, ["r1", "r4", "concurrent"])
-    warm = list(range(base_k, base_k + WARMUP)) if runs else []
-    ks = {run: list(range(base_k + WARMUP + i * n, base_k + WARMUP + (i + 1) * n)) for i, run in enumerate(runs)}
-    out: dict[str, Any] = {"mode": mode}
+    if mode == "process" and processes > 1:  # the rows that show the scaling: enough connections to keep N busy
+        runs = ["r1", "r4", *([f"r{2 * processes}"] if 2 * processes > 4 else [])]
+    warm = list(range(base_k, base_k + WARMUP * max(1, processes))) if runs else []
+    first = base_k + len(warm)
+    ks = {run: list(range(first + i * n, first + (i + 1) * n)) for i, run in enumerate(runs)}
+    out: dict[str, Any] = {"mode": mode, "processes": processes if mode == "process" else 0}
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     with tempfile.TemporaryDirectory(prefix="reports-bench-engine-") as data_dir:
@@ -479,6 +541,7 @@ async def engine_run(mode: str, args: argparse.Namespace, cache: Path, base_k: i
             "validators": str(args.validators),
             "cache": str(cache),
             "studies": warm + [k for run in runs for k in ks[run]],
+            "processes": processes,
         }
         proc = context.Process(target=engine_process, args=(theirs, settings), name=f"engine-{mode}")
         proc.start()
@@ -487,8 +550,8 @@ async def engine_run(mode: str, args: argparse.Namespace, cache: Path, base_k: i
             if not ours.poll(300):
                 raise TimeoutError("the engine did not start")
             _, port, out["start"], pids = ours.recv()
-            if warm:
-                await send_reports(port, warm, 1)
+            if warm:  # each validation process's first documents are slower: WARMUP for each, at once
+                await send_reports(port, warm, max(1, processes))
             await paced_orders(port, base_k, args.order_interval, 20, None)
             out["orders_alone"] = await paced_orders(port, base_k + 100, args.order_interval, args.orders, None)
             for run in runs:
@@ -508,7 +571,7 @@ async def engine_run(mode: str, args: argparse.Namespace, cache: Path, base_k: i
                 db = Path(data_dir) / "ris-orders.reports.sqlite"
                 with contextlib.closing(sqlite3.connect(db)) as c:
                     out["documents"] = c.execute("SELECT count(*) FROM documents").fetchone()[0]
-                assert out["documents"] == WARMUP + n * len(runs), out["documents"]
+                assert out["documents"] == len(warm) + n * len(runs), out["documents"]
         finally:
             with contextlib.suppress(OSError, BrokenPipeError):
                 ours.send("stop")
@@ -527,39 +590,48 @@ async def engine_run(mode: str, args: argparse.Namespace, cache: Path, base_k: i
     return out
 
 
-def print_part2(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def engine_name(r: dict[str, Any]) -> str:
     names = {
         "disabled": "reports disabled (orders only)",
         "off": "validation off",
-        "process": "ProcessValidator (worker)",
         "thread": "CDAValidator in engine thread",
     }
+    return names.get(r["mode"]) or f"ProcessValidator x{r['processes']} process(es)"
+
+
+def print_part2(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    cores = len(os.sched_getaffinity(0))
     print(
         f"\n2. End to end over MLLP: Runtime in its own process (orders and worklist channels, embedded bus, uvloop), "
         f"{args.reports} reports per row"
     )
-    print("   (+ warm-up), every ACK AA; reports/s = reports / (first send → last ACK)")
-    columns = f"{'conns':>5} {'reports/s':>9} {'ACK p50 ms':>10} {'p99 ms':>8} {'max ms':>8}"
-    print(f"{'reports validation':30} {columns}  note")
+    print("   (+ warm-up), every ACK AA; reports/s = reports / (first send → last ACK); per core: reports/s divided by")
+    print(f"   the validation processes (at most the {cores} core(s) the bench may use)")
+    columns = f"{'conns':>5} {'reports/s':>9} {'per core':>8} {'ACK p50 ms':>10} {'p99 ms':>8} {'max ms':>8}"
+    print(f"{'reports validation':34} {columns}  note")
     for r in runs:
-        for run, conns, note in (("r1", 1, ""), ("r4", 4, ""), ("concurrent", 1, "orders paced on another conn")):
+        keys = [*sorted((k for k in r if re.fullmatch(r"r\d+", k)), key=lambda k: int(k[1:])), "concurrent"]
+        for run in keys:
             if run not in r:
                 continue
+            conns, note = (1, "orders paced on another conn") if run == "concurrent" else (int(run[1:]), "")
             elapsed, lat = r[run]
+            rate = len(lat) / elapsed
+            per_core = f"{rate / min(r['processes'], cores):8.1f}" if r["processes"] else f"{'-':>8}"
             print(
-                f"{names[r['mode']]:30} {conns:>5} {len(lat) / elapsed:9.1f} {ms(pct(lat, 50), 10)} "
+                f"{engine_name(r):34} {conns:>5} {rate:9.1f} {per_core} {ms(pct(lat, 50), 10)} "
                 f"{ms(pct(lat, 99), 8)} {ms(max(lat), 8)}  {note}"
             )
     print(
         f"\n   ORM^O01 order ACK latency, one order every {args.order_interval * 1000:.0f} ms on its own connection, "
         "alone and while reports flow (1 connection)"
     )
-    print(f"{'reports validation':30} {'orders':>7} {'alone p50':>10} {'p99':>8} {'during':>7} {'p50':>8} {'p99':>8}")
+    print(f"{'reports validation':34} {'orders':>7} {'alone p50':>10} {'p99':>8} {'during':>7} {'p50':>8} {'p99':>8}")
     for r in runs:
         alone, during = r["orders_alone"], r.get("orders_during")
         cells = f"{len(during):>7} {ms(pct(during, 50), 8)} {ms(pct(during, 99), 8)}" if during else f"{'-':>7}"
-        print(f"{names[r['mode']]:30} {len(alone):>7} {ms(pct(alone, 50), 10)} {ms(pct(alone, 99), 8)} {cells}")
-    starts = ", ".join(f"{names[r['mode']]} {r['start']:.1f} s" for r in runs if r["mode"] in ("process", "thread"))
+        print(f"{engine_name(r):34} {len(alone):>7} {ms(pct(alone, 50), 10)} {ms(pct(alone, 99), 8)} {cells}")
+    starts = ", ".join(f"{engine_name(r)} {r['start']:.1f} s" for r in runs if r["mode"] in ("process", "thread"))
     print(f"   engine start (Runtime.start, schematrons compiled before the listener opens): {starts}")
 
 
@@ -649,6 +721,12 @@ async def main() -> int:
     parser.add_argument("--validators", type=Path, default=STANDARDS / "ans-testcontenucda")
     parser.add_argument("--cache", type=Path, help="schematron cache to use (default: a fresh temporary one)")
     parser.add_argument("--skip", default="", help="parts to skip: 2 and/or 3 (part 1 always runs)")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument(
+        "--processes",
+        default=",".join(str(n) for n in dict.fromkeys((1, 2, cores))),
+        help=f"validation processes of the engine rows of part 2 (default 1,2 and the cores: {cores})",
+    )
     args = parser.parse_args()
     args.validators = args.validators.resolve()
     args.cache_given = args.cache is not None
@@ -665,8 +743,10 @@ async def main() -> int:
         engines = []
         if "2" not in skip:
             base = 1_000_000
-            for mode in ("disabled", "off", "process", "thread"):
-                engines.append(await engine_run(mode, args, cache, base))
+            counts = [int(n) for n in args.processes.replace(",", " ").split()]
+            modes = [("disabled", 1), ("off", 1), *(("process", n) for n in counts), ("thread", 1)]
+            for mode, processes in modes:
+                engines.append(await engine_run(mode, args, cache, base, processes))
                 base += 1_000_000
     print(header)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")

@@ -13,9 +13,10 @@ false skips validation). The channel also consumes ``study.*`` and ``procedure.*
 the DICOM object catalog of the reports (the archive's studies, the MPPS performed series), reads the archive on
 demand when neither knows a report's study (``archive``: the archive channel's DICOMweb, ``archive_timeout``
 seconds), and keeps the orders it receives (procedure code, identifiers a report may lack), written in batches
-every half second off the ACK path. Reports are prepared one at a time on a thread of their own. A structured
-report whose study is still unknown is accepted and waits for it (``wait_for_study``, default "24h"; 0 refuses it,
-AE; ``max_waiting``, default 5000: a warning above), see ``traboule.channels.waiting_reports``.
+every half second off the ACK path. Reports of different document sets are prepared at once, on threads of
+their own, up to ``reports.validation_processes`` (CDA validation processes); those of one set one at a time. A
+structured report whose study is still unknown is accepted and waits for it (``wait_for_study``, default "24h"; 0
+refuses it, AE; ``max_waiting``, default 5000: a warning above), see ``traboule.channels.waiting_reports``.
 
 Patient identity (``traboule.stores.patient_identity``): a message giving an IPP another INS than the recorded one is
 refused (AE, PID-3), unless it is a patient update (ADT^A08/A31) from an identity source, whose INS replaces it
@@ -111,8 +112,12 @@ class OrdersChannel:
         self.reports: ReportStore | None = None
         if "report" in self.mapping.accept.values() and config.get("reports", {}) is not False:
             self.reports = make_publisher(config, runtime)
-        # Reports wait here for their turn (validation is serial), not in the loop's default pool.
-        self._reports_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-reports")
+        # Reports wait here for their turn, not in the loop's default pool: as many prepared at once as the validator
+        # has processes (reports of one document set still one at a time), one thread more for the catalog's writes.
+        self._reports_thread = ThreadPoolExecutor(
+            getattr(self.reports, "parallel", 1) + 1, thread_name_prefix=f"{self.name}-reports"
+        )
+        self._orders_written: asyncio.Future[None] | None = None  # the last write of the orders before a report
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
         self._certificates: asyncio.Task[None] | None = None  # TLS: the listener's files reloaded when they change
@@ -503,11 +508,18 @@ class OrdersChannel:
                 loop = asyncio.get_running_loop()
                 if self._orders:  # the orders received just before: the report may need one of them
                     batch, self._orders = self._orders, []
+                    written = self._orders_written = loop.run_in_executor(
+                        self._reports_thread, self.reports.remember, batch
+                    )
                     try:
-                        await loop.run_in_executor(self._reports_thread, self.reports.remember, batch)
+                        await written
                     except Exception as exc:  # kept for the next round; the report goes on without them
                         self._orders = batch + self._orders
                         self._log.warning("reports.orders_not_written", error=str(exc))
+                elif self._orders_written is not None and not self._orders_written.done():
+                    # Another report's thread is writing them (reports are prepared at once): this one waits too.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._orders_written)
                 if self._archive is not None:  # neither the archive's events nor the MPPS know its study: ask
                     missing = await loop.run_in_executor(self._reports_thread, self.reports.missing_study, payload)
                     study = await self._archive.study(*missing) if missing else None
@@ -678,7 +690,7 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportStore:
     validate = settings.get("validate", "auto")
     validator = None
     if validate is not False and str(validate).lower() != "false":
-        from traboule.formats.cda_validation import ProcessValidator
+        from traboule.formats.cda_validation import ProcessValidator, default_processes, processes_setting
 
         configured = str(settings.get("validators", "") or os.environ.get("TRABOULE_CDA_VALIDATORS", ""))
         tree = resolve(runtime.config, configured) if configured else None
@@ -689,9 +701,16 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportStore:
                 f"channel {config['name']}: reports.validate is true but the CI-SIS validators were not found "
                 "(set reports.validators or TRABOULE_CDA_VALIDATORS to a testContenuCDA tree)"
             )
+        processes = settings.get("validation_processes")  # default: $TRABOULE_CDA_PROCESSES, else one per core
+        where = f"channel {config['name']}: reports.validation_processes"
+        processes = default_processes() if processes in (None, "") else processes_setting(processes, where)
         if tree is not None:
             key = (str(tree), str(settings.get("cache") or ""))
-            validator = _VALIDATORS.get(key) or _VALIDATORS.setdefault(key, ProcessValidator(tree, key[1] or None))
+            validator = _VALIDATORS.get(key)
+            if validator is None or validator.processes != processes:  # another number of processes: a new pool
+                if validator is not None:
+                    validator.close()  # a channel still using it starts its workers again on its next report
+                validator = _VALIDATORS[key] = ProcessValidator(tree, key[1] or None, processes)
         else:
             log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")
     wait = seconds(settings.get("wait_for_study", "24h"), f"channel {config['name']}: reports.wait_for_study")

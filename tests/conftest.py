@@ -31,6 +31,18 @@ def _no_cda_validators_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_validation_process_unless_asked() -> Iterator[None]:
+    """Engines started by the tests validate CDA with one worker process (each compiles the schematrons: seconds of
+    CPU and ~0.7 GB), unless a test asks for more (``validation_processes``, ``processes=``) or sets the variable."""
+    if os.environ.get("TRABOULE_CDA_PROCESSES"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRABOULE_CDA_PROCESSES", "1")
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _bytecode_kept_for_the_processes_tests_start() -> Iterator[None]:
     """With ``PYTHONDONTWRITEBYTECODE`` set, every engine process and command a test starts (hundreds in a run)
     compiles the project's modules again (~0.15 s of CPU each): they keep their bytecode in the user's cache

@@ -855,7 +855,7 @@ def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.N
         )
         print(f"{chosen.total} message(s) to reprocess into {', '.join(chosen.state.to)}", file=sys.stderr)
         if args.dry_run:
-            return asyncio.run(reprocess.dry_run(cfg, journal, chosen, limit=args.max))
+            return asyncio.run(reprocess.dry_run(cfg, journal, chosen, limit=args.max, progress=sys.stderr))
         refusal = _same_bus(cfg)
         if refusal:
             print(refusal, file=sys.stderr)
@@ -867,7 +867,7 @@ def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.N
             + ("" if running else " (engine not running: the channels take the events when it starts)"),
             file=sys.stderr,
         )
-        return asyncio.run(reprocess.run(cfg, journal, chosen, limit=args.max))
+        return asyncio.run(reprocess.run(cfg, journal, chosen, limit=args.max, progress=sys.stderr))
     except reprocess.ReprocessError as exc:
         print(str(exc), file=sys.stderr)
         return exc.code

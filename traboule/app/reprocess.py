@@ -53,6 +53,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -308,6 +309,14 @@ class Remapper:
         self.cfg = cfg
         self.channels = inbound_channels(cfg)
         self._mappings: dict[str, HL7InboundMapping] = {}
+        self._reports: dict[str, Any] = {}  # the reports store of each inbound channel, opened once (see close)
+
+    def close(self) -> None:
+        """Close the reports stores opened for the documents."""
+        stores, self._reports = self._reports, {}
+        for store in stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
 
     def events(self, entry: JournalEntry) -> list[tuple[int, Payload]]:
         """(index in the message's events, payload), as the channel would journal them today."""
@@ -336,8 +345,10 @@ class Remapper:
         reports store on either backend."""
         from traboule.stores.reports import document_made
 
-        with contextlib.closing(make_stores(self.cfg).reports(entry.channel, None)) as store:  # no CDA mapping
-            doc = document_made(store, entry.idempotency_key)
+        store = self._reports.get(entry.channel)
+        if store is None:  # no CDA mapping: only what the reports made is read
+            store = self._reports[entry.channel] = make_stores(self.cfg).reports(entry.channel, None)
+        doc = document_made(store, entry.idempotency_key)
         if doc is None:
             raise MessageFailed("the report made no document (refused when received?): send it again instead")
         return doc
@@ -425,16 +436,88 @@ def exclusive(data_dir: str | Path) -> Iterator[None]:
         yield
 
 
-def _progress(total: int, initial: int = 0) -> Any:
-    from tqdm import tqdm
-
-    # On stderr, and only on a terminal (disable=None): the report lines go to stdout.
-    return tqdm(total=total + initial, initial=initial, unit="msg", disable=None, dynamic_ncols=True)
+PROGRESS_EVERY = 5.0  # seconds between two progress lines when the progress stream is not a terminal
 
 
-async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, out: TextIO | None = None) -> int:
+class Progress:
+    """Messages done out of a total, shown on ``stream`` (None: not shown): a tqdm bar on a terminal, else a line
+    every ``every`` seconds (done/total, rate, time left). The report's own lines go through :meth:`write` (above
+    the bar). ``initial``: done by an earlier, interrupted run (not counted in the rate)."""
+
+    def __init__(self, total: int, initial: int = 0, stream: TextIO | None = None, every: float = PROGRESS_EVERY):
+        self.total = total + initial
+        self.initial = self.done = initial
+        self.stream = stream
+        self.every = every
+        self.started = self._shown = time.monotonic()
+        self.bar: Any = None
+        if stream is not None and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=initial, unit="msg", dynamic_ncols=True, file=stream)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def write(self, text: str, file: TextIO) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=file)
+        else:
+            print(text, file=file)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+            return
+        now = time.monotonic()
+        if self.stream is not None and now - self._shown >= self.every:
+            self._shown = now
+            print(self.line(), file=self.stream, flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Messages per second of this run."""
+        return (self.done - self.initial) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        """``done/total message(s) (percent), rate, time left``."""
+        percent = f" ({self.done / self.total:.0%})" if self.total else ""
+        left = (self.total - self.done) / self.rate if self.rate > 0 else None
+        eta = f"{_duration(left)} left" if left is not None else "time left unknown"
+        return f"{self.done}/{self.total} message(s){percent}, {self.rate:.1f}/s, {eta}"
+
+    def summary(self) -> str:
+        """How long this run took and its rate, for the final line."""
+        return f"{self.done - self.initial} message(s) in {_duration(self.elapsed)} ({self.rate:.1f}/s)"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+async def run(
+    cfg: Config,
+    journal: Journal,
+    chosen: Plan,
+    *,
+    limit: int = 0,
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
+) -> int:
     """Deliver the events of the planned messages to the target channels' queues, checkpointing each batch once
-    the bus confirmed it. Returns the exit code: 0, or 1 when a message failed (reported and skipped)."""
+    the bus confirmed it; the progress on ``progress`` (see `Progress`). Returns the exit code: 0, or 1 when a
+    message failed (reported and skipped)."""
     out = out or sys.stdout
     state, state_path = chosen.state, Path(cfg.data_dir) / STATE_FILE
     remapper = Remapper(cfg)
@@ -456,7 +539,7 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
                 await bus.declare(target.queue, target.topics)
             state.save(state_path)
             this_run = 0
-            with _progress(chosen.total, state.done) as bar:
+            with Progress(min(limit, chosen.total) if limit else chosen.total, state.done, progress) as bar:
                 while not limit or this_run < limit:
                     size = min(BATCH, limit - this_run) if limit else BATCH
                     entries = journal.select(chosen.query, after=state.after, limit=size)
@@ -493,6 +576,7 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
         finally:
             await bus.close()
             identities.close()
+            remapper.close()
     log.info(
         "reprocess.run",
         operator=state.operator or "command line",
@@ -507,7 +591,8 @@ async def run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, ou
         f"{state.done - state.failed} message(s) reprocessed into {', '.join(t.name for t in chosen.targets)}: "
         f"{state.events} event(s) queued; {state.failed} not reprocessed"
         + (f" ({state.refused} refused by the patient identity checks)" if state.refused else "")
-        + ("" if state.finished else f"; stopped after journal entry {state.after}: --resume continues"),
+        + ("" if state.finished else f"; stopped after journal entry {state.after}: --resume continues")
+        + f"; {bar.summary()}",
         file=out,
     )
     return 1 if state.failed else 0
@@ -666,8 +751,17 @@ def unified(before: Any, after: Any, what: str) -> str:
     return "\n".join(lines)
 
 
-async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0, out: TextIO | None = None) -> int:
-    """Print, per message, what a run would change; change nothing. Returns 1 when a message would fail."""
+async def dry_run(
+    cfg: Config,
+    journal: Journal,
+    chosen: Plan,
+    *,
+    limit: int = 0,
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
+) -> int:
+    """Print, per message, what a run would change; change nothing (the progress on ``progress``, see `Progress`).
+    Returns 1 when a message would fail."""
     out = out or sys.stdout
     remapper = Remapper(cfg)
     identities = make_stores(cfg).patients()  # checked, nothing recorded
@@ -676,7 +770,7 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
         for target in chosen.targets:
             target.fingerprint = fingerprint(built[target.name])
         after = 0
-        with _progress(chosen.total if not limit else min(limit, chosen.total)) as bar:
+        with Progress(chosen.total if not limit else min(limit, chosen.total), 0, progress) as bar:
 
             def say(text: str) -> None:
                 bar.write(text, file=out)
@@ -696,9 +790,11 @@ async def dry_run(cfg: Config, journal: Journal, chosen: Plan, *, limit: int = 0
                     bar.update(1)
                 after = entries[-1].id
     identities.close()
+    remapper.close()
     print(
         f"dry run: {counts['messages']} message(s), {counts['changing']} would change "
-        f"{', '.join(t.name for t in chosen.targets)}, {counts['failed']} would fail; nothing was sent",
+        f"{', '.join(t.name for t in chosen.targets)}, {counts['failed']} would fail; nothing was sent; "
+        + bar.summary(),
         file=out,
     )
     return 1 if counts["failed"] else 0

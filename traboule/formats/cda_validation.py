@@ -56,7 +56,7 @@ import structlog
 from lxml import etree
 from saxonche import PySaxonApiError, PySaxonProcessor, PyXdmNode, PyXsltExecutable
 
-from traboule.errors import CDAValidatorError
+from traboule.errors import CDAValidatorError, ConfigError
 
 log = structlog.get_logger("traboule.translate.cda")
 
@@ -957,23 +957,55 @@ def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
 
 START_TIMEOUT = 600.0  # seconds for the worker to start and compile (a cold cache on a slow disk included)
 VALIDATE_TIMEOUT = 120.0  # seconds for one document (~0.1 s for a report, ~1.5 s for a large one)
+PROCESSES_ENV = "TRABOULE_CDA_PROCESSES"  # validation processes when the channel does not say
+MAX_DEFAULT_PROCESSES = 4  # the default (one per core) stops here: each process holds ~0.7 GB of compiled schematrons
+MAX_PROCESSES = 64  # what a setting may ask for
 
 
-class ProcessValidator:
-    """A :class:`CDAValidator` in a worker process of its own, with the same ``validate`` / ``compile_all``.
+def processes_setting(value: Any, where: str) -> int:
+    """A number of validation processes from a setting: a whole number from 1 to :data:`MAX_PROCESSES`."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
+        raise ConfigError(f"{where} must be a whole number from 1 to {MAX_PROCESSES}, not {value!r}")
+    return value
 
-    Saxon holds the GIL while it transforms: validating in the engine's process would stall its event loop (every
-    connection's ACK) for the length of each validation. Here the calling thread only waits on the worker. The
-    worker is started with ``spawn`` (no forked copy of the engine's threads) and restarted if it dies.
-    """
 
-    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None) -> None:
-        self.tree = Path(tree).resolve()
-        _check_tree(self.tree)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+def default_processes() -> int:
+    """``$TRABOULE_CDA_PROCESSES``, else one per core this process may run on (``sched_getaffinity``), at most
+    :data:`MAX_DEFAULT_PROCESSES`."""
+    value = os.environ.get(PROCESSES_ENV, "").strip()
+    if value:
+        try:
+            return processes_setting(value, PROCESSES_ENV)
+        except ConfigError:
+            log.warning("cda.processes.bad_setting", variable=PROCESSES_ENV)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_PROCESSES))
+
+
+class _Worker:
+    """One worker process holding a :class:`CDAValidator`, started on first use, started anew when it died."""
+
+    def __init__(self, tree: Path, cache_dir: Path) -> None:
+        self.tree = tree
+        self.cache_dir = cache_dir
         self._lock = threading.Lock()
         self._pool: Any = None
-        atexit.register(self.close)  # stop the worker before the interpreter tears down
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id while it runs."""
+        pool = self._pool
+        processes = list(getattr(pool, "_processes", None) or {})
+        return processes[0] if processes else None
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
 
     def _kill(self, pool: Any) -> None:
         with self._lock:
@@ -983,7 +1015,7 @@ class ProcessValidator:
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    def _submit(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+    def submit(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
@@ -1009,22 +1041,80 @@ class ProcessValidator:
                     raise
         raise AssertionError("unreachable")
 
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ProcessValidator:
+    """:class:`CDAValidator` s in worker processes of their own, with the same ``validate`` / ``compile_all``.
+
+    Saxon holds the GIL while it transforms: validating in the engine's process would stall its event loop (every
+    connection's ACK) for the length of each validation, and validate one document at a time. Here the calling
+    thread only waits on a worker, and ``processes`` workers (default :func:`default_processes`) validate that many
+    documents at once, one each: a call takes an idle worker (one already started first) or waits for one. Workers
+    are started with ``spawn`` (no forked copy of the engine's threads), on first use or all at once by
+    :meth:`warm`; one that died is started anew by the next call it gets, one stuck past ``VALIDATE_TIMEOUT`` is
+    ended. :meth:`close` stops them all.
+    """
+
+    def __init__(self, tree: str | Path, cache_dir: str | Path | None = None, processes: int | None = None) -> None:
+        self.tree = Path(tree).resolve()
+        _check_tree(self.tree)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.processes = default_processes() if processes is None else processes_setting(processes, "processes")
+        self._workers = [_Worker(self.tree, self.cache_dir) for _ in range(self.processes)]
+        self._idle = list(reversed(self._workers))  # a stack: the worker used last (started, warm) is taken first
+        self._free = threading.Condition()
+        atexit.register(self.close)  # stop the workers before the interpreter tears down
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the workers running now."""
+        return [pid for w in self._workers if (pid := w.pid) is not None]
+
+    @contextlib.contextmanager
+    def _worker(self) -> Any:
+        with self._free:
+            self._free.wait_for(lambda: bool(self._idle))
+            worker = self._idle.pop()
+        try:
+            yield worker
+        finally:
+            with self._free:
+                self._idle.append(worker)
+                self._free.notify()
+
+    def _each(self, fn: Any) -> list[Any]:
+        """``fn`` run on every worker at once (started when needed); the first error is raised once all ended."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.processes, thread_name_prefix="cda-start") as threads:
+            futures = [threads.submit(w.submit, fn, timeout=START_TIMEOUT) for w in self._workers]
+        return [f.result() for f in futures]
+
     def compile_all(self) -> dict[str, float]:
-        return self._submit(_worker_compile, timeout=START_TIMEOUT)
+        """Start every worker and compile its schematrons; the seconds each schematron took (the slowest worker)."""
+        timings: dict[str, float] = {}
+        for found in self._each(_worker_compile):
+            for sch, seconds in found.items():
+                timings[sch] = max(seconds, timings.get(sch, 0.0))
+        return timings
 
     def warm(self) -> None:
-        """Start the worker, compile and run every schematron once (see ``CDAValidator.warm``)."""
-        self._submit(_worker_warm, timeout=START_TIMEOUT)
+        """Start every worker, compile and run every schematron once in each (see ``CDAValidator.warm``)."""
+        self._each(_worker_warm)
 
     def validate(self, data: bytes, source: str = "") -> CDAValidationReport:
         """Raises ``TimeoutError`` after ``VALIDATE_TIMEOUT`` (the worker is then replaced)."""
-        return self._submit(_worker_validate, data, source, timeout=VALIDATE_TIMEOUT)
+        with self._worker() as worker:
+            return worker.submit(_worker_validate, data, source, timeout=VALIDATE_TIMEOUT)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+        for worker in self._workers:
+            worker.close()
 
 
 _WORKER: CDAValidator | None = None

@@ -249,14 +249,21 @@ class ReportPublisher:
         self.wait_for_study = wait_for_study
         self.storage: ReportStorage = SQLiteReportStorage(path) if isinstance(path, (str, Path)) else path
         self.path = self.storage.path
-        # One report at a time on this node: two versions of a set (or the same message on two connections) must
-        # not interleave between reading the set's current version and storing the next (another node's are
-        # caught by the storage: `ReportConflict`). Validation is serial anyway.
-        self._prepare_lock = threading.Lock()
+        # One report of a set at a time on this node: two versions of a set (or the same message on two
+        # connections) must not interleave between reading the set's current version and storing the next; reports
+        # of other sets are prepared at once (their validations run in parallel, see `parallel`). What the keys do
+        # not catch (another node's writes, a ready CDA naming another set) is caught by the storage: `ReportConflict`.
+        self._locks = _KeyLocks()
         self.changes = 0  # catalog sources written (studies, performed steps): the waiting task rescans on a change
         # Whether a catalog source is of the report's patient; the orders channel gives its identity registry's
         # (`PatientIdentities.same_patient`: merges followed, a study of a merged IPP is its survivor's).
         self.same_patient: Callable[[model.Patient, model.Patient], bool] = same_patient
+
+    @property
+    def parallel(self) -> int:
+        """How many reports are worth preparing at once: the validator's processes (1 without one)."""
+        processes = getattr(self.validator, "processes", 1)
+        return processes if isinstance(processes, int) and processes > 0 else 1
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -402,7 +409,7 @@ class ReportPublisher:
         its study, or a deletion withdrew waiting versions); raises ``ReportRefused`` (AE) when it cannot be
         published."""
         pristine = model.plain(report)
-        with self._prepare_lock:
+        with self._locks.hold(f"message:{message_key}", _set_lock(report.accession_number.value)):
             for attempt in range(1, RETRIES + 1):
                 try:
                     return self._prepare(report, message_key)
@@ -531,7 +538,9 @@ class ReportPublisher:
         row becomes ``published`` in the document's transaction; ``unnoted`` then lists it until its event is in the
         journal). None when it still waits (or waits no more: another node may have published it); ``ReportRefused``
         when the CDA cannot be made or is not valid: the row is then ``invalid`` (a dead letter) with the reason."""
-        with self._prepare_lock:
+        row = self.storage.row(message_key=message_key)
+        accession = str(row.get("accession") or "") if row else ""
+        with self._locks.hold(f"message:{message_key}", _set_lock(accession)):
             for attempt in range(1, RETRIES + 1):
                 try:
                     return self._publish_waiting(message_key)
@@ -670,7 +679,7 @@ class ReportPublisher:
 
         Never for a report held with a recorded journal entry (``journal_id``): it was journaled and answered AA, so
         an entry not found means pruned, not unjournaled; nothing of it goes (returns False)."""
-        with self._prepare_lock:
+        with self._locks.hold(f"message:{message_key}"):
             undone = self.storage.discard(message_key)
         if undone.refused:
             log.warning("report.discard_refused", waiting=undone.refused, reason="journaled")
@@ -1232,6 +1241,42 @@ def _overlay(old: Any, new: Any) -> Any:
     if isinstance(old, dict) and isinstance(new, dict):
         return {k: _overlay(old.get(k), new.get(k)) for k in {*old, *new}}
     return new if new not in ("", [], {}, None) else old
+
+
+class _KeyLocks:
+    """Locks by name, made when first held and dropped once free: ``hold(a, b)`` takes both (in name order: two
+    holders never wait for each other crosswise)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # name → (lock, [holders and waiters])
+
+    @contextlib.contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        wanted = sorted({n for n in names if n})
+        with self._mutex:
+            entries = [self._locks.setdefault(n, (threading.Lock(), [0])) for n in wanted]
+            for _, users in entries:
+                users[0] += 1
+        taken: list[threading.Lock] = []
+        try:
+            for lock, _ in entries:
+                lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+            with self._mutex:
+                for name, (_, users) in zip(wanted, entries, strict=True):
+                    users[0] -= 1
+                    if not users[0]:
+                        del self._locks[name]
+
+
+def _set_lock(accession: str) -> str:
+    """The lock of the reports of one accession number (one document set, ``_set_key``); none without one."""
+    return f"set:{accession}" if accession else ""
 
 
 def _set_key(report: model.Report) -> str:

@@ -382,8 +382,8 @@ class OrdersChannel:
         """Patient identity (warnings in ``notes``): a merged IPP becomes its survivor's; an IPP given another INS
         than the one it was accepted with is refused (AE, PID-3), unless an identity source's patient update says so
         (the INS replaced); a report or an order naming another patient's order, study or keys is refused (AE,
-        PID-3). A registry with ``admit`` (PostgreSQL) decides the usual message in one round trip; when it declines,
-        the full checks run."""
+        PID-3). The registry's ``admit`` decides the usual message in one query (one round trip on PostgreSQL); when
+        it declines, the full checks run."""
         sender = (msg.header("sending_application", 1), msg.header("sending_facility", 1))
         mark_authoritative(mapped, self._identity_sources, sender)  # (merges leave the payloads' kinds as they are)
         admit = getattr(self.identities, "admit", None)

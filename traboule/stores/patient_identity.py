@@ -33,7 +33,11 @@ given and different, or both namespaces given and different): a message without 
 ``check`` runs before the journal write and reserves what it let through (for `RESERVED` seconds), so that two
 messages in flight with different INS for one IPP are not both accepted; ``record`` writes what a message says once
 it is journaled (idempotent: a redelivery or a resend records nothing new), ``release`` frees what a message that was
-not accepted (refused, a duplicate, not stored) reserved. SQLite ``<data_dir>/patients.sqlite``
+not accepted (refused, a duplicate, not stored) reserved. ``admit`` decides the usual message (an order, patient
+updates: no merge, no identity source, nothing to refuse or warn about) as ``resolve_merged``, ``check``,
+``check_report`` and ``check_order`` would, with one query and what is held in memory, and declines (changing
+nothing) anything else; its ``record`` reads none of its pairs again unless an INS was removed meanwhile (each removal
+is an action: their count tells). SQLite ``<data_dir>/patients.sqlite``
 (WAL), shared by the engine's inbound channels (orders, MPPS, archive) and processes. INS pairs and merges are
 committed with ``synchronous=FULL`` before the message is answered. The owners of order keys, new with nearly every
 order, are held in memory (the checks see them at once) and written together every `OWNERS_FLUSH` seconds by a
@@ -52,10 +56,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +127,10 @@ OWNERS_FLUSH = 0.05  # seconds the owners of order keys wait in memory to be wri
 WRITTEN_KEPT = 100_000  # owners remembered as written (to skip rewriting them for each message of an order)
 REBUILD_MARGIN = 512  # journal ids re-recorded before the mark: one group commit (messages may record out of order)
 MAX_MERGE_CHAIN = 16  # merged into a patient later merged itself...: followed this far
+# How long the merges' generation read from the file stays believed (`_merge_rows`): a merge recorded by another
+# process is seen by the messages checked this long after it at most (a merge recorded in this process: at once).
+MERGES_RECHECK_S = 0.05
+_MERGES_WRITTEN: dict[str, int] = {}  # per registry file, the merges recorded by this process (its registries)
 _INS_NAMES = {  # the namespace of an INS by its OID (PID-3.4.1)
     "1.2.250.1.213.1.4.8": "ASIP-SANTE-INS-NIR",
     "1.2.250.1.213.1.4.9": "ASIP-SANTE-INS-NIA",
@@ -154,6 +163,21 @@ class Pair:
         if self.ipp_namespace and other.ipp_namespace:
             return self.ipp_namespace == other.ipp_namespace
         return True
+
+
+_PAIR = "ipp, ipp_oid, ipp_namespace, ins_oid, ins"  # a Pair's columns
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """What `PatientIdentities.admit` read for a message in flight: its payloads (the very objects) and pairs, those
+    recorded then, and how many pairs were ever removed then (the last action's rowid: each removal records one)."""
+
+    payloads: list[Any]
+    pairs: list[Pair]
+    recorded: frozenset[Pair]
+    version: int
+    at: float
 
 
 def same_ipp(a: Identifier, b: Identifier) -> bool:
@@ -363,10 +387,15 @@ class PatientIdentities(IdentityRules):
         self._flush_at: asyncio.TimerHandle | None = None
         self._merges: dict[str, list[tuple[str, str, str, str]]] | None = None  # by IPP value (`_merge_rows`)
         self._merges_version = -1
+        self._merges_checked = float("-inf")  # when the file's generation was last read (monotonic)
+        self._merges_local = 0  # `_MERGES_WRITTEN` of this file as it was then
+        self._file = os.path.realpath(self.path)
         self._written: dict[tuple[str, str], str] = {}  # the owners written for orders here, not to write again
         self._pruned = time.monotonic()
         self._marks: dict[str, int] = {}  # per channel, the highest journal id recorded (`mark`)
         self._marked: dict[str, int] = {}  # ... and written
+        self._admitted: dict[tuple[int, ...], _Admitted] = {}  # by its payloads' ids: what `admit` read
+        self._admitted_pruned = time.monotonic()
 
     def close(self) -> None:
         if self._flush_at is not None:
@@ -380,7 +409,8 @@ class PatientIdentities(IdentityRules):
         """The recorded INS of this kind for the same IPP."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ipp = ? AND ins_oid = ?",
+                # (the primary key by IPP: without statistics SQLite would take the INS index, every INS of a kind)
+                "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ipp = ? AND +ins_oid = ?",
                 (pair.ipp, pair.ins_oid),
             ).fetchall()
         return [p for p in (Pair(*row) for row in rows) if p.same_ipp(pair)]
@@ -396,34 +426,58 @@ class PatientIdentities(IdentityRules):
         ruling = set(pairs_of(p for p in payloads if _authoritative(p)))
         now = time.monotonic()
         with self._lock:
-            if now - self._pruned > RESERVED:  # expired reservations (messages refused later, or never stored)
-                self._pruned = now
-                self._reserved = {
-                    ipp: fresh
-                    for ipp, held in self._reserved.items()
-                    if (fresh := {p: at for p, at in held.items() if now - at < RESERVED})
-                }
-                self._holders = {p: n for p, n in self._holders.items() if p in self._reserved.get(p.ipp, {})}
-            held = [p for pair in pairs for p, at in self._reserved.get(pair.ipp, {}).items() if now - at < RESERVED]
-            # The INS reserved for other IPPs (messages in flight: a few, released once recorded).
-            given = {(p.ins_oid, p.ins) for p in pairs}
-            elsewhere = [
-                p
-                for by_ipp in self._reserved.values()
-                for p, at in by_ipp.items()
-                if (p.ins_oid, p.ins) in given and now - at < RESERVED
-            ]
+            held, elsewhere = self._in_flight(pairs, now)
+        notes = self._judge(pairs, ruling, held, elsewhere, self.known, self._ins_holders)
+        with self._lock:
+            self._reserve(pairs, now)
+        return notes
+
+    def _in_flight(self, pairs: list[Pair], now: float) -> tuple[list[Pair], list[Pair]]:
+        """(lock held) The pairs reserved by messages in flight for the IPPs of ``pairs``, and those reserved with
+        their INS (for other IPPs); expired reservations dropped now and then."""
+        if now - self._pruned > RESERVED:  # expired reservations (messages refused later, or never stored)
+            self._pruned = now
+            self._reserved = {
+                ipp: fresh
+                for ipp, held in self._reserved.items()
+                if (fresh := {p: at for p, at in held.items() if now - at < RESERVED})
+            }
+            self._holders = {p: n for p, n in self._holders.items() if p in self._reserved.get(p.ipp, {})}
+        held = [p for pair in pairs for p, at in self._reserved.get(pair.ipp, {}).items() if now - at < RESERVED]
+        # The INS reserved for other IPPs (messages in flight: a few, released once recorded).
+        given = {(p.ins_oid, p.ins) for p in pairs}
+        elsewhere = [
+            p
+            for by_ipp in self._reserved.values()
+            for p, at in by_ipp.items()
+            if (p.ins_oid, p.ins) in given and now - at < RESERVED
+        ]
+        return held, elsewhere
+
+    def _judge(
+        self,
+        pairs: list[Pair],
+        ruling: set[Pair],
+        held: list[Pair],
+        elsewhere: list[Pair],
+        known: Callable[[Pair], list[Pair]],
+        holders: Callable[[Pair], list[Pair]],
+    ) -> list[str]:
+        """`check`'s verdict on a message's ``pairs`` (``ruling``: an identity source's), against the pairs
+        reserved in flight for their IPPs (``held``) and for their INS (``elsewhere``), ``known(pair)`` the recorded
+        INS of its kind for its IPP, ``holders(pair)`` the recorded IPPs of its INS: refused (`MappingFailure`),
+        or the warnings of the INS it changes."""
         notes = []
         for pair in pairs:
-            known = self.known(pair)
+            recorded = known(pair)
             if pair in ruling:  # the identity system's word: only the message itself may not contradict it
-                changed = [p for p in known if p.ins != pair.ins]
+                changed = [p for p in recorded if p.ins != pair.ins]
                 if changed:
                     notes.append(_changed_note(pair, changed))
-                known, against = [], pairs
+                recorded, against = [], pairs
             else:
                 against = [*held, *pairs]
-            others = [p for p in [*known, *against] if p.same_ipp(pair) and p.ins != pair.ins]
+            others = [p for p in [*recorded, *against] if p.same_ipp(pair) and p.ins != pair.ins]
             if others:
                 kind = INS_OIDS.get(pair.ins_oid, "INS")
                 raise MappingFailure(
@@ -432,31 +486,39 @@ class PatientIdentities(IdentityRules):
                     "PID-3",
                     code="205",
                 )
-            if self._held_by_another_ipp(pair, [*elsewhere, *pairs]):
+            if self._held_by_another_ipp(pair, [*elsewhere, *pairs], holders(pair)):
                 raise MappingFailure(
                     "identity conflict: INS already belongs to another IPP of this authority; merge them in the "
                     "patient identity system first",
                     "PID-3",
                     code="205",
                 )
-        with self._lock:
-            for pair in pairs:
-                self._reserved.setdefault(pair.ipp, {})[pair] = now
-                self._holders[pair] = self._holders.get(pair, 0) + 1
         return notes
 
-    def _held_by_another_ipp(self, pair: Pair, held: list[Pair]) -> bool:
-        """Whether another IPP of the pair's assigning authority holds its INS (recorded, or reserved by a message
-        in flight), the two not merged into one another."""
+    def _reserve(self, pairs: list[Pair], now: float) -> None:
+        """(lock held) A checked message's pairs held until its `record` (or `release`)."""
+        for pair in pairs:
+            self._reserved.setdefault(pair.ipp, {})[pair] = now
+            self._holders[pair] = self._holders.get(pair, 0) + 1
+
+    def _ins_holders(self, pair: Pair) -> list[Pair]:
+        """The recorded pairs of the pair's INS (any IPP)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT ipp, ipp_oid, ipp_namespace, ins_oid, ins FROM ins WHERE ins_oid = ? AND ins = ?",
                 (pair.ins_oid, pair.ins),
             ).fetchall()
+        return [Pair(*row) for row in rows]
+
+    def _held_by_another_ipp(self, pair: Pair, held: list[Pair], recorded: list[Pair]) -> bool:
+        """Whether another IPP of the pair's assigning authority holds its INS (``recorded``: the recorded pairs of
+        its INS, or reserved by a message in flight), the two not merged into one another."""
         mine = Identifier(pair.ipp, pair.ipp_namespace, pair.ipp_oid)
-        for other in [*(Pair(*row) for row in rows), *(p for p in held if p.ins == pair.ins)]:
+        for other in [*recorded, *(p for p in held if p.ins == pair.ins)]:
+            if other.ins_oid != pair.ins_oid or other.ipp == pair.ipp:
+                continue
             theirs = Identifier(other.ipp, other.ipp_namespace, other.ipp_oid)
-            if other.ins_oid != pair.ins_oid or other.ipp == pair.ipp or not same_authority(mine, theirs):
+            if not same_authority(mine, theirs):
                 continue
             if not same_patient(self.current([mine]), self.current([theirs])):
                 return True
@@ -466,6 +528,7 @@ class PatientIdentities(IdentityRules):
         """Stop holding the pairs `check` reserved for a message that was not accepted (refused, a duplicate, not
         stored): they hold nothing against the next messages."""
         payloads = list(payloads)
+        self._admitted_of(payloads)
         self._release_keys(payloads)
         pairs = pairs_of(payloads)
         if pairs:
@@ -514,10 +577,18 @@ class PatientIdentities(IdentityRules):
         in memory (asked for every message) and read again when a merge was recorded (the file's user_version
         counts them, whoever wrote them)."""
         with self._lock:
+            now = time.monotonic()
+            local = _MERGES_WRITTEN.get(self._file, 0)
+            # The file's generation is a query: read once per MERGES_RECHECK_S (every message asks several
+            # times), at once when this process recorded a merge since.
+            fresh = now - self._merges_checked < MERGES_RECHECK_S
+            if self._merges is not None and local == self._merges_local and fresh:
+                return self._merges.get(value, [])
             (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            self._merges_checked, self._merges_local = now, local
             if self._merges is None or version != self._merges_version:
                 rows = self._db.execute(
-                    "SELECT ipp, ipp_namespace, ipp_oid, survivor FROM merges ORDER BY recorded DESC"
+                    "SELECT ipp, ipp_namespace, ipp_oid, survivor FROM merges ORDER BY recorded DESC, rowid DESC"
                 ).fetchall()
                 self._merges, self._merges_version = {}, version
                 for row in rows:
@@ -539,22 +610,27 @@ class PatientIdentities(IdentityRules):
         if not keys:
             return {}
         with self._lock:
-            held = [(k, h) for k in keys for h in (self._pending.get(k), self._flushing.get(k)) if h is not None]
-            found: dict[tuple[str, str], str] = {}
-            for k, (text, source) in held:  # an order's word, the latest first
-                if source == "order":
-                    found.setdefault(k, text)
-            pending = dict(reversed(held))  # the latest first, for what follows
-            asked = [k for k in keys if k not in found]
+            found, pending, asked = self._owners_held(keys)
             if asked:
                 terms = " OR ".join(["(kind = ? AND key = ?)"] * len(asked))  # each term an index look-up
                 rows = self._db.execute(
                     f"SELECT kind, key, patient FROM owners WHERE {terms}", [part for k in asked for part in k]
                 ).fetchall()
                 found.update({(kind, key): text for kind, key, text in rows})
-            # A report's, step's or study's word: only for a key the table does not hold yet.
-            found.update({k: text for k, (text, _) in pending.items() if k not in found})
-        return found
+        return _owners_found(found, pending)
+
+    def _owners_held(
+        self, keys: list[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str], list[tuple[str, str]]]:
+        """(lock held) What the owners held in memory say of ``keys``: an order's word by key, the others' (latest
+        first, `_owners_found`), and the keys to read from the table."""
+        held = [(k, h) for k in keys for h in (self._pending.get(k), self._flushing.get(k)) if h is not None]
+        found: dict[tuple[str, str], str] = {}
+        for k, (text, source) in held:  # an order's word, the latest first
+            if source == "order":
+                found.setdefault(k, text)
+        pending = {k: text for k, (text, _) in dict(reversed(held)).items()}  # the latest first
+        return found, pending, [k for k in keys if k not in found]
 
     def same_patient(self, a: Patient, b: Patient) -> bool:
         """Whether two canonical patients are one (`same_patient`), merges followed: a merged IPP is its
@@ -570,10 +646,16 @@ class PatientIdentities(IdentityRules):
         ids = _identity(patient)
         if not ids:
             return None
+        return self._mismatch(payload, ids, self._owner_texts(keys_of(payload)))
+
+    def _mismatch(
+        self, payload: Any, ids: list[Identifier], owners: dict[tuple[str, str], str]
+    ) -> tuple[str, str, list[Identifier], list[Identifier]] | None:
+        """`mismatch` with the recorded ``owners`` of its keys read."""
+        if not owners:
+            return None
         mine = self.current(ids)
-        keys = keys_of(payload)
-        owners = self._owner_texts(keys)
-        for kind, key in keys:
+        for kind, key in keys_of(payload):
             if (kind, key) not in owners:
                 continue
             theirs = self.current(_load(owners[(kind, key)]))
@@ -611,35 +693,150 @@ class PatientIdentities(IdentityRules):
             ids = _identity(order.patient)
             if not ids:
                 continue
-            mine = self.current(ids)
             with self._lock:
-                held = [
-                    (key, theirs)
-                    for key in keys_of(order)
-                    for holder, (theirs, at) in self._keys_held.get(key, {}).items()
-                    if holder != id(order) and now - at < RESERVED
-                ]
-            for (kind, key), theirs in held:
-                theirs = self.current(theirs)
-                if not same_patient(mine, theirs):
-                    raise MappingFailure(
-                        f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this "
-                        f"order names patient {describe(mine)}; {remedy}",
-                        "PID-3",
-                        code="205",
-                    )
+                held = self._keys_in_flight(order, now)
+            found = self._in_flight_mismatch(ids, held)
+            if found is not None:
+                kind, key, theirs, mine = found
+                raise MappingFailure(
+                    f"patient mismatch: {KEY_NAMES[kind]} {key} belongs to patient {describe(theirs)}, this "
+                    f"order names patient {describe(mine)}; {remedy}",
+                    "PID-3",
+                    code="205",
+                )
         with self._lock:
-            if now - self._keys_pruned > RESERVED:  # orders never recorded nor released (a fault of ours)
-                self._keys_pruned = now
-                self._keys_held = {
-                    k: fresh
-                    for k, by in self._keys_held.items()
-                    if (fresh := {h: v for h, v in by.items() if now - v[1] < RESERVED})
-                }
-            for order in orders:
-                ids = _identity(order.patient)
-                for key in keys_of(order) if ids else []:
-                    self._keys_held.setdefault(key, {})[id(order)] = (ids, now)
+            self._hold(orders, now)
+
+    def _keys_in_flight(
+        self, order: ImagingOrder, now: float, keys: list[tuple[str, str]] | None = None
+    ) -> list[tuple[tuple[str, str], list[Identifier]]]:
+        """(lock held) The keys of ``order`` (``keys``: `keys_of` it) other orders in flight hold, with their
+        patients."""
+        return [
+            (key, theirs)
+            for key in (keys_of(order) if keys is None else keys)
+            for holder, (theirs, at) in self._keys_held.get(key, {}).items()
+            if holder != id(order) and now - at < RESERVED
+        ]
+
+    def _in_flight_mismatch(
+        self, ids: list[Identifier], held: list[tuple[tuple[str, str], list[Identifier]]]
+    ) -> tuple[str, str, list[Identifier], list[Identifier]] | None:
+        """The first key of ``held`` (`_keys_in_flight`) an order of another patient than ``ids`` holds: (kind,
+        value, its patient, this one)."""
+        mine = self.current(ids) if held else ids
+        for (kind, key), theirs in held:
+            theirs = self.current(theirs)
+            if not same_patient(mine, theirs):
+                return kind, key, theirs, mine
+        return None
+
+    def _hold(
+        self,
+        orders: list[ImagingOrder],
+        now: float,
+        given: tuple[list[Identifier], list[tuple[str, str]]] | None = None,
+    ) -> None:
+        """(lock held) The keys of checked orders held for their patients until `record` (or `release`);
+        ``given``: the only order's `_identity` and `keys_of`."""
+        if now - self._keys_pruned > RESERVED:  # orders never recorded nor released (a fault of ours)
+            self._keys_pruned = now
+            self._keys_held = {
+                k: fresh
+                for k, by in self._keys_held.items()
+                if (fresh := {h: v for h, v in by.items() if now - v[1] < RESERVED})
+            }
+        for order in orders:
+            ids, keys = given or (_identity(order.patient), keys_of(order))
+            for key in keys if ids else []:
+                self._keys_held.setdefault(key, {})[id(order)] = (ids, now)
+
+    # -- the usual message -------------------------------------------------------------------------------------
+
+    def admit(self, payloads: Iterable[Any]) -> bool:
+        """`resolve_merged`, `check`, `check_report` and `check_order` of the usual message with one query: a
+        message of orders (one at most, with its IPP and keys) and patient updates, from no identity source,
+        naming no merged IPP, that these calls would let through without a warning: its pairs reserved and its
+        keys held as theirs would be, True. False, having changed nothing, for anything else (what they would
+        refuse among it): the caller makes the four calls (in that order), which decide. One statement reads what
+        the rules need beside what is held in memory (the recorded INS of its IPPs and IPPs of its INS, the owners
+        of its keys, how many pairs were ever removed): `record` then knows which of its pairs are recorded."""
+        payloads = list(payloads)
+        orders = [p for p in payloads if isinstance(p, ImagingOrder)]
+        if len(orders) > 1 or not all(
+            isinstance(p, ImagingOrder)
+            or (isinstance(p, PatientUpdate) and p.action != "merge" and not _authoritative(p))
+            for p in payloads
+        ):
+            return False
+        order = orders[0] if orders else None
+        keys: list[tuple[str, str]] = []
+        ids: list[Identifier] = []
+        if order is not None:
+            if _ipp(order.patient) is None or not (keys := keys_of(order)):
+                return False
+            ids = _identity(order.patient)
+        for payload in payloads:  # `resolve_merged` would change nothing
+            patient = patient_of(payload)
+            ipp = _ipp(patient) if patient is not None else None
+            if ipp is not None and self._merge_rows(ipp.value):
+                return False
+        pairs = pairs_of(payloads)
+        terms, params = [], []
+        for ipp_value, ins_oid in dict.fromkeys((p.ipp, p.ins_oid) for p in pairs):  # `known`
+            terms.append(f"SELECT 0, {_PAIR} FROM ins WHERE ipp = ? AND +ins_oid = ?")  # (by IPP: `known`)
+            params += [ipp_value, ins_oid]
+        for ins_oid, ins in dict.fromkeys((p.ins_oid, p.ins) for p in pairs):  # `_ins_holders`
+            terms.append(f"SELECT 0, {_PAIR} FROM ins WHERE ins_oid = ? AND ins = ?")
+            params += [ins_oid, ins]
+        if pairs:  # the pairs removed so far (each with its action): `record`
+            terms.append("SELECT 2, max(rowid), '', '', '', '' FROM actions")
+        now = time.monotonic()
+        with self._lock:
+            held, elsewhere = self._in_flight(pairs, now) if pairs else ([], [])
+            found, pending, asked = self._owners_held(keys)
+            in_flight = self._keys_in_flight(order, now, keys) if order is not None else []
+            for kind, key in asked:
+                terms.append("SELECT 1, kind, key, patient, '', '' FROM owners WHERE kind = ? AND key = ?")
+                params += [kind, key]
+            rows = self._db.execute(" UNION ALL ".join(terms), params).fetchall() if terms else []
+        recorded = [Pair(*row) for row in dict.fromkeys(row[1:] for row in rows if row[0] == 0)]
+        try:
+            self._judge(
+                pairs,
+                set(),
+                held,
+                elsewhere,
+                lambda pair: [p for p in recorded if p.same_ipp(pair)],
+                lambda pair: [p for p in recorded if p.ins_oid == pair.ins_oid and p.ins == pair.ins],
+            )
+        except MappingFailure:
+            return False
+        if order is not None:
+            found.update({(row[1], row[2]): row[3] for row in rows if row[0] == 1})
+            if self._mismatch(order, ids, _owners_found(found, pending)) is not None:
+                return False
+            if self._in_flight_mismatch(ids, in_flight) is not None:
+                return False
+        version = next((row[1] or 0 for row in rows if row[0] == 2), None)
+        with self._lock:
+            self._reserve(pairs, now)
+            self._hold(orders, now, (ids, keys) if order is not None else None)
+            if now - self._admitted_pruned > RESERVED:  # never recorded nor released (a fault of ours)
+                self._admitted_pruned = now
+                self._admitted = {k: a for k, a in self._admitted.items() if now - a.at < RESERVED}
+            if pairs and version is not None:
+                there = frozenset(p for p in recorded if p in pairs)
+                self._admitted[tuple(map(id, payloads))] = _Admitted(payloads, pairs, there, version, now)
+        return True
+
+    def _admitted_of(self, payloads: list[Any]) -> _Admitted | None:
+        """What `admit` read of these very payloads (forgotten now: recorded or released)."""
+        with self._lock:
+            admitted = self._admitted.pop(tuple(map(id, payloads)), None) if self._admitted else None
+        if admitted is None or any(a is not b for a, b in zip(admitted.payloads, payloads, strict=True)):
+            return None
+        return admitted
 
     def _release_keys(self, payloads: list[Any]) -> None:
         """The keys `check_order` held for these orders: recorded (or refused), they hold nothing more."""
@@ -663,12 +860,14 @@ class PatientIdentities(IdentityRules):
         of a known patient and order cost reads. ``channel`` and ``journal_id``: the message's journal entry,
         written with the owners as the channel's `mark`."""
         payloads = list(payloads)
-        self._record_pairs(payloads)
+        self._record_pairs(payloads, self._admitted_of(payloads))
         self._record_owners(payloads, mark=(channel, journal_id) if channel and journal_id else None)
         self._release_keys(payloads)  # their owners are seen now
         self._record_merges(payloads)
 
-    def _record_pairs(self, payloads: list[Any]) -> None:
+    def _record_pairs(self, payloads: list[Any], admitted: _Admitted | None = None) -> None:
+        """The pairs of the payloads; ``admitted``: what `admit` read of them (the pairs it found recorded are not
+        read again when no pair was removed since: the last action is the same)."""
         given = pairs_of(payloads)
         if not given:
             return
@@ -676,7 +875,13 @@ class PatientIdentities(IdentityRules):
         replaced = [(p, old) for p in given if p in ruling for old in self.known(p) if old.ins != p.ins]
         if replaced:
             self._replace(replaced)
-        pairs = [p for p in given if p not in self.known(p)]
+        there: frozenset[Pair] = frozenset()
+        if admitted is not None and admitted.pairs == given and not ruling:
+            with self._lock:
+                (version,) = self._db.execute("SELECT max(rowid) FROM actions").fetchone()
+            if (version or 0) == admitted.version:
+                there = admitted.recorded
+        pairs = [p for p in given if p not in there and p not in self.known(p)]
         recorded = _now()
         with self._lock:
             if not pairs:
@@ -977,6 +1182,7 @@ class PatientIdentities(IdentityRules):
             except sqlite3.Error as exc:
                 log.warning("identities.merge_not_recorded", error=str(exc))
             self._merges = None  # read again
+            _MERGES_WRITTEN[self._file] = _MERGES_WRITTEN.get(self._file, 0) + 1  # and by this file's other readers
 
     def _release(self, pairs: list[Pair]) -> None:
         """One message's hold on its pairs ended: a pair no other message in flight holds is free again."""
@@ -1050,6 +1256,13 @@ def _with_ins(text: str, old: Pair, ins: str) -> str:
         else:
             out.append(ident)
     return _dump(out)
+
+
+def _owners_found(found: dict[tuple[str, str], str], pending: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
+    """The owners of keys: an order's word held in memory or the table's (``found``), else a report's, step's or
+    study's held in memory (``pending``: it only fills a key the table does not hold yet)."""
+    found.update({k: text for k, text in pending.items() if k not in found})
+    return found
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
-"""The journal's group commit: many messages share a commit made on a thread while the loop goes on, each sender
-answered only once its message is on disk, every one of them told when the commit failed, and what was appended
-before `close` written."""
+"""The journal's group commit: the messages appended in one turn of the loop share a commit, each sender answered
+only once its message is on disk, every one of them told when the commit failed, and what was appended before
+`close` written."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def stored(path: Path) -> dict[str, int]:
 async def test_concurrent_messages_share_commits_in_order_and_are_all_on_disk(tmp_path: Path) -> None:
     journal = SQLiteJournal(tmp_path / "journal.sqlite")
     try:
-        # Senders arriving while a commit is on disk wait for it and share the next one.
+        # Senders arriving in one turn of the loop share its commit.
         results = await asyncio.gather(
             *(journal.append(entry(n), [OutboxEvent("order.new", f"e{n}", b"{}")]) for n in range(200))
         )
@@ -39,7 +39,7 @@ async def test_concurrent_messages_share_commits_in_order_and_are_all_on_disk(tm
         assert stored(tmp_path / "journal.sqlite") == {f"C{n}": ids[n] for n in range(200)}
         assert len(journal.pending_events(1000)) == 200
         again = await journal.append(entry(7), [OutboxEvent("order.new", "again", b"{}")])
-        assert again.status == "duplicate"  # the duplicate check reads what the committing thread wrote
+        assert again.status == "duplicate"  # the duplicate check reads what the earlier commits wrote
     finally:
         journal.close()
 
@@ -48,7 +48,7 @@ async def test_a_failed_commit_answers_every_waiting_sender_with_the_error(tmp_p
     journal = SQLiteJournal(tmp_path / "journal.sqlite")
     try:
         await journal.append(entry(0))
-        journal._writer.close()  # the disk is gone
+        journal._db.close()  # the disk is gone
         outcomes = await asyncio.gather(*(journal.append(entry(n)) for n in range(1, 30)), return_exceptions=True)
         assert all(isinstance(o, sqlite3.Error) for o in outcomes)  # nobody is told "stored"
         assert stored(tmp_path / "journal.sqlite") == {"C0": 1}

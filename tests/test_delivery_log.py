@@ -91,6 +91,30 @@ def test_a_failing_log_drops_its_rows_and_never_raises(tmp_path: Path) -> None:
     assert recorder.dropped == 1
 
 
+def test_close_writes_the_waiting_rows_at_once(tmp_path: Path) -> None:
+    from traboule.stores.delivery_log import FLUSH_S, SQLiteDeliveryLog
+
+    path = tmp_path / "deliveries.sqlite"
+    recorder = DeliveryRecorder(lambda: SQLiteDeliveryLog(path))
+    for n in range(3):
+        recorder.add(DeliveryRecord(f"K{n}:0", "C", "worklist", "applied"))
+    started = time.perf_counter()
+    recorder.close()
+    assert time.perf_counter() - started < FLUSH_S  # not at the next round: now
+    log = SQLiteDeliveryLog(path)
+    try:
+        assert [r.key for n in range(3) for r in log.of(f"K{n}")] == ["K0:0", "K1:0", "K2:0"]
+    finally:
+        log.close()
+    recorder.add(DeliveryRecord("K9:0", "C", "worklist", "applied"))  # after close: written all the same
+    recorder.close()
+    log = SQLiteDeliveryLog(path)
+    try:
+        assert [r.key for r in log.of("K9")] == ["K9:0"]
+    finally:
+        log.close()
+
+
 class Failing(ConsumerChannel):
     """A consumer whose destination fails ``fail`` deliveries with ``error``, then notes what it wrote."""
 

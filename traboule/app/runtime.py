@@ -394,6 +394,9 @@ class Runtime:
             await self.journal_indexer.stop()
         with contextlib.suppress(Exception):
             await self.bus.close()
+        recorder = getattr(self.stores, "_delivery_recorder", None)  # what the consumers did: written now
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)
         self._health_probe.close()
         if self.journal:
             self.journal.close()

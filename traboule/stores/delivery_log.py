@@ -16,7 +16,6 @@ Calls block: make them in a thread.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -146,13 +145,14 @@ class DeliveryRecorder:
     """Writes the rows handed to `add` (from the event loop, never blocking) to a `DeliveryLog` every `FLUSH_S`
     seconds in a thread of its own, opening the log there on first use; the thread closes the log and ends after
     `IDLE_S` seconds without rows (the next row starts another). A failing write is logged and its rows dropped:
-    the log never holds up nor fails a delivery."""
+    the log never holds up nor fails a delivery. `close` (the engine stopping) writes what is waiting at once."""
 
     def __init__(self, open_log: Callable[[], DeliveryLog]) -> None:
         self._open = open_log
         self._pending: list[DeliveryRecord] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()  # set by `close`: write what waits, end the thread
         self.dropped = 0  # rows dropped (store failing, or more than `MAX_PENDING` waiting)
 
     def add(self, record: DeliveryRecord) -> None:
@@ -179,16 +179,32 @@ class DeliveryRecorder:
             log.warning("delivery_log.write_failed", error=type(exc).__name__, rows=len(records))
         return store
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Write the rows still waiting now and end the thread (blocking, at most ``timeout`` seconds): the engine
+        stops. A row added later is written by a thread of its own, at once."""
+        self._stopping.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     def _run(self) -> None:
         store: DeliveryLog | None = None
         idle = 0.0
         try:
             while True:
-                time.sleep(FLUSH_S)
+                stopping = self._stopping.wait(FLUSH_S)
                 records = self._take()
                 if records:
                     idle = 0.0
                     store = self._write(store, records)
+                if stopping:
+                    with self._lock:
+                        if not self._pending:  # (a row added meanwhile: one more round)
+                            self._thread = None
+                            return
+                    continue
+                if records:
                     continue
                 idle += FLUSH_S
                 if idle >= IDLE_S:

@@ -117,7 +117,9 @@ class OrdersChannel:
         self._reports_thread = ThreadPoolExecutor(
             getattr(self.reports, "parallel", 1) + 1, thread_name_prefix=f"{self.name}-reports"
         )
-        self._orders_written: asyncio.Future[None] | None = None  # the last write of the orders before a report
+        # The orders kept for the reports are written by one thread, in the order they were received: a report
+        # waits behind every write taken before it (its own orders included), whichever report or round took them.
+        self._orders_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-orders")
         self._orders: list[ImagingOrder] = []  # received, not yet written for the reports
         self._flusher: asyncio.Task[None] | None = None
         self._certificates: asyncio.Task[None] | None = None  # TLS: the listener's files reloaded when they change
@@ -220,6 +222,7 @@ class OrdersChannel:
         elif self._archive is not None:
             await self._archive.close()
         if self.reports is not None:
+            self._orders_thread.shutdown(wait=True)
             if self._orders:
                 self.reports.remember(self._orders)
             self._reports_thread.shutdown(wait=True)
@@ -234,7 +237,7 @@ class OrdersChannel:
             if self._orders:
                 batch, self._orders = self._orders, []
                 try:
-                    await asyncio.to_thread(self.reports.remember, batch)
+                    await asyncio.get_running_loop().run_in_executor(self._orders_thread, self.reports.remember, batch)
                 except Exception as exc:  # e.g. disk full: keep them for the next round
                     self._orders = batch + self._orders
                     self._log.warning("reports.orders_not_written", error=str(exc))
@@ -506,20 +509,14 @@ class OrdersChannel:
                 if self.reports is None:
                     raise MappingFailure("reports are not enabled on this channel", "MSH-9", code="200")
                 loop = asyncio.get_running_loop()
-                if self._orders:  # the orders received just before: the report may need one of them
-                    batch, self._orders = self._orders, []
-                    written = self._orders_written = loop.run_in_executor(
-                        self._reports_thread, self.reports.remember, batch
-                    )
-                    try:
-                        await written
-                    except Exception as exc:  # kept for the next round; the report goes on without them
-                        self._orders = batch + self._orders
-                        self._log.warning("reports.orders_not_written", error=str(exc))
-                elif self._orders_written is not None and not self._orders_written.done():
-                    # Another report's thread is writing them (reports are prepared at once): this one waits too.
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(self._orders_written)
+                # The orders received before it: the report may need one of them. Those still here are written
+                # now; those another report or the periodic round took are ahead in the same thread's queue.
+                batch, self._orders = self._orders, []
+                try:
+                    await loop.run_in_executor(self._orders_thread, self.reports.remember, batch)
+                except Exception as exc:  # kept for the next round; the report goes on without them
+                    self._orders = batch + self._orders
+                    self._log.warning("reports.orders_not_written", error=str(exc))
                 if self._archive is not None:  # neither the archive's events nor the MPPS know its study: ask
                     missing = await loop.run_in_executor(self._reports_thread, self.reports.missing_study, payload)
                     study = await self._archive.study(*missing) if missing else None
@@ -671,7 +668,7 @@ class _Handling:
 
 # One validator per validator tree and cache in a process: its compiled schematrons (seconds to build) are shared by
 # the channels and engine restarts of the process.
-_VALIDATORS: dict[tuple[str, str], Any] = {}
+_VALIDATORS: dict[tuple[str, str, int], Any] = {}
 
 
 REPORT_TOPICS = ["study.#", "procedure.#"]  # the catalog sources: the archive's studies, the MPPS performed series
@@ -705,11 +702,9 @@ def make_publisher(config: dict[str, Any], runtime: Any) -> ReportStore:
         where = f"channel {config['name']}: reports.validation_processes"
         processes = default_processes() if processes in (None, "") else processes_setting(processes, where)
         if tree is not None:
-            key = (str(tree), str(settings.get("cache") or ""))
+            key = (str(tree), str(settings.get("cache") or ""), processes)  # channels asking for as many share it
             validator = _VALIDATORS.get(key)
-            if validator is None or validator.processes != processes:  # another number of processes: a new pool
-                if validator is not None:
-                    validator.close()  # a channel still using it starts its workers again on its next report
+            if validator is None:
                 validator = _VALIDATORS[key] = ProcessValidator(tree, key[1] or None, processes)
         else:
             log.warning("reports.unvalidated", channel=config["name"], reason="CI-SIS validators not found")

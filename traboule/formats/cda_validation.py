@@ -1079,7 +1079,9 @@ class ProcessValidator:
     def _worker(self) -> Any:
         with self._free:
             self._free.wait_for(lambda: bool(self._idle))
-            worker = self._idle.pop()
+            # A running one first (used last: warm), one to start (never started, or ended) only when none is idle.
+            worker = next((w for w in reversed(self._idle) if w.pid is not None), self._idle[-1])
+            self._idle.remove(worker)
         try:
             yield worker
         finally:

@@ -162,6 +162,7 @@ class DeliveryRecorder:
                 return
             self._pending.append(record)
             if self._thread is None:
+                self._stopping.clear()  # closed earlier (an engine stopped and started again): a thread as before
                 self._thread = threading.Thread(target=self._run, name="delivery-log", daemon=True)
                 self._thread.start()
 
@@ -179,9 +180,9 @@ class DeliveryRecorder:
             log.warning("delivery_log.write_failed", error=type(exc).__name__, rows=len(records))
         return store
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write the rows still waiting now and end the thread (blocking, at most ``timeout`` seconds): the engine
-        stops. A row added later is written by a thread of its own, at once."""
+    def close(self, timeout: float = 12.0) -> None:
+        """Write the rows still waiting now and end the thread (blocking, at most ``timeout`` seconds: longer than a
+        write waiting for the log's lock): the engine stops. Rows added later start a thread as before."""
         self._stopping.set()
         with self._lock:
             thread = self._thread

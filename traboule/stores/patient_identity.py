@@ -131,6 +131,7 @@ MAX_MERGE_CHAIN = 16  # merged into a patient later merged itself...: followed t
 # process is seen by the messages checked this long after it at most (a merge recorded in this process: at once).
 MERGES_RECHECK_S = 0.05
 _MERGES_WRITTEN: dict[str, int] = {}  # per registry file, the merges recorded by this process (its registries)
+_MERGES_WRITTEN_LOCK = threading.Lock()  # registries of one file in several threads each count theirs
 _INS_NAMES = {  # the namespace of an INS by its OID (PID-3.4.1)
     "1.2.250.1.213.1.4.8": "ASIP-SANTE-INS-NIR",
     "1.2.250.1.213.1.4.9": "ASIP-SANTE-INS-NIA",
@@ -1182,7 +1183,8 @@ class PatientIdentities(IdentityRules):
             except sqlite3.Error as exc:
                 log.warning("identities.merge_not_recorded", error=str(exc))
             self._merges = None  # read again
-            _MERGES_WRITTEN[self._file] = _MERGES_WRITTEN.get(self._file, 0) + 1  # and by this file's other readers
+            with _MERGES_WRITTEN_LOCK:  # read again by this file's other registries too
+                _MERGES_WRITTEN[self._file] = _MERGES_WRITTEN.get(self._file, 0) + 1
 
     def _release(self, pairs: list[Pair]) -> None:
         """One message's hold on its pairs ended: a pair no other message in flight holds is free again."""

@@ -178,6 +178,9 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+ENTRY_FRAMES = ("(threading.py", "(runners.py", "(cli.py", "run (__init__.py", "<frozen runpy>", "(traboule:")
+
+
 def print_profile(raw: str, top: int = 25) -> None:
     """py-spy's raw stacks summed: the functions with the most samples of their own, and inclusive."""
     own: collections.Counter[str] = collections.Counter()
@@ -196,8 +199,9 @@ def print_profile(raw: str, top: int = 25) -> None:
     print("own samples:")
     for name, count in own.most_common(top):
         print(f"  {count / total * 100:5.1f}%  {name}")
-    print("inclusive:")
-    for name, count in inclusive.most_common(top + 10)[10:]:
+    print("inclusive (without the threads' and the event loop's entry frames, in nearly every stack):")
+    shown = [(name, count) for name, count in inclusive.most_common() if not any(e in name for e in ENTRY_FRAMES)]
+    for name, count in shown[:top]:
         print(f"  {count / total * 100:5.1f}%  {name}")
 
 

@@ -41,6 +41,8 @@ tlog.configure("console", "warning")
 from traboule.adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
 
 TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
+STUDY_UID = "1.2.250.1.999.1.2.20261125.1"  # the template's (ZDS-1)
+assert STUDY_UID in TEMPLATE
 
 # The setup measured, written out rather than the engine's defaults (which grow): orders in, the worklist out.
 CONFIG = """
@@ -85,12 +87,15 @@ def http_port_pair() -> int:
 
 
 def message(conn: int, i: int, phase: str = "") -> bytes:
+    """An order of its own: message control id, order numbers, accession number and Study Instance UID (a RIS never
+    sends one study UID for thousands of exams; the patient is the same in every order)."""
     tag = f"{phase}{conn}-{i}"
     return (
         TEMPLATE.replace("MSG0001", f"B{tag}")
         .replace("PLC0001", f"P{tag}")
         .replace("FIL0001", f"F{tag}")
         .replace("ACC0001", f"A{tag}")
+        .replace(STUDY_UID, f"{STUDY_UID[:-1]}{int.from_bytes(tag.encode(), 'big')}")
         .encode("latin-1")
     )
 
@@ -222,14 +227,69 @@ async def bare_listener(port: int) -> MLLPListener:
     return listener
 
 
+async def floor_listener(port: int, folder: str) -> None:
+    """The floor of a durable ingest in Python on this machine, run as a process of its own (``--floor``): the same
+    framing, the message decoded and tokenized, a few fields to a JSON event, the raw bytes and the event inserted
+    in SQLite (WAL, ``synchronous=FULL``) and committed in groups (every message read while a commit is due shares
+    it), then the ACK built. No mapping, no patient registry, no outbox relay, no audit, no worklist: what plain
+    library calls cost, so that the engine's figures can be read against what any Python engine must spend."""
+    import json
+
+    from traboule.formats import hl7
+
+    db = sqlite3.connect(Path(folder) / "floor.sqlite", isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, raw BLOB, control_id TEXT, event TEXT)")
+    loop = asyncio.get_running_loop()
+    due: list[asyncio.Future[None] | None] = [None]
+
+    def commit() -> None:
+        waiting, due[0] = due[0], None
+        db.execute("COMMIT")
+        assert waiting is not None
+        waiting.set_result(None)
+
+    async def handler(data: bytes, peer: str) -> bytes:
+        decoded = hl7.decode(data)
+        msg = hl7.parse(decoded.text)
+        pid = msg.segment("PID")
+        orc = msg.segment("ORC")
+        event = json.dumps(
+            {
+                "type": msg.message_type,
+                "patient": pid.fields[3] if pid and len(pid.fields) > 3 else "",
+                "order": orc.fields[2] if orc and len(orc.fields) > 2 else "",
+            }
+        )
+        if due[0] is None:
+            db.execute("BEGIN")
+            due[0] = loop.create_future()
+            loop.call_soon(commit)
+        waiting = due[0]
+        db.execute("INSERT INTO messages (raw, control_id, event) VALUES (?, ?, ?)", (data, msg.control_id, event))
+        await waiting
+        ack = hl7.build_ack(msg, "AA", control_id="1", timestamp="20261206000000")
+        return ack.encode(decoded.codec, "replace")
+
+    listener = MLLPListener(handler, port=port, name="floor")
+    await listener.start()
+    await asyncio.Event().wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--profile", action="store_true", help="py-spy profile of the engine at 8 connections")
+    parser.add_argument("--floor", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
+    if args.floor:
+        await floor_listener(int(args.floor[0]), args.floor[1])
+        return
     rows = []
     end_to_end: dict[int, float] = {}
     cpu: dict[int, tuple[float, float, float]] = {}
+    floor_cpu: dict[int, float] = {}
     profile = ""
     with tempfile.TemporaryDirectory() as tmp:
         disk = fsync_rate(tmp)
@@ -267,6 +327,20 @@ async def main() -> None:
             engine.wait(30)
         if (Path(tmp) / "profile.txt").exists():
             profile = (Path(tmp) / "profile.txt").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_port = free_port()
+        floor = subprocess.Popen([sys.executable, __file__, "--floor", str(floor_port), tmp], cwd=ROOT)
+        try:
+            await wait_port(floor_port)
+            await drive(floor_port, 1, 200, "w")
+            for conns in (1, 8):
+                before_floor = cpu_seconds(floor.pid)
+                elapsed, lat = await drive(floor_port, conns, args.messages, f"c{conns}-")
+                floor_cpu[conns] = (cpu_seconds(floor.pid) - before_floor) / args.messages * 1000
+                rows.append(row("plain durable (parse+SQLite+fsync)", conns, args.messages, elapsed, lat))
+        finally:
+            floor.terminate()
+            floor.wait(30)
     bare_port = free_port()
     listener = await bare_listener(bare_port)
     for conns in (1, 8):
@@ -279,8 +353,14 @@ async def main() -> None:
         print(f"{name:34} {conns:>5} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f}")
     ours = {r[1]: r[2] for r in rows if r[0].startswith("traboule")}
     bare = {r[1]: r[2] for r in rows if r[0].startswith("bare")}
+    floor = {r[1]: r[2] for r in rows if r[0].startswith("plain")}
     for conns in (1, 8):
         print(f"ratio traboule / bare at {conns} connection(s): {ours[conns] / bare[conns]:.2f}")
+    for conns in (1, 8):
+        print(
+            f"ratio traboule / plain durable at {conns} connection(s): {ours[conns] / floor[conns]:.2f}"
+            f" (plain durable's CPU: {floor_cpu[conns]:.3f} ms per order)"
+        )
     for conns in (1, 8):
         print(f"end to end at {conns} connection(s) (sent -> on the worklist): {end_to_end[conns]:.0f} orders/s")
     print(f"disk: {disk:.0f} fsync'd 1 KiB appends/s; ratio orders/s at 1 connection / fsyncs/s: {ours[1] / disk:.2f}")
@@ -292,4 +372,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if "--floor" in sys.argv:  # the floor's process runs on uvloop, as the engine does
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

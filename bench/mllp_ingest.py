@@ -42,7 +42,8 @@ from traboule.adapters.mllp import MLLPClient, MLLPListener  # noqa: E402
 
 TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
 STUDY_UID = "1.2.250.1.999.1.2.20261125.1"  # the template's (ZDS-1)
-assert STUDY_UID in TEMPLATE
+TEMPLATE_INS = "279035121518989"  # the template's INS (PID-3)
+assert STUDY_UID in TEMPLATE and TEMPLATE_INS in TEMPLATE
 
 # The setup measured, written out rather than the engine's defaults (which grow): orders in, the worklist out.
 CONFIG = """
@@ -86,12 +87,26 @@ def http_port_pair() -> int:
     raise RuntimeError("no pair of free ports")
 
 
+PATIENTS = {"each": False}  # --patients each: every order names a patient of its own (a new IPP and INS)
+
+
+def nir(n: int) -> str:
+    """A valid INS-NIR (its key computed), one per ``n``."""
+    body = f"{1790375000000 + n:013d}"
+    return f"{body}{97 - int(body) % 97:02d}"
+
+
 def message(conn: int, i: int, phase: str = "") -> bytes:
     """An order of its own: message control id, order numbers, accession number and Study Instance UID (a RIS never
-    sends one study UID for thousands of exams; the patient is the same in every order)."""
+    sends one study UID for thousands of exams); the same patient in every order, or with ``--patients each`` a
+    patient of its own (as in a migration's years of orders: most patients new to the registry)."""
     tag = f"{phase}{conn}-{i}"
+    text = TEMPLATE
+    if PATIENTS["each"]:
+        n = int.from_bytes(tag.encode(), "big") % 10**9
+        text = text.replace("IPP0001", f"IPP{n:09d}").replace(TEMPLATE_INS, nir(n))
     return (
-        TEMPLATE.replace("MSG0001", f"B{tag}")
+        text.replace("MSG0001", f"B{tag}")
         .replace("PLC0001", f"P{tag}")
         .replace("FIL0001", f"F{tag}")
         .replace("ACC0001", f"A{tag}")
@@ -281,11 +296,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--profile", action="store_true", help="py-spy profile of the engine at 8 connections")
+    parser.add_argument(
+        "--patients", choices=("one", "each"), default="one", help="one patient for every order, or each its own"
+    )
     parser.add_argument("--floor", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
     if args.floor:
         await floor_listener(int(args.floor[0]), args.floor[1])
         return
+    PATIENTS["each"] = args.patients == "each"
     rows = []
     end_to_end: dict[int, float] = {}
     cpu: dict[int, tuple[float, float, float]] = {}

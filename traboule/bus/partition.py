@@ -17,8 +17,9 @@ survivor's own key, and the survivor's events after it too: those are not ordere
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
+
+import orjson
 
 from traboule.bus import PARTITION_KEY
 from traboule.model import INS_OIDS
@@ -35,8 +36,8 @@ def partition_key(body: bytes) -> str | None:
     """The key of an event published by the engine (``Envelope.to_json``); None when it names no patient
     (then the bus puts it with the other keyless events) or is not such an event."""
     try:
-        envelope = json.loads(body)
-    except ValueError:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None
     payload = envelope.get("payload") if isinstance(envelope, dict) else None
     if not isinstance(payload, dict):

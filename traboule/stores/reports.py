@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 import structlog
 
 from traboule import model
@@ -1197,15 +1198,18 @@ def kept_messages(where: Path | str | ReportPublisher | ReportStorage) -> set[st
 
 
 def _order_summary(order: model.ImagingOrder) -> dict[str, Any]:
-    """What a report may take from its order (kept small: written for every order the channel receives)."""
-    return {
-        "placer_order_number": model.plain(order.placer_order_number),
-        "filler_order_number": model.plain(order.filler_order_number),
-        "accession_number": model.plain(order.accession_number),
+    """What a report may take from its order (kept small: written for every order the channel receives). As
+    `model.plain` would make it, through orjson (which walks the dataclasses in C: `plain` took 5% of the ingest
+    process's time here)."""
+    summary = {
+        "placer_order_number": order.placer_order_number,
+        "filler_order_number": order.filler_order_number,
+        "accession_number": order.accession_number,
         "study_instance_uid": order.study_instance_uid,
-        "procedure": model.plain(order.procedure),
+        "procedure": order.procedure,
         "steps": [{"modality": step.modality} for step in order.steps[:1]],
     }
+    return orjson.loads(orjson.dumps(summary))  # type: ignore[no-any-return]
 
 
 def document_of(

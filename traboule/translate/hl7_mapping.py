@@ -1300,6 +1300,7 @@ MEDIA_TYPES = {
 _INS = re.compile(r"^[0-9]{5}(?:[0-9]{2}|2[AB])[0-9]{8}$")
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per message for the same INS (mapping, registry)
 def ins_key_ok(value: str) -> bool:
     """INS-NIR / NIA check: 13 characters (Corsica: department 2A / 2B counted as 19 / 18) then a 2-digit key
     = 97 - (the 13 as a number) mod 97."""

@@ -459,6 +459,26 @@ def test_a_status_message_completes_the_order_summary_without_blanking_it(tmp_pa
     assert kept is not None and kept.procedure.code == "CTTAP" and kept.study_instance_uid == STUDY_UID
 
 
+def test_orders_of_one_batch_are_merged_in_the_order_received(tmp_path: Path) -> None:
+    """One round of the channel hands over every order of half a second: an order, its status and a change of
+    its procedure, with an order already kept for another accession number, merge as one at a time would."""
+    publisher = _publisher(tmp_path)
+    (order,) = HL7InboundMapping().map(hl7.parse(hl7.decode(fixture("orm_o01_nw_latin1.hl7")).text))
+    (other,) = HL7InboundMapping().map(hl7.parse(hl7.decode(fixture("orm_o01_nw_latin1.hl7")).text))
+    other.accession_number = Identifier("ACC0002")
+    publisher.remember([other])
+    status = model.ImagingOrder(action="status", accession_number=Identifier("ACC0001"))
+    change = model.ImagingOrder(action="change", accession_number=Identifier("ACC0001"))
+    change.procedure.code = "IRMGEN"
+    other_status = model.ImagingOrder(action="status", accession_number=Identifier("ACC0002"))
+    publisher.remember([order, status, change, other_status])
+    kept = publisher.order_for("ACC0001")
+    assert kept is not None and kept.procedure.code == "IRMGEN" and kept.study_instance_uid == STUDY_UID
+    assert kept.placer_order_number.value == order.placer_order_number.value
+    kept_other = publisher.order_for("ACC0002")
+    assert kept_other is not None and kept_other.procedure.code == "CTTAP"
+
+
 def test_a_replacement_of_an_unknown_or_older_version_is_refused(tmp_path: Path) -> None:
     from traboule.stores.reports import ReportRefused
 

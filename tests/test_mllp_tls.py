@@ -10,6 +10,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,78 @@ def test_tls_under_uvloop(pki: PKI) -> None:
             await listener.stop()
 
     uvloop.run(main())
+
+
+def cli_config(path: Path, data_dir: Path, port: int, pki: PKI, listener_tls: dict[str, Any] | None) -> Path:
+    """A configuration naming the engine's listener as the ``send`` and ``journal replay`` commands read it."""
+    table = ""
+    if listener_tls is not None:
+        table = ", tls = {" + ", ".join(f'{k} = "{v}"' for k, v in listener_tls.items()) + "}"
+    path.write_text(
+        f"""
+[engine]
+defaults = false
+data_dir = "{data_dir}"
+
+[tls]
+ca_file = "{pki.ca}"
+
+[[channels]]
+name = "ris-orders"
+kind = "hl7-orders"
+source = {{adapter = "mllp-listener", host = "127.0.0.1", port = {port}{table}}}
+"""
+    )
+    return path
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "traboule.app.cli", *args]
+    root = Path(__file__).resolve().parent.parent
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, cwd=root, timeout=60)
+
+
+async def test_send_and_replay_speak_tls_to_the_configured_listener(tmp_path: Path, pki: PKI) -> None:
+    """`traboule send` and `journal replay` without --to: TLS as the listener has it, its certificate checked
+    against the site CA, the listener's own (dual-use) certificate presented where it asks for client ones."""
+    dual = pki.issue("dual", "localhost", server=True, client_too=True)
+    listener = {"client_certs": "required", "cert_file": str(dual.cert), "key_file": str(dual.key)}
+    async with tls_engine(tmp_path, pki, tls=dict(listener)) as engine:
+        port = mllp_port(engine)
+        config = cli_config(tmp_path / "cli.toml", tmp_path, port, pki, listener)
+        order = tmp_path / "order.hl7"
+        order.write_bytes(ORDER)
+        sent = await run_cli("--config", str(config), "send", str(order))
+        assert sent.returncode == 0, sent.stderr
+        assert "over TLS" in sent.stderr and ": AA" in sent.stdout
+        assert engine.journal is not None
+        (entry,) = engine.journal.recent(1)
+        replayed = await run_cli("--config", str(config), "journal", "replay", str(entry.id))
+        assert replayed.returncode == 0, replayed.stderr
+        assert "over TLS" in replayed.stderr and f"journal entry {entry.id}: AA" in replayed.stdout
+        assert [e.status for e in engine.journal.recent(2)] == ["duplicate", "accepted"]
+
+
+async def test_send_to_a_tls_listener_with_the_wrong_trust_says_what_to_give(tmp_path: Path, pki: PKI) -> None:
+    async with tls_engine(tmp_path, pki, tls={"client_certs": "required"}) as engine:
+        port = mllp_port(engine)
+        config = cli_config(tmp_path / "cli.toml", tmp_path, port, pki, None)  # the listener as a plain one
+        order = tmp_path / "order.hl7"
+        order.write_bytes(ORDER)
+        to = ["--to", f"127.0.0.1:{port}"]
+        ok = await run_cli(
+            "--config", str(config), "send", str(order), *to, "--cert", str(pki.ris.cert), "--key", str(pki.ris.key)
+        )
+        assert ok.returncode == 0 and ": AA" in ok.stdout, ok.stderr  # the [tls] CA checks the listener
+        untrusted = await run_cli("--config", str(config), "send", str(order), *to, "--ca", str(pki.other_ca))
+        assert untrusted.returncode == 2 and "Traceback" not in untrusted.stderr
+        assert "over TLS" in untrusted.stderr and "give --ca" in untrusted.stderr
+        no_cert = await run_cli("--config", str(config), "send", str(order), *to, "--tls")
+        assert no_cert.returncode == 2 and "Traceback" not in no_cert.stderr
+        assert "cannot send to" in no_cert.stderr and "give --cert and --key" in no_cert.stderr
+        half = await run_cli("--config", str(config), "send", str(order), *to, "--cert", str(pki.ris.cert))
+        assert half.returncode == 2 and "--cert and --key go together" in half.stderr
+        plain = await run_cli("--config", str(config), "send", str(order), *to)  # no TLS asked: plain MLLP
+        assert plain.returncode == 2 and "over TLS" not in plain.stderr and "Traceback" not in plain.stderr
+        assert "--tls" in plain.stderr
+        assert engine.journal is not None and engine.journal.count(Query(channels=["ris-orders"])) == 1

@@ -8,12 +8,13 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvloop
 
@@ -68,6 +69,17 @@ def _send_arguments(send: argparse.ArgumentParser) -> None:
     send.add_argument("files", nargs="+", type=Path)
     send.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
     send.add_argument("--timeout", type=float, default=30.0)
+    _client_tls_arguments(send)
+
+
+def _client_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS of an MLLP client command: on by itself towards the configured listener when it has TLS."""
+    tls = parser.add_argument_group("TLS (default: as the configured listener, when --to is not given)")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca, --cert, --server-name)")
+    tls.add_argument("--ca", default="", help="PEM CAs the listener's certificate is checked against")
+    tls.add_argument("--cert", default="", help="PEM client certificate, for a listener that asks for one")
+    tls.add_argument("--key", default="", help="PEM private key of --cert")
+    tls.add_argument("--server-name", default="", help="name checked in the listener's certificate (SNI)")
 
 
 def _worklist_arguments(wl: argparse.ArgumentParser) -> None:
@@ -102,6 +114,7 @@ def _journal_arguments(jr: argparse.ArgumentParser) -> None:
     jr_replay = jr_sub.add_parser("replay", help="send a journaled message through the MLLP listener again")
     jr_replay.add_argument("ids", type=int, nargs="+")
     jr_replay.add_argument("--to", default="", help="host:port (default: the configured MLLP listener)")
+    _client_tls_arguments(jr_replay)
     jr_reprocess = jr_sub.add_parser(
         "reprocess",
         help="map journaled messages again with today's mappings and deliver their events to chosen channels only",
@@ -576,11 +589,96 @@ def _bus_description(cfg: config_mod.Config) -> str:
 
 def _mllp_address(cfg: config_mod.Config) -> str:
     """host:port of the first configured MLLP listener (empty when none)."""
+    source = _mllp_source(cfg)
+    return f"{source.get('host', '127.0.0.1')}:{source.get('port', 2575)}" if source is not None else ""
+
+
+def _mllp_source(cfg: config_mod.Config) -> dict[str, Any] | None:
+    """The ``source`` table of the first configured MLLP listener."""
     for channel in cfg.channels:
         source = channel.get("source") or {}
         if isinstance(source, dict) and source.get("adapter") == "mllp-listener":
-            return f"{source.get('host', '127.0.0.1')}:{source.get('port', 2575)}"
-    return ""
+            return source
+    return None
+
+
+class ClientTLS(NamedTuple):
+    """How `send` and `journal replay` connect: ``context`` None for plain MLLP."""
+
+    context: ssl.SSLContext | None
+    server_name: str = ""
+    client_cert: bool = False  # a client certificate is presented
+
+
+def _client_tls(cfg: config_mod.Config, args: argparse.Namespace) -> ClientTLS:
+    """The TLS of an MLLP client command. Towards the configured listener (no ``--to``) with TLS: TLS, its
+    certificate checked against ``--ca``, else the listener's ``ca_file`` (the site CA), and the name in it (its
+    first DNS name: the command connects to an address); the listener's own certificate presented when it asks
+    for client certificates (a site certificate for both uses), unless ``--cert``. Towards ``--to``: TLS when
+    asked (``--tls``, ``--ca``, ``--cert``, ``--server-name``), the ``[tls]`` CA unless ``--ca``."""
+    from traboule.tls import TLSSettings, client_context
+
+    asked = bool(args.tls or args.ca or args.cert or args.server_name)
+    if bool(args.cert) != bool(args.key):
+        raise config_mod.ConfigError("--cert and --key go together")
+    source = None if args.to else _mllp_source(cfg)
+    listener = TLSSettings()
+    if source is not None:
+        listener = TLSSettings.from_config(source.get("tls"), "the MLLP listener", cfg.tls)
+    if not (asked or listener.enabled):
+        return ClientTLS(None)
+    cert, key, password = args.cert, args.key, ""
+    if not cert and listener.enabled and listener.client_certs != "none":
+        cert, key, password = listener.cert_file, listener.key_file, listener.key_password
+    settings = TLSSettings(
+        enabled=True,
+        ca_file=args.ca or (listener.ca_file if listener.enabled else cfg.tls.ca_file),
+        cert_file=cert,
+        key_file=key,
+        key_password=password,
+        min_version=listener.min_version if listener.enabled else "1.2",
+        server_name=args.server_name,
+    )
+    settings.check("TLS of this command")
+    name = args.server_name or (_certificate_name(listener.cert_file) if listener.enabled else "")
+    return ClientTLS(client_context(settings), name, bool(cert))
+
+
+def _certificate_name(cert_file: str) -> str:
+    """The first DNS name of a PEM certificate (its subject's CN when it has none); "" when unreadable."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError):
+        return ""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if dns:
+        return str(dns[0])
+    common = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return str(common[0].value) if common else ""
+
+
+def _closed_hint(tls: ClientTLS) -> str:
+    """What a connection closed or reset by the listener may mean."""
+    if tls.context is None:
+        return " (does the listener speak TLS? give --tls)"
+    return "" if tls.client_cert else " (does the listener ask for a client certificate? give --cert and --key)"
+
+
+def _tls_failure(to: str, exc: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, with what to give (no certificate content)."""
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    hint = (
+        "give --ca with the CA of the listener's certificate (or --server-name with the name in it)"
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+        else "a listener that asks for a client certificate needs --cert and --key"
+    )
+    return f"cannot send to {to} over TLS: {reason}; {hint}"
 
 
 def _same_bus(cfg: config_mod.Config) -> str | None:
@@ -609,11 +707,20 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         print("no MLLP listener in the configuration: give --to host:port", file=sys.stderr)
         return 2
     host, _, port = to.rpartition(":")
-    print(f"sending to mllp://{host or '127.0.0.1'}:{port}", file=sys.stderr)
+    try:
+        tls = _client_tls(cfg, args)
+    except (config_mod.ConfigError, ssl.SSLError, OSError) as exc:
+        print(f"cannot use TLS: {exc}", file=sys.stderr)
+        return 2
+    over = " over TLS" if tls.context is not None else ""
+    print(f"sending to mllp://{host or '127.0.0.1'}:{port}{over}", file=sys.stderr)
 
     async def go() -> int:
         worst = 0
-        async with MLLPClient(host or "127.0.0.1", int(port), timeout=args.timeout) as client:
+        client = MLLPClient(
+            host or "127.0.0.1", int(port), timeout=args.timeout, ssl=tls.context, server_hostname=tls.server_name
+        )
+        async with client:
             for path in args.files:
                 ack = await client.send(path.read_bytes())
                 text = ack.decode("utf-8", "replace")
@@ -629,7 +736,14 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     try:
         return asyncio.run(go())
     except asyncio.IncompleteReadError:
-        print(f"cannot send to {to}: the listener closed the connection without an answer", file=sys.stderr)
+        closed = "the listener closed the connection without an answer"
+        print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
+        return 2
+    except ssl.SSLError as exc:
+        print(_tls_failure(to, exc), file=sys.stderr)
+        return 2
+    except ConnectionResetError as exc:
+        print(f"cannot send to {to}: {exc}{_closed_hint(tls)}", file=sys.stderr)
         return 2
     except (OSError, TimeoutError) as exc:
         print(f"cannot send to {to}: {exc or type(exc).__name__}", file=sys.stderr)
@@ -813,18 +927,37 @@ def _replay(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Name
     if missing or not port:
         print(f"no journal entry {missing}" if missing else "no MLLP listener configured: give --to", file=sys.stderr)
         return 1
-    print(f"sending to mllp://{host or '127.0.0.1'}:{port}", file=sys.stderr)
+    try:
+        tls = _client_tls(cfg, args)
+    except (config_mod.ConfigError, ssl.SSLError, OSError) as exc:
+        print(f"cannot use TLS: {exc}", file=sys.stderr)
+        return 2
+    over = " over TLS" if tls.context is not None else ""
+    print(f"sending to mllp://{host or '127.0.0.1'}:{port}{over}", file=sys.stderr)
 
     async def go() -> int:
         worst = 0
-        async with MLLPClient(host or "127.0.0.1", int(port)) as client:
+        async with MLLPClient(
+            host or "127.0.0.1", int(port), ssl=tls.context, server_hostname=tls.server_name
+        ) as client:
             for entry in entries:
                 code = _ack_code((await client.send(entry.raw)).decode("utf-8", "replace"))
                 print(f"journal entry {entry.id}: {code}")
                 worst = worst or (0 if code == "AA" else 1)
         return worst
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except ssl.SSLError as exc:
+        print(_tls_failure(to, exc), file=sys.stderr)
+        return 2
+    except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
+        closed = "the listener closed the connection" if isinstance(exc, asyncio.IncompleteReadError) else str(exc)
+        print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
+        return 2
+    except (OSError, TimeoutError) as exc:
+        print(f"cannot send to {to}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
 
 
 def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Namespace) -> int:

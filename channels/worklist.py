@@ -27,9 +27,11 @@ each C-FIND it answers is recorded on the audit trail (RAD-5: the caller, the qu
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -161,17 +163,24 @@ class WorklistChannel(BatchConsumerChannel):
         # The journal id the dispatcher put on each event: the order in which the RIS messages were received.
         seqs = [int(d.headers.get("journal-id") or 0) for d in deliveries]
         results = await asyncio.to_thread(self._apply, envelopes, seqs)
+        # Each event's ids are bound for its log line only when the line is written: binding costs more than the
+        # rest of an event's bookkeeping here. The metric is counted once a batch and outcome.
+        logged = _writes(self._log, logging.INFO)
+        outcomes: collections.Counter[str] = collections.Counter()
         for delivery, env, (outcome, upserts, deletes) in zip(deliveries, envelopes, results, strict=True):
-            metrics.events_processed.labels(self.name, outcome).inc()
+            outcomes[outcome] += 1
             self.note(env, f"{outcome}: {upserts} item(s) written, {deletes} removed", _LOGGED.get(outcome, "applied"))
-            with self.bound(env):
-                self._log.info(
-                    f"worklist.{outcome}",
-                    topic=delivery.topic,
-                    upserts=upserts,
-                    deletes=deletes,
-                    attempt=delivery.attempt,
-                )
+            if logged:
+                with self.bound(env):
+                    self._log.info(
+                        f"worklist.{outcome}",
+                        topic=delivery.topic,
+                        upserts=upserts,
+                        deletes=deletes,
+                        attempt=delivery.attempt,
+                    )
+        for outcome, count in outcomes.items():
+            metrics.events_processed.labels(self.name, outcome).inc(count)
         # Off the loop: the store's database may be slow to answer; the batch is applied whatever a metric says.
         with contextlib.suppress(Exception):
             metrics.worklist_items.set(await asyncio.to_thread(self.store.count))
@@ -304,6 +313,12 @@ class WorklistChannel(BatchConsumerChannel):
             if keyword in full:
                 out[keyword] = full[keyword]
         return out
+
+
+def _writes(logger: Any, level: int) -> bool:
+    """Whether ``logger`` writes lines of ``level`` (a logger that cannot say is taken to write them)."""
+    enabled = getattr(logger, "is_enabled_for", None)
+    return enabled is None or bool(enabled(level))
 
 
 def derived_uid(*parts: str) -> str:

@@ -122,7 +122,17 @@ def element_values(elem: DataElement) -> list[str]:
 
 def stored_texts(elem: DataElement, *, fold: bool = False) -> list[str]:
     """Normalized stored values, as the matcher compares them (also used to fill index columns)."""
-    texts = [normalize(v, elem.VR) for v in element_values(elem)]
+    return normalized_texts(element_values(elem), elem.VR, fold=fold)
+
+
+def normalized_texts(values: list[str], vr: str, *, fold: bool = False) -> list[str]:
+    """`stored_texts` of an element of this VR whose `element_values` are ``values``."""
+    if len(values) == 1:  # most elements: no intermediate lists (13 index columns for each item the worklist writes)
+        text = normalize(values[0], vr)
+        if fold:
+            text = fold_name(text)
+        return [text] if text != "" else []
+    texts = [normalize(v, vr) for v in values]
     if fold:
         texts = [fold_name(t) for t in texts]
     return [t for t in texts if t != ""]

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import suppress
 from io import BytesIO
-from typing import NamedTuple, TypeVar, cast
+from typing import TypeVar
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -28,7 +27,7 @@ from pydicom.filewriter import write_dataset
 
 from traboule.errors import EncodingError
 from traboule.formats.dicom_encoding import UNSPLIT_VRS, Element
-from traboule.formats.dicom_match import parse_da, stored_texts
+from traboule.formats.dicom_match import normalized_texts, parse_da, stored_texts
 
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021
@@ -103,7 +102,7 @@ def item_columns(elements: list[Element]) -> tuple[object, ...]:
     if not isinstance(sps_items, list):
         raise EncodingError("the SPS sequence must be a list of items")
     sps = {elem[0]: elem for elem in sps_items[0]}.get if sps_items else None
-    return _columns(top.get, sps, len(sps_items), lambda elem, fold: _tree_texts(*elem, fold=fold))
+    return _columns(top.get, sps, len(sps_items), _tree_texts)
 
 
 _E = TypeVar("_E")
@@ -152,15 +151,9 @@ def _columns(
     )
 
 
-class _TreeValues(NamedTuple):
-    """The part of a DataElement `stored_texts` reads, for a tree element's values."""
-
-    VR: str
-    value: list[str]
-
-
-def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
-    """`stored_texts` of a tree element."""
+def _tree_texts(element: Element, fold: bool) -> list[str]:
+    """`stored_texts` of a tree element (its `element_values`: the text's values, UI values stripped)."""
+    tag, vr, value = element
     if value is None or value == "":
         return []
     if vr not in _TEXT_COLUMN_VRS or not isinstance(value, str):
@@ -168,4 +161,4 @@ def _tree_texts(tag: int, vr: str, value: object, *, fold: bool) -> list[str]:
     values = [value] if vr in UNSPLIT_VRS else value.split("\\")
     if vr == "UI":
         values = [v.strip() for v in values]  # as pydicom's UID does
-    return stored_texts(cast(DataElement, _TreeValues(vr, values)), fold=fold)
+    return normalized_texts(values, vr, fold=fold)

@@ -118,6 +118,7 @@ CREATE TABLE IF NOT EXISTS order_seq (
 """
 
 _BATCH = 256  # datasets fetched per short read transaction while a response streams
+_PREFIXES = 400  # key prefixes per statement (two parameters each: below SQLite's bound on host parameters)
 
 
 def _fully_converted(ds: Dataset) -> Dataset:
@@ -319,6 +320,30 @@ class SQLiteWorklistStore:
         with self._reader() as conn:
             return [r[0] for r in conn.execute(sql, (escaped + "*",))]
 
+    def keys_with_prefixes(self, prefixes: list[str]) -> dict[str, list[str]]:
+        """`keys_with_prefix` of several prefixes (a batch's orders) in one statement: a statement per order was
+        ~15 us of the worklist consumer's CPU per order. The keys starting with ``p`` are those from ``p`` up to
+        ``p`` with its last character's successor, excluded (text compares as UTF-8 bytes: code point order); one
+        range search of the key index per prefix."""
+        wanted = sorted({p for p in prefixes if p and "\x00" not in p and _successor(p[-1])})
+        found: dict[str, list[str]] = {p: [] for p in wanted}
+        for start in range(0, len(wanted), _PREFIXES):
+            chunk = wanted[start : start + _PREFIXES]
+            sql = (
+                f"WITH r(lo, hi) AS (VALUES {', '.join('(?, ?)' for _ in chunk)})"
+                " SELECT r.lo, items.key FROM r JOIN items ON items.key >= r.lo AND items.key < r.hi"
+                " ORDER BY r.lo, items.key"
+            )
+            params = [x for p in chunk for x in (p, p[:-1] + _successor(p[-1]))]
+            with self._reader() as conn:
+                rows = conn.execute(sql, params).fetchall()
+            for prefix, key in rows:
+                found[prefix].append(key)
+        for prefix in prefixes:
+            if prefix not in found:  # empty, a NUL (which GLOB reads as the end), no successor: one statement
+                found[prefix] = self.keys_with_prefix(prefix)
+        return found
+
     def count(self) -> int:
         with self._reader() as conn:
             return int(conn.execute("SELECT count(*) FROM items").fetchone()[0])
@@ -419,6 +444,12 @@ def _row(key: str, item: Item) -> tuple[object, ...]:
     if isinstance(item, EncodedItem):
         return (key, *item.columns, item.data)
     return (key, *dataset_columns(item), encode_item(item))
+
+
+def _successor(char: str) -> str:
+    """The next character UTF-8 can hold ("" for the last code point and the one before the surrogates)."""
+    n = ord(char) + 1
+    return "" if n > 0x10FFFF or 0xD800 <= n <= 0xDFFF else chr(n)
 
 
 def _glob(pattern: str) -> str:

@@ -471,3 +471,28 @@ async def test_send_to_a_tls_listener_with_the_wrong_trust_says_what_to_give(tmp
         assert plain.returncode == 2 and "over TLS" not in plain.stderr and "Traceback" not in plain.stderr
         assert "--tls" in plain.stderr
         assert engine.journal is not None and engine.journal.count(Query(channels=["ris-orders"])) == 1
+
+
+async def test_send_with_tls_to_a_plain_listener_says_to_leave_tls_out(tmp_path: Path, pki: PKI) -> None:
+    async with tls_engine(tmp_path, pki, tls=False) as engine:
+        port = mllp_port(engine)
+        config = cli_config(tmp_path / "cli.toml", tmp_path, port, pki, None)
+        order = tmp_path / "order.hl7"
+        order.write_bytes(ORDER)
+        to = ["--to", f"127.0.0.1:{port}", "--timeout", "3"]
+        sent = await run_cli("--config", str(config), "send", str(order), *to, "--tls")
+        assert sent.returncode == 2 and "Traceback" not in sent.stderr
+        # The listener answers the handshake's bytes as a refused frame (not TLS), or waits for a frame: either way
+        # the command says to speak in clear.
+        assert "leave out --tls" in sent.stderr
+        assert "WRONG_VERSION_NUMBER" in sent.stderr or "no answer within 3 s" in sent.stderr
+        plain = await run_cli("--config", str(config), "send", str(order))  # the configured listener: in clear
+        assert plain.returncode == 0 and "over TLS" not in plain.stderr and ": AA" in plain.stdout
+
+
+def test_the_name_checked_is_the_certificates_first_dns_name_else_its_cn(pki: PKI, tmp_path: Path) -> None:
+    from traboule.app.cli import _certificate_name
+
+    assert _certificate_name(str(pki.server.cert)) == "localhost"  # DNS:localhost, IP:127.0.0.1
+    assert _certificate_name(str(pki.ris.cert)) == "ris.example"  # no alternative name: the CN
+    assert _certificate_name(str(tmp_path / "missing.pem")) == ""

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -420,30 +421,38 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) dataclass from ``plain`` output; unknown keys are ignored."""
-    builders = _builders(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in builders:
-            build = builders[name]
-            kwargs[name] = build(value) if build else value
-    return cls(**kwargs)
+    reader = _READERS.get(cls)
+    if reader is None:
+        reader = _READERS[cls] = _reader(cls)
+    return reader(data)
 
 
-_BUILDERS: dict[type, dict[str, Any]] = {}
+_READERS: dict[type, Callable[[dict[str, Any]], Any]] = {}
 
 
-def _builders(cls: type) -> dict[str, Any]:
-    """Per field: how to rebuild its value (None for plain values), computed once per class: resolving type
-    hints on every event cost more than the rest of the decoding."""
-    found = _BUILDERS.get(cls)
-    if found is None:
-        import typing
+def _reader(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """How to rebuild a ``cls`` from its dict, made once per class: resolving type hints on every event cost more
+    than the rest of the decoding, and a class of plain fields (most: identifiers, codes) takes one comprehension."""
+    import typing
 
-        found = {}
-        for name, hint in typing.get_type_hints(cls).items():
-            found[name] = _builder(hint)
-        _BUILDERS[cls] = found
-    return found
+    builders = {name: _builder(hint) for name, hint in typing.get_type_hints(cls).items()}
+    plain_fields = frozenset(name for name, build in builders.items() if build is None)
+    nested = {name: build for name, build in builders.items() if build is not None}
+    if not nested:
+        return lambda data: cls(**{k: v for k, v in data.items() if k in plain_fields})
+
+    def read(data: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in plain_fields:
+                kwargs[name] = value
+            else:
+                build = nested.get(name)
+                if build is not None:
+                    kwargs[name] = build(value)
+        return cls(**kwargs)
+
+    return read
 
 
 def _builder(hint: Any) -> Any:

@@ -624,7 +624,10 @@ def _client_tls(cfg: config_mod.Config, args: argparse.Namespace) -> ClientTLS:
     source = None if args.to else _mllp_source(cfg)
     listener = TLSSettings()
     if source is not None:
-        listener = TLSSettings.from_config(source.get("tls"), "the MLLP listener", cfg.tls)
+        try:
+            listener = TLSSettings.from_config(source.get("tls"), "the MLLP listener", cfg.tls)
+        except config_mod.ConfigError as exc:  # e.g. its key, which this user may not read and a client needs not
+            raise config_mod.ConfigError(f"{exc} (or give --to host:port with --ca, --cert and --key)") from None
     if not (asked or listener.enabled):
         return ClientTLS(None)
     cert, key, password = args.cert, args.key, ""
@@ -645,7 +648,8 @@ def _client_tls(cfg: config_mod.Config, args: argparse.Namespace) -> ClientTLS:
 
 
 def _certificate_name(cert_file: str) -> str:
-    """The first DNS name of a PEM certificate (its subject's CN when it has none); "" when unreadable."""
+    """The first DNS name of a PEM certificate; "" when it names addresses only (the one connected to is checked),
+    or is unreadable; its subject's CN when it has no alternative name."""
     from cryptography import x509
 
     try:
@@ -654,11 +658,11 @@ def _certificate_name(cert_file: str) -> str:
         return ""
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = names.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
-        dns = []
-    if dns:
-        return str(dns[0])
+        names = None
+    if names is not None:
+        dns = names.get_values_for_type(x509.DNSName)
+        return str(dns[0]) if dns else ""
     common = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
     return str(common[0].value) if common else ""
 
@@ -670,15 +674,27 @@ def _closed_hint(tls: ClientTLS) -> str:
     return "" if tls.client_cert else " (does the listener ask for a client certificate? give --cert and --key)"
 
 
-def _tls_failure(to: str, exc: ssl.SSLError) -> str:
+def _silence_hint(tls: ClientTLS) -> str:
+    """What a listener that does not answer may mean."""
+    return " (a listener without TLS does not answer a TLS handshake: leave out --tls)" if tls.context else ""
+
+
+def _tls_failure(to: str, exc: ssl.SSLError, tls: ClientTLS) -> str:
     """Why a TLS handshake failed, with what to give (no certificate content)."""
-    reason = getattr(exc, "reason", None) or type(exc).__name__
-    hint = (
-        "give --ca with the CA of the listener's certificate (or --server-name with the name in it)"
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc)
-        else "a listener that asks for a client certificate needs --cert and --key"
-    )
-    return f"cannot send to {to} over TLS: {reason}; {hint}"
+    reason = str(getattr(exc, "reason", None) or type(exc).__name__)
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        hint = "; give --ca with the CA of the listener's certificate (or --server-name with the name in it)"
+    elif reason == "WRONG_VERSION_NUMBER":
+        hint = "; the listener does not speak TLS (leave out --tls, --ca, --cert)"
+    elif "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:  # an alert about the client's certificate
+        hint = (
+            "; the listener refused the client certificate (its CA, its subject)"
+            if tls.client_cert
+            else "; the listener asks for a client certificate: give --cert and --key"
+        )
+    else:
+        hint = ""
+    return f"cannot send to {to} over TLS: {reason}{hint}"
 
 
 def _same_bus(cfg: config_mod.Config) -> str | None:
@@ -740,13 +756,16 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
         return 2
     except ssl.SSLError as exc:
-        print(_tls_failure(to, exc), file=sys.stderr)
+        print(_tls_failure(to, exc, tls), file=sys.stderr)
         return 2
     except ConnectionResetError as exc:
         print(f"cannot send to {to}: {exc}{_closed_hint(tls)}", file=sys.stderr)
         return 2
-    except (OSError, TimeoutError) as exc:
-        print(f"cannot send to {to}: {exc or type(exc).__name__}", file=sys.stderr)
+    except TimeoutError:
+        print(f"cannot send to {to}: no answer within {args.timeout:g} s{_silence_hint(tls)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cannot send to {to}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 
@@ -949,14 +968,17 @@ def _replay(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Name
     try:
         return asyncio.run(go())
     except ssl.SSLError as exc:
-        print(_tls_failure(to, exc), file=sys.stderr)
+        print(_tls_failure(to, exc, tls), file=sys.stderr)
         return 2
     except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
         closed = "the listener closed the connection" if isinstance(exc, asyncio.IncompleteReadError) else str(exc)
         print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
         return 2
-    except (OSError, TimeoutError) as exc:
-        print(f"cannot send to {to}: {exc or type(exc).__name__}", file=sys.stderr)
+    except TimeoutError:
+        print(f"cannot send to {to}: no answer within 30 s{_silence_hint(tls)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cannot send to {to}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 

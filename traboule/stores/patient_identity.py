@@ -38,8 +38,10 @@ updates: no merge, no identity source, nothing to refuse or warn about) as ``res
 ``check_report`` and ``check_order`` would, with one query and what is held in memory, and declines (changing
 nothing) anything else; its ``record`` reads none of its pairs again unless an INS was removed meanwhile (each removal
 is an action: their count tells). SQLite ``<data_dir>/patients.sqlite``
-(WAL), shared by the engine's inbound channels (orders, MPPS, archive) and processes. INS pairs and merges are
-committed with ``synchronous=FULL`` before the message is answered. The owners of order keys, new with nearly every
+(WAL), shared by the engine's inbound channels (orders, MPPS, archive) and processes. Merges, replaced INS and the
+pairs of what no journal entry of the channel stands behind are committed with ``synchronous=FULL``; the new pairs of
+a journaled message without an fsync of their own (the journal's answer waited for one; see `_record_pairs`), the
+first mark each process writes for a channel with one. The owners of order keys, new with nearly every
 order, are held in memory (the checks see them at once) and written together every `OWNERS_FLUSH` seconds by a
 thread of the event loop's pool, on a connection of their own with ``synchronous=NORMAL``: off the ingest path's
 core, no fsync per order; the owners of the last fraction of a second before a crash of the engine may be lost (a
@@ -395,6 +397,7 @@ class PatientIdentities(IdentityRules):
         self._pruned = time.monotonic()
         self._marks: dict[str, int] = {}  # per channel, the highest journal id recorded (`mark`)
         self._marked: dict[str, int] = {}  # ... and written
+        self._mark_caps: dict[str, int] = {}  # per channel, below the first message whose pairs were not written
         self._admitted: dict[tuple[int, ...], _Admitted] = {}  # by its payloads' ids: what `admit` read
         self._admitted_pruned = time.monotonic()
 
@@ -863,12 +866,16 @@ class PatientIdentities(IdentityRules):
         (`rebuild` records them again from the journal after a power loss, see `_record_pairs`)."""
         payloads = list(payloads)
         journaled = bool(channel and journal_id)
-        self._record_pairs(payloads, self._admitted_of(payloads), fsync=not journaled)
+        if not self._record_pairs(payloads, self._admitted_of(payloads), fsync=not journaled) and journaled:
+            # Not written (the database refused): the channel's mark stays below this message for as long as this
+            # process runs, so that the next start's `rebuild` records its pairs again.
+            with self._lock:
+                self._mark_caps[channel] = min(journal_id - 1, self._mark_caps.get(channel, journal_id))
         self._record_owners(payloads, mark=(channel, journal_id) if journaled else None)
         self._release_keys(payloads)  # their owners are seen now
         self._record_merges(payloads)
 
-    def _record_pairs(self, payloads: list[Any], admitted: _Admitted | None = None, *, fsync: bool = True) -> None:
+    def _record_pairs(self, payloads: list[Any], admitted: _Admitted | None = None, *, fsync: bool = True) -> bool:
         """The pairs of the payloads; ``admitted``: what `admit` read of them (the pairs it found recorded are not
         read again when no pair was removed since: the last action is the same).
 
@@ -876,14 +883,18 @@ class PatientIdentities(IdentityRules):
         flush (``synchronous=NORMAL``: a process crash loses nothing, a power loss may lose the last commits). The
         write-ahead log keeps commits in order, so a power loss that takes these pairs takes the later mark with
         them, and `rebuild` records them again from the journal, which the message's answer waited for. An order of
-        a new patient on the event loop otherwise paid a second fsync beside the journal's (~0.2 ms, serialised)."""
+        a new patient on the event loop otherwise paid a second fsync beside the journal's (~0.2 ms, serialised).
+        An identity source's new INS keeps its fsync: the old pair's removal is an action, fsynced, and `rebuild`
+        does not replay a message for an IPP acted on after it (the new pair would be lost with no old one left).
+        False when the pairs could not be written (they stay reserved)."""
         given = pairs_of(payloads)
         if not given:
-            return
+            return True
         ruling = set(pairs_of(p for p in payloads if _authoritative(p)))
         replaced = [(p, old) for p in given if p in ruling for old in self.known(p) if old.ins != p.ins]
         if replaced:
             self._replace(replaced)
+            fsync = True
         there: frozenset[Pair] = frozenset()
         if admitted is not None and admitted.pairs == given and not ruling:
             with self._lock:
@@ -895,7 +906,7 @@ class PatientIdentities(IdentityRules):
         with self._lock:
             if not pairs:
                 self._release(given)
-                return
+                return True
             try:
                 if not fsync:
                     self._db.execute("PRAGMA synchronous = NORMAL")
@@ -911,11 +922,12 @@ class PatientIdentities(IdentityRules):
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:  # the message is journaled and must be answered: its pairs stay reserved
                 log.warning("identities.not_recorded", error=str(exc), pairs=len(pairs))
-                return
+                return False
             finally:
                 if not fsync:  # the connection's other writes (merges, replaced INS) keep their fsync
                     self._db.execute(f"PRAGMA synchronous = {Durability.POWER_LOSS.value}")
             self._release(given)
+        return True
 
     def _replace(self, replaced: list[tuple[Pair, Pair]]) -> None:
         """An identity source's new INS for an IPP: the old pair removed (the new one is inserted next), the
@@ -1087,7 +1099,8 @@ class PatientIdentities(IdentityRules):
                         added = True
         if mark is not None:  # after its owners: a flush that writes the mark writes them
             with self._lock:
-                self._marks[mark[0]] = max(mark[1], self._marks.get(mark[0], 0))
+                journal_id = min(mark[1], self._mark_caps.get(mark[0], mark[1]))
+                self._marks[mark[0]] = max(journal_id, self._marks.get(mark[0], 0))
         elif not added:
             return
         if not write:  # the caller flushes
@@ -1115,7 +1128,13 @@ class PatientIdentities(IdentityRules):
                 rows, self._pending = self._pending, {}
                 self._flushing = rows
             recorded = _now()
+            # The first mark of a channel this process writes is fsynced, and with it every commit before it in the
+            # write-ahead log (the pairs of journaled messages are not): a power loss then leaves a mark `rebuild`
+            # can start from, not none (from which it would replay only the journal's last messages).
+            first = any(channel not in self._marked for channel in marks)
             try:
+                if first:
+                    self._writer.execute(f"PRAGMA synchronous = {Durability.POWER_LOSS.value}")
                 self._writer.execute("BEGIN IMMEDIATE")
                 try:
                     self._writer.executemany(
@@ -1139,6 +1158,9 @@ class PatientIdentities(IdentityRules):
                     self._flushing = {}
                 log.warning("identities.owners_not_recorded", error=str(exc), keys=len(rows))
                 return
+            finally:
+                if first:
+                    self._writer.execute(f"PRAGMA synchronous = {Durability.CRASH.value}")
             with self._lock:
                 self._flushing = {}
                 self._marked.update(marks)

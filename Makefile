@@ -61,6 +61,8 @@ lint: $(STAMP)
 
 bench: $(STAMP) peers fhir-peer
 	$(PY) bench/mllp_ingest.py
+	$(PY) bench/mllp_ingest.py --patients each
+	$(PY) bench/ingest_steps.py
 	$(PY) bench/mapping.py
 	$(PY) bench/audit_encode.py
 	$(PY) bench/mwl_find.py

@@ -1,0 +1,185 @@
+"""Where the ingest thread's CPU goes, step by step: the orders channel's handler called by concurrent tasks in one
+process (no sockets, no client), each step of an order's handling timed in place with the calling thread's CPU clock,
+and the CPU of each of the process's threads per order.
+
+The configuration is `bench/mllp_ingest.py`'s (the orders channel with its reports catalog; the worklist channel
+named for another process, so that this one neither runs it nor keeps the journal's search index), with ORM^O01 NW
+orders of their own accession numbers and Study Instance UIDs, one patient for all or each its own (``--patients``).
+The timers cost about a microsecond a call: the steps' sum is a little above what they take untimed.
+
+    .venv/bin/python bench/ingest_steps.py [--orders 4000] [--connections 8] [--patients one|each]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from traboule.app import logging as tlog  # noqa: E402
+
+tlog.configure("json", "warning")
+
+import uvloop  # noqa: E402
+
+from traboule.app import config as config_mod  # noqa: E402
+from traboule.app.runtime import Runtime  # noqa: E402
+
+TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
+STUDY_UID, TEMPLATE_INS = "1.2.250.1.999.1.2.20261125.1", "279035121518989"
+
+CONFIG = """
+[engine]
+defaults = false
+data_dir = "{data_dir}"
+
+[[channels]]
+name = "ris-orders"
+kind = "hl7-orders"
+source = {{adapter = "mllp-listener", host = "127.0.0.1", port = 0}}
+mapping = "mappings/hl7_inbound.yaml"
+
+[[channels]]
+name = "worklist"
+kind = "worklist"
+topics = ["order.#", "patient.#", "procedure.#"]
+mapping = "mappings/mwl.yaml"
+process = "worker"
+destinations = [{{adapter = "mwl-scp", host = "127.0.0.1", port = 0, ae_title = "TRABOULE"}}]
+"""
+
+
+def nir(n: int) -> str:
+    """A valid INS-NIR (its key computed), one per ``n``."""
+    body = f"{1790375000000 + n:013d}"
+    return f"{body}{97 - int(body) % 97:02d}"
+
+
+def message(n: int, each: bool) -> bytes:
+    text = TEMPLATE
+    if each:
+        text = text.replace("IPP0001", f"IPP{n:09d}").replace(TEMPLATE_INS, nir(n))
+    return (
+        text.replace("MSG0001", f"B{n}")
+        .replace("PLC0001", f"P{n}")
+        .replace("FIL0001", f"F{n}")
+        .replace("ACC0001", f"A{n}")
+        .replace(STUDY_UID, f"{STUDY_UID[:-1]}{n + 1}")
+        .encode("latin-1")
+    )
+
+
+class Steps:
+    """CPU time of the calling thread spent in each timed call, by step."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self.on = False
+
+    def time(self, owner: Any, attribute: str, step: str) -> None:
+        """Replace ``owner.attribute`` (a function) by a timed one."""
+        call: Callable[..., Any] = getattr(owner, attribute)
+
+        @functools.wraps(call)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return call(*args, **kwargs)
+            started = time.thread_time()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.spent[step] = self.spent.get(step, 0.0) + time.thread_time() - started
+
+        setattr(owner, attribute, timed)
+
+
+def instrument(runtime: Runtime, channel: Any, steps: Steps) -> None:
+    from channels import orders
+    from traboule.app import runtime as runtime_module
+    from traboule.formats import hl7
+    from traboule.model import Envelope
+
+    steps.time(hl7, "decode", "decode")
+    steps.time(hl7, "parse", "tokenize")
+    steps.time(hl7, "build_ack", "ACK")
+    steps.time(channel.mapping, "map", "inbound mapping")
+    steps.time(channel, "_check_identities", "patient identity: checks")
+    steps.time(channel.identities, "record", "patient identity: record")
+    steps.time(channel, "_audit", "audit event made")
+    steps.time(Envelope, "to_json", "event to JSON")
+    steps.time(runtime_module, "partition_headers", "partition key (outbox relay)")
+    steps.time(runtime.journal, "_flush", "journal group commit")
+    steps.time(runtime.journal, "pending_events", "outbox read (relay)")
+    assert orders.hl7 is hl7  # the channel calls the module's functions, timed now
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, by name (pool threads counted together)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        name = re.sub(r"[_-]\d+$", "", names.get(int(task.name), "other"))
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / 100
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=4000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--patients", choices=("one", "each"), default="one")
+    args = parser.parse_args()
+    each, conns = args.patients == "each", args.connections
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "traboule.toml"
+        path.write_text(CONFIG.format(data_dir=folder))
+        runtime = Runtime(config_mod.load(str(path), env={}), process="main")
+        await runtime.start()
+        try:
+            channel = runtime.channel("ris-orders")
+            steps = Steps()
+            instrument(runtime, channel, steps)
+            counter = iter(range(10**9))
+
+            async def sender(count: int) -> None:
+                for _ in range(count):
+                    ack = await channel.handle(message(next(counter), each), "127.0.0.1:5555")
+                    if b"MSA|AA" not in ack:
+                        raise SystemExit(f"not accepted: {ack[:200]!r}")
+
+            await asyncio.gather(*(sender(50) for _ in range(conns)))  # warm-up
+            steps.on = True
+            threads_before, started, cpu = thread_cpu(), time.perf_counter(), time.process_time()
+            await asyncio.gather(*(sender(args.orders // conns) for _ in range(conns)))
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            steps.on = False
+            threads = {k: v - threads_before.get(k, 0.0) for k, v in thread_cpu().items()}
+        finally:
+            await runtime.stop()
+    n = args.orders // conns * conns
+    print(f"{n} orders, {conns} concurrent, patients: {args.patients}: {n / elapsed:.0f} orders/s in one process")
+    print(f"process CPU: {cpu / n * 1000:.3f} ms per order")
+    print("ingest thread, µs of CPU per order, by step:")
+    for step, spent in sorted(steps.spent.items(), key=lambda item: -item[1]):
+        print(f"  {step:32} {spent / n * 1e6:7.1f}")
+    print(f"  {'(all of the ingest thread)':32} {threads.get('MainThread', 0.0) / n * 1e6:7.1f}")
+    print("threads, µs of CPU per order:")
+    for name, spent in sorted(threads.items(), key=lambda item: -item[1]):
+        if spent:
+            print(f"  {name:32} {spent / n * 1e6:7.1f}")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

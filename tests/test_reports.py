@@ -479,6 +479,23 @@ def test_orders_of_one_batch_are_merged_in_the_order_received(tmp_path: Path) ->
     assert kept_other is not None and kept_other.procedure.code == "CTTAP"
 
 
+def test_the_message_that_made_a_document_is_found_by_an_index(tmp_path: Path) -> None:
+    """The console's documents page asks, for each document shown, which message made it: an index look-up."""
+    from traboule.app.console.worklist import ShownDocument, _made_by
+
+    publisher = _publisher(tmp_path)
+    publisher.remember([study()])
+    made = publisher.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+    assert isinstance(made, model.Document)
+    db = publisher.storage.db  # type: ignore[attr-defined]
+    shown = {"ACC0001": [ShownDocument(made.id, "", 1, "current", "", "", [], [], [])]}
+    assert _made_by(db, "", shown) == {made.id: "m1"}
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT document_id, message_key FROM messages WHERE document_id IN (?)", ("x",)
+    )
+    assert "USING INDEX messages_document" in " ".join(str(row[-1]) for row in plan)
+
+
 def test_a_replacement_of_an_unknown_or_older_version_is_refused(tmp_path: Path) -> None:
     from traboule.stores.reports import ReportRefused
 

@@ -331,3 +331,30 @@ def test_orders_remembered_by_two_nodes_at_once_are_merged_not_overwritten(pg_ur
     finally:
         a.close()
         b.close()
+
+
+def test_the_message_that_made_a_document_is_found_by_an_index(pg_url: str) -> None:
+    """The console's documents page asks, for each document shown, which message made it (its DRIMbox feed rows):
+    an index look-up, not a read of every report message of the channel."""
+    from traboule.app.console.worklist import ShownDocument, _made_by
+
+    node = Node(pg_url)
+    try:
+        node.remember([study()])
+        made = node.prepare(report_of(fixture("oru_r01_report.hl7")), "m1")
+        assert isinstance(made, model.Document)
+        shown = {"ACC0001": [ShownDocument(made.id, "", 1, "current", "", "", [], [], [])]}
+        assert _made_by(node.storage, "ris-orders", shown) == {made.id: "m1"}
+    finally:
+        node.close()
+    with connect(pg_url) as db:
+        db.execute("SET enable_seqscan = off")  # the plan for a large table, whatever this one's size
+        plan = " ".join(
+            r[0]
+            for r in db.execute(
+                "EXPLAIN SELECT document_id, message_key FROM report_messages"
+                " WHERE channel = %s AND document_id = ANY(%s)",
+                ("ris-orders", [made.id]),
+            )
+        )
+    assert "report_messages_document" in plan, plan

@@ -768,6 +768,7 @@ CREATE INDEX IF NOT EXISTS waiting_by_study ON waiting (status, study_uid);
 CREATE INDEX IF NOT EXISTS waiting_by_deadline ON waiting (status, deadline);
 CREATE INDEX IF NOT EXISTS waiting_to_note ON waiting (n) WHERE noted = 0 AND (status != 'waiting' OR remark != '');
 CREATE INDEX IF NOT EXISTS waiting_requested ON waiting (n) WHERE requested = 1;
+CREATE INDEX IF NOT EXISTS messages_document ON messages (document_id);
 """
 
 # Outcomes to write into journal entries, and the entries ``traboule journal prune`` keeps (both backends).

@@ -159,7 +159,9 @@ CREATE INDEX report_waiting_to_note ON report_waiting (channel, n)
     WHERE noted = 0 AND (status != 'waiting' OR remark != '');
 CREATE INDEX report_waiting_requested ON report_waiting (channel, n) WHERE requested = 1;
 """,
-    )
+    ),
+    # The console's documents page finds the message that made each document shown (its DRIMbox feed rows).
+    (2, "CREATE INDEX report_messages_document ON report_messages (channel, document_id);"),
 ]
 register(COMPONENT, _MIGRATIONS)
 

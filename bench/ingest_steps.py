@@ -105,8 +105,8 @@ class Steps:
 
 
 def instrument(runtime: Runtime, channel: Any, steps: Steps) -> None:
-    from channels import orders
     from traboule.app import runtime as runtime_module
+    from traboule.channels import orders
     from traboule.formats import hl7
     from traboule.model import Envelope
 

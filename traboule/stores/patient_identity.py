@@ -895,13 +895,18 @@ class PatientIdentities(IdentityRules):
         if replaced:
             self._replace(replaced)
             fsync = True
-        there: frozenset[Pair] = frozenset()
+        there: frozenset[Pair] | None = None
         if admitted is not None and admitted.pairs == given and not ruling:
             with self._lock:
                 (version,) = self._db.execute("SELECT max(rowid) FROM actions").fetchone()
             if (version or 0) == admitted.version:
                 there = admitted.recorded
-        pairs = [p for p in given if p not in there and p not in self.known(p)]
+        # What `admit` read stands (no pair removed since): the others are new, or recorded meanwhile by another
+        # message (the insert ignores them), without a look-up each.
+        if there is not None:
+            pairs = [p for p in given if p not in there]
+        else:
+            pairs = [p for p in given if p not in self.known(p)]
         recorded = _now()
         with self._lock:
             if not pairs:

@@ -496,3 +496,17 @@ def test_the_name_checked_is_the_certificates_first_dns_name_else_its_cn(pki: PK
     assert _certificate_name(str(pki.server.cert)) == "localhost"  # DNS:localhost, IP:127.0.0.1
     assert _certificate_name(str(pki.ris.cert)) == "ris.example"  # no alternative name: the CN
     assert _certificate_name(str(tmp_path / "missing.pem")) == ""
+
+
+async def test_send_presents_no_certificate_to_a_listener_where_client_ones_are_optional(
+    tmp_path: Path, pki: PKI
+) -> None:
+    """Its own certificate (a server one here, no clientAuth) would fail a handshake the listener lets through
+    without one."""
+    listener = {"client_certs": "optional", "cert_file": str(pki.server.cert), "key_file": str(pki.server.key)}
+    async with tls_engine(tmp_path, pki, tls=dict(listener)) as engine:
+        config = cli_config(tmp_path / "cli.toml", tmp_path, mllp_port(engine), pki, listener)
+        order = tmp_path / "order.hl7"
+        order.write_bytes(ORDER)
+        sent = await run_cli("--config", str(config), "send", str(order))
+        assert sent.returncode == 0 and ": AA" in sent.stdout and "over TLS" in sent.stderr, sent.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import re
 import sys
 import tempfile
@@ -125,13 +126,14 @@ def instrument(runtime: Runtime, channel: Any, steps: Steps) -> None:
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds of each of this process's threads, by name (pool threads counted together)."""
+    """CPU seconds of each of this process's threads, by name (pool threads counted together; a thread that ended
+    during the run is not counted)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         name = re.sub(r"[_-]\d+$", "", names.get(int(task.name), "other"))
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / 100
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 

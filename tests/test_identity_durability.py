@@ -4,6 +4,7 @@ A process killed right after such a commit loses nothing (real SQLite files, a r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from traboule.stores.patient_identity import REBUILD_MARGIN, Pair, PatientIdenti
 INS = "279035121518989"  # a test INS-NIR with its key
 OTHER_INS = "185057512345673"
 THIRD_INS = "201017500012347"
+NIA = "185057512345673"  # (a NIA has the same form)
+NIA_OID = "1.2.250.1.213.1.4.9"
 
 
 def order(ipp: str, accession: str, ins: str = INS) -> model.ImagingOrder:
@@ -165,11 +168,14 @@ def test_a_power_loss_loses_no_journaled_pair_and_no_replaced_ins(tmp_path: Path
     journal: list[tuple[int, str, list[Any]]] = []
     journaled(registry, journal, [order("IPP1", "ACC1")])  # the first mark of the channel: fsynced
     power = PowerLoss(registry)
-    journaled(registry, journal, [order("IPP2", "ACC2", OTHER_INS)])
     update = model.PatientUpdate(patient=order("IPP1", "ACC0", THIRD_INS).patient, authoritative=True)
     journaled(registry, journal, [update])
+    journaled(registry, journal, [order("IPP2", "ACC2", OTHER_INS)])  # after every fsync: lost, then rebuilt
     assert ins_of(registry, "IPP1") == [THIRD_INS] and ins_of(registry, "IPP2") == [OTHER_INS]
-    after = restarted(power.copy(registry, tmp_path / "lost"), journal)
+    lost = power.copy(registry, tmp_path / "lost")
+    with contextlib.closing(PatientIdentities(lost)) as before_rebuild:
+        assert ins_of(before_rebuild, "IPP2") == []  # what the power loss took
+    after = restarted(lost, journal)
     try:
         assert ins_of(after, "IPP1") == [THIRD_INS] and ins_of(after, "IPP2") == [OTHER_INS]
         with pytest.raises(MappingFailure, match="another"):  # the replaced INS is refused, as before the loss
@@ -178,9 +184,9 @@ def test_a_power_loss_loses_no_journaled_pair_and_no_replaced_ins(tmp_path: Path
         after.close()
 
 
-def test_a_power_loss_before_any_mark_was_synced_replays_the_whole_journal(tmp_path: Path) -> None:
+def test_a_power_loss_on_a_fresh_registry_leaves_its_first_mark_to_rebuild_from(tmp_path: Path) -> None:
     """A fresh registry beside a journal: more than `REBUILD_MARGIN` messages recorded after its first mark (which
-    is fsynced), then the power goes: every patient comes back."""
+    is fsynced, unlike the marks after it), then the power goes: every patient comes back."""
     (tmp_path / "lost").mkdir()
     registry = PatientIdentities(tmp_path / "patients.sqlite")
     power = PowerLoss(registry)
@@ -198,6 +204,33 @@ def test_a_power_loss_before_any_mark_was_synced_replays_the_whole_journal(tmp_p
 def nir(n: int) -> str:
     body = f"{1790375000000 + n:013d}"
     return f"{body}{97 - int(body) % 97:02d}"
+
+
+def test_an_ipp_acted_on_keeps_the_fsync_of_pairs_recorded_after_the_action(tmp_path: Path) -> None:
+    """An order received before an identity source's INS change but recorded after it (both in flight together) adds
+    an INS of another kind: `rebuild` does not replay a message received before an action on its IPP, so that pair
+    is fsynced, and a power loss does not take it."""
+    (tmp_path / "lost").mkdir()
+    registry = PatientIdentities(tmp_path / "patients.sqlite")
+    journal: list[tuple[int, str, list[Any]]] = []
+    journaled(registry, journal, [order("IPP1", "ACC1")])
+    power = PowerLoss(registry)
+    early = order("IPP1", "ACC2", THIRD_INS)  # the new NIR, and an NIA IPP1 did not have
+    early.patient.ids.append(model.Identifier(NIA, "ASIP-SANTE-INS-NIA", "1.2.250.1.213.1.4.9", "INS"))
+    received = _now()
+    update = model.PatientUpdate(patient=order("IPP1", "ACC0", THIRD_INS).patient, authoritative=True)
+    journaled(registry, journal, [update])  # the action, after the order's reception
+    journal.append((len(journal) + 1, received, [early]))
+    registry.resolve_merged([early])
+    registry.check([early])
+    registry.record([early], channel="ris", journal_id=len(journal))
+    assert sorted(p.ins for p in registry.known(Pair("IPP1", "1.2.250.1.999.1.1", "CHU-LYON", NIA_OID, ""))) == [NIA]
+    after = restarted(power.copy(registry, tmp_path / "lost"), sorted(journal, key=lambda e: e[0]))
+    try:
+        assert [p.ins for p in after.known(Pair("IPP1", "1.2.250.1.999.1.1", "CHU-LYON", NIA_OID, ""))] == [NIA]
+        assert ins_of(after, "IPP1") == [THIRD_INS]
+    finally:
+        after.close()
 
 
 def test_a_mark_never_passes_a_message_whose_pairs_were_not_written(tmp_path: Path) -> None:

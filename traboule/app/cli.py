@@ -614,9 +614,10 @@ def _client_tls(cfg: config_mod.Config, args: argparse.Namespace) -> ClientTLS:
     """The TLS of an MLLP client command. Towards the configured listener (no ``--to``) with TLS: TLS, its
     certificate checked against ``--ca``, else the listener's ``ca_file`` (the site CA), and the name in it (its
     first DNS name: the command connects to an address); the listener's own certificate presented when it requires
-    client certificates (a site certificate for both uses), unless ``--cert`` (with ``optional`` none is: one the
-    listener could not check would fail a handshake it would let through without). Towards ``--to``: TLS when
-    asked (``--tls``, ``--ca``, ``--cert``, ``--server-name``), the ``[tls]`` CA unless ``--ca``."""
+    client certificates or admits listed subjects only (a site certificate for both uses), unless ``--cert`` (with
+    ``optional`` none is: one the listener could not check would fail a handshake it would let through without).
+    Towards ``--to``: TLS when asked (``--tls``, ``--ca``, ``--cert``, ``--server-name``), the ``[tls]`` CA unless
+    ``--ca``."""
     from traboule.tls import TLSSettings, client_context
 
     asked = bool(args.tls or args.ca or args.cert or args.server_name)
@@ -632,7 +633,7 @@ def _client_tls(cfg: config_mod.Config, args: argparse.Namespace) -> ClientTLS:
     if not (asked or listener.enabled):
         return ClientTLS(None)
     cert, key, password = args.cert, args.key, ""
-    if not cert and listener.enabled and listener.client_certs == "required":
+    if not cert and listener.enabled and (listener.client_certs == "required" or listener.allowed_subjects):
         cert, key, password = listener.cert_file, listener.key_file, listener.key_password
     settings = TLSSettings(
         enabled=True,

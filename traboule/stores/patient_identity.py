@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS actions (
     ipp TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS actions_by_ipp ON actions (ipp);
 CREATE TABLE IF NOT EXISTS merges (
     ipp TEXT NOT NULL,
     ipp_oid TEXT NOT NULL,
@@ -866,14 +867,23 @@ class PatientIdentities(IdentityRules):
         (`rebuild` records them again from the journal after a power loss, see `_record_pairs`)."""
         payloads = list(payloads)
         journaled = bool(channel and journal_id)
-        if not self._record_pairs(payloads, self._admitted_of(payloads), fsync=not journaled) and journaled:
-            # Not written (the database refused): the channel's mark stays below this message for as long as this
-            # process runs, so that the next start's `rebuild` records its pairs again.
-            with self._lock:
-                self._mark_caps[channel] = min(journal_id - 1, self._mark_caps.get(channel, journal_id))
+        try:
+            written = self._record_pairs(payloads, self._admitted_of(payloads), fsync=not journaled)
+        except sqlite3.Error as exc:  # an INS replaced (`_rewrite`): the database refused it
+            log.warning("identities.not_recorded", error=str(exc))
+            written = False
+        written = self._record_merges(payloads) and written
+        if not written and journaled:
+            self._hold_mark(channel, journal_id)
         self._record_owners(payloads, mark=(channel, journal_id) if journaled else None)
         self._release_keys(payloads)  # their owners are seen now
-        self._record_merges(payloads)
+
+    def _hold_mark(self, channel: str, journal_id: int) -> None:
+        """A journaled message whose pairs or merges the database refused: the channel's mark stays below it for as
+        long as this process runs, so that the next start's `rebuild` records it again."""
+        with self._lock:
+            self._mark_caps[channel] = min(journal_id - 1, self._mark_caps.get(channel, journal_id))
+        log.warning("identities.mark_held", channel=channel, journal_id=journal_id)
 
     def _record_pairs(self, payloads: list[Any], admitted: _Admitted | None = None, *, fsync: bool = True) -> bool:
         """The pairs of the payloads; ``admitted``: what `admit` read of them (the pairs it found recorded are not
@@ -912,6 +922,14 @@ class PatientIdentities(IdentityRules):
             if not pairs:
                 self._release(given)
                 return True
+            if not fsync:
+                # An IPP acted on (an INS replaced or forgotten) is not replayed by `rebuild` for messages received
+                # before the action: its pairs, whenever recorded, keep their fsync (actions are rare).
+                ipps = sorted({p.ipp for p in pairs})
+                acted = self._db.execute(
+                    f"SELECT 1 FROM actions WHERE ipp IN ({','.join('?' * len(ipps))}) LIMIT 1", ipps
+                ).fetchone()
+                fsync = acted is not None
             try:
                 if not fsync:
                     self._db.execute("PRAGMA synchronous = NORMAL")
@@ -1058,8 +1076,9 @@ class PatientIdentities(IdentityRules):
                 mine = pairs_of([payload])
                 if _authoritative(payload) or not any(k.ins != p.ins for p in mine for k in self.known(p)):
                     fill.append(payload)
-            self._record_pairs(fill)
-            self._record_merges(payloads)
+            pairs_written = self._record_pairs(fill)
+            if not (self._record_merges(payloads) and pairs_written):
+                self._hold_mark(channel, journal_id)
             for payload in payloads:
                 patient = patient_of(payload)
                 if patient is not None:
@@ -1173,11 +1192,13 @@ class PatientIdentities(IdentityRules):
                     self._written.clear()
                 self._written.update({k: text for k, (text, source) in rows.items() if source == "order"})
 
-    def _record_merges(self, payloads: list[Any]) -> None:
+    def _record_merges(self, payloads: list[Any]) -> bool:
+        """The merges among the payloads; False when the database refused them (logged)."""
         merges = [p for p in payloads if isinstance(p, PatientUpdate) and p.action == "merge"]
         if not merges:
-            return
+            return True
         recorded = _now()
+        written = True
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -1222,9 +1243,11 @@ class PatientIdentities(IdentityRules):
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 log.warning("identities.merge_not_recorded", error=str(exc))
+                written = False
             self._merges = None  # read again
             with _MERGES_WRITTEN_LOCK:  # read again by this file's other registries too
                 _MERGES_WRITTEN[self._file] = _MERGES_WRITTEN.get(self._file, 0) + 1
+        return written
 
     def _release(self, pairs: list[Pair]) -> None:
         """One message's hold on its pairs ended: a pair no other message in flight holds is free again."""

@@ -189,8 +189,25 @@ class Serving:
 
 
 def still_serving(engine: MLLPEngine) -> Serving:
-    valid = Case((START + fixture("orm_o01_nw_latin1.hl7").replace(b"MSG0001", CONTROL_ID.encode()) + END,), 1)
-    return Serving(exchange(engine.port, valid))
+    """A valid order of a patient and exam of its own: the fuzzed messages (ADT updates from any sender, merges) may
+    have changed what the registry holds for the fixtures' patient, and an order of that patient is then rightly
+    refused (AE, PID-3); one no message named before must get its AA."""
+    n = next(_SERVING)
+    body = f"{1790375000000 + n:013d}"
+    order = (
+        fixture("orm_o01_nw_latin1.hl7")
+        .replace(b"MSG0001", CONTROL_ID.encode())
+        .replace(b"IPP0001", f"SRV{n:07d}".encode())
+        .replace(b"279035121518989", f"{body}{97 - int(body) % 97:02d}".encode())
+        .replace(b"PLC0001", f"SRVP{n}".encode())
+        .replace(b"FIL0001", f"SRVF{n}".encode())
+        .replace(b"ACC0001", f"SRVA{n}".encode())
+        .replace(b"1.2.250.1.999.1.2.20261125.1", f"1.2.250.1.999.1.2.99.{n}".encode())
+    )
+    return Serving(exchange(engine.port, Case((START + order + END,), 1)))
+
+
+_SERVING = itertools.count(1)
 
 
 # -- what peers send -----------------------------------------------------------------------------------------------

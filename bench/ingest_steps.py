@@ -2,9 +2,9 @@
 process (no sockets, no client), each step of an order's handling timed in place with the calling thread's CPU clock,
 and the CPU of each of the process's threads per order.
 
-The configuration is `bench/mllp_ingest.py`'s (the orders channel with its reports catalog; the worklist channel
-named for another process, so that this one neither runs it nor keeps the journal's search index), with ORM^O01 NW
-orders of their own accession numbers and Study Instance UIDs, one patient for all or each its own (``--patients``).
+The configuration and the orders are `bench/mllp_ingest.py`'s (the orders channel with its reports catalog; the
+worklist channel in another process, so that this one neither runs it nor keeps the journal's search index; ORM^O01
+NW orders of their own accession numbers and Study Instance UIDs, one patient for all or each its own).
 The timers cost about a microsecond a call: the steps' sum is a little above what they take untimed.
 
     .venv/bin/python bench/ingest_steps.py [--orders 4000] [--connections 8] [--patients one|each]
@@ -33,52 +33,10 @@ from traboule.app import logging as tlog  # noqa: E402
 tlog.configure("json", "warning")
 
 import uvloop  # noqa: E402
+from mllp_ingest import CONFIG, PATIENTS, message  # noqa: E402  the measured setup and its orders
 
 from traboule.app import config as config_mod  # noqa: E402
 from traboule.app.runtime import Runtime  # noqa: E402
-
-TEMPLATE = (ROOT / "fixtures" / "hl7" / "orm_o01_nw_latin1.hl7").read_bytes().decode("latin-1")
-STUDY_UID, TEMPLATE_INS = "1.2.250.1.999.1.2.20261125.1", "279035121518989"
-
-CONFIG = """
-[engine]
-defaults = false
-data_dir = "{data_dir}"
-
-[[channels]]
-name = "ris-orders"
-kind = "hl7-orders"
-source = {{adapter = "mllp-listener", host = "127.0.0.1", port = 0}}
-mapping = "mappings/hl7_inbound.yaml"
-
-[[channels]]
-name = "worklist"
-kind = "worklist"
-topics = ["order.#", "patient.#", "procedure.#"]
-mapping = "mappings/mwl.yaml"
-process = "worker"
-destinations = [{{adapter = "mwl-scp", host = "127.0.0.1", port = 0, ae_title = "TRABOULE"}}]
-"""
-
-
-def nir(n: int) -> str:
-    """A valid INS-NIR (its key computed), one per ``n``."""
-    body = f"{1790375000000 + n:013d}"
-    return f"{body}{97 - int(body) % 97:02d}"
-
-
-def message(n: int, each: bool) -> bytes:
-    text = TEMPLATE
-    if each:
-        text = text.replace("IPP0001", f"IPP{n:09d}").replace(TEMPLATE_INS, nir(n))
-    return (
-        text.replace("MSG0001", f"B{n}")
-        .replace("PLC0001", f"P{n}")
-        .replace("FIL0001", f"F{n}")
-        .replace("ACC0001", f"A{n}")
-        .replace(STUDY_UID, f"{STUDY_UID[:-1]}{n + 1}")
-        .encode("latin-1")
-    )
 
 
 class Steps:
@@ -143,28 +101,27 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--patients", choices=("one", "each"), default="one")
     args = parser.parse_args()
-    each, conns = args.patients == "each", args.connections
+    PATIENTS["each"], conns = args.patients == "each", args.connections
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "traboule.toml"
-        path.write_text(CONFIG.format(data_dir=folder))
+        path.write_text(CONFIG.format(data_dir=folder, mllp_port=0, mwl_port=0))
         runtime = Runtime(config_mod.load(str(path), env={}), process="main")
         await runtime.start()
         try:
             channel = runtime.channel("ris-orders")
             steps = Steps()
             instrument(runtime, channel, steps)
-            counter = iter(range(10**9))
 
-            async def sender(count: int) -> None:
-                for _ in range(count):
-                    ack = await channel.handle(message(next(counter), each), "127.0.0.1:5555")
+            async def sender(conn: int, count: int, phase: str) -> None:
+                for i in range(count):
+                    ack = await channel.handle(message(conn, i, phase), "127.0.0.1:5555")
                     if b"MSA|AA" not in ack:
                         raise SystemExit(f"not accepted: {ack[:200]!r}")
 
-            await asyncio.gather(*(sender(50) for _ in range(conns)))  # warm-up
+            await asyncio.gather(*(sender(c, 50, "w") for c in range(conns)))  # warm-up
             steps.on = True
             threads_before, started, cpu = thread_cpu(), time.perf_counter(), time.process_time()
-            await asyncio.gather(*(sender(args.orders // conns) for _ in range(conns)))
+            await asyncio.gather(*(sender(c, args.orders // conns, "m") for c in range(conns)))
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             steps.on = False
             threads = {k: v - threads_before.get(k, 0.0) for k, v in thread_cpu().items()}

@@ -718,12 +718,35 @@ def _same_bus(cfg: config_mod.Config) -> str | None:
 
 
 def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from traboule.adapters.mllp import MLLPClient
-
     to = args.to or _local(_mllp_address(cfg))
     if not to:
         print("no MLLP listener in the configuration: give --to host:port", file=sys.stderr)
         return 2
+
+    async def send(client: Any) -> int:
+        worst = 0
+        for path in args.files:
+            ack = await client.send(path.read_bytes())
+            text = ack.decode("utf-8", "replace")
+            code = _ack_code(text)
+            print(f"{path}: {code}")
+            for line in text.replace("\n", "\r").split("\r"):
+                if line:
+                    print(f"  {line}")
+            if code not in ("AA", "CA"):
+                worst = 1
+        return worst
+
+    return _over_mllp(cfg, args, to, args.timeout, send)
+
+
+def _over_mllp(
+    cfg: config_mod.Config, args: argparse.Namespace, to: str, timeout: float, exchange: Callable[[Any], Awaitable[int]]
+) -> int:
+    """Connect to ``to`` (host:port) as `_client_tls` says, run ``exchange`` with the client and return its exit
+    code; a connection that fails is said on stderr with what to give (exit 2), never as a traceback."""
+    from traboule.adapters.mllp import MLLPClient
+
     host, _, port = to.rpartition(":")
     try:
         tls = _client_tls(cfg, args)
@@ -734,37 +757,23 @@ def cmd_send(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     print(f"sending to mllp://{host or '127.0.0.1'}:{port}{over}", file=sys.stderr)
 
     async def go() -> int:
-        worst = 0
         client = MLLPClient(
-            host or "127.0.0.1", int(port), timeout=args.timeout, ssl=tls.context, server_hostname=tls.server_name
+            host or "127.0.0.1", int(port), timeout=timeout, ssl=tls.context, server_hostname=tls.server_name
         )
         async with client:
-            for path in args.files:
-                ack = await client.send(path.read_bytes())
-                text = ack.decode("utf-8", "replace")
-                code = _ack_code(text)
-                print(f"{path}: {code}")
-                for line in text.replace("\n", "\r").split("\r"):
-                    if line:
-                        print(f"  {line}")
-                if code not in ("AA", "CA"):
-                    worst = 1
-        return worst
+            return await exchange(client)
 
     try:
         return asyncio.run(go())
-    except asyncio.IncompleteReadError:
-        closed = "the listener closed the connection without an answer"
-        print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
-        return 2
     except ssl.SSLError as exc:
         print(_tls_failure(to, exc, tls), file=sys.stderr)
         return 2
-    except ConnectionResetError as exc:
-        print(f"cannot send to {to}: {exc}{_closed_hint(tls)}", file=sys.stderr)
+    except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
+        closed = "the listener closed the connection without an answer" if isinstance(exc, EOFError) else str(exc)
+        print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"cannot send to {to}: no answer within {args.timeout:g} s{_silence_hint(tls)}", file=sys.stderr)
+        print(f"cannot send to {to}: no answer within {timeout:g} s{_silence_hint(tls)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"cannot send to {to}: {str(exc) or type(exc).__name__}", file=sys.stderr)
@@ -939,49 +948,25 @@ def _held_reports(cfg: config_mod.Config) -> set[str]:
 
 
 def _replay(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Namespace) -> int:
-    from traboule.adapters.mllp import MLLPClient
-
     to = args.to or _local(_mllp_address(cfg))
-    host, _, port = to.rpartition(":")
     entries = [journal.get(i) for i in args.ids]
     missing = [i for i, e in zip(args.ids, entries, strict=True) if e is None]
-    if missing or not port:
+    if missing or not to.rpartition(":")[2]:
         print(f"no journal entry {missing}" if missing else "no MLLP listener configured: give --to", file=sys.stderr)
         return 1
-    try:
-        tls = _client_tls(cfg, args)
-    except (config_mod.ConfigError, ssl.SSLError, OSError) as exc:
-        print(f"cannot use TLS: {exc}", file=sys.stderr)
-        return 2
-    over = " over TLS" if tls.context is not None else ""
-    print(f"sending to mllp://{host or '127.0.0.1'}:{port}{over}", file=sys.stderr)
 
-    async def go() -> int:
+    async def replay(client: Any) -> int:
         worst = 0
-        async with MLLPClient(
-            host or "127.0.0.1", int(port), ssl=tls.context, server_hostname=tls.server_name
-        ) as client:
-            for entry in entries:
-                code = _ack_code((await client.send(entry.raw)).decode("utf-8", "replace"))
-                print(f"journal entry {entry.id}: {code}")
-                worst = worst or (0 if code == "AA" else 1)
+        for entry in entries:
+            code = _ack_code((await client.send(entry.raw)).decode("utf-8", "replace"))
+            print(f"journal entry {entry.id}: {code}")
+            worst = worst or (0 if code == "AA" else 1)
         return worst
 
-    try:
-        return asyncio.run(go())
-    except ssl.SSLError as exc:
-        print(_tls_failure(to, exc, tls), file=sys.stderr)
-        return 2
-    except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
-        closed = "the listener closed the connection" if isinstance(exc, asyncio.IncompleteReadError) else str(exc)
-        print(f"cannot send to {to}: {closed}{_closed_hint(tls)}", file=sys.stderr)
-        return 2
-    except TimeoutError:
-        print(f"cannot send to {to}: no answer within 30 s{_silence_hint(tls)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"cannot send to {to}: {str(exc) or type(exc).__name__}", file=sys.stderr)
-        return 2
+    return _over_mllp(cfg, args, to, REPLAY_TIMEOUT, replay)
+
+
+REPLAY_TIMEOUT = 30.0  # seconds for the listener's answer to a replayed message
 
 
 def _reprocess(cfg: config_mod.Config, journal: stores.Journal, args: argparse.Namespace) -> int:
